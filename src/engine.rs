@@ -1,0 +1,446 @@
+//! THE seam between protocol adapters and an AMQP 0-9-1 exchange/queue engine.
+//!
+//! Adapters (`rest`, `ws`, `mqtt`) import this module and nothing below it: they hold an
+//! `Arc<dyn Engine>`, open one [`Channel`] per client connection, and speak only in the types
+//! defined here. Two engines implement it: [`embedded`] (in-process, the default) and, later,
+//! `upstream` (RabbitMQ through lapin). Both run the same conformance suite
+//! (`tests/engine_contract.rs`).
+//!
+//! The shape follows AMQP 0-9-1 (DESIGN.md §2) with three deliberate choices, written down in
+//! `docs/engine.md`:
+//! - [`Channel::publish`] is a plain fn that fixes the message's place in the channel's order at
+//!   the call and returns a future for the confirm, so adapters may pipeline publishes and still
+//!   keep per-connection order;
+//! - delivery tags are per channel (as AMQP), acks go through the channel;
+//! - cancelling a consumer (or dropping its [`Consumer`]) returns its unacked deliveries to the
+//!   queue, marked redelivered (DESIGN.md §4: "unsubscribe and cancel requeue").
+
+pub mod embedded;
+mod error;
+mod message;
+pub mod names;
+pub mod table;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use async_trait::async_trait;
+
+pub use error::{EngineError, ObjectKind};
+pub use message::{Delivery, Envelope, Message, Properties};
+pub use table::{FieldTable, FieldValue};
+
+/// Which implementation serves the seam; adapters only use it for capability questions
+/// (for example: upstream grants MQTT QoS 2 as 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    Embedded,
+    Upstream,
+}
+
+/// The four AMQP 0-9-1 exchange types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExchangeKind {
+    Direct,
+    Fanout,
+    Topic,
+    Headers,
+}
+
+impl ExchangeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExchangeKind::Direct => "direct",
+            ExchangeKind::Fanout => "fanout",
+            ExchangeKind::Topic => "topic",
+            ExchangeKind::Headers => "headers",
+        }
+    }
+}
+
+impl std::str::FromStr for ExchangeKind {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "direct" => Ok(ExchangeKind::Direct),
+            "fanout" => Ok(ExchangeKind::Fanout),
+            "topic" => Ok(ExchangeKind::Topic),
+            "headers" => Ok(ExchangeKind::Headers),
+            other => Err(EngineError::InvalidArgument(format!(
+                "unknown exchange type '{other}' (expected direct, fanout, topic or headers)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for ExchangeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Flags and arguments of an exchange declaration. Two declarations are equivalent when all
+/// fields are equal; a non-equivalent redeclare is `PreconditionFailed` (406).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExchangeSpec {
+    pub kind: ExchangeKind,
+    pub durable: bool,
+    pub auto_delete: bool,
+    pub internal: bool,
+    pub arguments: FieldTable,
+}
+
+impl ExchangeSpec {
+    pub fn new(kind: ExchangeKind) -> Self {
+        ExchangeSpec {
+            kind,
+            durable: true,
+            auto_delete: false,
+            internal: false,
+            arguments: FieldTable::new(),
+        }
+    }
+}
+
+/// Flags and arguments of a queue declaration.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct QueueSpec {
+    pub durable: bool,
+    /// Owned by the declaring channel: other channels get `ResourceLocked` (405), and the queue
+    /// is deleted when its channel closes.
+    pub exclusive: bool,
+    /// Deleted when its last consumer goes (only once it has had one).
+    pub auto_delete: bool,
+    pub arguments: FieldTable,
+}
+
+/// What a declaration did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Declared {
+    Created,
+    Existed,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueDeclared {
+    /// The queue's name: the server-generated one when the declaration asked for `""`.
+    pub name: String,
+    pub declared: Declared,
+    pub messages: u64,
+    pub consumers: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExchangeInfo {
+    pub name: String,
+    pub spec: ExchangeSpec,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueInfo {
+    pub name: String,
+    pub spec: QueueSpec,
+    /// Ready messages (not counting unacknowledged ones).
+    pub messages: u64,
+    pub messages_unacknowledged: u64,
+    pub consumers: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BindingInfo {
+    pub exchange: String,
+    pub queue: String,
+    pub routing_key: String,
+    pub arguments: FieldTable,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeleteQueueOptions {
+    pub if_unused: bool,
+    pub if_empty: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PublishOptions {
+    /// AMQP `mandatory`. Whether a message was routed is always reported; the flag only matters
+    /// to engines that must ask for it on the wire (upstream always sets it, DESIGN.md §2).
+    pub mandatory: bool,
+}
+
+/// The engine's answer once it took responsibility for a message (DESIGN.md §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishOutcome {
+    /// At least one queue received the message.
+    pub routed: bool,
+}
+
+/// How a consumer acknowledges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckMode {
+    /// At most `prefetch` unacknowledged deliveries (1..=65535) at a time.
+    Manual { prefetch: u16 },
+    /// No-ack: a message is settled when the engine hands it over. The engine still never pushes
+    /// more than a bounded window ahead of what the consumer has taken out of its [`Consumer`].
+    Auto,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsumeOptions {
+    /// Empty: the engine picks one (`amq.ctag-…`).
+    pub consumer_tag: String,
+    pub ack: AckMode,
+    /// The only consumer of the queue while it lives; a second one gets `InUse`.
+    pub exclusive: bool,
+    pub arguments: FieldTable,
+}
+
+impl ConsumeOptions {
+    pub fn manual(prefetch: u16) -> Self {
+        ConsumeOptions {
+            consumer_tag: String::new(),
+            ack: AckMode::Manual { prefetch },
+            exclusive: false,
+            arguments: FieldTable::new(),
+        }
+    }
+    pub fn auto() -> Self {
+        ConsumeOptions {
+            ack: AckMode::Auto,
+            ..ConsumeOptions::manual(1)
+        }
+    }
+}
+
+/// Why a consumer stopped receiving without having been cancelled by its owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelReason {
+    /// The queue was deleted.
+    QueueDeleted,
+    /// The channel closed (or the engine shut down).
+    ChannelClosed,
+    /// The engine lost its connection (upstream).
+    ConnectionLost,
+}
+
+/// The receiving end of a consumer. Dropping it cancels the consumer; unacked deliveries go
+/// back to the queue.
+pub struct Consumer {
+    tag: Arc<str>,
+    queue: Arc<str>,
+    stream: Box<dyn DeliveryStream>,
+}
+
+impl Consumer {
+    /// For engine implementations.
+    pub fn new(tag: Arc<str>, queue: Arc<str>, stream: Box<dyn DeliveryStream>) -> Self {
+        Consumer { tag, queue, stream }
+    }
+
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The next delivery, or `None` once the consumer ended (see [`Consumer::cancel_reason`]).
+    /// Cancel-safe: a delivery is taken only in the poll that returns it.
+    pub async fn recv(&mut self) -> Option<Delivery> {
+        std::future::poll_fn(|cx| self.stream.poll_recv(cx)).await
+    }
+
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        self.stream.poll_recv(cx)
+    }
+
+    /// Set once `recv` returned `None` for a reason other than the owner's cancel.
+    pub fn cancel_reason(&self) -> Option<CancelReason> {
+        self.stream.cancel_reason()
+    }
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("tag", &self.tag)
+            .field("queue", &self.queue)
+            .finish()
+    }
+}
+
+/// Implemented by each engine's consumer; adapters use [`Consumer`].
+pub trait DeliveryStream: Send + Sync {
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>>;
+    fn cancel_reason(&self) -> Option<CancelReason>;
+}
+
+type BoxedConfirm = Pin<Box<dyn Future<Output = Result<PublishOutcome, EngineError>> + Send>>;
+
+/// The confirm of one publish. Resolves once the engine took responsibility for the message
+/// (embedded: enqueued, and written durably when persistent in a durable queue; upstream:
+/// publisher confirm). Dropping it does not withdraw the message.
+pub struct PublishConfirm(ConfirmInner);
+
+enum ConfirmInner {
+    Ready(Option<Result<PublishOutcome, EngineError>>),
+    Pending(BoxedConfirm),
+}
+
+impl PublishConfirm {
+    /// An answer known at the call: the common embedded case, no allocation.
+    pub fn ready(result: Result<PublishOutcome, EngineError>) -> Self {
+        PublishConfirm(ConfirmInner::Ready(Some(result)))
+    }
+
+    pub fn pending(
+        fut: impl Future<Output = Result<PublishOutcome, EngineError>> + Send + 'static,
+    ) -> Self {
+        PublishConfirm(ConfirmInner::Pending(Box::pin(fut)))
+    }
+}
+
+impl Future for PublishConfirm {
+    type Output = Result<PublishOutcome, EngineError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.0 {
+            ConfirmInner::Ready(result) => Poll::Ready(
+                result
+                    .take()
+                    .unwrap_or_else(|| Err(EngineError::Internal("confirm polled twice".into()))),
+            ),
+            ConfirmInner::Pending(fut) => fut.as_mut().poll(cx),
+        }
+    }
+}
+
+/// Is the engine able to serve? `/readyz` answers from this.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    Ready,
+    NotReady(String),
+}
+
+/// Gauges the metrics and the memory watermark read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Ready messages held in queues.
+    pub queued_messages: u64,
+    /// Body bytes of those messages.
+    pub queued_bytes: u64,
+    pub queues: u64,
+    pub exchanges: u64,
+}
+
+/// An AMQP engine. One instance serves the whole gateway.
+#[async_trait]
+pub trait Engine: Send + Sync + 'static {
+    fn kind(&self) -> EngineKind;
+
+    /// One channel per client connection: it owns the connection's exclusive queues, its
+    /// consumers, its delivery tags and the order of its publishes. `label` names the client in
+    /// logs (never a token).
+    async fn open_channel(&self, label: &str) -> Result<Arc<dyn Channel>, EngineError>;
+
+    fn health(&self) -> Health;
+
+    fn stats(&self) -> EngineStats;
+
+    /// Stop accepting work and release resources; open channels close.
+    async fn shutdown(&self);
+}
+
+/// A client connection's view of the engine. Every method fails with `ChannelClosed` after
+/// [`Channel::close`]. Dropping the last `Arc` closes the channel.
+#[async_trait]
+pub trait Channel: Send + Sync {
+    fn id(&self) -> u64;
+
+    async fn declare_exchange(
+        &self,
+        name: &str,
+        spec: &ExchangeSpec,
+    ) -> Result<Declared, EngineError>;
+    async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<(), EngineError>;
+    /// Passive declare: `NotFound` when absent.
+    async fn exchange_info(&self, name: &str) -> Result<ExchangeInfo, EngineError>;
+    /// Exchanges sorted by name, the first `limit` after `after`.
+    async fn list_exchanges(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ExchangeInfo>, EngineError>;
+
+    /// `name` empty: a server-named queue (`amq.gen-…`).
+    async fn declare_queue(
+        &self,
+        name: &str,
+        spec: &QueueSpec,
+    ) -> Result<QueueDeclared, EngineError>;
+    /// Returns how many ready messages were dropped with it.
+    async fn delete_queue(
+        &self,
+        name: &str,
+        options: DeleteQueueOptions,
+    ) -> Result<u64, EngineError>;
+    /// Drops the ready messages; returns how many.
+    async fn purge_queue(&self, name: &str) -> Result<u64, EngineError>;
+    async fn queue_info(&self, name: &str) -> Result<QueueInfo, EngineError>;
+    async fn list_queues(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<QueueInfo>, EngineError>;
+
+    /// Idempotent: binding twice is one binding.
+    async fn bind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), EngineError>;
+    /// Unbinding a binding that does not exist succeeds (as AMQP).
+    async fn unbind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), EngineError>;
+    /// The queue's bindings, including the implicit one of the default exchange.
+    async fn list_bindings(&self, queue: &str) -> Result<Vec<BindingInfo>, EngineError>;
+
+    /// Routes `message`. Its place in this channel's order is fixed by the call itself, before
+    /// the returned confirm is polled.
+    fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Message,
+        options: PublishOptions,
+    ) -> PublishConfirm;
+
+    async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Consumer, EngineError>;
+    /// Cancels a consumer of this channel; its unacked deliveries return to the queue.
+    async fn cancel(&self, consumer_tag: &str) -> Result<(), EngineError>;
+    /// basic.get: the next ready message, if any. Unless `no_ack`, it must be acked on this
+    /// channel like a consumer's delivery.
+    async fn get(&self, queue: &str, no_ack: bool) -> Result<Option<Delivery>, EngineError>;
+
+    /// `multiple`: every unacked tag up to and including `delivery_tag`. An unknown tag is
+    /// `PreconditionFailed` and changes nothing.
+    async fn ack(&self, delivery_tag: u64, multiple: bool) -> Result<(), EngineError>;
+    /// `requeue = false` dead-letters (reason `rejected`) or drops.
+    async fn nack(
+        &self,
+        delivery_tag: u64,
+        multiple: bool,
+        requeue: bool,
+    ) -> Result<(), EngineError>;
+
+    /// Requeues unacked deliveries, cancels consumers, deletes exclusive queues. Idempotent.
+    async fn close(&self);
+}

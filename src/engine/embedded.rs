@@ -1,0 +1,294 @@
+//! The embedded engine: an in-process AMQP 0-9-1 broker (exchanges, queues, consumers) behind
+//! the [`Engine`] seam. Layout: `broker` (registries, routing, dead-lettering), `exchange` and
+//! `topic` (routing tables), `queue` (messages, credit, TTL, limits), `channel` (delivery tags,
+//! acks, consumers), `store` (durable state behind a trait).
+
+mod broker;
+mod channel;
+mod exchange;
+mod queue;
+pub mod store;
+mod topic;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+
+use self::broker::Broker;
+use self::channel::{ChannelShared, NO_ACK_WINDOW};
+use crate::engine::names::{self, CONSUMER_TAG_PREFIX};
+use crate::engine::{
+    AckMode, BindingInfo, Channel, ConsumeOptions, Consumer, Declared, DeleteQueueOptions,
+    Delivery, Engine, EngineError, EngineKind, EngineStats, ExchangeInfo, ExchangeSpec, FieldTable,
+    Health, Message, PublishConfirm, PublishOptions, QueueDeclared, QueueInfo, QueueSpec,
+};
+
+/// What the embedded engine is built with.
+#[derive(Clone)]
+pub struct EmbeddedOptions {
+    /// Bodies above this are refused with `ContentTooLarge`.
+    pub max_message_bytes: usize,
+    pub store: Arc<dyn store::Store>,
+}
+
+impl Default for EmbeddedOptions {
+    fn default() -> Self {
+        EmbeddedOptions {
+            max_message_bytes: 1024 * 1024,
+            store: Arc::new(store::MemoryStore),
+        }
+    }
+}
+
+pub struct EmbeddedEngine {
+    broker: Arc<Broker>,
+    shut: AtomicBool,
+}
+
+impl EmbeddedEngine {
+    /// Must be called inside a tokio runtime (TTL and expiry timers run on it).
+    pub fn new(options: EmbeddedOptions) -> Self {
+        EmbeddedEngine {
+            broker: Broker::new(options.store, options.max_message_bytes),
+            shut: AtomicBool::new(false),
+        }
+    }
+}
+
+#[async_trait]
+impl Engine for EmbeddedEngine {
+    fn kind(&self) -> EngineKind {
+        EngineKind::Embedded
+    }
+
+    async fn open_channel(&self, label: &str) -> Result<Arc<dyn Channel>, EngineError> {
+        if self.shut.load(Ordering::Acquire) {
+            return Err(EngineError::Unavailable("engine is shutting down".into()));
+        }
+        let id = self.broker.next_id();
+        tracing::trace!(channel = id, client = label, "channel opened");
+        Ok(Arc::new(EmbeddedChannel {
+            shared: Arc::new(ChannelShared::new(id, self.broker.clone())),
+        }))
+    }
+
+    fn health(&self) -> Health {
+        if self.shut.load(Ordering::Acquire) {
+            Health::NotReady("shutting down".into())
+        } else {
+            Health::Ready
+        }
+    }
+
+    fn stats(&self) -> EngineStats {
+        let (queued_messages, queued_bytes, queues, exchanges) = self.broker.gauges();
+        EngineStats {
+            queued_messages,
+            queued_bytes,
+            queues,
+            exchanges,
+        }
+    }
+
+    async fn shutdown(&self) {
+        self.shut.store(true, Ordering::Release);
+    }
+}
+
+/// A channel handle; dropping it closes the channel.
+pub struct EmbeddedChannel {
+    shared: Arc<ChannelShared>,
+}
+
+impl Drop for EmbeddedChannel {
+    fn drop(&mut self) {
+        self.shared.close();
+    }
+}
+
+#[async_trait]
+impl Channel for EmbeddedChannel {
+    fn id(&self) -> u64 {
+        self.shared.id
+    }
+
+    async fn declare_exchange(
+        &self,
+        name: &str,
+        spec: &ExchangeSpec,
+    ) -> Result<Declared, EngineError> {
+        self.shared.check_open()?;
+        self.shared.broker.declare_exchange(name, spec)
+    }
+
+    async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<(), EngineError> {
+        self.shared.check_open()?;
+        self.shared.broker.delete_exchange(name, if_unused)
+    }
+
+    async fn exchange_info(&self, name: &str) -> Result<ExchangeInfo, EngineError> {
+        self.shared.check_open()?;
+        self.shared.broker.exchange_info(name)
+    }
+
+    async fn list_exchanges(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ExchangeInfo>, EngineError> {
+        self.shared.check_open()?;
+        Ok(self.shared.broker.list_exchanges(after, limit))
+    }
+
+    async fn declare_queue(
+        &self,
+        name: &str,
+        spec: &QueueSpec,
+    ) -> Result<QueueDeclared, EngineError> {
+        self.shared.check_open()?;
+        let (declared, owned) = self
+            .shared
+            .broker
+            .declare_queue(self.shared.id, name, spec)?;
+        if let Some(queue) = owned {
+            self.shared.own_exclusive(queue);
+        }
+        Ok(declared)
+    }
+
+    async fn delete_queue(
+        &self,
+        name: &str,
+        options: DeleteQueueOptions,
+    ) -> Result<u64, EngineError> {
+        self.shared.check_open()?;
+        self.shared
+            .broker
+            .delete_queue(self.shared.id, name, options.if_unused, options.if_empty)
+    }
+
+    async fn purge_queue(&self, name: &str) -> Result<u64, EngineError> {
+        self.shared.check_open()?;
+        Ok(self.shared.broker.queue_for(self.shared.id, name)?.purge())
+    }
+
+    async fn queue_info(&self, name: &str) -> Result<QueueInfo, EngineError> {
+        self.shared.check_open()?;
+        self.shared.broker.queue_info(name)
+    }
+
+    async fn list_queues(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<QueueInfo>, EngineError> {
+        self.shared.check_open()?;
+        Ok(self.shared.broker.list_queues(after, limit))
+    }
+
+    async fn bind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), EngineError> {
+        self.shared.check_open()?;
+        self.shared
+            .broker
+            .bind(self.shared.id, queue, exchange, routing_key, arguments)
+    }
+
+    async fn unbind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), EngineError> {
+        self.shared.check_open()?;
+        self.shared
+            .broker
+            .unbind(self.shared.id, queue, exchange, routing_key, arguments)
+    }
+
+    async fn list_bindings(&self, queue: &str) -> Result<Vec<BindingInfo>, EngineError> {
+        self.shared.check_open()?;
+        self.shared.broker.list_bindings(queue)
+    }
+
+    fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Message,
+        _options: PublishOptions,
+    ) -> PublishConfirm {
+        // Routed synchronously inside the call: the channel's order is the call order.
+        let result = self
+            .shared
+            .check_open()
+            .and_then(|()| self.shared.broker.publish(exchange, routing_key, message));
+        PublishConfirm::ready(result)
+    }
+
+    async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Consumer, EngineError> {
+        self.shared.check_open()?;
+        let q = self.shared.broker.queue_for(self.shared.id, queue)?;
+        let (credit, no_ack) = match options.ack {
+            AckMode::Manual { prefetch: 0 } => {
+                return Err(EngineError::InvalidArgument(
+                    "prefetch must be between 1 and 65535".into(),
+                ));
+            }
+            AckMode::Manual { prefetch } => (u32::from(prefetch), false),
+            AckMode::Auto => (NO_ACK_WINDOW, true),
+        };
+        let tag: Arc<str> = if options.consumer_tag.is_empty() {
+            names::generate(CONSUMER_TAG_PREFIX).into()
+        } else {
+            options.consumer_tag.as_str().into()
+        };
+        let stream =
+            self.shared
+                .consume(q.clone(), tag.clone(), credit, no_ack, options.exclusive)?;
+        Ok(Consumer::new(tag, q.name.clone(), Box::new(stream)))
+    }
+
+    async fn cancel(&self, consumer_tag: &str) -> Result<(), EngineError> {
+        self.shared.check_open()?;
+        if self.shared.cancel_consumer(consumer_tag, None) {
+            Ok(())
+        } else {
+            Err(EngineError::PreconditionFailed(format!(
+                "unknown consumer tag '{consumer_tag}'"
+            )))
+        }
+    }
+
+    async fn get(&self, queue: &str, no_ack: bool) -> Result<Option<Delivery>, EngineError> {
+        self.shared.check_open()?;
+        let q = self.shared.broker.queue_for(self.shared.id, queue)?;
+        Ok(self.shared.get(&q, no_ack))
+    }
+
+    async fn ack(&self, delivery_tag: u64, multiple: bool) -> Result<(), EngineError> {
+        self.shared.check_open()?;
+        self.shared.settle(delivery_tag, multiple, None)
+    }
+
+    async fn nack(
+        &self,
+        delivery_tag: u64,
+        multiple: bool,
+        requeue: bool,
+    ) -> Result<(), EngineError> {
+        self.shared.check_open()?;
+        self.shared.settle(delivery_tag, multiple, Some(requeue))
+    }
+
+    async fn close(&self) {
+        self.shared.close();
+    }
+}

@@ -1,0 +1,799 @@
+//! The embedded broker: the registries of exchanges and queues, topology changes, routing of
+//! publishes, and dead-lettering.
+//!
+//! Data path: `publish` reads the exchange registry (a sharded map), takes the exchange's read
+//! lock to route, and each destination queue's own lock to enqueue — no lock shared by all
+//! publishes. Control path: declares, deletes and binds are serialised by `topology`, a lock the
+//! data path never takes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use parking_lot::Mutex;
+
+use super::exchange::{Exchange, Targets};
+use super::queue::{DeadLetter, Effects, Gauges, Queue, QueueArgs, death_entry};
+use super::store::Store;
+use crate::engine::names::{self, canonical_exchange};
+use crate::engine::{
+    BindingInfo, Declared, EngineError, Envelope, ExchangeInfo, ExchangeKind, ExchangeSpec,
+    FieldTable, FieldValue, Message, PublishOutcome, QueueDeclared, QueueInfo, QueueSpec,
+};
+
+/// Dead letters can chain (a DLX queue with its own DLX); cycles are cut, and this bounds what
+/// one operation may trigger in any case.
+const MAX_EFFECT_ROUNDS: usize = 64;
+
+pub(super) struct Broker {
+    exchanges: DashMap<Arc<str>, Arc<Exchange>>,
+    queues: DashMap<Arc<str>, Arc<Queue>>,
+    topology: Mutex<()>,
+    store: Arc<dyn Store>,
+    gauges: Arc<Gauges>,
+    max_message_bytes: usize,
+    next_id: AtomicU64,
+    default_exchange: Arc<str>,
+    me: Weak<Broker>,
+}
+
+fn inequivalent(
+    what: &str,
+    name: &str,
+    field: &str,
+    asked: impl std::fmt::Debug,
+    current: impl std::fmt::Debug,
+) -> EngineError {
+    EngineError::PreconditionFailed(format!(
+        "inequivalent arg '{field}' for {what} '{name}': received {asked:?} but current is {current:?}"
+    ))
+}
+
+impl Broker {
+    pub fn new(store: Arc<dyn Store>, max_message_bytes: usize) -> Arc<Self> {
+        let broker = Arc::new_cyclic(|me| Broker {
+            exchanges: DashMap::new(),
+            queues: DashMap::new(),
+            topology: Mutex::new(()),
+            store,
+            gauges: Arc::default(),
+            max_message_bytes,
+            next_id: AtomicU64::new(1),
+            default_exchange: Arc::from(""),
+            me: me.clone(),
+        });
+        for (name, kind) in [
+            ("amq.direct", ExchangeKind::Direct),
+            ("amq.fanout", ExchangeKind::Fanout),
+            ("amq.topic", ExchangeKind::Topic),
+            ("amq.headers", ExchangeKind::Headers),
+            ("amq.match", ExchangeKind::Headers),
+        ] {
+            let name: Arc<str> = name.into();
+            broker.exchanges.insert(
+                name.clone(),
+                Arc::new(Exchange::new(name, ExchangeSpec::new(kind))),
+            );
+        }
+        broker
+    }
+
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn gauges(&self) -> (u64, u64, u64, u64) {
+        (
+            self.gauges.messages.load(Ordering::Relaxed),
+            self.gauges.bytes.load(Ordering::Relaxed),
+            self.queues.len() as u64,
+            self.exchanges.len() as u64 + 1,
+        )
+    }
+
+    fn exchange(&self, name: &str) -> Result<Arc<Exchange>, EngineError> {
+        self.exchanges
+            .get(name)
+            .map(|e| e.value().clone())
+            .ok_or_else(|| EngineError::exchange_not_found(name))
+    }
+
+    fn queue(&self, name: &str) -> Result<Arc<Queue>, EngineError> {
+        self.queues
+            .get(name)
+            .map(|q| q.value().clone())
+            .ok_or_else(|| EngineError::queue_not_found(name))
+    }
+
+    /// A queue the given channel may use: exclusive queues only by their owner.
+    pub fn queue_for(&self, channel: u64, name: &str) -> Result<Arc<Queue>, EngineError> {
+        let queue = self.queue(name)?;
+        match queue.owner {
+            Some(owner) if owner != channel => Err(EngineError::ResourceLocked(name.to_owned())),
+            _ => Ok(queue),
+        }
+    }
+
+    fn default_exchange_info(&self) -> ExchangeInfo {
+        ExchangeInfo {
+            name: String::new(),
+            spec: ExchangeSpec::new(ExchangeKind::Direct),
+        }
+    }
+
+    // ---- exchanges ----
+
+    pub fn declare_exchange(
+        &self,
+        name: &str,
+        spec: &ExchangeSpec,
+    ) -> Result<Declared, EngineError> {
+        let name = canonical_exchange(name);
+        if name.is_empty() {
+            return Err(EngineError::AccessRefused(
+                "the default exchange cannot be declared".into(),
+            ));
+        }
+        names::validate_name("exchange", name)?;
+        let _topology = self.topology.lock();
+        if let Some(existing) = self.exchanges.get(name).map(|e| e.value().clone()) {
+            let cur = &existing.spec;
+            if cur.kind != spec.kind {
+                return Err(inequivalent(
+                    "exchange",
+                    name,
+                    "type",
+                    spec.kind.as_str(),
+                    cur.kind.as_str(),
+                ));
+            }
+            if cur.durable != spec.durable {
+                return Err(inequivalent(
+                    "exchange",
+                    name,
+                    "durable",
+                    spec.durable,
+                    cur.durable,
+                ));
+            }
+            if cur.auto_delete != spec.auto_delete {
+                return Err(inequivalent(
+                    "exchange",
+                    name,
+                    "auto_delete",
+                    spec.auto_delete,
+                    cur.auto_delete,
+                ));
+            }
+            if cur.internal != spec.internal {
+                return Err(inequivalent(
+                    "exchange",
+                    name,
+                    "internal",
+                    spec.internal,
+                    cur.internal,
+                ));
+            }
+            if cur.arguments != spec.arguments {
+                return Err(inequivalent(
+                    "exchange",
+                    name,
+                    "arguments",
+                    &spec.arguments,
+                    &cur.arguments,
+                ));
+            }
+            return Ok(Declared::Existed);
+        }
+        if names::is_reserved(name) {
+            return Err(EngineError::AccessRefused(format!(
+                "exchange name '{name}' uses the reserved prefix 'amq.'"
+            )));
+        }
+        if spec.durable {
+            self.store.put_exchange(name, spec)?;
+        }
+        let name: Arc<str> = name.into();
+        self.exchanges
+            .insert(name.clone(), Arc::new(Exchange::new(name, spec.clone())));
+        Ok(Declared::Created)
+    }
+
+    pub fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<(), EngineError> {
+        let name = canonical_exchange(name);
+        if name.is_empty() || names::is_reserved(name) {
+            return Err(EngineError::AccessRefused(format!(
+                "exchange '{}' belongs to the broker and cannot be deleted",
+                if name.is_empty() {
+                    names::DEFAULT_EXCHANGE_ALIAS
+                } else {
+                    name
+                }
+            )));
+        }
+        let _topology = self.topology.lock();
+        let exchange = self.exchange(name)?;
+        if if_unused && exchange.binding_count() > 0 {
+            return Err(EngineError::PreconditionFailed(format!(
+                "exchange '{name}' in use"
+            )));
+        }
+        self.drop_exchange(&exchange);
+        Ok(())
+    }
+
+    /// Removes an exchange and its bindings. Caller holds `topology`.
+    fn drop_exchange(&self, exchange: &Arc<Exchange>) {
+        self.exchanges.remove(&*exchange.name);
+        exchange.mark_deleted();
+        for binding in exchange.bindings() {
+            if let Ok(queue) = self.queue(&binding.queue) {
+                queue.bindings.lock().retain(|(e, k, a)| {
+                    !(e == &exchange.name && **k == *binding.routing_key && *a == binding.arguments)
+                });
+            }
+        }
+        if exchange.spec.durable {
+            // Store failures after the fact are logged by the store; the in-memory state wins.
+            let _ = self.store.delete_exchange(&exchange.name);
+        }
+    }
+
+    pub fn exchange_info(&self, name: &str) -> Result<ExchangeInfo, EngineError> {
+        let name = canonical_exchange(name);
+        if name.is_empty() {
+            return Ok(self.default_exchange_info());
+        }
+        let ex = self.exchange(name)?;
+        Ok(ExchangeInfo {
+            name: ex.name.to_string(),
+            spec: ex.spec.clone(),
+        })
+    }
+
+    pub fn list_exchanges(&self, after: Option<&str>, limit: usize) -> Vec<ExchangeInfo> {
+        let mut all: Vec<ExchangeInfo> = self
+            .exchanges
+            .iter()
+            .map(|e| ExchangeInfo {
+                name: e.name.to_string(),
+                spec: e.spec.clone(),
+            })
+            .collect();
+        all.push(self.default_exchange_info());
+        page(all, |e| &e.name, after, limit)
+    }
+
+    // ---- queues ----
+
+    pub fn declare_queue(
+        &self,
+        channel: u64,
+        name: &str,
+        spec: &QueueSpec,
+    ) -> Result<(QueueDeclared, Option<Arc<Queue>>), EngineError> {
+        let args = QueueArgs::parse(&spec.arguments)?;
+        let _topology = self.topology.lock();
+        let name = if name.is_empty() {
+            names::generate(names::SERVER_NAMED_PREFIX)
+        } else {
+            names::validate_name("queue", name)?;
+            if let Some(existing) = self.queues.get(name).map(|q| q.value().clone()) {
+                if existing.owner.is_some_and(|o| o != channel) {
+                    return Err(EngineError::ResourceLocked(name.to_owned()));
+                }
+                let cur = &existing.spec;
+                if cur.durable != spec.durable {
+                    return Err(inequivalent(
+                        "queue",
+                        name,
+                        "durable",
+                        spec.durable,
+                        cur.durable,
+                    ));
+                }
+                if cur.exclusive != spec.exclusive {
+                    return Err(inequivalent(
+                        "queue",
+                        name,
+                        "exclusive",
+                        spec.exclusive,
+                        cur.exclusive,
+                    ));
+                }
+                if cur.auto_delete != spec.auto_delete {
+                    return Err(inequivalent(
+                        "queue",
+                        name,
+                        "auto_delete",
+                        spec.auto_delete,
+                        cur.auto_delete,
+                    ));
+                }
+                if cur.arguments != spec.arguments {
+                    return Err(inequivalent(
+                        "queue",
+                        name,
+                        "arguments",
+                        &spec.arguments,
+                        &cur.arguments,
+                    ));
+                }
+                existing.touch();
+                let (messages, _, consumers) = existing.counts();
+                return Ok((
+                    QueueDeclared {
+                        name: name.to_owned(),
+                        declared: Declared::Existed,
+                        messages,
+                        consumers,
+                    },
+                    None,
+                ));
+            }
+            if names::is_reserved(name) {
+                return Err(EngineError::AccessRefused(format!(
+                    "queue name '{name}' uses the reserved prefix 'amq.'"
+                )));
+            }
+            name.to_owned()
+        };
+        if spec.durable && !spec.exclusive {
+            self.store.put_queue(&name, spec)?;
+        }
+        let name: Arc<str> = name.into();
+        let owner = spec.exclusive.then_some(channel);
+        let queue = Arc::new(Queue::new(
+            name.clone(),
+            spec.clone(),
+            args,
+            owner,
+            self.gauges.clone(),
+        ));
+        self.queues.insert(name.clone(), queue.clone());
+        if let Some(after) = queue.args.expires {
+            self.spawn_queue_expiry(&queue, after);
+        }
+        if queue.args.message_ttl.is_some() && queue.claim_expiry_task() {
+            self.spawn_message_expiry(&queue);
+        }
+        Ok((
+            QueueDeclared {
+                name: name.to_string(),
+                declared: Declared::Created,
+                messages: 0,
+                consumers: 0,
+            },
+            owner.map(|_| queue),
+        ))
+    }
+
+    pub fn delete_queue(
+        &self,
+        channel: u64,
+        name: &str,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> Result<u64, EngineError> {
+        let queue = self.queue_for(channel, name)?;
+        queue.check_delete(if_unused, if_empty)?;
+        Ok(self.remove_queue(&queue))
+    }
+
+    /// Removes a queue, its bindings (auto-deleting exchanges left without any) and its
+    /// messages; ends its consumers. Returns how many ready messages it held. Idempotent.
+    pub fn remove_queue(&self, queue: &Arc<Queue>) -> u64 {
+        let _topology = self.topology.lock();
+        let current = self
+            .queues
+            .remove_if(&*queue.name, |_, q| Arc::ptr_eq(q, queue));
+        if current.is_none() {
+            return 0;
+        }
+        let bindings = std::mem::take(&mut *queue.bindings.lock());
+        for (exchange, _, _) in &bindings {
+            if let Ok(ex) = self.exchange(exchange) {
+                ex.unbind_queue(queue);
+                if ex.spec.auto_delete && ex.binding_count() == 0 {
+                    self.drop_exchange(&ex);
+                }
+            }
+        }
+        if queue.spec.durable && !queue.spec.exclusive {
+            let _ = self.store.delete_queue(&queue.name);
+        }
+        queue.delete()
+    }
+
+    pub fn queue_info(&self, name: &str) -> Result<QueueInfo, EngineError> {
+        Ok(info(&*self.queue(name)?))
+    }
+
+    pub fn list_queues(&self, after: Option<&str>, limit: usize) -> Vec<QueueInfo> {
+        let all: Vec<Arc<Queue>> = self.queues.iter().map(|q| q.value().clone()).collect();
+        let mut names: Vec<Arc<Queue>> = all;
+        names.sort_by(|a, b| a.name.cmp(&b.name));
+        names
+            .into_iter()
+            .filter(|q| after.is_none_or(|a| &*q.name > a))
+            .take(limit)
+            .map(|q| info(&q))
+            .collect()
+    }
+
+    // ---- bindings ----
+
+    pub fn bind(
+        &self,
+        channel: u64,
+        queue: &str,
+        exchange: &str,
+        key: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), EngineError> {
+        names::validate_key(key)?;
+        let exchange = canonical_exchange(exchange);
+        if exchange.is_empty() {
+            return Err(EngineError::AccessRefused(
+                "queues cannot be bound to the default exchange".into(),
+            ));
+        }
+        let _topology = self.topology.lock();
+        let q = self.queue_for(channel, queue)?;
+        let ex = self.exchange(exchange)?;
+        ex.validate_binding(arguments)?;
+        if ex.bind(&q, key, arguments)? {
+            q.bindings
+                .lock()
+                .push((ex.name.clone(), key.into(), arguments.clone()));
+            if ex.spec.durable && q.spec.durable && !q.spec.exclusive {
+                self.store
+                    .put_binding(&binding_info(&ex.name, &q.name, key, arguments))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn unbind(
+        &self,
+        channel: u64,
+        queue: &str,
+        exchange: &str,
+        key: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), EngineError> {
+        let exchange = canonical_exchange(exchange);
+        if exchange.is_empty() {
+            return Err(EngineError::AccessRefused(
+                "queues cannot be unbound from the default exchange".into(),
+            ));
+        }
+        let _topology = self.topology.lock();
+        let q = self.queue_for(channel, queue)?;
+        let ex = self.exchange(exchange)?;
+        if ex.unbind(&q, key, arguments) {
+            q.bindings
+                .lock()
+                .retain(|(e, k, a)| !(e == &ex.name && &**k == key && a == arguments));
+            if ex.spec.durable && q.spec.durable && !q.spec.exclusive {
+                let _ = self
+                    .store
+                    .delete_binding(&binding_info(&ex.name, &q.name, key, arguments));
+            }
+            if ex.spec.auto_delete && ex.binding_count() == 0 {
+                self.drop_exchange(&ex);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn list_bindings(&self, queue: &str) -> Result<Vec<BindingInfo>, EngineError> {
+        let q = self.queue(queue)?;
+        let mut out = vec![binding_info("", &q.name, &q.name, &FieldTable::new())];
+        out.extend(
+            q.bindings
+                .lock()
+                .iter()
+                .map(|(e, k, a)| binding_info(e, &q.name, k, a)),
+        );
+        Ok(out)
+    }
+
+    // ---- publish ----
+
+    pub fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Message,
+    ) -> Result<PublishOutcome, EngineError> {
+        if message.body.len() > self.max_message_bytes {
+            return Err(EngineError::ContentTooLarge {
+                size: message.body.len(),
+                limit: self.max_message_bytes,
+            });
+        }
+        if let Some(exp) = &message.properties.expiration {
+            if exp.parse::<u64>().is_err() {
+                return Err(EngineError::InvalidArgument(format!(
+                    "expiration must be a non-negative integer of milliseconds, not '{exp}'"
+                )));
+            }
+        }
+        names::validate_key(routing_key)?;
+        let exchange = canonical_exchange(exchange);
+        let mut targets = Targets::new();
+        let exchange_name = if exchange.is_empty() {
+            if let Some(q) = self.queues.get(routing_key) {
+                targets.push(q.value().clone());
+            }
+            self.default_exchange.clone()
+        } else {
+            let ex = self.exchange(exchange)?;
+            if ex.spec.internal {
+                return Err(EngineError::AccessRefused(format!(
+                    "cannot publish to internal exchange '{exchange}'"
+                )));
+            }
+            ex.route(routing_key, &message.properties.headers, &mut targets);
+            ex.name.clone()
+        };
+        if targets.is_empty() {
+            return Ok(PublishOutcome { routed: false });
+        }
+        dedup(&mut targets);
+        let envelope = Arc::new(Envelope {
+            exchange: exchange_name,
+            routing_key: routing_key.into(),
+            message,
+        });
+        let now = Instant::now();
+        let mut fx = Effects::default();
+        let mut rejected = None;
+        for queue in &targets {
+            if queue.enqueue(&envelope, now, &mut fx).is_err() {
+                rejected = Some(queue.name.clone());
+            }
+        }
+        self.apply(fx);
+        match rejected {
+            Some(queue) => Err(EngineError::Rejected(queue.to_string())),
+            None => Ok(PublishOutcome { routed: true }),
+        }
+    }
+
+    // ---- effects: dead letters, timers, auto-delete ----
+
+    /// Carries out what queue operations asked for once their locks are released.
+    pub fn apply(&self, mut fx: Effects) {
+        for _ in 0..MAX_EFFECT_ROUNDS {
+            if fx.dead.is_empty() && fx.start_expiry.is_empty() && fx.auto_delete.is_empty() {
+                return;
+            }
+            for queue in std::mem::take(&mut fx.start_expiry) {
+                if queue.claim_expiry_task() {
+                    self.spawn_message_expiry(&queue);
+                }
+            }
+            for queue in std::mem::take(&mut fx.auto_delete) {
+                self.remove_queue(&queue);
+            }
+            for dead in std::mem::take(&mut fx.dead) {
+                self.dead_letter(dead, &mut fx);
+            }
+        }
+        if !fx.dead.is_empty() {
+            tracing::warn!(
+                dropped = fx.dead.len(),
+                "dead-letter chain too long; messages dropped"
+            );
+        }
+    }
+
+    fn dead_letter(&self, dead: DeadLetter, fx: &mut Effects) {
+        let exchange = canonical_exchange(&dead.exchange);
+        let routing_key: Arc<str> = match dead.routing_key {
+            Some(key) => key.into(),
+            None => dead.envelope.routing_key.clone(),
+        };
+        let mut message = dead.envelope.message.clone();
+        let original_expiration = message.properties.expiration.take();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_secs();
+        let headers = &mut message.properties.headers;
+        let mut deaths = match headers.remove("x-death") {
+            Some(FieldValue::Array(items)) => items,
+            _ => Vec::new(),
+        };
+        let reason = FieldValue::Str(dead.reason.as_str().into());
+        let queue_name = FieldValue::Str(dead.queue.to_string());
+        let existing = deaths.iter().position(|d| {
+            matches!(d, FieldValue::Table(t) if t.get("queue") == Some(&queue_name) && t.get("reason") == Some(&reason))
+        });
+        let entry = match existing {
+            Some(at) => {
+                let mut d = deaths.remove(at);
+                if let FieldValue::Table(t) = &mut d {
+                    let count = t.get("count").and_then(FieldValue::as_i128).unwrap_or(0);
+                    t.insert("count".into(), FieldValue::I64(count as i64 + 1));
+                    t.insert("time".into(), FieldValue::Timestamp(now));
+                }
+                d
+            }
+            None => {
+                let mut t = death_entry(
+                    &dead.queue,
+                    dead.reason,
+                    &dead.envelope.exchange,
+                    &dead.envelope.routing_key,
+                    now,
+                );
+                if let Some(exp) = original_expiration {
+                    t.insert("original-expiration".into(), FieldValue::Str(exp));
+                }
+                FieldValue::Table(t)
+            }
+        };
+        deaths.insert(0, entry);
+        let any_rejected = deaths.iter().any(|d| {
+            matches!(d, FieldValue::Table(t) if t.get("reason").and_then(FieldValue::as_str) == Some("rejected"))
+        });
+        let died_in: Vec<String> = deaths
+            .iter()
+            .filter_map(|d| match d {
+                FieldValue::Table(t) => t
+                    .get("queue")
+                    .and_then(FieldValue::as_str)
+                    .map(str::to_owned),
+                _ => None,
+            })
+            .collect();
+        headers.insert("x-death".into(), FieldValue::Array(deaths));
+        for (key, value) in [
+            ("reason", dead.reason.as_str().to_owned()),
+            ("queue", dead.queue.to_string()),
+            ("exchange", dead.envelope.exchange.to_string()),
+        ] {
+            headers
+                .entry(format!("x-first-death-{key}"))
+                .or_insert_with(|| FieldValue::Str(value.clone()));
+            headers.insert(format!("x-last-death-{key}"), FieldValue::Str(value));
+        }
+
+        let mut targets = Targets::new();
+        let exchange_name = if exchange.is_empty() {
+            if let Some(q) = self.queues.get(&*routing_key) {
+                targets.push(q.value().clone());
+            }
+            self.default_exchange.clone()
+        } else {
+            // A missing dead-letter exchange drops the message, as RabbitMQ does.
+            let Ok(ex) = self.exchange(exchange) else {
+                return;
+            };
+            ex.route(&routing_key, &message.properties.headers, &mut targets);
+            ex.name.clone()
+        };
+        // Cycle: a message that already died in a queue does not go back to it, unless a
+        // client rejected it somewhere on the way (then the client is in the loop).
+        if !any_rejected {
+            targets.retain(|q| !died_in.iter().any(|d| **d == *q.name));
+        }
+        dedup(&mut targets);
+        let envelope = Arc::new(Envelope {
+            exchange: exchange_name,
+            routing_key,
+            message,
+        });
+        let now = Instant::now();
+        for queue in &targets {
+            let _ = queue.enqueue(&envelope, now, fx);
+        }
+    }
+
+    fn spawn_message_expiry(&self, queue: &Arc<Queue>) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let broker = self.me.clone();
+        let queue = Arc::downgrade(queue);
+        rt.spawn(async move {
+            loop {
+                let Some(q) = queue.upgrade() else { return };
+                let notified = q.expiry_wake.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let mut fx = Effects::default();
+                let Some(next) = q.expire_due(Instant::now(), &mut fx) else {
+                    return;
+                };
+                match broker.upgrade() {
+                    Some(b) => b.apply(fx),
+                    None => return,
+                }
+                match next {
+                    Some(at) => {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(at.into()) => {}
+                            _ = &mut notified => {}
+                        }
+                    }
+                    None => notified.await,
+                }
+            }
+        });
+    }
+
+    fn spawn_queue_expiry(&self, queue: &Arc<Queue>, after: Duration) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let broker = self.me.clone();
+        let queue = Arc::downgrade(queue);
+        rt.spawn(async move {
+            loop {
+                let wake = {
+                    let Some(q) = queue.upgrade() else { return };
+                    if q.is_deleted() {
+                        return;
+                    }
+                    match q.unused_since() {
+                        Some(since) if since.elapsed() >= after => {
+                            if let Some(b) = broker.upgrade() {
+                                b.remove_queue(&q);
+                            }
+                            return;
+                        }
+                        Some(since) => since + after,
+                        None => Instant::now() + after,
+                    }
+                };
+                tokio::time::sleep_until(wake.into()).await;
+            }
+        });
+    }
+}
+
+fn dedup(targets: &mut Targets) {
+    if targets.len() > 1 {
+        targets.sort_unstable_by_key(|q| Arc::as_ptr(q) as usize);
+        targets.dedup_by(|a, b| Arc::ptr_eq(a, b));
+    }
+}
+
+fn info(q: &Queue) -> QueueInfo {
+    let (messages, unacked, consumers) = q.counts();
+    QueueInfo {
+        name: q.name.to_string(),
+        spec: q.spec.clone(),
+        messages,
+        messages_unacknowledged: unacked,
+        consumers,
+    }
+}
+
+fn binding_info(exchange: &str, queue: &str, key: &str, arguments: &FieldTable) -> BindingInfo {
+    BindingInfo {
+        exchange: exchange.to_owned(),
+        queue: queue.to_owned(),
+        routing_key: key.to_owned(),
+        arguments: arguments.clone(),
+    }
+}
+
+fn page<T>(
+    mut items: Vec<T>,
+    name: impl Fn(&T) -> &String,
+    after: Option<&str>,
+    limit: usize,
+) -> Vec<T> {
+    items.sort_by(|a, b| name(a).cmp(name(b)));
+    items
+        .into_iter()
+        .filter(|i| after.is_none_or(|a| name(i).as_str() > a))
+        .take(limit)
+        .collect()
+}

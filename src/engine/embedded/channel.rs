@@ -1,0 +1,407 @@
+//! A client connection's channel on the embedded engine: its delivery tags, its unacked
+//! deliveries, its consumers and its exclusive queues.
+//!
+//! Lock order: a queue's lock may be held while taking this channel's `unacked` lock (a queue
+//! delivering registers the delivery); never the reverse — ack paths take records out of
+//! `unacked`, release it, then call into queues.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+
+use super::broker::Broker;
+use super::queue::{Effects, Entry, Queue};
+use crate::engine::{CancelReason, Delivery, DeliveryStream, EngineError};
+
+/// How far a no-ack consumer may run ahead of what it has taken out of its buffer; credit comes
+/// back in halves of this.
+pub(super) const NO_ACK_WINDOW: u32 = 256;
+
+struct Unacked {
+    queue: Arc<Queue>,
+    consumer: Option<u64>,
+    entry: Entry,
+}
+
+struct ConsumerReg {
+    queue: Arc<Queue>,
+    id: u64,
+}
+
+type Reason = Arc<Mutex<Option<CancelReason>>>;
+
+/// What travels to a consumer: the delivery, and for no-ack consumers the entry, so a
+/// delivery still buffered when the consumer goes can return to the queue.
+struct Pending {
+    delivery: Delivery,
+    entry: Option<Entry>,
+}
+
+pub(super) struct ChannelShared {
+    pub id: u64,
+    pub broker: Arc<Broker>,
+    next_tag: AtomicU64,
+    unacked: Mutex<BTreeMap<u64, Unacked>>,
+    consumers: Mutex<HashMap<Arc<str>, ConsumerReg>>,
+    exclusive: Mutex<Vec<Arc<Queue>>>,
+    closed: AtomicBool,
+}
+
+/// The queue's handle on a consumer: delivering registers the delivery with the channel and
+/// pushes it to the consumer's receiver. Credit bounds how many are in flight.
+pub(super) struct ConsumerSink {
+    channel: Arc<ChannelShared>,
+    tag: Arc<str>,
+    no_ack: bool,
+    tx: mpsc::UnboundedSender<Pending>,
+    reason: Reason,
+}
+
+impl ConsumerSink {
+    /// Called with the queue's lock held. `Err` gives the entry back when the receiver is gone.
+    pub fn deliver(
+        &self,
+        queue: &Arc<Queue>,
+        consumer: u64,
+        entry: Entry,
+        now: Instant,
+    ) -> Result<(), Entry> {
+        let tag = self.channel.next_tag();
+        let delivery = Delivery {
+            delivery_tag: tag,
+            redelivered: entry.redelivered,
+            consumer_tag: Some(self.tag.clone()),
+            envelope: entry.envelope.clone(),
+            expires_in: entry.expires_at.map(|at| at.saturating_duration_since(now)),
+            message_count: None,
+        };
+        if self.no_ack {
+            return self
+                .tx
+                .send(Pending {
+                    delivery,
+                    entry: Some(entry),
+                })
+                .map_err(|e| e.0.entry.expect("no-ack pending carries its entry"));
+        }
+        // Registered before it is sent, so an ack racing the receive always finds it.
+        self.channel.unacked.lock().insert(
+            tag,
+            Unacked {
+                queue: queue.clone(),
+                consumer: Some(consumer),
+                entry,
+            },
+        );
+        if self
+            .tx
+            .send(Pending {
+                delivery,
+                entry: None,
+            })
+            .is_err()
+        {
+            let back = self.channel.unacked.lock().remove(&tag);
+            return Err(back.expect("registered above").entry);
+        }
+        Ok(())
+    }
+
+    pub fn end(&self, reason: CancelReason) {
+        self.reason.lock().get_or_insert(reason);
+    }
+}
+
+/// The consumer side handed to the adapter inside a [`crate::engine::Consumer`].
+pub(super) struct Stream {
+    rx: mpsc::UnboundedReceiver<Pending>,
+    channel: Arc<ChannelShared>,
+    queue: Arc<Queue>,
+    consumer: u64,
+    tag: Arc<str>,
+    no_ack: bool,
+    taken: u32,
+    reason: Reason,
+}
+
+impl DeliveryStream for Stream {
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        let polled = self.rx.poll_recv(cx);
+        if let Poll::Ready(Some(_)) = &polled {
+            if self.no_ack {
+                self.taken += 1;
+                if self.taken >= NO_ACK_WINDOW / 2 {
+                    let mut fx = Effects::default();
+                    self.queue.credit(self.consumer, self.taken, &mut fx);
+                    self.channel.broker.apply(fx);
+                    self.taken = 0;
+                }
+            }
+        }
+        polled.map(|p| p.map(|p| p.delivery))
+    }
+
+    fn cancel_reason(&self) -> Option<CancelReason> {
+        self.reason.lock().clone()
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.channel.cancel_consumer(&self.tag, Some(self.consumer));
+        // No-ack deliveries still buffered were never seen by the client: give them back.
+        self.rx.close();
+        let mut back = Vec::new();
+        while let Ok(p) = self.rx.try_recv() {
+            back.extend(p.entry);
+        }
+        if !back.is_empty() {
+            let mut fx = Effects::default();
+            self.queue.requeue(None, back, false, &mut fx);
+            self.channel.broker.apply(fx);
+        }
+    }
+}
+
+impl ChannelShared {
+    pub fn new(id: u64, broker: Arc<Broker>) -> Self {
+        ChannelShared {
+            id,
+            broker,
+            next_tag: AtomicU64::new(1),
+            unacked: Mutex::new(BTreeMap::new()),
+            consumers: Mutex::new(HashMap::new()),
+            exclusive: Mutex::new(Vec::new()),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    fn next_tag(&self) -> u64 {
+        self.next_tag.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    pub fn check_open(&self) -> Result<(), EngineError> {
+        if self.is_closed() {
+            Err(EngineError::ChannelClosed)
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn own_exclusive(&self, queue: Arc<Queue>) {
+        self.exclusive.lock().push(queue);
+    }
+
+    /// Registers a consumer on `queue` and returns its stream.
+    pub fn consume(
+        self: &Arc<Self>,
+        queue: Arc<Queue>,
+        tag: Arc<str>,
+        credit: u32,
+        no_ack: bool,
+        exclusive: bool,
+    ) -> Result<Stream, EngineError> {
+        let id = self.broker.next_id();
+        {
+            let mut consumers = self.consumers.lock();
+            if consumers.contains_key(&tag) {
+                return Err(EngineError::PreconditionFailed(format!(
+                    "consumer tag '{tag}' is already in use on this channel"
+                )));
+            }
+            consumers.insert(
+                tag.clone(),
+                ConsumerReg {
+                    queue: queue.clone(),
+                    id,
+                },
+            );
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let reason: Reason = Arc::default();
+        let sink = ConsumerSink {
+            channel: self.clone(),
+            tag: tag.clone(),
+            no_ack,
+            tx,
+            reason: reason.clone(),
+        };
+        let slot = super::queue::Slot {
+            id,
+            credit,
+            no_ack,
+            sink,
+        };
+        let mut fx = Effects::default();
+        let added = queue.add_consumer(slot, exclusive, &mut fx);
+        self.broker.apply(fx);
+        if let Err(e) = added {
+            self.consumers.lock().remove(&tag);
+            return Err(e);
+        }
+        Ok(Stream {
+            rx,
+            channel: self.clone(),
+            queue,
+            consumer: id,
+            tag,
+            no_ack,
+            taken: 0,
+            reason,
+        })
+    }
+
+    /// Cancels a consumer (by tag, and by id when called from its stream so a reused tag is not
+    /// hit); its unacked deliveries return to the queue. Returns whether it existed.
+    pub fn cancel_consumer(&self, tag: &str, id: Option<u64>) -> bool {
+        let reg = {
+            let mut consumers = self.consumers.lock();
+            match consumers.get(tag) {
+                Some(reg) if id.is_none_or(|id| id == reg.id) => consumers.remove(tag),
+                _ => None,
+            }
+        };
+        let Some(reg) = reg else {
+            return false;
+        };
+        let mut fx = Effects::default();
+        reg.queue.remove_consumer(reg.id, &mut fx);
+        let entries: Vec<Entry> = {
+            let mut unacked = self.unacked.lock();
+            let tags: Vec<u64> = unacked
+                .iter()
+                .filter(|(_, u)| u.consumer == Some(reg.id))
+                .map(|(t, _)| *t)
+                .collect();
+            tags.iter()
+                .filter_map(|t| unacked.remove(t))
+                .map(|u| u.entry)
+                .collect()
+        };
+        if !entries.is_empty() {
+            reg.queue.requeue(None, entries, true, &mut fx);
+        }
+        self.broker.apply(fx);
+        true
+    }
+
+    fn take_unacked(&self, tag: u64, multiple: bool) -> Result<Vec<Unacked>, EngineError> {
+        let mut map = self.unacked.lock();
+        let taken: Vec<Unacked> = if multiple {
+            // AMQP: multiple with tag 0 means "everything outstanding".
+            let rest = match tag.checked_add(1) {
+                Some(next) if tag != 0 => map.split_off(&next),
+                _ => BTreeMap::new(),
+            };
+            std::mem::replace(&mut *map, rest).into_values().collect()
+        } else {
+            map.remove(&tag).into_iter().collect()
+        };
+        if taken.is_empty() {
+            return Err(EngineError::PreconditionFailed(format!(
+                "unknown delivery tag {tag}"
+            )));
+        }
+        Ok(taken)
+    }
+
+    /// Settles (`requeue: None`), requeues (`Some(true)`) or dead-letters (`Some(false)`) the
+    /// deliveries up to `tag`.
+    pub fn settle(
+        &self,
+        tag: u64,
+        multiple: bool,
+        requeue: Option<bool>,
+    ) -> Result<(), EngineError> {
+        let taken = self.take_unacked(tag, multiple)?;
+        let mut fx = Effects::default();
+        for (queue, consumer, entries) in group(taken) {
+            match requeue {
+                Some(true) => queue.requeue(consumer, entries, true, &mut fx),
+                Some(false) => queue.settle(consumer, entries, true, &mut fx),
+                None => queue.settle(consumer, entries, false, &mut fx),
+            }
+        }
+        self.broker.apply(fx);
+        Ok(())
+    }
+
+    /// basic.get on `queue`.
+    pub fn get(&self, queue: &Arc<Queue>, no_ack: bool) -> Option<Delivery> {
+        let mut fx = Effects::default();
+        let got = queue.get(no_ack, &mut fx);
+        self.broker.apply(fx);
+        let (entry, remaining) = got?;
+        let tag = self.next_tag();
+        let delivery = Delivery {
+            delivery_tag: tag,
+            redelivered: entry.redelivered,
+            consumer_tag: None,
+            envelope: entry.envelope.clone(),
+            expires_in: entry
+                .expires_at
+                .map(|at| at.saturating_duration_since(Instant::now())),
+            message_count: Some(remaining),
+        };
+        if !no_ack {
+            self.unacked.lock().insert(
+                tag,
+                Unacked {
+                    queue: queue.clone(),
+                    consumer: None,
+                    entry,
+                },
+            );
+        }
+        Some(delivery)
+    }
+
+    /// Ends consumers, requeues unacked deliveries, deletes exclusive queues. Idempotent.
+    pub fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let mut fx = Effects::default();
+        let consumers: Vec<ConsumerReg> =
+            self.consumers.lock().drain().map(|(_, reg)| reg).collect();
+        for reg in consumers {
+            reg.queue
+                .end_consumer(reg.id, CancelReason::ChannelClosed, &mut fx);
+        }
+        let unacked: Vec<Unacked> = std::mem::take(&mut *self.unacked.lock())
+            .into_values()
+            .collect();
+        for (queue, _, entries) in group(unacked) {
+            queue.requeue(None, entries, true, &mut fx);
+        }
+        self.broker.apply(fx);
+        let exclusive = std::mem::take(&mut *self.exclusive.lock());
+        for queue in exclusive {
+            self.broker.remove_queue(&queue);
+        }
+    }
+}
+
+/// Groups records by (queue, consumer), keeping tag order inside each group.
+fn group(records: Vec<Unacked>) -> Vec<(Arc<Queue>, Option<u64>, Vec<Entry>)> {
+    let mut groups: Vec<(Arc<Queue>, Option<u64>, Vec<Entry>)> = Vec::new();
+    for r in records {
+        match groups
+            .iter_mut()
+            .find(|(q, c, _)| Arc::ptr_eq(q, &r.queue) && *c == r.consumer)
+        {
+            Some((_, _, entries)) => entries.push(r.entry),
+            None => groups.push((r.queue, r.consumer, vec![r.entry])),
+        }
+    }
+    groups
+}

@@ -1,0 +1,631 @@
+//! One queue: its ready messages, its consumers with their credit, and the rules that drop or
+//! dead-letter messages (TTL, length limits). All state sits behind the queue's own mutex, held
+//! only for in-memory work — never across an await, never while taking another queue's lock.
+//!
+//! Operations never route anything themselves: what must happen elsewhere (dead letters to
+//! publish, an expiry timer to start, an auto-delete) is returned as [`Effects`] for the broker
+//! to apply after the lock is released.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use super::channel::ConsumerSink;
+use crate::engine::{CancelReason, EngineError, Envelope, FieldTable, FieldValue, QueueSpec};
+
+/// Why a message left its queue for the dead-letter exchange (the `reason` of `x-death`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum DeadReason {
+    Rejected,
+    Expired,
+    MaxLen,
+}
+
+impl DeadReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadReason::Rejected => "rejected",
+            DeadReason::Expired => "expired",
+            DeadReason::MaxLen => "maxlen",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Overflow {
+    DropHead,
+    RejectPublish,
+    /// As `RejectPublish`, and the refused message is dead-lettered.
+    RejectPublishDlx,
+}
+
+/// The `x-…` arguments the embedded engine honours, parsed and checked once at declare.
+#[derive(Debug, Clone)]
+pub(super) struct QueueArgs {
+    pub message_ttl: Option<Duration>,
+    pub expires: Option<Duration>,
+    pub max_length: Option<u64>,
+    pub max_length_bytes: Option<u64>,
+    pub overflow: Overflow,
+    pub dead_letter_exchange: Option<String>,
+    pub dead_letter_routing_key: Option<String>,
+}
+
+fn non_negative(arguments: &FieldTable, key: &str) -> Result<Option<u64>, EngineError> {
+    match arguments.get(key) {
+        None => Ok(None),
+        Some(v) => match v.as_i128().and_then(|i| u64::try_from(i).ok()) {
+            Some(n) => Ok(Some(n)),
+            None => Err(EngineError::InvalidArgument(format!(
+                "{key} must be a non-negative integer"
+            ))),
+        },
+    }
+}
+
+fn string(arguments: &FieldTable, key: &str) -> Result<Option<String>, EngineError> {
+    match arguments.get(key) {
+        None => Ok(None),
+        Some(v) => v
+            .as_str()
+            .map(|s| Some(s.to_owned()))
+            .ok_or_else(|| EngineError::InvalidArgument(format!("{key} must be a string"))),
+    }
+}
+
+impl QueueArgs {
+    pub fn parse(arguments: &FieldTable) -> Result<Self, EngineError> {
+        // RabbitMQ caps TTLs at 2^32-1 ms; so do we, so a value means the same on both engines.
+        const MAX_MS: u64 = u32::MAX as u64;
+        let ttl = non_negative(arguments, "x-message-ttl")?;
+        if ttl.is_some_and(|t| t > MAX_MS) {
+            return Err(EngineError::InvalidArgument(format!(
+                "x-message-ttl must be at most {MAX_MS}"
+            )));
+        }
+        let expires = non_negative(arguments, "x-expires")?;
+        if expires.is_some_and(|t| t == 0 || t > MAX_MS) {
+            return Err(EngineError::InvalidArgument(format!(
+                "x-expires must be between 1 and {MAX_MS}"
+            )));
+        }
+        let overflow = match string(arguments, "x-overflow")?.as_deref() {
+            None | Some("drop-head") => Overflow::DropHead,
+            Some("reject-publish") => Overflow::RejectPublish,
+            Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
+            Some(other) => {
+                return Err(EngineError::InvalidArgument(format!(
+                    "x-overflow must be drop-head, reject-publish or reject-publish-dlx, not '{other}'"
+                )));
+            }
+        };
+        match string(arguments, "x-queue-type")?.as_deref() {
+            None | Some("classic") => {}
+            Some(other) => {
+                return Err(EngineError::NotSupported(format!(
+                    "x-queue-type '{other}' (the embedded engine has classic queues)"
+                )));
+            }
+        }
+        Ok(QueueArgs {
+            message_ttl: ttl.map(Duration::from_millis),
+            expires: expires.map(Duration::from_millis),
+            max_length: non_negative(arguments, "x-max-length")?,
+            max_length_bytes: non_negative(arguments, "x-max-length-bytes")?,
+            overflow,
+            dead_letter_exchange: string(arguments, "x-dead-letter-exchange")?,
+            dead_letter_routing_key: string(arguments, "x-dead-letter-routing-key")?,
+        })
+    }
+}
+
+/// One message in a queue. `seq` is its position in arrival order: requeued messages go back to
+/// their old place, so one consumer sees queue order except for redeliveries.
+#[derive(Debug, Clone)]
+pub(super) struct Entry {
+    pub seq: u64,
+    pub envelope: Arc<Envelope>,
+    pub expires_at: Option<Instant>,
+    pub redelivered: bool,
+}
+
+impl Entry {
+    fn size(&self) -> u64 {
+        self.envelope.message.body.len() as u64
+    }
+}
+
+/// A message leaving a queue for its dead-letter exchange.
+pub(super) struct DeadLetter {
+    pub envelope: Arc<Envelope>,
+    pub queue: Arc<str>,
+    pub reason: DeadReason,
+    pub exchange: String,
+    pub routing_key: Option<String>,
+}
+
+/// Work for the broker once the queue's lock is released.
+#[derive(Default)]
+pub(super) struct Effects {
+    pub dead: Vec<DeadLetter>,
+    pub start_expiry: Vec<Arc<Queue>>,
+    pub auto_delete: Vec<Arc<Queue>>,
+}
+
+/// Gauges shared by all queues of one broker.
+#[derive(Default)]
+pub(super) struct Gauges {
+    pub messages: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+pub(super) struct Slot {
+    pub id: u64,
+    pub credit: u32,
+    pub no_ack: bool,
+    pub sink: ConsumerSink,
+}
+
+struct State {
+    ready: VecDeque<Entry>,
+    ready_bytes: u64,
+    unacked: u64,
+    consumers: Vec<Slot>,
+    /// Where the round-robin over consumers resumes.
+    next: usize,
+    exclusive_consumer: bool,
+    next_seq: u64,
+    last_used: Instant,
+    had_consumer: bool,
+    deleted: bool,
+}
+
+pub(super) struct Queue {
+    pub name: Arc<str>,
+    pub spec: QueueSpec,
+    pub args: QueueArgs,
+    /// The channel an exclusive queue belongs to.
+    pub owner: Option<u64>,
+    state: Mutex<State>,
+    gauges: Arc<Gauges>,
+    /// Wakes the expiry task when the head may have changed.
+    pub expiry_wake: Notify,
+    expiry_started: AtomicBool,
+    /// Bindings from exchanges, kept so deleting the queue can remove them.
+    pub bindings: Mutex<Vec<(Arc<str>, Arc<str>, FieldTable)>>,
+}
+
+impl Queue {
+    pub fn new(
+        name: Arc<str>,
+        spec: QueueSpec,
+        args: QueueArgs,
+        owner: Option<u64>,
+        gauges: Arc<Gauges>,
+    ) -> Self {
+        Queue {
+            name,
+            spec,
+            args,
+            owner,
+            state: Mutex::new(State {
+                ready: VecDeque::new(),
+                ready_bytes: 0,
+                unacked: 0,
+                consumers: Vec::new(),
+                next: 0,
+                exclusive_consumer: false,
+                next_seq: 0,
+                last_used: Instant::now(),
+                had_consumer: false,
+                deleted: false,
+            }),
+            gauges,
+            expiry_wake: Notify::new(),
+            expiry_started: AtomicBool::new(false),
+            bindings: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Whether this queue needs an expiry task and none runs yet; claims it.
+    pub fn claim_expiry_task(&self) -> bool {
+        !self.expiry_started.swap(true, Ordering::AcqRel)
+    }
+
+    pub fn counts(&self) -> (u64, u64, u32) {
+        let st = self.state.lock();
+        (st.ready.len() as u64, st.unacked, st.consumers.len() as u32)
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        self.state.lock().deleted
+    }
+
+    pub fn touch(&self) {
+        self.state.lock().last_used = Instant::now();
+    }
+
+    /// When an `x-expires` queue may be deleted, or `None` while it has consumers.
+    pub fn unused_since(&self) -> Option<Instant> {
+        let st = self.state.lock();
+        st.consumers.is_empty().then_some(st.last_used)
+    }
+
+    fn dead_letter(&self, entry: Entry, reason: DeadReason, fx: &mut Effects) {
+        if let Some(exchange) = &self.args.dead_letter_exchange {
+            fx.dead.push(DeadLetter {
+                envelope: entry.envelope,
+                queue: self.name.clone(),
+                reason,
+                exchange: exchange.clone(),
+                routing_key: self.args.dead_letter_routing_key.clone(),
+            });
+        }
+    }
+
+    fn pop_ready(&self, st: &mut State) -> Option<Entry> {
+        let entry = st.ready.pop_front()?;
+        let size = entry.size();
+        st.ready_bytes -= size;
+        self.gauges.messages.fetch_sub(1, Ordering::Relaxed);
+        self.gauges.bytes.fetch_sub(size, Ordering::Relaxed);
+        Some(entry)
+    }
+
+    fn insert_ready(&self, st: &mut State, entry: Entry) {
+        let size = entry.size();
+        st.ready_bytes += size;
+        self.gauges.messages.fetch_add(1, Ordering::Relaxed);
+        self.gauges.bytes.fetch_add(size, Ordering::Relaxed);
+        match st.ready.back() {
+            Some(last) if last.seq > entry.seq => {
+                let at = st.ready.partition_point(|e| e.seq < entry.seq);
+                st.ready.insert(at, entry);
+            }
+            _ => st.ready.push_back(entry),
+        }
+    }
+
+    /// Drops expired messages at the head (only the head, as RabbitMQ: a message behind a
+    /// longer-lived one waits for it). `inclusive` also drops messages expiring exactly `now`
+    /// (TTL 0: delivered only if a consumer took it in the same operation).
+    fn expire_head(&self, st: &mut State, now: Instant, inclusive: bool, fx: &mut Effects) {
+        while let Some(at) = st.ready.front().and_then(|e| e.expires_at) {
+            if at > now || (at == now && !inclusive) {
+                break;
+            }
+            if let Some(entry) = self.pop_ready(st) {
+                self.dead_letter(entry, DeadReason::Expired, fx);
+            }
+        }
+    }
+
+    /// Hands ready messages to consumers with credit, round-robin.
+    fn dispatch(self: &Arc<Self>, st: &mut State, now: Instant, fx: &mut Effects) {
+        while !st.ready.is_empty() {
+            let n = st.consumers.len();
+            let Some(idx) = (0..n)
+                .map(|i| (st.next + i) % n)
+                .find(|&i| st.consumers[i].credit > 0)
+            else {
+                return;
+            };
+            let Some(entry) = self.pop_ready(st) else {
+                return;
+            };
+            if entry.expires_at.is_some_and(|at| at < now) {
+                self.dead_letter(entry, DeadReason::Expired, fx);
+                continue;
+            }
+            let slot = &mut st.consumers[idx];
+            match slot.sink.deliver(self, slot.id, entry, now) {
+                Ok(()) => {
+                    slot.credit -= 1;
+                    if !slot.no_ack {
+                        st.unacked += 1;
+                    }
+                    st.next = idx + 1;
+                }
+                Err(entry) => {
+                    // The consumer's receiver is gone: it is being cancelled. Put the message
+                    // back and stop offering to it.
+                    st.consumers.remove(idx);
+                    self.insert_ready(st, entry);
+                }
+            }
+        }
+    }
+
+    fn expiry_of(&self, envelope: &Envelope, now: Instant) -> Option<Instant> {
+        let per_message = envelope
+            .message
+            .properties
+            .expiration
+            .as_deref()
+            .and_then(|e| e.parse::<u64>().ok())
+            .map(Duration::from_millis);
+        let ttl = match (self.args.message_ttl, per_message) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }?;
+        Some(now + ttl)
+    }
+
+    /// Adds a published message. `Err` when the queue refuses it (`reject-publish`).
+    pub fn enqueue(
+        self: &Arc<Self>,
+        envelope: &Arc<Envelope>,
+        now: Instant,
+        fx: &mut Effects,
+    ) -> Result<(), ()> {
+        let expires_at = self.expiry_of(envelope, now);
+        let mut st = self.state.lock();
+        if st.deleted {
+            return Ok(());
+        }
+        let size = envelope.message.body.len() as u64;
+        if self.args.overflow != Overflow::DropHead {
+            let full_len = self
+                .args
+                .max_length
+                .is_some_and(|max| st.ready.len() as u64 >= max);
+            let full_bytes = self
+                .args
+                .max_length_bytes
+                .is_some_and(|max| st.ready_bytes + size > max);
+            if full_len || full_bytes {
+                if self.args.overflow == Overflow::RejectPublishDlx {
+                    let entry = Entry {
+                        seq: 0,
+                        envelope: envelope.clone(),
+                        expires_at: None,
+                        redelivered: false,
+                    };
+                    self.dead_letter(entry, DeadReason::Rejected, fx);
+                }
+                return Err(());
+            }
+        }
+        let was_empty = st.ready.is_empty();
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        self.insert_ready(
+            &mut st,
+            Entry {
+                seq,
+                envelope: envelope.clone(),
+                expires_at,
+                redelivered: false,
+            },
+        );
+        self.dispatch(&mut st, now, fx);
+        self.enforce_limits(&mut st, fx);
+        if expires_at.is_some() {
+            self.expire_head(&mut st, now, true, fx);
+            if was_empty {
+                self.expiry_wake.notify_one();
+            }
+            if !self.expiry_started.load(Ordering::Acquire) {
+                fx.start_expiry.push(self.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// `drop-head`: the oldest messages make room (dead-lettered as `maxlen`).
+    fn enforce_limits(&self, st: &mut State, fx: &mut Effects) {
+        if self.args.overflow != Overflow::DropHead {
+            return;
+        }
+        loop {
+            let over_len = self
+                .args
+                .max_length
+                .is_some_and(|max| st.ready.len() as u64 > max);
+            let over_bytes = self
+                .args
+                .max_length_bytes
+                .is_some_and(|max| st.ready_bytes > max);
+            if !(over_len || over_bytes) {
+                return;
+            }
+            match self.pop_ready(st) {
+                Some(entry) => self.dead_letter(entry, DeadReason::MaxLen, fx),
+                None => return,
+            }
+        }
+    }
+
+    /// Expires what is due and says when to look again (the expiry task's step).
+    pub fn expire_due(&self, now: Instant, fx: &mut Effects) -> Option<Option<Instant>> {
+        let mut st = self.state.lock();
+        if st.deleted {
+            return None;
+        }
+        self.expire_head(&mut st, now, true, fx);
+        Some(st.ready.front().and_then(|e| e.expires_at))
+    }
+
+    pub fn add_consumer(
+        self: &Arc<Self>,
+        slot: Slot,
+        exclusive: bool,
+        fx: &mut Effects,
+    ) -> Result<(), EngineError> {
+        let mut st = self.state.lock();
+        if st.deleted {
+            return Err(EngineError::queue_not_found(&self.name));
+        }
+        if st.exclusive_consumer || (exclusive && !st.consumers.is_empty()) {
+            return Err(EngineError::InUse(self.name.to_string()));
+        }
+        st.exclusive_consumer = exclusive;
+        st.had_consumer = true;
+        st.last_used = Instant::now();
+        st.consumers.push(slot);
+        self.dispatch(&mut st, Instant::now(), fx);
+        Ok(())
+    }
+
+    /// Removes a consumer; the queue auto-deletes when it was the last one.
+    pub fn remove_consumer(self: &Arc<Self>, id: u64, fx: &mut Effects) -> Option<Slot> {
+        let mut st = self.state.lock();
+        let at = st.consumers.iter().position(|s| s.id == id)?;
+        let slot = st.consumers.remove(at);
+        st.exclusive_consumer = false;
+        st.last_used = Instant::now();
+        if st.consumers.is_empty() && st.had_consumer && self.spec.auto_delete && !st.deleted {
+            fx.auto_delete.push(self.clone());
+        }
+        Some(slot)
+    }
+
+    /// Returns credit to a consumer (acks, or a no-ack consumer taking deliveries out of its
+    /// buffer) and offers it more.
+    pub fn credit(self: &Arc<Self>, consumer: u64, n: u32, fx: &mut Effects) {
+        let mut st = self.state.lock();
+        if let Some(slot) = st.consumers.iter_mut().find(|s| s.id == consumer) {
+            slot.credit = slot.credit.saturating_add(n);
+        }
+        self.dispatch(&mut st, Instant::now(), fx);
+    }
+
+    /// Settles unacked deliveries (ack, or nack without requeue: `dead` gets them dead-lettered)
+    /// and gives the consumer its credit back.
+    pub fn settle(
+        self: &Arc<Self>,
+        consumer: Option<u64>,
+        entries: Vec<Entry>,
+        dead: bool,
+        fx: &mut Effects,
+    ) {
+        let n = entries.len();
+        if dead {
+            for entry in entries {
+                self.dead_letter(entry, DeadReason::Rejected, fx);
+            }
+        }
+        let mut st = self.state.lock();
+        st.unacked = st.unacked.saturating_sub(n as u64);
+        if let Some(slot) = consumer.and_then(|c| st.consumers.iter_mut().find(|s| s.id == c)) {
+            slot.credit = slot.credit.saturating_add(n as u32);
+        }
+        self.dispatch(&mut st, Instant::now(), fx);
+    }
+
+    /// Puts deliveries back at their old places, marked redelivered. `unacked` says whether
+    /// they were counted as unacknowledged (no-ack deliveries still buffered were not).
+    pub fn requeue(
+        self: &Arc<Self>,
+        consumer: Option<u64>,
+        entries: Vec<Entry>,
+        unacked: bool,
+        fx: &mut Effects,
+    ) {
+        let n = entries.len();
+        let mut st = self.state.lock();
+        if unacked {
+            st.unacked = st.unacked.saturating_sub(n as u64);
+            if let Some(slot) = consumer.and_then(|c| st.consumers.iter_mut().find(|s| s.id == c)) {
+                slot.credit = slot.credit.saturating_add(n as u32);
+            }
+        }
+        if st.deleted {
+            return;
+        }
+        for mut entry in entries {
+            entry.redelivered = true;
+            self.insert_ready(&mut st, entry);
+        }
+        self.expiry_wake.notify_one();
+        self.dispatch(&mut st, Instant::now(), fx);
+        self.enforce_limits(&mut st, fx);
+    }
+
+    /// basic.get: the next live message and how many remain.
+    pub fn get(&self, no_ack: bool, fx: &mut Effects) -> Option<(Entry, u64)> {
+        let now = Instant::now();
+        let mut st = self.state.lock();
+        st.last_used = now;
+        self.expire_head(&mut st, now, false, fx);
+        let entry = self.pop_ready(&mut st)?;
+        if !no_ack {
+            st.unacked += 1;
+        }
+        Some((entry, st.ready.len() as u64))
+    }
+
+    pub fn purge(&self) -> u64 {
+        let mut st = self.state.lock();
+        let n = st.ready.len() as u64;
+        while self.pop_ready(&mut st).is_some() {}
+        n
+    }
+
+    /// Marks the queue deleted, ends its consumers and drops its messages; returns how many
+    /// ready messages went with it.
+    pub fn delete(&self) -> u64 {
+        let (dropped, consumers) = {
+            let mut st = self.state.lock();
+            st.deleted = true;
+            let dropped = st.ready.len() as u64;
+            while self.pop_ready(&mut st).is_some() {}
+            (dropped, std::mem::take(&mut st.consumers))
+        };
+        for slot in &consumers {
+            slot.sink.end(CancelReason::QueueDeleted);
+        }
+        self.expiry_wake.notify_one();
+        dropped
+    }
+
+    /// Checks `if_unused` / `if_empty` for a delete.
+    pub fn check_delete(&self, if_unused: bool, if_empty: bool) -> Result<(), EngineError> {
+        let st = self.state.lock();
+        if if_unused && !st.consumers.is_empty() {
+            return Err(EngineError::PreconditionFailed(format!(
+                "queue '{}' in use",
+                self.name
+            )));
+        }
+        if if_empty && !st.ready.is_empty() {
+            return Err(EngineError::PreconditionFailed(format!(
+                "queue '{}' not empty",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Ends a consumer's sink because its channel is closing.
+    pub fn end_consumer(self: &Arc<Self>, id: u64, reason: CancelReason, fx: &mut Effects) {
+        if let Some(slot) = self.remove_consumer(id, fx) {
+            slot.sink.end(reason);
+        }
+    }
+}
+
+/// Header value of `x-death` entries etc.; kept here beside the reasons they describe.
+pub(super) fn death_entry(
+    queue: &str,
+    reason: DeadReason,
+    exchange: &str,
+    routing_key: &str,
+    time: u64,
+) -> FieldTable {
+    let mut t = FieldTable::new();
+    t.insert("count".into(), FieldValue::I64(1));
+    t.insert("reason".into(), FieldValue::Str(reason.as_str().into()));
+    t.insert("queue".into(), FieldValue::Str(queue.into()));
+    t.insert("time".into(), FieldValue::Timestamp(time));
+    t.insert("exchange".into(), FieldValue::Str(exchange.into()));
+    t.insert(
+        "routing-keys".into(),
+        FieldValue::Array(vec![FieldValue::Str(routing_key.into())]),
+    );
+    t
+}

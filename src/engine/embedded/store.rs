@@ -1,0 +1,64 @@
+//! Where the embedded engine keeps durable state. Routing and queues call the [`Store`] trait
+//! and never know what is behind it: [`MemoryStore`] (nothing survives a restart) today, a disk
+//! store (fjall, group commit) when durability lands — without touching routing.
+//!
+//! Called for durable exchanges, durable non-exclusive queues, and bindings between durable
+//! ones. Messages are not yet written: see `docs/engine.md`.
+
+use crate::engine::{BindingInfo, EngineError, ExchangeSpec, QueueSpec};
+
+#[derive(Debug, thiserror::Error)]
+#[error("store: {0}")]
+pub struct StoreError(pub String);
+
+impl From<StoreError> for EngineError {
+    fn from(e: StoreError) -> Self {
+        EngineError::Internal(e.to_string())
+    }
+}
+
+/// Durable topology as loaded at start.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub exchanges: Vec<(String, ExchangeSpec)>,
+    pub queues: Vec<(String, QueueSpec)>,
+    pub bindings: Vec<BindingInfo>,
+}
+
+pub trait Store: Send + Sync + 'static {
+    fn put_exchange(&self, name: &str, spec: &ExchangeSpec) -> Result<(), StoreError>;
+    fn delete_exchange(&self, name: &str) -> Result<(), StoreError>;
+    fn put_queue(&self, name: &str, spec: &QueueSpec) -> Result<(), StoreError>;
+    fn delete_queue(&self, name: &str) -> Result<(), StoreError>;
+    fn put_binding(&self, binding: &BindingInfo) -> Result<(), StoreError>;
+    fn delete_binding(&self, binding: &BindingInfo) -> Result<(), StoreError>;
+    fn load(&self) -> Result<Snapshot, StoreError>;
+}
+
+/// Keeps nothing: every durable object lives as long as the process.
+#[derive(Debug, Default)]
+pub struct MemoryStore;
+
+impl Store for MemoryStore {
+    fn put_exchange(&self, _: &str, _: &ExchangeSpec) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn delete_exchange(&self, _: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn put_queue(&self, _: &str, _: &QueueSpec) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn delete_queue(&self, _: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn put_binding(&self, _: &BindingInfo) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn delete_binding(&self, _: &BindingInfo) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        Ok(Snapshot::default())
+    }
+}

@@ -1,0 +1,267 @@
+//! Topic-exchange matching: a trie over dot-separated words with `*` (exactly one word) and `#`
+//! (zero or more words) nodes. Matching costs one walk per publish, independent of how many
+//! bindings exist — no regex per binding.
+//!
+//! Word splitting follows RabbitMQ: the empty key has no words; `a.` is `["a", ""]`.
+
+use std::collections::HashMap;
+
+pub struct TopicTrie<T> {
+    root: Node<T>,
+    len: usize,
+}
+
+struct Node<T> {
+    words: HashMap<Box<str>, Node<T>>,
+    star: Option<Box<Node<T>>>,
+    hash: Option<Box<Node<T>>>,
+    values: Vec<T>,
+}
+
+impl<T> Default for Node<T> {
+    fn default() -> Self {
+        Node {
+            words: HashMap::new(),
+            star: None,
+            hash: None,
+            values: Vec::new(),
+        }
+    }
+}
+
+impl<T> Node<T> {
+    fn is_empty(&self) -> bool {
+        self.values.is_empty()
+            && self.words.is_empty()
+            && self.star.is_none()
+            && self.hash.is_none()
+    }
+}
+
+impl<T> Default for TopicTrie<T> {
+    fn default() -> Self {
+        TopicTrie {
+            root: Node::default(),
+            len: 0,
+        }
+    }
+}
+
+/// Splits a key into words; consecutive `#` collapse into one in patterns (`a.#.#.b` ≡
+/// `a.#.b`), which keeps matching linear in practice.
+fn words(key: &str) -> impl Iterator<Item = &str> {
+    let empty = key.is_empty();
+    key.split('.').filter(move |_| !empty)
+}
+
+fn pattern_words(pattern: &str) -> Vec<&str> {
+    let mut out: Vec<&str> = Vec::new();
+    for w in words(pattern) {
+        if w == "#" && out.last() == Some(&"#") {
+            continue;
+        }
+        out.push(w);
+    }
+    out
+}
+
+impl<T> TopicTrie<T> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Adds `value` under `pattern` unless an equal one (by `same`) is there; returns whether it
+    /// was added.
+    pub fn insert(&mut self, pattern: &str, value: T, same: impl Fn(&T) -> bool) -> bool {
+        let mut node = &mut self.root;
+        for w in pattern_words(pattern) {
+            node = match w {
+                "*" => node.star.get_or_insert_with(Box::default),
+                "#" => node.hash.get_or_insert_with(Box::default),
+                w => node.words.entry(w.into()).or_default(),
+            };
+        }
+        if node.values.iter().any(same) {
+            return false;
+        }
+        node.values.push(value);
+        self.len += 1;
+        true
+    }
+
+    /// Removes the value under `pattern` for which `same` holds; prunes empty nodes.
+    pub fn remove(&mut self, pattern: &str, same: impl Fn(&T) -> bool) -> Option<T> {
+        let words = pattern_words(pattern);
+        let removed = remove_in(&mut self.root, &words, &same);
+        if removed.is_some() {
+            self.len -= 1;
+        }
+        removed
+    }
+
+    /// Calls `found` for every value whose pattern matches `key` (a value bound under two
+    /// matching patterns is reported twice: callers deduplicate destinations).
+    pub fn matches<'a>(&'a self, key: &str, mut found: impl FnMut(&'a T)) {
+        let words: smallvec::SmallVec<[&str; 8]> = words(key).collect();
+        walk(&self.root, &words, &mut found);
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &T> {
+        let mut stack = vec![&self.root];
+        let mut out = Vec::new();
+        while let Some(node) = stack.pop() {
+            out.extend(node.values.iter());
+            stack.extend(node.words.values());
+            stack.extend(node.star.as_deref());
+            stack.extend(node.hash.as_deref());
+        }
+        out.into_iter()
+    }
+
+    /// Keeps only the values for which `keep` holds (used when a queue goes away).
+    pub fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
+        let removed = retain_in(&mut self.root, &mut keep);
+        self.len -= removed;
+    }
+}
+
+fn walk<'a, T>(node: &'a Node<T>, words: &[&str], found: &mut impl FnMut(&'a T)) {
+    if let Some(hash) = &node.hash {
+        // `#` swallows zero or more words: try every suffix.
+        for skip in 0..=words.len() {
+            walk(hash, &words[skip..], found);
+        }
+    }
+    let Some((first, rest)) = words.split_first() else {
+        node.values.iter().for_each(&mut *found);
+        return;
+    };
+    if let Some(child) = node.words.get(*first) {
+        walk(child, rest, found);
+    }
+    if let Some(star) = &node.star {
+        walk(star, rest, found);
+    }
+}
+
+fn remove_in<T>(node: &mut Node<T>, words: &[&str], same: &impl Fn(&T) -> bool) -> Option<T> {
+    let Some((first, rest)) = words.split_first() else {
+        let at = node.values.iter().position(same)?;
+        return Some(node.values.swap_remove(at));
+    };
+    match *first {
+        "*" | "#" => {
+            let slot = if *first == "*" {
+                &mut node.star
+            } else {
+                &mut node.hash
+            };
+            let child = slot.as_deref_mut()?;
+            let removed = remove_in(child, rest, same);
+            if child.is_empty() {
+                *slot = None;
+            }
+            removed
+        }
+        w => {
+            let child = node.words.get_mut(w)?;
+            let removed = remove_in(child, rest, same);
+            if child.is_empty() {
+                node.words.remove(w);
+            }
+            removed
+        }
+    }
+}
+
+fn retain_in<T>(node: &mut Node<T>, keep: &mut impl FnMut(&T) -> bool) -> usize {
+    let before = node.values.len();
+    node.values.retain(|v| keep(v));
+    let mut removed = before - node.values.len();
+    node.words.retain(|_, child| {
+        removed += retain_in(child, keep);
+        !child.is_empty()
+    });
+    for slot in [&mut node.star, &mut node.hash] {
+        if let Some(child) = slot.as_deref_mut() {
+            removed += retain_in(child, keep);
+            if child.is_empty() {
+                *slot = None;
+            }
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matching(patterns: &[&str], key: &str) -> Vec<String> {
+        let mut trie = TopicTrie::default();
+        for p in patterns {
+            let owned = p.to_string();
+            trie.insert(p, owned.clone(), |v| *v == owned);
+        }
+        let mut out = Vec::new();
+        trie.matches(key, |v| out.push(v.clone()));
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn star_matches_exactly_one_word() {
+        assert_eq!(matching(&["a.*.c"], "a.b.c"), ["a.*.c"]);
+        assert!(matching(&["a.*.c"], "a.c").is_empty());
+        assert!(matching(&["a.*.c"], "a.b.b.c").is_empty());
+        assert_eq!(matching(&["*"], ""), Vec::<String>::new());
+        assert_eq!(matching(&["a.*"], "a."), ["a.*"]);
+    }
+
+    #[test]
+    fn hash_matches_zero_or_more_words() {
+        let p = ["#", "a.#", "a.#.c", "#.c", "a.b.#"];
+        assert_eq!(matching(&p, "a"), ["#", "a.#"]);
+        assert_eq!(matching(&p, "a.c"), ["#", "#.c", "a.#", "a.#.c"]);
+        assert_eq!(
+            matching(&p, "a.b.x.c"),
+            ["#", "#.c", "a.#", "a.#.c", "a.b.#"]
+        );
+        assert_eq!(matching(&p, ""), ["#"]);
+        assert_eq!(matching(&["a.#.#.b"], "a.b"), ["a.#.#.b"]);
+    }
+
+    #[test]
+    fn literal_and_empty_words() {
+        assert_eq!(matching(&["a.b", "a..b", ""], "a..b"), ["a..b"]);
+        assert_eq!(matching(&["a.b", "a..b", ""], ""), [""]);
+        assert!(matching(&["a.b"], "a.bb").is_empty());
+    }
+
+    #[test]
+    fn remove_prunes_and_counts() {
+        let mut trie = TopicTrie::default();
+        assert!(trie.insert("a.*.#", 1, |v| *v == 1));
+        assert!(!trie.insert("a.*.#", 1, |v| *v == 1));
+        assert!(trie.insert("a.*.#", 2, |v| *v == 2));
+        assert_eq!(trie.len(), 2);
+        assert_eq!(trie.remove("a.*.#", |v| *v == 1), Some(1));
+        assert_eq!(trie.remove("a.*.#", |v| *v == 1), None);
+        assert_eq!(trie.remove("a.*.#", |v| *v == 2), Some(2));
+        assert!(trie.root.is_empty());
+        assert_eq!(trie.len(), 0);
+    }
+
+    #[test]
+    fn retain_drops_values_everywhere() {
+        let mut trie = TopicTrie::default();
+        for (i, p) in ["x", "x.*", "#", "x.#.y"].iter().enumerate() {
+            trie.insert(p, i, |v| *v == i);
+        }
+        trie.retain(|v| v % 2 == 0);
+        assert_eq!(trie.len(), 2);
+        let mut all: Vec<_> = trie.values().copied().collect();
+        all.sort();
+        assert_eq!(all, [0, 2]);
+    }
+}

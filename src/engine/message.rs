@@ -1,0 +1,99 @@
+//! Messages as the engine carries them: one immutable [`Envelope`] per publish, shared by every
+//! queue it was routed to (fan-out copies a pointer, never a body).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::table::FieldTable;
+
+/// AMQP 0-9-1 basic properties.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Properties {
+    pub content_type: Option<String>,
+    pub content_encoding: Option<String>,
+    /// Empty when the message has none.
+    pub headers: FieldTable,
+    /// 1 transient, 2 persistent.
+    pub delivery_mode: Option<u8>,
+    pub priority: Option<u8>,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+    /// Per-message TTL in milliseconds, as a decimal string (AMQP).
+    pub expiration: Option<String>,
+    pub message_id: Option<String>,
+    /// Seconds since the epoch.
+    pub timestamp: Option<u64>,
+    /// The AMQP `type` property.
+    pub kind: Option<String>,
+    /// Set only on messages that arrive from AMQP peers; gateway clients may not set it.
+    pub user_id: Option<String>,
+    pub app_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Message {
+    pub properties: Properties,
+    pub body: Bytes,
+}
+
+impl Message {
+    pub fn new(body: impl Into<Bytes>) -> Self {
+        Message {
+            properties: Properties::default(),
+            body: body.into(),
+        }
+    }
+
+    pub fn persistent(mut self) -> Self {
+        self.properties.delivery_mode = Some(2);
+        self
+    }
+
+    pub fn is_persistent(&self) -> bool {
+        self.properties.delivery_mode == Some(2)
+    }
+}
+
+/// A published message with where it was published; immutable once routed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    pub exchange: Arc<str>,
+    pub routing_key: Arc<str>,
+    pub message: Message,
+}
+
+/// One message handed to a consumer or returned by `get`.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// Per channel, from 1.
+    pub delivery_tag: u64,
+    pub redelivered: bool,
+    /// `None` for `get`.
+    pub consumer_tag: Option<Arc<str>>,
+    pub envelope: Arc<Envelope>,
+    /// Time left before the message would have expired in its queue (MQTT 5 decrements the
+    /// Message Expiry Interval with it).
+    pub expires_in: Option<Duration>,
+    /// For `get`: ready messages left in the queue.
+    pub message_count: Option<u64>,
+}
+
+impl Delivery {
+    pub fn exchange(&self) -> &str {
+        &self.envelope.exchange
+    }
+    pub fn routing_key(&self) -> &str {
+        &self.envelope.routing_key
+    }
+    pub fn message(&self) -> &Message {
+        &self.envelope.message
+    }
+    pub fn body(&self) -> &Bytes {
+        &self.envelope.message.body
+    }
+    pub fn properties(&self) -> &Properties {
+        &self.envelope.message.properties
+    }
+}
