@@ -163,6 +163,9 @@ pub(super) struct Gauges {
     pub bytes: AtomicU64,
 }
 
+/// One binding of this queue: (exchange, routing key, arguments).
+pub(super) type BoundFrom = (Arc<str>, Arc<str>, FieldTable);
+
 pub(super) struct Slot {
     pub id: u64,
     pub credit: u32,
@@ -196,7 +199,7 @@ pub(super) struct Queue {
     pub expiry_wake: Notify,
     expiry_started: AtomicBool,
     /// Bindings from exchanges, kept so deleting the queue can remove them.
-    pub bindings: Mutex<Vec<(Arc<str>, Arc<str>, FieldTable)>>,
+    pub bindings: Mutex<Vec<BoundFrom>>,
 }
 
 impl Queue {

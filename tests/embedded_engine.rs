@@ -1,0 +1,110 @@
+//! Properties of the embedded engine that the contract cannot ask of every engine: fan-out
+//! shares one body, and publishers on many exchanges at once lose nothing.
+
+mod common;
+
+use std::sync::Arc;
+
+use amqp_gateway::engine::embedded::{EmbeddedEngine, EmbeddedOptions};
+use amqp_gateway::engine::{
+    ConsumeOptions, Engine, ExchangeKind, ExchangeSpec, FieldTable, Message, PublishOptions,
+    QueueSpec,
+};
+use bytes::Bytes;
+use common::{next, unique};
+
+fn engine() -> Arc<dyn Engine> {
+    Arc::new(EmbeddedEngine::new(EmbeddedOptions::default()))
+}
+
+#[tokio::test]
+async fn fan_out_shares_one_body() {
+    let engine = engine();
+    let ch = engine.open_channel("t").await.unwrap();
+    let ex = unique("share");
+    ch.declare_exchange(&ex, &ExchangeSpec::new(ExchangeKind::Fanout))
+        .await
+        .unwrap();
+    let mut consumers = Vec::new();
+    for i in 0..3 {
+        let q = unique(&format!("share{i}"));
+        ch.declare_queue(&q, &QueueSpec::default()).await.unwrap();
+        ch.bind_queue(&q, &ex, "", &FieldTable::new())
+            .await
+            .unwrap();
+        consumers.push(ch.consume(&q, ConsumeOptions::auto()).await.unwrap());
+    }
+    let body = Bytes::from(vec![7u8; 64 * 1024]);
+    let ptr = body.as_ptr();
+    ch.publish(&ex, "", Message::new(body), PublishOptions::default())
+        .await
+        .unwrap();
+    for c in &mut consumers {
+        let d = next(c).await;
+        assert_eq!(d.body().as_ptr(), ptr, "every queue holds the same bytes");
+    }
+    assert_eq!(engine.stats().queued_messages, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishers_on_many_exchanges_lose_nothing() {
+    const PUBLISHERS: usize = 8;
+    const EACH: usize = 2_000;
+    let engine = engine();
+    let setup = engine.open_channel("setup").await.unwrap();
+    let sink = unique("sink");
+    setup
+        .declare_queue(&sink, &QueueSpec::default())
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for p in 0..PUBLISHERS {
+        let ex = unique(&format!("conc{p}"));
+        setup
+            .declare_exchange(&ex, &ExchangeSpec::new(ExchangeKind::Topic))
+            .await
+            .unwrap();
+        setup
+            .bind_queue(&sink, &ex, "#", &FieldTable::new())
+            .await
+            .unwrap();
+        let ch = engine.open_channel("publisher").await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                let routed = ch
+                    .publish(
+                        &ex,
+                        &format!("p{p}.m{i}"),
+                        Message::new(format!("{p}:{i}")),
+                        PublishOptions::default(),
+                    )
+                    .await
+                    .unwrap()
+                    .routed;
+                assert!(routed);
+            }
+        }));
+    }
+    let mut consumer = setup
+        .consume(&sink, ConsumeOptions::manual(500))
+        .await
+        .unwrap();
+    let mut last = [None::<usize>; PUBLISHERS];
+    for _ in 0..PUBLISHERS * EACH {
+        let d = next(&mut consumer).await;
+        let text = String::from_utf8_lossy(d.body()).into_owned();
+        let (p, i) = text.split_once(':').unwrap();
+        let (p, i): (usize, usize) = (p.parse().unwrap(), i.parse().unwrap());
+        assert!(
+            last[p].is_none_or(|prev| prev + 1 == i),
+            "publisher {p} out of order at {i}"
+        );
+        last[p] = Some(i);
+        setup.ack(d.delivery_tag, false).await.unwrap();
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(last.iter().all(|l| *l == Some(EACH - 1)));
+    assert_eq!(engine.stats().queued_messages, 0);
+}

@@ -1,0 +1,184 @@
+//! The running service: starts on port 0, answers health and readiness, shuts down cleanly —
+//! in-process through `lib.rs` and as the real binary under SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use amqp_gateway::{Config, StartError};
+use common::WAIT;
+
+fn test_config() -> Config {
+    let mut c = Config::default();
+    c.http.listen = "127.0.0.1:0".parse().unwrap();
+    c.shutdown_timeout = Duration::from_secs(2);
+    c
+}
+
+#[tokio::test]
+async fn starts_on_port_zero_serves_health_and_stops() {
+    let gateway = amqp_gateway::start(test_config()).await.expect("start");
+    let addr = gateway.addrs().http;
+    assert_ne!(addr.port(), 0, "the real port is reported");
+    let client = reqwest::Client::new();
+    let health = client
+        .get(format!("http://{addr}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    assert_eq!(
+        health.json::<serde_json::Value>().await.unwrap()["status"],
+        "ok"
+    );
+    let ready = client
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    assert_eq!(
+        ready.json::<serde_json::Value>().await.unwrap()["status"],
+        "ready"
+    );
+
+    tokio::time::timeout(WAIT, gateway.shutdown())
+        .await
+        .expect("shutdown completes");
+    let after = reqwest::Client::new()
+        .get(format!("http://{addr}/healthz"))
+        .timeout(Duration::from_secs(1))
+        .send()
+        .await;
+    assert!(after.is_err(), "nothing listens after shutdown");
+}
+
+#[tokio::test]
+async fn a_shutdown_handle_stops_the_gateway() {
+    let gateway = amqp_gateway::start(test_config()).await.unwrap();
+    let handle = gateway.shutdown_handle();
+    let waiting = tokio::spawn(gateway.wait());
+    assert!(!waiting.is_finished());
+    handle.trigger();
+    tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("wait returns after the trigger")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_address_in_use_is_a_clear_start_error() {
+    let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut c = test_config();
+    c.http.listen = taken.local_addr().unwrap();
+    match amqp_gateway::start(c).await {
+        Err(e @ StartError::Bind { .. }) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&taken.local_addr().unwrap().to_string()),
+                "{msg}"
+            );
+        }
+        Err(other) => panic!("expected a bind error, got {other}"),
+        Ok(_) => panic!("started on a port that is in use"),
+    }
+}
+
+#[tokio::test]
+async fn upstream_engine_is_refused_until_it_exists() {
+    let mut c = test_config();
+    c.engine.kind = amqp_gateway::config::EngineKindConfig::Upstream;
+    c.engine.upstream.url = Some("amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    assert!(matches!(
+        amqp_gateway::start(c).await,
+        Err(StartError::Unsupported(_))
+    ));
+}
+
+/// The binary logs one line per listener with its bound address, serves, and exits 0 on
+/// SIGTERM after logging that it stopped.
+#[tokio::test]
+async fn the_binary_runs_and_exits_cleanly_on_sigterm() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_amqp-gateway"))
+        .args([
+            "--http-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--log-level",
+            "info",
+        ])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the gateway binary");
+    let stdout = child.stdout.take().unwrap();
+    let (lines_tx, mut lines_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let addr = tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines_rx.recv().await {
+            let v: serde_json::Value = serde_json::from_str(&line).expect("json log line");
+            if v["fields"]["listener"] == "http" {
+                return v["fields"]["addr"].as_str().unwrap().to_owned();
+            }
+        }
+        panic!("the gateway exited before logging its listener");
+    })
+    .await
+    .expect("listener line logged");
+
+    let health = reqwest::get(format!("http://{addr}/healthz"))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    let mut rest = Vec::new();
+    while let Ok(line) = lines_rx.try_recv() {
+        rest.push(line);
+    }
+    // The reader thread may still be flushing; wait for the final line within the bound.
+    let stopped = tokio::time::timeout(WAIT, async {
+        if rest.iter().any(|l| l.contains("gateway stopped")) {
+            return;
+        }
+        while let Some(line) = lines_rx.recv().await {
+            if line.contains("gateway stopped") {
+                return;
+            }
+        }
+        panic!("no 'gateway stopped' line");
+    })
+    .await;
+    assert!(stopped.is_ok());
+}
+
+#[test]
+fn the_binary_refuses_bad_config_naming_the_key() {
+    let out = Command::new(env!("CARGO_BIN_EXE_amqp-gateway"))
+        .args(["--http-listen", "127.0.0.1:0"])
+        .env("GATEWAY_LIMITS__PUBLISH_RATE", "fast")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("limits.publish_rate"), "{stderr}");
+}
