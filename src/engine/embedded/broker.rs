@@ -38,16 +38,19 @@ pub(super) struct Broker {
     me: Weak<Broker>,
 }
 
-fn inequivalent(
+/// A redeclare must match the existing object; the first field that differs is named as
+/// RabbitMQ names it (406 PRECONDITION_FAILED).
+fn must_match<const N: usize>(
     what: &str,
     name: &str,
-    field: &str,
-    asked: impl std::fmt::Debug,
-    current: impl std::fmt::Debug,
-) -> EngineError {
-    EngineError::PreconditionFailed(format!(
-        "inequivalent arg '{field}' for {what} '{name}': received {asked:?} but current is {current:?}"
-    ))
+    fields: [(&str, String, String); N],
+) -> Result<(), EngineError> {
+    match fields.iter().find(|(_, asked, current)| asked != current) {
+        None => Ok(()),
+        Some((field, asked, current)) => Err(EngineError::PreconditionFailed(format!(
+            "inequivalent arg '{field}' for {what} '{name}': received {asked} but current is {current}"
+        ))),
+    }
 }
 
 impl Broker {
@@ -139,51 +142,33 @@ impl Broker {
         let _topology = self.topology.lock();
         if let Some(existing) = self.exchanges.get(name).map(|e| e.value().clone()) {
             let cur = &existing.spec;
-            if cur.kind != spec.kind {
-                return Err(inequivalent(
-                    "exchange",
-                    name,
-                    "type",
-                    spec.kind.as_str(),
-                    cur.kind.as_str(),
-                ));
-            }
-            if cur.durable != spec.durable {
-                return Err(inequivalent(
-                    "exchange",
-                    name,
-                    "durable",
-                    spec.durable,
-                    cur.durable,
-                ));
-            }
-            if cur.auto_delete != spec.auto_delete {
-                return Err(inequivalent(
-                    "exchange",
-                    name,
-                    "auto_delete",
-                    spec.auto_delete,
-                    cur.auto_delete,
-                ));
-            }
-            if cur.internal != spec.internal {
-                return Err(inequivalent(
-                    "exchange",
-                    name,
-                    "internal",
-                    spec.internal,
-                    cur.internal,
-                ));
-            }
-            if cur.arguments != spec.arguments {
-                return Err(inequivalent(
-                    "exchange",
-                    name,
-                    "arguments",
-                    &spec.arguments,
-                    &cur.arguments,
-                ));
-            }
+            must_match(
+                "exchange",
+                name,
+                [
+                    (
+                        "type",
+                        format!("{:?}", spec.kind.as_str()),
+                        format!("{:?}", cur.kind.as_str()),
+                    ),
+                    ("durable", spec.durable.to_string(), cur.durable.to_string()),
+                    (
+                        "auto_delete",
+                        spec.auto_delete.to_string(),
+                        cur.auto_delete.to_string(),
+                    ),
+                    (
+                        "internal",
+                        spec.internal.to_string(),
+                        cur.internal.to_string(),
+                    ),
+                    (
+                        "arguments",
+                        format!("{:?}", spec.arguments),
+                        format!("{:?}", cur.arguments),
+                    ),
+                ],
+            )?;
             return Ok(Declared::Existed);
         }
         if names::is_reserved(name) {
@@ -284,42 +269,28 @@ impl Broker {
                     return Err(EngineError::ResourceLocked(name.to_owned()));
                 }
                 let cur = &existing.spec;
-                if cur.durable != spec.durable {
-                    return Err(inequivalent(
-                        "queue",
-                        name,
-                        "durable",
-                        spec.durable,
-                        cur.durable,
-                    ));
-                }
-                if cur.exclusive != spec.exclusive {
-                    return Err(inequivalent(
-                        "queue",
-                        name,
-                        "exclusive",
-                        spec.exclusive,
-                        cur.exclusive,
-                    ));
-                }
-                if cur.auto_delete != spec.auto_delete {
-                    return Err(inequivalent(
-                        "queue",
-                        name,
-                        "auto_delete",
-                        spec.auto_delete,
-                        cur.auto_delete,
-                    ));
-                }
-                if cur.arguments != spec.arguments {
-                    return Err(inequivalent(
-                        "queue",
-                        name,
-                        "arguments",
-                        &spec.arguments,
-                        &cur.arguments,
-                    ));
-                }
+                must_match(
+                    "queue",
+                    name,
+                    [
+                        ("durable", spec.durable.to_string(), cur.durable.to_string()),
+                        (
+                            "exclusive",
+                            spec.exclusive.to_string(),
+                            cur.exclusive.to_string(),
+                        ),
+                        (
+                            "auto_delete",
+                            spec.auto_delete.to_string(),
+                            cur.auto_delete.to_string(),
+                        ),
+                        (
+                            "arguments",
+                            format!("{:?}", spec.arguments),
+                            format!("{:?}", cur.arguments),
+                        ),
+                    ],
+                )?;
                 existing.touch();
                 let (messages, _, consumers) = existing.counts();
                 return Ok((
