@@ -1,9 +1,9 @@
-//! Command-line flags. Each flag overrides one config key (the highest precedence); the
-//! mapping is in [`Cli::overrides`].
+//! Command-line flags and subcommands. Each flag overrides one config key (the highest
+//! precedence); the mapping is in [`Cli::overrides`].
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 
 use crate::config::Overrides;
 
@@ -14,8 +14,10 @@ use crate::config::Overrides;
     about = "REST, WebSocket and MQTT clients on one AMQP 0-9-1 engine"
 )]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Configuration file (default: config/gateway.toml when it exists).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     pub config: Option<PathBuf>,
     /// http.listen: REST, /ws and /mqtt.
     #[arg(long, value_name = "ADDR")]
@@ -36,7 +38,7 @@ pub struct Cli {
     #[arg(long, value_name = "URL")]
     pub upstream_url: Option<String>,
     /// engine.data_dir
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", global = true)]
     pub data_dir: Option<PathBuf>,
     /// log.level: a tracing filter such as info or amqp_gateway=debug.
     #[arg(long, value_name = "FILTER")]
@@ -44,6 +46,31 @@ pub struct Cli {
     /// log.format: text or json.
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// Development mode (embedded engine, no key configured): keep a random secret in
+    /// {data_dir}/dev-secret and print one administrator token to stdout.
+    #[arg(long)]
+    pub dev: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Mint an HS256 token with the configured secret (or the --dev secret) and print it.
+    Token(TokenArgs),
+    /// Print the OpenAPI document (the content of openapi/openapi.json).
+    Openapi,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The token's subject (`sub`).
+    #[arg(long)]
+    pub sub: String,
+    /// Space-separated scopes, e.g. "gateway.write:amq.topic/# gateway.read:amq.topic/#".
+    #[arg(long, default_value = "")]
+    pub scope: String,
+    /// Lifetime, e.g. 15m, 1h, 7d.
+    #[arg(long, default_value = "1h")]
+    pub ttl: humantime::Duration,
 }
 
 impl Cli {

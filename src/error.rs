@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 
+use crate::auth::jwt::KeyError;
 use crate::config::ConfigError;
 use crate::engine::EngineError;
 
@@ -19,4 +20,12 @@ pub enum StartError {
     Engine(#[from] EngineError),
     #[error("{0}")]
     Unsupported(String),
+    #[error("token keys: {0}")]
+    Keys(#[from] KeyError),
+    #[error(
+        "no token key is configured, so no client could authenticate. Set auth.hs256_secret \
+         (GATEWAY_AUTH__HS256_SECRET), auth.public_keys, or auth.jwks_url / auth.jwks_file — or \
+         run with --dev for a local secret and an administrator token"
+    )]
+    NoTokenKey,
 }

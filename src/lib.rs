@@ -11,10 +11,16 @@
 //! [`start`] runs the whole gateway in-process — on port 0 in tests and benches — and returns
 //! its bound addresses.
 
+pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod context;
 pub mod engine;
 pub mod error;
+pub mod flow;
+pub mod json;
+pub mod metrics;
+pub mod protocol;
 pub mod server;
 pub mod shutdown;
 
@@ -34,6 +40,7 @@ use crate::shutdown::Shutdown;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BoundAddrs {
     pub http: SocketAddr,
+    pub metrics: SocketAddr,
 }
 
 /// A running gateway.
@@ -92,37 +99,104 @@ async fn build_engine(config: &Config) -> Result<Arc<dyn Engine>, StartError> {
     }
 }
 
+/// Every key the gateway could verify a token with.
+fn has_token_key(config: &Config) -> bool {
+    let a = &config.auth;
+    a.hs256_secret.is_some()
+        || !a.public_keys.is_empty()
+        || a.jwks_url.is_some()
+        || a.jwks_file.is_some()
+}
+
+/// How often forgotten rate-limit buckets are dropped.
+const HOUSEKEEPING_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Starts the gateway: engine, then every listener. Returns once all listeners accept
 /// connections.
 pub async fn start(config: Config) -> Result<Gateway, StartError> {
     config::validate(&config)?;
+    if !has_token_key(&config) {
+        if config.auth.anonymous_scope.is_none() {
+            return Err(StartError::NoTokenKey);
+        }
+        tracing::warn!(
+            "no token key configured: only anonymous clients (auth.anonymous_scope) can connect"
+        );
+    }
+    let auth = Arc::new(auth::Authenticator::new(&config.auth).await?);
     let engine = build_engine(&config).await?;
     let shutdown = Shutdown::new();
-
-    let http = server::bind("http", config.http.listen).await?;
-    let http_addr = http.local_addr().map_err(|source| StartError::Bind {
-        listener: "http",
-        addr: config.http.listen,
-        source,
-    })?;
-    let state = server::AppState {
+    let config = Arc::new(config);
+    let ctx = context::Context {
         engine: engine.clone(),
+        auth: auth.clone(),
+        flow: Arc::new(flow::Flow::new(&config.limits)),
+        config: config.clone(),
         shutdown: shutdown.clone(),
     };
-    let tasks = vec![server::serve_http(
-        http,
-        server::router(state),
+    metrics::handle();
+
+    let http = server::bind("http", config.http.listen).await?;
+    let http_addr = local_addr("http", &http, config.http.listen)?;
+    let metrics_listener = server::bind("metrics", config.metrics.listen).await?;
+    let metrics_addr = local_addr("metrics", &metrics_listener, config.metrics.listen)?;
+
+    let app = server::health_routes(ctx.clone()).merge(protocol::rest::router(ctx.clone()));
+    let mut tasks = vec![
+        server::serve_http(
+            http,
+            app,
+            ctx.clone(),
+            config.http.header_read_timeout,
+            config.shutdown_timeout,
+        ),
+        server::serve_http(
+            metrics_listener,
+            server::metrics_routes(ctx.clone()),
+            ctx.clone(),
+            config.http.header_read_timeout,
+            config.shutdown_timeout,
+        ),
+    ];
+    tasks.extend(auth::jwt::spawn_refresh(
+        auth.verifier(),
+        config.auth.jwks_refresh,
         shutdown.clone(),
-        config.shutdown_timeout,
-    )];
-    tracing::info!(listener = "http", addr = %http_addr, "listening (REST, health)");
+    ));
+    let flow = ctx.flow.clone();
+    let stop = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.wait() => return,
+                _ = tokio::time::sleep(HOUSEKEEPING_EVERY) => flow.housekeeping(),
+            }
+        }
+    }));
+    tracing::info!(listener = "http", addr = %http_addr, "listening (REST /v1, /docs, health)");
+    tracing::info!(listener = "metrics", addr = %metrics_addr, "listening (Prometheus /metrics)");
     tracing::info!(engine = ?engine.kind(), "gateway started");
 
     Ok(Gateway {
-        addrs: BoundAddrs { http: http_addr },
+        addrs: BoundAddrs {
+            http: http_addr,
+            metrics: metrics_addr,
+        },
         engine,
         shutdown,
         tasks,
+    })
+}
+
+fn local_addr(
+    listener: &'static str,
+    l: &tokio::net::TcpListener,
+    addr: SocketAddr,
+) -> Result<SocketAddr, StartError> {
+    l.local_addr().map_err(|source| StartError::Bind {
+        listener,
+        addr,
+        source,
     })
 }
 

@@ -1,25 +1,46 @@
-//! The `amqp-gateway` binary: flags → config → logging → run until SIGTERM/SIGINT. No logic.
+//! The `amqp-gateway` binary: flags → config → logging → run until SIGTERM/SIGINT; plus the
+//! `token` and `openapi` subcommands. No logic beyond choosing what to run.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
-use amqp_gateway::cli::Cli;
-use amqp_gateway::config::{self, LogFormat};
+use amqp_gateway::auth;
+use amqp_gateway::cli::{Cli, Command, TokenArgs};
+use amqp_gateway::config::{self, Config, EngineKindConfig, LogFormat};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
+
+/// How long the `--dev` administrator token lives.
+const DEV_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("amqp-gateway: {message}");
+    ExitCode::from(code)
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let loaded = match config::load(cli.config.as_deref(), std::env::vars(), cli.overrides()) {
         Ok(loaded) => loaded,
-        Err(e) => {
-            eprintln!("amqp-gateway: invalid configuration\n{e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return fail(2, format!("invalid configuration\n{e}")),
     };
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(&loaded.config.log.level));
+    match &cli.command {
+        Some(Command::Openapi) => {
+            match serde_json::to_string_pretty(&amqp_gateway::protocol::rest::openapi()) {
+                Ok(text) => println!("{text}"),
+                Err(e) => return fail(1, e),
+            }
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Token(args)) => return token(&loaded.config, args),
+        None => {}
+    }
+    let mut config = loaded.config;
+
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
     let logs = tracing_subscriber::fmt().with_env_filter(filter);
-    match loaded.config.log.format {
+    match config.log.format {
         LogFormat::Json => logs.json().init(),
         LogFormat::Text => logs.init(),
     }
@@ -27,22 +48,111 @@ fn main() -> ExitCode {
         tracing::warn!("{warning}");
     }
 
+    let dev_token = if cli.dev {
+        match dev_mode(&mut config) {
+            Ok(token) => token,
+            Err(code) => return code,
+        }
+    } else {
+        None
+    };
+
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("amqp-gateway: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return fail(1, format!("cannot start the runtime: {e}")),
     };
-    match runtime.block_on(amqp_gateway::run(
-        loaded.config,
-        amqp_gateway::shutdown::signal(),
-    )) {
+    let result = runtime.block_on(async {
+        let gateway = amqp_gateway::start(config).await?;
+        if let Some(token) = dev_token {
+            // stdout, never the log: the token is a credential.
+            println!(
+                "\nAdministrator token (valid 24h; mint others with `amqp-gateway token`):\n{token}\n"
+            );
+        }
+        amqp_gateway::shutdown::signal().await;
+        gateway.shutdown().await;
+        Ok::<(), amqp_gateway::StartError>(())
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
-            eprintln!("amqp-gateway: {e}");
-            ExitCode::FAILURE
+            fail(1, e)
         }
+    }
+}
+
+/// `--dev`: with no key configured, use (or create) the data dir's dev secret and mint an
+/// administrator token.
+fn dev_mode(config: &mut Config) -> Result<Option<String>, ExitCode> {
+    let a = &config.auth;
+    let has_key = a.hs256_secret.is_some()
+        || !a.public_keys.is_empty()
+        || a.jwks_url.is_some()
+        || a.jwks_file.is_some();
+    if has_key {
+        tracing::warn!("--dev ignored: a token key is configured");
+        return Ok(None);
+    }
+    if config.engine.kind != EngineKindConfig::Embedded {
+        return Err(fail(2, "--dev is for the embedded engine only"));
+    }
+    let secret = auth::dev_secret(&config.engine.data_dir).map_err(|e| {
+        fail(
+            1,
+            format!(
+                "cannot keep the dev secret in {}: {e}",
+                config.engine.data_dir.display()
+            ),
+        )
+    })?;
+    tracing::warn!(
+        file = %auth::dev_secret_path(&config.engine.data_dir).display(),
+        "development mode: tokens are signed with a local secret; do not use in production"
+    );
+    let token = auth::mint(
+        &secret,
+        "dev-admin",
+        &format!("{}.tag:administrator", config.auth.resource_server_id),
+        DEV_TOKEN_TTL,
+        &config.auth.resource_server_id,
+        config.auth.issuer.as_deref(),
+    )
+    .map_err(|e| fail(1, format!("cannot sign the dev token: {e}")))?;
+    config.auth.hs256_secret = Some(secret);
+    Ok(Some(token))
+}
+
+/// `amqp-gateway token`: prints one token.
+fn token(config: &Config, args: &TokenArgs) -> ExitCode {
+    let secret = match &config.auth.hs256_secret {
+        Some(s) => s.clone(),
+        None => match std::fs::read_to_string(auth::dev_secret_path(&config.engine.data_dir)) {
+            Ok(s) => s.trim().to_owned(),
+            Err(_) => {
+                return fail(
+                    2,
+                    format!(
+                        "no secret to sign with: set auth.hs256_secret, or start the gateway once \
+                         with --dev (it keeps one in {})",
+                        auth::dev_secret_path(&config.engine.data_dir).display()
+                    ),
+                );
+            }
+        },
+    };
+    match auth::mint(
+        &secret,
+        &args.sub,
+        &args.scope,
+        args.ttl.into(),
+        &config.auth.resource_server_id,
+        config.auth.issuer.as_deref(),
+    ) {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, format!("cannot sign the token: {e}")),
     }
 }

@@ -1,30 +1,30 @@
-//! The listeners: binds each one, logs its bound address once it accepts connections, and
-//! serves until shutdown. Today: HTTP (health and readiness; REST, `/ws` and `/mqtt` join the
-//! same router as their adapters land).
+//! The listeners: binds each one, accepts with backoff, enforces the header read timeout, gives
+//! every request its [`Connection`], drains on shutdown, and logs each listener's bound address
+//! once it accepts connections. Also the health and readiness routes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{Request, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tower::ServiceExt;
 
-use crate::engine::{Engine, Health};
+use crate::context::{Connection, Context};
+use crate::engine::Health;
 use crate::error::StartError;
-use crate::shutdown::Shutdown;
-
-/// What every HTTP handler can reach.
-#[derive(Clone)]
-pub struct AppState {
-    pub engine: Arc<dyn Engine>,
-    pub shutdown: Shutdown,
-}
 
 pub async fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
@@ -36,11 +36,31 @@ pub async fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListene
         })
 }
 
-pub fn router(state: AppState) -> Router {
+/// `/healthz` and `/readyz`.
+pub fn health_routes(ctx: Context) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(state)
+        .with_state(ctx)
+}
+
+/// The metrics listener: `/metrics` without authentication (bind it where only Prometheus
+/// reaches; the default is 127.0.0.1).
+pub fn metrics_routes(ctx: Context) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(|State(ctx): State<Context>| async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    crate::metrics::render(ctx.engine.as_ref()),
+                )
+            }),
+        )
+        .with_state(ctx)
 }
 
 /// Liveness: the process serves HTTP.
@@ -49,14 +69,14 @@ async fn healthz() -> impl IntoResponse {
 }
 
 /// Readiness: the engine can take work and we are not draining.
-async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    if state.shutdown.is_triggered() {
+async fn readyz(State(ctx): State<Context>) -> impl IntoResponse {
+    if ctx.shutdown.is_triggered() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "not_ready", "reason": "shutting down"})),
         );
     }
-    match state.engine.health() {
+    match ctx.engine.health() {
         Health::Ready => (StatusCode::OK, Json(json!({"status": "ready"}))),
         Health::NotReady(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -65,29 +85,70 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
-/// Serves HTTP on `listener` until shutdown, then lets open requests finish for `drain`.
+/// How long accept waits after an error (such as running out of file descriptors) before
+/// trying again, so a full table does not spin the CPU.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Serves `app` on `listener` until shutdown, then lets open connections finish for `drain`.
+/// Each request carries its connection's [`Connection`] as an extension.
 pub fn serve_http(
     listener: TcpListener,
     app: Router,
-    shutdown: Shutdown,
+    ctx: Context,
+    header_read_timeout: Duration,
     drain: Duration,
 ) -> JoinHandle<()> {
+    static CONNECTION_IDS: AtomicU64 = AtomicU64::new(1);
     tokio::spawn(async move {
-        let addr = listener.local_addr().ok();
-        let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.wait_owned());
-        let mut serving = tokio::spawn(async move { server.await });
-        shutdown.wait().await;
-        match tokio::time::timeout(drain, &mut serving).await {
-            Ok(Ok(Ok(()))) => tracing::debug!(?addr, "http listener stopped"),
-            Ok(Ok(Err(e))) => tracing::error!(error = %e, "http server failed"),
-            Ok(Err(e)) => tracing::error!(error = %e, "http server task failed"),
-            Err(_) => {
-                serving.abort();
-                tracing::warn!(
-                    ?addr,
-                    "http connections still open after the shutdown timeout; closed"
-                );
-            }
+        let mut builder = Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout);
+        let graceful = GracefulShutdown::new();
+        loop {
+            let (stream, remote) = tokio::select! {
+                _ = ctx.shutdown.wait() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed; backing off");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let conn = Arc::new(Connection::new(
+                CONNECTION_IDS.fetch_add(1, Ordering::Relaxed),
+                remote,
+                ctx.flow.connection(),
+            ));
+            let service = app.clone().map_request(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(conn.clone());
+                req
+            });
+            let serving = builder
+                .serve_connection_with_upgrades(
+                    TokioIo::new(stream),
+                    TowerToHyperService::new(service),
+                )
+                .into_owned();
+            let watched = graceful.watch(serving);
+            crate::metrics::connection_opened("http");
+            tokio::spawn(async move {
+                if let Err(e) = watched.await {
+                    tracing::debug!(%remote, error = %e, "http connection ended with an error");
+                }
+                crate::metrics::connection_closed("http");
+            });
+        }
+        drop(listener);
+        if tokio::time::timeout(drain, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("http connections still open after the shutdown timeout; closing them");
         }
     })
 }

@@ -13,6 +13,8 @@ use common::WAIT;
 fn test_config() -> Config {
     let mut c = Config::default();
     c.http.listen = "127.0.0.1:0".parse().unwrap();
+    c.metrics.listen = "127.0.0.1:0".parse().unwrap();
+    c.auth.hs256_secret = Some("service-test-secret-0123456789".into());
     c.shutdown_timeout = Duration::from_secs(2);
     c
 }
@@ -105,11 +107,14 @@ async fn the_binary_runs_and_exits_cleanly_on_sigterm() {
         .args([
             "--http-listen",
             "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--log-level",
-            "info",
+            "--metrics-listen",
+            "127.0.0.1:0",
         ])
+        .args(["--log-format", "json", "--log-level", "info"])
+        .env(
+            "GATEWAY_AUTH__HS256_SECRET",
+            "binary-test-secret-0123456789",
+        )
         .env_remove("RUST_LOG")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -169,6 +174,130 @@ async fn the_binary_runs_and_exits_cleanly_on_sigterm() {
     })
     .await;
     assert!(stopped.is_ok());
+}
+
+#[tokio::test]
+async fn without_a_token_key_the_gateway_refuses_to_start() {
+    let mut c = test_config();
+    c.auth.hs256_secret = None;
+    let err = amqp_gateway::start(c).await.err().expect("refused");
+    assert!(matches!(err, StartError::NoTokenKey));
+    assert!(
+        err.to_string().contains("--dev"),
+        "says how to fix it: {err}"
+    );
+    // An anonymous-only gateway (closed networks, test rigs) may start.
+    let mut anon = test_config();
+    anon.auth.hs256_secret = None;
+    anon.auth.anonymous_scope = Some("gateway.read:amq.topic/#".into());
+    amqp_gateway::start(anon)
+        .await
+        .expect("starts")
+        .shutdown()
+        .await;
+}
+
+/// `--dev` keeps a 0600 secret in the data dir and prints one administrator token to stdout
+/// (not to the log); `token` signs with the same secret.
+#[tokio::test]
+async fn dev_mode_prints_an_admin_token_that_works() {
+    let data = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_amqp-gateway"))
+        .args([
+            "--dev",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--log-format", "json", "--data-dir"])
+        .arg(data.path())
+        .env_remove("GATEWAY_AUTH__HS256_SECRET")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let (addr, token) = tokio::time::timeout(WAIT, async {
+        let mut addr = None;
+        while let Some(line) = rx.recv().await {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                assert!(!line.contains("eyJ"), "a token reached the log: {line}");
+                if v["fields"]["listener"] == "http" {
+                    addr = v["fields"]["addr"].as_str().map(str::to_owned);
+                }
+            } else if line.starts_with("eyJ") {
+                return (addr.expect("listener logged before the token"), line);
+            }
+        }
+        panic!("no token printed");
+    })
+    .await
+    .expect("token within the wait");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(data.path().join("dev-secret"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let client = reqwest::Client::new();
+    let queues = client
+        .get(format!("http://{addr}/v1/queues"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(queues.status(), 200);
+    let minted = Command::new(env!("CARGO_BIN_EXE_amqp-gateway"))
+        .args([
+            "token",
+            "--sub",
+            "tour",
+            "--scope",
+            "gateway.configure:tour-*",
+            "--ttl",
+            "5m",
+            "--data-dir",
+        ])
+        .arg(data.path())
+        .env_remove("GATEWAY_AUTH__HS256_SECRET")
+        .output()
+        .unwrap();
+    assert!(
+        minted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&minted.stderr)
+    );
+    let minted = String::from_utf8(minted.stdout).unwrap().trim().to_owned();
+    let put = client
+        .put(format!("http://{addr}/v1/queues/tour-q"))
+        .bearer_auth(&minted)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 201);
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
 }
 
 #[test]

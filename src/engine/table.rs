@@ -160,16 +160,16 @@ fn from_json(value: &Value, depth: usize) -> Result<FieldValue, TableError> {
                 .collect::<Result<_, _>>()?,
         ),
         Value::Object(map) => {
-            if map.len() == 1 {
-                if let Some(bytes) = map.get("$bytes") {
-                    let Value::String(b64) = bytes else {
-                        return Err(TableError::BadBytes("not a string".into()));
-                    };
-                    return BASE64
-                        .decode(b64)
-                        .map(FieldValue::Bytes)
-                        .map_err(|e| TableError::BadBytes(e.to_string()));
-                }
+            if map.len() == 1
+                && let Some(bytes) = map.get("$bytes")
+            {
+                let Value::String(b64) = bytes else {
+                    return Err(TableError::BadBytes("not a string".into()));
+                };
+                return BASE64
+                    .decode(b64)
+                    .map(FieldValue::Bytes)
+                    .map_err(|e| TableError::BadBytes(e.to_string()));
             }
             FieldValue::Table(object_to_table(map, depth + 1)?)
         }

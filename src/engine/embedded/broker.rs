@@ -485,12 +485,12 @@ impl Broker {
                 limit: self.max_message_bytes,
             });
         }
-        if let Some(exp) = &message.properties.expiration {
-            if exp.parse::<u64>().is_err() {
-                return Err(EngineError::InvalidArgument(format!(
-                    "expiration must be a non-negative integer of milliseconds, not '{exp}'"
-                )));
-            }
+        if let Some(exp) = &message.properties.expiration
+            && exp.parse::<u64>().is_err()
+        {
+            return Err(EngineError::InvalidArgument(format!(
+                "expiration must be a non-negative integer of milliseconds, not '{exp}'"
+            )));
         }
         names::validate_key(routing_key)?;
         let exchange = canonical_exchange(exchange);

@@ -132,15 +132,15 @@ pub(super) struct Stream {
 impl DeliveryStream for Stream {
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
         let polled = self.rx.poll_recv(cx);
-        if let Poll::Ready(Some(_)) = &polled {
-            if self.no_ack {
-                self.taken += 1;
-                if self.taken >= NO_ACK_WINDOW / 2 {
-                    let mut fx = Effects::default();
-                    self.queue.credit(self.consumer, self.taken, &mut fx);
-                    self.channel.broker.apply(fx);
-                    self.taken = 0;
-                }
+        if let Poll::Ready(Some(_)) = &polled
+            && self.no_ack
+        {
+            self.taken += 1;
+            if self.taken >= NO_ACK_WINDOW / 2 {
+                let mut fx = Effects::default();
+                self.queue.credit(self.consumer, self.taken, &mut fx);
+                self.channel.broker.apply(fx);
+                self.taken = 0;
             }
         }
         polled.map(|p| p.map(|p| p.delivery))

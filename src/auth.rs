@@ -1,0 +1,204 @@
+//! Authentication and authorization for every protocol: a bearer token becomes a [`Principal`]
+//! (subject, expiry, [`Permissions`]). No HTTP, WebSocket or MQTT types here — each adapter
+//! extracts the token its own way and maps [`AuthError`] to its own answer.
+//!
+//! Tokens never reach the logs: nothing here formats one, and `Principal`'s `Debug` shows the
+//! subject only.
+
+pub mod jwt;
+pub mod scopes;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+
+pub use self::scopes::Permissions;
+use crate::config::AuthConfig;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("a bearer token is required")]
+    Missing,
+    #[error("the token has expired")]
+    Expired,
+    #[error("invalid token: {0}")]
+    Invalid(String),
+}
+
+/// Who a client is and what it may do.
+#[derive(Clone)]
+pub struct Principal {
+    pub subject: Arc<str>,
+    pub issuer: Option<String>,
+    /// Seconds since the epoch; `None` for anonymous clients.
+    pub expires_at: Option<u64>,
+    pub permissions: Arc<Permissions>,
+    /// No token at all: the subject is `anonymous:{connection}`.
+    pub anonymous: bool,
+}
+
+impl std::fmt::Debug for Principal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Principal")
+            .field("subject", &self.subject)
+            .field("anonymous", &self.anonymous)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Principal {
+    /// The subject rate limits and MQTT sessions are keyed by: anonymous clients share
+    /// `anonymous` (DESIGN.md §6).
+    pub fn shared_subject(&self) -> &str {
+        if self.anonymous {
+            "anonymous"
+        } else {
+            &self.subject
+        }
+    }
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs()
+}
+
+/// Turns tokens into principals.
+pub struct Authenticator {
+    verifier: Arc<jwt::Verifier>,
+    resource_server_id: String,
+    scope_claim: String,
+    anonymous: Option<Arc<Permissions>>,
+    anonymous_ids: AtomicU64,
+}
+
+impl Authenticator {
+    pub async fn new(config: &AuthConfig) -> Result<Authenticator, jwt::KeyError> {
+        let verifier = Arc::new(jwt::Verifier::new(config).await?);
+        let anonymous = config.anonymous_scope.as_ref().map(|scopes| {
+            Arc::new(Permissions::from_scopes(
+                scopes.split_whitespace(),
+                &config.resource_server_id,
+                "anonymous",
+            ))
+        });
+        Ok(Authenticator {
+            verifier,
+            resource_server_id: config.resource_server_id.clone(),
+            scope_claim: config.scope_claim.clone(),
+            anonymous,
+            anonymous_ids: AtomicU64::new(1),
+        })
+    }
+
+    pub fn verifier(&self) -> Arc<jwt::Verifier> {
+        self.verifier.clone()
+    }
+
+    pub fn allows_anonymous(&self) -> bool {
+        self.anonymous.is_some()
+    }
+
+    /// A client that presented no token at all: anonymous when `auth.anonymous_scope` is set.
+    pub fn anonymous(&self) -> Result<Principal, AuthError> {
+        let permissions = self.anonymous.clone().ok_or(AuthError::Missing)?;
+        let id = self.anonymous_ids.fetch_add(1, Ordering::Relaxed);
+        Ok(Principal {
+            subject: format!("anonymous:{id}").into(),
+            issuer: None,
+            expires_at: None,
+            permissions,
+            anonymous: true,
+        })
+    }
+
+    /// Verifies a bearer token.
+    pub async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
+        let claims = self.verifier.verify(token).await?;
+        let subject = match claims.get("sub") {
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            _ => return Err(AuthError::Invalid("the token has no \"sub\"".into())),
+        };
+        let scopes: Vec<&str> = match claims.get(&self.scope_claim) {
+            Some(Value::String(s)) => s.split_whitespace().collect(),
+            Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        };
+        let permissions = Permissions::from_scopes(scopes, &self.resource_server_id, &subject);
+        Ok(Principal {
+            issuer: claims.get("iss").and_then(Value::as_str).map(str::to_owned),
+            expires_at: claims.get("exp").and_then(Value::as_u64),
+            subject: subject.into(),
+            permissions: Arc::new(permissions),
+            anonymous: false,
+        })
+    }
+}
+
+/// Claims of a token the gateway mints (`amqp-gateway token`, `--dev`).
+#[derive(Debug, serde::Serialize)]
+struct MintClaims<'a> {
+    sub: &'a str,
+    scope: &'a str,
+    aud: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iss: Option<&'a str>,
+    iat: u64,
+    exp: u64,
+}
+
+/// Signs an HS256 token.
+pub fn mint(
+    secret: &str,
+    subject: &str,
+    scope: &str,
+    ttl: Duration,
+    audience: &str,
+    issuer: Option<&str>,
+) -> Result<String, jsonwebtoken::errors::Error> {
+    let now = now_secs();
+    let claims = MintClaims {
+        sub: subject,
+        scope,
+        aud: audience,
+        iss: issuer,
+        iat: now,
+        exp: now + ttl.as_secs(),
+    };
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+}
+
+pub const DEV_SECRET_FILE: &str = "dev-secret";
+
+pub fn dev_secret_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(DEV_SECRET_FILE)
+}
+
+/// `--dev`: the secret in `{data_dir}/dev-secret` (mode 0600), created on first use.
+pub fn dev_secret(data_dir: &Path) -> std::io::Result<String> {
+    let path = dev_secret_path(data_dir);
+    match std::fs::read_to_string(&path) {
+        Ok(s) if s.trim().len() >= 32 => return Ok(s.trim().to_owned()),
+        Ok(_) | Err(_) => {}
+    }
+    std::fs::create_dir_all(data_dir)?;
+    let mut bytes = [0u8; 32];
+    rand::fill(&mut bytes);
+    let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&path)?;
+    std::io::Write::write_all(&mut file, secret.as_bytes())?;
+    Ok(secret)
+}

@@ -1,0 +1,96 @@
+//! Prometheus metrics: one process-wide recorder (the `metrics` facade), rendered as text on
+//! `metrics.listen` and on `/metrics` for monitoring tokens. Names and labels are defined here so
+//! every adapter counts the same way.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::engine::Engine;
+
+pub const CONNECTIONS_TOTAL: &str = "gateway_connections_total";
+pub const CONNECTIONS_OPEN: &str = "gateway_connections_open";
+pub const MESSAGES_IN: &str = "gateway_messages_in_total";
+pub const MESSAGES_OUT: &str = "gateway_messages_out_total";
+pub const PUBLISH_LATENCY: &str = "gateway_publish_latency_seconds";
+pub const REFUSALS: &str = "gateway_refusals_total";
+pub const QUEUED_MESSAGES: &str = "gateway_queued_messages";
+pub const QUEUED_BYTES: &str = "gateway_queued_bytes";
+pub const QUEUES: &str = "gateway_queues";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the recorder once per process (several in-process gateways share it).
+pub fn handle() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&[
+                0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
+                0.1, 0.25, 0.5, 1.0, 2.5,
+            ])
+            .map(PrometheusBuilder::build_recorder)
+            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("a metrics recorder was already installed; /metrics may be empty");
+        }
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    metrics::describe_counter!(
+        CONNECTIONS_TOTAL,
+        "Client connections accepted, by protocol"
+    );
+    metrics::describe_gauge!(CONNECTIONS_OPEN, "Client connections open, by protocol");
+    metrics::describe_counter!(MESSAGES_IN, "Messages accepted from clients, by protocol");
+    metrics::describe_counter!(MESSAGES_OUT, "Messages delivered to clients, by protocol");
+    metrics::describe_histogram!(
+        PUBLISH_LATENCY,
+        metrics::Unit::Seconds,
+        "Time from a publish's arrival to the engine's confirm, by protocol"
+    );
+    metrics::describe_counter!(REFUSALS, "Requests refused, by protocol and reason");
+    metrics::describe_gauge!(
+        QUEUED_MESSAGES,
+        "Ready messages held in queues (embedded engine)"
+    );
+    metrics::describe_gauge!(QUEUED_BYTES, "Body bytes of ready messages held in queues");
+    metrics::describe_gauge!(QUEUES, "Queues that exist");
+}
+
+pub fn message_in(protocol: &'static str, latency: Duration) {
+    metrics::counter!(MESSAGES_IN, "protocol" => protocol).increment(1);
+    metrics::histogram!(PUBLISH_LATENCY, "protocol" => protocol).record(latency.as_secs_f64());
+}
+
+pub fn messages_out(protocol: &'static str, n: u64) {
+    metrics::counter!(MESSAGES_OUT, "protocol" => protocol).increment(n);
+}
+
+pub fn refusal(protocol: &'static str, reason: &'static str) {
+    metrics::counter!(REFUSALS, "protocol" => protocol, "reason" => reason).increment(1);
+}
+
+pub fn connection_opened(protocol: &'static str) {
+    metrics::counter!(CONNECTIONS_TOTAL, "protocol" => protocol).increment(1);
+    metrics::gauge!(CONNECTIONS_OPEN, "protocol" => protocol).increment(1.0);
+}
+
+pub fn connection_closed(protocol: &'static str) {
+    metrics::gauge!(CONNECTIONS_OPEN, "protocol" => protocol).decrement(1.0);
+}
+
+/// The Prometheus text, with the engine's gauges read now.
+pub fn render(engine: &dyn Engine) -> String {
+    let stats = engine.stats();
+    metrics::gauge!(QUEUED_MESSAGES).set(stats.queued_messages as f64);
+    metrics::gauge!(QUEUED_BYTES).set(stats.queued_bytes as f64);
+    metrics::gauge!(QUEUES).set(stats.queues as f64);
+    let handle = handle();
+    handle.run_upkeep();
+    handle.render()
+}

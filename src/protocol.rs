@@ -1,0 +1,4 @@
+//! Protocol adapters. Each depends on the engine seam, `auth`, `flow` and `json`, never on
+//! another adapter.
+
+pub mod rest;
