@@ -65,3 +65,141 @@ where
 pub fn text(d: &Delivery) -> String {
     String::from_utf8_lossy(d.body()).into_owned()
 }
+
+// ---------- a gateway on port 0 ----------
+
+use amqp_gateway::{Config, Gateway};
+
+pub const SECRET: &str = "integration-test-secret-0123456789";
+
+/// A gateway started in-process on port 0, with an HTTP client.
+pub struct TestGateway {
+    pub gateway: Gateway,
+    pub base: String,
+    pub metrics: String,
+    pub http: reqwest::Client,
+}
+
+pub fn test_config() -> Config {
+    let mut c = Config::default();
+    c.http.listen = "127.0.0.1:0".parse().unwrap();
+    c.metrics.listen = "127.0.0.1:0".parse().unwrap();
+    c.auth.hs256_secret = Some(SECRET.into());
+    c.shutdown_timeout = Duration::from_secs(2);
+    c
+}
+
+pub async fn start_gateway(tweak: impl FnOnce(&mut Config)) -> TestGateway {
+    let mut config = test_config();
+    tweak(&mut config);
+    let gateway = amqp_gateway::start(config).await.expect("gateway starts");
+    let addrs = gateway.addrs();
+    TestGateway {
+        base: format!("http://{}", addrs.http),
+        metrics: format!("http://{}", addrs.metrics),
+        gateway,
+        http: reqwest::Client::builder().timeout(WAIT).build().unwrap(),
+    }
+}
+
+/// A token for `sub` with `scope`, signed with [`SECRET`].
+pub fn token(sub: &str, scope: &str) -> String {
+    amqp_gateway::auth::mint(SECRET, sub, scope, Duration::from_secs(3600), "gateway", None).unwrap()
+}
+
+pub fn admin() -> String {
+    token("root", "gateway.tag:administrator")
+}
+
+impl TestGateway {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn get(&self, path: &str, token: &str) -> reqwest::RequestBuilder {
+        self.http.get(self.url(path)).bearer_auth(token)
+    }
+
+    pub fn put(&self, path: &str, token: &str) -> reqwest::RequestBuilder {
+        self.http.put(self.url(path)).bearer_auth(token)
+    }
+
+    pub fn post(&self, path: &str, token: &str) -> reqwest::RequestBuilder {
+        self.http.post(self.url(path)).bearer_auth(token)
+    }
+
+    pub fn delete(&self, path: &str, token: &str) -> reqwest::RequestBuilder {
+        self.http.delete(self.url(path)).bearer_auth(token)
+    }
+
+    /// Declares a queue as administrator and returns its name.
+    pub async fn queue(&self, prefix: &str) -> String {
+        let name = unique(prefix);
+        let r = self
+            .put(&format!("/v1/queues/{name}"), &admin())
+            .json(&serde_json::json!({"durable": false}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "declare {name}");
+        name
+    }
+
+    pub async fn bind(&self, queue: &str, exchange: &str, key: &str) {
+        let r = self
+            .post(&format!("/v1/queues/{queue}/bindings"), &admin())
+            .json(&serde_json::json!({"exchange": exchange, "routing_key": key}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "bind {queue} to {exchange}/{key}");
+    }
+
+    /// Ready messages in `queue`.
+    pub async fn depth(&self, queue: &str) -> u64 {
+        let v: serde_json::Value = self
+            .get(&format!("/v1/queues/{queue}"), &admin())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["messages"].as_u64().expect("messages count")
+    }
+
+    /// Takes up to `count` messages from `queue` as administrator.
+    pub async fn take(&self, queue: &str, count: u32) -> Vec<serde_json::Value> {
+        let v: serde_json::Value = self
+            .post(&format!("/v1/queues/{queue}/get"), &admin())
+            .json(&serde_json::json!({"count": count}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["messages"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+/// Asserts a problem+json answer with `status` and `code`; returns its body.
+pub async fn problem(resp: reqwest::Response, status: u16, code: &str) -> serde_json::Value {
+    let got = resp.status().as_u16();
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let text = resp.text().await.unwrap();
+    assert_eq!(got, status, "status for body {text}");
+    assert_eq!(ct, "application/problem+json", "content type for body {text}");
+    let body: serde_json::Value = serde_json::from_str(&text).expect("problem is JSON");
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["type"], format!("/problems/{code}"));
+    assert_eq!(body["status"], status);
+    assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()), "{body}");
+    assert!(body["title"].is_string());
+    body
+}

@@ -160,6 +160,7 @@ impl From<Throttled> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        crate::metrics::refusal("rest", self.code);
         if self.status.is_server_error() {
             tracing::warn!(status = self.status.as_u16(), code = self.code, detail = %self.detail, "request failed");
         }
