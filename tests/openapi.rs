@@ -33,7 +33,10 @@ fn every_route_is_documented_with_problem_responses() {
     for (path, ops) in paths {
         for (method, op) in ops.as_object().unwrap() {
             let responses = op["responses"].as_object().unwrap();
-            let errors: Vec<_> = responses.keys().filter(|c| c.starts_with('4') || c.starts_with('5')).collect();
+            let errors: Vec<_> = responses
+                .keys()
+                .filter(|c| c.starts_with('4') || c.starts_with('5'))
+                .collect();
             assert!(!errors.is_empty(), "{method} {path} documents no error");
             for code in errors {
                 assert!(
@@ -41,7 +44,10 @@ fn every_route_is_documented_with_problem_responses() {
                     "{method} {path} {code} is not problem+json"
                 );
             }
-            assert!(op["security"].is_array(), "{method} {path} names no security");
+            assert!(
+                op["security"].is_array(),
+                "{method} {path} names no security"
+            );
         }
     }
 }

@@ -39,24 +39,45 @@ async fn publish_then_get_with_every_body_encoding() {
     }
     let got = gw.take(&q, 10).await;
     assert_eq!(got.len(), 5);
-    assert_eq!((got[0]["body"].clone(), got[0]["encoding"].clone()), (json!("hello"), json!("utf8")));
+    assert_eq!(
+        (got[0]["body"].clone(), got[0]["encoding"].clone()),
+        (json!("hello"), json!("utf8"))
+    );
     assert_eq!(got[0]["exchange"], "amq.topic");
     assert_eq!(got[0]["routing_key"], "enc.text");
     assert_eq!(got[0]["redelivered"], false);
     assert_eq!(got[0]["properties"]["headers"]["x-gateway-sub"], "alice");
-    assert_eq!((got[1]["body"].clone(), got[1]["encoding"].clone()), (json!({"t": 21.5, "ok": true}), json!("json")));
+    assert_eq!(
+        (got[1]["body"].clone(), got[1]["encoding"].clone()),
+        (json!({"t": 21.5, "ok": true}), json!("json"))
+    );
     assert_eq!(got[1]["properties"]["content_type"], "application/json");
-    assert_eq!((got[2]["body"].clone(), got[2]["encoding"].clone()), (json!("AP8="), json!("base64")));
+    assert_eq!(
+        (got[2]["body"].clone(), got[2]["encoding"].clone()),
+        (json!("AP8="), json!("base64"))
+    );
     assert_eq!(got[3]["body"], json!("quoted"));
     assert_eq!(got[3]["encoding"], "json");
     let p = &got[4]["properties"];
     assert_eq!(p["content_type"], "text/plain");
     assert_eq!(p["headers"]["n"], 1);
     assert_eq!(p["headers"]["raw"], json!({"$bytes": "AQI="}));
-    assert_eq!((p["delivery_mode"].clone(), p["priority"].clone()), (json!(2), json!(5)));
-    assert_eq!((p["correlation_id"].clone(), p["reply_to"].clone()), (json!("c-1"), json!("r")));
-    assert_eq!((p["message_id"].clone(), p["type"].clone()), (json!("m-1"), json!("t")));
-    assert_eq!((p["timestamp"].clone(), p["app_id"].clone()), (json!(1700000000), json!("tests")));
+    assert_eq!(
+        (p["delivery_mode"].clone(), p["priority"].clone()),
+        (json!(2), json!(5))
+    );
+    assert_eq!(
+        (p["correlation_id"].clone(), p["reply_to"].clone()),
+        (json!("c-1"), json!("r"))
+    );
+    assert_eq!(
+        (p["message_id"].clone(), p["type"].clone()),
+        (json!("m-1"), json!("t"))
+    );
+    assert_eq!(
+        (p["timestamp"].clone(), p["app_id"].clone()),
+        (json!(1700000000), json!("tests"))
+    );
     assert_eq!(p["expiration"], "60000");
     assert_eq!(got[4]["message_count"], 0);
 }
@@ -73,7 +94,10 @@ async fn the_subject_header_cannot_be_forged() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(gw.take(&q, 1).await[0]["properties"]["headers"]["x-gateway-sub"], "alice");
+    assert_eq!(
+        gw.take(&q, 1).await[0]["properties"]["headers"]["x-gateway-sub"],
+        "alice"
+    );
 }
 
 #[tokio::test]
@@ -95,7 +119,10 @@ async fn mandatory_unroutable_is_422_and_plain_unroutable_is_routed_false() {
         .unwrap();
     problem(r, 422, "unroutable").await;
     let r = gw
-        .post(&format!("/v1/exchanges/{}/publish", unique("missing")), &admin())
+        .post(
+            &format!("/v1/exchanges/{}/publish", unique("missing")),
+            &admin(),
+        )
         .json(&json!({"routing_key": "k", "body": "x"}))
         .send()
         .await
@@ -126,11 +153,21 @@ async fn batch_publishes_in_order_with_a_result_each() {
     assert_eq!(results[1]["error"]["code"], "forbidden");
     assert_eq!(results[2]["error"]["code"], "bad_request");
     assert_eq!(results[3], json!({"routed": true}));
-    assert_eq!(results[4]["error"]["code"], "bad_request", "a message without body");
-    let bodies: Vec<Value> = gw.take(&q, 10).await.into_iter().map(|m| m["body"].clone()).collect();
+    assert_eq!(
+        results[4]["error"]["code"], "bad_request",
+        "a message without body"
+    );
+    let bodies: Vec<Value> = gw
+        .take(&q, 10)
+        .await
+        .into_iter()
+        .map(|m| m["body"].clone())
+        .collect();
     assert_eq!(bodies, [json!("1"), json!({"n": 2})]);
 
-    let six: Vec<Value> = (0..6).map(|i| json!({"routing_key": q, "body": i.to_string()})).collect();
+    let six: Vec<Value> = (0..6)
+        .map(|i| json!({"routing_key": q, "body": i.to_string()}))
+        .collect();
     let r = gw
         .post("/v1/exchanges/amq.default/publish-batch", &t)
         .json(&json!({"messages": six}))
@@ -138,7 +175,11 @@ async fn batch_publishes_in_order_with_a_result_each() {
         .await
         .unwrap();
     problem(r, 400, "bad_request").await;
-    assert_eq!(gw.depth(&q).await, 0, "an oversized batch publishes nothing");
+    assert_eq!(
+        gw.depth(&q).await,
+        0,
+        "an oversized batch publishes nothing"
+    );
 }
 
 #[tokio::test]
@@ -146,7 +187,10 @@ async fn raw_body_publish_maps_headers_to_properties() {
     let gw = start_gateway(|_| {}).await;
     let q = gw.queue("raw").await;
     let r = gw
-        .post(&format!("/v1/exchanges/amq.default/messages?routing_key={q}"), &admin())
+        .post(
+            &format!("/v1/exchanges/amq.default/messages?routing_key={q}"),
+            &admin(),
+        )
         .header("content-type", "image/png")
         .header("amqp-headers", r#"{"camera": "front", "seq": 7}"#)
         .header("amqp-delivery-mode", "2")
@@ -158,7 +202,10 @@ async fn raw_body_publish_maps_headers_to_properties() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap(), json!({"routed": true}));
     let r = gw
-        .post(&format!("/v1/exchanges/amq.default/messages?routing_key={q}"), &admin())
+        .post(
+            &format!("/v1/exchanges/amq.default/messages?routing_key={q}"),
+            &admin(),
+        )
         .body("plain")
         .send()
         .await
@@ -173,7 +220,10 @@ async fn raw_body_publish_maps_headers_to_properties() {
     assert_eq!(p["headers"]["seq"], 7);
     assert_eq!(p["delivery_mode"], 2);
     assert_eq!(p["expiration"], "5000");
-    assert_eq!(got[1]["properties"]["content_type"], "application/octet-stream");
+    assert_eq!(
+        got[1]["properties"]["content_type"],
+        "application/octet-stream"
+    );
     assert_eq!(got[1]["body"], "plain");
 
     for (name, value) in [
@@ -184,7 +234,10 @@ async fn raw_body_publish_maps_headers_to_properties() {
         ("amqp-mandatory", "maybe"),
     ] {
         let r = gw
-            .post(&format!("/v1/exchanges/amq.default/messages?routing_key={q}"), &admin())
+            .post(
+                &format!("/v1/exchanges/amq.default/messages?routing_key={q}"),
+                &admin(),
+            )
             .header(name, value)
             .body("x")
             .send()
@@ -193,7 +246,13 @@ async fn raw_body_publish_maps_headers_to_properties() {
         problem(r, 400, "bad_request").await;
     }
     let r = gw
-        .post(&format!("/v1/exchanges/amq.direct/messages?routing_key={}", unique("k")), &admin())
+        .post(
+            &format!(
+                "/v1/exchanges/amq.direct/messages?routing_key={}",
+                unique("k")
+            ),
+            &admin(),
+        )
         .header("amqp-mandatory", "true")
         .body("x")
         .send()
@@ -219,12 +278,23 @@ async fn idempotency_key_replays_and_publishes_once() {
     let again = send("k1", "once").await.unwrap();
     assert_eq!(again.status(), 200);
     assert_eq!(again.headers()["idempotent-replayed"], "true");
-    assert_eq!(again.json::<Value>().await.unwrap(), json!({"routed": true}));
-    problem(send("k1", "different").await.unwrap(), 409, "precondition_failed").await;
+    assert_eq!(
+        again.json::<Value>().await.unwrap(),
+        json!({"routed": true})
+    );
+    problem(
+        send("k1", "different").await.unwrap(),
+        409,
+        "precondition_failed",
+    )
+    .await;
     assert_eq!(gw.depth(&q).await, 1, "published exactly once");
     // Another subject's key space is its own.
     let other = gw
-        .post("/v1/exchanges/amq.default/publish", &token("other", "gateway.write:amq.default/#"))
+        .post(
+            "/v1/exchanges/amq.default/publish",
+            &token("other", "gateway.write:amq.default/#"),
+        )
         .header("idempotency-key", "k1")
         .json(&json!({"routing_key": q, "body": "once"}))
         .send()
@@ -234,7 +304,10 @@ async fn idempotency_key_replays_and_publishes_once() {
     assert_eq!(gw.depth(&q).await, 2);
     // A failed publish does not hold the key.
     let failed = gw
-        .post(&format!("/v1/exchanges/{}/publish", unique("nope")), &admin())
+        .post(
+            &format!("/v1/exchanges/{}/publish", unique("nope")),
+            &admin(),
+        )
         .header("idempotency-key", "k2")
         .json(&json!({"routing_key": "x", "body": "x"}))
         .send()
@@ -242,7 +315,10 @@ async fn idempotency_key_replays_and_publishes_once() {
         .unwrap();
     problem(failed, 404, "not_found").await;
     let retry = gw
-        .post(&format!("/v1/exchanges/{}/publish", unique("nope")), &admin())
+        .post(
+            &format!("/v1/exchanges/{}/publish", unique("nope")),
+            &admin(),
+        )
         .header("idempotency-key", "k2")
         .json(&json!({"routing_key": "x", "body": "x"}))
         .send()
@@ -259,20 +335,59 @@ async fn exchanges_declare_inspect_list_delete() {
     let name = unique("ex");
     let path = format!("/v1/exchanges/{name}");
     let spec = json!({"type": "topic", "durable": false, "arguments": {"alternate-exchange": "x"}});
-    assert_eq!(gw.put(&path, &admin()).json(&spec).send().await.unwrap().status(), 201);
-    assert_eq!(gw.put(&path, &admin()).json(&spec).send().await.unwrap().status(), 204);
+    assert_eq!(
+        gw.put(&path, &admin())
+            .json(&spec)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+    assert_eq!(
+        gw.put(&path, &admin())
+            .json(&spec)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
     let other = json!({"type": "fanout", "durable": false});
-    problem(gw.put(&path, &admin()).json(&other).send().await.unwrap(), 409, "precondition_failed").await;
-    let view: Value = gw.get(&path, &admin()).send().await.unwrap().json().await.unwrap();
+    problem(
+        gw.put(&path, &admin()).json(&other).send().await.unwrap(),
+        409,
+        "precondition_failed",
+    )
+    .await;
+    let view: Value = gw
+        .get(&path, &admin())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(
         view,
         json!({"name": name, "type": "topic", "durable": false, "auto_delete": false,
                "internal": false, "arguments": {"alternate-exchange": "x"}})
     );
-    let default: Value = gw.get("/v1/exchanges/amq.default", &admin()).send().await.unwrap().json().await.unwrap();
+    let default: Value = gw
+        .get("/v1/exchanges/amq.default", &admin())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(default["type"], "direct");
     problem(
-        gw.put(&path, &admin()).json(&json!({"type": "bogus"})).send().await.unwrap(),
+        gw.put(&path, &admin())
+            .json(&json!({"type": "bogus"}))
+            .send()
+            .await
+            .unwrap(),
         400,
         "bad_request",
     )
@@ -307,7 +422,14 @@ async fn exchanges_declare_inspect_list_delete() {
         if let Some(c) = &cursor {
             url.push_str(&format!("&cursor={c}"));
         }
-        let page: Value = gw.get(&url, &scoped).send().await.unwrap().json().await.unwrap();
+        let page: Value = gw
+            .get(&url, &scoped)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         let items = page["items"].as_array().unwrap();
         assert!(items.len() <= 2);
         seen.extend(items.iter().map(|e| e["name"].as_str().unwrap().to_owned()));
@@ -317,20 +439,47 @@ async fn exchanges_declare_inspect_list_delete() {
         }
     }
     let expected: Vec<String> = (0..5).map(|i| format!("{prefix}-{i}")).collect();
-    assert_eq!(seen, expected, "a scoped caller sees exactly its exchanges, in order");
+    assert_eq!(
+        seen, expected,
+        "a scoped caller sees exactly its exchanges, in order"
+    );
 
     let q = gw.queue("exq").await;
     gw.bind(&q, &name, "a.#").await;
     problem(
-        gw.delete(&format!("{path}?if_unused=true"), &admin()).send().await.unwrap(),
+        gw.delete(&format!("{path}?if_unused=true"), &admin())
+            .send()
+            .await
+            .unwrap(),
         409,
         "precondition_failed",
     )
     .await;
-    assert_eq!(gw.delete(&path, &admin()).send().await.unwrap().status(), 204);
-    problem(gw.delete(&path, &admin()).send().await.unwrap(), 404, "not_found").await;
-    problem(gw.get(&path, &admin()).send().await.unwrap(), 404, "not_found").await;
-    problem(gw.delete("/v1/exchanges/amq.topic", &admin()).send().await.unwrap(), 403, "forbidden").await;
+    assert_eq!(
+        gw.delete(&path, &admin()).send().await.unwrap().status(),
+        204
+    );
+    problem(
+        gw.delete(&path, &admin()).send().await.unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    problem(
+        gw.get(&path, &admin()).send().await.unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    problem(
+        gw.delete("/v1/exchanges/amq.topic", &admin())
+            .send()
+            .await
+            .unwrap(),
+        403,
+        "forbidden",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -339,10 +488,30 @@ async fn queues_declare_inspect_purge_delete() {
     let name = unique("q");
     let path = format!("/v1/queues/{name}");
     let spec = json!({"durable": false, "arguments": {"x-max-length": 10, "x-message-ttl": 60000}});
-    assert_eq!(gw.put(&path, &admin()).json(&spec).send().await.unwrap().status(), 201);
-    assert_eq!(gw.put(&path, &admin()).json(&spec).send().await.unwrap().status(), 204);
+    assert_eq!(
+        gw.put(&path, &admin())
+            .json(&spec)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+    assert_eq!(
+        gw.put(&path, &admin())
+            .json(&spec)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
     problem(
-        gw.put(&path, &admin()).json(&json!({"durable": true})).send().await.unwrap(),
+        gw.put(&path, &admin())
+            .json(&json!({"durable": true}))
+            .send()
+            .await
+            .unwrap(),
         409,
         "precondition_failed",
     )
@@ -374,13 +543,23 @@ async fn queues_declare_inspect_purge_delete() {
             .await
             .unwrap();
     }
-    let view: Value = gw.get(&path, &admin()).send().await.unwrap().json().await.unwrap();
+    let view: Value = gw
+        .get(&path, &admin())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(view["messages"], 3);
     assert_eq!(view["consumers"], 0);
     assert_eq!(view["durable"], false);
     assert_eq!(view["arguments"]["x-max-length"], 10);
     problem(
-        gw.delete(&format!("{path}?if_empty=true"), &admin()).send().await.unwrap(),
+        gw.delete(&format!("{path}?if_empty=true"), &admin())
+            .send()
+            .await
+            .unwrap(),
         409,
         "precondition_failed",
     )
@@ -395,11 +574,40 @@ async fn queues_declare_inspect_purge_delete() {
         .unwrap();
     assert_eq!(purged, json!({"purged": 3}));
     assert_eq!(gw.depth(&name).await, 0);
-    let list: Value = gw.get("/v1/queues?page_size=1000", &admin()).send().await.unwrap().json().await.unwrap();
-    assert!(list["items"].as_array().unwrap().iter().any(|q| q["name"] == name));
-    assert_eq!(gw.delete(&path, &admin()).send().await.unwrap().status(), 204);
-    problem(gw.get(&path, &admin()).send().await.unwrap(), 404, "not_found").await;
-    problem(gw.delete(&format!("{path}/contents"), &admin()).send().await.unwrap(), 404, "not_found").await;
+    let list: Value = gw
+        .get("/v1/queues?page_size=1000", &admin())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|q| q["name"] == name)
+    );
+    assert_eq!(
+        gw.delete(&path, &admin()).send().await.unwrap().status(),
+        204
+    );
+    problem(
+        gw.get(&path, &admin()).send().await.unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    problem(
+        gw.delete(&format!("{path}/contents"), &admin())
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -419,12 +627,38 @@ async fn bindings_create_list_delete() {
         json!({"exchange": "amq.topic", "queue": q, "routing_key": "a.*", "arguments": {}})
     );
     let hdr = json!({"exchange": "amq.headers", "routing_key": "", "arguments": {"x-match": "any", "k": "v"}});
-    assert_eq!(gw.post(&path, &admin()).json(&hdr).send().await.unwrap().status(), 201);
-    let list: Value = gw.get(&path, &admin()).send().await.unwrap().json().await.unwrap();
+    assert_eq!(
+        gw.post(&path, &admin())
+            .json(&hdr)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+    let list: Value = gw
+        .get(&path, &admin())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let items = list["items"].as_array().unwrap();
     assert_eq!(items.len(), 3, "default exchange + 2: {list}");
-    assert!(items.iter().any(|b| b["exchange"] == "amq.default" && b["routing_key"] == q));
-    let paged: Value = gw.get(&format!("{path}?page_size=2"), &admin()).send().await.unwrap().json().await.unwrap();
+    assert!(
+        items
+            .iter()
+            .any(|b| b["exchange"] == "amq.default" && b["routing_key"] == q)
+    );
+    let paged: Value = gw
+        .get(&format!("{path}?page_size=2"), &admin())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(paged["items"].as_array().unwrap().len(), 2);
     let next = paged["next_cursor"].as_str().unwrap().to_owned();
     let rest: Value = gw
@@ -446,38 +680,64 @@ async fn bindings_create_list_delete() {
         .unwrap();
     assert_eq!(gw.depth(&q).await, 1);
     let r = gw
-        .delete(&format!("{path}?exchange=amq.topic&routing_key=a.*"), &admin())
+        .delete(
+            &format!("{path}?exchange=amq.topic&routing_key=a.*"),
+            &admin(),
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 204);
     problem(
-        gw.delete(&format!("{path}?exchange=amq.topic&routing_key=a.*"), &admin()).send().await.unwrap(),
+        gw.delete(
+            &format!("{path}?exchange=amq.topic&routing_key=a.*"),
+            &admin(),
+        )
+        .send()
+        .await
+        .unwrap(),
         404,
         "not_found",
     )
     .await;
     let args = urlencode(r#"{"x-match":"any","k":"v"}"#);
     let r = gw
-        .delete(&format!("{path}?exchange=amq.headers&routing_key=&arguments={args}"), &admin())
+        .delete(
+            &format!("{path}?exchange=amq.headers&routing_key=&arguments={args}"),
+            &admin(),
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 204);
     problem(
-        gw.delete(&format!("{path}?exchange=amq.headers&arguments=%7Bbad"), &admin()).send().await.unwrap(),
+        gw.delete(
+            &format!("{path}?exchange=amq.headers&arguments=%7Bbad"),
+            &admin(),
+        )
+        .send()
+        .await
+        .unwrap(),
         400,
         "bad_request",
     )
     .await;
     problem(
-        gw.post(&path, &admin()).json(&json!({"exchange": unique("none"), "routing_key": "k"})).send().await.unwrap(),
+        gw.post(&path, &admin())
+            .json(&json!({"exchange": unique("none"), "routing_key": "k"}))
+            .send()
+            .await
+            .unwrap(),
         404,
         "not_found",
     )
     .await;
     problem(
-        gw.post(&path, &admin()).json(&json!({"exchange": "amq.default", "routing_key": "k"})).send().await.unwrap(),
+        gw.post(&path, &admin())
+            .json(&json!({"exchange": "amq.default", "routing_key": "k"}))
+            .send()
+            .await
+            .unwrap(),
         403,
         "forbidden",
     )
@@ -517,7 +777,10 @@ async fn get_takes_or_requeues() {
         .unwrap();
     let peeked = peek["messages"].as_array().unwrap();
     assert_eq!(peeked.len(), 2);
-    assert_eq!((peeked[0]["body"].clone(), peeked[1]["body"].clone()), (json!("0"), json!("1")));
+    assert_eq!(
+        (peeked[0]["body"].clone(), peeked[1]["body"].clone()),
+        (json!("0"), json!("1"))
+    );
     assert_eq!(gw.depth(&q).await, 3, "requeue leaves them in the queue");
     let taken = gw.take(&q, 10).await;
     assert_eq!(taken.len(), 3);
@@ -525,16 +788,29 @@ async fn get_takes_or_requeues() {
     assert_eq!(taken[0]["redelivered"], true, "seen once before");
     assert_eq!(taken[2]["redelivered"], false);
     assert_eq!(gw.depth(&q).await, 0);
-    for bad in [json!({"count": 0}), json!({"count": 1001}), json!({"ack_mode": "nope"}), json!({"count": "2"})] {
+    for bad in [
+        json!({"count": 0}),
+        json!({"count": 1001}),
+        json!({"ack_mode": "nope"}),
+        json!({"count": "2"}),
+    ] {
         problem(
-            gw.post(&format!("/v1/queues/{q}/get"), &admin()).json(&bad).send().await.unwrap(),
+            gw.post(&format!("/v1/queues/{q}/get"), &admin())
+                .json(&bad)
+                .send()
+                .await
+                .unwrap(),
             400,
             "bad_request",
         )
         .await;
     }
     problem(
-        gw.post(&format!("/v1/queues/{}/get", unique("none")), &admin()).json(&json!({})).send().await.unwrap(),
+        gw.post(&format!("/v1/queues/{}/get", unique("none")), &admin())
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap(),
         404,
         "not_found",
     )
@@ -547,7 +823,7 @@ async fn get_takes_or_requeues() {
 async fn bad_input_gets_a_problem_and_changes_nothing() {
     let gw = start_gateway(|_| {}).await;
     let q = gw.queue("bad").await;
-    let publish = format!("/v1/exchanges/amq.default/publish");
+    let publish = "/v1/exchanges/amq.default/publish".to_owned();
     let cases: Vec<(&str, reqwest::RequestBuilder, u16, &str)> = vec![
         ("malformed JSON", gw.post(&publish, &admin()).header("content-type", "application/json").body("{\"routing_key\":"), 400, "bad_request"),
         ("wrong type", gw.post(&publish, &admin()).json(&json!({"routing_key": 5, "body": "x"})), 400, "bad_request"),
@@ -598,7 +874,10 @@ async fn oversized_bodies_are_413_and_change_nothing() {
         .unwrap();
     problem(r, 413, "too_large").await;
     let r = gw
-        .post(&format!("/v1/exchanges/amq.default/messages?routing_key={q}"), &admin())
+        .post(
+            &format!("/v1/exchanges/amq.default/messages?routing_key={q}"),
+            &admin(),
+        )
         .body(big.clone())
         .send()
         .await
@@ -646,13 +925,20 @@ async fn publishes_over_the_rate_get_429_with_retry_after() {
             .unwrap();
         statuses.push(r.status().as_u16());
         if r.status() == 429 {
-            retry_after = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+            retry_after = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned());
             problem(r, 429, "rate_limited").await;
         }
     }
     assert_eq!(statuses, [200, 200, 200, 429, 429]);
     assert_eq!(retry_after.as_deref(), Some("1"));
-    assert_eq!(gw.depth(&q).await, 3, "throttled publishes were not accepted");
+    assert_eq!(
+        gw.depth(&q).await,
+        3,
+        "throttled publishes were not accepted"
+    );
 }
 
 #[tokio::test]
@@ -681,11 +967,16 @@ async fn slow_headers_are_cut_off() {
     let gw = start_gateway(|c| c.http.header_read_timeout = Duration::from_millis(300)).await;
     let addr = gw.gateway.addrs().http;
     let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
-    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     // Never finish the headers: the gateway must close the connection on its own.
     let mut buf = Vec::new();
     let read = tokio::time::timeout(common::WAIT, slow.read_to_end(&mut buf)).await;
-    assert!(read.is_ok(), "connection still open after the header read timeout");
+    assert!(
+        read.is_ok(),
+        "connection still open after the header read timeout"
+    );
     let text = String::from_utf8_lossy(&buf);
     assert!(buf.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
     // Other clients are unaffected.
@@ -726,22 +1017,62 @@ async fn metrics_for_monitoring_tokens_and_on_the_metrics_listener() {
     ] {
         assert!(text.contains(needle), "missing {needle} in\n{text}");
     }
-    problem(gw.http.get(gw.url("/metrics")).send().await.unwrap(), 401, "unauthorized").await;
-    problem(gw.get("/metrics", &token("x", "gateway.read:amq.topic/#")).send().await.unwrap(), 403, "forbidden").await;
-    let open = gw.http.get(format!("{}/metrics", gw.metrics)).send().await.unwrap();
+    problem(
+        gw.http.get(gw.url("/metrics")).send().await.unwrap(),
+        401,
+        "unauthorized",
+    )
+    .await;
+    problem(
+        gw.get("/metrics", &token("x", "gateway.read:amq.topic/#"))
+            .send()
+            .await
+            .unwrap(),
+        403,
+        "forbidden",
+    )
+    .await;
+    let open = gw
+        .http
+        .get(format!("{}/metrics", gw.metrics))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(open.status(), 200);
-    assert!(open.text().await.unwrap().contains("gateway_messages_in_total"));
+    assert!(
+        open.text()
+            .await
+            .unwrap()
+            .contains("gateway_messages_in_total")
+    );
 }
 
 #[tokio::test]
 async fn docs_and_openapi_are_served_offline() {
     let gw = start_gateway(|_| {}).await;
-    let spec: Value = gw.http.get(gw.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
+    let spec: Value = gw
+        .http
+        .get(gw.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert!(spec["paths"]["/v1/exchanges/{exchange}/publish"].is_object());
     let docs = gw.http.get(gw.url("/docs/")).send().await.unwrap();
     assert_eq!(docs.status(), 200);
     let html = docs.text().await.unwrap();
     assert!(html.contains("swagger-ui"), "{html}");
-    let bundle = gw.http.get(gw.url("/docs/swagger-ui-bundle.js")).send().await.unwrap();
-    assert_eq!(bundle.status(), 200, "Swagger UI assets come from the binary");
+    let bundle = gw
+        .http
+        .get(gw.url("/docs/swagger-ui-bundle.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        bundle.status(),
+        200,
+        "Swagger UI assets come from the binary"
+    );
 }

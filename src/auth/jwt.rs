@@ -84,7 +84,9 @@ pub struct Verifier {
     static_keys: Vec<Arc<Key>>,
     jwks_keys: RwLock<Vec<Arc<Key>>>,
     jwks: Option<JwksSource>,
-    last_fetch: Mutex<Option<Instant>>,
+    /// When an unknown `kid` last made us fetch (scheduled refreshes do not count: a rotation
+    /// right after one must still be picked up).
+    last_kid_fetch: Mutex<Option<Instant>>,
     fetch_lock: tokio::sync::Mutex<()>,
     audience: Option<String>,
     issuer: Option<String>,
@@ -224,7 +226,7 @@ impl Verifier {
             static_keys,
             jwks_keys: RwLock::new(Vec::new()),
             jwks,
-            last_fetch: Mutex::new(None),
+            last_kid_fetch: Mutex::new(None),
             fetch_lock: tokio::sync::Mutex::new(()),
             audience: config.verify_aud.then(|| config.resource_server_id.clone()),
             issuer: config.issuer.clone(),
@@ -250,7 +252,6 @@ impl Verifier {
             return Ok(());
         };
         let _one_at_a_time = self.fetch_lock.lock().await;
-        *self.last_fetch.lock() = Some(Instant::now());
         let set = source.fetch().await?;
         let keys = jwk_keys(&set);
         tracing::debug!(keys = keys.len(), source = %source.name(), "JWKS loaded");
@@ -280,10 +281,14 @@ impl Verifier {
         let kid = header.kid.as_deref();
         let mut keys = self.candidates(header.alg, kid);
         if keys.is_empty() && kid.is_some() && self.jwks.is_some() {
-            let due = self
-                .last_fetch
-                .lock()
-                .is_none_or(|at| at.elapsed() >= UNKNOWN_KID_REFETCH);
+            let due = {
+                let mut last = self.last_kid_fetch.lock();
+                let due = last.is_none_or(|at| at.elapsed() >= UNKNOWN_KID_REFETCH);
+                if due {
+                    *last = Some(Instant::now());
+                }
+                due
+            };
             if due {
                 if let Err(e) = self.refresh().await {
                     tracing::warn!("JWKS refresh for an unknown kid failed: {e}");
@@ -300,14 +305,21 @@ impl Verifier {
         let mut validation = Validation::new(header.alg);
         validation.leeway = self.leeway;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp"]);
+        // jsonwebtoken checks aud/iss only when the token has them unless they are required:
+        // a configured issuer or audience must be present, not merely not wrong.
+        let mut required = vec!["exp"];
         match &self.audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
         if let Some(iss) = &self.issuer {
             validation.set_issuer(&[iss]);
+            required.push("iss");
         }
+        validation.set_required_spec_claims(&required);
         let mut last = None;
         for key in keys {
             match jsonwebtoken::decode::<serde_json::Map<String, Value>>(

@@ -104,7 +104,15 @@ pub async fn start_gateway(tweak: impl FnOnce(&mut Config)) -> TestGateway {
 
 /// A token for `sub` with `scope`, signed with [`SECRET`].
 pub fn token(sub: &str, scope: &str) -> String {
-    amqp_gateway::auth::mint(SECRET, sub, scope, Duration::from_secs(3600), "gateway", None).unwrap()
+    amqp_gateway::auth::mint(
+        SECRET,
+        sub,
+        scope,
+        Duration::from_secs(3600),
+        "gateway",
+        None,
+    )
+    .unwrap()
 }
 
 pub fn admin() -> String {
@@ -194,12 +202,18 @@ pub async fn problem(resp: reqwest::Response, status: u16, code: &str) -> serde_
         .to_owned();
     let text = resp.text().await.unwrap();
     assert_eq!(got, status, "status for body {text}");
-    assert_eq!(ct, "application/problem+json", "content type for body {text}");
+    assert_eq!(
+        ct, "application/problem+json",
+        "content type for body {text}"
+    );
     let body: serde_json::Value = serde_json::from_str(&text).expect("problem is JSON");
     assert_eq!(body["code"], code, "{body}");
     assert_eq!(body["type"], format!("/problems/{code}"));
     assert_eq!(body["status"], status);
-    assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()), "{body}");
+    assert!(
+        body["detail"].as_str().is_some_and(|d| !d.is_empty()),
+        "{body}"
+    );
     assert!(body["title"].is_string());
     body
 }
