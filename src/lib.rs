@@ -13,8 +13,10 @@
 
 pub mod auth;
 pub mod cli;
+pub mod codes;
 pub mod config;
 pub mod context;
+pub mod control;
 pub mod engine;
 pub mod error;
 pub mod flow;

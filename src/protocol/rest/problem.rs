@@ -7,6 +7,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::auth::AuthError;
+use crate::codes::Code;
 use crate::engine::EngineError;
 use crate::flow::Throttled;
 use crate::json::JsonError;
@@ -107,25 +108,23 @@ impl ApiError {
 
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
+        let code = Code::from(&e);
         let detail = e.to_string();
-        match e {
-            EngineError::NotFound { .. } => ApiError::not_found(detail),
-            EngineError::ResourceLocked(_)
-            | EngineError::InUse(_)
-            | EngineError::PreconditionFailed(_) => ApiError::conflict(detail),
-            EngineError::InvalidArgument(_) => ApiError::bad_request(detail),
-            EngineError::AccessRefused(_) => ApiError::forbidden(detail),
-            EngineError::ContentTooLarge { .. } => ApiError::too_large(detail),
-            EngineError::Rejected(_) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", detail).retry_after(1)
-            }
-            EngineError::Unavailable(_) | EngineError::ChannelClosed => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail).retry_after(1)
-            }
-            EngineError::NotSupported(_) => {
-                ApiError::new(StatusCode::NOT_IMPLEMENTED, "not_supported", detail)
-            }
-            EngineError::Internal(_) => ApiError::internal(detail),
+        let status = match code {
+            Code::NotFound => StatusCode::NOT_FOUND,
+            Code::PreconditionFailed => StatusCode::CONFLICT,
+            Code::BadRequest => StatusCode::BAD_REQUEST,
+            Code::Forbidden => StatusCode::FORBIDDEN,
+            Code::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Code::Overloaded | Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Code::NotSupported => StatusCode::NOT_IMPLEMENTED,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let err = ApiError::new(status, code.as_str(), detail);
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            err.retry_after(1)
+        } else {
+            err
         }
     }
 }

@@ -1,0 +1,45 @@
+//! Cross-connection control: who holds an exclusive consumer that another connection of the
+//! same owner may take over (durable WebSocket subscriptions now; MQTT sessions next).
+//!
+//! In-process today: a registry from queue name to the holder's takeover signal. With the
+//! upstream engine the same signal is announced on the fanout exchange `amqp-gateway.control`
+//! so a holder on another instance lets go too (DESIGN.md §3/§4).
+
+use dashmap::DashMap;
+use tokio::sync::mpsc;
+
+/// A holder is told to let go of the consumer on `queue`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Takeover {
+    pub queue: String,
+}
+
+#[derive(Default)]
+pub struct Control {
+    holders: DashMap<String, (u64, mpsc::UnboundedSender<Takeover>)>,
+}
+
+impl Control {
+    /// Registers `holder` (a connection id) as the consumer of `queue`.
+    pub fn hold(&self, queue: &str, holder: u64, signal: mpsc::UnboundedSender<Takeover>) {
+        self.holders.insert(queue.to_owned(), (holder, signal));
+    }
+
+    /// Forgets `holder`'s hold on `queue` (and nobody else's).
+    pub fn release(&self, queue: &str, holder: u64) {
+        self.holders.remove_if(queue, |_, (h, _)| *h == holder);
+    }
+
+    /// Asks the current holder of `queue` to let go; false when nobody here holds it.
+    pub fn take_over(&self, queue: &str) -> bool {
+        match self.holders.get(queue) {
+            Some(entry) => entry
+                .1
+                .send(Takeover {
+                    queue: queue.to_owned(),
+                })
+                .is_ok(),
+            None => false,
+        }
+    }
+}
