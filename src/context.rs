@@ -17,6 +17,7 @@ pub struct Context {
     pub flow: Arc<Flow>,
     pub config: Arc<Config>,
     pub shutdown: Shutdown,
+    pub control: Arc<crate::control::Control>,
 }
 
 /// One client connection (an HTTP connection, later a WebSocket or MQTT one): its id, its

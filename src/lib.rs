@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod shutdown;
+pub mod web;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -135,6 +136,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         flow: Arc::new(flow::Flow::new(&config.limits)),
         config: config.clone(),
         shutdown: shutdown.clone(),
+        control: Arc::default(),
     };
     metrics::handle();
 
@@ -143,7 +145,10 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     let metrics_listener = server::bind("metrics", config.metrics.listen).await?;
     let metrics_addr = local_addr("metrics", &metrics_listener, config.metrics.listen)?;
 
-    let app = server::health_routes(ctx.clone()).merge(protocol::rest::router(ctx.clone()));
+    let app = server::health_routes(ctx.clone())
+        .merge(protocol::rest::router(ctx.clone()))
+        .merge(protocol::ws::router(ctx.clone()))
+        .merge(web::router());
     let mut tasks = vec![
         server::serve_http(
             http,

@@ -2,3 +2,4 @@
 //! another adapter.
 
 pub mod rest;
+pub mod ws;

@@ -1,0 +1,263 @@
+//! A connection's outbound buffer (DESIGN.md §4, §7): frames wait here for the writer task.
+//! Bounded in messages and bytes for the frames that may be dropped — deliveries of auto-ack
+//! subscriptions on private queues; when full, `drop_oldest` drops the oldest such frame and
+//! remembers how many each subscription lost (the writer sends `lagged` before what follows), and
+//! `disconnect` asks for close 4008. Other frames (replies, manual-ack and windowed deliveries)
+//! are bounded by the request rate and by credit, never dropped.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+/// What a subscription does when the buffer is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    DropOldest,
+    Disconnect,
+}
+
+pub struct Frame {
+    pub text: String,
+    /// Set for droppable deliveries: the subscription they belong to.
+    pub droppable: Option<Arc<str>>,
+    /// An engine delivery tag to ack once the frame is written (auto-ack on named queues).
+    pub ack_after_write: Option<u64>,
+    /// A delivery (counted in `gateway_messages_out_total` when written).
+    pub message: bool,
+}
+
+impl Frame {
+    pub fn control(text: String) -> Self {
+        Frame {
+            text,
+            droppable: None,
+            ack_after_write: None,
+            message: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub messages: usize,
+    pub bytes: usize,
+}
+
+/// The buffer is full and the subscription asked to be disconnected rather than lose messages.
+#[derive(Debug)]
+pub struct SlowConsumer;
+
+#[derive(Default)]
+struct State {
+    frames: VecDeque<Frame>,
+    droppable_count: usize,
+    droppable_bytes: usize,
+    lagged: HashMap<Arc<str>, u64>,
+    high_water_bytes: usize,
+    closed: bool,
+    close_frame: Option<(u16, &'static str)>,
+}
+
+pub struct Outbound {
+    limits: Limits,
+    state: Mutex<State>,
+    ready: Notify,
+}
+
+/// What the writer takes next.
+pub enum Next {
+    Frame(Frame),
+    /// `lagged` frames to send first: (sub, dropped).
+    Lagged(Vec<(Arc<str>, u64)>),
+    /// Nothing more: send this close frame, if any, and end.
+    Closed(Option<(u16, &'static str)>),
+}
+
+impl Outbound {
+    pub fn new(limits: Limits) -> Self {
+        Outbound {
+            limits,
+            state: Mutex::new(State::default()),
+            ready: Notify::new(),
+        }
+    }
+
+    /// Queues a frame that is never dropped.
+    pub fn push(&self, frame: Frame) {
+        let mut st = self.state.lock();
+        if st.closed {
+            return;
+        }
+        st.frames.push_back(frame);
+        drop(st);
+        self.ready.notify_one();
+    }
+
+    /// Queues a droppable delivery of `sub`, making room by its policy.
+    pub fn push_droppable(
+        &self,
+        sub: Arc<str>,
+        text: String,
+        overflow: Overflow,
+    ) -> Result<(), SlowConsumer> {
+        let mut st = self.state.lock();
+        if st.closed {
+            return Ok(());
+        }
+        let len = text.len();
+        while st.droppable_count >= self.limits.messages
+            || (st.droppable_count > 0 && st.droppable_bytes + len > self.limits.bytes)
+        {
+            if overflow == Overflow::Disconnect {
+                return Err(SlowConsumer);
+            }
+            let Some(at) = st.frames.iter().position(|f| f.droppable.is_some()) else {
+                break;
+            };
+            if let Some(old) = st.frames.remove(at) {
+                st.droppable_count -= 1;
+                st.droppable_bytes -= old.text.len();
+                if let Some(owner) = old.droppable {
+                    *st.lagged.entry(owner).or_default() += 1;
+                }
+            }
+        }
+        st.droppable_count += 1;
+        st.droppable_bytes += len;
+        st.high_water_bytes = st.high_water_bytes.max(st.droppable_bytes);
+        st.frames.push_back(Frame {
+            text,
+            droppable: Some(sub),
+            ack_after_write: None,
+            message: true,
+        });
+        drop(st);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Forgets `sub`'s pending lag count (it was unsubscribed).
+    pub fn forget(&self, sub: &str) {
+        self.state.lock().lagged.remove(sub);
+    }
+
+    /// The most droppable bytes ever held at once.
+    #[cfg(test)]
+    pub fn high_water_bytes(&self) -> usize {
+        self.state.lock().high_water_bytes
+    }
+
+    /// Stops accepting frames; the writer drains what is queued, sends the close frame, ends.
+    pub fn close_after(&self, code: u16, reason: &'static str) {
+        let mut st = self.state.lock();
+        if !st.closed {
+            st.closed = true;
+            st.close_frame = Some((code, reason));
+        }
+        drop(st);
+        self.ready.notify_one();
+    }
+
+    /// Drops what is queued and closes at once (a slow consumer must not wait for its backlog).
+    pub fn close_now(&self, code: u16, reason: &'static str) {
+        let mut st = self.state.lock();
+        st.frames.clear();
+        st.lagged.clear();
+        st.droppable_count = 0;
+        st.droppable_bytes = 0;
+        st.closed = true;
+        st.close_frame = Some((code, reason));
+        drop(st);
+        self.ready.notify_one();
+    }
+
+    /// Waits for the next thing to write.
+    pub async fn next(&self) -> Next {
+        loop {
+            let notified = self.ready.notified();
+            {
+                let mut st = self.state.lock();
+                if !st.lagged.is_empty() {
+                    return Next::Lagged(st.lagged.drain().collect());
+                }
+                if let Some(frame) = st.frames.pop_front() {
+                    if frame.droppable.is_some() {
+                        st.droppable_count -= 1;
+                        st.droppable_bytes -= frame.text.len();
+                    }
+                    return Next::Frame(frame);
+                }
+                if st.closed {
+                    return Next::Closed(st.close_frame.take());
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn texts(out: &Outbound) -> Vec<String> {
+        out.state
+            .lock()
+            .frames
+            .iter()
+            .map(|f| f.text.clone())
+            .collect()
+    }
+
+    #[test]
+    fn drop_oldest_keeps_the_newest_within_bounds() {
+        let out = Outbound::new(Limits {
+            messages: 3,
+            bytes: 1 << 20,
+        });
+        let s: Arc<str> = "s1".into();
+        out.push(Frame::control("reply".into()));
+        for i in 0..6 {
+            out.push_droppable(s.clone(), format!("m{i}"), Overflow::DropOldest)
+                .unwrap();
+        }
+        assert_eq!(
+            texts(&out),
+            ["reply", "m3", "m4", "m5"],
+            "control frames are never dropped"
+        );
+        assert_eq!(out.state.lock().lagged[&s], 3);
+    }
+
+    #[test]
+    fn bytes_bound_too() {
+        let out = Outbound::new(Limits {
+            messages: 100,
+            bytes: 10,
+        });
+        let s: Arc<str> = "s".into();
+        for _ in 0..5 {
+            out.push_droppable(s.clone(), "abcd".into(), Overflow::DropOldest)
+                .unwrap();
+        }
+        assert_eq!(texts(&out).len(), 2);
+        assert!(out.high_water_bytes() <= 10);
+    }
+
+    #[test]
+    fn disconnect_policy_refuses() {
+        let out = Outbound::new(Limits {
+            messages: 1,
+            bytes: 100,
+        });
+        let s: Arc<str> = "s".into();
+        out.push_droppable(s.clone(), "a".into(), Overflow::Disconnect)
+            .unwrap();
+        assert!(
+            out.push_droppable(s, "b".into(), Overflow::Disconnect)
+                .is_err()
+        );
+    }
+}
