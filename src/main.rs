@@ -37,8 +37,12 @@ fn main() -> ExitCode {
     }
     let mut config = loaded.config;
 
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    // An empty RUST_LOG would parse as "log nothing": treat it as unset.
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => EnvFilter::try_new(v).ok(),
+        _ => None,
+    }
+    .unwrap_or_else(|| EnvFilter::new(&config.log.level));
     let logs = tracing_subscriber::fmt().with_env_filter(filter);
     match config.log.format {
         LogFormat::Json => logs.json().init(),

@@ -1,0 +1,211 @@
+// The web console and the JS client in real headless Chromium, driven by Playwright.
+//
+// The gateway binary runs with --dev on port 0; the browser reaches it through a TCP proxy this
+// test controls, so the test can break the WebSocket like a network would (both directions cut),
+// publish while the browser is away, and let it come back.
+//
+//   GATEWAY_BIN=../../target/debug/amqp-gateway node --test
+// Set SCREENSHOT=path.png to save a picture of the console.
+
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import net from "node:net";
+import readline from "node:readline";
+import { chromium } from "playwright-core";
+
+const BIN = resolve(process.env.GATEWAY_BIN || "../../target/debug/amqp-gateway");
+const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
+const WAIT = 10_000;
+
+let gateway;
+let dataDir;
+let gatewayAddr;
+let adminToken;
+let proxy;
+let browser;
+
+/** Starts the gateway; resolves with its HTTP address and the --dev administrator token. */
+function startGateway() {
+  dataDir = mkdtempSync(join(tmpdir(), "gw-browser-"));
+  gateway = spawn(
+    BIN,
+    ["--dev", "--http-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json", "--data-dir", dataDir],
+    { stdio: ["ignore", "pipe", "inherit"], env: Object.fromEntries(Object.entries(process.env).filter(([k]) => k !== "RUST_LOG")) },
+  );
+  return new Promise((resolveStart, rejectStart) => {
+    const timer = setTimeout(() => rejectStart(new Error("gateway did not start")), WAIT);
+    let addr = null;
+    readline.createInterface({ input: gateway.stdout }).on("line", (line) => {
+      if (line.startsWith("{")) {
+        const log = JSON.parse(line);
+        if (log.fields && log.fields.listener === "http") addr = log.fields.addr;
+      } else if (line.startsWith("eyJ") && addr) {
+        clearTimeout(timer);
+        resolveStart({ addr, token: line.trim() });
+      }
+    });
+    gateway.on("exit", (code) => rejectStart(new Error(`gateway exited with ${code}`)));
+  });
+}
+
+/** A TCP proxy whose connections the test can cut, and which can refuse new ones. */
+function startProxy(target) {
+  const [host, port] = target.split(":");
+  const sockets = new Set();
+  let refusing = false;
+  const server = net.createServer((client) => {
+    if (refusing) {
+      client.destroy();
+      return;
+    }
+    const upstream = net.connect(Number(port), host);
+    sockets.add(client);
+    sockets.add(upstream);
+    client.pipe(upstream).pipe(client);
+    const drop = () => {
+      client.destroy();
+      upstream.destroy();
+      sockets.delete(client);
+      sockets.delete(upstream);
+    };
+    client.on("error", drop).on("close", drop);
+    upstream.on("error", drop).on("close", drop);
+  });
+  return new Promise((ready) =>
+    server.listen(0, "127.0.0.1", () =>
+      ready({
+        url: `http://127.0.0.1:${server.address().port}`,
+        cut() {
+          for (const s of sockets) s.destroy();
+          sockets.clear();
+        },
+        refuse(on) {
+          refusing = on;
+        },
+        close() {
+          server.close();
+        },
+      }),
+    ),
+  );
+}
+
+async function publish(routingKey, body) {
+  const resp = await fetch(`http://${gatewayAddr}/v1/exchanges/amq.topic/publish`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${adminToken}`, "content-type": "application/json" },
+    body: JSON.stringify({ routing_key: routingKey, body }),
+  });
+  const text = await resp.text();
+  assert.equal(resp.status, 200, text);
+  return JSON.parse(text);
+}
+
+before(async () => {
+  ({ addr: gatewayAddr, token: adminToken } = await startGateway());
+  proxy = await startProxy(gatewayAddr);
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    args: [
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-quic",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+    ],
+  });
+});
+
+after(async () => {
+  if (browser) await browser.close();
+  if (proxy) proxy.close();
+  if (gateway) gateway.kill("SIGTERM");
+  if (dataDir) rmSync(dataDir, { recursive: true, force: true });
+});
+
+test("the console subscribes, shows messages, and resumes a durable subscription after the socket breaks", async () => {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 860 } });
+  const errors = [];
+  page.on("pageerror", (e) => errors.push(e.message));
+  await page.goto(`${proxy.url}/console`);
+  await page.fill("#token", adminToken);
+  await page.click("#connect");
+  await page.waitForSelector('#state[data-state="open"]', { timeout: WAIT });
+
+  await page.fill("#binding-key", "demo.#");
+  await page.fill("#durable", "browser-test");
+  await page.click("#subscribe");
+  await page.waitForSelector("#subs li", { timeout: WAIT });
+  assert.match(await page.textContent("#subs li"), /ws-dev-admin\.browser-test/);
+
+  // A REST publish appears in the page.
+  assert.deepEqual(await publish("demo.hello", { n: 1 }), { routed: true });
+  await page.waitForFunction(() => document.querySelector("#received").textContent === "1", null, { timeout: WAIT });
+  const row = await page.textContent("#messages tbody tr");
+  assert.match(row, /demo\.hello/);
+  assert.match(row, /"n":1/);
+
+  // A publish from the page reaches the same subscription (JS client → gateway → page).
+  await page.fill("#pub-key", "demo.from-page");
+  await page.fill("#pub-body", '{"from":"page"}');
+  await page.click("#publish");
+  await page.waitForFunction(() => document.querySelector("#pub-result").textContent.includes("published"), null, { timeout: WAIT });
+  await page.waitForFunction(() => document.querySelector("#received").textContent === "2", null, { timeout: WAIT });
+
+  // Break the WebSocket as a network would, keep the browser away, publish meanwhile.
+  proxy.refuse(true);
+  proxy.cut();
+  await page.waitForSelector('#state[data-state="connecting"], #state[data-state="closed"]', { timeout: WAIT });
+  // The gateway sees the socket close and lets the durable consumer go; what follows queues up.
+  await new Promise((r) => setTimeout(r, 300));
+  assert.deepEqual(await publish("demo.while-away", { n: 3 }), { routed: true });
+  proxy.refuse(false);
+
+  // The client reconnects with backoff, re-subscribes the durable subscription, and gets what
+  // was published while it was away.
+  await page.waitForSelector('#state[data-state="open"]', { timeout: WAIT });
+  await page.waitForFunction(() => document.querySelector("#received").textContent === "3", null, { timeout: WAIT });
+  const newest = await page.textContent("#messages tbody tr");
+  assert.match(newest, /demo\.while-away/);
+  assert.ok(Number(await page.textContent("#reconnects")) >= 1, "a reconnect was counted");
+
+  if (process.env.SCREENSHOT) await page.screenshot({ path: process.env.SCREENSHOT });
+  assert.deepEqual(errors, [], "no errors in the page");
+  await page.close();
+});
+
+test("the client module is served and usable on its own", async () => {
+  const page = await browser.newPage();
+  await page.goto(`${proxy.url}/console`);
+  const result = await page.evaluate(async (token) => {
+    const { Gateway } = await import("/client/amqp-gateway.js");
+    const gw = new Gateway(`ws://${location.host}/ws`, { token });
+    const got = [];
+    const sub = await gw.subscribe({ exchange: "amq.topic", binding_key: "module.#", ack: "manual" }, (m, s) => {
+      got.push(m.body);
+      s.ack(m);
+    });
+    const confirm = await gw.publish("amq.topic", "module.x", { ok: true });
+    const deadline = Date.now() + 5000;
+    while (got.length < 1 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    let refused = null;
+    try {
+      await gw.publish("amq.topic", "module.x", "!", { encoding: "base64" });
+    } catch (e) {
+      refused = e.code;
+    }
+    await sub.unsubscribe();
+    gw.close();
+    return { confirm, got, refused };
+  }, adminToken);
+  assert.deepEqual(result.confirm, { routed: true });
+  assert.deepEqual(result.got, [{ ok: true }]);
+  assert.equal(result.refused, "bad_request");
+  await page.close();
+});
