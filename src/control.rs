@@ -30,6 +30,10 @@ impl Control {
         self.holders.remove_if(queue, |_, (h, _)| *h == holder);
     }
 
+    pub fn is_held(&self, queue: &str) -> bool {
+        self.holders.contains_key(queue)
+    }
+
     /// Asks the current holder of `queue` to let go; false when nobody here holds it.
     pub fn take_over(&self, queue: &str) -> bool {
         match self.holders.get(queue) {

@@ -43,6 +43,7 @@ use crate::shutdown::Shutdown;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BoundAddrs {
     pub http: SocketAddr,
+    pub mqtt: SocketAddr,
     pub metrics: SocketAddr,
 }
 
@@ -142,6 +143,8 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
 
     let http = server::bind("http", config.http.listen).await?;
     let http_addr = local_addr("http", &http, config.http.listen)?;
+    let mqtt = server::bind("mqtt", config.mqtt.listen).await?;
+    let mqtt_addr = local_addr("mqtt", &mqtt, config.mqtt.listen)?;
     let metrics_listener = server::bind("metrics", config.metrics.listen).await?;
     let metrics_addr = local_addr("metrics", &metrics_listener, config.metrics.listen)?;
 
@@ -165,6 +168,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
             config.shutdown_timeout,
         ),
     ];
+    tasks.push(protocol::mqtt::serve_tcp(mqtt, ctx.clone()));
     tasks.extend(auth::jwt::spawn_refresh(
         auth.verifier(),
         config.auth.jwks_refresh,
@@ -181,12 +185,14 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         }
     }));
     tracing::info!(listener = "http", addr = %http_addr, "listening (REST /v1, /docs, health)");
+    tracing::info!(listener = "mqtt", addr = %mqtt_addr, "listening (MQTT 3.1.1 and 5 over TCP)");
     tracing::info!(listener = "metrics", addr = %metrics_addr, "listening (Prometheus /metrics)");
     tracing::info!(engine = ?engine.kind(), "gateway started");
 
     Ok(Gateway {
         addrs: BoundAddrs {
             http: http_addr,
+            mqtt: mqtt_addr,
             metrics: metrics_addr,
         },
         engine,

@@ -167,10 +167,12 @@ fn bad_values_name_the_key_and_source() {
 
     let (_dir, path) = file("[ws]\nauth_timeout = \"five seconds\"\n");
     let e = err(config::load(Some(&path), env(&[]), Overrides::default()));
+    // figment names the file relative to the working directory; its name is always there.
     assert!(
-        e.contains("ws.auth_timeout") && e.contains(&path.display().to_string()),
+        e.contains("ws.auth_timeout") && e.contains("TOML file") && e.contains("gateway.toml"),
         "{e}"
     );
+    let _ = &path;
 
     let (_dir, path) = file("[limits]\npublish_rat = 5\n");
     let e = err(config::load(Some(&path), env(&[]), Overrides::default()));

@@ -33,7 +33,7 @@ function startGateway() {
   dataDir = mkdtempSync(join(tmpdir(), "gw-browser-"));
   gateway = spawn(
     BIN,
-    ["--dev", "--http-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json", "--data-dir", dataDir],
+    ["--dev", "--http-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0", "--log-format", "json", "--data-dir", dataDir],
     { stdio: ["ignore", "pipe", "inherit"], env: Object.fromEntries(Object.entries(process.env).filter(([k]) => k !== "RUST_LOG")) },
   );
   return new Promise((resolveStart, rejectStart) => {

@@ -1,0 +1,469 @@
+//! MQTT framing: `rmqtt-codec` (3.1, 3.1.1, 5; version detected from CONNECT) behind one
+//! version-neutral packet type, so the session handles each packet once whatever the version.
+//! Pure: bytes in → [`Inbound`], [`Outbound`] → bytes out; "need more bytes" is `Ok(None)`.
+
+use std::num::NonZeroU16;
+
+use bytes::{Bytes, BytesMut};
+use bytestring::ByteString;
+use rmqtt_codec::types::{Publish, QoS};
+use rmqtt_codec::version::ProtocolVersion;
+use rmqtt_codec::{MqttCodec, MqttPacket, v3, v5};
+use tokio_util::codec::{Decoder, Encoder};
+
+pub use rmqtt_codec::error::DecodeError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    V3,
+    V5,
+}
+
+#[derive(Debug, Clone)]
+pub struct Will {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Connect {
+    pub version: Version,
+    pub clean_start: bool,
+    pub keep_alive: u16,
+    pub client_id: String,
+    pub password: Option<Bytes>,
+    pub will: Option<Will>,
+    /// v5: how many QoS 1/2 publishes the client takes in flight.
+    pub receive_max: Option<u16>,
+    pub session_expiry: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct PublishIn {
+    pub topic: String,
+    pub qos: u8,
+    pub retain: bool,
+    pub packet_id: Option<u16>,
+    pub payload: Bytes,
+}
+
+#[derive(Debug, Clone)]
+pub struct Filter {
+    pub filter: String,
+    pub qos: u8,
+}
+
+#[derive(Debug)]
+pub enum Inbound {
+    Connect(Box<Connect>),
+    Publish(PublishIn),
+    PubAck(u16),
+    PubRec(u16),
+    PubRel(u16),
+    PubComp(u16),
+    Subscribe {
+        packet_id: u16,
+        filters: Vec<Filter>,
+    },
+    Unsubscribe {
+        packet_id: u16,
+        filters: Vec<String>,
+    },
+    PingReq,
+    Disconnect,
+    /// Packets a client must not send (CONNACK, SUBACK, …) or does not use here.
+    Unexpected(&'static str),
+}
+
+/// What the session sends. Reason codes are MQTT 5's; for 3.1.1 they are mapped.
+#[derive(Debug)]
+pub enum Outbound {
+    ConnAck {
+        code: u8,
+        session_present: bool,
+        receive_max: u16,
+        max_packet_size: u32,
+        assigned_client_id: Option<String>,
+    },
+    Publish {
+        topic: String,
+        qos: u8,
+        retain: bool,
+        dup: bool,
+        packet_id: Option<u16>,
+        payload: Bytes,
+    },
+    PubAck {
+        packet_id: u16,
+        code: u8,
+    },
+    PubRec {
+        packet_id: u16,
+        code: u8,
+    },
+    PubComp {
+        packet_id: u16,
+    },
+    SubAck {
+        packet_id: u16,
+        codes: Vec<u8>,
+    },
+    UnsubAck {
+        packet_id: u16,
+        count: usize,
+    },
+    PingResp,
+    Disconnect {
+        code: u8,
+    },
+}
+
+fn nz16(v: u16) -> NonZeroU16 {
+    NonZeroU16::new(v).unwrap_or(NonZeroU16::MIN)
+}
+
+fn qos_of(q: QoS) -> u8 {
+    match q {
+        QoS::AtMostOnce => 0,
+        QoS::AtLeastOnce => 1,
+        QoS::ExactlyOnce => 2,
+    }
+}
+
+fn qos(q: u8) -> QoS {
+    match q {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+/// The codec of one connection: detects the version on CONNECT, then decodes that version.
+pub struct Codec {
+    inner: MqttCodec,
+    max_in: u32,
+}
+
+impl Codec {
+    pub fn new(max_packet_size: u32) -> Self {
+        Codec {
+            inner: MqttCodec::Version(rmqtt_codec::version::VersionCodec),
+            max_in: max_packet_size,
+        }
+    }
+
+    /// An encoder for a connection whose version is known (the writer side).
+    pub fn for_version(version: Version, max_packet_size: u32) -> Self {
+        Codec {
+            inner: match version {
+                Version::V3 => MqttCodec::V3(v3::Codec::new(max_packet_size)),
+                Version::V5 => MqttCodec::V5(v5::Codec::new(max_packet_size, max_packet_size)),
+            },
+            max_in: max_packet_size,
+        }
+    }
+
+    pub fn version(&self) -> Option<Version> {
+        match self.inner {
+            MqttCodec::V3(_) => Some(Version::V3),
+            MqttCodec::V5(_) => Some(Version::V5),
+            MqttCodec::Version(_) => None,
+        }
+    }
+
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Inbound>, DecodeError> {
+        loop {
+            let Some((packet, _)) = self.inner.decode(buf)? else {
+                return Ok(None);
+            };
+            return Ok(Some(match packet {
+                MqttPacket::Version(ProtocolVersion::MQTT3) => {
+                    self.inner = MqttCodec::V3(v3::Codec::new(self.max_in));
+                    continue;
+                }
+                MqttPacket::Version(ProtocolVersion::MQTT5) => {
+                    self.inner = MqttCodec::V5(v5::Codec::new(self.max_in, self.max_in));
+                    continue;
+                }
+                MqttPacket::V3(p) => from_v3(p),
+                MqttPacket::V5(p) => from_v5(p),
+            }));
+        }
+    }
+
+    pub fn encode(
+        &mut self,
+        packet: Outbound,
+        buf: &mut BytesMut,
+    ) -> Result<(), rmqtt_codec::error::EncodeError> {
+        let packet = match self.version() {
+            Some(Version::V5) => MqttPacket::V5(to_v5(packet)),
+            _ => MqttPacket::V3(to_v3(packet)),
+        };
+        self.inner.encode(packet, buf)
+    }
+}
+
+fn publish_in(p: Publish) -> PublishIn {
+    PublishIn {
+        topic: p.topic.to_string(),
+        qos: qos_of(p.qos),
+        retain: p.retain,
+        packet_id: p.packet_id.map(NonZeroU16::get),
+        payload: p.payload,
+    }
+}
+
+fn from_v3(p: v3::Packet) -> Inbound {
+    use v3::Packet as P;
+    match p {
+        P::Connect(c) => Inbound::Connect(Box::new(Connect {
+            version: Version::V3,
+            clean_start: c.clean_session,
+            keep_alive: c.keep_alive,
+            client_id: c.client_id.to_string(),
+            password: c.password,
+            will: c.last_will.map(|w| Will {
+                topic: w.topic.to_string(),
+                payload: w.message,
+                qos: qos_of(w.qos),
+                retain: w.retain,
+            }),
+            receive_max: None,
+            session_expiry: 0,
+        })),
+        P::Publish(p) => Inbound::Publish(publish_in(*p)),
+        P::PublishAck { packet_id } => Inbound::PubAck(packet_id.get()),
+        P::PublishReceived { packet_id } => Inbound::PubRec(packet_id.get()),
+        P::PublishRelease { packet_id } => Inbound::PubRel(packet_id.get()),
+        P::PublishComplete { packet_id } => Inbound::PubComp(packet_id.get()),
+        P::Subscribe {
+            packet_id,
+            topic_filters,
+        } => Inbound::Subscribe {
+            packet_id: packet_id.get(),
+            filters: topic_filters
+                .into_iter()
+                .map(|(f, q)| Filter {
+                    filter: f.to_string(),
+                    qos: qos_of(q),
+                })
+                .collect(),
+        },
+        P::Unsubscribe {
+            packet_id,
+            topic_filters,
+        } => Inbound::Unsubscribe {
+            packet_id: packet_id.get(),
+            filters: topic_filters.into_iter().map(|f| f.to_string()).collect(),
+        },
+        P::PingRequest => Inbound::PingReq,
+        P::Disconnect => Inbound::Disconnect,
+        _ => Inbound::Unexpected("a server-to-client packet"),
+    }
+}
+
+fn from_v5(p: v5::Packet) -> Inbound {
+    use v5::Packet as P;
+    match p {
+        P::Connect(c) => Inbound::Connect(Box::new(Connect {
+            version: Version::V5,
+            clean_start: c.clean_start,
+            keep_alive: c.keep_alive,
+            client_id: c.client_id.to_string(),
+            password: c.password,
+            will: c.last_will.map(|w| Will {
+                topic: w.topic.to_string(),
+                payload: w.message,
+                qos: qos_of(w.qos),
+                retain: w.retain,
+            }),
+            receive_max: c.receive_max.map(NonZeroU16::get),
+            session_expiry: c.session_expiry_interval_secs,
+        })),
+        P::Publish(p) => Inbound::Publish(publish_in(*p)),
+        P::PublishAck(a) => Inbound::PubAck(a.packet_id.get()),
+        P::PublishReceived(a) => Inbound::PubRec(a.packet_id.get()),
+        P::PublishRelease(a) => Inbound::PubRel(a.packet_id.get()),
+        P::PublishComplete(a) => Inbound::PubComp(a.packet_id.get()),
+        P::Subscribe(s) => Inbound::Subscribe {
+            packet_id: s.packet_id.get(),
+            filters: s
+                .topic_filters
+                .into_iter()
+                .map(|(f, o)| Filter {
+                    filter: f.to_string(),
+                    qos: qos_of(o.qos),
+                })
+                .collect(),
+        },
+        P::Unsubscribe(u) => Inbound::Unsubscribe {
+            packet_id: u.packet_id.get(),
+            filters: u.topic_filters.into_iter().map(|f| f.to_string()).collect(),
+        },
+        P::PingRequest => Inbound::PingReq,
+        P::Disconnect(_) => Inbound::Disconnect,
+        P::Auth(_) => Inbound::Unexpected("AUTH (enhanced authentication is not supported yet)"),
+        _ => Inbound::Unexpected("a server-to-client packet"),
+    }
+}
+
+fn publish_out(
+    topic: String,
+    q: u8,
+    retain: bool,
+    dup: bool,
+    packet_id: Option<u16>,
+    payload: Bytes,
+) -> Publish {
+    Publish {
+        dup,
+        retain,
+        qos: qos(q),
+        topic: ByteString::from(topic),
+        packet_id: packet_id.map(nz16),
+        payload,
+        properties: None,
+    }
+}
+
+/// MQTT 5 reason codes as 3.1.1 CONNACK return codes.
+fn v3_connack_code(code: u8) -> v3::ConnectAckReason {
+    match code {
+        0 => v3::ConnectAckReason::ConnectionAccepted,
+        0x84 => v3::ConnectAckReason::UnacceptableProtocolVersion,
+        0x85 => v3::ConnectAckReason::IdentifierRejected,
+        0x86 => v3::ConnectAckReason::BadUserNameOrPassword,
+        0x87 => v3::ConnectAckReason::NotAuthorized,
+        _ => v3::ConnectAckReason::ServiceUnavailable,
+    }
+}
+
+fn to_v3(p: Outbound) -> v3::Packet {
+    use v3::Packet as P;
+    match p {
+        Outbound::ConnAck {
+            code,
+            session_present,
+            ..
+        } => P::ConnectAck(v3::ConnectAck {
+            return_code: v3_connack_code(code),
+            session_present,
+        }),
+        Outbound::Publish {
+            topic,
+            qos,
+            retain,
+            dup,
+            packet_id,
+            payload,
+        } => P::Publish(Box::new(publish_out(
+            topic, qos, retain, dup, packet_id, payload,
+        ))),
+        Outbound::PubAck { packet_id, .. } => P::PublishAck {
+            packet_id: nz16(packet_id),
+        },
+        Outbound::PubRec { packet_id, .. } => P::PublishReceived {
+            packet_id: nz16(packet_id),
+        },
+        Outbound::PubComp { packet_id } => P::PublishComplete {
+            packet_id: nz16(packet_id),
+        },
+        Outbound::SubAck { packet_id, codes } => P::SubscribeAck {
+            packet_id: nz16(packet_id),
+            status: codes
+                .into_iter()
+                .map(|c| {
+                    if c < 3 {
+                        v3::SubscribeReturnCode::Success(qos(c))
+                    } else {
+                        v3::SubscribeReturnCode::Failure
+                    }
+                })
+                .collect(),
+        },
+        Outbound::UnsubAck { packet_id, .. } => P::UnsubscribeAck {
+            packet_id: nz16(packet_id),
+        },
+        Outbound::PingResp => P::PingResponse,
+        // 3.1.1 has no server DISCONNECT: the connection is just closed.
+        Outbound::Disconnect { .. } => P::PingResponse,
+    }
+}
+
+fn to_v5(p: Outbound) -> v5::Packet {
+    use v5::Packet as P;
+    match p {
+        Outbound::ConnAck {
+            code,
+            session_present,
+            receive_max,
+            max_packet_size,
+            assigned_client_id,
+        } => P::ConnectAck(Box::new(v5::ConnectAck {
+            session_present,
+            reason_code: v5::ConnectAckReason::try_from(code)
+                .unwrap_or(v5::ConnectAckReason::UnspecifiedError),
+            receive_max: nz16(receive_max),
+            max_qos: QoS::AtLeastOnce,
+            max_packet_size: Some(max_packet_size),
+            assigned_client_id: assigned_client_id.map(ByteString::from),
+            retain_available: false,
+            shared_subscription_available: false,
+            subscription_identifiers_available: false,
+            ..Default::default()
+        })),
+        Outbound::Publish {
+            topic,
+            qos,
+            retain,
+            dup,
+            packet_id,
+            payload,
+        } => P::Publish(Box::new(publish_out(
+            topic, qos, retain, dup, packet_id, payload,
+        ))),
+        Outbound::PubAck { packet_id, code } => P::PublishAck(v5::PublishAck {
+            packet_id: nz16(packet_id),
+            reason_code: v5::PublishAckReason::try_from(code)
+                .unwrap_or(v5::PublishAckReason::UnspecifiedError),
+            ..Default::default()
+        }),
+        Outbound::PubRec { packet_id, code } => P::PublishReceived(v5::PublishAck {
+            packet_id: nz16(packet_id),
+            reason_code: v5::PublishAckReason::try_from(code)
+                .unwrap_or(v5::PublishAckReason::UnspecifiedError),
+            ..Default::default()
+        }),
+        Outbound::PubComp { packet_id } => P::PublishComplete(v5::PublishAck2 {
+            packet_id: nz16(packet_id),
+            ..Default::default()
+        }),
+        Outbound::SubAck { packet_id, codes } => P::SubscribeAck(v5::SubscribeAck {
+            packet_id: nz16(packet_id),
+            properties: Default::default(),
+            reason_string: None,
+            status: codes
+                .into_iter()
+                .map(|c| {
+                    v5::SubscribeAckReason::try_from(c)
+                        .unwrap_or(v5::SubscribeAckReason::UnspecifiedError)
+                })
+                .collect(),
+        }),
+        Outbound::UnsubAck { packet_id, count } => P::UnsubscribeAck(v5::UnsubscribeAck {
+            packet_id: nz16(packet_id),
+            properties: Default::default(),
+            reason_string: None,
+            status: vec![v5::UnsubscribeAckReason::Success; count],
+        }),
+        Outbound::PingResp => P::PingResponse,
+        Outbound::Disconnect { code } => P::Disconnect(v5::Disconnect {
+            reason_code: v5::DisconnectReasonCode::try_from(code)
+                .unwrap_or(v5::DisconnectReasonCode::UnspecifiedError),
+            ..Default::default()
+        }),
+    }
+}

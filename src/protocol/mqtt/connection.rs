@@ -1,0 +1,217 @@
+//! One MQTT connection over any byte stream (TCP now; WebSocket frames later): reads and
+//! decodes, always — acks and pings are handled whatever the outbound side does —, writes
+//! through a writer task under `limits.write_timeout`, enforces the CONNECT timeout, the
+//! keep-alive (× 1.5), the token's expiry and shutdown.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use futures_util::StreamExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use super::codec::{Codec, DecodeError, Inbound, Outbound, Version};
+use super::session::{Outcome, Session, reason};
+use crate::auth::now_secs;
+use crate::context::{Connection, Context};
+use crate::metrics;
+
+const PROTOCOL: &str = "mqtt";
+const READ_CHUNK: usize = 16 * 1024;
+
+fn far() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600)
+}
+
+/// Reads until one packet decodes; `Ok(None)` when the peer closed.
+async fn read_packet<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    codec: &mut Codec,
+) -> Result<Option<Inbound>, DecodeError> {
+    loop {
+        if let Some(p) = codec.decode(buf)? {
+            return Ok(Some(p));
+        }
+        buf.reserve(READ_CHUNK);
+        match reader.read_buf(buf).await {
+            Ok(0) => return Ok(None),
+            Ok(_) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+pub async fn run<S>(stream: S, ctx: Context, conn: Arc<Connection>)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    metrics::connection_opened(PROTOCOL);
+    serve(stream, &ctx, conn).await;
+    metrics::connection_closed(PROTOCOL);
+}
+
+async fn serve<S>(stream: S, ctx: &Context, conn: Arc<Connection>)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut reader, writer) = tokio::io::split(stream);
+    let max_packet = (ctx.config.limits.max_message_bytes.as_u64() + 64 * 1024) as u32;
+    let mut codec = Codec::new(max_packet);
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+
+    // CONNECT first, within mqtt.connect_timeout.
+    let first = tokio::time::timeout(
+        ctx.config.mqtt.connect_timeout,
+        read_packet(&mut reader, &mut buf, &mut codec),
+    )
+    .await;
+    let connect = match first {
+        Ok(Ok(Some(Inbound::Connect(c)))) => c,
+        Ok(Ok(Some(_))) => {
+            tracing::info!(remote = %conn.remote, "MQTT packet before CONNECT; closing");
+            return;
+        }
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::info!(remote = %conn.remote, error = %e, "bad CONNECT; closing");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(remote = %conn.remote, "no CONNECT within mqtt.connect_timeout; closing");
+            return;
+        }
+    };
+    let version = connect.version;
+    let keep_alive = connect.keep_alive;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut writer_task = tokio::spawn(write_loop(
+        writer,
+        rx,
+        version,
+        max_packet,
+        ctx.config.limits.write_timeout,
+    ));
+    let mut session = match Session::connect(ctx.clone(), conn.clone(), *connect, tx.clone()).await
+    {
+        Ok((session, connack)) => {
+            let _ = tx.send(connack);
+            session
+        }
+        Err(refused) => {
+            tracing::info!(remote = %conn.remote, code = refused.code, "CONNECT refused: {}", refused.why);
+            metrics::refusal(PROTOCOL, "connect_refused");
+            let _ = tx.send(Outbound::ConnAck {
+                code: refused.code,
+                session_present: false,
+                receive_max: 1,
+                max_packet_size: max_packet,
+                assigned_client_id: None,
+            });
+            drop(tx);
+            let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
+            return;
+        }
+    };
+
+    let keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+    let mut last_seen = Instant::now();
+    let expiry_at = session.expires_at().map(|exp| {
+        tokio::time::Instant::now()
+            + Duration::from_secs(
+                (exp + ctx.config.auth.leeway.as_secs()).saturating_sub(now_secs()),
+            )
+    });
+    let (close, graceful) = loop {
+        let keep_alive_at =
+            keep_alive.map_or_else(far, |k| tokio::time::Instant::from_std(last_seen + k));
+        let retry_at = session
+            .retry_at
+            .map_or_else(far, tokio::time::Instant::from_std);
+        tokio::select! {
+            _ = ctx.shutdown.wait() => break (Some(reason::SERVER_SHUTTING_DOWN), false),
+            _ = tokio::time::sleep_until(expiry_at.unwrap_or_else(far)) => break (Some(reason::TOKEN_EXPIRED), false),
+            _ = tokio::time::sleep_until(keep_alive_at) => break (Some(reason::KEEP_ALIVE_TIMEOUT), false),
+            _ = &mut writer_task => break (None, false),
+            packet = read_packet(&mut reader, &mut buf, &mut codec) => {
+                last_seen = Instant::now();
+                match packet {
+                    Ok(Some(p)) => match session.handle(p).await {
+                        Outcome::Continue => {}
+                        Outcome::Disconnected => break (None, true),
+                        Outcome::Close(code) => break (code, false),
+                    },
+                    Ok(None) => break (None, false),
+                    Err(DecodeError::MaxSizeExceeded { .. }) => break (Some(0x95), false),
+                    Err(e) => {
+                        tracing::info!(remote = %conn.remote, error = %e, "malformed MQTT packet; closing");
+                        break (Some(0x81), false);
+                    }
+                }
+            }
+            Some((level, d)) = session.consumers.next(), if !session.consumers.is_empty() => {
+                if let Outcome::Close(code) = session.deliver(level, d).await {
+                    break (code, false);
+                }
+            }
+            _ = tokio::time::sleep_until(retry_at) => {
+                if let Outcome::Close(code) = session.retry_parked().await {
+                    break (code, false);
+                }
+            }
+            Some(_) = session.takeovers.recv() => {
+                if let Outcome::Close(code) = session.taken_over() {
+                    break (code, false);
+                }
+            }
+        }
+    };
+    session.end(graceful).await;
+    if let (Some(code), Version::V5) = (close, version) {
+        let _ = tx.send(Outbound::Disconnect { code });
+    }
+    drop(tx);
+    drop(session);
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut writer: W,
+    mut rx: mpsc::UnboundedReceiver<Outbound>,
+    version: Version,
+    max_packet: u32,
+    write_timeout: Duration,
+) {
+    let mut codec = Codec::for_version(version, max_packet);
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    while let Some(first) = rx.recv().await {
+        buf.clear();
+        // Batch what is already queued into one write.
+        let mut next = Some(first);
+        while let Some(p) = next {
+            // 3.1.1 has no server DISCONNECT: closing is the answer.
+            if matches!(p, Outbound::Disconnect { .. }) && version == Version::V3 {
+                next = rx.try_recv().ok();
+                continue;
+            }
+            if let Err(e) = codec.encode(p, &mut buf) {
+                tracing::warn!(error = %e, "cannot encode an MQTT packet");
+            }
+            next = if buf.len() < 64 * 1024 {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        match tokio::time::timeout(write_timeout, writer.write_all(&buf)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                metrics::refusal(PROTOCOL, "slow_consumer");
+                return;
+            }
+        }
+    }
+    let _ = writer.shutdown().await;
+}

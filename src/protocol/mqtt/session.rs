@@ -1,0 +1,676 @@
+//! One MQTT client's session (DESIGN.md §3), mapped onto the engine: its queues
+//! (`…qos0`, `…qos1`), subscriptions, in-flight QoS 1 deliveries and parked publishes. It
+//! never sees the socket: packets come in as [`Inbound`], answers go out as [`Outbound`].
+
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, StreamMap};
+
+use super::codec::{Connect, Filter, Inbound, Outbound, PublishIn, Version, Will};
+use super::topic::{self, filter_to_binding, key_to_topic, session_queue, topic_to_key};
+use crate::auth::Principal;
+use crate::context::{Connection, Context};
+use crate::control::Takeover;
+use crate::engine::table::{FieldTable, FieldValue};
+use crate::engine::{
+    AckMode, Channel, ConsumeOptions, Consumer, Declared, Delivery, EngineError, Message,
+    PublishOptions, QueueSpec,
+};
+use crate::json::SUBJECT_HEADER;
+use crate::metrics;
+
+const PROTOCOL: &str = "mqtt";
+/// The publish QoS travels with the message so deliveries never exceed it (DESIGN.md §3).
+pub const PUBLISH_QOS_HEADER: &str = "x-mqtt-publish-qos";
+
+/// MQTT 5 reason codes used here (3.1.1 answers are derived from them in the codec).
+pub mod reason {
+    pub const SUCCESS: u8 = 0x00;
+    pub const UNSPECIFIED: u8 = 0x80;
+    pub const PROTOCOL_ERROR: u8 = 0x82;
+    pub const IMPLEMENTATION_SPECIFIC: u8 = 0x83;
+    pub const CLIENT_ID_NOT_VALID: u8 = 0x85;
+    pub const BAD_CREDENTIALS: u8 = 0x86;
+    pub const NOT_AUTHORIZED: u8 = 0x87;
+    pub const SERVER_UNAVAILABLE: u8 = 0x88;
+    pub const SESSION_TAKEN_OVER: u8 = 0x8E;
+    pub const TOPIC_FILTER_INVALID: u8 = 0x8F;
+    pub const TOPIC_NAME_INVALID: u8 = 0x90;
+    pub const QUOTA_EXCEEDED: u8 = 0x97;
+    pub const RETAIN_NOT_SUPPORTED: u8 = 0x9A;
+    pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
+    pub const SHARED_NOT_SUPPORTED: u8 = 0x9E;
+    pub const KEEP_ALIVE_TIMEOUT: u8 = 0x8D;
+    pub const SERVER_SHUTTING_DOWN: u8 = 0x8B;
+    pub const TOKEN_EXPIRED: u8 = 0xA0;
+}
+
+/// What handling a packet did to the connection.
+pub enum Outcome {
+    Continue,
+    /// Close; for MQTT 5 send DISCONNECT with this reason first.
+    Close(Option<u8>),
+    /// The client sent DISCONNECT: close without the will.
+    Disconnected,
+}
+
+/// A consumer as a stream that reports its end once.
+pub struct Deliveries(Consumer, bool);
+
+impl Stream for Deliveries {
+    type Item = Option<Delivery>;
+    fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.1 {
+            return Poll::Ready(None);
+        }
+        match this.0.poll_recv(cx) {
+            Poll::Ready(Some(d)) => Poll::Ready(Some(Some(d))),
+            Poll::Ready(None) => {
+                this.1 = true;
+                Poll::Ready(Some(None))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+pub struct Session {
+    ctx: Context,
+    conn: Arc<Connection>,
+    channel: Arc<dyn Channel>,
+    principal: Principal,
+    pub version: Version,
+    client_id: String,
+    clean: bool,
+    session_expiry: Duration,
+    will: Option<Will>,
+    out: mpsc::UnboundedSender<Outbound>,
+    /// Filter → granted QoS.
+    subs: HashMap<String, u8>,
+    /// Keyed by the queue's level (0 or 1).
+    pub consumers: StreamMap<u8, Deliveries>,
+    inflight: HashMap<u16, u64>,
+    next_packet_id: u16,
+    inflight_max: u16,
+    /// QoS 1 publishes over the rate limit wait here (their PUBACK withheld).
+    parked: VecDeque<PublishIn>,
+    pub retry_at: Option<Instant>,
+    takeover_key: String,
+    pub takeovers: mpsc::UnboundedReceiver<Takeover>,
+}
+
+/// The session key the control registry holds: (subject, client id).
+fn takeover_key(subject: &str, client_id: &str) -> String {
+    session_queue(subject, client_id, "")
+}
+
+/// A refused CONNECT: the CONNACK reason and why (for the log line).
+pub struct Refused {
+    pub code: u8,
+    pub why: String,
+}
+
+impl Session {
+    /// Handles CONNECT: authenticates, takes the session over if it is live, opens its queues.
+    /// Returns the session and its CONNACK.
+    pub async fn connect(
+        ctx: Context,
+        conn: Arc<Connection>,
+        connect: Connect,
+        out: mpsc::UnboundedSender<Outbound>,
+    ) -> Result<(Session, Outbound), Refused> {
+        let principal = match connect.password.as_ref().filter(|p| !p.is_empty()) {
+            None => ctx.auth.anonymous().map_err(|e| Refused {
+                code: reason::BAD_CREDENTIALS,
+                why: e.to_string(),
+            })?,
+            Some(pw) => {
+                let token = std::str::from_utf8(pw).map_err(|_| Refused {
+                    code: reason::BAD_CREDENTIALS,
+                    why: "password is not a token".into(),
+                })?;
+                ctx.auth.authenticate(token).await.map_err(|e| Refused {
+                    code: reason::BAD_CREDENTIALS,
+                    why: e.to_string(),
+                })?
+            }
+        };
+        if principal.permissions.is_empty() {
+            return Err(Refused {
+                code: reason::NOT_AUTHORIZED,
+                why: "the token's scopes allow nothing".into(),
+            });
+        }
+        let mut client_id = connect.client_id.clone();
+        let mut assigned = None;
+        if client_id.is_empty() {
+            // [MQTT-3.1.3-8]: 3.1.1 allows an empty id only with a clean session.
+            if connect.version == Version::V3 && !connect.clean_start {
+                return Err(Refused {
+                    code: reason::CLIENT_ID_NOT_VALID,
+                    why: "empty client id without clean session".into(),
+                });
+            }
+            client_id = crate::engine::names::generate("auto-");
+            assigned = (connect.version == Version::V5).then(|| client_id.clone());
+        }
+        let channel = conn.channel(&ctx.engine).await.map_err(|e| Refused {
+            code: reason::SERVER_UNAVAILABLE,
+            why: e.to_string(),
+        })?;
+        let subject = principal.shared_subject().to_owned();
+        let key = takeover_key(&subject, &client_id);
+        // Client-id takeover, only within one subject (the key includes it).
+        if ctx.control.take_over(&key) {
+            let deadline = Instant::now() + ctx.config.mqtt.takeover_timeout;
+            while ctx.control.is_held(&key) {
+                if Instant::now() > deadline {
+                    return Err(Refused {
+                        code: reason::SERVER_UNAVAILABLE,
+                        why: "the live session did not let go".into(),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        let (takeover_tx, takeovers) = mpsc::unbounded_channel();
+        ctx.control.hold(&key, conn.id, takeover_tx);
+        let granted = if connect.version == Version::V5 {
+            u64::from(connect.session_expiry)
+        } else {
+            u64::MAX
+        };
+        let max = ctx.config.mqtt.max_session_expiry;
+        let session_expiry = if connect.clean_start
+            && (connect.version == Version::V3 || connect.session_expiry == 0)
+        {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(granted.min(max.as_secs()))
+        };
+        let inflight_max = connect
+            .receive_max
+            .unwrap_or(u16::MAX)
+            .min(ctx.config.mqtt.max_inflight)
+            .max(1);
+        let mut session = Session {
+            ctx,
+            conn,
+            channel,
+            principal,
+            version: connect.version,
+            client_id,
+            clean: session_expiry.is_zero(),
+            session_expiry,
+            will: connect.will,
+            out,
+            subs: HashMap::new(),
+            consumers: StreamMap::new(),
+            inflight: HashMap::new(),
+            next_packet_id: 1,
+            inflight_max,
+            parked: VecDeque::new(),
+            retry_at: None,
+            takeover_key: key,
+            takeovers,
+        };
+        if connect.clean_start {
+            session.discard_stored().await;
+        }
+        let mut present = false;
+        if !session.clean {
+            for level in [0u8, 1] {
+                let queue = session.queue_name(level);
+                if session.channel.queue_info(&queue).await.is_ok() {
+                    present = true;
+                    session.open_queue(level).await.map_err(|e| Refused {
+                        code: reason::SERVER_UNAVAILABLE,
+                        why: e.to_string(),
+                    })?;
+                }
+            }
+        }
+        let max_packet = session.max_packet_size();
+        let connack = Outbound::ConnAck {
+            code: reason::SUCCESS,
+            session_present: present,
+            receive_max: session.ctx.config.mqtt.receive_maximum,
+            max_packet_size: max_packet,
+            assigned_client_id: assigned,
+        };
+        Ok((session, connack))
+    }
+
+    pub fn max_packet_size(&self) -> u32 {
+        (self.ctx.config.limits.max_message_bytes.as_u64() + 64 * 1024).min(u64::from(u32::MAX))
+            as u32
+    }
+
+    pub fn expires_at(&self) -> Option<u64> {
+        self.principal.expires_at
+    }
+
+    fn send(&self, p: Outbound) {
+        let _ = self.out.send(p);
+    }
+
+    fn queue_name(&self, level: u8) -> String {
+        session_queue(
+            self.principal.shared_subject(),
+            &self.client_id,
+            if level == 0 { "qos0" } else { "qos1" },
+        )
+    }
+
+    /// Clean start: whatever a previous session left goes.
+    async fn discard_stored(&self) {
+        for level in [0u8, 1] {
+            let _ = self
+                .channel
+                .delete_queue(&self.queue_name(level), Default::default())
+                .await;
+        }
+    }
+
+    /// Declares (if needed) and consumes the queue of `level`.
+    async fn open_queue(&mut self, level: u8) -> Result<Declared, EngineError> {
+        let queue = self.queue_name(level);
+        let spec = if self.clean {
+            QueueSpec {
+                durable: false,
+                exclusive: true,
+                auto_delete: false,
+                arguments: FieldTable::new(),
+            }
+        } else {
+            let mut args = FieldTable::new();
+            let ms = self
+                .session_expiry
+                .as_millis()
+                .clamp(1, u128::from(u32::MAX)) as i64;
+            args.insert("x-expires".into(), FieldValue::I64(ms));
+            QueueSpec {
+                durable: true,
+                exclusive: false,
+                auto_delete: false,
+                arguments: args,
+            }
+        };
+        let declared = self.channel.declare_queue(&queue, &spec).await?.declared;
+        if !self.consumers.contains_key(&level) {
+            let ack = if level == 0 {
+                AckMode::Auto
+            } else {
+                AckMode::Manual {
+                    prefetch: self.inflight_max,
+                }
+            };
+            let options = ConsumeOptions {
+                consumer_tag: String::new(),
+                ack,
+                exclusive: true,
+                arguments: FieldTable::new(),
+            };
+            let consumer = self.channel.consume(&queue, options).await?;
+            self.consumers.insert(level, Deliveries(consumer, false));
+        }
+        Ok(declared)
+    }
+
+    /// Handles one packet after CONNECT.
+    pub async fn handle(&mut self, packet: Inbound) -> Outcome {
+        match packet {
+            Inbound::Publish(p) => self.publish(p).await,
+            Inbound::PubAck(id) => {
+                if let Some(tag) = self.inflight.remove(&id) {
+                    let _ = self.channel.ack(tag, false).await;
+                }
+                Outcome::Continue
+            }
+            // QoS 2 inbound completes at least once: PUBREL → PUBCOMP.
+            Inbound::PubRel(id) => {
+                self.send(Outbound::PubComp { packet_id: id });
+                Outcome::Continue
+            }
+            Inbound::PubRec(_) | Inbound::PubComp(_) => Outcome::Continue,
+            Inbound::Subscribe { packet_id, filters } => {
+                let codes = self.subscribe(filters).await;
+                self.send(Outbound::SubAck { packet_id, codes });
+                Outcome::Continue
+            }
+            Inbound::Unsubscribe { packet_id, filters } => {
+                let count = filters.len();
+                for f in filters {
+                    self.unsubscribe(&f).await;
+                }
+                self.send(Outbound::UnsubAck { packet_id, count });
+                Outcome::Continue
+            }
+            Inbound::PingReq => {
+                self.send(Outbound::PingResp);
+                Outcome::Continue
+            }
+            Inbound::Disconnect => Outcome::Disconnected,
+            Inbound::Connect(_) => {
+                tracing::info!(client = %self.client_id, "second CONNECT: protocol error");
+                Outcome::Close(Some(reason::PROTOCOL_ERROR))
+            }
+            Inbound::Unexpected(what) => {
+                tracing::info!(client = %self.client_id, "unexpected packet: {what}");
+                Outcome::Close(Some(reason::PROTOCOL_ERROR))
+            }
+        }
+    }
+
+    // ---------- inbound publish ----------
+
+    async fn publish(&mut self, p: PublishIn) -> Outcome {
+        if p.qos == 2 && self.version == Version::V5 {
+            // CONNACK said Maximum QoS 1.
+            return Outcome::Close(Some(reason::QOS_NOT_SUPPORTED));
+        }
+        if p.retain && self.version == Version::V5 {
+            return Outcome::Close(Some(reason::RETAIN_NOT_SUPPORTED));
+        }
+        if !self.parked.is_empty() && p.qos > 0 {
+            // Keep order: later publishes wait behind parked ones.
+            self.parked.push_back(p);
+            return Outcome::Continue;
+        }
+        self.publish_now(p, true).await
+    }
+
+    fn ack_publish(&self, p: &PublishIn, code: u8) {
+        if let Some(id) = p.packet_id {
+            match p.qos {
+                1 => self.send(Outbound::PubAck {
+                    packet_id: id,
+                    code,
+                }),
+                2 => self.send(Outbound::PubRec {
+                    packet_id: id,
+                    code,
+                }),
+                _ => {}
+            }
+        }
+    }
+
+    async fn publish_now(&mut self, p: PublishIn, may_park: bool) -> Outcome {
+        let exchange = self.ctx.config.mqtt.exchange.clone();
+        let key = match topic_to_key(&p.topic, self.ctx.config.mqtt.topic_mapping) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::info!(client = %self.client_id, topic = %p.topic, "refused topic: {e}");
+                metrics::refusal(PROTOCOL, "topic_invalid");
+                if self.version == Version::V5 && p.qos > 0 {
+                    self.ack_publish(&p, reason::TOPIC_NAME_INVALID);
+                    return Outcome::Continue;
+                }
+                return Outcome::Close(Some(reason::TOPIC_NAME_INVALID));
+            }
+        };
+        if !self.principal.permissions.can_write(&exchange, &key) {
+            metrics::refusal(PROTOCOL, "forbidden");
+            // 3.1.1 has no way to say no: the publish is acknowledged and dropped.
+            let code = if self.version == Version::V5 {
+                reason::NOT_AUTHORIZED
+            } else {
+                reason::SUCCESS
+            };
+            self.ack_publish(&p, code);
+            return Outcome::Continue;
+        }
+        if let Err(t) = self.ctx.flow.admit_publish(
+            &self.conn.limits,
+            self.principal.shared_subject(),
+            p.payload.len(),
+        ) {
+            metrics::refusal(PROTOCOL, t.reason.as_str());
+            if p.qos == 0 {
+                return Outcome::Continue; // dropped and counted
+            }
+            if may_park {
+                self.parked.push_back(p);
+            } else {
+                self.parked.push_front(p);
+            }
+            self.retry_at = Some(Instant::now() + t.retry_after);
+            return Outcome::Continue;
+        }
+        let mut message = Message::new(p.payload.clone());
+        message.properties.delivery_mode = Some(if p.qos > 0 { 2 } else { 1 });
+        message
+            .properties
+            .headers
+            .insert(PUBLISH_QOS_HEADER.into(), FieldValue::U8(p.qos));
+        message.properties.headers.insert(
+            SUBJECT_HEADER.into(),
+            FieldValue::Str(self.principal.subject.to_string()),
+        );
+        let started = Instant::now();
+        match self
+            .channel
+            .publish(&exchange, &key, message, PublishOptions::default())
+            .await
+        {
+            Ok(_) => {
+                metrics::message_in(PROTOCOL, started.elapsed());
+                self.ack_publish(&p, reason::SUCCESS);
+                Outcome::Continue
+            }
+            Err(EngineError::Rejected(_)) if self.version == Version::V5 => {
+                self.ack_publish(&p, reason::QUOTA_EXCEEDED);
+                Outcome::Continue
+            }
+            Err(e) => {
+                tracing::warn!(client = %self.client_id, error = %e, "publish not accepted; closing so the client resends");
+                if self.version == Version::V5 && p.qos > 0 {
+                    self.ack_publish(&p, reason::UNSPECIFIED);
+                    return Outcome::Continue;
+                }
+                Outcome::Close(Some(reason::UNSPECIFIED))
+            }
+        }
+    }
+
+    /// Tries the parked publishes again (their PUBACKs were withheld).
+    pub async fn retry_parked(&mut self) -> Outcome {
+        self.retry_at = None;
+        while let Some(p) = self.parked.pop_front() {
+            if let outcome @ (Outcome::Close(_) | Outcome::Disconnected) =
+                self.publish_now(p, false).await
+            {
+                return outcome;
+            }
+            if self.retry_at.is_some() {
+                break; // throttled again: it went back to the front
+            }
+        }
+        Outcome::Continue
+    }
+
+    // ---------- subscribe ----------
+
+    async fn subscribe(&mut self, filters: Vec<Filter>) -> Vec<u8> {
+        let v5 = self.version == Version::V5;
+        let fail = |code: u8| if v5 { code } else { 0x80 };
+        let mut codes = Vec::with_capacity(filters.len());
+        for f in filters {
+            if f.filter.starts_with("$share/") {
+                codes.push(fail(reason::SHARED_NOT_SUPPORTED));
+                continue;
+            }
+            let binding = match filter_to_binding(&f.filter, self.ctx.config.mqtt.topic_mapping) {
+                Ok(b) => b,
+                Err(_) => {
+                    codes.push(fail(reason::TOPIC_FILTER_INVALID));
+                    continue;
+                }
+            };
+            let exchange = self.ctx.config.mqtt.exchange.clone();
+            if !self.principal.permissions.can_read(&exchange, &binding) {
+                metrics::refusal(PROTOCOL, "forbidden");
+                codes.push(fail(reason::NOT_AUTHORIZED));
+                continue;
+            }
+            let level = f.qos.min(1);
+            if let Some(old) = self.subs.get(&f.filter).copied()
+                && old != level
+            {
+                let _ = self
+                    .channel
+                    .unbind_queue(
+                        &self.queue_name(old),
+                        &exchange,
+                        &binding,
+                        &FieldTable::new(),
+                    )
+                    .await;
+            }
+            let bound = match self.open_queue(level).await {
+                Ok(_) => {
+                    self.channel
+                        .bind_queue(
+                            &self.queue_name(level),
+                            &exchange,
+                            &binding,
+                            &FieldTable::new(),
+                        )
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match bound {
+                Ok(()) => {
+                    self.subs.insert(f.filter, level);
+                    codes.push(level);
+                }
+                Err(e) => {
+                    tracing::warn!(client = %self.client_id, error = %e, "subscribe failed");
+                    codes.push(fail(reason::IMPLEMENTATION_SPECIFIC));
+                }
+            }
+        }
+        codes
+    }
+
+    async fn unsubscribe(&mut self, filter: &str) {
+        let Ok(binding) = filter_to_binding(filter, self.ctx.config.mqtt.topic_mapping) else {
+            return;
+        };
+        let exchange = self.ctx.config.mqtt.exchange.clone();
+        self.subs.remove(filter);
+        // A resumed session does not know the level: unbinding what is not bound is harmless.
+        for level in [0u8, 1] {
+            let _ = self
+                .channel
+                .unbind_queue(
+                    &self.queue_name(level),
+                    &exchange,
+                    &binding,
+                    &FieldTable::new(),
+                )
+                .await;
+        }
+    }
+
+    // ---------- deliveries ----------
+
+    fn next_packet_id(&mut self) -> u16 {
+        loop {
+            let id = self.next_packet_id;
+            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+            if !self.inflight.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// A delivery from the queue of `level`; `None` when the consumer ended.
+    pub async fn deliver(&mut self, level: u8, d: Option<Delivery>) -> Outcome {
+        let Some(d) = d else {
+            tracing::info!(client = %self.client_id, "session queue went away");
+            return Outcome::Close(Some(reason::IMPLEMENTATION_SPECIFIC));
+        };
+        let topic = key_to_topic(d.routing_key(), self.ctx.config.mqtt.topic_mapping);
+        let visible = topic.as_deref().is_some_and(|t| {
+            // `$`-topics reach only filters that do not start with a wildcard; a resumed session
+            // that does not know its filters lets them through.
+            !t.starts_with('$')
+                || self.subs.is_empty()
+                || self.subs.keys().any(|f| topic::filter_matches(f, t))
+        });
+        let publish_qos = match d
+            .properties()
+            .headers
+            .get(PUBLISH_QOS_HEADER)
+            .and_then(FieldValue::as_i128)
+        {
+            Some(q) => q.clamp(0, 2) as u8,
+            None if d.message().is_persistent() => 1,
+            None => 0,
+        };
+        let qos = publish_qos.min(level);
+        let (Some(topic), true) = (topic, visible) else {
+            metrics::refusal(PROTOCOL, "unmappable_topic");
+            if level == 1 {
+                let _ = self.channel.ack(d.delivery_tag, false).await;
+            }
+            return Outcome::Continue;
+        };
+        let packet_id = if qos == 1 {
+            let id = self.next_packet_id();
+            self.inflight.insert(id, d.delivery_tag);
+            Some(id)
+        } else {
+            if level == 1 {
+                // A QoS 0 copy from the QoS 1 queue: settled as it is sent.
+                let _ = self.channel.ack(d.delivery_tag, false).await;
+            }
+            None
+        };
+        self.send(Outbound::Publish {
+            topic,
+            qos,
+            retain: false,
+            dup: false,
+            packet_id,
+            payload: d.body().clone(),
+        });
+        metrics::messages_out(PROTOCOL, 1);
+        Outcome::Continue
+    }
+
+    /// Another connection of the same subject and client id took the session over.
+    pub fn taken_over(&mut self) -> Outcome {
+        self.will = None;
+        Outcome::Close(Some(reason::SESSION_TAKEN_OVER))
+    }
+
+    /// The connection ended: publish the will unless the client said DISCONNECT, release the
+    /// session. Queues of a clean session go with the channel.
+    pub async fn end(&mut self, graceful: bool) {
+        if !graceful && let Some(will) = self.will.take() {
+            let p = PublishIn {
+                topic: will.topic,
+                qos: will.qos.min(1),
+                retain: false,
+                packet_id: None,
+                payload: will.payload,
+            };
+            let _ = self.publish_now(PublishIn { qos: 0, ..p }, false).await;
+        }
+        self.consumers = StreamMap::new();
+        self.ctx.control.release(&self.takeover_key, self.conn.id);
+        if self.clean {
+            self.discard_stored().await;
+        }
+    }
+}

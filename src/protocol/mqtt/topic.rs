@@ -1,0 +1,189 @@
+//! All MQTT ↔ AMQP naming (DESIGN.md §3), in one place: topic ↔ routing key, filter → binding
+//! key, session queue names. Pure functions.
+//!
+//! Default mapping swaps `/` and `.` (a bijection, so no topic is lost); `rabbitmq` maps `/` to
+//! `.` only, as RabbitMQ's MQTT plugin does, for existing deployments.
+
+use crate::auth::scopes::encode_subject;
+use crate::config::TopicMapping;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    /// A level equal to `*` would become an AMQP wildcard (v5 0x90 / 0x8F).
+    #[error("a topic level may not be '*' (it would be an AMQP wildcard)")]
+    StarLevel,
+    #[error("the topic is {0} bytes after mapping, the limit is 255")]
+    TooLong(usize),
+    #[error("a topic name may not contain + or #")]
+    Wildcard,
+    #[error("empty topic")]
+    Empty,
+}
+
+const MAX_KEY: usize = 255;
+
+fn swap(s: &str, mapping: TopicMapping) -> String {
+    s.chars()
+        .map(|c| match (c, mapping) {
+            ('/', _) => '.',
+            ('.', TopicMapping::Swap) => '/',
+            (c, _) => c,
+        })
+        .collect()
+}
+
+/// A PUBLISH topic name → routing key.
+pub fn topic_to_key(topic: &str, mapping: TopicMapping) -> Result<String, TopicError> {
+    if topic.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    if topic.contains(['+', '#']) {
+        return Err(TopicError::Wildcard);
+    }
+    if topic.split('/').any(|level| level == "*") {
+        return Err(TopicError::StarLevel);
+    }
+    let key = swap(topic, mapping);
+    if key.len() > MAX_KEY {
+        return Err(TopicError::TooLong(key.len()));
+    }
+    Ok(key)
+}
+
+/// A SUBSCRIBE filter → binding key: swap, then `+` → `*`; `#` stays.
+pub fn filter_to_binding(filter: &str, mapping: TopicMapping) -> Result<String, TopicError> {
+    if filter.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    let mut levels = Vec::new();
+    for level in filter.split('/') {
+        match level {
+            "*" => return Err(TopicError::StarLevel),
+            "+" => levels.push("*".to_owned()),
+            "#" => levels.push("#".to_owned()),
+            level => levels.push(match mapping {
+                TopicMapping::Swap => level.replace('.', "/"),
+                TopicMapping::Rabbitmq => level.to_owned(),
+            }),
+        }
+    }
+    let key = levels.join(".");
+    if key.len() > MAX_KEY {
+        return Err(TopicError::TooLong(key.len()));
+    }
+    Ok(key)
+}
+
+/// A routing key → MQTT topic name, or `None` when it maps to no valid topic name (such
+/// deliveries are acked, not delivered, and counted).
+pub fn key_to_topic(key: &str, mapping: TopicMapping) -> Option<String> {
+    if key.is_empty() || key.contains(['+', '#', '\0']) {
+        return None;
+    }
+    Some(match mapping {
+        TopicMapping::Swap => swap(key, TopicMapping::Swap),
+        TopicMapping::Rabbitmq => key.replace('.', "/"),
+    })
+}
+
+/// `$`-topics are not matched by filters that start with a wildcard ([MQTT-4.7.2-1]).
+pub fn wildcard_first(filter: &str) -> bool {
+    filter.starts_with('+') || filter.starts_with('#')
+}
+
+/// Whether a topic name matches an MQTT filter (used for `$`-topic and retained checks).
+pub fn filter_matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && wildcard_first(filter) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// The session's queue for `kind` (`qos0` or `qos1`): `mqtt-subscription-{sub}.{client}{kind}`
+/// with both parts encoded; a SHA-256 of the pair when that would pass 255 bytes.
+pub fn session_queue(subject: &str, client_id: &str, kind: &str) -> String {
+    let sub = encode_subject(subject);
+    let client = encode_subject(client_id);
+    let name = format!("mqtt-subscription-{sub}.{client}{kind}");
+    if name.len() <= MAX_KEY {
+        return name;
+    }
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("{sub}.{client}").as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("mqtt-subscription-{hex}{kind}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    const SWAP: TopicMapping = TopicMapping::Swap;
+    const RMQ: TopicMapping = TopicMapping::Rabbitmq;
+
+    #[test]
+    fn topics_swap_both_ways() {
+        assert_eq!(
+            topic_to_key("sensors/k1/temp", SWAP).unwrap(),
+            "sensors.k1.temp"
+        );
+        assert_eq!(topic_to_key("v1.2/x", SWAP).unwrap(), "v1/2.x");
+        assert_eq!(key_to_topic("v1/2.x", SWAP).unwrap(), "v1.2/x");
+        assert_eq!(topic_to_key("v1.2/x", RMQ).unwrap(), "v1.2.x");
+        assert_eq!(key_to_topic("a.b", RMQ).unwrap(), "a/b");
+        assert_eq!(
+            topic_to_key("/a//b/", SWAP).unwrap(),
+            ".a..b.",
+            "empty levels are empty words"
+        );
+        assert_eq!(topic_to_key("a/*/b", SWAP), Err(TopicError::StarLevel));
+        assert_eq!(topic_to_key("a/+", SWAP), Err(TopicError::Wildcard));
+        assert!(matches!(
+            topic_to_key(&"x".repeat(256), SWAP),
+            Err(TopicError::TooLong(256))
+        ));
+        assert_eq!(key_to_topic("", SWAP), None);
+        assert_eq!(key_to_topic("a.#", SWAP), None);
+    }
+
+    #[test]
+    fn filters_become_binding_keys() {
+        assert_eq!(
+            filter_to_binding("sensors/+/temp", SWAP).unwrap(),
+            "sensors.*.temp"
+        );
+        assert_eq!(filter_to_binding("sensors/#", SWAP).unwrap(), "sensors.#");
+        assert_eq!(filter_to_binding("v1.2/+", SWAP).unwrap(), "v1/2.*");
+        assert_eq!(filter_to_binding("a/*", SWAP), Err(TopicError::StarLevel));
+        assert_eq!(filter_to_binding("#", SWAP).unwrap(), "#");
+    }
+
+    #[test]
+    fn dollar_topics_and_matching() {
+        assert!(filter_matches("a/+/c", "a/b/c"));
+        assert!(filter_matches("a/#", "a"));
+        assert!(!filter_matches("a/+", "a/b/c"));
+        assert!(!filter_matches("#", "$SYS/x"));
+        assert!(!filter_matches("+/x", "$SYS/x"));
+        assert!(filter_matches("$SYS/#", "$SYS/x"));
+    }
+
+    #[test]
+    fn queue_names_are_encoded_and_bounded() {
+        assert_eq!(
+            session_queue("alice", "dev.1", "qos0"),
+            "mqtt-subscription-alice.dev%2E1qos0"
+        );
+        let long = session_queue(&"s".repeat(200), &"c".repeat(100), "qos1");
+        assert!(long.len() <= 255 && long.ends_with("qos1"), "{long}");
+    }
+}

@@ -1,0 +1,462 @@
+//! MQTT over real sockets with rumqttc: one list of cases, run for MQTT 3.1.1 and MQTT 5 over
+//! TCP (the WebSocket transport joins the matrix when `/mqtt` lands), plus cross-protocol cases
+//! with REST.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{TestGateway, WAIT, admin, start_gateway, token, unique};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Version {
+    V4,
+    V5,
+}
+
+/// What a client saw, the same for both protocol versions.
+#[derive(Debug, Clone, PartialEq)]
+enum Ev {
+    ConnAck {
+        present: bool,
+    },
+    Refused(&'static str),
+    SubAck(Vec<Result<u8, String>>),
+    Publish {
+        topic: String,
+        qos: u8,
+        payload: Bytes,
+    },
+    PubAck(String),
+    Disconnect(String),
+    Closed,
+}
+
+enum Handle {
+    V4(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+struct Client {
+    handle: Handle,
+    events: mpsc::UnboundedReceiver<Ev>,
+}
+
+fn refused_v4(code: rumqttc::ConnectReturnCode) -> &'static str {
+    match code {
+        rumqttc::ConnectReturnCode::BadUserNamePassword => "bad_credentials",
+        rumqttc::ConnectReturnCode::NotAuthorized => "not_authorized",
+        rumqttc::ConnectReturnCode::BadClientId => "bad_client_id",
+        _ => "other",
+    }
+}
+
+fn refused_v5(code: rumqttc::v5::mqttbytes::v5::ConnectReturnCode) -> &'static str {
+    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as C;
+    match code {
+        C::BadUserNamePassword => "bad_credentials",
+        C::NotAuthorized => "not_authorized",
+        C::ClientIdentifierNotValid => "bad_client_id",
+        _ => "other",
+    }
+}
+
+async fn connect(
+    gw: &TestGateway,
+    v: Version,
+    client_id: &str,
+    password: Option<&str>,
+    clean: bool,
+) -> Client {
+    let port = gw.gateway.addrs().mqtt.port();
+    let (tx, events) = mpsc::unbounded_channel();
+    let handle = match v {
+        Version::V4 => {
+            let mut o = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
+            o.set_keep_alive(Duration::from_secs(30))
+                .set_clean_session(clean);
+            if let Some(p) = password {
+                o.set_credentials("ignored", p);
+            }
+            let (client, mut eventloop) = rumqttc::AsyncClient::new(o, 100);
+            tokio::spawn(async move {
+                loop {
+                    let ev = match eventloop.poll().await {
+                        Ok(rumqttc::Event::Incoming(p)) => match p {
+                            rumqttc::Packet::ConnAck(c) => Ev::ConnAck {
+                                present: c.session_present,
+                            },
+                            rumqttc::Packet::SubAck(s) => Ev::SubAck(
+                                s.return_codes
+                                    .into_iter()
+                                    .map(|c| match c {
+                                        rumqttc::SubscribeReasonCode::Success(q) => Ok(q as u8),
+                                        other => Err(format!("{other:?}")),
+                                    })
+                                    .collect(),
+                            ),
+                            rumqttc::Packet::Publish(p) => Ev::Publish {
+                                topic: p.topic,
+                                qos: p.qos as u8,
+                                payload: p.payload,
+                            },
+                            rumqttc::Packet::PubAck(_) => Ev::PubAck("Success".into()),
+                            _ => continue,
+                        },
+                        Ok(_) => continue,
+                        Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+                            let _ = tx.send(Ev::Refused(refused_v4(code)));
+                            return;
+                        }
+                        Err(_) => {
+                            let _ = tx.send(Ev::Closed);
+                            return;
+                        }
+                    };
+                    if tx.send(ev).is_err() {
+                        return;
+                    }
+                }
+            });
+            Handle::V4(client)
+        }
+        Version::V5 => {
+            use rumqttc::v5::mqttbytes::v5::Packet;
+            let mut o = rumqttc::v5::MqttOptions::new(client_id, "127.0.0.1", port);
+            o.set_keep_alive(Duration::from_secs(30))
+                .set_clean_start(clean);
+            if !clean {
+                o.set_session_expiry_interval(Some(3600));
+            }
+            if let Some(p) = password {
+                o.set_credentials("ignored", p);
+            }
+            let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(o, 100);
+            tokio::spawn(async move {
+                loop {
+                    let ev = match eventloop.poll().await {
+                        Ok(rumqttc::v5::Event::Incoming(p)) => match p {
+                            Packet::ConnAck(c) => Ev::ConnAck { present: c.session_present },
+                            Packet::SubAck(s) => Ev::SubAck(
+                                s.return_codes
+                                    .into_iter()
+                                    .map(|c| match c {
+                                        rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(q) => Ok(q as u8),
+                                        other => Err(format!("{other:?}")),
+                                    })
+                                    .collect(),
+                            ),
+                            Packet::Publish(p) => Ev::Publish {
+                                topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                                qos: p.qos as u8,
+                                payload: p.payload,
+                            },
+                            Packet::PubAck(a) => Ev::PubAck(format!("{:?}", a.reason)),
+                            Packet::Disconnect(d) => Ev::Disconnect(format!("{:?}", d.reason_code)),
+                            _ => continue,
+                        },
+                        Ok(_) => continue,
+                        Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => {
+                            let _ = tx.send(Ev::Refused(refused_v5(code)));
+                            return;
+                        }
+                        // rumqttc reports a server DISCONNECT as a state error carrying its reason.
+                        Err(rumqttc::v5::ConnectionError::MqttState(rumqttc::v5::StateError::ServerDisconnect {
+                            reason_code, ..
+                        })) => {
+                            let _ = tx.send(Ev::Disconnect(format!("{reason_code:?}")));
+                            return;
+                        }
+                        Err(_) => {
+                            let _ = tx.send(Ev::Closed);
+                            return;
+                        }
+                    };
+                    if tx.send(ev).is_err() {
+                        return;
+                    }
+                }
+            });
+            Handle::V5(client)
+        }
+    };
+    Client { handle, events }
+}
+
+fn qos4(q: u8) -> rumqttc::QoS {
+    match q {
+        0 => rumqttc::QoS::AtMostOnce,
+        1 => rumqttc::QoS::AtLeastOnce,
+        _ => rumqttc::QoS::ExactlyOnce,
+    }
+}
+
+fn qos5(q: u8) -> rumqttc::v5::mqttbytes::QoS {
+    match q {
+        0 => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+        1 => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        _ => rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
+    }
+}
+
+impl Client {
+    async fn next(&mut self) -> Ev {
+        match tokio::time::timeout(WAIT, self.events.recv()).await {
+            Ok(Some(ev)) => ev,
+            Ok(None) => Ev::Closed,
+            Err(_) => panic!("no MQTT event within {WAIT:?}"),
+        }
+    }
+
+    async fn connected(
+        gw: &TestGateway,
+        v: Version,
+        id: &str,
+        token: &str,
+        clean: bool,
+    ) -> (Client, bool) {
+        let mut c = connect(gw, v, id, Some(token), clean).await;
+        match c.next().await {
+            Ev::ConnAck { present } => (c, present),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    async fn subscribe(&mut self, filter: &str, qos: u8) -> Result<u8, String> {
+        match &self.handle {
+            Handle::V4(c) => c.subscribe(filter, qos4(qos)).await.unwrap(),
+            Handle::V5(c) => c.subscribe(filter, qos5(qos)).await.unwrap(),
+        }
+        match self.next().await {
+            Ev::SubAck(codes) => codes.into_iter().next().unwrap(),
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+
+    async fn publish(&self, topic: &str, qos: u8, payload: &str) {
+        match &self.handle {
+            Handle::V4(c) => c
+                .publish(topic, qos4(qos), false, payload.as_bytes().to_vec())
+                .await
+                .unwrap(),
+            Handle::V5(c) => c
+                .publish(topic, qos5(qos), false, payload.as_bytes().to_vec())
+                .await
+                .unwrap(),
+        }
+    }
+
+    /// The next PUBLISH, skipping acks.
+    async fn message(&mut self) -> (String, u8, String) {
+        loop {
+            match self.next().await {
+                Ev::Publish {
+                    topic,
+                    qos,
+                    payload,
+                } => return (topic, qos, String::from_utf8_lossy(&payload).into_owned()),
+                Ev::PubAck(_) => continue,
+                other => panic!("expected PUBLISH, got {other:?}"),
+            }
+        }
+    }
+
+    async fn disconnect(&self) {
+        match &self.handle {
+            Handle::V4(c) => c.disconnect().await.unwrap(),
+            Handle::V5(c) => c.disconnect().await.unwrap(),
+        }
+    }
+}
+
+// ---------- cases (each run for 3.1.1 and 5) ----------
+
+async fn publish_and_subscribe_qos0_and_qos1(v: Version) {
+    let gw = start_gateway(|_| {}).await;
+    let t = token(
+        "dev1",
+        "gateway.read:amq.topic/sensors.# gateway.write:amq.topic/sensors.#",
+    );
+    let (mut sub, present) = Client::connected(&gw, v, &unique("sub"), &t, true).await;
+    assert!(!present);
+    assert_eq!(sub.subscribe("sensors/+/temp", 1).await, Ok(1));
+    assert_eq!(sub.subscribe("sensors/k1/#", 0).await, Ok(0));
+    let (publisher, _) = Client::connected(&gw, v, &unique("pub"), &t, true).await;
+    publisher.publish("sensors/k1/temp", 1, "21.5").await;
+    publisher.publish("sensors/k9/temp", 0, "19.0").await;
+    let mut got = vec![
+        sub.message().await,
+        sub.message().await,
+        sub.message().await,
+    ];
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("sensors/k1/temp".to_owned(), 0, "21.5".to_owned()), // via the QoS 0 subscription
+            ("sensors/k1/temp".to_owned(), 1, "21.5".to_owned()),
+            ("sensors/k9/temp".to_owned(), 0, "19.0".to_owned()), // publish QoS 0 caps it
+        ]
+    );
+}
+
+async fn a_bad_or_missing_token_is_refused(v: Version) {
+    let gw = start_gateway(|_| {}).await;
+    let mut bad = connect(&gw, v, &unique("bad"), Some("not-a-token"), true).await;
+    assert_eq!(bad.next().await, Ev::Refused("bad_credentials"));
+    let mut none = connect(&gw, v, &unique("none"), None, true).await;
+    assert_eq!(none.next().await, Ev::Refused("bad_credentials"));
+    let mut useless = connect(&gw, v, &unique("useless"), Some(&token("nobody", "")), true).await;
+    assert_eq!(useless.next().await, Ev::Refused("not_authorized"));
+}
+
+async fn subscriptions_and_publishes_are_checked_against_scopes(v: Version) {
+    let gw = start_gateway(|_| {}).await;
+    let t = token(
+        "dev2",
+        "gateway.read:amq.topic/news.# gateway.write:amq.topic/news.#",
+    );
+    let (mut c, _) = Client::connected(&gw, v, &unique("c"), &t, true).await;
+    let refused = c.subscribe("secret/#", 1).await;
+    match v {
+        Version::V4 => assert_eq!(refused, Err("Failure".into())),
+        Version::V5 => assert_eq!(refused, Err("NotAuthorized".into())),
+    }
+    assert!(
+        c.subscribe("#", 0).await.is_err(),
+        "# is not contained in news.#"
+    );
+    assert!(
+        c.subscribe("a/*/b", 0).await.is_err(),
+        "a '*' level is refused"
+    );
+    assert_eq!(c.subscribe("news/#", 1).await, Ok(1));
+    let q = gw.queue("mqtt-spy").await;
+    gw.bind(&q, "amq.topic", "secret.#").await;
+    c.publish("secret/plans", 1, "no").await;
+    match v {
+        // 3.1.1 cannot say no: acknowledged and dropped.
+        Version::V4 => assert_eq!(c.next().await, Ev::PubAck("Success".into())),
+        Version::V5 => assert_eq!(c.next().await, Ev::PubAck("NotAuthorized".into())),
+    }
+    assert_eq!(gw.depth(&q).await, 0, "a refused publish reaches nobody");
+    c.publish("news/today", 1, "yes").await;
+    assert_eq!(
+        c.message().await,
+        ("news/today".to_owned(), 1, "yes".to_owned())
+    );
+}
+
+async fn mqtt_and_rest_meet_on_amq_topic(v: Version) {
+    let gw = start_gateway(|_| {}).await;
+    // MQTT → REST: topic a/b.c maps to routing key a.b/c.
+    let q = gw.queue("from-mqtt").await;
+    gw.bind(&q, "amq.topic", "plant.#").await;
+    let t = token(
+        "dev3",
+        "gateway.write:amq.topic/plant.# gateway.read:amq.topic/plant.#",
+    );
+    let (mut c, _) = Client::connected(&gw, v, &unique("x"), &t, true).await;
+    c.publish("plant/line.1/speed", 1, "42").await;
+    assert!(matches!(c.next().await, Ev::PubAck(_)));
+    let got = gw.take(&q, 1).await;
+    assert_eq!(got[0]["routing_key"], "plant.line/1.speed");
+    assert_eq!(got[0]["body"], "42");
+    assert_eq!(
+        got[0]["properties"]["delivery_mode"], 2,
+        "QoS 1 is persistent"
+    );
+    assert_eq!(got[0]["properties"]["headers"]["x-gateway-sub"], "dev3");
+    // REST → MQTT: routing key plant.line/2.temp reaches plant/+/temp as plant/line.2/temp.
+    assert_eq!(c.subscribe("plant/+/temp", 1).await, Ok(1));
+    let r = gw
+        .post("/v1/exchanges/amq.topic/publish", &admin())
+        .json(&json!({"routing_key": "plant.line/2.temp", "body": "from rest", "properties": {"delivery_mode": 2}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        c.message().await,
+        ("plant/line.2/temp".to_owned(), 1, "from rest".to_owned())
+    );
+}
+
+async fn persistent_sessions_keep_messages_for_their_return(v: Version) {
+    let gw = start_gateway(|_| {}).await;
+    let t = token(
+        "dev4",
+        "gateway.read:amq.topic/inbox.# gateway.write:amq.topic/inbox.#",
+    );
+    let id = unique("persist");
+    let (mut c, present) = Client::connected(&gw, v, &id, &t, false).await;
+    assert!(!present);
+    assert_eq!(c.subscribe("inbox/#", 1).await, Ok(1));
+    c.disconnect().await;
+    assert_eq!(c.next().await, Ev::Closed);
+    let (sender, _) = Client::connected(&gw, v, &unique("sender"), &t, true).await;
+    sender.publish("inbox/n1", 1, "while away").await;
+    tokio::time::sleep(Duration::from_millis(200)).await; // the sender's own PUBACK round trip
+    let (mut back, present) = Client::connected(&gw, v, &id, &t, false).await;
+    assert!(present, "Session Present on return");
+    assert_eq!(
+        back.message().await,
+        ("inbox/n1".to_owned(), 1, "while away".to_owned())
+    );
+    // A clean start throws the session away.
+    back.disconnect().await;
+    let (_fresh, present) = Client::connected(&gw, v, &id, &t, true).await;
+    assert!(!present);
+}
+
+async fn a_second_connection_takes_the_client_id_over(v: Version) {
+    let gw = start_gateway(|_| {}).await;
+    let t = token("dev5", "gateway.read:amq.topic/t.#");
+    let id = unique("twin");
+    let (mut first, _) = Client::connected(&gw, v, &id, &t, true).await;
+    let (mut second, _) = Client::connected(&gw, v, &id, &t, true).await;
+    match v {
+        Version::V4 => assert_eq!(first.next().await, Ev::Closed),
+        Version::V5 => {
+            assert_eq!(
+                first.next().await,
+                Ev::Disconnect("SessionTakenOver".into())
+            );
+        }
+    }
+    assert_eq!(second.subscribe("t/#", 0).await, Ok(0));
+    // Another subject with the same client id is another session.
+    let (mut stranger, _) = Client::connected(
+        &gw,
+        v,
+        &id,
+        &token("dev6", "gateway.read:amq.topic/t.#"),
+        true,
+    )
+    .await;
+    assert_eq!(stranger.subscribe("t/#", 0).await, Ok(0));
+    second.subscribe("t/x", 0).await.unwrap();
+}
+
+macro_rules! matrix {
+    ($($case:ident),* $(,)?) => {
+        mod v3_1_1_tcp {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { super::$case(super::Version::V4).await } )*
+        }
+        mod v5_tcp {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { super::$case(super::Version::V5).await } )*
+        }
+    };
+}
+
+matrix!(
+    publish_and_subscribe_qos0_and_qos1,
+    a_bad_or_missing_token_is_refused,
+    subscriptions_and_publishes_are_checked_against_scopes,
+    mqtt_and_rest_meet_on_amq_topic,
+    persistent_sessions_keep_messages_for_their_return,
+    a_second_connection_takes_the_client_id_over,
+);
