@@ -151,6 +151,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     let app = server::health_routes(ctx.clone())
         .merge(protocol::rest::router(ctx.clone()))
         .merge(protocol::ws::router(ctx.clone()))
+        .merge(protocol::mqtt::router(ctx.clone()))
         .merge(web::router());
     let mut tasks = vec![
         server::serve_http(

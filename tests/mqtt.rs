@@ -1,6 +1,5 @@
-//! MQTT over real sockets with rumqttc: one list of cases, run for MQTT 3.1.1 and MQTT 5 over
-//! TCP (the WebSocket transport joins the matrix when `/mqtt` lands), plus cross-protocol cases
-//! with REST.
+//! MQTT over real sockets with rumqttc: one list of cases, run for {TCP, WebSocket} ×
+//! {MQTT 3.1.1, MQTT 5}, including cross-protocol cases with REST.
 
 mod common;
 
@@ -15,6 +14,20 @@ use tokio::sync::mpsc;
 enum Version {
     V4,
     V5,
+}
+
+/// TCP, or WebSocket at `/mqtt` on the HTTP port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Tcp,
+    Ws,
+}
+
+/// Which transport the cases of the current test use (set by the matrix).
+static TRANSPORT: std::sync::OnceLock<Transport> = std::sync::OnceLock::new();
+
+fn transport() -> Transport {
+    *TRANSPORT.get().unwrap_or(&Transport::Tcp)
 }
 
 /// What a client saw, the same for both protocol versions.
@@ -71,13 +84,26 @@ async fn connect(
     password: Option<&str>,
     clean: bool,
 ) -> Client {
-    let port = gw.gateway.addrs().mqtt.port();
+    let (host, port, ws) = match transport() {
+        Transport::Tcp => (
+            "127.0.0.1".to_owned(),
+            gw.gateway.addrs().mqtt.port(),
+            false,
+        ),
+        Transport::Ws => {
+            let http = gw.gateway.addrs().http;
+            (format!("ws://{http}/mqtt"), http.port(), true)
+        }
+    };
     let (tx, events) = mpsc::unbounded_channel();
     let handle = match v {
         Version::V4 => {
-            let mut o = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
+            let mut o = rumqttc::MqttOptions::new(client_id, host.clone(), port);
             o.set_keep_alive(Duration::from_secs(30))
                 .set_clean_session(clean);
+            if ws {
+                o.set_transport(rumqttc::Transport::Ws);
+            }
             if let Some(p) = password {
                 o.set_credentials("ignored", p);
             }
@@ -111,7 +137,8 @@ async fn connect(
                             let _ = tx.send(Ev::Refused(refused_v4(code)));
                             return;
                         }
-                        Err(_) => {
+                        Err(e) => {
+                            eprintln!("mqtt client ended: {e:?}");
                             let _ = tx.send(Ev::Closed);
                             return;
                         }
@@ -125,9 +152,12 @@ async fn connect(
         }
         Version::V5 => {
             use rumqttc::v5::mqttbytes::v5::Packet;
-            let mut o = rumqttc::v5::MqttOptions::new(client_id, "127.0.0.1", port);
+            let mut o = rumqttc::v5::MqttOptions::new(client_id, host, port);
             o.set_keep_alive(Duration::from_secs(30))
                 .set_clean_start(clean);
+            if ws {
+                o.set_transport(rumqttc::Transport::Ws);
+            }
             if !clean {
                 o.set_session_expiry_interval(Some(3600));
             }
@@ -170,7 +200,8 @@ async fn connect(
                             let _ = tx.send(Ev::Disconnect(format!("{reason_code:?}")));
                             return;
                         }
-                        Err(_) => {
+                        Err(e) => {
+                            eprintln!("mqtt client ended: {e:?}");
                             let _ = tx.send(Ev::Closed);
                             return;
                         }
@@ -441,13 +472,33 @@ async fn a_second_connection_takes_the_client_id_over(v: Version) {
     second.subscribe("t/x", 0).await.unwrap();
 }
 
+/// Each case runs for {TCP, WebSocket} × {3.1.1, 5} (nextest gives every test its own
+/// process, so the transport is set once per process).
 macro_rules! matrix {
     ($($case:ident),* $(,)?) => {
         mod v3_1_1_tcp {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { super::$case(super::Version::V4).await } )*
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() {
+                let _ = super::TRANSPORT.set(super::Transport::Tcp);
+                super::$case(super::Version::V4).await
+            } )*
         }
         mod v5_tcp {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() { super::$case(super::Version::V5).await } )*
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() {
+                let _ = super::TRANSPORT.set(super::Transport::Tcp);
+                super::$case(super::Version::V5).await
+            } )*
+        }
+        mod v3_1_1_ws {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() {
+                let _ = super::TRANSPORT.set(super::Transport::Ws);
+                super::$case(super::Version::V4).await
+            } )*
+        }
+        mod v5_ws {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() {
+                let _ = super::TRANSPORT.set(super::Transport::Ws);
+                super::$case(super::Version::V5).await
+            } )*
         }
     };
 }

@@ -6,6 +6,9 @@ pub mod codec;
 mod connection;
 pub mod session;
 pub mod topic;
+mod websocket;
+
+pub use websocket::router;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

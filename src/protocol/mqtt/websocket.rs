@@ -1,0 +1,110 @@
+//! MQTT over WebSocket (`GET /mqtt`, subprotocol `mqtt`): binary frames carry the byte stream
+//! (a packet may span frames, a frame may hold several packets); a text frame closes with 1003.
+//! Below the byte stream only: the same connection and session code serve TCP and WebSocket.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Extension, Router};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::connection;
+use crate::context::{Connection, Context};
+
+const SUBPROTOCOL: &str = "mqtt";
+/// Bytes buffered between the WebSocket and the MQTT connection, each way.
+const PIPE: usize = 64 * 1024;
+
+pub fn router(ctx: Context) -> Router {
+    Router::new().route("/mqtt", get(upgrade)).with_state(ctx)
+}
+
+async fn upgrade(
+    State(ctx): State<Context>,
+    Extension(conn): Extension<Arc<Connection>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let offered = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == SUBPROTOCOL);
+    if !offered {
+        return (
+            StatusCode::BAD_REQUEST,
+            "offer the WebSocket subprotocol mqtt",
+        )
+            .into_response();
+    }
+    let max = (ctx.config.limits.max_message_bytes.as_u64() + 64 * 1024) as usize;
+    ws.protocols([SUBPROTOCOL])
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| bridge(socket, ctx, conn))
+}
+
+/// Runs the MQTT connection on one end of a duplex pipe and shuttles WebSocket frames to and
+/// from the other end.
+async fn bridge(socket: WebSocket, ctx: Context, conn: Arc<Connection>) {
+    let (mqtt_side, pipe) = tokio::io::duplex(PIPE);
+    let mqtt = tokio::spawn(connection::run(mqtt_side, ctx, conn));
+    let (mut pipe_read, mut pipe_write) = tokio::io::split(pipe);
+    let (mut ws_tx, mut ws_rx) = socket.split();
+    // In a block so both halves' borrows end before the close frame is sent.
+    let close = {
+        let inbound = async {
+            while let Some(Ok(msg)) = ws_rx.next().await {
+                match msg {
+                    Message::Binary(bytes) => {
+                        if pipe_write.write_all(&bytes).await.is_err() {
+                            return None;
+                        }
+                    }
+                    Message::Text(_) => return Some(1003u16),
+                    Message::Close(_) => return None,
+                    _ => {}
+                }
+            }
+            None
+        };
+        let outbound = async {
+            let mut buf = vec![0u8; PIPE];
+            loop {
+                match pipe_read.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if ws_tx
+                            .send(Message::Binary(buf[..n].to_vec().into()))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        tokio::pin!(inbound, outbound);
+        tokio::select! {
+            code = &mut inbound => code,
+            () = &mut outbound => None,
+        }
+    };
+    if let Some(code) = close {
+        let frame = CloseFrame {
+            code,
+            reason: "MQTT over WebSocket uses binary frames".into(),
+        };
+        let _ = ws_tx.send(Message::Close(Some(frame))).await;
+    } else {
+        let _ = ws_tx.close().await;
+    }
+    mqtt.abort();
+}
