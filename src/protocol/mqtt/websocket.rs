@@ -62,10 +62,8 @@ async fn bridge(socket: WebSocket, ctx: Context, conn: Arc<Connection>) {
         let inbound = async {
             while let Some(Ok(msg)) = ws_rx.next().await {
                 match msg {
-                    Message::Binary(bytes) => {
-                        if pipe_write.write_all(&bytes).await.is_err() {
-                            return None;
-                        }
+                    Message::Binary(bytes) if pipe_write.write_all(&bytes).await.is_err() => {
+                        return None;
                     }
                     Message::Text(_) => return Some(1003u16),
                     Message::Close(_) => return None,
