@@ -76,6 +76,18 @@ where
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             tracing::info!(remote = %conn.remote, error = %e, "bad CONNECT; closing");
+            metrics::refusal(PROTOCOL, "malformed");
+            // A CONNECT naming MQTT with a level we do not speak: 3.1.1's CONNACK return code 1
+            // (0x01 "unacceptable protocol version") is understood by every version.
+            if matches!(
+                e,
+                DecodeError::InvalidProtocol | DecodeError::UnsupportedProtocolLevel
+            ) && buf.get(4..8) == Some(b"MQTT")
+            {
+                let mut writer = writer;
+                let _ = writer.write_all(&[0x20, 0x02, 0x00, 0x01]).await;
+                let _ = writer.shutdown().await;
+            }
             return;
         }
         Err(_) => {

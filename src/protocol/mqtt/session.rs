@@ -406,10 +406,17 @@ impl Session {
         let exchange = self.ctx.config.mqtt.exchange.clone();
         let key = match topic_to_key(&p.topic, self.ctx.config.mqtt.topic_mapping) {
             Ok(k) => k,
+            // [MQTT-3.3.2-2]: no wildcards in a topic name; an empty one is malformed too.
+            Err(e @ (topic::TopicError::Wildcard | topic::TopicError::Empty)) => {
+                tracing::info!(client = %self.client_id, topic = %p.topic, "invalid topic name: {e}");
+                metrics::refusal(PROTOCOL, "topic_invalid");
+                return Outcome::Close(Some(reason::TOPIC_NAME_INVALID));
+            }
+            // Valid MQTT that has no AMQP form: refused, the connection stays (v5 only can say so).
             Err(e) => {
                 tracing::info!(client = %self.client_id, topic = %p.topic, "refused topic: {e}");
                 metrics::refusal(PROTOCOL, "topic_invalid");
-                if self.version == Version::V5 && p.qos > 0 {
+                if self.version == Version::V5 {
                     self.ack_publish(&p, reason::TOPIC_NAME_INVALID);
                     return Outcome::Continue;
                 }

@@ -1,0 +1,239 @@
+//! Bad MQTT input as raw bytes over TCP: each closes that one connection — with the return or
+//! reason code where the spec has one — and harms no other client and no accepted message.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestGateway, WAIT, start_gateway, token, unique};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn remaining_length(mut n: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let mut byte = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if n == 0 {
+            return out;
+        }
+    }
+}
+
+fn string(s: &[u8]) -> Vec<u8> {
+    let mut out = (s.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(s);
+    out
+}
+
+fn packet(first: u8, body: Vec<u8>) -> Vec<u8> {
+    let mut out = vec![first];
+    out.extend(remaining_length(body.len()));
+    out.extend(body);
+    out
+}
+
+/// A CONNECT with `name`, `level` and `flags` (username + password = token when given).
+fn connect_ka(
+    name: &[u8],
+    level: u8,
+    extra_flags: u8,
+    client: &str,
+    password: Option<&str>,
+    keep_alive: u16,
+) -> Vec<u8> {
+    let mut flags = 0x02 | extra_flags; // clean session
+    if password.is_some() {
+        flags |= 0xC0; // username and password
+    }
+    let mut body = string(name);
+    body.push(level);
+    body.push(flags);
+    body.extend_from_slice(&keep_alive.to_be_bytes());
+    if level == 5 {
+        body.push(0); // no properties
+    }
+    body.extend(string(client.as_bytes()));
+    if let Some(p) = password {
+        body.extend(string(b"u"));
+        body.extend(string(p.as_bytes()));
+    }
+    packet(0x10, body)
+}
+
+fn connect(
+    name: &[u8],
+    level: u8,
+    extra_flags: u8,
+    client: &str,
+    password: Option<&str>,
+) -> Vec<u8> {
+    connect_ka(name, level, extra_flags, client, password, 60)
+}
+
+fn publish(topic: &[u8], payload: &[u8], v5: bool) -> Vec<u8> {
+    let mut body = string(topic);
+    if v5 {
+        body.push(0);
+    }
+    body.extend_from_slice(payload);
+    packet(0x30, body)
+}
+
+async fn open(gw: &TestGateway) -> TcpStream {
+    TcpStream::connect(gw.gateway.addrs().mqtt).await.unwrap()
+}
+
+/// Everything the gateway sends until it closes the connection.
+async fn until_closed(s: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    match tokio::time::timeout(WAIT, s.read_to_end(&mut got)).await {
+        Ok(_) => got,
+        Err(_) => panic!("connection not closed within {WAIT:?}; got {got:?}"),
+    }
+}
+
+async fn connected(gw: &TestGateway, level: u8) -> TcpStream {
+    let mut s = open(gw).await;
+    let t = token("raw", "gateway.write:amq.topic/# gateway.read:amq.topic/#");
+    s.write_all(&connect(b"MQTT", level, 0, &unique("raw"), Some(&t)))
+        .await
+        .unwrap();
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[0], 0x20, "CONNACK");
+    let mut rest = vec![0u8; head[1] as usize];
+    s.read_exact(&mut rest).await.unwrap();
+    let code = if level == 5 { rest[1] } else { rest[1] };
+    assert_eq!(code, 0, "accepted");
+    s
+}
+
+#[tokio::test]
+async fn bad_input_closes_only_that_connection() {
+    let gw = start_gateway(|c| {
+        c.limits.max_message_bytes = bytesize::ByteSize::kib(1);
+        c.mqtt.connect_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let q = gw.queue("raw-accepted").await;
+    gw.bind(&q, "amq.topic", "accepted").await;
+    let good = token("raw", "gateway.write:amq.topic/# gateway.read:amq.topic/#");
+
+    // A bystander with an accepted message, before any abuse.
+    let mut bystander = connected(&gw, 4).await;
+    bystander
+        .write_all(&publish(b"accepted", b"kept", false))
+        .await
+        .unwrap();
+    common::eventually("the accepted message arrives", || async {
+        gw.depth(&q).await == 1
+    })
+    .await;
+
+    // A packet before CONNECT.
+    let mut s = open(&gw).await;
+    s.write_all(&[0xC0, 0x00]).await.unwrap();
+    assert_eq!(until_closed(&mut s).await, b"");
+
+    // Wrong protocol name: closed without CONNACK ([MQTT-3.1.2-1]).
+    let mut s = open(&gw).await;
+    s.write_all(&connect(b"MQTX", 4, 0, "x", None))
+        .await
+        .unwrap();
+    assert_eq!(until_closed(&mut s).await, b"");
+
+    // Unknown protocol level: CONNACK 0x01 (unacceptable protocol version), then closed.
+    let mut s = open(&gw).await;
+    s.write_all(&connect(b"MQTT", 9, 0, "x", None))
+        .await
+        .unwrap();
+    assert_eq!(until_closed(&mut s).await, [0x20, 0x02, 0x00, 0x01]);
+
+    // The reserved CONNECT flag set ([MQTT-3.1.2-3]).
+    let mut s = open(&gw).await;
+    s.write_all(&connect(b"MQTT", 4, 0x01, "x", Some(&good)))
+        .await
+        .unwrap();
+    assert_eq!(until_closed(&mut s).await, b"");
+
+    // No CONNECT within mqtt.connect_timeout.
+    let mut s = open(&gw).await;
+    assert_eq!(until_closed(&mut s).await, b"");
+
+    // A second CONNECT: 3.1.1 closes; 5 sends DISCONNECT 0x82 (protocol error) first.
+    let mut s = connected(&gw, 4).await;
+    s.write_all(&connect(b"MQTT", 4, 0, "again", Some(&good)))
+        .await
+        .unwrap();
+    assert_eq!(until_closed(&mut s).await, b"");
+    let mut s = connected(&gw, 5).await;
+    s.write_all(&connect(b"MQTT", 5, 0, "again", Some(&good)))
+        .await
+        .unwrap();
+    let got = until_closed(&mut s).await;
+    assert_eq!(&got[..1], [0xE0], "DISCONNECT");
+    assert_eq!(got[2], 0x82);
+
+    // Invalid UTF-8 in a topic name.
+    let mut s = connected(&gw, 4).await;
+    s.write_all(&publish(&[b'a', 0xff, 0xfe], b"x", false))
+        .await
+        .unwrap();
+    assert_eq!(until_closed(&mut s).await, b"");
+
+    // A wildcard in a PUBLISH topic: 5 gets DISCONNECT 0x90.
+    let mut s = connected(&gw, 5).await;
+    s.write_all(&publish(b"a/+/b", b"x", true)).await.unwrap();
+    let got = until_closed(&mut s).await;
+    assert_eq!((got[0], got[2]), (0xE0, 0x90));
+
+    // A packet over the maximum packet size (1 KiB + 64 KiB here): 5 gets DISCONNECT 0x95.
+    let mut s = connected(&gw, 5).await;
+    let mut big = vec![0x30];
+    big.extend(remaining_length(200 * 1024));
+    s.write_all(&big).await.unwrap();
+    let got = until_closed(&mut s).await;
+    assert_eq!((got[0], got[2]), (0xE0, 0x95));
+    let mut s = connected(&gw, 4).await;
+    s.write_all(&big).await.unwrap();
+    assert_eq!(until_closed(&mut s).await, b"");
+
+    // Nobody else was harmed: the bystander still works and the accepted message is there.
+    bystander.write_all(&[0xC0, 0x00]).await.unwrap();
+    let mut pong = [0u8; 2];
+    tokio::time::timeout(WAIT, bystander.read_exact(&mut pong))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(pong, [0xD0, 0x00], "PINGRESP");
+    assert_eq!(gw.depth(&q).await, 1);
+}
+
+#[tokio::test]
+async fn keep_alive_times_out_at_one_and_a_half() {
+    let gw = start_gateway(|_| {}).await;
+    let mut s = open(&gw).await;
+    let t = token("ka", "gateway.read:amq.topic/#");
+    // keep-alive 1 s: silence for 1.5 s ends the connection.
+    s.write_all(&connect_ka(b"MQTT", 4, 0, &unique("ka"), Some(&t), 1))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let got = until_closed(&mut s).await;
+    assert_eq!(&got[..2], [0x20, 0x02], "CONNACK first");
+    let waited = started.elapsed();
+    assert_eq!(
+        got,
+        [0x20, 0x02, 0x00, 0x00],
+        "only the CONNACK, then silence"
+    );
+    assert!(
+        waited >= Duration::from_millis(1400),
+        "closed too early: {waited:?}"
+    );
+}
