@@ -108,7 +108,7 @@ async fn connected(gw: &TestGateway, level: u8) -> TcpStream {
     assert_eq!(head[0], 0x20, "CONNACK");
     let mut rest = vec![0u8; head[1] as usize];
     s.read_exact(&mut rest).await.unwrap();
-    let code = if level == 5 { rest[1] } else { rest[1] };
+    let code = rest[1]; // the return code (3.1.1) or reason code (5), after the flags byte
     assert_eq!(code, 0, "accepted");
     s
 }
