@@ -1,0 +1,185 @@
+//! Interop with MQTT clients nobody here wrote: `mosquitto_sub` / `mosquitto_pub` (Debian
+//! `mosquitto-clients`) and Python `paho-mqtt` 2.x, both protocol versions. `.ci/run` installs
+//! them; a missing one fails the test with a message saying so.
+
+mod common;
+
+use std::process::{Command, Stdio};
+
+use amqp_gateway::protocol::mqtt::topic::session_queue;
+use common::{TestGateway, WAIT, admin, start_gateway, token, unique};
+
+fn tool(name: &str) -> String {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .unwrap();
+    assert!(
+        found.status.success(),
+        "{name} is not installed (bash .ci/run installs it)"
+    );
+    name.to_owned()
+}
+
+/// Waits until the session of (subject, client id) consumes its QoS 1 queue: subscribed.
+async fn subscribed(gw: &TestGateway, subject: &str, client: &str) {
+    let queue = session_queue(subject, client, "qos1");
+    common::eventually(&format!("{client} subscribed"), || async {
+        let r = gw
+            .get(&format!("/v1/queues/{queue}"), &admin())
+            .send()
+            .await
+            .unwrap();
+        if r.status() != 200 {
+            return false;
+        }
+        let v: serde_json::Value = r.json().await.unwrap();
+        let bindings: serde_json::Value = gw
+            .get(&format!("/v1/queues/{queue}/bindings"), &admin())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["consumers"] == 1 && bindings["items"].as_array().is_some_and(|b| b.len() > 1)
+    })
+    .await;
+}
+
+async fn mosquitto_roundtrip(version: &str) {
+    let gw = start_gateway(|_| {}).await;
+    let port = gw.gateway.addrs().mqtt.port().to_string();
+    let t = token(
+        "mosq",
+        "gateway.read:amq.topic/interop.# gateway.write:amq.topic/interop.#",
+    );
+    let client = unique("mosq-sub");
+    let sub = Command::new(tool("mosquitto_sub"))
+        .args([
+            "-V",
+            version,
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-i",
+            &client,
+            "-u",
+            "u",
+            "-P",
+            &t,
+        ])
+        .args(["-t", "interop/#", "-q", "1", "-C", "2", "-W", "10", "-v"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    subscribed(&gw, "mosq", &client).await;
+    for (topic, msg) in [("interop/a", "hello"), ("interop/b.c/d", "dotted")] {
+        let status = Command::new(tool("mosquitto_pub"))
+            .args([
+                "-V",
+                version,
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-u",
+                "u",
+                "-P",
+                &t,
+            ])
+            .args(["-t", topic, "-m", msg, "-q", "1"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "mosquitto_pub {version}");
+    }
+    let out = tokio::task::spawn_blocking(move || sub.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mosquitto_sub: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "interop/a hello\ninterop/b.c/d dotted\n"
+    );
+
+    // A bad token: mosquitto_pub fails to connect.
+    let refused = Command::new(tool("mosquitto_pub"))
+        .args([
+            "-V",
+            version,
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-u",
+            "u",
+            "-P",
+            "bad",
+        ])
+        .args(["-t", "interop/x", "-m", "x", "-q", "1"])
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+}
+
+async fn paho_roundtrip(version: &str) {
+    let gw = start_gateway(|_| {}).await;
+    let port = gw.gateway.addrs().mqtt.port().to_string();
+    let t = token(
+        "paho",
+        "gateway.read:amq.topic/paho.# gateway.write:amq.topic/paho.#",
+    );
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/interop/paho_roundtrip.py"
+    );
+    let child = Command::new(tool("python3"))
+        .args([script, "127.0.0.1", &port, &t, version])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = tokio::time::timeout(
+        WAIT * 4,
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await
+    .expect("paho script finished")
+    .unwrap()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "paho {version}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_clients_mqtt_3_1_1() {
+    mosquitto_roundtrip("mqttv311").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_clients_mqtt_5() {
+    mosquitto_roundtrip("mqttv5").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paho_mqtt_3_1_1() {
+    paho_roundtrip("3.1.1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paho_mqtt_5() {
+    paho_roundtrip("5").await;
+}
