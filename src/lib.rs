@@ -148,10 +148,11 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     let metrics_listener = server::bind("metrics", config.metrics.listen).await?;
     let metrics_addr = local_addr("metrics", &metrics_listener, config.metrics.listen)?;
 
+    let mqtt_adapter = protocol::mqtt::Mqtt::new(&ctx);
     let app = server::health_routes(ctx.clone())
         .merge(protocol::rest::router(ctx.clone()))
         .merge(protocol::ws::router(ctx.clone()))
-        .merge(protocol::mqtt::router(ctx.clone()))
+        .merge(mqtt_adapter.router(ctx.clone()))
         .merge(web::router());
     let mut tasks = vec![
         server::serve_http(
@@ -169,7 +170,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
             config.shutdown_timeout,
         ),
     ];
-    tasks.push(protocol::mqtt::serve_tcp(mqtt, ctx.clone()));
+    tasks.push(protocol::mqtt::serve_tcp(mqtt, ctx.clone(), mqtt_adapter));
     tasks.extend(auth::jwt::spawn_refresh(
         auth.verifier(),
         config.auth.jwks_refresh,

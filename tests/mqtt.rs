@@ -42,6 +42,7 @@ enum Ev {
         topic: String,
         qos: u8,
         payload: Bytes,
+        retain: bool,
     },
     PubAck(String),
     Disconnect(String),
@@ -128,6 +129,7 @@ async fn connect(
                                 topic: p.topic,
                                 qos: p.qos as u8,
                                 payload: p.payload,
+                                retain: p.retain,
                             },
                             rumqttc::Packet::PubAck(_) => Ev::PubAck("Success".into()),
                             _ => continue,
@@ -183,6 +185,7 @@ async fn connect(
                                 topic: String::from_utf8_lossy(&p.topic).into_owned(),
                                 qos: p.qos as u8,
                                 payload: p.payload,
+                                retain: p.retain,
                             },
                             Packet::PubAck(a) => Ev::PubAck(format!("{:?}", a.reason)),
                             Packet::Disconnect(d) => Ev::Disconnect(format!("{:?}", d.reason_code)),
@@ -268,27 +271,40 @@ impl Client {
     }
 
     async fn publish(&self, topic: &str, qos: u8, payload: &str) {
+        self.publish_retain(topic, qos, payload, false).await
+    }
+
+    async fn publish_retain(&self, topic: &str, qos: u8, payload: &str, retain: bool) {
+        let body = payload.as_bytes().to_vec();
         match &self.handle {
-            Handle::V4(c) => c
-                .publish(topic, qos4(qos), false, payload.as_bytes().to_vec())
-                .await
-                .unwrap(),
-            Handle::V5(c) => c
-                .publish(topic, qos5(qos), false, payload.as_bytes().to_vec())
-                .await
-                .unwrap(),
+            Handle::V4(c) => c.publish(topic, qos4(qos), retain, body).await.unwrap(),
+            Handle::V5(c) => c.publish(topic, qos5(qos), retain, body).await.unwrap(),
         }
     }
 
     /// The next PUBLISH, skipping acks.
     async fn message(&mut self) -> (String, u8, String) {
+        let (topic, qos, payload, _) = self.message_retain().await;
+        (topic, qos, payload)
+    }
+
+    /// The next PUBLISH with its RETAIN flag.
+    async fn message_retain(&mut self) -> (String, u8, String, bool) {
         loop {
             match self.next().await {
                 Ev::Publish {
                     topic,
                     qos,
                     payload,
-                } => return (topic, qos, String::from_utf8_lossy(&payload).into_owned()),
+                    retain,
+                } => {
+                    return (
+                        topic,
+                        qos,
+                        String::from_utf8_lossy(&payload).into_owned(),
+                        retain,
+                    );
+                }
                 Ev::PubAck(_) => continue,
                 other => panic!("expected PUBLISH, got {other:?}"),
             }
@@ -474,6 +490,53 @@ async fn a_second_connection_takes_the_client_id_over(v: Version) {
 
 /// Each case runs for {TCP, WebSocket} × {3.1.1, 5} (nextest gives every test its own
 /// process, so the transport is set once per process).
+async fn retained_messages_greet_new_subscribers(v: Version) {
+    let gw = start_gateway(|_| {}).await;
+    let t = token(
+        "dev7",
+        "gateway.read:amq.topic/home.# gateway.write:amq.topic/home.#",
+    );
+    let (mut p, _) = Client::connected(&gw, v, &unique("p"), &t, true).await;
+    p.publish_retain("home/kitchen/temp", 1, "21", true).await;
+    p.publish_retain("home/hall/temp", 1, "19", true).await;
+    p.publish_retain("home/hall/light", 1, "on", true).await;
+    // Wait for the three PUBACKs: the retained store has them.
+    for _ in 0..3 {
+        assert!(matches!(p.next().await, Ev::PubAck(_)));
+    }
+    let (mut s, _) = Client::connected(&gw, v, &unique("s"), &t, true).await;
+    assert_eq!(s.subscribe("home/+/temp", 1).await, Ok(1));
+    let mut got = vec![s.message_retain().await, s.message_retain().await];
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("home/hall/temp".to_owned(), 1, "19".to_owned(), true),
+            ("home/kitchen/temp".to_owned(), 1, "21".to_owned(), true),
+        ]
+    );
+    // Live messages to an existing subscription carry RETAIN=0.
+    p.publish_retain("home/hall/temp", 1, "20", true).await;
+    assert_eq!(
+        s.message_retain().await,
+        ("home/hall/temp".to_owned(), 1, "20".to_owned(), false)
+    );
+    // An empty retained payload clears it; the exact filter finds only what is left.
+    p.publish_retain("home/hall/light", 1, "", true).await;
+    assert!(matches!(p.next().await, Ev::PubAck(_)));
+    let (mut late, _) = Client::connected(&gw, v, &unique("late"), &t, true).await;
+    assert_eq!(late.subscribe("home/hall/#", 0).await, Ok(0));
+    assert_eq!(
+        late.message_retain().await,
+        ("home/hall/temp".to_owned(), 0, "20".to_owned(), true)
+    );
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(
+        late.events.try_recv().is_err(),
+        "the cleared topic is not retained"
+    );
+}
+
 macro_rules! matrix {
     ($($case:ident),* $(,)?) => {
         mod v3_1_1_tcp {
@@ -510,4 +573,5 @@ matrix!(
     mqtt_and_rest_meet_on_amq_topic,
     persistent_sessions_keep_messages_for_their_return,
     a_second_connection_takes_the_client_id_over,
+    retained_messages_greet_new_subscribers,
 );

@@ -4,11 +4,37 @@
 
 pub mod codec;
 mod connection;
+pub mod retained;
 pub mod session;
 pub mod topic;
 mod websocket;
 
-pub use websocket::router;
+use self::retained::Retained;
+
+/// What every MQTT connection of this gateway shares, whatever its transport.
+#[derive(Clone)]
+pub struct Mqtt {
+    retained: Arc<Retained>,
+}
+
+impl Mqtt {
+    pub fn new(ctx: &Context) -> Self {
+        let cap = ctx
+            .config
+            .mqtt
+            .retained_stream_bytes
+            .as_u64()
+            .min(usize::MAX as u64) as usize;
+        Mqtt {
+            retained: Arc::new(Retained::new(cap)),
+        }
+    }
+
+    /// `/mqtt`: MQTT over WebSocket on the HTTP port.
+    pub fn router(&self, ctx: Context) -> axum::Router {
+        websocket::router(ctx, self.retained.clone())
+    }
+}
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +46,7 @@ use tokio::task::JoinHandle;
 use crate::context::{Connection, Context};
 
 /// Accepts MQTT over TCP until shutdown.
-pub fn serve_tcp(listener: TcpListener, ctx: Context) -> JoinHandle<()> {
+pub fn serve_tcp(listener: TcpListener, ctx: Context, mqtt: Mqtt) -> JoinHandle<()> {
     static IDS: AtomicU64 = AtomicU64::new(1 << 40);
     tokio::spawn(async move {
         loop {
@@ -41,7 +67,12 @@ pub fn serve_tcp(listener: TcpListener, ctx: Context) -> JoinHandle<()> {
                 remote,
                 ctx.flow.connection(),
             ));
-            tokio::spawn(connection::run(stream, ctx.clone(), conn));
+            tokio::spawn(connection::run(
+                stream,
+                ctx.clone(),
+                conn,
+                mqtt.retained.clone(),
+            ));
         }
     })
 }

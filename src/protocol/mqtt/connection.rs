@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use super::codec::{Codec, DecodeError, Inbound, Outbound, Version};
+use super::retained::Retained;
 use super::session::{Outcome, Session, reason};
 use crate::auth::now_secs;
 use crate::context::{Connection, Context};
@@ -43,16 +44,16 @@ async fn read_packet<R: AsyncRead + Unpin>(
     }
 }
 
-pub async fn run<S>(stream: S, ctx: Context, conn: Arc<Connection>)
+pub async fn run<S>(stream: S, ctx: Context, conn: Arc<Connection>, retained: Arc<Retained>)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     metrics::connection_opened(PROTOCOL);
-    serve(stream, &ctx, conn).await;
+    serve(stream, &ctx, conn, retained).await;
     metrics::connection_closed(PROTOCOL);
 }
 
-async fn serve<S>(stream: S, ctx: &Context, conn: Arc<Connection>)
+async fn serve<S>(stream: S, ctx: &Context, conn: Arc<Connection>, retained: Arc<Retained>)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -105,7 +106,14 @@ where
         max_packet,
         ctx.config.limits.write_timeout,
     ));
-    let mut session = match Session::connect(ctx.clone(), conn.clone(), *connect, tx.clone()).await
+    let mut session = match Session::connect(
+        ctx.clone(),
+        conn.clone(),
+        *connect,
+        tx.clone(),
+        retained,
+    )
+    .await
     {
         Ok((session, connack)) => {
             let _ = tx.send(connack);

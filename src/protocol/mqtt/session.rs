@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamMap};
 
 use super::codec::{Connect, Filter, Inbound, Outbound, PublishIn, Version, Will};
+use super::retained::Retained;
 use super::topic::{self, filter_to_binding, key_to_topic, session_queue, topic_to_key};
 use crate::auth::Principal;
 use crate::context::{Connection, Context};
@@ -42,7 +43,6 @@ pub mod reason {
     pub const TOPIC_FILTER_INVALID: u8 = 0x8F;
     pub const TOPIC_NAME_INVALID: u8 = 0x90;
     pub const QUOTA_EXCEEDED: u8 = 0x97;
-    pub const RETAIN_NOT_SUPPORTED: u8 = 0x9A;
     pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
     pub const SHARED_NOT_SUPPORTED: u8 = 0x9E;
     pub const KEEP_ALIVE_TIMEOUT: u8 = 0x8D;
@@ -95,7 +95,9 @@ pub struct Session {
     subs: HashMap<String, u8>,
     /// Keyed by the queue's level (0 or 1).
     pub consumers: StreamMap<u8, Deliveries>,
-    inflight: HashMap<u16, u64>,
+    /// Packet id → engine tag (none for retained messages, which no queue holds).
+    inflight: HashMap<u16, Option<u64>>,
+    retained: Arc<Retained>,
     next_packet_id: u16,
     inflight_max: u16,
     /// QoS 1 publishes over the rate limit wait here (their PUBACK withheld).
@@ -124,6 +126,7 @@ impl Session {
         conn: Arc<Connection>,
         connect: Connect,
         out: mpsc::UnboundedSender<Outbound>,
+        retained: Arc<Retained>,
     ) -> Result<(Session, Outbound), Refused> {
         let principal = match connect.password.as_ref().filter(|p| !p.is_empty()) {
             None => ctx.auth.anonymous().map_err(|e| Refused {
@@ -213,6 +216,7 @@ impl Session {
             subs: HashMap::new(),
             consumers: StreamMap::new(),
             inflight: HashMap::new(),
+            retained,
             next_packet_id: 1,
             inflight_max,
             parked: VecDeque::new(),
@@ -328,7 +332,7 @@ impl Session {
         match packet {
             Inbound::Publish(p) => self.publish(p).await,
             Inbound::PubAck(id) => {
-                if let Some(tag) = self.inflight.remove(&id) {
+                if let Some(Some(tag)) = self.inflight.remove(&id) {
                     let _ = self.channel.ack(tag, false).await;
                 }
                 Outcome::Continue
@@ -340,8 +344,18 @@ impl Session {
             }
             Inbound::PubRec(_) | Inbound::PubComp(_) => Outcome::Continue,
             Inbound::Subscribe { packet_id, filters } => {
+                let wanted: Vec<String> = filters.iter().map(|f| f.filter.clone()).collect();
                 let codes = self.subscribe(filters).await;
-                self.send(Outbound::SubAck { packet_id, codes });
+                self.send(Outbound::SubAck {
+                    packet_id,
+                    codes: codes.clone(),
+                });
+                // Binding made, SUBACK sent: now the retained messages, then queued deliveries.
+                for (filter, code) in wanted.iter().zip(codes) {
+                    if code <= 2 {
+                        self.send_retained(filter, code);
+                    }
+                }
                 Outcome::Continue
             }
             Inbound::Unsubscribe { packet_id, filters } => {
@@ -374,9 +388,6 @@ impl Session {
         if p.qos == 2 && self.version == Version::V5 {
             // CONNACK said Maximum QoS 1.
             return Outcome::Close(Some(reason::QOS_NOT_SUPPORTED));
-        }
-        if p.retain && self.version == Version::V5 {
-            return Outcome::Close(Some(reason::RETAIN_NOT_SUPPORTED));
         }
         if !self.parked.is_empty() && p.qos > 0 {
             // Keep order: later publishes wait behind parked ones.
@@ -469,7 +480,22 @@ impl Session {
         {
             Ok(_) => {
                 metrics::message_in(PROTOCOL, started.elapsed());
-                self.ack_publish(&p, reason::SUCCESS);
+                let code = if p.retain
+                    && self
+                        .retained
+                        .set(&p.topic, p.payload.clone(), p.qos)
+                        .is_err()
+                {
+                    metrics::refusal(PROTOCOL, "retained_full");
+                    if self.version == Version::V5 {
+                        reason::QUOTA_EXCEEDED
+                    } else {
+                        reason::SUCCESS
+                    }
+                } else {
+                    reason::SUCCESS
+                };
+                self.ack_publish(&p, code);
                 Outcome::Continue
             }
             Err(EngineError::Rejected(_)) if self.version == Version::V5 => {
@@ -634,7 +660,7 @@ impl Session {
         };
         let packet_id = if qos == 1 {
             let id = self.next_packet_id();
-            self.inflight.insert(id, d.delivery_tag);
+            self.inflight.insert(id, Some(d.delivery_tag));
             Some(id)
         } else {
             if level == 1 {
@@ -653,6 +679,27 @@ impl Session {
         });
         metrics::messages_out(PROTOCOL, 1);
         Outcome::Continue
+    }
+
+    /// Sends the retained messages matching a new subscription, RETAIN=1, at most `granted`.
+    fn send_retained(&mut self, filter: &str, granted: u8) {
+        for (topic, m) in self.retained.matching(filter) {
+            let qos = m.qos.min(granted).min(1);
+            let packet_id = (qos == 1).then(|| {
+                let id = self.next_packet_id();
+                self.inflight.insert(id, None);
+                id
+            });
+            self.send(Outbound::Publish {
+                topic,
+                qos,
+                retain: true,
+                dup: false,
+                packet_id,
+                payload: m.payload,
+            });
+            metrics::messages_out(PROTOCOL, 1);
+        }
     }
 
     /// Another connection of the same subject and client id took the session over.

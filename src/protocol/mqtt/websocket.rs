@@ -14,18 +14,21 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::connection;
+use super::retained::Retained;
 use crate::context::{Connection, Context};
 
 const SUBPROTOCOL: &str = "mqtt";
 /// Bytes buffered between the WebSocket and the MQTT connection, each way.
 const PIPE: usize = 64 * 1024;
 
-pub fn router(ctx: Context) -> Router {
-    Router::new().route("/mqtt", get(upgrade)).with_state(ctx)
+pub fn router(ctx: Context, retained: Arc<Retained>) -> Router {
+    Router::new()
+        .route("/mqtt", get(upgrade))
+        .with_state((ctx, retained))
 }
 
 async fn upgrade(
-    State(ctx): State<Context>,
+    State((ctx, retained)): State<(Context, Arc<Retained>)>,
     Extension(conn): Extension<Arc<Connection>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
@@ -47,14 +50,14 @@ async fn upgrade(
     ws.protocols([SUBPROTOCOL])
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| bridge(socket, ctx, conn))
+        .on_upgrade(move |socket| bridge(socket, ctx, conn, retained))
 }
 
 /// Runs the MQTT connection on one end of a duplex pipe and shuttles WebSocket frames to and
 /// from the other end.
-async fn bridge(socket: WebSocket, ctx: Context, conn: Arc<Connection>) {
+async fn bridge(socket: WebSocket, ctx: Context, conn: Arc<Connection>, retained: Arc<Retained>) {
     let (mqtt_side, pipe) = tokio::io::duplex(PIPE);
-    let mqtt = tokio::spawn(connection::run(mqtt_side, ctx, conn));
+    let mqtt = tokio::spawn(connection::run(mqtt_side, ctx, conn, retained));
     let (mut pipe_read, mut pipe_write) = tokio::io::split(pipe);
     let (mut ws_tx, mut ws_rx) = socket.split();
     // In a block so both halves' borrows end before the close frame is sent.
