@@ -40,6 +40,19 @@ pub struct Connect {
     pub session_expiry: u32,
 }
 
+/// MQTT 5 publish properties the gateway maps (DESIGN.md §3); empty for 3.1.1.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublishProps {
+    pub content_type: Option<String>,
+    pub correlation_data: Option<Bytes>,
+    pub response_topic: Option<String>,
+    /// Seconds.
+    pub message_expiry: Option<u32>,
+    pub user_properties: Vec<(String, String)>,
+    pub topic_alias: Option<u16>,
+    pub payload_utf8: bool,
+}
+
 #[derive(Debug, Clone)]
 pub struct PublishIn {
     pub topic: String,
@@ -47,6 +60,7 @@ pub struct PublishIn {
     pub retain: bool,
     pub packet_id: Option<u16>,
     pub payload: Bytes,
+    pub props: PublishProps,
 }
 
 #[derive(Debug, Clone)]
@@ -94,6 +108,7 @@ pub enum Outbound {
         dup: bool,
         packet_id: Option<u16>,
         payload: Bytes,
+        props: PublishProps,
     },
     PubAck {
         packet_id: u16,
@@ -119,6 +134,9 @@ pub enum Outbound {
         code: u8,
     },
 }
+
+/// How many topic aliases a v5 client may set up (inbound).
+pub const TOPIC_ALIAS_MAX: u16 = 32;
 
 fn nz16(v: u16) -> NonZeroU16 {
     NonZeroU16::new(v).unwrap_or(NonZeroU16::MIN)
@@ -207,12 +225,29 @@ impl Codec {
 }
 
 fn publish_in(p: Publish) -> PublishIn {
+    let props = p
+        .properties
+        .map(|pp| PublishProps {
+            content_type: pp.content_type.map(|v| v.to_string()),
+            correlation_data: pp.correlation_data,
+            response_topic: pp.response_topic.map(|v| v.to_string()),
+            message_expiry: pp.message_expiry_interval.map(std::num::NonZeroU32::get),
+            user_properties: pp
+                .user_properties
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            topic_alias: pp.topic_alias.map(NonZeroU16::get),
+            payload_utf8: pp.is_utf8_payload,
+        })
+        .unwrap_or_default();
     PublishIn {
         topic: p.topic.to_string(),
         qos: qos_of(p.qos),
         retain: p.retain,
         packet_id: p.packet_id.map(NonZeroU16::get),
         payload: p.payload,
+        props,
     }
 }
 
@@ -317,7 +352,25 @@ fn publish_out(
     dup: bool,
     packet_id: Option<u16>,
     payload: Bytes,
+    props: Option<PublishProps>,
 ) -> Publish {
+    let properties =
+        props
+            .filter(|p| *p != PublishProps::default())
+            .map(|p| v5::PublishProperties {
+                topic_alias: None,
+                correlation_data: p.correlation_data,
+                message_expiry_interval: p.message_expiry.and_then(std::num::NonZeroU32::new),
+                content_type: p.content_type.map(ByteString::from),
+                user_properties: p
+                    .user_properties
+                    .into_iter()
+                    .map(|(k, v)| (ByteString::from(k), ByteString::from(v)))
+                    .collect(),
+                is_utf8_payload: p.payload_utf8,
+                response_topic: p.response_topic.map(ByteString::from),
+                subscription_ids: Vec::new(),
+            });
     Publish {
         dup,
         retain,
@@ -325,7 +378,7 @@ fn publish_out(
         topic: ByteString::from(topic),
         packet_id: packet_id.map(nz16),
         payload,
-        properties: None,
+        properties,
     }
 }
 
@@ -359,8 +412,9 @@ fn to_v3(p: Outbound) -> v3::Packet {
             dup,
             packet_id,
             payload,
+            ..
         } => P::Publish(Box::new(publish_out(
-            topic, qos, retain, dup, packet_id, payload,
+            topic, qos, retain, dup, packet_id, payload, None,
         ))),
         Outbound::PubAck { packet_id, .. } => P::PublishAck {
             packet_id: nz16(packet_id),
@@ -410,7 +464,8 @@ fn to_v5(p: Outbound) -> v5::Packet {
             max_qos: QoS::AtLeastOnce,
             max_packet_size: Some(max_packet_size),
             assigned_client_id: assigned_client_id.map(ByteString::from),
-            retain_available: false,
+            retain_available: true,
+            topic_alias_max: TOPIC_ALIAS_MAX,
             shared_subscription_available: false,
             subscription_identifiers_available: false,
             ..Default::default()
@@ -422,8 +477,15 @@ fn to_v5(p: Outbound) -> v5::Packet {
             dup,
             packet_id,
             payload,
+            props,
         } => P::Publish(Box::new(publish_out(
-            topic, qos, retain, dup, packet_id, payload,
+            topic,
+            qos,
+            retain,
+            dup,
+            packet_id,
+            payload,
+            Some(props),
         ))),
         Outbound::PubAck { packet_id, code } => P::PublishAck(v5::PublishAck {
             packet_id: nz16(packet_id),

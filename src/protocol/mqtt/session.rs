@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamMap};
 
-use super::codec::{Connect, Filter, Inbound, Outbound, PublishIn, Version, Will};
+use super::codec::{
+    Connect, Filter, Inbound, Outbound, PublishIn, PublishProps, TOPIC_ALIAS_MAX, Version, Will,
+};
 use super::retained::Retained;
 use super::topic::{self, filter_to_binding, key_to_topic, session_queue, topic_to_key};
 use crate::auth::Principal;
@@ -28,6 +30,8 @@ use crate::metrics;
 const PROTOCOL: &str = "mqtt";
 /// The publish QoS travels with the message so deliveries never exceed it (DESIGN.md §3).
 pub const PUBLISH_QOS_HEADER: &str = "x-mqtt-publish-qos";
+/// MQTT 5 correlation data that is not UTF-8 (AMQP correlation_id is a short string).
+pub const CORRELATION_HEADER: &str = "x-mqtt-correlation-data";
 
 /// MQTT 5 reason codes used here (3.1.1 answers are derived from them in the codec).
 pub mod reason {
@@ -42,6 +46,7 @@ pub mod reason {
     pub const SESSION_TAKEN_OVER: u8 = 0x8E;
     pub const TOPIC_FILTER_INVALID: u8 = 0x8F;
     pub const TOPIC_NAME_INVALID: u8 = 0x90;
+    pub const TOPIC_ALIAS_INVALID: u8 = 0x94;
     pub const QUOTA_EXCEEDED: u8 = 0x97;
     pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
     pub const SHARED_NOT_SUPPORTED: u8 = 0x9E;
@@ -100,6 +105,8 @@ pub struct Session {
     retained: Arc<Retained>,
     next_packet_id: u16,
     inflight_max: u16,
+    /// MQTT 5 inbound topic aliases.
+    aliases: HashMap<u16, String>,
     /// QoS 1 publishes over the rate limit wait here (their PUBACK withheld).
     parked: VecDeque<PublishIn>,
     pub retry_at: Option<Instant>,
@@ -219,6 +226,7 @@ impl Session {
             retained,
             next_packet_id: 1,
             inflight_max,
+            aliases: HashMap::new(),
             parked: VecDeque::new(),
             retry_at: None,
             takeover_key: key,
@@ -384,7 +392,20 @@ impl Session {
 
     // ---------- inbound publish ----------
 
-    async fn publish(&mut self, p: PublishIn) -> Outcome {
+    async fn publish(&mut self, mut p: PublishIn) -> Outcome {
+        if let Some(alias) = p.props.topic_alias {
+            if alias == 0 || alias > TOPIC_ALIAS_MAX {
+                return Outcome::Close(Some(reason::TOPIC_ALIAS_INVALID));
+            }
+            if p.topic.is_empty() {
+                match self.aliases.get(&alias) {
+                    Some(topic) => p.topic = topic.clone(),
+                    None => return Outcome::Close(Some(reason::PROTOCOL_ERROR)),
+                }
+            } else {
+                self.aliases.insert(alias, p.topic.clone());
+            }
+        }
         if p.qos == 2 && self.version == Version::V5 {
             // CONNACK said Maximum QoS 1.
             return Outcome::Close(Some(reason::QOS_NOT_SUPPORTED));
@@ -462,16 +483,7 @@ impl Session {
             self.retry_at = Some(Instant::now() + t.retry_after);
             return Outcome::Continue;
         }
-        let mut message = Message::new(p.payload.clone());
-        message.properties.delivery_mode = Some(if p.qos > 0 { 2 } else { 1 });
-        message
-            .properties
-            .headers
-            .insert(PUBLISH_QOS_HEADER.into(), FieldValue::U8(p.qos));
-        message.properties.headers.insert(
-            SUBJECT_HEADER.into(),
-            FieldValue::Str(self.principal.subject.to_string()),
-        );
+        let message = self.message_of(&p);
         let started = Instant::now();
         match self
             .channel
@@ -510,6 +522,76 @@ impl Session {
                 }
                 Outcome::Close(Some(reason::UNSPECIFIED))
             }
+        }
+    }
+
+    /// The AMQP form of a PUBLISH: MQTT 5 properties mapped (DESIGN.md §3).
+    fn message_of(&self, p: &PublishIn) -> Message {
+        let mut m = Message::new(p.payload.clone());
+        let props = &mut m.properties;
+        props.delivery_mode = Some(if p.qos > 0 { 2 } else { 1 });
+        for (k, v) in &p.props.user_properties {
+            props.headers.insert(k.clone(), FieldValue::Str(v.clone()));
+        }
+        props
+            .headers
+            .insert(PUBLISH_QOS_HEADER.into(), FieldValue::U8(p.qos));
+        props.headers.insert(
+            SUBJECT_HEADER.into(),
+            FieldValue::Str(self.principal.subject.to_string()),
+        );
+        props.content_type = p.props.content_type.clone();
+        if let Some(data) = &p.props.correlation_data {
+            match std::str::from_utf8(data) {
+                Ok(s) if s.len() <= 255 => props.correlation_id = Some(s.to_owned()),
+                _ => {
+                    props
+                        .headers
+                        .insert(CORRELATION_HEADER.into(), FieldValue::Bytes(data.to_vec()));
+                }
+            }
+        }
+        props.reply_to = p
+            .props
+            .response_topic
+            .as_deref()
+            .and_then(|t| topic_to_key(t, self.ctx.config.mqtt.topic_mapping).ok());
+        props.expiration = p
+            .props
+            .message_expiry
+            .map(|secs| (u64::from(secs) * 1000).to_string());
+        m
+    }
+
+    /// The MQTT 5 properties of a delivery.
+    fn props_of(&self, d: &Delivery) -> PublishProps {
+        if self.version != Version::V5 {
+            return PublishProps::default();
+        }
+        let p = d.properties();
+        let correlation_data = match p.headers.get(CORRELATION_HEADER) {
+            Some(FieldValue::Bytes(b)) => Some(bytes::Bytes::from(b.clone())),
+            _ => p.correlation_id.clone().map(bytes::Bytes::from),
+        };
+        PublishProps {
+            content_type: p.content_type.clone(),
+            correlation_data,
+            response_topic: p
+                .reply_to
+                .as_deref()
+                .and_then(|k| key_to_topic(k, self.ctx.config.mqtt.topic_mapping)),
+            // Remaining expiry, rounded up so a live message never reads 0.
+            message_expiry: d
+                .expires_in
+                .map(|left| left.as_secs_f64().ceil().max(1.0) as u32),
+            user_properties: p
+                .headers
+                .iter()
+                .filter(|(k, _)| !k.starts_with("x-mqtt-"))
+                .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_owned())))
+                .collect(),
+            topic_alias: None,
+            payload_utf8: false,
         }
     }
 
@@ -669,6 +751,7 @@ impl Session {
             }
             None
         };
+        let props = self.props_of(&d);
         self.send(Outbound::Publish {
             topic,
             qos,
@@ -676,6 +759,7 @@ impl Session {
             dup: false,
             packet_id,
             payload: d.body().clone(),
+            props,
         });
         metrics::messages_out(PROTOCOL, 1);
         Outcome::Continue
@@ -697,6 +781,7 @@ impl Session {
                 dup: false,
                 packet_id,
                 payload: m.payload,
+                props: PublishProps::default(),
             });
             metrics::messages_out(PROTOCOL, 1);
         }
@@ -718,6 +803,7 @@ impl Session {
                 retain: false,
                 packet_id: None,
                 payload: will.payload,
+                props: PublishProps::default(),
             };
             let _ = self.publish_now(PublishIn { qos: 0, ..p }, false).await;
         }

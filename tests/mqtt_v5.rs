@@ -1,0 +1,163 @@
+//! MQTT 5 features over TCP with rumqttc's v5 client: publish properties ↔ AMQP properties in
+//! both directions (user properties ↔ headers, content type, response topic ↔ reply_to,
+//! correlation data ↔ correlation_id, message expiry ↔ expiration with the remaining time), and
+//! inbound topic aliases.
+
+mod common;
+
+use bytes::Bytes;
+use common::{WAIT, admin, start_gateway, token, unique};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+async fn client(port: u16, password: &str) -> (AsyncClient, mpsc::UnboundedReceiver<Packet>) {
+    let mut o = MqttOptions::new(unique("v5"), "127.0.0.1", port);
+    o.set_credentials("u", password);
+    let (client, mut eventloop) = AsyncClient::new(o, 50);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(ev) = eventloop.poll().await {
+            if let Event::Incoming(p) = ev {
+                if tx.send(p).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    (client, rx)
+}
+
+async fn next_publish(rx: &mut mpsc::UnboundedReceiver<Packet>) -> Publish {
+    loop {
+        match tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("a PUBLISH in time")
+        {
+            Some(Packet::Publish(p)) => return p,
+            Some(_) => continue,
+            None => panic!("client ended"),
+        }
+    }
+}
+
+async fn until(
+    rx: &mut mpsc::UnboundedReceiver<Packet>,
+    what: &str,
+    pick: impl Fn(&Packet) -> bool,
+) {
+    loop {
+        match tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no {what}"))
+        {
+            Some(p) if pick(&p) => return,
+            Some(_) => continue,
+            None => panic!("client ended before {what}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn properties_map_both_ways_and_aliases_resolve() {
+    let gw = start_gateway(|_| {}).await;
+    let port = gw.gateway.addrs().mqtt.port();
+    let t = token(
+        "v5dev",
+        "gateway.read:amq.topic/rpc.# gateway.write:amq.topic/rpc.#",
+    );
+    let (c, mut rx) = client(port, &t).await;
+    until(&mut rx, "CONNACK", |p| matches!(p, Packet::ConnAck(_))).await;
+
+    // MQTT 5 → AMQP (seen through REST).
+    let q = gw.queue("v5-in").await;
+    gw.bind(&q, "amq.topic", "rpc.#").await;
+    let props = PublishProperties {
+        message_expiry_interval: Some(60),
+        response_topic: Some("rpc/replies/v5dev".into()),
+        correlation_data: Some(Bytes::from_static(b"req-7")),
+        user_properties: vec![("trace".into(), "abc".into())],
+        content_type: Some("application/json".into()),
+        ..Default::default()
+    };
+    c.publish_with_properties("rpc/calc", QoS::AtLeastOnce, false, r#"{"x":1}"#, props)
+        .await
+        .unwrap();
+    until(&mut rx, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
+    let got = gw.take(&q, 1).await;
+    let p = &got[0]["properties"];
+    assert_eq!(got[0]["body"], json!({"x": 1}), "content type carried over");
+    assert_eq!(p["content_type"], "application/json");
+    assert_eq!(p["reply_to"], "rpc.replies.v5dev");
+    assert_eq!(p["correlation_id"], "req-7");
+    assert_eq!(p["expiration"], "60000");
+    assert_eq!(p["headers"]["trace"], "abc");
+
+    // Topic alias: set with the first publish, used alone by the second.
+    let aliased = PublishProperties {
+        topic_alias: Some(3),
+        ..Default::default()
+    };
+    c.publish_with_properties(
+        "rpc/alias",
+        QoS::AtLeastOnce,
+        false,
+        "first",
+        aliased.clone(),
+    )
+    .await
+    .unwrap();
+    c.publish_with_properties("", QoS::AtLeastOnce, false, "second", aliased)
+        .await
+        .unwrap();
+    common::eventually("both aliased publishes arrive", || async {
+        gw.depth(&q).await == 2
+    })
+    .await;
+    let got = gw.take(&q, 2).await;
+    assert_eq!(
+        (got[0]["routing_key"].clone(), got[1]["routing_key"].clone()),
+        (json!("rpc.alias"), json!("rpc.alias"))
+    );
+
+    // AMQP (REST) → MQTT 5.
+    c.subscribe("rpc/replies/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    until(&mut rx, "SUBACK", |p| matches!(p, Packet::SubAck(_))).await;
+    let r = gw
+        .post("/v1/exchanges/amq.topic/publish", &admin())
+        .json(
+            &json!({"routing_key": "rpc.replies.v5dev", "body": {"result": 2},
+                       "properties": {"correlation_id": "req-7", "reply_to": "rpc.back",
+                                      "expiration": "30000", "headers": {"trace": "abc", "n": 5}}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let m = next_publish(&mut rx).await;
+    assert_eq!(m.topic, Bytes::from_static(b"rpc/replies/v5dev"));
+    let props = m.properties.expect("v5 properties");
+    assert_eq!(props.content_type.as_deref(), Some("application/json"));
+    assert_eq!(props.correlation_data.as_deref(), Some(&b"req-7"[..]));
+    assert_eq!(props.response_topic.as_deref(), Some("rpc/back"));
+    let left = props.message_expiry_interval.expect("remaining expiry");
+    assert!((1..=30).contains(&left), "{left}");
+    assert!(
+        props
+            .user_properties
+            .contains(&("trace".into(), "abc".into()))
+    );
+    assert!(
+        props
+            .user_properties
+            .contains(&("x-gateway-sub".into(), "root".into()))
+    );
+    assert!(
+        !props.user_properties.iter().any(|(k, _)| k == "n"),
+        "only string headers become user properties"
+    );
+}
