@@ -20,10 +20,10 @@ async fn client(port: u16, password: &str) -> (AsyncClient, mpsc::UnboundedRecei
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok(ev) = eventloop.poll().await {
-            if let Event::Incoming(p) = ev {
-                if tx.send(p).is_err() {
-                    return;
-                }
+            if let Event::Incoming(p) = ev
+                && tx.send(p).is_err()
+            {
+                return;
             }
         }
     });
