@@ -537,6 +537,48 @@ async fn retained_messages_greet_new_subscribers(v: Version) {
     );
 }
 
+async fn qos2_end_to_end(v: Version) {
+    let gw = start_gateway(|_| {}).await;
+    let t = token(
+        "dev8",
+        "gateway.read:amq.topic/q2.# gateway.write:amq.topic/q2.#",
+    );
+    let sub_id = unique("s2");
+    let (mut sub, _) = Client::connected(&gw, v, &sub_id, &t, true).await;
+    assert_eq!(
+        sub.subscribe("q2/#", 2).await,
+        Ok(2),
+        "the embedded engine grants QoS 2"
+    );
+    let (mut publisher, _) = Client::connected(&gw, v, &unique("p2"), &t, true).await;
+    publisher.publish("q2/a", 2, "exactly once").await;
+    publisher.publish("q2/b", 1, "at least once").await;
+    assert_eq!(
+        sub.message().await,
+        ("q2/a".to_owned(), 2, "exactly once".to_owned())
+    );
+    assert_eq!(
+        sub.message().await,
+        ("q2/b".to_owned(), 1, "at least once".to_owned()),
+        "capped by the publish QoS"
+    );
+    let _ = &mut publisher;
+    // rumqttc completed PUBREC/PUBREL/PUBCOMP and PUBACK: the engine holds nothing unacked.
+    let queue = amqp_gateway::protocol::mqtt::topic::session_queue("dev8", &sub_id, "qos1");
+    common::eventually("deliveries settled with the engine", || async {
+        let v: serde_json::Value = gw
+            .get(&format!("/v1/queues/{queue}"), &admin())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["messages"] == 0 && v["messages_unacknowledged"] == 0
+    })
+    .await;
+}
+
 macro_rules! matrix {
     ($($case:ident),* $(,)?) => {
         mod v3_1_1_tcp {
@@ -574,4 +616,5 @@ matrix!(
     persistent_sessions_keep_messages_for_their_return,
     a_second_connection_takes_the_client_id_over,
     retained_messages_greet_new_subscribers,
+    qos2_end_to_end,
 );

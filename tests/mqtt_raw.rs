@@ -237,3 +237,37 @@ async fn keep_alive_times_out_at_one_and_a_half() {
         "closed too early: {waited:?}"
     );
 }
+
+/// Inbound QoS 2 is exactly once: a resend (DUP) before PUBREL is acknowledged, not published
+/// again; after PUBREL the packet id is free for a new message.
+#[tokio::test]
+async fn qos2_inbound_is_exactly_once() {
+    let gw = start_gateway(|_| {}).await;
+    let q = gw.queue("q2-once").await;
+    gw.bind(&q, "amq.topic", "once").await;
+    let mut s = connected(&gw, 4).await;
+    let publish_q2 = |dup: bool| {
+        let mut body = string(b"once");
+        body.extend_from_slice(&7u16.to_be_bytes());
+        body.extend_from_slice(b"payload");
+        packet(if dup { 0x3C } else { 0x34 }, body)
+    };
+    let mut ack = [0u8; 4];
+    s.write_all(&publish_q2(false)).await.unwrap();
+    s.read_exact(&mut ack).await.unwrap();
+    assert_eq!(ack, [0x50, 0x02, 0x00, 0x07], "PUBREC");
+    s.write_all(&publish_q2(true)).await.unwrap();
+    s.read_exact(&mut ack).await.unwrap();
+    assert_eq!(ack, [0x50, 0x02, 0x00, 0x07], "PUBREC again for the resend");
+    s.write_all(&[0x62, 0x02, 0x00, 0x07]).await.unwrap();
+    s.read_exact(&mut ack).await.unwrap();
+    assert_eq!(ack, [0x70, 0x02, 0x00, 0x07], "PUBCOMP");
+    assert_eq!(gw.depth(&q).await, 1, "published once");
+    s.write_all(&publish_q2(false)).await.unwrap();
+    s.read_exact(&mut ack).await.unwrap();
+    assert_eq!(ack[0], 0x50);
+    common::eventually("a new message under the freed id", || async {
+        gw.depth(&q).await == 2
+    })
+    .await;
+}

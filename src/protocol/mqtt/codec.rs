@@ -100,6 +100,7 @@ pub enum Outbound {
         receive_max: u16,
         max_packet_size: u32,
         assigned_client_id: Option<String>,
+        max_qos: u8,
     },
     Publish {
         topic: String,
@@ -117,6 +118,9 @@ pub enum Outbound {
     PubRec {
         packet_id: u16,
         code: u8,
+    },
+    PubRel {
+        packet_id: u16,
     },
     PubComp {
         packet_id: u16,
@@ -422,6 +426,9 @@ fn to_v3(p: Outbound) -> v3::Packet {
         Outbound::PubRec { packet_id, .. } => P::PublishReceived {
             packet_id: nz16(packet_id),
         },
+        Outbound::PubRel { packet_id } => P::PublishRelease {
+            packet_id: nz16(packet_id),
+        },
         Outbound::PubComp { packet_id } => P::PublishComplete {
             packet_id: nz16(packet_id),
         },
@@ -456,12 +463,13 @@ fn to_v5(p: Outbound) -> v5::Packet {
             receive_max,
             max_packet_size,
             assigned_client_id,
+            max_qos,
         } => P::ConnectAck(Box::new(v5::ConnectAck {
             session_present,
             reason_code: v5::ConnectAckReason::try_from(code)
                 .unwrap_or(v5::ConnectAckReason::UnspecifiedError),
             receive_max: nz16(receive_max),
-            max_qos: QoS::AtLeastOnce,
+            max_qos: qos(max_qos),
             max_packet_size: Some(max_packet_size),
             assigned_client_id: assigned_client_id.map(ByteString::from),
             retain_available: true,
@@ -497,6 +505,10 @@ fn to_v5(p: Outbound) -> v5::Packet {
             packet_id: nz16(packet_id),
             reason_code: v5::PublishAckReason::try_from(code)
                 .unwrap_or(v5::PublishAckReason::UnspecifiedError),
+            ..Default::default()
+        }),
+        Outbound::PubRel { packet_id } => P::PublishRelease(v5::PublishAck2 {
+            packet_id: nz16(packet_id),
             ..Default::default()
         }),
         Outbound::PubComp { packet_id } => P::PublishComplete(v5::PublishAck2 {

@@ -128,6 +128,7 @@ where
                 receive_max: 1,
                 max_packet_size: max_packet,
                 assigned_client_id: None,
+                max_qos: 1,
             });
             drop(tx);
             let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;

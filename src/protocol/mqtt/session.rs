@@ -2,7 +2,7 @@
 //! (`…qos0`, `…qos1`), subscriptions, in-flight QoS 1 deliveries and parked publishes. It
 //! never sees the socket: packets come in as [`Inbound`], answers go out as [`Outbound`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
@@ -100,8 +100,12 @@ pub struct Session {
     subs: HashMap<String, u8>,
     /// Keyed by the queue's level (0 or 1).
     pub consumers: StreamMap<u8, Deliveries>,
-    /// Packet id → engine tag (none for retained messages, which no queue holds).
-    inflight: HashMap<u16, Option<u64>>,
+    /// Outbound QoS 1/2 deliveries by packet id.
+    inflight: HashMap<u16, Inflight>,
+    /// Inbound QoS 2 packet ids published and awaiting PUBREL: a resend is not published again.
+    inbound_qos2: HashSet<u16>,
+    /// 2 on the embedded engine; 1 upstream (DESIGN.md §3).
+    max_qos: u8,
     retained: Arc<Retained>,
     next_packet_id: u16,
     inflight_max: u16,
@@ -112,6 +116,18 @@ pub struct Session {
     pub retry_at: Option<Instant>,
     takeover_key: String,
     pub takeovers: mpsc::UnboundedReceiver<Takeover>,
+}
+
+/// An outbound delivery awaiting its acknowledgement. The engine tag is `None` for retained
+/// messages, which no queue holds.
+#[derive(Debug, Clone, Copy)]
+enum Inflight {
+    /// QoS 1: settled by PUBACK.
+    AtLeastOnce(Option<u64>),
+    /// QoS 2 sent: PUBREC settles it with the engine, then PUBREL goes out.
+    Sent(Option<u64>),
+    /// QoS 2 released: the packet id is free again at PUBCOMP.
+    Released,
 }
 
 /// The session key the control registry holds: (subject, client id).
@@ -204,6 +220,7 @@ impl Session {
         } else {
             Duration::from_secs(granted.min(max.as_secs()))
         };
+        let ctx_is_embedded = ctx.engine.kind() == crate::engine::EngineKind::Embedded;
         let inflight_max = connect
             .receive_max
             .unwrap_or(u16::MAX)
@@ -223,6 +240,8 @@ impl Session {
             subs: HashMap::new(),
             consumers: StreamMap::new(),
             inflight: HashMap::new(),
+            inbound_qos2: HashSet::new(),
+            max_qos: if ctx_is_embedded { 2 } else { 1 },
             retained,
             next_packet_id: 1,
             inflight_max,
@@ -255,6 +274,7 @@ impl Session {
             receive_max: session.ctx.config.mqtt.receive_maximum,
             max_packet_size: max_packet,
             assigned_client_id: assigned,
+            max_qos: session.max_qos,
         };
         Ok((session, connack))
     }
@@ -340,17 +360,34 @@ impl Session {
         match packet {
             Inbound::Publish(p) => self.publish(p).await,
             Inbound::PubAck(id) => {
-                if let Some(Some(tag)) = self.inflight.remove(&id) {
+                if let Some(Inflight::AtLeastOnce(Some(tag))) = self.inflight.remove(&id) {
                     let _ = self.channel.ack(tag, false).await;
                 }
                 Outcome::Continue
             }
-            // QoS 2 inbound completes at least once: PUBREL → PUBCOMP.
+            // Outbound QoS 2: the client has it; the engine may forget it, then PUBREL.
+            Inbound::PubRec(id) => {
+                if let Some(Inflight::Sent(tag)) = self.inflight.get(&id).copied() {
+                    if let Some(tag) = tag {
+                        let _ = self.channel.ack(tag, false).await;
+                    }
+                    self.inflight.insert(id, Inflight::Released);
+                    self.send(Outbound::PubRel { packet_id: id });
+                }
+                Outcome::Continue
+            }
+            Inbound::PubComp(id) => {
+                if let Some(Inflight::Released) = self.inflight.get(&id) {
+                    self.inflight.remove(&id);
+                }
+                Outcome::Continue
+            }
+            // Inbound QoS 2: the packet id is free again; the message was published once.
             Inbound::PubRel(id) => {
+                self.inbound_qos2.remove(&id);
                 self.send(Outbound::PubComp { packet_id: id });
                 Outcome::Continue
             }
-            Inbound::PubRec(_) | Inbound::PubComp(_) => Outcome::Continue,
             Inbound::Subscribe { packet_id, filters } => {
                 let wanted: Vec<String> = filters.iter().map(|f| f.filter.clone()).collect();
                 let codes = self.subscribe(filters).await;
@@ -406,9 +443,20 @@ impl Session {
                 self.aliases.insert(alias, p.topic.clone());
             }
         }
-        if p.qos == 2 && self.version == Version::V5 {
+        if p.qos == 2 && self.max_qos < 2 && self.version == Version::V5 {
             // CONNACK said Maximum QoS 1.
             return Outcome::Close(Some(reason::QOS_NOT_SUPPORTED));
+        }
+        if p.qos == 2
+            && let Some(id) = p.packet_id
+            && self.inbound_qos2.contains(&id)
+        {
+            // A resend before PUBREL: already published once, acknowledge again only.
+            self.send(Outbound::PubRec {
+                packet_id: id,
+                code: reason::SUCCESS,
+            });
+            return Outcome::Continue;
         }
         if !self.parked.is_empty() && p.qos > 0 {
             // Keep order: later publishes wait behind parked ones.
@@ -507,6 +555,12 @@ impl Session {
                 } else {
                     reason::SUCCESS
                 };
+                if p.qos == 2
+                    && self.max_qos == 2
+                    && let Some(id) = p.packet_id
+                {
+                    self.inbound_qos2.insert(id);
+                }
                 self.ack_publish(&p, code);
                 Outcome::Continue
             }
@@ -635,8 +689,9 @@ impl Session {
                 codes.push(fail(reason::NOT_AUTHORIZED));
                 continue;
             }
-            let level = f.qos.min(1);
-            if let Some(old) = self.subs.get(&f.filter).copied()
+            let granted = f.qos.min(self.max_qos);
+            let level = granted.min(1);
+            if let Some(old) = self.subs.get(&f.filter).map(|g| (*g).min(1))
                 && old != level
             {
                 let _ = self
@@ -664,8 +719,8 @@ impl Session {
             };
             match bound {
                 Ok(()) => {
-                    self.subs.insert(f.filter, level);
-                    codes.push(level);
+                    self.subs.insert(f.filter, granted);
+                    codes.push(granted);
                 }
                 Err(e) => {
                     tracing::warn!(client = %self.client_id, error = %e, "subscribe failed");
@@ -732,7 +787,6 @@ impl Session {
             None if d.message().is_persistent() => 1,
             None => 0,
         };
-        let qos = publish_qos.min(level);
         let (Some(topic), true) = (topic, visible) else {
             metrics::refusal(PROTOCOL, "unmappable_topic");
             if level == 1 {
@@ -740,9 +794,27 @@ impl Session {
             }
             return Outcome::Continue;
         };
-        let packet_id = if qos == 1 {
+        // Per copy: min(publish QoS, the highest QoS granted to a matching subscription this
+        // queue serves); a resumed session that does not know its filters uses the queue level.
+        let cap = if level == 0 {
+            0
+        } else {
+            self.subs
+                .iter()
+                .filter(|(f, g)| **g >= 1 && topic::filter_matches(f, &topic))
+                .map(|(_, g)| *g)
+                .max()
+                .unwrap_or(1)
+        };
+        let qos = publish_qos.min(cap);
+        let packet_id = if qos >= 1 {
             let id = self.next_packet_id();
-            self.inflight.insert(id, Some(d.delivery_tag));
+            let state = if qos == 2 {
+                Inflight::Sent(Some(d.delivery_tag))
+            } else {
+                Inflight::AtLeastOnce(Some(d.delivery_tag))
+            };
+            self.inflight.insert(id, state);
             Some(id)
         } else {
             if level == 1 {
@@ -768,10 +840,15 @@ impl Session {
     /// Sends the retained messages matching a new subscription, RETAIN=1, at most `granted`.
     fn send_retained(&mut self, filter: &str, granted: u8) {
         for (topic, m) in self.retained.matching(filter) {
-            let qos = m.qos.min(granted).min(1);
-            let packet_id = (qos == 1).then(|| {
+            let qos = m.qos.min(granted);
+            let packet_id = (qos >= 1).then(|| {
                 let id = self.next_packet_id();
-                self.inflight.insert(id, None);
+                let state = if qos == 2 {
+                    Inflight::Sent(None)
+                } else {
+                    Inflight::AtLeastOnce(None)
+                };
+                self.inflight.insert(id, state);
                 id
             });
             self.send(Outbound::Publish {
