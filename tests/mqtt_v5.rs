@@ -161,3 +161,116 @@ async fn properties_map_both_ways_and_aliases_resolve() {
         "only string headers become user properties"
     );
 }
+
+/// Subscription options: no-local, retain-as-published, retain handling and subscription
+/// identifiers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_options() {
+    use rumqttc::v5::mqttbytes::v5::{Filter, RetainForwardRule, SubscribeProperties};
+    let gw = start_gateway(|_| {}).await;
+    let port = gw.gateway.addrs().mqtt.port();
+    let t = token(
+        "opts",
+        "gateway.read:amq.topic/o.# gateway.write:amq.topic/o.#",
+    );
+    let (c, mut rx) = client(port, &t).await;
+    until(&mut rx, "CONNACK", |p| matches!(p, Packet::ConnAck(_))).await;
+
+    // A retained message exists before the subscriptions.
+    c.publish("o/r", QoS::AtLeastOnce, true, "kept")
+        .await
+        .unwrap();
+    until(&mut rx, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
+
+    let filter = |path: &str, nolocal: bool, rap: bool, rule: RetainForwardRule| Filter {
+        path: path.into(),
+        qos: QoS::AtLeastOnce,
+        nolocal,
+        preserve_retain: rap,
+        retain_forward_rule: rule,
+    };
+    // No-local, retained never sent, identifier 7.
+    c.subscribe_many_with_properties(
+        [filter("o/local/#", true, false, RetainForwardRule::Never)],
+        SubscribeProperties {
+            id: Some(7),
+            user_properties: vec![],
+        },
+    )
+    .await
+    .unwrap();
+    until(&mut rx, "SUBACK", |p| matches!(p, Packet::SubAck(_))).await;
+    c.publish("o/local/x", QoS::AtLeastOnce, false, "mine")
+        .await
+        .unwrap();
+    // Retain-as-published, retained sent, identifier 9.
+    c.subscribe_many_with_properties(
+        [filter(
+            "o/r",
+            false,
+            true,
+            RetainForwardRule::OnEverySubscribe,
+        )],
+        SubscribeProperties {
+            id: Some(9),
+            user_properties: vec![],
+        },
+    )
+    .await
+    .unwrap();
+    let retained = next_publish(&mut rx).await;
+    assert_eq!(
+        (retained.topic.as_ref(), retained.retain),
+        (&b"o/r"[..], true),
+        "retained on subscribe"
+    );
+    // Another client publishes to o/local and, with RETAIN, to o/r.
+    let (other, mut other_rx) = client(port, &t).await;
+    until(&mut other_rx, "CONNACK", |p| {
+        matches!(p, Packet::ConnAck(_))
+    })
+    .await;
+    other
+        .publish("o/local/x", QoS::AtLeastOnce, false, "theirs")
+        .await
+        .unwrap();
+    other
+        .publish("o/r", QoS::AtLeastOnce, true, "again")
+        .await
+        .unwrap();
+    let m = next_publish(&mut rx).await;
+    assert_eq!(
+        m.payload.as_ref(),
+        b"theirs",
+        "our own o/local publish was suppressed (no-local)"
+    );
+    assert_eq!(
+        m.properties.as_ref().unwrap().subscription_identifiers,
+        vec![7]
+    );
+    let r = next_publish(&mut rx).await;
+    assert_eq!(
+        (r.payload.as_ref(), r.retain),
+        (&b"again"[..], true),
+        "retain-as-published keeps RETAIN"
+    );
+    assert_eq!(
+        r.properties.as_ref().unwrap().subscription_identifiers,
+        vec![9]
+    );
+    // A repeated subscription with OnNewSubscribe gets no retained copy.
+    c.subscribe_many([filter(
+        "o/r",
+        false,
+        true,
+        RetainForwardRule::OnNewSubscribe,
+    )])
+    .await
+    .unwrap();
+    until(&mut rx, "SUBACK", |p| matches!(p, Packet::SubAck(_))).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        !matches!(rx.try_recv(), Ok(Packet::Publish(_))),
+        "no retained copy for an existing subscription"
+    );
+}

@@ -51,6 +51,8 @@ pub struct PublishProps {
     pub user_properties: Vec<(String, String)>,
     pub topic_alias: Option<u16>,
     pub payload_utf8: bool,
+    /// Outbound: the identifiers of the subscriptions the message matched.
+    pub subscription_ids: Vec<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -67,6 +69,12 @@ pub struct PublishIn {
 pub struct Filter {
     pub filter: String,
     pub qos: u8,
+    /// MQTT 5 subscription options (all off for 3.1.1).
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    /// 0 send retained at subscribe, 1 only for a new subscription, 2 never.
+    pub retain_handling: u8,
+    pub subscription_id: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -243,6 +251,7 @@ fn publish_in(p: Publish) -> PublishIn {
                 .collect(),
             topic_alias: pp.topic_alias.map(NonZeroU16::get),
             payload_utf8: pp.is_utf8_payload,
+            subscription_ids: Vec::new(),
         })
         .unwrap_or_default();
     PublishIn {
@@ -288,6 +297,10 @@ fn from_v3(p: v3::Packet) -> Inbound {
                 .map(|(f, q)| Filter {
                     filter: f.to_string(),
                     qos: qos_of(q),
+                    no_local: false,
+                    retain_as_published: false,
+                    retain_handling: 0,
+                    subscription_id: None,
                 })
                 .collect(),
         },
@@ -327,17 +340,24 @@ fn from_v5(p: v5::Packet) -> Inbound {
         P::PublishReceived(a) => Inbound::PubRec(a.packet_id.get()),
         P::PublishRelease(a) => Inbound::PubRel(a.packet_id.get()),
         P::PublishComplete(a) => Inbound::PubComp(a.packet_id.get()),
-        P::Subscribe(s) => Inbound::Subscribe {
-            packet_id: s.packet_id.get(),
-            filters: s
-                .topic_filters
-                .into_iter()
-                .map(|(f, o)| Filter {
-                    filter: f.to_string(),
-                    qos: qos_of(o.qos),
-                })
-                .collect(),
-        },
+        P::Subscribe(s) => {
+            let id = s.id.map(std::num::NonZeroU32::get);
+            Inbound::Subscribe {
+                packet_id: s.packet_id.get(),
+                filters: s
+                    .topic_filters
+                    .into_iter()
+                    .map(|(f, o)| Filter {
+                        filter: f.to_string(),
+                        qos: qos_of(o.qos),
+                        no_local: o.no_local,
+                        retain_as_published: o.retain_as_published,
+                        retain_handling: o.retain_handling as u8,
+                        subscription_id: id,
+                    })
+                    .collect(),
+            }
+        }
         P::Unsubscribe(u) => Inbound::Unsubscribe {
             packet_id: u.packet_id.get(),
             filters: u.topic_filters.into_iter().map(|f| f.to_string()).collect(),
@@ -373,7 +393,11 @@ fn publish_out(
                     .collect(),
                 is_utf8_payload: p.payload_utf8,
                 response_topic: p.response_topic.map(ByteString::from),
-                subscription_ids: Vec::new(),
+                subscription_ids: p
+                    .subscription_ids
+                    .into_iter()
+                    .filter_map(std::num::NonZeroU32::new)
+                    .collect(),
             });
     Publish {
         dup,
@@ -475,7 +499,7 @@ fn to_v5(p: Outbound) -> v5::Packet {
             retain_available: true,
             topic_alias_max: TOPIC_ALIAS_MAX,
             shared_subscription_available: false,
-            subscription_identifiers_available: false,
+            subscription_identifiers_available: true,
             ..Default::default()
         })),
         Outbound::Publish {

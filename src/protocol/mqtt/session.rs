@@ -32,6 +32,10 @@ const PROTOCOL: &str = "mqtt";
 pub const PUBLISH_QOS_HEADER: &str = "x-mqtt-publish-qos";
 /// MQTT 5 correlation data that is not UTF-8 (AMQP correlation_id is a short string).
 pub const CORRELATION_HEADER: &str = "x-mqtt-correlation-data";
+/// The session (subject, client id) a message was published by, for no-local.
+pub const ORIGIN_HEADER: &str = "x-mqtt-origin";
+/// Set when the message was published with RETAIN, for retain-as-published.
+pub const RETAIN_HEADER: &str = "x-mqtt-retain";
 
 /// MQTT 5 reason codes used here (3.1.1 answers are derived from them in the codec).
 pub mod reason {
@@ -97,7 +101,7 @@ pub struct Session {
     will: Option<Will>,
     out: mpsc::UnboundedSender<Outbound>,
     /// Filter → granted QoS.
-    subs: HashMap<String, u8>,
+    subs: HashMap<String, SubOpts>,
     /// Keyed by the queue's level (0 or 1).
     pub consumers: StreamMap<u8, Deliveries>,
     /// Outbound QoS 1/2 deliveries by packet id.
@@ -116,6 +120,15 @@ pub struct Session {
     pub retry_at: Option<Instant>,
     takeover_key: String,
     pub takeovers: mpsc::UnboundedReceiver<Takeover>,
+}
+
+/// A subscription's options (MQTT 5; defaults for 3.1.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SubOpts {
+    granted: u8,
+    no_local: bool,
+    retain_as_published: bool,
+    id: Option<u32>,
 }
 
 /// An outbound delivery awaiting its acknowledgement. The engine tag is `None` for retained
@@ -389,15 +402,27 @@ impl Session {
                 Outcome::Continue
             }
             Inbound::Subscribe { packet_id, filters } => {
-                let wanted: Vec<String> = filters.iter().map(|f| f.filter.clone()).collect();
+                // Retain Handling: 0 always, 1 only for a subscription that is new, 2 never.
+                let wanted: Vec<(String, bool)> = filters
+                    .iter()
+                    .map(|f| {
+                        let new = !self.subs.contains_key(&f.filter);
+                        let send = match f.retain_handling {
+                            0 => true,
+                            1 => new,
+                            _ => false,
+                        };
+                        (f.filter.clone(), send)
+                    })
+                    .collect();
                 let codes = self.subscribe(filters).await;
                 self.send(Outbound::SubAck {
                     packet_id,
                     codes: codes.clone(),
                 });
                 // Binding made, SUBACK sent: now the retained messages, then queued deliveries.
-                for (filter, code) in wanted.iter().zip(codes) {
-                    if code <= 2 {
+                for ((filter, send), code) in wanted.iter().zip(codes) {
+                    if code <= 2 && *send {
                         self.send_retained(filter, code);
                     }
                 }
@@ -591,6 +616,15 @@ impl Session {
             .headers
             .insert(PUBLISH_QOS_HEADER.into(), FieldValue::U8(p.qos));
         props.headers.insert(
+            ORIGIN_HEADER.into(),
+            FieldValue::Str(self.takeover_key.clone()),
+        );
+        if p.retain {
+            props
+                .headers
+                .insert(RETAIN_HEADER.into(), FieldValue::Bool(true));
+        }
+        props.headers.insert(
             SUBJECT_HEADER.into(),
             FieldValue::Str(self.principal.subject.to_string()),
         );
@@ -646,6 +680,7 @@ impl Session {
                 .collect(),
             topic_alias: None,
             payload_utf8: false,
+            subscription_ids: Vec::new(),
         }
     }
 
@@ -691,7 +726,7 @@ impl Session {
             }
             let granted = f.qos.min(self.max_qos);
             let level = granted.min(1);
-            if let Some(old) = self.subs.get(&f.filter).map(|g| (*g).min(1))
+            if let Some(old) = self.subs.get(&f.filter).map(|o| o.granted.min(1))
                 && old != level
             {
                 let _ = self
@@ -719,7 +754,13 @@ impl Session {
             };
             match bound {
                 Ok(()) => {
-                    self.subs.insert(f.filter, granted);
+                    let opts = SubOpts {
+                        granted,
+                        no_local: f.no_local,
+                        retain_as_published: f.retain_as_published,
+                        id: f.subscription_id,
+                    };
+                    self.subs.insert(f.filter, opts);
                     codes.push(granted);
                 }
                 Err(e) => {
@@ -794,17 +835,32 @@ impl Session {
             }
             return Outcome::Continue;
         };
-        // Per copy: min(publish QoS, the highest QoS granted to a matching subscription this
-        // queue serves); a resumed session that does not know its filters uses the queue level.
+        // The subscriptions this queue serves that the message matched (none known for a
+        // resumed session: the queue's level and no options then).
+        let matched: Vec<SubOpts> = self
+            .subs
+            .iter()
+            .filter(|(f, o)| (o.granted.min(1) == level) && topic::filter_matches(f, &topic))
+            .map(|(_, o)| *o)
+            .collect();
+        let headers = &d.properties().headers;
+        let own = headers.get(ORIGIN_HEADER).and_then(FieldValue::as_str)
+            == Some(self.takeover_key.as_str());
+        // No-local suppresses the copy only when every matching subscription asked for it.
+        if own && !matched.is_empty() && matched.iter().all(|o| o.no_local) {
+            if level == 1 {
+                let _ = self.channel.ack(d.delivery_tag, false).await;
+            }
+            return Outcome::Continue;
+        }
+        let retain = matches!(headers.get(RETAIN_HEADER), Some(FieldValue::Bool(true)))
+            && matched.iter().any(|o| o.retain_as_published);
+        let subscription_ids: Vec<u32> = matched.iter().filter_map(|o| o.id).collect();
+        // Per copy: min(publish QoS, the highest QoS granted to a matching subscription).
         let cap = if level == 0 {
             0
         } else {
-            self.subs
-                .iter()
-                .filter(|(f, g)| **g >= 1 && topic::filter_matches(f, &topic))
-                .map(|(_, g)| *g)
-                .max()
-                .unwrap_or(1)
+            matched.iter().map(|o| o.granted).max().unwrap_or(1)
         };
         let qos = publish_qos.min(cap);
         let packet_id = if qos >= 1 {
@@ -823,11 +879,14 @@ impl Session {
             }
             None
         };
-        let props = self.props_of(&d);
+        let mut props = self.props_of(&d);
+        if self.version == Version::V5 {
+            props.subscription_ids = subscription_ids;
+        }
         self.send(Outbound::Publish {
             topic,
             qos,
-            retain: false,
+            retain,
             dup: false,
             packet_id,
             payload: d.body().clone(),
