@@ -7,6 +7,7 @@
 
 use dashmap::DashMap;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// A holder is told to let go of the consumer on `queue`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,6 +18,8 @@ pub struct Takeover {
 #[derive(Default)]
 pub struct Control {
     holders: DashMap<String, (u64, mpsc::UnboundedSender<Takeover>)>,
+    /// Delayed wills (MQTT 5), cancelled when their session connects again.
+    wills: DashMap<String, CancellationToken>,
 }
 
 impl Control {
@@ -28,6 +31,27 @@ impl Control {
     /// Forgets `holder`'s hold on `queue` (and nobody else's).
     pub fn release(&self, queue: &str, holder: u64) {
         self.holders.remove_if(queue, |_, (h, _)| *h == holder);
+    }
+
+    /// Registers a delayed will for `session`; the token is cancelled if it reconnects first.
+    pub fn delay_will(&self, session: &str) -> CancellationToken {
+        let token = CancellationToken::new();
+        if let Some(old) = self.wills.insert(session.to_owned(), token.clone()) {
+            old.cancel();
+        }
+        token
+    }
+
+    /// A CONNECT for `session` arrived: its pending will is not published.
+    pub fn cancel_will(&self, session: &str) {
+        if let Some((_, token)) = self.wills.remove(session) {
+            token.cancel();
+        }
+    }
+
+    /// The delayed will of `session` fired; forget it.
+    pub fn will_done(&self, session: &str) {
+        self.wills.remove(session);
     }
 
     pub fn is_held(&self, queue: &str) -> bool {

@@ -271,3 +271,82 @@ async fn qos2_inbound_is_exactly_once() {
     })
     .await;
 }
+
+/// A v5 client that keeps more QoS 1 publishes unacknowledged than the Receive Maximum we
+/// advertised (publishes parked by the rate limit count) is disconnected with 0x93.
+#[tokio::test]
+async fn over_receive_maximum_is_0x93() {
+    let gw = start_gateway(|c| {
+        c.limits.publish_rate = 1;
+        c.limits.publish_burst = 1;
+        c.mqtt.receive_maximum = 4;
+    })
+    .await;
+    let mut s = connected(&gw, 5).await;
+    let publish_q1 = |id: u16| {
+        let mut body = string(b"flood");
+        body.extend_from_slice(&id.to_be_bytes());
+        body.push(0); // no properties
+        body.extend_from_slice(b"x");
+        packet(0x32, body)
+    };
+    for id in 1..=6u16 {
+        s.write_all(&publish_q1(id)).await.unwrap();
+    }
+    let got = until_closed(&mut s).await;
+    // The first is acknowledged (PUBACK of v5 may carry a reason: 0x40, len, id…), then 0x93.
+    assert_eq!(got[0], 0x40, "PUBACK for the first: {got:?}");
+    let disconnect = got.iter().position(|b| *b == 0xE0).expect("DISCONNECT");
+    assert_eq!(got[disconnect + 2], 0x93, "{got:?}");
+}
+
+/// QoS 0 deliveries to a client that reads nothing go through a bounded buffer: drops are
+/// counted, memory does not grow, and other clients are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos0_to_a_stalled_client_is_dropped_and_counted() {
+    use amqp_gateway::engine::{Message, PublishOptions};
+    let gw = start_gateway(|c| c.limits.outbound_buffer_messages = 10).await;
+    let mut s = connected(&gw, 4).await;
+    // SUBSCRIBE packet id 1 to flood/# at QoS 0, then read the SUBACK and never read again.
+    let mut body = 1u16.to_be_bytes().to_vec();
+    body.extend(string(b"flood/#"));
+    body.push(0);
+    s.write_all(&packet(0x82, body)).await.unwrap();
+    let mut suback = [0u8; 5];
+    s.read_exact(&mut suback).await.unwrap();
+    assert_eq!(suback[0], 0x90);
+    let channel = gw.gateway.engine().open_channel("flood").await.unwrap();
+    let payload = vec![b'z'; 16 * 1024];
+    for _ in 0..2000 {
+        channel
+            .publish(
+                "amq.topic",
+                "flood.x",
+                Message::new(payload.clone()),
+                PublishOptions::default(),
+            )
+            .await
+            .unwrap();
+    }
+    let metrics = gw
+        .http
+        .get(format!("{}/metrics", gw.metrics))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dropped: u64 = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("gateway_refusals_total{protocol=\"mqtt\",reason=\"qos0_dropped\"}")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(dropped > 0, "drops are counted:\n{metrics}");
+    let other = connected(&gw, 4).await;
+    drop(other);
+    drop(s);
+}

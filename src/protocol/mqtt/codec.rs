@@ -25,6 +25,8 @@ pub struct Will {
     pub payload: Bytes,
     pub qos: u8,
     pub retain: bool,
+    /// MQTT 5 Will Delay Interval, seconds.
+    pub delay: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -278,6 +280,7 @@ fn from_v3(p: v3::Packet) -> Inbound {
                 payload: w.message,
                 qos: qos_of(w.qos),
                 retain: w.retain,
+                delay: 0,
             }),
             receive_max: None,
             session_expiry: 0,
@@ -331,6 +334,7 @@ fn from_v5(p: v5::Packet) -> Inbound {
                 payload: w.message,
                 qos: qos_of(w.qos),
                 retain: w.retain,
+                delay: w.will_delay_interval_sec.unwrap_or(0),
             }),
             receive_max: c.receive_max.map(NonZeroU16::get),
             session_expiry: c.session_expiry_interval_secs,

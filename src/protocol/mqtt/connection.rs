@@ -4,6 +4,7 @@
 //! keep-alive (× 1.5), the token's expiry and shutdown.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -99,12 +100,14 @@ where
     let version = connect.version;
     let keep_alive = connect.keep_alive;
     let (tx, rx) = mpsc::unbounded_channel();
+    let qos0_queued = Arc::new(AtomicUsize::new(0));
     let mut writer_task = tokio::spawn(write_loop(
         writer,
         rx,
         version,
         max_packet,
         ctx.config.limits.write_timeout,
+        qos0_queued.clone(),
     ));
     let mut session = match Session::connect(
         ctx.clone(),
@@ -112,6 +115,7 @@ where
         *connect,
         tx.clone(),
         retained,
+        qos0_queued,
     )
     .await
     {
@@ -203,6 +207,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     version: Version,
     max_packet: u32,
     write_timeout: Duration,
+    qos0_queued: Arc<AtomicUsize>,
 ) {
     let mut codec = Codec::for_version(version, max_packet);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
@@ -216,8 +221,12 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 next = rx.try_recv().ok();
                 continue;
             }
+            let qos0 = matches!(p, Outbound::Publish { qos: 0, .. });
             if let Err(e) = codec.encode(p, &mut buf) {
                 tracing::warn!(error = %e, "cannot encode an MQTT packet");
+            }
+            if qos0 {
+                qos0_queued.fetch_sub(1, Ordering::Relaxed);
             }
             next = if buf.len() < 64 * 1024 {
                 rx.try_recv().ok()

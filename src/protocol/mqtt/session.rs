@@ -5,6 +5,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
@@ -51,6 +52,7 @@ pub mod reason {
     pub const TOPIC_FILTER_INVALID: u8 = 0x8F;
     pub const TOPIC_NAME_INVALID: u8 = 0x90;
     pub const TOPIC_ALIAS_INVALID: u8 = 0x94;
+    pub const RECEIVE_MAXIMUM_EXCEEDED: u8 = 0x93;
     pub const QUOTA_EXCEEDED: u8 = 0x97;
     pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
     pub const SHARED_NOT_SUPPORTED: u8 = 0x9E;
@@ -100,6 +102,8 @@ pub struct Session {
     session_expiry: Duration,
     will: Option<Will>,
     out: mpsc::UnboundedSender<Outbound>,
+    /// QoS 0 publishes queued for the writer: bounded by `limits.outbound_buffer_messages`.
+    qos0_queued: Arc<AtomicUsize>,
     /// Filter → granted QoS.
     subs: HashMap<String, SubOpts>,
     /// Keyed by the queue's level (0 or 1).
@@ -163,6 +167,7 @@ impl Session {
         connect: Connect,
         out: mpsc::UnboundedSender<Outbound>,
         retained: Arc<Retained>,
+        qos0_queued: Arc<AtomicUsize>,
     ) -> Result<(Session, Outbound), Refused> {
         let principal = match connect.password.as_ref().filter(|p| !p.is_empty()) {
             None => ctx.auth.anonymous().map_err(|e| Refused {
@@ -220,6 +225,8 @@ impl Session {
         }
         let (takeover_tx, takeovers) = mpsc::unbounded_channel();
         ctx.control.hold(&key, conn.id, takeover_tx);
+        // A delayed will of this session's last connection is not published: it is back.
+        ctx.control.cancel_will(&key);
         let granted = if connect.version == Version::V5 {
             u64::from(connect.session_expiry)
         } else {
@@ -250,6 +257,7 @@ impl Session {
             session_expiry,
             will: connect.will,
             out,
+            qos0_queued,
             subs: HashMap::new(),
             consumers: StreamMap::new(),
             inflight: HashMap::new(),
@@ -482,6 +490,14 @@ impl Session {
                 code: reason::SUCCESS,
             });
             return Outcome::Continue;
+        }
+        if p.qos > 0
+            && self.parked.len() + self.inbound_qos2.len()
+                >= usize::from(self.ctx.config.mqtt.receive_maximum)
+        {
+            // More unacknowledged QoS 1/2 publishes than the Receive Maximum we advertised.
+            metrics::refusal(PROTOCOL, "receive_maximum_exceeded");
+            return Outcome::Close(Some(reason::RECEIVE_MAXIMUM_EXCEEDED));
         }
         if !self.parked.is_empty() && p.qos > 0 {
             // Keep order: later publishes wait behind parked ones.
@@ -879,6 +895,16 @@ impl Session {
             }
             None
         };
+        if qos == 0 {
+            // A slow client's QoS 0 backlog is bounded: over it, deliveries are dropped and
+            // counted (QoS 1/2 are bounded by credit instead).
+            let limit = self.ctx.config.limits.outbound_buffer_messages;
+            if self.qos0_queued.load(Ordering::Relaxed) >= limit {
+                metrics::refusal(PROTOCOL, "qos0_dropped");
+                return Outcome::Continue;
+            }
+            self.qos0_queued.fetch_add(1, Ordering::Relaxed);
+        }
         let mut props = self.props_of(&d);
         if self.version == Version::V5 {
             props.subscription_ids = subscription_ids;
@@ -933,20 +959,66 @@ impl Session {
     /// session. Queues of a clean session go with the channel.
     pub async fn end(&mut self, graceful: bool) {
         if !graceful && let Some(will) = self.will.take() {
-            let p = PublishIn {
-                topic: will.topic,
-                qos: will.qos.min(1),
-                retain: false,
-                packet_id: None,
-                payload: will.payload,
-                props: PublishProps::default(),
-            };
-            let _ = self.publish_now(PublishIn { qos: 0, ..p }, false).await;
+            self.publish_will(will).await;
         }
         self.consumers = StreamMap::new();
         self.ctx.control.release(&self.takeover_key, self.conn.id);
         if self.clean {
             self.discard_stored().await;
         }
+    }
+
+    /// The will goes out now, or (MQTT 5) after min(will delay, session expiry) unless the
+    /// session connects again first (DESIGN.md §3). Checked against the scopes like a publish.
+    async fn publish_will(&mut self, will: Will) {
+        let exchange = self.ctx.config.mqtt.exchange.clone();
+        let Ok(key) = topic_to_key(&will.topic, self.ctx.config.mqtt.topic_mapping) else {
+            return;
+        };
+        if !self.principal.permissions.can_write(&exchange, &key) {
+            metrics::refusal(PROTOCOL, "forbidden");
+            return;
+        }
+        let p = PublishIn {
+            topic: will.topic.clone(),
+            qos: will.qos,
+            retain: will.retain,
+            packet_id: None,
+            payload: will.payload.clone(),
+            props: PublishProps::default(),
+        };
+        let message = self.message_of(&p);
+        let delay = Duration::from_secs(u64::from(will.delay)).min(self.session_expiry);
+        let engine = self.ctx.engine.clone();
+        let retained = self.retained.clone();
+        let publish = async move {
+            let Ok(channel) = engine.open_channel("mqtt-will").await else {
+                return;
+            };
+            if channel
+                .publish(&exchange, &key, message, PublishOptions::default())
+                .await
+                .is_ok()
+                && will.retain
+            {
+                let _ = retained.set(&will.topic, will.payload, will.qos);
+            }
+        };
+        if delay.is_zero() || self.version == Version::V3 {
+            publish.await;
+            return;
+        }
+        let control = self.ctx.control.clone();
+        let session = self.takeover_key.clone();
+        let cancelled = control.delay_will(&session);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = cancelled.cancelled() => {}
+                _ = tokio::time::sleep(delay) => {
+                    control.will_done(&session);
+                    publish.await;
+                }
+            }
+        });
     }
 }
