@@ -579,6 +579,46 @@ async fn qos2_end_to_end(v: Version) {
     .await;
 }
 
+async fn shared_subscriptions_compete(v: Version) {
+    let gw = start_gateway(|_| {}).await;
+    let t = token(
+        "dev9",
+        "gateway.read:amq.topic/jobs.# gateway.write:amq.topic/jobs.#",
+    );
+    let group = unique("g");
+    let filter = format!("$share/{group}/jobs/#");
+    let (mut a, _) = Client::connected(&gw, v, &unique("a"), &t, true).await;
+    let (mut b, _) = Client::connected(&gw, v, &unique("b"), &t, true).await;
+    assert_eq!(a.subscribe(&filter, 1).await, Ok(1));
+    assert_eq!(b.subscribe(&filter, 1).await, Ok(1));
+    let (p, _) = Client::connected(&gw, v, &unique("p"), &t, true).await;
+    for i in 0..10 {
+        p.publish(&format!("jobs/{i}"), 1, &i.to_string()).await;
+    }
+    let mut got = Vec::new();
+    let (mut from_a, mut from_b) = (0, 0);
+    while got.len() < 10 {
+        tokio::select! {
+            m = a.message() => { from_a += 1; got.push(m.2); }
+            m = b.message() => { from_b += 1; got.push(m.2); }
+        }
+    }
+    got.sort_by_key(|s| s.parse::<u32>().unwrap());
+    let expected: Vec<String> = (0..10).map(|i| i.to_string()).collect();
+    assert_eq!(got, expected, "every job once, none twice");
+    assert!(
+        from_a > 0 && from_b > 0,
+        "both members worked: {from_a} / {from_b}"
+    );
+    // The queue is the group's, named as DESIGN.md §3 says.
+    let queue = amqp_gateway::protocol::mqtt::topic::shared_queue(&group, "jobs/#");
+    assert!(queue.starts_with("mqtt-shared-"), "{queue}");
+    // Its name holds %-escapes, which a URL path escapes again.
+    let path = format!("/v1/queues/{}", queue.replace('%', "%25"));
+    let r = gw.get(&path, &admin()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
 macro_rules! matrix {
     ($($case:ident),* $(,)?) => {
         mod v3_1_1_tcp {
@@ -617,4 +657,5 @@ matrix!(
     a_second_connection_takes_the_client_id_over,
     retained_messages_greet_new_subscribers,
     qos2_end_to_end,
+    shared_subscriptions_compete,
 );

@@ -502,7 +502,7 @@ fn to_v5(p: Outbound) -> v5::Packet {
             assigned_client_id: assigned_client_id.map(ByteString::from),
             retain_available: true,
             topic_alias_max: TOPIC_ALIAS_MAX,
-            shared_subscription_available: false,
+            shared_subscription_available: true,
             subscription_identifiers_available: true,
             ..Default::default()
         })),

@@ -175,8 +175,8 @@ where
                     }
                 }
             }
-            Some((level, d)) = session.consumers.next(), if !session.consumers.is_empty() => {
-                if let Outcome::Close(code) = session.deliver(level, d).await {
+            Some((key, d)) = session.consumers.next(), if !session.consumers.is_empty() => {
+                if let Outcome::Close(code) = session.deliver(key, d).await {
                     break (code, false);
                 }
             }

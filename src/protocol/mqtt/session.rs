@@ -107,7 +107,8 @@ pub struct Session {
     /// Filter → granted QoS.
     subs: HashMap<String, SubOpts>,
     /// Keyed by the queue's level (0 or 1).
-    pub consumers: StreamMap<u8, Deliveries>,
+    /// Keyed "0" and "1" for the session's queues, or by a shared subscription's filter.
+    pub consumers: StreamMap<String, Deliveries>,
     /// Outbound QoS 1/2 deliveries by packet id.
     inflight: HashMap<u16, Inflight>,
     /// Inbound QoS 2 packet ids published and awaiting PUBREL: a resend is not published again.
@@ -356,7 +357,7 @@ impl Session {
             }
         };
         let declared = self.channel.declare_queue(&queue, &spec).await?.declared;
-        if !self.consumers.contains_key(&level) {
+        if !self.consumers.contains_key(&level.to_string()) {
             let ack = if level == 0 {
                 AckMode::Auto
             } else {
@@ -371,7 +372,8 @@ impl Session {
                 arguments: FieldTable::new(),
             };
             let consumer = self.channel.consume(&queue, options).await?;
-            self.consumers.insert(level, Deliveries(consumer, false));
+            self.consumers
+                .insert(level.to_string(), Deliveries(consumer, false));
         }
         Ok(declared)
     }
@@ -424,13 +426,17 @@ impl Session {
                     })
                     .collect();
                 let codes = self.subscribe(filters).await;
+                if codes.contains(&reason::PROTOCOL_ERROR) {
+                    return Outcome::Close(Some(reason::PROTOCOL_ERROR));
+                }
                 self.send(Outbound::SubAck {
                     packet_id,
                     codes: codes.clone(),
                 });
                 // Binding made, SUBACK sent: now the retained messages, then queued deliveries.
                 for ((filter, send), code) in wanted.iter().zip(codes) {
-                    if code <= 2 && *send {
+                    // Shared subscriptions get no retained messages ([MQTT-4.8.2-5]).
+                    if code <= 2 && *send && !filter.starts_with("$share/") {
                         self.send_retained(filter, code);
                     }
                 }
@@ -723,8 +729,9 @@ impl Session {
         let fail = |code: u8| if v5 { code } else { 0x80 };
         let mut codes = Vec::with_capacity(filters.len());
         for f in filters {
-            if f.filter.starts_with("$share/") {
-                codes.push(fail(reason::SHARED_NOT_SUPPORTED));
+            if let Some(rest) = f.filter.strip_prefix("$share/") {
+                let code = self.subscribe_shared(&f, rest).await;
+                codes.push(if code <= 2 { code } else { fail(code) });
                 continue;
             }
             let binding = match filter_to_binding(&f.filter, self.ctx.config.mqtt.topic_mapping) {
@@ -788,7 +795,91 @@ impl Session {
         codes
     }
 
+    /// `$share/{group}/{filter}`: a durable queue per (group, filter) that every member
+    /// consumes, competing (DESIGN.md §3). Returns the granted QoS or a v5 reason code.
+    async fn subscribe_shared(&mut self, f: &Filter, rest: &str) -> u8 {
+        if f.no_local {
+            // [MQTT-3.8.3-4]: no-local on a shared subscription is a protocol error.
+            return reason::PROTOCOL_ERROR;
+        }
+        let Some((group, inner)) = rest.split_once('/') else {
+            return reason::TOPIC_FILTER_INVALID;
+        };
+        if group.is_empty() || group.contains(['+', '#']) || inner.is_empty() {
+            return reason::TOPIC_FILTER_INVALID;
+        }
+        let Ok(binding) = filter_to_binding(inner, self.ctx.config.mqtt.topic_mapping) else {
+            return reason::TOPIC_FILTER_INVALID;
+        };
+        let exchange = self.ctx.config.mqtt.exchange.clone();
+        if !self.principal.permissions.can_read(&exchange, &binding) {
+            metrics::refusal(PROTOCOL, "forbidden");
+            return reason::NOT_AUTHORIZED;
+        }
+        let queue = topic::shared_queue(group, inner);
+        let mut args = FieldTable::new();
+        let ms = self
+            .ctx
+            .config
+            .mqtt
+            .max_session_expiry
+            .as_millis()
+            .clamp(1, u128::from(u32::MAX)) as i64;
+        args.insert("x-expires".into(), FieldValue::I64(ms));
+        let spec = QueueSpec {
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+            arguments: args,
+        };
+        let granted = f.qos.min(self.max_qos);
+        let result = async {
+            self.channel.declare_queue(&queue, &spec).await?;
+            self.channel
+                .bind_queue(&queue, &exchange, &binding, &FieldTable::new())
+                .await?;
+            if self.consumers.contains_key(&f.filter) {
+                return Ok(());
+            }
+            let options = ConsumeOptions {
+                consumer_tag: String::new(),
+                ack: AckMode::Manual {
+                    prefetch: self.inflight_max,
+                },
+                exclusive: false,
+                arguments: FieldTable::new(),
+            };
+            let consumer = self.channel.consume(&queue, options).await?;
+            self.consumers
+                .insert(f.filter.clone(), Deliveries(consumer, false));
+            Ok::<(), EngineError>(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                let opts = SubOpts {
+                    granted,
+                    no_local: false,
+                    retain_as_published: false,
+                    id: f.subscription_id,
+                };
+                self.subs.insert(f.filter.clone(), opts);
+                granted
+            }
+            Err(e) => {
+                tracing::warn!(client = %self.client_id, error = %e, "shared subscribe failed");
+                reason::IMPLEMENTATION_SPECIFIC
+            }
+        }
+    }
+
     async fn unsubscribe(&mut self, filter: &str) {
+        if filter.starts_with("$share/") {
+            // The group's queue stays for the other members; our unacked deliveries go back.
+            self.consumers.remove(filter);
+            self.subs.remove(filter);
+            return;
+        }
         let Ok(binding) = filter_to_binding(filter, self.ctx.config.mqtt.topic_mapping) else {
             return;
         };
@@ -821,10 +912,15 @@ impl Session {
     }
 
     /// A delivery from the queue of `level`; `None` when the consumer ended.
-    pub async fn deliver(&mut self, level: u8, d: Option<Delivery>) -> Outcome {
+    pub async fn deliver(&mut self, key: String, d: Option<Delivery>) -> Outcome {
         let Some(d) = d else {
-            tracing::info!(client = %self.client_id, "session queue went away");
+            tracing::info!(client = %self.client_id, queue = %key, "a session queue went away");
             return Outcome::Close(Some(reason::IMPLEMENTATION_SPECIFIC));
+        };
+        let level = match key.as_str() {
+            "0" => 0,
+            "1" => 1,
+            shared => return self.deliver_shared(shared, d).await,
         };
         let topic = key_to_topic(d.routing_key(), self.ctx.config.mqtt.topic_mapping);
         let visible = topic.as_deref().is_some_and(|t| {
@@ -913,6 +1009,59 @@ impl Session {
             topic,
             qos,
             retain,
+            dup: false,
+            packet_id,
+            payload: d.body().clone(),
+            props,
+        });
+        metrics::messages_out(PROTOCOL, 1);
+        Outcome::Continue
+    }
+
+    /// A delivery from a shared subscription's queue: at most the granted QoS, no retained
+    /// flag, its own subscription identifier.
+    async fn deliver_shared(&mut self, filter: &str, d: Delivery) -> Outcome {
+        let Some(opts) = self.subs.get(filter).copied() else {
+            let _ = self.channel.nack(d.delivery_tag, false, true).await;
+            return Outcome::Continue;
+        };
+        let Some(topic) = key_to_topic(d.routing_key(), self.ctx.config.mqtt.topic_mapping) else {
+            metrics::refusal(PROTOCOL, "unmappable_topic");
+            let _ = self.channel.ack(d.delivery_tag, false).await;
+            return Outcome::Continue;
+        };
+        let publish_qos = match d
+            .properties()
+            .headers
+            .get(PUBLISH_QOS_HEADER)
+            .and_then(FieldValue::as_i128)
+        {
+            Some(q) => q.clamp(0, 2) as u8,
+            None if d.message().is_persistent() => 1,
+            None => 0,
+        };
+        let qos = publish_qos.min(opts.granted);
+        let packet_id = if qos >= 1 {
+            let id = self.next_packet_id();
+            let state = if qos == 2 {
+                Inflight::Sent(Some(d.delivery_tag))
+            } else {
+                Inflight::AtLeastOnce(Some(d.delivery_tag))
+            };
+            self.inflight.insert(id, state);
+            Some(id)
+        } else {
+            let _ = self.channel.ack(d.delivery_tag, false).await;
+            None
+        };
+        let mut props = self.props_of(&d);
+        if self.version == Version::V5 {
+            props.subscription_ids = opts.id.into_iter().collect();
+        }
+        self.send(Outbound::Publish {
+            topic,
+            qos,
+            retain: false,
             dup: false,
             packet_id,
             payload: d.body().clone(),

@@ -124,6 +124,21 @@ pub fn session_queue(subject: &str, client_id: &str, kind: &str) -> String {
     format!("mqtt-subscription-{hex}{kind}")
 }
 
+/// A shared subscription's queue: `mqtt-shared-{group}.{filter}`, both encoded (a SHA-256 of
+/// the pair when that would pass 255 bytes).
+pub fn shared_queue(group: &str, filter: &str) -> String {
+    let group = encode_subject(group);
+    let filter = encode_subject(filter);
+    let name = format!("mqtt-shared-{group}.{filter}");
+    if name.len() <= MAX_KEY {
+        return name;
+    }
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("{group}.{filter}").as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("mqtt-shared-{hex}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
