@@ -350,3 +350,129 @@ async fn qos0_to_a_stalled_client_is_dropped_and_counted() {
     drop(other);
     drop(s);
 }
+
+/// MQTT 5 properties: Authentication Method (0x15) and Authentication Data (0x16).
+fn auth_props(token: &str) -> Vec<u8> {
+    let mut props = vec![0x15];
+    props.extend(string(b"amqp-gateway.jwt"));
+    props.push(0x16);
+    props.extend(string(token.as_bytes()));
+    let mut out = remaining_length(props.len());
+    out.extend(props);
+    out
+}
+
+fn connect_v5_enhanced(client: &str, token: &str) -> Vec<u8> {
+    let mut body = string(b"MQTT");
+    body.push(5);
+    body.push(0x02); // clean start, no user name or password
+    body.extend_from_slice(&60u16.to_be_bytes());
+    body.extend(auth_props(token));
+    body.extend(string(client.as_bytes()));
+    packet(0x10, body)
+}
+
+fn reauth(token: &str) -> Vec<u8> {
+    let mut body = vec![0x19]; // re-authenticate
+    body.extend(auth_props(token));
+    packet(0xF0, body)
+}
+
+/// Reads one packet: (first byte, body).
+async fn read_packet(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut first = [0u8; 1];
+    tokio::time::timeout(WAIT, s.read_exact(&mut first))
+        .await
+        .expect("a packet")
+        .unwrap();
+    let (mut len, mut shift) = (0usize, 0);
+    loop {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        len |= usize::from(b[0] & 0x7F) << shift;
+        shift += 7;
+        if b[0] & 0x80 == 0 {
+            break;
+        }
+    }
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.unwrap();
+    (first[0], body)
+}
+
+/// Enhanced authentication: the token in Authentication Data; AUTH 0x19 with a fresh token
+/// moves the connection's end past the first token's expiry; another subject is refused.
+#[tokio::test]
+async fn enhanced_auth_refreshes_the_token() {
+    let gw = start_gateway(|c| c.auth.leeway = Duration::ZERO).await;
+    let short = amqp_gateway::auth::mint(
+        common::SECRET,
+        "ea",
+        "gateway.read:amq.topic/#",
+        Duration::from_secs(2),
+        "gateway",
+        None,
+    )
+    .unwrap();
+    let mut s = open(&gw).await;
+    s.write_all(&connect_v5_enhanced(&unique("ea"), &short))
+        .await
+        .unwrap();
+    let (kind, connack) = read_packet(&mut s).await;
+    assert_eq!((kind, connack[1]), (0x20, 0x00), "CONNACK success");
+    assert!(
+        connack.windows(16).any(|w| w == b"amqp-gateway.jwt"),
+        "the method is echoed"
+    );
+    // Refresh with a longer token of the same subject: AUTH success.
+    s.write_all(&reauth(&token("ea", "gateway.read:amq.topic/#")))
+        .await
+        .unwrap();
+    let (kind, auth) = read_packet(&mut s).await;
+    assert_eq!((kind, auth[0]), (0xF0, 0x00), "AUTH success");
+    // Past the first token's expiry the connection is still served.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    s.write_all(&[0xC0, 0x00]).await.unwrap();
+    assert_eq!(
+        read_packet(&mut s).await,
+        (0xD0, vec![]),
+        "PINGRESP after the old exp"
+    );
+    // Another subject is not a refresh: DISCONNECT 0x87.
+    s.write_all(&reauth(&token("someone-else", "gateway.read:amq.topic/#")))
+        .await
+        .unwrap();
+    let got = until_closed(&mut s).await;
+    assert_eq!((got[0], got[2]), (0xE0, 0x87));
+
+    // Without a refresh the connection ends at exp with DISCONNECT 0xA0.
+    let short = amqp_gateway::auth::mint(
+        common::SECRET,
+        "ea",
+        "gateway.read:amq.topic/#",
+        Duration::from_secs(2),
+        "gateway",
+        None,
+    )
+    .unwrap();
+    let mut s = open(&gw).await;
+    s.write_all(&connect_v5_enhanced(&unique("ea2"), &short))
+        .await
+        .unwrap();
+    let (kind, _) = read_packet(&mut s).await;
+    assert_eq!(kind, 0x20);
+    let got = until_closed(&mut s).await;
+    assert_eq!((got[0], got[2]), (0xE0, 0xA0), "token expired");
+
+    // An unknown method is refused at CONNECT with 0x8C.
+    let mut s = open(&gw).await;
+    let mut c = connect_v5_enhanced(&unique("ea3"), &short);
+    let at = c
+        .windows(16)
+        .position(|w| w == b"amqp-gateway.jwt")
+        .unwrap();
+    c[at] = b'X';
+    s.write_all(&c).await.unwrap();
+    let got = until_closed(&mut s).await;
+    assert_eq!((got[0], got[3]), (0x20, 0x8C));
+}

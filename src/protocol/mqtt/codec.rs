@@ -40,6 +40,9 @@ pub struct Connect {
     /// v5: how many QoS 1/2 publishes the client takes in flight.
     pub receive_max: Option<u16>,
     pub session_expiry: u32,
+    /// MQTT 5 enhanced authentication.
+    pub auth_method: Option<String>,
+    pub auth_data: Option<Bytes>,
 }
 
 /// MQTT 5 publish properties the gateway maps (DESIGN.md §3); empty for 3.1.1.
@@ -97,6 +100,12 @@ pub enum Inbound {
     },
     PingReq,
     Disconnect,
+    /// MQTT 5 AUTH: reason (0x19 re-authenticate), method and data.
+    Auth {
+        reason: u8,
+        method: Option<String>,
+        data: Option<Bytes>,
+    },
     /// Packets a client must not send (CONNACK, SUBACK, …) or does not use here.
     Unexpected(&'static str),
 }
@@ -111,6 +120,8 @@ pub enum Outbound {
         max_packet_size: u32,
         assigned_client_id: Option<String>,
         max_qos: u8,
+        /// Echoed when the client authenticated with a method.
+        auth_method: Option<String>,
     },
     Publish {
         topic: String,
@@ -146,6 +157,11 @@ pub enum Outbound {
     PingResp,
     Disconnect {
         code: u8,
+    },
+    /// MQTT 5 AUTH answer (0x00 success).
+    Auth {
+        reason: u8,
+        method: String,
     },
 }
 
@@ -284,6 +300,8 @@ fn from_v3(p: v3::Packet) -> Inbound {
             }),
             receive_max: None,
             session_expiry: 0,
+            auth_method: None,
+            auth_data: None,
         })),
         P::Publish(p) => Inbound::Publish(publish_in(*p)),
         P::PublishAck { packet_id } => Inbound::PubAck(packet_id.get()),
@@ -338,6 +356,8 @@ fn from_v5(p: v5::Packet) -> Inbound {
             }),
             receive_max: c.receive_max.map(NonZeroU16::get),
             session_expiry: c.session_expiry_interval_secs,
+            auth_method: c.auth_method.map(|m| m.to_string()),
+            auth_data: c.auth_data,
         })),
         P::Publish(p) => Inbound::Publish(publish_in(*p)),
         P::PublishAck(a) => Inbound::PubAck(a.packet_id.get()),
@@ -368,7 +388,11 @@ fn from_v5(p: v5::Packet) -> Inbound {
         },
         P::PingRequest => Inbound::PingReq,
         P::Disconnect(_) => Inbound::Disconnect,
-        P::Auth(_) => Inbound::Unexpected("AUTH (enhanced authentication is not supported yet)"),
+        P::Auth(a) => Inbound::Auth {
+            reason: a.reason_code as u8,
+            method: a.auth_method.map(|m| m.to_string()),
+            data: a.auth_data,
+        },
         _ => Inbound::Unexpected("a server-to-client packet"),
     }
 }
@@ -477,8 +501,8 @@ fn to_v3(p: Outbound) -> v3::Packet {
             packet_id: nz16(packet_id),
         },
         Outbound::PingResp => P::PingResponse,
-        // 3.1.1 has no server DISCONNECT: the connection is just closed.
-        Outbound::Disconnect { .. } => P::PingResponse,
+        // 3.1.1 has no server DISCONNECT nor AUTH: closing is the answer (the writer skips them).
+        Outbound::Disconnect { .. } | Outbound::Auth { .. } => P::PingResponse,
     }
 }
 
@@ -492,12 +516,14 @@ fn to_v5(p: Outbound) -> v5::Packet {
             max_packet_size,
             assigned_client_id,
             max_qos,
+            auth_method,
         } => P::ConnectAck(Box::new(v5::ConnectAck {
             session_present,
             reason_code: v5::ConnectAckReason::try_from(code)
                 .unwrap_or(v5::ConnectAckReason::UnspecifiedError),
             receive_max: nz16(receive_max),
             max_qos: qos(max_qos),
+            auth_method: auth_method.map(ByteString::from),
             max_packet_size: Some(max_packet_size),
             assigned_client_id: assigned_client_id.map(ByteString::from),
             retain_available: true,
@@ -562,6 +588,12 @@ fn to_v5(p: Outbound) -> v5::Packet {
             status: vec![v5::UnsubscribeAckReason::Success; count],
         }),
         Outbound::PingResp => P::PingResponse,
+        Outbound::Auth { reason, method } => P::Auth(v5::Auth {
+            reason_code: v5::AuthReasonCode::try_from(reason)
+                .unwrap_or(v5::AuthReasonCode::Success),
+            auth_method: Some(ByteString::from(method)),
+            ..Default::default()
+        }),
         Outbound::Disconnect { code } => P::Disconnect(v5::Disconnect {
             reason_code: v5::DisconnectReasonCode::try_from(code)
                 .unwrap_or(v5::DisconnectReasonCode::UnspecifiedError),

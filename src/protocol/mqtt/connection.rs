@@ -133,6 +133,7 @@ where
                 max_packet_size: max_packet,
                 assigned_client_id: None,
                 max_qos: 1,
+                auth_method: None,
             });
             drop(tx);
             let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
@@ -142,13 +143,14 @@ where
 
     let keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
     let mut last_seen = Instant::now();
-    let expiry_at = session.expires_at().map(|exp| {
-        tokio::time::Instant::now()
-            + Duration::from_secs(
-                (exp + ctx.config.auth.leeway.as_secs()).saturating_sub(now_secs()),
-            )
-    });
     let (close, graceful) = loop {
+        // Recomputed each time round: an MQTT 5 AUTH refresh moves it.
+        let expiry_at = session.expires_at().map(|exp| {
+            tokio::time::Instant::now()
+                + Duration::from_secs(
+                    (exp + ctx.config.auth.leeway.as_secs()).saturating_sub(now_secs()),
+                )
+        });
         let keep_alive_at =
             keep_alive.map_or_else(far, |k| tokio::time::Instant::from_std(last_seen + k));
         let retry_at = session

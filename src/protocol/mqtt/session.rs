@@ -31,6 +31,8 @@ use crate::metrics;
 const PROTOCOL: &str = "mqtt";
 /// The publish QoS travels with the message so deliveries never exceed it (DESIGN.md §3).
 pub const PUBLISH_QOS_HEADER: &str = "x-mqtt-publish-qos";
+/// The MQTT 5 Authentication Method that carries a JWT and allows refreshing it with AUTH.
+pub const AUTH_METHOD: &str = "amqp-gateway.jwt";
 /// MQTT 5 correlation data that is not UTF-8 (AMQP correlation_id is a short string).
 pub const CORRELATION_HEADER: &str = "x-mqtt-correlation-data";
 /// The session (subject, client id) a message was published by, for no-local.
@@ -52,6 +54,7 @@ pub mod reason {
     pub const TOPIC_FILTER_INVALID: u8 = 0x8F;
     pub const TOPIC_NAME_INVALID: u8 = 0x90;
     pub const TOPIC_ALIAS_INVALID: u8 = 0x94;
+    pub const BAD_AUTHENTICATION_METHOD: u8 = 0x8C;
     pub const RECEIVE_MAXIMUM_EXCEEDED: u8 = 0x93;
     pub const QUOTA_EXCEEDED: u8 = 0x97;
     pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
@@ -125,6 +128,8 @@ pub struct Session {
     pub retry_at: Option<Instant>,
     takeover_key: String,
     pub takeovers: mpsc::UnboundedReceiver<Takeover>,
+    /// Set when the client authenticated with [`AUTH_METHOD`]: it may refresh with AUTH.
+    auth_method: Option<String>,
 }
 
 /// A subscription's options (MQTT 5; defaults for 3.1.1).
@@ -170,7 +175,19 @@ impl Session {
         retained: Arc<Retained>,
         qos0_queued: Arc<AtomicUsize>,
     ) -> Result<(Session, Outbound), Refused> {
-        let principal = match connect.password.as_ref().filter(|p| !p.is_empty()) {
+        // MQTT 5 enhanced authentication carries the token in Authentication Data; only our
+        // method is known ([MQTT-4.12.0-1]: otherwise 0x8C).
+        let token_bytes = match connect.auth_method.as_deref() {
+            Some(AUTH_METHOD) => connect.auth_data.as_ref(),
+            Some(_) => {
+                return Err(Refused {
+                    code: reason::BAD_AUTHENTICATION_METHOD,
+                    why: "unknown authentication method".into(),
+                });
+            }
+            None => connect.password.as_ref(),
+        };
+        let principal = match token_bytes.filter(|p| !p.is_empty()) {
             None => ctx.auth.anonymous().map_err(|e| Refused {
                 code: reason::BAD_CREDENTIALS,
                 why: e.to_string(),
@@ -272,6 +289,7 @@ impl Session {
             retry_at: None,
             takeover_key: key,
             takeovers,
+            auth_method: connect.auth_method.clone(),
         };
         if connect.clean_start {
             session.discard_stored().await;
@@ -297,6 +315,7 @@ impl Session {
             max_packet_size: max_packet,
             assigned_client_id: assigned,
             max_qos: session.max_qos,
+            auth_method: session.auth_method.clone(),
         };
         Ok((session, connack))
     }
@@ -455,6 +474,11 @@ impl Session {
                 Outcome::Continue
             }
             Inbound::Disconnect => Outcome::Disconnected,
+            Inbound::Auth {
+                reason: r,
+                method,
+                data,
+            } => self.reauthenticate(r, method, data).await,
             Inbound::Connect(_) => {
                 tracing::info!(client = %self.client_id, "second CONNECT: protocol error");
                 Outcome::Close(Some(reason::PROTOCOL_ERROR))
@@ -464,6 +488,54 @@ impl Session {
                 Outcome::Close(Some(reason::PROTOCOL_ERROR))
             }
         }
+    }
+
+    // ---------- re-authentication ----------
+
+    /// MQTT 5 AUTH 0x19 with a fresh token (DESIGN.md §6): same subject and issuer, a later
+    /// expiry; every subscription is checked again against the new scopes.
+    async fn reauthenticate(
+        &mut self,
+        r: u8,
+        method: Option<String>,
+        data: Option<bytes::Bytes>,
+    ) -> Outcome {
+        if self.auth_method.is_none() || method != self.auth_method || r != 0x19 {
+            return Outcome::Close(Some(reason::PROTOCOL_ERROR));
+        }
+        let token = data
+            .as_deref()
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .unwrap_or("");
+        let fresh = match self.ctx.auth.authenticate(token).await {
+            Ok(p) if p.subject == self.principal.subject && p.issuer == self.principal.issuer => p,
+            Ok(_) => {
+                tracing::info!(client = %self.client_id, "re-authentication with another subject or issuer");
+                return Outcome::Close(Some(reason::NOT_AUTHORIZED));
+            }
+            Err(e) => {
+                tracing::info!(client = %self.client_id, "re-authentication refused: {e}");
+                return Outcome::Close(Some(reason::NOT_AUTHORIZED));
+            }
+        };
+        let exchange = self.ctx.config.mqtt.exchange.clone();
+        let mapping = self.ctx.config.mqtt.topic_mapping;
+        let still_allowed = self.subs.keys().all(|filter| {
+            let inner = filter
+                .strip_prefix("$share/")
+                .and_then(|rest| rest.split_once('/').map(|(_, f)| f))
+                .unwrap_or(filter);
+            filter_to_binding(inner, mapping)
+                .is_ok_and(|b| fresh.permissions.can_read(&exchange, &b))
+        });
+        if !still_allowed {
+            return Outcome::Close(Some(reason::NOT_AUTHORIZED));
+        }
+        self.principal = fresh;
+        if let Some(method) = self.auth_method.clone() {
+            self.send(Outbound::Auth { reason: 0, method });
+        }
+        Outcome::Continue
     }
 
     // ---------- inbound publish ----------
