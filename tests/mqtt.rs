@@ -619,6 +619,42 @@ async fn shared_subscriptions_compete(v: Version) {
     assert_eq!(r.status(), 200);
 }
 
+async fn resumed_subscriptions_are_rechecked(v: Version) {
+    let gw = start_gateway(|_| {}).await;
+    let id = unique("recheck");
+    let wide = token(
+        "dev10",
+        "gateway.read:amq.topic/inbox.# gateway.read:amq.topic/admin.#",
+    );
+    let (mut c, _) = Client::connected(&gw, v, &id, &wide, false).await;
+    assert_eq!(c.subscribe("inbox/#", 1).await, Ok(1));
+    assert_eq!(c.subscribe("admin/#", 1).await, Ok(1));
+    c.disconnect().await;
+    assert_eq!(c.next().await, Ev::Closed);
+    // The same session comes back with a token that no longer reads admin.#.
+    let narrow = token("dev10", "gateway.read:amq.topic/inbox.#");
+    let (mut back, present) = Client::connected(&gw, v, &id, &narrow, false).await;
+    assert!(present);
+    for key in ["admin.secret", "inbox.mail"] {
+        let r = gw
+            .post("/v1/exchanges/amq.topic/publish", &admin())
+            .json(&json!({"routing_key": key, "body": key, "properties": {"delivery_mode": 2}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(
+        back.message().await,
+        ("inbox/mail".to_owned(), 1, "inbox.mail".to_owned())
+    );
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(
+        back.events.try_recv().is_err(),
+        "admin/# was removed on resume"
+    );
+}
+
 macro_rules! matrix {
     ($($case:ident),* $(,)?) => {
         mod v3_1_1_tcp {
@@ -658,4 +694,5 @@ matrix!(
     retained_messages_greet_new_subscribers,
     qos2_end_to_end,
     shared_subscriptions_compete,
+    resumed_subscriptions_are_rechecked,
 );

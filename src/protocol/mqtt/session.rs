@@ -300,6 +300,7 @@ impl Session {
                 let queue = session.queue_name(level);
                 if session.channel.queue_info(&queue).await.is_ok() {
                     present = true;
+                    session.resume_subscriptions(level).await;
                     session.open_queue(level).await.map_err(|e| Refused {
                         code: reason::SERVER_UNAVAILABLE,
                         why: e.to_string(),
@@ -339,6 +340,41 @@ impl Session {
             &self.client_id,
             if level == 0 { "qos0" } else { "qos1" },
         )
+    }
+
+    /// A resumed session reads its subscriptions back from its queue's bindings and checks each
+    /// against the current read scopes: what they no longer allow is unbound (DESIGN.md §3).
+    /// QoS 2 grants come back as 1 (the binding does not say which).
+    async fn resume_subscriptions(&mut self, level: u8) {
+        let queue = self.queue_name(level);
+        let exchange = self.ctx.config.mqtt.exchange.clone();
+        let mapping = self.ctx.config.mqtt.topic_mapping;
+        let Ok(bindings) = self.channel.list_bindings(&queue).await else {
+            return;
+        };
+        for b in bindings.into_iter().filter(|b| b.exchange == exchange) {
+            if self
+                .principal
+                .permissions
+                .can_read(&exchange, &b.routing_key)
+            {
+                let filter = topic::binding_to_filter(&b.routing_key, mapping);
+                let opts = SubOpts {
+                    granted: level,
+                    no_local: false,
+                    retain_as_published: false,
+                    id: None,
+                };
+                self.subs.insert(filter, opts);
+            } else {
+                tracing::info!(client = %self.client_id, binding = %b.routing_key, "stored subscription no longer allowed; removed");
+                metrics::refusal(PROTOCOL, "forbidden");
+                let _ = self
+                    .channel
+                    .unbind_queue(&queue, &exchange, &b.routing_key, &b.arguments)
+                    .await;
+            }
+        }
     }
 
     /// Clean start: whatever a previous session left goes.

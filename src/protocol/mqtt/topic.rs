@@ -74,6 +74,22 @@ pub fn filter_to_binding(filter: &str, mapping: TopicMapping) -> Result<String, 
     Ok(key)
 }
 
+/// A binding key made by [`filter_to_binding`] → the filter it came from (a resumed session
+/// reads its subscriptions back from its queues' bindings).
+pub fn binding_to_filter(key: &str, mapping: TopicMapping) -> String {
+    key.split('.')
+        .map(|word| match word {
+            "*" => "+".to_owned(),
+            "#" => "#".to_owned(),
+            w => match mapping {
+                TopicMapping::Swap => w.replace('/', "."),
+                TopicMapping::Rabbitmq => w.to_owned(),
+            },
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 /// A routing key → MQTT topic name, or `None` when it maps to no valid topic name (such
 /// deliveries are acked, not delivered, and counted).
 pub fn key_to_topic(key: &str, mapping: TopicMapping) -> Option<String> {
@@ -180,6 +196,14 @@ mod tests {
         assert_eq!(filter_to_binding("v1.2/+", SWAP).unwrap(), "v1/2.*");
         assert_eq!(filter_to_binding("a/*", SWAP), Err(TopicError::StarLevel));
         assert_eq!(filter_to_binding("#", SWAP).unwrap(), "#");
+    }
+
+    #[test]
+    fn bindings_map_back_to_filters() {
+        for filter in ["sensors/+/temp", "a/#", "v1.2/+", "#", "x"] {
+            let key = filter_to_binding(filter, SWAP).unwrap();
+            assert_eq!(binding_to_filter(&key, SWAP), filter);
+        }
     }
 
     #[test]
