@@ -153,6 +153,20 @@ enum Inflight {
     Released,
 }
 
+/// The QoS a message was published with: header `x-mqtt-publish-qos`, else persistent → 1.
+fn publish_qos_of(d: &Delivery) -> u8 {
+    match d
+        .properties()
+        .headers
+        .get(PUBLISH_QOS_HEADER)
+        .and_then(FieldValue::as_i128)
+    {
+        Some(q) => q.clamp(0, 2) as u8,
+        None if d.message().is_persistent() => 1,
+        None => 0,
+    }
+}
+
 /// The session key the control registry holds: (subject, client id).
 fn takeover_key(subject: &str, client_id: &str) -> String {
     session_queue(subject, client_id, "")
@@ -1019,6 +1033,18 @@ impl Session {
         }
     }
 
+    /// A packet id for an outbound QoS 1/2 delivery, remembered until its acknowledgement.
+    fn track(&mut self, qos: u8, tag: Option<u64>) -> u16 {
+        let id = self.next_packet_id();
+        let state = if qos == 2 {
+            Inflight::Sent(tag)
+        } else {
+            Inflight::AtLeastOnce(tag)
+        };
+        self.inflight.insert(id, state);
+        id
+    }
+
     /// A delivery from the queue of `level`; `None` when the consumer ended.
     pub async fn deliver(&mut self, key: String, d: Option<Delivery>) -> Outcome {
         let Some(d) = d else {
@@ -1038,16 +1064,7 @@ impl Session {
                 || self.subs.is_empty()
                 || self.subs.keys().any(|f| topic::filter_matches(f, t))
         });
-        let publish_qos = match d
-            .properties()
-            .headers
-            .get(PUBLISH_QOS_HEADER)
-            .and_then(FieldValue::as_i128)
-        {
-            Some(q) => q.clamp(0, 2) as u8,
-            None if d.message().is_persistent() => 1,
-            None => 0,
-        };
+        let publish_qos = publish_qos_of(&d);
         let (Some(topic), true) = (topic, visible) else {
             metrics::refusal(PROTOCOL, "unmappable_topic");
             if level == 1 {
@@ -1084,14 +1101,7 @@ impl Session {
         };
         let qos = publish_qos.min(cap);
         let packet_id = if qos >= 1 {
-            let id = self.next_packet_id();
-            let state = if qos == 2 {
-                Inflight::Sent(Some(d.delivery_tag))
-            } else {
-                Inflight::AtLeastOnce(Some(d.delivery_tag))
-            };
-            self.inflight.insert(id, state);
-            Some(id)
+            Some(self.track(qos, Some(d.delivery_tag)))
         } else {
             if level == 1 {
                 // A QoS 0 copy from the QoS 1 queue: settled as it is sent.
@@ -1138,26 +1148,10 @@ impl Session {
             let _ = self.channel.ack(d.delivery_tag, false).await;
             return Outcome::Continue;
         };
-        let publish_qos = match d
-            .properties()
-            .headers
-            .get(PUBLISH_QOS_HEADER)
-            .and_then(FieldValue::as_i128)
-        {
-            Some(q) => q.clamp(0, 2) as u8,
-            None if d.message().is_persistent() => 1,
-            None => 0,
-        };
+        let publish_qos = publish_qos_of(&d);
         let qos = publish_qos.min(opts.granted);
         let packet_id = if qos >= 1 {
-            let id = self.next_packet_id();
-            let state = if qos == 2 {
-                Inflight::Sent(Some(d.delivery_tag))
-            } else {
-                Inflight::AtLeastOnce(Some(d.delivery_tag))
-            };
-            self.inflight.insert(id, state);
-            Some(id)
+            Some(self.track(qos, Some(d.delivery_tag)))
         } else {
             let _ = self.channel.ack(d.delivery_tag, false).await;
             None
@@ -1183,16 +1177,7 @@ impl Session {
     fn send_retained(&mut self, filter: &str, granted: u8) {
         for (topic, m) in self.retained.matching(filter) {
             let qos = m.qos.min(granted);
-            let packet_id = (qos >= 1).then(|| {
-                let id = self.next_packet_id();
-                let state = if qos == 2 {
-                    Inflight::Sent(None)
-                } else {
-                    Inflight::AtLeastOnce(None)
-                };
-                self.inflight.insert(id, state);
-                id
-            });
+            let packet_id = (qos >= 1).then(|| self.track(qos, None));
             self.send(Outbound::Publish {
                 topic,
                 qos,
