@@ -1,0 +1,178 @@
+//! Outbound deliveries: per-copy QoS, no-local, retain-as-published, subscription identifiers,
+//! MQTT 5 properties, packet-id tracking, retained messages on subscribe.
+
+use std::sync::atomic::Ordering;
+
+use super::*;
+
+impl Session {
+    // ---------- deliveries ----------
+
+    pub(super) fn next_packet_id(&mut self) -> u16 {
+        loop {
+            let id = self.next_packet_id;
+            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+            if !self.inflight.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// A packet id for an outbound QoS 1/2 delivery, remembered until its acknowledgement.
+    pub(super) fn track(&mut self, qos: u8, tag: Option<u64>) -> u16 {
+        let id = self.next_packet_id();
+        let state = if qos == 2 {
+            Inflight::Sent(tag)
+        } else {
+            Inflight::AtLeastOnce(tag)
+        };
+        self.inflight.insert(id, state);
+        id
+    }
+
+    /// A delivery from the queue of `level`; `None` when the consumer ended.
+    pub async fn deliver(&mut self, key: String, d: Option<Delivery>) -> Outcome {
+        let Some(d) = d else {
+            tracing::info!(client = %self.client_id, queue = %key, "a session queue went away");
+            return Outcome::Close(Some(reason::IMPLEMENTATION_SPECIFIC));
+        };
+        let level = match key.as_str() {
+            "0" => 0,
+            "1" => 1,
+            shared => return self.deliver_shared(shared, d).await,
+        };
+        let topic = key_to_topic(d.routing_key(), self.ctx.config.mqtt.topic_mapping);
+        let visible = topic.as_deref().is_some_and(|t| {
+            // `$`-topics reach only filters that do not start with a wildcard; a resumed session
+            // that does not know its filters lets them through.
+            !t.starts_with('$')
+                || self.subs.is_empty()
+                || self.subs.keys().any(|f| topic::filter_matches(f, t))
+        });
+        let publish_qos = publish_qos_of(&d);
+        let (Some(topic), true) = (topic, visible) else {
+            metrics::refusal(PROTOCOL, "unmappable_topic");
+            if level == 1 {
+                let _ = self.channel.ack(d.delivery_tag, false).await;
+            }
+            return Outcome::Continue;
+        };
+        // The subscriptions this queue serves that the message matched (none known for a
+        // resumed session: the queue's level and no options then).
+        let matched: Vec<SubOpts> = self
+            .subs
+            .iter()
+            .filter(|(f, o)| (o.granted.min(1) == level) && topic::filter_matches(f, &topic))
+            .map(|(_, o)| *o)
+            .collect();
+        let headers = &d.properties().headers;
+        let own = headers.get(ORIGIN_HEADER).and_then(FieldValue::as_str)
+            == Some(self.takeover_key.as_str());
+        // No-local suppresses the copy only when every matching subscription asked for it.
+        if own && !matched.is_empty() && matched.iter().all(|o| o.no_local) {
+            if level == 1 {
+                let _ = self.channel.ack(d.delivery_tag, false).await;
+            }
+            return Outcome::Continue;
+        }
+        let retain = matches!(headers.get(RETAIN_HEADER), Some(FieldValue::Bool(true)))
+            && matched.iter().any(|o| o.retain_as_published);
+        let subscription_ids: Vec<u32> = matched.iter().filter_map(|o| o.id).collect();
+        // Per copy: min(publish QoS, the highest QoS granted to a matching subscription).
+        let cap = if level == 0 {
+            0
+        } else {
+            matched.iter().map(|o| o.granted).max().unwrap_or(1)
+        };
+        let qos = publish_qos.min(cap);
+        let packet_id = if qos >= 1 {
+            Some(self.track(qos, Some(d.delivery_tag)))
+        } else {
+            if level == 1 {
+                // A QoS 0 copy from the QoS 1 queue: settled as it is sent.
+                let _ = self.channel.ack(d.delivery_tag, false).await;
+            }
+            None
+        };
+        if qos == 0 {
+            // A slow client's QoS 0 backlog is bounded: over it, deliveries are dropped and
+            // counted (QoS 1/2 are bounded by credit instead).
+            let limit = self.ctx.config.limits.outbound_buffer_messages;
+            if self.qos0_queued.load(Ordering::Relaxed) >= limit {
+                metrics::refusal(PROTOCOL, "qos0_dropped");
+                return Outcome::Continue;
+            }
+            self.qos0_queued.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut props = self.props_of(&d);
+        if self.version == Version::V5 {
+            props.subscription_ids = subscription_ids;
+        }
+        self.send(Outbound::Publish {
+            topic,
+            qos,
+            retain,
+            dup: false,
+            packet_id,
+            payload: d.body().clone(),
+            props,
+        });
+        metrics::messages_out(PROTOCOL, 1);
+        Outcome::Continue
+    }
+
+    /// A delivery from a shared subscription's queue: at most the granted QoS, no retained
+    /// flag, its own subscription identifier.
+    pub(super) async fn deliver_shared(&mut self, filter: &str, d: Delivery) -> Outcome {
+        let Some(opts) = self.subs.get(filter).copied() else {
+            let _ = self.channel.nack(d.delivery_tag, false, true).await;
+            return Outcome::Continue;
+        };
+        let Some(topic) = key_to_topic(d.routing_key(), self.ctx.config.mqtt.topic_mapping) else {
+            metrics::refusal(PROTOCOL, "unmappable_topic");
+            let _ = self.channel.ack(d.delivery_tag, false).await;
+            return Outcome::Continue;
+        };
+        let publish_qos = publish_qos_of(&d);
+        let qos = publish_qos.min(opts.granted);
+        let packet_id = if qos >= 1 {
+            Some(self.track(qos, Some(d.delivery_tag)))
+        } else {
+            let _ = self.channel.ack(d.delivery_tag, false).await;
+            None
+        };
+        let mut props = self.props_of(&d);
+        if self.version == Version::V5 {
+            props.subscription_ids = opts.id.into_iter().collect();
+        }
+        self.send(Outbound::Publish {
+            topic,
+            qos,
+            retain: false,
+            dup: false,
+            packet_id,
+            payload: d.body().clone(),
+            props,
+        });
+        metrics::messages_out(PROTOCOL, 1);
+        Outcome::Continue
+    }
+
+    /// Sends the retained messages matching a new subscription, RETAIN=1, at most `granted`.
+    pub(super) fn send_retained(&mut self, filter: &str, granted: u8) {
+        for (topic, m) in self.retained.matching(filter) {
+            let qos = m.qos.min(granted);
+            let packet_id = (qos >= 1).then(|| self.track(qos, None));
+            self.send(Outbound::Publish {
+                topic,
+                qos,
+                retain: true,
+                dup: false,
+                packet_id,
+                payload: m.payload,
+                props: PublishProps::default(),
+            });
+            metrics::messages_out(PROTOCOL, 1);
+        }
+    }
+}
