@@ -476,3 +476,31 @@ async fn enhanced_auth_refreshes_the_token() {
     let got = until_closed(&mut s).await;
     assert_eq!((got[0], got[3]), (0x20, 0x8C));
 }
+
+/// [MQTT-3.1.3-8]: 3.1.1 accepts an empty client id only with a clean session; otherwise
+/// CONNACK 0x02 (identifier rejected).
+#[tokio::test]
+async fn empty_client_ids_follow_3_1_1_rules() {
+    let gw = start_gateway(|_| {}).await;
+    let t = token("empty", "gateway.read:amq.topic/#");
+    let mut clean = open(&gw).await;
+    clean
+        .write_all(&connect(b"MQTT", 4, 0, "", Some(&t)))
+        .await
+        .unwrap();
+    let (kind, body) = read_packet(&mut clean).await;
+    assert_eq!(
+        (kind, body),
+        (0x20, vec![0x00, 0x00]),
+        "accepted with a clean session"
+    );
+    let mut persistent = open(&gw).await;
+    let mut c = connect(b"MQTT", 4, 0, "", Some(&t));
+    let flags_at = c.windows(4).position(|w| w == b"MQTT").unwrap() + 5;
+    c[flags_at] &= !0x02; // no clean session
+    persistent.write_all(&c).await.unwrap();
+    assert_eq!(
+        until_closed(&mut persistent).await,
+        [0x20, 0x02, 0x00, 0x02]
+    );
+}

@@ -274,3 +274,69 @@ async fn subscription_options() {
         "no retained copy for an existing subscription"
     );
 }
+
+/// Deliveries over the client's Maximum Packet Size are dropped and counted; an empty client
+/// id gets an Assigned Client Identifier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maximum_packet_size_and_assigned_client_id() {
+    let gw = start_gateway(|_| {}).await;
+    let port = gw.gateway.addrs().mqtt.port();
+    let t = token("small", "gateway.read:amq.topic/sz.#");
+    let mut o = MqttOptions::new("", "127.0.0.1", port);
+    o.set_credentials("u", t);
+    o.set_max_packet_size(Some(1024));
+    let (c, mut eventloop) = AsyncClient::new(o, 10);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(ev) = eventloop.poll().await {
+            if let Event::Incoming(p) = ev
+                && tx.send(p).is_err()
+            {
+                return;
+            }
+        }
+    });
+    let assigned = loop {
+        match tokio::time::timeout(WAIT, rx.recv()).await.unwrap() {
+            Some(Packet::ConnAck(ack)) => {
+                break ack.properties.and_then(|p| p.assigned_client_identifier);
+            }
+            Some(_) => continue,
+            None => panic!("client ended"),
+        }
+    };
+    assert!(
+        assigned.is_some_and(|id| !id.is_empty()),
+        "an assigned client identifier"
+    );
+    c.subscribe("sz/#", QoS::AtMostOnce).await.unwrap();
+    until(&mut rx, "SUBACK", |p| matches!(p, Packet::SubAck(_))).await;
+    for (key, body) in [("sz.big", "x".repeat(4096)), ("sz.small", "ok".to_owned())] {
+        let r = gw
+            .post("/v1/exchanges/amq.topic/publish", &admin())
+            .json(&json!({"routing_key": key, "body": body}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let m = next_publish(&mut rx).await;
+    assert_eq!(
+        m.topic.as_ref(),
+        b"sz/small",
+        "the oversized one was dropped"
+    );
+    let metrics = gw
+        .http
+        .get(format!("{}/metrics", gw.metrics))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("reason=\"packet_too_large\"} 1"),
+        "{metrics}"
+    );
+}

@@ -43,6 +43,8 @@ pub struct Connect {
     /// MQTT 5 enhanced authentication.
     pub auth_method: Option<String>,
     pub auth_data: Option<Bytes>,
+    /// MQTT 5: the largest packet the client accepts.
+    pub max_packet_size: Option<u32>,
 }
 
 /// MQTT 5 publish properties the gateway maps (DESIGN.md §3); empty for 3.1.1.
@@ -302,6 +304,7 @@ fn from_v3(p: v3::Packet) -> Inbound {
             session_expiry: 0,
             auth_method: None,
             auth_data: None,
+            max_packet_size: None,
         })),
         P::Publish(p) => Inbound::Publish(publish_in(*p)),
         P::PublishAck { packet_id } => Inbound::PubAck(packet_id.get()),
@@ -358,6 +361,7 @@ fn from_v5(p: v5::Packet) -> Inbound {
             session_expiry: c.session_expiry_interval_secs,
             auth_method: c.auth_method.map(|m| m.to_string()),
             auth_data: c.auth_data,
+            max_packet_size: c.max_packet_size.map(std::num::NonZeroU32::get),
         })),
         P::Publish(p) => Inbound::Publish(publish_in(*p)),
         P::PublishAck(a) => Inbound::PubAck(a.packet_id.get()),

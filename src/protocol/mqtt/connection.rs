@@ -81,13 +81,22 @@ where
             metrics::refusal(PROTOCOL, "malformed");
             // A CONNECT naming MQTT with a level we do not speak: 3.1.1's CONNACK return code 1
             // (0x01 "unacceptable protocol version") is understood by every version.
-            if matches!(
-                e,
+            // [MQTT-3.1.3-9]: a client id the server rejects gets CONNACK 0x02 (3.1.1) / 0x85.
+            let answer: &[u8] = match e {
                 DecodeError::InvalidProtocol | DecodeError::UnsupportedProtocolLevel
-            ) && buf.get(4..8) == Some(b"MQTT")
-            {
+                    if buf.get(4..8) == Some(b"MQTT") =>
+                {
+                    &[0x20, 0x02, 0x00, 0x01]
+                }
+                DecodeError::InvalidClientId if codec.version() == Some(Version::V5) => {
+                    &[0x20, 0x03, 0x00, 0x85, 0x00]
+                }
+                DecodeError::InvalidClientId => &[0x20, 0x02, 0x00, 0x02],
+                _ => &[],
+            };
+            if !answer.is_empty() {
                 let mut writer = writer;
-                let _ = writer.write_all(&[0x20, 0x02, 0x00, 0x01]).await;
+                let _ = writer.write_all(answer).await;
                 let _ = writer.shutdown().await;
             }
             return;

@@ -134,6 +134,8 @@ pub struct Session {
     pub takeovers: mpsc::UnboundedReceiver<Takeover>,
     /// Set when the client authenticated with [`AUTH_METHOD`]: it may refresh with AUTH.
     auth_method: Option<String>,
+    /// MQTT 5 Maximum Packet Size of the client: larger deliveries are dropped and counted.
+    client_max_packet: Option<u32>,
 }
 
 /// A subscription's options (MQTT 5; defaults for 3.1.1).
@@ -308,6 +310,7 @@ impl Session {
             takeover_key: key,
             takeovers,
             auth_method: connect.auth_method.clone(),
+            client_max_packet: connect.max_packet_size,
         };
         if connect.clean_start {
             session.discard_stored().await;

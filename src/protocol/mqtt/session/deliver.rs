@@ -18,6 +18,26 @@ impl Session {
         }
     }
 
+    /// Whether a PUBLISH of `topic` with this payload and properties fits the client's MQTT 5
+    /// Maximum Packet Size. An upper bound of the encoded size: fixed header 5, topic length 2,
+    /// packet id 2, properties as their bytes plus 4 per field.
+    pub(super) fn fits(&self, topic: &str, payload: usize, props: &PublishProps) -> bool {
+        let Some(max) = self.client_max_packet else {
+            return true;
+        };
+        let props_len = props.content_type.as_ref().map_or(0, |v| v.len() + 4)
+            + props.correlation_data.as_ref().map_or(0, |v| v.len() + 4)
+            + props.response_topic.as_ref().map_or(0, |v| v.len() + 4)
+            + props
+                .user_properties
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 5)
+                .sum::<usize>()
+            + props.subscription_ids.len() * 5
+            + 16;
+        5 + 2 + topic.len() + 2 + props_len + payload <= max as usize
+    }
+
     /// A packet id for an outbound QoS 1/2 delivery, remembered until its acknowledgement.
     pub(super) fn track(&mut self, qos: u8, tag: Option<u64>) -> u16 {
         let id = self.next_packet_id();
@@ -85,6 +105,18 @@ impl Session {
             matched.iter().map(|o| o.granted).max().unwrap_or(1)
         };
         let qos = publish_qos.min(cap);
+        let mut props = self.props_of(&d);
+        if self.version == Version::V5 {
+            props.subscription_ids = subscription_ids;
+        }
+        // Over the client's Maximum Packet Size: acked, dropped and counted (DESIGN.md §3).
+        if !self.fits(&topic, d.body().len(), &props) {
+            metrics::refusal(PROTOCOL, "packet_too_large");
+            if level == 1 {
+                let _ = self.channel.ack(d.delivery_tag, false).await;
+            }
+            return Outcome::Continue;
+        }
         let packet_id = if qos >= 1 {
             Some(self.track(qos, Some(d.delivery_tag)))
         } else {
@@ -103,10 +135,6 @@ impl Session {
                 return Outcome::Continue;
             }
             self.qos0_queued.fetch_add(1, Ordering::Relaxed);
-        }
-        let mut props = self.props_of(&d);
-        if self.version == Version::V5 {
-            props.subscription_ids = subscription_ids;
         }
         self.send(Outbound::Publish {
             topic,
@@ -135,16 +163,21 @@ impl Session {
         };
         let publish_qos = publish_qos_of(&d);
         let qos = publish_qos.min(opts.granted);
+        let mut props = self.props_of(&d);
+        if self.version == Version::V5 {
+            props.subscription_ids = opts.id.into_iter().collect();
+        }
+        if !self.fits(&topic, d.body().len(), &props) {
+            metrics::refusal(PROTOCOL, "packet_too_large");
+            let _ = self.channel.ack(d.delivery_tag, false).await;
+            return Outcome::Continue;
+        }
         let packet_id = if qos >= 1 {
             Some(self.track(qos, Some(d.delivery_tag)))
         } else {
             let _ = self.channel.ack(d.delivery_tag, false).await;
             None
         };
-        let mut props = self.props_of(&d);
-        if self.version == Version::V5 {
-            props.subscription_ids = opts.id.into_iter().collect();
-        }
         self.send(Outbound::Publish {
             topic,
             qos,
