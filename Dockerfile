@@ -12,6 +12,8 @@ RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && cargo build --release --locked \
     && rm -rf src
 COPY src ./src
+# The browser client and console are compiled into the binary (include_str!).
+COPY web ./web
 COPY config ./config
 RUN touch src/main.rs src/lib.rs \
     && cargo build --release --locked \
