@@ -504,3 +504,68 @@ async fn empty_client_ids_follow_3_1_1_rules() {
         [0x20, 0x02, 0x00, 0x02]
     );
 }
+
+/// QoS 0 publishes over the rate limit are dropped and counted; an MQTT 5 client that keeps
+/// overrunning for `limits.overrun_grace` gets DISCONNECT 0x96, a 3.1.1 one stays connected.
+#[tokio::test]
+async fn qos0_overrun_past_the_grace_is_0x96_for_v5() {
+    let gw = start_gateway(|c| {
+        c.limits.publish_rate = 1;
+        c.limits.publish_burst = 1;
+        c.limits.overrun_grace = Duration::from_millis(500);
+    })
+    .await;
+    for level in [5u8, 4] {
+        let mut s = connected(&gw, level).await;
+        let started = std::time::Instant::now();
+        let mut got = Vec::new();
+        while started.elapsed() < Duration::from_millis(1500) {
+            if s.write_all(&publish(b"overrun", b"x", level == 5))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            let mut buf = [0u8; 16];
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_millis(50), s.read(&mut buf)).await
+            {
+                got.extend_from_slice(&buf[..n]);
+                if n == 0 || got.first() == Some(&0xE0) {
+                    break;
+                }
+            }
+        }
+        if level == 5 {
+            assert_eq!(
+                (got.first(), got.get(2)),
+                (Some(&0xE0), Some(&0x96)),
+                "DISCONNECT 0x96: {got:?}"
+            );
+            assert!(
+                started.elapsed() >= Duration::from_millis(500),
+                "not before the grace"
+            );
+        } else {
+            assert!(
+                got.is_empty(),
+                "3.1.1 has no way to say it: publishes are dropped only"
+            );
+            s.write_all(&[0xC0, 0x00]).await.unwrap();
+            assert_eq!(read_packet(&mut s).await, (0xD0, vec![]), "still connected");
+        }
+    }
+    let metrics = gw
+        .http
+        .get(format!("{}/metrics", gw.metrics))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("gateway_refusals_total{protocol=\"mqtt\",reason=\"connection_rate\"}"),
+        "drops counted"
+    );
+}

@@ -59,6 +59,7 @@ pub mod reason {
     pub const TOPIC_NAME_INVALID: u8 = 0x90;
     pub const TOPIC_ALIAS_INVALID: u8 = 0x94;
     pub const BAD_AUTHENTICATION_METHOD: u8 = 0x8C;
+    pub const MESSAGE_RATE_TOO_HIGH: u8 = 0x96;
     pub const RECEIVE_MAXIMUM_EXCEEDED: u8 = 0x93;
     pub const QUOTA_EXCEEDED: u8 = 0x97;
     pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
@@ -136,6 +137,8 @@ pub struct Session {
     auth_method: Option<String>,
     /// MQTT 5 Maximum Packet Size of the client: larger deliveries are dropped and counted.
     client_max_packet: Option<u32>,
+    /// Since when QoS 0 publishes have been dropped for the rate limit without one admitted.
+    overrun_since: Option<Instant>,
 }
 
 /// A subscription's options (MQTT 5; defaults for 3.1.1).
@@ -311,6 +314,7 @@ impl Session {
             takeovers,
             auth_method: connect.auth_method.clone(),
             client_max_packet: connect.max_packet_size,
+            overrun_since: None,
         };
         if connect.clean_start {
             session.discard_stored().await;

@@ -108,7 +108,15 @@ impl Session {
         ) {
             metrics::refusal(PROTOCOL, t.reason.as_str());
             if p.qos == 0 {
-                return Outcome::Continue; // dropped and counted
+                // Dropped and counted; a v5 client that keeps overrunning for
+                // `limits.overrun_grace` is told so and disconnected (0x96).
+                let since = *self.overrun_since.get_or_insert_with(Instant::now);
+                if self.version == Version::V5
+                    && since.elapsed() >= self.ctx.config.limits.overrun_grace
+                {
+                    return Outcome::Close(Some(reason::MESSAGE_RATE_TOO_HIGH));
+                }
+                return Outcome::Continue;
             }
             if may_park {
                 self.parked.push_back(p);
@@ -127,6 +135,7 @@ impl Session {
         {
             Ok(_) => {
                 metrics::message_in(PROTOCOL, started.elapsed());
+                self.overrun_since = None;
                 let code = if p.retain
                     && self
                         .retained
