@@ -535,6 +535,13 @@ async fn retained_messages_greet_new_subscribers(v: Version) {
         late.events.try_recv().is_err(),
         "the cleared topic is not retained"
     );
+    // A QoS 0 retained copy must not upset the QoS 0 buffer accounting: live QoS 0
+    // deliveries keep flowing to the same connection.
+    p.publish("home/hall/door", 0, "open").await;
+    assert_eq!(
+        late.message_retain().await,
+        ("home/hall/door".to_owned(), 0, "open".to_owned(), false)
+    );
 }
 
 async fn qos2_end_to_end(v: Version) {
@@ -609,6 +616,24 @@ async fn shared_subscriptions_compete(v: Version) {
     assert!(
         from_a > 0 && from_b > 0,
         "both members worked: {from_a} / {from_b}"
+    );
+    // A QoS 0 copy through a shared subscription, then a QoS 0 delivery on the session's own
+    // queue: both reach the client (the QoS 0 buffer accounting covers both paths).
+    let (mut c, _) = Client::connected(&gw, v, &unique("c"), &t, true).await;
+    assert_eq!(
+        c.subscribe(&format!("$share/{group}-q0/jobs/q0"), 0).await,
+        Ok(0)
+    );
+    assert_eq!(c.subscribe("jobs/plain", 0).await, Ok(0));
+    p.publish("jobs/q0", 0, "shared-q0").await;
+    assert_eq!(
+        c.message().await,
+        ("jobs/q0".to_owned(), 0, "shared-q0".to_owned())
+    );
+    p.publish("jobs/plain", 0, "plain-q0").await;
+    assert_eq!(
+        c.message().await,
+        ("jobs/plain".to_owned(), 0, "plain-q0".to_owned())
     );
     // The queue is the group's, named as DESIGN.md §3 says.
     let queue = amqp_gateway::protocol::mqtt::topic::shared_queue(&group, "jobs/#");

@@ -109,44 +109,8 @@ impl Session {
         if self.version == Version::V5 {
             props.subscription_ids = subscription_ids;
         }
-        // Over the client's Maximum Packet Size: acked, dropped and counted (DESIGN.md §3).
-        if !self.fits(&topic, d.body().len(), &props) {
-            metrics::refusal(PROTOCOL, "packet_too_large");
-            if level == 1 {
-                let _ = self.channel.ack(d.delivery_tag, false).await;
-            }
-            return Outcome::Continue;
-        }
-        let packet_id = if qos >= 1 {
-            Some(self.track(qos, Some(d.delivery_tag)))
-        } else {
-            if level == 1 {
-                // A QoS 0 copy from the QoS 1 queue: settled as it is sent.
-                let _ = self.channel.ack(d.delivery_tag, false).await;
-            }
-            None
-        };
-        if qos == 0 {
-            // A slow client's QoS 0 backlog is bounded: over it, deliveries are dropped and
-            // counted (QoS 1/2 are bounded by credit instead).
-            let limit = self.ctx.config.limits.outbound_buffer_messages;
-            if self.qos0_queued.load(Ordering::Relaxed) >= limit {
-                metrics::refusal(PROTOCOL, "qos0_dropped");
-                return Outcome::Continue;
-            }
-            self.qos0_queued.fetch_add(1, Ordering::Relaxed);
-        }
-        self.send(Outbound::Publish {
-            topic,
-            qos,
-            retain,
-            dup: false,
-            packet_id,
-            payload: d.body().clone(),
-            props,
-        });
-        metrics::messages_out(PROTOCOL, 1);
-        Outcome::Continue
+        self.send_copy(&d, topic, qos, retain, props, level == 1)
+            .await
     }
 
     /// A delivery from a shared subscription's queue: at most the granted QoS, no retained
@@ -167,28 +131,72 @@ impl Session {
         if self.version == Version::V5 {
             props.subscription_ids = opts.id.into_iter().collect();
         }
+        self.send_copy(&d, topic, qos, false, props, true).await
+    }
+
+    /// Sends one copy of a delivery. `settle` says the engine awaits an ack for it (every queue
+    /// but the QoS 0 one): a QoS 0 copy is settled as it is sent, a QoS 1/2 one when the client
+    /// acknowledges, and one over the client's Maximum Packet Size is acked, dropped and counted
+    /// (DESIGN.md §3).
+    async fn send_copy(
+        &mut self,
+        d: &Delivery,
+        topic: String,
+        qos: u8,
+        retain: bool,
+        props: PublishProps,
+        settle: bool,
+    ) -> Outcome {
         if !self.fits(&topic, d.body().len(), &props) {
             metrics::refusal(PROTOCOL, "packet_too_large");
-            let _ = self.channel.ack(d.delivery_tag, false).await;
+            if settle {
+                let _ = self.channel.ack(d.delivery_tag, false).await;
+            }
             return Outcome::Continue;
         }
         let packet_id = if qos >= 1 {
             Some(self.track(qos, Some(d.delivery_tag)))
         } else {
-            let _ = self.channel.ack(d.delivery_tag, false).await;
+            if settle {
+                let _ = self.channel.ack(d.delivery_tag, false).await;
+            }
             None
         };
+        self.emit(topic, qos, retain, packet_id, d.body().clone(), props);
+        Outcome::Continue
+    }
+
+    /// Queues a PUBLISH for the writer. Every outbound PUBLISH goes through here, because the
+    /// writer counts each QoS 0 one it takes off `qos0_queued`: a slow client's QoS 0 backlog
+    /// is bounded by `limits.outbound_buffer_messages`, over it copies are dropped and counted
+    /// (QoS 1/2 are bounded by credit instead).
+    fn emit(
+        &mut self,
+        topic: String,
+        qos: u8,
+        retain: bool,
+        packet_id: Option<u16>,
+        payload: bytes::Bytes,
+        props: PublishProps,
+    ) {
+        if qos == 0 {
+            let limit = self.ctx.config.limits.outbound_buffer_messages;
+            if self.qos0_queued.load(Ordering::Relaxed) >= limit {
+                metrics::refusal(PROTOCOL, "qos0_dropped");
+                return;
+            }
+            self.qos0_queued.fetch_add(1, Ordering::Relaxed);
+        }
         self.send(Outbound::Publish {
             topic,
             qos,
-            retain: false,
+            retain,
             dup: false,
             packet_id,
-            payload: d.body().clone(),
+            payload,
             props,
         });
         metrics::messages_out(PROTOCOL, 1);
-        Outcome::Continue
     }
 
     /// Sends the retained messages matching a new subscription, RETAIN=1, at most `granted`.
@@ -196,16 +204,14 @@ impl Session {
         for (topic, m) in self.retained.matching(filter) {
             let qos = m.qos.min(granted);
             let packet_id = (qos >= 1).then(|| self.track(qos, None));
-            self.send(Outbound::Publish {
+            self.emit(
                 topic,
                 qos,
-                retain: true,
-                dup: false,
+                true,
                 packet_id,
-                payload: m.payload,
-                props: PublishProps::default(),
-            });
-            metrics::messages_out(PROTOCOL, 1);
+                m.payload,
+                PublishProps::default(),
+            );
         }
     }
 }
