@@ -125,34 +125,28 @@ pub fn filter_matches(filter: &str, topic: &str) -> bool {
     }
 }
 
-/// The session's queue for `kind` (`qos0` or `qos1`): `mqtt-subscription-{sub}.{client}{kind}`
-/// with both parts encoded; a SHA-256 of the pair when that would pass 255 bytes.
-pub fn session_queue(subject: &str, client_id: &str, kind: &str) -> String {
-    let sub = encode_subject(subject);
-    let client = encode_subject(client_id);
-    let name = format!("mqtt-subscription-{sub}.{client}{kind}");
+/// `{prefix}{a}.{b}{suffix}` with both parts percent-encoded (so `.` separates them
+/// unambiguously); when that would pass 255 bytes, the pair is replaced by its SHA-256 in hex.
+fn pair_queue(prefix: &str, a: &str, b: &str, suffix: &str) -> String {
+    let pair = format!("{}.{}", encode_subject(a), encode_subject(b));
+    let name = format!("{prefix}{pair}{suffix}");
     if name.len() <= MAX_KEY {
         return name;
     }
     use sha2::Digest;
-    let digest = sha2::Sha256::digest(format!("{sub}.{client}").as_bytes());
+    let digest = sha2::Sha256::digest(pair.as_bytes());
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("mqtt-subscription-{hex}{kind}")
+    format!("{prefix}{hex}{suffix}")
 }
 
-/// A shared subscription's queue: `mqtt-shared-{group}.{filter}`, both encoded (a SHA-256 of
-/// the pair when that would pass 255 bytes).
+/// The session's queue for `kind` (`qos0` or `qos1`): `mqtt-subscription-{sub}.{client}{kind}`.
+pub fn session_queue(subject: &str, client_id: &str, kind: &str) -> String {
+    pair_queue("mqtt-subscription-", subject, client_id, kind)
+}
+
+/// A shared subscription's queue: `mqtt-shared-{group}.{filter}`.
 pub fn shared_queue(group: &str, filter: &str) -> String {
-    let group = encode_subject(group);
-    let filter = encode_subject(filter);
-    let name = format!("mqtt-shared-{group}.{filter}");
-    if name.len() <= MAX_KEY {
-        return name;
-    }
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(format!("{group}.{filter}").as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("mqtt-shared-{hex}")
+    pair_queue("mqtt-shared-", group, filter, "")
 }
 
 #[cfg(test)]
@@ -214,6 +208,16 @@ mod tests {
         assert!(!filter_matches("#", "$SYS/x"));
         assert!(!filter_matches("+/x", "$SYS/x"));
         assert!(filter_matches("$SYS/#", "$SYS/x"));
+    }
+
+    #[test]
+    fn shared_queue_names_are_encoded_and_bounded() {
+        assert_eq!(shared_queue("g1", "jobs/#"), "mqtt-shared-g1.jobs%2F%23");
+        let long = shared_queue(&"g".repeat(200), &"f".repeat(100));
+        assert!(
+            long.len() <= 255 && long.starts_with("mqtt-shared-"),
+            "{long}"
+        );
     }
 
     #[test]
