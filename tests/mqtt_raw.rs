@@ -569,3 +569,247 @@ async fn qos0_overrun_past_the_grace_is_0x96_for_v5() {
         "drops counted"
     );
 }
+
+// ---------- persistent session state across connections ----------
+
+/// A CONNECT without clean session; MQTT 5 asks for Session Expiry Interval `expiry`.
+fn connect_persistent(level: u8, client: &str, password: &str, expiry: u32) -> Vec<u8> {
+    let mut body = string(b"MQTT");
+    body.push(level);
+    body.push(0xC0); // username and password, no clean session
+    body.extend_from_slice(&60u16.to_be_bytes());
+    if level == 5 {
+        body.extend_from_slice(&[5, 0x11]);
+        body.extend_from_slice(&expiry.to_be_bytes());
+    }
+    body.extend(string(client.as_bytes()));
+    body.extend(string(b"u"));
+    body.extend(string(password.as_bytes()));
+    packet(0x10, body)
+}
+
+/// An accepted CONNACK: (Session Present, the rest of the packet — v5 properties).
+async fn connack(s: &mut TcpStream) -> (bool, Vec<u8>) {
+    let (first, body) = read_packet(s).await;
+    assert_eq!(first, 0x20, "CONNACK");
+    assert_eq!(body[1], 0, "accepted");
+    (body[0] & 1 == 1, body[2..].to_vec())
+}
+
+/// SUBSCRIBE one filter with `options` (QoS in the low bits); v5 may carry a subscription id.
+fn subscribe_packet(
+    packet_id: u16,
+    filter: &str,
+    options: u8,
+    v5: bool,
+    id: Option<u8>,
+) -> Vec<u8> {
+    let mut body = packet_id.to_be_bytes().to_vec();
+    if v5 {
+        match id {
+            Some(id) => body.extend_from_slice(&[2, 0x0B, id]),
+            None => body.push(0),
+        }
+    }
+    body.extend(string(filter.as_bytes()));
+    body.push(options);
+    packet(0x82, body)
+}
+
+fn publish_qos(
+    topic: &str,
+    qos: u8,
+    packet_id: u16,
+    dup: bool,
+    payload: &[u8],
+    v5: bool,
+) -> Vec<u8> {
+    let mut body = string(topic.as_bytes());
+    body.extend_from_slice(&packet_id.to_be_bytes());
+    if v5 {
+        body.push(0);
+    }
+    body.extend_from_slice(payload);
+    packet(0x30 | (qos << 1) | if dup { 0x08 } else { 0 }, body)
+}
+
+/// A PUBLISH the gateway sent: (QoS, topic, packet id, v5 properties).
+fn parse_publish(first: u8, body: &[u8], v5: bool) -> (u8, String, u16, Vec<u8>) {
+    assert_eq!(first & 0xF0, 0x30, "PUBLISH, got {first:#x}");
+    let qos = (first >> 1) & 3;
+    let len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+    let topic = String::from_utf8(body[2..2 + len].to_vec()).unwrap();
+    let mut at = 2 + len;
+    let mut id = 0;
+    if qos > 0 {
+        id = u16::from_be_bytes([body[at], body[at + 1]]);
+        at += 2;
+    }
+    let props = if v5 {
+        let n = usize::from(body[at]); // short properties in these tests: one length byte
+        body[at + 1..at + 1 + n].to_vec()
+    } else {
+        Vec::new()
+    };
+    (qos, topic, id, props)
+}
+
+async fn rest_publish(gw: &TestGateway, key: &str, qos: u8) {
+    let r = gw
+        .post("/v1/exchanges/amq.topic/publish", &common::admin())
+        .json(&serde_json::json!({"routing_key": key, "body": key,
+            "properties": {"delivery_mode": 2, "headers": {"x-mqtt-publish-qos": qos}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// QoS 2 packet-id state belongs to the session ([MQTT-4.4.0-1]): after a reconnect an inbound
+/// message whose PUBREL was not yet received is not published a second time when resent, and
+/// PUBREL goes out again, with its original packet id, for an outbound one not completed.
+#[tokio::test]
+async fn qos2_state_survives_a_reconnect() {
+    let gw = start_gateway(|_| {}).await;
+    let t = token("raw", "gateway.write:amq.topic/# gateway.read:amq.topic/#");
+    for level in [4u8, 5] {
+        let v5 = level == 5;
+        let client = unique("q2r");
+        let inbound = unique("in");
+        let outbound = unique("out");
+        let q = gw.queue("q2-resume").await;
+        gw.bind(&q, "amq.topic", &inbound).await;
+
+        let mut s = open(&gw).await;
+        s.write_all(&connect_persistent(level, &client, &t, 600))
+            .await
+            .unwrap();
+        assert!(!connack(&mut s).await.0, "no session yet");
+        s.write_all(&subscribe_packet(1, &outbound, 2, v5, None))
+            .await
+            .unwrap();
+        let (first, body) = read_packet(&mut s).await;
+        assert_eq!(
+            (first, body.last()),
+            (0x90, Some(&2)),
+            "SUBACK granting QoS 2"
+        );
+        // Inbound: PUBREC, then the connection drops before PUBREL.
+        s.write_all(&publish_qos(&inbound, 2, 9, false, b"once", v5))
+            .await
+            .unwrap();
+        let (first, body) = read_packet(&mut s).await;
+        assert_eq!((first, &body[..2]), (0x50, &[0u8, 9][..]), "PUBREC");
+        // Outbound: PUBREC from us, PUBREL from the gateway, then the drop before PUBCOMP.
+        rest_publish(&gw, &outbound, 2).await;
+        let (first, body) = read_packet(&mut s).await;
+        let (qos, topic, out_id, _) = parse_publish(first, &body, v5);
+        assert_eq!((qos, topic.as_str()), (2, outbound.as_str()));
+        let [hi, lo] = out_id.to_be_bytes();
+        s.write_all(&[0x50, 2, hi, lo]).await.unwrap();
+        let (first, body) = read_packet(&mut s).await;
+        assert_eq!((first, &body[..2]), (0x62, &[hi, lo][..]), "PUBREL");
+        drop(s);
+
+        let mut s = open(&gw).await;
+        s.write_all(&connect_persistent(level, &client, &t, 600))
+            .await
+            .unwrap();
+        assert!(connack(&mut s).await.0, "session present");
+        let (first, body) = read_packet(&mut s).await;
+        assert_eq!(
+            (first, &body[..2]),
+            (0x62, &[hi, lo][..]),
+            "PUBREL again with the original packet id"
+        );
+        s.write_all(&[0x70, 2, hi, lo]).await.unwrap();
+        s.write_all(&publish_qos(&inbound, 2, 9, true, b"once", v5))
+            .await
+            .unwrap();
+        let (first, body) = read_packet(&mut s).await;
+        assert_eq!(
+            (first, &body[..2]),
+            (0x50, &[0u8, 9][..]),
+            "PUBREC for the resend"
+        );
+        s.write_all(&[0x62, 2, 0, 9]).await.unwrap();
+        let (first, body) = read_packet(&mut s).await;
+        assert_eq!((first, &body[..2]), (0x70, &[0u8, 9][..]), "PUBCOMP");
+        assert_eq!(gw.depth(&q).await, 1, "published once across the reconnect");
+        // The outbound message was settled at PUBREC: it does not come again.
+        s.write_all(&[0xC0, 0]).await.unwrap();
+        assert_eq!(
+            read_packet(&mut s).await.0,
+            0xD0,
+            "PINGRESP, no redelivery before it"
+        );
+    }
+}
+
+/// MQTT 5 subscription options are part of the session: after a reconnect the QoS 2 grant,
+/// no-local and the subscription identifier still apply, the granted expiry is reported in
+/// CONNACK and a resumed session keeps it.
+#[tokio::test]
+async fn v5_subscription_options_survive_a_reconnect() {
+    let gw = start_gateway(|c| c.mqtt.max_session_expiry = Duration::from_secs(3600)).await;
+    let t = token("raw", "gateway.write:amq.topic/# gateway.read:amq.topic/#");
+    let client = unique("opts");
+    let prefix = unique("opts");
+    let granted = [0x11u8, 0, 0, 0x0E, 0x10]; // Session Expiry Interval 3600
+    let mut s = open(&gw).await;
+    s.write_all(&connect_persistent(5, &client, &t, u32::MAX))
+        .await
+        .unwrap();
+    let (present, props) = connack(&mut s).await;
+    assert!(!present);
+    assert!(
+        props.windows(5).any(|w| w == granted),
+        "granted expiry in CONNACK: {props:x?}"
+    );
+    // QoS 2, no-local, subscription identifier 7.
+    s.write_all(&subscribe_packet(
+        1,
+        &format!("{prefix}/#"),
+        0x02 | 0x04,
+        true,
+        Some(7),
+    ))
+    .await
+    .unwrap();
+    let (first, body) = read_packet(&mut s).await;
+    assert_eq!((first, body.last()), (0x90, Some(&2)));
+    s.write_all(&[0xE0, 0]).await.unwrap();
+    until_closed(&mut s).await;
+
+    let mut s = open(&gw).await;
+    s.write_all(&connect_persistent(5, &client, &t, 10))
+        .await
+        .unwrap();
+    let (present, props) = connack(&mut s).await;
+    assert!(present, "session present");
+    assert!(
+        props.windows(5).any(|w| w == granted),
+        "a resumed session keeps its interval: {props:x?}"
+    );
+    // No-local: our own publish is not delivered back (it would come before the REST one).
+    s.write_all(&publish_qos(
+        &format!("{prefix}/own"),
+        1,
+        1,
+        false,
+        b"own",
+        true,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(read_packet(&mut s).await.0, 0x40, "PUBACK");
+    rest_publish(&gw, &format!("{prefix}.rest"), 2).await;
+    let (first, body) = read_packet(&mut s).await;
+    let (qos, topic, _, props) = parse_publish(first, &body, true);
+    assert_eq!(topic, format!("{prefix}/rest"), "own publish suppressed");
+    assert_eq!(qos, 2, "the QoS 2 grant survived");
+    assert!(
+        props.windows(2).any(|w| w == [0x0B, 7]),
+        "subscription identifier 7: {props:x?}"
+    );
+}

@@ -118,6 +118,8 @@ pub enum Outbound {
     ConnAck {
         code: u8,
         session_present: bool,
+        /// MQTT 5: the granted Session Expiry Interval, when it differs from the requested one.
+        session_expiry: Option<u32>,
         receive_max: u16,
         max_packet_size: u32,
         assigned_client_id: Option<String>,
@@ -516,6 +518,7 @@ fn to_v5(p: Outbound) -> v5::Packet {
         Outbound::ConnAck {
             code,
             session_present,
+            session_expiry,
             receive_max,
             max_packet_size,
             assigned_client_id,
@@ -523,6 +526,7 @@ fn to_v5(p: Outbound) -> v5::Packet {
             auth_method,
         } => P::ConnectAck(Box::new(v5::ConnectAck {
             session_present,
+            session_expiry_interval_secs: session_expiry,
             reason_code: v5::ConnectAckReason::try_from(code)
                 .unwrap_or(v5::ConnectAckReason::UnspecifiedError),
             receive_max: nz16(receive_max),

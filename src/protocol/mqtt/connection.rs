@@ -130,6 +130,7 @@ where
     {
         Ok((session, connack)) => {
             let _ = tx.send(connack);
+            session.after_connack();
             session
         }
         Err(refused) => {
@@ -138,6 +139,7 @@ where
             let _ = tx.send(Outbound::ConnAck {
                 code: refused.code,
                 session_present: false,
+                session_expiry: None,
                 receive_max: 1,
                 max_packet_size: max_packet,
                 assigned_client_id: None,

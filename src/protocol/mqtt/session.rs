@@ -14,6 +14,7 @@ use tokio_stream::{Stream, StreamMap};
 
 mod deliver;
 mod publish;
+mod stored;
 mod subscribe;
 
 use super::codec::{
@@ -316,27 +317,27 @@ impl Session {
             client_max_packet: connect.max_packet_size,
             overrun_since: None,
         };
-        if connect.clean_start {
+        let present = if connect.clean_start {
             session.discard_stored().await;
-        }
-        let mut present = false;
-        if !session.clean {
-            for level in [0u8, 1] {
-                let queue = session.queue_name(level);
-                if session.channel.queue_info(&queue).await.is_ok() {
-                    present = true;
-                    session.resume_subscriptions(level).await;
-                    session.open_queue(level).await.map_err(|e| Refused {
-                        code: reason::SERVER_UNAVAILABLE,
-                        why: e.to_string(),
-                    })?;
-                }
-            }
-        }
+            false
+        } else {
+            session.resume().await.map_err(|e| Refused {
+                code: reason::SERVER_UNAVAILABLE,
+                why: e.to_string(),
+            })?
+        };
+        // Written now so that a session without subscriptions is present next time too.
+        session.save_stored().await;
         let max_packet = session.max_packet_size();
+        // MQTT 5: said only when it differs from what the client asked for.
+        let granted_expiry = u32::try_from(session.session_expiry.as_secs()).unwrap_or(u32::MAX);
+        let session_expiry = (connect.version == Version::V5
+            && granted_expiry != connect.session_expiry)
+            .then_some(granted_expiry);
         let connack = Outbound::ConnAck {
             code: reason::SUCCESS,
             session_present: present,
+            session_expiry,
             receive_max: session.ctx.config.mqtt.receive_maximum,
             max_packet_size: max_packet,
             assigned_client_id: assigned,
@@ -367,10 +368,121 @@ impl Session {
         )
     }
 
-    /// A resumed session reads its subscriptions back from its queue's bindings and checks each
-    /// against the current read scopes: what they no longer allow is unbound (DESIGN.md §3).
-    /// QoS 2 grants come back as 1 (the binding does not say which).
-    async fn resume_subscriptions(&mut self, level: u8) {
+    /// Clean Start 0: takes up the session stored under (subject, client id), if there is one,
+    /// and returns Session Present. Its subscriptions are checked again against the current
+    /// read scopes; what they no longer allow is unbound and counted (DESIGN.md §3).
+    async fn resume(&mut self) -> Result<bool, EngineError> {
+        let mut queues = Vec::new();
+        for level in [0u8, 1] {
+            if let Ok(info) = self.channel.queue_info(&self.queue_name(level)).await {
+                queues.push((level, info));
+            }
+        }
+        let stored = self.load_stored().await;
+        if stored.is_none() && queues.is_empty() && !self.stored_exists().await {
+            return Ok(false);
+        }
+        // A resumed session keeps its interval: its queues' `x-expires` cannot change.
+        let kept = match &stored {
+            Some(s) => Some(s.expiry_secs.saturating_mul(1000)),
+            None => queues.iter().find_map(|(_, info)| {
+                info.spec
+                    .arguments
+                    .get("x-expires")
+                    .and_then(FieldValue::as_i128)
+                    .and_then(|ms| u64::try_from(ms).ok())
+            }),
+        };
+        if let Some(ms) = kept.filter(|ms| *ms > 0) {
+            self.session_expiry = Duration::from_millis(ms);
+            self.clean = false;
+        }
+        if self.clean {
+            // Only a state queue of an unknown format was left: start afresh.
+            self.discard_stored().await;
+            return Ok(false);
+        }
+        match stored {
+            Some(stored) => {
+                self.inbound_qos2 = stored.inbound_qos2.into_iter().collect();
+                for id in stored.released {
+                    self.inflight.insert(id, Inflight::Released);
+                }
+                for sub in stored.subscriptions {
+                    self.resume_subscription(sub).await;
+                }
+            }
+            // The state was lost (a gateway that died before writing it): the bindings say
+            // which filters there were, at their queue's level and without options.
+            None => {
+                for (level, _) in &queues {
+                    self.resume_from_bindings(*level).await;
+                }
+            }
+        }
+        // Messages queued while away are delivered even when no subscription uses the queue now.
+        for (level, _) in queues {
+            self.open_queue(level).await?;
+        }
+        Ok(true)
+    }
+
+    /// Whether `permissions` let this session read what `filter` (possibly shared) selects.
+    fn may_read(&self, permissions: &crate::auth::Permissions, filter: &str) -> bool {
+        let inner = filter
+            .strip_prefix("$share/")
+            .and_then(|rest| rest.split_once('/').map(|(_, f)| f))
+            .unwrap_or(filter);
+        filter_to_binding(inner, self.ctx.config.mqtt.topic_mapping)
+            .is_ok_and(|b| permissions.can_read(&self.ctx.config.mqtt.exchange, &b))
+    }
+
+    /// One stored subscription taken up again (bound and consumed as at SUBSCRIBE, which is
+    /// idempotent), or unbound when the scopes no longer allow it.
+    async fn resume_subscription(&mut self, sub: stored::StoredSub) {
+        if !self.may_read(&self.principal.permissions, &sub.filter) {
+            tracing::info!(client = %self.client_id, filter = %sub.filter, "stored subscription no longer allowed; removed");
+            metrics::refusal(PROTOCOL, "forbidden");
+            if !sub.filter.starts_with("$share/")
+                && let Ok(binding) =
+                    filter_to_binding(&sub.filter, self.ctx.config.mqtt.topic_mapping)
+            {
+                let _ = self
+                    .channel
+                    .unbind_queue(
+                        &self.queue_name(sub.qos.min(1)),
+                        &self.ctx.config.mqtt.exchange,
+                        &binding,
+                        &FieldTable::new(),
+                    )
+                    .await;
+            }
+            return;
+        }
+        let code = self.subscribe(vec![sub.to_filter()]).await;
+        if code.first().is_none_or(|c| *c > 2) {
+            tracing::warn!(client = %self.client_id, filter = %sub.filter, "stored subscription could not be resumed");
+        }
+    }
+
+    /// Sent right after CONNACK: PUBREL again for outbound QoS 2 messages released before the
+    /// last connection ended ([MQTT-4.4.0-1]).
+    pub fn after_connack(&self) {
+        let mut released: Vec<u16> = self
+            .inflight
+            .iter()
+            .filter(|(_, s)| matches!(s, Inflight::Released))
+            .map(|(id, _)| *id)
+            .collect();
+        released.sort_unstable();
+        for packet_id in released {
+            self.send(Outbound::PubRel { packet_id });
+        }
+    }
+
+    /// The fallback when no stored state exists: filters read back from a queue's bindings,
+    /// at that queue's level, without options. What the scopes no longer allow is unbound.
+    async fn resume_from_bindings(&mut self, level: u8) {
         let queue = self.queue_name(level);
         let exchange = self.ctx.config.mqtt.exchange.clone();
         let mapping = self.ctx.config.mqtt.topic_mapping;
@@ -410,6 +522,7 @@ impl Session {
                 .delete_queue(&self.queue_name(level), Default::default())
                 .await;
         }
+        self.discard_state().await;
     }
 
     /// Declares (if needed) and consumes the queue of `level`.
@@ -424,11 +537,7 @@ impl Session {
             }
         } else {
             let mut args = FieldTable::new();
-            let ms = self
-                .session_expiry
-                .as_millis()
-                .clamp(1, u128::from(u32::MAX)) as i64;
-            args.insert("x-expires".into(), FieldValue::I64(ms));
+            args.insert("x-expires".into(), FieldValue::I64(self.expiry_ms()));
             QueueSpec {
                 durable: true,
                 exclusive: false,
@@ -506,6 +615,7 @@ impl Session {
                     })
                     .collect();
                 let codes = self.subscribe(filters).await;
+                self.save_stored().await;
                 if codes.contains(&reason::PROTOCOL_ERROR) {
                     return Outcome::Close(Some(reason::PROTOCOL_ERROR));
                 }
@@ -527,6 +637,7 @@ impl Session {
                 for f in filters {
                     self.unsubscribe(&f).await;
                 }
+                self.save_stored().await;
                 self.send(Outbound::UnsubAck { packet_id, count });
                 Outcome::Continue
             }
@@ -579,16 +690,10 @@ impl Session {
                 return Outcome::Close(Some(reason::NOT_AUTHORIZED));
             }
         };
-        let exchange = self.ctx.config.mqtt.exchange.clone();
-        let mapping = self.ctx.config.mqtt.topic_mapping;
-        let still_allowed = self.subs.keys().all(|filter| {
-            let inner = filter
-                .strip_prefix("$share/")
-                .and_then(|rest| rest.split_once('/').map(|(_, f)| f))
-                .unwrap_or(filter);
-            filter_to_binding(inner, mapping)
-                .is_ok_and(|b| fresh.permissions.can_read(&exchange, &b))
-        });
+        let still_allowed = self
+            .subs
+            .keys()
+            .all(|filter| self.may_read(&fresh.permissions, filter));
         if !still_allowed {
             return Outcome::Close(Some(reason::NOT_AUTHORIZED));
         }
@@ -612,10 +717,13 @@ impl Session {
             self.publish_will(will).await;
         }
         self.consumers = StreamMap::new();
-        self.ctx.control.release(&self.takeover_key, self.conn.id);
+        // Before the release: a connection taking over waits for it, then reads this state.
         if self.clean {
             self.discard_stored().await;
+        } else {
+            self.save_stored().await;
         }
+        self.ctx.control.release(&self.takeover_key, self.conn.id);
     }
 
     /// The will goes out now, or (MQTT 5) after min(will delay, session expiry) unless the

@@ -145,6 +145,11 @@ pub fn session_queue(subject: &str, client_id: &str, kind: &str) -> String {
 }
 
 /// A shared subscription's queue: `mqtt-shared-{group}.{filter}`.
+/// The queue whose single message is a persistent session's stored state.
+pub fn state_queue(subject: &str, client_id: &str) -> String {
+    pair_queue("mqtt-session-", subject, client_id, "")
+}
+
 pub fn shared_queue(group: &str, filter: &str) -> String {
     pair_queue("mqtt-shared-", group, filter, "")
 }

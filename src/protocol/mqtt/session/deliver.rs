@@ -85,6 +85,15 @@ impl Session {
             .filter(|(f, o)| (o.granted.min(1) == level) && topic::filter_matches(f, &topic))
             .map(|(_, o)| *o)
             .collect();
+        // Queued for a subscription that is gone (unsubscribed, or refused on resume): not for
+        // this client any more. A session that knows no filters at all delivers what it has.
+        if !self.subs.is_empty() && !self.subs.keys().any(|f| topic::filter_matches(f, &topic)) {
+            metrics::refusal(PROTOCOL, "unsubscribed");
+            if level == 1 {
+                let _ = self.channel.ack(d.delivery_tag, false).await;
+            }
+            return Outcome::Continue;
+        }
         let headers = &d.properties().headers;
         let own = headers.get(ORIGIN_HEADER).and_then(FieldValue::as_str)
             == Some(self.takeover_key.as_str());
