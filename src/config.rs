@@ -177,6 +177,16 @@ pub enum Watermark {
     Bytes(ByteSize),
 }
 
+impl Watermark {
+    /// In bytes, given the memory available to the process (a share of nothing is no limit).
+    pub fn resolve(self, available: Option<u64>) -> Option<u64> {
+        match self {
+            Watermark::Bytes(b) => Some(b.as_u64()),
+            Watermark::Fraction(f) => available.map(|a| (a as f64 * f) as u64),
+        }
+    }
+}
+
 impl Serialize for Watermark {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::engine::{Channel, Engine, EngineError};
-use crate::flow::{ConnectionLimits, Flow};
+use crate::flow::{ConnectionLimits, Flow, Throttled};
 use crate::shutdown::Shutdown;
 
 #[derive(Clone)]
@@ -18,6 +18,23 @@ pub struct Context {
     pub config: Arc<Config>,
     pub shutdown: Shutdown,
     pub control: Arc<crate::control::Control>,
+}
+
+impl Context {
+    /// Whether a client publish of `bytes` body bytes may go to the engine now (DESIGN.md §7):
+    /// not while the engine is above its memory watermark (no tokens are taken then), nor over
+    /// the connection's or the subject's rate.
+    pub fn admit_publish(
+        &self,
+        conn: &Connection,
+        subject: &str,
+        bytes: usize,
+    ) -> Result<(), Throttled> {
+        if self.engine.publish_blocked() {
+            return Err(Throttled::memory());
+        }
+        self.flow.admit_publish(&conn.limits, subject, bytes)
+    }
 }
 
 /// One client connection (an HTTP connection, later a WebSocket or MQTT one): its id, its

@@ -29,7 +29,7 @@ use std::task::{Context, Poll};
 use async_trait::async_trait;
 
 pub use error::{EngineError, ObjectKind};
-pub use message::{Delivery, Envelope, Message, Properties};
+pub use message::{Charge, Delivery, Envelope, Message, Properties};
 pub use table::{FieldTable, FieldValue};
 
 /// Which implementation serves the seam; adapters only use it for capability questions
@@ -330,6 +330,9 @@ pub struct EngineStats {
     pub queued_messages: u64,
     /// Body bytes of those messages.
     pub queued_bytes: u64,
+    /// Body bytes the engine holds in memory (ready and unacknowledged; a message routed to
+    /// many queues counts once): what `engine.memory_high_watermark` limits.
+    pub held_bytes: u64,
     pub queues: u64,
     pub exchanges: u64,
 }
@@ -347,6 +350,11 @@ pub trait Engine: Send + Sync + 'static {
     fn health(&self) -> Health;
 
     fn stats(&self) -> EngineStats;
+
+    /// Publishes should be throttled now: the embedded engine is above its memory high
+    /// watermark (an upstream broker says so with `connection.blocked`). Adapters answer as
+    /// for a rate limit (DESIGN.md §7); the engine itself still accepts what is published.
+    fn publish_blocked(&self) -> bool;
 
     /// Stop accepting work and release resources; open channels close.
     async fn shutdown(&self);

@@ -18,6 +18,9 @@ pub enum ThrottleReason {
     ConnectionRate,
     ConnectionBytes,
     SubjectRate,
+    /// The engine is above its memory high watermark: not this client's doing, so adapters
+    /// answer "overloaded" rather than "rate limited".
+    MemoryWatermark,
 }
 
 impl ThrottleReason {
@@ -26,6 +29,7 @@ impl ThrottleReason {
             ThrottleReason::ConnectionRate => "connection_rate",
             ThrottleReason::ConnectionBytes => "connection_bytes",
             ThrottleReason::SubjectRate => "subject_rate",
+            ThrottleReason::MemoryWatermark => "memory_watermark",
         }
     }
 }
@@ -38,6 +42,14 @@ pub struct Throttled {
 }
 
 impl Throttled {
+    /// Above the memory watermark: try again shortly (consumers drain it at their own pace).
+    pub fn memory() -> Throttled {
+        Throttled {
+            reason: ThrottleReason::MemoryWatermark,
+            retry_after: Duration::from_millis(250),
+        }
+    }
+
     /// Whole seconds for an HTTP `Retry-After` header (at least 1).
     pub fn retry_after_secs(&self) -> u64 {
         self.retry_after.as_secs_f64().ceil().max(1.0) as u64

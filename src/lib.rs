@@ -93,10 +93,26 @@ impl Gateway {
 /// Builds the engine the configuration asks for.
 async fn build_engine(config: &Config) -> Result<Arc<dyn Engine>, StartError> {
     match config.engine.kind {
-        EngineKindConfig::Embedded => Ok(Arc::new(EmbeddedEngine::new(EmbeddedOptions {
-            max_message_bytes: config.limits.max_message_bytes.as_u64() as usize,
-            ..EmbeddedOptions::default()
-        }))),
+        EngineKindConfig::Embedded => {
+            let available = crate::engine::embedded::memory::available();
+            let watermark = config.engine.memory_high_watermark.resolve(available);
+            match watermark {
+                Some(bytes) => tracing::info!(
+                    bytes,
+                    "memory high watermark: publishes are throttled above {}",
+                    bytesize::ByteSize::b(bytes)
+                ),
+                None => tracing::warn!(
+                    "memory available to the process unknown: engine.memory_high_watermark \
+                     as a percentage is not enforced (give a size instead)"
+                ),
+            }
+            Ok(Arc::new(EmbeddedEngine::new(EmbeddedOptions {
+                max_message_bytes: config.limits.max_message_bytes.as_u64() as usize,
+                memory_high_watermark: watermark,
+                ..EmbeddedOptions::default()
+            })))
+        }
         EngineKindConfig::Upstream => Err(StartError::Unsupported(
             "engine.kind = \"upstream\" is not available in this version; use \"embedded\"".into(),
         )),

@@ -18,6 +18,8 @@ pub const REFUSALS: &str = "gateway_refusals_total";
 pub const QUEUED_MESSAGES: &str = "gateway_queued_messages";
 pub const QUEUED_BYTES: &str = "gateway_queued_bytes";
 pub const QUEUES: &str = "gateway_queues";
+pub const HELD_BYTES: &str = "gateway_engine_held_bytes";
+pub const PUBLISH_BLOCKED: &str = "gateway_publish_blocked";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -60,6 +62,14 @@ fn describe() {
     );
     metrics::describe_gauge!(QUEUED_BYTES, "Body bytes of ready messages held in queues");
     metrics::describe_gauge!(QUEUES, "Queues that exist");
+    metrics::describe_gauge!(
+        HELD_BYTES,
+        "Body bytes the engine holds (a message in many queues counts once)"
+    );
+    metrics::describe_gauge!(
+        PUBLISH_BLOCKED,
+        "1 while publishes are throttled for the memory high watermark"
+    );
 }
 
 pub fn message_in(protocol: &'static str, latency: Duration) {
@@ -90,6 +100,8 @@ pub fn render(engine: &dyn Engine) -> String {
     metrics::gauge!(QUEUED_MESSAGES).set(stats.queued_messages as f64);
     metrics::gauge!(QUEUED_BYTES).set(stats.queued_bytes as f64);
     metrics::gauge!(QUEUES).set(stats.queues as f64);
+    metrics::gauge!(HELD_BYTES).set(stats.held_bytes as f64);
+    metrics::gauge!(PUBLISH_BLOCKED).set(if engine.publish_blocked() { 1.0 } else { 0.0 });
     let handle = handle();
     handle.run_upkeep();
     handle.render()

@@ -46,6 +46,66 @@ async fn fan_out_shares_one_body() {
     assert_eq!(engine.stats().queued_messages, 0);
 }
 
+/// The memory watermark counts what the engine holds: a message in three queues once, an
+/// unacknowledged delivery until it is acked; above the watermark publishes are flagged.
+#[tokio::test]
+async fn held_bytes_count_each_message_once_until_settled() {
+    let engine: Arc<dyn Engine> = Arc::new(EmbeddedEngine::new(EmbeddedOptions {
+        memory_high_watermark: Some(100_000),
+        ..EmbeddedOptions::default()
+    }));
+    let ch = engine.open_channel("t").await.unwrap();
+    let ex = unique("held");
+    ch.declare_exchange(&ex, &ExchangeSpec::new(ExchangeKind::Fanout))
+        .await
+        .unwrap();
+    let mut queues = Vec::new();
+    for i in 0..3 {
+        let q = unique(&format!("held{i}"));
+        ch.declare_queue(&q, &QueueSpec::default()).await.unwrap();
+        ch.bind_queue(&q, &ex, "", &FieldTable::new())
+            .await
+            .unwrap();
+        queues.push(q);
+    }
+    let publish = |n: usize| {
+        ch.publish(
+            &ex,
+            "",
+            Message::new(vec![1u8; n]),
+            PublishOptions::default(),
+        )
+    };
+    publish(60_000).await.unwrap();
+    assert_eq!(engine.stats().held_bytes, 60_000, "three queues, one body");
+    assert!(!engine.publish_blocked());
+    publish(50_000).await.unwrap();
+    assert_eq!(engine.stats().held_bytes, 110_000);
+    assert!(engine.publish_blocked(), "above 100 000 bytes");
+    // Two queues drained, the third consumed without ack yet: still held.
+    for q in &queues[..2] {
+        ch.purge_queue(q).await.unwrap();
+    }
+    assert_eq!(engine.stats().held_bytes, 110_000);
+    let mut consumer = ch
+        .consume(&queues[2], ConsumeOptions::manual(10))
+        .await
+        .unwrap();
+    let first = next(&mut consumer).await;
+    let second = next(&mut consumer).await;
+    assert!(
+        engine.publish_blocked(),
+        "unacked deliveries are still held"
+    );
+    ch.ack(first.delivery_tag, false).await.unwrap();
+    drop(first);
+    assert_eq!(engine.stats().held_bytes, 50_000);
+    assert!(!engine.publish_blocked(), "below the watermark again");
+    ch.ack(second.delivery_tag, false).await.unwrap();
+    drop(second);
+    assert_eq!(engine.stats().held_bytes, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_publishers_on_many_exchanges_lose_nothing() {
     const PUBLISHERS: usize = 8;

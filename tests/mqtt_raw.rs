@@ -328,15 +328,7 @@ async fn qos0_to_a_stalled_client_is_dropped_and_counted() {
             .await
             .unwrap();
     }
-    let metrics = gw
-        .http
-        .get(format!("{}/metrics", gw.metrics))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics_text().await;
     let dropped: u64 = metrics
         .lines()
         .find(|l| {
@@ -555,15 +547,7 @@ async fn qos0_overrun_past_the_grace_is_0x96_for_v5() {
             assert_eq!(read_packet(&mut s).await, (0xD0, vec![]), "still connected");
         }
     }
-    let metrics = gw
-        .http
-        .get(format!("{}/metrics", gw.metrics))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics_text().await;
     assert!(
         metrics.contains("gateway_refusals_total{protocol=\"mqtt\",reason=\"connection_rate\"}"),
         "drops counted"
@@ -812,4 +796,53 @@ async fn v5_subscription_options_survive_a_reconnect() {
         props.windows(2).any(|w| w == [0x0B, 7]),
         "subscription identifier 7: {props:x?}"
     );
+}
+
+/// Above the engine's memory high watermark (DESIGN.md §7) a QoS 1 publish has its PUBACK
+/// withheld while the socket keeps being read (PINGREQ answered), a QoS 0 one is dropped, and
+/// once consumers drain the engine the withheld publish goes through and is acknowledged.
+#[tokio::test]
+async fn above_the_memory_watermark_acks_are_withheld_until_drained() {
+    let gw = start_gateway(common::low_watermark).await;
+    let fill = gw.queue("fill").await;
+    let (t0, t1) = (unique("wm0"), unique("wm1"));
+    let (q0, q1) = (gw.queue("wm0").await, gw.queue("wm1").await);
+    gw.bind(&q0, "amq.topic", &t0).await;
+    gw.bind(&q1, "amq.topic", &t1).await;
+    let r = gw
+        .post("/v1/exchanges/amq.default/publish", &common::admin())
+        .json(&serde_json::json!({"routing_key": fill, "body": "x".repeat(100 * 1024)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let mut s = connected(&gw, 5).await;
+    s.write_all(&publish(t0.as_bytes(), b"dropped", true))
+        .await
+        .unwrap();
+    s.write_all(&publish_qos(&t1, 1, 5, false, b"withheld", true))
+        .await
+        .unwrap();
+    s.write_all(&[0xC0, 0]).await.unwrap();
+    assert_eq!(
+        read_packet(&mut s).await.0,
+        0xD0,
+        "PINGRESP first: no PUBACK yet"
+    );
+    assert_eq!(
+        gw.depth(&q1).await,
+        0,
+        "not published while above the watermark"
+    );
+
+    assert_eq!(gw.take(&fill, 1).await.len(), 1);
+    let (first, body) = read_packet(&mut s).await;
+    assert_eq!(
+        (first, &body[..2]),
+        (0x40, &[0u8, 5][..]),
+        "PUBACK once drained"
+    );
+    assert_eq!(gw.depth(&q1).await, 1);
+    assert_eq!(gw.depth(&q0).await, 0, "the QoS 0 publish was dropped");
 }

@@ -326,15 +326,7 @@ async fn maximum_packet_size_and_assigned_client_id() {
         b"sz/small",
         "the oversized one was dropped"
     );
-    let metrics = gw
-        .http
-        .get(format!("{}/metrics", gw.metrics))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics_text().await;
     assert!(
         metrics.contains("reason=\"packet_too_large\"} 1"),
         "{metrics}"

@@ -941,6 +941,37 @@ async fn publishes_over_the_rate_get_429_with_retry_after() {
     );
 }
 
+/// Above the engine's memory high watermark publishes get 503 `overloaded` with Retry-After
+/// (not 429: it is not this client's rate), and are accepted again once consumers drain it.
+#[tokio::test]
+async fn publishes_above_the_memory_watermark_get_503_until_drained() {
+    let gw = start_gateway(common::low_watermark).await;
+    let q = gw.queue("full").await;
+    let publish = |body: String| {
+        gw.post("/v1/exchanges/amq.default/publish", &admin())
+            .json(&json!({"routing_key": q, "body": body}))
+            .send()
+    };
+    let r = publish("x".repeat(100 * 1024)).await.unwrap();
+    assert_eq!(r.status(), 200, "below the watermark when it was sent");
+    let r = publish("small".into()).await.unwrap();
+    assert_eq!(
+        r.headers().get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    problem(r, 503, "overloaded").await;
+    assert_eq!(
+        gw.depth(&q).await,
+        1,
+        "the refused publish was not accepted"
+    );
+    let metrics = gw.metrics_text().await;
+    assert!(metrics.contains("gateway_publish_blocked 1"), "{metrics}");
+    assert_eq!(gw.take(&q, 1).await.len(), 1);
+    let r = publish("small".into()).await.unwrap();
+    assert_eq!(r.status(), 200, "drained: accepted again");
+}
+
 #[tokio::test]
 async fn the_subject_bucket_spans_connections() {
     let gw = start_gateway(|c| c.limits.subject_publish_rate = 2).await;

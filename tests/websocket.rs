@@ -690,6 +690,31 @@ async fn rate_limited_publishes_while_pings_flow() {
     assert_eq!(ws.call(json!({"op": "ping", "id": 4})).await["op"], "pong");
 }
 
+/// Above the engine's memory high watermark a publish gets `overloaded` with retry_after_ms,
+/// the connection stays, and publishes are accepted again once consumers drain it.
+#[tokio::test]
+async fn overloaded_above_the_memory_watermark_until_drained() {
+    let gw = start_gateway(common::low_watermark).await;
+    let q = gw.queue("ws-full").await;
+    let mut ws = connect_as(&gw, &admin()).await;
+    let publish = |id: u64, body: String| json!({"op": "publish", "id": id, "exchange": "", "routing_key": q, "body": body});
+    assert_eq!(
+        ws.call(publish(1, "x".repeat(100 * 1024))).await["op"],
+        "published"
+    );
+    let refused = ws.call(publish(2, "small".into())).await;
+    assert_error(&refused, "overloaded");
+    assert!(refused["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0));
+    assert_eq!(ws.call(json!({"op": "ping", "id": 3})).await["op"], "pong");
+    assert_eq!(
+        gw.depth(&q).await,
+        1,
+        "the refused publish was not accepted"
+    );
+    assert_eq!(gw.take(&q, 1).await.len(), 1);
+    assert_eq!(ws.call(publish(4, "small".into())).await["op"], "published");
+}
+
 // ---------- flow control ----------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,7 @@
 mod broker;
 mod channel;
 mod exchange;
+pub mod memory;
 mod queue;
 pub mod store;
 mod topic;
@@ -30,6 +31,8 @@ pub struct EmbeddedOptions {
     /// Bodies above this are refused with `ContentTooLarge`.
     pub max_message_bytes: usize,
     pub store: Arc<dyn store::Store>,
+    /// Above this many body bytes held, [`Engine::publish_blocked`] says so; `None`: never.
+    pub memory_high_watermark: Option<u64>,
 }
 
 impl Default for EmbeddedOptions {
@@ -37,6 +40,7 @@ impl Default for EmbeddedOptions {
         EmbeddedOptions {
             max_message_bytes: 1024 * 1024,
             store: Arc::new(store::MemoryStore),
+            memory_high_watermark: None,
         }
     }
 }
@@ -44,6 +48,7 @@ impl Default for EmbeddedOptions {
 pub struct EmbeddedEngine {
     broker: Arc<Broker>,
     shut: AtomicBool,
+    watermark: u64,
 }
 
 impl EmbeddedEngine {
@@ -52,6 +57,7 @@ impl EmbeddedEngine {
         EmbeddedEngine {
             broker: Broker::new(options.store, options.max_message_bytes),
             shut: AtomicBool::new(false),
+            watermark: options.memory_high_watermark.unwrap_or(u64::MAX),
         }
     }
 }
@@ -86,9 +92,14 @@ impl Engine for EmbeddedEngine {
         EngineStats {
             queued_messages,
             queued_bytes,
+            held_bytes: self.broker.held_bytes(),
             queues,
             exchanges,
         }
+    }
+
+    fn publish_blocked(&self) -> bool {
+        self.broker.held_bytes() >= self.watermark
     }
 
     async fn shutdown(&self) {

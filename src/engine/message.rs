@@ -2,6 +2,7 @@
 //! queue it was routed to (fan-out copies a pointer, never a body).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -62,6 +63,51 @@ pub struct Envelope {
     pub exchange: Arc<str>,
     pub routing_key: Arc<str>,
     pub message: Message,
+    /// What the engine counts against its memory watermark while it holds this envelope.
+    pub charge: Charge,
+}
+
+/// Body bytes added to a gauge while the value holding this lives, taken off when it drops:
+/// an envelope shared by many queues (one `Arc`) is counted once, for as long as any queue or
+/// unsettled delivery holds it. A clone is not counted (only the engine's own copy is).
+#[derive(Default)]
+pub struct Charge(Option<(Arc<AtomicU64>, u64)>);
+
+impl Charge {
+    pub fn new(gauge: &Arc<AtomicU64>, bytes: u64) -> Charge {
+        gauge.fetch_add(bytes, Ordering::Relaxed);
+        Charge(Some((gauge.clone(), bytes)))
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        if let Some((gauge, bytes)) = &self.0 {
+            gauge.fetch_sub(*bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Clone for Charge {
+    fn clone(&self) -> Self {
+        Charge(None)
+    }
+}
+
+/// Accounting, not content: two envelopes compare by what they carry.
+impl PartialEq for Charge {
+    fn eq(&self, _: &Charge) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Charge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some((_, bytes)) => write!(f, "Charge({bytes})"),
+            None => f.write_str("Charge(-)"),
+        }
+    }
 }
 
 /// One message handed to a consumer or returned by `get`.

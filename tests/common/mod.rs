@@ -104,6 +104,12 @@ pub async fn start_gateway(tweak: impl FnOnce(&mut Config)) -> TestGateway {
 }
 
 /// A token for `sub` with `scope`, signed with [`SECRET`].
+/// A memory high watermark of 64 KiB: one 100 KiB message held puts the engine above it.
+pub fn low_watermark(c: &mut Config) {
+    c.engine.memory_high_watermark =
+        amqp_gateway::config::Watermark::Bytes(bytesize::ByteSize::kib(64));
+}
+
 pub fn token(sub: &str, scope: &str) -> String {
     amqp_gateway::auth::mint(
         SECRET,
@@ -162,6 +168,18 @@ impl TestGateway {
             .await
             .unwrap();
         assert_eq!(r.status(), 201, "bind {queue} to {exchange}/{key}");
+    }
+
+    /// The Prometheus text from the metrics listener.
+    pub async fn metrics_text(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.metrics))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     /// Ready messages in `queue`.

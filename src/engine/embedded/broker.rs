@@ -18,7 +18,7 @@ use super::queue::{DeadLetter, Effects, Gauges, Queue, QueueArgs, death_entry};
 use super::store::Store;
 use crate::engine::names::{self, canonical_exchange};
 use crate::engine::{
-    BindingInfo, Declared, EngineError, Envelope, ExchangeInfo, ExchangeKind, ExchangeSpec,
+    BindingInfo, Charge, Declared, EngineError, Envelope, ExchangeInfo, ExchangeKind, ExchangeSpec,
     FieldTable, FieldValue, Message, PublishOutcome, QueueDeclared, QueueInfo, QueueSpec,
 };
 
@@ -32,6 +32,8 @@ pub(super) struct Broker {
     topology: Mutex<()>,
     store: Arc<dyn Store>,
     gauges: Arc<Gauges>,
+    /// Body bytes of every envelope alive (see [`Charge`]).
+    held: Arc<AtomicU64>,
     max_message_bytes: usize,
     next_id: AtomicU64,
     default_exchange: Arc<str>,
@@ -61,6 +63,7 @@ impl Broker {
             topology: Mutex::new(()),
             store,
             gauges: Arc::default(),
+            held: Arc::default(),
             max_message_bytes,
             next_id: AtomicU64::new(1),
             default_exchange: Arc::from(""),
@@ -84,6 +87,10 @@ impl Broker {
 
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn held_bytes(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
     }
 
     pub fn gauges(&self) -> (u64, u64, u64, u64) {
@@ -514,10 +521,12 @@ impl Broker {
             return Ok(PublishOutcome { routed: false });
         }
         dedup(&mut targets);
+        let charge = Charge::new(&self.held, message.body.len() as u64);
         let envelope = Arc::new(Envelope {
             exchange: exchange_name,
             routing_key: routing_key.into(),
             message,
+            charge,
         });
         let now = Instant::now();
         let mut fx = Effects::default();
@@ -654,10 +663,12 @@ impl Broker {
             targets.retain(|q| !died_in.iter().any(|d| **d == *q.name));
         }
         dedup(&mut targets);
+        let charge = Charge::new(&self.held, message.body.len() as u64);
         let envelope = Arc::new(Envelope {
             exchange: exchange_name,
             routing_key,
             message,
+            charge,
         });
         let now = Instant::now();
         for queue in &targets {

@@ -130,11 +130,8 @@ impl RestState {
                 p.routing_key
             )));
         }
-        self.ctx.flow.admit_publish(
-            &conn.limits,
-            principal.shared_subject(),
-            p.message.body.len(),
-        )?;
+        self.ctx
+            .admit_publish(conn, principal.shared_subject(), p.message.body.len())?;
         let channel = conn.channel(&self.ctx.engine).await?;
         let started = Instant::now();
         let confirm = channel.publish(

@@ -26,6 +26,7 @@ use crate::engine::{
     AckMode, CancelReason, Channel, ConsumeOptions, Consumer, DeleteQueueOptions, Delivery,
     EngineError, Message, PublishOptions, QueueSpec,
 };
+use crate::flow::ThrottleReason;
 use crate::json::{self, Encoding, PropertiesJson};
 use crate::metrics;
 
@@ -721,14 +722,23 @@ impl Session {
                 ),
             ));
         }
-        if let Err(t) = self.ctx.flow.admit_publish(
-            &self.conn.limits,
-            self.principal.shared_subject(),
-            body.len(),
-        ) {
+        if let Err(t) =
+            self.ctx
+                .admit_publish(&self.conn, self.principal.shared_subject(), body.len())
+        {
+            let (code, message) = match t.reason {
+                ThrottleReason::MemoryWatermark => (
+                    Code::Overloaded,
+                    "the engine is above its memory high watermark".to_owned(),
+                ),
+                reason => (
+                    Code::RateLimited,
+                    format!("publish rate limit ({}) reached", reason.as_str()),
+                ),
+            };
             return Err(Refusal {
-                code: Code::RateLimited,
-                message: format!("publish rate limit ({}) reached", t.reason.as_str()),
+                code,
+                message,
                 retry_after_ms: Some((t.retry_after.as_millis() as u64).max(1)),
             });
         }

@@ -3,6 +3,8 @@
 
 use std::time::Instant;
 
+use crate::flow::ThrottleReason;
+
 use super::*;
 
 impl Session {
@@ -101,12 +103,15 @@ impl Session {
             self.ack_publish(&p, code);
             return Outcome::Continue;
         }
-        if let Err(t) = self.ctx.flow.admit_publish(
-            &self.conn.limits,
-            self.principal.shared_subject(),
-            p.payload.len(),
-        ) {
+        if let Err(t) =
+            self.ctx
+                .admit_publish(&self.conn, self.principal.shared_subject(), p.payload.len())
+        {
             metrics::refusal(PROTOCOL, t.reason.as_str());
+            if p.qos == 0 && t.reason == ThrottleReason::MemoryWatermark {
+                // Dropped and counted; not the client's overrun, so no 0x96 for it.
+                return Outcome::Continue;
+            }
             if p.qos == 0 {
                 // Dropped and counted; a v5 client that keeps overrunning for
                 // `limits.overrun_grace` is told so and disconnected (0x96).
