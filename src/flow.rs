@@ -4,6 +4,10 @@
 //! [`Flow::admit_publish`] and turn a [`Throttled`] into their own answer (REST 429, WS
 //! `rate_limited`, MQTT withheld acks).
 
+mod admission;
+
+pub use self::admission::{Admission, Admitted, Full, Unauthenticated};
+
 use std::num::NonZeroU32;
 use std::time::Duration;
 
@@ -72,8 +76,9 @@ impl std::fmt::Debug for ConnectionLimits {
     }
 }
 
-/// The gateway-wide flow-control state: quotas and the per-subject buckets.
+/// The gateway-wide flow-control state: quotas, the per-subject buckets, connection admission.
 pub struct Flow {
+    pub admission: Admission,
     message_quota: Quota,
     byte_quota: Quota,
     subjects: DefaultKeyedRateLimiter<String>,
@@ -87,6 +92,7 @@ impl Flow {
         let byte_quota = Quota::per_second(nz(limits.publish_bytes_rate.as_u64()));
         let subject_quota = Quota::per_second(nz(u64::from(limits.subject_publish_rate)));
         Flow {
+            admission: Admission::new(limits),
             message_quota,
             byte_quota,
             subjects: RateLimiter::keyed(subject_quota),

@@ -846,3 +846,78 @@ async fn above_the_memory_watermark_acks_are_withheld_until_drained() {
     assert_eq!(gw.depth(&q1).await, 1);
     assert_eq!(gw.depth(&q0).await, 0, "the QoS 0 publish was dropped");
 }
+
+/// The reason code (3.1.1: return code) of the CONNACK read next.
+async fn connack_code(s: &mut TcpStream) -> u8 {
+    let (first, body) = read_packet(s).await;
+    assert_eq!(first, 0x20, "CONNACK");
+    body[1]
+}
+
+/// Connection limits (DESIGN.md §7): per subject an extra CONNECT gets 0x97 (3.1.1: code 3)
+/// and the place comes back when a connection ends; connections that have not sent CONNECT
+/// are bounded; SUBSCRIBE past `limits.max_subscriptions` gets 0x97 for the extra filters.
+#[tokio::test]
+async fn connection_and_subscription_limits() {
+    let gw = start_gateway(|c| {
+        c.limits.max_connections_per_subject = 2;
+        c.limits.max_subscriptions = 2;
+        c.limits.max_unauthenticated = 2;
+    })
+    .await;
+    let t = token(
+        "limited",
+        "gateway.read:amq.topic/# gateway.write:amq.topic/#",
+    );
+    let connect_as = |level: u8| connect(b"MQTT", level, 0, &unique("lim"), Some(&t));
+    let mut first = open(&gw).await;
+    first.write_all(&connect_as(5)).await.unwrap();
+    assert_eq!(connack_code(&mut first).await, 0);
+    let mut second = open(&gw).await;
+    second.write_all(&connect_as(4)).await.unwrap();
+    assert_eq!(connack_code(&mut second).await, 0);
+    for (level, code) in [(5u8, 0x97u8), (4, 3)] {
+        let mut third = open(&gw).await;
+        third.write_all(&connect_as(level)).await.unwrap();
+        assert_eq!(connack_code(&mut third).await, code, "level {level}");
+    }
+
+    // Two filters allowed; a third is refused, one already held may be subscribed again.
+    let mut body = 1u16.to_be_bytes().to_vec();
+    body.push(0);
+    for f in ["a/1", "a/2", "a/3"] {
+        body.extend(string(f.as_bytes()));
+        body.push(1);
+    }
+    first.write_all(&packet(0x82, body)).await.unwrap();
+    let (kind, body) = read_packet(&mut first).await;
+    assert_eq!((kind, &body[3..]), (0x90, &[1u8, 1, 0x97][..]), "SUBACK");
+    first
+        .write_all(&subscribe_packet(2, "a/1", 0, true, None))
+        .await
+        .unwrap();
+    let (kind, body) = read_packet(&mut first).await;
+    assert_eq!(
+        (kind, &body[3..]),
+        (0x90, &[0u8][..]),
+        "a held filter again"
+    );
+
+    // The place comes back when a connection ends.
+    first.write_all(&[0xE0, 0]).await.unwrap();
+    until_closed(&mut first).await;
+    common::eventually("a place for the subject again", || async {
+        let mut s = open(&gw).await;
+        s.write_all(&connect_as(5)).await.unwrap();
+        connack_code(&mut s).await == 0
+    })
+    .await;
+
+    // Before CONNECT: two connections may wait; a third is closed at once.
+    let _waiting = [open(&gw).await, open(&gw).await];
+    let mut third = open(&gw).await;
+    assert!(
+        until_closed(&mut third).await.is_empty(),
+        "closed without a word"
+    );
+}

@@ -717,6 +717,44 @@ async fn overloaded_above_the_memory_watermark_until_drained() {
 
 // ---------- flow control ----------
 
+/// Connection limits (DESIGN.md §7): a subject's extra connection and connections past the
+/// number allowed to wait for their `auth` frame are closed with 1013 (try again later); a
+/// place comes back when a connection ends.
+#[tokio::test]
+async fn connection_limits_close_with_1013() {
+    let gw = start_gateway(|c| {
+        c.limits.max_connections_per_subject = 1;
+        c.limits.max_unauthenticated = 1;
+    })
+    .await;
+    let t = token("one-at-a-time", "gateway.read:amq.topic/#");
+    let mut first = connect_as(&gw, &t).await;
+    assert_eq!(
+        first.call(json!({"op": "ping", "id": 1})).await["op"],
+        "pong"
+    );
+    assert_eq!(connect_as(&gw, &t).await.closed_with().await, 1013);
+    // Another subject is not affected.
+    let mut other = connect_as(&gw, &admin()).await;
+    assert_eq!(
+        other.call(json!({"op": "ping", "id": 2})).await["op"],
+        "pong"
+    );
+    first.0.close(None).await.unwrap();
+    common::eventually("the subject's place back", || async {
+        // A refused attempt gets a close frame instead of the pong.
+        let mut again = connect_as(&gw, &t).await;
+        let ping = WsMessage::text(json!({"op": "ping", "id": 3}).to_string());
+        let _ = again.0.send(ping).await;
+        let reply = tokio::time::timeout(Duration::from_millis(500), again.0.next()).await;
+        matches!(reply, Ok(Some(Ok(WsMessage::Text(_)))))
+    })
+    .await;
+    // One connection may wait for its auth frame; the next is closed at once.
+    let _waiting = connect(&gw, None).await;
+    assert_eq!(connect(&gw, None).await.closed_with().await, 1013);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_reader_lags_while_fast_readers_get_everything() {
     const N: usize = 600;

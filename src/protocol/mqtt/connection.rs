@@ -58,6 +58,15 @@ async fn serve<S>(stream: S, ctx: &Context, conn: Arc<Connection>, retained: Arc
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    // Until CONNECT is answered this connection holds a place among the unauthenticated ones.
+    let waiting = match ctx.flow.admission.unauthenticated() {
+        Ok(place) => place,
+        Err(full) => {
+            tracing::info!(remote = %conn.remote, "closed before CONNECT: {full}");
+            metrics::refusal(PROTOCOL, full.as_str());
+            return;
+        }
+    };
     let (mut reader, writer) = tokio::io::split(stream);
     let max_packet = (ctx.config.limits.max_message_bytes.as_u64() + 64 * 1024) as u32;
     let mut codec = Codec::new(max_packet);
@@ -129,11 +138,13 @@ where
     .await
     {
         Ok((session, connack)) => {
+            drop(waiting);
             let _ = tx.send(connack);
             session.after_connack();
             session
         }
         Err(refused) => {
+            drop(waiting);
             tracing::info!(remote = %conn.remote, code = refused.code, "CONNECT refused: {}", refused.why);
             metrics::refusal(PROTOCOL, "connect_refused");
             let _ = tx.send(Outbound::ConnAck {

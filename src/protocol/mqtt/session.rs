@@ -140,6 +140,9 @@ pub struct Session {
     client_max_packet: Option<u32>,
     /// Since when QoS 0 publishes have been dropped for the rate limit without one admitted.
     overrun_since: Option<Instant>,
+    /// This connection's place under `limits.max_connections(_per_subject)`; given back in
+    /// [`Session::end`], before the session is released to a connection taking it over.
+    admitted: Option<crate::flow::Admitted>,
 }
 
 /// A subscription's options (MQTT 5; defaults for 3.1.1).
@@ -265,6 +268,11 @@ impl Session {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
+        // After a takeover: the connection taken over gave its place back first.
+        let admitted = ctx.flow.admission.admit(&subject).map_err(|full| Refused {
+            code: reason::QUOTA_EXCEEDED,
+            why: full.to_string(),
+        })?;
         let (takeover_tx, takeovers) = mpsc::unbounded_channel();
         ctx.control.hold(&key, conn.id, takeover_tx);
         // A delayed will of this session's last connection is not published: it is back.
@@ -316,6 +324,7 @@ impl Session {
             auth_method: connect.auth_method.clone(),
             client_max_packet: connect.max_packet_size,
             overrun_since: None,
+            admitted: Some(admitted),
         };
         let present = if connect.clean_start {
             session.discard_stored().await;
@@ -717,12 +726,14 @@ impl Session {
             self.publish_will(will).await;
         }
         self.consumers = StreamMap::new();
-        // Before the release: a connection taking over waits for it, then reads this state.
+        // Before the release: a connection taking over waits for it, then reads this state
+        // and needs this connection's place.
         if self.clean {
             self.discard_stored().await;
         } else {
             self.save_stored().await;
         }
+        self.admitted = None;
         self.ctx.control.release(&self.takeover_key, self.conn.id);
     }
 

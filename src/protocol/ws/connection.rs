@@ -68,15 +68,38 @@ async fn serve(
         limits.write_timeout,
     ));
 
+    let refuse = |full: crate::flow::Full| {
+        tracing::info!("WebSocket client closed: {full}");
+        metrics::refusal(PROTOCOL, full.as_str());
+        out.close_now(close::TRY_AGAIN_LATER, full.as_str());
+    };
     let (principal, replay) = match principal {
         Some(p) => (p, None),
-        None => match first_frame(ctx, &mut stream, &out).await {
-            Some(found) => found,
-            None => {
-                let _ = tokio::time::timeout(Duration::from_secs(1), &mut writer_task).await;
-                return;
+        None => {
+            let found = match ctx.flow.admission.unauthenticated() {
+                Ok(_waiting) => first_frame(ctx, &mut stream, &out).await,
+                Err(full) => {
+                    refuse(full);
+                    None
+                }
+            };
+            match found {
+                Some(found) => found,
+                None => {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), &mut writer_task).await;
+                    return;
+                }
             }
-        },
+        }
+    };
+    // Held while the connection lives: its place under the connection limits.
+    let _admitted = match ctx.flow.admission.admit(principal.shared_subject()) {
+        Ok(admitted) => admitted,
+        Err(full) => {
+            refuse(full);
+            let _ = tokio::time::timeout(Duration::from_secs(1), &mut writer_task).await;
+            return;
+        }
     };
     let mut session = Session::new(ctx.clone(), conn, channel, principal, out.clone());
     // An anonymous client's first frame was a request: answer it like any other.

@@ -16,6 +16,8 @@ pub mod close {
     pub const SLOW_CONSUMER: u16 = 4008;
     pub const TOO_BIG: u16 = 1009;
     pub const SHUTDOWN: u16 = 1001;
+    /// RFC 6455 "Try Again Later": a connection limit of DESIGN.md §7 is reached.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

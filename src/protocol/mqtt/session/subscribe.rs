@@ -10,7 +10,13 @@ impl Session {
         let v5 = self.version == Version::V5;
         let fail = |code: u8| if v5 { code } else { 0x80 };
         let mut codes = Vec::with_capacity(filters.len());
+        let max = self.ctx.config.limits.max_subscriptions;
         for f in filters {
+            if !self.subs.contains_key(&f.filter) && self.subs.len() >= max {
+                metrics::refusal(PROTOCOL, "max_subscriptions");
+                codes.push(fail(reason::QUOTA_EXCEEDED));
+                continue;
+            }
             if let Some(rest) = f.filter.strip_prefix("$share/") {
                 let code = self.subscribe_shared(&f, rest).await;
                 codes.push(if code <= 2 { code } else { fail(code) });
