@@ -56,21 +56,8 @@ async fn mosquitto_roundtrip(version: &str) {
         "gateway.read:amq.topic/interop.# gateway.write:amq.topic/interop.#",
     );
     let client = unique("mosq-sub");
-    let sub = Command::new(tool("mosquitto_sub"))
-        .args([
-            "-V",
-            version,
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-i",
-            &client,
-            "-u",
-            "u",
-            "-P",
-            &t,
-        ])
+    let sub = mosquitto("mosquitto_sub", version, &port, &t)
+        .args(["-i", &client])
         .args(["-t", "interop/#", "-q", "1", "-C", "2", "-W", "10", "-v"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -78,19 +65,7 @@ async fn mosquitto_roundtrip(version: &str) {
         .unwrap();
     subscribed(&gw, "mosq", &client).await;
     for (topic, msg) in [("interop/a", "hello"), ("interop/b.c/d", "dotted")] {
-        let status = Command::new(tool("mosquitto_pub"))
-            .args([
-                "-V",
-                version,
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-u",
-                "u",
-                "-P",
-                &t,
-            ])
+        let status = mosquitto("mosquitto_pub", version, &port, &t)
             .args(["-t", topic, "-m", msg, "-q", "1"])
             .status()
             .unwrap();
@@ -111,19 +86,7 @@ async fn mosquitto_roundtrip(version: &str) {
     );
 
     // A bad token: mosquitto_pub fails to connect.
-    let refused = Command::new(tool("mosquitto_pub"))
-        .args([
-            "-V",
-            version,
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-u",
-            "u",
-            "-P",
-            "bad",
-        ])
+    let refused = mosquitto("mosquitto_pub", version, &port, "bad")
         .args(["-t", "interop/x", "-m", "x", "-q", "1"])
         .stderr(Stdio::piped())
         .output()
@@ -162,6 +125,94 @@ async fn paho_roundtrip(version: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `mosquitto_sub` or `mosquitto_pub` with the connection arguments every call here uses.
+fn mosquitto(name: &str, version: &str, port: &str, token: &str) -> Command {
+    let mut c = Command::new(tool(name));
+    c.args([
+        "-V",
+        version,
+        "-h",
+        "127.0.0.1",
+        "-p",
+        port,
+        "-u",
+        "u",
+        "-P",
+        token,
+    ]);
+    c
+}
+
+/// A persistent session with `mosquitto_sub -c` at QoS 2: a message published while the
+/// subscriber is away is delivered when it comes back with the same client id.
+async fn mosquitto_persistent_session(version: &str) {
+    let gw = start_gateway(|_| {}).await;
+    let port = gw.gateway.addrs().mqtt.port().to_string();
+    let t = token(
+        "mosq",
+        "gateway.read:amq.topic/persist.# gateway.write:amq.topic/persist.#",
+    );
+    let client = unique("mosq-persist");
+    let subscriber = || {
+        let mut c = mosquitto("mosquitto_sub", version, &port, &t);
+        c.args([
+            "-c",
+            "-i",
+            &client,
+            "-t",
+            "persist/#",
+            "-q",
+            "2",
+            "-C",
+            "1",
+            "-W",
+            "10",
+            "-v",
+        ]);
+        if version == "mqttv5" {
+            c.args(["-x", "600"]);
+        }
+        c.stdout(Stdio::piped()).stderr(Stdio::piped());
+        c
+    };
+    let publish = |msg: &str| {
+        let status = mosquitto("mosquitto_pub", version, &port, &t)
+            .args(["-t", "persist/x", "-m", msg, "-q", "2"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "mosquitto_pub {version}");
+    };
+    let wait = |child: std::process::Child| async move {
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mosquitto_sub: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let first = subscriber().spawn().unwrap();
+    subscribed(&gw, "mosq", &client).await;
+    publish("first");
+    assert_eq!(wait(first).await, "persist/x first\n");
+    publish("while away");
+    let again = subscriber().spawn().unwrap();
+    assert_eq!(wait(again).await, "persist/x while away\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_persistent_session_mqtt_3_1_1() {
+    mosquitto_persistent_session("mqttv311").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_persistent_session_mqtt_5() {
+    mosquitto_persistent_session("mqttv5").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
