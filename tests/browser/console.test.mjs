@@ -9,48 +9,17 @@
 
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join, resolve } from "node:path";
 import net from "node:net";
-import readline from "node:readline";
 import { chromium } from "playwright-core";
+import { WAIT, startGateway } from "./gateway.mjs";
 
-const BIN = resolve(process.env.GATEWAY_BIN || "../../target/debug/amqp-gateway");
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
-const WAIT = 10_000;
 
 let gateway;
-let dataDir;
 let gatewayAddr;
 let adminToken;
 let proxy;
 let browser;
-
-/** Starts the gateway; resolves with its HTTP address and the --dev administrator token. */
-function startGateway() {
-  dataDir = mkdtempSync(join(tmpdir(), "gw-browser-"));
-  gateway = spawn(
-    BIN,
-    ["--dev", "--http-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0", "--log-format", "json", "--data-dir", dataDir],
-    { stdio: ["ignore", "pipe", "inherit"], env: Object.fromEntries(Object.entries(process.env).filter(([k]) => k !== "RUST_LOG")) },
-  );
-  return new Promise((resolveStart, rejectStart) => {
-    const timer = setTimeout(() => rejectStart(new Error("gateway did not start")), WAIT);
-    let addr = null;
-    readline.createInterface({ input: gateway.stdout }).on("line", (line) => {
-      if (line.startsWith("{")) {
-        const log = JSON.parse(line);
-        if (log.fields && log.fields.listener === "http") addr = log.fields.addr;
-      } else if (line.startsWith("eyJ") && addr) {
-        clearTimeout(timer);
-        resolveStart({ addr, token: line.trim() });
-      }
-    });
-    gateway.on("exit", (code) => rejectStart(new Error(`gateway exited with ${code}`)));
-  });
-}
 
 /** A TCP proxy whose connections the test can cut, and which can refuse new ones. */
 function startProxy(target) {
@@ -106,7 +75,8 @@ async function publish(routingKey, body) {
 }
 
 before(async () => {
-  ({ addr: gatewayAddr, token: adminToken } = await startGateway());
+  gateway = await startGateway();
+  ({ http: gatewayAddr, token: adminToken } = gateway);
   proxy = await startProxy(gatewayAddr);
   browser = await chromium.launch({
     executablePath: CHROMIUM,
@@ -125,8 +95,7 @@ before(async () => {
 after(async () => {
   if (browser) await browser.close();
   if (proxy) proxy.close();
-  if (gateway) gateway.kill("SIGTERM");
-  if (dataDir) rmSync(dataDir, { recursive: true, force: true });
+  if (gateway) gateway.stop();
 });
 
 test("the console subscribes, shows messages, and resumes a durable subscription after the socket breaks", async () => {

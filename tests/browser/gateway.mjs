@@ -1,0 +1,42 @@
+// Starts the gateway binary with --dev on port 0 for the Node tests here and stops it.
+//
+//   GATEWAY_BIN=../../target/debug/amqp-gateway node --test
+
+import { spawn } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import readline from "node:readline";
+
+const BIN = resolve(process.env.GATEWAY_BIN || "../../target/debug/amqp-gateway");
+export const WAIT = 10_000;
+
+/**
+ * Resolves with { http, mqtt } (bound addresses), the --dev administrator `token`, and `stop()`.
+ */
+export function startGateway() {
+  const dataDir = mkdtempSync(join(tmpdir(), "gw-node-"));
+  const child = spawn(
+    BIN,
+    ["--dev", "--http-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0", "--log-format", "json", "--data-dir", dataDir],
+    { stdio: ["ignore", "pipe", "inherit"], env: Object.fromEntries(Object.entries(process.env).filter(([k]) => k !== "RUST_LOG")) },
+  );
+  const stop = () => {
+    child.kill("SIGTERM");
+    rmSync(dataDir, { recursive: true, force: true });
+  };
+  return new Promise((resolveStart, rejectStart) => {
+    const timer = setTimeout(() => rejectStart(new Error("gateway did not start")), WAIT);
+    const addrs = {};
+    readline.createInterface({ input: child.stdout }).on("line", (line) => {
+      if (line.startsWith("{")) {
+        const log = JSON.parse(line);
+        if (log.fields && log.fields.listener) addrs[log.fields.listener] = log.fields.addr;
+      } else if (line.startsWith("eyJ") && addrs.http && addrs.mqtt) {
+        clearTimeout(timer);
+        resolveStart({ http: addrs.http, mqtt: addrs.mqtt, token: line.trim(), stop });
+      }
+    });
+    child.on("exit", (code) => rejectStart(new Error(`gateway exited with ${code}`)));
+  });
+}
