@@ -7,16 +7,19 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 # Dependencies first, in their own layer, so source edits do not rebuild them.
+# The bench is a workspace member: its manifest must be there, its code is not built here.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
-    && cargo build --release --locked \
+COPY bench/Cargo.toml ./bench/
+RUN mkdir -p src bench/src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+    && echo 'fn main() {}' > bench/src/main.rs \
+    && cargo build --release --locked -p amqp-gateway \
     && rm -rf src
 COPY src ./src
 # The browser client and console are compiled into the binary (include_str!).
 COPY web ./web
 COPY config ./config
 RUN touch src/main.rs src/lib.rs \
-    && cargo build --release --locked \
+    && cargo build --release --locked -p amqp-gateway \
     && cp target/release/amqp-gateway /usr/local/bin/amqp-gateway
 
 FROM debian:bookworm-slim

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Runs the bench against the gateway and the reference peers in one go, so every figure has a
+# peer measured beside it. Builds both in release mode, starts the gateway (embedded engine,
+# --dev, port 0) with the publish rate limits raised out of the way — the bench measures the
+# data path, not the rate limiter; every other limit keeps its default (outbound QoS 0 buffer
+# 1000, as Mosquitto's max_queued_messages) — starts the peers with ../shared/peers/start.sh,
+# and passes the bench's own arguments through:
+#
+#   bash bench/run.sh                        # every scenario, 10 s, median of 3
+#   bash bench/run.sh --duration 5s --runs 1 --scenarios qos0,fanout
+#
+# PEERS="mosquitto nats rabbitmq" (default: mosquitto nats) picks the peers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo build --release --locked --bin amqp-gateway --bin bench
+
+work=$(mktemp -d)
+gateway_pid=
+cleanup() {
+  [ -n "$gateway_pid" ] && kill "$gateway_pid" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+GATEWAY_LIMITS__PUBLISH_RATE=1000000000 \
+GATEWAY_LIMITS__PUBLISH_BURST=1000000000 \
+GATEWAY_LIMITS__SUBJECT_PUBLISH_RATE=1000000000 \
+GATEWAY_LIMITS__PUBLISH_BYTES_RATE=1TiB \
+RUST_LOG=warn,amqp_gateway=info \
+  target/release/amqp-gateway --dev --data-dir "$work" --log-format json \
+    --http-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
+    >"$work/out" 2>"$work/err" &
+gateway_pid=$!
+for _ in $(seq 100); do
+  grep -q '^eyJ' "$work/out" 2>/dev/null && break
+  sleep 0.1
+done
+token=$(grep -m1 '^eyJ' "$work/out") || { cat "$work/out" "$work/err" >&2; exit 1; }
+mqtt=$(grep -m1 '"listener":"mqtt"' "$work/out" | sed -E 's/.*"addr":"([^"]+)".*/\1/')
+
+targets=(--target "gateway=$mqtt@$token")
+peers=${PEERS:-mosquitto nats}
+if [ -n "$peers" ]; then
+  bash ../shared/peers/start.sh >&2
+  for p in $peers; do
+    case $p in
+      mosquitto) targets+=(--target mosquitto=127.0.0.1:18831) ;;
+      nats) targets+=(--target nats=127.0.0.1:11886) ;;
+      rabbitmq) targets+=(--target rabbitmq=127.0.0.1:11885) ;;
+      *) echo "unknown peer $p" >&2; exit 2 ;;
+    esac
+  done
+fi
+
+echo "$(nproc) cores, $(date -u +%FT%TZ), gateway $(git rev-parse --short HEAD)"
+target/release/bench "${targets[@]}" "$@"

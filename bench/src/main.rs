@@ -1,0 +1,367 @@
+//! The bench binary: MQTT 3.1.1 load against several brokers in one run, so the gateway is
+//! always compared with a peer measured on the same machine at the same moment. Scenarios
+//! mirror `../shared/peers/README.md`: 1→1 QoS 0 and QoS 1, 1→50 fan-out, 50→1 fan-in
+//! (deliveries per second), and latency at a fixed 5 000 msg/s. `bench/run.sh` starts the
+//! gateway and the peers and passes their addresses.
+//!
+//!     bench --target gateway=127.0.0.1:1884@TOKEN --target mosquitto=127.0.0.1:18831
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use tokio::sync::Mutex;
+
+#[derive(Parser)]
+struct Args {
+    /// `NAME=HOST:PORT[@PASSWORD]`; the first one is the base of the ratios.
+    #[arg(long = "target", required = true)]
+    targets: Vec<String>,
+    /// Measured time per scenario (after a one-second warm-up).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    /// Runs per scenario and target; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "qos0,qos1,fanout,fanin,latency"
+    )]
+    scenarios: Vec<String>,
+}
+
+#[derive(Clone)]
+struct Target {
+    name: String,
+    host: String,
+    port: u16,
+    password: Option<String>,
+}
+
+fn parse_target(s: &str) -> Result<Target, String> {
+    let (name, rest) = s
+        .split_once('=')
+        .ok_or("expected NAME=HOST:PORT[@PASSWORD]")?;
+    let (addr, password) = match rest.split_once('@') {
+        Some((a, p)) => (a, Some(p.to_owned())),
+        None => (rest, None),
+    };
+    let (host, port) = addr.rsplit_once(':').ok_or("expected HOST:PORT")?;
+    Ok(Target {
+        name: name.to_owned(),
+        host: host.to_owned(),
+        port: port.parse().map_err(|_| format!("bad port in {s}"))?,
+        password,
+    })
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+fn options(t: &Target) -> MqttOptions {
+    let id = format!(
+        "bench-{}-{}",
+        std::process::id(),
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    );
+    let mut o = MqttOptions::new(id, t.host.clone(), t.port);
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    o.set_inflight(100);
+    if let Some(p) = &t.password {
+        o.set_credentials("bench", p.clone());
+    }
+    o
+}
+
+async fn until_connected(ev: &mut EventLoop) -> Result<(), String> {
+    loop {
+        match ev.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+            Ok(_) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// What subscribers saw: deliveries, and latencies (µs) when payloads carry a send time.
+#[derive(Default)]
+struct Seen {
+    count: AtomicU64,
+    latencies: Mutex<Vec<u64>>,
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+async fn subscriber(
+    t: &Target,
+    topic: &str,
+    qos: QoS,
+    seen: Arc<Seen>,
+    timed: bool,
+) -> Result<AsyncClient, String> {
+    let (client, mut ev) = AsyncClient::new(options(t), 10_000);
+    until_connected(&mut ev).await?;
+    client
+        .subscribe(topic, qos)
+        .await
+        .map_err(|e| e.to_string())?;
+    loop {
+        match ev.poll().await {
+            Ok(Event::Incoming(Packet::SubAck(_))) => break,
+            Ok(_) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    tokio::spawn(async move {
+        while let Ok(event) = ev.poll().await {
+            if let Event::Incoming(Packet::Publish(p)) = event {
+                seen.count.fetch_add(1, Ordering::Relaxed);
+                if timed && p.payload.len() >= 8 {
+                    let sent = u64::from_be_bytes(p.payload[..8].try_into().unwrap_or([0; 8]));
+                    seen.latencies
+                        .lock()
+                        .await
+                        .push(now_micros().saturating_sub(sent));
+                }
+            }
+        }
+    });
+    Ok(client)
+}
+
+async fn publisher(t: &Target) -> Result<AsyncClient, String> {
+    let (client, mut ev) = AsyncClient::new(options(t), 1_000);
+    until_connected(&mut ev).await?;
+    tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+    Ok(client)
+}
+
+/// `pubs` publishers flat out to `subs` subscribers of one topic: deliveries per second.
+async fn throughput(
+    t: &Target,
+    args: &Args,
+    pubs: usize,
+    subs: usize,
+    qos: QoS,
+) -> Result<f64, String> {
+    let topic = format!(
+        "bench/{}/{}",
+        std::process::id(),
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    );
+    let seen = Arc::new(Seen::default());
+    let mut clients = Vec::new();
+    for _ in 0..subs {
+        clients.push(subscriber(t, &topic, qos, seen.clone(), false).await?);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let payload = vec![b'x'; args.payload];
+    for _ in 0..pubs {
+        let client = publisher(t).await?;
+        clients.push(client.clone());
+        let (stop, topic, payload) = (stop.clone(), topic.clone(), payload.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if client
+                    .publish(&topic, qos, false, payload.clone())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = seen.count.load(Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(args.duration).await;
+    let delivered = seen.count.load(Ordering::Relaxed) - before;
+    let rate = delivered as f64 / started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        let _ = c.disconnect().await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(rate)
+}
+
+/// One publisher at a fixed 5 000 msg/s QoS 0 to one subscriber: (p50, p99) in ms.
+async fn latency(t: &Target, args: &Args) -> Result<(f64, f64), String> {
+    const RATE: u64 = 5_000;
+    let topic = format!(
+        "bench/{}/lat{}",
+        std::process::id(),
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    );
+    let seen = Arc::new(Seen::default());
+    let sub = subscriber(t, &topic, QoS::AtMostOnce, seen.clone(), true).await?;
+    let client = publisher(t).await?;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    let per_tick = RATE / 1000;
+    let warm_until = Instant::now() + Duration::from_secs(1);
+    let end = warm_until + args.duration;
+    let mut warm = true;
+    while Instant::now() < end {
+        tick.tick().await;
+        if warm && Instant::now() >= warm_until {
+            warm = false;
+            seen.latencies.lock().await.clear();
+        }
+        for _ in 0..per_tick {
+            let mut payload = now_micros().to_be_bytes().to_vec();
+            payload.resize(args.payload.max(8), b'x');
+            client
+                .publish(&topic, QoS::AtMostOnce, false, payload)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut l = std::mem::take(&mut *seen.latencies.lock().await);
+    let _ = client.disconnect().await;
+    let _ = sub.disconnect().await;
+    if l.is_empty() {
+        return Err("nothing received".into());
+    }
+    l.sort_unstable();
+    let at = |q: f64| l[((l.len() - 1) as f64 * q) as usize] as f64 / 1000.0;
+    Ok((at(0.5), at(0.99)))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// The median of a scenario's runs on one target.
+enum Outcome {
+    Rate(f64),
+    Latency { p50: f64, p99: f64 },
+}
+
+impl Outcome {
+    fn cell(&self) -> String {
+        match self {
+            Outcome::Rate(r) => format!("{:.1}k/s", r / 1000.0),
+            Outcome::Latency { p50, p99 } => format!("{p50:.2} / {p99:.2} ms"),
+        }
+    }
+
+    /// base / other, oriented so that above 1 means the base target did better.
+    fn ratio(&self, other: &Outcome) -> Option<f64> {
+        match (self, other) {
+            (Outcome::Rate(a), Outcome::Rate(b)) if *b > 0.0 => Some(a / b),
+            (Outcome::Latency { p50: a, .. }, Outcome::Latency { p50: b, .. }) if *a > 0.0 => {
+                Some(b / a)
+            }
+            _ => None,
+        }
+    }
+}
+
+async fn measure(t: &Target, args: &Args, scenario: &str) -> Result<Outcome, String> {
+    let mut rates = Vec::new();
+    let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
+    let mut last_error = None;
+    for _ in 0..args.runs {
+        let r = match scenario {
+            "qos0" => throughput(t, args, 1, 1, QoS::AtMostOnce)
+                .await
+                .map(|r| rates.push(r)),
+            "qos1" => throughput(t, args, 1, 1, QoS::AtLeastOnce)
+                .await
+                .map(|r| rates.push(r)),
+            "fanout" => throughput(t, args, 1, 50, QoS::AtMostOnce)
+                .await
+                .map(|r| rates.push(r)),
+            "fanin" => throughput(t, args, 50, 1, QoS::AtMostOnce)
+                .await
+                .map(|r| rates.push(r)),
+            "latency" => latency(t, args).await.map(|(p50, p99)| {
+                p50s.push(p50);
+                p99s.push(p99);
+            }),
+            other => return Err(format!("unknown scenario {other}")),
+        };
+        if let Err(e) = r {
+            last_error = Some(e);
+        }
+    }
+    if !rates.is_empty() {
+        Ok(Outcome::Rate(median(rates)))
+    } else if !p50s.is_empty() {
+        Ok(Outcome::Latency {
+            p50: median(p50s),
+            p99: median(p99s),
+        })
+    } else {
+        Err(last_error.unwrap_or_else(|| "no run".into()))
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let targets: Vec<Target> = match args.targets.iter().map(|s| parse_target(s)).collect() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            std::process::exit(2);
+        }
+    };
+    println!(
+        "MQTT 3.1.1, {} B payloads, {:?} per run after 1 s warm-up, median of {}",
+        args.payload, args.duration, args.runs
+    );
+    println!("ratios: first target / other (above 1: the first did better; latency by p50)\n");
+    let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+    let mut header = format!("| scenario | {} |", names.join(" | "));
+    for other in &names[1..] {
+        header.push_str(&format!(" {} vs {other} |", names[0]));
+    }
+    println!("{header}");
+    println!("|---|{}", "---|".repeat(names.len() * 2 - 1));
+    for scenario in &args.scenarios {
+        let mut outcomes = Vec::new();
+        for t in &targets {
+            outcomes.push(measure(t, &args, scenario).await);
+        }
+        let cells: Vec<String> = outcomes
+            .iter()
+            .map(|o| match o {
+                Ok(o) => o.cell(),
+                Err(e) => format!("error: {e}"),
+            })
+            .collect();
+        let mut row = format!("| {} | {} |", label(scenario), cells.join(" | "));
+        for other in &outcomes[1..] {
+            row.push_str(&match (&outcomes[0], other) {
+                (Ok(a), Ok(b)) => a.ratio(b).map_or(" – |".into(), |r| format!(" {r:.2} |")),
+                _ => " – |".to_owned(),
+            });
+        }
+        println!("{row}");
+    }
+}
+
+fn label(s: &str) -> &str {
+    match s {
+        "qos0" => "1→1 QoS 0, deliveries/s",
+        "qos1" => "1→1 QoS 1, deliveries/s",
+        "fanout" => "1→50 fan-out QoS 0, deliveries/s",
+        "fanin" => "50→1 fan-in QoS 0, deliveries/s",
+        "latency" => "1→1 QoS 0 at 5k msg/s, p50 / p99",
+        other => other,
+    }
+}
