@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release --locked --bin amqp-gateway --bin bench
+cargo build --release --locked -p amqp-gateway -p amqp-gateway-bench --bin amqp-gateway --bin bench
 
 work=$(mktemp -d)
 gateway_pid=
