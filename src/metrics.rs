@@ -19,6 +19,7 @@ pub const QUEUED_MESSAGES: &str = "gateway_queued_messages";
 pub const QUEUED_BYTES: &str = "gateway_queued_bytes";
 pub const QUEUES: &str = "gateway_queues";
 pub const HELD_BYTES: &str = "gateway_engine_held_bytes";
+pub const DROPPED: &str = "gateway_engine_dropped_total";
 pub const PUBLISH_BLOCKED: &str = "gateway_publish_blocked";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -65,6 +66,10 @@ fn describe() {
     metrics::describe_gauge!(
         HELD_BYTES,
         "Body bytes the engine holds (a message in many queues counts once)"
+    );
+    metrics::describe_counter!(
+        DROPPED,
+        "Messages a queue dropped with nowhere to dead-letter them, by reason (maxlen, expired, rejected)"
     );
     metrics::describe_gauge!(
         PUBLISH_BLOCKED,

@@ -921,3 +921,63 @@ async fn connection_and_subscription_limits() {
         "closed without a word"
     );
 }
+
+/// QoS 0 may be dropped, so a session's QoS 0 queue is bounded like the outbound buffer
+/// (`limits.outbound_buffer_messages`), oldest first: a subscriber that is away or behind never
+/// grows the engine's memory, the drops are counted, and the newest messages are kept.
+#[tokio::test]
+async fn a_qos0_backlog_is_bounded_keeping_the_newest() {
+    let gw = start_gateway(|c| c.limits.outbound_buffer_messages = 20).await;
+    let t = token("raw", "gateway.write:amq.topic/# gateway.read:amq.topic/#");
+    let client = unique("q0bound");
+    let topic = unique("q0bound");
+    let mut s = open(&gw).await;
+    s.write_all(&connect_persistent(4, &client, &t, 0))
+        .await
+        .unwrap();
+    connack(&mut s).await;
+    s.write_all(&subscribe_packet(1, &topic, 0, false, None))
+        .await
+        .unwrap();
+    assert_eq!(read_packet(&mut s).await.0, 0x90);
+    s.write_all(&[0xE0, 0]).await.unwrap();
+    until_closed(&mut s).await;
+
+    let dropped = |m: &str| {
+        m.lines()
+            .find(|l| l.starts_with("gateway_engine_dropped_total{reason=\"maxlen\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = dropped(&gw.metrics_text().await);
+    for i in 0..50 {
+        let r = gw
+            .post("/v1/exchanges/amq.topic/publish", &common::admin())
+            .json(&serde_json::json!({"routing_key": topic, "body": i.to_string()}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let queue = amqp_gateway::protocol::mqtt::topic::session_queue("raw", &client, "qos0");
+    assert_eq!(
+        gw.depth(&queue).await,
+        20,
+        "bounded at outbound_buffer_messages"
+    );
+    // Other tests in this binary may drop too: at least these 30.
+    assert!(dropped(&gw.metrics_text().await) - before >= 30);
+
+    let mut s = open(&gw).await;
+    s.write_all(&connect_persistent(4, &client, &t, 0))
+        .await
+        .unwrap();
+    assert!(connack(&mut s).await.0, "session present");
+    for i in 30..50 {
+        let (first, body) = read_packet(&mut s).await;
+        let (qos, got, _, _) = parse_publish(first, &body, false);
+        assert_eq!((qos, got.as_str()), (0, topic.as_str()));
+        let payload = &body[2 + topic.len()..];
+        assert_eq!(payload, i.to_string().as_bytes(), "the newest 20, in order");
+    }
+}

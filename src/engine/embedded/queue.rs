@@ -259,6 +259,10 @@ impl Queue {
     }
 
     fn dead_letter(&self, entry: Entry, reason: DeadReason, fx: &mut Effects) {
+        if self.args.dead_letter_exchange.is_none() {
+            // Gone for good: counted, so a bounded queue's drops are visible.
+            metrics::counter!(crate::metrics::DROPPED, "reason" => reason.as_str()).increment(1);
+        }
         if let Some(exchange) = &self.args.dead_letter_exchange {
             fx.dead.push(DeadLetter {
                 envelope: entry.envelope,

@@ -537,21 +537,35 @@ impl Session {
     /// Declares (if needed) and consumes the queue of `level`.
     async fn open_queue(&mut self, level: u8) -> Result<Declared, EngineError> {
         let queue = self.queue_name(level);
+        let mut arguments = FieldTable::new();
+        if level == 0 {
+            // QoS 0 may be dropped: its queue is bounded like the outbound buffer, oldest first,
+            // so a subscriber that falls behind (or is away) never grows the engine's memory.
+            let limits = &self.ctx.config.limits;
+            let max = |n: u64| FieldValue::I64(n.min(i64::MAX as u64) as i64);
+            arguments.insert(
+                "x-max-length".into(),
+                max(limits.outbound_buffer_messages as u64),
+            );
+            arguments.insert(
+                "x-max-length-bytes".into(),
+                max(limits.outbound_buffer_bytes.as_u64()),
+            );
+        }
         let spec = if self.clean {
             QueueSpec {
                 durable: false,
                 exclusive: true,
                 auto_delete: false,
-                arguments: FieldTable::new(),
+                arguments,
             }
         } else {
-            let mut args = FieldTable::new();
-            args.insert("x-expires".into(), FieldValue::I64(self.expiry_ms()));
+            arguments.insert("x-expires".into(), FieldValue::I64(self.expiry_ms()));
             QueueSpec {
                 durable: true,
                 exclusive: false,
                 auto_delete: false,
-                arguments: args,
+                arguments,
             }
         };
         let declared = self.channel.declare_queue(&queue, &spec).await?.declared;

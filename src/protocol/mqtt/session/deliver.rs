@@ -5,6 +5,9 @@ use std::sync::atomic::Ordering;
 
 use super::*;
 
+/// Deliveries handled per turn of the connection's task, at most.
+const DRAIN_BATCH: usize = 512;
+
 impl Session {
     // ---------- deliveries ----------
 
@@ -48,6 +51,28 @@ impl Session {
         };
         self.inflight.insert(id, state);
         id
+    }
+
+    /// Handles `d`, then the deliveries already waiting, up to [`DRAIN_BATCH`] in one turn and
+    /// outside tokio's cooperative budget. Draining frees the engine's memory while publishing
+    /// adds to it, so a subscriber must not be held to one connection's share of the scheduler:
+    /// with 50 publishers flat out to one subscriber it would get 1/51 of the turns and its
+    /// queue would only grow.
+    pub async fn deliver_batch(&mut self, key: String, d: Option<Delivery>) -> Outcome {
+        use futures_util::FutureExt;
+        use tokio_stream::StreamExt;
+        let mut outcome = self.deliver(key, d).await;
+        for _ in 1..DRAIN_BATCH {
+            if !matches!(outcome, Outcome::Continue) {
+                break;
+            }
+            let waiting = tokio::task::unconstrained(self.consumers.next()).now_or_never();
+            let Some(Some((key, d))) = waiting else {
+                break;
+            };
+            outcome = self.deliver(key, d).await;
+        }
+        outcome
     }
 
     /// A delivery from the queue of `level`; `None` when the consumer ended.
