@@ -429,7 +429,8 @@ impl Session {
                 }
             }
         }
-        // Messages queued while away are delivered even when no subscription uses the queue now.
+        // Consumed again even when no subscription uses a queue any more: what it holds for
+        // filters the session no longer has is acked and counted at delivery, not left behind.
         for (level, _) in queues {
             self.open_queue(level).await?;
         }
