@@ -39,14 +39,14 @@ done
 token=$(grep -m1 '^eyJ' "$work/out") || { cat "$work/out" "$work/err" >&2; exit 1; }
 mqtt=$(grep -m1 '"listener":"mqtt"' "$work/out" | sed -E 's/.*"addr":"([^"]+)".*/\1/')
 
-targets=(--target "gateway=$mqtt@$token")
+targets=(--target "gateway=$mqtt@$token" --pid "gateway=$gateway_pid")
 peers=${PEERS:-mosquitto nats}
 if [ -n "$peers" ]; then
   bash ../shared/peers/start.sh >&2
   for p in $peers; do
     case $p in
-      mosquitto) targets+=(--target mosquitto=127.0.0.1:18831) ;;
-      nats) targets+=(--target nats=127.0.0.1:11886) ;;
+      mosquitto) targets+=(--target mosquitto=127.0.0.1:18831 --pid "mosquitto=$(cat /tmp/amqp-gateway-peers/mosquitto.pid)") ;;
+      nats) targets+=(--target nats=127.0.0.1:11886 --pid "nats=$(cat /tmp/amqp-gateway-peers/nats.pid)") ;;
       rabbitmq) targets+=(--target rabbitmq=127.0.0.1:11885) ;;
       *) echo "unknown peer $p" >&2; exit 2 ;;
     esac

@@ -30,9 +30,15 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "qos0,qos1,fanout,fanin,latency"
+        default_value = "qos0,qos1,fanout,fanin,latency,idle"
     )]
     scenarios: Vec<String>,
+    /// `NAME=PID` of a target's process, for the memory scenario (`idle`).
+    #[arg(long = "pid")]
+    pids: Vec<String>,
+    /// Connections the `idle` scenario opens.
+    #[arg(long, default_value_t = 1000)]
+    idle_connections: usize,
 }
 
 #[derive(Clone)]
@@ -41,6 +47,7 @@ struct Target {
     host: String,
     port: u16,
     password: Option<String>,
+    pid: Option<u32>,
 }
 
 fn parse_target(s: &str) -> Result<Target, String> {
@@ -57,7 +64,39 @@ fn parse_target(s: &str) -> Result<Target, String> {
         host: host.to_owned(),
         port: port.parse().map_err(|_| format!("bad port in {s}"))?,
         password,
+        pid: None,
     })
+}
+
+/// Resident memory of a process, in KiB (Linux).
+fn rss_kib(pid: u32) -> Result<u64, String> {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| format!("no VmRSS for {pid}"))
+}
+
+/// `n` clients connected, each with one QoS 1 subscription, as idle devices would be: the
+/// broker's resident memory grown per connection, in KiB.
+async fn idle(t: &Target, args: &Args) -> Result<f64, String> {
+    let pid = t.pid.ok_or("needs --pid NAME=PID")?;
+    let before = rss_kib(pid)?;
+    let seen = Arc::new(Seen::default());
+    let mut clients = Vec::new();
+    for i in 0..args.idle_connections {
+        let topic = format!("bench/idle/{}/{i}", std::process::id());
+        clients.push(subscriber(t, &topic, QoS::AtLeastOnce, seen.clone(), false).await?);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_kib(pid)?;
+    for c in clients {
+        let _ = c.disconnect().await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    Ok(after.saturating_sub(before) as f64 / args.idle_connections as f64)
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
@@ -247,7 +286,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// The median of a scenario's runs on one target.
 enum Outcome {
     Rate(f64),
-    Latency { p50: f64, p99: f64 },
+    Latency {
+        p50: f64,
+        p99: f64,
+    },
+    /// KiB per connection.
+    Memory(f64),
 }
 
 impl Outcome {
@@ -255,6 +299,7 @@ impl Outcome {
         match self {
             Outcome::Rate(r) => format!("{:.1}k/s", r / 1000.0),
             Outcome::Latency { p50, p99 } => format!("{p50:.2} / {p99:.2} ms"),
+            Outcome::Memory(kib) => format!("{kib:.1} KiB"),
         }
     }
 
@@ -265,12 +310,17 @@ impl Outcome {
             (Outcome::Latency { p50: a, .. }, Outcome::Latency { p50: b, .. }) if *a > 0.0 => {
                 Some(b / a)
             }
+            (Outcome::Memory(a), Outcome::Memory(b)) if *a > 0.0 => Some(b / a),
             _ => None,
         }
     }
 }
 
 async fn measure(t: &Target, args: &Args, scenario: &str) -> Result<Outcome, String> {
+    if scenario == "idle" {
+        // One run: memory grows in steps, a median of allocator states says little more.
+        return idle(t, args).await.map(Outcome::Memory);
+    }
     let mut rates = Vec::new();
     let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
     let mut last_error = None;
@@ -313,7 +363,19 @@ async fn measure(t: &Target, args: &Args, scenario: &str) -> Result<Outcome, Str
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let targets: Vec<Target> = match args.targets.iter().map(|s| parse_target(s)).collect() {
+    let targets: Result<Vec<Target>, String> = args
+        .targets
+        .iter()
+        .map(|s| {
+            let mut t = parse_target(s)?;
+            t.pid = args.pids.iter().find_map(|p| {
+                let (name, pid) = p.split_once('=')?;
+                (name == t.name).then(|| pid.parse().ok())?
+            });
+            Ok(t)
+        })
+        .collect();
+    let targets = match targets {
         Ok(t) => t,
         Err(e) => {
             eprintln!("bench: {e}");
@@ -324,7 +386,9 @@ async fn main() {
         "MQTT 3.1.1, {} B payloads, {:?} per run after 1 s warm-up, median of {}",
         args.payload, args.duration, args.runs
     );
-    println!("ratios: first target / other (above 1: the first did better; latency by p50)\n");
+    println!(
+        "ratios: above 1, the first target did better (latency by p50; memory: other / first)\n"
+    );
     let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
     let mut header = format!("| scenario | {} |", names.join(" | "));
     for other in &names[1..] {
@@ -362,6 +426,7 @@ fn label(s: &str) -> &str {
         "fanout" => "1→50 fan-out QoS 0, deliveries/s",
         "fanin" => "50→1 fan-in QoS 0, deliveries/s",
         "latency" => "1→1 QoS 0 at 5k msg/s, p50 / p99",
+        "idle" => "memory per idle connection (1 subscription each)",
         other => other,
     }
 }

@@ -20,25 +20,51 @@ use crate::context::{Connection, Context};
 use crate::metrics;
 
 const PROTOCOL: &str = "mqtt";
-const READ_CHUNK: usize = 16 * 1024;
+/// Reads start at `MIN_READ` and double while they fill what was offered, up to `MAX_READ`:
+/// a flat-out publisher gets large reads, an idle device keeps about a kilobyte — memory per
+/// idle connection is what decides how many devices fit on a machine.
+const MIN_READ: usize = 1024;
+const MAX_READ: usize = 16 * 1024;
 
 fn far() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600)
 }
 
+/// The bytes read and not yet decoded, and how much the next read offers.
+struct Input {
+    buf: BytesMut,
+    next: usize,
+}
+
+impl Input {
+    fn new() -> Input {
+        Input {
+            buf: BytesMut::new(),
+            next: MIN_READ,
+        }
+    }
+}
+
 /// Reads until one packet decodes; `Ok(None)` when the peer closed.
 async fn read_packet<R: AsyncRead + Unpin>(
     reader: &mut R,
-    buf: &mut BytesMut,
+    input: &mut Input,
     codec: &mut Codec,
 ) -> Result<Option<Inbound>, DecodeError> {
     loop {
-        if let Some(p) = codec.decode(buf)? {
+        if let Some(p) = codec.decode(&mut input.buf)? {
             return Ok(Some(p));
         }
-        buf.reserve(READ_CHUNK);
-        match reader.read_buf(buf).await {
+        if input.buf.is_empty() && input.buf.capacity() > 2 * input.next {
+            // Quiet again after a burst: give the large buffer back.
+            input.buf = BytesMut::new();
+        }
+        input.buf.reserve(input.next);
+        let offered = input.buf.capacity() - input.buf.len();
+        match reader.read_buf(&mut input.buf).await {
             Ok(0) => return Ok(None),
+            Ok(n) if n >= offered => input.next = (input.next * 2).min(MAX_READ),
+            Ok(n) if n < input.next / 4 => input.next = (input.next / 2).max(MIN_READ),
             Ok(_) => {}
             Err(e) => return Err(e.into()),
         }
@@ -70,12 +96,12 @@ where
     let (mut reader, writer) = tokio::io::split(stream);
     let max_packet = (ctx.config.limits.max_message_bytes.as_u64() + 64 * 1024) as u32;
     let mut codec = Codec::new(max_packet);
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut input = Input::new();
 
     // CONNECT first, within mqtt.connect_timeout.
     let first = tokio::time::timeout(
         ctx.config.mqtt.connect_timeout,
-        read_packet(&mut reader, &mut buf, &mut codec),
+        read_packet(&mut reader, &mut input, &mut codec),
     )
     .await;
     let connect = match first {
@@ -93,7 +119,7 @@ where
             // [MQTT-3.1.3-9]: a client id the server rejects gets CONNACK 0x02 (3.1.1) / 0x85.
             let answer: &[u8] = match e {
                 DecodeError::InvalidProtocol | DecodeError::UnsupportedProtocolLevel
-                    if buf.get(4..8) == Some(b"MQTT") =>
+                    if input.buf.get(4..8) == Some(b"MQTT") =>
                 {
                     &[0x20, 0x02, 0x00, 0x01]
                 }
@@ -183,7 +209,7 @@ where
             _ = tokio::time::sleep_until(expiry_at.unwrap_or_else(far)) => break (Some(reason::TOKEN_EXPIRED), false),
             _ = tokio::time::sleep_until(keep_alive_at) => break (Some(reason::KEEP_ALIVE_TIMEOUT), false),
             _ = &mut writer_task => break (None, false),
-            packet = read_packet(&mut reader, &mut buf, &mut codec) => {
+            packet = read_packet(&mut reader, &mut input, &mut codec) => {
                 last_seen = Instant::now();
                 match packet {
                     Ok(Some(p)) => match session.handle(p).await {
@@ -239,7 +265,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     qos0_queued: Arc<AtomicUsize>,
 ) {
     let mut codec = Codec::for_version(version, max_packet);
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    // Grows to the largest batch written; given back when the writer goes idle.
+    let mut buf = BytesMut::new();
     while let Some(first) = rx.recv().await {
         buf.clear();
         // Batch what is already queued into one write.
@@ -264,6 +291,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             };
         }
         match tokio::time::timeout(write_timeout, writer.write_all(&buf)).await {
+            // Nothing more queued: an idle connection keeps no batch-sized buffer.
+            Ok(Ok(())) if rx.is_empty() && buf.capacity() > MIN_READ => buf = BytesMut::new(),
             Ok(Ok(())) => {}
             Ok(Err(_)) => return,
             Err(_) => {
