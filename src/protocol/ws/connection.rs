@@ -136,6 +136,9 @@ async fn serve(
                         if let Outcome::Close(code, why) = session.handle(env).await {
                             break Some((code, why));
                         }
+                        // Frames already buffered parse without touching the socket: take
+                        // turns with other connections as the MQTT reader does (docs/mqtt.md).
+                        tokio::task::consume_budget().await;
                     }
                     Err(m) => {
                         metrics::refusal(PROTOCOL, Code::BadRequest.as_str());
