@@ -180,6 +180,19 @@ fn publish_qos_of(d: &Delivery) -> u8 {
     }
 }
 
+/// A durable queue that outlives its connection by `expiry` (`x-expires`; at least 1 ms, at
+/// most what the AMQP argument holds), with `arguments` besides.
+fn durable_expiring(mut arguments: FieldTable, expiry: Duration) -> QueueSpec {
+    let ms = expiry.as_millis().clamp(1, u128::from(u32::MAX)) as i64;
+    arguments.insert("x-expires".into(), FieldValue::I64(ms));
+    QueueSpec {
+        durable: true,
+        exclusive: false,
+        auto_delete: false,
+        arguments,
+    }
+}
+
 /// The session key the control registry holds: (subject, client id).
 fn takeover_key(subject: &str, client_id: &str) -> String {
     session_queue(subject, client_id, "")
@@ -561,13 +574,7 @@ impl Session {
                 arguments,
             }
         } else {
-            arguments.insert("x-expires".into(), FieldValue::I64(self.expiry_ms()));
-            QueueSpec {
-                durable: true,
-                exclusive: false,
-                auto_delete: false,
-                arguments,
-            }
+            durable_expiring(arguments, self.session_expiry)
         };
         let declared = self.channel.declare_queue(&queue, &spec).await?.declared;
         if !self.consumers.contains_key(&level.to_string()) {

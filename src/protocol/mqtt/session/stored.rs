@@ -65,20 +65,7 @@ impl Session {
     fn state_spec(&self) -> QueueSpec {
         let mut arguments = FieldTable::new();
         arguments.insert("x-max-length".into(), FieldValue::I64(1));
-        arguments.insert("x-expires".into(), FieldValue::I64(self.expiry_ms()));
-        QueueSpec {
-            durable: true,
-            exclusive: false,
-            auto_delete: false,
-            arguments,
-        }
-    }
-
-    /// The session queues' `x-expires`.
-    pub(super) fn expiry_ms(&self) -> i64 {
-        self.session_expiry
-            .as_millis()
-            .clamp(1, u128::from(u32::MAX)) as i64
+        durable_expiring(arguments, self.session_expiry)
     }
 
     /// Reads the stored state without consuming it (get, then requeue). `None` when there is

@@ -105,21 +105,7 @@ impl Session {
             return reason::NOT_AUTHORIZED;
         }
         let queue = topic::shared_queue(group, inner);
-        let mut args = FieldTable::new();
-        let ms = self
-            .ctx
-            .config
-            .mqtt
-            .max_session_expiry
-            .as_millis()
-            .clamp(1, u128::from(u32::MAX)) as i64;
-        args.insert("x-expires".into(), FieldValue::I64(ms));
-        let spec = QueueSpec {
-            durable: true,
-            exclusive: false,
-            auto_delete: false,
-            arguments: args,
-        };
+        let spec = durable_expiring(FieldTable::new(), self.ctx.config.mqtt.max_session_expiry);
         let granted = f.qos.min(self.max_qos);
         let result = async {
             self.channel.declare_queue(&queue, &spec).await?;
