@@ -4,6 +4,7 @@
 
 use crate::auth::AuthError;
 use crate::engine::EngineError;
+use crate::flow::{ThrottleReason, Throttled};
 use crate::json::JsonError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +38,16 @@ impl Code {
             Code::Unavailable => "unavailable",
             Code::NotSupported => "not_supported",
             Code::Internal => "internal",
+        }
+    }
+}
+
+/// Over a rate is the client's doing; above the memory watermark is not.
+impl From<&Throttled> for Code {
+    fn from(t: &Throttled) -> Self {
+        match t.reason {
+            ThrottleReason::MemoryWatermark => Code::Overloaded,
+            _ => Code::RateLimited,
         }
     }
 }

@@ -45,6 +45,18 @@ pub struct Throttled {
     pub retry_after: Duration,
 }
 
+/// What the client is told, whatever the protocol.
+impl std::fmt::Display for Throttled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.reason {
+            ThrottleReason::MemoryWatermark => f.write_str(
+                "the engine is above its memory high watermark; publishes resume as consumers drain it",
+            ),
+            reason => write!(f, "publish rate limit ({}) reached", reason.as_str()),
+        }
+    }
+}
+
 impl Throttled {
     /// Above the memory watermark: try again shortly (consumers drain it at their own pace).
     pub fn memory() -> Throttled {

@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 use crate::auth::AuthError;
 use crate::codes::Code;
 use crate::engine::EngineError;
-use crate::flow::{ThrottleReason, Throttled};
+use crate::flow::Throttled;
 use crate::json::JsonError;
 
 /// The body of every error response.
@@ -148,19 +148,13 @@ impl From<JsonError> for ApiError {
 
 impl From<Throttled> for ApiError {
     fn from(t: Throttled) -> Self {
-        let error = match t.reason {
-            ThrottleReason::MemoryWatermark => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "overloaded",
-                "the engine is above its memory high watermark; publishes resume as consumers drain it",
-            ),
-            reason => ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!("publish rate limit ({}) reached", reason.as_str()),
-            ),
+        let code = Code::from(&t);
+        let status = if code == Code::Overloaded {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::TOO_MANY_REQUESTS
         };
-        error.retry_after(t.retry_after_secs())
+        ApiError::new(status, code.as_str(), t.to_string()).retry_after(t.retry_after_secs())
     }
 }
 

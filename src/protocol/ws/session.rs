@@ -26,7 +26,6 @@ use crate::engine::{
     AckMode, CancelReason, Channel, ConsumeOptions, Consumer, DeleteQueueOptions, Delivery,
     EngineError, Message, PublishOptions, QueueSpec,
 };
-use crate::flow::ThrottleReason;
 use crate::json::{self, Encoding, PropertiesJson};
 use crate::metrics;
 
@@ -726,19 +725,9 @@ impl Session {
             self.ctx
                 .admit_publish(&self.conn, self.principal.shared_subject(), body.len())
         {
-            let (code, message) = match t.reason {
-                ThrottleReason::MemoryWatermark => (
-                    Code::Overloaded,
-                    "the engine is above its memory high watermark".to_owned(),
-                ),
-                reason => (
-                    Code::RateLimited,
-                    format!("publish rate limit ({}) reached", reason.as_str()),
-                ),
-            };
             return Err(Refusal {
-                code,
-                message,
+                code: Code::from(&t),
+                message: t.to_string(),
                 retry_after_ms: Some((t.retry_after.as_millis() as u64).max(1)),
             });
         }
