@@ -491,16 +491,20 @@ impl Session {
     /// Sent right after CONNACK: PUBREL again for outbound QoS 2 messages released before the
     /// last connection ended ([MQTT-4.4.0-1]).
     pub fn after_connack(&self) {
-        let mut released: Vec<u16> = self
-            .inflight
-            .iter()
-            .filter(|(_, s)| matches!(s, Inflight::Released))
-            .map(|(id, _)| *id)
-            .collect();
+        let mut released = self.released_ids();
         released.sort_unstable();
         for packet_id in released {
             self.send(Outbound::PubRel { packet_id });
         }
+    }
+
+    /// Outbound QoS 2 packet ids whose PUBREL was sent and whose PUBCOMP has not come.
+    fn released_ids(&self) -> Vec<u16> {
+        self.inflight
+            .iter()
+            .filter(|(_, s)| matches!(s, Inflight::Released))
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// The fallback when no stored state exists: filters read back from a queue's bindings,

@@ -112,7 +112,11 @@ impl Session {
             .collect();
         // Queued for a subscription that is gone (unsubscribed, or refused on resume): not for
         // this client any more. A session that knows no filters at all delivers what it has.
-        if !self.subs.is_empty() && !self.subs.keys().any(|f| topic::filter_matches(f, &topic)) {
+        // Only when nothing at this level matched is there a second look (at any level).
+        if matched.is_empty()
+            && !self.subs.is_empty()
+            && !self.subs.keys().any(|f| topic::filter_matches(f, &topic))
+        {
             metrics::refusal(PROTOCOL, "unsubscribed");
             if level == 1 {
                 let _ = self.channel.ack(d.delivery_tag, false).await;

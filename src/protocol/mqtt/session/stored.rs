@@ -108,12 +108,7 @@ impl Session {
                 })
                 .collect(),
             inbound_qos2: self.inbound_qos2.iter().copied().collect(),
-            released: self
-                .inflight
-                .iter()
-                .filter(|(_, s)| matches!(s, Inflight::Released))
-                .map(|(id, _)| *id)
-                .collect(),
+            released: self.released_ids(),
         };
         let body = match serde_json::to_vec(&stored) {
             Ok(body) => body,
