@@ -105,6 +105,12 @@ pub struct MqttConfig {
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     pub retained_stream_bytes: ByteSize,
+    /// Server Keep Alive cap for MQTT 5 clients; `0s` = none.
+    #[serde(with = "humantime_serde")]
+    pub max_keep_alive: Duration,
+    /// The MQTT 5 user property that carries the publisher's subject (`x-gateway-sub`) to
+    /// MQTT subscribers; unset = none (deliveries carry only what the publisher sent).
+    pub sender_property: Option<String>,
 }
 
 impl Default for MqttConfig {
@@ -120,6 +126,8 @@ impl Default for MqttConfig {
             takeover_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
             retained_stream_bytes: ByteSize::gib(1),
+            max_keep_alive: Duration::ZERO,
+            sender_property: None,
         }
     }
 }
@@ -660,6 +668,24 @@ pub fn validate(c: &Config) -> Result<(), ConfigError> {
     }
     if c.mqtt.max_inflight == 0 {
         return Err(invalid("mqtt.max_inflight", "must be between 1 and 65535"));
+    }
+    if c.mqtt.max_keep_alive.as_secs() > u64::from(u16::MAX)
+        || (c.mqtt.max_keep_alive.subsec_nanos() != 0 && c.mqtt.max_keep_alive.as_secs() == 0)
+    {
+        return Err(invalid(
+            "mqtt.max_keep_alive",
+            "must be 0s (no cap) or whole seconds up to 65535s (MQTT's Server Keep Alive)",
+        ));
+    }
+    if c.mqtt
+        .sender_property
+        .as_deref()
+        .is_some_and(|p| p.is_empty() || p.len() > 65535)
+    {
+        return Err(invalid(
+            "mqtt.sender_property",
+            "must be a user property name (1–65535 bytes) or unset",
+        ));
     }
     if c.mqtt.exchange.is_empty() || c.mqtt.exchange.contains('/') || c.mqtt.exchange.len() > 255 {
         return Err(invalid(

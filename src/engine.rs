@@ -395,6 +395,15 @@ pub trait Channel: Send + Sync {
     ) -> Result<u64, EngineError>;
     /// Drops the ready messages; returns how many.
     async fn purge_queue(&self, name: &str) -> Result<u64, EngineError>;
+    /// Changes a queue's `x-expires` in place (`None` removes it), keeping its messages,
+    /// consumers and bindings; a later declaration must then name the new value. No AMQP
+    /// method does this: it is what RabbitMQ's MQTT plugin does inside the broker when a
+    /// session's expiry interval changes. Engines that cannot answer `NotSupported`.
+    async fn set_queue_expiry(
+        &self,
+        name: &str,
+        expires: Option<std::time::Duration>,
+    ) -> Result<(), EngineError>;
     async fn queue_info(&self, name: &str) -> Result<QueueInfo, EngineError>;
     async fn list_queues(
         &self,

@@ -184,6 +184,17 @@ impl Channel for EmbeddedChannel {
         Ok(self.shared.broker.queue_for(self.shared.id, name)?.purge())
     }
 
+    async fn set_queue_expiry(
+        &self,
+        name: &str,
+        expires: Option<std::time::Duration>,
+    ) -> Result<(), EngineError> {
+        self.shared.check_open()?;
+        self.shared
+            .broker
+            .set_queue_expiry(self.shared.id, name, expires)
+    }
+
     async fn queue_info(&self, name: &str) -> Result<QueueInfo, EngineError> {
         self.shared.check_open()?;
         self.shared.broker.queue_info(name)

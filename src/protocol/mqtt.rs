@@ -1,9 +1,11 @@
 //! The MQTT adapter (3.1, 3.1.1 and 5; DESIGN.md §3): `codec` (rmqtt-codec behind one
 //! version-neutral packet type) → `connection` (socket, timers) → `session` (the protocol,
-//! mapped onto the engine; never sees a socket); `topic` holds all MQTT ↔ AMQP naming.
+//! mapped onto the engine; never sees a socket); `topic` holds all MQTT ↔ AMQP naming and
+//! `properties` the MQTT 5 ↔ AMQP property mapping.
 
 pub mod codec;
 mod connection;
+pub mod properties;
 pub mod retained;
 pub mod session;
 pub mod topic;

@@ -275,7 +275,7 @@ impl Broker {
                 if existing.owner.is_some_and(|o| o != channel) {
                     return Err(EngineError::ResourceLocked(name.to_owned()));
                 }
-                let cur = &existing.spec;
+                let cur = &existing.spec();
                 must_match(
                     "queue",
                     name,
@@ -330,8 +330,8 @@ impl Broker {
             self.gauges.clone(),
         ));
         self.queues.insert(name.clone(), queue.clone());
-        if let Some(after) = queue.args.expires {
-            self.spawn_queue_expiry(&queue, after);
+        if queue.expires().is_some() && queue.claim_queue_expiry_task() {
+            self.spawn_queue_expiry(&queue);
         }
         if queue.args.message_ttl.is_some() && queue.claim_expiry_task() {
             self.spawn_message_expiry(&queue);
@@ -378,7 +378,7 @@ impl Broker {
                 }
             }
         }
-        if queue.spec.durable && !queue.spec.exclusive {
+        if queue.is_durable() {
             let _ = self.store.delete_queue(&queue.name);
         }
         queue.delete()
@@ -425,7 +425,7 @@ impl Broker {
             q.bindings
                 .lock()
                 .push((ex.name.clone(), key.into(), arguments.clone()));
-            if ex.spec.durable && q.spec.durable && !q.spec.exclusive {
+            if ex.spec.durable && q.is_durable() {
                 self.store
                     .put_binding(&binding_info(&ex.name, &q.name, key, arguments))?;
             }
@@ -454,7 +454,7 @@ impl Broker {
             q.bindings
                 .lock()
                 .retain(|(e, k, a)| !(e == &ex.name && &**k == key && a == arguments));
-            if ex.spec.durable && q.spec.durable && !q.spec.exclusive {
+            if ex.spec.durable && q.is_durable() {
                 let _ = self
                     .store
                     .delete_binding(&binding_info(&ex.name, &q.name, key, arguments));
@@ -709,7 +709,29 @@ impl Broker {
         });
     }
 
-    fn spawn_queue_expiry(&self, queue: &Arc<Queue>, after: Duration) {
+    /// Changes a queue's `x-expires` in place (persisted for a durable queue); `None` removes
+    /// it. The queue keeps its messages, consumers and bindings.
+    pub fn set_queue_expiry(
+        &self,
+        channel: u64,
+        name: &str,
+        expires: Option<Duration>,
+    ) -> Result<(), EngineError> {
+        let _topology = self.topology.lock();
+        let queue = self.queue_for(channel, name)?;
+        let spec = queue.set_expires(expires);
+        if queue.is_durable() {
+            self.store.put_queue(name, &spec)?;
+        }
+        if expires.is_some() && queue.claim_queue_expiry_task() {
+            self.spawn_queue_expiry(&queue);
+        }
+        Ok(())
+    }
+
+    /// Deletes the queue once it has been unused for its `x-expires`, read afresh each time
+    /// round so a changed interval counts at once.
+    fn spawn_queue_expiry(&self, queue: &Arc<Queue>) {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -717,12 +739,22 @@ impl Broker {
         let queue = Arc::downgrade(queue);
         rt.spawn(async move {
             loop {
-                let wake = {
+                let (wake, changed) = {
                     let Some(q) = queue.upgrade() else { return };
                     if q.is_deleted() {
                         return;
                     }
-                    match q.unused_since() {
+                    // Registered before reading the interval: a change after the read wakes us.
+                    let changed = q.expires_changed_owned();
+                    let Some(after) = q.expires() else {
+                        q.release_queue_expiry_task();
+                        // A concurrent set_queue_expiry may have lost the claim to this task.
+                        if q.expires().is_none() || !q.claim_queue_expiry_task() {
+                            return;
+                        }
+                        continue;
+                    };
+                    let wake = match q.unused_since() {
                         Some(since) if since.elapsed() >= after => {
                             if let Some(b) = broker.upgrade() {
                                 b.remove_queue(&q);
@@ -731,9 +763,13 @@ impl Broker {
                         }
                         Some(since) => since + after,
                         None => Instant::now() + after,
-                    }
+                    };
+                    (wake, changed)
                 };
-                tokio::time::sleep_until(wake.into()).await;
+                tokio::select! {
+                    _ = tokio::time::sleep_until(wake.into()) => {}
+                    _ = changed => {}
+                }
             }
         });
     }
@@ -750,7 +786,7 @@ fn info(q: &Queue) -> QueueInfo {
     let (messages, unacked, consumers) = q.counts();
     QueueInfo {
         name: q.name.to_string(),
-        spec: q.spec.clone(),
+        spec: q.spec(),
         messages,
         messages_unacknowledged: unacked,
         consumers,

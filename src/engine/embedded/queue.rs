@@ -47,7 +47,6 @@ pub(super) enum Overflow {
 #[derive(Debug, Clone)]
 pub(super) struct QueueArgs {
     pub message_ttl: Option<Duration>,
-    pub expires: Option<Duration>,
     pub max_length: Option<u64>,
     pub max_length_bytes: Option<u64>,
     pub overflow: Overflow,
@@ -113,7 +112,6 @@ impl QueueArgs {
         }
         Ok(QueueArgs {
             message_ttl: ttl.map(Duration::from_millis),
-            expires: expires.map(Duration::from_millis),
             max_length: non_negative(arguments, "x-max-length")?,
             max_length_bytes: non_negative(arguments, "x-max-length-bytes")?,
             overflow,
@@ -189,7 +187,9 @@ struct State {
 
 pub(super) struct Queue {
     pub name: Arc<str>,
-    pub spec: QueueSpec,
+    /// Fixed at declaration except `x-expires`, which [`Queue::set_expires`] may change (an MQTT
+    /// session's expiry interval, as RabbitMQ's MQTT plugin updates it in place).
+    spec: parking_lot::RwLock<QueueSpec>,
     pub args: QueueArgs,
     /// The channel an exclusive queue belongs to.
     pub owner: Option<u64>,
@@ -197,6 +197,9 @@ pub(super) struct Queue {
     gauges: Arc<Gauges>,
     /// Wakes the expiry task when the head may have changed.
     pub expiry_wake: Notify,
+    /// Wakes the queue's own expiry task (`x-expires`) when the interval changed.
+    expires_changed: Arc<Notify>,
+    queue_expiry_started: AtomicBool,
     expiry_started: AtomicBool,
     /// Bindings from exchanges, kept so deleting the queue can remove them.
     pub bindings: Mutex<Vec<BoundFrom>>,
@@ -212,7 +215,7 @@ impl Queue {
     ) -> Self {
         Queue {
             name,
-            spec,
+            spec: parking_lot::RwLock::new(spec),
             args,
             owner,
             state: Mutex::new(State {
@@ -229,9 +232,67 @@ impl Queue {
             }),
             gauges,
             expiry_wake: Notify::new(),
+            expires_changed: Arc::new(Notify::new()),
+            queue_expiry_started: AtomicBool::new(false),
             expiry_started: AtomicBool::new(false),
             bindings: Mutex::new(Vec::new()),
         }
+    }
+
+    pub fn spec(&self) -> QueueSpec {
+        self.spec.read().clone()
+    }
+
+    /// `x-expires`: how long the queue may stay unused before it is deleted.
+    pub fn expires(&self) -> Option<Duration> {
+        self.spec
+            .read()
+            .arguments
+            .get("x-expires")
+            .and_then(FieldValue::as_i128)
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map(Duration::from_millis)
+    }
+
+    /// Changes (or removes) `x-expires`; returns the updated spec. The expiry task, if one
+    /// runs, is woken to count with the new interval.
+    pub fn set_expires(&self, expires: Option<Duration>) -> QueueSpec {
+        let spec = {
+            let mut spec = self.spec.write();
+            match expires {
+                Some(after) => {
+                    let ms = after.as_millis().clamp(1, u128::from(u32::MAX)) as i64;
+                    spec.arguments
+                        .insert("x-expires".into(), FieldValue::I64(ms));
+                }
+                None => {
+                    spec.arguments.remove("x-expires");
+                }
+            }
+            spec.clone()
+        };
+        self.expires_changed.notify_waiters();
+        spec
+    }
+
+    /// Durable and not exclusive: what the store keeps.
+    pub fn is_durable(&self) -> bool {
+        let spec = self.spec.read();
+        spec.durable && !spec.exclusive
+    }
+
+    /// Resolves when `x-expires` changes after this call (even before it is first polled).
+    pub fn expires_changed_owned(&self) -> tokio::sync::futures::OwnedNotified {
+        self.expires_changed.clone().notified_owned()
+    }
+
+    /// Claims the queue's `x-expires` task; false when one already runs.
+    pub fn claim_queue_expiry_task(&self) -> bool {
+        !self.queue_expiry_started.swap(true, Ordering::AcqRel)
+    }
+
+    pub fn release_queue_expiry_task(&self) {
+        self.queue_expiry_started.store(false, Ordering::Release);
     }
 
     /// Whether this queue needs an expiry task and none runs yet; claims it.
@@ -485,7 +546,8 @@ impl Queue {
         let slot = st.consumers.remove(at);
         st.exclusive_consumer = false;
         st.last_used = Instant::now();
-        if st.consumers.is_empty() && st.had_consumer && self.spec.auto_delete && !st.deleted {
+        if st.consumers.is_empty() && st.had_consumer && self.spec.read().auto_delete && !st.deleted
+        {
             fx.auto_delete.push(self.clone());
         }
         Some(slot)

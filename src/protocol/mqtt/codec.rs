@@ -27,6 +27,8 @@ pub struct Will {
     pub retain: bool,
     /// MQTT 5 Will Delay Interval, seconds.
     pub delay: u32,
+    /// MQTT 5 will properties: published with the will as a PUBLISH's would be.
+    pub props: PublishProps,
 }
 
 #[derive(Debug, Clone)]
@@ -45,6 +47,8 @@ pub struct Connect {
     pub auth_data: Option<Bytes>,
     /// MQTT 5: the largest packet the client accepts.
     pub max_packet_size: Option<u32>,
+    /// MQTT 5: how many topic aliases the client accepts from the server (0: none).
+    pub topic_alias_max: u16,
 }
 
 /// MQTT 5 publish properties the gateway maps (DESIGN.md §3); empty for 3.1.1.
@@ -57,6 +61,7 @@ pub struct PublishProps {
     pub message_expiry: Option<u32>,
     pub user_properties: Vec<(String, String)>,
     pub topic_alias: Option<u16>,
+    /// Payload Format Indicator 1: the payload is UTF-8.
     pub payload_utf8: bool,
     /// Outbound: the identifiers of the subscriptions the message matched.
     pub subscription_ids: Vec<u32>,
@@ -101,7 +106,11 @@ pub enum Inbound {
         filters: Vec<String>,
     },
     PingReq,
-    Disconnect,
+    /// `reason` 0x04 asks for the will; MQTT 5 may change the Session Expiry Interval.
+    Disconnect {
+        reason: u8,
+        session_expiry: Option<u32>,
+    },
     /// MQTT 5 AUTH: reason (0x19 re-authenticate), method and data.
     Auth {
         reason: u8,
@@ -126,6 +135,8 @@ pub enum Outbound {
         max_qos: u8,
         /// Echoed when the client authenticated with a method.
         auth_method: Option<String>,
+        /// MQTT 5 Server Keep Alive: the client must use this instead of its own value.
+        server_keep_alive: Option<u16>,
     },
     Publish {
         topic: String,
@@ -301,12 +312,14 @@ fn from_v3(p: v3::Packet) -> Inbound {
                 qos: qos_of(w.qos),
                 retain: w.retain,
                 delay: 0,
+                props: PublishProps::default(),
             }),
             receive_max: None,
             session_expiry: 0,
             auth_method: None,
             auth_data: None,
             max_packet_size: None,
+            topic_alias_max: 0,
         })),
         P::Publish(p) => Inbound::Publish(publish_in(*p)),
         P::PublishAck { packet_id } => Inbound::PubAck(packet_id.get()),
@@ -338,7 +351,10 @@ fn from_v3(p: v3::Packet) -> Inbound {
             filters: topic_filters.into_iter().map(|f| f.to_string()).collect(),
         },
         P::PingRequest => Inbound::PingReq,
-        P::Disconnect => Inbound::Disconnect,
+        P::Disconnect => Inbound::Disconnect {
+            reason: 0,
+            session_expiry: None,
+        },
         _ => Inbound::Unexpected("a server-to-client packet"),
     }
 }
@@ -358,12 +374,26 @@ fn from_v5(p: v5::Packet) -> Inbound {
                 qos: qos_of(w.qos),
                 retain: w.retain,
                 delay: w.will_delay_interval_sec.unwrap_or(0),
+                props: PublishProps {
+                    content_type: w.content_type.map(|v| v.to_string()),
+                    correlation_data: w.correlation_data,
+                    response_topic: w.response_topic.map(|v| v.to_string()),
+                    message_expiry: w.message_expiry_interval.map(std::num::NonZeroU32::get),
+                    user_properties: w
+                        .user_properties
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                    payload_utf8: w.is_utf8_payload.unwrap_or(false),
+                    ..PublishProps::default()
+                },
             }),
             receive_max: c.receive_max.map(NonZeroU16::get),
             session_expiry: c.session_expiry_interval_secs,
             auth_method: c.auth_method.map(|m| m.to_string()),
             auth_data: c.auth_data,
             max_packet_size: c.max_packet_size.map(std::num::NonZeroU32::get),
+            topic_alias_max: c.topic_alias_max,
         })),
         P::Publish(p) => Inbound::Publish(publish_in(*p)),
         P::PublishAck(a) => Inbound::PubAck(a.packet_id.get()),
@@ -393,7 +423,10 @@ fn from_v5(p: v5::Packet) -> Inbound {
             filters: u.topic_filters.into_iter().map(|f| f.to_string()).collect(),
         },
         P::PingRequest => Inbound::PingReq,
-        P::Disconnect(_) => Inbound::Disconnect,
+        P::Disconnect(d) => Inbound::Disconnect {
+            reason: d.reason_code.into(),
+            session_expiry: d.session_expiry_interval_secs,
+        },
         P::Auth(a) => Inbound::Auth {
             reason: a.reason_code as u8,
             method: a.auth_method.map(|m| m.to_string()),
@@ -416,7 +449,7 @@ fn publish_out(
         props
             .filter(|p| *p != PublishProps::default())
             .map(|p| v5::PublishProperties {
-                topic_alias: None,
+                topic_alias: p.topic_alias.and_then(NonZeroU16::new),
                 correlation_data: p.correlation_data,
                 message_expiry_interval: p.message_expiry.and_then(std::num::NonZeroU32::new),
                 content_type: p.content_type.map(ByteString::from),
@@ -442,6 +475,54 @@ fn publish_out(
         payload,
         properties,
     }
+}
+
+/// Bytes of an MQTT Variable Byte Integer.
+fn var_int_len(n: usize) -> usize {
+    match n {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    }
+}
+
+/// The exact encoded size of an outbound PUBLISH, as [`Codec::encode`] writes it: what a
+/// client's Maximum Packet Size is compared with ([MQTT-3.1.2-24]), so a packet that fits to
+/// the byte is delivered.
+pub fn publish_size(
+    version: Version,
+    topic: &str,
+    qos: u8,
+    payload: usize,
+    props: &PublishProps,
+) -> usize {
+    let mut remaining = 2 + topic.len() + if qos > 0 { 2 } else { 0 } + payload;
+    if version == Version::V5 {
+        let string = |s: usize| 1 + 2 + s;
+        let props_len = props.topic_alias.filter(|a| *a > 0).map_or(0, |_| 3)
+            + props
+                .correlation_data
+                .as_ref()
+                .map_or(0, |d| string(d.len()))
+            + props.message_expiry.filter(|e| *e > 0).map_or(0, |_| 5)
+            + props.content_type.as_ref().map_or(0, |c| string(c.len()))
+            + if props.payload_utf8 { 2 } else { 0 }
+            + props.response_topic.as_ref().map_or(0, |t| string(t.len()))
+            + props
+                .subscription_ids
+                .iter()
+                .filter(|id| **id > 0)
+                .map(|id| 1 + var_int_len(*id as usize))
+                .sum::<usize>()
+            + props
+                .user_properties
+                .iter()
+                .map(|(k, v)| 1 + 2 + k.len() + 2 + v.len())
+                .sum::<usize>();
+        remaining += var_int_len(props_len) + props_len;
+    }
+    1 + var_int_len(remaining) + remaining
 }
 
 /// MQTT 5 reason codes as 3.1.1 CONNACK return codes.
@@ -524,6 +605,7 @@ fn to_v5(p: Outbound) -> v5::Packet {
             assigned_client_id,
             max_qos,
             auth_method,
+            server_keep_alive,
         } => P::ConnectAck(Box::new(v5::ConnectAck {
             session_present,
             session_expiry_interval_secs: session_expiry,
@@ -538,6 +620,7 @@ fn to_v5(p: Outbound) -> v5::Packet {
             topic_alias_max: TOPIC_ALIAS_MAX,
             shared_subscription_available: true,
             subscription_identifiers_available: true,
+            server_keepalive_sec: server_keep_alive,
             ..Default::default()
         })),
         Outbound::Publish {
@@ -786,6 +869,43 @@ mod tests {
                 input.extend(mutate(&mut rng, seed));
             }
             feed(&mut rng, &mut codec, &input);
+        }
+    }
+
+    #[test]
+    fn publish_size_is_exact() {
+        let full = PublishProps {
+            content_type: Some("text/plain".into()),
+            correlation_data: Some(Bytes::from_static(b"\x00\x01corr")),
+            response_topic: Some("reply/here".into()),
+            message_expiry: Some(60),
+            user_properties: vec![("k".into(), "v".into()), ("k".into(), "é".into())],
+            topic_alias: Some(3),
+            payload_utf8: true,
+            subscription_ids: vec![1, 200, 70_000],
+        };
+        for version in [Version::V3, Version::V5] {
+            for props in [PublishProps::default(), full.clone()] {
+                for (qos, payload) in [(0u8, 0usize), (1, 10), (2, 300), (1, 20_000)] {
+                    let mut codec = Codec::for_version(version, 1 << 20);
+                    let mut buf = BytesMut::new();
+                    let packet = Outbound::Publish {
+                        topic: "a/b".into(),
+                        qos,
+                        retain: false,
+                        dup: false,
+                        packet_id: (qos > 0).then_some(7),
+                        payload: Bytes::from(vec![b'x'; payload]),
+                        props: props.clone(),
+                    };
+                    codec.encode(packet, &mut buf).unwrap();
+                    assert_eq!(
+                        publish_size(version, "a/b", qos, payload, &props),
+                        buf.len(),
+                        "{version:?} qos {qos} payload {payload} {props:?}"
+                    );
+                }
+            }
         }
     }
 

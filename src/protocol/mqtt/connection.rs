@@ -26,6 +26,12 @@ const PROTOCOL: &str = "mqtt";
 const MIN_READ: usize = 1024;
 const MAX_READ: usize = 16 * 1024;
 
+/// How long a closing connection keeps reading (and discarding) after its last packet went
+/// out and its write side was shut down. Closing a socket with unread input makes the kernel
+/// send a reset, and a client that is still sending would read that reset instead of the
+/// DISCONNECT that says why; a second is plenty on any network that delivered the packet.
+pub const LINGER: Duration = Duration::from_secs(1);
+
 fn far() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600)
 }
@@ -142,7 +148,6 @@ where
         }
     };
     let version = connect.version;
-    let keep_alive = connect.keep_alive;
     let (tx, rx) = mpsc::unbounded_channel();
     let qos0_queued = Arc::new(AtomicUsize::new(0));
     let mut writer_task = tokio::spawn(write_loop(
@@ -182,15 +187,20 @@ where
                 assigned_client_id: None,
                 max_qos: 1,
                 auth_method: None,
+                server_keep_alive: None,
             });
             drop(tx);
-            let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
+            if let Ok(Ok(())) = tokio::time::timeout(LINGER, writer_task).await {
+                linger(&mut reader).await;
+            }
             return;
         }
     };
 
+    let keep_alive = session.keep_alive();
     let keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
     let mut last_seen = Instant::now();
+    let mut writer_ended = false;
     let (close, graceful) = loop {
         // Recomputed each time round: an MQTT 5 AUTH refresh moves it.
         let expiry_at = session.expires_at().map(|exp| {
@@ -208,7 +218,10 @@ where
             _ = ctx.shutdown.wait() => break (Some(reason::SERVER_SHUTTING_DOWN), false),
             _ = tokio::time::sleep_until(expiry_at.unwrap_or_else(far)) => break (Some(reason::TOKEN_EXPIRED), false),
             _ = tokio::time::sleep_until(keep_alive_at) => break (Some(reason::KEEP_ALIVE_TIMEOUT), false),
-            _ = &mut writer_task => break (None, false),
+            _ = &mut writer_task => {
+                writer_ended = true;
+                break (None, false);
+            }
             packet = read_packet(&mut reader, &mut input, &mut codec) => {
                 last_seen = Instant::now();
                 match packet {
@@ -253,7 +266,23 @@ where
     }
     drop(tx);
     drop(session);
-    let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
+    // The DISCONNECT (if any) is written and the write side shut down before the linger.
+    if !writer_ended && let Ok(Ok(())) = tokio::time::timeout(LINGER, writer_task).await {
+        linger(&mut reader).await;
+    }
+}
+
+/// Reads and discards until the peer closes, for at most [`LINGER`].
+async fn linger<R: AsyncRead + Unpin>(reader: &mut R) {
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(n) = reader.read(&mut sink).await {
+            if n == 0 {
+                return;
+            }
+        }
+    })
+    .await;
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(

@@ -1,20 +1,45 @@
 //! Retained messages (DESIGN.md §3): the last retained PUBLISH per topic name, an empty payload
 //! deleting it; a new subscription gets the matching ones (exact and wildcard filters) with
-//! RETAIN=1. In-process for the embedded engine, bounded in bytes by
+//! RETAIN=1. Each is kept whole — the AMQP message with every property the publisher (or the
+//! will) gave it — so a retained copy carries what the live copy carried, its Message Expiry
+//! Interval counted down and honoured. In-process for the embedded engine, bounded in bytes by
 //! `mqtt.retained_stream_bytes`; the upstream engine replaces it with the replicated stream of
 //! DESIGN.md §3.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use parking_lot::RwLock;
 
 use super::topic::filter_matches;
+use crate::engine::Message;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RetainedMessage {
-    pub payload: Bytes,
+    /// The message as it was published, properties and all.
+    pub message: Message,
     pub qos: u8,
+    /// From the message's `expiration`: after it the message is gone.
+    pub expires_at: Option<Instant>,
+}
+
+impl RetainedMessage {
+    /// The time it has left, `None` when it never expires.
+    pub fn expires_in(&self, now: Instant) -> Option<Duration> {
+        self.expires_at.map(|at| at.saturating_duration_since(now))
+    }
+
+    /// What the entry counts against the cap: topic, body and headers (non-string values at a
+    /// flat 16 bytes; an estimate, the body dominates).
+    fn size(&self, topic: &str) -> usize {
+        let p = &self.message.properties;
+        let headers: usize = p
+            .headers
+            .iter()
+            .map(|(k, v)| k.len() + v.as_str().map_or(16, str::len))
+            .sum();
+        topic.len() + self.message.body.len() + headers
+    }
 }
 
 /// The store is full; the retain is refused (MQTT 5: 0x97 quota exceeded).
@@ -34,35 +59,70 @@ impl Retained {
         }
     }
 
-    /// Stores (or, with an empty payload, deletes) the retained message of `topic`.
-    pub fn set(&self, topic: &str, payload: Bytes, qos: u8) -> Result<(), Full> {
+    /// Stores (or, with an empty body, deletes) the retained message of `topic`.
+    pub fn set(&self, topic: &str, message: Message, qos: u8) -> Result<(), Full> {
         let mut guard = self.inner.write();
         let (map, bytes) = &mut *guard;
-        let old = map.get(topic).map_or(0, |m| m.payload.len() + topic.len());
-        if payload.is_empty() {
+        let old = map.get(topic).map_or(0, |m| m.size(topic));
+        if message.body.is_empty() {
             if map.remove(topic).is_some() {
                 *bytes -= old;
             }
             return Ok(());
         }
-        let new = payload.len() + topic.len();
+        let expires_at = message
+            .properties
+            .expiration
+            .as_deref()
+            .and_then(|ms| ms.parse::<u64>().ok())
+            .map(|ms| Instant::now() + Duration::from_millis(ms));
+        let entry = RetainedMessage {
+            message,
+            qos,
+            expires_at,
+        };
+        let new = entry.size(topic);
         if *bytes - old + new > self.cap {
             return Err(Full);
         }
         *bytes = *bytes - old + new;
-        map.insert(topic.to_owned(), RetainedMessage { payload, qos });
+        map.insert(topic.to_owned(), entry);
         Ok(())
     }
 
-    /// The retained messages a new subscription to `filter` receives, in topic order.
+    /// The live retained messages a new subscription to `filter` receives, in topic order.
+    /// Expired ones are dropped on the way.
     pub fn matching(&self, filter: &str) -> Vec<(String, RetainedMessage)> {
-        let guard = self.inner.read();
-        let mut out: Vec<(String, RetainedMessage)> = guard
-            .0
-            .iter()
-            .filter(|(topic, _)| filter_matches(filter, topic))
-            .map(|(t, m)| (t.clone(), m.clone()))
-            .collect();
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        let mut out: Vec<(String, RetainedMessage)> = {
+            let guard = self.inner.read();
+            guard
+                .0
+                .iter()
+                .filter(|(topic, _)| filter_matches(filter, topic))
+                .filter(|(topic, m)| {
+                    let live = m.expires_at.is_none_or(|at| at > now);
+                    if !live {
+                        expired.push((*topic).clone());
+                    }
+                    live
+                })
+                .map(|(t, m)| (t.clone(), m.clone()))
+                .collect()
+        };
+        if !expired.is_empty() {
+            let mut guard = self.inner.write();
+            let (map, bytes) = &mut *guard;
+            for topic in expired {
+                if let Some(m) = map.get(&topic)
+                    && m.expires_at.is_some_and(|at| at <= now)
+                {
+                    *bytes -= m.size(&topic);
+                    map.remove(&topic);
+                }
+            }
+        }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }
@@ -72,25 +132,47 @@ impl Retained {
 mod tests {
     use super::*;
 
+    fn msg(body: &str) -> Message {
+        Message::new(body.to_owned())
+    }
+
     #[test]
     fn set_replace_clear_and_match() {
         let r = Retained::new(1 << 20);
-        r.set("a/b", Bytes::from("1"), 1).unwrap();
-        r.set("a/c", Bytes::from("2"), 0).unwrap();
-        r.set("a/b", Bytes::from("3"), 0).unwrap();
-        r.set("$SYS/x", Bytes::from("s"), 0).unwrap();
+        r.set("a/b", msg("1"), 1).unwrap();
+        r.set("a/c", msg("2"), 0).unwrap();
+        r.set("a/b", msg("3"), 0).unwrap();
+        r.set("$SYS/x", msg("s"), 0).unwrap();
         let all: Vec<String> = r.matching("#").into_iter().map(|(t, _)| t).collect();
         assert_eq!(all, ["a/b", "a/c"], "$ topics do not match #");
-        assert_eq!(r.matching("a/b")[0].1.payload, Bytes::from("3"));
-        r.set("a/b", Bytes::new(), 0).unwrap();
+        assert_eq!(r.matching("a/b")[0].1.message.body, "3");
+        r.set("a/b", msg(""), 0).unwrap();
         assert_eq!(r.matching("a/+").len(), 1);
     }
 
     #[test]
     fn bounded_in_bytes() {
         let r = Retained::new(10);
-        r.set("t", Bytes::from("12345"), 0).unwrap();
-        assert!(r.set("u", Bytes::from("123456789"), 0).is_err());
-        r.set("t", Bytes::from("123"), 0).unwrap();
+        r.set("t", msg("12345"), 0).unwrap();
+        assert!(r.set("u", msg("123456789"), 0).is_err());
+        r.set("t", msg("123"), 0).unwrap();
+    }
+
+    #[test]
+    fn properties_are_kept_and_expiry_honoured() {
+        let r = Retained::new(1 << 20);
+        let mut m = msg("x");
+        m.properties.content_type = Some("text/plain".into());
+        m.properties.expiration = Some("60000".into());
+        r.set("a", m.clone(), 1).unwrap();
+        let (_, got) = r.matching("a").remove(0);
+        assert_eq!(got.message, m);
+        let left = got.expires_in(Instant::now()).unwrap();
+        assert!(left <= Duration::from_secs(60) && left > Duration::from_secs(50));
+        let mut gone = msg("y");
+        gone.properties.expiration = Some("0".into());
+        r.set("b", gone, 0).unwrap();
+        assert!(r.matching("b").is_empty(), "expired at once");
+        assert_eq!(r.inner.read().0.len(), 1, "and dropped");
     }
 }

@@ -20,6 +20,7 @@ mod subscribe;
 use super::codec::{
     Connect, Filter, Inbound, Outbound, PublishIn, PublishProps, TOPIC_ALIAS_MAX, Version, Will,
 };
+use super::properties;
 use super::retained::Retained;
 use super::topic::{self, filter_to_binding, key_to_topic, session_queue, topic_to_key};
 use crate::auth::Principal;
@@ -38,8 +39,6 @@ const PROTOCOL: &str = "mqtt";
 pub const PUBLISH_QOS_HEADER: &str = "x-mqtt-publish-qos";
 /// The MQTT 5 Authentication Method that carries a JWT and allows refreshing it with AUTH.
 pub const AUTH_METHOD: &str = "amqp-gateway.jwt";
-/// MQTT 5 correlation data that is not UTF-8 (AMQP correlation_id is a short string).
-pub const CORRELATION_HEADER: &str = "x-mqtt-correlation-data";
 /// The session (subject, client id) a message was published by, for no-local.
 pub const ORIGIN_HEADER: &str = "x-mqtt-origin";
 /// Set when the message was published with RETAIN, for retain-as-published.
@@ -48,6 +47,7 @@ pub const RETAIN_HEADER: &str = "x-mqtt-retain";
 /// MQTT 5 reason codes used here (3.1.1 answers are derived from them in the codec).
 pub mod reason {
     pub const SUCCESS: u8 = 0x00;
+    pub const DISCONNECT_WITH_WILL: u8 = 0x04;
     pub const UNSPECIFIED: u8 = 0x80;
     pub const PROTOCOL_ERROR: u8 = 0x82;
     pub const IMPLEMENTATION_SPECIFIC: u8 = 0x83;
@@ -138,6 +138,15 @@ pub struct Session {
     auth_method: Option<String>,
     /// MQTT 5 Maximum Packet Size of the client: larger deliveries are dropped and counted.
     client_max_packet: Option<u32>,
+    /// The keep-alive this connection is held to (× 1.5): the client's, or the Server Keep
+    /// Alive the CONNACK told it.
+    keep_alive: u16,
+    /// The client's MQTT 5 Topic Alias Maximum: how many outbound aliases it accepts.
+    alias_max: u16,
+    /// Outbound topic aliases of this connection: topic → alias, 1..=`alias_max`.
+    out_aliases: HashMap<String, u16>,
+    /// The Session Expiry Interval the CONNECT asked for (MQTT 5; 0 for 3.1.1).
+    requested_expiry: u32,
     /// Since when QoS 0 publishes have been dropped for the rate limit without one admitted.
     overrun_since: Option<Instant>,
     /// This connection's place under `limits.max_connections(_per_subject)`; given back in
@@ -304,6 +313,13 @@ impl Session {
             Duration::from_secs(granted.min(max.as_secs()))
         };
         let ctx_is_embedded = ctx.engine.kind() == crate::engine::EngineKind::Embedded;
+        // Server Keep Alive ([MQTT-3.2.2-21]): a v5 client asking for more than the cap, or for
+        // none while there is one, is told the cap and held to it. 3.1.1 cannot be told.
+        let cap = u16::try_from(ctx.config.mqtt.max_keep_alive.as_secs()).unwrap_or(u16::MAX);
+        let server_keep_alive = (connect.version == Version::V5
+            && cap > 0
+            && (connect.keep_alive == 0 || connect.keep_alive > cap))
+            .then_some(cap);
         let inflight_max = connect
             .receive_max
             .unwrap_or(u16::MAX)
@@ -336,6 +352,10 @@ impl Session {
             takeovers,
             auth_method: connect.auth_method.clone(),
             client_max_packet: connect.max_packet_size,
+            keep_alive: server_keep_alive.unwrap_or(connect.keep_alive),
+            alias_max: connect.topic_alias_max,
+            out_aliases: HashMap::new(),
+            requested_expiry: connect.session_expiry,
             overrun_since: None,
             admitted: Some(admitted),
         };
@@ -365,6 +385,7 @@ impl Session {
             assigned_client_id: assigned,
             max_qos: session.max_qos,
             auth_method: session.auth_method.clone(),
+            server_keep_alive,
         };
         Ok((session, connack))
     }
@@ -372,6 +393,11 @@ impl Session {
     pub fn max_packet_size(&self) -> u32 {
         (self.ctx.config.limits.max_message_bytes.as_u64() + 64 * 1024).min(u64::from(u32::MAX))
             as u32
+    }
+
+    /// Seconds of silence after which (× 1.5) the connection is closed; 0 = never.
+    pub fn keep_alive(&self) -> u16 {
+        self.keep_alive
     }
 
     pub fn expires_at(&self) -> Option<u64> {
@@ -680,7 +706,10 @@ impl Session {
                 self.send(Outbound::PingResp);
                 Outcome::Continue
             }
-            Inbound::Disconnect => Outcome::Disconnected,
+            Inbound::Disconnect {
+                reason: r,
+                session_expiry,
+            } => self.disconnect(r, session_expiry).await,
             Inbound::Auth {
                 reason: r,
                 method,
@@ -739,6 +768,55 @@ impl Session {
         Outcome::Continue
     }
 
+    /// The client's DISCONNECT. Reason 0x04 asks for the will; an MQTT 5 Session Expiry
+    /// Interval replaces the session's ([MQTT-3.14.2-2]: not after a CONNECT that asked for 0).
+    async fn disconnect(&mut self, r: u8, session_expiry: Option<u32>) -> Outcome {
+        if let Some(secs) = session_expiry {
+            if self.requested_expiry == 0 && secs != 0 {
+                tracing::info!(client = %self.client_id, "DISCONNECT sets a session expiry after CONNECT asked for none");
+                // Not a valid DISCONNECT: the connection ends as an unclean one, will and all.
+                return Outcome::Close(Some(reason::PROTOCOL_ERROR));
+            }
+            self.change_expiry(secs).await;
+        }
+        if r == reason::DISCONNECT_WITH_WILL {
+            // Closed by the client, but as if it had not said DISCONNECT: the will goes out.
+            return Outcome::Close(None);
+        }
+        Outcome::Disconnected
+    }
+
+    /// A new Session Expiry Interval (capped like CONNECT's): 0 ends the session when the
+    /// connection does; otherwise the session's queues take the new `x-expires` in place.
+    async fn change_expiry(&mut self, secs: u32) {
+        let cap = self.ctx.config.mqtt.max_session_expiry;
+        let expiry = Duration::from_secs(u64::from(secs)).min(cap);
+        if expiry == self.session_expiry {
+            return;
+        }
+        if expiry.is_zero() {
+            self.session_expiry = Duration::ZERO;
+            self.clean = true;
+            return;
+        }
+        if self.clean {
+            // Clean queues are exclusive to this connection; they cannot outlive it.
+            return;
+        }
+        let mut queues = vec![self.queue_name(0), self.queue_name(1)];
+        queues.push(self.state_queue());
+        for queue in queues {
+            match self.channel.set_queue_expiry(&queue, Some(expiry)).await {
+                Ok(()) | Err(EngineError::NotFound { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(client = %self.client_id, error = %e, "cannot change the session expiry; keeping the old one");
+                    return;
+                }
+            }
+        }
+        self.session_expiry = expiry;
+    }
+
     /// Another connection of the same subject and client id took the session over.
     pub fn taken_over(&mut self) -> Outcome {
         self.will = None;
@@ -780,9 +858,10 @@ impl Session {
             retain: will.retain,
             packet_id: None,
             payload: will.payload.clone(),
-            props: PublishProps::default(),
+            props: will.props.clone(),
         };
         let message = self.message_of(&p);
+        let retained_copy = will.retain.then(|| message.clone());
         let delay = Duration::from_secs(u64::from(will.delay)).min(self.session_expiry);
         let engine = self.ctx.engine.clone();
         let retained = self.retained.clone();
@@ -794,9 +873,9 @@ impl Session {
                 .publish(&exchange, &key, message, PublishOptions::default())
                 .await
                 .is_ok()
-                && will.retain
+                && let Some(copy) = retained_copy
             {
-                let _ = retained.set(&will.topic, will.payload, will.qos);
+                let _ = retained.set(&will.topic, copy, will.qos);
             }
         };
         if delay.is_zero() || self.version == Version::V3 {

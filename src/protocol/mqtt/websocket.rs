@@ -98,14 +98,21 @@ async fn bridge(socket: WebSocket, ctx: Context, conn: Arc<Connection>, retained
             () = &mut outbound => None,
         }
     };
-    if let Some(code) = close {
-        let frame = CloseFrame {
-            code,
-            reason: "MQTT over WebSocket uses binary frames".into(),
-        };
-        let _ = ws_tx.send(Message::Close(Some(frame))).await;
-    } else {
-        let _ = ws_tx.close().await;
+    let frame = close.map(|code| CloseFrame {
+        code,
+        reason: "MQTT over WebSocket uses binary frames".into(),
+    });
+    if ws_tx.send(Message::Close(frame)).await.is_ok() {
+        // The closing handshake: the peer reads everything sent before our Close (the MQTT
+        // DISCONNECT included) and answers with its own; what it still sends is discarded.
+        let _ = tokio::time::timeout(connection::LINGER, async {
+            while let Some(Ok(msg)) = ws_rx.next().await {
+                if let Message::Close(_) = msg {
+                    return;
+                }
+            }
+        })
+        .await;
     }
     mqtt.abort();
 }

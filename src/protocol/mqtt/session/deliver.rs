@@ -1,5 +1,6 @@
 //! Outbound deliveries: per-copy QoS, no-local, retain-as-published, subscription identifiers,
-//! MQTT 5 properties, packet-id tracking, retained messages on subscribe.
+//! MQTT 5 properties, outbound topic aliases, packet-id tracking, retained messages on
+//! subscribe.
 
 use std::sync::atomic::Ordering;
 
@@ -21,36 +22,28 @@ impl Session {
         }
     }
 
-    /// Whether a PUBLISH of `topic` with this payload and properties fits the client's MQTT 5
-    /// Maximum Packet Size. An upper bound of the encoded size: fixed header 5, topic length 2,
-    /// packet id 2, properties as their bytes plus 4 per field.
-    pub(super) fn fits(&self, topic: &str, payload: usize, props: &PublishProps) -> bool {
-        let Some(max) = self.client_max_packet else {
-            return true;
-        };
-        let props_len = props.content_type.as_ref().map_or(0, |v| v.len() + 4)
-            + props.correlation_data.as_ref().map_or(0, |v| v.len() + 4)
-            + props.response_topic.as_ref().map_or(0, |v| v.len() + 4)
-            + props
-                .user_properties
-                .iter()
-                .map(|(k, v)| k.len() + v.len() + 5)
-                .sum::<usize>()
-            + props.subscription_ids.len() * 5
-            + 16;
-        5 + 2 + topic.len() + 2 + props_len + payload <= max as usize
-    }
-
-    /// A packet id for an outbound QoS 1/2 delivery, remembered until its acknowledgement.
-    pub(super) fn track(&mut self, qos: u8, tag: Option<u64>) -> u16 {
-        let id = self.next_packet_id();
+    /// Remembers an outbound QoS 1/2 delivery under `packet_id` until its acknowledgement.
+    pub(super) fn track(&mut self, packet_id: u16, qos: u8, tag: Option<u64>) {
         let state = if qos == 2 {
             Inflight::Sent(tag)
         } else {
             Inflight::AtLeastOnce(tag)
         };
-        self.inflight.insert(id, state);
-        id
+        self.inflight.insert(packet_id, state);
+    }
+
+    /// The outbound topic alias for `topic` (MQTT 5, within the client's Topic Alias Maximum):
+    /// the one it already has, or a new one while fewer than the maximum are in use (`true`:
+    /// this packet sets it up). `None`: the topic goes in full.
+    fn alias_for(&self, topic: &str) -> Option<(u16, bool)> {
+        if self.version != Version::V5 || self.alias_max == 0 {
+            return None;
+        }
+        if let Some(alias) = self.out_aliases.get(topic) {
+            return Some((*alias, false));
+        }
+        let used = u16::try_from(self.out_aliases.len()).unwrap_or(u16::MAX);
+        (used < self.alias_max).then_some((used + 1, true))
     }
 
     /// Handles `d`, then the deliveries already waiting, up to [`DRAIN_BATCH`] in one turn and
@@ -143,7 +136,7 @@ impl Session {
             matched.iter().map(|o| o.granted).max().unwrap_or(1)
         };
         let qos = publish_qos.min(cap);
-        let mut props = self.props_of(&d);
+        let mut props = self.props_of(d.properties(), d.expires_in);
         if self.version == Version::V5 {
             props.subscription_ids = subscription_ids;
         }
@@ -165,7 +158,7 @@ impl Session {
         };
         let publish_qos = publish_qos_of(&d);
         let qos = publish_qos.min(opts.granted);
-        let mut props = self.props_of(&d);
+        let mut props = self.props_of(d.properties(), d.expires_in);
         if self.version == Version::V5 {
             props.subscription_ids = opts.id.into_iter().collect();
         }
@@ -174,8 +167,8 @@ impl Session {
 
     /// Sends one copy of a delivery. `settle` says the engine awaits an ack for it (every queue
     /// but the QoS 0 one): a QoS 0 copy is settled as it is sent, a QoS 1/2 one when the client
-    /// acknowledges, and one over the client's Maximum Packet Size is acked, dropped and counted
-    /// (DESIGN.md §3).
+    /// acknowledges, and one that is not sent (over the client's Maximum Packet Size, or over
+    /// the QoS 0 bound) is acked, dropped and counted (DESIGN.md §3).
     async fn send_copy(
         &mut self,
         d: &Delivery,
@@ -185,29 +178,26 @@ impl Session {
         props: PublishProps,
         settle: bool,
     ) -> Outcome {
-        if !self.fits(&topic, d.body().len(), &props) {
-            metrics::refusal(PROTOCOL, "packet_too_large");
-            if settle {
+        let packet_id = (qos >= 1).then(|| self.next_packet_id());
+        let sent = self.emit(topic, qos, retain, packet_id, d.body().clone(), props);
+        match packet_id {
+            Some(id) if sent => self.track(id, qos, Some(d.delivery_tag)),
+            _ if settle => {
                 let _ = self.channel.ack(d.delivery_tag, false).await;
             }
-            return Outcome::Continue;
+            _ => {}
         }
-        let packet_id = if qos >= 1 {
-            Some(self.track(qos, Some(d.delivery_tag)))
-        } else {
-            if settle {
-                let _ = self.channel.ack(d.delivery_tag, false).await;
-            }
-            None
-        };
-        self.emit(topic, qos, retain, packet_id, d.body().clone(), props);
         Outcome::Continue
     }
 
-    /// Queues a PUBLISH for the writer. Every outbound PUBLISH goes through here, because the
-    /// writer counts each QoS 0 one it takes off `qos0_queued`: a slow client's QoS 0 backlog
-    /// is bounded by `limits.outbound_buffer_messages`, over it copies are dropped and counted
-    /// (QoS 1/2 are bounded by credit instead).
+    /// Queues a PUBLISH for the writer; false when it was dropped (and counted). Every outbound
+    /// PUBLISH goes through here:
+    /// - the writer counts each QoS 0 one it takes off `qos0_queued`, so a slow client's QoS 0
+    ///   backlog is bounded by `limits.outbound_buffer_messages` (QoS 1/2 by credit);
+    /// - outbound topic aliases are set up here, and only for packets that go out, so the
+    ///   client never sees an alias it was not given;
+    /// - the client's Maximum Packet Size is checked against the exact encoded size, so a
+    ///   packet that fits to the byte is delivered ([MQTT-3.1.2-24]).
     fn emit(
         &mut self,
         topic: String,
@@ -215,18 +205,42 @@ impl Session {
         retain: bool,
         packet_id: Option<u16>,
         payload: bytes::Bytes,
-        props: PublishProps,
-    ) {
-        if qos == 0 {
-            let limit = self.ctx.config.limits.outbound_buffer_messages;
-            if self.qos0_queued.load(Ordering::Relaxed) >= limit {
-                metrics::refusal(PROTOCOL, "qos0_dropped");
-                return;
+        mut props: PublishProps,
+    ) -> bool {
+        if qos == 0
+            && self.qos0_queued.load(Ordering::Relaxed)
+                >= self.ctx.config.limits.outbound_buffer_messages
+        {
+            metrics::refusal(PROTOCOL, "qos0_dropped");
+            return false;
+        }
+        let alias = self.alias_for(&topic);
+        props.topic_alias = alias.map(|(a, _)| a);
+        let wire_topic = match alias {
+            Some((_, false)) => String::new(),
+            _ => topic,
+        };
+        if let Some(max) = self.client_max_packet {
+            let size = super::super::codec::publish_size(
+                self.version,
+                &wire_topic,
+                qos,
+                payload.len(),
+                &props,
+            );
+            if size > max as usize {
+                metrics::refusal(PROTOCOL, "packet_too_large");
+                return false;
             }
+        }
+        if let Some((a, true)) = alias {
+            self.out_aliases.insert(wire_topic.clone(), a);
+        }
+        if qos == 0 {
             self.qos0_queued.fetch_add(1, Ordering::Relaxed);
         }
         self.send(Outbound::Publish {
-            topic,
+            topic: wire_topic,
             qos,
             retain,
             dup: false,
@@ -235,21 +249,26 @@ impl Session {
             props,
         });
         metrics::messages_out(PROTOCOL, 1);
+        true
     }
 
-    /// Sends the retained messages matching a new subscription, RETAIN=1, at most `granted`.
+    /// Sends the retained messages matching a new subscription, RETAIN=1, at most `granted`,
+    /// each with the properties it was published with (expiry counted down) and the
+    /// subscription's identifier.
     pub(super) fn send_retained(&mut self, filter: &str, granted: u8) {
+        let id = self.subs.get(filter).and_then(|o| o.id);
+        let now = std::time::Instant::now();
         for (topic, m) in self.retained.matching(filter) {
             let qos = m.qos.min(granted);
-            let packet_id = (qos >= 1).then(|| self.track(qos, None));
-            self.emit(
-                topic,
-                qos,
-                true,
-                packet_id,
-                m.payload,
-                PublishProps::default(),
-            );
+            let mut props = self.props_of(&m.message.properties, m.expires_in(now));
+            if self.version == Version::V5 {
+                props.subscription_ids = id.into_iter().collect();
+            }
+            let packet_id = (qos >= 1).then(|| self.next_packet_id());
+            let sent = self.emit(topic, qos, true, packet_id, m.message.body.clone(), props);
+            if let (Some(packet_id), true) = (packet_id, sent) {
+                self.track(packet_id, qos, None);
+            }
         }
     }
 }

@@ -132,6 +132,7 @@ impl Session {
             return Outcome::Continue;
         }
         let message = self.message_of(&p);
+        let retained_copy = p.retain.then(|| message.clone());
         let started = Instant::now();
         match self
             .channel
@@ -141,11 +142,8 @@ impl Session {
             Ok(_) => {
                 metrics::message_in(PROTOCOL, started.elapsed());
                 self.overrun_since = None;
-                let code = if p.retain
-                    && self
-                        .retained
-                        .set(&p.topic, p.payload.clone(), p.qos)
-                        .is_err()
+                let code = if let Some(copy) = retained_copy
+                    && self.retained.set(&p.topic, copy, p.qos).is_err()
                 {
                     metrics::refusal(PROTOCOL, "retained_full");
                     if self.version == Version::V5 {
@@ -180,14 +178,13 @@ impl Session {
         }
     }
 
-    /// The AMQP form of a PUBLISH: MQTT 5 properties mapped (DESIGN.md §3).
+    /// The AMQP form of a PUBLISH: MQTT 5 properties mapped (DESIGN.md §3), then the
+    /// gateway's own headers, which win over anything the client sent under their names.
     pub(super) fn message_of(&self, p: &PublishIn) -> Message {
         let mut m = Message::new(p.payload.clone());
         let props = &mut m.properties;
+        properties::to_amqp(&p.props, self.ctx.config.mqtt.topic_mapping, props);
         props.delivery_mode = Some(if p.qos > 0 { 2 } else { 1 });
-        for (k, v) in &p.props.user_properties {
-            props.headers.insert(k.clone(), FieldValue::Str(v.clone()));
-        }
         props
             .headers
             .insert(PUBLISH_QOS_HEADER.into(), FieldValue::U8(p.qos));
@@ -204,60 +201,25 @@ impl Session {
             SUBJECT_HEADER.into(),
             FieldValue::Str(self.principal.subject.to_string()),
         );
-        props.content_type = p.props.content_type.clone();
-        if let Some(data) = &p.props.correlation_data {
-            match std::str::from_utf8(data) {
-                Ok(s) if s.len() <= 255 => props.correlation_id = Some(s.to_owned()),
-                _ => {
-                    props
-                        .headers
-                        .insert(CORRELATION_HEADER.into(), FieldValue::Bytes(data.to_vec()));
-                }
-            }
-        }
-        props.reply_to = p
-            .props
-            .response_topic
-            .as_deref()
-            .and_then(|t| topic_to_key(t, self.ctx.config.mqtt.topic_mapping).ok());
-        props.expiration = p
-            .props
-            .message_expiry
-            .map(|secs| (u64::from(secs) * 1000).to_string());
         m
     }
 
-    /// The MQTT 5 properties of a delivery.
-    pub(super) fn props_of(&self, d: &Delivery) -> PublishProps {
+    /// The MQTT 5 properties of a message from the engine with `expires_in` left to live.
+    pub(super) fn props_of(
+        &self,
+        p: &crate::engine::Properties,
+        expires_in: Option<std::time::Duration>,
+    ) -> PublishProps {
         if self.version != Version::V5 {
             return PublishProps::default();
         }
-        let p = d.properties();
-        let correlation_data = match p.headers.get(CORRELATION_HEADER) {
-            Some(FieldValue::Bytes(b)) => Some(bytes::Bytes::from(b.clone())),
-            _ => p.correlation_id.clone().map(bytes::Bytes::from),
-        };
-        PublishProps {
-            content_type: p.content_type.clone(),
-            correlation_data,
-            response_topic: p
-                .reply_to
-                .as_deref()
-                .and_then(|k| key_to_topic(k, self.ctx.config.mqtt.topic_mapping)),
-            // Remaining expiry, rounded up so a live message never reads 0.
-            message_expiry: d
-                .expires_in
-                .map(|left| left.as_secs_f64().ceil().max(1.0) as u32),
-            user_properties: p
-                .headers
-                .iter()
-                .filter(|(k, _)| !k.starts_with("x-mqtt-"))
-                .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_owned())))
-                .collect(),
-            topic_alias: None,
-            payload_utf8: false,
-            subscription_ids: Vec::new(),
-        }
+        let mqtt = &self.ctx.config.mqtt;
+        properties::from_amqp(
+            p,
+            expires_in,
+            mqtt.topic_mapping,
+            mqtt.sender_property.as_deref(),
+        )
     }
 
     /// Tries the parked publishes again (their PUBACKs were withheld).

@@ -58,7 +58,7 @@ impl StoredSub {
 }
 
 impl Session {
-    fn state_queue(&self) -> String {
+    pub(super) fn state_queue(&self) -> String {
         topic::state_queue(self.principal.shared_subject(), &self.client_id)
     }
 
