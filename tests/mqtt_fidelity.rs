@@ -239,6 +239,13 @@ struct Opts {
     will: Option<LastWill>,
 }
 
+/// Default options with a QoS 0 will of `payload` on `topic`, without properties.
+fn with_will(topic: &str, payload: &'static str) -> Opts {
+    let mut o = opts();
+    o.will = Some(LastWill::new(topic, payload, QoS::AtMostOnce, false, None));
+    o
+}
+
 fn opts() -> Opts {
     Opts {
         keep_alive: 30,
@@ -530,6 +537,25 @@ async fn will_keeps_its_properties_and_0x04_sends_it(t: Transport) {
     assert_same_properties(&got, &sent);
 }
 
+/// A client that goes away without DISCONNECT — a dropped TCP connection, a WebSocket closed
+/// by the browser — gets its will published, as on any broker.
+async fn a_client_that_goes_away_sends_its_will(t: Transport) {
+    let gw = start_gateway(|_| {}).await;
+    let tok = token("fidelity", SCOPE);
+    let prefix = unique("gone").replace('-', "_");
+    let (mut sub, _) = connect(&gw, t, &unique("sub"), &tok, opts()).await;
+    sub.subscribe(&format!("fid/{prefix}/#"), QoS::AtMostOnce)
+        .await;
+    let o = with_will(&format!("fid/{prefix}/will"), "gone");
+    let (device, _) = connect(&gw, t, &unique("device"), &tok, o).await;
+    match device.io {
+        Io::Tcp(s) => drop(s),
+        // The browser's way: a Close frame, no MQTT DISCONNECT.
+        Io::Ws(mut ws) => ws.send(WsMessage::Close(None)).await.expect("close"),
+    }
+    assert_eq!(sub.publish().await.payload, "gone".as_bytes());
+}
+
 /// The Payload Format Indicator from the AMQP side (header `x-mqtt-payload-format`).
 async fn payload_format_indicator_from_amqp(t: Transport) {
     let gw = start_gateway(|_| {}).await;
@@ -615,14 +641,7 @@ async fn disconnect_changes_the_session_expiry(t: Transport) {
     watcher
         .subscribe(&format!("fid/{prefix}/will"), QoS::AtMostOnce)
         .await;
-    let mut o = opts();
-    o.will = Some(LastWill::new(
-        format!("fid/{prefix}/will"),
-        "gone",
-        QoS::AtMostOnce,
-        false,
-        None,
-    ));
+    let o = with_will(&format!("fid/{prefix}/will"), "gone");
     let (mut c, _) = connect(&gw, t, &unique("bad"), &tok, o).await;
     c.send(disconnect_with_expiry(30)).await;
     assert_eq!(
@@ -860,6 +879,7 @@ over_both_transports!(
     sender_property_is_opt_in,
     retained_messages_keep_their_properties,
     will_keeps_its_properties_and_0x04_sends_it,
+    a_client_that_goes_away_sends_its_will,
     payload_format_indicator_from_amqp,
     disconnect_changes_the_session_expiry,
     server_keep_alive_caps_v5_clients,

@@ -67,3 +67,69 @@ for (const transport of ["ws", "tcp"]) {
     });
   }
 }
+
+// MQTT 5 fidelity: what one MQTT.js client sent reaches another exactly — user properties
+// (a repeated name included), content type, payload format indicator, response topic,
+// correlation data — live, retained, and as a will sent by DISCONNECT with reason 0x04.
+const sent = {
+  userProperties: { zeta: ["1", "3"], alpha: "2" },
+  contentType: "text/plain",
+  payloadFormatIndicator: true,
+  responseTopic: "mqttjs/reply",
+  correlationData: Buffer.from([0, 255, 99]),
+  messageExpiryInterval: 60,
+};
+
+function assertSameProperties(properties, what) {
+  // Entries, so the order counts too (MQTT.js groups a repeated name into an array).
+  assert.deepEqual(Object.entries(properties.userProperties), Object.entries(sent.userProperties), `${what}: user properties`);
+  assert.equal(properties.contentType, sent.contentType, what);
+  assert.equal(properties.payloadFormatIndicator, true, what);
+  assert.equal(properties.responseTopic, sent.responseTopic, what);
+  assert.deepEqual(properties.correlationData, sent.correlationData, what);
+  assert.ok(properties.messageExpiryInterval >= 1 && properties.messageExpiryInterval <= 60, `${what}: expiry counted down`);
+}
+
+for (const transport of ["ws", "tcp"]) {
+  test(`MQTT.js 5 over ${transport}: properties arrive exactly — live, retained, will`, async () => {
+    const base = `fidelity/${transport}${Math.random().toString(16).slice(2, 8)}`;
+    const publisher = await connect(transport, 5, gateway.token);
+    const subscriber = await connect(transport, 5, gateway.token);
+    try {
+      await publisher.publishAsync(`${base}/kept`, "kept", { qos: 1, retain: true, properties: sent });
+      // Listening before SUBACK: the retained message follows it at once.
+      const first = nextMessage(subscriber);
+      await subscriber.subscribeAsync(`${base}/#`, { qos: 1 });
+      const retained = await first;
+      assert.equal(retained.topic, `${base}/kept`);
+      assert.equal(retained.packet.retain, true);
+      assertSameProperties(retained.packet.properties, "retained");
+
+      const live = nextMessage(subscriber);
+      await publisher.publishAsync(`${base}/live`, "live", { qos: 1, properties: sent });
+      const got = await live;
+      assert.equal(got.payload, "live");
+      assertSameProperties(got.packet.properties, "live");
+      assert.ok(!("x-gateway-sub" in got.packet.properties.userProperties), "nothing added");
+
+      const device = await mqtt.connectAsync(url(transport), {
+        protocolVersion: 5,
+        username: "mqttjs",
+        password: gateway.token,
+        clientId: `mqttjs-will-${Math.random().toString(16).slice(2, 10)}`,
+        reconnectPeriod: 0,
+        connectTimeout: WAIT,
+        will: { topic: `${base}/will`, payload: Buffer.from("bye"), qos: 1, retain: false, properties: sent },
+      });
+      const will = nextMessage(subscriber);
+      await new Promise((resolve) => device.end(false, { reasonCode: 0x04 }, resolve));
+      const gotWill = await will;
+      assert.equal(gotWill.topic, `${base}/will`);
+      assert.equal(gotWill.payload, "bye");
+      assertSameProperties(gotWill.packet.properties, "will");
+    } finally {
+      await publisher.endAsync();
+      await subscriber.endAsync();
+    }
+  });
+}

@@ -20,6 +20,9 @@ use crate::context::{Connection, Context};
 const SUBPROTOCOL: &str = "mqtt";
 /// Bytes buffered between the WebSocket and the MQTT connection, each way.
 const PIPE: usize = 64 * 1024;
+/// How long the MQTT side may take to end its session (will, stored state) once the WebSocket
+/// is gone, before it is stopped.
+const SESSION_END: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub fn router(ctx: Context, retained: Arc<Retained>) -> Router {
     Router::new()
@@ -54,27 +57,37 @@ async fn upgrade(
 }
 
 /// Runs the MQTT connection on one end of a duplex pipe and shuttles WebSocket frames to and
-/// from the other end.
+/// from the other end. However the WebSocket ends, the MQTT connection ends the way it would on
+/// TCP: a client that goes away is seen as the end of its input (the session ends, the will goes
+/// out, persistent state is stored), never cut off mid-packet.
 async fn bridge(socket: WebSocket, ctx: Context, conn: Arc<Connection>, retained: Arc<Retained>) {
     let (mqtt_side, pipe) = tokio::io::duplex(PIPE);
     let mqtt = tokio::spawn(connection::run(mqtt_side, ctx, conn, retained));
     let (mut pipe_read, mut pipe_write) = tokio::io::split(pipe);
     let (mut ws_tx, mut ws_rx) = socket.split();
     // In a block so both halves' borrows end before the close frame is sent.
-    let close = {
+    let (close, peer_closed) = {
+        // Client → MQTT. Ends with the input's end, shut down so the MQTT side reads it.
         let inbound = async {
+            let mut end = (None, false);
             while let Some(Ok(msg)) = ws_rx.next().await {
                 match msg {
-                    Message::Binary(bytes) if pipe_write.write_all(&bytes).await.is_err() => {
-                        return None;
+                    Message::Binary(bytes) if pipe_write.write_all(&bytes).await.is_err() => break,
+                    Message::Text(_) => {
+                        end = (Some(1003u16), false);
+                        break;
                     }
-                    Message::Text(_) => return Some(1003u16),
-                    Message::Close(_) => return None,
+                    Message::Close(_) => {
+                        end = (None, true);
+                        break;
+                    }
                     _ => {}
                 }
             }
-            None
+            let _ = pipe_write.shutdown().await;
+            end
         };
+        // MQTT → client, until the MQTT side has closed its output.
         let outbound = async {
             let mut buf = vec![0u8; PIPE];
             loop {
@@ -94,15 +107,20 @@ async fn bridge(socket: WebSocket, ctx: Context, conn: Arc<Connection>, retained
         };
         tokio::pin!(inbound, outbound);
         tokio::select! {
-            code = &mut inbound => code,
-            () = &mut outbound => None,
+            end = &mut inbound => {
+                // The MQTT side now ends its session; what it still writes (a DISCONNECT) is
+                // forwarded while the socket takes it.
+                let _ = tokio::time::timeout(SESSION_END, &mut outbound).await;
+                end
+            }
+            () = &mut outbound => (None, false),
         }
     };
     let frame = close.map(|code| CloseFrame {
         code,
         reason: "MQTT over WebSocket uses binary frames".into(),
     });
-    if ws_tx.send(Message::Close(frame)).await.is_ok() {
+    if ws_tx.send(Message::Close(frame)).await.is_ok() && !peer_closed {
         // The closing handshake: the peer reads everything sent before our Close (the MQTT
         // DISCONNECT included) and answers with its own; what it still sends is discarded.
         let _ = tokio::time::timeout(connection::LINGER, async {
@@ -114,5 +132,9 @@ async fn bridge(socket: WebSocket, ctx: Context, conn: Arc<Connection>, retained
         })
         .await;
     }
-    mqtt.abort();
+    // The MQTT side has seen the end of its input by now; it is given the same bound to finish.
+    let abort = mqtt.abort_handle();
+    if tokio::time::timeout(SESSION_END, mqtt).await.is_err() {
+        abort.abort();
+    }
 }
