@@ -215,6 +215,15 @@ impl Wire {
         }
     }
 
+    /// A CONNACK read as raw bytes (either version), which must accept.
+    async fn raw_connack(&mut self) {
+        while self.buf.len() < 4 || self.buf.len() < 2 + self.buf[1] as usize {
+            self.fill().await.expect("CONNACK");
+        }
+        assert_eq!((self.buf[0], self.buf[3]), (0x20, 0), "CONNACK accepted");
+        let _ = self.buf.split_to(2 + self.buf[1] as usize);
+    }
+
     /// How the connection ends from here on, skipping packets; the first DISCONNECT's reason.
     async fn end(&mut self) -> (Option<DisconnectReasonCode>, End) {
         let mut reason = None;
@@ -678,6 +687,16 @@ async fn server_keep_alive_caps_v5_clients(t: Transport) {
     o.keep_alive = 1;
     let (_c, ack) = connect(&gw, t, &unique("ka"), &tok, o).await;
     assert_eq!(ack.properties.and_then(|p| p.server_keep_alive), None);
+    // 3.1.1 cannot be told another value: it keeps its own (30 s), so 2 s of silence is fine.
+    let mut v3 = open(&gw, t).await;
+    v3.send_raw(&raw_connect(4, &unique("ka3"), &tok)).await;
+    v3.raw_connack().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    v3.send_raw(&[0xC0, 0x00]).await;
+    while v3.buf.len() < 2 {
+        v3.fill().await.expect("PINGRESP: still connected");
+    }
+    assert_eq!(&v3.buf[..2], &[0xD0, 0x00], "PINGRESP");
 }
 
 /// Outbound topic aliases within the client's Topic Alias Maximum: the first delivery of a
@@ -779,12 +798,7 @@ async fn a_server_disconnect_reaches_a_client_still_sending(t: Transport, level:
     let tok = token("fidelity", SCOPE);
     let mut w = open(&gw, t).await;
     w.send_raw(&raw_connect(level, &unique("big"), &tok)).await;
-    // CONNACK, read as raw bytes (both versions).
-    while w.buf.len() < 4 || w.buf.len() < 2 + w.buf[1] as usize {
-        w.fill().await.expect("CONNACK");
-    }
-    assert_eq!((w.buf[0], w.buf[3]), (0x20, 0), "CONNACK accepted");
-    let _ = w.buf.split_to(2 + w.buf[1] as usize);
+    w.raw_connack().await;
 
     // 512 KiB announced (the limit is 1 KiB + 64 KiB), sent in 16 KiB pieces for ~400 ms: the
     // gateway refuses it at the header and closes while more keeps coming.
