@@ -670,7 +670,7 @@ pub fn validate(c: &Config) -> Result<(), ConfigError> {
         return Err(invalid("mqtt.max_inflight", "must be between 1 and 65535"));
     }
     if c.mqtt.max_keep_alive.as_secs() > u64::from(u16::MAX)
-        || (c.mqtt.max_keep_alive.subsec_nanos() != 0 && c.mqtt.max_keep_alive.as_secs() == 0)
+        || c.mqtt.max_keep_alive.subsec_nanos() != 0
     {
         return Err(invalid(
             "mqtt.max_keep_alive",

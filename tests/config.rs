@@ -215,6 +215,18 @@ fn cross_field_rules_name_the_key() {
         ),
         (vec![("GATEWAY_LOG__LEVEL", "[[[")], "log.level"),
         (vec![("GATEWAY_WS__AUTH_TIMEOUT", "0s")], "ws.auth_timeout"),
+        (
+            vec![("GATEWAY_MQTT__MAX_KEEP_ALIVE", "70000s")],
+            "mqtt.max_keep_alive",
+        ),
+        (
+            vec![("GATEWAY_MQTT__MAX_KEEP_ALIVE", "1500ms")],
+            "mqtt.max_keep_alive",
+        ),
+        (
+            vec![("GATEWAY_MQTT__SENDER_PROPERTY", "")],
+            "mqtt.sender_property",
+        ),
     ] {
         let e = err(config::load(None, env(&vars), Overrides::default()));
         assert!(e.contains(key), "{vars:?}: {e}");
