@@ -498,6 +498,43 @@ async fn retained_messages_keep_their_properties(t: Transport) {
     );
 }
 
+/// A retained publish the engine refuses (a bound queue with `x-overflow: reject-publish` is
+/// full: v5 PUBACK 0x97) leaves the retained message it would have replaced in place.
+async fn a_refused_retained_publish_keeps_the_old_one(t: Transport) {
+    let gw = start_gateway(|_| {}).await;
+    let tok = token("fidelity", SCOPE);
+    let prefix = unique("refused").replace('-', "_");
+    let topic = format!("fid/{prefix}/state");
+    let (mut publisher, _) = connect(&gw, t, &unique("pub"), &tok, opts()).await;
+    let mut p = publish(&topic, "old", None);
+    p.retain = true;
+    publisher.publish_qos1(p, 1).await;
+
+    let full = unique("full");
+    let r = gw
+        .put(&format!("/v1/queues/{full}"), &admin())
+        .json(&json!({"arguments": {"x-max-length": 0, "x-overflow": "reject-publish"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    gw.bind(&full, "amq.topic", &format!("fid.{prefix}.state"))
+        .await;
+    let mut p = publish(&topic, "refused", None);
+    p.retain = true;
+    p.qos = QoS::AtLeastOnce;
+    p.pkid = 2;
+    publisher.send(Packet::Publish(p)).await;
+    match publisher.recv().await {
+        Some(Packet::PubAck(a)) => assert_eq!(format!("{:?}", a.reason), "QuotaExceeded"),
+        other => panic!("expected PUBACK 0x97, got {other:?}"),
+    }
+
+    let (mut sub, _) = connect(&gw, t, &unique("sub"), &tok, opts()).await;
+    sub.subscribe(&topic, QoS::AtMostOnce).await;
+    assert_eq!(sub.publish().await.payload, "old".as_bytes());
+}
+
 /// A will keeps its properties; DISCONNECT with reason 0x04 publishes it, and a retained will
 /// keeps them for later subscribers too.
 async fn will_keeps_its_properties_and_0x04_sends_it(t: Transport) {
@@ -892,6 +929,7 @@ over_both_transports!(
     live_properties_arrive_exactly,
     sender_property_is_opt_in,
     retained_messages_keep_their_properties,
+    a_refused_retained_publish_keeps_the_old_one,
     will_keeps_its_properties_and_0x04_sends_it,
     a_client_that_goes_away_sends_its_will,
     payload_format_indicator_from_amqp,

@@ -21,6 +21,8 @@ pub struct RetainedMessage {
     pub qos: u8,
     /// From the message's `expiration`: after it the message is gone.
     pub expires_at: Option<Instant>,
+    /// Which `set` stored it, so [`Retained::undo`] restores only what it replaced.
+    seq: u64,
 }
 
 impl RetainedMessage {
@@ -46,9 +48,17 @@ impl RetainedMessage {
 #[derive(Debug)]
 pub struct Full;
 
+/// What a `set` replaced, to put back if the publish it belongs to is not accepted.
+#[derive(Debug)]
+pub struct Undo {
+    previous: Option<RetainedMessage>,
+    seq: u64,
+}
+
 pub struct Retained {
     cap: usize,
     inner: RwLock<(HashMap<String, RetainedMessage>, usize)>,
+    next_seq: std::sync::atomic::AtomicU64,
 }
 
 impl Retained {
@@ -56,19 +66,26 @@ impl Retained {
         Retained {
             cap,
             inner: RwLock::new((HashMap::new(), 0)),
+            next_seq: std::sync::atomic::AtomicU64::new(1),
         }
     }
 
-    /// Stores (or, with an empty body, deletes) the retained message of `topic`.
-    pub fn set(&self, topic: &str, message: Message, qos: u8) -> Result<(), Full> {
+    /// Stores (or, with an empty body, deletes) the retained message of `topic`. Called before
+    /// the message is published, so whoever sees the live copy and then subscribes finds the
+    /// retained one; [`Retained::undo`] takes it back if the publish is not accepted.
+    pub fn set(&self, topic: &str, message: Message, qos: u8) -> Result<Undo, Full> {
+        let seq = self
+            .next_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut guard = self.inner.write();
         let (map, bytes) = &mut *guard;
         let old = map.get(topic).map_or(0, |m| m.size(topic));
         if message.body.is_empty() {
-            if map.remove(topic).is_some() {
+            let previous = map.remove(topic);
+            if previous.is_some() {
                 *bytes -= old;
             }
-            return Ok(());
+            return Ok(Undo { previous, seq });
         }
         let expires_at = message
             .properties
@@ -80,14 +97,37 @@ impl Retained {
             message,
             qos,
             expires_at,
+            seq,
         };
         let new = entry.size(topic);
         if *bytes - old + new > self.cap {
             return Err(Full);
         }
         *bytes = *bytes - old + new;
-        map.insert(topic.to_owned(), entry);
-        Ok(())
+        let previous = map.insert(topic.to_owned(), entry);
+        Ok(Undo { previous, seq })
+    }
+
+    /// Puts back what a `set` replaced, unless another `set` of the topic came since.
+    pub fn undo(&self, topic: &str, undo: Undo) {
+        let mut guard = self.inner.write();
+        let (map, bytes) = &mut *guard;
+        let current = map.get(topic);
+        let ours = match current {
+            Some(m) => m.seq == undo.seq,
+            // Ours was a delete, or expired since: nothing newer is lost by restoring.
+            None => true,
+        };
+        if !ours {
+            return;
+        }
+        if let Some(m) = map.remove(topic) {
+            *bytes -= m.size(topic);
+        }
+        if let Some(previous) = undo.previous {
+            *bytes += previous.size(topic);
+            map.insert(topic.to_owned(), previous);
+        }
     }
 
     /// The live retained messages a new subscription to `filter` receives, in topic order.
@@ -148,6 +188,31 @@ mod tests {
         assert_eq!(r.matching("a/b")[0].1.message.body, "3");
         r.set("a/b", msg(""), 0).unwrap();
         assert_eq!(r.matching("a/+").len(), 1);
+    }
+
+    #[test]
+    fn undo_restores_only_what_it_replaced() {
+        let r = Retained::new(1 << 20);
+        r.set("t", msg("old"), 0).unwrap();
+        let undo = r.set("t", msg("refused"), 0).unwrap();
+        r.undo("t", undo);
+        assert_eq!(r.matching("t")[0].1.message.body, "old");
+        let undo = r.set("t", msg("refused"), 0).unwrap();
+        r.set("t", msg("newer"), 0).unwrap();
+        r.undo("t", undo);
+        assert_eq!(
+            r.matching("t")[0].1.message.body,
+            "newer",
+            "a later set stays"
+        );
+        let undo = r.set("t", msg(""), 0).unwrap();
+        r.undo("t", undo);
+        assert_eq!(
+            r.matching("t")[0].1.message.body,
+            "newer",
+            "an undone delete"
+        );
+        assert_eq!(r.inner.read().1, "t".len() + "newer".len(), "bytes counted");
     }
 
     #[test]

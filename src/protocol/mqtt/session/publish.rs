@@ -5,6 +5,8 @@ use std::time::Instant;
 
 use crate::flow::ThrottleReason;
 
+use super::super::retained::Full;
+
 use super::*;
 
 impl Session {
@@ -132,7 +134,10 @@ impl Session {
             return Outcome::Continue;
         }
         let message = self.message_of(&p);
-        let retained_copy = p.retain.then(|| message.clone());
+        // Retained before the publish (see `Retained::set`), taken back if it is refused.
+        let retained = p
+            .retain
+            .then(|| self.retained.set(&p.topic, message.clone(), p.qos));
         let started = Instant::now();
         match self
             .channel
@@ -142,9 +147,7 @@ impl Session {
             Ok(_) => {
                 metrics::message_in(PROTOCOL, started.elapsed());
                 self.overrun_since = None;
-                let code = if let Some(copy) = retained_copy
-                    && self.retained.set(&p.topic, copy, p.qos).is_err()
-                {
+                let code = if let Some(Err(Full)) = retained {
                     metrics::refusal(PROTOCOL, "retained_full");
                     if self.version == Version::V5 {
                         reason::QUOTA_EXCEEDED
@@ -163,14 +166,26 @@ impl Session {
                 self.ack_publish(&p, code);
                 Outcome::Continue
             }
-            Err(EngineError::Rejected(_)) if self.version == Version::V5 => {
-                self.ack_publish(&p, reason::QUOTA_EXCEEDED);
+            Err(e) => {
+                if let Some(Ok(undo)) = retained {
+                    self.retained.undo(&p.topic, undo);
+                }
+                self.refused(&p, e)
+            }
+        }
+    }
+
+    /// A publish the engine did not accept (DESIGN.md §5's failure table).
+    fn refused(&mut self, p: &PublishIn, e: EngineError) -> Outcome {
+        match e {
+            EngineError::Rejected(_) if self.version == Version::V5 => {
+                self.ack_publish(p, reason::QUOTA_EXCEEDED);
                 Outcome::Continue
             }
-            Err(e) => {
+            e => {
                 tracing::warn!(client = %self.client_id, error = %e, "publish not accepted; closing so the client resends");
                 if self.version == Version::V5 && p.qos > 0 {
-                    self.ack_publish(&p, reason::UNSPECIFIED);
+                    self.ack_publish(p, reason::UNSPECIFIED);
                     return Outcome::Continue;
                 }
                 Outcome::Close(Some(reason::UNSPECIFIED))
