@@ -163,7 +163,7 @@ impl Channel for EmbeddedChannel {
             .broker
             .declare_queue(self.shared.id, name, spec)?;
         if let Some(queue) = owned {
-            self.shared.own_exclusive(queue);
+            self.shared.own_exclusive(queue)?;
         }
         Ok(declared)
     }

@@ -14,7 +14,7 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 
 use super::exchange::{Exchange, Targets};
-use super::queue::{DeadLetter, Effects, Gauges, Queue, QueueArgs, death_entry};
+use super::queue::{DeadLetter, Effects, Enqueued, Gauges, Queue, QueueArgs, death_entry};
 use super::store::Store;
 use crate::engine::names::{self, canonical_exchange};
 use crate::engine::{
@@ -42,6 +42,74 @@ pub(super) struct Broker {
 
 /// A redeclare must match the existing object; the first field that differs is named as
 /// RabbitMQ names it (406 PRECONDITION_FAILED).
+/// Queue arguments compared on redeclare: the ones RabbitMQ compares
+/// (`rabbit_amqqueue:declare_args/0`). Others are not, as there, so a client that adds an
+/// argument of its own (or one another broker version knows) still meets an existing queue.
+const QUEUE_EQUIVALENCE_KEYS: &[&str] = &[
+    "x-expires",
+    "x-message-ttl",
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-max-length",
+    "x-max-length-bytes",
+    "x-max-in-memory-length",
+    "x-max-in-memory-bytes",
+    "x-max-priority",
+    "x-overflow",
+    "x-queue-mode",
+    "x-queue-version",
+    "x-single-active-consumer",
+    "x-queue-type",
+    "x-queue-leader-locator",
+    "x-initial-cluster-size",
+    "x-delivery-limit",
+    "x-max-age",
+    "x-stream-max-segment-size-bytes",
+];
+/// Exchange arguments compared on redeclare (RabbitMQ: `rabbit_exchange:declare_args/0`).
+const EXCHANGE_EQUIVALENCE_KEYS: &[&str] = &["alternate-exchange"];
+
+/// Redeclare equivalence of arguments, as RabbitMQ's: each key of `keys` must be absent from
+/// both or present in both with the same value of the same type class — an integer equals the
+/// same integer at any width (REST sends 64-bit, pika 32-bit), a string the same string.
+fn equivalent_arguments(
+    what: &str,
+    name: &str,
+    keys: &[&str],
+    asked: &FieldTable,
+    current: &FieldTable,
+) -> Result<(), EngineError> {
+    for key in keys {
+        let same = match (asked.get(*key), current.get(*key)) {
+            (None, None) => true,
+            (Some(a), Some(c)) => a.loosely_equals(c),
+            _ => false,
+        };
+        if !same {
+            let show = |v: Option<&FieldValue>| v.map_or("none".to_owned(), |v| v.to_json().to_string());
+            return Err(EngineError::PreconditionFailed(format!(
+                "inequivalent arg '{key}' for {what} '{name}': received {} but current is {}",
+                show(asked.get(*key)),
+                show(current.get(*key))
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether dead-lettering to `queue` closes a cycle that no client took part in, as RabbitMQ
+/// decides it (`rabbit_dead_letter`): look at the deaths since the message last died in
+/// `queue` (most recent first, up to and including that one); if there is such a death and
+/// none of those was a rejection, the message would loop on expiry or length alone and is
+/// dropped. A rejection only counts inside the cycle: one before it does not keep an expiry
+/// loop alive.
+fn is_cycle(history: &[(String, bool)], queue: &str) -> bool {
+    match history.iter().position(|(q, _)| q == queue) {
+        None => false,
+        Some(at) => history[..=at].iter().all(|(_, rejected)| !rejected),
+    }
+}
+
 fn must_match<const N: usize>(
     what: &str,
     name: &str,
@@ -169,12 +237,14 @@ impl Broker {
                         spec.internal.to_string(),
                         cur.internal.to_string(),
                     ),
-                    (
-                        "arguments",
-                        format!("{:?}", spec.arguments),
-                        format!("{:?}", cur.arguments),
-                    ),
                 ],
+            )?;
+            equivalent_arguments(
+                "exchange",
+                name,
+                EXCHANGE_EQUIVALENCE_KEYS,
+                &spec.arguments,
+                &cur.arguments,
             )?;
             return Ok(Declared::Existed);
         }
@@ -291,12 +361,14 @@ impl Broker {
                             spec.auto_delete.to_string(),
                             cur.auto_delete.to_string(),
                         ),
-                        (
-                            "arguments",
-                            format!("{:?}", spec.arguments),
-                            format!("{:?}", cur.arguments),
-                        ),
                     ],
+                )?;
+                equivalent_arguments(
+                    "queue",
+                    name,
+                    QUEUE_EQUIVALENCE_KEYS,
+                    &spec.arguments,
+                    &cur.arguments,
                 )?;
                 existing.touch();
                 let (messages, _, consumers) = existing.counts();
@@ -531,15 +603,18 @@ impl Broker {
         let now = Instant::now();
         let mut fx = Effects::default();
         let mut rejected = None;
+        let mut routed = false;
         for queue in &targets {
-            if queue.enqueue(&envelope, now, &mut fx).is_err() {
-                rejected = Some(queue.name.clone());
+            match queue.enqueue(&envelope, now, &mut fx) {
+                Enqueued::Taken => routed = true,
+                Enqueued::Refused => rejected = Some(queue.name.clone()),
+                Enqueued::Gone => {}
             }
         }
         self.apply(fx);
         match rejected {
             Some(queue) => Err(EngineError::Rejected(queue.to_string())),
-            None => Ok(PublishOutcome { routed: true }),
+            None => Ok(PublishOutcome { routed }),
         }
     }
 
@@ -618,16 +693,14 @@ impl Broker {
             }
         };
         deaths.insert(0, entry);
-        let any_rejected = deaths.iter().any(|d| {
-            matches!(d, FieldValue::Table(t) if t.get("reason").and_then(FieldValue::as_str) == Some("rejected"))
-        });
-        let died_in: Vec<String> = deaths
+        // (queue, reason) of each death, most recent first, for the cycle check below.
+        let history: Vec<(String, bool)> = deaths
             .iter()
             .filter_map(|d| match d {
-                FieldValue::Table(t) => t
-                    .get("queue")
-                    .and_then(FieldValue::as_str)
-                    .map(str::to_owned),
+                FieldValue::Table(t) => Some((
+                    t.get("queue")?.as_str()?.to_owned(),
+                    t.get("reason").and_then(FieldValue::as_str) == Some("rejected"),
+                )),
                 _ => None,
             })
             .collect();
@@ -657,11 +730,7 @@ impl Broker {
             ex.route(&routing_key, &message.properties.headers, &mut targets);
             ex.name.clone()
         };
-        // Cycle: a message that already died in a queue does not go back to it, unless a
-        // client rejected it somewhere on the way (then the client is in the loop).
-        if !any_rejected {
-            targets.retain(|q| !died_in.iter().any(|d| **d == *q.name));
-        }
+        targets.retain(|q| !is_cycle(&history, &q.name));
         dedup(&mut targets);
         let charge = Charge::new(&self.held, message.body.len() as u64);
         let envelope = Arc::new(Envelope {

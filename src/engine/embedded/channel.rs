@@ -26,6 +26,18 @@ struct Unacked {
     queue: Arc<Queue>,
     consumer: Option<u64>,
     entry: Entry,
+    /// Taken out of the consumer's buffer (or returned by `get`): the client may have seen it,
+    /// so it comes back marked redelivered. One still buffered never left the gateway.
+    seen: bool,
+}
+
+impl Unacked {
+    /// The entry as it goes back to its queue.
+    fn returned(self) -> Entry {
+        let mut entry = self.entry;
+        entry.redelivered |= self.seen;
+        entry
+    }
 }
 
 struct ConsumerReg {
@@ -96,6 +108,7 @@ impl ConsumerSink {
                 queue: queue.clone(),
                 consumer: Some(consumer),
                 entry,
+                seen: false,
             },
         );
         if self
@@ -131,19 +144,29 @@ pub(super) struct Stream {
 
 impl DeliveryStream for Stream {
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
-        let polled = self.rx.poll_recv(cx);
-        if let Poll::Ready(Some(_)) = &polled
-            && self.no_ack
-        {
-            self.taken += 1;
-            if self.taken >= NO_ACK_WINDOW / 2 {
-                let mut fx = Effects::default();
-                self.queue.credit(self.consumer, self.taken, &mut fx);
-                self.channel.broker.apply(fx);
-                self.taken = 0;
+        loop {
+            let p = match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(p)) => p,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            };
+            if self.no_ack {
+                self.taken += 1;
+                if self.taken >= NO_ACK_WINDOW / 2 {
+                    let mut fx = Effects::default();
+                    self.queue.credit(self.consumer, self.taken, &mut fx);
+                    self.channel.broker.apply(fx);
+                    self.taken = 0;
+                }
+                return Poll::Ready(Some(p.delivery));
+            }
+            // From here on the client may see it. A record already gone was given back to the
+            // queue (the consumer was cancelled or the channel closed meanwhile): not ours.
+            if let Some(u) = self.channel.unacked.lock().get_mut(&p.delivery.delivery_tag) {
+                u.seen = true;
+                return Poll::Ready(Some(p.delivery));
             }
         }
-        polled.map(|p| p.map(|p| p.delivery))
     }
 
     fn cancel_reason(&self) -> Option<CancelReason> {
@@ -197,8 +220,17 @@ impl ChannelShared {
         }
     }
 
-    pub fn own_exclusive(&self, queue: Arc<Queue>) {
-        self.exclusive.lock().push(queue);
+    /// Takes an exclusive queue this channel declared. `Err` when the channel closed
+    /// meanwhile: the queue is deleted at once, or it would outlive its owner and lock its name.
+    pub fn own_exclusive(&self, queue: Arc<Queue>) -> Result<(), EngineError> {
+        let mut owned = self.exclusive.lock();
+        if self.is_closed() {
+            drop(owned);
+            self.broker.remove_queue(&queue);
+            return Err(EngineError::ChannelClosed);
+        }
+        owned.push(queue);
+        Ok(())
     }
 
     /// Registers a consumer on `queue` and returns its stream.
@@ -248,6 +280,14 @@ impl ChannelShared {
             self.consumers.lock().remove(&tag);
             return Err(e);
         }
+        if self.is_closed() {
+            // Closed while this consumer was being added: `close` may have missed it.
+            let mut fx = Effects::default();
+            queue.end_consumer(id, CancelReason::ChannelClosed, &mut fx);
+            self.broker.apply(fx);
+            self.consumers.lock().remove(&tag);
+            return Err(EngineError::ChannelClosed);
+        }
         Ok(Stream {
             rx,
             channel: self.clone(),
@@ -284,7 +324,7 @@ impl ChannelShared {
                 .collect();
             tags.iter()
                 .filter_map(|t| unacked.remove(t))
-                .map(|u| u.entry)
+                .map(Unacked::returned)
                 .collect()
         };
         if !entries.is_empty() {
@@ -297,12 +337,18 @@ impl ChannelShared {
     fn take_unacked(&self, tag: u64, multiple: bool) -> Result<Vec<Unacked>, EngineError> {
         let mut map = self.unacked.lock();
         let taken: Vec<Unacked> = if multiple {
-            // AMQP: multiple with tag 0 means "everything outstanding".
+            // AMQP: multiple with tag 0 means "everything outstanding" — outstanding with the
+            // client: deliveries still in a consumer's buffer have not reached it, whatever
+            // their tag, and stay.
             let rest = match tag.checked_add(1) {
                 Some(next) if tag != 0 => map.split_off(&next),
                 _ => BTreeMap::new(),
             };
-            std::mem::replace(&mut *map, rest).into_values().collect()
+            let upto = std::mem::replace(&mut *map, rest);
+            let (seen, unseen): (BTreeMap<u64, Unacked>, BTreeMap<u64, Unacked>) =
+                upto.into_iter().partition(|(_, u)| u.seen);
+            map.extend(unseen);
+            seen.into_values().collect()
         } else {
             map.remove(&tag).into_iter().collect()
         };
@@ -322,7 +368,11 @@ impl ChannelShared {
         multiple: bool,
         requeue: Option<bool>,
     ) -> Result<(), EngineError> {
-        let taken = self.take_unacked(tag, multiple)?;
+        let mut taken = self.take_unacked(tag, multiple)?;
+        // The client named them: it has seen them.
+        for u in &mut taken {
+            u.seen = true;
+        }
         let mut fx = Effects::default();
         for (queue, consumer, entries) in group(taken) {
             match requeue {
@@ -341,6 +391,16 @@ impl ChannelShared {
         let got = queue.get(no_ack, &mut fx);
         self.broker.apply(fx);
         let (entry, remaining) = got?;
+        let mut unacked = (!no_ack).then(|| self.unacked.lock());
+        if unacked.is_some() && self.is_closed() {
+            // The channel closed while the message was taken: `close` has already given back
+            // what it held, so this one goes back here (never seen: not redelivered).
+            drop(unacked);
+            let mut fx = Effects::default();
+            queue.requeue(None, vec![entry], true, &mut fx);
+            self.broker.apply(fx);
+            return None;
+        }
         let tag = self.next_tag();
         let delivery = Delivery {
             delivery_tag: tag,
@@ -352,13 +412,14 @@ impl ChannelShared {
                 .map(|at| at.saturating_duration_since(Instant::now())),
             message_count: Some(remaining),
         };
-        if !no_ack {
-            self.unacked.lock().insert(
+        if let Some(unacked) = &mut unacked {
+            unacked.insert(
                 tag,
                 Unacked {
                     queue: queue.clone(),
                     consumer: None,
                     entry,
+                    seen: true,
                 },
             );
         }
@@ -384,6 +445,8 @@ impl ChannelShared {
             queue.requeue(None, entries, true, &mut fx);
         }
         self.broker.apply(fx);
+        // After `closed` is set: a declaration racing this close finds it under this lock
+        // (see `own_exclusive`).
         let exclusive = std::mem::take(&mut *self.exclusive.lock());
         for queue in exclusive {
             self.broker.remove_queue(&queue);
@@ -399,8 +462,11 @@ fn group(records: Vec<Unacked>) -> Vec<(Arc<Queue>, Option<u64>, Vec<Entry>)> {
             .iter_mut()
             .find(|(q, c, _)| Arc::ptr_eq(q, &r.queue) && *c == r.consumer)
         {
-            Some((_, _, entries)) => entries.push(r.entry),
-            None => groups.push((r.queue, r.consumer, vec![r.entry])),
+            Some((_, _, entries)) => entries.push(r.returned()),
+            None => {
+                let (queue, consumer) = (r.queue.clone(), r.consumer);
+                groups.push((queue, consumer, vec![r.returned()]));
+            }
         }
     }
     groups

@@ -121,6 +121,17 @@ impl QueueArgs {
     }
 }
 
+/// What a queue did with a published message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Enqueued {
+    /// It holds it (or handed it to a consumer).
+    Taken,
+    /// `reject-publish`: full.
+    Refused,
+    /// Deleted meanwhile: the message did not reach it.
+    Gone,
+}
+
 /// One message in a queue. `seq` is its position in arrival order: requeued messages go back to
 /// their old place, so one consumer sees queue order except for redeliveries.
 #[derive(Debug, Clone)]
@@ -372,8 +383,25 @@ impl Queue {
         }
     }
 
+    /// The head changed (a message left it): if the new head has a deadline, the expiry task
+    /// must look at it now — it may be waiting for a notify only a publish would send, and
+    /// RabbitMQ expires a message once it is at the head.
+    fn head_changed(&self, st: &State) {
+        if st.ready.front().is_some_and(|e| e.expires_at.is_some()) {
+            self.expiry_wake.notify_one();
+        }
+    }
+
     /// Hands ready messages to consumers with credit, round-robin.
     fn dispatch(self: &Arc<Self>, st: &mut State, now: Instant, fx: &mut Effects) {
+        let before = st.ready.len();
+        self.dispatch_ready(st, now, fx);
+        if st.ready.len() != before {
+            self.head_changed(st);
+        }
+    }
+
+    fn dispatch_ready(self: &Arc<Self>, st: &mut State, now: Instant, fx: &mut Effects) {
         while !st.ready.is_empty() {
             let n = st.consumers.len();
             let Some(idx) = (0..n)
@@ -423,17 +451,18 @@ impl Queue {
         Some(now + ttl)
     }
 
-    /// Adds a published message. `Err` when the queue refuses it (`reject-publish`).
+    /// Adds a published message.
     pub fn enqueue(
         self: &Arc<Self>,
         envelope: &Arc<Envelope>,
         now: Instant,
         fx: &mut Effects,
-    ) -> Result<(), ()> {
+    ) -> Enqueued {
         let expires_at = self.expiry_of(envelope, now);
         let mut st = self.state.lock();
         if st.deleted {
-            return Ok(());
+            // Routed to before a concurrent delete took it away: the message is not here.
+            return Enqueued::Gone;
         }
         let size = envelope.message.body.len() as u64;
         if self.args.overflow != Overflow::DropHead {
@@ -455,7 +484,7 @@ impl Queue {
                     };
                     self.dead_letter(entry, DeadReason::Rejected, fx);
                 }
-                return Err(());
+                return Enqueued::Refused;
             }
         }
         let was_empty = st.ready.is_empty();
@@ -481,7 +510,7 @@ impl Queue {
                 fx.start_expiry.push(self.clone());
             }
         }
-        Ok(())
+        Enqueued::Taken
     }
 
     /// `drop-head`: the oldest messages make room (dead-lettered as `maxlen`).
@@ -505,6 +534,7 @@ impl Queue {
                 Some(entry) => self.dead_letter(entry, DeadReason::MaxLen, fx),
                 None => return,
             }
+            self.head_changed(st);
         }
     }
 
@@ -586,8 +616,9 @@ impl Queue {
         self.dispatch(&mut st, Instant::now(), fx);
     }
 
-    /// Puts deliveries back at their old places, marked redelivered. `unacked` says whether
-    /// they were counted as unacknowledged (no-ack deliveries still buffered were not).
+    /// Puts deliveries back at their old places, each marked as the caller decided (redelivered
+    /// only if the client may have seen it). `unacked` says whether they were counted as
+    /// unacknowledged (no-ack deliveries still buffered were not).
     pub fn requeue(
         self: &Arc<Self>,
         consumer: Option<u64>,
@@ -606,8 +637,7 @@ impl Queue {
         if st.deleted {
             return;
         }
-        for mut entry in entries {
-            entry.redelivered = true;
+        for entry in entries {
             self.insert_ready(&mut st, entry);
         }
         self.expiry_wake.notify_one();
@@ -622,6 +652,7 @@ impl Queue {
         st.last_used = now;
         self.expire_head(&mut st, now, false, fx);
         let entry = self.pop_ready(&mut st)?;
+        self.head_changed(&st);
         if !no_ack {
             st.unacked += 1;
         }

@@ -33,8 +33,9 @@ const PROTOCOL: &str = "ws";
 const DEFAULT_PREFETCH: u32 = 10;
 /// How long a durable subscribe keeps trying to take the consumer over from its holder.
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(5);
-/// Records a durable subscription's definition in its queue's arguments, so a resume with
-/// other values fails the engine's redeclare check (`precondition_failed`).
+/// Records a durable subscription's definition in its queue's arguments; a resume compares it
+/// (`precondition_failed` when it differs). Engines compare only the arguments they know on
+/// redeclare, as RabbitMQ does, so the adapter checks this one itself.
 const DURABLE_DEFINITION: &str = "x-gateway-ws-subscription";
 
 /// What a request did to the connection.
@@ -544,8 +545,9 @@ impl Session {
         definition.insert("exchange".into(), FieldValue::Str(exchange.into()));
         definition.insert("binding_key".into(), FieldValue::Str(key.into()));
         definition.insert("arguments".into(), FieldValue::Table(arguments.clone()));
+        let definition = FieldValue::Table(definition);
         let mut args = FieldTable::new();
-        args.insert(DURABLE_DEFINITION.into(), FieldValue::Table(definition));
+        args.insert(DURABLE_DEFINITION.into(), definition.clone());
         let expiry_ms = self
             .ctx
             .config
@@ -560,16 +562,25 @@ impl Session {
             auto_delete: false,
             arguments: args,
         };
+        let other = || {
+            Refusal::new(
+                Code::PreconditionFailed,
+                format!(
+                    "durable subscription '{name}' exists with another exchange, binding key or arguments"
+                ),
+            )
+        };
         match self.channel.declare_queue(&queue, &spec).await {
-            Ok(_) => {}
-            Err(EngineError::PreconditionFailed(_)) => {
-                return Err(Refusal::new(
-                    Code::PreconditionFailed,
-                    format!(
-                        "durable subscription '{name}' exists with another exchange, binding key or arguments"
-                    ),
-                ));
+            Ok(d) if d.declared == crate::engine::Declared::Created => {}
+            // Redeclare equivalence compares only the arguments a broker knows (as RabbitMQ),
+            // so the definition is compared here.
+            Ok(_) => {
+                let info = self.channel.queue_info(&queue).await?;
+                if info.spec.arguments.get(DURABLE_DEFINITION) != Some(&definition) {
+                    return Err(other());
+                }
             }
+            Err(EngineError::PreconditionFailed(_)) => return Err(other()),
             Err(e) => return Err(e.into()),
         }
         self.channel
