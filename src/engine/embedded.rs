@@ -73,10 +73,10 @@ impl Engine for EmbeddedEngine {
             return Err(EngineError::Unavailable("engine is shutting down".into()));
         }
         let id = self.broker.next_id();
+        let shared = Arc::new(ChannelShared::new(id, self.broker.clone()));
+        self.broker.register_channel(&shared)?;
         tracing::trace!(channel = id, client = label, "channel opened");
-        Ok(Arc::new(EmbeddedChannel {
-            shared: Arc::new(ChannelShared::new(id, self.broker.clone())),
-        }))
+        Ok(Arc::new(EmbeddedChannel { shared }))
     }
 
     fn health(&self) -> Health {
@@ -102,8 +102,10 @@ impl Engine for EmbeddedEngine {
         self.broker.held_bytes() >= self.watermark
     }
 
+    /// Closes every open channel and stops the expiry tasks; new channels are refused.
     async fn shutdown(&self) {
         self.shut.store(true, Ordering::Release);
+        self.broker.shutdown();
     }
 }
 

@@ -6,12 +6,16 @@
 //! publishes. Control path: declares, deletes and binds are serialised by `topology`, a lock the
 //! data path never takes.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use super::channel::ChannelShared;
 
 use super::exchange::{Exchange, Targets};
 use super::queue::{DeadLetter, Effects, Enqueued, Gauges, Queue, QueueArgs, death_entry};
@@ -38,6 +42,10 @@ pub(super) struct Broker {
     next_id: AtomicU64,
     default_exchange: Arc<str>,
     me: Weak<Broker>,
+    /// Open channels, so a shutdown can close them.
+    channels: Mutex<HashMap<u64, Weak<ChannelShared>>>,
+    /// Cancelled at shutdown: the expiry tasks stop.
+    stop: CancellationToken,
 }
 
 /// A redeclare must match the existing object; the first field that differs is named as
@@ -136,6 +144,8 @@ impl Broker {
             next_id: AtomicU64::new(1),
             default_exchange: Arc::from(""),
             me: me.clone(),
+            channels: Mutex::new(HashMap::new()),
+            stop: CancellationToken::new(),
         });
         for (name, kind) in [
             ("amq.direct", ExchangeKind::Direct),
@@ -155,6 +165,33 @@ impl Broker {
 
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Refused once the broker is shutting down.
+    pub fn register_channel(&self, channel: &Arc<ChannelShared>) -> Result<(), EngineError> {
+        let mut channels = self.channels.lock();
+        if self.stop.is_cancelled() {
+            return Err(EngineError::Unavailable("engine is shutting down".into()));
+        }
+        channels.insert(channel.id, Arc::downgrade(channel));
+        Ok(())
+    }
+
+    pub fn unregister_channel(&self, id: u64) {
+        self.channels.lock().remove(&id);
+    }
+
+    /// Closes every open channel (consumers end, unacked deliveries return, exclusive queues
+    /// go) and stops the expiry tasks. Queues and their messages stay.
+    pub fn shutdown(&self) {
+        let channels: Vec<Weak<ChannelShared>> = {
+            let mut channels = self.channels.lock();
+            self.stop.cancel();
+            channels.drain().map(|(_, c)| c).collect()
+        };
+        for channel in channels.iter().filter_map(Weak::upgrade) {
+            channel.close();
+        }
     }
 
     pub fn held_bytes(&self) -> u64 {
@@ -751,6 +788,7 @@ impl Broker {
         };
         let broker = self.me.clone();
         let queue = Arc::downgrade(queue);
+        let stop = self.stop.clone();
         rt.spawn(async move {
             loop {
                 let Some(q) = queue.upgrade() else { return };
@@ -765,14 +803,11 @@ impl Broker {
                     Some(b) => b.apply(fx),
                     None => return,
                 }
-                match next {
-                    Some(at) => {
-                        tokio::select! {
-                            _ = tokio::time::sleep_until(at.into()) => {}
-                            _ = &mut notified => {}
-                        }
-                    }
-                    None => notified.await,
+                let at = next.map_or_else(far_future, tokio::time::Instant::from_std);
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = &mut notified => {}
                 }
             }
         });
@@ -806,6 +841,7 @@ impl Broker {
         };
         let broker = self.me.clone();
         let queue = Arc::downgrade(queue);
+        let stop = self.stop.clone();
         rt.spawn(async move {
             loop {
                 let (wake, changed) = {
@@ -836,12 +872,18 @@ impl Broker {
                     (wake, changed)
                 };
                 tokio::select! {
+                    _ = stop.cancelled() => return,
                     _ = tokio::time::sleep_until(wake.into()) => {}
                     _ = changed => {}
                 }
             }
         });
     }
+}
+
+/// A deadline that never comes (a year is as good as never for a timer).
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600)
 }
 
 fn dedup(targets: &mut Targets) {

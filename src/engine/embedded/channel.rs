@@ -431,6 +431,7 @@ impl ChannelShared {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
+        self.broker.unregister_channel(self.id);
         let mut fx = Effects::default();
         let consumers: Vec<ConsumerReg> =
             self.consumers.lock().drain().map(|(_, reg)| reg).collect();
