@@ -168,3 +168,37 @@ async fn concurrent_publishers_on_many_exchanges_lose_nothing() {
     assert!(last.iter().all(|l| *l == Some(EACH - 1)));
     assert_eq!(engine.stats().queued_messages, 0);
 }
+
+/// Shutdown stops the engine's own tasks (queue expiry, message expiry), not only its
+/// channels: afterwards the runtime holds none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_the_expiry_tasks() {
+    use amqp_gateway::engine::FieldValue;
+    let alive = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let before = alive();
+    let engine = engine();
+    let ch = engine.open_channel("t").await.unwrap();
+    let mut arguments = FieldTable::new();
+    arguments.insert("x-expires".into(), FieldValue::I64(3_600_000));
+    arguments.insert("x-message-ttl".into(), FieldValue::I64(3_600_000));
+    let q = unique("tasks");
+    ch.declare_queue(
+        &q,
+        &QueueSpec {
+            arguments,
+            ..QueueSpec::default()
+        },
+    )
+    .await
+    .unwrap();
+    ch.publish("", &q, Message::new("x"), PublishOptions::default())
+        .await
+        .unwrap();
+    common::eventually("both expiry tasks run", || async { alive() >= before + 2 }).await;
+    engine.shutdown().await;
+    common::eventually("the expiry tasks ended", || async { alive() <= before }).await;
+}

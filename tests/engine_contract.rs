@@ -18,6 +18,10 @@ use amqp_gateway::engine::{
 use bytes::Bytes;
 use common::{eventually, next, nothing_within, text, unique};
 
+#[path = "engine_contract/semantics.rs"]
+mod semantics;
+use semantics::*;
+
 const QUIET: Duration = Duration::from_millis(150);
 
 // ---------- helpers ----------
@@ -1215,4 +1219,11 @@ contract!(embedded:
     publishes_keep_channel_order,
     properties_round_trip,
     oversized_messages_are_refused,
+    a_message_ttl_expires_once_at_the_head,
+    redeclare_equivalence_compares_values,
+    an_expiry_cycle_after_a_rejection_is_cut,
+    operations_racing_a_close_leave_nothing_behind,
+    a_publish_racing_a_delete_is_routed_only_if_it_arrived,
+    only_deliveries_a_client_took_come_back_redelivered,
+    shutdown_closes_channels,
 );

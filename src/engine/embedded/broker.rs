@@ -94,7 +94,8 @@ fn equivalent_arguments(
             _ => false,
         };
         if !same {
-            let show = |v: Option<&FieldValue>| v.map_or("none".to_owned(), |v| v.to_json().to_string());
+            let show =
+                |v: Option<&FieldValue>| v.map_or("none".to_owned(), |v| v.to_json().to_string());
             return Err(EngineError::PreconditionFailed(format!(
                 "inequivalent arg '{key}' for {what} '{name}': received {} but current is {}",
                 show(asked.get(*key)),

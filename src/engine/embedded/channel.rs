@@ -162,7 +162,12 @@ impl DeliveryStream for Stream {
             }
             // From here on the client may see it. A record already gone was given back to the
             // queue (the consumer was cancelled or the channel closed meanwhile): not ours.
-            if let Some(u) = self.channel.unacked.lock().get_mut(&p.delivery.delivery_tag) {
+            if let Some(u) = self
+                .channel
+                .unacked
+                .lock()
+                .get_mut(&p.delivery.delivery_tag)
+            {
                 u.seen = true;
                 return Poll::Ready(Some(p.delivery));
             }
@@ -281,11 +286,13 @@ impl ChannelShared {
             return Err(e);
         }
         if self.is_closed() {
-            // Closed while this consumer was being added: `close` may have missed it.
+            // Closed while this consumer was being added: `close` may have missed it and what
+            // it was already given.
+            self.consumers.lock().remove(&tag);
             let mut fx = Effects::default();
             queue.end_consumer(id, CancelReason::ChannelClosed, &mut fx);
+            self.give_back(&queue, id, &mut fx);
             self.broker.apply(fx);
-            self.consumers.lock().remove(&tag);
             return Err(EngineError::ChannelClosed);
         }
         Ok(Stream {
@@ -315,11 +322,18 @@ impl ChannelShared {
         };
         let mut fx = Effects::default();
         reg.queue.remove_consumer(reg.id, &mut fx);
+        self.give_back(&reg.queue, reg.id, &mut fx);
+        self.broker.apply(fx);
+        true
+    }
+
+    /// Returns a removed consumer's unacked deliveries to its queue.
+    fn give_back(&self, queue: &Arc<Queue>, consumer: u64, fx: &mut Effects) {
         let entries: Vec<Entry> = {
             let mut unacked = self.unacked.lock();
             let tags: Vec<u64> = unacked
                 .iter()
-                .filter(|(_, u)| u.consumer == Some(reg.id))
+                .filter(|(_, u)| u.consumer == Some(consumer))
                 .map(|(t, _)| *t)
                 .collect();
             tags.iter()
@@ -328,10 +342,8 @@ impl ChannelShared {
                 .collect()
         };
         if !entries.is_empty() {
-            reg.queue.requeue(None, entries, true, &mut fx);
+            queue.requeue(None, entries, true, fx);
         }
-        self.broker.apply(fx);
-        true
     }
 
     fn take_unacked(&self, tag: u64, multiple: bool) -> Result<Vec<Unacked>, EngineError> {

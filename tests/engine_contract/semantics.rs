@@ -1,0 +1,298 @@
+//! Queue semantics RabbitMQ users rely on (DESIGN.md §2): per-message TTL at the head,
+//! redeclare equivalence by value, dead-letter cycles, races between a client's operations and
+//! a channel close or a queue delete, which deliveries are marked redelivered, and shutdown.
+//! Races are run many times over: each round is cheap, and a round that loses a message or a
+//! count fails the case.
+
+use super::*;
+
+/// A message with an `expiration` behind one without reaches the head when that one is taken,
+/// and is dead-lettered then — without waiting for another publish to wake the queue.
+pub async fn a_message_ttl_expires_once_at_the_head(engine: Arc<dyn Engine>) {
+    let ch = channel(&engine).await;
+    let dlq = declare_queue(&ch, "head-dlq").await;
+    let q = declare_queue_with(
+        &ch,
+        "head",
+        args(&[
+            ("x-dead-letter-exchange", FieldValue::Str(String::new())),
+            ("x-dead-letter-routing-key", FieldValue::Str(dlq.clone())),
+        ]),
+    )
+    .await;
+    let mut dead = ch.consume(&dlq, ConsumeOptions::manual(10)).await.unwrap();
+    // A first message with a far deadline starts the queue's expiry task; taken, it leaves the
+    // task waiting for its next wake-up.
+    let mut m = Message::new("zeroth");
+    m.properties.expiration = Some("60000".into());
+    ch.publish("", &q, m, PublishOptions::default())
+        .await
+        .unwrap();
+    // The task is spawned: let it run its first round (time for it, not an event to await).
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(ch.get(&q, true).await.unwrap().is_some());
+    publish(&ch, "", &q, "first").await;
+    let mut m = Message::new("second");
+    m.properties.expiration = Some("100".into());
+    ch.publish("", &q, m, PublishOptions::default())
+        .await
+        .unwrap();
+    let first = ch.get(&q, true).await.unwrap().expect("first");
+    assert_eq!(text(&first), "first");
+    assert_eq!(text(&next(&mut dead).await), "second");
+    assert_eq!(ready(&ch, &q).await, 0);
+}
+
+/// Redeclare equivalence compares the arguments a broker knows by value and type class: an
+/// integer at another width is the same argument, a string of the same digits is not; an
+/// argument the broker does not know is not compared.
+pub async fn redeclare_equivalence_compares_values(engine: Arc<dyn Engine>) {
+    let ch = channel(&engine).await;
+    let q = unique("equiv");
+    let with = |v: FieldValue| {
+        queue_spec(args(&[
+            ("x-max-length", v),
+            ("x-message-ttl", FieldValue::I64(60_000)),
+        ]))
+    };
+    assert_eq!(
+        ch.declare_queue(&q, &with(FieldValue::I64(5)))
+            .await
+            .unwrap()
+            .declared,
+        Declared::Created
+    );
+    for same in [FieldValue::I32(5), FieldValue::I16(5), FieldValue::U8(5)] {
+        let again = ch.declare_queue(&q, &with(same.clone())).await;
+        assert_eq!(again.map(|d| d.declared), Ok(Declared::Existed), "{same:?}");
+    }
+    for other in [FieldValue::I32(6), FieldValue::Str("5".into())] {
+        let e = ch
+            .declare_queue(&q, &with(other.clone()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.reply_code(), 406, "{other:?}: {e:?}");
+    }
+    let mut unknown = with(FieldValue::I32(5));
+    unknown
+        .arguments
+        .insert("x-app-label".into(), FieldValue::Str("anything".into()));
+    assert_eq!(
+        ch.declare_queue(&q, &unknown).await.map(|d| d.declared),
+        Ok(Declared::Existed),
+        "arguments the broker does not know are not compared"
+    );
+
+    let ex = unique("equiv-ex");
+    let mut spec = ExchangeSpec::new(ExchangeKind::Topic);
+    spec.durable = false;
+    spec.arguments = args(&[("alternate-exchange", FieldValue::Str("ae-1".into()))]);
+    ch.declare_exchange(&ex, &spec).await.unwrap();
+    let mut other = spec.clone();
+    other.arguments = args(&[("alternate-exchange", FieldValue::Str("ae-2".into()))]);
+    let e = ch.declare_exchange(&ex, &other).await.unwrap_err();
+    assert_eq!(e.reply_code(), 406, "{e:?}");
+}
+
+/// After a rejection, a message that loops between two queues on expiry alone is dropped
+/// once the expiry cycle closes: only deaths since the target queue last appeared count.
+pub async fn an_expiry_cycle_after_a_rejection_is_cut(engine: Arc<dyn Engine>) {
+    let ch = channel(&engine).await;
+    let a = unique("cycle-a");
+    let b = unique("cycle-b");
+    let dead_letter_to = |queue: &str, ttl: i64| {
+        queue_spec(args(&[
+            ("x-message-ttl", FieldValue::I64(ttl)),
+            ("x-dead-letter-exchange", FieldValue::Str(String::new())),
+            (
+                "x-dead-letter-routing-key",
+                FieldValue::Str(queue.to_owned()),
+            ),
+        ]))
+    };
+    ch.declare_queue(&a, &dead_letter_to(&b, 20)).await.unwrap();
+    ch.declare_queue(&b, &dead_letter_to(&a, 200))
+        .await
+        .unwrap();
+    let mut c = ch.consume(&a, ConsumeOptions::manual(1)).await.unwrap();
+    publish(&ch, "", &a, "looping").await;
+    let d = next(&mut c).await;
+    // Rejected in a → b; b's TTL (200 ms) → a; a's TTL (20 ms) → b would close a cycle of
+    // expiries alone, so it is dropped there, about 220 ms from now.
+    ch.nack(d.delivery_tag, false, false).await.unwrap();
+    ch.cancel(c.tag()).await.unwrap();
+    drop(c);
+    // TTLs are time: waited for, well past the cut, then it must stay gone.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for _ in 0..5 {
+        let both = ready(&ch, &a).await + ready(&ch, &b).await;
+        assert_eq!(both, 0, "the message keeps looping between the two queues");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `get` (and consume, and an exclusive declare) racing a channel close: whatever the order,
+/// nothing stays taken by the closed channel — the message is back, unacknowledged by nobody;
+/// no consumer stays; the exclusive queue is gone.
+pub async fn operations_racing_a_close_leave_nothing_behind(engine: Arc<dyn Engine>) {
+    let admin = channel(&engine).await;
+    let q = declare_queue(&admin, "race-get").await;
+    publish(&admin, "", &q, "m").await;
+    for round in 0..300 {
+        let ch = channel(&engine).await;
+        let (get_ch, close_ch) = (ch.clone(), ch.clone());
+        let q2 = q.clone();
+        let get = tokio::spawn(async move { get_ch.get(&q2, false).await });
+        let close = tokio::spawn(async move { close_ch.close().await });
+        let _ = get.await.unwrap();
+        close.await.unwrap();
+        drop(ch);
+        let info = admin.queue_info(&q).await.unwrap();
+        assert_eq!(
+            (info.messages, info.messages_unacknowledged),
+            (1, 0),
+            "round {round}: the message is back and nobody holds it"
+        );
+    }
+    for round in 0..300 {
+        let ch = channel(&engine).await;
+        let (use_ch, close_ch) = (ch.clone(), ch.clone());
+        let q2 = q.clone();
+        let consume = tokio::spawn(async move {
+            use_ch
+                .consume(&q2, ConsumeOptions::manual(1))
+                .await
+                .map(drop)
+        });
+        let close = tokio::spawn(async move { close_ch.close().await });
+        let _ = consume.await.unwrap();
+        close.await.unwrap();
+        drop(ch);
+        let info = admin.queue_info(&q).await.unwrap();
+        assert_eq!(
+            (info.consumers, info.messages),
+            (0, 1),
+            "round {round}: no consumer stays"
+        );
+    }
+    for round in 0..300 {
+        let ch = channel(&engine).await;
+        let (use_ch, close_ch) = (ch.clone(), ch.clone());
+        let name = unique("race-excl");
+        let n2 = name.clone();
+        let declare = tokio::spawn(async move {
+            let mut spec = queue_spec(FieldTable::new());
+            spec.exclusive = true;
+            use_ch.declare_queue(&n2, &spec).await.map(drop)
+        });
+        let close = tokio::spawn(async move { close_ch.close().await });
+        let _ = declare.await.unwrap();
+        close.await.unwrap();
+        drop(ch);
+        eventually(
+            &format!("round {round}: the exclusive queue is gone"),
+            || async {
+                matches!(
+                    admin.queue_info(&name).await,
+                    Err(EngineError::NotFound { .. })
+                )
+            },
+        )
+        .await;
+    }
+}
+
+/// A publish racing the delete of its only queue: a publish answered `routed` reached the
+/// queue (the delete counts it among the messages it dropped); none is lost in between.
+pub async fn a_publish_racing_a_delete_is_routed_only_if_it_arrived(engine: Arc<dyn Engine>) {
+    let ch = channel(&engine).await;
+    let ex = declare_exchange(&ch, "race-del", ExchangeKind::Fanout).await;
+    for round in 0..100 {
+        let q = declare_queue(&ch, "race-del").await;
+        bind(&ch, &q, &ex, "").await;
+        let mut publishers = Vec::new();
+        for _ in 0..2 {
+            let publisher = channel(&engine).await;
+            let ex = ex.clone();
+            publishers.push(tokio::spawn(async move {
+                let mut routed = 0u64;
+                for _ in 0..200 {
+                    if publish(&publisher, &ex, "", "m").await {
+                        routed += 1;
+                    }
+                }
+                routed
+            }));
+        }
+        // Somewhere in the middle of the publishes.
+        while ready(&ch, &q).await < 50 {
+            tokio::task::yield_now().await;
+        }
+        let dropped = ch
+            .delete_queue(&q, DeleteQueueOptions::default())
+            .await
+            .unwrap();
+        let mut routed = 0;
+        for p in publishers {
+            routed += p.await.unwrap();
+        }
+        assert_eq!(
+            routed, dropped,
+            "round {round}: every publish answered routed was in the queue when it went"
+        );
+    }
+}
+
+/// Deliveries still in a consumer's buffer never reached the client: when the consumer goes
+/// they come back unmarked; only what the client took is marked redelivered.
+pub async fn only_deliveries_a_client_took_come_back_redelivered(engine: Arc<dyn Engine>) {
+    let ch = channel(&engine).await;
+    let q = declare_queue(&ch, "seen").await;
+    for i in 1..=5 {
+        publish(&ch, "", &q, &format!("m{i}")).await;
+    }
+    let mut c = ch.consume(&q, ConsumeOptions::manual(5)).await.unwrap();
+    assert_eq!(text(&next(&mut c).await), "m1");
+    eventually("all five are out for delivery", || async {
+        ch.queue_info(&q).await.unwrap().messages_unacknowledged == 5
+    })
+    .await;
+    drop(c);
+    eventually("all five are back", || async { ready(&ch, &q).await == 5 }).await;
+    let mut back = Vec::new();
+    while let Some(d) = ch.get(&q, true).await.unwrap() {
+        back.push((text(&d), d.redelivered));
+    }
+    assert_eq!(
+        back,
+        [
+            ("m1".to_owned(), true),
+            ("m2".to_owned(), false),
+            ("m3".to_owned(), false),
+            ("m4".to_owned(), false),
+            ("m5".to_owned(), false),
+        ]
+    );
+}
+
+/// Shutdown closes open channels: their consumers end, their operations fail, their unacked
+/// deliveries return; no new channel opens.
+pub async fn shutdown_closes_channels(engine: Arc<dyn Engine>) {
+    let ch = channel(&engine).await;
+    let q = declare_queue(&ch, "shut").await;
+    let mut c = ch.consume(&q, ConsumeOptions::manual(1)).await.unwrap();
+    publish(&ch, "", &q, "in flight").await;
+    let _ = next(&mut c).await;
+    engine.shutdown().await;
+    let ended =
+        tokio::time::timeout(common::WAIT, async { while c.recv().await.is_some() {} }).await;
+    assert!(ended.is_ok(), "the consumer ended");
+    assert_eq!(
+        ch.queue_info(&q).await.err(),
+        Some(EngineError::ChannelClosed)
+    );
+    assert!(matches!(
+        engine.open_channel("late").await.err(),
+        Some(EngineError::Unavailable(_))
+    ));
+}
