@@ -337,10 +337,30 @@ pub struct EngineStats {
     pub exchanges: u64,
 }
 
+/// What an engine can do where engines differ (DESIGN.md §1). Adapters ask this, never
+/// [`Engine::kind`], so a third engine needs no adapter change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// The highest MQTT QoS served end to end: 2 needs exactly-once state kept with the
+    /// session and settled with the engine on PUBREC (embedded); upstream serves 1.
+    pub max_mqtt_qos: u8,
+    /// `list_exchanges`, `list_queues` and `list_bindings` answer (upstream: only with the
+    /// management API).
+    pub listing: bool,
+    /// Deliveries carry the time left before their per-message expiry
+    /// ([`Delivery::expires_in`]), so MQTT 5 can count the Message Expiry Interval down.
+    pub expiry_countdown: bool,
+    /// [`Channel::set_queue_expiry`] works.
+    pub queue_expiry_update: bool,
+}
+
 /// An AMQP engine. One instance serves the whole gateway.
 #[async_trait]
 pub trait Engine: Send + Sync + 'static {
+    /// For logs and `/readyz`; adapters ask [`Engine::capabilities`] instead.
     fn kind(&self) -> EngineKind;
+
+    fn capabilities(&self) -> Capabilities;
 
     /// One channel per client connection: it owns the connection's exclusive queues, its
     /// consumers, its delivery tags and the order of its publishes. `label` names the client in

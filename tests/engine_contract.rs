@@ -1226,4 +1226,5 @@ contract!(embedded:
     a_publish_racing_a_delete_is_routed_only_if_it_arrived,
     only_deliveries_a_client_took_come_back_redelivered,
     shutdown_closes_channels,
+    capabilities_hold,
 );

@@ -20,9 +20,10 @@ use self::broker::Broker;
 use self::channel::{ChannelShared, NO_ACK_WINDOW};
 use crate::engine::names::{self, CONSUMER_TAG_PREFIX};
 use crate::engine::{
-    AckMode, BindingInfo, Channel, ConsumeOptions, Consumer, Declared, DeleteQueueOptions,
-    Delivery, Engine, EngineError, EngineKind, EngineStats, ExchangeInfo, ExchangeSpec, FieldTable,
-    Health, Message, PublishConfirm, PublishOptions, QueueDeclared, QueueInfo, QueueSpec,
+    AckMode, BindingInfo, Capabilities, Channel, ConsumeOptions, Consumer, Declared,
+    DeleteQueueOptions, Delivery, Engine, EngineError, EngineKind, EngineStats, ExchangeInfo,
+    ExchangeSpec, FieldTable, Health, Message, PublishConfirm, PublishOptions, QueueDeclared,
+    QueueInfo, QueueSpec,
 };
 
 /// What the embedded engine is built with.
@@ -66,6 +67,15 @@ impl EmbeddedEngine {
 impl Engine for EmbeddedEngine {
     fn kind(&self) -> EngineKind {
         EngineKind::Embedded
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            max_mqtt_qos: 2,
+            listing: true,
+            expiry_countdown: true,
+            queue_expiry_update: true,
+        }
     }
 
     async fn open_channel(&self, label: &str) -> Result<Arc<dyn Channel>, EngineError> {

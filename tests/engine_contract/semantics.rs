@@ -296,3 +296,46 @@ pub async fn shutdown_closes_channels(engine: Arc<dyn Engine>) {
         Some(EngineError::Unavailable(_))
     ));
 }
+
+/// Capabilities are what adapters branch on; each one an engine claims holds.
+pub async fn capabilities_hold(engine: Arc<dyn Engine>) {
+    let caps = engine.capabilities();
+    assert!((1..=2).contains(&caps.max_mqtt_qos), "{caps:?}");
+    let ch = channel(&engine).await;
+    let q = declare_queue_with(
+        &ch,
+        "caps",
+        args(&[("x-expires", FieldValue::I64(600_000))]),
+    )
+    .await;
+    let listed = ch.list_queues(None, 1000).await;
+    assert_eq!(listed.is_ok(), caps.listing, "listing: {listed:?}");
+    let mut m = Message::new("x");
+    m.properties.expiration = Some("60000".into());
+    ch.publish("", &q, m, PublishOptions::default())
+        .await
+        .unwrap();
+    let d = ch.get(&q, true).await.unwrap().expect("the message");
+    assert_eq!(
+        d.expires_in.is_some(),
+        caps.expiry_countdown,
+        "{:?}",
+        d.expires_in
+    );
+    let updated = ch
+        .set_queue_expiry(&q, Some(Duration::from_secs(1200)))
+        .await;
+    assert_eq!(updated.is_ok(), caps.queue_expiry_update, "{updated:?}");
+    if caps.queue_expiry_update {
+        let info = ch.queue_info(&q).await.unwrap();
+        assert!(
+            info.spec
+                .arguments
+                .get("x-expires")
+                .and_then(FieldValue::as_i128)
+                == Some(1_200_000),
+            "{:?}",
+            info.spec.arguments
+        );
+    }
+}

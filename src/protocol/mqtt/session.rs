@@ -123,7 +123,7 @@ pub struct Session {
     inflight: HashMap<u16, Inflight>,
     /// Inbound QoS 2 packet ids published and awaiting PUBREL: a resend is not published again.
     inbound_qos2: HashSet<u16>,
-    /// 2 on the embedded engine; 1 upstream (DESIGN.md §3).
+    /// The engine's `max_mqtt_qos` capability (DESIGN.md §3).
     max_qos: u8,
     retained: Arc<Retained>,
     next_packet_id: u16,
@@ -313,7 +313,7 @@ impl Session {
         } else {
             Duration::from_secs(granted.min(max.as_secs()))
         };
-        let ctx_is_embedded = ctx.engine.kind() == crate::engine::EngineKind::Embedded;
+        let capabilities = ctx.engine.capabilities();
         // Server Keep Alive ([MQTT-3.2.2-21]): a v5 client asking for more than the cap, or for
         // none while there is one, is told the cap and held to it. 3.1.1 cannot be told.
         let cap = u16::try_from(ctx.config.mqtt.max_keep_alive.as_secs()).unwrap_or(u16::MAX);
@@ -342,7 +342,7 @@ impl Session {
             consumers: StreamMap::new(),
             inflight: HashMap::new(),
             inbound_qos2: HashSet::new(),
-            max_qos: if ctx_is_embedded { 2 } else { 1 },
+            max_qos: capabilities.max_mqtt_qos.min(2),
             retained,
             next_packet_id: 1,
             inflight_max,
