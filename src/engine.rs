@@ -19,6 +19,7 @@ pub mod embedded;
 mod error;
 mod message;
 pub mod names;
+pub mod retained;
 pub mod table;
 
 use std::future::Future;
@@ -361,6 +362,9 @@ pub trait Engine: Send + Sync + 'static {
     fn kind(&self) -> EngineKind;
 
     fn capabilities(&self) -> Capabilities;
+
+    /// The retained messages every instance shares (MQTT retain; DESIGN.md §3).
+    fn retained(&self) -> Arc<dyn retained::RetainedStore>;
 
     /// One channel per client connection: it owns the connection's exclusive queues, its
     /// consumers, its delivery tags and the order of its publishes. `label` names the client in

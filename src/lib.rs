@@ -110,6 +110,11 @@ async fn build_engine(config: &Config) -> Result<Arc<dyn Engine>, StartError> {
             Ok(Arc::new(EmbeddedEngine::new(EmbeddedOptions {
                 max_message_bytes: config.limits.max_message_bytes.as_u64() as usize,
                 memory_high_watermark: watermark,
+                retained_bytes: config
+                    .mqtt
+                    .retained_stream_bytes
+                    .as_u64()
+                    .min(usize::MAX as u64) as usize,
                 ..EmbeddedOptions::default()
             })))
         }
@@ -164,11 +169,10 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
     let metrics_listener = server::bind("metrics", config.metrics.listen).await?;
     let metrics_addr = local_addr("metrics", &metrics_listener, config.metrics.listen)?;
 
-    let mqtt_adapter = protocol::mqtt::Mqtt::new(&ctx);
     let app = server::health_routes(ctx.clone())
         .merge(protocol::rest::router(ctx.clone()))
         .merge(protocol::ws::router(ctx.clone()))
-        .merge(mqtt_adapter.router(ctx.clone()))
+        .merge(protocol::mqtt::router(ctx.clone()))
         .merge(web::router());
     let mut tasks = vec![
         server::serve_http(
@@ -186,7 +190,7 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
             config.shutdown_timeout,
         ),
     ];
-    tasks.push(protocol::mqtt::serve_tcp(mqtt, ctx.clone(), mqtt_adapter));
+    tasks.push(protocol::mqtt::serve_tcp(mqtt, ctx.clone()));
     tasks.extend(auth::jwt::spawn_refresh(
         auth.verifier(),
         config.auth.jwks_refresh,

@@ -1227,4 +1227,5 @@ contract!(embedded:
     only_deliveries_a_client_took_come_back_redelivered,
     shutdown_closes_channels,
     capabilities_hold,
+    retained_messages_are_kept_whole,
 );

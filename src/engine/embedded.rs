@@ -8,6 +8,7 @@ mod channel;
 mod exchange;
 pub mod memory;
 mod queue;
+mod retained;
 pub mod store;
 mod topic;
 
@@ -34,6 +35,8 @@ pub struct EmbeddedOptions {
     pub store: Arc<dyn store::Store>,
     /// Above this many body bytes held, [`Engine::publish_blocked`] says so; `None`: never.
     pub memory_high_watermark: Option<u64>,
+    /// Bytes the retained messages may take (`mqtt.retained_stream_bytes`).
+    pub retained_bytes: usize,
 }
 
 impl Default for EmbeddedOptions {
@@ -42,12 +45,14 @@ impl Default for EmbeddedOptions {
             max_message_bytes: 1024 * 1024,
             store: Arc::new(store::MemoryStore),
             memory_high_watermark: None,
+            retained_bytes: 1 << 30,
         }
     }
 }
 
 pub struct EmbeddedEngine {
     broker: Arc<Broker>,
+    retained: Arc<retained::Retained>,
     shut: AtomicBool,
     watermark: u64,
 }
@@ -57,6 +62,7 @@ impl EmbeddedEngine {
     pub fn new(options: EmbeddedOptions) -> Self {
         EmbeddedEngine {
             broker: Broker::new(options.store, options.max_message_bytes),
+            retained: Arc::new(retained::Retained::new(options.retained_bytes)),
             shut: AtomicBool::new(false),
             watermark: options.memory_high_watermark.unwrap_or(u64::MAX),
         }
@@ -67,6 +73,10 @@ impl EmbeddedEngine {
 impl Engine for EmbeddedEngine {
     fn kind(&self) -> EngineKind {
         EngineKind::Embedded
+    }
+
+    fn retained(&self) -> Arc<dyn crate::engine::retained::RetainedStore> {
+        self.retained.clone()
     }
 
     fn capabilities(&self) -> Capabilities {

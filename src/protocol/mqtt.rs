@@ -6,36 +6,14 @@
 pub mod codec;
 mod connection;
 pub mod properties;
-pub mod retained;
 pub mod session;
 pub mod topic;
 mod websocket;
 
-use self::retained::Retained;
-
-/// What every MQTT connection of this gateway shares, whatever its transport.
-#[derive(Clone)]
-pub struct Mqtt {
-    retained: Arc<Retained>,
-}
-
-impl Mqtt {
-    pub fn new(ctx: &Context) -> Self {
-        let cap = ctx
-            .config
-            .mqtt
-            .retained_stream_bytes
-            .as_u64()
-            .min(usize::MAX as u64) as usize;
-        Mqtt {
-            retained: Arc::new(Retained::new(cap)),
-        }
-    }
-
-    /// `/mqtt`: MQTT over WebSocket on the HTTP port.
-    pub fn router(&self, ctx: Context) -> axum::Router {
-        websocket::router(ctx, self.retained.clone())
-    }
+/// `/mqtt`: MQTT over WebSocket on the HTTP port. What connections share (retained
+/// messages, takeover) lives behind the engine, never here.
+pub fn router(ctx: Context) -> axum::Router {
+    websocket::router(ctx)
 }
 
 use std::sync::Arc;
@@ -48,7 +26,7 @@ use tokio::task::JoinHandle;
 use crate::context::{Connection, Context};
 
 /// Accepts MQTT over TCP until shutdown.
-pub fn serve_tcp(listener: TcpListener, ctx: Context, mqtt: Mqtt) -> JoinHandle<()> {
+pub fn serve_tcp(listener: TcpListener, ctx: Context) -> JoinHandle<()> {
     static IDS: AtomicU64 = AtomicU64::new(1 << 40);
     tokio::spawn(async move {
         loop {
@@ -69,12 +47,7 @@ pub fn serve_tcp(listener: TcpListener, ctx: Context, mqtt: Mqtt) -> JoinHandle<
                 remote,
                 ctx.flow.connection(),
             ));
-            tokio::spawn(connection::run(
-                stream,
-                ctx.clone(),
-                conn,
-                mqtt.retained.clone(),
-            ));
+            tokio::spawn(connection::run(stream, ctx.clone(), conn));
         }
     })
 }

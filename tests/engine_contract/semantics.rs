@@ -339,3 +339,53 @@ pub async fn capabilities_hold(engine: Arc<dyn Engine>) {
         );
     }
 }
+
+/// The retained store every instance shares: set, replace, clear, match by topic pattern, each
+/// message whole (properties intact, expiry counted down), undo of a refused publish's set.
+pub async fn retained_messages_are_kept_whole(engine: Arc<dyn Engine>) {
+    let store = engine.retained();
+    let root = unique("ret").replace('-', "_");
+    let key = |s: &str| format!("{root}.{s}");
+    let mut m = Message::new("21.5");
+    m.properties.content_type = Some("text/plain".into());
+    m.properties.expiration = Some("60000".into());
+    m.properties
+        .headers
+        .insert("unit".into(), FieldValue::Str("C".into()));
+    store.set(&key("k1.temp"), m.clone()).await.unwrap();
+    store
+        .set(&key("k2.temp"), Message::new("19"))
+        .await
+        .unwrap();
+    store.set(&key("k2.hum"), Message::new("40")).await.unwrap();
+    let found = store.matching(&key("*.temp"));
+    let keys: Vec<&str> = found.iter().map(|r| r.routing_key.as_str()).collect();
+    assert_eq!(keys, [key("k1.temp"), key("k2.temp")], "key order");
+    assert_eq!(found[0].message, m, "every property kept");
+    let left = found[0].expires_in.expect("counting down");
+    assert!(left <= Duration::from_secs(60) && left > Duration::from_secs(50));
+    assert_eq!(store.matching(&key("#")).len(), 3);
+
+    // Replace, clear, and undo a set whose publish was refused.
+    store
+        .set(&key("k2.temp"), Message::new("20"))
+        .await
+        .unwrap();
+    let undo = store
+        .set(&key("k2.temp"), Message::new("refused"))
+        .await
+        .unwrap();
+    store.undo(&key("k2.temp"), undo).await;
+    let now: Vec<Bytes> = store
+        .matching(&key("k2.temp"))
+        .into_iter()
+        .map(|r| r.message.body)
+        .collect();
+    assert_eq!(now, [Bytes::from("20")]);
+    store.set(&key("k2.hum"), Message::new("")).await.unwrap();
+    assert_eq!(
+        store.matching(&key("k2.#")).len(),
+        1,
+        "an empty body clears"
+    );
+}

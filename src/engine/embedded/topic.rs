@@ -65,6 +65,21 @@ fn pattern_words(pattern: &str) -> Vec<&str> {
     out
 }
 
+/// Whether one AMQP topic pattern matches one routing key (the trie answers the other way
+/// round: which patterns match a key).
+pub fn pattern_matches(pattern: &str, key: &str) -> bool {
+    fn go(p: &[&str], k: &[&str]) -> bool {
+        match p.split_first() {
+            None => k.is_empty(),
+            Some((&"#", rest)) => (0..=k.len()).any(|skip| go(rest, &k[skip..])),
+            Some((&"*", rest)) => !k.is_empty() && go(rest, &k[1..]),
+            Some((w, rest)) => k.first() == Some(w) && go(rest, &k[1..]),
+        }
+    }
+    let key: Vec<&str> = words(key).collect();
+    go(&pattern_words(pattern), &key)
+}
+
 impl<T> TopicTrie<T> {
     pub fn len(&self) -> usize {
         self.len
@@ -207,6 +222,33 @@ mod tests {
         trie.matches(key, |v| out.push(v.clone()));
         out.sort();
         out
+    }
+
+    #[test]
+    fn one_pattern_against_one_key() {
+        for (pattern, key, hit) in [
+            ("a.*.c", "a.b.c", true),
+            ("a.*.c", "a.c", false),
+            ("a.#", "a", true),
+            ("a.#", "a.b.c", true),
+            ("#", "", true),
+            ("*", "", false),
+            ("a..b", "a..b", true),
+            ("a.*.b", "a..b", true),
+            ("#.c", "a.b.c", true),
+            ("a.b", "a.b.c", false),
+        ] {
+            assert_eq!(pattern_matches(pattern, key), hit, "{pattern} ~ {key}");
+            let mut trie = TopicTrie::default();
+            trie.insert(pattern, 1, |v| *v == 1);
+            assert_eq!(matching_one(&trie, key), hit, "trie {pattern} ~ {key}");
+        }
+    }
+
+    fn matching_one(trie: &TopicTrie<i32>, key: &str) -> bool {
+        let mut hit = false;
+        trie.matches(key, |_| hit = true);
+        hit
     }
 
     #[test]

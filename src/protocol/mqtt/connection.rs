@@ -13,7 +13,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use super::codec::{Codec, DecodeError, Inbound, Outbound, Version};
-use super::retained::Retained;
 use super::session::{Outcome, Session, reason};
 use crate::auth::now_secs;
 use crate::context::{Connection, Context};
@@ -77,16 +76,16 @@ async fn read_packet<R: AsyncRead + Unpin>(
     }
 }
 
-pub async fn run<S>(stream: S, ctx: Context, conn: Arc<Connection>, retained: Arc<Retained>)
+pub async fn run<S>(stream: S, ctx: Context, conn: Arc<Connection>)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     metrics::connection_opened(PROTOCOL);
-    serve(stream, &ctx, conn, retained).await;
+    serve(stream, &ctx, conn).await;
     metrics::connection_closed(PROTOCOL);
 }
 
-async fn serve<S>(stream: S, ctx: &Context, conn: Arc<Connection>, retained: Arc<Retained>)
+async fn serve<S>(stream: S, ctx: &Context, conn: Arc<Connection>)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -163,7 +162,6 @@ where
         conn.clone(),
         *connect,
         tx.clone(),
-        retained,
         qos0_queued,
     )
     .await

@@ -22,11 +22,11 @@ use super::codec::{
     Connect, Filter, Inbound, Outbound, PublishIn, PublishProps, TOPIC_ALIAS_MAX, Version, Will,
 };
 use super::properties;
-use super::retained::Retained;
 use super::topic::{self, filter_to_binding, key_to_topic, session_queue, topic_to_key};
 use crate::auth::Principal;
 use crate::context::{Connection, Context};
 use crate::control::Takeover;
+use crate::engine::retained::RetainedStore;
 use crate::engine::table::{FieldTable, FieldValue};
 use crate::engine::{
     AckMode, Channel, ConsumeOptions, Consumer, Declared, Delivery, EngineError, Message,
@@ -125,7 +125,7 @@ pub struct Session {
     inbound_qos2: HashSet<u16>,
     /// The engine's `max_mqtt_qos` capability (DESIGN.md §3).
     max_qos: u8,
-    retained: Arc<Retained>,
+    retained: Arc<dyn RetainedStore>,
     next_packet_id: u16,
     inflight_max: u16,
     /// MQTT 5 inbound topic aliases.
@@ -177,15 +177,15 @@ enum Inflight {
 }
 
 /// The QoS a message was published with: header `x-mqtt-publish-qos`, else persistent → 1.
-fn publish_qos_of(d: &Delivery) -> u8 {
-    match d
-        .properties()
+fn publish_qos_of(m: &Message) -> u8 {
+    match m
+        .properties
         .headers
         .get(PUBLISH_QOS_HEADER)
         .and_then(FieldValue::as_i128)
     {
         Some(q) => q.clamp(0, 2) as u8,
-        None if d.message().is_persistent() => 1,
+        None if m.is_persistent() => 1,
         None => 0,
     }
 }
@@ -222,7 +222,6 @@ impl Session {
         conn: Arc<Connection>,
         connect: Connect,
         out: mpsc::UnboundedSender<Outbound>,
-        retained: Arc<Retained>,
         qos0_queued: Arc<AtomicUsize>,
     ) -> Result<(Session, Outbound), Refused> {
         // MQTT 5 enhanced authentication carries the token in Authentication Data; only our
@@ -314,6 +313,7 @@ impl Session {
             Duration::from_secs(granted.min(max.as_secs()))
         };
         let capabilities = ctx.engine.capabilities();
+        let retained = ctx.engine.retained();
         // Server Keep Alive ([MQTT-3.2.2-21]): a v5 client asking for more than the cap, or for
         // none while there is one, is told the cap and held to it. 3.1.1 cannot be told.
         let cap = u16::try_from(ctx.config.mqtt.max_keep_alive.as_secs()).unwrap_or(u16::MAX);

@@ -14,7 +14,6 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::connection;
-use super::retained::Retained;
 use crate::context::{Connection, Context};
 
 const SUBPROTOCOL: &str = "mqtt";
@@ -24,14 +23,12 @@ const PIPE: usize = 64 * 1024;
 /// is gone, before it is stopped.
 const SESSION_END: std::time::Duration = std::time::Duration::from_secs(5);
 
-pub fn router(ctx: Context, retained: Arc<Retained>) -> Router {
-    Router::new()
-        .route("/mqtt", get(upgrade))
-        .with_state((ctx, retained))
+pub fn router(ctx: Context) -> Router {
+    Router::new().route("/mqtt", get(upgrade)).with_state(ctx)
 }
 
 async fn upgrade(
-    State((ctx, retained)): State<(Context, Arc<Retained>)>,
+    State(ctx): State<Context>,
     Extension(conn): Extension<Arc<Connection>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
@@ -53,16 +50,16 @@ async fn upgrade(
     ws.protocols([SUBPROTOCOL])
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| bridge(socket, ctx, conn, retained))
+        .on_upgrade(move |socket| bridge(socket, ctx, conn))
 }
 
 /// Runs the MQTT connection on one end of a duplex pipe and shuttles WebSocket frames to and
 /// from the other end. However the WebSocket ends, the MQTT connection ends the way it would on
 /// TCP: a client that goes away is seen as the end of its input (the session ends, the will goes
 /// out, persistent state is stored), never cut off mid-packet.
-async fn bridge(socket: WebSocket, ctx: Context, conn: Arc<Connection>, retained: Arc<Retained>) {
+async fn bridge(socket: WebSocket, ctx: Context, conn: Arc<Connection>) {
     let (mqtt_side, pipe) = tokio::io::duplex(PIPE);
-    let mqtt = tokio::spawn(connection::run(mqtt_side, ctx, conn, retained));
+    let mqtt = tokio::spawn(connection::run(mqtt_side, ctx, conn));
     let (mut pipe_read, mut pipe_write) = tokio::io::split(pipe);
     let (mut ws_tx, mut ws_rx) = socket.split();
     // In a block so both halves' borrows end before the close frame is sent.

@@ -87,7 +87,7 @@ impl Session {
                 || self.subs.is_empty()
                 || self.subs.keys().any(|f| topic::filter_matches(f, t))
         });
-        let publish_qos = publish_qos_of(&d);
+        let publish_qos = publish_qos_of(d.message());
         let (Some(topic), true) = (topic, visible) else {
             metrics::refusal(PROTOCOL, "unmappable_topic");
             if level == 1 {
@@ -156,7 +156,7 @@ impl Session {
             let _ = self.channel.ack(d.delivery_tag, false).await;
             return Outcome::Continue;
         };
-        let publish_qos = publish_qos_of(&d);
+        let publish_qos = publish_qos_of(d.message());
         let qos = publish_qos.min(opts.granted);
         let mut props = self.props_of(d.properties(), d.expires_in);
         if self.version == Version::V5 {
@@ -252,15 +252,25 @@ impl Session {
         true
     }
 
-    /// Sends the retained messages matching a new subscription, RETAIN=1, at most `granted`,
-    /// each with the properties it was published with (expiry counted down) and the
-    /// subscription's identifier.
+    /// Sends the retained messages matching a new subscription, RETAIN=1, at most `granted` and
+    /// at most the QoS each was published with, each with the properties it was published with
+    /// (expiry counted down) and the subscription's identifier.
     pub(super) fn send_retained(&mut self, filter: &str, granted: u8) {
+        let mapping = self.ctx.config.mqtt.topic_mapping;
+        let Ok(pattern) = filter_to_binding(filter, mapping) else {
+            return;
+        };
         let id = self.subs.get(filter).and_then(|o| o.id);
-        let now = std::time::Instant::now();
-        for (topic, m) in self.retained.matching(filter) {
-            let qos = m.qos.min(granted);
-            let mut props = self.props_of(&m.message.properties, m.expires_in(now));
+        for m in self.retained.matching(&pattern) {
+            let Some(topic) = key_to_topic(&m.routing_key, mapping) else {
+                continue;
+            };
+            // [MQTT-4.7.2-1]: `$` topics do not match filters that start with a wildcard.
+            if topic.starts_with('$') && topic::wildcard_first(filter) {
+                continue;
+            }
+            let qos = publish_qos_of(&m.message).min(granted);
+            let mut props = self.props_of(&m.message.properties, m.expires_in);
             if self.version == Version::V5 {
                 props.subscription_ids = id.into_iter().collect();
             }

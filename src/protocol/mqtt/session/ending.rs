@@ -109,7 +109,7 @@ impl Session {
             // Retained first: whoever sees the live copy and then subscribes finds the retained
             // one (at worst a subscriber in between gets both, never neither).
             if let Some(copy) = retained_copy {
-                let _ = retained.set(&will.topic, copy, will.qos);
+                let _ = retained.set(&key, copy).await;
             }
             let _ = channel
                 .publish(&exchange, &key, message, PublishOptions::default())

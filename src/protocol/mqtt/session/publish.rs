@@ -5,8 +5,6 @@ use std::time::Instant;
 
 use crate::flow::ThrottleReason;
 
-use super::super::retained::Full;
-
 use super::*;
 
 impl Session {
@@ -134,10 +132,11 @@ impl Session {
             return Outcome::Continue;
         }
         let message = self.message_of(&p);
-        // Retained before the publish (see `Retained::set`), taken back if it is refused.
-        let retained = p
-            .retain
-            .then(|| self.retained.set(&p.topic, message.clone(), p.qos));
+        // Retained before the publish (see `RetainedStore::set`), taken back if it is refused.
+        let retained = match p.retain {
+            true => Some(self.retained.set(&key, message.clone()).await),
+            false => None,
+        };
         let started = Instant::now();
         match self
             .channel
@@ -147,7 +146,7 @@ impl Session {
             Ok(_) => {
                 metrics::message_in(PROTOCOL, started.elapsed());
                 self.overrun_since = None;
-                let code = if let Some(Err(Full)) = retained {
+                let code = if let Some(Err(_)) = retained {
                     metrics::refusal(PROTOCOL, "retained_full");
                     if self.version == Version::V5 {
                         reason::QUOTA_EXCEEDED
@@ -168,7 +167,7 @@ impl Session {
             }
             Err(e) => {
                 if let Some(Ok(undo)) = retained {
-                    self.retained.undo(&p.topic, undo);
+                    self.retained.undo(&key, undo).await;
                 }
                 self.refused(&p, e)
             }
