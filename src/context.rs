@@ -17,7 +17,6 @@ pub struct Context {
     pub flow: Arc<Flow>,
     pub config: Arc<Config>,
     pub shutdown: Shutdown,
-    pub control: Arc<crate::control::Control>,
 }
 
 impl Context {

@@ -15,6 +15,7 @@
 //! - cancelling a consumer (or dropping its [`Consumer`]) returns its unacked deliveries to the
 //!   queue, marked redelivered (DESIGN.md §4: "unsubscribe and cancel requeue").
 
+pub mod control;
 pub mod embedded;
 mod error;
 mod message;
@@ -362,6 +363,9 @@ pub trait Engine: Send + Sync + 'static {
     fn kind(&self) -> EngineKind;
 
     fn capabilities(&self) -> Capabilities;
+
+    /// Takeover and delayed wills across connections and instances (DESIGN.md §3).
+    fn control(&self) -> Arc<dyn control::Control>;
 
     /// The retained messages every instance shares (MQTT retain; DESIGN.md §3).
     fn retained(&self) -> Arc<dyn retained::RetainedStore>;

@@ -16,7 +16,6 @@ pub mod cli;
 pub mod codes;
 pub mod config;
 pub mod context;
-pub mod control;
 pub mod engine;
 pub mod error;
 pub mod flow;
@@ -158,7 +157,6 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         flow: Arc::new(flow::Flow::new(&config.limits)),
         config: config.clone(),
         shutdown: shutdown.clone(),
-        control: Arc::default(),
     };
     metrics::handle();
 

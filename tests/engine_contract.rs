@@ -1228,4 +1228,5 @@ contract!(embedded:
     shutdown_closes_channels,
     capabilities_hold,
     retained_messages_are_kept_whole,
+    control_takeover_and_wills,
 );

@@ -5,6 +5,7 @@
 
 mod broker;
 mod channel;
+mod control;
 mod exchange;
 pub mod memory;
 mod queue;
@@ -53,6 +54,7 @@ impl Default for EmbeddedOptions {
 pub struct EmbeddedEngine {
     broker: Arc<Broker>,
     retained: Arc<retained::Retained>,
+    control: Arc<control::LocalControl>,
     shut: AtomicBool,
     watermark: u64,
 }
@@ -63,6 +65,7 @@ impl EmbeddedEngine {
         EmbeddedEngine {
             broker: Broker::new(options.store, options.max_message_bytes),
             retained: Arc::new(retained::Retained::new(options.retained_bytes)),
+            control: Arc::default(),
             shut: AtomicBool::new(false),
             watermark: options.memory_high_watermark.unwrap_or(u64::MAX),
         }
@@ -73,6 +76,10 @@ impl EmbeddedEngine {
 impl Engine for EmbeddedEngine {
     fn kind(&self) -> EngineKind {
         EngineKind::Embedded
+    }
+
+    fn control(&self) -> Arc<dyn crate::engine::control::Control> {
+        self.control.clone()
     }
 
     fn retained(&self) -> Arc<dyn crate::engine::retained::RetainedStore> {

@@ -25,7 +25,7 @@ use super::properties;
 use super::topic::{self, filter_to_binding, key_to_topic, session_queue, topic_to_key};
 use crate::auth::Principal;
 use crate::context::{Connection, Context};
-use crate::control::Takeover;
+use crate::engine::control::Takeover;
 use crate::engine::retained::RetainedStore;
 use crate::engine::table::{FieldTable, FieldValue};
 use crate::engine::{
@@ -278,9 +278,9 @@ impl Session {
         let subject = principal.shared_subject().to_owned();
         let key = takeover_key(&subject, &client_id);
         // Client-id takeover, only within one subject (the key includes it).
-        if ctx.control.take_over(&key) {
+        if ctx.engine.control().take_over(&key).await {
             let deadline = Instant::now() + ctx.config.mqtt.takeover_timeout;
-            while ctx.control.is_held(&key) {
+            while ctx.engine.control().is_held(&key) {
                 if Instant::now() > deadline {
                     return Err(Refused {
                         code: reason::SERVER_UNAVAILABLE,
@@ -296,9 +296,9 @@ impl Session {
             why: full.to_string(),
         })?;
         let (takeover_tx, takeovers) = mpsc::unbounded_channel();
-        ctx.control.hold(&key, conn.id, takeover_tx);
+        ctx.engine.control().hold(&key, conn.id, takeover_tx);
         // A delayed will of this session's last connection is not published: it is back.
-        ctx.control.cancel_will(&key);
+        ctx.engine.control().cancel_will(&key).await;
         let granted = if connect.version == Version::V5 {
             u64::from(connect.session_expiry)
         } else {

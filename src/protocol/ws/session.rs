@@ -19,7 +19,7 @@ use crate::auth::Principal;
 use crate::auth::scopes::encode_subject;
 use crate::codes::Code;
 use crate::context::{Connection, Context};
-use crate::control::Takeover;
+use crate::engine::control::Takeover;
 use crate::engine::names::{DEFAULT_EXCHANGE_ALIAS, canonical_exchange, validate_key};
 use crate::engine::table::{FieldTable, FieldValue, table_from_json};
 use crate::engine::{
@@ -464,7 +464,8 @@ impl Session {
         self.next_sub += 1;
         if let Target::Durable { queue, .. } = &target {
             self.ctx
-                .control
+                .engine
+                .control()
                 .hold(queue, self.conn.id, self.takeover_tx.clone());
         }
         // `subscribed` is queued before the consumer is polled: it precedes every message.
@@ -604,7 +605,7 @@ impl Session {
             match self.channel.consume(queue, options.clone()).await {
                 Err(EngineError::InUse(_)) if tokio::time::Instant::now() < deadline => {
                     if !asked {
-                        asked = self.ctx.control.take_over(queue);
+                        asked = self.ctx.engine.control().take_over(queue).await;
                     }
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
@@ -651,7 +652,7 @@ impl Session {
                     .await;
             }
             Target::Durable { queue, .. } => {
-                self.ctx.control.release(queue, self.conn.id);
+                self.ctx.engine.control().release(queue, self.conn.id);
                 if delete_durable {
                     let _ = self
                         .channel
@@ -673,9 +674,7 @@ impl Session {
         let subs: Vec<Arc<str>> = self
             .subs
             .iter()
-            .filter(
-                |(_, s)| matches!(&s.target, Target::Durable { queue, .. } if *queue == t.queue),
-            )
+            .filter(|(_, s)| matches!(&s.target, Target::Durable { queue, .. } if *queue == t.key))
             .map(|(k, _)| k.clone())
             .collect();
         for sub in subs {

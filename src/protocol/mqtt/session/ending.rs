@@ -75,7 +75,10 @@ impl Session {
             self.save_stored().await;
         }
         self.admitted = None;
-        self.ctx.control.release(&self.takeover_key, self.conn.id);
+        self.ctx
+            .engine
+            .control()
+            .release(&self.takeover_key, self.conn.id);
     }
 
     /// The will goes out now, or (MQTT 5) after min(will delay, session expiry) unless the
@@ -119,7 +122,7 @@ impl Session {
             publish.await;
             return;
         }
-        let control = self.ctx.control.clone();
+        let control = self.ctx.engine.control().clone();
         let session = self.takeover_key.clone();
         let cancelled = control.delay_will(&session);
         tokio::spawn(async move {

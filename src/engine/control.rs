@@ -1,0 +1,42 @@
+//! Cross-connection control behind the engine (DESIGN.md §1, §3): who holds an exclusive
+//! consumer that another connection of the same owner may take over (MQTT sessions, durable
+//! WebSocket subscriptions), and delayed MQTT wills cancelled when their session returns
+//! first. State every instance must share, so it lives behind the engine, never in an adapter:
+//! the embedded engine keeps it in-process; an upstream engine announces on the fanout
+//! exchange `amqp-gateway.control` so a holder on another instance lets go too.
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// A holder is told to let go of what it holds under `key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Takeover {
+    pub key: String,
+}
+
+#[async_trait]
+pub trait Control: Send + Sync {
+    /// Registers `holder` (a connection id) under `key`; `signal` receives a [`Takeover`] when
+    /// another connection asks for it.
+    fn hold(&self, key: &str, holder: u64, signal: mpsc::UnboundedSender<Takeover>);
+
+    /// Forgets `holder`'s hold on `key` (and nobody else's).
+    fn release(&self, key: &str, holder: u64);
+
+    /// Whether anybody holds `key`.
+    fn is_held(&self, key: &str) -> bool;
+
+    /// Asks the current holder of `key` to let go; false when nobody holds it.
+    async fn take_over(&self, key: &str) -> bool;
+
+    /// Registers a delayed will for `session`; the token is cancelled if the session connects
+    /// again first (on any instance).
+    fn delay_will(&self, session: &str) -> CancellationToken;
+
+    /// A CONNECT for `session` arrived: its pending will is not published.
+    async fn cancel_will(&self, session: &str);
+
+    /// The delayed will of `session` fired; forget it.
+    fn will_done(&self, session: &str);
+}

@@ -1,0 +1,61 @@
+//! The embedded engine's control registry (`engine::control`): in-process, a map from key to
+//! the holder's takeover signal, and the pending delayed wills.
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::control::{Control, Takeover};
+
+#[derive(Default)]
+pub struct LocalControl {
+    holders: DashMap<String, (u64, mpsc::UnboundedSender<Takeover>)>,
+    /// Delayed wills (MQTT 5), cancelled when their session connects again.
+    wills: DashMap<String, CancellationToken>,
+}
+
+#[async_trait]
+impl Control for LocalControl {
+    fn hold(&self, key: &str, holder: u64, signal: mpsc::UnboundedSender<Takeover>) {
+        self.holders.insert(key.to_owned(), (holder, signal));
+    }
+
+    fn release(&self, key: &str, holder: u64) {
+        self.holders.remove_if(key, |_, (h, _)| *h == holder);
+    }
+
+    fn is_held(&self, key: &str) -> bool {
+        self.holders.contains_key(key)
+    }
+
+    async fn take_over(&self, key: &str) -> bool {
+        match self.holders.get(key) {
+            Some(entry) => entry
+                .1
+                .send(Takeover {
+                    key: key.to_owned(),
+                })
+                .is_ok(),
+            None => false,
+        }
+    }
+
+    fn delay_will(&self, session: &str) -> CancellationToken {
+        let token = CancellationToken::new();
+        if let Some(old) = self.wills.insert(session.to_owned(), token.clone()) {
+            old.cancel();
+        }
+        token
+    }
+
+    async fn cancel_will(&self, session: &str) {
+        if let Some((_, token)) = self.wills.remove(session) {
+            token.cancel();
+        }
+    }
+
+    fn will_done(&self, session: &str) {
+        self.wills.remove(session);
+    }
+}
