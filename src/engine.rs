@@ -31,7 +31,7 @@ use std::task::{Context, Poll};
 use async_trait::async_trait;
 
 pub use error::{EngineError, ObjectKind};
-pub use message::{Charge, Delivery, Envelope, Message, Properties};
+pub use message::{Charge, Delivery, Envelope, Held, Message, Properties};
 pub use table::{FieldTable, FieldValue};
 
 /// Which implementation serves the seam; adapters only use it for capability questions
@@ -383,6 +383,10 @@ pub trait Engine: Send + Sync + 'static {
     /// watermark (an upstream broker says so with `connection.blocked`). Adapters answer as
     /// for a rate limit (DESIGN.md §7); the engine itself still accepts what is published.
     fn publish_blocked(&self) -> bool;
+
+    /// [`Engine::publish_blocked`] as it changes, for whoever must react at once (an AMQP
+    /// `connection.blocked`, parked publishes, a gauge) instead of asking per publish.
+    fn watch_publish_blocked(&self) -> tokio::sync::watch::Receiver<bool>;
 
     /// Stop accepting work and release resources; open channels close.
     async fn shutdown(&self);

@@ -202,3 +202,43 @@ async fn shutdown_stops_the_expiry_tasks() {
     engine.shutdown().await;
     common::eventually("the expiry tasks ended", || async { alive() <= before }).await;
 }
+
+/// The memory watermark is observable as it changes: crossing it flips the watch both ways,
+/// with no polling (an AMQP `connection.blocked` / `unblocked` follows it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watermark_is_a_watch() {
+    let engine: Arc<dyn Engine> = Arc::new(EmbeddedEngine::new(EmbeddedOptions {
+        memory_high_watermark: Some(64 * 1024),
+        ..EmbeddedOptions::default()
+    }));
+    let mut blocked = engine.watch_publish_blocked();
+    assert!(!*blocked.borrow_and_update());
+    let ch = engine.open_channel("t").await.unwrap();
+    let q = unique("watermark");
+    ch.declare_queue(&q, &QueueSpec::default()).await.unwrap();
+    ch.publish(
+        "",
+        &q,
+        Message::new(vec![0u8; 100 * 1024]),
+        PublishOptions::default(),
+    )
+    .await
+    .unwrap();
+    tokio::time::timeout(common::WAIT, blocked.changed())
+        .await
+        .expect("told in time")
+        .unwrap();
+    assert!(*blocked.borrow_and_update() && engine.publish_blocked());
+    let d = ch.get(&q, false).await.unwrap().expect("the message");
+    assert!(
+        engine.publish_blocked(),
+        "an unacked delivery still holds it"
+    );
+    ch.ack(d.delivery_tag, false).await.unwrap();
+    drop(d);
+    tokio::time::timeout(common::WAIT, blocked.changed())
+        .await
+        .expect("told in time")
+        .unwrap();
+    assert!(!*blocked.borrow() && !engine.publish_blocked());
+}

@@ -56,18 +56,20 @@ pub struct EmbeddedEngine {
     retained: Arc<retained::Retained>,
     control: Arc<control::LocalControl>,
     shut: AtomicBool,
-    watermark: u64,
 }
 
 impl EmbeddedEngine {
     /// Must be called inside a tokio runtime (TTL and expiry timers run on it).
     pub fn new(options: EmbeddedOptions) -> Self {
         EmbeddedEngine {
-            broker: Broker::new(options.store, options.max_message_bytes),
+            broker: Broker::new(
+                options.store,
+                options.max_message_bytes,
+                options.memory_high_watermark.unwrap_or(u64::MAX),
+            ),
             retained: Arc::new(retained::Retained::new(options.retained_bytes)),
             control: Arc::default(),
             shut: AtomicBool::new(false),
-            watermark: options.memory_high_watermark.unwrap_or(u64::MAX),
         }
     }
 }
@@ -119,14 +121,18 @@ impl Engine for EmbeddedEngine {
         EngineStats {
             queued_messages,
             queued_bytes,
-            held_bytes: self.broker.held_bytes(),
+            held_bytes: self.broker.held().bytes(),
             queues,
             exchanges,
         }
     }
 
     fn publish_blocked(&self) -> bool {
-        self.broker.held_bytes() >= self.watermark
+        self.broker.held().blocked()
+    }
+
+    fn watch_publish_blocked(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.broker.held().watch()
     }
 
     /// Closes every open channel and stops the expiry tasks; new channels are refused.

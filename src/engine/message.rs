@@ -67,23 +67,80 @@ pub struct Envelope {
     pub charge: Charge,
 }
 
-/// Body bytes added to a gauge while the value holding this lives, taken off when it drops:
+/// The body bytes an engine holds, against its memory high watermark: crossing it either way
+/// flips a `watch`, so adapters (and an AMQP listener's `connection.blocked`) follow the state
+/// without polling. Only crossings touch the watch; every other change is one atomic add.
+pub struct Held {
+    bytes: AtomicU64,
+    watermark: u64,
+    blocked: tokio::sync::watch::Sender<bool>,
+}
+
+impl Held {
+    /// `watermark` of `u64::MAX`: never blocked.
+    pub fn new(watermark: u64) -> Held {
+        Held {
+            bytes: AtomicU64::new(0),
+            watermark,
+            blocked: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn blocked(&self) -> bool {
+        *self.blocked.borrow()
+    }
+
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.blocked.subscribe()
+    }
+
+    fn add(&self, n: u64) {
+        let before = self.bytes.fetch_add(n, Ordering::Relaxed);
+        if before < self.watermark && before.saturating_add(n) >= self.watermark {
+            self.recheck();
+        }
+    }
+
+    fn sub(&self, n: u64) {
+        let before = self.bytes.fetch_sub(n, Ordering::Relaxed);
+        if before >= self.watermark && before - n < self.watermark {
+            self.recheck();
+        }
+    }
+
+    /// Sets the state from the current count, under the watch's lock: whichever crossing
+    /// rechecks last sees the latest count, so concurrent crossings cannot leave it stale.
+    fn recheck(&self) {
+        self.blocked.send_if_modified(|blocked| {
+            let now = self.bytes.load(Ordering::Relaxed) >= self.watermark;
+            let changed = *blocked != now;
+            *blocked = now;
+            changed
+        });
+    }
+}
+
+/// Body bytes added to [`Held`] while the value holding this lives, taken off when it drops:
 /// an envelope shared by many queues (one `Arc`) is counted once, for as long as any queue or
 /// unsettled delivery holds it. A clone is not counted (only the engine's own copy is).
 #[derive(Default)]
-pub struct Charge(Option<(Arc<AtomicU64>, u64)>);
+pub struct Charge(Option<(Arc<Held>, u64)>);
 
 impl Charge {
-    pub fn new(gauge: &Arc<AtomicU64>, bytes: u64) -> Charge {
-        gauge.fetch_add(bytes, Ordering::Relaxed);
-        Charge(Some((gauge.clone(), bytes)))
+    pub fn new(held: &Arc<Held>, bytes: u64) -> Charge {
+        held.add(bytes);
+        Charge(Some((held.clone(), bytes)))
     }
 }
 
 impl Drop for Charge {
     fn drop(&mut self) {
-        if let Some((gauge, bytes)) = &self.0 {
-            gauge.fetch_sub(*bytes, Ordering::Relaxed);
+        if let Some((held, bytes)) = &self.0 {
+            held.sub(*bytes);
         }
     }
 }

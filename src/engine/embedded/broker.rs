@@ -23,7 +23,7 @@ use super::store::Store;
 use crate::engine::names::{self, canonical_exchange};
 use crate::engine::{
     BindingInfo, Charge, Declared, EngineError, Envelope, ExchangeInfo, ExchangeKind, ExchangeSpec,
-    FieldTable, FieldValue, Message, PublishOutcome, QueueDeclared, QueueInfo, QueueSpec,
+    FieldTable, FieldValue, Held, Message, PublishOutcome, QueueDeclared, QueueInfo, QueueSpec,
 };
 
 /// Dead letters can chain (a DLX queue with its own DLX); cycles are cut, and this bounds what
@@ -37,7 +37,7 @@ pub(super) struct Broker {
     store: Arc<dyn Store>,
     gauges: Arc<Gauges>,
     /// Body bytes of every envelope alive (see [`Charge`]).
-    held: Arc<AtomicU64>,
+    held: Arc<Held>,
     max_message_bytes: usize,
     next_id: AtomicU64,
     default_exchange: Arc<str>,
@@ -133,14 +133,18 @@ fn must_match<const N: usize>(
 }
 
 impl Broker {
-    pub fn new(store: Arc<dyn Store>, max_message_bytes: usize) -> Arc<Self> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        max_message_bytes: usize,
+        memory_high_watermark: u64,
+    ) -> Arc<Self> {
         let broker = Arc::new_cyclic(|me| Broker {
             exchanges: DashMap::new(),
             queues: DashMap::new(),
             topology: Mutex::new(()),
             store,
             gauges: Arc::default(),
-            held: Arc::default(),
+            held: Arc::new(Held::new(memory_high_watermark)),
             max_message_bytes,
             next_id: AtomicU64::new(1),
             default_exchange: Arc::from(""),
@@ -195,8 +199,8 @@ impl Broker {
         }
     }
 
-    pub fn held_bytes(&self) -> u64 {
-        self.held.load(Ordering::Relaxed)
+    pub fn held(&self) -> &Held {
+        &self.held
     }
 
     pub fn gauges(&self) -> (u64, u64, u64, u64) {
