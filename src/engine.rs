@@ -224,6 +224,17 @@ pub enum CancelReason {
     ChannelClosed,
     /// The engine lost its connection (upstream).
     ConnectionLost,
+    /// [`Channel::cancel`] on this channel.
+    Cancelled,
+}
+
+/// What [`Channel::cancel`] does with the consumer's unacknowledged deliveries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnCancel {
+    /// Back to the queue, marked redelivered (what unsubscribing means to WebSocket clients).
+    Requeue,
+    /// AMQP `basic.cancel`: they stay on the channel for the client to ack or nack.
+    KeepUnacked,
 }
 
 /// The receiving end of a consumer. Dropping it cancels the consumer; unacked deliveries go
@@ -473,8 +484,11 @@ pub trait Channel: Send + Sync {
     ) -> PublishConfirm;
 
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Consumer, EngineError>;
-    /// Cancels a consumer of this channel; its unacked deliveries return to the queue.
-    async fn cancel(&self, consumer_tag: &str) -> Result<(), EngineError>;
+    /// Cancels a consumer of this channel. Its stream yields nothing more; deliveries it held
+    /// that the client never took return to the queue unmarked; those the client took are
+    /// requeued or kept on the channel as `on_cancel` says. (Dropping a consumer or closing
+    /// the channel always requeues.)
+    async fn cancel(&self, consumer_tag: &str, on_cancel: OnCancel) -> Result<(), EngineError>;
     /// basic.get: the next ready message, if any. Unless `no_ack`, it must be acked on this
     /// channel like a consumer's delivery.
     async fn get(&self, queue: &str, no_ack: bool) -> Result<Option<Delivery>, EngineError>;

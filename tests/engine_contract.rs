@@ -12,8 +12,8 @@ use std::time::Duration;
 use amqp_gateway::engine::embedded::{EmbeddedEngine, EmbeddedOptions};
 use amqp_gateway::engine::{
     CancelReason, Channel, ConsumeOptions, Declared, DeleteQueueOptions, Engine, EngineError,
-    ExchangeKind, ExchangeSpec, FieldTable, FieldValue, Message, Properties, PublishOptions,
-    QueueSpec,
+    ExchangeKind, ExchangeSpec, FieldTable, FieldValue, Message, OnCancel, Properties,
+    PublishOptions, QueueSpec,
 };
 use bytes::Bytes;
 use common::{eventually, next, nothing_within, text, unique};
@@ -555,7 +555,7 @@ async fn auto_delete_queue_goes_with_last_consumer(engine: Arc<dyn Engine>) {
     ch.declare_queue(&q, &spec).await.unwrap();
     let c1 = ch.consume(&q, ConsumeOptions::manual(1)).await.unwrap();
     let c2 = ch.consume(&q, ConsumeOptions::manual(1)).await.unwrap();
-    ch.cancel(c1.tag()).await.unwrap();
+    ch.cancel(c1.tag(), OnCancel::Requeue).await.unwrap();
     assert!(ch.queue_info(&q).await.is_ok(), "one consumer left");
     drop(c2);
     eventually("auto-delete queue removed", || {
@@ -970,11 +970,11 @@ async fn cancel_requeues_unacked(engine: Arc<dyn Engine>) {
     let mut c = ch.consume(&q, ConsumeOptions::manual(1)).await.unwrap();
     let d = next(&mut c).await;
     assert!(!d.redelivered);
-    ch.cancel(c.tag()).await.unwrap();
+    ch.cancel(c.tag(), OnCancel::Requeue).await.unwrap();
     let again = ch.get(&q, true).await.unwrap().expect("requeued on cancel");
     assert_eq!(text(&again), "held");
     assert!(again.redelivered);
-    let unknown = ch.cancel("no-such-consumer").await;
+    let unknown = ch.cancel("no-such-consumer", OnCancel::Requeue).await;
     assert!(matches!(unknown, Err(EngineError::PreconditionFailed(_))));
 }
 
@@ -1229,4 +1229,5 @@ contract!(embedded:
     capabilities_hold,
     retained_messages_are_kept_whole,
     control_takeover_and_wills,
+    cancel_keeps_or_requeues_and_yields_nothing_more,
 );

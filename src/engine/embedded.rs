@@ -24,8 +24,8 @@ use crate::engine::names::{self, CONSUMER_TAG_PREFIX};
 use crate::engine::{
     AckMode, BindingInfo, Capabilities, Channel, ConsumeOptions, Consumer, Declared,
     DeleteQueueOptions, Delivery, Engine, EngineError, EngineKind, EngineStats, ExchangeInfo,
-    ExchangeSpec, FieldTable, Health, Message, PublishConfirm, PublishOptions, QueueDeclared,
-    QueueInfo, QueueSpec,
+    ExchangeSpec, FieldTable, Health, Message, OnCancel, PublishConfirm, PublishOptions,
+    QueueDeclared, QueueInfo, QueueSpec,
 };
 
 /// What the embedded engine is built with.
@@ -313,9 +313,9 @@ impl Channel for EmbeddedChannel {
         Ok(Consumer::new(tag, q.name.clone(), Box::new(stream)))
     }
 
-    async fn cancel(&self, consumer_tag: &str) -> Result<(), EngineError> {
+    async fn cancel(&self, consumer_tag: &str, on_cancel: OnCancel) -> Result<(), EngineError> {
         self.shared.check_open()?;
-        if self.shared.cancel_consumer(consumer_tag, None) {
+        if self.shared.cancel_consumer(consumer_tag, None, on_cancel) {
             Ok(())
         } else {
             Err(EngineError::PreconditionFailed(format!(

@@ -120,7 +120,7 @@ pub async fn an_expiry_cycle_after_a_rejection_is_cut(engine: Arc<dyn Engine>) {
     // Rejected in a → b; b's TTL (200 ms) → a; a's TTL (20 ms) → b would close a cycle of
     // expiries alone, so it is dropped there, about 220 ms from now.
     ch.nack(d.delivery_tag, false, false).await.unwrap();
-    ch.cancel(c.tag()).await.unwrap();
+    ch.cancel(c.tag(), OnCancel::Requeue).await.unwrap();
     drop(c);
     // TTLs are time: waited for, well past the cut, then it must stay gone.
     tokio::time::sleep(Duration::from_millis(600)).await;
@@ -418,4 +418,57 @@ pub async fn control_takeover_and_wills(engine: Arc<dyn Engine>) {
         !fired.is_cancelled(),
         "a will that fired is not cancelled afterwards"
     );
+}
+
+/// AMQP `basic.cancel` keeps what the client took on the channel to be acked; dropping a
+/// consumer requeues it. Either way the cancelled consumer yields nothing more — never a
+/// delivery requeued to someone else.
+pub async fn cancel_keeps_or_requeues_and_yields_nothing_more(engine: Arc<dyn Engine>) {
+    let ch = channel(&engine).await;
+    let q = declare_queue(&ch, "cancel-keep").await;
+    for i in 1..=3 {
+        publish(&ch, "", &q, &format!("m{i}")).await;
+    }
+    let mut c = ch.consume(&q, ConsumeOptions::manual(3)).await.unwrap();
+    let taken = next(&mut c).await;
+    assert_eq!(text(&taken), "m1");
+    eventually("all three are out", || async {
+        ch.queue_info(&q).await.unwrap().messages_unacknowledged == 3
+    })
+    .await;
+    ch.cancel(c.tag(), OnCancel::KeepUnacked).await.unwrap();
+    let after = tokio::time::timeout(QUIET, c.recv()).await;
+    assert!(
+        matches!(after, Ok(None)),
+        "a cancelled consumer yields nothing more: {after:?}"
+    );
+    // m2 and m3 never reached the client: back, unmarked. m1 stays unacked on the channel.
+    eventually("the untaken two are back", || async {
+        ready(&ch, &q).await == 2
+    })
+    .await;
+    assert_eq!(ch.queue_info(&q).await.unwrap().messages_unacknowledged, 1);
+    ch.ack(taken.delivery_tag, false).await.unwrap();
+    let mut back = Vec::new();
+    while let Some(d) = ch.get(&q, true).await.unwrap() {
+        back.push((text(&d), d.redelivered));
+    }
+    assert_eq!(back, [("m2".to_owned(), false), ("m3".to_owned(), false)]);
+    assert_eq!(ch.queue_info(&q).await.unwrap().messages_unacknowledged, 0);
+
+    // Requeue: what the client took comes back marked; the stream ends too.
+    publish(&ch, "", &q, "m4").await;
+    let mut c = ch.consume(&q, ConsumeOptions::manual(1)).await.unwrap();
+    let d = next(&mut c).await;
+    ch.cancel(c.tag(), OnCancel::Requeue).await.unwrap();
+    assert!(matches!(
+        tokio::time::timeout(QUIET, c.recv()).await,
+        Ok(None)
+    ));
+    assert!(
+        ch.ack(d.delivery_tag, false).await.is_err(),
+        "no longer ours"
+    );
+    let again = ch.get(&q, true).await.unwrap().expect("requeued");
+    assert_eq!((text(&again), again.redelivered), ("m4".to_owned(), true));
 }

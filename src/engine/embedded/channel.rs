@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 
 use super::broker::Broker;
 use super::queue::{Effects, Entry, Queue};
-use crate::engine::{CancelReason, Delivery, DeliveryStream, EngineError};
+use crate::engine::{CancelReason, Delivery, DeliveryStream, EngineError, OnCancel};
 
 /// How far a no-ack consumer may run ahead of what it has taken out of its buffer; credit comes
 /// back in halves of this.
@@ -43,6 +43,8 @@ impl Unacked {
 struct ConsumerReg {
     queue: Arc<Queue>,
     id: u64,
+    /// Set by an explicit cancel: the stream yields nothing more.
+    cancelled: Arc<AtomicBool>,
 }
 
 type Reason = Arc<Mutex<Option<CancelReason>>>;
@@ -140,11 +142,17 @@ pub(super) struct Stream {
     no_ack: bool,
     taken: u32,
     reason: Reason,
+    cancelled: Arc<AtomicBool>,
 }
 
 impl DeliveryStream for Stream {
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
         loop {
+            if self.cancelled.load(Ordering::Acquire) {
+                // What is still buffered goes back when the stream drops (no-ack) or went back
+                // at the cancel (manual).
+                return Poll::Ready(None);
+            }
             let p = match self.rx.poll_recv(cx) {
                 Poll::Ready(Some(p)) => p,
                 Poll::Ready(None) => return Poll::Ready(None),
@@ -181,7 +189,8 @@ impl DeliveryStream for Stream {
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        self.channel.cancel_consumer(&self.tag, Some(self.consumer));
+        self.channel
+            .cancel_consumer(&self.tag, Some(self.consumer), OnCancel::Requeue);
         // No-ack deliveries still buffered were never seen by the client: give them back.
         self.rx.close();
         let mut back = Vec::new();
@@ -248,6 +257,7 @@ impl ChannelShared {
         exclusive: bool,
     ) -> Result<Stream, EngineError> {
         let id = self.broker.next_id();
+        let cancelled = Arc::new(AtomicBool::new(false));
         {
             let mut consumers = self.consumers.lock();
             if consumers.contains_key(&tag) {
@@ -260,6 +270,7 @@ impl ChannelShared {
                 ConsumerReg {
                     queue: queue.clone(),
                     id,
+                    cancelled: cancelled.clone(),
                 },
             );
         }
@@ -291,7 +302,7 @@ impl ChannelShared {
             self.consumers.lock().remove(&tag);
             let mut fx = Effects::default();
             queue.end_consumer(id, CancelReason::ChannelClosed, &mut fx);
-            self.give_back(&queue, id, &mut fx);
+            self.give_back(&queue, id, false, &mut fx);
             self.broker.apply(fx);
             return Err(EngineError::ChannelClosed);
         }
@@ -304,12 +315,14 @@ impl ChannelShared {
             no_ack,
             taken: 0,
             reason,
+            cancelled,
         })
     }
 
     /// Cancels a consumer (by tag, and by id when called from its stream so a reused tag is not
-    /// hit); its unacked deliveries return to the queue. Returns whether it existed.
-    pub fn cancel_consumer(&self, tag: &str, id: Option<u64>) -> bool {
+    /// hit). Deliveries the client never took return to the queue unmarked; those it took are
+    /// requeued or kept as `on_cancel` says. Returns whether it existed.
+    pub fn cancel_consumer(&self, tag: &str, id: Option<u64>, on_cancel: OnCancel) -> bool {
         let reg = {
             let mut consumers = self.consumers.lock();
             match consumers.get(tag) {
@@ -320,20 +333,35 @@ impl ChannelShared {
         let Some(reg) = reg else {
             return false;
         };
+        // An explicit cancel (not the stream's own drop): the stream ends now.
+        let explicit = id.is_none();
+        if explicit {
+            reg.cancelled.store(true, Ordering::Release);
+        }
         let mut fx = Effects::default();
-        reg.queue.remove_consumer(reg.id, &mut fx);
-        self.give_back(&reg.queue, reg.id, &mut fx);
+        if let Some(slot) = reg.queue.remove_consumer(reg.id, &mut fx)
+            && explicit
+        {
+            slot.sink.end(CancelReason::Cancelled);
+        }
+        self.give_back(
+            &reg.queue,
+            reg.id,
+            on_cancel == OnCancel::KeepUnacked,
+            &mut fx,
+        );
         self.broker.apply(fx);
         true
     }
 
-    /// Returns a removed consumer's unacked deliveries to its queue.
-    fn give_back(&self, queue: &Arc<Queue>, consumer: u64, fx: &mut Effects) {
+    /// Returns a removed consumer's unacked deliveries to its queue; with `keep_seen`, those the
+    /// client took stay on the channel to be acked.
+    fn give_back(&self, queue: &Arc<Queue>, consumer: u64, keep_seen: bool, fx: &mut Effects) {
         let entries: Vec<Entry> = {
             let mut unacked = self.unacked.lock();
             let tags: Vec<u64> = unacked
                 .iter()
-                .filter(|(_, u)| u.consumer == Some(consumer))
+                .filter(|(_, u)| u.consumer == Some(consumer) && !(keep_seen && u.seen))
                 .map(|(t, _)| *t)
                 .collect();
             tags.iter()
