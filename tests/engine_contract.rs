@@ -1230,4 +1230,5 @@ contract!(embedded:
     retained_messages_are_kept_whole,
     control_takeover_and_wills,
     cancel_keeps_or_requeues_and_yields_nothing_more,
+    refusals_leave_the_channel_usable,
 );

@@ -472,3 +472,60 @@ pub async fn cancel_keeps_or_requeues_and_yields_nothing_more(engine: Arc<dyn En
     let again = ch.get(&q, true).await.unwrap().expect("requeued");
     assert_eq!((text(&again), again.redelivered), ("m4".to_owned(), true));
 }
+
+/// A refused operation (404, 403, 405, 406) leaves the client's engine channel usable: its
+/// consumers keep receiving, its unacked deliveries can still be acked, and it goes on working.
+/// (RabbitMQ closes an AMQP channel on each of these; an upstream engine keeps this promise
+/// with several AMQP channels per engine channel, DESIGN.md §1.)
+pub async fn refusals_leave_the_channel_usable(engine: Arc<dyn Engine>) {
+    let ch = channel(&engine).await;
+    let other = channel(&engine).await;
+    let q = declare_queue_with(
+        &ch,
+        "usable",
+        args(&[("x-max-length", FieldValue::I64(10))]),
+    )
+    .await;
+    let mut c = ch.consume(&q, ConsumeOptions::manual(10)).await.unwrap();
+    publish(&ch, "", &q, "before").await;
+    let held = next(&mut c).await;
+
+    let mut exclusive = queue_spec(FieldTable::new());
+    exclusive.exclusive = true;
+    let private = unique("usable-excl");
+    other.declare_queue(&private, &exclusive).await.unwrap();
+    let missing = unique("missing");
+    let refusals = [
+        ch.declare_queue(
+            &q,
+            &queue_spec(args(&[("x-max-length", FieldValue::I64(11))])),
+        )
+        .await
+        .map(drop)
+        .unwrap_err(),
+        ch.consume(&missing, ConsumeOptions::manual(1))
+            .await
+            .map(drop)
+            .unwrap_err(),
+        ch.publish(&missing, "k", Message::new("x"), PublishOptions::default())
+            .await
+            .map(drop)
+            .unwrap_err(),
+        ch.get(&private, true).await.map(drop).unwrap_err(),
+        ch.declare_exchange("amq.forbidden", &ExchangeSpec::new(ExchangeKind::Direct))
+            .await
+            .map(drop)
+            .unwrap_err(),
+    ];
+    let codes: Vec<u16> = refusals.iter().map(EngineError::reply_code).collect();
+    assert_eq!(codes, [406, 404, 404, 405, 403], "{refusals:?}");
+
+    // Still usable: the consumer receives, the held delivery acks, new work goes through.
+    publish(&ch, "", &q, "after").await;
+    assert_eq!(text(&next(&mut c).await), "after");
+    ch.ack(held.delivery_tag, false).await.unwrap();
+    assert_eq!(ready(&ch, &q).await, 0);
+    let fresh = declare_queue(&ch, "usable-after").await;
+    publish(&ch, "", &fresh, "works").await;
+    assert_eq!(drain(&ch, &fresh).await, ["works"]);
+}
