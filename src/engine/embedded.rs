@@ -103,7 +103,9 @@ impl Engine for EmbeddedEngine {
         }
         let id = self.broker.next_id();
         let shared = Arc::new(ChannelShared::new(id, self.broker.clone()));
-        self.broker.register_channel(&shared)?;
+        let closable: Arc<dyn broker::Closable> = shared.clone();
+        let closable = Arc::downgrade(&closable);
+        self.broker.register_channel(id, closable)?;
         tracing::trace!(channel = id, client = label, "channel opened");
         Ok(Arc::new(EmbeddedChannel { shared }))
     }

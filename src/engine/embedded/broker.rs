@@ -15,7 +15,6 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use super::channel::ChannelShared;
 
 use super::exchange::{Exchange, Targets};
 use super::queue::{DeadLetter, Effects, Enqueued, Gauges, Queue, QueueArgs, death_entry};
@@ -43,7 +42,7 @@ pub(super) struct Broker {
     default_exchange: Arc<str>,
     me: Weak<Broker>,
     /// Open channels, so a shutdown can close them.
-    channels: Mutex<HashMap<u64, Weak<ChannelShared>>>,
+    channels: Mutex<HashMap<u64, Weak<dyn Closable>>>,
     /// Cancelled at shutdown: the expiry tasks stop.
     stop: CancellationToken,
 }
@@ -173,12 +172,12 @@ impl Broker {
     }
 
     /// Refused once the broker is shutting down.
-    pub fn register_channel(&self, channel: &Arc<ChannelShared>) -> Result<(), EngineError> {
+    pub fn register_channel(&self, id: u64, channel: Weak<dyn Closable>) -> Result<(), EngineError> {
         let mut channels = self.channels.lock();
         if self.stop.is_cancelled() {
             return Err(EngineError::Unavailable("engine is shutting down".into()));
         }
-        channels.insert(channel.id, Arc::downgrade(channel));
+        channels.insert(id, channel);
         Ok(())
     }
 
@@ -189,7 +188,7 @@ impl Broker {
     /// Closes every open channel (consumers end, unacked deliveries return, exclusive queues
     /// go) and stops the expiry tasks. Queues and their messages stay.
     pub fn shutdown(&self) {
-        let channels: Vec<Weak<ChannelShared>> = {
+        let channels: Vec<Weak<dyn Closable>> = {
             let mut channels = self.channels.lock();
             self.stop.cancel();
             channels.drain().map(|(_, c)| c).collect()
@@ -614,45 +613,20 @@ impl Broker {
             )));
         }
         names::validate_key(routing_key)?;
-        let exchange = canonical_exchange(exchange);
         let mut targets = Targets::new();
-        let exchange_name = if exchange.is_empty() {
-            if let Some(q) = self.queues.get(routing_key) {
-                targets.push(q.value().clone());
-            }
-            self.default_exchange.clone()
-        } else {
-            let ex = self.exchange(exchange)?;
-            if ex.spec.internal {
-                return Err(EngineError::AccessRefused(format!(
-                    "cannot publish to internal exchange '{exchange}'"
-                )));
-            }
-            ex.route(routing_key, &message.properties.headers, &mut targets);
-            ex.name.clone()
-        };
+        let exchange_name = self.route(
+            exchange,
+            routing_key,
+            &message.properties.headers,
+            false,
+            &mut targets,
+        )?;
         if targets.is_empty() {
             return Ok(PublishOutcome { routed: false });
         }
-        dedup(&mut targets);
-        let charge = Charge::new(&self.held, message.body.len() as u64);
-        let envelope = Arc::new(Envelope {
-            exchange: exchange_name,
-            routing_key: routing_key.into(),
-            message,
-            charge,
-        });
-        let now = Instant::now();
         let mut fx = Effects::default();
-        let mut rejected = None;
-        let mut routed = false;
-        for queue in &targets {
-            match queue.enqueue(&envelope, now, &mut fx) {
-                Enqueued::Taken => routed = true,
-                Enqueued::Refused => rejected = Some(queue.name.clone()),
-                Enqueued::Gone => {}
-            }
-        }
+        let (routed, rejected) =
+            self.enqueue_all(&targets, exchange_name, routing_key.into(), message, &mut fx);
         self.apply(fx);
         match rejected {
             Some(queue) => Err(EngineError::Rejected(queue.to_string())),
@@ -759,32 +733,82 @@ impl Broker {
         }
 
         let mut targets = Targets::new();
-        let exchange_name = if exchange.is_empty() {
-            if let Some(q) = self.queues.get(&*routing_key) {
+        // A missing dead-letter exchange drops the message, as RabbitMQ does; an internal one
+        // is a fine dead-letter exchange.
+        let Ok(exchange_name) = self.route(
+            exchange,
+            &routing_key,
+            &message.properties.headers,
+            true,
+            &mut targets,
+        ) else {
+            return;
+        };
+        targets.retain(|q| !is_cycle(&history, &q.name));
+        if !targets.is_empty() {
+            self.enqueue_all(&targets, exchange_name, routing_key, message, fx);
+        }
+    }
+
+    /// The one routing step of publishes and dead letters: the queues `exchange` sends
+    /// `routing_key` (and `headers`) to, each once, into `targets`; returns the exchange's
+    /// canonical name. Client publishes may not use an internal exchange.
+    fn route(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        headers: &FieldTable,
+        internal_ok: bool,
+        targets: &mut Targets,
+    ) -> Result<Arc<str>, EngineError> {
+        let exchange = canonical_exchange(exchange);
+        let name = if exchange.is_empty() {
+            if let Some(q) = self.queues.get(routing_key) {
                 targets.push(q.value().clone());
             }
             self.default_exchange.clone()
         } else {
-            // A missing dead-letter exchange drops the message, as RabbitMQ does.
-            let Ok(ex) = self.exchange(exchange) else {
-                return;
-            };
-            ex.route(&routing_key, &message.properties.headers, &mut targets);
+            let ex = self.exchange(exchange)?;
+            if ex.spec.internal && !internal_ok {
+                return Err(EngineError::AccessRefused(format!(
+                    "cannot publish to internal exchange '{exchange}'"
+                )));
+            }
+            ex.route(routing_key, headers, targets);
             ex.name.clone()
         };
-        targets.retain(|q| !is_cycle(&history, &q.name));
-        dedup(&mut targets);
+        dedup(targets);
+        Ok(name)
+    }
+
+    /// Wraps the message once (one body and one memory charge for every queue) and enqueues it
+    /// in each target. Returns whether any queue took it and which one refused it, if any.
+    fn enqueue_all(
+        &self,
+        targets: &Targets,
+        exchange: Arc<str>,
+        routing_key: Arc<str>,
+        message: Message,
+        fx: &mut Effects,
+    ) -> (bool, Option<Arc<str>>) {
         let charge = Charge::new(&self.held, message.body.len() as u64);
         let envelope = Arc::new(Envelope {
-            exchange: exchange_name,
+            exchange,
             routing_key,
             message,
             charge,
         });
         let now = Instant::now();
-        for queue in &targets {
-            let _ = queue.enqueue(&envelope, now, fx);
+        let mut routed = false;
+        let mut rejected = None;
+        for queue in targets {
+            match queue.enqueue(&envelope, now, fx) {
+                Enqueued::Taken => routed = true,
+                Enqueued::Refused => rejected = Some(queue.name.clone()),
+                Enqueued::Gone => {}
+            }
         }
+        (routed, rejected)
     }
 
     fn spawn_message_expiry(&self, queue: &Arc<Queue>) {
@@ -884,6 +908,11 @@ impl Broker {
             }
         });
     }
+}
+
+/// What a shutdown closes: implemented by channels, so the broker never depends on them.
+pub(super) trait Closable: Send + Sync {
+    fn close(&self);
 }
 
 /// A deadline that never comes (a year is as good as never for a timer).

@@ -14,8 +14,8 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
-use super::broker::Broker;
-use super::queue::{Effects, Entry, Queue};
+use super::broker::{Broker, Closable};
+use super::queue::{Effects, Entry, Queue, Sink};
 use crate::engine::{CancelReason, Delivery, DeliveryStream, EngineError, OnCancel};
 
 /// How far a no-ack consumer may run ahead of what it has taken out of its buffer; credit comes
@@ -76,9 +76,8 @@ pub(super) struct ConsumerSink {
     reason: Reason,
 }
 
-impl ConsumerSink {
-    /// Called with the queue's lock held. `Err` gives the entry back when the receiver is gone.
-    pub fn deliver(
+impl Sink for ConsumerSink {
+    fn deliver(
         &self,
         queue: &Arc<Queue>,
         consumer: u64,
@@ -127,7 +126,7 @@ impl ConsumerSink {
         Ok(())
     }
 
-    pub fn end(&self, reason: CancelReason) {
+    fn end(&self, reason: CancelReason) {
         self.reason.lock().get_or_insert(reason);
     }
 }
@@ -287,7 +286,7 @@ impl ChannelShared {
             id,
             credit,
             no_ack,
-            sink,
+            sink: Box::new(sink),
         };
         let mut fx = Effects::default();
         let added = queue.add_consumer(slot, exclusive, &mut fx);
@@ -492,6 +491,12 @@ impl ChannelShared {
         for queue in exclusive {
             self.broker.remove_queue(&queue);
         }
+    }
+}
+
+impl Closable for ChannelShared {
+    fn close(&self) {
+        ChannelShared::close(self);
     }
 }
 

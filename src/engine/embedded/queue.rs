@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use super::channel::ConsumerSink;
 use crate::engine::{CancelReason, EngineError, Envelope, FieldTable, FieldValue, QueueSpec};
 
 /// Why a message left its queue for the dead-letter exchange (the `reason` of `x-death`).
@@ -175,11 +174,27 @@ pub(super) struct Gauges {
 /// One binding of this queue: (exchange, routing key, arguments).
 pub(super) type BoundFrom = (Arc<str>, Arc<str>, FieldTable);
 
+/// Where a queue hands a consumer's deliveries: defined here, implemented by the consumer's
+/// channel, so the queue never depends on channels (it calls out through this under its lock).
+pub(super) trait Sink: Send + Sync {
+    /// Called with the queue's lock held. `Err` gives the entry back when the consumer is gone.
+    fn deliver(
+        &self,
+        queue: &Arc<Queue>,
+        consumer: u64,
+        entry: Entry,
+        now: Instant,
+    ) -> Result<(), Entry>;
+
+    /// The consumer ends for `reason` (the queue went, the channel closed, a cancel).
+    fn end(&self, reason: CancelReason);
+}
+
 pub(super) struct Slot {
     pub id: u64,
     pub credit: u32,
     pub no_ack: bool,
-    pub sink: ConsumerSink,
+    pub sink: Box<dyn Sink>,
 }
 
 struct State {
