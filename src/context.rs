@@ -43,6 +43,8 @@ pub struct Connection {
     pub id: u64,
     pub remote: SocketAddr,
     pub limits: ConnectionLimits,
+    /// What the engine knows this connection as: the owner of its exclusive queues.
+    owner: crate::engine::Owner,
     channel: tokio::sync::OnceCell<Arc<dyn Channel>>,
 }
 
@@ -52,6 +54,7 @@ impl Connection {
             id,
             remote,
             limits,
+            owner: crate::engine::Owner::new(),
             channel: tokio::sync::OnceCell::new(),
         }
     }
@@ -60,7 +63,7 @@ impl Connection {
         self.channel
             .get_or_try_init(|| async {
                 engine
-                    .open_channel(&format!("conn-{}@{}", self.id, self.remote))
+                    .open_channel(&self.owner, &format!("conn-{}@{}", self.id, self.remote))
                     .await
             })
             .await

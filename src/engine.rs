@@ -350,6 +350,26 @@ pub struct EngineStats {
     pub exchanges: u64,
 }
 
+/// A client connection as engines see it: the owner of its exclusive queues, shared by every
+/// channel it opens (one for most adapters; one per AMQP channel for the AMQP listener).
+/// Another owner gets `ResourceLocked` (405) for them, a passive declare included; they are
+/// deleted when the owner's last channel closes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Owner(u64);
+
+impl Owner {
+    /// A new owner, unique in this process.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Owner {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Owner(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+
+    pub fn id(&self) -> u64 {
+        self.0
+    }
+}
+
 /// What an engine can do where engines differ (DESIGN.md §1). Adapters ask this, never
 /// [`Engine::kind`], so a third engine needs no adapter change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -381,10 +401,14 @@ pub trait Engine: Send + Sync + 'static {
     /// The retained messages every instance shares (MQTT retain; DESIGN.md §3).
     fn retained(&self) -> Arc<dyn retained::RetainedStore>;
 
-    /// One channel per client connection: it owns the connection's exclusive queues, its
-    /// consumers, its delivery tags and the order of its publishes. `label` names the client in
-    /// logs (never a token).
-    async fn open_channel(&self, label: &str) -> Result<Arc<dyn Channel>, EngineError>;
+    /// A channel of the client connection `owner`: it holds its consumers, its delivery tags
+    /// and the order of its publishes; exclusive queues belong to the owner, across its
+    /// channels. `label` names the client in logs (never a token).
+    async fn open_channel(
+        &self,
+        owner: &Owner,
+        label: &str,
+    ) -> Result<Arc<dyn Channel>, EngineError>;
 
     fn health(&self) -> Health;
 
@@ -447,7 +471,12 @@ pub trait Channel: Send + Sync {
         name: &str,
         expires: Option<std::time::Duration>,
     ) -> Result<(), EngineError>;
+    /// An inspection, as a management API gives it: it answers for every queue, another
+    /// owner's exclusive ones included (REST `GET /v1/queues/{name}`).
     async fn queue_info(&self, name: &str) -> Result<QueueInfo, EngineError>;
+    /// AMQP `queue.declare` with `passive`: the queue's counts if it exists and this channel's
+    /// owner may use it — another owner's exclusive queue is `ResourceLocked` (405).
+    async fn declare_queue_passive(&self, name: &str) -> Result<QueueDeclared, EngineError>;
     async fn list_queues(
         &self,
         after: Option<&str>,

@@ -20,7 +20,10 @@ fn engine() -> Arc<dyn Engine> {
 #[tokio::test]
 async fn fan_out_shares_one_body() {
     let engine = engine();
-    let ch = engine.open_channel("t").await.unwrap();
+    let ch = engine
+        .open_channel(&amqp_gateway::engine::Owner::new(), "t")
+        .await
+        .unwrap();
     let ex = unique("share");
     ch.declare_exchange(&ex, &ExchangeSpec::new(ExchangeKind::Fanout))
         .await
@@ -54,7 +57,10 @@ async fn held_bytes_count_each_message_once_until_settled() {
         memory_high_watermark: Some(100_000),
         ..EmbeddedOptions::default()
     }));
-    let ch = engine.open_channel("t").await.unwrap();
+    let ch = engine
+        .open_channel(&amqp_gateway::engine::Owner::new(), "t")
+        .await
+        .unwrap();
     let ex = unique("held");
     ch.declare_exchange(&ex, &ExchangeSpec::new(ExchangeKind::Fanout))
         .await
@@ -111,7 +117,10 @@ async fn concurrent_publishers_on_many_exchanges_lose_nothing() {
     const PUBLISHERS: usize = 8;
     const EACH: usize = 2_000;
     let engine = engine();
-    let setup = engine.open_channel("setup").await.unwrap();
+    let setup = engine
+        .open_channel(&amqp_gateway::engine::Owner::new(), "setup")
+        .await
+        .unwrap();
     let sink = unique("sink");
     setup
         .declare_queue(&sink, &QueueSpec::default())
@@ -128,7 +137,10 @@ async fn concurrent_publishers_on_many_exchanges_lose_nothing() {
             .bind_queue(&sink, &ex, "#", &FieldTable::new())
             .await
             .unwrap();
-        let ch = engine.open_channel("publisher").await.unwrap();
+        let ch = engine
+            .open_channel(&amqp_gateway::engine::Owner::new(), "publisher")
+            .await
+            .unwrap();
         tasks.push(tokio::spawn(async move {
             for i in 0..EACH {
                 let routed = ch
@@ -181,7 +193,10 @@ async fn shutdown_stops_the_expiry_tasks() {
     };
     let before = alive();
     let engine = engine();
-    let ch = engine.open_channel("t").await.unwrap();
+    let ch = engine
+        .open_channel(&amqp_gateway::engine::Owner::new(), "t")
+        .await
+        .unwrap();
     let mut arguments = FieldTable::new();
     arguments.insert("x-expires".into(), FieldValue::I64(3_600_000));
     arguments.insert("x-message-ttl".into(), FieldValue::I64(3_600_000));
@@ -213,7 +228,10 @@ async fn the_watermark_is_a_watch() {
     }));
     let mut blocked = engine.watch_publish_blocked();
     assert!(!*blocked.borrow_and_update());
-    let ch = engine.open_channel("t").await.unwrap();
+    let ch = engine
+        .open_channel(&amqp_gateway::engine::Owner::new(), "t")
+        .await
+        .unwrap();
     let q = unique("watermark");
     ch.declare_queue(&q, &QueueSpec::default()).await.unwrap();
     ch.publish(

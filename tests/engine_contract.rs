@@ -28,7 +28,7 @@ const QUIET: Duration = Duration::from_millis(150);
 
 async fn channel(engine: &Arc<dyn Engine>) -> Arc<dyn Channel> {
     engine
-        .open_channel("contract-test")
+        .open_channel(&amqp_gateway::engine::Owner::new(), "contract-test")
         .await
         .expect("open channel")
 }
@@ -1231,4 +1231,5 @@ contract!(embedded:
     control_takeover_and_wills,
     cancel_keeps_or_requeues_and_yields_nothing_more,
     refusals_leave_the_channel_usable,
+    exclusive_queues_belong_to_the_connection,
 );

@@ -315,7 +315,12 @@ async fn qos0_to_a_stalled_client_is_dropped_and_counted() {
     let mut suback = [0u8; 5];
     s.read_exact(&mut suback).await.unwrap();
     assert_eq!(suback[0], 0x90);
-    let channel = gw.gateway.engine().open_channel("flood").await.unwrap();
+    let channel = gw
+        .gateway
+        .engine()
+        .open_channel(&amqp_gateway::engine::Owner::new(), "flood")
+        .await
+        .unwrap();
     let payload = vec![b'z'; 16 * 1024];
     for _ in 0..2000 {
         channel

@@ -800,7 +800,10 @@ async fn a_stalled_reader_lags_while_fast_readers_get_everything() {
         seen
     });
     let engine = gw.gateway.engine();
-    let ch = engine.open_channel("flood").await.unwrap();
+    let ch = engine
+        .open_channel(&amqp_gateway::engine::Owner::new(), "flood")
+        .await
+        .unwrap();
     let body = "z".repeat(64 * 1024);
     for i in 0..N {
         let mut m = Message::new(body.clone());

@@ -24,7 +24,7 @@ use crate::engine::names::{self, CONSUMER_TAG_PREFIX};
 use crate::engine::{
     AckMode, BindingInfo, Capabilities, Channel, ConsumeOptions, Consumer, Declared,
     DeleteQueueOptions, Delivery, Engine, EngineError, EngineKind, EngineStats, ExchangeInfo,
-    ExchangeSpec, FieldTable, Health, Message, OnCancel, PublishConfirm, PublishOptions,
+    ExchangeSpec, FieldTable, Health, Message, OnCancel, Owner, PublishConfirm, PublishOptions,
     QueueDeclared, QueueInfo, QueueSpec,
 };
 
@@ -97,15 +97,19 @@ impl Engine for EmbeddedEngine {
         }
     }
 
-    async fn open_channel(&self, label: &str) -> Result<Arc<dyn Channel>, EngineError> {
+    async fn open_channel(
+        &self,
+        owner: &Owner,
+        label: &str,
+    ) -> Result<Arc<dyn Channel>, EngineError> {
         if self.shut.load(Ordering::Acquire) {
             return Err(EngineError::Unavailable("engine is shutting down".into()));
         }
         let id = self.broker.next_id();
-        let shared = Arc::new(ChannelShared::new(id, self.broker.clone()));
+        let shared = Arc::new(ChannelShared::new(id, owner.id(), self.broker.clone()));
         let closable: Arc<dyn broker::Closable> = shared.clone();
         let closable = Arc::downgrade(&closable);
-        self.broker.register_channel(id, closable)?;
+        self.broker.register_channel(id, owner.id(), closable)?;
         tracing::trace!(channel = id, client = label, "channel opened");
         Ok(Arc::new(EmbeddedChannel { shared }))
     }
@@ -198,7 +202,7 @@ impl Channel for EmbeddedChannel {
         let (declared, owned) = self
             .shared
             .broker
-            .declare_queue(self.shared.id, name, spec)?;
+            .declare_queue(self.shared.owner, name, spec)?;
         if let Some(queue) = owned {
             self.shared.own_exclusive(queue)?;
         }
@@ -211,14 +215,21 @@ impl Channel for EmbeddedChannel {
         options: DeleteQueueOptions,
     ) -> Result<u64, EngineError> {
         self.shared.check_open()?;
-        self.shared
-            .broker
-            .delete_queue(self.shared.id, name, options.if_unused, options.if_empty)
+        self.shared.broker.delete_queue(
+            self.shared.owner,
+            name,
+            options.if_unused,
+            options.if_empty,
+        )
     }
 
     async fn purge_queue(&self, name: &str) -> Result<u64, EngineError> {
         self.shared.check_open()?;
-        Ok(self.shared.broker.queue_for(self.shared.id, name)?.purge())
+        Ok(self
+            .shared
+            .broker
+            .queue_for(self.shared.owner, name)?
+            .purge())
     }
 
     async fn set_queue_expiry(
@@ -229,12 +240,25 @@ impl Channel for EmbeddedChannel {
         self.shared.check_open()?;
         self.shared
             .broker
-            .set_queue_expiry(self.shared.id, name, expires)
+            .set_queue_expiry(self.shared.owner, name, expires)
     }
 
     async fn queue_info(&self, name: &str) -> Result<QueueInfo, EngineError> {
         self.shared.check_open()?;
         self.shared.broker.queue_info(name)
+    }
+
+    async fn declare_queue_passive(&self, name: &str) -> Result<QueueDeclared, EngineError> {
+        self.shared.check_open()?;
+        let queue = self.shared.broker.queue_for(self.shared.owner, name)?;
+        queue.touch();
+        let (messages, _, consumers) = queue.counts();
+        Ok(QueueDeclared {
+            name: name.to_owned(),
+            declared: Declared::Existed,
+            messages,
+            consumers,
+        })
     }
 
     async fn list_queues(
@@ -256,7 +280,7 @@ impl Channel for EmbeddedChannel {
         self.shared.check_open()?;
         self.shared
             .broker
-            .bind(self.shared.id, queue, exchange, routing_key, arguments)
+            .bind(self.shared.owner, queue, exchange, routing_key, arguments)
     }
 
     async fn unbind_queue(
@@ -269,7 +293,7 @@ impl Channel for EmbeddedChannel {
         self.shared.check_open()?;
         self.shared
             .broker
-            .unbind(self.shared.id, queue, exchange, routing_key, arguments)
+            .unbind(self.shared.owner, queue, exchange, routing_key, arguments)
     }
 
     async fn list_bindings(&self, queue: &str) -> Result<Vec<BindingInfo>, EngineError> {
@@ -294,7 +318,7 @@ impl Channel for EmbeddedChannel {
 
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Consumer, EngineError> {
         self.shared.check_open()?;
-        let q = self.shared.broker.queue_for(self.shared.id, queue)?;
+        let q = self.shared.broker.queue_for(self.shared.owner, queue)?;
         let (credit, no_ack) = match options.ack {
             AckMode::Manual { prefetch: 0 } => {
                 return Err(EngineError::InvalidArgument(
@@ -328,7 +352,7 @@ impl Channel for EmbeddedChannel {
 
     async fn get(&self, queue: &str, no_ack: bool) -> Result<Option<Delivery>, EngineError> {
         self.shared.check_open()?;
-        let q = self.shared.broker.queue_for(self.shared.id, queue)?;
+        let q = self.shared.broker.queue_for(self.shared.owner, queue)?;
         Ok(self.shared.get(&q, no_ack))
     }
 

@@ -292,7 +292,10 @@ pub async fn shutdown_closes_channels(engine: Arc<dyn Engine>) {
         Some(EngineError::ChannelClosed)
     );
     assert!(matches!(
-        engine.open_channel("late").await.err(),
+        engine
+            .open_channel(&amqp_gateway::engine::Owner::new(), "late")
+            .await
+            .err(),
         Some(EngineError::Unavailable(_))
     ));
 }
@@ -528,4 +531,65 @@ pub async fn refusals_leave_the_channel_usable(engine: Arc<dyn Engine>) {
     let fresh = declare_queue(&ch, "usable-after").await;
     publish(&ch, "", &fresh, "works").await;
     assert_eq!(drain(&ch, &fresh).await, ["works"]);
+}
+
+/// Exclusive queues belong to the client connection (the owner), across its channels: every
+/// channel of the owner uses them; another owner gets 405 for a declare, a passive declare, a
+/// consume or a get (an inspection still sees them); they go when the owner's last channel
+/// closes, not before.
+pub async fn exclusive_queues_belong_to_the_connection(engine: Arc<dyn Engine>) {
+    let owner = amqp_gateway::engine::Owner::new();
+    let a = engine.open_channel(&owner, "conn-a1").await.unwrap();
+    let b = engine.open_channel(&owner, "conn-a2").await.unwrap();
+    let stranger = channel(&engine).await;
+    let q = unique("owned");
+    let mut spec = queue_spec(FieldTable::new());
+    spec.exclusive = true;
+    a.declare_queue(&q, &spec).await.unwrap();
+
+    assert_eq!(
+        b.declare_queue(&q, &spec).await.map(|d| d.declared),
+        Ok(Declared::Existed)
+    );
+    assert!(b.declare_queue_passive(&q).await.is_ok());
+    publish(&b, "", &q, "for the owner").await;
+    let mut c = b.consume(&q, ConsumeOptions::manual(1)).await.unwrap();
+    assert_eq!(text(&next(&mut c).await), "for the owner");
+    drop(c);
+
+    let refusals = [
+        stranger.declare_queue(&q, &spec).await.map(drop),
+        stranger.declare_queue_passive(&q).await.map(drop),
+        stranger
+            .consume(&q, ConsumeOptions::manual(1))
+            .await
+            .map(drop),
+        stranger.get(&q, true).await.map(drop),
+    ];
+    for r in &refusals {
+        assert!(
+            matches!(r, Err(e) if e.reply_code() == 405),
+            "another connection: {refusals:?}"
+        );
+    }
+    assert!(
+        stranger.queue_info(&q).await.is_ok(),
+        "an inspection sees it"
+    );
+
+    a.close().await;
+    drop(a);
+    assert!(
+        b.declare_queue_passive(&q).await.is_ok(),
+        "the owner still has a channel open"
+    );
+    b.close().await;
+    drop(b);
+    eventually("the owner's last channel took it along", || async {
+        matches!(
+            stranger.queue_info(&q).await,
+            Err(EngineError::NotFound { .. })
+        )
+    })
+    .await;
 }

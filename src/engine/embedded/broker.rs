@@ -15,7 +15,6 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
-
 use super::exchange::{Exchange, Targets};
 use super::queue::{DeadLetter, Effects, Enqueued, Gauges, Queue, QueueArgs, death_entry};
 use super::store::Store;
@@ -43,6 +42,9 @@ pub(super) struct Broker {
     me: Weak<Broker>,
     /// Open channels, so a shutdown can close them.
     channels: Mutex<HashMap<u64, Weak<dyn Closable>>>,
+    /// Per owner (client connection): its open channels and its exclusive queues, deleted when
+    /// the last of those channels closes.
+    owners: Mutex<HashMap<u64, Owned>>,
     /// Cancelled at shutdown: the expiry tasks stop.
     stop: CancellationToken,
 }
@@ -149,6 +151,7 @@ impl Broker {
             default_exchange: Arc::from(""),
             me: me.clone(),
             channels: Mutex::new(HashMap::new()),
+            owners: Mutex::new(HashMap::new()),
             stop: CancellationToken::new(),
         });
         for (name, kind) in [
@@ -172,17 +175,52 @@ impl Broker {
     }
 
     /// Refused once the broker is shutting down.
-    pub fn register_channel(&self, id: u64, channel: Weak<dyn Closable>) -> Result<(), EngineError> {
+    pub fn register_channel(
+        &self,
+        id: u64,
+        owner: u64,
+        channel: Weak<dyn Closable>,
+    ) -> Result<(), EngineError> {
         let mut channels = self.channels.lock();
         if self.stop.is_cancelled() {
             return Err(EngineError::Unavailable("engine is shutting down".into()));
         }
         channels.insert(id, channel);
+        self.owners.lock().entry(owner).or_default().0 += 1;
         Ok(())
     }
 
-    pub fn unregister_channel(&self, id: u64) {
+    /// A channel closed; the last one of its owner takes the owner's exclusive queues along.
+    pub fn unregister_channel(&self, id: u64, owner: u64) {
         self.channels.lock().remove(&id);
+        let gone = {
+            let mut owners = self.owners.lock();
+            match owners.get_mut(&owner) {
+                Some((open, _)) if *open > 1 => {
+                    *open -= 1;
+                    None
+                }
+                Some(_) => owners.remove(&owner).map(|(_, queues)| queues),
+                None => None,
+            }
+        };
+        for queue in gone.into_iter().flatten() {
+            self.remove_queue(&queue);
+        }
+    }
+
+    /// Records an exclusive queue of `owner`. `Err` when the owner has no open channel any
+    /// more (its last one closed meanwhile): the queue is deleted at once.
+    pub fn own_exclusive(&self, owner: u64, queue: Arc<Queue>) -> Result<(), EngineError> {
+        {
+            let mut owners = self.owners.lock();
+            if let Some((_, queues)) = owners.get_mut(&owner) {
+                queues.push(queue);
+                return Ok(());
+            }
+        }
+        self.remove_queue(&queue);
+        Err(EngineError::ChannelClosed)
     }
 
     /// Closes every open channel (consumers end, unacked deliveries return, exclusive queues
@@ -225,7 +263,7 @@ impl Broker {
             .ok_or_else(|| EngineError::queue_not_found(name))
     }
 
-    /// A queue the given channel may use: exclusive queues only by their owner.
+    /// A queue the given owner (client connection) may use: exclusive queues only by theirs.
     pub fn queue_for(&self, channel: u64, name: &str) -> Result<Arc<Queue>, EngineError> {
         let queue = self.queue(name)?;
         match queue.owner {
@@ -497,6 +535,7 @@ impl Broker {
         queue.delete()
     }
 
+    /// An inspection: every queue, whoever owns it.
     pub fn queue_info(&self, name: &str) -> Result<QueueInfo, EngineError> {
         Ok(info(&*self.queue(name)?))
     }
@@ -625,8 +664,13 @@ impl Broker {
             return Ok(PublishOutcome { routed: false });
         }
         let mut fx = Effects::default();
-        let (routed, rejected) =
-            self.enqueue_all(&targets, exchange_name, routing_key.into(), message, &mut fx);
+        let (routed, rejected) = self.enqueue_all(
+            &targets,
+            exchange_name,
+            routing_key.into(),
+            message,
+            &mut fx,
+        );
         self.apply(fx);
         match rejected {
             Some(queue) => Err(EngineError::Rejected(queue.to_string())),
@@ -909,6 +953,9 @@ impl Broker {
         });
     }
 }
+
+/// An owner's open channels and exclusive queues.
+type Owned = (usize, Vec<Arc<Queue>>);
 
 /// What a shutdown closes: implemented by channels, so the broker never depends on them.
 pub(super) trait Closable: Send + Sync {

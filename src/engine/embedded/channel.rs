@@ -58,11 +58,12 @@ struct Pending {
 
 pub(super) struct ChannelShared {
     pub id: u64,
+    /// The client connection this channel belongs to: the owner of exclusive queues.
+    pub owner: u64,
     pub broker: Arc<Broker>,
     next_tag: AtomicU64,
     unacked: Mutex<BTreeMap<u64, Unacked>>,
     consumers: Mutex<HashMap<Arc<str>, ConsumerReg>>,
-    exclusive: Mutex<Vec<Arc<Queue>>>,
     closed: AtomicBool,
 }
 
@@ -205,14 +206,14 @@ impl Drop for Stream {
 }
 
 impl ChannelShared {
-    pub fn new(id: u64, broker: Arc<Broker>) -> Self {
+    pub fn new(id: u64, owner: u64, broker: Arc<Broker>) -> Self {
         ChannelShared {
             id,
+            owner,
             broker,
             next_tag: AtomicU64::new(1),
             unacked: Mutex::new(BTreeMap::new()),
             consumers: Mutex::new(HashMap::new()),
-            exclusive: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
         }
     }
@@ -233,17 +234,11 @@ impl ChannelShared {
         }
     }
 
-    /// Takes an exclusive queue this channel declared. `Err` when the channel closed
-    /// meanwhile: the queue is deleted at once, or it would outlive its owner and lock its name.
+    /// Gives an exclusive queue this channel declared to its owner. `Err` when the owner's
+    /// last channel closed meanwhile: the queue is deleted at once, or it would outlive its
+    /// owner and lock its name.
     pub fn own_exclusive(&self, queue: Arc<Queue>) -> Result<(), EngineError> {
-        let mut owned = self.exclusive.lock();
-        if self.is_closed() {
-            drop(owned);
-            self.broker.remove_queue(&queue);
-            return Err(EngineError::ChannelClosed);
-        }
-        owned.push(queue);
-        Ok(())
+        self.broker.own_exclusive(self.owner, queue)
     }
 
     /// Registers a consumer on `queue` and returns its stream.
@@ -465,12 +460,12 @@ impl ChannelShared {
         Some(delivery)
     }
 
-    /// Ends consumers, requeues unacked deliveries, deletes exclusive queues. Idempotent.
+    /// Ends consumers, requeues unacked deliveries; the owner's last channel takes its
+    /// exclusive queues along. Idempotent.
     pub fn close(&self) {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.broker.unregister_channel(self.id);
         let mut fx = Effects::default();
         let consumers: Vec<ConsumerReg> =
             self.consumers.lock().drain().map(|(_, reg)| reg).collect();
@@ -485,12 +480,7 @@ impl ChannelShared {
             queue.requeue(None, entries, true, &mut fx);
         }
         self.broker.apply(fx);
-        // After `closed` is set: a declaration racing this close finds it under this lock
-        // (see `own_exclusive`).
-        let exclusive = std::mem::take(&mut *self.exclusive.lock());
-        for queue in exclusive {
-            self.broker.remove_queue(&queue);
-        }
+        self.broker.unregister_channel(self.id, self.owner);
     }
 }
 

@@ -106,7 +106,10 @@ impl Session {
         let engine = self.ctx.engine.clone();
         let retained = self.retained.clone();
         let publish = async move {
-            let Ok(channel) = engine.open_channel("mqtt-will").await else {
+            let Ok(channel) = engine
+                .open_channel(&crate::engine::Owner::new(), "mqtt-will")
+                .await
+            else {
                 return;
             };
             // Retained first: whoever sees the live copy and then subscribes finds the retained
