@@ -31,7 +31,7 @@ use std::task::{Context, Poll};
 use async_trait::async_trait;
 
 pub use error::{EngineError, ObjectKind};
-pub use message::{Charge, Delivery, Envelope, Held, Message, Properties};
+pub use message::{Delivery, Envelope, EnvelopeRef, Message, Properties};
 pub use table::{FieldTable, FieldValue};
 
 /// Which implementation serves the seam; adapters only use it for capability questions
@@ -336,20 +336,6 @@ pub enum Health {
     NotReady(String),
 }
 
-/// Gauges the metrics and the memory watermark read.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct EngineStats {
-    /// Ready messages held in queues.
-    pub queued_messages: u64,
-    /// Body bytes of those messages.
-    pub queued_bytes: u64,
-    /// Body bytes the engine holds in memory (ready and unacknowledged; a message routed to
-    /// many queues counts once): what `engine.memory_high_watermark` limits.
-    pub held_bytes: u64,
-    pub queues: u64,
-    pub exchanges: u64,
-}
-
 /// A client connection as engines see it: the owner of its exclusive queues, shared by every
 /// channel it opens (one for most adapters; one per AMQP channel for the AMQP listener).
 /// Another owner gets `ResourceLocked` (405) for them, a passive declare included; they are
@@ -412,7 +398,9 @@ pub trait Engine: Send + Sync + 'static {
 
     fn health(&self) -> Health;
 
-    fn stats(&self) -> EngineStats;
+    /// Sets the engine's own gauges (queued messages and bytes, queues, held bytes, …) just
+    /// before `/metrics` renders: what an engine measures is its business, not the trait's.
+    fn record_metrics(&self);
 
     /// Publishes should be throttled now: the embedded engine is above its memory high
     /// watermark (an upstream broker says so with `connection.blocked`). Adapters answer as

@@ -101,12 +101,7 @@ pub fn connection_closed(protocol: &'static str) {
 
 /// The Prometheus text, with the engine's gauges read now.
 pub fn render(engine: &dyn Engine) -> String {
-    let stats = engine.stats();
-    metrics::gauge!(QUEUED_MESSAGES).set(stats.queued_messages as f64);
-    metrics::gauge!(QUEUED_BYTES).set(stats.queued_bytes as f64);
-    metrics::gauge!(QUEUES).set(stats.queues as f64);
-    metrics::gauge!(HELD_BYTES).set(stats.held_bytes as f64);
-    metrics::gauge!(PUBLISH_BLOCKED).set(if engine.publish_blocked() { 1.0 } else { 0.0 });
+    engine.record_metrics();
     let handle = handle();
     handle.run_upkeep();
     handle.render()

@@ -13,7 +13,7 @@ use amqp_gateway::engine::{
 use bytes::Bytes;
 use common::{next, unique};
 
-fn engine() -> Arc<dyn Engine> {
+fn engine() -> Arc<EmbeddedEngine> {
     Arc::new(EmbeddedEngine::new(EmbeddedOptions::default()))
 }
 
@@ -53,7 +53,7 @@ async fn fan_out_shares_one_body() {
 /// unacknowledged delivery until it is acked; above the watermark publishes are flagged.
 #[tokio::test]
 async fn held_bytes_count_each_message_once_until_settled() {
-    let engine: Arc<dyn Engine> = Arc::new(EmbeddedEngine::new(EmbeddedOptions {
+    let engine = Arc::new(EmbeddedEngine::new(EmbeddedOptions {
         memory_high_watermark: Some(100_000),
         ..EmbeddedOptions::default()
     }));

@@ -7,6 +7,7 @@ mod broker;
 mod channel;
 mod control;
 mod exchange;
+mod held;
 pub mod memory;
 mod queue;
 mod retained;
@@ -23,9 +24,9 @@ use self::channel::{ChannelShared, NO_ACK_WINDOW};
 use crate::engine::names::{self, CONSUMER_TAG_PREFIX};
 use crate::engine::{
     AckMode, BindingInfo, Capabilities, Channel, ConsumeOptions, Consumer, Declared,
-    DeleteQueueOptions, Delivery, Engine, EngineError, EngineKind, EngineStats, ExchangeInfo,
-    ExchangeSpec, FieldTable, Health, Message, OnCancel, Owner, PublishConfirm, PublishOptions,
-    QueueDeclared, QueueInfo, QueueSpec,
+    DeleteQueueOptions, Delivery, Engine, EngineError, EngineKind, ExchangeInfo, ExchangeSpec,
+    FieldTable, Health, Message, OnCancel, Owner, PublishConfirm, PublishOptions, QueueDeclared,
+    QueueInfo, QueueSpec,
 };
 
 /// What the embedded engine is built with.
@@ -58,7 +59,33 @@ pub struct EmbeddedEngine {
     shut: AtomicBool,
 }
 
+/// The embedded engine's gauges, as `/metrics` shows them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Ready messages held in queues.
+    pub queued_messages: u64,
+    /// Body bytes of those messages.
+    pub queued_bytes: u64,
+    /// Body bytes the engine holds in memory (ready and unacknowledged; a message routed to
+    /// many queues counts once): what `engine.memory_high_watermark` limits.
+    pub held_bytes: u64,
+    pub queues: u64,
+    pub exchanges: u64,
+}
+
 impl EmbeddedEngine {
+    /// What it holds now.
+    pub fn stats(&self) -> Stats {
+        let (queued_messages, queued_bytes, queues, exchanges) = self.broker.gauges();
+        Stats {
+            queued_messages,
+            queued_bytes,
+            held_bytes: self.broker.held().bytes(),
+            queues,
+            exchanges,
+        }
+    }
+
     /// Must be called inside a tokio runtime (TTL and expiry timers run on it).
     pub fn new(options: EmbeddedOptions) -> Self {
         EmbeddedEngine {
@@ -122,15 +149,14 @@ impl Engine for EmbeddedEngine {
         }
     }
 
-    fn stats(&self) -> EngineStats {
-        let (queued_messages, queued_bytes, queues, exchanges) = self.broker.gauges();
-        EngineStats {
-            queued_messages,
-            queued_bytes,
-            held_bytes: self.broker.held().bytes(),
-            queues,
-            exchanges,
-        }
+    fn record_metrics(&self) {
+        use crate::metrics::{HELD_BYTES, PUBLISH_BLOCKED, QUEUED_BYTES, QUEUED_MESSAGES, QUEUES};
+        let stats = self.stats();
+        metrics::gauge!(QUEUED_MESSAGES).set(stats.queued_messages as f64);
+        metrics::gauge!(QUEUED_BYTES).set(stats.queued_bytes as f64);
+        metrics::gauge!(QUEUES).set(stats.queues as f64);
+        metrics::gauge!(HELD_BYTES).set(stats.held_bytes as f64);
+        metrics::gauge!(PUBLISH_BLOCKED).set(if self.publish_blocked() { 1.0 } else { 0.0 });
     }
 
     fn publish_blocked(&self) -> bool {

@@ -2,7 +2,6 @@
 //! queue it was routed to (fan-out copies a pointer, never a body).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -63,107 +62,18 @@ pub struct Envelope {
     pub exchange: Arc<str>,
     pub routing_key: Arc<str>,
     pub message: Message,
-    /// What the engine counts against its memory watermark while it holds this envelope.
-    pub charge: Charge,
 }
 
-/// The body bytes an engine holds, against its memory high watermark: crossing it either way
-/// flips a `watch`, so adapters (and an AMQP listener's `connection.blocked`) follow the state
-/// without polling. Only crossings touch the watch; every other change is one atomic add.
-pub struct Held {
-    bytes: AtomicU64,
-    watermark: u64,
-    blocked: tokio::sync::watch::Sender<bool>,
+/// Read access to an envelope however an engine keeps it: the embedded engine keeps its
+/// memory accounting beside the envelope, in the same allocation, and hands that out; an
+/// engine with nothing to add hands out the envelope itself.
+pub trait EnvelopeRef: Send + Sync + std::fmt::Debug {
+    fn envelope(&self) -> &Envelope;
 }
 
-impl Held {
-    /// `watermark` of `u64::MAX`: never blocked.
-    pub fn new(watermark: u64) -> Held {
-        Held {
-            bytes: AtomicU64::new(0),
-            watermark,
-            blocked: tokio::sync::watch::Sender::new(false),
-        }
-    }
-
-    pub fn bytes(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed)
-    }
-
-    pub fn blocked(&self) -> bool {
-        *self.blocked.borrow()
-    }
-
-    pub fn watch(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.blocked.subscribe()
-    }
-
-    fn add(&self, n: u64) {
-        let before = self.bytes.fetch_add(n, Ordering::Relaxed);
-        if before < self.watermark && before.saturating_add(n) >= self.watermark {
-            self.recheck();
-        }
-    }
-
-    fn sub(&self, n: u64) {
-        let before = self.bytes.fetch_sub(n, Ordering::Relaxed);
-        if before >= self.watermark && before - n < self.watermark {
-            self.recheck();
-        }
-    }
-
-    /// Sets the state from the current count, under the watch's lock: whichever crossing
-    /// rechecks last sees the latest count, so concurrent crossings cannot leave it stale.
-    fn recheck(&self) {
-        self.blocked.send_if_modified(|blocked| {
-            let now = self.bytes.load(Ordering::Relaxed) >= self.watermark;
-            let changed = *blocked != now;
-            *blocked = now;
-            changed
-        });
-    }
-}
-
-/// Body bytes added to [`Held`] while the value holding this lives, taken off when it drops:
-/// an envelope shared by many queues (one `Arc`) is counted once, for as long as any queue or
-/// unsettled delivery holds it. A clone is not counted (only the engine's own copy is).
-#[derive(Default)]
-pub struct Charge(Option<(Arc<Held>, u64)>);
-
-impl Charge {
-    pub fn new(held: &Arc<Held>, bytes: u64) -> Charge {
-        held.add(bytes);
-        Charge(Some((held.clone(), bytes)))
-    }
-}
-
-impl Drop for Charge {
-    fn drop(&mut self) {
-        if let Some((held, bytes)) = &self.0 {
-            held.sub(*bytes);
-        }
-    }
-}
-
-impl Clone for Charge {
-    fn clone(&self) -> Self {
-        Charge(None)
-    }
-}
-
-/// Accounting, not content: two envelopes compare by what they carry.
-impl PartialEq for Charge {
-    fn eq(&self, _: &Charge) -> bool {
-        true
-    }
-}
-
-impl std::fmt::Debug for Charge {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.0 {
-            Some((_, bytes)) => write!(f, "Charge({bytes})"),
-            None => f.write_str("Charge(-)"),
-        }
+impl EnvelopeRef for Envelope {
+    fn envelope(&self) -> &Envelope {
+        self
     }
 }
 
@@ -175,7 +85,7 @@ pub struct Delivery {
     pub redelivered: bool,
     /// `None` for `get`.
     pub consumer_tag: Option<Arc<str>>,
-    pub envelope: Arc<Envelope>,
+    pub envelope: Arc<dyn EnvelopeRef>,
     /// Time left before the message would have expired in its queue (MQTT 5 decrements the
     /// Message Expiry Interval with it).
     pub expires_in: Option<Duration>,
@@ -185,18 +95,18 @@ pub struct Delivery {
 
 impl Delivery {
     pub fn exchange(&self) -> &str {
-        &self.envelope.exchange
+        &self.envelope.envelope().exchange
     }
     pub fn routing_key(&self) -> &str {
-        &self.envelope.routing_key
+        &self.envelope.envelope().routing_key
     }
     pub fn message(&self) -> &Message {
-        &self.envelope.message
+        &self.envelope.envelope().message
     }
     pub fn body(&self) -> &Bytes {
-        &self.envelope.message.body
+        &self.envelope.envelope().message.body
     }
     pub fn properties(&self) -> &Properties {
-        &self.envelope.message.properties
+        &self.envelope.envelope().message.properties
     }
 }

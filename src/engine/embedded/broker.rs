@@ -16,12 +16,13 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use super::exchange::{Exchange, Targets};
+use super::held::{Held, Stored};
 use super::queue::{DeadLetter, Effects, Enqueued, Gauges, Queue, QueueArgs, death_entry};
 use super::store::Store;
 use crate::engine::names::{self, canonical_exchange};
 use crate::engine::{
-    BindingInfo, Charge, Declared, EngineError, Envelope, ExchangeInfo, ExchangeKind, ExchangeSpec,
-    FieldTable, FieldValue, Held, Message, PublishOutcome, QueueDeclared, QueueInfo, QueueSpec,
+    BindingInfo, Declared, EngineError, Envelope, ExchangeInfo, ExchangeKind, ExchangeSpec,
+    FieldTable, FieldValue, Message, PublishOutcome, QueueDeclared, QueueInfo, QueueSpec,
 };
 
 /// Dead letters can chain (a DLX queue with its own DLX); cycles are cut, and this bounds what
@@ -34,7 +35,7 @@ pub(super) struct Broker {
     topology: Mutex<()>,
     store: Arc<dyn Store>,
     gauges: Arc<Gauges>,
-    /// Body bytes of every envelope alive (see [`Charge`]).
+    /// Body bytes of every message held (see `held::Charge`).
     held: Arc<Held>,
     max_message_bytes: usize,
     next_id: AtomicU64,
@@ -835,13 +836,14 @@ impl Broker {
         message: Message,
         fx: &mut Effects,
     ) -> (bool, Option<Arc<str>>) {
-        let charge = Charge::new(&self.held, message.body.len() as u64);
-        let envelope = Arc::new(Envelope {
-            exchange,
-            routing_key,
-            message,
-            charge,
-        });
+        let envelope = Arc::new(Stored::new(
+            Envelope {
+                exchange,
+                routing_key,
+                message,
+            },
+            &self.held,
+        ));
         let now = Instant::now();
         let mut routed = false;
         let mut rejected = None;

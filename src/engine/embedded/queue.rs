@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use super::held::Stored;
 use crate::engine::{CancelReason, EngineError, Envelope, FieldTable, FieldValue, QueueSpec};
 
 /// Why a message left its queue for the dead-letter exchange (the `reason` of `x-death`).
@@ -136,7 +137,7 @@ pub(super) enum Enqueued {
 #[derive(Debug, Clone)]
 pub(super) struct Entry {
     pub seq: u64,
-    pub envelope: Arc<Envelope>,
+    pub envelope: Arc<Stored>,
     pub expires_at: Option<Instant>,
     pub redelivered: bool,
 }
@@ -149,7 +150,7 @@ impl Entry {
 
 /// A message leaving a queue for its dead-letter exchange.
 pub(super) struct DeadLetter {
-    pub envelope: Arc<Envelope>,
+    pub envelope: Arc<Stored>,
     pub queue: Arc<str>,
     pub reason: DeadReason,
     pub exchange: String,
@@ -469,7 +470,7 @@ impl Queue {
     /// Adds a published message.
     pub fn enqueue(
         self: &Arc<Self>,
-        envelope: &Arc<Envelope>,
+        envelope: &Arc<Stored>,
         now: Instant,
         fx: &mut Effects,
     ) -> Enqueued {

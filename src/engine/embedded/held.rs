@@ -1,0 +1,126 @@
+//! The embedded engine's memory accounting: the body bytes it holds against
+//! `engine.memory_high_watermark`, one charge per published message kept beside its envelope
+//! ([`Stored`]) — engine bookkeeping that never shows in the trait's message types.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::engine::{Envelope, EnvelopeRef};
+
+/// The body bytes an engine holds, against its memory high watermark: crossing it either way
+/// flips a `watch`, so adapters (and an AMQP listener's `connection.blocked`) follow the state
+/// without polling. Only crossings touch the watch; every other change is one atomic add.
+pub(super) struct Held {
+    bytes: AtomicU64,
+    watermark: u64,
+    blocked: tokio::sync::watch::Sender<bool>,
+}
+
+impl Held {
+    /// `watermark` of `u64::MAX`: never blocked.
+    pub fn new(watermark: u64) -> Held {
+        Held {
+            bytes: AtomicU64::new(0),
+            watermark,
+            blocked: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn blocked(&self) -> bool {
+        *self.blocked.borrow()
+    }
+
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.blocked.subscribe()
+    }
+
+    fn add(&self, n: u64) {
+        let before = self.bytes.fetch_add(n, Ordering::Relaxed);
+        if before < self.watermark && before.saturating_add(n) >= self.watermark {
+            self.recheck();
+        }
+    }
+
+    fn sub(&self, n: u64) {
+        let before = self.bytes.fetch_sub(n, Ordering::Relaxed);
+        if before >= self.watermark && before - n < self.watermark {
+            self.recheck();
+        }
+    }
+
+    /// Sets the state from the current count, under the watch's lock: whichever crossing
+    /// rechecks last sees the latest count, so concurrent crossings cannot leave it stale.
+    fn recheck(&self) {
+        self.blocked.send_if_modified(|blocked| {
+            let now = self.bytes.load(Ordering::Relaxed) >= self.watermark;
+            let changed = *blocked != now;
+            *blocked = now;
+            changed
+        });
+    }
+}
+
+/// Body bytes added to [`Held`] while the value holding this lives, taken off when it drops:
+/// an envelope shared by many queues (one `Arc`) is counted once, for as long as any queue or
+/// unsettled delivery holds it.
+pub(super) struct Charge(Option<(Arc<Held>, u64)>);
+
+impl Charge {
+    pub fn new(held: &Arc<Held>, bytes: u64) -> Charge {
+        held.add(bytes);
+        Charge(Some((held.clone(), bytes)))
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        if let Some((held, bytes)) = &self.0 {
+            held.sub(*bytes);
+        }
+    }
+}
+
+impl std::fmt::Debug for Charge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some((_, bytes)) => write!(f, "Charge({bytes})"),
+            None => f.write_str("Charge(-)"),
+        }
+    }
+}
+
+/// A published message as the embedded engine holds it: the envelope, and its charge in the
+/// same allocation, so fan-out to many queues shares one of each and the bytes are released
+/// when the last queue entry, unsettled delivery or handed-out [`crate::engine::Delivery`] goes.
+#[derive(Debug)]
+pub(super) struct Stored {
+    envelope: Envelope,
+    _charge: Charge,
+}
+
+impl Stored {
+    pub fn new(envelope: Envelope, held: &Arc<Held>) -> Stored {
+        let charge = Charge::new(held, envelope.message.body.len() as u64);
+        Stored {
+            envelope,
+            _charge: charge,
+        }
+    }
+}
+
+impl std::ops::Deref for Stored {
+    type Target = Envelope;
+    fn deref(&self) -> &Envelope {
+        &self.envelope
+    }
+}
+
+impl EnvelopeRef for Stored {
+    fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+}
