@@ -607,7 +607,10 @@ impl Session {
         } else {
             durable_expiring(arguments, self.session_expiry)
         };
-        let declared = self.channel.declare_queue(&queue, &spec).await?.declared;
+        let declared = self
+            .fenced(|| self.channel.declare_queue(&queue, &spec))
+            .await?
+            .declared;
         if !self.consumers.contains_key(&level.to_string()) {
             let ack = if level == 0 {
                 AckMode::Auto
@@ -622,11 +625,36 @@ impl Session {
                 exclusive: true,
                 arguments: FieldTable::new(),
             };
-            let consumer = self.channel.consume(&queue, options).await?;
+            let consumer = self
+                .fenced(|| self.channel.consume(&queue, options.clone()))
+                .await?;
             self.consumers
                 .insert(level.to_string(), Deliveries(consumer, false));
         }
         Ok(declared)
+    }
+
+    /// The takeover fence (DESIGN.md §3): a session queue still held by the connection being
+    /// taken over (an exclusive consumer: `InUse`; a clean session's exclusive queue:
+    /// `ResourceLocked`) is retried until it lets go, for at most `mqtt.takeover_timeout`.
+    /// Broker-enforced, so it holds across gateway instances, where the control registry's
+    /// `is_held` only knows this one.
+    async fn fenced<T, F, Fut>(&self, mut attempt: F) -> Result<T, EngineError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, EngineError>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.ctx.config.mqtt.takeover_timeout;
+        loop {
+            match attempt().await {
+                Err(EngineError::InUse(_) | EngineError::ResourceLocked(_))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Handles one packet after CONNECT.

@@ -8,7 +8,7 @@
 //! true for a session without subscriptions), after every SUBSCRIBE / UNSUBSCRIBE, and when the
 //! connection ends — the QoS 2 packet ids only then, because a write per QoS 2 message would
 //! double its cost while the only way to lose them between writes is the gateway dying, which
-//! the embedded engine's in-memory messages do not survive either.
+//! the engine's in-memory messages do not survive either.
 
 use serde::{Deserialize, Serialize};
 
