@@ -30,6 +30,10 @@ pub trait Control: Send + Sync {
     /// Asks the current holder of `key` to let go; false when nobody holds it.
     async fn take_over(&self, key: &str) -> bool;
 
+    /// Waits until nobody holds `key` (the holder released it, after storing what it had to),
+    /// at most `timeout`; false when it is still held then. Woken by the release, not polled.
+    async fn wait_released(&self, key: &str, timeout: std::time::Duration) -> bool;
+
     /// Registers a delayed will for `session`; the token is cancelled if the session connects
     /// again first (on any instance).
     fn delay_will(&self, session: &str) -> CancellationToken;

@@ -407,7 +407,20 @@ pub async fn control_takeover_and_wills(engine: Arc<dyn Engine>) {
     assert_eq!(told.ok().flatten().map(|t| t.key), Some(key.clone()));
     control.release(&key, 2);
     assert!(control.is_held(&key), "only the holder releases its hold");
-    control.release(&key, 1);
+    assert!(
+        !control.wait_released(&key, Duration::from_millis(50)).await,
+        "still held"
+    );
+    let releaser = control.clone();
+    let k = key.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        releaser.release(&k, 1);
+    });
+    assert!(
+        control.wait_released(&key, common::WAIT).await,
+        "woken by the release"
+    );
     assert!(!control.is_held(&key));
 
     let will = control.delay_will(&key);

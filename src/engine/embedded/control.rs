@@ -13,6 +13,8 @@ pub struct LocalControl {
     holders: DashMap<String, (u64, mpsc::UnboundedSender<Takeover>)>,
     /// Delayed wills (MQTT 5), cancelled when their session connects again.
     wills: DashMap<String, CancellationToken>,
+    /// Woken on every release; waiters check their own key.
+    released: tokio::sync::Notify,
 }
 
 #[async_trait]
@@ -22,7 +24,29 @@ impl Control for LocalControl {
     }
 
     fn release(&self, key: &str, holder: u64) {
-        self.holders.remove_if(key, |_, (h, _)| *h == holder);
+        if self
+            .holders
+            .remove_if(key, |_, (h, _)| *h == holder)
+            .is_some()
+        {
+            self.released.notify_waiters();
+        }
+    }
+
+    async fn wait_released(&self, key: &str, timeout: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Registered before the check, so a release in between is not missed.
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if !self.holders.contains_key(key) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, released).await.is_err() {
+                return !self.holders.contains_key(key);
+            }
+        }
     }
 
     fn is_held(&self, key: &str) -> bool {

@@ -278,17 +278,18 @@ impl Session {
         let subject = principal.shared_subject().to_owned();
         let key = takeover_key(&subject, &client_id);
         // Client-id takeover, only within one subject (the key includes it).
-        if ctx.engine.control().take_over(&key).await {
-            let deadline = Instant::now() + ctx.config.mqtt.takeover_timeout;
-            while ctx.engine.control().is_held(&key) {
-                if Instant::now() > deadline {
-                    return Err(Refused {
-                        code: reason::SERVER_UNAVAILABLE,
-                        why: "the live session did not let go".into(),
-                    });
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+        // The old connection stores the session's state, then releases it: wait for that
+        // (woken by the release); the session queues are the fence besides (`fenced`).
+        let control = ctx.engine.control();
+        if control.take_over(&key).await
+            && !control
+                .wait_released(&key, ctx.config.mqtt.takeover_timeout)
+                .await
+        {
+            return Err(Refused {
+                code: reason::SERVER_UNAVAILABLE,
+                why: "the live session did not let go".into(),
+            });
         }
         // After a takeover: the connection taken over gave its place back first.
         let admitted = ctx.flow.admission.admit(&subject).map_err(|full| Refused {
