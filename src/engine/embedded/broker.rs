@@ -15,6 +15,13 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
+mod dead_letter;
+mod equivalence;
+mod expiry;
+
+use self::equivalence::{
+    EXCHANGE_EQUIVALENCE_KEYS, QUEUE_EQUIVALENCE_KEYS, equivalent_arguments, must_match,
+};
 use super::exchange::{Exchange, Targets};
 use super::held::{Held, Stored};
 use super::queue::{DeadLetter, Effects, Enqueued, Gauges, Queue, QueueArgs, death_entry};
@@ -48,90 +55,6 @@ pub(super) struct Broker {
     owners: Mutex<HashMap<u64, Owned>>,
     /// Cancelled at shutdown: the expiry tasks stop.
     stop: CancellationToken,
-}
-
-/// A redeclare must match the existing object; the first field that differs is named as
-/// RabbitMQ names it (406 PRECONDITION_FAILED).
-/// Queue arguments compared on redeclare: the ones RabbitMQ compares
-/// (`rabbit_amqqueue:declare_args/0`). Others are not, as there, so a client that adds an
-/// argument of its own (or one another broker version knows) still meets an existing queue.
-const QUEUE_EQUIVALENCE_KEYS: &[&str] = &[
-    "x-expires",
-    "x-message-ttl",
-    "x-dead-letter-exchange",
-    "x-dead-letter-routing-key",
-    "x-max-length",
-    "x-max-length-bytes",
-    "x-max-in-memory-length",
-    "x-max-in-memory-bytes",
-    "x-max-priority",
-    "x-overflow",
-    "x-queue-mode",
-    "x-queue-version",
-    "x-single-active-consumer",
-    "x-queue-type",
-    "x-queue-leader-locator",
-    "x-initial-cluster-size",
-    "x-delivery-limit",
-    "x-max-age",
-    "x-stream-max-segment-size-bytes",
-];
-/// Exchange arguments compared on redeclare (RabbitMQ: `rabbit_exchange:declare_args/0`).
-const EXCHANGE_EQUIVALENCE_KEYS: &[&str] = &["alternate-exchange"];
-
-/// Redeclare equivalence of arguments, as RabbitMQ's: each key of `keys` must be absent from
-/// both or present in both with the same value of the same type class — an integer equals the
-/// same integer at any width (REST sends 64-bit, pika 32-bit), a string the same string.
-fn equivalent_arguments(
-    what: &str,
-    name: &str,
-    keys: &[&str],
-    asked: &FieldTable,
-    current: &FieldTable,
-) -> Result<(), EngineError> {
-    for key in keys {
-        let same = match (asked.get(*key), current.get(*key)) {
-            (None, None) => true,
-            (Some(a), Some(c)) => a.loosely_equals(c),
-            _ => false,
-        };
-        if !same {
-            let show =
-                |v: Option<&FieldValue>| v.map_or("none".to_owned(), |v| v.to_json().to_string());
-            return Err(EngineError::PreconditionFailed(format!(
-                "inequivalent arg '{key}' for {what} '{name}': received {} but current is {}",
-                show(asked.get(*key)),
-                show(current.get(*key))
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// Whether dead-lettering to `queue` closes a cycle that no client took part in, as RabbitMQ
-/// decides it (`rabbit_dead_letter`): look at the deaths since the message last died in
-/// `queue` (most recent first, up to and including that one); if there is such a death and
-/// none of those was a rejection, the message would loop on expiry or length alone and is
-/// dropped. A rejection only counts inside the cycle: one before it does not keep an expiry
-/// loop alive.
-fn is_cycle(history: &[(String, bool)], queue: &str) -> bool {
-    match history.iter().position(|(q, _)| q == queue) {
-        None => false,
-        Some(at) => history[..=at].iter().all(|(_, rejected)| !rejected),
-    }
-}
-
-fn must_match<const N: usize>(
-    what: &str,
-    name: &str,
-    fields: [(&str, String, String); N],
-) -> Result<(), EngineError> {
-    match fields.iter().find(|(_, asked, current)| asked != current) {
-        None => Ok(()),
-        Some((field, asked, current)) => Err(EngineError::PreconditionFailed(format!(
-            "inequivalent arg '{field}' for {what} '{name}': received {asked} but current is {current}"
-        ))),
-    }
 }
 
 impl Broker {
@@ -707,94 +630,6 @@ impl Broker {
         }
     }
 
-    fn dead_letter(&self, dead: DeadLetter, fx: &mut Effects) {
-        let exchange = canonical_exchange(&dead.exchange);
-        let routing_key: Arc<str> = match dead.routing_key {
-            Some(key) => key.into(),
-            None => dead.envelope.routing_key.clone(),
-        };
-        let mut message = dead.envelope.message.clone();
-        let original_expiration = message.properties.expiration.take();
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or(Duration::ZERO)
-            .as_secs();
-        let headers = &mut message.properties.headers;
-        let mut deaths = match headers.remove("x-death") {
-            Some(FieldValue::Array(items)) => items,
-            _ => Vec::new(),
-        };
-        let reason = FieldValue::Str(dead.reason.as_str().into());
-        let queue_name = FieldValue::Str(dead.queue.to_string());
-        let existing = deaths.iter().position(|d| {
-            matches!(d, FieldValue::Table(t) if t.get("queue") == Some(&queue_name) && t.get("reason") == Some(&reason))
-        });
-        let entry = match existing {
-            Some(at) => {
-                let mut d = deaths.remove(at);
-                if let FieldValue::Table(t) = &mut d {
-                    let count = t.get("count").and_then(FieldValue::as_i128).unwrap_or(0);
-                    t.insert("count".into(), FieldValue::I64(count as i64 + 1));
-                    t.insert("time".into(), FieldValue::Timestamp(now));
-                }
-                d
-            }
-            None => {
-                let mut t = death_entry(
-                    &dead.queue,
-                    dead.reason,
-                    &dead.envelope.exchange,
-                    &dead.envelope.routing_key,
-                    now,
-                );
-                if let Some(exp) = original_expiration {
-                    t.insert("original-expiration".into(), FieldValue::Str(exp));
-                }
-                FieldValue::Table(t)
-            }
-        };
-        deaths.insert(0, entry);
-        // (queue, reason) of each death, most recent first, for the cycle check below.
-        let history: Vec<(String, bool)> = deaths
-            .iter()
-            .filter_map(|d| match d {
-                FieldValue::Table(t) => Some((
-                    t.get("queue")?.as_str()?.to_owned(),
-                    t.get("reason").and_then(FieldValue::as_str) == Some("rejected"),
-                )),
-                _ => None,
-            })
-            .collect();
-        headers.insert("x-death".into(), FieldValue::Array(deaths));
-        for (key, value) in [
-            ("reason", dead.reason.as_str().to_owned()),
-            ("queue", dead.queue.to_string()),
-            ("exchange", dead.envelope.exchange.to_string()),
-        ] {
-            headers
-                .entry(format!("x-first-death-{key}"))
-                .or_insert_with(|| FieldValue::Str(value.clone()));
-            headers.insert(format!("x-last-death-{key}"), FieldValue::Str(value));
-        }
-
-        let mut targets = Targets::new();
-        // A missing dead-letter exchange drops the message, as RabbitMQ does; an internal one
-        // is a fine dead-letter exchange.
-        let Ok(exchange_name) = self.route(
-            exchange,
-            &routing_key,
-            &message.properties.headers,
-            true,
-            &mut targets,
-        ) else {
-            return;
-        };
-        targets.retain(|q| !is_cycle(&history, &q.name));
-        if !targets.is_empty() {
-            self.enqueue_all(&targets, exchange_name, routing_key, message, fx);
-        }
-    }
-
     /// The one routing step of publishes and dead letters: the queues `exchange` sends
     /// `routing_key` (and `headers`) to, each once, into `targets`; returns the exchange's
     /// canonical name. Client publishes may not use an internal exchange.
@@ -856,104 +691,6 @@ impl Broker {
         }
         (routed, rejected)
     }
-
-    fn spawn_message_expiry(&self, queue: &Arc<Queue>) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let broker = self.me.clone();
-        let queue = Arc::downgrade(queue);
-        let stop = self.stop.clone();
-        rt.spawn(async move {
-            loop {
-                let Some(q) = queue.upgrade() else { return };
-                let notified = q.expiry_wake.notified();
-                tokio::pin!(notified);
-                notified.as_mut().enable();
-                let mut fx = Effects::default();
-                let Some(next) = q.expire_due(Instant::now(), &mut fx) else {
-                    return;
-                };
-                match broker.upgrade() {
-                    Some(b) => b.apply(fx),
-                    None => return,
-                }
-                let at = next.map_or_else(far_future, tokio::time::Instant::from_std);
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep_until(at) => {}
-                    _ = &mut notified => {}
-                }
-            }
-        });
-    }
-
-    /// Changes a queue's `x-expires` in place (persisted for a durable queue); `None` removes
-    /// it. The queue keeps its messages, consumers and bindings.
-    pub fn set_queue_expiry(
-        &self,
-        channel: u64,
-        name: &str,
-        expires: Option<Duration>,
-    ) -> Result<(), EngineError> {
-        let _topology = self.topology.lock();
-        let queue = self.queue_for(channel, name)?;
-        let spec = queue.set_expires(expires);
-        if queue.is_durable() {
-            self.store.put_queue(name, &spec)?;
-        }
-        if expires.is_some() && queue.claim_queue_expiry_task() {
-            self.spawn_queue_expiry(&queue);
-        }
-        Ok(())
-    }
-
-    /// Deletes the queue once it has been unused for its `x-expires`, read afresh each time
-    /// round so a changed interval counts at once.
-    fn spawn_queue_expiry(&self, queue: &Arc<Queue>) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let broker = self.me.clone();
-        let queue = Arc::downgrade(queue);
-        let stop = self.stop.clone();
-        rt.spawn(async move {
-            loop {
-                let (wake, changed) = {
-                    let Some(q) = queue.upgrade() else { return };
-                    if q.is_deleted() {
-                        return;
-                    }
-                    // Registered before reading the interval: a change after the read wakes us.
-                    let changed = q.expires_changed_owned();
-                    let Some(after) = q.expires() else {
-                        q.release_queue_expiry_task();
-                        // A concurrent set_queue_expiry may have lost the claim to this task.
-                        if q.expires().is_none() || !q.claim_queue_expiry_task() {
-                            return;
-                        }
-                        continue;
-                    };
-                    let wake = match q.unused_since() {
-                        Some(since) if since.elapsed() >= after => {
-                            if let Some(b) = broker.upgrade() {
-                                b.remove_queue(&q);
-                            }
-                            return;
-                        }
-                        Some(since) => since + after,
-                        None => Instant::now() + after,
-                    };
-                    (wake, changed)
-                };
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep_until(wake.into()) => {}
-                    _ = changed => {}
-                }
-            }
-        });
-    }
 }
 
 /// An owner's open channels and exclusive queues.
@@ -962,11 +699,6 @@ type Owned = (usize, Vec<Arc<Queue>>);
 /// What a shutdown closes: implemented by channels, so the broker never depends on them.
 pub(super) trait Closable: Send + Sync {
     fn close(&self);
-}
-
-/// A deadline that never comes (a year is as good as never for a timer).
-fn far_future() -> tokio::time::Instant {
-    tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600)
 }
 
 fn dedup(targets: &mut Targets) {
