@@ -269,6 +269,13 @@ impl Codec {
     }
 }
 
+/// User properties as the session keeps them, in the order they came.
+fn user_properties(list: v5::UserProperties) -> Vec<(String, String)> {
+    list.into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 fn publish_in(p: Publish) -> PublishIn {
     let props = p
         .properties
@@ -277,11 +284,7 @@ fn publish_in(p: Publish) -> PublishIn {
             correlation_data: pp.correlation_data,
             response_topic: pp.response_topic.map(|v| v.to_string()),
             message_expiry: pp.message_expiry_interval.map(std::num::NonZeroU32::get),
-            user_properties: pp
-                .user_properties
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            user_properties: user_properties(pp.user_properties),
             topic_alias: pp.topic_alias.map(NonZeroU16::get),
             payload_utf8: pp.is_utf8_payload,
             subscription_ids: Vec::new(),
@@ -379,11 +382,7 @@ fn from_v5(p: v5::Packet) -> Inbound {
                     correlation_data: w.correlation_data,
                     response_topic: w.response_topic.map(|v| v.to_string()),
                     message_expiry: w.message_expiry_interval.map(std::num::NonZeroU32::get),
-                    user_properties: w
-                        .user_properties
-                        .into_iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect(),
+                    user_properties: user_properties(w.user_properties),
                     payload_utf8: w.is_utf8_payload.unwrap_or(false),
                     ..PublishProps::default()
                 },
