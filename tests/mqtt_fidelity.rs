@@ -13,6 +13,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use common::mqtt_bytes::{connect_ka, remaining_length};
 use common::{TestGateway, WAIT, admin, start_gateway, token, unique};
 use futures_util::{SinkExt, StreamExt};
 use rumqttc::v5::mqttbytes::QoS;
@@ -726,7 +727,8 @@ async fn server_keep_alive_caps_v5_clients(t: Transport) {
     assert_eq!(ack.properties.and_then(|p| p.server_keep_alive), None);
     // 3.1.1 cannot be told another value: it keeps its own (30 s), so 2 s of silence is fine.
     let mut v3 = open(&gw, t).await;
-    v3.send_raw(&raw_connect(4, &unique("ka3"), &tok)).await;
+    v3.send_raw(&connect_ka(b"MQTT", 4, 0, &unique("ka3"), Some(&tok), 30))
+        .await;
     v3.raw_connack().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     v3.send_raw(&[0xC0, 0x00]).await;
@@ -791,42 +793,6 @@ async fn outbound_topic_aliases(t: Transport) {
 
 // ---------- a server DISCONNECT reaches a client that is still sending ----------
 
-fn remaining_length(mut n: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            return out;
-        }
-    }
-}
-
-/// A raw CONNECT (3.1.1 level 4 or 5) with the token as password.
-fn raw_connect(level: u8, client: &str, tok: &str) -> Vec<u8> {
-    let string = |s: &[u8]| {
-        let mut v = (s.len() as u16).to_be_bytes().to_vec();
-        v.extend_from_slice(s);
-        v
-    };
-    let mut body = string(b"MQTT");
-    body.extend_from_slice(&[level, 0xC2, 0, 30]);
-    if level == 5 {
-        body.push(0);
-    }
-    body.extend(string(client.as_bytes()));
-    body.extend(string(b"device"));
-    body.extend(string(tok.as_bytes()));
-    let mut out = vec![0x10];
-    out.extend(remaining_length(body.len()));
-    out.extend(body);
-    out
-}
-
 /// A client streams a PUBLISH far over the Maximum Packet Size and keeps sending while the
 /// gateway refuses it: it must read DISCONNECT 0x95 (MQTT 5) and then a clean end — not a reset
 /// that loses the DISCONNECT.
@@ -834,7 +800,15 @@ async fn a_server_disconnect_reaches_a_client_still_sending(t: Transport, level:
     let gw = start_gateway(|c| c.limits.max_message_bytes = bytesize::ByteSize::kib(1)).await;
     let tok = token("fidelity", SCOPE);
     let mut w = open(&gw, t).await;
-    w.send_raw(&raw_connect(level, &unique("big"), &tok)).await;
+    w.send_raw(&connect_ka(
+        b"MQTT",
+        level,
+        0,
+        &unique("big"),
+        Some(&tok),
+        30,
+    ))
+    .await;
     w.raw_connack().await;
 
     // 512 KiB announced (the limit is 1 KiB + 64 KiB), sent in 16 KiB pieces for ~400 ms: the

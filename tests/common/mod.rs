@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use amqp_gateway::engine::{Consumer, Delivery};
 
+pub mod mqtt_bytes;
+
 /// Every wait in the tests is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(5);
 
