@@ -188,10 +188,10 @@ impl Broker {
     }
 
     /// A queue the given owner (client connection) may use: exclusive queues only by theirs.
-    pub fn queue_for(&self, channel: u64, name: &str) -> Result<Arc<Queue>, EngineError> {
+    pub fn queue_for(&self, owner: u64, name: &str) -> Result<Arc<Queue>, EngineError> {
         let queue = self.queue(name)?;
         match queue.owner {
-            Some(owner) if owner != channel => Err(EngineError::ResourceLocked(name.to_owned())),
+            Some(theirs) if theirs != owner => Err(EngineError::ResourceLocked(name.to_owned())),
             _ => Ok(queue),
         }
     }
@@ -334,7 +334,7 @@ impl Broker {
 
     pub fn declare_queue(
         &self,
-        channel: u64,
+        owner: u64,
         name: &str,
         spec: &QueueSpec,
     ) -> Result<(QueueDeclared, Option<Arc<Queue>>), EngineError> {
@@ -345,7 +345,7 @@ impl Broker {
         } else {
             names::validate_name("queue", name)?;
             if let Some(existing) = self.queues.get(name).map(|q| q.value().clone()) {
-                if existing.owner.is_some_and(|o| o != channel) {
+                if existing.owner.is_some_and(|o| o != owner) {
                     return Err(EngineError::ResourceLocked(name.to_owned()));
                 }
                 let cur = &existing.spec();
@@ -396,12 +396,12 @@ impl Broker {
             self.store.put_queue(&name, spec)?;
         }
         let name: Arc<str> = name.into();
-        let owner = spec.exclusive.then_some(channel);
+        let exclusive_to = spec.exclusive.then_some(owner);
         let queue = Arc::new(Queue::new(
             name.clone(),
             spec.clone(),
             args,
-            owner,
+            exclusive_to,
             self.gauges.clone(),
         ));
         self.queues.insert(name.clone(), queue.clone());
@@ -418,18 +418,18 @@ impl Broker {
                 messages: 0,
                 consumers: 0,
             },
-            owner.map(|_| queue),
+            exclusive_to.map(|_| queue),
         ))
     }
 
     pub fn delete_queue(
         &self,
-        channel: u64,
+        owner: u64,
         name: &str,
         if_unused: bool,
         if_empty: bool,
     ) -> Result<u64, EngineError> {
-        let queue = self.queue_for(channel, name)?;
+        let queue = self.queue_for(owner, name)?;
         queue.check_delete(if_unused, if_empty)?;
         Ok(self.remove_queue(&queue))
     }
@@ -480,7 +480,7 @@ impl Broker {
 
     pub fn bind(
         &self,
-        channel: u64,
+        owner: u64,
         queue: &str,
         exchange: &str,
         key: &str,
@@ -494,7 +494,7 @@ impl Broker {
             ));
         }
         let _topology = self.topology.lock();
-        let q = self.queue_for(channel, queue)?;
+        let q = self.queue_for(owner, queue)?;
         let ex = self.exchange(exchange)?;
         ex.validate_binding(arguments)?;
         if ex.bind(&q, key, arguments)? {
@@ -511,7 +511,7 @@ impl Broker {
 
     pub fn unbind(
         &self,
-        channel: u64,
+        owner: u64,
         queue: &str,
         exchange: &str,
         key: &str,
@@ -524,7 +524,7 @@ impl Broker {
             ));
         }
         let _topology = self.topology.lock();
-        let q = self.queue_for(channel, queue)?;
+        let q = self.queue_for(owner, queue)?;
         let ex = self.exchange(exchange)?;
         if ex.unbind(&q, key, arguments) {
             q.bindings

@@ -218,7 +218,7 @@ pub(super) struct Queue {
     /// session's expiry interval, as RabbitMQ's MQTT plugin updates it in place).
     spec: parking_lot::RwLock<QueueSpec>,
     pub args: QueueArgs,
-    /// The channel an exclusive queue belongs to.
+    /// The owner (client connection) an exclusive queue belongs to.
     pub owner: Option<u64>,
     state: Mutex<State>,
     gauges: Arc<Gauges>,

@@ -39,12 +39,12 @@ impl Broker {
     /// it. The queue keeps its messages, consumers and bindings.
     pub fn set_queue_expiry(
         &self,
-        channel: u64,
+        owner: u64,
         name: &str,
         expires: Option<Duration>,
     ) -> Result<(), EngineError> {
         let _topology = self.topology.lock();
-        let queue = self.queue_for(channel, name)?;
+        let queue = self.queue_for(owner, name)?;
         let spec = queue.set_expires(expires);
         if queue.is_durable() {
             self.store.put_queue(name, &spec)?;
