@@ -5,9 +5,45 @@
 //! the embedded engine keeps it in-process; an upstream engine announces on the fanout
 //! exchange `amqp-gateway.control` so a holder on another instance lets go too.
 
+use std::future::Future;
+use std::time::Duration;
+
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use super::EngineError;
+
+/// The takeover fence (DESIGN.md §3, §4), for every adapter: `attempt` is retried while another
+/// connection still holds what it needs — an exclusive consumer (`InUse`) or an exclusive
+/// queue (`ResourceLocked`) — 10 ms apart, for at most `timeout`. `on_held` runs at each such
+/// refusal before the wait (an adapter may ask the holder to let go there). Enforced by the
+/// engine, so it holds across gateway instances, where a registry's `is_held` knows only its
+/// own.
+pub async fn fenced<T, A, AF, H, HF>(
+    timeout: Duration,
+    mut attempt: A,
+    mut on_held: H,
+) -> Result<T, EngineError>
+where
+    A: FnMut() -> AF,
+    AF: Future<Output = Result<T, EngineError>>,
+    H: FnMut() -> HF,
+    HF: Future<Output = ()>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match attempt().await {
+            Err(EngineError::InUse(_) | EngineError::ResourceLocked(_))
+                if tokio::time::Instant::now() < deadline =>
+            {
+                on_held().await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            other => return other,
+        }
+    }
+}
 
 /// A holder is told to let go of what it holds under `key`.
 #[derive(Debug, Clone, PartialEq, Eq)]

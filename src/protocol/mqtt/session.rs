@@ -635,27 +635,16 @@ impl Session {
         Ok(declared)
     }
 
-    /// The takeover fence (DESIGN.md §3): a session queue still held by the connection being
-    /// taken over (an exclusive consumer: `InUse`; a clean session's exclusive queue:
-    /// `ResourceLocked`) is retried until it lets go, for at most `mqtt.takeover_timeout`.
-    /// Broker-enforced, so it holds across gateway instances, where the control registry's
-    /// `is_held` only knows this one.
-    async fn fenced<T, F, Fut>(&self, mut attempt: F) -> Result<T, EngineError>
+    /// A session queue still held by the connection being taken over (its exclusive consumer,
+    /// or a clean session's exclusive queue) is waited for, within `mqtt.takeover_timeout`
+    /// (the engine's takeover fence; the holder was already asked to let go at CONNECT).
+    async fn fenced<T, F, Fut>(&self, attempt: F) -> Result<T, EngineError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, EngineError>>,
     {
-        let deadline = tokio::time::Instant::now() + self.ctx.config.mqtt.takeover_timeout;
-        loop {
-            match attempt().await {
-                Err(EngineError::InUse(_) | EngineError::ResourceLocked(_))
-                    if tokio::time::Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                other => return other,
-            }
-        }
+        crate::engine::control::fenced(self.ctx.config.mqtt.takeover_timeout, attempt, || async {})
+            .await
     }
 
     /// Handles one packet after CONNECT.

@@ -599,19 +599,20 @@ impl Session {
         let Target::Durable { queue, .. } = target else {
             return self.channel.consume(target.queue(), options).await;
         };
-        let deadline = tokio::time::Instant::now() + TAKEOVER_TIMEOUT;
-        let mut asked = false;
-        loop {
-            match self.channel.consume(queue, options.clone()).await {
-                Err(EngineError::InUse(_)) if tokio::time::Instant::now() < deadline => {
-                    if !asked {
-                        asked = self.ctx.engine.control().take_over(queue).await;
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+        // The holder is asked to let go until one answers to it.
+        let asked = &std::sync::atomic::AtomicBool::new(false);
+        let control = &self.ctx.engine.control();
+        crate::engine::control::fenced(
+            TAKEOVER_TIMEOUT,
+            || self.channel.consume(queue, options.clone()),
+            || async move {
+                use std::sync::atomic::Ordering::Relaxed;
+                if !asked.load(Relaxed) {
+                    asked.store(control.take_over(queue).await, Relaxed);
                 }
-                other => return other,
-            }
-        }
+            },
+        )
+        .await
     }
 
     // ---------- unsubscribe, cancel ----------
