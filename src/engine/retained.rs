@@ -22,12 +22,25 @@ pub struct RetainedMessage {
     pub expires_in: Option<Duration>,
 }
 
-/// What a `set` replaced, to put back if the publish it belongs to is refused.
-#[derive(Debug)]
-pub struct RetainedUndo {
-    pub(crate) previous: Option<Message>,
-    pub(crate) previous_deadline: Option<std::time::Instant>,
-    pub(crate) seq: u64,
+/// What a `set` replaced, to put back if the publish it belongs to is refused: opaque, each
+/// engine keeps in it what its own store needs (the trait's types carry no engine bookkeeping).
+pub struct RetainedUndo(Box<dyn std::any::Any + Send>);
+
+impl RetainedUndo {
+    pub fn new<T: Send + 'static>(engine_state: T) -> RetainedUndo {
+        RetainedUndo(Box::new(engine_state))
+    }
+
+    /// The engine's own state back; `None` if another engine made it.
+    pub fn into_inner<T: 'static>(self) -> Option<T> {
+        self.0.downcast().ok().map(|b| *b)
+    }
+}
+
+impl std::fmt::Debug for RetainedUndo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RetainedUndo")
+    }
 }
 
 #[async_trait]

@@ -13,6 +13,12 @@ use super::topic::pattern_matches;
 use crate::engine::retained::{RetainedMessage, RetainedStore, RetainedUndo};
 use crate::engine::{EngineError, Message};
 
+/// What a `set` replaced (inside [`RetainedUndo`]).
+struct Replaced {
+    previous: Option<Entry>,
+    seq: u64,
+}
+
 struct Entry {
     message: Message,
     /// From the message's `expiration`: after it the message is gone.
@@ -56,11 +62,7 @@ impl Retained {
         let mut guard = self.inner.write();
         let (map, bytes) = &mut *guard;
         let old = map.get(key).map_or(0, |m| m.size(key));
-        let undo = |previous: Option<Entry>| RetainedUndo {
-            previous_deadline: previous.as_ref().and_then(|p| p.expires_at),
-            previous: previous.map(|p| p.message),
-            seq,
-        };
+        let undo = |previous: Option<Entry>| RetainedUndo::new(Replaced { previous, seq });
         if message.body.is_empty() {
             let previous = map.remove(key);
             if previous.is_some() {
@@ -91,6 +93,9 @@ impl Retained {
     }
 
     fn undo_now(&self, key: &str, undo: RetainedUndo) {
+        let Some(undo) = undo.into_inner::<Replaced>() else {
+            return;
+        };
         let mut guard = self.inner.write();
         let (map, bytes) = &mut *guard;
         // Ours, or gone (a delete, or expired since): nothing newer is lost by restoring.
@@ -100,12 +105,7 @@ impl Retained {
         if let Some(m) = map.remove(key) {
             *bytes -= m.size(key);
         }
-        if let Some(message) = undo.previous {
-            let entry = Entry {
-                message,
-                expires_at: undo.previous_deadline,
-                seq: 0,
-            };
+        if let Some(entry) = undo.previous {
             *bytes += entry.size(key);
             map.insert(key.to_owned(), entry);
         }
