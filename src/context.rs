@@ -1,5 +1,6 @@
 //! What every protocol adapter is given: the engine seam, authentication, flow control, the
-//! configuration and shutdown. Adapters depend on this and on nothing of each other.
+//! configuration and shutdown — and the publish gate every adapter's publishes go through
+//! ([`Context::clear_publish`]). Adapters depend on this and on nothing of each other.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,8 +8,12 @@ use std::sync::Arc;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::engine::{Channel, Engine, EngineError};
-use crate::flow::{ConnectionLimits, Flow, Throttled};
+use crate::flow::{ConnectionLimits, Flow};
 use crate::shutdown::Shutdown;
+
+mod publish;
+
+pub use self::publish::{Cleared, PublishRefused, Publishing, stamp_subject};
 
 #[derive(Clone)]
 pub struct Context {
@@ -17,23 +22,6 @@ pub struct Context {
     pub flow: Arc<Flow>,
     pub config: Arc<Config>,
     pub shutdown: Shutdown,
-}
-
-impl Context {
-    /// Whether a client publish of `bytes` body bytes may go to the engine now (DESIGN.md §7):
-    /// not while the engine is above its memory watermark (no tokens are taken then), nor over
-    /// the connection's or the subject's rate.
-    pub fn admit_publish(
-        &self,
-        conn: &Connection,
-        subject: &str,
-        bytes: usize,
-    ) -> Result<(), Throttled> {
-        if self.engine.publish_blocked() {
-            return Err(Throttled::memory());
-        }
-        self.flow.admit_publish(&conn.limits, subject, bytes)
-    }
 }
 
 /// One client connection (an HTTP connection, later a WebSocket or MQTT one): its id, its

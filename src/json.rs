@@ -10,7 +10,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use crate::engine::table::{table_from_json, table_to_json};
-use crate::engine::{FieldValue, Message, Properties};
+use crate::engine::{Message, Properties};
 
 /// Header stamped on every publish with the authenticated subject (clients cannot set it).
 pub const SUBJECT_HEADER: &str = "x-gateway-sub";
@@ -122,12 +122,11 @@ fn expiration_in(value: &Value) -> Result<String, JsonError> {
     Ok(digits)
 }
 
-/// Properties from JSON, checked; stamps [`SUBJECT_HEADER`]. `json_body` sets content type
-/// `application/json` when none was given.
+/// Properties from JSON, checked. `json_body` sets content type `application/json` when none
+/// was given. (The publish gate stamps [`SUBJECT_HEADER`].)
 pub fn properties_in(
     json: Option<PropertiesJson>,
     json_body: bool,
-    subject: &str,
 ) -> Result<Properties, JsonError> {
     let json = json.unwrap_or_default();
     if json.user_id.is_some() {
@@ -143,7 +142,7 @@ pub fn properties_in(
             "properties.delivery_mode must be 1 (transient) or 2 (persistent)".into(),
         ));
     }
-    let mut headers = match &json.headers {
+    let headers = match &json.headers {
         Some(map) => table_from_json(&Value::Object(map.clone()))
             .map_err(|e| JsonError::BadRequest(format!("properties.headers: {e}")))?,
         None => Default::default(),
@@ -182,7 +181,6 @@ pub fn properties_in(
             )));
         }
     }
-    headers.insert(SUBJECT_HEADER.into(), FieldValue::Str(subject.into()));
     Ok(Properties {
         content_type: json
             .content_type
@@ -284,22 +282,9 @@ mod tests {
     }
 
     #[test]
-    fn properties_are_checked_and_stamped() {
-        let p = properties_in(None, true, "alice").unwrap();
+    fn properties_are_checked() {
+        let p = properties_in(None, true).unwrap();
         assert_eq!(p.content_type.as_deref(), Some("application/json"));
-        assert_eq!(p.headers[SUBJECT_HEADER], FieldValue::Str("alice".into()));
-        let mut headers = serde_json::Map::new();
-        headers.insert(SUBJECT_HEADER.into(), json!("mallory"));
-        let forged = PropertiesJson {
-            headers: Some(headers),
-            ..Default::default()
-        };
-        let p = properties_in(Some(forged), false, "alice").unwrap();
-        assert_eq!(
-            p.headers[SUBJECT_HEADER],
-            FieldValue::Str("alice".into()),
-            "overwritten"
-        );
         for bad in [
             PropertiesJson {
                 user_id: Some("x".into()),
@@ -319,7 +304,7 @@ mod tests {
             },
         ] {
             assert!(matches!(
-                properties_in(Some(bad), false, "a"),
+                properties_in(Some(bad), false),
                 Err(JsonError::BadRequest(_))
             ));
         }
@@ -328,7 +313,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            properties_in(Some(ok), false, "a")
+            properties_in(Some(ok), false)
                 .unwrap()
                 .expiration
                 .as_deref(),

@@ -139,6 +139,15 @@ const HOUSEKEEPING_EVERY: std::time::Duration = std::time::Duration::from_secs(6
 /// connections.
 pub async fn start(config: Config) -> Result<Gateway, StartError> {
     config::validate(&config)?;
+    let engine = build_engine(&config).await?;
+    start_with(config, engine).await
+}
+
+/// [`start`] on an engine built by the caller (an application embedding the gateway, or a
+/// test wrapping an engine to watch what the adapters do with it); `engine.*` of `config` is
+/// not used.
+pub async fn start_with(config: Config, engine: Arc<dyn Engine>) -> Result<Gateway, StartError> {
+    config::validate(&config)?;
     if !has_token_key(&config) {
         if config.auth.anonymous_scope.is_none() {
             return Err(StartError::NoTokenKey);
@@ -148,7 +157,6 @@ pub async fn start(config: Config) -> Result<Gateway, StartError> {
         );
     }
     let auth = Arc::new(auth::Authenticator::new(&config.auth).await?);
-    let engine = build_engine(&config).await?;
     let shutdown = Shutdown::new();
     let config = Arc::new(config);
     let ctx = context::Context {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use amqp_gateway::engine::{Consumer, Delivery};
 
+pub mod held_confirms;
 pub mod mqtt_bytes;
 
 /// Every wait in the tests is bounded by this.
@@ -96,12 +97,31 @@ pub async fn start_gateway(tweak: impl FnOnce(&mut Config)) -> TestGateway {
     let mut config = test_config();
     tweak(&mut config);
     let gateway = amqp_gateway::start(config).await.expect("gateway starts");
-    let addrs = gateway.addrs();
-    TestGateway {
-        base: format!("http://{}", addrs.http),
-        metrics: format!("http://{}", addrs.metrics),
-        gateway,
-        http: reqwest::Client::builder().timeout(WAIT).build().unwrap(),
+    TestGateway::around(gateway)
+}
+
+/// A gateway on an engine the test built (to watch or hold what the adapters do with it).
+pub async fn start_gateway_on(
+    engine: std::sync::Arc<dyn amqp_gateway::engine::Engine>,
+    tweak: impl FnOnce(&mut Config),
+) -> TestGateway {
+    let mut config = test_config();
+    tweak(&mut config);
+    let gateway = amqp_gateway::start_with(config, engine)
+        .await
+        .expect("gateway starts");
+    TestGateway::around(gateway)
+}
+
+impl TestGateway {
+    fn around(gateway: Gateway) -> TestGateway {
+        let addrs = gateway.addrs();
+        TestGateway {
+            base: format!("http://{}", addrs.http),
+            metrics: format!("http://{}", addrs.metrics),
+            gateway,
+            http: reqwest::Client::builder().timeout(WAIT).build().unwrap(),
+        }
     }
 }
 

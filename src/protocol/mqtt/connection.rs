@@ -210,8 +210,10 @@ where
         let keep_alive_at =
             keep_alive.map_or_else(far, |k| tokio::time::Instant::from_std(last_seen + k));
         let retry_at = session
+            .inflow
             .retry_at
             .map_or_else(far, tokio::time::Instant::from_std);
+        let may_read = session.inflow.may_read(ctx.config.mqtt.receive_maximum);
         tokio::select! {
             _ = ctx.shutdown.wait() => break (Some(reason::SERVER_SHUTTING_DOWN), false),
             _ = tokio::time::sleep_until(expiry_at.unwrap_or_else(far)) => break (Some(reason::TOKEN_EXPIRED), false),
@@ -220,7 +222,7 @@ where
                 writer_ended = true;
                 break (None, false);
             }
-            packet = read_packet(&mut reader, &mut input, &mut codec) => {
+            packet = read_packet(&mut reader, &mut input, &mut codec), if may_read => {
                 last_seen = Instant::now();
                 match packet {
                     Ok(Some(p)) => match session.handle(p).await {
@@ -243,6 +245,11 @@ where
             }
             Some((key, d)) = session.consumers.next(), if !session.consumers.is_empty() => {
                 if let Outcome::Close(code) = session.deliver_batch(key, d).await {
+                    break (code, false);
+                }
+            }
+            Some((ack, result)) = session.inflow.next_confirmed(), if session.inflow.awaiting() => {
+                if let Outcome::Close(code) = session.confirmed(ack, result).await {
                     break (code, false);
                 }
             }

@@ -2,12 +2,12 @@
 //! (`…qos0`, `…qos1`), subscriptions, in-flight QoS 1 deliveries and parked publishes. It
 //! never sees the socket: packets come in as [`Inbound`], answers go out as [`Outbound`].
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::task::{Context as TaskContext, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamMap};
@@ -32,7 +32,6 @@ use crate::engine::{
     AckMode, Channel, ConsumeOptions, Consumer, Declared, Delivery, EngineError, Message,
     PublishOptions, QueueSpec,
 };
-use crate::json::SUBJECT_HEADER;
 use crate::metrics;
 
 const PROTOCOL: &str = "mqtt";
@@ -121,18 +120,13 @@ pub struct Session {
     pub consumers: StreamMap<String, Deliveries>,
     /// Outbound QoS 1/2 deliveries by packet id.
     inflight: HashMap<u16, Inflight>,
-    /// Inbound QoS 2 packet ids published and awaiting PUBREL: a resend is not published again.
-    inbound_qos2: HashSet<u16>,
     /// The engine's `max_mqtt_qos` capability (DESIGN.md §3).
     max_qos: u8,
     retained: Arc<dyn RetainedStore>,
     next_packet_id: u16,
     inflight_max: u16,
-    /// MQTT 5 inbound topic aliases.
-    aliases: HashMap<u16, String>,
-    /// QoS 1 publishes over the rate limit wait here (their PUBACK withheld).
-    parked: VecDeque<PublishIn>,
-    pub retry_at: Option<Instant>,
+    /// Inbound publishes: aliases, QoS 2 ids, confirms awaited, parked publishes.
+    pub inflow: publish::Inflow,
     takeover_key: String,
     pub takeovers: mpsc::UnboundedReceiver<Takeover>,
     /// Set when the client authenticated with [`AUTH_METHOD`]: it may refresh with AUTH.
@@ -148,8 +142,6 @@ pub struct Session {
     out_aliases: HashMap<String, u16>,
     /// The Session Expiry Interval the CONNECT asked for (MQTT 5; 0 for 3.1.1).
     requested_expiry: u32,
-    /// Since when QoS 0 publishes have been dropped for the rate limit without one admitted.
-    overrun_since: Option<Instant>,
     /// This connection's place under `limits.max_connections(_per_subject)`; given back in
     /// [`Session::end`], before the session is released to a connection taking it over.
     admitted: Option<crate::flow::Admitted>,
@@ -342,14 +334,11 @@ impl Session {
             subs: HashMap::new(),
             consumers: StreamMap::new(),
             inflight: HashMap::new(),
-            inbound_qos2: HashSet::new(),
             max_qos: capabilities.max_mqtt_qos.min(2),
             retained,
             next_packet_id: 1,
             inflight_max,
-            aliases: HashMap::new(),
-            parked: VecDeque::new(),
-            retry_at: None,
+            inflow: publish::Inflow::default(),
             takeover_key: key,
             takeovers,
             auth_method: connect.auth_method.clone(),
@@ -358,7 +347,6 @@ impl Session {
             alias_max: connect.topic_alias_max,
             out_aliases: HashMap::new(),
             requested_expiry: connect.session_expiry,
-            overrun_since: None,
             admitted: Some(admitted),
         };
         let present = if connect.clean_start {
@@ -454,7 +442,7 @@ impl Session {
         }
         match stored {
             Some(stored) => {
-                self.inbound_qos2 = stored.inbound_qos2.into_iter().collect();
+                self.inflow.qos2 = stored.inbound_qos2.into_iter().collect();
                 for id in stored.released {
                     self.inflight.insert(id, Inflight::Released);
                 }
@@ -676,7 +664,7 @@ impl Session {
             }
             // Inbound QoS 2: the packet id is free again; the message was published once.
             Inbound::PubRel(id) => {
-                self.inbound_qos2.remove(&id);
+                self.inflow.qos2.remove(&id);
                 self.send(Outbound::PubComp { packet_id: id });
                 Outcome::Continue
             }

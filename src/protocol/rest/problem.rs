@@ -8,6 +8,7 @@ use utoipa::ToSchema;
 
 use crate::auth::AuthError;
 use crate::codes::Code;
+use crate::context::PublishRefused;
 use crate::engine::EngineError;
 use crate::flow::Throttled;
 use crate::json::JsonError;
@@ -155,6 +156,15 @@ impl From<Throttled> for ApiError {
             StatusCode::TOO_MANY_REQUESTS
         };
         ApiError::new(status, code.as_str(), t.to_string()).retry_after(t.retry_after_secs())
+    }
+}
+
+impl From<PublishRefused> for ApiError {
+    fn from(r: PublishRefused) -> Self {
+        match r {
+            PublishRefused::Forbidden { .. } => ApiError::forbidden(r.to_string()),
+            PublishRefused::Throttled(t) => ApiError::from(t),
+        }
     }
 }
 

@@ -2,8 +2,6 @@
 //! answers only once the engine confirmed; a publish is checked (size, permission, rate) before
 //! it reaches the engine, so a refused one changes nothing.
 
-use std::time::Instant;
-
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
@@ -17,10 +15,10 @@ use super::extract::{ApiPath, ApiQuery, Caller, Conn, RawBody, check_name, parse
 use super::idempotency::{Begin, MAX_KEY_LEN};
 use super::problem::{ApiError, Problem};
 use crate::auth::Principal;
-use crate::context::Connection;
+use crate::context::{Connection, Publishing};
 use crate::engine::table::table_from_json;
-use crate::engine::{Message, PublishConfirm, PublishOptions};
-use crate::json::{self, Encoding, PropertiesJson, SUBJECT_HEADER};
+use crate::engine::{Message, PublishOptions};
+use crate::json::{self, Encoding, PropertiesJson};
 use crate::metrics;
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -87,7 +85,7 @@ struct Prepared {
     mandatory: bool,
 }
 
-fn prepare(req: PublishRequest, principal: &Principal, max: usize) -> Result<Prepared, ApiError> {
+fn prepare(req: PublishRequest, max: usize) -> Result<Prepared, ApiError> {
     let (body, is_json) = json::body_in(&req.body, req.encoding)?;
     if body.len() > max {
         return Err(ApiError::too_large(format!(
@@ -97,7 +95,7 @@ fn prepare(req: PublishRequest, principal: &Principal, max: usize) -> Result<Pre
     }
     crate::engine::names::validate_key(&req.routing_key)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let properties = json::properties_in(req.properties, is_json, &principal.subject)?;
+    let properties = json::properties_in(req.properties, is_json)?;
     Ok(Prepared {
         routing_key: req.routing_key,
         message: Message { properties, body },
@@ -115,42 +113,33 @@ fn request_from(value: Value) -> Result<PublishRequest, ApiError> {
 }
 
 impl RestState {
-    /// Permission and rate checks, then hands the message to the engine. The returned confirm
-    /// is already ordered on the connection's channel.
+    /// The publish gate, then the engine. The returned confirm is already ordered on the
+    /// connection's channel.
     async fn submit(
         &self,
         conn: &Connection,
         principal: &Principal,
         exchange: &str,
         p: Prepared,
-    ) -> Result<(PublishConfirm, bool, Instant), ApiError> {
-        if !principal.permissions.can_write(exchange, &p.routing_key) {
-            return Err(ApiError::forbidden(format!(
-                "no permission to publish to '{exchange}' with routing key '{}'",
-                p.routing_key
-            )));
-        }
-        self.ctx
-            .admit_publish(conn, principal.shared_subject(), p.message.body.len())?;
-        let channel = conn.channel(&self.ctx.engine).await?;
-        let started = Instant::now();
-        let confirm = channel.publish(
+    ) -> Result<(Publishing, bool), ApiError> {
+        let cleared = self.ctx.clear_publish(
+            "rest",
+            conn,
+            principal,
             exchange,
             &p.routing_key,
-            p.message,
-            PublishOptions {
-                mandatory: p.mandatory,
-            },
-        );
-        Ok((confirm, p.mandatory, started))
+            p.message.body.len(),
+        )?;
+        let channel = conn.channel(&self.ctx.engine).await?;
+        let options = PublishOptions {
+            mandatory: p.mandatory,
+        };
+        Ok((cleared.publish(&*channel, p.message, options), p.mandatory))
     }
 }
 
-async fn settle(
-    (confirm, mandatory, started): (PublishConfirm, bool, Instant),
-) -> Result<PublishResult, ApiError> {
+async fn settle((confirm, mandatory): (Publishing, bool)) -> Result<PublishResult, ApiError> {
     let outcome = confirm.await?;
-    metrics::message_in("rest", started.elapsed());
     if mandatory && !outcome.routed {
         return Err(ApiError::unroutable(
             "no queue is bound to receive this message",
@@ -260,7 +249,7 @@ pub async fn publish(
     }
     let work = async {
         let value: Value = parse_json(&headers, &body)?;
-        let prepared = prepare(request_from(value)?, &principal, st.max_message_bytes())?;
+        let prepared = prepare(request_from(value)?, st.max_message_bytes())?;
         let submitted = st.submit(&conn, &principal, &exchange, prepared).await?;
         Ok(ok_json(&settle(submitted).await?))
     };
@@ -318,12 +307,11 @@ pub async fn publish_batch(
         // Submit all in order first (each confirm keeps its place), then collect the confirms.
         let mut pending = Vec::with_capacity(batch.messages.len());
         for item in batch.messages {
-            let submitted = match request_from(item)
-                .and_then(|r| prepare(r, &principal, st.max_message_bytes()))
-            {
-                Ok(p) => st.submit(&conn, &principal, &exchange, p).await,
-                Err(e) => Err(e),
-            };
+            let submitted =
+                match request_from(item).and_then(|r| prepare(r, st.max_message_bytes())) {
+                    Ok(p) => st.submit(&conn, &principal, &exchange, p).await,
+                    Err(e) => Err(e),
+                };
             pending.push(submitted);
         }
         let mut results = Vec::with_capacity(pending.len());
@@ -407,13 +395,7 @@ pub async fn publish_raw(
     }
     let routing_key = params.routing_key.unwrap_or_default();
     let work = async {
-        let prepared = raw_message(
-            &headers,
-            &routing_key,
-            body.clone(),
-            &principal,
-            st.max_message_bytes(),
-        )?;
+        let prepared = raw_message(&headers, &routing_key, body.clone(), st.max_message_bytes())?;
         let submitted = st.submit(&conn, &principal, &exchange, prepared).await?;
         Ok(ok_json(&settle(submitted).await?))
     };
@@ -441,7 +423,6 @@ fn raw_message(
     headers: &HeaderMap,
     routing_key: &str,
     body: Bytes,
-    principal: &Principal,
     max: usize,
 ) -> Result<Prepared, ApiError> {
     if body.len() > max {
@@ -488,8 +469,7 @@ fn raw_message(
             ));
         }
     };
-    let properties = json::properties_in(Some(props), false, &principal.subject)?;
-    debug_assert!(properties.headers.contains_key(SUBJECT_HEADER));
+    let properties = json::properties_in(Some(props), false)?;
     Ok(Prepared {
         routing_key: routing_key.to_owned(),
         message: Message { properties, body },

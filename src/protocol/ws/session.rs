@@ -18,7 +18,7 @@ use super::outbound::{Frame, Outbound, Overflow, SlowConsumer};
 use crate::auth::Principal;
 use crate::auth::scopes::encode_subject;
 use crate::codes::Code;
-use crate::context::{Connection, Context};
+use crate::context::{Connection, Context, PublishRefused};
 use crate::engine::control::Takeover;
 use crate::engine::names::{DEFAULT_EXCHANGE_ALIAS, canonical_exchange, validate_key};
 use crate::engine::table::{FieldTable, FieldValue, table_from_json};
@@ -154,6 +154,16 @@ impl Refusal {
 impl From<EngineError> for Refusal {
     fn from(e: EngineError) -> Self {
         Refusal::new(Code::from(&e), e.to_string())
+    }
+}
+
+impl From<PublishRefused> for Refusal {
+    fn from(r: PublishRefused) -> Self {
+        let mut refusal = Refusal::new(Code::from(&r), r.to_string());
+        if let PublishRefused::Throttled(t) = r {
+            refusal.retry_after_ms = Some((t.retry_after.as_millis() as u64).max(1));
+        }
+        refusal
     }
 }
 
@@ -718,41 +728,20 @@ impl Session {
                 ),
             ));
         }
-        let properties = json::properties_in(p.properties, is_json, &self.principal.subject)?;
-        if !self
-            .principal
-            .permissions
-            .can_write(&exchange, &p.routing_key)
-        {
-            return Err(Refusal::new(
-                Code::Forbidden,
-                format!(
-                    "no permission to publish to '{exchange}' with routing key '{}'",
-                    p.routing_key
-                ),
-            ));
-        }
-        if let Err(t) =
-            self.ctx
-                .admit_publish(&self.conn, self.principal.shared_subject(), body.len())
-        {
-            return Err(Refusal {
-                code: Code::from(&t),
-                message: t.to_string(),
-                retry_after_ms: Some((t.retry_after.as_millis() as u64).max(1)),
-            });
-        }
-        let started = Instant::now();
-        let outcome = self
-            .channel
-            .publish(
-                &exchange,
-                &p.routing_key,
-                Message { properties, body },
-                PublishOptions {
-                    mandatory: p.mandatory,
-                },
-            )
+        let properties = json::properties_in(p.properties, is_json)?;
+        let cleared = self.ctx.clear_publish(
+            PROTOCOL,
+            &self.conn,
+            &self.principal,
+            &exchange,
+            &p.routing_key,
+            body.len(),
+        )?;
+        let options = PublishOptions {
+            mandatory: p.mandatory,
+        };
+        let outcome = cleared
+            .publish(&*self.channel, Message { properties, body }, options)
             .await
             .map_err(|e| {
                 let mut r = Refusal::from(e);
@@ -761,7 +750,6 @@ impl Session {
                 }
                 r
             })?;
-        metrics::message_in(PROTOCOL, started.elapsed());
         if p.mandatory && !outcome.routed {
             return Err(Refusal::new(
                 Code::Unroutable,

@@ -100,7 +100,10 @@ impl Session {
             payload: will.payload.clone(),
             props: will.props.clone(),
         };
-        let message = self.message_of(&p);
+        let mut message = self.message_of(&p);
+        // Not through the publish gate: the will is the server's publish on the client's
+        // behalf, checked against the scopes above and never rate limited (as in RabbitMQ).
+        crate::context::stamp_subject(&mut message, &self.principal);
         let retained_copy = will.retain.then(|| message.clone());
         let delay = Duration::from_secs(u64::from(will.delay)).min(self.session_expiry);
         let engine = self.ctx.engine.clone();

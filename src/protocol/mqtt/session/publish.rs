@@ -1,27 +1,129 @@
-//! Inbound PUBLISH: topic aliases, QoS 2 state, scope and rate checks, the AMQP form of the
-//! message, parked publishes whose acks are withheld.
+//! Inbound PUBLISH: topic aliases, QoS 2 state, the publish gate, the AMQP form of the
+//! message, and the acknowledgements — pipelined: a publish goes to the engine at once and
+//! the connection reads on while its confirm is outstanding; PUBACK/PUBREC go out in the
+//! order the publishes arrived, as the confirms come in. Publishes over the rate limit are
+//! parked (their acks withheld) and tried again.
 
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::Instant;
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
+use sync_wrapper::SyncWrapper;
+
+use crate::context::{PublishRefused, Publishing};
+use crate::engine::retained::RetainedUndo;
 use crate::flow::ThrottleReason;
 
 use super::*;
 
-impl Session {
-    // ---------- inbound publish ----------
+/// The inbound side of one connection.
+#[derive(Default)]
+pub struct Inflow {
+    /// MQTT 5 inbound topic aliases.
+    aliases: HashMap<u16, String>,
+    /// QoS 2 packet ids published (or being published) and not yet released by PUBREL: a
+    /// resend is acknowledged again, never published twice.
+    pub(super) qos2: HashSet<u16>,
+    /// Publishes handed to the engine, and answers queued behind them, in arrival order.
+    /// (Wrapped: an engine's confirm future need not be `Sync`, the session must be.)
+    confirms: SyncWrapper<FuturesOrdered<Awaiting>>,
+    /// How many are in `confirms`.
+    waiting: usize,
+    /// QoS 1 publishes in `confirms` whose PUBACK is owed.
+    owed: usize,
+    /// QoS 1/2 publishes over the rate limit, their acks withheld.
+    parked: VecDeque<PublishIn>,
+    pub retry_at: Option<Instant>,
+    /// Since when QoS 0 publishes have been dropped for the rate limit without one admitted.
+    overrun_since: Option<Instant>,
+}
 
+impl Inflow {
+    /// QoS 1/2 publishes the client has not had an answer to (what Receive Maximum bounds).
+    fn unanswered(&self) -> usize {
+        self.owed + self.qos2.len() + self.parked.len()
+    }
+
+    /// Whether the connection may read another packet: not while more publishes than the
+    /// Receive Maximum await their confirms, so a client flooding QoS 0 (which Receive
+    /// Maximum does not bound) meets TCP backpressure instead of growing this queue. One
+    /// more than the maximum is read, so a client that overruns it is told (0x93).
+    pub fn may_read(&self, receive_maximum: u16) -> bool {
+        self.waiting <= usize::from(receive_maximum)
+    }
+
+    /// Whether an answer is awaited; then [`Inflow::next_confirmed`] has something to give.
+    pub fn awaiting(&self) -> bool {
+        self.waiting > 0
+    }
+
+    /// The next answer, in arrival order.
+    pub async fn next_confirmed(&mut self) -> Option<(Ack, Result<(), EngineError>)> {
+        let next = self.confirms.get_mut().next().await;
+        if next.is_some() {
+            self.waiting -= 1;
+        }
+        next
+    }
+
+    fn push(&mut self, awaiting: Awaiting) {
+        self.waiting += 1;
+        self.confirms.get_mut().push_back(awaiting);
+    }
+}
+
+/// The acknowledgement a publish is owed once the engine answered.
+pub struct Ack {
+    packet_id: Option<u16>,
+    qos: u8,
+    /// The reason code if the engine takes the message.
+    code: u8,
+    /// The retained message this publish replaced, to put back if the engine refuses it.
+    retained: Option<(String, RetainedUndo)>,
+    /// Counted in [`Inflow::owed`] while it waits in [`Inflow::confirms`].
+    owed: bool,
+}
+
+/// One entry of [`Inflow::confirms`]: an engine confirm, or an answer already known that
+/// waits for its turn.
+pub struct Awaiting {
+    ack: Option<Ack>,
+    confirm: Option<Publishing>,
+}
+
+impl Future for Awaiting {
+    type Output = (Ack, Result<(), EngineError>);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        let result = match &mut self.confirm {
+            Some(confirm) => std::task::ready!(Pin::new(confirm).poll(cx)).map(|_| ()),
+            None => Ok(()),
+        };
+        match self.ack.take() {
+            Some(ack) => Poll::Ready((ack, result)),
+            // Polled again after it answered: FuturesOrdered never does.
+            None => Poll::Pending,
+        }
+    }
+}
+
+impl Session {
     pub(super) async fn publish(&mut self, mut p: PublishIn) -> Outcome {
         if let Some(alias) = p.props.topic_alias {
             if alias == 0 || alias > TOPIC_ALIAS_MAX {
                 return Outcome::Close(Some(reason::TOPIC_ALIAS_INVALID));
             }
             if p.topic.is_empty() {
-                match self.aliases.get(&alias) {
+                match self.inflow.aliases.get(&alias) {
                     Some(topic) => p.topic = topic.clone(),
                     None => return Outcome::Close(Some(reason::PROTOCOL_ERROR)),
                 }
             } else {
-                self.aliases.insert(alias, p.topic.clone());
+                self.inflow.aliases.insert(alias, p.topic.clone());
             }
         }
         if p.qos == 2 && self.max_qos < 2 && self.version == Version::V5 {
@@ -30,49 +132,72 @@ impl Session {
         }
         if p.qos == 2
             && let Some(id) = p.packet_id
-            && self.inbound_qos2.contains(&id)
+            && self.inflow.qos2.contains(&id)
         {
             // A resend before PUBREL: already published once, acknowledge again only.
-            self.send(Outbound::PubRec {
-                packet_id: id,
-                code: reason::SUCCESS,
-            });
+            self.answer(&p, reason::SUCCESS);
             return Outcome::Continue;
         }
         if p.qos > 0
-            && self.parked.len() + self.inbound_qos2.len()
-                >= usize::from(self.ctx.config.mqtt.receive_maximum)
+            && self.inflow.unanswered() >= usize::from(self.ctx.config.mqtt.receive_maximum)
         {
             // More unacknowledged QoS 1/2 publishes than the Receive Maximum we advertised.
             metrics::refusal(PROTOCOL, "receive_maximum_exceeded");
             return Outcome::Close(Some(reason::RECEIVE_MAXIMUM_EXCEEDED));
         }
-        if !self.parked.is_empty() && p.qos > 0 {
+        if !self.inflow.parked.is_empty() && p.qos > 0 {
             // Keep order: later publishes wait behind parked ones.
-            self.parked.push_back(p);
+            self.inflow.parked.push_back(p);
             return Outcome::Continue;
         }
         self.publish_now(p, true).await
     }
 
-    pub(super) fn ack_publish(&self, p: &PublishIn, code: u8) {
-        if let Some(id) = p.packet_id {
-            match p.qos {
-                1 => self.send(Outbound::PubAck {
-                    packet_id: id,
-                    code,
-                }),
-                2 => self.send(Outbound::PubRec {
-                    packet_id: id,
-                    code,
-                }),
+    /// Sends the acknowledgement of a QoS 1/2 publish now, or after the answers still owed to
+    /// earlier publishes (acks go out in the order the publishes came).
+    fn answer(&mut self, p: &PublishIn, code: u8) {
+        if p.qos == 0 {
+            return;
+        }
+        let ack = Ack {
+            packet_id: p.packet_id,
+            qos: p.qos,
+            code,
+            retained: None,
+            owed: false,
+        };
+        if !self.inflow.awaiting() {
+            self.send_ack(&ack, code);
+        } else {
+            self.queue(Awaiting {
+                ack: Some(ack),
+                confirm: None,
+            });
+        }
+    }
+
+    /// Queues behind the answers still owed; a QoS 1 ack counts towards Receive Maximum there.
+    fn queue(&mut self, mut awaiting: Awaiting) {
+        if let Some(ack) = &mut awaiting.ack
+            && ack.qos == 1
+        {
+            ack.owed = true;
+            self.inflow.owed += 1;
+        }
+        self.inflow.push(awaiting);
+    }
+
+    fn send_ack(&self, ack: &Ack, code: u8) {
+        if let Some(packet_id) = ack.packet_id {
+            match ack.qos {
+                1 => self.send(Outbound::PubAck { packet_id, code }),
+                2 => self.send(Outbound::PubRec { packet_id, code }),
                 _ => {}
             }
         }
     }
 
     pub(super) async fn publish_now(&mut self, p: PublishIn, may_park: bool) -> Outcome {
-        let exchange = self.ctx.config.mqtt.exchange.clone();
         let key = match topic_to_key(&p.topic, self.ctx.config.mqtt.topic_mapping) {
             Ok(k) => k,
             // [MQTT-3.3.2-2]: no wildcards in a topic name; an empty one is malformed too.
@@ -86,105 +211,164 @@ impl Session {
                 tracing::info!(client = %self.client_id, topic = %p.topic, "refused topic: {e}");
                 metrics::refusal(PROTOCOL, "topic_invalid");
                 if self.version == Version::V5 {
-                    self.ack_publish(&p, reason::TOPIC_NAME_INVALID);
+                    self.answer(&p, reason::TOPIC_NAME_INVALID);
                     return Outcome::Continue;
                 }
                 return Outcome::Close(Some(reason::TOPIC_NAME_INVALID));
             }
         };
-        if !self.principal.permissions.can_write(&exchange, &key) {
-            metrics::refusal(PROTOCOL, "forbidden");
-            // 3.1.1 has no way to say no: the publish is acknowledged and dropped.
-            let code = if self.version == Version::V5 {
-                reason::NOT_AUTHORIZED
-            } else {
-                reason::SUCCESS
-            };
-            self.ack_publish(&p, code);
-            return Outcome::Continue;
-        }
-        if let Err(t) =
-            self.ctx
-                .admit_publish(&self.conn, self.principal.shared_subject(), p.payload.len())
-        {
-            metrics::refusal(PROTOCOL, t.reason.as_str());
-            if p.qos == 0 && t.reason == ThrottleReason::MemoryWatermark {
-                // Dropped and counted; not the client's overrun, so no 0x96 for it.
-                return Outcome::Continue;
-            }
-            if p.qos == 0 {
-                // Dropped and counted; a v5 client that keeps overrunning for
-                // `limits.overrun_grace` is told so and disconnected (0x96).
-                let since = *self.overrun_since.get_or_insert_with(Instant::now);
-                if self.version == Version::V5
-                    && since.elapsed() >= self.ctx.config.limits.overrun_grace
-                {
-                    return Outcome::Close(Some(reason::MESSAGE_RATE_TOO_HIGH));
-                }
-                return Outcome::Continue;
-            }
-            if may_park {
-                self.parked.push_back(p);
-            } else {
-                self.parked.push_front(p);
-            }
-            self.retry_at = Some(Instant::now() + t.retry_after);
-            return Outcome::Continue;
-        }
+        let ctx = self.ctx.clone();
+        let exchange = ctx.config.mqtt.exchange.as_str();
+        let cleared = match ctx.clear_publish(
+            PROTOCOL,
+            &self.conn,
+            &self.principal,
+            exchange,
+            &key,
+            p.payload.len(),
+        ) {
+            Ok(cleared) => cleared,
+            Err(refused) => return self.refused_at_gate(p, refused, may_park),
+        };
+        self.inflow.overrun_since = None;
         let message = self.message_of(&p);
         // Retained before the publish (see `RetainedStore::set`), taken back if it is refused.
-        let retained = match p.retain {
-            true => Some(self.retained.set(&key, message.clone()).await),
-            false => None,
-        };
-        let started = Instant::now();
-        match self
-            .channel
-            .publish(&exchange, &key, message, PublishOptions::default())
-            .await
-        {
-            Ok(_) => {
-                metrics::message_in(PROTOCOL, started.elapsed());
-                self.overrun_since = None;
-                let code = if let Some(Err(_)) = retained {
+        let mut code = reason::SUCCESS;
+        let mut retained = None;
+        if p.retain {
+            match self.retained.set(&key, message.clone()).await {
+                Ok(undo) => retained = Some((key.clone(), undo)),
+                Err(_) => {
                     metrics::refusal(PROTOCOL, "retained_full");
                     if self.version == Version::V5 {
-                        reason::QUOTA_EXCEEDED
-                    } else {
-                        reason::SUCCESS
+                        code = reason::QUOTA_EXCEEDED;
                     }
+                }
+            }
+        }
+        let confirm = cleared.publish(&*self.channel, message, PublishOptions::default());
+        if p.qos == 2
+            && self.max_qos == 2
+            && let Some(id) = p.packet_id
+        {
+            self.inflow.qos2.insert(id);
+        }
+        let mut awaiting = Awaiting {
+            ack: Some(Ack {
+                packet_id: p.packet_id,
+                qos: p.qos,
+                code,
+                retained,
+                owed: false,
+            }),
+            confirm: Some(confirm),
+        };
+        // The embedded engine mostly answers at once: then there is nothing to queue, unless
+        // earlier answers are still owed.
+        let answered = match self.inflow.awaiting() {
+            false => Pin::new(&mut awaiting).poll(&mut TaskContext::from_waker(Waker::noop())),
+            true => Poll::Pending,
+        };
+        match answered {
+            Poll::Ready((ack, result)) => {
+                drop(awaiting);
+                self.confirmed(ack, result).await
+            }
+            Poll::Pending => {
+                self.queue(awaiting);
+                Outcome::Continue
+            }
+        }
+    }
+
+    /// A publish the gate refused: forbidden ones are answered (and dropped), throttled QoS 0
+    /// ones dropped and counted, throttled QoS 1/2 ones parked.
+    fn refused_at_gate(
+        &mut self,
+        p: PublishIn,
+        refused: PublishRefused,
+        may_park: bool,
+    ) -> Outcome {
+        metrics::refusal(PROTOCOL, refused.as_str());
+        let t = match refused {
+            PublishRefused::Forbidden { .. } => {
+                // 3.1.1 has no way to say no: the publish is acknowledged and dropped.
+                let code = if self.version == Version::V5 {
+                    reason::NOT_AUTHORIZED
                 } else {
                     reason::SUCCESS
                 };
-                if p.qos == 2
-                    && self.max_qos == 2
-                    && let Some(id) = p.packet_id
-                {
-                    self.inbound_qos2.insert(id);
-                }
-                self.ack_publish(&p, code);
+                self.answer(&p, code);
+                return Outcome::Continue;
+            }
+            PublishRefused::Throttled(t) => t,
+        };
+        if p.qos == 0 && t.reason == ThrottleReason::MemoryWatermark {
+            // Dropped and counted; not the client's overrun, so no 0x96 for it.
+            return Outcome::Continue;
+        }
+        if p.qos == 0 {
+            // Dropped and counted; a v5 client that keeps overrunning for
+            // `limits.overrun_grace` is told so and disconnected (0x96).
+            let since = *self.inflow.overrun_since.get_or_insert_with(Instant::now);
+            if self.version == Version::V5
+                && since.elapsed() >= self.ctx.config.limits.overrun_grace
+            {
+                return Outcome::Close(Some(reason::MESSAGE_RATE_TOO_HIGH));
+            }
+            return Outcome::Continue;
+        }
+        if may_park {
+            self.inflow.parked.push_back(p);
+        } else {
+            self.inflow.parked.push_front(p);
+        }
+        self.inflow.retry_at = Some(Instant::now() + t.retry_after);
+        Outcome::Continue
+    }
+
+    /// The engine answered a publish (or an answer queued behind one came up): acknowledge it.
+    pub async fn confirmed(&mut self, ack: Ack, result: Result<(), EngineError>) -> Outcome {
+        if ack.owed {
+            self.inflow.owed -= 1;
+        }
+        match result {
+            Ok(()) => {
+                self.send_ack(&ack, ack.code);
                 Outcome::Continue
             }
             Err(e) => {
-                if let Some(Ok(undo)) = retained {
+                if ack.qos == 2
+                    && let Some(id) = ack.packet_id
+                {
+                    self.inflow.qos2.remove(&id);
+                }
+                if let Some((key, undo)) = ack.retained {
                     self.retained.undo(&key, undo).await;
                 }
-                self.refused(&p, e)
+                self.refused(ack.packet_id, ack.qos, e)
             }
         }
     }
 
     /// A publish the engine did not accept (DESIGN.md §5's failure table).
-    fn refused(&mut self, p: &PublishIn, e: EngineError) -> Outcome {
+    fn refused(&mut self, packet_id: Option<u16>, qos: u8, e: EngineError) -> Outcome {
+        let ack = Ack {
+            packet_id,
+            qos,
+            code: reason::UNSPECIFIED,
+            retained: None,
+            owed: false,
+        };
         match e {
             EngineError::Rejected(_) if self.version == Version::V5 => {
-                self.ack_publish(p, reason::QUOTA_EXCEEDED);
+                self.send_ack(&ack, reason::QUOTA_EXCEEDED);
                 Outcome::Continue
             }
             e => {
                 tracing::warn!(client = %self.client_id, error = %e, "publish not accepted; closing so the client resends");
-                if self.version == Version::V5 && p.qos > 0 {
-                    self.ack_publish(p, reason::UNSPECIFIED);
+                if self.version == Version::V5 && qos > 0 {
+                    self.send_ack(&ack, reason::UNSPECIFIED);
                     return Outcome::Continue;
                 }
                 Outcome::Close(Some(reason::UNSPECIFIED))
@@ -193,7 +377,8 @@ impl Session {
     }
 
     /// The AMQP form of a PUBLISH: MQTT 5 properties mapped (DESIGN.md §3), then the
-    /// gateway's own headers, which win over anything the client sent under their names.
+    /// gateway's own headers, which win over anything the client sent under their names (the
+    /// publish gate stamps the subject).
     pub(super) fn message_of(&self, p: &PublishIn) -> Message {
         let mut m = Message::new(p.payload.clone());
         let props = &mut m.properties;
@@ -211,10 +396,6 @@ impl Session {
                 .headers
                 .insert(RETAIN_HEADER.into(), FieldValue::Bool(true));
         }
-        props.headers.insert(
-            SUBJECT_HEADER.into(),
-            FieldValue::Str(self.principal.subject.to_string()),
-        );
         m
     }
 
@@ -236,16 +417,16 @@ impl Session {
         )
     }
 
-    /// Tries the parked publishes again (their PUBACKs were withheld).
+    /// Tries the parked publishes again (their acks were withheld).
     pub async fn retry_parked(&mut self) -> Outcome {
-        self.retry_at = None;
-        while let Some(p) = self.parked.pop_front() {
+        self.inflow.retry_at = None;
+        while let Some(p) = self.inflow.parked.pop_front() {
             if let outcome @ (Outcome::Close(_) | Outcome::Disconnected) =
                 self.publish_now(p, false).await
             {
                 return outcome;
             }
-            if self.retry_at.is_some() {
+            if self.inflow.retry_at.is_some() {
                 break; // throttled again: it went back to the front
             }
         }

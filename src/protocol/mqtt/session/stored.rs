@@ -107,7 +107,7 @@ impl Session {
                     id: o.id,
                 })
                 .collect(),
-            inbound_qos2: self.inbound_qos2.iter().copied().collect(),
+            inbound_qos2: self.inflow.qos2.iter().copied().collect(),
             released: self.released_ids(),
         };
         let body = match serde_json::to_vec(&stored) {

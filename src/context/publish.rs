@@ -1,0 +1,149 @@
+//! The publish gate (DESIGN.md §5, §7): the one way a client's message reaches the engine,
+//! whichever protocol carried it. In order: the write permission, the engine's memory
+//! watermark, the connection's and the subject's rate buckets, then the subject stamp, the
+//! engine publish and its metrics. A refusal changes nothing; each adapter maps
+//! [`PublishRefused`] to its protocol's answer once.
+//!
+//! The gate has two steps because MQTT does one thing between them (the retained message is
+//! stored once the publish is allowed and before it is published): [`Context::clear_publish`]
+//! checks, [`Cleared::publish`] hands over. Nothing else can make a [`Cleared`].
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Instant;
+
+use super::{Connection, Context};
+use crate::auth::Principal;
+use crate::codes::Code;
+use crate::engine::table::FieldValue;
+use crate::engine::{
+    Channel, EngineError, Message, PublishConfirm, PublishOptions, PublishOutcome,
+};
+use crate::flow::Throttled;
+use crate::json::SUBJECT_HEADER;
+use crate::metrics;
+
+/// Why the gate did not let a publish through.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishRefused {
+    #[error("no permission to publish to '{exchange}' with routing key '{routing_key}'")]
+    Forbidden {
+        exchange: String,
+        routing_key: String,
+    },
+    /// Over a rate bucket, or the engine is above its memory watermark: try again later.
+    #[error("{0}")]
+    Throttled(Throttled),
+}
+
+impl PublishRefused {
+    /// The `reason` label of the refusal metric.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            PublishRefused::Forbidden { .. } => "forbidden",
+            PublishRefused::Throttled(t) => t.reason.as_str(),
+        }
+    }
+}
+
+impl From<&PublishRefused> for Code {
+    fn from(r: &PublishRefused) -> Self {
+        match r {
+            PublishRefused::Forbidden { .. } => Code::Forbidden,
+            PublishRefused::Throttled(t) => Code::from(t),
+        }
+    }
+}
+
+/// A publish the gate let through; [`Cleared::publish`] hands it to the engine.
+#[must_use = "a cleared publish took tokens from the rate buckets"]
+pub struct Cleared<'a> {
+    protocol: &'static str,
+    principal: &'a Principal,
+    exchange: &'a str,
+    routing_key: &'a str,
+}
+
+impl Context {
+    /// Checks one client publish of `body_bytes` body bytes to `exchange` with `routing_key`:
+    /// write permission, then (taking no tokens while it is over) the engine's memory
+    /// watermark, then the connection's and the subject's buckets.
+    pub fn clear_publish<'a>(
+        &self,
+        protocol: &'static str,
+        conn: &Connection,
+        principal: &'a Principal,
+        exchange: &'a str,
+        routing_key: &'a str,
+        body_bytes: usize,
+    ) -> Result<Cleared<'a>, PublishRefused> {
+        if !principal.permissions.can_write(exchange, routing_key) {
+            return Err(PublishRefused::Forbidden {
+                exchange: exchange.to_owned(),
+                routing_key: routing_key.to_owned(),
+            });
+        }
+        if self.engine.publish_blocked() {
+            return Err(PublishRefused::Throttled(Throttled::memory()));
+        }
+        self.flow
+            .admit_publish(&conn.limits, principal.shared_subject(), body_bytes)
+            .map_err(PublishRefused::Throttled)?;
+        Ok(Cleared {
+            protocol,
+            principal,
+            exchange,
+            routing_key,
+        })
+    }
+}
+
+impl Cleared<'_> {
+    /// Stamps the publisher's subject (`x-gateway-sub`, over anything the client sent under
+    /// that name) and hands the message to `channel`. Its place in the channel's order is
+    /// taken now; the returned future is the engine's confirm.
+    pub fn publish(
+        self,
+        channel: &dyn Channel,
+        mut message: Message,
+        options: PublishOptions,
+    ) -> Publishing {
+        stamp_subject(&mut message, self.principal);
+        Publishing {
+            started: Instant::now(),
+            protocol: self.protocol,
+            confirm: channel.publish(self.exchange, self.routing_key, message, options),
+        }
+    }
+}
+
+/// Says who published `message` (header `x-gateway-sub`), over anything a client sent under
+/// that name.
+pub fn stamp_subject(message: &mut Message, principal: &Principal) {
+    message.properties.headers.insert(
+        SUBJECT_HEADER.into(),
+        FieldValue::Str(principal.subject.to_string()),
+    );
+}
+
+/// The engine's confirm of a cleared publish; counts the message and its latency when the
+/// engine took it.
+#[must_use = "a publish is confirmed only when this is awaited"]
+pub struct Publishing {
+    started: Instant,
+    protocol: &'static str,
+    confirm: PublishConfirm,
+}
+
+impl Future for Publishing {
+    type Output = Result<PublishOutcome, EngineError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        let result = std::task::ready!(Pin::new(&mut self.confirm).poll(cx));
+        if result.is_ok() {
+            metrics::message_in(self.protocol, self.started.elapsed());
+        }
+        Poll::Ready(result)
+    }
+}
