@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::auth::Authenticator;
 use crate::config::Config;
@@ -24,7 +25,7 @@ pub struct Context {
     pub shutdown: Shutdown,
 }
 
-/// One client connection (an HTTP connection, later a WebSocket or MQTT one): its id, its
+/// One client connection (HTTP — WebSocket ones included — or MQTT over TCP): its id, its
 /// publish buckets and its engine channel, opened on first use and closed when the last
 /// reference goes.
 pub struct Connection {
@@ -37,6 +38,12 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// A connection just accepted, with the next id (one sequence for every listener).
+    pub fn accepted(remote: SocketAddr, limits: ConnectionLimits) -> Self {
+        static IDS: AtomicU64 = AtomicU64::new(1);
+        Connection::new(IDS.fetch_add(1, Ordering::Relaxed), remote, limits)
+    }
+
     pub fn new(id: u64, remote: SocketAddr, limits: ConnectionLimits) -> Self {
         Connection {
             id,

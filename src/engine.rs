@@ -243,12 +243,28 @@ pub struct Consumer {
     tag: Arc<str>,
     queue: Arc<str>,
     stream: Box<dyn DeliveryStream>,
+    /// Its end was reported as a [`ConsumerEvent::Ended`].
+    ended: bool,
+}
+
+/// What a [`Consumer`] yields as a [`futures_util::Stream`] (an adapter polls many in one
+/// `StreamMap`): its deliveries, then once why it ended.
+#[derive(Debug)]
+pub enum ConsumerEvent {
+    Delivery(Delivery),
+    /// `None`: cancelled by its own channel (or the channel closed).
+    Ended(Option<CancelReason>),
 }
 
 impl Consumer {
     /// For engine implementations.
     pub fn new(tag: Arc<str>, queue: Arc<str>, stream: Box<dyn DeliveryStream>) -> Self {
-        Consumer { tag, queue, stream }
+        Consumer {
+            tag,
+            queue,
+            stream,
+            ended: false,
+        }
     }
 
     pub fn tag(&self) -> &str {
@@ -272,6 +288,25 @@ impl Consumer {
     /// Set once `recv` returned `None` for a reason other than the owner's cancel.
     pub fn cancel_reason(&self) -> Option<CancelReason> {
         self.stream.cancel_reason()
+    }
+}
+
+impl futures_util::Stream for Consumer {
+    type Item = ConsumerEvent;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<ConsumerEvent>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        match this.stream.poll_recv(cx) {
+            Poll::Ready(Some(d)) => Poll::Ready(Some(ConsumerEvent::Delivery(d))),
+            Poll::Ready(None) => {
+                this.ended = true;
+                Poll::Ready(Some(ConsumerEvent::Ended(this.stream.cancel_reason())))
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 

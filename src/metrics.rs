@@ -11,6 +11,7 @@ use crate::engine::Engine;
 
 pub const CONNECTIONS_TOTAL: &str = "gateway_connections_total";
 pub const CONNECTIONS_OPEN: &str = "gateway_connections_open";
+pub const CONNECTIONS_CLOSED: &str = "gateway_connections_closed_total";
 pub const MESSAGES_IN: &str = "gateway_messages_in_total";
 pub const MESSAGES_OUT: &str = "gateway_messages_out_total";
 pub const PUBLISH_LATENCY: &str = "gateway_publish_latency_seconds";
@@ -49,6 +50,10 @@ fn describe() {
         "Client connections accepted, by protocol"
     );
     metrics::describe_gauge!(CONNECTIONS_OPEN, "Client connections open, by protocol");
+    metrics::describe_counter!(
+        CONNECTIONS_CLOSED,
+        "Client connections closed, by protocol and reason (who closed and why)"
+    );
     metrics::describe_counter!(MESSAGES_IN, "Messages accepted from clients, by protocol");
     metrics::describe_counter!(MESSAGES_OUT, "Messages delivered to clients, by protocol");
     metrics::describe_histogram!(
@@ -95,8 +100,9 @@ pub fn connection_opened(protocol: &'static str) {
     metrics::gauge!(CONNECTIONS_OPEN, "protocol" => protocol).increment(1.0);
 }
 
-pub fn connection_closed(protocol: &'static str) {
+pub fn connection_closed(protocol: &'static str, reason: &'static str) {
     metrics::gauge!(CONNECTIONS_OPEN, "protocol" => protocol).decrement(1.0);
+    metrics::counter!(CONNECTIONS_CLOSED, "protocol" => protocol, "reason" => reason).increment(1);
 }
 
 /// The Prometheus text, with the engine's gauges read now.

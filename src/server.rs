@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -18,7 +17,7 @@ use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use serde_json::json;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tower::ServiceExt;
 
@@ -89,6 +88,33 @@ async fn readyz(State(ctx): State<Context>) -> impl IntoResponse {
 /// trying again, so a full table does not spin the CPU.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
+/// Accepts on `listener` until shutdown, backing off after an error, and hands each stream
+/// (`TCP_NODELAY` set) to `serve` with its [`Connection`]. Every listener accepts this way.
+pub async fn accept_until_shutdown<F>(listener: &TcpListener, ctx: &Context, mut serve: F)
+where
+    F: FnMut(TcpStream, Arc<Connection>),
+{
+    loop {
+        let (stream, remote) = tokio::select! {
+            _ = ctx.shutdown.wait() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    let local = listener.local_addr().ok();
+                    tracing::warn!(error = %e, ?local, "accept failed; backing off");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        serve(
+            stream,
+            Arc::new(Connection::accepted(remote, ctx.flow.connection())),
+        );
+    }
+}
+
 /// Serves `app` on `listener` until shutdown, then lets open connections finish for `drain`.
 /// Each request carries its connection's [`Connection`] as an extension.
 pub fn serve_http(
@@ -98,7 +124,6 @@ pub fn serve_http(
     header_read_timeout: Duration,
     drain: Duration,
 ) -> JoinHandle<()> {
-    static CONNECTION_IDS: AtomicU64 = AtomicU64::new(1);
     tokio::spawn(async move {
         let mut builder = Builder::new(TokioExecutor::new());
         builder
@@ -106,24 +131,8 @@ pub fn serve_http(
             .timer(TokioTimer::new())
             .header_read_timeout(header_read_timeout);
         let graceful = GracefulShutdown::new();
-        loop {
-            let (stream, remote) = tokio::select! {
-                _ = ctx.shutdown.wait() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(pair) => pair,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed; backing off");
-                        tokio::time::sleep(ACCEPT_BACKOFF).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = stream.set_nodelay(true);
-            let conn = Arc::new(Connection::new(
-                CONNECTION_IDS.fetch_add(1, Ordering::Relaxed),
-                remote,
-                ctx.flow.connection(),
-            ));
+        accept_until_shutdown(&listener, &ctx, |stream, conn| {
+            let remote = conn.remote;
             let service = app.clone().map_request(move |mut req: Request<Incoming>| {
                 req.extensions_mut().insert(conn.clone());
                 req
@@ -137,12 +146,17 @@ pub fn serve_http(
             let watched = graceful.watch(serving);
             crate::metrics::connection_opened("http");
             tokio::spawn(async move {
-                if let Err(e) = watched.await {
-                    tracing::debug!(%remote, error = %e, "http connection ended with an error");
-                }
-                crate::metrics::connection_closed("http");
+                let reason = match watched.await {
+                    Ok(()) => "closed",
+                    Err(e) => {
+                        tracing::debug!(%remote, error = %e, "http connection ended with an error");
+                        "error"
+                    }
+                };
+                crate::metrics::connection_closed("http", reason);
             });
-        }
+        })
+        .await;
         drop(listener);
         if tokio::time::timeout(drain, graceful.shutdown())
             .await

@@ -2,6 +2,7 @@
 //! browsers: `frames` (the JSON protocol), `outbound` (the bounded buffer), `session` (the ops,
 //! no socket), `connection` (reader, writer, timers).
 
+pub mod close;
 mod connection;
 pub mod frames;
 mod outbound;

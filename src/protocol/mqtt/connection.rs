@@ -1,4 +1,4 @@
-//! One MQTT connection over any byte stream (TCP now; WebSocket frames later): reads and
+//! One MQTT connection over any byte stream (TCP, or WebSocket frames bridged): reads and
 //! decodes, always — acks and pings are handled whatever the outbound side does —, writes
 //! through a writer task under `limits.write_timeout`, enforces the CONNECT timeout, the
 //! keep-alive (× 1.5), the token's expiry and shutdown.
@@ -8,11 +8,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use futures_util::StreamExt;
+use futures_util::future::{Fuse, FusedFuture};
+use futures_util::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
-use super::codec::{Codec, DecodeError, Inbound, Outbound, Version};
+use super::close::CloseReason;
+use super::codec::{Codec, Connect, DecodeError, Inbound, Outbound, Version};
 use super::session::{Outcome, Session, reason};
 use crate::auth::now_secs;
 use crate::context::{Connection, Context};
@@ -81,11 +84,45 @@ where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     metrics::connection_opened(PROTOCOL);
-    serve(stream, &ctx, conn).await;
-    metrics::connection_closed(PROTOCOL);
+    let why = serve(stream, &ctx, &conn).await;
+    if why.is_notable() {
+        tracing::info!(remote = %conn.remote, reason = why.as_str(), "MQTT connection closed");
+    } else {
+        tracing::debug!(remote = %conn.remote, reason = why.as_str(), "MQTT connection closed");
+    }
+    metrics::connection_closed(PROTOCOL, why.as_str());
 }
 
-async fn serve<S>(stream: S, ctx: &Context, conn: Arc<Connection>)
+/// A CONNACK that refuses with `code` (an MQTT 5 reason code; the codec gives 3.1.1 its
+/// return code).
+fn refusal(code: u8, max_packet: u32) -> Outbound {
+    Outbound::ConnAck {
+        code,
+        session_present: false,
+        session_expiry: None,
+        receive_max: 1,
+        max_packet_size: max_packet,
+        assigned_client_id: None,
+        max_qos: 1,
+        auth_method: None,
+        server_keep_alive: None,
+    }
+}
+
+/// The socket's two halves and the decoding state of its read side.
+struct Wire<R> {
+    reader: R,
+    input: Input,
+    codec: Codec,
+}
+
+impl<R: AsyncRead + Unpin> Wire<R> {
+    async fn read(&mut self) -> Result<Option<Inbound>, DecodeError> {
+        read_packet(&mut self.reader, &mut self.input, &mut self.codec).await
+    }
+}
+
+async fn serve<S>(stream: S, ctx: &Context, conn: &Arc<Connection>) -> CloseReason
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -95,60 +132,30 @@ where
         Err(full) => {
             tracing::info!(remote = %conn.remote, "closed before CONNECT: {full}");
             metrics::refusal(PROTOCOL, full.as_str());
-            return;
+            return CloseReason::AdmissionFull;
         }
     };
-    let (mut reader, writer) = tokio::io::split(stream);
+    let (reader, mut writer) = tokio::io::split(stream);
     let max_packet = (ctx.config.limits.max_message_bytes.as_u64() + 64 * 1024) as u32;
-    let mut codec = Codec::new(max_packet);
-    let mut input = Input::new();
-
-    // CONNECT first, within mqtt.connect_timeout.
-    let first = tokio::time::timeout(
-        ctx.config.mqtt.connect_timeout,
-        read_packet(&mut reader, &mut input, &mut codec),
-    )
-    .await;
-    let connect = match first {
-        Ok(Ok(Some(Inbound::Connect(c)))) => c,
-        Ok(Ok(Some(_))) => {
-            tracing::info!(remote = %conn.remote, "MQTT packet before CONNECT; closing");
-            return;
-        }
-        Ok(Ok(None)) => return,
-        Ok(Err(e)) => {
-            tracing::info!(remote = %conn.remote, error = %e, "bad CONNECT; closing");
-            metrics::refusal(PROTOCOL, "malformed");
-            // A CONNECT naming MQTT with a level we do not speak: 3.1.1's CONNACK return code 1
-            // (0x01 "unacceptable protocol version") is understood by every version.
-            // [MQTT-3.1.3-9]: a client id the server rejects gets CONNACK 0x02 (3.1.1) / 0x85.
-            let answer: &[u8] = match e {
-                DecodeError::InvalidProtocol | DecodeError::UnsupportedProtocolLevel
-                    if input.buf.get(4..8) == Some(b"MQTT") =>
-                {
-                    &[0x20, 0x02, 0x00, 0x01]
-                }
-                DecodeError::InvalidClientId if codec.version() == Some(Version::V5) => {
-                    &[0x20, 0x03, 0x00, 0x85, 0x00]
-                }
-                DecodeError::InvalidClientId => &[0x20, 0x02, 0x00, 0x02],
-                _ => &[],
-            };
-            if !answer.is_empty() {
-                let mut writer = writer;
-                let _ = writer.write_all(answer).await;
+    let mut wire = Wire {
+        reader,
+        input: Input::new(),
+        codec: Codec::new(max_packet),
+    };
+    let connect = match read_connect(ctx, conn, &mut wire, max_packet).await {
+        Ok(connect) => connect,
+        Err((why, answer)) => {
+            if let Some(bytes) = answer {
+                let _ = writer.write_all(&bytes).await;
                 let _ = writer.shutdown().await;
             }
-            return;
-        }
-        Err(_) => {
-            tracing::info!(remote = %conn.remote, "no CONNECT within mqtt.connect_timeout; closing");
-            return;
+            return why;
         }
     };
     let version = connect.version;
     let (tx, rx) = mpsc::unbounded_channel();
     let qos0_queued = Arc::new(AtomicUsize::new(0));
+    // Fused: the loop may see it end, and a finished task is not awaited again.
     let mut writer_task = tokio::spawn(write_loop(
         writer,
         rx,
@@ -156,16 +163,10 @@ where
         max_packet,
         ctx.config.limits.write_timeout,
         qos0_queued.clone(),
-    ));
-    let mut session = match Session::connect(
-        ctx.clone(),
-        conn.clone(),
-        *connect,
-        tx.clone(),
-        qos0_queued,
-    )
-    .await
-    {
+    ))
+    .fuse();
+    let connected = Session::connect(ctx.clone(), conn.clone(), *connect, tx.clone(), qos0_queued);
+    let mut session = match connected.await {
         Ok((session, connack)) => {
             drop(waiting);
             let _ = tx.send(connack);
@@ -176,30 +177,91 @@ where
             drop(waiting);
             tracing::info!(remote = %conn.remote, code = refused.code, "CONNECT refused: {}", refused.why);
             metrics::refusal(PROTOCOL, "connect_refused");
-            let _ = tx.send(Outbound::ConnAck {
-                code: refused.code,
-                session_present: false,
-                session_expiry: None,
-                receive_max: 1,
-                max_packet_size: max_packet,
-                assigned_client_id: None,
-                max_qos: 1,
-                auth_method: None,
-                server_keep_alive: None,
-            });
+            let _ = tx.send(refusal(refused.code, max_packet));
             drop(tx);
-            if let Ok(Ok(())) = tokio::time::timeout(LINGER, writer_task).await {
-                linger(&mut reader).await;
+            if let Ok(Ok(_)) = tokio::time::timeout(LINGER, writer_task).await {
+                linger(&mut wire.reader).await;
             }
-            return;
+            return CloseReason::ConnectRefused;
         }
     };
+    let why = serve_session(ctx, &mut session, &mut wire, &mut writer_task).await;
+    session.end(why.is_graceful()).await;
+    if let (Some(code), Version::V5) = (why.code(), version) {
+        let _ = tx.send(Outbound::Disconnect { code });
+    }
+    drop(tx);
+    drop(session);
+    // The DISCONNECT (if any) is written and the write side shut down before the linger.
+    if !writer_task.is_terminated()
+        && let Ok(Ok(_)) = tokio::time::timeout(LINGER, writer_task).await
+    {
+        linger(&mut wire.reader).await;
+    }
+    why
+}
 
+/// CONNECT first, within `mqtt.connect_timeout`. A CONNECT the gateway cannot take is answered
+/// (with the bytes returned) where MQTT has an answer for it.
+async fn read_connect<R: AsyncRead + Unpin>(
+    ctx: &Context,
+    conn: &Connection,
+    wire: &mut Wire<R>,
+    max_packet: u32,
+) -> Result<Box<Connect>, (CloseReason, Option<BytesMut>)> {
+    let first = tokio::time::timeout(ctx.config.mqtt.connect_timeout, wire.read()).await;
+    match first {
+        Ok(Ok(Some(Inbound::Connect(c)))) => Ok(c),
+        Ok(Ok(Some(_))) => {
+            tracing::info!(remote = %conn.remote, "MQTT packet before CONNECT; closing");
+            Err((CloseReason::BadConnect, None))
+        }
+        Ok(Ok(None)) => Err((CloseReason::PeerClosed, None)),
+        Ok(Err(e)) => {
+            tracing::info!(remote = %conn.remote, error = %e, "bad CONNECT; closing");
+            metrics::refusal(PROTOCOL, "malformed");
+            // A CONNECT naming MQTT with a level we do not speak: 3.1.1's CONNACK return code 1
+            // (0x01 "unacceptable protocol version") is understood by every version.
+            // [MQTT-3.1.3-9]: a client id the server rejects gets CONNACK 0x02 (3.1.1) / 0x85.
+            let answer = match e {
+                DecodeError::InvalidProtocol | DecodeError::UnsupportedProtocolLevel
+                    if wire.input.buf.get(4..8) == Some(b"MQTT") =>
+                {
+                    Some((Version::V3, reason::UNSUPPORTED_PROTOCOL_VERSION))
+                }
+                DecodeError::InvalidClientId => Some((
+                    wire.codec.version().unwrap_or(Version::V3),
+                    reason::CLIENT_ID_NOT_VALID,
+                )),
+                _ => None,
+            };
+            let bytes = answer.and_then(|(version, code)| {
+                let mut buf = BytesMut::new();
+                let mut codec = Codec::for_version(version, max_packet);
+                codec.encode(refusal(code, max_packet), &mut buf).ok()?;
+                Some(buf)
+            });
+            Err((CloseReason::BadConnect, bytes))
+        }
+        Err(_) => {
+            tracing::info!(remote = %conn.remote, "no CONNECT within mqtt.connect_timeout; closing");
+            Err((CloseReason::ConnectTimeout, None))
+        }
+    }
+}
+
+/// The connected session's loop: packets, deliveries, confirms, parked publishes, takeover,
+/// and every timer (keep-alive × 1.5, token expiry, shutdown). Returns why it ended.
+async fn serve_session<R: AsyncRead + Unpin>(
+    ctx: &Context,
+    session: &mut Session,
+    wire: &mut Wire<R>,
+    writer_task: &mut Fuse<JoinHandle<CloseReason>>,
+) -> CloseReason {
     let keep_alive = session.keep_alive();
     let keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
     let mut last_seen = Instant::now();
-    let mut writer_ended = false;
-    let (close, graceful) = loop {
+    loop {
         // Recomputed each time round: an MQTT 5 AUTH refresh moves it.
         let expiry_at = session.expires_at().map(|exp| {
             tokio::time::Instant::now()
@@ -214,66 +276,44 @@ where
             .retry_at
             .map_or_else(far, tokio::time::Instant::from_std);
         let may_read = session.inflow.may_read(ctx.config.mqtt.receive_maximum);
-        tokio::select! {
-            _ = ctx.shutdown.wait() => break (Some(reason::SERVER_SHUTTING_DOWN), false),
-            _ = tokio::time::sleep_until(expiry_at.unwrap_or_else(far)) => break (Some(reason::TOKEN_EXPIRED), false),
-            _ = tokio::time::sleep_until(keep_alive_at) => break (Some(reason::KEEP_ALIVE_TIMEOUT), false),
-            _ = &mut writer_task => {
-                writer_ended = true;
-                break (None, false);
-            }
-            packet = read_packet(&mut reader, &mut input, &mut codec), if may_read => {
+        let outcome = tokio::select! {
+            _ = ctx.shutdown.wait() => Outcome::Close(CloseReason::ServerShuttingDown),
+            _ = tokio::time::sleep_until(expiry_at.unwrap_or_else(far)) => Outcome::Close(CloseReason::TokenExpired),
+            _ = tokio::time::sleep_until(keep_alive_at) => Outcome::Close(CloseReason::KeepAliveTimeout),
+            ended = &mut *writer_task => Outcome::Close(ended.unwrap_or(CloseReason::PeerClosed)),
+            packet = wire.read(), if may_read => {
                 last_seen = Instant::now();
                 match packet {
-                    Ok(Some(p)) => match session.handle(p).await {
+                    Ok(Some(p)) => {
+                        let outcome = session.handle(p).await;
                         // Packets already buffered decode without touching the socket, so a
                         // flat-out publisher would never yield: spend tokio's cooperative
                         // budget per packet, so it takes turns with the connections it
                         // publishes to (50 publishers → 1 subscriber fell from 100k
                         // deliveries/s to almost none without this; see docs/mqtt.md).
-                        Outcome::Continue => tokio::task::consume_budget().await,
-                        Outcome::Disconnected => break (None, true),
-                        Outcome::Close(code) => break (code, false),
-                    },
-                    Ok(None) => break (None, false),
-                    Err(DecodeError::MaxSizeExceeded { .. }) => break (Some(0x95), false),
+                        tokio::task::consume_budget().await;
+                        outcome
+                    }
+                    Ok(None) => Outcome::Close(CloseReason::PeerClosed),
+                    Err(DecodeError::MaxSizeExceeded { .. }) => Outcome::Close(CloseReason::PacketTooLarge),
                     Err(e) => {
-                        tracing::info!(remote = %conn.remote, error = %e, "malformed MQTT packet; closing");
-                        break (Some(0x81), false);
+                        tracing::info!(remote = %session.remote(), error = %e, "malformed MQTT packet; closing");
+                        Outcome::Close(CloseReason::MalformedPacket)
                     }
                 }
             }
-            Some((key, d)) = session.consumers.next(), if !session.consumers.is_empty() => {
-                if let Outcome::Close(code) = session.deliver_batch(key, d).await {
-                    break (code, false);
-                }
+            Some((key, event)) = session.consumers.next(), if !session.consumers.is_empty() => {
+                session.deliver_batch(key, event).await
             }
             Some((ack, result)) = session.inflow.next_confirmed(), if session.inflow.awaiting() => {
-                if let Outcome::Close(code) = session.confirmed(ack, result).await {
-                    break (code, false);
-                }
+                session.confirmed(ack, result).await
             }
-            _ = tokio::time::sleep_until(retry_at) => {
-                if let Outcome::Close(code) = session.retry_parked().await {
-                    break (code, false);
-                }
-            }
-            Some(_) = session.takeovers.recv() => {
-                if let Outcome::Close(code) = session.taken_over() {
-                    break (code, false);
-                }
-            }
+            _ = tokio::time::sleep_until(retry_at) => session.retry_parked().await,
+            Some(_) = session.takeovers.recv() => session.taken_over(),
+        };
+        if let Outcome::Close(why) = outcome {
+            return why;
         }
-    };
-    session.end(graceful).await;
-    if let (Some(code), Version::V5) = (close, version) {
-        let _ = tx.send(Outbound::Disconnect { code });
-    }
-    drop(tx);
-    drop(session);
-    // The DISCONNECT (if any) is written and the write side shut down before the linger.
-    if !writer_ended && let Ok(Ok(())) = tokio::time::timeout(LINGER, writer_task).await {
-        linger(&mut reader).await;
     }
 }
 
@@ -297,7 +337,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     max_packet: u32,
     write_timeout: Duration,
     qos0_queued: Arc<AtomicUsize>,
-) {
+) -> CloseReason {
     let mut codec = Codec::for_version(version, max_packet);
     // Grows to the largest batch written; given back when the writer goes idle.
     let mut buf = BytesMut::new();
@@ -328,12 +368,14 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             // Nothing more queued: an idle connection keeps no batch-sized buffer.
             Ok(Ok(())) if rx.is_empty() && buf.capacity() > MIN_READ => buf = BytesMut::new(),
             Ok(Ok(())) => {}
-            Ok(Err(_)) => return,
+            Ok(Err(_)) => return CloseReason::PeerClosed,
             Err(_) => {
                 metrics::refusal(PROTOCOL, "slow_consumer");
-                return;
+                return CloseReason::SlowConsumer;
             }
         }
     }
     let _ = writer.shutdown().await;
+    // Every sender is gone: the connection closed first and knows why.
+    CloseReason::PeerClosed
 }

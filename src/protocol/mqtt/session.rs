@@ -3,14 +3,12 @@
 //! never sees the socket: packets come in as [`Inbound`], answers go out as [`Outbound`].
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
-use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio_stream::{Stream, StreamMap};
+use tokio_stream::StreamMap;
 
 mod deliver;
 mod ending;
@@ -18,6 +16,7 @@ mod publish;
 mod stored;
 mod subscribe;
 
+use super::close::CloseReason;
 use super::codec::{
     Connect, Filter, Inbound, Outbound, PublishIn, PublishProps, TOPIC_ALIAS_MAX, Version, Will,
 };
@@ -29,8 +28,8 @@ use crate::engine::control::Takeover;
 use crate::engine::retained::RetainedStore;
 use crate::engine::table::{FieldTable, FieldValue};
 use crate::engine::{
-    AckMode, Channel, ConsumeOptions, Consumer, Declared, Delivery, EngineError, Message,
-    PublishOptions, QueueSpec,
+    AckMode, Channel, ConsumeOptions, Consumer, ConsumerEvent, Declared, Delivery, EngineError,
+    Message, PublishOptions, QueueSpec,
 };
 use crate::metrics;
 
@@ -49,8 +48,10 @@ pub mod reason {
     pub const SUCCESS: u8 = 0x00;
     pub const DISCONNECT_WITH_WILL: u8 = 0x04;
     pub const UNSPECIFIED: u8 = 0x80;
+    pub const MALFORMED_PACKET: u8 = 0x81;
     pub const PROTOCOL_ERROR: u8 = 0x82;
     pub const IMPLEMENTATION_SPECIFIC: u8 = 0x83;
+    pub const UNSUPPORTED_PROTOCOL_VERSION: u8 = 0x84;
     pub const CLIENT_ID_NOT_VALID: u8 = 0x85;
     pub const BAD_CREDENTIALS: u8 = 0x86;
     pub const NOT_AUTHORIZED: u8 = 0x87;
@@ -62,6 +63,7 @@ pub mod reason {
     pub const BAD_AUTHENTICATION_METHOD: u8 = 0x8C;
     pub const MESSAGE_RATE_TOO_HIGH: u8 = 0x96;
     pub const RECEIVE_MAXIMUM_EXCEEDED: u8 = 0x93;
+    pub const PACKET_TOO_LARGE: u8 = 0x95;
     pub const QUOTA_EXCEEDED: u8 = 0x97;
     pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
     pub const SHARED_NOT_SUPPORTED: u8 = 0x9E;
@@ -73,31 +75,8 @@ pub mod reason {
 /// What handling a packet did to the connection.
 pub enum Outcome {
     Continue,
-    /// Close; for MQTT 5 send DISCONNECT with this reason first.
-    Close(Option<u8>),
-    /// The client sent DISCONNECT: close without the will.
-    Disconnected,
-}
-
-/// A consumer as a stream that reports its end once.
-pub struct Deliveries(Consumer, bool);
-
-impl Stream for Deliveries {
-    type Item = Option<Delivery>;
-    fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
-        if this.1 {
-            return Poll::Ready(None);
-        }
-        match this.0.poll_recv(cx) {
-            Poll::Ready(Some(d)) => Poll::Ready(Some(Some(d))),
-            Poll::Ready(None) => {
-                this.1 = true;
-                Poll::Ready(Some(None))
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
+    /// Close (an MQTT 5 client is told why first, when the gateway is the one closing).
+    Close(CloseReason),
 }
 
 pub struct Session {
@@ -117,7 +96,7 @@ pub struct Session {
     subs: HashMap<String, SubOpts>,
     /// Keyed by the queue's level (0 or 1).
     /// Keyed "0" and "1" for the session's queues, or by a shared subscription's filter.
-    pub consumers: StreamMap<String, Deliveries>,
+    pub consumers: StreamMap<String, Consumer>,
     /// Outbound QoS 1/2 deliveries by packet id.
     inflight: HashMap<u16, Inflight>,
     /// The engine's `max_mqtt_qos` capability (DESIGN.md §3).
@@ -390,6 +369,10 @@ impl Session {
         self.keep_alive
     }
 
+    pub fn remote(&self) -> std::net::SocketAddr {
+        self.conn.remote
+    }
+
     pub fn expires_at(&self) -> Option<u64> {
         self.principal.expires_at
     }
@@ -617,8 +600,7 @@ impl Session {
             let consumer = self
                 .fenced(|| self.channel.consume(&queue, options.clone()))
                 .await?;
-            self.consumers
-                .insert(level.to_string(), Deliveries(consumer, false));
+            self.consumers.insert(level.to_string(), consumer);
         }
         Ok(declared)
     }
@@ -685,7 +667,7 @@ impl Session {
                 let codes = self.subscribe(filters).await;
                 self.save_stored().await;
                 if codes.contains(&reason::PROTOCOL_ERROR) {
-                    return Outcome::Close(Some(reason::PROTOCOL_ERROR));
+                    return Outcome::Close(CloseReason::ProtocolError);
                 }
                 self.send(Outbound::SubAck {
                     packet_id,
@@ -724,11 +706,11 @@ impl Session {
             } => self.reauthenticate(r, method, data).await,
             Inbound::Connect(_) => {
                 tracing::info!(client = %self.client_id, "second CONNECT: protocol error");
-                Outcome::Close(Some(reason::PROTOCOL_ERROR))
+                Outcome::Close(CloseReason::ProtocolError)
             }
             Inbound::Unexpected(what) => {
                 tracing::info!(client = %self.client_id, "unexpected packet: {what}");
-                Outcome::Close(Some(reason::PROTOCOL_ERROR))
+                Outcome::Close(CloseReason::ProtocolError)
             }
         }
     }
@@ -744,7 +726,7 @@ impl Session {
         data: Option<bytes::Bytes>,
     ) -> Outcome {
         if self.auth_method.is_none() || method != self.auth_method || r != 0x19 {
-            return Outcome::Close(Some(reason::PROTOCOL_ERROR));
+            return Outcome::Close(CloseReason::ProtocolError);
         }
         let token = data
             .as_deref()
@@ -754,11 +736,11 @@ impl Session {
             Ok(p) if p.subject == self.principal.subject && p.issuer == self.principal.issuer => p,
             Ok(_) => {
                 tracing::info!(client = %self.client_id, "re-authentication with another subject or issuer");
-                return Outcome::Close(Some(reason::NOT_AUTHORIZED));
+                return Outcome::Close(CloseReason::NotAuthorized);
             }
             Err(e) => {
                 tracing::info!(client = %self.client_id, "re-authentication refused: {e}");
-                return Outcome::Close(Some(reason::NOT_AUTHORIZED));
+                return Outcome::Close(CloseReason::NotAuthorized);
             }
         };
         let still_allowed = self
@@ -766,7 +748,7 @@ impl Session {
             .keys()
             .all(|filter| self.may_read(&fresh.permissions, filter));
         if !still_allowed {
-            return Outcome::Close(Some(reason::NOT_AUTHORIZED));
+            return Outcome::Close(CloseReason::NotAuthorized);
         }
         self.principal = fresh;
         if let Some(method) = self.auth_method.clone() {

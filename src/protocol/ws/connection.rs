@@ -6,17 +6,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::future::{Fuse, FusedFuture};
 use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::Value;
+use tokio::task::JoinHandle;
 
-use super::frames::{self, Request, close};
-use super::outbound::{Limits, Next, Outbound};
+use super::close::CloseReason;
+use super::frames::{self, Request};
+use super::outbound::{Frame, Limits, Next, Outbound};
 use super::session::{Outcome, Session};
 use crate::auth::{Principal, now_secs};
 use crate::codes::Code;
 use crate::context::{Connection, Context};
 use crate::engine::Channel;
+use crate::flow::{Admitted, Full};
 use crate::metrics;
 
 const PROTOCOL: &str = "ws";
@@ -36,16 +40,21 @@ pub async fn run(
     principal: Option<Principal>,
 ) {
     metrics::connection_opened(PROTOCOL);
-    serve(socket, &ctx, conn, principal).await;
-    metrics::connection_closed(PROTOCOL);
+    let why = serve(socket, &ctx, &conn, principal).await;
+    if why.is_notable() {
+        tracing::info!(remote = %conn.remote, reason = why.as_str(), "WebSocket connection closed");
+    } else {
+        tracing::debug!(remote = %conn.remote, reason = why.as_str(), "WebSocket connection closed");
+    }
+    metrics::connection_closed(PROTOCOL, why.as_str());
 }
 
 async fn serve(
     socket: WebSocket,
     ctx: &Context,
-    conn: Arc<Connection>,
+    conn: &Arc<Connection>,
     principal: Option<Principal>,
-) {
+) -> CloseReason {
     let (sink, mut stream) = socket.split();
     let limits = &ctx.config.limits;
     let out = Arc::new(Outbound::new(Limits {
@@ -56,9 +65,9 @@ async fn serve(
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "no engine channel for a WebSocket client");
-            out.close_now(1011, "engine unavailable");
+            out.close(CloseReason::EngineUnavailable);
             let _ = writer(sink, out, None, limits.write_timeout).await;
-            return;
+            return CloseReason::EngineUnavailable;
         }
     };
     let mut writer_task = tokio::spawn(writer(
@@ -66,121 +75,143 @@ async fn serve(
         out.clone(),
         Some(channel.clone()),
         limits.write_timeout,
-    ));
+    ))
+    .fuse();
+    let admitted = match admit(ctx, &mut stream, &out, principal).await {
+        Ok(admitted) => admitted,
+        Err(why) => {
+            out.close(why);
+            let _ = tokio::time::timeout(Duration::from_secs(1), &mut writer_task).await;
+            return why;
+        }
+    };
+    let (principal, replay, _place) = admitted;
+    let mut session = Session::new(ctx.clone(), conn.clone(), channel, principal, out.clone());
+    // An anonymous client's first frame was a request: answer it like any other.
+    if let Some(text) = replay {
+        on_text(&mut session, &out, &text).await;
+    }
+    let why = serve_session(ctx, &mut session, &mut stream, &out, &mut writer_task).await;
+    session.close().await;
+    out.close(why);
+    if !writer_task.is_terminated() {
+        let _ = tokio::time::timeout(ctx.config.limits.write_timeout, writer_task).await;
+    }
+    why
+}
 
-    let refuse = |full: crate::flow::Full| {
-        tracing::info!("WebSocket client closed: {full}");
+/// The principal (from the upgrade request, or from the first frame), the first frame to
+/// replay when it was a request of an anonymous client, and the connection's place under the
+/// connection limits, held while it lives.
+async fn admit(
+    ctx: &Context,
+    stream: &mut SplitStream<WebSocket>,
+    out: &Outbound,
+    principal: Option<Principal>,
+) -> Result<(Principal, Option<String>, Admitted), CloseReason> {
+    let refused = |full: Full| {
         metrics::refusal(PROTOCOL, full.as_str());
-        out.close_now(close::TRY_AGAIN_LATER, full.as_str());
+        CloseReason::Full(full)
     };
     let (principal, replay) = match principal {
         Some(p) => (p, None),
         None => {
-            let found = match ctx.flow.admission.unauthenticated() {
-                Ok(_waiting) => first_frame(ctx, &mut stream, &out).await,
-                Err(full) => {
-                    refuse(full);
-                    None
-                }
-            };
-            match found {
-                Some(found) => found,
-                None => {
-                    let _ = tokio::time::timeout(Duration::from_secs(1), &mut writer_task).await;
-                    return;
-                }
-            }
+            let _waiting = ctx.flow.admission.unauthenticated().map_err(refused)?;
+            first_frame(ctx, stream, out).await?
         }
     };
-    // Held while the connection lives: its place under the connection limits.
-    let _admitted = match ctx.flow.admission.admit(principal.shared_subject()) {
-        Ok(admitted) => admitted,
-        Err(full) => {
-            refuse(full);
-            let _ = tokio::time::timeout(Duration::from_secs(1), &mut writer_task).await;
-            return;
-        }
-    };
-    let mut session = Session::new(ctx.clone(), conn, channel, principal, out.clone());
-    // An anonymous client's first frame was a request: answer it like any other.
-    if let Some(text) = replay {
-        match frames::parse(&text) {
-            Ok(env) => {
-                session.handle(env).await;
+    let admitted = ctx
+        .flow
+        .admission
+        .admit(principal.shared_subject())
+        .map_err(refused)?;
+    Ok((principal, replay, admitted))
+}
+
+/// The session's loop: requests, deliveries, takeovers, ack timeouts, the token's expiry and
+/// shutdown. Returns why it ended.
+async fn serve_session(
+    ctx: &Context,
+    session: &mut Session,
+    stream: &mut SplitStream<WebSocket>,
+    out: &Outbound,
+    writer_task: &mut Fuse<JoinHandle<WriterEnd>>,
+) -> CloseReason {
+    let mut tick = tokio::time::interval(ACK_TIMEOUT_CHECK);
+    loop {
+        let expiry = expiry_sleep(session.expires_at(), ctx.config.auth.leeway);
+        let outcome = tokio::select! {
+            _ = ctx.shutdown.wait() => Outcome::Close(CloseReason::Shutdown),
+            _ = expiry => Outcome::Close(CloseReason::TokenExpired),
+            ended = &mut *writer_task => {
+                if let Ok(WriterEnd::SlowConsumer) = ended {
+                    metrics::refusal(PROTOCOL, "slow_consumer");
+                }
+                Outcome::Close(CloseReason::WriteStalled)
             }
-            Err(m) => out.push(super::outbound::Frame::control(frames::error(
+            frame = stream.next() => match frame {
+                Some(Ok(Message::Text(text))) => {
+                    let outcome = on_text(session, out, &text).await;
+                    // Frames already buffered parse without touching the socket: take
+                    // turns with other connections as the MQTT reader does (docs/mqtt.md).
+                    tokio::task::consume_budget().await;
+                    outcome
+                }
+                Some(Ok(Message::Binary(_))) => {
+                    metrics::refusal(PROTOCOL, Code::BadRequest.as_str());
+                    out.push(Frame::control(frames::error(
+                        &Value::Null, &Value::Null, Code::BadRequest,
+                        "this protocol uses JSON text frames, not binary ones", None,
+                    )));
+                    Outcome::Continue
+                }
+                Some(Ok(Message::Close(_))) | None => Outcome::Close(CloseReason::ClientClosed),
+                Some(Ok(_)) => Outcome::Continue,
+                Some(Err(e)) => Outcome::Close(read_error(&e)),
+            },
+            Some((sub, event)) = session.consumers.next(), if !session.consumers.is_empty() => {
+                session.event(sub, event).await
+            }
+            Some(t) = session.takeovers.recv() => {
+                session.taken_over(t).await;
+                Outcome::Continue
+            }
+            _ = tick.tick() => {
+                session.check_ack_timeouts().await;
+                Outcome::Continue
+            }
+        };
+        if let Outcome::Close(why) = outcome {
+            return why;
+        }
+    }
+}
+
+/// One text frame: a request handled, or an error frame for one that does not parse.
+async fn on_text(session: &mut Session, out: &Outbound, text: &str) -> Outcome {
+    match frames::parse(text) {
+        Ok(env) => session.handle(env).await,
+        Err(m) => {
+            metrics::refusal(PROTOCOL, Code::BadRequest.as_str());
+            out.push(Frame::control(frames::error(
                 &m.id,
                 &m.op,
                 Code::BadRequest,
                 &m.message,
                 None,
-            ))),
+            )));
+            Outcome::Continue
         }
     }
-    let mut tick = tokio::time::interval(ACK_TIMEOUT_CHECK);
-    let end = loop {
-        let expiry = expiry_sleep(session.expires_at(), ctx.config.auth.leeway);
-        tokio::select! {
-            _ = ctx.shutdown.wait() => break Some((close::SHUTDOWN, "gateway shutting down")),
-            _ = expiry => break Some((close::UNAUTHENTICATED, "token expired")),
-            ended = &mut writer_task => {
-                if let Ok(WriterEnd::SlowConsumer) = ended {
-                    metrics::refusal(PROTOCOL, "slow_consumer");
-                    tracing::info!("WebSocket client closed: accepted nothing for limits.write_timeout");
-                }
-                break None;
-            }
-            frame = stream.next() => match frame {
-                Some(Ok(Message::Text(text))) => match frames::parse(&text) {
-                    Ok(env) => {
-                        if let Outcome::Close(code, why) = session.handle(env).await {
-                            break Some((code, why));
-                        }
-                        // Frames already buffered parse without touching the socket: take
-                        // turns with other connections as the MQTT reader does (docs/mqtt.md).
-                        tokio::task::consume_budget().await;
-                    }
-                    Err(m) => {
-                        metrics::refusal(PROTOCOL, Code::BadRequest.as_str());
-                        out.push(super::outbound::Frame::control(frames::error(&m.id, &m.op, Code::BadRequest, &m.message, None)));
-                    }
-                },
-                Some(Ok(Message::Binary(_))) => {
-                    metrics::refusal(PROTOCOL, Code::BadRequest.as_str());
-                    out.push(super::outbound::Frame::control(frames::error(
-                        &Value::Null, &Value::Null, Code::BadRequest,
-                        "this protocol uses JSON text frames, not binary ones", None,
-                    )));
-                }
-                Some(Ok(Message::Close(_))) | None => break None,
-                Some(Ok(_)) => {}
-                Some(Err(e)) => break Some(read_error(&e)),
-            },
-            Some((sub, event)) = session.consumers.next(), if !session.consumers.is_empty() => {
-                if let Outcome::Close(code, why) = session.event(sub, event).await {
-                    break Some((code, why));
-                }
-            }
-            Some(t) = session.takeovers.recv() => session.taken_over(t).await,
-            _ = tick.tick() => session.check_ack_timeouts().await,
-        }
-    };
-    session.close().await;
-    match end {
-        Some((close::SLOW_CONSUMER, why)) => out.close_now(close::SLOW_CONSUMER, why),
-        Some((code, why)) => out.close_after(code, why),
-        None => out.close_now(1000, ""),
-    }
-    let _ = tokio::time::timeout(ctx.config.limits.write_timeout, writer_task).await;
 }
 
 /// A read error: an oversized frame is 1009, anything else ends the connection.
-fn read_error(e: &axum::Error) -> (u16, &'static str) {
+fn read_error(e: &axum::Error) -> CloseReason {
     let text = e.to_string();
     if text.contains("too long") || text.contains("too big") || text.contains("Space limit") {
-        (close::TOO_BIG, "frame larger than the frame limit")
+        CloseReason::TooBig
     } else {
-        (1002, "protocol error")
+        CloseReason::ProtocolError
     }
 }
 
@@ -200,15 +231,12 @@ async fn first_frame(
     ctx: &Context,
     stream: &mut SplitStream<WebSocket>,
     out: &Outbound,
-) -> Option<(Principal, Option<String>)> {
-    let unauthenticated = |why: &'static str| {
-        out.close_after(close::UNAUTHENTICATED, why);
-        None
-    };
+) -> Result<(Principal, Option<String>), CloseReason> {
     let frame = match tokio::time::timeout(ctx.config.ws.auth_timeout, stream.next()).await {
-        Err(_) => return unauthenticated("no auth frame within ws.auth_timeout"),
+        Err(_) => return Err(CloseReason::AuthTimeout),
         Ok(Some(Ok(Message::Text(text)))) => text.to_string(),
-        Ok(_) => return unauthenticated("expected an auth frame"),
+        Ok(Some(Ok(Message::Close(_))) | None) => return Err(CloseReason::ClientClosed),
+        Ok(_) => return Err(CloseReason::AuthExpected),
     };
     let parsed = frames::parse(&frame);
     if let Ok(env) = &parsed
@@ -221,7 +249,7 @@ async fn first_frame(
                     &p.subject,
                     p.expires_at,
                 )));
-                Some((p, None))
+                Ok((p, None))
             }
             Err(e) => {
                 out.push(super::outbound::Frame::control(frames::error(
@@ -231,15 +259,16 @@ async fn first_frame(
                     &e.to_string(),
                     None,
                 )));
-                unauthenticated("invalid token")
+                Err(CloseReason::AuthFailed)
             }
         };
     }
-    if ctx.auth.allows_anonymous() {
-        let p = ctx.auth.anonymous().ok()?;
-        return Some((p, Some(frame)));
+    if ctx.auth.allows_anonymous()
+        && let Ok(p) = ctx.auth.anonymous()
+    {
+        return Ok((p, Some(frame)));
     }
-    unauthenticated("the first frame must be auth")
+    Err(CloseReason::AuthExpected)
 }
 
 async fn writer(

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use super::close::CloseReason;
+
 /// What a subscription does when the buffer is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Overflow {
@@ -149,26 +151,21 @@ impl Outbound {
         self.state.lock().high_water_bytes
     }
 
-    /// Stops accepting frames; the writer drains what is queued, sends the close frame, ends.
-    pub fn close_after(&self, code: u16, reason: &'static str) {
+    /// Stops accepting frames and closes for `why`: at once, dropping what is queued, when it
+    /// is urgent (a slow consumer must not wait for its backlog); otherwise the writer drains
+    /// what is queued first. Then it sends the close frame (if `why` has one) and ends.
+    pub fn close(&self, why: CloseReason) {
         let mut st = self.state.lock();
-        if !st.closed {
-            st.closed = true;
-            st.close_frame = Some((code, reason));
+        if why.is_urgent() {
+            st.frames.clear();
+            st.lagged.clear();
+            st.droppable_count = 0;
+            st.droppable_bytes = 0;
+        } else if st.closed {
+            return;
         }
-        drop(st);
-        self.ready.notify_one();
-    }
-
-    /// Drops what is queued and closes at once (a slow consumer must not wait for its backlog).
-    pub fn close_now(&self, code: u16, reason: &'static str) {
-        let mut st = self.state.lock();
-        st.frames.clear();
-        st.lagged.clear();
-        st.droppable_count = 0;
-        st.droppable_bytes = 0;
         st.closed = true;
-        st.close_frame = Some((code, reason));
+        st.close_frame = why.frame();
         drop(st);
         self.ready.notify_one();
     }

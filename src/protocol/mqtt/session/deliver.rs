@@ -51,28 +51,28 @@ impl Session {
     /// adds to it, so a subscriber must not be held to one connection's share of the scheduler:
     /// with 50 publishers flat out to one subscriber it would get 1/51 of the turns and its
     /// queue would only grow.
-    pub async fn deliver_batch(&mut self, key: String, d: Option<Delivery>) -> Outcome {
+    pub async fn deliver_batch(&mut self, key: String, event: ConsumerEvent) -> Outcome {
         use futures_util::FutureExt;
         use tokio_stream::StreamExt;
-        let mut outcome = self.deliver(key, d).await;
+        let mut outcome = self.deliver(key, event).await;
         for _ in 1..DRAIN_BATCH {
             if !matches!(outcome, Outcome::Continue) {
                 break;
             }
             let waiting = tokio::task::unconstrained(self.consumers.next()).now_or_never();
-            let Some(Some((key, d))) = waiting else {
+            let Some(Some((key, event))) = waiting else {
                 break;
             };
-            outcome = self.deliver(key, d).await;
+            outcome = self.deliver(key, event).await;
         }
         outcome
     }
 
-    /// A delivery from the queue of `level`; `None` when the consumer ended.
-    pub async fn deliver(&mut self, key: String, d: Option<Delivery>) -> Outcome {
-        let Some(d) = d else {
+    /// A delivery from the queue of `level`, or the end of its consumer.
+    pub async fn deliver(&mut self, key: String, event: ConsumerEvent) -> Outcome {
+        let ConsumerEvent::Delivery(d) = event else {
             tracing::info!(client = %self.client_id, queue = %key, "a session queue went away");
-            return Outcome::Close(Some(reason::IMPLEMENTATION_SPECIFIC));
+            return Outcome::Close(CloseReason::SessionQueueGone);
         };
         let level = match key.as_str() {
             "0" => 0,

@@ -12,15 +12,15 @@ impl Session {
             if self.requested_expiry == 0 && secs != 0 {
                 tracing::info!(client = %self.client_id, "DISCONNECT sets a session expiry after CONNECT asked for none");
                 // Not a valid DISCONNECT: the connection ends as an unclean one, will and all.
-                return Outcome::Close(Some(reason::PROTOCOL_ERROR));
+                return Outcome::Close(CloseReason::ProtocolError);
             }
             self.change_expiry(secs).await;
         }
         if r == reason::DISCONNECT_WITH_WILL {
             // Closed by the client, but as if it had not said DISCONNECT: the will goes out.
-            return Outcome::Close(None);
+            return Outcome::Close(CloseReason::ClientDisconnectWithWill);
         }
-        Outcome::Disconnected
+        Outcome::Close(CloseReason::ClientDisconnect)
     }
 
     /// A new Session Expiry Interval (capped like CONNECT's): 0 ends the session when the
@@ -57,7 +57,7 @@ impl Session {
     /// Another connection of the same subject and client id took the session over.
     pub fn taken_over(&mut self) -> Outcome {
         self.will = None;
-        Outcome::Close(Some(reason::SESSION_TAKEN_OVER))
+        Outcome::Close(CloseReason::SessionTakenOver)
     }
 
     /// The connection ended: publish the will unless the client said DISCONNECT, release the

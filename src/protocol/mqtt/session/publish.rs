@@ -115,12 +115,12 @@ impl Session {
     pub(super) async fn publish(&mut self, mut p: PublishIn) -> Outcome {
         if let Some(alias) = p.props.topic_alias {
             if alias == 0 || alias > TOPIC_ALIAS_MAX {
-                return Outcome::Close(Some(reason::TOPIC_ALIAS_INVALID));
+                return Outcome::Close(CloseReason::TopicAliasInvalid);
             }
             if p.topic.is_empty() {
                 match self.inflow.aliases.get(&alias) {
                     Some(topic) => p.topic = topic.clone(),
-                    None => return Outcome::Close(Some(reason::PROTOCOL_ERROR)),
+                    None => return Outcome::Close(CloseReason::ProtocolError),
                 }
             } else {
                 self.inflow.aliases.insert(alias, p.topic.clone());
@@ -128,7 +128,7 @@ impl Session {
         }
         if p.qos == 2 && self.max_qos < 2 && self.version == Version::V5 {
             // CONNACK said Maximum QoS 1.
-            return Outcome::Close(Some(reason::QOS_NOT_SUPPORTED));
+            return Outcome::Close(CloseReason::QosNotSupported);
         }
         if p.qos == 2
             && let Some(id) = p.packet_id
@@ -143,7 +143,7 @@ impl Session {
         {
             // More unacknowledged QoS 1/2 publishes than the Receive Maximum we advertised.
             metrics::refusal(PROTOCOL, "receive_maximum_exceeded");
-            return Outcome::Close(Some(reason::RECEIVE_MAXIMUM_EXCEEDED));
+            return Outcome::Close(CloseReason::ReceiveMaximumExceeded);
         }
         if !self.inflow.parked.is_empty() && p.qos > 0 {
             // Keep order: later publishes wait behind parked ones.
@@ -204,7 +204,7 @@ impl Session {
             Err(e @ (topic::TopicError::Wildcard | topic::TopicError::Empty)) => {
                 tracing::info!(client = %self.client_id, topic = %p.topic, "invalid topic name: {e}");
                 metrics::refusal(PROTOCOL, "topic_invalid");
-                return Outcome::Close(Some(reason::TOPIC_NAME_INVALID));
+                return Outcome::Close(CloseReason::TopicNameInvalid);
             }
             // Valid MQTT that has no AMQP form: refused, the connection stays (v5 only can say so).
             Err(e) => {
@@ -214,7 +214,7 @@ impl Session {
                     self.answer(&p, reason::TOPIC_NAME_INVALID);
                     return Outcome::Continue;
                 }
-                return Outcome::Close(Some(reason::TOPIC_NAME_INVALID));
+                return Outcome::Close(CloseReason::TopicNameInvalid);
             }
         };
         let ctx = self.ctx.clone();
@@ -314,7 +314,7 @@ impl Session {
             if self.version == Version::V5
                 && since.elapsed() >= self.ctx.config.limits.overrun_grace
             {
-                return Outcome::Close(Some(reason::MESSAGE_RATE_TOO_HIGH));
+                return Outcome::Close(CloseReason::MessageRateTooHigh);
             }
             return Outcome::Continue;
         }
@@ -371,7 +371,7 @@ impl Session {
                     self.send_ack(&ack, reason::UNSPECIFIED);
                     return Outcome::Continue;
                 }
-                Outcome::Close(Some(reason::UNSPECIFIED))
+                Outcome::Close(CloseReason::EngineRefused)
             }
         }
     }
@@ -421,9 +421,7 @@ impl Session {
     pub async fn retry_parked(&mut self) -> Outcome {
         self.inflow.retry_at = None;
         while let Some(p) = self.inflow.parked.pop_front() {
-            if let outcome @ (Outcome::Close(_) | Outcome::Disconnected) =
-                self.publish_now(p, false).await
-            {
+            if let outcome @ Outcome::Close(_) = self.publish_now(p, false).await {
                 return outcome;
             }
             if self.inflow.retry_at.is_some() {

@@ -124,8 +124,7 @@ impl Session {
                 arguments: FieldTable::new(),
             };
             let consumer = self.channel.consume(&queue, options).await?;
-            self.consumers
-                .insert(f.filter.clone(), Deliveries(consumer, false));
+            self.consumers.insert(f.filter.clone(), consumer);
             Ok::<(), EngineError>(())
         }
         .await;

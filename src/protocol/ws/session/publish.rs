@@ -1,0 +1,62 @@
+//! The `publish` op: the frame checked and turned into an AMQP message, then the publish gate.
+
+use super::*;
+
+impl Session {
+    pub(super) async fn publish(
+        &mut self,
+        id: &Value,
+        p: frames::Publish,
+    ) -> Result<Outcome, Refusal> {
+        let exchange = if p.exchange.is_empty() {
+            DEFAULT_EXCHANGE_ALIAS.to_owned()
+        } else {
+            p.exchange.clone()
+        };
+        crate::engine::names::validate_name("exchange", &exchange)?;
+        validate_key(&p.routing_key)?;
+        let (body, is_json) = json::body_in(&p.body, p.encoding)?;
+        let max = self.ctx.config.limits.max_message_bytes.as_u64() as usize;
+        if body.len() > max {
+            return Err(Refusal::new(
+                Code::TooLarge,
+                format!(
+                    "the message body is {} bytes, the limit is {max}",
+                    body.len()
+                ),
+            ));
+        }
+        let properties = json::properties_in(p.properties, is_json)?;
+        let cleared = self.ctx.clear_publish(
+            PROTOCOL,
+            &self.conn,
+            &self.principal,
+            &exchange,
+            &p.routing_key,
+            body.len(),
+        )?;
+        let options = PublishOptions {
+            mandatory: p.mandatory,
+        };
+        let outcome = cleared
+            .publish(&*self.channel, Message { properties, body }, options)
+            .await
+            .map_err(|e| {
+                let mut r = Refusal::from(e);
+                if matches!(r.code, Code::Overloaded | Code::Unavailable) {
+                    r.retry_after_ms = Some(1000);
+                }
+                r
+            })?;
+        if p.mandatory && !outcome.routed {
+            return Err(Refusal::new(
+                Code::Unroutable,
+                "no queue is bound to receive this message",
+            ));
+        }
+        if !id.is_null() {
+            self.reply(frames::published(id, outcome.routed));
+        }
+        Ok(Outcome::Continue)
+    }
+}
