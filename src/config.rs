@@ -624,75 +624,8 @@ fn describe(errors: figment::Error) -> ConfigError {
 
 /// Checks the rules serde cannot express.
 pub fn validate(c: &Config) -> Result<(), ConfigError> {
-    if c.limits.max_message_bytes.as_u64() == 0 {
-        return Err(invalid("limits.max_message_bytes", "must be above 0"));
-    }
-    if c.limits.max_message_bytes > ByteSize::mib(512) {
-        return Err(invalid(
-            "limits.max_message_bytes",
-            "must be at most 512MiB",
-        ));
-    }
-    if c.limits.publish_rate == 0 {
-        return Err(invalid(
-            "limits.publish_rate",
-            "must be at least 1 message/s",
-        ));
-    }
-    if c.limits.publish_burst < 1 {
-        return Err(invalid("limits.publish_burst", "must be at least 1"));
-    }
-    if c.limits.subject_publish_rate == 0 {
-        return Err(invalid(
-            "limits.subject_publish_rate",
-            "must be at least 1 message/s",
-        ));
-    }
-    if c.limits.publish_bytes_rate < c.limits.max_message_bytes {
-        return Err(invalid(
-            "limits.publish_bytes_rate",
-            "must be at least limits.max_message_bytes, or no maximal message could ever pass",
-        ));
-    }
-    if c.limits.outbound_buffer_messages == 0 {
-        return Err(invalid(
-            "limits.outbound_buffer_messages",
-            "must be at least 1",
-        ));
-    }
-    if c.mqtt.receive_maximum == 0 {
-        return Err(invalid(
-            "mqtt.receive_maximum",
-            "must be between 1 and 65535",
-        ));
-    }
-    if c.mqtt.max_inflight == 0 {
-        return Err(invalid("mqtt.max_inflight", "must be between 1 and 65535"));
-    }
-    if c.mqtt.max_keep_alive.as_secs() > u64::from(u16::MAX)
-        || c.mqtt.max_keep_alive.subsec_nanos() != 0
-    {
-        return Err(invalid(
-            "mqtt.max_keep_alive",
-            "must be 0s (no cap) or whole seconds up to 65535s (MQTT's Server Keep Alive)",
-        ));
-    }
-    if c.mqtt
-        .sender_property
-        .as_deref()
-        .is_some_and(|p| p.is_empty() || p.len() > 65535)
-    {
-        return Err(invalid(
-            "mqtt.sender_property",
-            "must be a user property name (1–65535 bytes) or unset",
-        ));
-    }
-    if c.mqtt.exchange.is_empty() || c.mqtt.exchange.contains('/') || c.mqtt.exchange.len() > 255 {
-        return Err(invalid(
-            "mqtt.exchange",
-            "must be an exchange name (1–255 bytes, no '/')",
-        ));
-    }
+    validate_limits(&c.limits)?;
+    validate_mqtt(&c.mqtt)?;
     if c.ws.max_prefetch == 0 {
         return Err(invalid("ws.max_prefetch", "must be between 1 and 65535"));
     }
@@ -747,6 +680,80 @@ pub fn validate(c: &Config) -> Result<(), ConfigError> {
         return Err(invalid(
             "log.level",
             format!("'{}' is not a log filter", c.log.level),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_limits(l: &LimitsConfig) -> Result<(), ConfigError> {
+    if l.max_message_bytes.as_u64() == 0 {
+        return Err(invalid("limits.max_message_bytes", "must be above 0"));
+    }
+    if l.max_message_bytes > ByteSize::mib(512) {
+        return Err(invalid(
+            "limits.max_message_bytes",
+            "must be at most 512MiB",
+        ));
+    }
+    if l.publish_rate == 0 {
+        return Err(invalid(
+            "limits.publish_rate",
+            "must be at least 1 message/s",
+        ));
+    }
+    if l.publish_burst < 1 {
+        return Err(invalid("limits.publish_burst", "must be at least 1"));
+    }
+    if l.subject_publish_rate == 0 {
+        return Err(invalid(
+            "limits.subject_publish_rate",
+            "must be at least 1 message/s",
+        ));
+    }
+    if l.publish_bytes_rate < l.max_message_bytes {
+        return Err(invalid(
+            "limits.publish_bytes_rate",
+            "must be at least limits.max_message_bytes, or no maximal message could ever pass",
+        ));
+    }
+    if l.outbound_buffer_messages == 0 {
+        return Err(invalid(
+            "limits.outbound_buffer_messages",
+            "must be at least 1",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_mqtt(m: &MqttConfig) -> Result<(), ConfigError> {
+    if m.receive_maximum == 0 {
+        return Err(invalid(
+            "mqtt.receive_maximum",
+            "must be between 1 and 65535",
+        ));
+    }
+    if m.max_inflight == 0 {
+        return Err(invalid("mqtt.max_inflight", "must be between 1 and 65535"));
+    }
+    if m.max_keep_alive.as_secs() > u64::from(u16::MAX) || m.max_keep_alive.subsec_nanos() != 0 {
+        return Err(invalid(
+            "mqtt.max_keep_alive",
+            "must be 0s (no cap) or whole seconds up to 65535s (MQTT's Server Keep Alive)",
+        ));
+    }
+    if m.sender_property
+        .as_deref()
+        .is_some_and(|p| p.is_empty() || p.len() > 65535)
+    {
+        return Err(invalid(
+            "mqtt.sender_property",
+            "must be a user property name (1–65535 bytes) or unset",
+        ));
+    }
+    if m.exchange.is_empty() || m.exchange.contains('/') || m.exchange.len() > 255 {
+        return Err(invalid(
+            "mqtt.exchange",
+            "must be an exchange name (1–255 bytes, no '/')",
         ));
     }
     Ok(())

@@ -10,9 +10,11 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::StreamMap;
 
+mod connect;
 mod deliver;
 mod ending;
 mod publish;
+mod resume;
 mod stored;
 mod subscribe;
 
@@ -84,46 +86,65 @@ pub struct Session {
     conn: Arc<Connection>,
     channel: Arc<dyn Channel>,
     principal: Principal,
-    pub version: Version,
-    client_id: String,
-    clean: bool,
-    session_expiry: Duration,
-    will: Option<Will>,
+    client: Client,
+    life: Lifetime,
+    /// To the writer task.
     out: mpsc::UnboundedSender<Outbound>,
-    /// QoS 0 publishes queued for the writer: bounded by `limits.outbound_buffer_messages`.
-    qos0_queued: Arc<AtomicUsize>,
     /// Filter → granted QoS.
     subs: HashMap<String, SubOpts>,
-    /// Keyed by the queue's level (0 or 1).
     /// Keyed "0" and "1" for the session's queues, or by a shared subscription's filter.
     pub consumers: StreamMap<String, Consumer>,
-    /// Outbound QoS 1/2 deliveries by packet id.
-    inflight: HashMap<u16, Inflight>,
+    outflow: Outflow,
+    /// Inbound publishes: aliases, QoS 2 ids, confirms awaited, parked publishes.
+    pub inflow: publish::Inflow,
     /// The engine's `max_mqtt_qos` capability (DESIGN.md §3).
     max_qos: u8,
     retained: Arc<dyn RetainedStore>,
-    next_packet_id: u16,
-    inflight_max: u16,
-    /// Inbound publishes: aliases, QoS 2 ids, confirms awaited, parked publishes.
-    pub inflow: publish::Inflow,
-    takeover_key: String,
     pub takeovers: mpsc::UnboundedReceiver<Takeover>,
-    /// Set when the client authenticated with [`AUTH_METHOD`]: it may refresh with AUTH.
-    auth_method: Option<String>,
-    /// MQTT 5 Maximum Packet Size of the client: larger deliveries are dropped and counted.
-    client_max_packet: Option<u32>,
+}
+
+/// What the client's CONNECT said, as the gateway granted it; fixed for the connection except
+/// the version's being read everywhere.
+struct Client {
+    version: Version,
+    id: String,
     /// The keep-alive this connection is held to (× 1.5): the client's, or the Server Keep
     /// Alive the CONNACK told it.
     keep_alive: u16,
+    /// Set when the client authenticated with [`AUTH_METHOD`]: it may refresh with AUTH.
+    auth_method: Option<String>,
+    /// MQTT 5 Maximum Packet Size of the client: larger deliveries are dropped and counted.
+    max_packet: Option<u32>,
     /// The client's MQTT 5 Topic Alias Maximum: how many outbound aliases it accepts.
     alias_max: u16,
-    /// Outbound topic aliases of this connection: topic → alias, 1..=`alias_max`.
-    out_aliases: HashMap<String, u16>,
     /// The Session Expiry Interval the CONNECT asked for (MQTT 5; 0 for 3.1.1).
     requested_expiry: u32,
+}
+
+/// How the session outlives (or not) this connection.
+struct Lifetime {
+    /// Ends with the connection: its queues are exclusive, nothing is stored.
+    clean: bool,
+    expiry: Duration,
+    will: Option<Will>,
+    /// (subject, client id): what the takeover registry and the stored state are keyed by.
+    key: String,
     /// This connection's place under `limits.max_connections(_per_subject)`; given back in
     /// [`Session::end`], before the session is released to a connection taking it over.
     admitted: Option<crate::flow::Admitted>,
+}
+
+/// Outbound deliveries in flight and what the writer holds.
+struct Outflow {
+    /// Outbound QoS 1/2 deliveries by packet id.
+    inflight: HashMap<u16, Inflight>,
+    next_packet_id: u16,
+    /// How many QoS 1/2 deliveries may be unacknowledged (the client's Receive Maximum, capped).
+    inflight_max: u16,
+    /// Outbound topic aliases of this connection: topic → alias, 1..=`Client::alias_max`.
+    aliases: HashMap<String, u16>,
+    /// QoS 0 publishes queued for the writer: bounded by `limits.outbound_buffer_messages`.
+    qos0_queued: Arc<AtomicUsize>,
 }
 
 /// A subscription's options (MQTT 5; defaults for 3.1.1).
@@ -174,191 +195,7 @@ fn durable_expiring(mut arguments: FieldTable, expiry: Duration) -> QueueSpec {
     }
 }
 
-/// The session key the control registry holds: (subject, client id).
-fn takeover_key(subject: &str, client_id: &str) -> String {
-    session_queue(subject, client_id, "")
-}
-
-/// A refused CONNECT: the CONNACK reason and why (for the log line).
-pub struct Refused {
-    pub code: u8,
-    pub why: String,
-}
-
 impl Session {
-    /// Handles CONNECT: authenticates, takes the session over if it is live, opens its queues.
-    /// Returns the session and its CONNACK.
-    pub async fn connect(
-        ctx: Context,
-        conn: Arc<Connection>,
-        connect: Connect,
-        out: mpsc::UnboundedSender<Outbound>,
-        qos0_queued: Arc<AtomicUsize>,
-    ) -> Result<(Session, Outbound), Refused> {
-        // MQTT 5 enhanced authentication carries the token in Authentication Data; only our
-        // method is known ([MQTT-4.12.0-1]: otherwise 0x8C).
-        let token_bytes = match connect.auth_method.as_deref() {
-            Some(AUTH_METHOD) => connect.auth_data.as_ref(),
-            Some(_) => {
-                return Err(Refused {
-                    code: reason::BAD_AUTHENTICATION_METHOD,
-                    why: "unknown authentication method".into(),
-                });
-            }
-            None => connect.password.as_ref(),
-        };
-        let principal = match token_bytes.filter(|p| !p.is_empty()) {
-            None => ctx.auth.anonymous().map_err(|e| Refused {
-                code: reason::BAD_CREDENTIALS,
-                why: e.to_string(),
-            })?,
-            Some(pw) => {
-                let token = std::str::from_utf8(pw).map_err(|_| Refused {
-                    code: reason::BAD_CREDENTIALS,
-                    why: "password is not a token".into(),
-                })?;
-                ctx.auth.authenticate(token).await.map_err(|e| Refused {
-                    code: reason::BAD_CREDENTIALS,
-                    why: e.to_string(),
-                })?
-            }
-        };
-        if principal.permissions.is_empty() {
-            return Err(Refused {
-                code: reason::NOT_AUTHORIZED,
-                why: "the token's scopes allow nothing".into(),
-            });
-        }
-        let mut client_id = connect.client_id.clone();
-        let mut assigned = None;
-        if client_id.is_empty() {
-            // [MQTT-3.1.3-8]: 3.1.1 allows an empty id only with a clean session.
-            if connect.version == Version::V3 && !connect.clean_start {
-                return Err(Refused {
-                    code: reason::CLIENT_ID_NOT_VALID,
-                    why: "empty client id without clean session".into(),
-                });
-            }
-            client_id = crate::engine::names::generate("auto-");
-            assigned = (connect.version == Version::V5).then(|| client_id.clone());
-        }
-        let channel = conn.channel(&ctx.engine).await.map_err(|e| Refused {
-            code: reason::SERVER_UNAVAILABLE,
-            why: e.to_string(),
-        })?;
-        let subject = principal.shared_subject().to_owned();
-        let key = takeover_key(&subject, &client_id);
-        // Client-id takeover, only within one subject (the key includes it).
-        // The old connection stores the session's state, then releases it: wait for that
-        // (woken by the release); the session queues are the fence besides (`fenced`).
-        let control = ctx.engine.control();
-        if control.take_over(&key).await
-            && !control
-                .wait_released(&key, ctx.config.mqtt.takeover_timeout)
-                .await
-        {
-            return Err(Refused {
-                code: reason::SERVER_UNAVAILABLE,
-                why: "the live session did not let go".into(),
-            });
-        }
-        // After a takeover: the connection taken over gave its place back first.
-        let admitted = ctx.flow.admission.admit(&subject).map_err(|full| Refused {
-            code: reason::QUOTA_EXCEEDED,
-            why: full.to_string(),
-        })?;
-        let (takeover_tx, takeovers) = mpsc::unbounded_channel();
-        ctx.engine.control().hold(&key, conn.id, takeover_tx);
-        // A delayed will of this session's last connection is not published: it is back.
-        ctx.engine.control().cancel_will(&key).await;
-        let granted = if connect.version == Version::V5 {
-            u64::from(connect.session_expiry)
-        } else {
-            u64::MAX
-        };
-        let max = ctx.config.mqtt.max_session_expiry;
-        let session_expiry = if connect.clean_start
-            && (connect.version == Version::V3 || connect.session_expiry == 0)
-        {
-            Duration::ZERO
-        } else {
-            Duration::from_secs(granted.min(max.as_secs()))
-        };
-        let capabilities = ctx.engine.capabilities();
-        let retained = ctx.engine.retained();
-        // Server Keep Alive ([MQTT-3.2.2-21]): a v5 client asking for more than the cap, or for
-        // none while there is one, is told the cap and held to it. 3.1.1 cannot be told.
-        let cap = u16::try_from(ctx.config.mqtt.max_keep_alive.as_secs()).unwrap_or(u16::MAX);
-        let server_keep_alive = (connect.version == Version::V5
-            && cap > 0
-            && (connect.keep_alive == 0 || connect.keep_alive > cap))
-            .then_some(cap);
-        let inflight_max = connect
-            .receive_max
-            .unwrap_or(u16::MAX)
-            .min(ctx.config.mqtt.max_inflight)
-            .max(1);
-        let mut session = Session {
-            ctx,
-            conn,
-            channel,
-            principal,
-            version: connect.version,
-            client_id,
-            clean: session_expiry.is_zero(),
-            session_expiry,
-            will: connect.will,
-            out,
-            qos0_queued,
-            subs: HashMap::new(),
-            consumers: StreamMap::new(),
-            inflight: HashMap::new(),
-            max_qos: capabilities.max_mqtt_qos.min(2),
-            retained,
-            next_packet_id: 1,
-            inflight_max,
-            inflow: publish::Inflow::default(),
-            takeover_key: key,
-            takeovers,
-            auth_method: connect.auth_method.clone(),
-            client_max_packet: connect.max_packet_size,
-            keep_alive: server_keep_alive.unwrap_or(connect.keep_alive),
-            alias_max: connect.topic_alias_max,
-            out_aliases: HashMap::new(),
-            requested_expiry: connect.session_expiry,
-            admitted: Some(admitted),
-        };
-        let present = if connect.clean_start {
-            session.discard_stored().await;
-            false
-        } else {
-            session.resume().await.map_err(|e| Refused {
-                code: reason::SERVER_UNAVAILABLE,
-                why: e.to_string(),
-            })?
-        };
-        // Written now so that a session without subscriptions is present next time too.
-        session.save_stored().await;
-        let max_packet = session.max_packet_size();
-        // MQTT 5: said only when it differs from what the client asked for.
-        let granted_expiry = u32::try_from(session.session_expiry.as_secs()).unwrap_or(u32::MAX);
-        let session_expiry = (connect.version == Version::V5
-            && granted_expiry != connect.session_expiry)
-            .then_some(granted_expiry);
-        let connack = Outbound::ConnAck {
-            code: reason::SUCCESS,
-            session_present: present,
-            session_expiry,
-            receive_max: session.ctx.config.mqtt.receive_maximum,
-            max_packet_size: max_packet,
-            assigned_client_id: assigned,
-            max_qos: session.max_qos,
-            auth_method: session.auth_method.clone(),
-            server_keep_alive,
-        };
-        Ok((session, connack))
-    }
-
     pub fn max_packet_size(&self) -> u32 {
         (self.ctx.config.limits.max_message_bytes.as_u64() + 64 * 1024).min(u64::from(u32::MAX))
             as u32
@@ -366,7 +203,7 @@ impl Session {
 
     /// Seconds of silence after which (× 1.5) the connection is closed; 0 = never.
     pub fn keep_alive(&self) -> u16 {
-        self.keep_alive
+        self.client.keep_alive
     }
 
     pub fn remote(&self) -> std::net::SocketAddr {
@@ -384,171 +221,9 @@ impl Session {
     fn queue_name(&self, level: u8) -> String {
         session_queue(
             self.principal.shared_subject(),
-            &self.client_id,
+            &self.client.id,
             if level == 0 { "qos0" } else { "qos1" },
         )
-    }
-
-    /// Clean Start 0: takes up the session stored under (subject, client id), if there is one,
-    /// and returns Session Present. Its subscriptions are checked again against the current
-    /// read scopes; what they no longer allow is unbound and counted (DESIGN.md §3).
-    async fn resume(&mut self) -> Result<bool, EngineError> {
-        let mut queues = Vec::new();
-        for level in [0u8, 1] {
-            if let Ok(info) = self.channel.queue_info(&self.queue_name(level)).await {
-                queues.push((level, info));
-            }
-        }
-        let stored = self.load_stored().await;
-        if stored.is_none() && queues.is_empty() && !self.stored_exists().await {
-            return Ok(false);
-        }
-        // A resumed session keeps its interval: its queues' `x-expires` cannot change.
-        let kept = match &stored {
-            Some(s) => Some(s.expiry_secs.saturating_mul(1000)),
-            None => queues.iter().find_map(|(_, info)| {
-                info.spec
-                    .arguments
-                    .get("x-expires")
-                    .and_then(FieldValue::as_i128)
-                    .and_then(|ms| u64::try_from(ms).ok())
-            }),
-        };
-        if let Some(ms) = kept.filter(|ms| *ms > 0) {
-            self.session_expiry = Duration::from_millis(ms);
-            self.clean = false;
-        }
-        if self.clean {
-            // Only a state queue of an unknown format was left: start afresh.
-            self.discard_stored().await;
-            return Ok(false);
-        }
-        match stored {
-            Some(stored) => {
-                self.inflow.qos2 = stored.inbound_qos2.into_iter().collect();
-                for id in stored.released {
-                    self.inflight.insert(id, Inflight::Released);
-                }
-                for sub in stored.subscriptions {
-                    self.resume_subscription(sub).await;
-                }
-            }
-            // The state was lost (a gateway that died before writing it): the bindings say
-            // which filters there were, at their queue's level and without options.
-            None => {
-                for (level, _) in &queues {
-                    self.resume_from_bindings(*level).await;
-                }
-            }
-        }
-        // Consumed again even when no subscription uses a queue any more: what it holds for
-        // filters the session no longer has is acked and counted at delivery, not left behind.
-        for (level, _) in queues {
-            self.open_queue(level).await?;
-        }
-        Ok(true)
-    }
-
-    /// Whether `permissions` let this session read what `filter` (possibly shared) selects.
-    fn may_read(&self, permissions: &crate::auth::Permissions, filter: &str) -> bool {
-        let inner = filter
-            .strip_prefix("$share/")
-            .and_then(|rest| rest.split_once('/').map(|(_, f)| f))
-            .unwrap_or(filter);
-        filter_to_binding(inner, self.ctx.config.mqtt.topic_mapping)
-            .is_ok_and(|b| permissions.can_read(&self.ctx.config.mqtt.exchange, &b))
-    }
-
-    /// One stored subscription taken up again (bound and consumed as at SUBSCRIBE, which is
-    /// idempotent), or unbound when the scopes no longer allow it.
-    async fn resume_subscription(&mut self, sub: stored::StoredSub) {
-        if !self.may_read(&self.principal.permissions, &sub.filter) {
-            tracing::info!(client = %self.client_id, filter = %sub.filter, "stored subscription no longer allowed; removed");
-            metrics::refusal(PROTOCOL, "forbidden");
-            if !sub.filter.starts_with("$share/")
-                && let Ok(binding) =
-                    filter_to_binding(&sub.filter, self.ctx.config.mqtt.topic_mapping)
-            {
-                let _ = self
-                    .channel
-                    .unbind_queue(
-                        &self.queue_name(sub.qos.min(1)),
-                        &self.ctx.config.mqtt.exchange,
-                        &binding,
-                        &FieldTable::new(),
-                    )
-                    .await;
-            }
-            return;
-        }
-        let code = self.subscribe(vec![sub.to_filter()]).await;
-        if code.first().is_none_or(|c| *c > 2) {
-            tracing::warn!(client = %self.client_id, filter = %sub.filter, "stored subscription could not be resumed");
-        }
-    }
-
-    /// Sent right after CONNACK: PUBREL again for outbound QoS 2 messages released before the
-    /// last connection ended ([MQTT-4.4.0-1]).
-    pub fn after_connack(&self) {
-        let mut released = self.released_ids();
-        released.sort_unstable();
-        for packet_id in released {
-            self.send(Outbound::PubRel { packet_id });
-        }
-    }
-
-    /// Outbound QoS 2 packet ids whose PUBREL was sent and whose PUBCOMP has not come.
-    fn released_ids(&self) -> Vec<u16> {
-        self.inflight
-            .iter()
-            .filter(|(_, s)| matches!(s, Inflight::Released))
-            .map(|(id, _)| *id)
-            .collect()
-    }
-
-    /// The fallback when no stored state exists: filters read back from a queue's bindings,
-    /// at that queue's level, without options. What the scopes no longer allow is unbound.
-    async fn resume_from_bindings(&mut self, level: u8) {
-        let queue = self.queue_name(level);
-        let exchange = self.ctx.config.mqtt.exchange.clone();
-        let mapping = self.ctx.config.mqtt.topic_mapping;
-        let Ok(bindings) = self.channel.list_bindings(&queue).await else {
-            return;
-        };
-        for b in bindings.into_iter().filter(|b| b.exchange == exchange) {
-            if self
-                .principal
-                .permissions
-                .can_read(&exchange, &b.routing_key)
-            {
-                let filter = topic::binding_to_filter(&b.routing_key, mapping);
-                let opts = SubOpts {
-                    granted: level,
-                    no_local: false,
-                    retain_as_published: false,
-                    id: None,
-                };
-                self.subs.insert(filter, opts);
-            } else {
-                tracing::info!(client = %self.client_id, binding = %b.routing_key, "stored subscription no longer allowed; removed");
-                metrics::refusal(PROTOCOL, "forbidden");
-                let _ = self
-                    .channel
-                    .unbind_queue(&queue, &exchange, &b.routing_key, &b.arguments)
-                    .await;
-            }
-        }
-    }
-
-    /// Clean start: whatever a previous session left goes.
-    async fn discard_stored(&self) {
-        for level in [0u8, 1] {
-            let _ = self
-                .channel
-                .delete_queue(&self.queue_name(level), Default::default())
-                .await;
-        }
-        self.discard_state().await;
     }
 
     /// Declares (if needed) and consumes the queue of `level`.
@@ -569,7 +244,7 @@ impl Session {
                 max(limits.outbound_buffer_bytes.as_u64()),
             );
         }
-        let spec = if self.clean {
+        let spec = if self.life.clean {
             QueueSpec {
                 durable: false,
                 exclusive: true,
@@ -577,7 +252,7 @@ impl Session {
                 arguments,
             }
         } else {
-            durable_expiring(arguments, self.session_expiry)
+            durable_expiring(arguments, self.life.expiry)
         };
         let declared = self
             .fenced(|| self.channel.declare_queue(&queue, &spec))
@@ -588,7 +263,7 @@ impl Session {
                 AckMode::Auto
             } else {
                 AckMode::Manual {
-                    prefetch: self.inflight_max,
+                    prefetch: self.outflow.inflight_max,
                 }
             };
             let options = ConsumeOptions {
@@ -622,25 +297,25 @@ impl Session {
         match packet {
             Inbound::Publish(p) => self.publish(p).await,
             Inbound::PubAck(id) => {
-                if let Some(Inflight::AtLeastOnce(Some(tag))) = self.inflight.remove(&id) {
+                if let Some(Inflight::AtLeastOnce(Some(tag))) = self.outflow.inflight.remove(&id) {
                     let _ = self.channel.ack(tag, false).await;
                 }
                 Outcome::Continue
             }
             // Outbound QoS 2: the client has it; the engine may forget it, then PUBREL.
             Inbound::PubRec(id) => {
-                if let Some(Inflight::Sent(tag)) = self.inflight.get(&id).copied() {
+                if let Some(Inflight::Sent(tag)) = self.outflow.inflight.get(&id).copied() {
                     if let Some(tag) = tag {
                         let _ = self.channel.ack(tag, false).await;
                     }
-                    self.inflight.insert(id, Inflight::Released);
+                    self.outflow.inflight.insert(id, Inflight::Released);
                     self.send(Outbound::PubRel { packet_id: id });
                 }
                 Outcome::Continue
             }
             Inbound::PubComp(id) => {
-                if let Some(Inflight::Released) = self.inflight.get(&id) {
-                    self.inflight.remove(&id);
+                if let Some(Inflight::Released) = self.outflow.inflight.get(&id) {
+                    self.outflow.inflight.remove(&id);
                 }
                 Outcome::Continue
             }
@@ -705,11 +380,11 @@ impl Session {
                 data,
             } => self.reauthenticate(r, method, data).await,
             Inbound::Connect(_) => {
-                tracing::info!(client = %self.client_id, "second CONNECT: protocol error");
+                tracing::info!(client = %self.client.id, "second CONNECT: protocol error");
                 Outcome::Close(CloseReason::ProtocolError)
             }
             Inbound::Unexpected(what) => {
-                tracing::info!(client = %self.client_id, "unexpected packet: {what}");
+                tracing::info!(client = %self.client.id, "unexpected packet: {what}");
                 Outcome::Close(CloseReason::ProtocolError)
             }
         }
@@ -725,7 +400,7 @@ impl Session {
         method: Option<String>,
         data: Option<bytes::Bytes>,
     ) -> Outcome {
-        if self.auth_method.is_none() || method != self.auth_method || r != 0x19 {
+        if self.client.auth_method.is_none() || method != self.client.auth_method || r != 0x19 {
             return Outcome::Close(CloseReason::ProtocolError);
         }
         let token = data
@@ -735,11 +410,11 @@ impl Session {
         let fresh = match self.ctx.auth.authenticate(token).await {
             Ok(p) if p.subject == self.principal.subject && p.issuer == self.principal.issuer => p,
             Ok(_) => {
-                tracing::info!(client = %self.client_id, "re-authentication with another subject or issuer");
+                tracing::info!(client = %self.client.id, "re-authentication with another subject or issuer");
                 return Outcome::Close(CloseReason::NotAuthorized);
             }
             Err(e) => {
-                tracing::info!(client = %self.client_id, "re-authentication refused: {e}");
+                tracing::info!(client = %self.client.id, "re-authentication refused: {e}");
                 return Outcome::Close(CloseReason::NotAuthorized);
             }
         };
@@ -751,7 +426,7 @@ impl Session {
             return Outcome::Close(CloseReason::NotAuthorized);
         }
         self.principal = fresh;
-        if let Some(method) = self.auth_method.clone() {
+        if let Some(method) = self.client.auth_method.clone() {
             self.send(Outbound::Auth { reason: 0, method });
         }
         Outcome::Continue

@@ -14,9 +14,9 @@ impl Session {
 
     pub(super) fn next_packet_id(&mut self) -> u16 {
         loop {
-            let id = self.next_packet_id;
-            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
-            if !self.inflight.contains_key(&id) {
+            let id = self.outflow.next_packet_id;
+            self.outflow.next_packet_id = self.outflow.next_packet_id.checked_add(1).unwrap_or(1);
+            if !self.outflow.inflight.contains_key(&id) {
                 return id;
             }
         }
@@ -29,21 +29,21 @@ impl Session {
         } else {
             Inflight::AtLeastOnce(tag)
         };
-        self.inflight.insert(packet_id, state);
+        self.outflow.inflight.insert(packet_id, state);
     }
 
     /// The outbound topic alias for `topic` (MQTT 5, within the client's Topic Alias Maximum):
     /// the one it already has, or a new one while fewer than the maximum are in use (`true`:
     /// this packet sets it up). `None`: the topic goes in full.
     fn alias_for(&self, topic: &str) -> Option<(u16, bool)> {
-        if self.version != Version::V5 || self.alias_max == 0 {
+        if self.client.version != Version::V5 || self.client.alias_max == 0 {
             return None;
         }
-        if let Some(alias) = self.out_aliases.get(topic) {
+        if let Some(alias) = self.outflow.aliases.get(topic) {
             return Some((*alias, false));
         }
-        let used = u16::try_from(self.out_aliases.len()).unwrap_or(u16::MAX);
-        (used < self.alias_max).then_some((used + 1, true))
+        let used = u16::try_from(self.outflow.aliases.len()).unwrap_or(u16::MAX);
+        (used < self.client.alias_max).then_some((used + 1, true))
     }
 
     /// Handles `d`, then the deliveries already waiting, up to [`DRAIN_BATCH`] in one turn and
@@ -71,7 +71,7 @@ impl Session {
     /// A delivery from the queue of `level`, or the end of its consumer.
     pub async fn deliver(&mut self, key: String, event: ConsumerEvent) -> Outcome {
         let ConsumerEvent::Delivery(d) = event else {
-            tracing::info!(client = %self.client_id, queue = %key, "a session queue went away");
+            tracing::info!(client = %self.client.id, queue = %key, "a session queue went away");
             return Outcome::Close(CloseReason::SessionQueueGone);
         };
         let level = match key.as_str() {
@@ -117,8 +117,8 @@ impl Session {
             return Outcome::Continue;
         }
         let headers = &d.properties().headers;
-        let own = headers.get(ORIGIN_HEADER).and_then(FieldValue::as_str)
-            == Some(self.takeover_key.as_str());
+        let own =
+            headers.get(ORIGIN_HEADER).and_then(FieldValue::as_str) == Some(self.life.key.as_str());
         // No-local suppresses the copy only when every matching subscription asked for it.
         if own && !matched.is_empty() && matched.iter().all(|o| o.no_local) {
             if level == 1 {
@@ -137,7 +137,7 @@ impl Session {
         };
         let qos = publish_qos.min(cap);
         let mut props = self.props_of(d.properties(), d.expires_in);
-        if self.version == Version::V5 {
+        if self.client.version == Version::V5 {
             props.subscription_ids = subscription_ids;
         }
         self.send_copy(&d, topic, qos, retain, props, level == 1)
@@ -159,7 +159,7 @@ impl Session {
         let publish_qos = publish_qos_of(d.message());
         let qos = publish_qos.min(opts.granted);
         let mut props = self.props_of(d.properties(), d.expires_in);
-        if self.version == Version::V5 {
+        if self.client.version == Version::V5 {
             props.subscription_ids = opts.id.into_iter().collect();
         }
         self.send_copy(&d, topic, qos, false, props, true).await
@@ -208,7 +208,7 @@ impl Session {
         mut props: PublishProps,
     ) -> bool {
         if qos == 0
-            && self.qos0_queued.load(Ordering::Relaxed)
+            && self.outflow.qos0_queued.load(Ordering::Relaxed)
                 >= self.ctx.config.limits.outbound_buffer_messages
         {
             metrics::refusal(PROTOCOL, "qos0_dropped");
@@ -220,9 +220,9 @@ impl Session {
             Some((_, false)) => String::new(),
             _ => topic,
         };
-        if let Some(max) = self.client_max_packet {
+        if let Some(max) = self.client.max_packet {
             let size = super::super::codec::publish_size(
-                self.version,
+                self.client.version,
                 &wire_topic,
                 qos,
                 payload.len(),
@@ -234,10 +234,10 @@ impl Session {
             }
         }
         if let Some((a, true)) = alias {
-            self.out_aliases.insert(wire_topic.clone(), a);
+            self.outflow.aliases.insert(wire_topic.clone(), a);
         }
         if qos == 0 {
-            self.qos0_queued.fetch_add(1, Ordering::Relaxed);
+            self.outflow.qos0_queued.fetch_add(1, Ordering::Relaxed);
         }
         self.send(Outbound::Publish {
             topic: wire_topic,
@@ -271,7 +271,7 @@ impl Session {
             }
             let qos = publish_qos_of(&m.message).min(granted);
             let mut props = self.props_of(&m.message.properties, m.expires_in);
-            if self.version == Version::V5 {
+            if self.client.version == Version::V5 {
                 props.subscription_ids = id.into_iter().collect();
             }
             let packet_id = (qos >= 1).then(|| self.next_packet_id());

@@ -9,8 +9,8 @@ impl Session {
     /// Interval replaces the session's ([MQTT-3.14.2-2]: not after a CONNECT that asked for 0).
     pub(super) async fn disconnect(&mut self, r: u8, session_expiry: Option<u32>) -> Outcome {
         if let Some(secs) = session_expiry {
-            if self.requested_expiry == 0 && secs != 0 {
-                tracing::info!(client = %self.client_id, "DISCONNECT sets a session expiry after CONNECT asked for none");
+            if self.client.requested_expiry == 0 && secs != 0 {
+                tracing::info!(client = %self.client.id, "DISCONNECT sets a session expiry after CONNECT asked for none");
                 // Not a valid DISCONNECT: the connection ends as an unclean one, will and all.
                 return Outcome::Close(CloseReason::ProtocolError);
             }
@@ -28,15 +28,15 @@ impl Session {
     async fn change_expiry(&mut self, secs: u32) {
         let cap = self.ctx.config.mqtt.max_session_expiry;
         let expiry = Duration::from_secs(u64::from(secs)).min(cap);
-        if expiry == self.session_expiry {
+        if expiry == self.life.expiry {
             return;
         }
         if expiry.is_zero() {
-            self.session_expiry = Duration::ZERO;
-            self.clean = true;
+            self.life.expiry = Duration::ZERO;
+            self.life.clean = true;
             return;
         }
-        if self.clean {
+        if self.life.clean {
             // Clean queues are exclusive to this connection; they cannot outlive it.
             return;
         }
@@ -46,39 +46,39 @@ impl Session {
             match self.channel.set_queue_expiry(&queue, Some(expiry)).await {
                 Ok(()) | Err(EngineError::NotFound { .. }) => {}
                 Err(e) => {
-                    tracing::warn!(client = %self.client_id, error = %e, "cannot change the session expiry; keeping the old one");
+                    tracing::warn!(client = %self.client.id, error = %e, "cannot change the session expiry; keeping the old one");
                     return;
                 }
             }
         }
-        self.session_expiry = expiry;
+        self.life.expiry = expiry;
     }
 
     /// Another connection of the same subject and client id took the session over.
     pub fn taken_over(&mut self) -> Outcome {
-        self.will = None;
+        self.life.will = None;
         Outcome::Close(CloseReason::SessionTakenOver)
     }
 
     /// The connection ended: publish the will unless the client said DISCONNECT, release the
     /// session. Queues of a clean session go with the channel.
     pub async fn end(&mut self, graceful: bool) {
-        if !graceful && let Some(will) = self.will.take() {
+        if !graceful && let Some(will) = self.life.will.take() {
             self.publish_will(will).await;
         }
         self.consumers = StreamMap::new();
         // Before the release: a connection taking over waits for it, then reads this state
         // and needs this connection's place.
-        if self.clean {
+        if self.life.clean {
             self.discard_stored().await;
         } else {
             self.save_stored().await;
         }
-        self.admitted = None;
+        self.life.admitted = None;
         self.ctx
             .engine
             .control()
-            .release(&self.takeover_key, self.conn.id);
+            .release(&self.life.key, self.conn.id);
     }
 
     /// The will goes out now, or (MQTT 5) after min(will delay, session expiry) unless the
@@ -105,7 +105,7 @@ impl Session {
         // behalf, checked against the scopes above and never rate limited (as in RabbitMQ).
         crate::context::stamp_subject(&mut message, &self.principal);
         let retained_copy = will.retain.then(|| message.clone());
-        let delay = Duration::from_secs(u64::from(will.delay)).min(self.session_expiry);
+        let delay = Duration::from_secs(u64::from(will.delay)).min(self.life.expiry);
         let engine = self.ctx.engine.clone();
         let retained = self.retained.clone();
         let publish = async move {
@@ -124,12 +124,12 @@ impl Session {
                 .publish(&exchange, &key, message, PublishOptions::default())
                 .await;
         };
-        if delay.is_zero() || self.version == Version::V3 {
+        if delay.is_zero() || self.client.version == Version::V3 {
             publish.await;
             return;
         }
         let control = self.ctx.engine.control().clone();
-        let session = self.takeover_key.clone();
+        let session = self.life.key.clone();
         let cancelled = control.delay_will(&session);
         tokio::spawn(async move {
             tokio::select! {

@@ -126,7 +126,7 @@ impl Session {
                 self.inflow.aliases.insert(alias, p.topic.clone());
             }
         }
-        if p.qos == 2 && self.max_qos < 2 && self.version == Version::V5 {
+        if p.qos == 2 && self.max_qos < 2 && self.client.version == Version::V5 {
             // CONNACK said Maximum QoS 1.
             return Outcome::Close(CloseReason::QosNotSupported);
         }
@@ -202,15 +202,15 @@ impl Session {
             Ok(k) => k,
             // [MQTT-3.3.2-2]: no wildcards in a topic name; an empty one is malformed too.
             Err(e @ (topic::TopicError::Wildcard | topic::TopicError::Empty)) => {
-                tracing::info!(client = %self.client_id, topic = %p.topic, "invalid topic name: {e}");
+                tracing::info!(client = %self.client.id, topic = %p.topic, "invalid topic name: {e}");
                 metrics::refusal(PROTOCOL, "topic_invalid");
                 return Outcome::Close(CloseReason::TopicNameInvalid);
             }
             // Valid MQTT that has no AMQP form: refused, the connection stays (v5 only can say so).
             Err(e) => {
-                tracing::info!(client = %self.client_id, topic = %p.topic, "refused topic: {e}");
+                tracing::info!(client = %self.client.id, topic = %p.topic, "refused topic: {e}");
                 metrics::refusal(PROTOCOL, "topic_invalid");
-                if self.version == Version::V5 {
+                if self.client.version == Version::V5 {
                     self.answer(&p, reason::TOPIC_NAME_INVALID);
                     return Outcome::Continue;
                 }
@@ -240,7 +240,7 @@ impl Session {
                 Ok(undo) => retained = Some((key.clone(), undo)),
                 Err(_) => {
                     metrics::refusal(PROTOCOL, "retained_full");
-                    if self.version == Version::V5 {
+                    if self.client.version == Version::V5 {
                         code = reason::QUOTA_EXCEEDED;
                     }
                 }
@@ -293,7 +293,7 @@ impl Session {
         let t = match refused {
             PublishRefused::Forbidden { .. } => {
                 // 3.1.1 has no way to say no: the publish is acknowledged and dropped.
-                let code = if self.version == Version::V5 {
+                let code = if self.client.version == Version::V5 {
                     reason::NOT_AUTHORIZED
                 } else {
                     reason::SUCCESS
@@ -311,7 +311,7 @@ impl Session {
             // Dropped and counted; a v5 client that keeps overrunning for
             // `limits.overrun_grace` is told so and disconnected (0x96).
             let since = *self.inflow.overrun_since.get_or_insert_with(Instant::now);
-            if self.version == Version::V5
+            if self.client.version == Version::V5
                 && since.elapsed() >= self.ctx.config.limits.overrun_grace
             {
                 return Outcome::Close(CloseReason::MessageRateTooHigh);
@@ -361,13 +361,13 @@ impl Session {
             owed: false,
         };
         match e {
-            EngineError::Rejected(_) if self.version == Version::V5 => {
+            EngineError::Rejected(_) if self.client.version == Version::V5 => {
                 self.send_ack(&ack, reason::QUOTA_EXCEEDED);
                 Outcome::Continue
             }
             e => {
-                tracing::warn!(client = %self.client_id, error = %e, "publish not accepted; closing so the client resends");
-                if self.version == Version::V5 && qos > 0 {
+                tracing::warn!(client = %self.client.id, error = %e, "publish not accepted; closing so the client resends");
+                if self.client.version == Version::V5 && qos > 0 {
                     self.send_ack(&ack, reason::UNSPECIFIED);
                     return Outcome::Continue;
                 }
@@ -387,10 +387,9 @@ impl Session {
         props
             .headers
             .insert(PUBLISH_QOS_HEADER.into(), FieldValue::U8(p.qos));
-        props.headers.insert(
-            ORIGIN_HEADER.into(),
-            FieldValue::Str(self.takeover_key.clone()),
-        );
+        props
+            .headers
+            .insert(ORIGIN_HEADER.into(), FieldValue::Str(self.life.key.clone()));
         if p.retain {
             props
                 .headers
@@ -405,7 +404,7 @@ impl Session {
         p: &crate::engine::Properties,
         expires_in: Option<std::time::Duration>,
     ) -> PublishProps {
-        if self.version != Version::V5 {
+        if self.client.version != Version::V5 {
             return PublishProps::default();
         }
         let mqtt = &self.ctx.config.mqtt;

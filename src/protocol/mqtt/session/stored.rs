@@ -59,13 +59,13 @@ impl StoredSub {
 
 impl Session {
     pub(super) fn state_queue(&self) -> String {
-        topic::state_queue(self.principal.shared_subject(), &self.client_id)
+        topic::state_queue(self.principal.shared_subject(), &self.client.id)
     }
 
     fn state_spec(&self) -> QueueSpec {
         let mut arguments = FieldTable::new();
         arguments.insert("x-max-length".into(), FieldValue::I64(1));
-        durable_expiring(arguments, self.session_expiry)
+        durable_expiring(arguments, self.life.expiry)
     }
 
     /// Reads the stored state without consuming it (get, then requeue). `None` when there is
@@ -77,11 +77,11 @@ impl Session {
         match serde_json::from_slice::<Stored>(delivery.body()) {
             Ok(stored) if stored.format == FORMAT => Some(stored),
             Ok(stored) => {
-                tracing::warn!(client = %self.client_id, format = stored.format, "stored session of another format ignored");
+                tracing::warn!(client = %self.client.id, format = stored.format, "stored session of another format ignored");
                 None
             }
             Err(e) => {
-                tracing::warn!(client = %self.client_id, error = %e, "stored session unreadable; ignored");
+                tracing::warn!(client = %self.client.id, error = %e, "stored session unreadable; ignored");
                 None
             }
         }
@@ -90,12 +90,12 @@ impl Session {
     /// Writes the session's state (persistent sessions only). Failures are logged: the
     /// session goes on, and a later save or the bindings fallback covers it.
     pub(super) async fn save_stored(&self) {
-        if self.clean {
+        if self.life.clean {
             return;
         }
         let stored = Stored {
             format: FORMAT,
-            expiry_secs: self.session_expiry.as_secs(),
+            expiry_secs: self.life.expiry.as_secs(),
             subscriptions: self
                 .subs
                 .iter()
@@ -113,7 +113,7 @@ impl Session {
         let body = match serde_json::to_vec(&stored) {
             Ok(body) => body,
             Err(e) => {
-                tracing::warn!(client = %self.client_id, error = %e, "session state not serialisable");
+                tracing::warn!(client = %self.client.id, error = %e, "session state not serialisable");
                 return;
             }
         };
@@ -130,7 +130,7 @@ impl Session {
         }
         .await;
         if let Err(e) = result {
-            tracing::warn!(client = %self.client_id, error = %e, "session state not saved");
+            tracing::warn!(client = %self.client.id, error = %e, "session state not saved");
         }
     }
 

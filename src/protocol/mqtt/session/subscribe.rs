@@ -7,7 +7,7 @@ impl Session {
     // ---------- subscribe ----------
 
     pub(super) async fn subscribe(&mut self, filters: Vec<Filter>) -> Vec<u8> {
-        let v5 = self.version == Version::V5;
+        let v5 = self.client.version == Version::V5;
         let fail = |code: u8| if v5 { code } else { 0x80 };
         let mut codes = Vec::with_capacity(filters.len());
         let max = self.ctx.config.limits.max_subscriptions;
@@ -75,7 +75,7 @@ impl Session {
                     codes.push(granted);
                 }
                 Err(e) => {
-                    tracing::warn!(client = %self.client_id, error = %e, "subscribe failed");
+                    tracing::warn!(client = %self.client.id, error = %e, "subscribe failed");
                     codes.push(fail(reason::IMPLEMENTATION_SPECIFIC));
                 }
             }
@@ -118,7 +118,7 @@ impl Session {
             let options = ConsumeOptions {
                 consumer_tag: String::new(),
                 ack: AckMode::Manual {
-                    prefetch: self.inflight_max,
+                    prefetch: self.outflow.inflight_max,
                 },
                 exclusive: false,
                 arguments: FieldTable::new(),
@@ -140,7 +140,7 @@ impl Session {
                 granted
             }
             Err(e) => {
-                tracing::warn!(client = %self.client_id, error = %e, "shared subscribe failed");
+                tracing::warn!(client = %self.client.id, error = %e, "shared subscribe failed");
                 reason::IMPLEMENTATION_SPECIFIC
             }
         }
