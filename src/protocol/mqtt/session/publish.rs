@@ -217,20 +217,17 @@ impl Session {
                 return Outcome::Close(CloseReason::TopicNameInvalid);
             }
         };
-        let ctx = self.ctx.clone();
-        let exchange = ctx.config.mqtt.exchange.as_str();
-        let cleared = match ctx.clear_publish(
+        let cleared = match self.ctx.clear_publish(
             PROTOCOL,
             &self.conn,
             &self.principal,
-            exchange,
+            &self.ctx.config.mqtt.exchange,
             &key,
             p.payload.len(),
         ) {
             Ok(cleared) => cleared,
             Err(refused) => return self.refused_at_gate(p, refused, may_park),
         };
-        self.inflow.overrun_since = None;
         let message = self.message_of(&p);
         // Retained before the publish (see `RetainedStore::set`), taken back if it is refused.
         let mut code = reason::SUCCESS;
@@ -247,6 +244,7 @@ impl Session {
             }
         }
         let confirm = cleared.publish(&*self.channel, message, PublishOptions::default());
+        self.inflow.overrun_since = None;
         if p.qos == 2
             && self.max_qos == 2
             && let Some(id) = p.packet_id
