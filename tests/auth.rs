@@ -12,7 +12,9 @@ use amqp_gateway::auth::now_secs;
 use amqp_gateway::config::PublicKey;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
-use common::{SECRET, admin, problem, start_gateway, token, unique};
+use common::{
+    SECRET, admin, forbidden, json_of, problem, refused, start_gateway, status, token, unique,
+};
 use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use parking_lot::Mutex;
@@ -63,13 +65,9 @@ fn hs(claims: &Value) -> String {
     )
 }
 
-async fn status(gw: &common::TestGateway, token: &str) -> u16 {
-    gw.get("/v1/queues", token)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+/// The status of listing queues with `token`.
+async fn list_status(gw: &common::TestGateway, token: &str) -> u16 {
+    status(gw.get("/v1/queues", token)).await
 }
 
 #[tokio::test]
@@ -143,12 +141,12 @@ async fn tokens_are_required_and_bad_ones_refused() {
         );
     }
     assert_eq!(
-        status(&gw, &hs(&claims(json!({"exp": now_secs() - 10})))).await,
+        list_status(&gw, &hs(&claims(json!({"exp": now_secs() - 10})))).await,
         200,
         "within the 30 s leeway"
     );
     assert_eq!(
-        status(
+        list_status(
             &gw,
             &hs(&claims(json!({"scope": ["gateway.tag:administrator"]})))
         )
@@ -161,19 +159,22 @@ async fn tokens_are_required_and_bad_ones_refused() {
 #[tokio::test]
 async fn audience_can_be_relaxed_and_issuer_required() {
     let gw = start_gateway(|c| c.auth.verify_aud = false).await;
-    assert_eq!(status(&gw, &hs(&claims(json!({"aud": null})))).await, 200);
+    assert_eq!(
+        list_status(&gw, &hs(&claims(json!({"aud": null})))).await,
+        200
+    );
     let gw = start_gateway(|c| c.auth.issuer = Some("https://idp.test/".into())).await;
     assert_eq!(
-        status(&gw, &hs(&claims(json!({})))).await,
+        list_status(&gw, &hs(&claims(json!({})))).await,
         401,
         "iss required"
     );
     assert_eq!(
-        status(&gw, &hs(&claims(json!({"iss": "https://evil.test/"})))).await,
+        list_status(&gw, &hs(&claims(json!({"iss": "https://evil.test/"})))).await,
         401
     );
     assert_eq!(
-        status(&gw, &hs(&claims(json!({"iss": "https://idp.test/"})))).await,
+        list_status(&gw, &hs(&claims(json!({"iss": "https://idp.test/"})))).await,
         200
     );
     let gw = start_gateway(|c| c.auth.resource_server_id = "api".into()).await;
@@ -181,19 +182,16 @@ async fn audience_can_be_relaxed_and_issuer_required() {
         json!({"aud": "api", "scope": "api.tag:administrator gateway.tag:administrator"}),
     ));
     assert_eq!(
-        status(&gw, &t).await,
+        list_status(&gw, &t).await,
         200,
         "scopes under the configured resource server id"
     );
     let t = hs(&claims(
         json!({"aud": "api", "scope": "gateway.configure:*"}),
     ));
-    problem(
+    refused(
         gw.put(&format!("/v1/queues/{}", unique("rs")), &t)
-            .json(&json!({}))
-            .send()
-            .await
-            .unwrap(),
+            .json(&json!({})),
         403,
         "forbidden",
     )
@@ -248,108 +246,50 @@ async fn permission_matrix() {
     );
     // configure: only matching names.
     assert_eq!(
-        gw.put(&format!("/v1/queues/{mine}"), &t)
-            .json(&json!({"durable": false}))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        status(
+            gw.put(&format!("/v1/queues/{mine}"), &t)
+                .json(&json!({"durable": false}))
+        )
+        .await,
         201
     );
-    problem(
+    forbidden(
         gw.put(&format!("/v1/queues/{}", unique("theirs")), &t)
-            .json(&json!({}))
-            .send()
-            .await
-            .unwrap(),
-        403,
-        "forbidden",
+            .json(&json!({})),
     )
     .await;
-    problem(
-        gw.delete(&format!("/v1/queues/{other}"), &t)
-            .send()
-            .await
-            .unwrap(),
-        403,
-        "forbidden",
-    )
-    .await;
-    problem(
-        gw.delete(&format!("/v1/queues/{other}/contents"), &t)
-            .send()
-            .await
-            .unwrap(),
-        403,
-        "forbidden",
-    )
-    .await;
-    problem(
-        gw.get(&format!("/v1/queues/{other}"), &t)
-            .send()
-            .await
-            .unwrap(),
-        403,
-        "forbidden",
-    )
-    .await;
+    forbidden(gw.delete(&format!("/v1/queues/{other}"), &t)).await;
+    forbidden(gw.delete(&format!("/v1/queues/{other}/contents"), &t)).await;
+    forbidden(gw.get(&format!("/v1/queues/{other}"), &t)).await;
     // read: containment of the binding key.
     let bind = |key: &str| {
         gw.post(&format!("/v1/queues/{mine}/bindings"), &t)
             .json(&json!({"exchange": "amq.topic", "routing_key": key}))
-            .send()
     };
-    assert_eq!(bind("news.*").await.unwrap().status(), 201);
-    assert_eq!(bind("news.#").await.unwrap().status(), 201);
-    problem(bind("#").await.unwrap(), 403, "forbidden").await;
-    problem(bind("sports.*").await.unwrap(), 403, "forbidden").await;
+    assert_eq!(status(bind("news.*")).await, 201);
+    assert_eq!(status(bind("news.#")).await, 201);
+    forbidden(bind("#")).await;
+    forbidden(bind("sports.*")).await;
     // write: exchange glob and key pattern.
     let publish = |ex: &str, key: &str| {
         gw.post(&format!("/v1/exchanges/{ex}/publish"), &t)
             .json(&json!({"routing_key": key, "body": "x"}))
-            .send()
     };
-    assert_eq!(
-        publish("amq.topic", "sensors.k1").await.unwrap().status(),
-        200
-    );
-    problem(
-        publish("amq.topic", "sensors.k1.x").await.unwrap(),
-        403,
-        "forbidden",
-    )
-    .await;
-    problem(
-        publish("amq.direct", "sensors.k1").await.unwrap(),
-        403,
-        "forbidden",
-    )
-    .await;
-    assert_eq!(publish("amq.default", &mine).await.unwrap().status(), 200);
-    problem(
-        publish("amq.default", &other).await.unwrap(),
-        403,
-        "forbidden",
-    )
-    .await;
+    assert_eq!(status(publish("amq.topic", "sensors.k1")).await, 200);
+    forbidden(publish("amq.topic", "sensors.k1.x")).await;
+    forbidden(publish("amq.direct", "sensors.k1")).await;
+    assert_eq!(status(publish("amq.default", &mine)).await, 200);
+    forbidden(publish("amq.default", &other)).await;
     // consume
     let get = |q: &str| {
         gw.post(&format!("/v1/queues/{q}/get"), &t)
             .json(&json!({"count": 5}))
-            .send()
     };
-    let got: Value = get(&mine).await.unwrap().json().await.unwrap();
+    let got: Value = get(&mine).send().await.unwrap().json().await.unwrap();
     assert_eq!(got["messages"].as_array().unwrap().len(), 1);
-    problem(get(&other).await.unwrap(), 403, "forbidden").await;
+    forbidden(get(&other)).await;
     // Lists show only what the caller has a permission on.
-    let list: Value = gw
-        .get("/v1/queues?page_size=1000", &t)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = json_of(gw.get("/v1/queues?page_size=1000", &t)).await;
     let names: Vec<&str> = list["items"]
         .as_array()
         .unwrap()
@@ -359,22 +299,12 @@ async fn permission_matrix() {
     assert_eq!(names, [mine.as_str()]);
     // A token with no scopes can do nothing.
     let nothing = token("nobody", "");
-    problem(
+    forbidden(
         gw.put(&format!("/v1/queues/{mine}"), &nothing)
-            .json(&json!({}))
-            .send()
-            .await
-            .unwrap(),
-        403,
-        "forbidden",
+            .json(&json!({})),
     )
     .await;
-    problem(
-        gw.get("/metrics", &nothing).send().await.unwrap(),
-        403,
-        "forbidden",
-    )
-    .await;
+    forbidden(gw.get("/metrics", &nothing)).await;
 }
 
 #[tokio::test]
@@ -391,61 +321,44 @@ async fn gateway_owned_names_need_an_administrator() {
         "mqtt-shared-g.x",
         "amqp-gateway.control",
     ] {
-        problem(
-            gw.put(&format!("/v1/queues/{name}"), &t)
-                .json(&json!({}))
-                .send()
-                .await
-                .unwrap(),
+        refused(
+            gw.put(&format!("/v1/queues/{name}"), &t).json(&json!({})),
             403,
             "forbidden",
         )
         .await;
         assert_eq!(
-            gw.put(&format!("/v1/queues/{name}"), &admin())
-                .json(&json!({"durable": false}))
-                .send()
-                .await
-                .unwrap()
-                .status(),
+            status(
+                gw.put(&format!("/v1/queues/{name}"), &admin())
+                    .json(&json!({"durable": false}))
+            )
+            .await,
             201,
             "{name}"
         );
-        problem(
+        refused(
             gw.post(&format!("/v1/queues/{name}/get"), &t)
-                .json(&json!({}))
-                .send()
-                .await
-                .unwrap(),
+                .json(&json!({})),
             403,
             "forbidden",
         )
         .await;
-        problem(
-            gw.delete(&format!("/v1/queues/{name}/contents"), &t)
-                .send()
-                .await
-                .unwrap(),
+        refused(
+            gw.delete(&format!("/v1/queues/{name}/contents"), &t),
             403,
             "forbidden",
         )
         .await;
-        problem(
+        refused(
             gw.post("/v1/exchanges/amq.default/publish", &t)
-                .json(&json!({"routing_key": name, "body": "x"}))
-                .send()
-                .await
-                .unwrap(),
+                .json(&json!({"routing_key": name, "body": "x"})),
             403,
             "forbidden",
         )
         .await;
-        problem(
+        refused(
             gw.post(&format!("/v1/queues/{name}/bindings"), &t)
-                .json(&json!({"exchange": "amq.topic", "routing_key": "x"}))
-                .send()
-                .await
-                .unwrap(),
+                .json(&json!({"exchange": "amq.topic", "routing_key": "x"})),
             403,
             "forbidden",
         )
@@ -462,30 +375,18 @@ async fn subject_expansion_is_percent_encoded() {
         "gateway.configure:inbox-{sub} gateway.consume:inbox-{sub}",
     );
     assert_eq!(
-        gw.put("/v1/queues/inbox-a%252Eb%252Ac", &t)
-            .json(&json!({"durable": false}))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        status(
+            gw.put("/v1/queues/inbox-a%252Eb%252Ac", &t)
+                .json(&json!({"durable": false}))
+        )
+        .await,
         201,
         "the encoded name is the subject's own"
     );
-    let q: Value = gw
-        .get("/v1/queues/inbox-a%252Eb%252Ac", &t)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let q: Value = json_of(gw.get("/v1/queues/inbox-a%252Eb%252Ac", &t)).await;
     assert_eq!(q["name"], "inbox-a%2Eb%2Ac");
-    problem(
-        gw.put("/v1/queues/inbox-a.bXc", &t)
-            .json(&json!({}))
-            .send()
-            .await
-            .unwrap(),
+    refused(
+        gw.put("/v1/queues/inbox-a.bXc", &t).json(&json!({})),
         403,
         "forbidden",
     )
@@ -516,103 +417,44 @@ async fn pem_public_keys_one_algorithm_each() {
     })
     .await;
     let c = claims(json!({}));
-    assert_eq!(
-        status(
-            &gw,
-            &sign(
-                &c,
-                Algorithm::RS256,
-                Some("r1"),
-                &key("rsa.key", Algorithm::RS256)
-            )
-        )
-        .await,
-        200
-    );
-    assert_eq!(
-        status(
-            &gw,
-            &sign(
-                &c,
-                Algorithm::ES256,
-                Some("e1"),
-                &key("ec.key", Algorithm::ES256)
-            )
-        )
-        .await,
-        200
-    );
-    assert_eq!(
-        status(
-            &gw,
-            &sign(
-                &c,
-                Algorithm::EdDSA,
-                Some("d1"),
-                &key("ed.key", Algorithm::EdDSA)
-            )
-        )
-        .await,
-        200
-    );
+    let signed = |alg, kid, file| sign(&c, alg, kid, &key(file, alg));
+    for (alg, kid, file) in [
+        (Algorithm::RS256, "r1", "rsa.key"),
+        (Algorithm::ES256, "e1", "ec.key"),
+        (Algorithm::EdDSA, "d1", "ed.key"),
+    ] {
+        let t = signed(alg, Some(kid), file);
+        assert_eq!(list_status(&gw, &t).await, 200, "{alg:?}");
+    }
+    let public_as_secret = EncodingKey::from_secret(&std::fs::read(fixture("rsa.pub")).unwrap());
     let refused = [
         (
             "another RSA key under r1",
-            sign(
-                &c,
-                Algorithm::RS256,
-                Some("r1"),
-                &key("other-rsa.key", Algorithm::RS256),
-            ),
+            signed(Algorithm::RS256, Some("r1"), "other-rsa.key"),
         ),
         (
             "right key, other alg (PS256)",
-            sign(
-                &c,
-                Algorithm::PS256,
-                Some("r1"),
-                &key("rsa.key", Algorithm::PS256),
-            ),
+            signed(Algorithm::PS256, Some("r1"), "rsa.key"),
         ),
         (
             "kid of the EC key with RS256",
-            sign(
-                &c,
-                Algorithm::RS256,
-                Some("e1"),
-                &key("rsa.key", Algorithm::RS256),
-            ),
+            signed(Algorithm::RS256, Some("e1"), "rsa.key"),
         ),
         (
             "no kid among several keys",
-            sign(
-                &c,
-                Algorithm::RS256,
-                None,
-                &key("rsa.key", Algorithm::RS256),
-            ),
+            signed(Algorithm::RS256, None, "rsa.key"),
         ),
         (
             "unknown kid",
-            sign(
-                &c,
-                Algorithm::RS256,
-                Some("zz"),
-                &key("rsa.key", Algorithm::RS256),
-            ),
+            signed(Algorithm::RS256, Some("zz"), "rsa.key"),
         ),
         (
             "HS256 signed with the public key",
-            sign(
-                &c,
-                Algorithm::HS256,
-                Some("r1"),
-                &EncodingKey::from_secret(&std::fs::read(fixture("rsa.pub")).unwrap()),
-            ),
+            sign(&c, Algorithm::HS256, Some("r1"), &public_as_secret),
         ),
     ];
     for (what, t) in refused {
-        assert_eq!(status(&gw, &t).await, 401, "{what}");
+        assert_eq!(list_status(&gw, &t).await, 401, "{what}");
     }
 }
 
@@ -633,7 +475,7 @@ async fn a_single_key_accepts_tokens_without_kid() {
         None,
         &key("ec.key", Algorithm::ES256),
     );
-    assert_eq!(status(&gw, &t).await, 200);
+    assert_eq!(list_status(&gw, &t).await, 200);
 }
 
 #[tokio::test]
@@ -701,7 +543,7 @@ async fn jwks_from_a_file() {
     .await;
     let c = claims(json!({}));
     assert_eq!(
-        status(
+        list_status(
             &gw,
             &sign(
                 &c,
@@ -714,7 +556,7 @@ async fn jwks_from_a_file() {
         200
     );
     assert_eq!(
-        status(
+        list_status(
             &gw,
             &sign(
                 &c,
@@ -727,7 +569,7 @@ async fn jwks_from_a_file() {
         200
     );
     assert_eq!(
-        status(
+        list_status(
             &gw,
             &sign(
                 &c,
@@ -741,7 +583,7 @@ async fn jwks_from_a_file() {
         "a JWK without alg is not used"
     );
     assert_eq!(
-        status(
+        list_status(
             &gw,
             &sign(
                 &c,
@@ -837,7 +679,7 @@ async fn jwks_from_an_https_url_with_rotation_on_unknown_kid() {
     );
     let c = claims(json!({}));
     assert_eq!(
-        status(
+        list_status(
             &gw,
             &sign(
                 &c,
@@ -856,7 +698,7 @@ async fn jwks_from_an_https_url_with_rotation_on_unknown_kid() {
         .keys
         .push(jwk("ec.key", Algorithm::ES256, "e2"));
     assert_eq!(
-        status(
+        list_status(
             &gw,
             &sign(
                 &c,
@@ -871,7 +713,7 @@ async fn jwks_from_an_https_url_with_rotation_on_unknown_kid() {
     assert_eq!(server.fetches.load(Ordering::SeqCst), 2);
     // Another unknown kid right after does not hammer the issuer (at most one fetch per 30 s).
     assert_eq!(
-        status(
+        list_status(
             &gw,
             &sign(
                 &c,

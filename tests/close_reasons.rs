@@ -13,7 +13,6 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 /// The counter for `protocol` and `reason` in this process, 0 before its first increment.
 fn closed(protocol: &str, reason: &str) -> u64 {
@@ -169,16 +168,7 @@ async fn mqtt_closes_are_counted_by_reason() {
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
 
 async fn ws(gw: &TestGateway, bearer: Option<&str>) -> Ws {
-    let url = format!("{}/ws", gw.base.replace("http://", "ws://"));
-    let mut req = url.into_client_request().unwrap();
-    req.headers_mut().insert(
-        "sec-websocket-protocol",
-        "amqp-gateway.v1.json".parse().unwrap(),
-    );
-    if let Some(t) = bearer {
-        req.headers_mut()
-            .insert("authorization", format!("Bearer {t}").parse().unwrap());
-    }
+    let req = common::ws::request(gw, bearer, true, "");
     tokio_tungstenite::connect_async(req)
         .await
         .expect("upgrade")

@@ -97,127 +97,171 @@ async fn connect(
         }
     };
     let (tx, events) = mpsc::unbounded_channel();
+    let target = Target {
+        client_id,
+        host,
+        port,
+        ws,
+        password,
+        clean,
+    };
     let handle = match v {
-        Version::V4 => {
-            let mut o = rumqttc::MqttOptions::new(client_id, host.clone(), port);
-            o.set_keep_alive(Duration::from_secs(30))
-                .set_clean_session(clean);
-            if ws {
-                o.set_transport(rumqttc::Transport::Ws);
-            }
-            if let Some(p) = password {
-                o.set_credentials("ignored", p);
-            }
-            let (client, mut eventloop) = rumqttc::AsyncClient::new(o, 100);
-            tokio::spawn(async move {
-                loop {
-                    let ev = match eventloop.poll().await {
-                        Ok(rumqttc::Event::Incoming(p)) => match p {
-                            rumqttc::Packet::ConnAck(c) => Ev::ConnAck {
-                                present: c.session_present,
-                            },
-                            rumqttc::Packet::SubAck(s) => Ev::SubAck(
-                                s.return_codes
-                                    .into_iter()
-                                    .map(|c| match c {
-                                        rumqttc::SubscribeReasonCode::Success(q) => Ok(q as u8),
-                                        other => Err(format!("{other:?}")),
-                                    })
-                                    .collect(),
-                            ),
-                            rumqttc::Packet::Publish(p) => Ev::Publish {
-                                topic: p.topic,
-                                qos: p.qos as u8,
-                                payload: p.payload,
-                                retain: p.retain,
-                            },
-                            rumqttc::Packet::PubAck(_) => Ev::PubAck("Success".into()),
-                            _ => continue,
-                        },
-                        Ok(_) => continue,
-                        Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
-                            let _ = tx.send(Ev::Refused(refused_v4(code)));
-                            return;
-                        }
-                        Err(e) => {
-                            eprintln!("mqtt client ended: {e:?}");
-                            let _ = tx.send(Ev::Closed);
-                            return;
-                        }
-                    };
-                    if tx.send(ev).is_err() {
-                        return;
-                    }
-                }
-            });
-            Handle::V4(client)
-        }
-        Version::V5 => {
-            use rumqttc::v5::mqttbytes::v5::Packet;
-            let mut o = rumqttc::v5::MqttOptions::new(client_id, host, port);
-            o.set_keep_alive(Duration::from_secs(30))
-                .set_clean_start(clean);
-            if ws {
-                o.set_transport(rumqttc::Transport::Ws);
-            }
-            if !clean {
-                o.set_session_expiry_interval(Some(3600));
-            }
-            if let Some(p) = password {
-                o.set_credentials("ignored", p);
-            }
-            let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(o, 100);
-            tokio::spawn(async move {
-                loop {
-                    let ev = match eventloop.poll().await {
-                        Ok(rumqttc::v5::Event::Incoming(p)) => match p {
-                            Packet::ConnAck(c) => Ev::ConnAck { present: c.session_present },
-                            Packet::SubAck(s) => Ev::SubAck(
-                                s.return_codes
-                                    .into_iter()
-                                    .map(|c| match c {
-                                        rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(q) => Ok(q as u8),
-                                        other => Err(format!("{other:?}")),
-                                    })
-                                    .collect(),
-                            ),
-                            Packet::Publish(p) => Ev::Publish {
-                                topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                                qos: p.qos as u8,
-                                payload: p.payload,
-                                retain: p.retain,
-                            },
-                            Packet::PubAck(a) => Ev::PubAck(format!("{:?}", a.reason)),
-                            Packet::Disconnect(d) => Ev::Disconnect(format!("{:?}", d.reason_code)),
-                            _ => continue,
-                        },
-                        Ok(_) => continue,
-                        Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => {
-                            let _ = tx.send(Ev::Refused(refused_v5(code)));
-                            return;
-                        }
-                        // rumqttc reports a server DISCONNECT as a state error carrying its reason.
-                        Err(rumqttc::v5::ConnectionError::MqttState(rumqttc::v5::StateError::ServerDisconnect {
-                            reason_code, ..
-                        })) => {
-                            let _ = tx.send(Ev::Disconnect(format!("{reason_code:?}")));
-                            return;
-                        }
-                        Err(e) => {
-                            eprintln!("mqtt client ended: {e:?}");
-                            let _ = tx.send(Ev::Closed);
-                            return;
-                        }
-                    };
-                    if tx.send(ev).is_err() {
-                        return;
-                    }
-                }
-            });
-            Handle::V5(client)
-        }
+        Version::V4 => start_v4(&target, tx),
+        Version::V5 => start_v5(&target, tx),
     };
     Client { handle, events }
+}
+
+/// Where and how a test client connects.
+struct Target<'a> {
+    client_id: &'a str,
+    host: String,
+    port: u16,
+    ws: bool,
+    password: Option<&'a str>,
+    clean: bool,
+}
+
+/// A 3.1.1 client whose event loop forwards what the tests look at to `tx`.
+fn start_v4(t: &Target<'_>, tx: mpsc::UnboundedSender<Ev>) -> Handle {
+    let (client_id, host, port, ws, password, clean) = (
+        t.client_id,
+        t.host.clone(),
+        t.port,
+        t.ws,
+        t.password,
+        t.clean,
+    );
+    let mut o = rumqttc::MqttOptions::new(client_id, host, port);
+    o.set_keep_alive(Duration::from_secs(30))
+        .set_clean_session(clean);
+    if ws {
+        o.set_transport(rumqttc::Transport::Ws);
+    }
+    if let Some(p) = password {
+        o.set_credentials("ignored", p);
+    }
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(o, 100);
+    tokio::spawn(async move {
+        loop {
+            let ev = match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(p)) => match p {
+                    rumqttc::Packet::ConnAck(c) => Ev::ConnAck {
+                        present: c.session_present,
+                    },
+                    rumqttc::Packet::SubAck(s) => Ev::SubAck(
+                        s.return_codes
+                            .into_iter()
+                            .map(|c| match c {
+                                rumqttc::SubscribeReasonCode::Success(q) => Ok(q as u8),
+                                other => Err(format!("{other:?}")),
+                            })
+                            .collect(),
+                    ),
+                    rumqttc::Packet::Publish(p) => Ev::Publish {
+                        topic: p.topic,
+                        qos: p.qos as u8,
+                        payload: p.payload,
+                        retain: p.retain,
+                    },
+                    rumqttc::Packet::PubAck(_) => Ev::PubAck("Success".into()),
+                    _ => continue,
+                },
+                Ok(_) => continue,
+                Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+                    let _ = tx.send(Ev::Refused(refused_v4(code)));
+                    return;
+                }
+                Err(e) => {
+                    eprintln!("mqtt client ended: {e:?}");
+                    let _ = tx.send(Ev::Closed);
+                    return;
+                }
+            };
+            if tx.send(ev).is_err() {
+                return;
+            }
+        }
+    });
+    Handle::V4(client)
+}
+
+/// A 5 client whose event loop forwards what the tests look at to `tx`.
+fn start_v5(t: &Target<'_>, tx: mpsc::UnboundedSender<Ev>) -> Handle {
+    let (client_id, host, port, ws, password, clean) = (
+        t.client_id,
+        t.host.clone(),
+        t.port,
+        t.ws,
+        t.password,
+        t.clean,
+    );
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    let mut o = rumqttc::v5::MqttOptions::new(client_id, host, port);
+    o.set_keep_alive(Duration::from_secs(30))
+        .set_clean_start(clean);
+    if ws {
+        o.set_transport(rumqttc::Transport::Ws);
+    }
+    if !clean {
+        o.set_session_expiry_interval(Some(3600));
+    }
+    if let Some(p) = password {
+        o.set_credentials("ignored", p);
+    }
+    let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(o, 100);
+    tokio::spawn(async move {
+        loop {
+            let ev = match eventloop.poll().await {
+                Ok(rumqttc::v5::Event::Incoming(p)) => match p {
+                    Packet::ConnAck(c) => Ev::ConnAck {
+                        present: c.session_present,
+                    },
+                    Packet::SubAck(s) => Ev::SubAck(
+                        s.return_codes
+                            .into_iter()
+                            .map(|c| match c {
+                                rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(q) => {
+                                    Ok(q as u8)
+                                }
+                                other => Err(format!("{other:?}")),
+                            })
+                            .collect(),
+                    ),
+                    Packet::Publish(p) => Ev::Publish {
+                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                        qos: p.qos as u8,
+                        payload: p.payload,
+                        retain: p.retain,
+                    },
+                    Packet::PubAck(a) => Ev::PubAck(format!("{:?}", a.reason)),
+                    Packet::Disconnect(d) => Ev::Disconnect(format!("{:?}", d.reason_code)),
+                    _ => continue,
+                },
+                Ok(_) => continue,
+                Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => {
+                    let _ = tx.send(Ev::Refused(refused_v5(code)));
+                    return;
+                }
+                // rumqttc reports a server DISCONNECT as a state error carrying its reason.
+                Err(rumqttc::v5::ConnectionError::MqttState(
+                    rumqttc::v5::StateError::ServerDisconnect { reason_code, .. },
+                )) => {
+                    let _ = tx.send(Ev::Disconnect(format!("{reason_code:?}")));
+                    return;
+                }
+                Err(e) => {
+                    eprintln!("mqtt client ended: {e:?}");
+                    let _ = tx.send(Ev::Closed);
+                    return;
+                }
+            };
+            if tx.send(ev).is_err() {
+                return;
+            }
+        }
+    });
+    Handle::V5(client)
 }
 
 fn qos4(q: u8) -> rumqttc::QoS {

@@ -238,6 +238,42 @@ async fn paho_mqtt_5() {
     paho_roundtrip("5").await;
 }
 
+/// The size of the PUBLISH that delivers "live" (MQTT 5 §3.3): fixed header 1 + remaining
+/// length 1; topic 2 + 13; packet id 2; properties length 1 + properties; payload. Properties:
+/// each user property 1 + 2 + name + 2 + value, content type 1 + 2 + 10, payload format
+/// indicator 2, response topic 1 + 2 + 14, correlation data 1 + 2 + 2, message expiry 5.
+fn live_packet_size() -> usize {
+    let user: usize = [
+        ("z", "1"),
+        ("a", "2"),
+        ("z", "3"),
+        ("x-gateway-sub", "mallory"),
+    ]
+    .iter()
+    .map(|(k, v)| 5 + k.len() + v.len())
+    .sum();
+    let props_len = user + 13 + 2 + 17 + 5 + 5;
+    1 + 1 + 2 + "fidelity/live".len() + 2 + 1 + props_len + "live".len()
+}
+
+/// A mosquitto_sub connection as `device` with a will that carries properties.
+fn will_client(port: &str, token: &str, device: &str) -> std::process::Child {
+    mosquitto("mosquitto_sub", "mqttv5", port, token)
+        .args(["-i", device, "-t", "fidelity/ignored", "-q", "1"])
+        .args(["--will-topic", "fidelity/will", "--will-payload", "bye"])
+        .args(["--will-qos", "1"])
+        .args(["-D", "will", "user-property", "k", "v"])
+        .args(["-D", "will", "user-property", "k", "w"])
+        .args(["-D", "will", "content-type", "text/plain"])
+        .args(["-D", "will", "payload-format-indicator", "1"])
+        .args(["-D", "will", "response-topic", "fidelity/reply"])
+        .args(["-D", "will", "correlation-data", "c9"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// MQTT 5 fidelity with clients nobody here wrote: `mosquitto_sub -F` shows exactly the user
 /// properties (repeated names, their order, a name the gateway uses itself), content type,
 /// payload format indicator, response topic and correlation data another client published —
@@ -298,21 +334,7 @@ async fn mosquitto_v5_sees_exactly_what_was_published() {
         .unwrap();
     subscribed(&gw, "mosq", &client).await;
 
-    // The delivered PUBLISH (MQTT 5 §3.3): fixed header 1 + remaining length 1; topic 2 + 13;
-    // packet id 2; properties length 1 + properties; payload. Properties: each user property
-    // 1 + 2 + name + 2 + value, content type 1 + 2 + 10, payload format indicator 2, response
-    // topic 1 + 2 + 14, correlation data 1 + 2 + 2, message expiry 5.
-    let user: usize = [
-        ("z", "1"),
-        ("a", "2"),
-        ("z", "3"),
-        ("x-gateway-sub", "mallory"),
-    ]
-    .iter()
-    .map(|(k, v)| 5 + k.len() + v.len())
-    .sum();
-    let props_len = user + 13 + 2 + 17 + 5 + 5;
-    let size = 1 + 1 + 2 + "fidelity/live".len() + 2 + 1 + props_len + "live".len();
+    let size = live_packet_size();
     let fits_client = unique("mosq-fits");
     let fits = mosquitto("mosquitto_sub", v5, &port, &t)
         .args([
@@ -338,20 +360,7 @@ async fn mosquitto_v5_sees_exactly_what_was_published() {
 
     // A will with properties: its client is killed, so the gateway publishes the will.
     let device = unique("mosq-will");
-    let mut will = mosquitto("mosquitto_sub", v5, &port, &t)
-        .args(["-i", &device, "-t", "fidelity/ignored", "-q", "1"])
-        .args(["--will-topic", "fidelity/will", "--will-payload", "bye"])
-        .args(["--will-qos", "1"])
-        .args(["-D", "will", "user-property", "k", "v"])
-        .args(["-D", "will", "user-property", "k", "w"])
-        .args(["-D", "will", "content-type", "text/plain"])
-        .args(["-D", "will", "payload-format-indicator", "1"])
-        .args(["-D", "will", "response-topic", "fidelity/reply"])
-        .args(["-D", "will", "correlation-data", "c9"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut will = will_client(&port, &t, &device);
     subscribed(&gw, "mosq", &device).await;
     will.kill().unwrap();
     let _ = will.wait();

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{admin, problem, start_gateway, token, unique};
+use common::{admin, json_of, problem, refused, start_gateway, status, token, unique};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -335,69 +335,32 @@ async fn exchanges_declare_inspect_list_delete() {
     let name = unique("ex");
     let path = format!("/v1/exchanges/{name}");
     let spec = json!({"type": "topic", "durable": false, "arguments": {"alternate-exchange": "x"}});
-    assert_eq!(
-        gw.put(&path, &admin())
-            .json(&spec)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        201
-    );
-    assert_eq!(
-        gw.put(&path, &admin())
-            .json(&spec)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        204
-    );
+    assert_eq!(status(gw.put(&path, &admin()).json(&spec)).await, 201);
+    assert_eq!(status(gw.put(&path, &admin()).json(&spec)).await, 204);
     let other = json!({"type": "fanout", "durable": false});
-    problem(
-        gw.put(&path, &admin()).json(&other).send().await.unwrap(),
+    refused(
+        gw.put(&path, &admin()).json(&other),
         409,
         "precondition_failed",
     )
     .await;
-    let view: Value = gw
-        .get(&path, &admin())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let view: Value = json_of(gw.get(&path, &admin())).await;
     assert_eq!(
         view,
         json!({"name": name, "type": "topic", "durable": false, "auto_delete": false,
                "internal": false, "arguments": {"alternate-exchange": "x"}})
     );
-    let default: Value = gw
-        .get("/v1/exchanges/amq.default", &admin())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let default: Value = json_of(gw.get("/v1/exchanges/amq.default", &admin())).await;
     assert_eq!(default["type"], "direct");
-    problem(
-        gw.put(&path, &admin())
-            .json(&json!({"type": "bogus"}))
-            .send()
-            .await
-            .unwrap(),
+    refused(
+        gw.put(&path, &admin()).json(&json!({"type": "bogus"})),
         400,
         "bad_request",
     )
     .await;
-    problem(
+    refused(
         gw.put(&format!("/v1/exchanges/amq.{}", unique("r")), &admin())
-            .json(&json!({"type": "direct"}))
-            .send()
-            .await
-            .unwrap(),
+            .json(&json!({"type": "direct"})),
         403,
         "forbidden",
     )
@@ -422,14 +385,7 @@ async fn exchanges_declare_inspect_list_delete() {
         if let Some(c) = &cursor {
             url.push_str(&format!("&cursor={c}"));
         }
-        let page: Value = gw
-            .get(&url, &scoped)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page: Value = json_of(gw.get(&url, &scoped)).await;
         let items = page["items"].as_array().unwrap();
         assert!(items.len() <= 2);
         seen.extend(items.iter().map(|e| e["name"].as_str().unwrap().to_owned()));
@@ -446,36 +402,17 @@ async fn exchanges_declare_inspect_list_delete() {
 
     let q = gw.queue("exq").await;
     gw.bind(&q, &name, "a.#").await;
-    problem(
-        gw.delete(&format!("{path}?if_unused=true"), &admin())
-            .send()
-            .await
-            .unwrap(),
+    refused(
+        gw.delete(&format!("{path}?if_unused=true"), &admin()),
         409,
         "precondition_failed",
     )
     .await;
-    assert_eq!(
-        gw.delete(&path, &admin()).send().await.unwrap().status(),
-        204
-    );
-    problem(
-        gw.delete(&path, &admin()).send().await.unwrap(),
-        404,
-        "not_found",
-    )
-    .await;
-    problem(
-        gw.get(&path, &admin()).send().await.unwrap(),
-        404,
-        "not_found",
-    )
-    .await;
-    problem(
-        gw.delete("/v1/exchanges/amq.topic", &admin())
-            .send()
-            .await
-            .unwrap(),
+    assert_eq!(status(gw.delete(&path, &admin())).await, 204);
+    refused(gw.delete(&path, &admin()), 404, "not_found").await;
+    refused(gw.get(&path, &admin()), 404, "not_found").await;
+    refused(
+        gw.delete("/v1/exchanges/amq.topic", &admin()),
         403,
         "forbidden",
     )
@@ -488,50 +425,24 @@ async fn queues_declare_inspect_purge_delete() {
     let name = unique("q");
     let path = format!("/v1/queues/{name}");
     let spec = json!({"durable": false, "arguments": {"x-max-length": 10, "x-message-ttl": 60000}});
-    assert_eq!(
-        gw.put(&path, &admin())
-            .json(&spec)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        201
-    );
-    assert_eq!(
-        gw.put(&path, &admin())
-            .json(&spec)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        204
-    );
-    problem(
-        gw.put(&path, &admin())
-            .json(&json!({"durable": true}))
-            .send()
-            .await
-            .unwrap(),
+    assert_eq!(status(gw.put(&path, &admin()).json(&spec)).await, 201);
+    assert_eq!(status(gw.put(&path, &admin()).json(&spec)).await, 204);
+    refused(
+        gw.put(&path, &admin()).json(&json!({"durable": true})),
         409,
         "precondition_failed",
     )
     .await;
-    problem(
+    refused(
         gw.put(&format!("/v1/queues/{}", unique("x")), &admin())
-            .json(&json!({"exclusive": true}))
-            .send()
-            .await
-            .unwrap(),
+            .json(&json!({"exclusive": true})),
         400,
         "bad_request",
     )
     .await;
-    problem(
+    refused(
         gw.put(&format!("/v1/queues/{}", unique("x")), &admin())
-            .json(&json!({"arguments": {"x-overflow": "explode"}}))
-            .send()
-            .await
-            .unwrap(),
+            .json(&json!({"arguments": {"x-overflow": "explode"}})),
         400,
         "bad_request",
     )
@@ -543,45 +454,21 @@ async fn queues_declare_inspect_purge_delete() {
             .await
             .unwrap();
     }
-    let view: Value = gw
-        .get(&path, &admin())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let view: Value = json_of(gw.get(&path, &admin())).await;
     assert_eq!(view["messages"], 3);
     assert_eq!(view["consumers"], 0);
     assert_eq!(view["durable"], false);
     assert_eq!(view["arguments"]["x-max-length"], 10);
-    problem(
-        gw.delete(&format!("{path}?if_empty=true"), &admin())
-            .send()
-            .await
-            .unwrap(),
+    refused(
+        gw.delete(&format!("{path}?if_empty=true"), &admin()),
         409,
         "precondition_failed",
     )
     .await;
-    let purged: Value = gw
-        .delete(&format!("{path}/contents"), &admin())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let purged: Value = json_of(gw.delete(&format!("{path}/contents"), &admin())).await;
     assert_eq!(purged, json!({"purged": 3}));
     assert_eq!(gw.depth(&name).await, 0);
-    let list: Value = gw
-        .get("/v1/queues?page_size=1000", &admin())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = json_of(gw.get("/v1/queues?page_size=1000", &admin())).await;
     assert!(
         list["items"]
             .as_array()
@@ -589,21 +476,10 @@ async fn queues_declare_inspect_purge_delete() {
             .iter()
             .any(|q| q["name"] == name)
     );
-    assert_eq!(
-        gw.delete(&path, &admin()).send().await.unwrap().status(),
-        204
-    );
-    problem(
-        gw.get(&path, &admin()).send().await.unwrap(),
-        404,
-        "not_found",
-    )
-    .await;
-    problem(
-        gw.delete(&format!("{path}/contents"), &admin())
-            .send()
-            .await
-            .unwrap(),
+    assert_eq!(status(gw.delete(&path, &admin())).await, 204);
+    refused(gw.get(&path, &admin()), 404, "not_found").await;
+    refused(
+        gw.delete(&format!("{path}/contents"), &admin()),
         404,
         "not_found",
     )
@@ -627,23 +503,8 @@ async fn bindings_create_list_delete() {
         json!({"exchange": "amq.topic", "queue": q, "routing_key": "a.*", "arguments": {}})
     );
     let hdr = json!({"exchange": "amq.headers", "routing_key": "", "arguments": {"x-match": "any", "k": "v"}});
-    assert_eq!(
-        gw.post(&path, &admin())
-            .json(&hdr)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        201
-    );
-    let list: Value = gw
-        .get(&path, &admin())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(status(gw.post(&path, &admin()).json(&hdr)).await, 201);
+    let list: Value = json_of(gw.get(&path, &admin())).await;
     let items = list["items"].as_array().unwrap();
     assert_eq!(items.len(), 3, "default exchange + 2: {list}");
     assert!(
@@ -651,24 +512,10 @@ async fn bindings_create_list_delete() {
             .iter()
             .any(|b| b["exchange"] == "amq.default" && b["routing_key"] == q)
     );
-    let paged: Value = gw
-        .get(&format!("{path}?page_size=2"), &admin())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let paged: Value = json_of(gw.get(&format!("{path}?page_size=2"), &admin())).await;
     assert_eq!(paged["items"].as_array().unwrap().len(), 2);
     let next = paged["next_cursor"].as_str().unwrap().to_owned();
-    let rest: Value = gw
-        .get(&format!("{path}?page_size=2&cursor={next}"), &admin())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rest: Value = json_of(gw.get(&format!("{path}?page_size=2&cursor={next}"), &admin())).await;
     assert_eq!(rest["items"].as_array().unwrap().len(), 1);
     assert_eq!(rest["next_cursor"], Value::Null);
 
@@ -688,14 +535,11 @@ async fn bindings_create_list_delete() {
         .await
         .unwrap();
     assert_eq!(r.status(), 204);
-    problem(
+    refused(
         gw.delete(
             &format!("{path}?exchange=amq.topic&routing_key=a.*"),
             &admin(),
-        )
-        .send()
-        .await
-        .unwrap(),
+        ),
         404,
         "not_found",
     )
@@ -710,34 +554,25 @@ async fn bindings_create_list_delete() {
         .await
         .unwrap();
     assert_eq!(r.status(), 204);
-    problem(
+    refused(
         gw.delete(
             &format!("{path}?exchange=amq.headers&arguments=%7Bbad"),
             &admin(),
-        )
-        .send()
-        .await
-        .unwrap(),
+        ),
         400,
         "bad_request",
     )
     .await;
-    problem(
+    refused(
         gw.post(&path, &admin())
-            .json(&json!({"exchange": unique("none"), "routing_key": "k"}))
-            .send()
-            .await
-            .unwrap(),
+            .json(&json!({"exchange": unique("none"), "routing_key": "k"})),
         404,
         "not_found",
     )
     .await;
-    problem(
+    refused(
         gw.post(&path, &admin())
-            .json(&json!({"exchange": "amq.default", "routing_key": "k"}))
-            .send()
-            .await
-            .unwrap(),
+            .json(&json!({"exchange": "amq.default", "routing_key": "k"})),
         403,
         "forbidden",
     )
@@ -766,15 +601,11 @@ async fn get_takes_or_requeues() {
             .await
             .unwrap();
     }
-    let peek: Value = gw
-        .post(&format!("/v1/queues/{q}/get"), &admin())
-        .json(&json!({"count": 2, "ack_mode": "requeue"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let peek: Value = json_of(
+        gw.post(&format!("/v1/queues/{q}/get"), &admin())
+            .json(&json!({"count": 2, "ack_mode": "requeue"})),
+    )
+    .await;
     let peeked = peek["messages"].as_array().unwrap();
     assert_eq!(peeked.len(), 2);
     assert_eq!(
@@ -794,23 +625,16 @@ async fn get_takes_or_requeues() {
         json!({"ack_mode": "nope"}),
         json!({"count": "2"}),
     ] {
-        problem(
-            gw.post(&format!("/v1/queues/{q}/get"), &admin())
-                .json(&bad)
-                .send()
-                .await
-                .unwrap(),
+        refused(
+            gw.post(&format!("/v1/queues/{q}/get"), &admin()).json(&bad),
             400,
             "bad_request",
         )
         .await;
     }
-    problem(
+    refused(
         gw.post(&format!("/v1/queues/{}/get", unique("none")), &admin())
-            .json(&json!({}))
-            .send()
-            .await
-            .unwrap(),
+            .json(&json!({})),
         404,
         "not_found",
     )
@@ -1048,17 +872,9 @@ async fn metrics_for_monitoring_tokens_and_on_the_metrics_listener() {
     ] {
         assert!(text.contains(needle), "missing {needle} in\n{text}");
     }
-    problem(
-        gw.http.get(gw.url("/metrics")).send().await.unwrap(),
-        401,
-        "unauthorized",
-    )
-    .await;
-    problem(
-        gw.get("/metrics", &token("x", "gateway.read:amq.topic/#"))
-            .send()
-            .await
-            .unwrap(),
+    refused(gw.http.get(gw.url("/metrics")), 401, "unauthorized").await;
+    refused(
+        gw.get("/metrics", &token("x", "gateway.read:amq.topic/#")),
         403,
         "forbidden",
     )

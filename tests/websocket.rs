@@ -7,38 +7,17 @@ mod common;
 use std::time::Duration;
 
 use amqp_gateway::engine::{Message, PublishOptions};
-use common::{SECRET, TestGateway, WAIT, admin, start_gateway, token, unique};
+use common::ws::request;
+use common::{SECRET, TestGateway, WAIT, admin, json_of, start_gateway, token, unique};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 const QUIET: Duration = Duration::from_millis(200);
 
 struct Ws(WebSocketStream<MaybeTlsStream<TcpStream>>);
-
-fn request(
-    gw: &TestGateway,
-    bearer: Option<&str>,
-    subprotocol: bool,
-    query: &str,
-) -> tungstenite::handshake::client::Request {
-    let url = format!("{}/ws{query}", gw.base.replace("http://", "ws://"));
-    let mut req = url.into_client_request().unwrap();
-    if subprotocol {
-        req.headers_mut().insert(
-            "sec-websocket-protocol",
-            "amqp-gateway.v1.json".parse().unwrap(),
-        );
-    }
-    if let Some(t) = bearer {
-        req.headers_mut()
-            .insert("authorization", format!("Bearer {t}").parse().unwrap());
-    }
-    req
-}
 
 async fn connect(gw: &TestGateway, bearer: Option<&str>) -> Ws {
     let (stream, resp) = tokio_tungstenite::connect_async(request(gw, bearer, true, ""))
@@ -82,6 +61,13 @@ impl Ws {
         if let Ok(Some(frame)) = tokio::time::timeout(quiet, self.0.next()).await {
             panic!("expected nothing, got {frame:?}");
         }
+    }
+
+    /// `ack` of `tag` on `sub` (`multiple` as given), answered `ok`.
+    async fn ack_ok(&mut self, sub: &str, tag: u64, multiple: bool) {
+        let req = json!({"op": "ack", "id": "ack", "sub": sub, "delivery_tag": tag, "multiple": multiple});
+        let reply = self.call(req).await;
+        assert_eq!(reply["op"], "ok", "{reply}");
     }
 
     /// Waits for the gateway's close frame and returns its code.
@@ -381,21 +367,13 @@ async fn manual_ack_is_bounded_by_prefetch_and_tags_are_per_sub() {
     );
 
     // Settle everything on s1: it then gets "3" and "4".
-    assert_eq!(
-        ws.call(json!({"op": "ack", "id": 2, "sub": s1, "delivery_tag": 5, "multiple": true}))
-            .await["op"],
-        "ok"
-    );
+    ws.ack_ok(&s1, 5, true).await;
     let (m6, m7) = (ws.recv().await, ws.recv().await);
     assert_eq!(
         (m6["body"].clone(), m7["body"].clone()),
         (json!("3"), json!("4"))
     );
-    assert_eq!(
-        ws.call(json!({"op": "ack", "id": 3, "sub": s1, "delivery_tag": 7, "multiple": true}))
-            .await["op"],
-        "ok"
-    );
+    ws.ack_ok(&s1, 7, true).await;
 
     // A second manual sub: `multiple` on s1 must not touch s2's deliveries.
     let (s2, q2) = ws
@@ -413,11 +391,7 @@ async fn manual_ack_is_bounded_by_prefetch_and_tags_are_per_sub() {
     ];
     subs.sort();
     assert_eq!(subs, [s1.clone(), s2.clone()]);
-    assert_eq!(
-        ws.call(json!({"op": "ack", "id": 4, "sub": s1, "delivery_tag": 100, "multiple": true}))
-            .await["op"],
-        "ok"
-    );
+    ws.ack_ok(&s1, 100, true).await;
     let still = ws
         .call(json!({"op": "ack", "id": 5, "sub": s2, "delivery_tag": 1}))
         .await;
@@ -495,14 +469,7 @@ async fn auto_ack_on_a_named_queue_acks_after_writing() {
         assert_eq!(ws.recv().await["body"], json!(i.to_string()));
     }
     common::eventually("all acked", || async {
-        let v: Value = gw
-            .get(&format!("/v1/queues/{q}"), &admin())
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = json_of(gw.get(&format!("/v1/queues/{q}"), &admin())).await;
         v["messages"] == 0 && v["messages_unacknowledged"] == 0
     })
     .await;

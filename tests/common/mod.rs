@@ -8,6 +8,7 @@ use amqp_gateway::engine::{Consumer, Delivery};
 
 pub mod held_confirms;
 pub mod mqtt_bytes;
+pub mod ws;
 
 /// Every wait in the tests is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(5);
@@ -257,4 +258,24 @@ pub async fn problem(resp: reqwest::Response, status: u16, code: &str) -> serde_
     );
     assert!(body["title"].is_string());
     body
+}
+
+/// Sends `req` and asserts the problem+json answer with `status` and `code`.
+pub async fn refused(req: reqwest::RequestBuilder, status: u16, code: &str) -> serde_json::Value {
+    problem(req.send().await.unwrap(), status, code).await
+}
+
+/// Sends `req` and returns its status.
+pub async fn status(req: reqwest::RequestBuilder) -> u16 {
+    req.send().await.unwrap().status().as_u16()
+}
+
+/// Sends `req` and asserts 403 `forbidden`.
+pub async fn forbidden(req: reqwest::RequestBuilder) {
+    refused(req, 403, "forbidden").await;
+}
+
+/// Sends `req` and returns its JSON body.
+pub async fn json_of(req: reqwest::RequestBuilder) -> serde_json::Value {
+    req.send().await.unwrap().json().await.unwrap()
 }
