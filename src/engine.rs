@@ -2,9 +2,9 @@
 //!
 //! Adapters (`rest`, `ws`, `mqtt`) import this module and nothing below it: they hold an
 //! `Arc<dyn Engine>`, open one [`Channel`] per client connection, and speak only in the types
-//! defined here. Two engines implement it: [`embedded`] (in-process, the default) and, later,
-//! `upstream` (RabbitMQ through lapin). Both run the same conformance suite
-//! (`tests/engine_contract.rs`).
+//! defined here. [`embedded`] (in-process, the default) implements it; `upstream` (RabbitMQ
+//! through lapin) is to implement it the same way, and every engine runs the same conformance
+//! suite (`tests/engine_contract.rs`).
 //!
 //! The shape follows AMQP 0-9-1 (DESIGN.md §2) with three deliberate choices, written down in
 //! `docs/engine.md`:
@@ -15,12 +15,12 @@
 //! - cancelling a consumer (or dropping its [`Consumer`]) returns its unacked deliveries to the
 //!   queue, marked redelivered (DESIGN.md §4: "unsubscribe and cancel requeue").
 
-pub mod control;
 pub mod embedded;
 mod error;
 mod message;
 pub mod names;
 pub mod retained;
+pub mod sessions;
 pub mod table;
 
 use std::future::Future;
@@ -417,7 +417,7 @@ pub trait Engine: Send + Sync + 'static {
     fn capabilities(&self) -> Capabilities;
 
     /// Takeover and delayed wills across connections and instances (DESIGN.md §3).
-    fn control(&self) -> Arc<dyn control::Control>;
+    fn sessions(&self) -> Arc<dyn sessions::SessionRegistry>;
 
     /// The retained messages every instance shares (MQTT retain; DESIGN.md §3).
     fn retained(&self) -> Arc<dyn retained::RetainedStore>;

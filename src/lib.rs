@@ -2,11 +2,20 @@
 //! backend services (REST) and legacy AMQP applications.
 //!
 //! # Layout
-//! - [`config`]: the one validated [`Config`] (file < `GATEWAY_…` env < flags).
-//! - [`engine`]: THE seam — the [`engine::Engine`] trait and its message types; the embedded
-//!   engine lives below it. Protocol adapters depend on it, never on an engine's internals.
-//! - [`server`]: listeners, health and readiness.
-//! - [`shutdown`]: shutdown as a value passed to every task.
+//! - [`config`] the one validated [`Config`] (file < `GATEWAY_…` env < flags); [`cli`] the
+//!   flags and subcommands over it.
+//! - [`engine`]: THE seam — the [`engine::Engine`] trait, its message types, the session
+//!   registry and retained store every instance shares; the embedded engine lives below it.
+//!   Protocol adapters depend on it, never on an engine's internals.
+//! - [`protocol`]: the adapters — `rest`, `ws` (JSON over WebSocket), `mqtt` (3.1.1 and 5 over
+//!   TCP and WebSocket). Each depends on what follows here, never on another adapter.
+//! - [`context`]: what every adapter is given, and the publish gate they all go through.
+//! - [`auth`]: tokens → principals and permissions. [`flow`]: rate buckets and connection
+//!   admission. [`json`]: the JSON form of messages REST and WebSocket share. [`codes`]: the
+//!   error codes they share.
+//! - [`server`]: listeners (one accept loop), health and readiness; [`web`]: the browser client
+//!   and console; [`metrics`]: Prometheus names and labels; [`shutdown`]: shutdown as a value
+//!   passed to every task; [`error`]: errors of starting the process.
 //!
 //! [`start`] runs the whole gateway in-process — on port 0 in tests and benches — and returns
 //! its bound addresses.

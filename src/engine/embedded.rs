@@ -5,12 +5,12 @@
 
 mod broker;
 mod channel;
-mod control;
 mod exchange;
 mod held;
 pub mod memory;
 mod queue;
 mod retained;
+mod sessions;
 pub mod store;
 mod topic;
 
@@ -55,7 +55,7 @@ impl Default for EmbeddedOptions {
 pub struct EmbeddedEngine {
     broker: Arc<Broker>,
     retained: Arc<retained::Retained>,
-    control: Arc<control::LocalControl>,
+    sessions: Arc<sessions::LocalSessions>,
     shut: AtomicBool,
 }
 
@@ -95,7 +95,7 @@ impl EmbeddedEngine {
                 options.memory_high_watermark.unwrap_or(u64::MAX),
             ),
             retained: Arc::new(retained::Retained::new(options.retained_bytes)),
-            control: Arc::default(),
+            sessions: Arc::default(),
             shut: AtomicBool::new(false),
         }
     }
@@ -107,8 +107,8 @@ impl Engine for EmbeddedEngine {
         EngineKind::Embedded
     }
 
-    fn control(&self) -> Arc<dyn crate::engine::control::Control> {
-        self.control.clone()
+    fn sessions(&self) -> Arc<dyn crate::engine::sessions::SessionRegistry> {
+        self.sessions.clone()
     }
 
     fn retained(&self) -> Arc<dyn crate::engine::retained::RetainedStore> {

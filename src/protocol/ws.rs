@@ -5,7 +5,7 @@
 pub mod close;
 mod connection;
 pub mod frames;
-mod outbound;
+mod send_queue;
 mod session;
 
 use std::collections::HashMap;
@@ -27,7 +27,7 @@ pub fn router(ctx: Context) -> Router {
 }
 
 /// A problem+json answer for a refused upgrade (the adapter cannot borrow REST's).
-fn refuse(status: StatusCode, code: &'static str, detail: &str) -> Response {
+fn send_error(status: StatusCode, code: &'static str, detail: &str) -> Response {
     let mut resp = (
         status,
         axum::Json(json!({"type": format!("/problems/{code}"), "title": code, "status": status.as_u16(), "detail": detail, "code": code})),
@@ -70,7 +70,7 @@ async fn upgrade(
     ws: WebSocketUpgrade,
 ) -> Response {
     if !offers_subprotocol(&headers) {
-        return refuse(
+        return send_error(
             StatusCode::BAD_REQUEST,
             "bad_request",
             "offer the WebSocket subprotocol amqp-gateway.v1.json",
@@ -80,7 +80,7 @@ async fn upgrade(
         Some(Ok(v)) => match v.split_once(' ') {
             Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") => Some(t.trim().to_owned()),
             _ => {
-                return refuse(
+                return send_error(
                     StatusCode::UNAUTHORIZED,
                     "unauthorized",
                     "the Authorization header must be \"Bearer <token>\"",
@@ -88,7 +88,7 @@ async fn upgrade(
             }
         },
         Some(Err(_)) => {
-            return refuse(
+            return send_error(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 "unreadable Authorization header",
@@ -102,7 +102,7 @@ async fn upgrade(
         Some(t) => match ctx.auth.authenticate(&t).await {
             Ok(p) => Some(p),
             Err(e @ (AuthError::Missing | AuthError::Expired | AuthError::Invalid(_))) => {
-                return refuse(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string());
+                return send_error(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string());
             }
         },
         None => None,

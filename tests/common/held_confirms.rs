@@ -46,8 +46,8 @@ impl Engine for HeldConfirms {
     fn capabilities(&self) -> Capabilities {
         self.inner.capabilities()
     }
-    fn control(&self) -> Arc<dyn control::Control> {
-        self.inner.control()
+    fn sessions(&self) -> Arc<dyn sessions::SessionRegistry> {
+        self.inner.sessions()
     }
     fn retained(&self) -> Arc<dyn retained::RetainedStore> {
         self.inner.retained()

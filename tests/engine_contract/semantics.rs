@@ -396,40 +396,42 @@ pub async fn retained_messages_are_kept_whole(engine: Arc<dyn Engine>) {
 /// Control state every instance shares: a holder is told when another connection takes over
 /// what it holds, and lets go; a delayed will is cancelled when its session returns.
 pub async fn control_takeover_and_wills(engine: Arc<dyn Engine>) {
-    let control = engine.control();
+    let sessions = engine.sessions();
     let key = unique("session");
-    assert!(!control.take_over(&key).await, "nobody holds it yet");
+    assert!(!sessions.take_over(&key).await, "nobody holds it yet");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    control.hold(&key, 1, tx);
-    assert!(control.is_held(&key));
-    assert!(control.take_over(&key).await, "the holder is asked");
+    sessions.hold(&key, 1, tx);
+    assert!(sessions.is_held(&key));
+    assert!(sessions.take_over(&key).await, "the holder is asked");
     let told = tokio::time::timeout(common::WAIT, rx.recv()).await;
     assert_eq!(told.ok().flatten().map(|t| t.key), Some(key.clone()));
-    control.release(&key, 2);
-    assert!(control.is_held(&key), "only the holder releases its hold");
+    sessions.release(&key, 2);
+    assert!(sessions.is_held(&key), "only the holder releases its hold");
     assert!(
-        !control.wait_released(&key, Duration::from_millis(50)).await,
+        !sessions
+            .wait_released(&key, Duration::from_millis(50))
+            .await,
         "still held"
     );
-    let releaser = control.clone();
+    let releaser = sessions.clone();
     let k = key.clone();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(30)).await;
         releaser.release(&k, 1);
     });
     assert!(
-        control.wait_released(&key, common::WAIT).await,
+        sessions.wait_released(&key, common::WAIT).await,
         "woken by the release"
     );
-    assert!(!control.is_held(&key));
+    assert!(!sessions.is_held(&key));
 
-    let will = control.delay_will(&key);
+    let will = sessions.delay_will(&key);
     assert!(!will.is_cancelled());
-    control.cancel_will(&key).await;
+    sessions.cancel_will(&key).await;
     assert!(will.is_cancelled(), "the session came back first");
-    let fired = control.delay_will(&key);
-    control.will_done(&key);
-    control.cancel_will(&key).await;
+    let fired = sessions.delay_will(&key);
+    sessions.will_done(&key);
+    sessions.cancel_will(&key).await;
     assert!(
         !fired.is_cancelled(),
         "a will that fired is not cancelled afterwards"

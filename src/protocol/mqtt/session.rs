@@ -26,8 +26,8 @@ use super::properties;
 use super::topic::{self, filter_to_binding, key_to_topic, session_queue, topic_to_key};
 use crate::auth::Principal;
 use crate::context::{Connection, Context};
-use crate::engine::control::Takeover;
 use crate::engine::retained::RetainedStore;
+use crate::engine::sessions::Takeover;
 use crate::engine::table::{FieldTable, FieldValue};
 use crate::engine::{
     AckMode, Channel, ConsumeOptions, Consumer, ConsumerEvent, Declared, Delivery, EngineError,
@@ -288,7 +288,7 @@ impl Session {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, EngineError>>,
     {
-        crate::engine::control::fenced(self.ctx.config.mqtt.takeover_timeout, attempt, || async {})
+        crate::engine::sessions::fenced(self.ctx.config.mqtt.takeover_timeout, attempt, || async {})
             .await
     }
 

@@ -14,8 +14,8 @@ use tokio::task::JoinHandle;
 
 use super::close::CloseReason;
 use super::frames::{self, Request};
-use super::outbound::{Frame, Limits, Next, Outbound};
-use super::session::{Outcome, Session};
+use super::send_queue::{Frame, Limits, Next, SendQueue};
+use super::session::{Outcome, WsSession};
 use crate::auth::{Principal, now_secs};
 use crate::codes::Code;
 use crate::context::{Connection, Context};
@@ -57,7 +57,7 @@ async fn serve(
 ) -> CloseReason {
     let (sink, mut stream) = socket.split();
     let limits = &ctx.config.limits;
-    let out = Arc::new(Outbound::new(Limits {
+    let out = Arc::new(SendQueue::new(Limits {
         messages: limits.outbound_buffer_messages,
         bytes: limits.outbound_buffer_bytes.as_u64() as usize,
     }));
@@ -86,7 +86,7 @@ async fn serve(
         }
     };
     let (principal, replay, _place) = admitted;
-    let mut session = Session::new(ctx.clone(), conn.clone(), channel, principal, out.clone());
+    let mut session = WsSession::new(ctx.clone(), conn.clone(), channel, principal, out.clone());
     // An anonymous client's first frame was a request: answer it like any other.
     if let Some(text) = replay {
         on_text(&mut session, &out, &text).await;
@@ -106,7 +106,7 @@ async fn serve(
 async fn admit(
     ctx: &Context,
     stream: &mut SplitStream<WebSocket>,
-    out: &Outbound,
+    out: &SendQueue,
     principal: Option<Principal>,
 ) -> Result<(Principal, Option<String>, Admitted), CloseReason> {
     let refused = |full: Full| {
@@ -132,9 +132,9 @@ async fn admit(
 /// shutdown. Returns why it ended.
 async fn serve_session(
     ctx: &Context,
-    session: &mut Session,
+    session: &mut WsSession,
     stream: &mut SplitStream<WebSocket>,
-    out: &Outbound,
+    out: &SendQueue,
     writer_task: &mut Fuse<JoinHandle<WriterEnd>>,
 ) -> CloseReason {
     let mut tick = tokio::time::interval(ACK_TIMEOUT_CHECK);
@@ -188,7 +188,7 @@ async fn serve_session(
 }
 
 /// One text frame: a request handled, or an error frame for one that does not parse.
-async fn on_text(session: &mut Session, out: &Outbound, text: &str) -> Outcome {
+async fn on_text(session: &mut WsSession, out: &SendQueue, text: &str) -> Outcome {
     match frames::parse(text) {
         Ok(env) => session.handle(env).await,
         Err(m) => {
@@ -230,7 +230,7 @@ fn expiry_sleep(expires_at: Option<u64>, leeway: Duration) -> tokio::time::Sleep
 async fn first_frame(
     ctx: &Context,
     stream: &mut SplitStream<WebSocket>,
-    out: &Outbound,
+    out: &SendQueue,
 ) -> Result<(Principal, Option<String>), CloseReason> {
     let frame = match tokio::time::timeout(ctx.config.ws.auth_timeout, stream.next()).await {
         Err(_) => return Err(CloseReason::AuthTimeout),
@@ -244,7 +244,7 @@ async fn first_frame(
     {
         return match ctx.auth.authenticate(&a.token).await {
             Ok(p) => {
-                out.push(super::outbound::Frame::control(frames::auth_ok(
+                out.push(super::send_queue::Frame::control(frames::auth_ok(
                     &env.id,
                     &p.subject,
                     p.expires_at,
@@ -252,7 +252,7 @@ async fn first_frame(
                 Ok((p, None))
             }
             Err(e) => {
-                out.push(super::outbound::Frame::control(frames::error(
+                out.push(super::send_queue::Frame::control(frames::error(
                     &env.id,
                     &Value::String("auth".into()),
                     Code::Unauthorized,
@@ -273,7 +273,7 @@ async fn first_frame(
 
 async fn writer(
     mut sink: SplitSink<WebSocket, Message>,
-    out: Arc<Outbound>,
+    out: Arc<SendQueue>,
     channel: Option<Arc<dyn Channel>>,
     write_timeout: Duration,
 ) -> WriterEnd {

@@ -1,6 +1,6 @@
 //! One WebSocket client's session (DESIGN.md §4): its principal, its subscriptions with their
 //! per-sub delivery tags, and every op. It never sees the socket: requests come in parsed,
-//! deliveries come from its consumers, frames go to the [`Outbound`] buffer.
+//! deliveries come from its consumers, frames go to the [`SendQueue`] buffer.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -17,13 +17,13 @@ mod subscribe;
 
 use super::close::CloseReason;
 use super::frames::{self, AckKind, Envelope, OverflowKind, Request};
-use super::outbound::{Frame, Outbound, Overflow, SlowConsumer};
+use super::send_queue::{Frame, Overflow, SendQueue, SlowConsumer};
 use crate::auth::Principal;
 use crate::auth::scopes::encode_subject;
 use crate::codes::Code;
 use crate::context::{Connection, Context, PublishRefused};
-use crate::engine::control::Takeover;
 use crate::engine::names::{DEFAULT_EXCHANGE_ALIAS, canonical_exchange, validate_key};
+use crate::engine::sessions::Takeover;
 use crate::engine::table::{FieldTable, FieldValue, table_from_json};
 use crate::engine::{
     AckMode, CancelReason, Channel, ConsumeOptions, Consumer, ConsumerEvent, DeleteQueueOptions,
@@ -95,15 +95,15 @@ struct Sub {
 }
 
 /// A failed request: its code, message and, for throttling, when to retry.
-struct Refusal {
+struct RequestError {
     code: Code,
     message: String,
     retry_after_ms: Option<u64>,
 }
 
-impl Refusal {
+impl RequestError {
     fn new(code: Code, message: impl Into<String>) -> Self {
-        Refusal {
+        RequestError {
             code,
             message: message.into(),
             retry_after_ms: None,
@@ -111,15 +111,15 @@ impl Refusal {
     }
 }
 
-impl From<EngineError> for Refusal {
+impl From<EngineError> for RequestError {
     fn from(e: EngineError) -> Self {
-        Refusal::new(Code::from(&e), e.to_string())
+        RequestError::new(Code::from(&e), e.to_string())
     }
 }
 
-impl From<PublishRefused> for Refusal {
+impl From<PublishRefused> for RequestError {
     fn from(r: PublishRefused) -> Self {
-        let mut refusal = Refusal::new(Code::from(&r), r.to_string());
+        let mut refusal = RequestError::new(Code::from(&r), r.to_string());
         if let PublishRefused::Throttled(t) = r {
             refusal.retry_after_ms = Some((t.retry_after.as_millis() as u64).max(1));
         }
@@ -127,18 +127,18 @@ impl From<PublishRefused> for Refusal {
     }
 }
 
-impl From<json::JsonError> for Refusal {
+impl From<json::JsonError> for RequestError {
     fn from(e: json::JsonError) -> Self {
-        Refusal::new(Code::from(&e), e.to_string())
+        RequestError::new(Code::from(&e), e.to_string())
     }
 }
 
-pub struct Session {
+pub struct WsSession {
     ctx: Context,
     conn: Arc<Connection>,
     channel: Arc<dyn Channel>,
     principal: Principal,
-    out: Arc<Outbound>,
+    out: Arc<SendQueue>,
     subs: HashMap<Arc<str>, Sub>,
     /// Polled by the connection loop; keyed like `subs`.
     pub consumers: StreamMap<Arc<str>, Consumer>,
@@ -147,16 +147,16 @@ pub struct Session {
     pub takeovers: mpsc::UnboundedReceiver<Takeover>,
 }
 
-impl Session {
+impl WsSession {
     pub fn new(
         ctx: Context,
         conn: Arc<Connection>,
         channel: Arc<dyn Channel>,
         principal: Principal,
-        out: Arc<Outbound>,
+        out: Arc<SendQueue>,
     ) -> Self {
         let (takeover_tx, takeovers) = mpsc::unbounded_channel();
-        Session {
+        WsSession {
             ctx,
             conn,
             channel,
@@ -178,7 +178,7 @@ impl Session {
         self.out.push(Frame::control(text));
     }
 
-    fn refuse(&self, id: &Value, op: &str, r: Refusal) {
+    fn send_error(&self, id: &Value, op: &str, r: RequestError) {
         metrics::refusal(PROTOCOL, r.code.as_str());
         self.reply(frames::error(
             id,
@@ -213,7 +213,7 @@ impl Session {
         match result {
             Ok(outcome) => outcome,
             Err(r) => {
-                self.refuse(&id, op, r);
+                self.send_error(&id, op, r);
                 Outcome::Continue
             }
         }
@@ -221,15 +221,15 @@ impl Session {
 
     // ---------- auth refresh ----------
 
-    async fn refresh(&mut self, id: &Value, token: &str) -> Result<Outcome, Refusal> {
+    async fn refresh(&mut self, id: &Value, token: &str) -> Result<Outcome, RequestError> {
         let fresh = self
             .ctx
             .auth
             .authenticate(token)
             .await
-            .map_err(|e| Refusal::new(Code::Unauthorized, e.to_string()))?;
+            .map_err(|e| RequestError::new(Code::Unauthorized, e.to_string()))?;
         if fresh.subject != self.principal.subject || fresh.issuer != self.principal.issuer {
-            return Err(Refusal::new(
+            return Err(RequestError::new(
                 Code::Unauthorized,
                 "a refreshed token must keep the subject and issuer of the connection",
             ));
@@ -273,7 +273,7 @@ impl Session {
     }
 
     /// The connection is going: release holds and delete private queues (the channel's close
-    /// would too; doing it here keeps the control registry exact).
+    /// would too; doing it here keeps the session registry exact).
     pub async fn close(&mut self) {
         let subs: Vec<Arc<str>> = self.subs.keys().cloned().collect();
         for sub in subs {

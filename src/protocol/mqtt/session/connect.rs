@@ -6,40 +6,41 @@
 use super::*;
 
 /// A refused CONNECT: the CONNACK reason and why (for the log line).
-pub struct Refused {
+pub struct ConnectRejected {
     pub code: u8,
     pub why: String,
 }
 
-impl Refused {
-    fn new(code: u8, why: impl Into<String>) -> Refused {
-        Refused {
+impl ConnectRejected {
+    fn new(code: u8, why: impl Into<String>) -> ConnectRejected {
+        ConnectRejected {
             code,
             why: why.into(),
         }
     }
 }
 
-/// The session key the control registry holds: (subject, client id).
+/// The session key the session registry holds: (subject, client id).
 pub(super) fn takeover_key(subject: &str, client_id: &str) -> String {
     session_queue(subject, client_id, "")
 }
 
 /// The principal the CONNECT's token (or its absence) makes the client.
-async fn authenticate(ctx: &Context, connect: &Connect) -> Result<Principal, Refused> {
+async fn authenticate(ctx: &Context, connect: &Connect) -> Result<Principal, ConnectRejected> {
     // MQTT 5 enhanced authentication carries the token in Authentication Data; only our
     // method is known ([MQTT-4.12.0-1]: otherwise 0x8C).
     let token_bytes = match connect.auth_method.as_deref() {
         Some(AUTH_METHOD) => connect.auth_data.as_ref(),
         Some(_) => {
-            return Err(Refused::new(
+            return Err(ConnectRejected::new(
                 reason::BAD_AUTHENTICATION_METHOD,
                 "unknown authentication method",
             ));
         }
         None => connect.password.as_ref(),
     };
-    let bad = |e: &dyn std::fmt::Display| Refused::new(reason::BAD_CREDENTIALS, e.to_string());
+    let bad =
+        |e: &dyn std::fmt::Display| ConnectRejected::new(reason::BAD_CREDENTIALS, e.to_string());
     let principal = match token_bytes.filter(|p| !p.is_empty()) {
         None => ctx.auth.anonymous().map_err(|e| bad(&e))?,
         Some(pw) => {
@@ -48,7 +49,7 @@ async fn authenticate(ctx: &Context, connect: &Connect) -> Result<Principal, Ref
         }
     };
     if principal.permissions.is_empty() {
-        return Err(Refused::new(
+        return Err(ConnectRejected::new(
             reason::NOT_AUTHORIZED,
             "the token's scopes allow nothing",
         ));
@@ -57,13 +58,13 @@ async fn authenticate(ctx: &Context, connect: &Connect) -> Result<Principal, Ref
 }
 
 /// The client id, and the one the CONNACK assigns when the client sent none (MQTT 5).
-fn client_id(connect: &Connect) -> Result<(String, Option<String>), Refused> {
+fn client_id(connect: &Connect) -> Result<(String, Option<String>), ConnectRejected> {
     if !connect.client_id.is_empty() {
         return Ok((connect.client_id.clone(), None));
     }
     // [MQTT-3.1.3-8]: 3.1.1 allows an empty id only with a clean session.
     if connect.version == Version::V3 && !connect.clean_start {
-        return Err(Refused::new(
+        return Err(ConnectRejected::new(
             reason::CLIENT_ID_NOT_VALID,
             "empty client id without clean session",
         ));
@@ -82,14 +83,14 @@ async fn claim(
     conn: &Connection,
     key: &str,
     subject: &str,
-) -> Result<(crate::flow::Admitted, mpsc::UnboundedReceiver<Takeover>), Refused> {
-    let control = ctx.engine.control();
-    if control.take_over(key).await
-        && !control
+) -> Result<(crate::flow::Admitted, mpsc::UnboundedReceiver<Takeover>), ConnectRejected> {
+    let sessions = ctx.engine.sessions();
+    if sessions.take_over(key).await
+        && !sessions
             .wait_released(key, ctx.config.mqtt.takeover_timeout)
             .await
     {
-        return Err(Refused::new(
+        return Err(ConnectRejected::new(
             reason::SERVER_UNAVAILABLE,
             "the live session did not let go",
         ));
@@ -99,11 +100,11 @@ async fn claim(
         .flow
         .admission
         .admit(subject)
-        .map_err(|full| Refused::new(reason::QUOTA_EXCEEDED, full.to_string()))?;
+        .map_err(|full| ConnectRejected::new(reason::QUOTA_EXCEEDED, full.to_string()))?;
     let (takeover_tx, takeovers) = mpsc::unbounded_channel();
-    control.hold(key, conn.id, takeover_tx);
+    sessions.hold(key, conn.id, takeover_tx);
     // A delayed will of this session's last connection is not published: it is back.
-    control.cancel_will(key).await;
+    sessions.cancel_will(key).await;
     Ok((admitted, takeovers))
 }
 
@@ -139,13 +140,13 @@ impl Session {
         connect: Connect,
         out: mpsc::UnboundedSender<Outbound>,
         qos0_queued: Arc<AtomicUsize>,
-    ) -> Result<(Session, Outbound), Refused> {
+    ) -> Result<(Session, Outbound), ConnectRejected> {
         let principal = authenticate(&ctx, &connect).await?;
         let (id, assigned) = client_id(&connect)?;
         let channel = conn
             .channel(&ctx.engine)
             .await
-            .map_err(|e| Refused::new(reason::SERVER_UNAVAILABLE, e.to_string()))?;
+            .map_err(|e| ConnectRejected::new(reason::SERVER_UNAVAILABLE, e.to_string()))?;
         let key = takeover_key(principal.shared_subject(), &id);
         let (admitted, takeovers) = claim(&ctx, &conn, &key, principal.shared_subject()).await?;
         let expiry = granted_expiry(&ctx, &connect);
@@ -198,7 +199,7 @@ impl Session {
             session
                 .resume()
                 .await
-                .map_err(|e| Refused::new(reason::SERVER_UNAVAILABLE, e.to_string()))?
+                .map_err(|e| ConnectRejected::new(reason::SERVER_UNAVAILABLE, e.to_string()))?
         };
         // Written now so that a session without subscriptions is present next time too.
         session.save_stored().await;

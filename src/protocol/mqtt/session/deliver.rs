@@ -46,7 +46,7 @@ impl Session {
         (used < self.client.alias_max).then_some((used + 1, true))
     }
 
-    /// Handles `d`, then the deliveries already waiting, up to [`DRAIN_BATCH`] in one turn and
+    /// Handles `d`, then the deliveries already waiting, up to `DRAIN_BATCH` in one turn and
     /// outside tokio's cooperative budget. Draining frees the engine's memory while publishing
     /// adds to it, so a subscriber must not be held to one connection's share of the scheduler:
     /// with 50 publishers flat out to one subscriber it would get 1/51 of the turns and its

@@ -77,7 +77,7 @@ impl Session {
         self.life.admitted = None;
         self.ctx
             .engine
-            .control()
+            .sessions()
             .release(&self.life.key, self.conn.id);
     }
 
@@ -128,14 +128,14 @@ impl Session {
             publish.await;
             return;
         }
-        let control = self.ctx.engine.control().clone();
+        let sessions = self.ctx.engine.sessions();
         let session = self.life.key.clone();
-        let cancelled = control.delay_will(&session);
+        let cancelled = sessions.delay_will(&session);
         tokio::spawn(async move {
             tokio::select! {
                 _ = cancelled.cancelled() => {}
                 _ = tokio::time::sleep(delay) => {
-                    control.will_done(&session);
+                    sessions.will_done(&session);
                     publish.await;
                 }
             }

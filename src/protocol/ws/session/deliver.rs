@@ -15,7 +15,7 @@ struct MessageFrame<'a> {
     properties: PropertiesJson,
 }
 
-impl Session {
+impl WsSession {
     pub(super) async fn settle(
         &mut self,
         id: &Value,
@@ -23,15 +23,15 @@ impl Session {
         tag: u64,
         multiple: bool,
         nack: Option<bool>,
-    ) -> Result<Outcome, Refusal> {
+    ) -> Result<Outcome, RequestError> {
         let Some(s) = self.subs.get_mut(sub) else {
-            return Err(Refusal::new(
+            return Err(RequestError::new(
                 Code::PreconditionFailed,
                 format!("no subscription '{sub}'"),
             ));
         };
         if s.mode != Mode::Manual {
-            return Err(Refusal::new(
+            return Err(RequestError::new(
                 Code::PreconditionFailed,
                 format!("subscription '{sub}' acknowledges automatically"),
             ));
@@ -44,7 +44,7 @@ impl Session {
             Vec::new()
         };
         if tags.is_empty() {
-            return Err(Refusal::new(
+            return Err(RequestError::new(
                 Code::PreconditionFailed,
                 format!("unknown delivery tag {tag} on '{sub}'"),
             ));

@@ -2,12 +2,12 @@
 
 use super::*;
 
-impl Session {
+impl WsSession {
     pub(super) async fn publish(
         &mut self,
         id: &Value,
         p: frames::Publish,
-    ) -> Result<Outcome, Refusal> {
+    ) -> Result<Outcome, RequestError> {
         let exchange = if p.exchange.is_empty() {
             DEFAULT_EXCHANGE_ALIAS.to_owned()
         } else {
@@ -18,7 +18,7 @@ impl Session {
         let (body, is_json) = json::body_in(&p.body, p.encoding)?;
         let max = self.ctx.config.limits.max_message_bytes.as_u64() as usize;
         if body.len() > max {
-            return Err(Refusal::new(
+            return Err(RequestError::new(
                 Code::TooLarge,
                 format!(
                     "the message body is {} bytes, the limit is {max}",
@@ -42,14 +42,14 @@ impl Session {
             .publish(&*self.channel, Message { properties, body }, options)
             .await
             .map_err(|e| {
-                let mut r = Refusal::from(e);
+                let mut r = RequestError::from(e);
                 if matches!(r.code, Code::Overloaded | Code::Unavailable) {
                     r.retry_after_ms = Some(1000);
                 }
                 r
             })?;
         if p.mandatory && !outcome.routed {
-            return Err(Refusal::new(
+            return Err(RequestError::new(
                 Code::Unroutable,
                 "no queue is bound to receive this message",
             ));

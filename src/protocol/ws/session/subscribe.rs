@@ -11,15 +11,15 @@ fn valid_durable_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-impl Session {
+impl WsSession {
     pub(super) async fn subscribe(
         &mut self,
         id: &Value,
         s: frames::Subscribe,
-    ) -> Result<Outcome, Refusal> {
+    ) -> Result<Outcome, RequestError> {
         let limits = &self.ctx.config.limits;
         if self.subs.len() >= limits.max_subscriptions {
-            return Err(Refusal::new(
+            return Err(RequestError::new(
                 Code::PreconditionFailed,
                 format!(
                     "at most {} subscriptions per connection (limits.max_subscriptions)",
@@ -30,7 +30,7 @@ impl Session {
         let max_prefetch = u32::from(self.ctx.config.ws.max_prefetch);
         let prefetch = s.prefetch.unwrap_or(DEFAULT_PREFETCH);
         if !(1..=max_prefetch).contains(&prefetch) {
-            return Err(Refusal::new(
+            return Err(RequestError::new(
                 Code::BadRequest,
                 format!("prefetch must be between 1 and {max_prefetch}"),
             ));
@@ -68,7 +68,7 @@ impl Session {
         if let Target::Durable { queue, .. } = &target {
             self.ctx
                 .engine
-                .control()
+                .sessions()
                 .hold(queue, self.conn.id, self.takeover_tx.clone());
         }
         // `subscribed` is queued before the consumer is polled: it precedes every message.
@@ -88,23 +88,23 @@ impl Session {
 
     /// What a subscribe names, checked against the scopes, with its queue declared (and bound)
     /// when it is the connection's own; the delivery mode; whether its consumer is exclusive.
-    async fn target(&self, s: &frames::Subscribe) -> Result<(Target, Mode, bool), Refusal> {
+    async fn target(&self, s: &frames::Subscribe) -> Result<(Target, Mode, bool), RequestError> {
         let manual = s.ack.unwrap_or(AckKind::Auto) == AckKind::Manual;
         let arguments = match &s.arguments {
             None => FieldTable::new(),
             Some(map) => table_from_json(&Value::Object(map.clone()))
-                .map_err(|e| Refusal::new(Code::BadRequest, format!("arguments: {e}")))?,
+                .map_err(|e| RequestError::new(Code::BadRequest, format!("arguments: {e}")))?,
         };
         let (exchange, durable) = match (&s.exchange, &s.queue, &s.durable) {
             (Some(_), Some(_), _) => {
-                return Err(Refusal::new(
+                return Err(RequestError::new(
                     Code::BadRequest,
                     "give an exchange (with binding_key) or a queue, not both",
                 ));
             }
             (None, Some(queue), None) => {
                 if !self.principal.permissions.can_consume(queue) {
-                    return Err(Refusal::new(
+                    return Err(RequestError::new(
                         Code::Forbidden,
                         format!("no consume permission on queue '{queue}'"),
                     ));
@@ -114,7 +114,7 @@ impl Session {
                 return Ok((Target::Named { queue }, mode, false));
             }
             (None, _, _) => {
-                return Err(Refusal::new(
+                return Err(RequestError::new(
                     Code::BadRequest,
                     "subscribe needs an exchange (with binding_key) or a queue",
                 ));
@@ -125,13 +125,13 @@ impl Session {
         validate_key(&binding_key)?;
         let exchange = canonical_exchange(exchange).to_owned();
         if exchange.is_empty() {
-            return Err(Refusal::new(
+            return Err(RequestError::new(
                 Code::BadRequest,
                 "the default exchange routes by queue name: subscribe to the queue instead",
             ));
         }
         if !self.principal.permissions.can_read(&exchange, &binding_key) {
-            return Err(Refusal::new(
+            return Err(RequestError::new(
                 Code::Forbidden,
                 format!("no read permission on '{exchange}' with binding key '{binding_key}'"),
             ));
@@ -177,7 +177,7 @@ impl Session {
         exchange: &str,
         key: &str,
         arguments: &FieldTable,
-    ) -> Result<String, Refusal> {
+    ) -> Result<String, RequestError> {
         let spec = QueueSpec {
             durable: false,
             exclusive: true,
@@ -205,22 +205,22 @@ impl Session {
         exchange: &str,
         key: &str,
         arguments: &FieldTable,
-    ) -> Result<String, Refusal> {
+    ) -> Result<String, RequestError> {
         if self.principal.anonymous {
-            return Err(Refusal::new(
+            return Err(RequestError::new(
                 Code::Forbidden,
                 "durable subscriptions need a token",
             ));
         }
         if !valid_durable_name(name) {
-            return Err(Refusal::new(
+            return Err(RequestError::new(
                 Code::BadRequest,
                 "durable must be 1–64 characters of [A-Za-z0-9_-]",
             ));
         }
         let queue = format!("ws-{}.{name}", encode_subject(&self.principal.subject));
         if queue.len() > 255 {
-            return Err(Refusal::new(
+            return Err(RequestError::new(
                 Code::BadRequest,
                 "the subject is too long for a durable subscription name",
             ));
@@ -247,7 +247,7 @@ impl Session {
             arguments: args,
         };
         let other = || {
-            Refusal::new(
+            RequestError::new(
                 Code::PreconditionFailed,
                 format!(
                     "durable subscription '{name}' exists with another exchange, binding key or arguments"
@@ -284,14 +284,14 @@ impl Session {
         };
         // The holder is asked to let go until one answers to it.
         let asked = &std::sync::atomic::AtomicBool::new(false);
-        let control = &self.ctx.engine.control();
-        crate::engine::control::fenced(
+        let sessions = &self.ctx.engine.sessions();
+        crate::engine::sessions::fenced(
             TAKEOVER_TIMEOUT,
             || self.channel.consume(queue, options.clone()),
             || async move {
                 use std::sync::atomic::Ordering::Relaxed;
                 if !asked.load(Relaxed) {
-                    asked.store(control.take_over(queue).await, Relaxed);
+                    asked.store(sessions.take_over(queue).await, Relaxed);
                 }
             },
         )
@@ -303,9 +303,9 @@ impl Session {
         id: &Value,
         sub: &str,
         delete: bool,
-    ) -> Result<Outcome, Refusal> {
+    ) -> Result<Outcome, RequestError> {
         let Some((key, _)) = self.subs.get_key_value(sub) else {
-            return Err(Refusal::new(
+            return Err(RequestError::new(
                 Code::PreconditionFailed,
                 format!("no subscription '{sub}'"),
             ));
@@ -334,7 +334,7 @@ impl Session {
                     .await;
             }
             Target::Durable { queue, .. } => {
-                self.ctx.engine.control().release(queue, self.conn.id);
+                self.ctx.engine.sessions().release(queue, self.conn.id);
                 if delete_durable {
                     let _ = self
                         .channel

@@ -1,4 +1,4 @@
-//! Cross-connection control behind the engine (DESIGN.md §1, §3): who holds an exclusive
+//! The session registry behind the engine (DESIGN.md §1, §3): who holds an exclusive
 //! consumer that another connection of the same owner may take over (MQTT sessions, durable
 //! WebSocket subscriptions), and delayed MQTT wills cancelled when their session returns
 //! first. State every instance must share, so it lives behind the engine, never in an adapter:
@@ -52,7 +52,7 @@ pub struct Takeover {
 }
 
 #[async_trait]
-pub trait Control: Send + Sync {
+pub trait SessionRegistry: Send + Sync {
     /// Registers `holder` (a connection id) under `key`; `signal` receives a [`Takeover`] when
     /// another connection asks for it.
     fn hold(&self, key: &str, holder: u64, signal: mpsc::UnboundedSender<Takeover>);

@@ -62,7 +62,7 @@ struct State {
     close_frame: Option<(u16, &'static str)>,
 }
 
-pub struct Outbound {
+pub struct SendQueue {
     limits: Limits,
     state: Mutex<State>,
     ready: Notify,
@@ -77,9 +77,9 @@ pub enum Next {
     Closed(Option<(u16, &'static str)>),
 }
 
-impl Outbound {
+impl SendQueue {
     pub fn new(limits: Limits) -> Self {
-        Outbound {
+        SendQueue {
             limits,
             state: Mutex::new(State::default()),
             ready: Notify::new(),
@@ -199,7 +199,7 @@ impl Outbound {
 mod tests {
     use super::*;
 
-    fn texts(out: &Outbound) -> Vec<String> {
+    fn texts(out: &SendQueue) -> Vec<String> {
         out.state
             .lock()
             .frames
@@ -210,7 +210,7 @@ mod tests {
 
     #[test]
     fn drop_oldest_keeps_the_newest_within_bounds() {
-        let out = Outbound::new(Limits {
+        let out = SendQueue::new(Limits {
             messages: 3,
             bytes: 1 << 20,
         });
@@ -230,7 +230,7 @@ mod tests {
 
     #[test]
     fn bytes_bound_too() {
-        let out = Outbound::new(Limits {
+        let out = SendQueue::new(Limits {
             messages: 100,
             bytes: 10,
         });
@@ -245,7 +245,7 @@ mod tests {
 
     #[test]
     fn disconnect_policy_refuses() {
-        let out = Outbound::new(Limits {
+        let out = SendQueue::new(Limits {
             messages: 1,
             bytes: 100,
         });

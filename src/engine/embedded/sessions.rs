@@ -1,4 +1,4 @@
-//! The embedded engine's control registry (`engine::control`): in-process, a map from key to
+//! The embedded engine's session registry (`engine::sessions`): in-process, a map from key to
 //! the holder's takeover signal, and the pending delayed wills.
 
 use async_trait::async_trait;
@@ -6,10 +6,10 @@ use dashmap::DashMap;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::control::{Control, Takeover};
+use crate::engine::sessions::{SessionRegistry, Takeover};
 
 #[derive(Default)]
-pub struct LocalControl {
+pub struct LocalSessions {
     holders: DashMap<String, (u64, mpsc::UnboundedSender<Takeover>)>,
     /// Delayed wills (MQTT 5), cancelled when their session connects again.
     wills: DashMap<String, CancellationToken>,
@@ -18,7 +18,7 @@ pub struct LocalControl {
 }
 
 #[async_trait]
-impl Control for LocalControl {
+impl SessionRegistry for LocalSessions {
     fn hold(&self, key: &str, holder: u64, signal: mpsc::UnboundedSender<Takeover>) {
         self.holders.insert(key.to_owned(), (holder, signal));
     }
