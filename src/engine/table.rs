@@ -3,6 +3,8 @@
 //! `{"$bytes":"<base64>"}` → `x`. The reverse maps back; a timestamp becomes integer seconds and
 //! a decimal a string.
 
+pub mod wire;
+
 use std::collections::BTreeMap;
 
 use base64::Engine as _;
