@@ -1,9 +1,13 @@
 //! Where the embedded engine keeps durable state. Routing and queues call the [`Store`] trait
-//! and never know what is behind it: [`MemoryStore`] (nothing survives a restart) today, a disk
-//! store (fjall, group commit) when durability lands — without touching routing.
+//! and never know what is behind it: [`MemoryStore`] (nothing survives a restart) or
+//! [`disk::DiskStore`] (fjall in `engine.data_dir`).
 //!
 //! Called for durable exchanges, durable non-exclusive queues, and bindings between durable
-//! ones. Messages are not yet written: see `docs/engine.md`.
+//! ones. Messages are not yet written, and the engine does not yet open the disk store: see
+//! `docs/engine.md` ("Durability").
+
+pub mod disk;
+mod record;
 
 use crate::engine::{BindingInfo, EngineError, ExchangeSpec, QueueSpec};
 

@@ -1,0 +1,284 @@
+//! The store on disk, in `engine.data_dir`: fjall (an LSM tree with a journal) behind the
+//! [`Store`] trait. The directory holds a `FORMAT` marker — a directory written by another
+//! format is refused with a clear message rather than misread — and a `LOCK` held while the
+//! gateway runs, so a second gateway on the same directory refuses to start.
+//!
+//! Topology writes are rare and small: each is persisted (`fsync`) before it returns unless
+//! `engine.fsync = "never"`. Messages, with group commit, are the next step (issue 13).
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+
+use super::{Snapshot, Store, StoreError, record};
+use crate::config::Fsync;
+use crate::engine::{BindingInfo, ExchangeSpec, QueueSpec};
+
+/// What `FORMAT` says for this version of the store.
+const FORMAT: &str = "amqp-gateway store 1\n";
+
+fn io(what: &str, path: &Path, e: impl std::fmt::Display) -> StoreError {
+    StoreError(format!("{what} {}: {e}", path.display()))
+}
+
+fn db(e: fjall::Error) -> StoreError {
+    StoreError(format!("storage engine: {e}"))
+}
+
+pub struct DiskStore {
+    db: Database,
+    exchanges: Keyspace,
+    queues: Keyspace,
+    bindings: Keyspace,
+    fsync: Fsync,
+    /// Held (locked) for as long as the store is open.
+    _lock: File,
+}
+
+impl std::fmt::Debug for DiskStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskStore").finish_non_exhaustive()
+    }
+}
+
+impl DiskStore {
+    /// Opens (creating when empty) the store in `dir`.
+    pub fn open(dir: &Path, fsync: Fsync) -> Result<DiskStore, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| io("cannot create", dir, e))?;
+        let lock = lock(dir)?;
+        check_format(dir)?;
+        let db = Database::builder(dir.join("store")).open().map_err(db)?;
+        let keyspace = |name: &str| {
+            db.keyspace(name, KeyspaceCreateOptions::default)
+                .map_err(self::db)
+        };
+        Ok(DiskStore {
+            exchanges: keyspace("exchanges")?,
+            queues: keyspace("queues")?,
+            bindings: keyspace("bindings")?,
+            db,
+            fsync,
+            _lock: lock,
+        })
+    }
+
+    fn persist(&self) -> Result<(), StoreError> {
+        match self.fsync {
+            Fsync::Never => Ok(()),
+            Fsync::Batch | Fsync::Always => self.db.persist(PersistMode::SyncAll).map_err(db),
+        }
+    }
+}
+
+/// Takes the directory's lock, or says who cannot have it.
+fn lock(dir: &Path) -> Result<File, StoreError> {
+    let path = dir.join("LOCK");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io("cannot open", &path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError(format!(
+            "data directory {} is in use by another gateway (engine.data_dir must differ per \
+             instance)",
+            dir.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(io("cannot lock", &path, e)),
+    }
+}
+
+/// Writes `FORMAT` into a new directory; refuses one written by another format.
+fn check_format(dir: &Path) -> Result<(), StoreError> {
+    let path: PathBuf = dir.join("FORMAT");
+    match File::open(&path) {
+        Ok(mut f) => {
+            let mut found = String::new();
+            f.read_to_string(&mut found)
+                .map_err(|e| io("cannot read", &path, e))?;
+            if found != FORMAT {
+                return Err(StoreError(format!(
+                    "data directory {} holds '{}', this gateway reads '{}': use the gateway \
+                     that wrote it, or another engine.data_dir",
+                    dir.display(),
+                    found.trim(),
+                    FORMAT.trim()
+                )));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if dir.join("store").exists() {
+                return Err(StoreError(format!(
+                    "data directory {} has a store but no FORMAT marker: refusing to guess",
+                    dir.display()
+                )));
+            }
+            let mut f = File::create(&path).map_err(|e| io("cannot create", &path, e))?;
+            f.write_all(FORMAT.as_bytes())
+                .and_then(|()| f.sync_all())
+                .map_err(|e| io("cannot write", &path, e))
+        }
+        Err(e) => Err(io("cannot open", &path, e)),
+    }
+}
+
+impl Store for DiskStore {
+    fn put_exchange(&self, name: &str, spec: &ExchangeSpec) -> Result<(), StoreError> {
+        self.exchanges
+            .insert(name, record::exchange(spec)?)
+            .map_err(db)?;
+        self.persist()
+    }
+
+    /// The exchange and every binding from it.
+    fn delete_exchange(&self, name: &str) -> Result<(), StoreError> {
+        let mut batch = self.db.batch();
+        batch.remove(&self.exchanges, name);
+        for item in self.bindings.iter() {
+            let key = item.key().map_err(db)?;
+            if record::binding_from(&key)?.exchange == name {
+                batch.remove(&self.bindings, key);
+            }
+        }
+        batch.commit().map_err(db)?;
+        self.persist()
+    }
+
+    fn put_queue(&self, name: &str, spec: &QueueSpec) -> Result<(), StoreError> {
+        self.queues.insert(name, record::queue(spec)?).map_err(db)?;
+        self.persist()
+    }
+
+    /// The queue and every binding to it.
+    fn delete_queue(&self, name: &str) -> Result<(), StoreError> {
+        let mut batch = self.db.batch();
+        batch.remove(&self.queues, name);
+        for item in self.bindings.prefix(record::bindings_of(name)?) {
+            batch.remove(&self.bindings, item.key().map_err(db)?);
+        }
+        batch.commit().map_err(db)?;
+        self.persist()
+    }
+
+    fn put_binding(&self, binding: &BindingInfo) -> Result<(), StoreError> {
+        self.bindings
+            .insert(record::binding_key(binding)?, [])
+            .map_err(db)?;
+        self.persist()
+    }
+
+    fn delete_binding(&self, binding: &BindingInfo) -> Result<(), StoreError> {
+        self.bindings
+            .remove(record::binding_key(binding)?)
+            .map_err(db)?;
+        self.persist()
+    }
+
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        let mut snapshot = Snapshot::default();
+        for item in self.exchanges.iter() {
+            let (k, v) = item.into_inner().map_err(db)?;
+            snapshot
+                .exchanges
+                .push((utf8(&k, "exchange")?, record::exchange_from(&v)?));
+        }
+        for item in self.queues.iter() {
+            let (k, v) = item.into_inner().map_err(db)?;
+            snapshot
+                .queues
+                .push((utf8(&k, "queue")?, record::queue_from(&v)?));
+        }
+        for item in self.bindings.iter() {
+            snapshot
+                .bindings
+                .push(record::binding_from(&item.key().map_err(db)?)?);
+        }
+        Ok(snapshot)
+    }
+}
+
+fn utf8(bytes: &[u8], what: &str) -> Result<String, StoreError> {
+    String::from_utf8(bytes.to_vec())
+        .map_err(|e| StoreError(format!("a stored {what} name is not UTF-8: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{ExchangeKind, FieldValue};
+
+    fn binding(queue: &str, exchange: &str, key: &str) -> BindingInfo {
+        BindingInfo {
+            exchange: exchange.into(),
+            queue: queue.into(),
+            routing_key: key.into(),
+            arguments: Default::default(),
+        }
+    }
+
+    #[test]
+    fn topology_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = crate::engine::FieldTable::new();
+        args.insert("x-message-ttl".into(), FieldValue::I32(1000));
+        let q = QueueSpec {
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+            arguments: args,
+        };
+        {
+            let store = DiskStore::open(dir.path(), Fsync::Always).unwrap();
+            store
+                .put_exchange("ex", &ExchangeSpec::new(ExchangeKind::Topic))
+                .unwrap();
+            store
+                .put_exchange("gone", &ExchangeSpec::new(ExchangeKind::Fanout))
+                .unwrap();
+            store.put_queue("q1", &q).unwrap();
+            store.put_queue("q2", &q).unwrap();
+            store.put_binding(&binding("q1", "ex", "a.#")).unwrap();
+            store.put_binding(&binding("q1", "ex", "a.#")).unwrap();
+            store.put_binding(&binding("q2", "ex", "b")).unwrap();
+            store.put_binding(&binding("q1", "gone", "")).unwrap();
+            store.put_binding(&binding("q2", "amq.topic", "c")).unwrap();
+            store.delete_exchange("gone").unwrap();
+            store.delete_queue("q2").unwrap();
+        }
+        let store = DiskStore::open(dir.path(), Fsync::Always).unwrap();
+        let s = store.load().unwrap();
+        assert_eq!(
+            s.exchanges,
+            [("ex".to_owned(), ExchangeSpec::new(ExchangeKind::Topic))]
+        );
+        assert_eq!(s.queues, [("q1".to_owned(), q)]);
+        assert_eq!(
+            s.bindings,
+            [binding("q1", "ex", "a.#")],
+            "one binding, none of a deleted exchange or queue"
+        );
+    }
+
+    #[test]
+    fn one_gateway_per_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = DiskStore::open(dir.path(), Fsync::Never).unwrap();
+        let second = DiskStore::open(dir.path(), Fsync::Never).unwrap_err();
+        assert!(second.0.contains("in use by another gateway"), "{second}");
+        drop(first);
+        assert!(DiskStore::open(dir.path(), Fsync::Never).is_ok());
+    }
+
+    #[test]
+    fn another_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("FORMAT"), "amqp-gateway store 99\n").unwrap();
+        let e = DiskStore::open(dir.path(), Fsync::Never).unwrap_err();
+        assert!(e.0.contains("store 99"), "{e}");
+    }
+}
