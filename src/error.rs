@@ -18,6 +18,9 @@ pub enum StartError {
     },
     #[error("engine: {0}")]
     Engine(#[from] EngineError),
+    /// The embedded engine's data directory cannot be used (in use, another format, unreadable).
+    #[error("{0}")]
+    Store(String),
     #[error("{0}")]
     Unsupported(String),
     #[error("token keys: {0}")]

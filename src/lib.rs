@@ -43,6 +43,7 @@ use tokio::task::JoinHandle;
 pub use crate::config::Config;
 use crate::config::EngineKindConfig;
 use crate::engine::Engine;
+use crate::engine::embedded::store::disk::DiskStore;
 use crate::engine::embedded::{EmbeddedEngine, EmbeddedOptions};
 pub use crate::error::StartError;
 use crate::shutdown::Shutdown;
@@ -115,7 +116,12 @@ async fn build_engine(config: &Config) -> Result<Arc<dyn Engine>, StartError> {
                      as a percentage is not enforced (give a size instead)"
                 ),
             }
-            Ok(Arc::new(EmbeddedEngine::new(EmbeddedOptions {
+            let dir = &config.engine.data_dir;
+            let store = DiskStore::open(dir, config.engine.fsync)
+                .map_err(|e| StartError::Store(e.to_string()))?;
+            tracing::info!(data_dir = %dir.display(), "durable topology kept on disk");
+            Ok(Arc::new(EmbeddedEngine::open(EmbeddedOptions {
+                store: Arc::new(store),
                 max_message_bytes: config.limits.max_message_bytes.as_u64() as usize,
                 memory_high_watermark: watermark,
                 retained_bytes: config
@@ -123,8 +129,7 @@ async fn build_engine(config: &Config) -> Result<Arc<dyn Engine>, StartError> {
                     .retained_stream_bytes
                     .as_u64()
                     .min(usize::MAX as u64) as usize,
-                ..EmbeddedOptions::default()
-            })))
+            })?))
         }
         EngineKindConfig::Upstream => Err(StartError::Unsupported(
             "engine.kind = \"upstream\" is not available in this version; use \"embedded\"".into(),

@@ -17,6 +17,8 @@ fn test_config() -> Config {
     c.mqtt.listen = "127.0.0.1:0".parse().unwrap();
     c.auth.hs256_secret = Some("service-test-secret-0123456789".into());
     c.shutdown_timeout = Duration::from_secs(2);
+    // One gateway per data directory (the store's lock).
+    c.engine.data_dir = tempfile::tempdir().unwrap().keep();
     c
 }
 
@@ -104,6 +106,7 @@ async fn upstream_engine_is_refused_until_it_exists() {
 /// SIGTERM after logging that it stopped.
 #[tokio::test]
 async fn the_binary_runs_and_exits_cleanly_on_sigterm() {
+    let data = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_amqp-gateway"))
         .args([
             "--http-listen",
@@ -111,6 +114,8 @@ async fn the_binary_runs_and_exits_cleanly_on_sigterm() {
             "--metrics-listen",
             "127.0.0.1:0",
         ])
+        .arg("--data-dir")
+        .arg(data.path())
         .args(["--log-format", "json", "--log-level", "info"])
         .env(
             "GATEWAY_AUTH__HS256_SECRET",

@@ -86,6 +86,23 @@ impl EmbeddedEngine {
         }
     }
 
+    /// The engine with the durable topology its store holds declared again (exchanges,
+    /// queues, bindings; messages are not stored yet). Inside a tokio runtime.
+    pub fn open(options: EmbeddedOptions) -> Result<Self, EngineError> {
+        let snapshot = options.store.load()?;
+        let (exchanges, queues, bindings) = (
+            snapshot.exchanges.len(),
+            snapshot.queues.len(),
+            snapshot.bindings.len(),
+        );
+        let engine = EmbeddedEngine::new(options);
+        engine.broker.restore(snapshot)?;
+        if exchanges + queues + bindings > 0 {
+            tracing::info!(exchanges, queues, bindings, "durable topology restored");
+        }
+        Ok(engine)
+    }
+
     /// Must be called inside a tokio runtime (TTL and expiry timers run on it).
     pub fn new(options: EmbeddedOptions) -> Self {
         EmbeddedEngine {

@@ -7,7 +7,7 @@
 //! data path never takes.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -25,7 +25,7 @@ use self::equivalence::{
 use super::exchange::{Exchange, Targets};
 use super::held::{Held, Stored};
 use super::queue::{DeadLetter, Effects, Enqueued, Gauges, Queue, QueueArgs, death_entry};
-use super::store::Store;
+use super::store::{Snapshot, Store};
 use crate::engine::names::{self, canonical_exchange};
 use crate::engine::{
     BindingInfo, Declared, EngineError, Envelope, ExchangeInfo, ExchangeKind, ExchangeSpec,
@@ -55,6 +55,8 @@ pub(super) struct Broker {
     owners: Mutex<HashMap<u64, Owned>>,
     /// Cancelled at shutdown: the expiry tasks stop.
     stop: CancellationToken,
+    /// Set while [`Broker::restore`] replays the store.
+    restoring: AtomicBool,
 }
 
 impl Broker {
@@ -77,6 +79,7 @@ impl Broker {
             channels: Mutex::new(HashMap::new()),
             owners: Mutex::new(HashMap::new()),
             stop: CancellationToken::new(),
+            restoring: AtomicBool::new(false),
         });
         for (name, kind) in [
             ("amq.direct", ExchangeKind::Direct),
@@ -92,6 +95,35 @@ impl Broker {
             );
         }
         broker
+    }
+
+    /// Where durable topology is written; `None` while [`Broker::restore`] replays it.
+    fn store(&self) -> Option<&dyn Store> {
+        (!self.restoring.load(Ordering::Acquire)).then_some(&*self.store)
+    }
+
+    /// Declares and binds again what the store holds (without writing it back). Called once,
+    /// before any channel opens. Bindings to objects that did not come back are skipped.
+    pub fn restore(&self, snapshot: Snapshot) -> Result<(), EngineError> {
+        self.restoring.store(true, Ordering::Release);
+        let restored = self.replay(&snapshot);
+        self.restoring.store(false, Ordering::Release);
+        restored
+    }
+
+    fn replay(&self, snapshot: &Snapshot) -> Result<(), EngineError> {
+        for (name, spec) in &snapshot.exchanges {
+            self.declare_exchange(name, spec)?;
+        }
+        for (name, spec) in &snapshot.queues {
+            self.declare_queue(0, name, spec)?;
+        }
+        for b in &snapshot.bindings {
+            if let Err(e) = self.bind(0, &b.queue, &b.exchange, &b.routing_key, &b.arguments) {
+                tracing::warn!(queue = %b.queue, exchange = %b.exchange, error = %e, "stored binding not restored");
+            }
+        }
+        Ok(())
     }
 
     pub fn next_id(&self) -> u64 {
@@ -256,8 +288,10 @@ impl Broker {
                 "exchange name '{name}' uses the reserved prefix 'amq.'"
             )));
         }
-        if spec.durable {
-            self.store.put_exchange(name, spec)?;
+        if spec.durable
+            && let Some(store) = self.store()
+        {
+            store.put_exchange(name, spec)?;
         }
         let name: Arc<str> = name.into();
         self.exchanges
@@ -299,9 +333,12 @@ impl Broker {
                 });
             }
         }
-        if exchange.spec.durable {
-            // Store failures after the fact are logged by the store; the in-memory state wins.
-            let _ = self.store.delete_exchange(&exchange.name);
+        if exchange.spec.durable
+            && let Some(store) = self.store()
+            && let Err(e) = store.delete_exchange(&exchange.name)
+        {
+            // Gone from memory already: it would come back at the next start.
+            tracing::error!(exchange = %exchange.name, error = %e, "deleted exchange still in the store");
         }
     }
 
@@ -385,15 +422,19 @@ impl Broker {
                     None,
                 ));
             }
-            if names::is_reserved(name) {
+            // A stored server-named queue (`amq.gen-…`) comes back under its own name.
+            if names::is_reserved(name) && self.store().is_some() {
                 return Err(EngineError::AccessRefused(format!(
                     "queue name '{name}' uses the reserved prefix 'amq.'"
                 )));
             }
             name.to_owned()
         };
-        if spec.durable && !spec.exclusive {
-            self.store.put_queue(&name, spec)?;
+        if spec.durable
+            && !spec.exclusive
+            && let Some(store) = self.store()
+        {
+            store.put_queue(&name, spec)?;
         }
         let name: Arc<str> = name.into();
         let exclusive_to = spec.exclusive.then_some(owner);
@@ -453,8 +494,11 @@ impl Broker {
                 }
             }
         }
-        if queue.is_durable() {
-            let _ = self.store.delete_queue(&queue.name);
+        if queue.is_durable()
+            && let Some(store) = self.store()
+            && let Err(e) = store.delete_queue(&queue.name)
+        {
+            tracing::error!(queue = %queue.name, error = %e, "deleted queue still in the store");
         }
         queue.delete()
     }
@@ -501,9 +545,11 @@ impl Broker {
             q.bindings
                 .lock()
                 .push((ex.name.clone(), key.into(), arguments.clone()));
-            if ex.spec.durable && q.is_durable() {
-                self.store
-                    .put_binding(&binding_info(&ex.name, &q.name, key, arguments))?;
+            if ex.spec.durable
+                && q.is_durable()
+                && let Some(store) = self.store()
+            {
+                store.put_binding(&binding_info(&ex.name, &q.name, key, arguments))?;
             }
         }
         Ok(())
@@ -530,10 +576,13 @@ impl Broker {
             q.bindings
                 .lock()
                 .retain(|(e, k, a)| !(e == &ex.name && &**k == key && a == arguments));
-            if ex.spec.durable && q.is_durable() {
-                let _ = self
-                    .store
-                    .delete_binding(&binding_info(&ex.name, &q.name, key, arguments));
+            if ex.spec.durable
+                && q.is_durable()
+                && let Some(store) = self.store()
+                && let Err(e) =
+                    store.delete_binding(&binding_info(&ex.name, &q.name, key, arguments))
+            {
+                tracing::error!(queue = %q.name, exchange = %ex.name, error = %e, "removed binding still in the store");
             }
             if ex.spec.auto_delete && ex.binding_count() == 0 {
                 self.drop_exchange(&ex);
