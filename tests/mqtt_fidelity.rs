@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use common::mqtt_bytes::{connect_ka, remaining_length};
+use common::mqtt_wire::{End, Io, Transport};
 use common::{TestGateway, WAIT, admin, start_gateway, token, unique};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{
     ConnAck, Connect, ConnectProperties, Disconnect, DisconnectProperties, DisconnectReasonCode,
@@ -23,33 +24,8 @@ use rumqttc::v5::mqttbytes::v5::{
     Subscribe,
 };
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Transport {
-    Tcp,
-    Ws,
-}
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-enum Io {
-    Tcp(TcpStream),
-    Ws(Box<Ws>),
-}
-
-/// How a connection ended, as the client saw it.
-#[derive(Debug, PartialEq, Eq)]
-enum End {
-    /// TCP end of stream, or a WebSocket Close frame: everything sent before it was read.
-    Clean,
-    /// A reset or another error: what was sent before it may be lost.
-    Error(String),
-}
 
 /// One MQTT connection on a raw socket, TCP or WebSocket.
 struct Wire {
@@ -58,39 +34,15 @@ struct Wire {
 }
 
 async fn open(gw: &TestGateway, t: Transport) -> Wire {
-    let io = match t {
-        Transport::Tcp => Io::Tcp(
-            TcpStream::connect(gw.gateway.addrs().mqtt)
-                .await
-                .expect("MQTT TCP connect"),
-        ),
-        Transport::Ws => {
-            let mut req = format!("ws://{}/mqtt", gw.gateway.addrs().http)
-                .into_client_request()
-                .unwrap();
-            req.headers_mut()
-                .insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
-            let (ws, _) = tokio_tungstenite::connect_async(req)
-                .await
-                .expect("MQTT WebSocket connect");
-            Io::Ws(Box::new(ws))
-        }
-    };
     Wire {
-        io,
+        io: Io::open(gw, t).await,
         buf: BytesMut::new(),
     }
 }
 
 impl Wire {
     async fn send_raw(&mut self, bytes: &[u8]) {
-        match &mut self.io {
-            Io::Tcp(s) => s.write_all(bytes).await.expect("write"),
-            Io::Ws(ws) => ws
-                .send(WsMessage::Binary(bytes.to_vec().into()))
-                .await
-                .expect("send frame"),
-        }
+        self.io.send_raw(bytes).await;
     }
 
     async fn send(&mut self, p: Packet) {
@@ -101,24 +53,7 @@ impl Wire {
 
     /// More bytes from the gateway; `Err` when the connection ended.
     async fn fill(&mut self) -> Result<(), End> {
-        match &mut self.io {
-            Io::Tcp(s) => match s.read_buf(&mut self.buf).await {
-                Ok(0) => Err(End::Clean),
-                Ok(_) => Ok(()),
-                Err(e) => Err(End::Error(e.to_string())),
-            },
-            Io::Ws(ws) => loop {
-                match ws.next().await {
-                    Some(Ok(WsMessage::Binary(b))) => {
-                        self.buf.extend_from_slice(&b);
-                        return Ok(());
-                    }
-                    Some(Ok(WsMessage::Close(_))) | None => return Err(End::Clean),
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => return Err(End::Error(e.to_string())),
-                }
-            },
-        }
+        self.io.fill(&mut self.buf).await
     }
 
     /// The next packet and its encoded size, or how the connection ended.

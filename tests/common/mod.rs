@@ -8,6 +8,7 @@ use amqp_gateway::engine::{Consumer, Delivery};
 
 pub mod held_confirms;
 pub mod mqtt_bytes;
+pub mod mqtt_wire;
 pub mod ws;
 
 /// Every wait in the tests is bounded by this.
