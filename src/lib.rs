@@ -117,7 +117,7 @@ async fn build_engine(config: &Config) -> Result<Arc<dyn Engine>, StartError> {
                 ),
             }
             let dir = &config.engine.data_dir;
-            let store = DiskStore::open(dir, config.engine.fsync)
+            let store = DiskStore::open(dir, config.engine.fsync, config.engine.fsync_max_delay)
                 .map_err(|e| StartError::Store(e.to_string()))?;
             tracing::info!(data_dir = %dir.display(), "durable topology kept on disk");
             Ok(Arc::new(EmbeddedEngine::open(EmbeddedOptions {

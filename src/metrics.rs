@@ -22,6 +22,7 @@ pub const QUEUES: &str = "gateway_queues";
 pub const HELD_BYTES: &str = "gateway_engine_held_bytes";
 pub const DROPPED: &str = "gateway_engine_dropped_total";
 pub const PUBLISH_BLOCKED: &str = "gateway_publish_blocked";
+pub const STORE_COMMITS: &str = "gateway_store_commits_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -75,6 +76,10 @@ fn describe() {
     metrics::describe_counter!(
         DROPPED,
         "Messages a queue dropped with nowhere to dead-letter them, by reason (maxlen, expired, rejected)"
+    );
+    metrics::describe_counter!(
+        STORE_COMMITS,
+        "Group commits of the embedded engine's store (each one batch and one fsync)"
     );
     metrics::describe_gauge!(
         PUBLISH_BLOCKED,

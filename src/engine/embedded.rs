@@ -86,10 +86,13 @@ impl EmbeddedEngine {
         }
     }
 
-    /// The engine with the durable topology its store holds declared again (exchanges,
-    /// queues, bindings; messages are not stored yet). Inside a tokio runtime.
+    /// The engine with the durable state its store holds taken back: topology (exchanges,
+    /// queues, bindings) declared again, retained messages (queued messages are not stored
+    /// yet). Inside a tokio runtime.
     pub fn open(options: EmbeddedOptions) -> Result<Self, EngineError> {
         let snapshot = options.store.load()?;
+        let retained = options.store.load_retained()?;
+        let kept = retained.len();
         let (exchanges, queues, bindings) = (
             snapshot.exchanges.len(),
             snapshot.queues.len(),
@@ -97,8 +100,15 @@ impl EmbeddedEngine {
         );
         let engine = EmbeddedEngine::new(options);
         engine.broker.restore(snapshot)?;
-        if exchanges + queues + bindings > 0 {
-            tracing::info!(exchanges, queues, bindings, "durable topology restored");
+        engine.retained.restore(retained);
+        if exchanges + queues + bindings + kept > 0 {
+            tracing::info!(
+                exchanges,
+                queues,
+                bindings,
+                retained = kept,
+                "durable state restored"
+            );
         }
         Ok(engine)
     }
@@ -106,12 +116,15 @@ impl EmbeddedEngine {
     /// Must be called inside a tokio runtime (TTL and expiry timers run on it).
     pub fn new(options: EmbeddedOptions) -> Self {
         EmbeddedEngine {
+            retained: Arc::new(retained::Retained::new(
+                options.retained_bytes,
+                options.store.clone(),
+            )),
             broker: Broker::new(
                 options.store,
                 options.max_message_bytes,
                 options.memory_high_watermark.unwrap_or(u64::MAX),
             ),
-            retained: Arc::new(retained::Retained::new(options.retained_bytes)),
             sessions: Arc::default(),
             shut: AtomicBool::new(false),
         }
@@ -174,6 +187,7 @@ impl Engine for EmbeddedEngine {
         metrics::gauge!(QUEUES).set(stats.queues as f64);
         metrics::gauge!(HELD_BYTES).set(stats.held_bytes as f64);
         metrics::gauge!(PUBLISH_BLOCKED).set(if self.publish_blocked() { 1.0 } else { 0.0 });
+        metrics::counter!(crate::metrics::STORE_COMMITS).absolute(self.broker.store_commits());
     }
 
     fn publish_blocked(&self) -> bool {

@@ -97,6 +97,11 @@ impl Broker {
         broker
     }
 
+    /// Group commits the store made (each one fsync).
+    pub fn store_commits(&self) -> u64 {
+        self.store.commits()
+    }
+
     /// Where durable topology is written; `None` while [`Broker::restore`] replays it.
     fn store(&self) -> Option<&dyn Store> {
         (!self.restoring.load(Ordering::Acquire)).then_some(&*self.store)

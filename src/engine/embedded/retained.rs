@@ -1,14 +1,17 @@
-//! The embedded engine's retained messages (`engine::retained`): in-process, keyed by routing
+//! The embedded engine's retained messages (`engine::retained`): in memory, keyed by routing
 //! key, bounded in bytes (the operator's `mqtt.retained_stream_bytes`), each the whole message
-//! with its deadline.
+//! with its deadline — and written through to the store (group commit), so they survive a
+//! restart with their expiry still counting.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use parking_lot::RwLock;
 
+use super::store::{BoxFuture, Store, StoreError};
 use super::topic::pattern_matches;
 use crate::engine::retained::{RetainedMessage, RetainedStore, RetainedUndo};
 use crate::engine::{EngineError, Message};
@@ -21,6 +24,9 @@ struct Replaced {
 
 struct Entry {
     message: Message,
+    /// Wall clock, milliseconds since the epoch: what the store keeps to count expiry across
+    /// restarts.
+    published_at_ms: u64,
     /// From the message's `expiration`: after it the message is gone.
     expires_at: Option<Instant>,
     /// Which `set` stored it, so an undo restores only what it replaced.
@@ -46,18 +52,62 @@ pub struct Retained {
     cap: usize,
     inner: RwLock<(HashMap<String, Entry>, usize)>,
     next_seq: AtomicU64,
+    store: Arc<dyn Store>,
+}
+
+/// A store write in flight: resolves once durable.
+type Durable = BoxFuture<'static, Result<(), StoreError>>;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The message's `expiration` in milliseconds, when it has one.
+fn ttl_ms(message: &Message) -> Option<u64> {
+    message
+        .properties
+        .expiration
+        .as_deref()
+        .and_then(|ms| ms.parse::<u64>().ok())
 }
 
 impl Retained {
-    pub fn new(cap: usize) -> Self {
+    pub fn new(cap: usize, store: Arc<dyn Store>) -> Self {
         Retained {
             cap,
             inner: RwLock::new((HashMap::new(), 0)),
             next_seq: AtomicU64::new(1),
+            store,
         }
     }
 
-    fn set_now(&self, key: &str, message: Message) -> Result<RetainedUndo, EngineError> {
+    /// Takes back what the store kept; expired ones are dropped (from the store too).
+    pub fn restore(&self, stored: Vec<(String, Message, u64)>) {
+        let now = now_ms();
+        let mut guard = self.inner.write();
+        let (map, bytes) = &mut *guard;
+        for (key, message, published_at_ms) in stored {
+            let deadline = ttl_ms(&message).map(|ttl| published_at_ms.saturating_add(ttl));
+            if deadline.is_some_and(|d| d <= now) {
+                drop(self.store.write_retained(&key, None));
+                continue;
+            }
+            let entry = Entry {
+                expires_at: deadline.map(|d| Instant::now() + Duration::from_millis(d - now)),
+                message,
+                published_at_ms,
+                seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+            };
+            *bytes += entry.size(&key);
+            map.insert(key, entry);
+        }
+    }
+
+    /// The change in memory, and its store write submitted under the same lock (so writes
+    /// reach the store in the order the changes were made).
+    fn set_now(&self, key: &str, message: Message) -> Result<(RetainedUndo, Durable), EngineError> {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let mut guard = self.inner.write();
         let (map, bytes) = &mut *guard;
@@ -68,16 +118,14 @@ impl Retained {
             if previous.is_some() {
                 *bytes -= old;
             }
-            return Ok(undo(previous));
+            let durable = self.store.write_retained(key, None);
+            return Ok((undo(previous), durable));
         }
-        let expires_at = message
-            .properties
-            .expiration
-            .as_deref()
-            .and_then(|ms| ms.parse::<u64>().ok())
-            .map(|ms| Instant::now() + Duration::from_millis(ms));
+        let published_at_ms = now_ms();
+        let expires_at = ttl_ms(&message).map(|ms| Instant::now() + Duration::from_millis(ms));
         let entry = Entry {
             message,
+            published_at_ms,
             expires_at,
             seq,
         };
@@ -89,37 +137,60 @@ impl Retained {
             )));
         }
         *bytes = *bytes - old + new;
-        Ok(undo(map.insert(key.to_owned(), entry)))
+        let durable = self
+            .store
+            .write_retained(key, Some((&entry.message, published_at_ms)));
+        Ok((undo(map.insert(key.to_owned(), entry)), durable))
     }
 
-    fn undo_now(&self, key: &str, undo: RetainedUndo) {
-        let Some(undo) = undo.into_inner::<Replaced>() else {
-            return;
-        };
+    /// Puts back what a `set` replaced; `None` when a later `set` came since.
+    fn undo_now(&self, key: &str, undo: RetainedUndo) -> Option<Durable> {
+        let undo = undo.into_inner::<Replaced>()?;
         let mut guard = self.inner.write();
         let (map, bytes) = &mut *guard;
         // Ours, or gone (a delete, or expired since): nothing newer is lost by restoring.
         if map.get(key).is_some_and(|m| m.seq != undo.seq) {
-            return;
+            return None;
         }
         if let Some(m) = map.remove(key) {
             *bytes -= m.size(key);
         }
+        let durable = match &undo.previous {
+            Some(e) => self
+                .store
+                .write_retained(key, Some((&e.message, e.published_at_ms))),
+            None => self.store.write_retained(key, None),
+        };
         if let Some(entry) = undo.previous {
             *bytes += entry.size(key);
             map.insert(key.to_owned(), entry);
         }
+        Some(durable)
     }
 }
 
 #[async_trait]
 impl RetainedStore for Retained {
     async fn set(&self, routing_key: &str, message: Message) -> Result<RetainedUndo, EngineError> {
-        self.set_now(routing_key, message)
+        let (undo, durable) = self.set_now(routing_key, message)?;
+        if let Err(e) = durable.await {
+            // Not kept: as if the store were full, and memory goes back to what the store has.
+            if let Some(back) = self.undo_now(routing_key, undo) {
+                let _ = back.await;
+            }
+            return Err(EngineError::Rejected(format!(
+                "the retained message cannot be stored: {e}"
+            )));
+        }
+        Ok(undo)
     }
 
     async fn undo(&self, routing_key: &str, undo: RetainedUndo) {
-        self.undo_now(routing_key, undo)
+        if let Some(durable) = self.undo_now(routing_key, undo)
+            && let Err(e) = durable.await
+        {
+            tracing::error!(routing_key, error = %e, "a refused retained message is still stored");
+        }
     }
 
     fn matching(&self, pattern: &str) -> Vec<RetainedMessage> {
@@ -164,7 +235,12 @@ impl RetainedStore for Retained {
 
 #[cfg(test)]
 mod tests {
+    use super::super::store::MemoryStore;
     use super::*;
+
+    fn set(r: &Retained, key: &str, m: Message) -> Result<RetainedUndo, EngineError> {
+        r.set_now(key, m).map(|(undo, _)| undo)
+    }
 
     fn msg(body: &str) -> Message {
         Message::new(body.to_owned())
@@ -179,55 +255,55 @@ mod tests {
 
     #[test]
     fn set_replace_clear_and_match() {
-        let r = Retained::new(1 << 20);
-        r.set_now("a.b", msg("1")).unwrap();
-        r.set_now("a.c", msg("2")).unwrap();
-        r.set_now("a.b", msg("3")).unwrap();
+        let r = Retained::new(1 << 20, Arc::new(MemoryStore));
+        set(&r, "a.b", msg("1")).unwrap();
+        set(&r, "a.c", msg("2")).unwrap();
+        set(&r, "a.b", msg("3")).unwrap();
         assert_eq!(bodies(&r, "#"), ["3", "2"], "key order");
         assert_eq!(bodies(&r, "a.b"), ["3"]);
-        r.set_now("a.b", msg("")).unwrap();
+        set(&r, "a.b", msg("")).unwrap();
         assert_eq!(bodies(&r, "a.*"), ["2"]);
     }
 
     #[test]
     fn bounded_in_bytes() {
-        let r = Retained::new(10);
-        r.set_now("t", msg("12345")).unwrap();
-        assert!(r.set_now("u", msg("123456789")).is_err());
-        r.set_now("t", msg("123")).unwrap();
+        let r = Retained::new(10, Arc::new(MemoryStore));
+        set(&r, "t", msg("12345")).unwrap();
+        assert!(set(&r, "u", msg("123456789")).is_err());
+        set(&r, "t", msg("123")).unwrap();
     }
 
     #[test]
     fn properties_are_kept_and_expiry_honoured() {
-        let r = Retained::new(1 << 20);
+        let r = Retained::new(1 << 20, Arc::new(MemoryStore));
         let mut m = msg("x");
         m.properties.content_type = Some("text/plain".into());
         m.properties.expiration = Some("60000".into());
-        r.set_now("a", m.clone()).unwrap();
+        set(&r, "a", m.clone()).unwrap();
         let got = r.matching("a").remove(0);
         assert_eq!(got.message, m);
         let left = got.expires_in.unwrap();
         assert!(left <= Duration::from_secs(60) && left > Duration::from_secs(50));
         let mut gone = msg("y");
         gone.properties.expiration = Some("0".into());
-        r.set_now("b", gone).unwrap();
+        set(&r, "b", gone).unwrap();
         assert!(r.matching("b").is_empty(), "expired at once");
         assert_eq!(r.inner.read().0.len(), 1, "and dropped");
     }
 
     #[test]
     fn undo_restores_only_what_it_replaced() {
-        let r = Retained::new(1 << 20);
-        r.set_now("t", msg("old")).unwrap();
-        let undo = r.set_now("t", msg("refused")).unwrap();
-        r.undo_now("t", undo);
+        let r = Retained::new(1 << 20, Arc::new(MemoryStore));
+        set(&r, "t", msg("old")).unwrap();
+        let undo = set(&r, "t", msg("refused")).unwrap();
+        drop(r.undo_now("t", undo));
         assert_eq!(bodies(&r, "t"), ["old"]);
-        let undo = r.set_now("t", msg("refused")).unwrap();
-        r.set_now("t", msg("newer")).unwrap();
-        r.undo_now("t", undo);
+        let undo = set(&r, "t", msg("refused")).unwrap();
+        set(&r, "t", msg("newer")).unwrap();
+        drop(r.undo_now("t", undo));
         assert_eq!(bodies(&r, "t"), ["newer"], "a later set stays");
-        let undo = r.set_now("t", msg("")).unwrap();
-        r.undo_now("t", undo);
+        let undo = set(&r, "t", msg("")).unwrap();
+        drop(r.undo_now("t", undo));
         assert_eq!(bodies(&r, "t"), ["newer"], "an undone delete");
         assert_eq!(r.inner.read().1, "t".len() + "newer".len(), "bytes counted");
     }

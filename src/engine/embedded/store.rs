@@ -6,12 +6,13 @@
 //! ones. Messages are not yet written, and the engine does not yet open the disk store: see
 //! `docs/engine.md` ("Durability").
 
+mod commit;
 pub mod disk;
 mod record;
 
-use crate::engine::{BindingInfo, EngineError, ExchangeSpec, QueueSpec};
+use crate::engine::{BindingInfo, EngineError, ExchangeSpec, Message, QueueSpec};
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("store: {0}")]
 pub struct StoreError(pub String);
 
@@ -37,7 +38,26 @@ pub trait Store: Send + Sync + 'static {
     fn put_binding(&self, binding: &BindingInfo) -> Result<(), StoreError>;
     fn delete_binding(&self, binding: &BindingInfo) -> Result<(), StoreError>;
     fn load(&self) -> Result<Snapshot, StoreError>;
+
+    /// Stores the retained message of `routing_key` (`None` deletes it), published at
+    /// `published_at_ms` (wall clock, so its expiry counts across restarts). Ordered after
+    /// every earlier call; resolves once durable as `engine.fsync` says.
+    fn write_retained(
+        &self,
+        routing_key: &str,
+        message: Option<(&Message, u64)>,
+    ) -> BoxFuture<'static, Result<(), StoreError>>;
+
+    /// The retained messages stored: routing key, message, publish time.
+    fn load_retained(&self) -> Result<Vec<(String, Message, u64)>, StoreError>;
+
+    /// Group commits made so far (each one fsync; writes per commit say how well they group).
+    fn commits(&self) -> u64 {
+        0
+    }
 }
+
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 /// Keeps nothing: every durable object lives as long as the process.
 #[derive(Debug, Default)]
@@ -64,5 +84,15 @@ impl Store for MemoryStore {
     }
     fn load(&self) -> Result<Snapshot, StoreError> {
         Ok(Snapshot::default())
+    }
+    fn write_retained(
+        &self,
+        _: &str,
+        _: Option<(&Message, u64)>,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+    fn load_retained(&self) -> Result<Vec<(String, Message, u64)>, StoreError> {
+        Ok(Vec::new())
     }
 }

@@ -9,12 +9,14 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
-use super::{Snapshot, Store, StoreError, record};
+use super::commit::{Committer, Op};
+use super::{BoxFuture, Snapshot, Store, StoreError, record};
 use crate::config::Fsync;
-use crate::engine::{BindingInfo, ExchangeSpec, QueueSpec};
+use crate::engine::{BindingInfo, Envelope, ExchangeSpec, Message, QueueSpec};
 
 /// What `FORMAT` says for this version of the store.
 const FORMAT: &str = "amqp-gateway store 1\n";
@@ -32,6 +34,9 @@ pub struct DiskStore {
     exchanges: Keyspace,
     queues: Keyspace,
     bindings: Keyspace,
+    retained: Keyspace,
+    /// Group commit for message writes.
+    committer: Committer,
     fsync: Fsync,
     /// Held (locked) for as long as the store is open.
     _lock: File,
@@ -44,8 +49,9 @@ impl std::fmt::Debug for DiskStore {
 }
 
 impl DiskStore {
-    /// Opens (creating when empty) the store in `dir`.
-    pub fn open(dir: &Path, fsync: Fsync) -> Result<DiskStore, StoreError> {
+    /// Opens (creating when empty) the store in `dir`; message writes are group-committed
+    /// within `max_delay`.
+    pub fn open(dir: &Path, fsync: Fsync, max_delay: Duration) -> Result<DiskStore, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| io("cannot create", dir, e))?;
         let lock = lock(dir)?;
         check_format(dir)?;
@@ -58,6 +64,8 @@ impl DiskStore {
             exchanges: keyspace("exchanges")?,
             queues: keyspace("queues")?,
             bindings: keyspace("bindings")?,
+            retained: keyspace("retained")?,
+            committer: Committer::start(db.clone(), fsync, max_delay)?,
             db,
             fsync,
             _lock: lock,
@@ -179,6 +187,43 @@ impl Store for DiskStore {
         self.persist()
     }
 
+    fn write_retained(
+        &self,
+        routing_key: &str,
+        message: Option<(&Message, u64)>,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
+        let key = routing_key.as_bytes().to_vec();
+        let op = match message {
+            None => Ok(Op::Remove(self.retained.clone(), key)),
+            Some((message, at)) => {
+                let envelope = Envelope {
+                    exchange: "".into(),
+                    routing_key: routing_key.into(),
+                    message: message.clone(),
+                };
+                record::message(&envelope, at).map(|v| Op::Put(self.retained.clone(), key, v))
+            }
+        };
+        match op {
+            Ok(op) => Box::pin(self.committer.write(vec![op])),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
+    }
+
+    fn commits(&self) -> u64 {
+        self.committer.batches()
+    }
+
+    fn load_retained(&self) -> Result<Vec<(String, Message, u64)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.retained.iter() {
+            let (k, v) = item.into_inner().map_err(db)?;
+            let (envelope, at) = record::message_from(&v)?;
+            out.push((utf8(&k, "retained message")?, envelope.message, at));
+        }
+        Ok(out)
+    }
+
     fn load(&self) -> Result<Snapshot, StoreError> {
         let mut snapshot = Snapshot::default();
         for item in self.exchanges.iter() {
@@ -233,7 +278,7 @@ mod tests {
             arguments: args,
         };
         {
-            let store = DiskStore::open(dir.path(), Fsync::Always).unwrap();
+            let store = DiskStore::open(dir.path(), Fsync::Always, Duration::ZERO).unwrap();
             store
                 .put_exchange("ex", &ExchangeSpec::new(ExchangeKind::Topic))
                 .unwrap();
@@ -250,7 +295,7 @@ mod tests {
             store.delete_exchange("gone").unwrap();
             store.delete_queue("q2").unwrap();
         }
-        let store = DiskStore::open(dir.path(), Fsync::Always).unwrap();
+        let store = DiskStore::open(dir.path(), Fsync::Always, Duration::ZERO).unwrap();
         let s = store.load().unwrap();
         assert_eq!(
             s.exchanges,
@@ -267,18 +312,18 @@ mod tests {
     #[test]
     fn one_gateway_per_directory() {
         let dir = tempfile::tempdir().unwrap();
-        let first = DiskStore::open(dir.path(), Fsync::Never).unwrap();
-        let second = DiskStore::open(dir.path(), Fsync::Never).unwrap_err();
+        let first = DiskStore::open(dir.path(), Fsync::Never, Duration::ZERO).unwrap();
+        let second = DiskStore::open(dir.path(), Fsync::Never, Duration::ZERO).unwrap_err();
         assert!(second.0.contains("in use by another gateway"), "{second}");
         drop(first);
-        assert!(DiskStore::open(dir.path(), Fsync::Never).is_ok());
+        assert!(DiskStore::open(dir.path(), Fsync::Never, Duration::ZERO).is_ok());
     }
 
     #[test]
     fn another_format_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("FORMAT"), "amqp-gateway store 99\n").unwrap();
-        let e = DiskStore::open(dir.path(), Fsync::Never).unwrap_err();
+        let e = DiskStore::open(dir.path(), Fsync::Never, Duration::ZERO).unwrap_err();
         assert!(e.0.contains("store 99"), "{e}");
     }
 }

@@ -3,7 +3,11 @@
 //! format can read this one.
 
 use crate::engine::table::wire;
-use crate::engine::{BindingInfo, ExchangeKind, ExchangeSpec, QueueSpec};
+use bytes::Bytes;
+
+use crate::engine::{
+    BindingInfo, Envelope, ExchangeKind, ExchangeSpec, Message, Properties, QueueSpec,
+};
 
 use super::StoreError;
 
@@ -149,6 +153,177 @@ pub fn binding_from(key: &[u8]) -> Result<BindingInfo, StoreError> {
     })
 }
 
+// ---- messages ----
+
+/// Which optional properties a message record carries (AMQP's own order).
+const P_CONTENT_TYPE: u16 = 1;
+const P_CONTENT_ENCODING: u16 = 1 << 1;
+const P_HEADERS: u16 = 1 << 2;
+const P_DELIVERY_MODE: u16 = 1 << 3;
+const P_PRIORITY: u16 = 1 << 4;
+const P_CORRELATION_ID: u16 = 1 << 5;
+const P_REPLY_TO: u16 = 1 << 6;
+const P_EXPIRATION: u16 = 1 << 7;
+const P_MESSAGE_ID: u16 = 1 << 8;
+const P_TIMESTAMP: u16 = 1 << 9;
+const P_TYPE: u16 = 1 << 10;
+const P_USER_ID: u16 = 1 << 11;
+const P_APP_ID: u16 = 1 << 12;
+
+/// Strings of any length (properties the gateway sets itself are not bound to 255 bytes).
+fn push_long(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), StoreError> {
+    let len = u32::try_from(bytes.len()).map_err(|_| StoreError("a field over 4 GiB".into()))?;
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(bytes);
+    Ok(())
+}
+
+/// Reads what a record holds, front to back.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], StoreError> {
+        if self.0.len() < n {
+            return Err(corrupt("message", "cut short"));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, StoreError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, StoreError> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    fn u64(&mut self) -> Result<u64, StoreError> {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(self.take(8)?);
+        Ok(u64::from_be_bytes(b))
+    }
+
+    fn long(&mut self) -> Result<&'a [u8], StoreError> {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(self.take(4)?);
+        self.take(u32::from_be_bytes(b) as usize)
+    }
+
+    fn string(&mut self) -> Result<String, StoreError> {
+        String::from_utf8(self.long()?.to_vec()).map_err(|e| corrupt("message", e))
+    }
+}
+
+/// A message as stored: where it was published, when (wall clock, milliseconds since the epoch,
+/// so a TTL keeps counting across a restart), every property, the body.
+pub fn message(envelope: &Envelope, published_at_ms: u64) -> Result<Vec<u8>, StoreError> {
+    let p = &envelope.message.properties;
+    let body = &envelope.message.body;
+    let mut out = Vec::with_capacity(64 + body.len());
+    out.push(V1);
+    out.extend_from_slice(&published_at_ms.to_be_bytes());
+    push_long(&mut out, envelope.exchange.as_bytes())?;
+    push_long(&mut out, envelope.routing_key.as_bytes())?;
+    let strings = [
+        (P_CONTENT_TYPE, &p.content_type),
+        (P_CONTENT_ENCODING, &p.content_encoding),
+        (P_CORRELATION_ID, &p.correlation_id),
+        (P_REPLY_TO, &p.reply_to),
+        (P_EXPIRATION, &p.expiration),
+        (P_MESSAGE_ID, &p.message_id),
+        (P_TYPE, &p.kind),
+        (P_USER_ID, &p.user_id),
+        (P_APP_ID, &p.app_id),
+    ];
+    let mut present = strings
+        .iter()
+        .filter(|(_, v)| v.is_some())
+        .fold(0, |acc, (bit, _)| acc | bit);
+    for (bit, on) in [
+        (P_HEADERS, !p.headers.is_empty()),
+        (P_DELIVERY_MODE, p.delivery_mode.is_some()),
+        (P_PRIORITY, p.priority.is_some()),
+        (P_TIMESTAMP, p.timestamp.is_some()),
+    ] {
+        if on {
+            present |= bit;
+        }
+    }
+    out.extend_from_slice(&present.to_be_bytes());
+    for (_, value) in strings {
+        if let Some(v) = value {
+            push_long(&mut out, v.as_bytes())?;
+        }
+    }
+    if !p.headers.is_empty() {
+        out.extend(encoded(&p.headers)?);
+    }
+    out.extend(p.delivery_mode);
+    out.extend(p.priority);
+    if let Some(t) = p.timestamp {
+        out.extend_from_slice(&t.to_be_bytes());
+    }
+    push_long(&mut out, body)?;
+    Ok(out)
+}
+
+/// A stored message and its publish time ([`message`] in reverse).
+pub fn message_from(bytes: &[u8]) -> Result<(Envelope, u64), StoreError> {
+    let mut r = Reader(bytes);
+    if r.u8()? != V1 {
+        return Err(corrupt("message", "unknown record version"));
+    }
+    let published_at_ms = r.u64()?;
+    let exchange = r.string()?;
+    let routing_key = r.string()?;
+    let present = r.u16()?;
+    let mut text = |bit| -> Result<Option<String>, StoreError> {
+        (present & bit != 0).then(|| r.string()).transpose()
+    };
+    let mut p = Properties {
+        content_type: text(P_CONTENT_TYPE)?,
+        content_encoding: text(P_CONTENT_ENCODING)?,
+        correlation_id: text(P_CORRELATION_ID)?,
+        reply_to: text(P_REPLY_TO)?,
+        expiration: text(P_EXPIRATION)?,
+        message_id: text(P_MESSAGE_ID)?,
+        kind: text(P_TYPE)?,
+        user_id: text(P_USER_ID)?,
+        app_id: text(P_APP_ID)?,
+        ..Properties::default()
+    };
+    if present & P_HEADERS != 0 {
+        let (headers, rest) = wire::decode(r.0).map_err(|e| corrupt("message", e))?;
+        p.headers = headers;
+        r.0 = rest;
+    }
+    if present & P_DELIVERY_MODE != 0 {
+        p.delivery_mode = Some(r.u8()?);
+    }
+    if present & P_PRIORITY != 0 {
+        p.priority = Some(r.u8()?);
+    }
+    if present & P_TIMESTAMP != 0 {
+        p.timestamp = Some(r.u64()?);
+    }
+    let body = Bytes::copy_from_slice(r.long()?);
+    if !r.0.is_empty() {
+        return Err(corrupt("message", "bytes after the body"));
+    }
+    let envelope = Envelope {
+        exchange: exchange.into(),
+        routing_key: routing_key.into(),
+        message: Message {
+            properties: p,
+            body,
+        },
+    };
+    Ok((envelope, published_at_ms))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,6 +359,44 @@ mod tests {
         assert!(key.starts_with(&bindings_of("q").unwrap()));
         assert!(!key.starts_with(&bindings_of("q2").unwrap()));
         assert_eq!(binding_from(&key).unwrap(), b);
+    }
+
+    #[test]
+    fn messages_round_trip_exactly() {
+        let mut headers = crate::engine::FieldTable::new();
+        headers.insert("x-raw".into(), FieldValue::Bytes(vec![0, 0xff]));
+        headers.insert("n".into(), FieldValue::U16(7));
+        let full = Properties {
+            content_type: Some("text/plain".into()),
+            content_encoding: Some("gzip".into()),
+            headers,
+            delivery_mode: Some(2),
+            priority: Some(9),
+            correlation_id: Some("c".repeat(300)),
+            reply_to: Some("r".into()),
+            expiration: Some("60000".into()),
+            message_id: Some("m".into()),
+            timestamp: Some(1_700_000_000),
+            kind: Some("t".into()),
+            user_id: Some("u".into()),
+            app_id: Some("a".into()),
+        };
+        for properties in [Properties::default(), full] {
+            let envelope = Envelope {
+                exchange: "amq.topic".into(),
+                routing_key: "a.b".into(),
+                message: Message {
+                    properties,
+                    body: Bytes::from_static(b"\x00body\xff"),
+                },
+            };
+            let bytes = message(&envelope, 1_234).unwrap();
+            assert_eq!(message_from(&bytes).unwrap(), (envelope, 1_234));
+            assert!(
+                message_from(&bytes[..bytes.len() - 1]).is_err(),
+                "cut short"
+            );
+        }
     }
 
     #[test]

@@ -1,19 +1,40 @@
-//! Durable topology survives a restart of the embedded engine (issue 13, first part): durable
-//! exchanges, durable queues and the bindings between them come back from `engine.data_dir`
-//! with their arguments and route again; non-durable ones do not. One gateway per data
-//! directory. (Messages are not stored yet: a durable queue comes back empty.)
+//! What survives a restart of the embedded engine (issue 13, in progress): durable exchanges,
+//! durable queues and the bindings between them come back from `engine.data_dir` with their
+//! arguments and route again; non-durable ones do not; retained messages come back (a deleted
+//! one stays deleted). One gateway per data directory. (Queued messages are not stored yet: a
+//! durable queue comes back empty.)
 
 mod common;
 
 use std::path::Path;
 
 use amqp_gateway::StartError;
-use common::{TestGateway, admin, json_of, start_gateway, status, unique};
+use common::mqtt_bytes::{connect, packet, string};
+use common::mqtt_wire::{RawWire, Transport};
+use common::{TestGateway, admin, json_of, start_gateway, status, token, unique};
 use serde_json::{Value, json};
 
 async fn on(dir: &Path) -> TestGateway {
     let dir = dir.to_path_buf();
     start_gateway(move |c| c.engine.data_dir = dir).await
+}
+
+/// A gateway on `dir` once the last one let go of it: a stopped gateway's connection tasks
+/// may still hold its engine for a moment (an MQTT connection lingers after closing).
+async fn on_when_free(dir: &Path) -> TestGateway {
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    loop {
+        let mut config = common::test_config();
+        config.engine.data_dir = dir.to_path_buf();
+        match amqp_gateway::start(config).await {
+            Ok(gateway) => return TestGateway::around(gateway),
+            Err(StartError::Store(e)) if e.contains("in use") => {
+                assert!(tokio::time::Instant::now() < deadline, "{e}");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("gateway starts: {e}"),
+        }
+    }
 }
 
 async fn bindings(gw: &TestGateway, queue: &str) -> Vec<Value> {
@@ -86,7 +107,7 @@ async fn durable_topology_survives_a_restart() {
         views
     };
 
-    let gw = on(&dir).await;
+    let gw = on_when_free(&dir).await;
     assert_eq!(
         json_of(gw.get(&format!("/v1/exchanges/{ex}"), &admin())).await,
         ex_view
@@ -118,4 +139,74 @@ async fn durable_topology_survives_a_restart() {
         .json(&json!({"routing_key": "a.x", "body": "after restart", "mandatory": true}));
     assert_eq!(status(published).await, 200);
     assert_eq!(gw.depth(&q).await, 1);
+}
+
+/// A connected MQTT 3.1.1 client on raw bytes.
+async fn mqtt(gw: &TestGateway) -> RawWire {
+    let mut wire = RawWire::open(gw, Transport::Tcp).await;
+    let t = token(
+        "keeper",
+        "gateway.write:amq.topic/kept.# gateway.read:amq.topic/kept.#",
+    );
+    wire.send_raw(&connect(b"MQTT", 4, 0, &unique("keeper"), Some(&t)))
+        .await;
+    assert_eq!(wire.packet().await.expect("CONNACK"), (0x20, vec![0, 0]));
+    wire
+}
+
+/// A retained QoS 1 PUBLISH (an empty payload deletes), acknowledged.
+async fn retain(wire: &mut RawWire, topic: &str, payload: &[u8], id: u16) {
+    let mut body = string(topic.as_bytes());
+    body.extend_from_slice(&id.to_be_bytes());
+    body.extend_from_slice(payload);
+    wire.send_raw(&packet(0x33, body)).await;
+    let id = id.to_be_bytes().to_vec();
+    assert_eq!(wire.packet().await.expect("PUBACK"), (0x40, id));
+}
+
+/// Subscribes to `filter` at QoS 1 and returns the retained PUBLISH that follows, if any.
+async fn retained_for(wire: &mut RawWire, filter: &str) -> Option<(u8, Vec<u8>)> {
+    let mut body = 1u16.to_be_bytes().to_vec();
+    body.extend(string(filter.as_bytes()));
+    body.push(1);
+    wire.send_raw(&packet(0x82, body)).await;
+    assert_eq!(wire.packet().await.expect("SUBACK"), (0x90, vec![0, 1, 1]));
+    if wire.quiet_for(std::time::Duration::from_millis(200)).await {
+        return None;
+    }
+    Some(wire.packet().await.expect("a retained PUBLISH"))
+}
+
+#[tokio::test]
+async fn retained_messages_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let (kept, deleted) = (
+        format!("kept/{}", unique("a")),
+        format!("kept/{}", unique("b")),
+    );
+    {
+        let gw = on(&dir).await;
+        let mut wire = mqtt(&gw).await;
+        retain(&mut wire, &kept, b"still here", 1).await;
+        retain(&mut wire, &deleted, b"soon gone", 2).await;
+        retain(&mut wire, &deleted, b"", 3).await;
+        wire.send_raw(&[0xE0, 0x00]).await;
+        drop(wire);
+        gw.gateway.shutdown().await;
+    }
+    let gw = on_when_free(&dir).await;
+    let mut wire = mqtt(&gw).await;
+    let (first, body) = retained_for(&mut wire, &kept)
+        .await
+        .expect("the retained message came back");
+    assert_eq!(first, 0x33, "PUBLISH, QoS 1, RETAIN");
+    let mut expected = string(kept.as_bytes());
+    expected.extend_from_slice(&body[2 + kept.len()..2 + kept.len() + 2]);
+    expected.extend_from_slice(b"still here");
+    assert_eq!(body, expected);
+    assert_eq!(
+        retained_for(&mut wire, &deleted).await,
+        None,
+        "a deleted one stays deleted"
+    );
 }

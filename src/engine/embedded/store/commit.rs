@@ -1,0 +1,148 @@
+//! Group commit (`engine.fsync = "batch"`): writes from every connection go to one writer
+//! thread, which gathers what arrives within `engine.fsync_max_delay` of the first, applies it
+//! as one fjall batch, makes it durable with one fsync, and then answers every writer. Callers
+//! await their answer; nothing blocks a tokio worker on the disk. `"always"` writes and syncs
+//! each request alone; `"never"` leaves syncing to the OS.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use fjall::{Database, Keyspace, PersistMode};
+use tokio::sync::oneshot;
+
+use super::StoreError;
+use crate::config::Fsync;
+
+/// One change.
+pub enum Op {
+    Put(Keyspace, Vec<u8>, Vec<u8>),
+    Remove(Keyspace, Vec<u8>),
+}
+
+struct Request {
+    ops: Vec<Op>,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// At most this many requests in one batch, so one batch's latency stays bounded under load.
+const MAX_BATCH: usize = 4096;
+
+pub struct Committer {
+    tx: mpsc::Sender<Request>,
+    batches: Arc<AtomicU64>,
+}
+
+impl Committer {
+    /// Starts the writer thread; it ends when the committer is dropped.
+    pub fn start(db: Database, fsync: Fsync, max_delay: Duration) -> Result<Committer, StoreError> {
+        let (tx, rx) = mpsc::channel::<Request>();
+        let batches = Arc::new(AtomicU64::new(0));
+        let counted = batches.clone();
+        std::thread::Builder::new()
+            .name("store-commit".into())
+            .spawn(move || write_loop(&db, fsync, max_delay, &rx, &counted))
+            .map_err(|e| StoreError(format!("cannot start the store's writer: {e}")))?;
+        Ok(Committer { tx, batches })
+    }
+
+    /// Applies `ops` (in order, after every request submitted before) and resolves once they
+    /// are durable as `engine.fsync` says. The place in the order is taken at the call.
+    pub fn write(
+        &self,
+        ops: Vec<Op>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
+        let (done, answer) = oneshot::channel();
+        let sent = self.tx.send(Request { ops, done });
+        async move {
+            sent.map_err(|_| StoreError("the store's writer has stopped".into()))?;
+            answer
+                .await
+                .unwrap_or_else(|_| Err(StoreError("the store's writer has stopped".into())))
+        }
+    }
+
+    /// Batches committed so far.
+    pub fn batches(&self) -> u64 {
+        self.batches.load(Ordering::Relaxed)
+    }
+}
+
+fn write_loop(
+    db: &Database,
+    fsync: Fsync,
+    max_delay: Duration,
+    rx: &mpsc::Receiver<Request>,
+    batches: &AtomicU64,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut requests = vec![first];
+        if fsync == Fsync::Batch {
+            let deadline = Instant::now() + max_delay;
+            while requests.len() < MAX_BATCH {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(r) => requests.push(r),
+                    Err(_) => break,
+                }
+            }
+        }
+        let result = commit(db, fsync, &mut requests);
+        batches.fetch_add(1, Ordering::Relaxed);
+        for r in requests {
+            let _ = r.done.send(result.clone());
+        }
+    }
+}
+
+fn commit(db: &Database, fsync: Fsync, requests: &mut [Request]) -> Result<(), StoreError> {
+    let mut batch = db.batch();
+    for r in requests.iter_mut() {
+        for op in r.ops.drain(..) {
+            match op {
+                Op::Put(ks, k, v) => batch.insert(&ks, k, v),
+                Op::Remove(ks, k) => batch.remove(&ks, k),
+            }
+        }
+    }
+    let fail = |e: fjall::Error| StoreError(format!("storage engine: {e}"));
+    batch.commit().map_err(fail)?;
+    match fsync {
+        Fsync::Never => Ok(()),
+        Fsync::Batch | Fsync::Always => db.persist(PersistMode::SyncAll).map_err(fail),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fjall::KeyspaceCreateOptions;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_share_fsyncs_and_keep_their_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::builder(dir.path()).open().unwrap();
+        let ks = db.keyspace("t", KeyspaceCreateOptions::default).unwrap();
+        let committer =
+            Arc::new(Committer::start(db.clone(), Fsync::Batch, Duration::from_millis(5)).unwrap());
+        let writes: Vec<_> = (0..200u32)
+            .map(|i| {
+                let op = Op::Put(ks.clone(), i.to_be_bytes().to_vec(), b"v".to_vec());
+                tokio::spawn(committer.write(vec![op]))
+            })
+            .collect();
+        for w in writes {
+            w.await.unwrap().unwrap();
+        }
+        assert_eq!(ks.len().unwrap(), 200);
+        let batches = committer.batches();
+        assert!(batches < 200, "200 writes took {batches} fsyncs");
+        // Later requests apply after earlier ones: put then remove leaves nothing.
+        let put = committer.write(vec![Op::Put(ks.clone(), b"k".to_vec(), b"1".to_vec())]);
+        let remove = committer.write(vec![Op::Remove(ks.clone(), b"k".to_vec())]);
+        put.await.unwrap();
+        remove.await.unwrap();
+        assert!(ks.get(b"k").unwrap().is_none());
+    }
+}
