@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::engine::{Channel, Engine, EngineError};
 use crate::flow::{ConnectionLimits, Flow};
 use crate::shutdown::Shutdown;
+use tokio_util::task::TaskTracker;
 
 mod publish;
 
@@ -23,6 +24,9 @@ pub struct Context {
     pub flow: Arc<Flow>,
     pub config: Arc<Config>,
     pub shutdown: Shutdown,
+    /// Every client connection's task: the gateway waits for them (within `shutdown_timeout`)
+    /// before it stops the engine, so no connection finds its engine gone mid-close.
+    pub connections: TaskTracker,
 }
 
 /// One client connection (HTTP — WebSocket ones included — or MQTT over TCP): its id, its

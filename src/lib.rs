@@ -39,6 +39,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::task::JoinHandle;
+use tokio_util::task::TaskTracker;
 
 pub use crate::config::Config;
 use crate::config::EngineKindConfig;
@@ -62,6 +63,9 @@ pub struct Gateway {
     engine: Arc<dyn Engine>,
     shutdown: Shutdown,
     tasks: Vec<JoinHandle<()>>,
+    /// Client connections' tasks, waited for before the engine stops.
+    connections: TaskTracker,
+    shutdown_timeout: std::time::Duration,
 }
 
 impl Gateway {
@@ -80,7 +84,7 @@ impl Gateway {
     }
 
     /// Stops accepting, lets connections drain for at most `shutdown_timeout`, stops the
-    /// engine. Returns once every listener task has ended.
+    /// engine. Returns once every listener and connection task has ended (or the timeout).
     pub async fn shutdown(self) {
         self.shutdown.trigger();
         self.wait().await;
@@ -93,6 +97,18 @@ impl Gateway {
             if let Err(e) = task.await {
                 tracing::error!(error = %e, "listener task failed");
             }
+        }
+        // Connections close themselves on the shutdown signal (MQTT 5 DISCONNECT 0x8B,
+        // WebSocket 1001) and store their sessions; the engine stops after them.
+        self.connections.close();
+        if tokio::time::timeout(self.shutdown_timeout, self.connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = self.connections.len(),
+                "connections still open after the shutdown timeout; stopping the engine anyway"
+            );
         }
         self.engine.shutdown().await;
         tracing::info!("gateway stopped");
@@ -179,6 +195,7 @@ pub async fn start_with(config: Config, engine: Arc<dyn Engine>) -> Result<Gatew
         flow: Arc::new(flow::Flow::new(&config.limits)),
         config: config.clone(),
         shutdown: shutdown.clone(),
+        connections: TaskTracker::new(),
     };
     metrics::handle();
 
@@ -240,6 +257,8 @@ pub async fn start_with(config: Config, engine: Arc<dyn Engine>) -> Result<Gatew
         engine,
         shutdown,
         tasks,
+        connections: ctx.connections.clone(),
+        shutdown_timeout: config.shutdown_timeout,
     })
 }
 

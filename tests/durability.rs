@@ -19,24 +19,6 @@ async fn on(dir: &Path) -> TestGateway {
     start_gateway(move |c| c.engine.data_dir = dir).await
 }
 
-/// A gateway on `dir` once the last one let go of it: a stopped gateway's connection tasks
-/// may still hold its engine for a moment (an MQTT connection lingers after closing).
-async fn on_when_free(dir: &Path) -> TestGateway {
-    let deadline = tokio::time::Instant::now() + common::WAIT;
-    loop {
-        let mut config = common::test_config();
-        config.engine.data_dir = dir.to_path_buf();
-        match amqp_gateway::start(config).await {
-            Ok(gateway) => return TestGateway::around(gateway),
-            Err(StartError::Store(e)) if e.contains("in use") => {
-                assert!(tokio::time::Instant::now() < deadline, "{e}");
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            Err(e) => panic!("gateway starts: {e}"),
-        }
-    }
-}
-
 async fn bindings(gw: &TestGateway, queue: &str) -> Vec<Value> {
     let list = json_of(gw.get(&format!("/v1/queues/{queue}/bindings"), &admin())).await;
     let mut items = list["items"].as_array().unwrap().clone();
@@ -107,7 +89,7 @@ async fn durable_topology_survives_a_restart() {
         views
     };
 
-    let gw = on_when_free(&dir).await;
+    let gw = on(&dir).await;
     assert_eq!(
         json_of(gw.get(&format!("/v1/exchanges/{ex}"), &admin())).await,
         ex_view
@@ -190,11 +172,12 @@ async fn retained_messages_survive_a_restart() {
         retain(&mut wire, &kept, b"still here", 1).await;
         retain(&mut wire, &deleted, b"soon gone", 2).await;
         retain(&mut wire, &deleted, b"", 3).await;
-        wire.send_raw(&[0xE0, 0x00]).await;
-        drop(wire);
+        // Shutdown waits for the connection (it closes with DISCONNECT 0x8B and lingers):
+        // the data directory is free when it returns.
         gw.gateway.shutdown().await;
+        drop(wire);
     }
-    let gw = on_when_free(&dir).await;
+    let gw = on(&dir).await;
     let mut wire = mqtt(&gw).await;
     let (first, body) = retained_for(&mut wire, &kept)
         .await

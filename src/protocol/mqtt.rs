@@ -26,7 +26,8 @@ use crate::context::Context;
 pub fn serve_tcp(listener: TcpListener, ctx: Context) -> JoinHandle<()> {
     tokio::spawn(async move {
         crate::server::accept_until_shutdown(&listener, &ctx, |stream, conn| {
-            tokio::spawn(connection::run(stream, ctx.clone(), conn));
+            ctx.connections
+                .spawn(connection::run(stream, ctx.clone(), conn));
         })
         .await;
     })

@@ -111,5 +111,8 @@ async fn upgrade(
     ws.protocols([frames::SUBPROTOCOL])
         .max_message_size(limit)
         .max_frame_size(limit)
-        .on_upgrade(move |socket| connection::run(socket, ctx, conn, principal))
+        .on_upgrade(move |socket| {
+            let connections = ctx.connections.clone();
+            connections.track_future(connection::run(socket, ctx, conn, principal))
+        })
 }

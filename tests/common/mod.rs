@@ -122,7 +122,7 @@ pub async fn start_gateway_on(
 }
 
 impl TestGateway {
-    pub fn around(gateway: Gateway) -> TestGateway {
+    fn around(gateway: Gateway) -> TestGateway {
         let addrs = gateway.addrs();
         TestGateway {
             base: format!("http://{}", addrs.http),

@@ -50,7 +50,10 @@ async fn upgrade(
     ws.protocols([SUBPROTOCOL])
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| bridge(socket, ctx, conn))
+        .on_upgrade(move |socket| {
+            let connections = ctx.connections.clone();
+            connections.track_future(bridge(socket, ctx, conn))
+        })
 }
 
 /// Runs the MQTT connection on one end of a duplex pipe and shuttles WebSocket frames to and
@@ -59,7 +62,10 @@ async fn upgrade(
 /// out, persistent state is stored), never cut off mid-packet.
 async fn bridge(socket: WebSocket, ctx: Context, conn: Arc<Connection>) {
     let (mqtt_side, pipe) = tokio::io::duplex(PIPE);
-    let mqtt = tokio::spawn(connection::run(mqtt_side, ctx, conn));
+    let mqtt = ctx
+        .connections
+        .clone()
+        .spawn(connection::run(mqtt_side, ctx, conn));
     let (mut pipe_read, mut pipe_write) = tokio::io::split(pipe);
     let (mut ws_tx, mut ws_rx) = socket.split();
     // In a block so both halves' borrows end before the close frame is sent.
