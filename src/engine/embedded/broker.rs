@@ -428,7 +428,7 @@ impl Broker {
                 ));
             }
             // A stored server-named queue (`amq.gen-…`) comes back under its own name.
-            if names::is_reserved(name) && self.store().is_some() {
+            if names::is_reserved(name) && !self.restoring.load(Ordering::Acquire) {
                 return Err(EngineError::AccessRefused(format!(
                     "queue name '{name}' uses the reserved prefix 'amq.'"
                 )));

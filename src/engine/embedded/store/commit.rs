@@ -106,11 +106,19 @@ fn commit(db: &Database, fsync: Fsync, requests: &mut [Request]) -> Result<(), S
             }
         }
     }
-    let fail = |e: fjall::Error| StoreError(format!("storage engine: {e}"));
-    batch.commit().map_err(fail)?;
+    batch
+        .commit()
+        .map_err(|e| StoreError(format!("storage engine: {e}")))?;
+    sync(db, fsync)
+}
+
+/// Makes what was written durable as `engine.fsync` says (for every write of the store).
+pub fn sync(db: &Database, fsync: Fsync) -> Result<(), StoreError> {
     match fsync {
         Fsync::Never => Ok(()),
-        Fsync::Batch | Fsync::Always => db.persist(PersistMode::SyncAll).map_err(fail),
+        Fsync::Batch | Fsync::Always => db
+            .persist(PersistMode::SyncAll)
+            .map_err(|e| StoreError(format!("storage engine: {e}"))),
     }
 }
 

@@ -11,9 +11,9 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 
-use super::commit::{Committer, Op};
+use super::commit::{self, Committer, Op};
 use super::{BoxFuture, Snapshot, Store, StoreError, record};
 use crate::config::Fsync;
 use crate::engine::{BindingInfo, Envelope, ExchangeSpec, Message, QueueSpec};
@@ -73,10 +73,7 @@ impl DiskStore {
     }
 
     fn persist(&self) -> Result<(), StoreError> {
-        match self.fsync {
-            Fsync::Never => Ok(()),
-            Fsync::Batch | Fsync::Always => self.db.persist(PersistMode::SyncAll).map_err(db),
-        }
+        commit::sync(&self.db, self.fsync)
     }
 }
 

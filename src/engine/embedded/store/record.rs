@@ -1,10 +1,12 @@
-//! How durable topology is written: small binary records, every field table in AMQP's own
-//! lossless form (`engine::table::wire`). Each record starts with a version byte, so a later
-//! format can read this one.
+//! How durable state is written: small binary records (topology, binding keys, messages),
+//! every field table in AMQP's own lossless form (`engine::table::wire`). Each record starts
+//! with a version byte, so a later format can read this one.
 
-use crate::engine::table::wire;
+use std::ops::BitOr;
+
 use bytes::Bytes;
 
+use crate::engine::table::wire;
 use crate::engine::{
     BindingInfo, Envelope, ExchangeKind, ExchangeSpec, Message, Properties, QueueSpec,
 };
@@ -21,10 +23,11 @@ fn corrupt(what: &str, why: impl std::fmt::Display) -> StoreError {
     StoreError(format!("a stored {what} cannot be read: {why}"))
 }
 
-fn flags(set: &[(bool, u8)]) -> u8 {
+/// The bits of `set` that are on.
+fn flags<T: BitOr<Output = T> + Default + Copy>(set: &[(bool, T)]) -> T {
     set.iter()
         .filter(|(on, _)| *on)
-        .fold(0, |acc, (_, bit)| acc | bit)
+        .fold(T::default(), |acc, (_, bit)| acc | *bit)
 }
 
 fn flag(flags: u8, bit: u8) -> bool {
@@ -111,19 +114,6 @@ fn push_short(out: &mut Vec<u8>, s: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn take_short<'a>(bytes: &'a [u8], what: &str) -> Result<(String, &'a [u8]), StoreError> {
-    let (len, rest) = bytes
-        .split_first()
-        .ok_or_else(|| corrupt(what, "cut short"))?;
-    let len = usize::from(*len);
-    if rest.len() < len {
-        return Err(corrupt(what, "cut short"));
-    }
-    let (name, rest) = rest.split_at(len);
-    let name = std::str::from_utf8(name).map_err(|e| corrupt(what, e))?;
-    Ok((name.to_owned(), rest))
-}
-
 /// The key prefix of every binding of `queue`.
 pub fn bindings_of(queue: &str) -> Result<Vec<u8>, StoreError> {
     let mut out = Vec::with_capacity(queue.len() + 1);
@@ -142,14 +132,15 @@ pub fn binding_key(b: &BindingInfo) -> Result<Vec<u8>, StoreError> {
 }
 
 pub fn binding_from(key: &[u8]) -> Result<BindingInfo, StoreError> {
-    let (queue, rest) = take_short(key, "binding")?;
-    let (exchange, rest) = take_short(rest, "binding")?;
-    let (routing_key, rest) = take_short(rest, "binding")?;
+    let mut r = Reader::new(key, "binding");
+    let queue = r.short()?;
+    let exchange = r.short()?;
+    let routing_key = r.short()?;
     Ok(BindingInfo {
         exchange,
         queue,
         routing_key,
-        arguments: table(rest, "binding")?,
+        arguments: table(r.rest, "binding")?,
     })
 }
 
@@ -178,16 +169,23 @@ fn push_long(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Reads what a record holds, front to back.
-struct Reader<'a>(&'a [u8]);
+/// Reads what a record (of kind `what`, for errors) holds, front to back.
+struct Reader<'a> {
+    rest: &'a [u8],
+    what: &'static str,
+}
 
 impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8], what: &'static str) -> Self {
+        Reader { rest: bytes, what }
+    }
+
     fn take(&mut self, n: usize) -> Result<&'a [u8], StoreError> {
-        if self.0.len() < n {
-            return Err(corrupt("message", "cut short"));
+        if self.rest.len() < n {
+            return Err(corrupt(self.what, "cut short"));
         }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
+        let (head, rest) = self.rest.split_at(n);
+        self.rest = rest;
         Ok(head)
     }
 
@@ -212,8 +210,20 @@ impl<'a> Reader<'a> {
         self.take(u32::from_be_bytes(b) as usize)
     }
 
+    fn utf8(&self, bytes: &[u8]) -> Result<String, StoreError> {
+        String::from_utf8(bytes.to_vec()).map_err(|e| corrupt(self.what, e))
+    }
+
     fn string(&mut self) -> Result<String, StoreError> {
-        String::from_utf8(self.long()?.to_vec()).map_err(|e| corrupt("message", e))
+        let bytes = self.long()?;
+        self.utf8(bytes)
+    }
+
+    /// A [`push_short`] name.
+    fn short(&mut self) -> Result<String, StoreError> {
+        let len = usize::from(self.u8()?);
+        let bytes = self.take(len)?;
+        self.utf8(bytes)
     }
 }
 
@@ -238,21 +248,14 @@ pub fn message(envelope: &Envelope, published_at_ms: u64) -> Result<Vec<u8>, Sto
         (P_USER_ID, &p.user_id),
         (P_APP_ID, &p.app_id),
     ];
-    let mut present = strings
-        .iter()
-        .filter(|(_, v)| v.is_some())
-        .fold(0, |acc, (bit, _)| acc | bit);
-    for (bit, on) in [
-        (P_HEADERS, !p.headers.is_empty()),
-        (P_DELIVERY_MODE, p.delivery_mode.is_some()),
-        (P_PRIORITY, p.priority.is_some()),
-        (P_TIMESTAMP, p.timestamp.is_some()),
-    ] {
-        if on {
-            present |= bit;
-        }
-    }
-    out.extend_from_slice(&present.to_be_bytes());
+    let mut present: Vec<(bool, u16)> = strings.iter().map(|(b, v)| (v.is_some(), *b)).collect();
+    present.extend([
+        (!p.headers.is_empty(), P_HEADERS),
+        (p.delivery_mode.is_some(), P_DELIVERY_MODE),
+        (p.priority.is_some(), P_PRIORITY),
+        (p.timestamp.is_some(), P_TIMESTAMP),
+    ]);
+    out.extend_from_slice(&flags(&present).to_be_bytes());
     for (_, value) in strings {
         if let Some(v) = value {
             push_long(&mut out, v.as_bytes())?;
@@ -272,7 +275,7 @@ pub fn message(envelope: &Envelope, published_at_ms: u64) -> Result<Vec<u8>, Sto
 
 /// A stored message and its publish time ([`message`] in reverse).
 pub fn message_from(bytes: &[u8]) -> Result<(Envelope, u64), StoreError> {
-    let mut r = Reader(bytes);
+    let mut r = Reader::new(bytes, "message");
     if r.u8()? != V1 {
         return Err(corrupt("message", "unknown record version"));
     }
@@ -296,9 +299,9 @@ pub fn message_from(bytes: &[u8]) -> Result<(Envelope, u64), StoreError> {
         ..Properties::default()
     };
     if present & P_HEADERS != 0 {
-        let (headers, rest) = wire::decode(r.0).map_err(|e| corrupt("message", e))?;
+        let (headers, rest) = wire::decode(r.rest).map_err(|e| corrupt("message", e))?;
         p.headers = headers;
-        r.0 = rest;
+        r.rest = rest;
     }
     if present & P_DELIVERY_MODE != 0 {
         p.delivery_mode = Some(r.u8()?);
@@ -310,7 +313,7 @@ pub fn message_from(bytes: &[u8]) -> Result<(Envelope, u64), StoreError> {
         p.timestamp = Some(r.u64()?);
     }
     let body = Bytes::copy_from_slice(r.long()?);
-    if !r.0.is_empty() {
+    if !r.rest.is_empty() {
         return Err(corrupt("message", "bytes after the body"));
     }
     let envelope = Envelope {

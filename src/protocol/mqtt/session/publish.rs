@@ -326,7 +326,7 @@ impl Session {
     }
 
     /// The engine answered a publish (or an answer queued behind one came up): acknowledge it.
-    pub async fn confirmed(&mut self, ack: Ack, result: Result<(), EngineError>) -> Outcome {
+    pub async fn confirmed(&mut self, mut ack: Ack, result: Result<(), EngineError>) -> Outcome {
         if ack.owed {
             self.inflow.owed -= 1;
         }
@@ -341,32 +341,25 @@ impl Session {
                 {
                     self.inflow.qos2.remove(&id);
                 }
-                if let Some((key, undo)) = ack.retained {
+                if let Some((key, undo)) = ack.retained.take() {
                     self.retained.undo(&key, undo).await;
                 }
-                self.refused(ack.packet_id, ack.qos, e)
+                self.refused(&ack, e)
             }
         }
     }
 
     /// A publish the engine did not accept (DESIGN.md §5's failure table).
-    fn refused(&mut self, packet_id: Option<u16>, qos: u8, e: EngineError) -> Outcome {
-        let ack = Ack {
-            packet_id,
-            qos,
-            code: reason::UNSPECIFIED,
-            retained: None,
-            owed: false,
-        };
+    fn refused(&mut self, ack: &Ack, e: EngineError) -> Outcome {
         match e {
             EngineError::Rejected(_) if self.client.version == Version::V5 => {
-                self.send_ack(&ack, reason::QUOTA_EXCEEDED);
+                self.send_ack(ack, reason::QUOTA_EXCEEDED);
                 Outcome::Continue
             }
             e => {
                 tracing::warn!(client = %self.client.id, error = %e, "publish not accepted; closing so the client resends");
-                if self.client.version == Version::V5 && qos > 0 {
-                    self.send_ack(&ack, reason::UNSPECIFIED);
+                if self.client.version == Version::V5 && ack.qos > 0 {
+                    self.send_ack(ack, reason::UNSPECIFIED);
                     return Outcome::Continue;
                 }
                 Outcome::Close(CloseReason::EngineRefused)
