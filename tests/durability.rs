@@ -172,6 +172,14 @@ async fn retained_messages_survive_a_restart() {
         retain(&mut wire, &kept, b"still here", 1).await;
         retain(&mut wire, &deleted, b"soon gone", 2).await;
         retain(&mut wire, &deleted, b"", 3).await;
+        // Each retained write went through the store's group commit before its PUBACK.
+        let metrics = gw.metrics_text().await;
+        let commits: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("gateway_store_commits_total "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0);
+        assert!((1..=3).contains(&commits), "{commits} commits for 3 writes");
         // Shutdown waits for the connection (it closes with DISCONNECT 0x8B and lingers):
         // the data directory is free when it returns.
         gw.gateway.shutdown().await;
