@@ -62,7 +62,7 @@ impl From<&EngineError> for Code {
             EngineError::InvalidArgument(_) => Code::BadRequest,
             EngineError::AccessRefused(_) => Code::Forbidden,
             EngineError::ContentTooLarge { .. } => Code::TooLarge,
-            EngineError::Rejected(_) => Code::Overloaded,
+            EngineError::Rejected(_) | EngineError::StoreFailed(_) => Code::Overloaded,
             EngineError::Unavailable(_) | EngineError::ChannelClosed => Code::Unavailable,
             EngineError::NotSupported(_) => Code::NotSupported,
             EngineError::Internal(_) => Code::Internal,

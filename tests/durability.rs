@@ -201,3 +201,114 @@ async fn retained_messages_survive_a_restart() {
         "a deleted one stays deleted"
     );
 }
+
+/// Publishes `body` to `queue` through the default exchange; `persistent` sets delivery mode 2.
+async fn put_message(gw: &TestGateway, queue: &str, body: &str, properties: Value) {
+    let published = gw.post("/v1/exchanges/amq.default/publish", &admin()).json(
+        &json!({"routing_key": queue, "body": body, "properties": properties, "mandatory": true}),
+    );
+    assert_eq!(status(published).await, 200, "publish {body} to {queue}");
+}
+
+fn bodies(messages: &[Value]) -> Vec<&str> {
+    messages
+        .iter()
+        .map(|m| m["body"].as_str().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn persistent_messages_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let (q, ttl_q, transient_q) = (unique("pq"), unique("ttlq"), unique("tq"));
+    let persistent = json!({"delivery_mode": 2});
+    let full = json!({
+        "delivery_mode": 2, "content_type": "text/plain", "correlation_id": "c-1",
+        "message_id": "m-1", "priority": 3, "timestamp": 1_700_000_000u64,
+        "headers": {"n": 7, "s": "x", "list": [1, "two"], "nested": {"k": true}},
+    });
+    let before = {
+        let gw = on(&dir).await;
+        let declare =
+            |name: &str, spec: Value| gw.put(&format!("/v1/queues/{name}"), &admin()).json(&spec);
+        assert_eq!(status(declare(&q, json!({"durable": true}))).await, 201);
+        let ttl = json!({"durable": true, "arguments": {"x-message-ttl": 60000}});
+        assert_eq!(status(declare(&ttl_q, ttl)).await, 201);
+        assert_eq!(
+            status(declare(&transient_q, json!({"durable": false}))).await,
+            201
+        );
+        put_message(&gw, &q, "acked before the stop", persistent.clone()).await;
+        put_message(&gw, &q, "one", full.clone()).await;
+        put_message(&gw, &q, "transient", json!({"delivery_mode": 1})).await;
+        put_message(&gw, &q, "two", persistent.clone()).await;
+        put_message(&gw, &q, "three", persistent.clone()).await;
+        put_message(
+            &gw,
+            &transient_q,
+            "in a transient queue",
+            persistent.clone(),
+        )
+        .await;
+        put_message(&gw, &ttl_q, "lives a minute", persistent.clone()).await;
+        let expiring = json!({"delivery_mode": 2, "expiration": "300"});
+        put_message(&gw, &ttl_q, "dies in 300 ms", expiring).await;
+        assert_eq!(bodies(&gw.take(&q, 1).await), ["acked before the stop"]);
+        // Looked at and put back: it comes back marked redelivered.
+        let looked = gw
+            .post(&format!("/v1/queues/{q}/get"), &admin())
+            .json(&json!({"count": 1, "ack_mode": "requeue"}));
+        let looked = json_of(looked).await;
+        assert_eq!(looked["messages"][0]["body"], "one");
+        let before = json_of(gw.get(&format!("/v1/queues/{q}"), &admin())).await;
+        assert_eq!(before["messages"], 4);
+        gw.gateway.shutdown().await;
+        before
+    };
+    // The expiring message's TTL is a wall-clock deadline: it keeps counting while stopped.
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+
+    let gw = on(&dir).await;
+    assert_eq!(
+        gw.depth(&q).await,
+        3,
+        "the transient message is gone: {before}"
+    );
+    let got = gw.take(&q, 10).await;
+    assert_eq!(bodies(&got), ["one", "two", "three"], "in queue order");
+    assert_eq!(got[0]["redelivered"], true, "it had been seen");
+    assert_eq!(got[1]["redelivered"], false, "never seen");
+    let mut props = got[0]["properties"].clone();
+    let stamped = props["headers"]
+        .as_object_mut()
+        .unwrap()
+        .remove("x-gateway-sub");
+    assert_eq!(
+        stamped,
+        Some(json!("root")),
+        "the publisher's subject, stamped"
+    );
+    let keys = [
+        "delivery_mode",
+        "content_type",
+        "correlation_id",
+        "message_id",
+        "priority",
+        "timestamp",
+        "headers",
+    ];
+    for key in keys {
+        assert_eq!(props[key], full[key], "{key} kept");
+    }
+    assert_eq!(
+        status(gw.get(&format!("/v1/queues/{transient_q}"), &admin())).await,
+        404
+    );
+    assert_eq!(bodies(&gw.take(&ttl_q, 10).await), ["lives a minute"]);
+    gw.gateway.shutdown().await;
+
+    // Taken (acked) messages stay taken.
+    let gw = on(&dir).await;
+    assert_eq!(gw.depth(&q).await, 0, "acks removed them from disk");
+    assert_eq!(gw.depth(&ttl_q).await, 0);
+}

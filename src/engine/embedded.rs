@@ -87,8 +87,9 @@ impl EmbeddedEngine {
     }
 
     /// The engine with the durable state its store holds taken back: topology (exchanges,
-    /// queues, bindings) declared again, retained messages (queued messages are not stored
-    /// yet). Inside a tokio runtime.
+    /// queues, bindings) declared again, retained messages, and the persistent messages of
+    /// durable queues in their order (those a client may have seen marked redelivered).
+    /// Inside a tokio runtime.
     pub fn open(options: EmbeddedOptions) -> Result<Self, EngineError> {
         let snapshot = options.store.load()?;
         let retained = options.store.load_retained()?;
@@ -98,15 +99,22 @@ impl EmbeddedEngine {
             snapshot.queues.len(),
             snapshot.bindings.len(),
         );
+        let started = std::time::Instant::now();
+        let messages = options.store.load_messages()?;
         let engine = EmbeddedEngine::new(options);
         engine.broker.restore(snapshot)?;
         engine.retained.restore(retained);
-        if exchanges + queues + bindings + kept > 0 {
+        let recovered = engine.broker.recover(messages);
+        if exchanges + queues + bindings + kept + recovered.entries + recovered.discarded > 0 {
             tracing::info!(
                 exchanges,
                 queues,
                 bindings,
                 retained = kept,
+                messages = recovered.messages,
+                queued = recovered.entries,
+                discarded = recovered.discarded,
+                took_ms = started.elapsed().as_millis() as u64,
                 "durable state restored"
             );
         }
@@ -282,11 +290,8 @@ impl Channel for EmbeddedChannel {
 
     async fn purge_queue(&self, name: &str) -> Result<u64, EngineError> {
         self.shared.check_open()?;
-        Ok(self
-            .shared
-            .broker
-            .queue_for(self.shared.owner, name)?
-            .purge())
+        let queue = self.shared.broker.queue_for(self.shared.owner, name)?;
+        Ok(self.shared.broker.purge(&queue))
     }
 
     async fn set_queue_expiry(
@@ -370,7 +375,15 @@ impl Channel for EmbeddedChannel {
             .shared
             .check_open()
             .and_then(|()| self.shared.broker.publish(exchange, routing_key, message));
-        PublishConfirm::ready(result)
+        match result {
+            Ok((outcome, None)) => PublishConfirm::ready(Ok(outcome)),
+            // Persistent in a durable queue: confirmed once its group commit is durable.
+            Ok((outcome, Some(write))) => PublishConfirm::pending(async move {
+                write.await?;
+                Ok(outcome)
+            }),
+            Err(e) => PublishConfirm::ready(Err(e)),
+        }
     }
 
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Consumer, EngineError> {

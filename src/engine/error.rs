@@ -46,6 +46,10 @@ pub enum EngineError {
     /// A queue refused the message (`x-overflow = reject-publish`): a publisher nack.
     #[error("queue '{0}' is full and rejects publishes")]
     Rejected(String),
+    /// 506 RESOURCE_ERROR: the store could not write (disk full or failing); nothing of the
+    /// refused operation is kept.
+    #[error("store unavailable: {0}")]
+    StoreFailed(String),
     /// 320 CONNECTION_FORCED / upstream unreachable or confirm lost.
     #[error("engine unavailable: {0}")]
     Unavailable(String),
@@ -70,6 +74,7 @@ impl EngineError {
             EngineError::PreconditionFailed(_) | EngineError::InvalidArgument(_) => 406,
             EngineError::ContentTooLarge { .. } => 311,
             EngineError::Rejected(_) => 406,
+            EngineError::StoreFailed(_) => 506,
             EngineError::Unavailable(_) => 320,
             EngineError::ChannelClosed => 504,
             EngineError::NotSupported(_) => 540,

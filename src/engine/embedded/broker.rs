@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 mod dead_letter;
 mod equivalence;
 mod expiry;
+mod persist;
 
 use self::equivalence::{
     EXCHANGE_EQUIVALENCE_KEYS, QUEUE_EQUIVALENCE_KEYS, equivalent_arguments, must_match,
@@ -46,6 +47,8 @@ pub(super) struct Broker {
     held: Arc<Held>,
     max_message_bytes: usize,
     next_id: AtomicU64,
+    /// The id of the next message written to the store.
+    next_message: AtomicU64,
     default_exchange: Arc<str>,
     me: Weak<Broker>,
     /// Open channels, so a shutdown can close them.
@@ -74,6 +77,7 @@ impl Broker {
             held: Arc::new(Held::new(memory_high_watermark)),
             max_message_bytes,
             next_id: AtomicU64::new(1),
+            next_message: AtomicU64::new(1),
             default_exchange: Arc::from(""),
             me: me.clone(),
             channels: Mutex::new(HashMap::new()),
@@ -505,7 +509,18 @@ impl Broker {
         {
             tracing::error!(queue = %queue.name, error = %e, "deleted queue still in the store");
         }
-        queue.delete()
+        let mut fx = Effects::default();
+        let dropped = queue.delete(&mut fx);
+        self.forget(std::mem::take(&mut fx.dequeued));
+        dropped
+    }
+
+    /// Drops a queue's ready messages; returns how many.
+    pub fn purge(&self, queue: &Queue) -> u64 {
+        let mut fx = Effects::default();
+        let n = queue.purge(&mut fx);
+        self.forget(fx.dequeued);
+        n
     }
 
     /// An inspection: every queue, whoever owns it.
@@ -610,12 +625,14 @@ impl Broker {
 
     // ---- publish ----
 
+    /// Routes and enqueues at the call; the returned write, when there is one, resolves once
+    /// the message is durable in the store (only then may the publish be confirmed).
     pub fn publish(
         &self,
         exchange: &str,
         routing_key: &str,
         message: Message,
-    ) -> Result<PublishOutcome, EngineError> {
+    ) -> Result<(PublishOutcome, Option<DurableWrite>), EngineError> {
         if message.body.len() > self.max_message_bytes {
             return Err(EngineError::ContentTooLarge {
                 size: message.body.len(),
@@ -639,10 +656,10 @@ impl Broker {
             &mut targets,
         )?;
         if targets.is_empty() {
-            return Ok(PublishOutcome { routed: false });
+            return Ok((PublishOutcome { routed: false }, None));
         }
         let mut fx = Effects::default();
-        let (routed, rejected) = self.enqueue_all(
+        let (routed, rejected, write) = self.enqueue_all(
             &targets,
             exchange_name,
             routing_key.into(),
@@ -652,7 +669,7 @@ impl Broker {
         self.apply(fx);
         match rejected {
             Some(queue) => Err(EngineError::Rejected(queue.to_string())),
-            None => Ok(PublishOutcome { routed }),
+            None => Ok((PublishOutcome { routed }, write)),
         }
     }
 
@@ -661,6 +678,9 @@ impl Broker {
     /// Carries out what queue operations asked for once their locks are released.
     pub fn apply(&self, mut fx: Effects) {
         for _ in 0..MAX_EFFECT_ROUNDS {
+            if !fx.dequeued.is_empty() {
+                self.forget(std::mem::take(&mut fx.dequeued));
+            }
             if fx.dead.is_empty() && fx.start_expiry.is_empty() && fx.auto_delete.is_empty() {
                 return;
             }
@@ -715,8 +735,9 @@ impl Broker {
         Ok(name)
     }
 
-    /// Wraps the message once (one body and one memory charge for every queue) and enqueues it
-    /// in each target. Returns whether any queue took it and which one refused it, if any.
+    /// Wraps the message once (one body and one memory charge for every queue), writes it to
+    /// the store when persistent and any target is durable, and enqueues it in each target.
+    /// Returns whether any queue took it, which one refused it, if any, and the write.
     fn enqueue_all(
         &self,
         targets: &Targets,
@@ -724,7 +745,8 @@ impl Broker {
         routing_key: Arc<str>,
         message: Message,
         fx: &mut Effects,
-    ) -> (bool, Option<Arc<str>>) {
+    ) -> (bool, Option<Arc<str>>, Option<DurableWrite>) {
+        let disk = self.disk_for(&message, targets);
         let envelope = Arc::new(Stored::new(
             Envelope {
                 exchange,
@@ -732,20 +754,35 @@ impl Broker {
                 message,
             },
             &self.held,
+            disk,
         ));
+        // Before any consumer can see it: whatever ends an entry writes after this.
+        let write = self.write_enqueued(&envelope, targets);
+        let keep = write.is_some();
         let now = Instant::now();
         let mut routed = false;
         let mut rejected = None;
         for queue in targets {
-            match queue.enqueue(&envelope, now, fx) {
-                Enqueued::Taken => routed = true,
+            let on_disk = keep && queue.is_durable();
+            match queue.enqueue(&envelope, now, on_disk, fx) {
+                Enqueued::Taken => {
+                    routed = true;
+                    continue;
+                }
                 Enqueued::Refused => rejected = Some(queue.name.clone()),
                 Enqueued::Gone => {}
             }
+            if on_disk {
+                fx.dequeued.push((queue.name.clone(), envelope.clone()));
+            }
         }
-        (routed, rejected)
+        (routed, rejected, write)
     }
 }
+
+/// A store write a publish's confirm waits for.
+pub(super) type DurableWrite =
+    super::store::BoxFuture<'static, Result<(), super::store::StoreError>>;
 
 /// An owner's open channels and exclusive queues.
 type Owned = (usize, Vec<Arc<Queue>>);

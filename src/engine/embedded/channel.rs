@@ -166,6 +166,9 @@ impl DeliveryStream for Stream {
                     self.channel.broker.apply(fx);
                     self.taken = 0;
                 }
+                if let Some(entry) = &p.entry {
+                    self.channel.broker.delivered(&self.queue.name, entry);
+                }
                 return Poll::Ready(Some(p.delivery));
             }
             // From here on the client may see it. A record already gone was given back to the
@@ -176,6 +179,10 @@ impl DeliveryStream for Stream {
                 .lock()
                 .get_mut(&p.delivery.delivery_tag)
             {
+                if !u.seen {
+                    // Under the `unacked` lock, so this write is ordered before its ack's.
+                    self.channel.broker.mark_seen(&u.queue.name, &u.entry);
+                }
                 u.seen = true;
                 return Poll::Ready(Some(p.delivery));
             }
@@ -425,6 +432,9 @@ impl ChannelShared {
         let got = queue.get(no_ack, &mut fx);
         self.broker.apply(fx);
         let (entry, remaining) = got?;
+        if no_ack {
+            self.broker.delivered(&queue.name, &entry);
+        }
         let mut unacked = (!no_ack).then(|| self.unacked.lock());
         if unacked.is_some() && self.is_closed() {
             // The channel closed while the message was taken: `close` has already given back
@@ -447,6 +457,7 @@ impl ChannelShared {
             message_count: Some(remaining),
         };
         if let Some(unacked) = &mut unacked {
+            self.broker.mark_seen(&queue.name, &entry);
             unacked.insert(
                 tag,
                 Unacked {

@@ -100,14 +100,39 @@ impl std::fmt::Debug for Charge {
 pub(super) struct Stored {
     envelope: Envelope,
     _charge: Charge,
+    /// Set when the message is written to the store (persistent, in a durable queue).
+    pub disk: Option<OnDisk>,
+}
+
+/// A stored message's id and how many queue entries on disk still refer to it: the last one
+/// to go removes the message record.
+#[derive(Debug)]
+pub(super) struct OnDisk {
+    pub id: u64,
+    refs: AtomicU64,
+}
+
+impl OnDisk {
+    pub fn new(id: u64, refs: u64) -> OnDisk {
+        OnDisk {
+            id,
+            refs: AtomicU64::new(refs),
+        }
+    }
+
+    /// One entry went; true when it was the last.
+    pub fn release(&self) -> bool {
+        self.refs.fetch_sub(1, Ordering::AcqRel) == 1
+    }
 }
 
 impl Stored {
-    pub fn new(envelope: Envelope, held: &Arc<Held>) -> Stored {
+    pub fn new(envelope: Envelope, held: &Arc<Held>, disk: Option<OnDisk>) -> Stored {
         let charge = Charge::new(held, envelope.message.body.len() as u64);
         Stored {
             envelope,
             _charge: charge,
+            disk,
         }
     }
 }

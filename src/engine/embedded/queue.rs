@@ -140,6 +140,8 @@ pub(super) struct Entry {
     pub envelope: Arc<Stored>,
     pub expires_at: Option<Instant>,
     pub redelivered: bool,
+    /// Written to the store under this queue: whoever ends the entry tells the store.
+    pub on_disk: bool,
 }
 
 impl Entry {
@@ -157,10 +159,15 @@ pub(super) struct DeadLetter {
     pub routing_key: Option<String>,
 }
 
+/// A stored entry as recovery hands it back: the message, its age, whether it was seen.
+pub(super) type Restored = (Arc<Stored>, Duration, bool);
+
 /// Work for the broker once the queue's lock is released.
 #[derive(Default)]
 pub(super) struct Effects {
     pub dead: Vec<DeadLetter>,
+    /// Stored entries that left their queue for good: the store forgets them.
+    pub dequeued: Vec<(Arc<str>, Arc<Stored>)>,
     pub start_expiry: Vec<Arc<Queue>>,
     pub auto_delete: Vec<Arc<Queue>>,
 }
@@ -218,6 +225,8 @@ pub(super) struct Queue {
     /// session's expiry interval, as RabbitMQ's MQTT plugin updates it in place).
     spec: parking_lot::RwLock<QueueSpec>,
     pub args: QueueArgs,
+    /// Durable and not exclusive (fixed at declaration).
+    durable: bool,
     /// The owner (client connection) an exclusive queue belongs to.
     pub owner: Option<u64>,
     state: Mutex<State>,
@@ -242,6 +251,7 @@ impl Queue {
     ) -> Self {
         Queue {
             name,
+            durable: spec.durable && !spec.exclusive,
             spec: parking_lot::RwLock::new(spec),
             args,
             owner,
@@ -304,8 +314,7 @@ impl Queue {
 
     /// Durable and not exclusive: what the store keeps.
     pub fn is_durable(&self) -> bool {
-        let spec = self.spec.read();
-        spec.durable && !spec.exclusive
+        self.durable
     }
 
     /// Resolves when `x-expires` changes after this call (even before it is first polled).
@@ -346,7 +355,16 @@ impl Queue {
         st.consumers.is_empty().then_some(st.last_used)
     }
 
+    /// The entry leaves the queue for good.
+    fn done(&self, entry: &Entry, fx: &mut Effects) {
+        if entry.on_disk {
+            fx.dequeued
+                .push((self.name.clone(), entry.envelope.clone()));
+        }
+    }
+
     fn dead_letter(&self, entry: Entry, reason: DeadReason, fx: &mut Effects) {
+        self.done(&entry, fx);
         if self.args.dead_letter_exchange.is_none() {
             // Gone for good: counted, so a bounded queue's drops are visible.
             metrics::counter!(crate::metrics::DROPPED, "reason" => reason.as_str()).increment(1);
@@ -382,6 +400,36 @@ impl Queue {
                 st.ready.insert(at, entry);
             }
             _ => st.ready.push_back(entry),
+        }
+    }
+
+    /// Puts back what the store held at start (`(message, age, redelivered)`, in queue order),
+    /// ahead of anything published since. A TTL counts from the original publish.
+    pub fn restore(self: &Arc<Self>, entries: Vec<Restored>, now: Instant, fx: &mut Effects) {
+        let mut st = self.state.lock();
+        let mut any_ttl = false;
+        for (envelope, age, redelivered) in entries {
+            let expires_at = self
+                .expiry_of(&envelope, now)
+                .map(|at| at.checked_sub(age).unwrap_or(now));
+            any_ttl |= expires_at.is_some();
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            let entry = Entry {
+                seq,
+                envelope,
+                expires_at,
+                redelivered,
+                on_disk: true,
+            };
+            self.insert_ready(&mut st, entry);
+        }
+        self.enforce_limits(&mut st, fx);
+        if any_ttl {
+            self.expire_head(&mut st, now, false, fx);
+            if !self.expiry_started.load(Ordering::Acquire) {
+                fx.start_expiry.push(self.clone());
+            }
         }
     }
 
@@ -467,11 +515,12 @@ impl Queue {
         Some(now + ttl)
     }
 
-    /// Adds a published message.
+    /// Adds a published message; `on_disk` when the caller wrote its entry to the store.
     pub fn enqueue(
         self: &Arc<Self>,
         envelope: &Arc<Stored>,
         now: Instant,
+        on_disk: bool,
         fx: &mut Effects,
     ) -> Enqueued {
         let expires_at = self.expiry_of(envelope, now);
@@ -497,6 +546,7 @@ impl Queue {
                         envelope: envelope.clone(),
                         expires_at: None,
                         redelivered: false,
+                        on_disk: false,
                     };
                     self.dead_letter(entry, DeadReason::Rejected, fx);
                 }
@@ -513,6 +563,7 @@ impl Queue {
                 envelope: envelope.clone(),
                 expires_at,
                 redelivered: false,
+                on_disk,
             },
         );
         self.dispatch(&mut st, now, fx);
@@ -619,9 +670,11 @@ impl Queue {
         fx: &mut Effects,
     ) {
         let n = entries.len();
-        if dead {
-            for entry in entries {
+        for entry in entries {
+            if dead {
                 self.dead_letter(entry, DeadReason::Rejected, fx);
+            } else {
+                self.done(&entry, fx);
             }
         }
         let mut st = self.state.lock();
@@ -651,6 +704,9 @@ impl Queue {
             }
         }
         if st.deleted {
+            for entry in &entries {
+                self.done(entry, fx);
+            }
             return;
         }
         for entry in entries {
@@ -675,21 +731,25 @@ impl Queue {
         Some((entry, st.ready.len() as u64))
     }
 
-    pub fn purge(&self) -> u64 {
+    pub fn purge(&self, fx: &mut Effects) -> u64 {
         let mut st = self.state.lock();
         let n = st.ready.len() as u64;
-        while self.pop_ready(&mut st).is_some() {}
+        while let Some(entry) = self.pop_ready(&mut st) {
+            self.done(&entry, fx);
+        }
         n
     }
 
     /// Marks the queue deleted, ends its consumers and drops its messages; returns how many
     /// ready messages went with it.
-    pub fn delete(&self) -> u64 {
+    pub fn delete(&self, fx: &mut Effects) -> u64 {
         let (dropped, consumers) = {
             let mut st = self.state.lock();
             st.deleted = true;
             let dropped = st.ready.len() as u64;
-            while self.pop_ready(&mut st).is_some() {}
+            while let Some(entry) = self.pop_ready(&mut st) {
+                self.done(&entry, fx);
+            }
             (dropped, std::mem::take(&mut st.consumers))
         };
         for slot in &consumers {

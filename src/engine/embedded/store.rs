@@ -2,15 +2,18 @@
 //! and never know what is behind it: [`MemoryStore`] (nothing survives a restart) or
 //! [`disk::DiskStore`] (fjall in `engine.data_dir`).
 //!
-//! Called for durable exchanges, durable non-exclusive queues, and bindings between durable
-//! ones. Messages are not yet written, and the engine does not yet open the disk store: see
-//! `docs/engine.md` ("Durability").
+//! Called for durable exchanges, durable non-exclusive queues, bindings between durable ones,
+//! retained messages, and persistent messages (delivery mode 2) in durable queues: each body
+//! once, under a stable id, and one index entry per queue holding it. See `docs/engine.md`
+//! ("Durability").
 
 mod commit;
 pub mod disk;
 mod record;
 
-use crate::engine::{BindingInfo, EngineError, ExchangeSpec, Message, QueueSpec};
+use std::collections::HashMap;
+
+use crate::engine::{BindingInfo, EngineError, Envelope, ExchangeSpec, Message, QueueSpec};
 
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("store: {0}")]
@@ -18,7 +21,7 @@ pub struct StoreError(pub String);
 
 impl From<StoreError> for EngineError {
     fn from(e: StoreError) -> Self {
-        EngineError::Internal(e.to_string())
+        EngineError::StoreFailed(e.0)
     }
 }
 
@@ -28,6 +31,38 @@ pub struct Snapshot {
     pub exchanges: Vec<(String, ExchangeSpec)>,
     pub queues: Vec<(String, QueueSpec)>,
     pub bindings: Vec<BindingInfo>,
+}
+
+/// One change to the stored messages. Applied in call order, after every earlier write.
+#[derive(Debug)]
+pub enum MessageWrite<'a> {
+    /// The body and properties of message `id`, published at `published_at_ms` (wall clock).
+    Message {
+        id: u64,
+        envelope: &'a Envelope,
+        published_at_ms: u64,
+    },
+    /// Message `id` is in `queue`; `redelivered` once a client may have seen it.
+    Enqueue {
+        queue: &'a str,
+        id: u64,
+        redelivered: bool,
+    },
+    /// Message `id` left `queue` (acked, expired, dropped, dead-lettered, purged).
+    Dequeue { queue: &'a str, id: u64 },
+    /// No queue holds message `id` any more.
+    Forget { id: u64 },
+}
+
+/// The stored messages as loaded at start.
+#[derive(Debug, Default)]
+pub struct StoredMessages {
+    /// id → (envelope, publish time in wall-clock milliseconds).
+    pub messages: HashMap<u64, (Envelope, u64)>,
+    /// (queue, id, redelivered), each queue's entries in the order they were enqueued.
+    pub queued: Vec<(String, u64, bool)>,
+    /// Records that could not be read (a torn or corrupt write): skipped and removed.
+    pub unreadable: usize,
 }
 
 pub trait Store: Send + Sync + 'static {
@@ -50,6 +85,22 @@ pub trait Store: Send + Sync + 'static {
 
     /// The retained messages stored: routing key, message, publish time.
     fn load_retained(&self) -> Result<Vec<(String, Message, u64)>, StoreError>;
+
+    /// Whether persistent messages are kept at all (callers skip the work when not).
+    fn keeps_messages(&self) -> bool {
+        false
+    }
+
+    /// Applies `writes` in order, after every earlier call; resolves once durable as
+    /// `engine.fsync` says. The order is fixed at the call: a caller that drops the future
+    /// still has them applied (a failure is then logged by the store).
+    fn write_messages(
+        &self,
+        writes: &[MessageWrite<'_>],
+    ) -> BoxFuture<'static, Result<(), StoreError>>;
+
+    /// Every stored message and queue entry.
+    fn load_messages(&self) -> Result<StoredMessages, StoreError>;
 
     /// Group commits made so far (each one fsync; writes per commit say how well they group).
     fn commits(&self) -> u64 {
@@ -94,5 +145,11 @@ impl Store for MemoryStore {
     }
     fn load_retained(&self) -> Result<Vec<(String, Message, u64)>, StoreError> {
         Ok(Vec::new())
+    }
+    fn write_messages(&self, _: &[MessageWrite<'_>]) -> BoxFuture<'static, Result<(), StoreError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+    fn load_messages(&self) -> Result<StoredMessages, StoreError> {
+        Ok(StoredMessages::default())
     }
 }

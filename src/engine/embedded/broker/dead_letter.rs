@@ -88,7 +88,8 @@ impl Broker {
         };
         targets.retain(|q| !is_cycle(&history, &q.name));
         if !targets.is_empty() {
-            self.enqueue_all(&targets, exchange_name, routing_key, message, fx);
+            // Its store write (if any) is not awaited: nobody confirms a dead letter.
+            let _ = self.enqueue_all(&targets, exchange_name, routing_key, message, fx);
         }
     }
 }

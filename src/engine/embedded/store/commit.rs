@@ -90,20 +90,37 @@ fn write_loop(
         }
         let result = commit(db, fsync, &mut requests);
         batches.fetch_add(1, Ordering::Relaxed);
+        let mut unheard = 0;
         for r in requests {
-            let _ = r.done.send(result.clone());
+            if r.done.send(result.clone()).is_err() {
+                unheard += 1;
+            }
+        }
+        // Writes nobody waits for (acks, expiries) must not fail silently.
+        if let Err(e) = &result
+            && unheard > 0
+        {
+            tracing::error!(error = %e, writes = unheard, "store write failed");
         }
     }
 }
 
 fn commit(db: &Database, fsync: Fsync, requests: &mut [Request]) -> Result<(), StoreError> {
+    apply(db, fsync, requests.iter_mut().flat_map(|r| r.ops.drain(..)))
+}
+
+/// Applies `ops` as one batch, then syncs as `fsync` says (outside the writer too: recovery's
+/// clean-up runs before any client writes).
+pub fn apply(
+    db: &Database,
+    fsync: Fsync,
+    ops: impl IntoIterator<Item = Op>,
+) -> Result<(), StoreError> {
     let mut batch = db.batch();
-    for r in requests.iter_mut() {
-        for op in r.ops.drain(..) {
-            match op {
-                Op::Put(ks, k, v) => batch.insert(&ks, k, v),
-                Op::Remove(ks, k) => batch.remove(&ks, k),
-            }
+    for op in ops {
+        match op {
+            Op::Put(ks, k, v) => batch.insert(&ks, k, v),
+            Op::Remove(ks, k) => batch.remove(&ks, k),
         }
     }
     batch

@@ -4,7 +4,11 @@
 //! gateway runs, so a second gateway on the same directory refuses to start.
 //!
 //! Topology writes are rare and small: each is persisted (`fsync`) before it returns unless
-//! `engine.fsync = "never"`. Messages, with group commit, are the next step (issue 13).
+//! `engine.fsync = "never"`. Message writes go through group commit ([`Committer`]).
+//!
+//! Keyspaces: `exchanges`, `queues`, `bindings` (all key, prefixed by the queue), `retained`
+//! (by routing key), `messages` (id → record, each body once) and `queued` (queue + id →
+//! flags: one entry per queue holding the message).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -14,7 +18,7 @@ use std::time::Duration;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 
 use super::commit::{self, Committer, Op};
-use super::{BoxFuture, Snapshot, Store, StoreError, record};
+use super::{BoxFuture, MessageWrite, Snapshot, Store, StoreError, StoredMessages, record};
 use crate::config::Fsync;
 use crate::engine::{BindingInfo, Envelope, ExchangeSpec, Message, QueueSpec};
 
@@ -35,6 +39,8 @@ pub struct DiskStore {
     queues: Keyspace,
     bindings: Keyspace,
     retained: Keyspace,
+    messages: Keyspace,
+    queued: Keyspace,
     /// Group commit for message writes.
     committer: Committer,
     fsync: Fsync,
@@ -65,6 +71,8 @@ impl DiskStore {
             queues: keyspace("queues")?,
             bindings: keyspace("bindings")?,
             retained: keyspace("retained")?,
+            messages: keyspace("messages")?,
+            queued: keyspace("queued")?,
             committer: Committer::start(db.clone(), fsync, max_delay)?,
             db,
             fsync,
@@ -74,6 +82,35 @@ impl DiskStore {
 
     fn persist(&self) -> Result<(), StoreError> {
         commit::sync(&self.db, self.fsync)
+    }
+
+    fn op(&self, write: &MessageWrite<'_>) -> Result<Op, StoreError> {
+        Ok(match *write {
+            MessageWrite::Message {
+                id,
+                envelope,
+                published_at_ms,
+            } => Op::Put(
+                self.messages.clone(),
+                record::message_key(id).to_vec(),
+                record::message(envelope, published_at_ms)?,
+            ),
+            MessageWrite::Enqueue {
+                queue,
+                id,
+                redelivered,
+            } => Op::Put(
+                self.queued.clone(),
+                record::queued_key(queue, id)?,
+                record::queued_value(redelivered),
+            ),
+            MessageWrite::Dequeue { queue, id } => {
+                Op::Remove(self.queued.clone(), record::queued_key(queue, id)?)
+            }
+            MessageWrite::Forget { id } => {
+                Op::Remove(self.messages.clone(), record::message_key(id).to_vec())
+            }
+        })
     }
 }
 
@@ -159,12 +196,17 @@ impl Store for DiskStore {
         self.persist()
     }
 
-    /// The queue and every binding to it.
+    /// The queue, every binding to it and its message entries (the messages themselves go as
+    /// their entries are dequeued, or at the next start when nothing refers to them).
     fn delete_queue(&self, name: &str) -> Result<(), StoreError> {
         let mut batch = self.db.batch();
         batch.remove(&self.queues, name);
-        for item in self.bindings.prefix(record::bindings_of(name)?) {
+        let prefix = record::queue_prefix(name)?;
+        for item in self.bindings.prefix(&prefix) {
             batch.remove(&self.bindings, item.key().map_err(db)?);
+        }
+        for item in self.queued.prefix(&prefix) {
+            batch.remove(&self.queued, item.key().map_err(db)?);
         }
         batch.commit().map_err(db)?;
         self.persist()
@@ -205,6 +247,55 @@ impl Store for DiskStore {
             Ok(op) => Box::pin(self.committer.write(vec![op])),
             Err(e) => Box::pin(std::future::ready(Err(e))),
         }
+    }
+
+    fn keeps_messages(&self) -> bool {
+        true
+    }
+
+    fn write_messages(
+        &self,
+        writes: &[MessageWrite<'_>],
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
+        let ops: Result<Vec<Op>, StoreError> = writes.iter().map(|w| self.op(w)).collect();
+        match ops {
+            Ok(ops) => Box::pin(self.committer.write(ops)),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
+    }
+
+    /// Unreadable records are counted, logged and removed, never fatal: a torn last write is
+    /// one the gateway never confirmed.
+    fn load_messages(&self) -> Result<StoredMessages, StoreError> {
+        let mut out = StoredMessages::default();
+        let mut bad = Vec::new();
+        for item in self.messages.iter() {
+            let (k, v) = item.into_inner().map_err(db)?;
+            match record::message_id(&k).and_then(|id| Ok((id, record::message_from(&v)?))) {
+                Ok((id, message)) => {
+                    out.messages.insert(id, message);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "stored message skipped and removed");
+                    bad.push(Op::Remove(self.messages.clone(), k.to_vec()));
+                }
+            }
+        }
+        for item in self.queued.iter() {
+            let (k, v) = item.into_inner().map_err(db)?;
+            match record::queued_from(&k, &v) {
+                Ok(entry) => out.queued.push(entry),
+                Err(e) => {
+                    tracing::error!(error = %e, "stored queue entry skipped and removed");
+                    bad.push(Op::Remove(self.queued.clone(), k.to_vec()));
+                }
+            }
+        }
+        out.unreadable = bad.len();
+        if !bad.is_empty() {
+            commit::apply(&self.db, self.fsync, bad)?;
+        }
+        Ok(out)
     }
 
     fn commits(&self) -> u64 {

@@ -114,8 +114,8 @@ fn push_short(out: &mut Vec<u8>, s: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The key prefix of every binding of `queue`.
-pub fn bindings_of(queue: &str) -> Result<Vec<u8>, StoreError> {
+/// The key prefix of everything kept per `queue` (its bindings, its message entries).
+pub fn queue_prefix(queue: &str) -> Result<Vec<u8>, StoreError> {
     let mut out = Vec::with_capacity(queue.len() + 1);
     push_short(&mut out, queue)?;
     Ok(out)
@@ -124,7 +124,7 @@ pub fn bindings_of(queue: &str) -> Result<Vec<u8>, StoreError> {
 /// A binding is all key (queue, exchange, routing key, arguments): binding twice is one binding,
 /// and a queue's bindings share a prefix.
 pub fn binding_key(b: &BindingInfo) -> Result<Vec<u8>, StoreError> {
-    let mut out = bindings_of(&b.queue)?;
+    let mut out = queue_prefix(&b.queue)?;
     push_short(&mut out, &b.exchange)?;
     push_short(&mut out, &b.routing_key)?;
     out.extend(encoded(&b.arguments)?);
@@ -142,6 +142,49 @@ pub fn binding_from(key: &[u8]) -> Result<BindingInfo, StoreError> {
         routing_key,
         arguments: table(r.rest, "binding")?,
     })
+}
+
+// ---- queue entries ----
+
+const REDELIVERED: u8 = 1;
+
+/// A message's entry in a queue: (queue, message id). Ids grow with publish order, so a queue's
+/// entries read back in the order they were published.
+pub fn queued_key(queue: &str, id: u64) -> Result<Vec<u8>, StoreError> {
+    let mut out = queue_prefix(queue)?;
+    out.extend_from_slice(&id.to_be_bytes());
+    Ok(out)
+}
+
+pub fn queued_value(redelivered: bool) -> Vec<u8> {
+    vec![V1, flags(&[(redelivered, REDELIVERED)])]
+}
+
+/// (queue, message id, redelivered) of an entry.
+pub fn queued_from(key: &[u8], value: &[u8]) -> Result<(String, u64, bool), StoreError> {
+    let mut r = Reader::new(key, "queue entry");
+    let queue = r.short()?;
+    let id = r.u64()?;
+    let mut v = Reader::new(value, "queue entry");
+    if v.u8()? != V1 {
+        return Err(corrupt("queue entry", "unknown record version"));
+    }
+    let redelivered = flag(v.u8()?, REDELIVERED);
+    if !r.rest.is_empty() || !v.rest.is_empty() {
+        return Err(corrupt("queue entry", "trailing bytes"));
+    }
+    Ok((queue, id, redelivered))
+}
+
+pub fn message_key(id: u64) -> [u8; 8] {
+    id.to_be_bytes()
+}
+
+pub fn message_id(key: &[u8]) -> Result<u64, StoreError> {
+    let b: [u8; 8] = key
+        .try_into()
+        .map_err(|_| corrupt("message", "key is not 8 bytes"))?;
+    Ok(u64::from_be_bytes(b))
 }
 
 // ---- messages ----
@@ -359,9 +402,20 @@ mod tests {
             arguments,
         };
         let key = binding_key(&b).unwrap();
-        assert!(key.starts_with(&bindings_of("q").unwrap()));
-        assert!(!key.starts_with(&bindings_of("q2").unwrap()));
+        assert!(key.starts_with(&queue_prefix("q").unwrap()));
+        assert!(!key.starts_with(&queue_prefix("q2").unwrap()));
         assert_eq!(binding_from(&key).unwrap(), b);
+        let entry = queued_key("q", 7).unwrap();
+        assert!(entry.starts_with(&queue_prefix("q").unwrap()));
+        assert_eq!(
+            queued_from(&entry, &queued_value(true)).unwrap(),
+            ("q".to_owned(), 7, true)
+        );
+        assert!(
+            queued_key("q", 7).unwrap() < queued_key("q", 256).unwrap(),
+            "id order"
+        );
+        assert_eq!(message_id(&message_key(42)).unwrap(), 42);
     }
 
     #[test]

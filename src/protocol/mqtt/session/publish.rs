@@ -352,7 +352,9 @@ impl Session {
     /// A publish the engine did not accept (DESIGN.md §5's failure table).
     fn refused(&mut self, ack: &Ack, e: EngineError) -> Outcome {
         match e {
-            EngineError::Rejected(_) if self.client.version == Version::V5 => {
+            EngineError::Rejected(_) | EngineError::StoreFailed(_)
+                if self.client.version == Version::V5 =>
+            {
                 self.send_ack(ack, reason::QUOTA_EXCEEDED);
                 Outcome::Continue
             }

@@ -1,0 +1,184 @@
+//! Persistent messages (delivery mode 2) in durable queues, as DESIGN.md §2 promises them: a
+//! publish writes the message once under a new id and one entry per durable queue that takes
+//! it, and is confirmed once that write is durable; whatever ends an entry (ack, expiry,
+//! dead-lettering, length limits, purge, delete, a no-ack delivery) removes it, and the last
+//! entry of a message removes the message. Every write is issued after the queue locks are
+//! released and before the message can reach a consumer, so an entry's removal is always
+//! ordered after its write. At start, [`Broker::recover`] puts the entries back.
+
+use std::collections::HashMap;
+
+use super::*;
+use crate::engine::embedded::held::OnDisk;
+use crate::engine::embedded::queue::{Entry, Restored};
+use crate::engine::embedded::store::{BoxFuture, MessageWrite, StoreError, StoredMessages};
+
+/// What [`Broker::recover`] put back.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    pub messages: usize,
+    pub entries: usize,
+    /// Entries and messages nothing could use (their queue is gone, or a torn write): removed.
+    pub discarded: usize,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A write nobody awaits: the store logs it if it fails.
+fn detach(write: BoxFuture<'static, Result<(), StoreError>>) {
+    drop(write);
+}
+
+impl Broker {
+    /// How many of `targets` keep `message` on disk (persistent message, durable queues, a store
+    /// that keeps messages), and the id it gets if any does.
+    pub(super) fn disk_for(&self, message: &Message, targets: &Targets) -> Option<OnDisk> {
+        if !message.is_persistent() || !self.store.keeps_messages() {
+            return None;
+        }
+        let refs = targets.iter().filter(|q| q.is_durable()).count() as u64;
+        (refs > 0).then(|| OnDisk::new(self.next_message.fetch_add(1, Ordering::Relaxed), refs))
+    }
+
+    /// Writes `stored` and its entry in each durable target; resolves once durable.
+    pub(super) fn write_enqueued(
+        &self,
+        stored: &Stored,
+        targets: &Targets,
+    ) -> Option<BoxFuture<'static, Result<(), StoreError>>> {
+        let id = stored.disk.as_ref()?.id;
+        let mut writes = Vec::with_capacity(targets.len() + 1);
+        writes.push(MessageWrite::Message {
+            id,
+            envelope: stored,
+            published_at_ms: now_ms(),
+        });
+        writes.extend(
+            targets
+                .iter()
+                .filter(|q| q.is_durable())
+                .map(|q| MessageWrite::Enqueue {
+                    queue: &q.name,
+                    id,
+                    redelivered: false,
+                }),
+        );
+        Some(self.store.write_messages(&writes))
+    }
+
+    /// A no-ack delivery left `queue` for good as it was handed out.
+    pub fn delivered(&self, queue: &Arc<str>, entry: &Entry) {
+        if entry.on_disk {
+            self.forget(vec![(queue.clone(), entry.envelope.clone())]);
+        }
+    }
+
+    /// Removes ended entries, and the messages whose last entry they were.
+    pub(in crate::engine::embedded) fn forget(&self, dequeued: Vec<(Arc<str>, Arc<Stored>)>) {
+        let mut writes = Vec::with_capacity(dequeued.len() * 2);
+        for (queue, stored) in &dequeued {
+            if let Some(disk) = &stored.disk {
+                writes.push(MessageWrite::Dequeue { queue, id: disk.id });
+                if disk.release() {
+                    writes.push(MessageWrite::Forget { id: disk.id });
+                }
+            }
+        }
+        if !writes.is_empty() {
+            detach(self.store.write_messages(&writes));
+        }
+    }
+
+    /// A client may have seen this entry of `queue`: after a crash it comes back redelivered.
+    /// Entries already marked redelivered are not written again.
+    pub fn mark_seen(&self, queue: &str, entry: &Entry) {
+        if entry.redelivered || !entry.on_disk {
+            return;
+        }
+        if let Some(disk) = &entry.envelope.disk {
+            detach(self.store.write_messages(&[MessageWrite::Enqueue {
+                queue,
+                id: disk.id,
+                redelivered: true,
+            }]));
+        }
+    }
+
+    /// Puts the stored entries back into their (restored) queues, in order, before any client
+    /// connects; removes what nothing can use. New ids continue after the highest stored one.
+    pub fn recover(&self, stored: StoredMessages) -> Recovered {
+        let StoredMessages {
+            mut messages,
+            queued,
+            unreadable,
+        } = stored;
+        let next = messages.keys().max().map_or(1, |id| id + 1);
+        self.next_message.store(next, Ordering::Relaxed);
+        let mut stale = Vec::new();
+        let mut kept: Vec<(Arc<Queue>, u64, bool)> = Vec::new();
+        let mut refs: HashMap<u64, u64> = HashMap::new();
+        for (queue, id, redelivered) in queued {
+            match self.queues.get(queue.as_str()) {
+                Some(q) if q.is_durable() && messages.contains_key(&id) => {
+                    *refs.entry(id).or_default() += 1;
+                    kept.push((q.value().clone(), id, redelivered));
+                }
+                _ => stale.push((queue, id)),
+            }
+        }
+        let unused: Vec<u64> = messages
+            .keys()
+            .filter(|id| !refs.contains_key(id))
+            .copied()
+            .collect();
+        let recovered = Recovered {
+            messages: refs.len(),
+            entries: kept.len(),
+            discarded: stale.len() + unused.len() + unreadable,
+        };
+        let mut writes: Vec<MessageWrite<'_>> = stale
+            .iter()
+            .map(|(queue, id)| MessageWrite::Dequeue { queue, id: *id })
+            .collect();
+        writes.extend(unused.iter().map(|&id| MessageWrite::Forget { id }));
+        if !writes.is_empty() {
+            detach(self.store.write_messages(&writes));
+        }
+        let now = Instant::now();
+        let wall = now_ms();
+        // One `Stored` per message, shared by its queues as at publish.
+        let mut shared: HashMap<u64, (Arc<Stored>, Duration)> = HashMap::new();
+        let mut per_queue: Vec<(Arc<Queue>, Vec<Restored>)> = Vec::new();
+        for (queue, id, redelivered) in kept {
+            let (stored, age) = match shared.get(&id) {
+                Some(found) => found.clone(),
+                None => {
+                    let Some((envelope, at)) = messages.remove(&id) else {
+                        continue;
+                    };
+                    let disk = OnDisk::new(id, refs[&id]);
+                    let stored = Arc::new(Stored::new(envelope, &self.held, Some(disk)));
+                    let age = Duration::from_millis(wall.saturating_sub(at));
+                    shared.insert(id, (stored.clone(), age));
+                    (stored, age)
+                }
+            };
+            match per_queue.last_mut() {
+                Some((q, entries)) if Arc::ptr_eq(q, &queue) => {
+                    entries.push((stored, age, redelivered));
+                }
+                _ => per_queue.push((queue, vec![(stored, age, redelivered)])),
+            }
+        }
+        let mut fx = Effects::default();
+        for (queue, entries) in per_queue {
+            queue.restore(entries, now, &mut fx);
+        }
+        self.apply(fx);
+        recovered
+    }
+}
