@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use amqp_gateway::{Config, StartError};
 use common::WAIT;
+use common::child::ChildGateway;
 
 fn test_config() -> Config {
     let mut c = Config::default();
@@ -107,79 +108,12 @@ async fn upstream_engine_is_refused_until_it_exists() {
 #[tokio::test]
 async fn the_binary_runs_and_exits_cleanly_on_sigterm() {
     let data = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_amqp-gateway"))
-        .args([
-            "--http-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(data.path())
-        .args(["--log-format", "json", "--log-level", "info"])
-        .env(
-            "GATEWAY_AUTH__HS256_SECRET",
-            "binary-test-secret-0123456789",
-        )
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn the gateway binary");
-    let stdout = child.stdout.take().unwrap();
-    let (lines_tx, mut lines_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let addr = tokio::time::timeout(WAIT, async {
-        while let Some(line) = lines_rx.recv().await {
-            let v: serde_json::Value = serde_json::from_str(&line).expect("json log line");
-            if v["fields"]["listener"] == "http" {
-                return v["fields"]["addr"].as_str().unwrap().to_owned();
-            }
-        }
-        panic!("the gateway exited before logging its listener");
-    })
-    .await
-    .expect("listener line logged");
-
-    let health = reqwest::get(format!("http://{addr}/healthz"))
-        .await
-        .unwrap();
+    let mut gw = ChildGateway::start(data.path()).await;
+    let health = reqwest::get(gw.url("/healthz")).await.unwrap();
     assert_eq!(health.status(), 200);
-
-    let term = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let status = gw.signal("TERM").await;
     assert!(status.success(), "exit status {status:?}");
-    let mut rest = Vec::new();
-    while let Ok(line) = lines_rx.try_recv() {
-        rest.push(line);
-    }
-    // The reader thread may still be flushing; wait for the final line within the bound.
-    let stopped = tokio::time::timeout(WAIT, async {
-        if rest.iter().any(|l| l.contains("gateway stopped")) {
-            return;
-        }
-        while let Some(line) = lines_rx.recv().await {
-            if line.contains("gateway stopped") {
-                return;
-            }
-        }
-        panic!("no 'gateway stopped' line");
-    })
-    .await;
-    assert!(stopped.is_ok());
+    gw.logged("gateway stopped").await;
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use amqp_gateway::engine::{Consumer, Delivery};
 
+pub mod child;
 pub mod held_confirms;
 pub mod mqtt_bytes;
 pub mod mqtt_wire;
@@ -227,17 +228,28 @@ impl TestGateway {
 
     /// Takes up to `count` messages from `queue` as administrator.
     pub async fn take(&self, queue: &str, count: u32) -> Vec<serde_json::Value> {
-        let v: serde_json::Value = self
-            .post(&format!("/v1/queues/{queue}/get"), &admin())
-            .json(&serde_json::json!({"count": count}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v["messages"].as_array().cloned().unwrap_or_default()
+        take_at(&self.http, &self.base, queue, count).await
     }
+}
+
+/// Takes up to `count` messages from `queue` of the gateway at `base` as administrator.
+pub async fn take_at(
+    http: &reqwest::Client,
+    base: &str,
+    queue: &str,
+    count: u32,
+) -> Vec<serde_json::Value> {
+    let v: serde_json::Value = http
+        .post(format!("{base}/v1/queues/{queue}/get"))
+        .bearer_auth(admin())
+        .json(&serde_json::json!({"count": count}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["messages"].as_array().cloned().unwrap_or_default()
 }
 
 /// Asserts a problem+json answer with `status` and `code`; returns its body.

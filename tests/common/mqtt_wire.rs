@@ -97,6 +97,14 @@ pub struct RawWire {
 }
 
 impl RawWire {
+    /// MQTT over TCP to `addr` (a gateway in another process).
+    pub async fn tcp(addr: std::net::SocketAddr) -> RawWire {
+        RawWire {
+            io: Io::Tcp(TcpStream::connect(addr).await.expect("MQTT TCP connect")),
+            buf: BytesMut::new(),
+        }
+    }
+
     pub async fn open(gw: &TestGateway, t: Transport) -> RawWire {
         RawWire {
             io: Io::open(gw, t).await,

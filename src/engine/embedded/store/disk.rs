@@ -61,7 +61,9 @@ impl DiskStore {
         std::fs::create_dir_all(dir).map_err(|e| io("cannot create", dir, e))?;
         let lock = lock(dir)?;
         check_format(dir)?;
+        let tails = journal_tails(&dir.join("store"));
         let db = Database::builder(dir.join("store")).open().map_err(db)?;
+        report_torn(&tails);
         let keyspace = |name: &str| {
             db.keyspace(name, KeyspaceCreateOptions::default)
                 .map_err(self::db)
@@ -111,6 +113,61 @@ impl DiskStore {
                 Op::Remove(self.messages.clone(), record::message_key(id).to_vec())
             }
         })
+    }
+}
+
+/// Where the written data of each journal ends (journals are preallocated with zeros), before
+/// the storage engine opens them.
+fn journal_tails(store: &Path) -> Vec<(PathBuf, u64)> {
+    let Ok(entries) = std::fs::read_dir(store) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jnl"))
+        .filter_map(|p| data_end(&p).ok().map(|end| (p, end)))
+        .collect()
+}
+
+/// The offset after the last non-zero byte of `path`.
+fn data_end(path: &Path) -> std::io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    const CHUNK: u64 = 1 << 20;
+    let mut f = File::open(path)?;
+    let mut end = f.metadata()?.len();
+    let mut buf = vec![0u8; CHUNK as usize];
+    while end > 0 {
+        let start = end.saturating_sub(CHUNK);
+        let len = (end - start) as usize;
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(&mut buf[..len])?;
+        if let Some(last) = buf[..len].iter().rposition(|&b| b != 0) {
+            return Ok(start + last as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
+}
+
+/// The storage engine cuts a journal's torn or corrupt last batch when it opens it (atomic
+/// batches: all of one or nothing). It does so quietly; the operator hears it here. A batch is
+/// acknowledged to clients only after its fsync, so a torn one was never confirmed — unless the
+/// disk itself lost synced data.
+fn report_torn(tails: &[(PathBuf, u64)]) {
+    for (path, end) in tails {
+        let Ok(meta) = std::fs::metadata(path) else {
+            continue;
+        };
+        if meta.len() < *end {
+            tracing::warn!(
+                journal = %path.display(),
+                bytes = end - meta.len(),
+                "the store's journal ended in a torn or corrupt write; it was cut (its writes \
+                 were not applied: messages in it had not been confirmed unless the disk lost \
+                 synced data)"
+            );
+        }
     }
 }
 

@@ -1,0 +1,132 @@
+//! The gateway binary as a child process (for what only a real process shows: signals,
+//! `kill -9`, restarts on the same data directory), with the addresses it logged.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use tokio::sync::mpsc;
+
+use super::{SECRET, WAIT};
+
+pub struct ChildGateway {
+    pub child: Child,
+    pub http: SocketAddr,
+    pub mqtt: SocketAddr,
+    /// Every log line (JSON) after the listener lines.
+    pub lines: mpsc::UnboundedReceiver<String>,
+    /// The log lines read while starting (recovery reports among them).
+    pub startup: Vec<String>,
+}
+
+impl ChildGateway {
+    /// Starts the binary on `data_dir` (ports 0, JSON logs at `info`) and waits for its
+    /// listeners.
+    pub async fn start(data_dir: &Path) -> ChildGateway {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_amqp-gateway"))
+            .args([
+                "--http-listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--mqtt-listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--log-format", "json", "--log-level", "info"])
+            .env("GATEWAY_AUTH__HS256_SECRET", SECRET)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn the gateway binary");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, mut lines) = mpsc::unbounded_channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut startup = Vec::new();
+        let (mut http, mut mqtt) = (None, None);
+        let found = tokio::time::timeout(WAIT, async {
+            while http.is_none() || mqtt.is_none() {
+                let Some(line) = lines.recv().await else {
+                    panic!("the gateway exited while starting:\n{}", startup.join("\n"));
+                };
+                let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+                let addr = || v["fields"]["addr"].as_str().and_then(|a| a.parse().ok());
+                match v["fields"]["listener"].as_str() {
+                    Some("http") => http = addr(),
+                    Some("mqtt") => mqtt = addr(),
+                    _ => {}
+                }
+                startup.push(line);
+            }
+        })
+        .await;
+        assert!(
+            found.is_ok(),
+            "listeners logged in time:\n{}",
+            startup.join("\n")
+        );
+        ChildGateway {
+            child,
+            http: http.expect("http address"),
+            mqtt: mqtt.expect("mqtt address"),
+            lines,
+            startup,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    /// Sends `signal` (`KILL`, `TERM`) and waits (within [`WAIT`]) for the process to end.
+    pub async fn signal(&mut self, signal: &str) -> std::process::ExitStatus {
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -{signal}");
+        // A child's exit has no awaitable event here: poll it, bounded.
+        tokio::time::timeout(WAIT, async {
+            loop {
+                if let Some(status) = self.child.try_wait().expect("try_wait") {
+                    return status;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the gateway ends after the signal")
+    }
+
+    /// Waits (within [`WAIT`]) for a log line containing `text`.
+    pub async fn logged(&mut self, text: &str) -> String {
+        let found = tokio::time::timeout(WAIT, async {
+            while let Some(line) = self.lines.recv().await {
+                if line.contains(text) {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(line)) => line,
+            _ => panic!("no log line with '{text}'"),
+        }
+    }
+}
+
+impl Drop for ChildGateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
