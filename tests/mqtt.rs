@@ -503,6 +503,48 @@ async fn persistent_sessions_keep_messages_for_their_return(v: Version) {
     assert!(!present);
 }
 
+/// Issue 13: the session (its subscriptions, its stored state) and the QoS 1 messages queued for
+/// it are on disk; a restarted gateway resumes it.
+async fn persistent_sessions_survive_a_restart(v: Version) {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let on = |dir: std::path::PathBuf| start_gateway(move |c| c.engine.data_dir = dir);
+    let t = token(
+        "dev9",
+        "gateway.read:amq.topic/depot.# gateway.write:amq.topic/depot.#",
+    );
+    let id = unique("survivor");
+    let gw = on(dir.clone()).await;
+    let (mut c, _) = Client::connected(&gw, v, &id, &t, false).await;
+    assert_eq!(c.subscribe("depot/#", 1).await, Ok(1));
+    c.disconnect().await;
+    assert_eq!(c.next().await, Ev::Closed);
+    let (mut sender, _) = Client::connected(&gw, v, &unique("sender"), &t, true).await;
+    for n in ["one", "two"] {
+        sender.publish(&format!("depot/{n}"), 1, n).await;
+        assert!(matches!(sender.next().await, Ev::PubAck(_)), "confirmed");
+    }
+    sender.disconnect().await;
+    gw.gateway.shutdown().await;
+
+    let gw = on(dir).await;
+    let (mut back, present) = Client::connected(&gw, v, &id, &t, false).await;
+    assert!(present, "the session came back");
+    for n in ["one", "two"] {
+        assert_eq!(
+            back.message().await,
+            (format!("depot/{n}"), 1, n.to_owned())
+        );
+    }
+    // The subscription's binding came back too: new messages still reach the session.
+    let (mut sender, _) = Client::connected(&gw, v, &unique("sender"), &t, true).await;
+    sender.publish("depot/three", 1, "three").await;
+    assert!(matches!(sender.next().await, Ev::PubAck(_)));
+    assert_eq!(
+        back.message().await,
+        ("depot/three".to_owned(), 1, "three".to_owned())
+    );
+}
+
 async fn a_second_connection_takes_the_client_id_over(v: Version) {
     let gw = start_gateway(|_| {}).await;
     let t = token("dev5", "gateway.read:amq.topic/t.#");
@@ -761,6 +803,7 @@ matrix!(
     subscriptions_and_publishes_are_checked_against_scopes,
     mqtt_and_rest_meet_on_amq_topic,
     persistent_sessions_keep_messages_for_their_return,
+    persistent_sessions_survive_a_restart,
     a_second_connection_takes_the_client_id_over,
     retained_messages_greet_new_subscribers,
     qos2_end_to_end,

@@ -477,6 +477,47 @@ async fn auto_ack_on_a_named_queue_acks_after_writing() {
 
 // ---------- durable subscriptions ----------
 
+/// Issue 13: a durable subscription's queue and its persistent messages are on disk; after a
+/// restart the browser resumes it, and what it had seen unacked comes back redelivered.
+#[tokio::test]
+async fn durable_subscriptions_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let on = |dir: std::path::PathBuf| start_gateway(move |c| c.engine.data_dir = dir);
+    let persistent = |gw: &TestGateway, body: &str| {
+        let body =
+            json!({"routing_key": "ledger.a", "body": body, "properties": {"delivery_mode": 2}});
+        gw.post("/v1/exchanges/amq.topic/publish", &admin())
+            .json(&body)
+    };
+    let t = token("gil", "gateway.read:amq.topic/ledger.#");
+    let spec = json!({"exchange": "amq.topic", "binding_key": "ledger.#", "durable": "books", "ack": "manual"});
+    let gw = on(dir.clone()).await;
+    let mut ws = connect_as(&gw, &t).await;
+    ws.subscribe(spec.clone()).await;
+    assert_eq!(persistent(&gw, "one").send().await.unwrap().status(), 200);
+    assert_eq!(ws.recv().await["body"], "one", "seen, never acked");
+    drop(ws);
+    assert_eq!(persistent(&gw, "two").send().await.unwrap().status(), 200);
+    gw.gateway.shutdown().await;
+
+    let gw = on(dir).await;
+    let mut ws = connect_as(&gw, &t).await;
+    let (sub, queue) = ws.subscribe(spec).await;
+    assert_eq!(queue, "ws-gil.books");
+    let (m1, m2) = (ws.recv().await, ws.recv().await);
+    assert_eq!(
+        (
+            &m1["body"],
+            &m1["redelivered"],
+            &m2["body"],
+            &m2["redelivered"]
+        ),
+        (&json!("one"), &json!(true), &json!("two"), &json!(false))
+    );
+    ws.ack_ok(&sub, m2["delivery_tag"].as_u64().unwrap(), true)
+        .await;
+}
+
 #[tokio::test]
 async fn durable_subscriptions_resume_and_are_taken_over() {
     let gw = start_gateway(|_| {}).await;
