@@ -8,6 +8,7 @@
 #
 #   bash bench/run.sh                        # every scenario, 10 s, median of 3
 #   bash bench/run.sh --duration 5s --runs 1 --scenarios qos0,fanout
+#   bash bench/run.sh --scenarios durable    # confirmed persistent publishes vs RabbitMQ
 #
 # PEERS="mosquitto nats rabbitmq" (default: mosquitto nats) picks the peers.
 set -euo pipefail
@@ -38,11 +39,14 @@ for _ in $(seq 100); do
 done
 token=$(grep -m1 '^eyJ' "$work/out") || { cat "$work/out" "$work/err" >&2; exit 1; }
 mqtt=$(grep -m1 '"listener":"mqtt"' "$work/out" | sed -E 's/.*"addr":"([^"]+)".*/\1/')
+http=$(grep -m1 '"listener":"http"' "$work/out" | sed -E 's/.*"addr":"([^"]+)".*/\1/')
 
-targets=(--target "gateway=$mqtt@$token" --pid "gateway=$gateway_pid")
+targets=(--target "gateway=$mqtt@$token" --pid "gateway=$gateway_pid" --gateway-http "http://$http")
 peers=${PEERS:-mosquitto nats}
 if [ -n "$peers" ]; then
   bash ../shared/peers/start.sh >&2
+  # The durable scenario's peer: the bench RabbitMQ node's durable queues with confirms.
+  targets+=(--amqp "amqp://guest:guest@127.0.0.1:11873/%2f")
   for p in $peers; do
     case $p in
       mosquitto) targets+=(--target mosquitto=127.0.0.1:18831 --pid "mosquitto=$(cat /tmp/amqp-gateway-peers/mosquitto.pid)") ;;

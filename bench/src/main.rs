@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
+
+mod durable;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::Mutex;
 
@@ -39,6 +41,16 @@ struct Args {
     /// Connections the `idle` scenario opens.
     #[arg(long, default_value_t = 1000)]
     idle_connections: usize,
+    /// The gateway's REST base URL, for the `durable` scenario (its token: the first target's
+    /// password).
+    #[arg(long)]
+    gateway_http: Option<String>,
+    /// RabbitMQ's AMQP URL, the `durable` scenario's peer.
+    #[arg(long)]
+    amqp: Option<String>,
+    /// Publisher counts of the `durable` scenario.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,128")]
+    publishers: Vec<usize>,
 }
 
 #[derive(Clone)]
@@ -382,6 +394,25 @@ async fn main() {
             std::process::exit(2);
         }
     };
+    let mqtt_scenarios: Vec<&String> = args.scenarios.iter().filter(|s| *s != "durable").collect();
+    if !mqtt_scenarios.is_empty() {
+        mqtt_table(&args, &targets).await;
+    }
+    if args.scenarios.iter().any(|s| s == "durable") {
+        let d = durable::Durable {
+            http: args.gateway_http.clone().unwrap_or_default(),
+            token: targets[0].password.clone().unwrap_or_default(),
+            amqp: args.amqp.clone(),
+        };
+        if let Err(e) = durable::report(&d, &targets[0], &args).await {
+            eprintln!("bench: durable: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// The MQTT scenarios, one row each, every target side by side.
+async fn mqtt_table(args: &Args, targets: &[Target]) {
     println!(
         "MQTT 3.1.1, {} B payloads, {:?} per run after 1 s warm-up, median of {}",
         args.payload, args.duration, args.runs
@@ -396,10 +427,10 @@ async fn main() {
     }
     println!("{header}");
     println!("|---|{}", "---|".repeat(names.len() * 2 - 1));
-    for scenario in &args.scenarios {
+    for scenario in args.scenarios.iter().filter(|s| *s != "durable") {
         let mut outcomes = Vec::new();
-        for t in &targets {
-            outcomes.push(measure(t, &args, scenario).await);
+        for t in targets {
+            outcomes.push(measure(t, args, scenario).await);
         }
         let cells: Vec<String> = outcomes
             .iter()

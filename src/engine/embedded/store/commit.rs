@@ -76,11 +76,22 @@ fn write_loop(
     rx: &mpsc::Receiver<Request>,
     batches: &AtomicU64,
 ) {
+    // How many requests the last batch held: the writers likely to come back together.
+    let mut expected = 1;
     while let Ok(first) = rx.recv() {
         let mut requests = vec![first];
-        if fsync == Fsync::Batch {
+        // Whatever queued while the last batch was syncing joins this one, at no wait.
+        while requests.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => requests.push(r),
+                Err(_) => break,
+            }
+        }
+        // Writers answered together come back together: wait for as many as the last batch
+        // held, never longer than `max_delay`. A lone writer never waits.
+        if fsync == Fsync::Batch && requests.len() < expected {
             let deadline = Instant::now() + max_delay;
-            while requests.len() < MAX_BATCH {
+            while requests.len() < expected.min(MAX_BATCH) {
                 let left = deadline.saturating_duration_since(Instant::now());
                 match rx.recv_timeout(left) {
                     Ok(r) => requests.push(r),
@@ -88,6 +99,7 @@ fn write_loop(
                 }
             }
         }
+        expected = requests.len();
         let result = commit(db, fsync, &mut requests);
         batches.fetch_add(1, Ordering::Relaxed);
         let mut unheard = 0;
