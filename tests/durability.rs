@@ -312,3 +312,62 @@ async fn persistent_messages_survive_a_restart() {
     assert_eq!(gw.depth(&q).await, 0, "acks removed them from disk");
     assert_eq!(gw.depth(&ttl_q).await, 0);
 }
+
+/// Dead-lettering and length limits keep working on recovered messages, and what they move or
+/// drop is moved or dropped on disk too.
+#[tokio::test]
+async fn dead_lettering_and_length_limits_work_across_restarts() {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let (ttl_q, dead_q, capped_q) = (unique("ttl"), unique("dead"), unique("capped"));
+    let persistent = json!({"delivery_mode": 2});
+    {
+        let gw = on(&dir).await;
+        let declare =
+            |name: &str, spec: Value| gw.put(&format!("/v1/queues/{name}"), &admin()).json(&spec);
+        assert_eq!(
+            status(declare(&dead_q, json!({"durable": true}))).await,
+            201
+        );
+        // Expires 1 s after publish, into `dead_q` through the default exchange.
+        let ttl = json!({"durable": true, "arguments": {
+            "x-message-ttl": 1000, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": dead_q,
+        }});
+        assert_eq!(status(declare(&ttl_q, ttl)).await, 201);
+        let capped = json!({"durable": true, "arguments": {"x-max-length": 2}});
+        assert_eq!(status(declare(&capped_q, capped)).await, 201);
+        put_message(&gw, &ttl_q, "expires while stopped", persistent.clone()).await;
+        for body in ["c1", "c2", "c3"] {
+            put_message(&gw, &capped_q, body, persistent.clone()).await;
+        }
+        gw.gateway.shutdown().await;
+    }
+    // Stopped longer than the TTL: the message expires at recovery and is dead-lettered.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    {
+        let gw = on(&dir).await;
+        common::eventually(
+            "the expired message reaches the dead-letter queue",
+            || async { gw.depth(&dead_q).await == 1 },
+        )
+        .await;
+        assert_eq!(gw.depth(&ttl_q).await, 0);
+        assert_eq!(
+            gw.depth(&capped_q).await,
+            2,
+            "drop-head kept the newest two"
+        );
+        gw.gateway.shutdown().await;
+    }
+    // Both outcomes were written: the dead letter is on disk in its new queue, the expired and
+    // the dropped ones are gone from theirs.
+    let gw = on(&dir).await;
+    let dead = gw.take(&dead_q, 10).await;
+    assert_eq!(bodies(&dead), ["expires while stopped"]);
+    let death = &dead[0]["properties"]["headers"]["x-death"][0];
+    assert_eq!(
+        (&death["reason"], &death["queue"]),
+        (&json!("expired"), &json!(ttl_q))
+    );
+    assert_eq!(gw.depth(&ttl_q).await, 0);
+    assert_eq!(bodies(&gw.take(&capped_q, 10).await), ["c2", "c3"]);
+}
