@@ -46,7 +46,7 @@ impl Code {
 impl From<&Throttled> for Code {
     fn from(t: &Throttled) -> Self {
         match t.reason {
-            ThrottleReason::MemoryWatermark => Code::Overloaded,
+            ThrottleReason::MemoryWatermark | ThrottleReason::DiskAlarm => Code::Overloaded,
             _ => Code::RateLimited,
         }
     }

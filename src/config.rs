@@ -244,6 +244,9 @@ pub struct EngineConfig {
     pub fsync: Fsync,
     #[serde(with = "humantime_serde")]
     pub fsync_max_delay: Duration,
+    /// Below this much free space on `data_dir`'s file system, publishes are refused (the disk
+    /// alarm, as RabbitMQ's `disk_free_limit`).
+    pub disk_free_limit: ByteSize,
     pub upstream: UpstreamConfig,
 }
 
@@ -255,6 +258,7 @@ impl Default for EngineConfig {
             memory_high_watermark: Watermark::Fraction(0.4),
             fsync: Fsync::Batch,
             fsync_max_delay: Duration::from_millis(2),
+            disk_free_limit: ByteSize::mb(50),
             upstream: UpstreamConfig::default(),
         }
     }

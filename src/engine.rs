@@ -442,6 +442,12 @@ pub trait Engine: Send + Sync + 'static {
     /// for a rate limit (DESIGN.md §7); the engine itself still accepts what is published.
     fn publish_blocked(&self) -> bool;
 
+    /// Whether [`Engine::publish_blocked`] is (also) because of the disk alarm: free space on
+    /// the engine's own disk below its limit (embedded only).
+    fn disk_alarm(&self) -> bool {
+        false
+    }
+
     /// [`Engine::publish_blocked`] as it changes, for whoever must react at once (an AMQP
     /// `connection.blocked`, parked publishes, a gauge) instead of asking per publish.
     fn watch_publish_blocked(&self) -> tokio::sync::watch::Receiver<bool>;

@@ -25,6 +25,9 @@ pub enum ThrottleReason {
     /// The engine is above its memory high watermark: not this client's doing, so adapters
     /// answer "overloaded" rather than "rate limited".
     MemoryWatermark,
+    /// The data directory's disk is below `engine.disk_free_limit`: not the client's doing
+    /// either.
+    DiskAlarm,
 }
 
 impl ThrottleReason {
@@ -34,6 +37,7 @@ impl ThrottleReason {
             ThrottleReason::ConnectionBytes => "connection_bytes",
             ThrottleReason::SubjectRate => "subject_rate",
             ThrottleReason::MemoryWatermark => "memory_watermark",
+            ThrottleReason::DiskAlarm => "disk_alarm",
         }
     }
 }
@@ -52,6 +56,9 @@ impl std::fmt::Display for Throttled {
             ThrottleReason::MemoryWatermark => f.write_str(
                 "the engine is above its memory high watermark; publishes resume as consumers drain it",
             ),
+            ThrottleReason::DiskAlarm => f.write_str(
+                "the gateway's disk is below its free-space limit; publishes resume when space is freed",
+            ),
             reason => write!(f, "publish rate limit ({}) reached", reason.as_str()),
         }
     }
@@ -64,6 +71,22 @@ impl Throttled {
             reason: ThrottleReason::MemoryWatermark,
             retry_after: Duration::from_millis(250),
         }
+    }
+
+    /// Below the disk's free-space limit: space returns as queues drain (checked every second).
+    pub fn disk() -> Throttled {
+        Throttled {
+            reason: ThrottleReason::DiskAlarm,
+            retry_after: Duration::from_secs(1),
+        }
+    }
+
+    /// The engine refused for its own reasons (memory, disk), not the client's rate.
+    pub fn is_engine_alarm(&self) -> bool {
+        matches!(
+            self.reason,
+            ThrottleReason::MemoryWatermark | ThrottleReason::DiskAlarm
+        )
     }
 
     /// Whole seconds for an HTTP `Retry-After` header (at least 1).

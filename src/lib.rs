@@ -145,6 +145,7 @@ async fn build_engine(config: &Config) -> Result<Arc<dyn Engine>, StartError> {
                     .retained_stream_bytes
                     .as_u64()
                     .min(usize::MAX as u64) as usize,
+                disk_alarm: Some((dir.clone(), config.engine.disk_free_limit.as_u64())),
             })?))
         }
         EngineKindConfig::Upstream => Err(StartError::Unsupported(

@@ -22,6 +22,8 @@ pub const QUEUES: &str = "gateway_queues";
 pub const HELD_BYTES: &str = "gateway_engine_held_bytes";
 pub const DROPPED: &str = "gateway_engine_dropped_total";
 pub const PUBLISH_BLOCKED: &str = "gateway_publish_blocked";
+/// Free bytes on the embedded engine's data directory, as the disk alarm last read them.
+pub const DISK_FREE: &str = "gateway_disk_free_bytes";
 pub const STORE_COMMITS: &str = "gateway_store_commits_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -83,7 +85,11 @@ fn describe() {
     );
     metrics::describe_gauge!(
         PUBLISH_BLOCKED,
-        "1 while publishes are throttled for the memory high watermark"
+        "1 while publishes are throttled for the memory high watermark or the disk alarm"
+    );
+    metrics::describe_gauge!(
+        DISK_FREE,
+        "Free bytes on the embedded engine's data directory (below engine.disk_free_limit: the disk alarm)"
     );
 }
 

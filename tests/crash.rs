@@ -292,3 +292,76 @@ async fn a_torn_journal_tail_is_cut_and_reported_and_earlier_messages_stay() {
         bodies.len()
     );
 }
+
+/// Printable bytes no compressor shrinks much (a xorshift stream over 64 letters).
+fn incompressible(len: usize, seed: u64) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ALPHABET[(x % 64) as usize] as char
+        })
+        .collect()
+}
+
+/// The disk alarm on a 160 MiB tmpfs with `engine.disk_free_limit = 64MiB`: persistent 64 KiB
+/// publishes are accepted until free space falls below the limit, then refused with 503
+/// `overloaded` (nothing accepted is lost), and accepted again once a drain gave space back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_disk_alarm_refuses_publishes_before_the_disk_fills() {
+    let dir = tempfile::tempdir().unwrap();
+    let limit = [("GATEWAY_ENGINE__DISK_FREE_LIMIT", "64MiB")];
+    let mut gw = ChildGateway::start_on_tmpfs(dir.path(), "160m", &limit).await;
+    let queue = unique("full");
+    declare(&gw, &queue).await;
+    let http = reqwest::Client::builder().timeout(WAIT).build().unwrap();
+    let url = gw.url("/v1/exchanges/amq.default/publish");
+    let publish = |i: u64| {
+        http.post(&url)
+            .bearer_auth(admin())
+            .json(&json!({"routing_key": queue, "body": incompressible(64 * 1024, i + 1), "properties": {"delivery_mode": 2}}))
+            .send()
+    };
+    let mut accepted = 0u64;
+    let refusal = loop {
+        assert!(
+            accepted < 3_000,
+            "never refused: {accepted} × 64 KiB accepted on 160 MiB"
+        );
+        let r = publish(accepted).await.unwrap();
+        match r.status().as_u16() {
+            200 => accepted += 1,
+            503 => break r.json::<Value>().await.unwrap(),
+            other => panic!("publish answered {other}"),
+        }
+    };
+    assert_eq!(refusal["code"], "overloaded", "{refusal}");
+    assert!(
+        refusal["detail"].as_str().unwrap_or("").contains("disk"),
+        "{refusal}"
+    );
+    assert!(accepted >= 100, "only {accepted} accepted before the alarm");
+    gw.logged("disk alarm: free space below").await;
+    // Every accepted message is there, once.
+    let found = drain(&gw, &queue).await;
+    assert_eq!(found.len() as u64, accepted, "accepted messages kept");
+    // The drain gives space back; publishes are accepted again.
+    let again = tokio::time::timeout(WAIT * 6, async {
+        loop {
+            if publish(u64::MAX - 1).await.unwrap().status() == 200 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(
+        again.is_ok(),
+        "publishes still refused 30 s after the drain"
+    );
+    gw.logged("disk alarm cleared").await;
+    eprintln!("disk alarm: {accepted} × 64 KiB accepted before it, cleared after the drain");
+}

@@ -85,7 +85,12 @@ impl Context {
             });
         }
         if self.engine.publish_blocked() {
-            return Err(PublishRefused::Throttled(Throttled::memory()));
+            let alarm = if self.engine.disk_alarm() {
+                Throttled::disk()
+            } else {
+                Throttled::memory()
+            };
+            return Err(PublishRefused::Throttled(alarm));
         }
         self.flow
             .admit_publish(&conn.limits, principal.shared_subject(), body_bytes)

@@ -39,6 +39,8 @@ pub struct EmbeddedOptions {
     pub memory_high_watermark: Option<u64>,
     /// Bytes the retained messages may take (`mqtt.retained_stream_bytes`).
     pub retained_bytes: usize,
+    /// The data directory and `engine.disk_free_limit`: below it publishes are refused.
+    pub disk_alarm: Option<(std::path::PathBuf, u64)>,
 }
 
 impl Default for EmbeddedOptions {
@@ -48,6 +50,7 @@ impl Default for EmbeddedOptions {
             store: Arc::new(store::MemoryStore),
             memory_high_watermark: None,
             retained_bytes: 1 << 30,
+            disk_alarm: None,
         }
     }
 }
@@ -101,7 +104,11 @@ impl EmbeddedEngine {
         );
         let started = std::time::Instant::now();
         let messages = options.store.load_messages()?;
+        let disk_alarm = options.disk_alarm.clone();
         let engine = EmbeddedEngine::new(options);
+        if let Some((dir, limit)) = disk_alarm {
+            engine.broker.spawn_disk_alarm(dir, limit);
+        }
         engine.broker.restore(snapshot)?;
         engine.retained.restore(retained);
         let recovered = engine.broker.recover(messages);
@@ -200,6 +207,10 @@ impl Engine for EmbeddedEngine {
 
     fn publish_blocked(&self) -> bool {
         self.broker.held().blocked()
+    }
+
+    fn disk_alarm(&self) -> bool {
+        self.broker.held().disk_low()
     }
 
     fn watch_publish_blocked(&self) -> tokio::sync::watch::Receiver<bool> {

@@ -24,7 +24,29 @@ impl ChildGateway {
     /// Starts the binary on `data_dir` (ports 0, JSON logs at `info`) and waits for its
     /// listeners.
     pub async fn start(data_dir: &Path) -> ChildGateway {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_amqp-gateway"))
+        Self::spawn(Command::new(env!("CARGO_BIN_EXE_amqp-gateway")), data_dir).await
+    }
+
+    /// As [`ChildGateway::start`], with `data_dir` on a tmpfs of `size` (`"160m"`) mounted in
+    /// a mount namespace of the child's own (`unshare -m`, root only): a small disk the test
+    /// can fill without touching the machine's. `env` adds configuration.
+    pub async fn start_on_tmpfs(data_dir: &Path, size: &str, env: &[(&str, &str)]) -> ChildGateway {
+        let mut cmd = Command::new("unshare");
+        cmd.args(["-m", "--propagation", "private", "sh", "-c"])
+            .arg(format!(
+                "mount -t tmpfs -o size={size} tmpfs \"$1\" && shift && exec \"$@\""
+            ))
+            .arg("sh")
+            .arg(data_dir)
+            .arg(env!("CARGO_BIN_EXE_amqp-gateway"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Self::spawn(cmd, data_dir).await
+    }
+
+    async fn spawn(mut cmd: Command, data_dir: &Path) -> ChildGateway {
+        let mut child = cmd
             .args([
                 "--http-listen",
                 "127.0.0.1:0",

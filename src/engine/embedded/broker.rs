@@ -16,6 +16,7 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 mod dead_letter;
+mod disk_alarm;
 mod equivalence;
 mod expiry;
 mod persist;

@@ -13,6 +13,8 @@ use crate::engine::{Envelope, EnvelopeRef};
 pub(super) struct Held {
     bytes: AtomicU64,
     watermark: u64,
+    /// The disk alarm (`engine.disk_free_limit`): blocks publishes as the watermark does.
+    disk_low: std::sync::atomic::AtomicBool,
     blocked: tokio::sync::watch::Sender<bool>,
 }
 
@@ -22,12 +24,26 @@ impl Held {
         Held {
             bytes: AtomicU64::new(0),
             watermark,
+            disk_low: std::sync::atomic::AtomicBool::new(false),
             blocked: tokio::sync::watch::Sender::new(false),
         }
     }
 
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn disk_low(&self) -> bool {
+        self.disk_low.load(Ordering::Acquire)
+    }
+
+    /// Raises or clears the disk alarm; true when that changed it.
+    pub fn set_disk_low(&self, low: bool) -> bool {
+        let changed = self.disk_low.swap(low, Ordering::AcqRel) != low;
+        if changed {
+            self.recheck();
+        }
+        changed
     }
 
     pub fn blocked(&self) -> bool {
@@ -56,7 +72,7 @@ impl Held {
     /// rechecks last sees the latest count, so concurrent crossings cannot leave it stale.
     fn recheck(&self) {
         self.blocked.send_if_modified(|blocked| {
-            let now = self.bytes.load(Ordering::Relaxed) >= self.watermark;
+            let now = self.bytes.load(Ordering::Relaxed) >= self.watermark || self.disk_low();
             let changed = *blocked != now;
             *blocked = now;
             changed

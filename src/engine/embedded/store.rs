@@ -102,6 +102,10 @@ pub trait Store: Send + Sync + 'static {
     /// Every stored message and queue entry.
     fn load_messages(&self) -> Result<StoredMessages, StoreError>;
 
+    /// Gives back disk space that removed records still hold (the disk alarm asks while it is
+    /// up). Blocking: called off the runtime's workers.
+    fn reclaim(&self) {}
+
     /// Group commits made so far (each one fsync; writes per commit say how well they group).
     fn commits(&self) -> u64 {
         0

@@ -41,6 +41,10 @@ pub struct DiskStore {
     retained: Keyspace,
     messages: Keyspace,
     queued: Keyspace,
+    /// Message removals written, and how many the last [`Store::reclaim`] had seen: nothing
+    /// to give back when none came since.
+    removals: std::sync::atomic::AtomicU64,
+    reclaimed_at: std::sync::atomic::AtomicU64,
     /// Group commit for message writes.
     committer: Committer,
     fsync: Fsync,
@@ -75,6 +79,8 @@ impl DiskStore {
             retained: keyspace("retained")?,
             messages: keyspace("messages")?,
             queued: keyspace("queued")?,
+            removals: Default::default(),
+            reclaimed_at: Default::default(),
             committer: Committer::start(db.clone(), fsync, max_delay)?,
             db,
             fsync,
@@ -107,6 +113,8 @@ impl DiskStore {
                 record::queued_value(redelivered),
             ),
             MessageWrite::Dequeue { queue, id } => {
+                self.removals
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Op::Remove(self.queued.clone(), record::queued_key(queue, id)?)
             }
             MessageWrite::Forget { id } => {
@@ -353,6 +361,24 @@ impl Store for DiskStore {
             commit::apply(&self.db, self.fsync, bad)?;
         }
         Ok(out)
+    }
+
+    /// Flushes the message keyspaces' memtables (so the journal holding removed records can
+    /// be dropped once it rotates) and compacts them (so removed records leave the tables).
+    fn reclaim(&self) {
+        use std::sync::atomic::Ordering;
+        let removals = self.removals.load(Ordering::Relaxed);
+        if self.reclaimed_at.swap(removals, Ordering::Relaxed) == removals {
+            return;
+        }
+        for ks in [&self.messages, &self.queued] {
+            if let Err(e) = ks
+                .rotate_memtable_and_wait()
+                .and_then(|()| ks.major_compact())
+            {
+                tracing::warn!(error = %e, "store space not reclaimed");
+            }
+        }
     }
 
     fn commits(&self) -> u64 {

@@ -16,7 +16,6 @@ use sync_wrapper::SyncWrapper;
 
 use crate::context::{PublishRefused, Publishing};
 use crate::engine::retained::RetainedUndo;
-use crate::flow::ThrottleReason;
 
 use super::*;
 
@@ -301,7 +300,7 @@ impl Session {
             }
             PublishRefused::Throttled(t) => t,
         };
-        if p.qos == 0 && t.reason == ThrottleReason::MemoryWatermark {
+        if p.qos == 0 && t.is_engine_alarm() {
             // Dropped and counted; not the client's overrun, so no 0x96 for it.
             return Outcome::Continue;
         }
