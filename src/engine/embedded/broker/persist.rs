@@ -116,7 +116,10 @@ impl Broker {
             queued,
             unreadable,
         } = stored;
-        let next = messages.keys().max().map_or(1, |id| id + 1);
+        // After every id still named anywhere: a stale entry's removal must not meet a new
+        // message under its id.
+        let highest = messages.keys().chain(queued.iter().map(|(_, id, _)| id)).max();
+        let next = highest.map_or(1, |id| id + 1);
         self.next_message.store(next, Ordering::Relaxed);
         let mut stale = Vec::new();
         let mut kept: Vec<(Arc<Queue>, u64, bool)> = Vec::new();
