@@ -118,7 +118,10 @@ impl Broker {
         } = stored;
         // After every id still named anywhere: a stale entry's removal must not meet a new
         // message under its id.
-        let highest = messages.keys().chain(queued.iter().map(|(_, id, _)| id)).max();
+        let highest = messages
+            .keys()
+            .chain(queued.iter().map(|(_, id, _)| id))
+            .max();
         let next = highest.map_or(1, |id| id + 1);
         self.next_message.store(next, Ordering::Relaxed);
         let mut stale = Vec::new();
