@@ -109,6 +109,7 @@ impl EmbeddedEngine {
         if let Some((dir, limit)) = disk_alarm {
             engine.broker.spawn_disk_alarm(dir, limit);
         }
+        engine.broker.spawn_pager();
         engine.broker.restore(snapshot)?;
         engine.retained.restore(retained);
         let recovered = engine.broker.recover(messages);
@@ -221,6 +222,9 @@ impl Engine for EmbeddedEngine {
     async fn shutdown(&self) {
         self.shut.store(true, Ordering::Release);
         self.broker.shutdown();
+        // The store's maintenance (disk alarm, pager) may be mid-write: once it ends, nothing
+        // but the engine holds the store, and dropping the engine releases the data directory.
+        self.broker.maintenance_stopped().await;
     }
 }
 

@@ -24,7 +24,28 @@ impl ChildGateway {
     /// Starts the binary on `data_dir` (ports 0, JSON logs at `info`) and waits for its
     /// listeners.
     pub async fn start(data_dir: &Path) -> ChildGateway {
-        Self::spawn(Command::new(env!("CARGO_BIN_EXE_amqp-gateway")), data_dir).await
+        Self::start_with(data_dir, &[]).await
+    }
+
+    /// As [`ChildGateway::start`], with configuration from `env` (`GATEWAY_…` variables).
+    pub async fn start_with(data_dir: &Path, env: &[(&str, &str)]) -> ChildGateway {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_amqp-gateway"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Self::spawn(cmd, data_dir).await
+    }
+
+    /// A line of the child's `/proc/PID/status` (`VmRSS`, `VmHWM`: peak), in bytes.
+    pub fn memory(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("the child's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+            .unwrap_or_else(|| panic!("no {field} in /proc status"))
     }
 
     /// As [`ChildGateway::start`], with `data_dir` on a tmpfs of `size` (`"160m"`) mounted in

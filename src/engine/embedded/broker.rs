@@ -19,7 +19,9 @@ mod dead_letter;
 mod disk_alarm;
 mod equivalence;
 mod expiry;
+mod pager;
 mod persist;
+mod publish;
 
 use self::equivalence::{
     EXCHANGE_EQUIVALENCE_KEYS, QUEUE_EQUIVALENCE_KEYS, equivalent_arguments, must_match,
@@ -61,6 +63,10 @@ pub(super) struct Broker {
     stop: CancellationToken,
     /// Set while [`Broker::restore`] replays the store.
     restoring: AtomicBool,
+    /// Wakes the paging task (`pager.rs`).
+    pager_wake: Arc<tokio::sync::Notify>,
+    /// The tasks that work on the store (disk alarm, pager), awaited at shutdown.
+    maintenance: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Broker {
@@ -85,6 +91,8 @@ impl Broker {
             owners: Mutex::new(HashMap::new()),
             stop: CancellationToken::new(),
             restoring: AtomicBool::new(false),
+            pager_wake: Arc::default(),
+            maintenance: Mutex::new(Vec::new()),
         });
         for (name, kind) in [
             ("amq.direct", ExchangeKind::Direct),
@@ -199,6 +207,28 @@ impl Broker {
         };
         for channel in channels.iter().filter_map(Weak::upgrade) {
             channel.close();
+        }
+    }
+
+    /// Runs `task` (given the broker, weakly, and the shutdown token) as one of the store's
+    /// maintenance tasks, awaited at shutdown. Outside a runtime it does not run.
+    fn spawn_maintenance<F, Fut>(&self, task: F)
+    where
+        F: FnOnce(Weak<Broker>, CancellationToken) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let handle = rt.spawn(task(self.me.clone(), self.stop.clone()));
+        self.maintenance.lock().push(handle);
+    }
+
+    /// Waits for the store's maintenance tasks, which end once `shutdown` stopped them.
+    pub async fn maintenance_stopped(&self) {
+        let tasks = std::mem::take(&mut *self.maintenance.lock());
+        for task in tasks {
+            let _ = task.await;
         }
     }
 
@@ -454,6 +484,7 @@ impl Broker {
             args,
             exclusive_to,
             self.gauges.clone(),
+            self.pages_for(spec),
         ));
         self.queues.insert(name.clone(), queue.clone());
         if queue.expires().is_some() && queue.claim_queue_expiry_task() {
@@ -624,56 +655,6 @@ impl Broker {
         Ok(out)
     }
 
-    // ---- publish ----
-
-    /// Routes and enqueues at the call; the returned write, when there is one, resolves once
-    /// the message is durable in the store (only then may the publish be confirmed).
-    pub fn publish(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        message: Message,
-    ) -> Result<(PublishOutcome, Option<DurableWrite>), EngineError> {
-        if message.body.len() > self.max_message_bytes {
-            return Err(EngineError::ContentTooLarge {
-                size: message.body.len(),
-                limit: self.max_message_bytes,
-            });
-        }
-        if let Some(exp) = &message.properties.expiration
-            && exp.parse::<u64>().is_err()
-        {
-            return Err(EngineError::InvalidArgument(format!(
-                "expiration must be a non-negative integer of milliseconds, not '{exp}'"
-            )));
-        }
-        names::validate_key(routing_key)?;
-        let mut targets = Targets::new();
-        let exchange_name = self.route(
-            exchange,
-            routing_key,
-            &message.properties.headers,
-            false,
-            &mut targets,
-        )?;
-        if targets.is_empty() {
-            return Ok((PublishOutcome { routed: false }, None));
-        }
-        let mut fx = Effects::default();
-        let (routed, rejected, write) = self.enqueue_all(
-            &targets,
-            exchange_name,
-            routing_key.into(),
-            message,
-            &mut fx,
-        );
-        self.apply(fx);
-        match rejected {
-            Some(queue) => Err(EngineError::Rejected(queue.to_string())),
-            None => Ok((PublishOutcome { routed }, write)),
-        }
-    }
-
     // ---- effects: dead letters, timers, auto-delete ----
 
     /// Carries out what queue operations asked for once their locks are released.
@@ -703,81 +684,6 @@ impl Broker {
                 "dead-letter chain too long; messages dropped"
             );
         }
-    }
-
-    /// The one routing step of publishes and dead letters: the queues `exchange` sends
-    /// `routing_key` (and `headers`) to, each once, into `targets`; returns the exchange's
-    /// canonical name. Client publishes may not use an internal exchange.
-    fn route(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        headers: &FieldTable,
-        internal_ok: bool,
-        targets: &mut Targets,
-    ) -> Result<Arc<str>, EngineError> {
-        let exchange = canonical_exchange(exchange);
-        let name = if exchange.is_empty() {
-            if let Some(q) = self.queues.get(routing_key) {
-                targets.push(q.value().clone());
-            }
-            self.default_exchange.clone()
-        } else {
-            let ex = self.exchange(exchange)?;
-            if ex.spec.internal && !internal_ok {
-                return Err(EngineError::AccessRefused(format!(
-                    "cannot publish to internal exchange '{exchange}'"
-                )));
-            }
-            ex.route(routing_key, headers, targets);
-            ex.name.clone()
-        };
-        dedup(targets);
-        Ok(name)
-    }
-
-    /// Wraps the message once (one body and one memory charge for every queue), writes it to
-    /// the store when persistent and any target is durable, and enqueues it in each target.
-    /// Returns whether any queue took it, which one refused it, if any, and the write.
-    fn enqueue_all(
-        &self,
-        targets: &Targets,
-        exchange: Arc<str>,
-        routing_key: Arc<str>,
-        message: Message,
-        fx: &mut Effects,
-    ) -> (bool, Option<Arc<str>>, Option<DurableWrite>) {
-        let disk = self.disk_for(&message, targets);
-        let envelope = Arc::new(Stored::new(
-            Envelope {
-                exchange,
-                routing_key,
-                message,
-            },
-            &self.held,
-            disk,
-        ));
-        // Before any consumer can see it: whatever ends an entry writes after this.
-        let write = self.write_enqueued(&envelope, targets);
-        let keep = write.is_some();
-        let now = Instant::now();
-        let mut routed = false;
-        let mut rejected = None;
-        for queue in targets {
-            let on_disk = keep && queue.is_durable();
-            match queue.enqueue(&envelope, now, on_disk, fx) {
-                Enqueued::Taken => {
-                    routed = true;
-                    continue;
-                }
-                Enqueued::Refused => rejected = Some(queue.name.clone()),
-                Enqueued::Gone => {}
-            }
-            if on_disk {
-                fx.dequeued.push((queue.name.clone(), envelope.clone()));
-            }
-        }
-        (routed, rejected, write)
     }
 }
 

@@ -33,6 +33,16 @@ impl Held {
         self.bytes.load(Ordering::Relaxed)
     }
 
+    /// Above this, the broker pages bodies of durable queues out: half the watermark.
+    pub fn paging_threshold(&self) -> u64 {
+        self.watermark / 2
+    }
+
+    /// What paging brings the bytes held down to.
+    pub fn paging_target(&self) -> u64 {
+        self.watermark / 5 * 2
+    }
+
     pub fn disk_low(&self) -> bool {
         self.disk_low.load(Ordering::Acquire)
     }
@@ -116,8 +126,9 @@ impl std::fmt::Debug for Charge {
 pub(super) struct Stored {
     envelope: Envelope,
     _charge: Charge,
-    /// Set when the message is written to the store (persistent, in a durable queue).
-    pub disk: Option<OnDisk>,
+    /// Set when the message is written to the store (persistent, in a durable queue); shared
+    /// with the queue entries that paged it out.
+    pub disk: Option<Arc<OnDisk>>,
 }
 
 /// A stored message's id and how many queue entries on disk still refer to it: the last one
@@ -126,14 +137,25 @@ pub(super) struct Stored {
 pub(super) struct OnDisk {
     pub id: u64,
     refs: AtomicU64,
+    /// Its write is durable: the store can give it back, so its body may leave memory.
+    written: std::sync::atomic::AtomicBool,
 }
 
 impl OnDisk {
-    pub fn new(id: u64, refs: u64) -> OnDisk {
-        OnDisk {
+    pub fn new(id: u64, refs: u64, written: bool) -> Arc<OnDisk> {
+        Arc::new(OnDisk {
             id,
             refs: AtomicU64::new(refs),
-        }
+            written: std::sync::atomic::AtomicBool::new(written),
+        })
+    }
+
+    pub fn mark_written(&self) {
+        self.written.store(true, Ordering::Release);
+    }
+
+    pub fn is_written(&self) -> bool {
+        self.written.load(Ordering::Acquire)
     }
 
     /// One entry went; true when it was the last.
@@ -143,7 +165,7 @@ impl OnDisk {
 }
 
 impl Stored {
-    pub fn new(envelope: Envelope, held: &Arc<Held>, disk: Option<OnDisk>) -> Stored {
+    pub fn new(envelope: Envelope, held: &Arc<Held>, disk: Option<Arc<OnDisk>>) -> Stored {
         let charge = Charge::new(held, envelope.message.body.len() as u64);
         Stored {
             envelope,

@@ -14,7 +14,13 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use super::held::Stored;
+mod args;
+mod page;
+
+pub(super) use self::args::{Overflow, QueueArgs};
+
+pub(super) use self::page::{Pages, Ready};
+use super::held::{OnDisk, Stored};
 use crate::engine::{CancelReason, EngineError, Envelope, FieldTable, FieldValue, QueueSpec};
 
 /// Why a message left its queue for the dead-letter exchange (the `reason` of `x-death`).
@@ -32,92 +38,6 @@ impl DeadReason {
             DeadReason::Expired => "expired",
             DeadReason::MaxLen => "maxlen",
         }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Overflow {
-    DropHead,
-    RejectPublish,
-    /// As `RejectPublish`, and the refused message is dead-lettered.
-    RejectPublishDlx,
-}
-
-/// The `x-…` arguments the embedded engine honours, parsed and checked once at declare.
-#[derive(Debug, Clone)]
-pub(super) struct QueueArgs {
-    pub message_ttl: Option<Duration>,
-    pub max_length: Option<u64>,
-    pub max_length_bytes: Option<u64>,
-    pub overflow: Overflow,
-    pub dead_letter_exchange: Option<String>,
-    pub dead_letter_routing_key: Option<String>,
-}
-
-fn non_negative(arguments: &FieldTable, key: &str) -> Result<Option<u64>, EngineError> {
-    match arguments.get(key) {
-        None => Ok(None),
-        Some(v) => match v.as_i128().and_then(|i| u64::try_from(i).ok()) {
-            Some(n) => Ok(Some(n)),
-            None => Err(EngineError::InvalidArgument(format!(
-                "{key} must be a non-negative integer"
-            ))),
-        },
-    }
-}
-
-fn string(arguments: &FieldTable, key: &str) -> Result<Option<String>, EngineError> {
-    match arguments.get(key) {
-        None => Ok(None),
-        Some(v) => v
-            .as_str()
-            .map(|s| Some(s.to_owned()))
-            .ok_or_else(|| EngineError::InvalidArgument(format!("{key} must be a string"))),
-    }
-}
-
-impl QueueArgs {
-    pub fn parse(arguments: &FieldTable) -> Result<Self, EngineError> {
-        // RabbitMQ caps TTLs at 2^32-1 ms; so do we, so a value means the same on both engines.
-        const MAX_MS: u64 = u32::MAX as u64;
-        let ttl = non_negative(arguments, "x-message-ttl")?;
-        if ttl.is_some_and(|t| t > MAX_MS) {
-            return Err(EngineError::InvalidArgument(format!(
-                "x-message-ttl must be at most {MAX_MS}"
-            )));
-        }
-        let expires = non_negative(arguments, "x-expires")?;
-        if expires.is_some_and(|t| t == 0 || t > MAX_MS) {
-            return Err(EngineError::InvalidArgument(format!(
-                "x-expires must be between 1 and {MAX_MS}"
-            )));
-        }
-        let overflow = match string(arguments, "x-overflow")?.as_deref() {
-            None | Some("drop-head") => Overflow::DropHead,
-            Some("reject-publish") => Overflow::RejectPublish,
-            Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
-            Some(other) => {
-                return Err(EngineError::InvalidArgument(format!(
-                    "x-overflow must be drop-head, reject-publish or reject-publish-dlx, not '{other}'"
-                )));
-            }
-        };
-        match string(arguments, "x-queue-type")?.as_deref() {
-            None | Some("classic") => {}
-            Some(other) => {
-                return Err(EngineError::NotSupported(format!(
-                    "x-queue-type '{other}' (the embedded engine has classic queues)"
-                )));
-            }
-        }
-        Ok(QueueArgs {
-            message_ttl: ttl.map(Duration::from_millis),
-            max_length: non_negative(arguments, "x-max-length")?,
-            max_length_bytes: non_negative(arguments, "x-max-length-bytes")?,
-            overflow,
-            dead_letter_exchange: string(arguments, "x-dead-letter-exchange")?,
-            dead_letter_routing_key: string(arguments, "x-dead-letter-routing-key")?,
-        })
     }
 }
 
@@ -148,6 +68,15 @@ impl Entry {
     fn size(&self) -> u64 {
         self.envelope.message.body.len() as u64
     }
+
+    /// The stored message, when this entry is on disk.
+    pub fn disk(&self) -> Option<&Arc<OnDisk>> {
+        if self.on_disk {
+            self.envelope.disk.as_ref()
+        } else {
+            None
+        }
+    }
 }
 
 /// A message leaving a queue for its dead-letter exchange.
@@ -167,7 +96,7 @@ pub(super) type Restored = (Arc<Stored>, Duration, bool);
 pub(super) struct Effects {
     pub dead: Vec<DeadLetter>,
     /// Stored entries that left their queue for good: the store forgets them.
-    pub dequeued: Vec<(Arc<str>, Arc<Stored>)>,
+    pub dequeued: Vec<(Arc<str>, Arc<OnDisk>)>,
     pub start_expiry: Vec<Arc<Queue>>,
     pub auto_delete: Vec<Arc<Queue>>,
 }
@@ -206,7 +135,7 @@ pub(super) struct Slot {
 }
 
 struct State {
-    ready: VecDeque<Entry>,
+    ready: VecDeque<Ready>,
     ready_bytes: u64,
     unacked: u64,
     consumers: Vec<Slot>,
@@ -239,6 +168,9 @@ pub(super) struct Queue {
     expiry_started: AtomicBool,
     /// Bindings from exchanges, kept so deleting the queue can remove them.
     pub bindings: Mutex<Vec<BoundFrom>>,
+    /// Where paged-out bodies are read back from (durable queues on a store that keeps
+    /// messages).
+    pages: Option<Pages>,
 }
 
 impl Queue {
@@ -248,6 +180,7 @@ impl Queue {
         args: QueueArgs,
         owner: Option<u64>,
         gauges: Arc<Gauges>,
+        pages: Option<Pages>,
     ) -> Self {
         Queue {
             name,
@@ -273,6 +206,7 @@ impl Queue {
             queue_expiry_started: AtomicBool::new(false),
             expiry_started: AtomicBool::new(false),
             bindings: Mutex::new(Vec::new()),
+            pages,
         }
     }
 
@@ -336,6 +270,11 @@ impl Queue {
         !self.expiry_started.swap(true, Ordering::AcqRel)
     }
 
+    /// Body bytes of the ready messages (in memory or paged out).
+    pub fn ready_bytes(&self) -> u64 {
+        self.state.lock().ready_bytes
+    }
+
     pub fn counts(&self) -> (u64, u64, u32) {
         let st = self.state.lock();
         (st.ready.len() as u64, st.unacked, st.consumers.len() as u32)
@@ -357,9 +296,31 @@ impl Queue {
 
     /// The entry leaves the queue for good.
     fn done(&self, entry: &Entry, fx: &mut Effects) {
-        if entry.on_disk {
-            fx.dequeued
-                .push((self.name.clone(), entry.envelope.clone()));
+        if let Some(disk) = entry.disk() {
+            fx.dequeued.push((self.name.clone(), disk.clone()));
+        }
+    }
+
+    fn done_slot(&self, slot: &Ready, fx: &mut Effects) {
+        if let Some(disk) = slot.disk() {
+            fx.dequeued.push((self.name.clone(), disk.clone()));
+        }
+    }
+
+    /// A ready entry leaves for the dead-letter exchange (read back first if paged out).
+    fn dead_letter_slot(&self, slot: Ready, reason: DeadReason, fx: &mut Effects) {
+        match slot {
+            Ready::In(entry) => self.dead_letter(entry, reason, fx),
+            Ready::Out(_) if self.args.dead_letter_exchange.is_none() => {
+                self.done_slot(&slot, fx);
+                metrics::counter!(crate::metrics::DROPPED, "reason" => reason.as_str())
+                    .increment(1);
+            }
+            out => {
+                if let Some(entry) = self.page_in(out, fx) {
+                    self.dead_letter(entry, reason, fx);
+                }
+            }
         }
     }
 
@@ -380,7 +341,7 @@ impl Queue {
         }
     }
 
-    fn pop_ready(&self, st: &mut State) -> Option<Entry> {
+    fn pop_ready(&self, st: &mut State) -> Option<Ready> {
         let entry = st.ready.pop_front()?;
         let size = entry.size();
         st.ready_bytes -= size;
@@ -389,14 +350,14 @@ impl Queue {
         Some(entry)
     }
 
-    fn insert_ready(&self, st: &mut State, entry: Entry) {
+    fn insert_ready(&self, st: &mut State, entry: Ready) {
         let size = entry.size();
         st.ready_bytes += size;
         self.gauges.messages.fetch_add(1, Ordering::Relaxed);
         self.gauges.bytes.fetch_add(size, Ordering::Relaxed);
         match st.ready.back() {
-            Some(last) if last.seq > entry.seq => {
-                let at = st.ready.partition_point(|e| e.seq < entry.seq);
+            Some(last) if last.seq() > entry.seq() => {
+                let at = st.ready.partition_point(|e| e.seq() < entry.seq());
                 st.ready.insert(at, entry);
             }
             _ => st.ready.push_back(entry),
@@ -422,7 +383,7 @@ impl Queue {
                 redelivered,
                 on_disk: true,
             };
-            self.insert_ready(&mut st, entry);
+            self.insert_ready(&mut st, Ready::In(entry));
         }
         self.enforce_limits(&mut st, fx);
         if any_ttl {
@@ -437,12 +398,12 @@ impl Queue {
     /// longer-lived one waits for it). `inclusive` also drops messages expiring exactly `now`
     /// (TTL 0: delivered only if a consumer took it in the same operation).
     fn expire_head(&self, st: &mut State, now: Instant, inclusive: bool, fx: &mut Effects) {
-        while let Some(at) = st.ready.front().and_then(|e| e.expires_at) {
+        while let Some(at) = st.ready.front().and_then(Ready::expires_at) {
             if at > now || (at == now && !inclusive) {
                 break;
             }
-            if let Some(entry) = self.pop_ready(st) {
-                self.dead_letter(entry, DeadReason::Expired, fx);
+            if let Some(slot) = self.pop_ready(st) {
+                self.dead_letter_slot(slot, DeadReason::Expired, fx);
             }
         }
     }
@@ -451,7 +412,7 @@ impl Queue {
     /// must look at it now — it may be waiting for a notify only a publish would send, and
     /// RabbitMQ expires a message once it is at the head.
     fn head_changed(&self, st: &State) {
-        if st.ready.front().is_some_and(|e| e.expires_at.is_some()) {
+        if st.ready.front().is_some_and(|e| e.expires_at().is_some()) {
             self.expiry_wake.notify_one();
         }
     }
@@ -474,13 +435,16 @@ impl Queue {
             else {
                 return;
             };
-            let Some(entry) = self.pop_ready(st) else {
+            let Some(slot) = self.pop_ready(st) else {
                 return;
             };
-            if entry.expires_at.is_some_and(|at| at < now) {
-                self.dead_letter(entry, DeadReason::Expired, fx);
+            if slot.expires_at().is_some_and(|at| at < now) {
+                self.dead_letter_slot(slot, DeadReason::Expired, fx);
                 continue;
             }
+            let Some(entry) = self.page_in(slot, fx) else {
+                continue;
+            };
             let slot = &mut st.consumers[idx];
             match slot.sink.deliver(self, slot.id, entry, now) {
                 Ok(()) => {
@@ -494,7 +458,7 @@ impl Queue {
                     // The consumer's receiver is gone: it is being cancelled. Put the message
                     // back and stop offering to it.
                     st.consumers.remove(idx);
-                    self.insert_ready(st, entry);
+                    self.insert_ready(st, Ready::In(entry));
                 }
             }
         }
@@ -558,13 +522,13 @@ impl Queue {
         st.next_seq += 1;
         self.insert_ready(
             &mut st,
-            Entry {
+            Ready::In(Entry {
                 seq,
                 envelope: envelope.clone(),
                 expires_at,
                 redelivered: false,
                 on_disk,
-            },
+            }),
         );
         self.dispatch(&mut st, now, fx);
         self.enforce_limits(&mut st, fx);
@@ -598,7 +562,7 @@ impl Queue {
                 return;
             }
             match self.pop_ready(st) {
-                Some(entry) => self.dead_letter(entry, DeadReason::MaxLen, fx),
+                Some(slot) => self.dead_letter_slot(slot, DeadReason::MaxLen, fx),
                 None => return,
             }
             self.head_changed(st);
@@ -612,7 +576,7 @@ impl Queue {
             return None;
         }
         self.expire_head(&mut st, now, true, fx);
-        Some(st.ready.front().and_then(|e| e.expires_at))
+        Some(st.ready.front().and_then(Ready::expires_at))
     }
 
     pub fn add_consumer(
@@ -710,7 +674,7 @@ impl Queue {
             return;
         }
         for entry in entries {
-            self.insert_ready(&mut st, entry);
+            self.insert_ready(&mut st, Ready::In(entry));
         }
         self.expiry_wake.notify_one();
         self.dispatch(&mut st, Instant::now(), fx);
@@ -723,7 +687,12 @@ impl Queue {
         let mut st = self.state.lock();
         st.last_used = now;
         self.expire_head(&mut st, now, false, fx);
-        let entry = self.pop_ready(&mut st)?;
+        let entry = loop {
+            let slot = self.pop_ready(&mut st)?;
+            if let Some(entry) = self.page_in(slot, fx) {
+                break entry;
+            }
+        };
         self.head_changed(&st);
         if !no_ack {
             st.unacked += 1;
@@ -734,8 +703,8 @@ impl Queue {
     pub fn purge(&self, fx: &mut Effects) -> u64 {
         let mut st = self.state.lock();
         let n = st.ready.len() as u64;
-        while let Some(entry) = self.pop_ready(&mut st) {
-            self.done(&entry, fx);
+        while let Some(slot) = self.pop_ready(&mut st) {
+            self.done_slot(&slot, fx);
         }
         n
     }
@@ -747,8 +716,8 @@ impl Queue {
             let mut st = self.state.lock();
             st.deleted = true;
             let dropped = st.ready.len() as u64;
-            while let Some(entry) = self.pop_ready(&mut st) {
-                self.done(&entry, fx);
+            while let Some(slot) = self.pop_ready(&mut st) {
+                self.done_slot(&slot, fx);
             }
             (dropped, std::mem::take(&mut st.consumers))
         };

@@ -102,9 +102,16 @@ pub trait Store: Send + Sync + 'static {
     /// Every stored message and queue entry.
     fn load_messages(&self) -> Result<StoredMessages, StoreError>;
 
-    /// Gives back disk space that removed records still hold (the disk alarm asks while it is
-    /// up). Blocking: called off the runtime's workers.
-    fn reclaim(&self) {}
+    /// Message `id` as stored (a paged-out body read back); `None` when it is not there.
+    fn read_message(&self, _id: u64) -> Result<Option<Envelope>, StoreError> {
+        Ok(None)
+    }
+
+    /// Gives back disk space that removed messages still hold: when `urgent` (the disk alarm
+    /// is up) whenever some were removed since the last time, else once most of what was
+    /// stored has been removed (a queue drained). Blocking: called off the runtime's workers,
+    /// about once a second.
+    fn reclaim(&self, _urgent: bool) {}
 
     /// Group commits made so far (each one fsync; writes per commit say how well they group).
     fn commits(&self) -> u64 {

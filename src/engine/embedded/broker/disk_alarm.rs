@@ -1,8 +1,8 @@
 //! The disk alarm (RabbitMQ's `disk_free_limit`): a timer that reads the free space of the data
 //! directory's file system and blocks publishes below `engine.disk_free_limit`, the way the
 //! memory watermark does, so the store never fills the disk with writes it must then fail.
-//! While the alarm is up the store is asked to give back space that drained queues no longer
-//! need; the alarm clears once free space is back above the limit.
+//! The same tick asks the store to give back space that drained queues no longer need (at once
+//! while the alarm is up); the alarm clears once free space is back above the limit.
 
 use std::path::PathBuf;
 
@@ -21,12 +21,7 @@ fn free_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
 impl Broker {
     /// Starts the alarm's timer for `dir`; it stops at shutdown.
     pub fn spawn_disk_alarm(&self, dir: PathBuf, limit: u64) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let broker = self.me.clone();
-        let stop = self.stop.clone();
-        rt.spawn(async move {
+        self.spawn_maintenance(move |broker, stop| async move {
             loop {
                 let Some(b) = broker.upgrade() else { return };
                 let wait = match free_bytes(&dir) {
@@ -57,12 +52,11 @@ impl Broker {
                 tracing::info!(free = %free_h, limit = %limit_h, "disk alarm cleared, publishes accepted");
             }
         }
-        if low {
-            // Space held by what drained queues no longer need is given back by the store's
-            // own maintenance; ask for it now rather than when writes would trigger it.
-            let store = self.store.clone();
-            let _ = tokio::task::spawn_blocking(move || store.reclaim()).await;
-        }
+        // Space held by what drained queues no longer need is given back by compaction; the
+        // storage engine would do it only as writes come, so ask — at once while the alarm is
+        // up (publishes are refused: no writes will come), else once a queue drained.
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.reclaim(low)).await;
         if free < limit.saturating_mul(2) {
             NEAR
         } else {

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use super::*;
 use crate::engine::embedded::held::OnDisk;
-use crate::engine::embedded::queue::{Entry, Restored};
+use crate::engine::embedded::queue::{Entry, Pages, Restored};
 use crate::engine::embedded::store::{BoxFuture, MessageWrite, StoreError, StoredMessages};
 
 /// What [`Broker::recover`] put back.
@@ -36,12 +36,18 @@ fn detach(write: BoxFuture<'static, Result<(), StoreError>>) {
 impl Broker {
     /// How many of `targets` keep `message` on disk (persistent message, durable queues, a store
     /// that keeps messages), and the id it gets if any does.
-    pub(super) fn disk_for(&self, message: &Message, targets: &Targets) -> Option<OnDisk> {
+    pub(super) fn disk_for(&self, message: &Message, targets: &Targets) -> Option<Arc<OnDisk>> {
         if !message.is_persistent() || !self.store.keeps_messages() {
             return None;
         }
         let refs = targets.iter().filter(|q| q.is_durable()).count() as u64;
-        (refs > 0).then(|| OnDisk::new(self.next_message.fetch_add(1, Ordering::Relaxed), refs))
+        (refs > 0).then(|| {
+            OnDisk::new(
+                self.next_message.fetch_add(1, Ordering::Relaxed),
+                refs,
+                false,
+            )
+        })
     }
 
     /// Writes `stored` and its entry in each durable target; resolves once durable.
@@ -50,7 +56,8 @@ impl Broker {
         stored: &Stored,
         targets: &Targets,
     ) -> Option<BoxFuture<'static, Result<(), StoreError>>> {
-        let id = stored.disk.as_ref()?.id;
+        let disk = stored.disk.clone()?;
+        let id = disk.id;
         let mut writes = Vec::with_capacity(targets.len() + 1);
         writes.push(MessageWrite::Message {
             id,
@@ -67,25 +74,38 @@ impl Broker {
                     redelivered: false,
                 }),
         );
-        Some(self.store.write_messages(&writes))
+        let write = self.store.write_messages(&writes);
+        Some(Box::pin(async move {
+            write.await?;
+            // Durable: from now on the body may be paged out and read back.
+            disk.mark_written();
+            Ok(())
+        }))
+    }
+
+    /// Where a new queue reads paged-out bodies from: durable ones on a store that keeps
+    /// messages.
+    pub(super) fn pages_for(&self, spec: &QueueSpec) -> Option<Pages> {
+        (spec.durable && !spec.exclusive && self.store.keeps_messages()).then(|| Pages {
+            store: self.store.clone(),
+            held: self.held.clone(),
+        })
     }
 
     /// A no-ack delivery left `queue` for good as it was handed out.
     pub fn delivered(&self, queue: &Arc<str>, entry: &Entry) {
-        if entry.on_disk {
-            self.forget(vec![(queue.clone(), entry.envelope.clone())]);
+        if let Some(disk) = entry.disk() {
+            self.forget(vec![(queue.clone(), disk.clone())]);
         }
     }
 
     /// Removes ended entries, and the messages whose last entry they were.
-    pub(in crate::engine::embedded) fn forget(&self, dequeued: Vec<(Arc<str>, Arc<Stored>)>) {
+    pub(in crate::engine::embedded) fn forget(&self, dequeued: Vec<(Arc<str>, Arc<OnDisk>)>) {
         let mut writes = Vec::with_capacity(dequeued.len() * 2);
-        for (queue, stored) in &dequeued {
-            if let Some(disk) = &stored.disk {
-                writes.push(MessageWrite::Dequeue { queue, id: disk.id });
-                if disk.release() {
-                    writes.push(MessageWrite::Forget { id: disk.id });
-                }
+        for (queue, disk) in &dequeued {
+            writes.push(MessageWrite::Dequeue { queue, id: disk.id });
+            if disk.release() {
+                writes.push(MessageWrite::Forget { id: disk.id });
             }
         }
         if !writes.is_empty() {
@@ -166,7 +186,7 @@ impl Broker {
                     let Some((envelope, at)) = messages.remove(&id) else {
                         continue;
                     };
-                    let disk = OnDisk::new(id, refs[&id]);
+                    let disk = OnDisk::new(id, refs[&id], true);
                     let stored = Arc::new(Stored::new(envelope, &self.held, Some(disk)));
                     let age = Duration::from_millis(wall.saturating_sub(at));
                     shared.insert(id, (stored.clone(), age));

@@ -13,6 +13,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
@@ -21,6 +22,12 @@ use super::commit::{self, Committer, Op};
 use super::{BoxFuture, MessageWrite, Snapshot, Store, StoreError, StoredMessages, record};
 use crate::config::Fsync;
 use crate::engine::{BindingInfo, Envelope, ExchangeSpec, Message, QueueSpec};
+
+/// All journals together (fjall's default: 512 MiB; its minimum: 64 MiB).
+const JOURNALS: u64 = 64 * 1024 * 1024;
+
+/// The message keyspace's memtable (fjall's default: 64 MiB).
+const MESSAGES_MEMTABLE: u64 = 16 * 1024 * 1024;
 
 /// What `FORMAT` says for this version of the store.
 const FORMAT: &str = "amqp-gateway store 1\n";
@@ -41,10 +48,12 @@ pub struct DiskStore {
     retained: Keyspace,
     messages: Keyspace,
     queued: Keyspace,
-    /// Message removals written, and how many the last [`Store::reclaim`] had seen: nothing
-    /// to give back when none came since.
-    removals: std::sync::atomic::AtomicU64,
-    reclaimed_at: std::sync::atomic::AtomicU64,
+    /// When space was last reclaimed: a write whose flush runs the storage engine's clean-up
+    /// of tables that compaction replaced (it only runs when a memtable is flushed).
+    maintenance: Keyspace,
+    /// Messages stored now, and removed since the last [`Store::reclaim`] that compacted.
+    live: AtomicU64,
+    removed: AtomicU64,
     /// Group commit for message writes.
     committer: Committer,
     fsync: Fsync,
@@ -66,21 +75,34 @@ impl DiskStore {
         let lock = lock(dir)?;
         check_format(dir)?;
         let tails = journal_tails(&dir.join("store"));
-        let db = Database::builder(dir.join("store")).open().map_err(db)?;
+        // The smallest journal budget fjall allows: past it, fjall flushes whichever keyspace
+        // holds the oldest journal back, so removed messages do not pin hundreds of MiB.
+        let db = Database::builder(dir.join("store"))
+            .max_journaling_size(JOURNALS)
+            .open()
+            .map_err(db)?;
         report_torn(&tails);
         let keyspace = |name: &str| {
             db.keyspace(name, KeyspaceCreateOptions::default)
                 .map_err(self::db)
         };
+        // Written bodies wait in the memtable until it is flushed: a smaller one keeps that
+        // memory (which the watermark does not see) small when queues grow past memory.
+        let messages = db
+            .keyspace("messages", || {
+                KeyspaceCreateOptions::default().max_memtable_size(MESSAGES_MEMTABLE)
+            })
+            .map_err(self::db)?;
         Ok(DiskStore {
             exchanges: keyspace("exchanges")?,
             queues: keyspace("queues")?,
             bindings: keyspace("bindings")?,
             retained: keyspace("retained")?,
-            messages: keyspace("messages")?,
+            messages,
             queued: keyspace("queued")?,
-            removals: Default::default(),
-            reclaimed_at: Default::default(),
+            maintenance: keyspace("maintenance")?,
+            live: Default::default(),
+            removed: Default::default(),
             committer: Committer::start(db.clone(), fsync, max_delay)?,
             db,
             fsync,
@@ -98,11 +120,14 @@ impl DiskStore {
                 id,
                 envelope,
                 published_at_ms,
-            } => Op::Put(
-                self.messages.clone(),
-                record::message_key(id).to_vec(),
-                record::message(envelope, published_at_ms)?,
-            ),
+            } => {
+                self.live.fetch_add(1, Ordering::Relaxed);
+                Op::Put(
+                    self.messages.clone(),
+                    record::message_key(id).to_vec(),
+                    record::message(envelope, published_at_ms)?,
+                )
+            }
             MessageWrite::Enqueue {
                 queue,
                 id,
@@ -113,11 +138,11 @@ impl DiskStore {
                 record::queued_value(redelivered),
             ),
             MessageWrite::Dequeue { queue, id } => {
-                self.removals
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Op::Remove(self.queued.clone(), record::queued_key(queue, id)?)
             }
             MessageWrite::Forget { id } => {
+                self.live.fetch_sub(1, Ordering::Relaxed);
+                self.removed.fetch_add(1, Ordering::Relaxed);
                 Op::Remove(self.messages.clone(), record::message_key(id).to_vec())
             }
         })
@@ -357,6 +382,8 @@ impl Store for DiskStore {
             }
         }
         out.unreadable = bad.len();
+        self.live
+            .store(out.messages.len() as u64, Ordering::Relaxed);
         if !bad.is_empty() {
             commit::apply(&self.db, self.fsync, bad)?;
         }
@@ -365,19 +392,58 @@ impl Store for DiskStore {
 
     /// Flushes the message keyspaces' memtables (so the journal holding removed records can
     /// be dropped once it rotates) and compacts them (so removed records leave the tables).
-    fn reclaim(&self) {
-        use std::sync::atomic::Ordering;
-        let removals = self.removals.load(Ordering::Relaxed);
-        if self.reclaimed_at.swap(removals, Ordering::Relaxed) == removals {
+    fn reclaim(&self, urgent: bool) {
+        /// Below this many removals a compaction costs more than it gives back.
+        const WORTH_IT: u64 = 1_000;
+        let removed = self.removed.load(Ordering::Relaxed);
+        let live = self.live.load(Ordering::Relaxed);
+        // Urgent: anything removed. Else once most of what was stored went, or all of it.
+        let due = if urgent || live == 0 {
+            removed > 0
+        } else {
+            removed >= WORTH_IT && removed >= live.saturating_mul(4)
+        };
+        if !due {
             return;
         }
-        for ks in [&self.messages, &self.queued] {
-            if let Err(e) = ks
-                .rotate_memtable_and_wait()
-                .and_then(|()| ks.major_compact())
-            {
+        self.removed.fetch_sub(removed, Ordering::Relaxed);
+        // Every keyspace's memtable is flushed, so no journal is kept for a few small records
+        // of another keyspace; then the message keyspaces drop what was removed.
+        let all = [
+            &self.exchanges,
+            &self.queues,
+            &self.bindings,
+            &self.retained,
+            &self.messages,
+            &self.queued,
+        ];
+        for ks in all {
+            if let Err(e) = ks.rotate_memtable_and_wait() {
                 tracing::warn!(error = %e, "store space not reclaimed");
             }
+        }
+        for ks in [&self.messages, &self.queued] {
+            if let Err(e) = ks.major_compact() {
+                tracing::warn!(error = %e, "store space not reclaimed");
+            }
+        }
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+            .to_be_bytes();
+        if let Err(e) = self
+            .maintenance
+            .insert("reclaimed", stamp)
+            .and_then(|()| self.maintenance.rotate_memtable_and_wait())
+        {
+            tracing::warn!(error = %e, "store space not reclaimed");
+        }
+    }
+
+    fn read_message(&self, id: u64) -> Result<Option<Envelope>, StoreError> {
+        match self.messages.get(record::message_key(id)).map_err(db)? {
+            Some(bytes) => Ok(Some(record::message_from(&bytes)?.0)),
+            None => Ok(None),
         }
     }
 
@@ -496,5 +562,84 @@ mod tests {
         std::fs::write(dir.path().join("FORMAT"), "amqp-gateway store 99\n").unwrap();
         let e = DiskStore::open(dir.path(), Fsync::Never, Duration::ZERO).unwrap_err();
         assert!(e.0.contains("store 99"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod reclaim_tests {
+    use super::*;
+    use crate::engine::Message;
+    use std::os::unix::fs::MetadataExt;
+
+    fn used(dir: &Path) -> u64 {
+        let mut total = 0;
+        for e in std::fs::read_dir(dir).unwrap().filter_map(Result::ok) {
+            let p = e.path();
+            total += if p.is_dir() {
+                used(&p)
+            } else {
+                e.metadata().map_or(0, |m| m.blocks() * 512)
+            };
+        }
+        total
+    }
+
+    /// Bodies no compression shrinks (xorshift).
+    fn noise(len: usize, x: &mut u64) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                *x ^= *x << 13;
+                *x ^= *x >> 7;
+                *x ^= *x << 17;
+                *x as u8
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_drained_store_gives_its_space_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            std::sync::Arc::new(DiskStore::open(dir.path(), Fsync::Never, Duration::ZERO).unwrap());
+        let mut x = 88_172_645_463_325_252u64;
+        for id in 0..2048u64 {
+            let envelope = Envelope {
+                exchange: "".into(),
+                routing_key: "q".into(),
+                message: Message::new(noise(64 * 1024, &mut x)),
+            };
+            let writes = [
+                MessageWrite::Message {
+                    id,
+                    envelope: &envelope,
+                    published_at_ms: 0,
+                },
+                MessageWrite::Enqueue {
+                    queue: "q",
+                    id,
+                    redelivered: false,
+                },
+            ];
+            store.write_messages(&writes).await.unwrap();
+        }
+        let full = used(dir.path());
+        for id in 0..2048u64 {
+            let writes = [
+                MessageWrite::Dequeue { queue: "q", id },
+                MessageWrite::Forget { id },
+            ];
+            store.write_messages(&writes).await.unwrap();
+        }
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || s.reclaim(false))
+            .await
+            .unwrap();
+        let after = used(dir.path());
+        assert!(
+            after < full / 4,
+            "{} MiB stored, {} MiB after the drain",
+            full >> 20,
+            after >> 20
+        );
     }
 }

@@ -1,0 +1,92 @@
+//! The `x-…` arguments of a queue the embedded engine honours, parsed and checked once at
+//! declare (RabbitMQ's names, limits and errors).
+
+use std::time::Duration;
+
+use crate::engine::{EngineError, FieldTable};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(in crate::engine::embedded) enum Overflow {
+    DropHead,
+    RejectPublish,
+    /// As `RejectPublish`, and the refused message is dead-lettered.
+    RejectPublishDlx,
+}
+
+/// The `x-…` arguments the embedded engine honours, parsed and checked once at declare.
+#[derive(Debug, Clone)]
+pub(in crate::engine::embedded) struct QueueArgs {
+    pub message_ttl: Option<Duration>,
+    pub max_length: Option<u64>,
+    pub max_length_bytes: Option<u64>,
+    pub overflow: Overflow,
+    pub dead_letter_exchange: Option<String>,
+    pub dead_letter_routing_key: Option<String>,
+}
+
+fn non_negative(arguments: &FieldTable, key: &str) -> Result<Option<u64>, EngineError> {
+    match arguments.get(key) {
+        None => Ok(None),
+        Some(v) => match v.as_i128().and_then(|i| u64::try_from(i).ok()) {
+            Some(n) => Ok(Some(n)),
+            None => Err(EngineError::InvalidArgument(format!(
+                "{key} must be a non-negative integer"
+            ))),
+        },
+    }
+}
+
+fn string(arguments: &FieldTable, key: &str) -> Result<Option<String>, EngineError> {
+    match arguments.get(key) {
+        None => Ok(None),
+        Some(v) => v
+            .as_str()
+            .map(|s| Some(s.to_owned()))
+            .ok_or_else(|| EngineError::InvalidArgument(format!("{key} must be a string"))),
+    }
+}
+
+impl QueueArgs {
+    pub fn parse(arguments: &FieldTable) -> Result<Self, EngineError> {
+        // RabbitMQ caps TTLs at 2^32-1 ms; so do we, so a value means the same on both engines.
+        const MAX_MS: u64 = u32::MAX as u64;
+        let ttl = non_negative(arguments, "x-message-ttl")?;
+        if ttl.is_some_and(|t| t > MAX_MS) {
+            return Err(EngineError::InvalidArgument(format!(
+                "x-message-ttl must be at most {MAX_MS}"
+            )));
+        }
+        let expires = non_negative(arguments, "x-expires")?;
+        if expires.is_some_and(|t| t == 0 || t > MAX_MS) {
+            return Err(EngineError::InvalidArgument(format!(
+                "x-expires must be between 1 and {MAX_MS}"
+            )));
+        }
+        let overflow = match string(arguments, "x-overflow")?.as_deref() {
+            None | Some("drop-head") => Overflow::DropHead,
+            Some("reject-publish") => Overflow::RejectPublish,
+            Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
+            Some(other) => {
+                return Err(EngineError::InvalidArgument(format!(
+                    "x-overflow must be drop-head, reject-publish or reject-publish-dlx, not '{other}'"
+                )));
+            }
+        };
+        match string(arguments, "x-queue-type")?.as_deref() {
+            None | Some("classic") => {}
+            Some(other) => {
+                return Err(EngineError::NotSupported(format!(
+                    "x-queue-type '{other}' (the embedded engine has classic queues)"
+                )));
+            }
+        }
+        Ok(QueueArgs {
+            message_ttl: ttl.map(Duration::from_millis),
+            max_length: non_negative(arguments, "x-max-length")?,
+            max_length_bytes: non_negative(arguments, "x-max-length-bytes")?,
+            overflow,
+            dead_letter_exchange: string(arguments, "x-dead-letter-exchange")?,
+            dead_letter_routing_key: string(arguments, "x-dead-letter-routing-key")?,
+        })
+    }
+}

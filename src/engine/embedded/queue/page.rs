@@ -1,0 +1,132 @@
+//! Queues larger than memory: a ready entry of a persistent message whose write is durable may
+//! give its body back ([`Ready::Out`]), keeping what the queue needs without it (order, size,
+//! deadline, the redelivered flag, the stored id). The broker pages the tail of durable queues
+//! out when the bytes held pass the paging threshold; an entry is read back from the store when
+//! it is handed to a consumer, returned by `get` or dead-lettered.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{Effects, Entry, Queue, State};
+use crate::engine::embedded::held::{Held, OnDisk, Stored};
+use crate::engine::embedded::store::Store;
+
+/// A ready entry whose body is only on disk.
+pub(in crate::engine::embedded) struct Paged {
+    pub seq: u64,
+    pub disk: Arc<OnDisk>,
+    pub size: u64,
+    pub expires_at: Option<Instant>,
+    pub redelivered: bool,
+}
+
+/// A ready entry, in memory or paged out.
+pub(in crate::engine::embedded) enum Ready {
+    In(Entry),
+    Out(Paged),
+}
+
+impl Ready {
+    pub fn seq(&self) -> u64 {
+        match self {
+            Ready::In(e) => e.seq,
+            Ready::Out(p) => p.seq,
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        match self {
+            Ready::In(e) => e.size(),
+            Ready::Out(p) => p.size,
+        }
+    }
+
+    pub fn expires_at(&self) -> Option<Instant> {
+        match self {
+            Ready::In(e) => e.expires_at,
+            Ready::Out(p) => p.expires_at,
+        }
+    }
+
+    pub fn disk(&self) -> Option<&Arc<OnDisk>> {
+        match self {
+            Ready::In(e) => e.disk(),
+            Ready::Out(p) => Some(&p.disk),
+        }
+    }
+}
+
+/// Where a queue reads paged-out bodies back from, and the account they are charged to again.
+pub(in crate::engine::embedded) struct Pages {
+    pub store: Arc<dyn Store>,
+    pub held: Arc<Held>,
+}
+
+impl Queue {
+    /// The entry of `slot` with its body in memory; `None` (logged, and the entry forgotten)
+    /// when the store cannot give it back.
+    pub(super) fn page_in(&self, slot: Ready, fx: &mut Effects) -> Option<Entry> {
+        let p = match slot {
+            Ready::In(entry) => return Some(entry),
+            Ready::Out(p) => p,
+        };
+        let read = match &self.pages {
+            Some(pages) => pages
+                .store
+                .read_message(p.disk.id)
+                .map(|m| m.map(|envelope| (envelope, pages.held.clone()))),
+            None => Ok(None),
+        };
+        match read {
+            Ok(Some((envelope, held))) => Some(Entry {
+                seq: p.seq,
+                envelope: Arc::new(Stored::new(envelope, &held, Some(p.disk))),
+                expires_at: p.expires_at,
+                redelivered: p.redelivered,
+                on_disk: true,
+            }),
+            Ok(None) | Err(_) => {
+                tracing::error!(queue = %self.name, id = p.disk.id, error = ?read.err(), "a paged-out message cannot be read back; dropped");
+                metrics::counter!(crate::metrics::DROPPED, "reason" => "unreadable").increment(1);
+                fx.dequeued.push((self.name.clone(), p.disk));
+                None
+            }
+        }
+    }
+
+    /// Pages out entries from the tail (the last to be delivered) until `want` bytes went or
+    /// none is left that would free memory: persistent, written, and held by this entry alone.
+    /// Returns the bytes freed.
+    pub fn page_out(&self, want: u64) -> u64 {
+        if self.pages.is_none() {
+            return 0;
+        }
+        let mut st = self.state.lock();
+        page_out_tail(&mut st, want)
+    }
+}
+
+fn page_out_tail(st: &mut State, want: u64) -> u64 {
+    let mut freed = 0;
+    for slot in st.ready.iter_mut().rev() {
+        if freed >= want {
+            break;
+        }
+        let Ready::In(e) = slot else { continue };
+        let Some(disk) = e.disk() else { continue };
+        if !disk.is_written() || Arc::strong_count(&e.envelope) != 1 {
+            continue;
+        }
+        let paged = Paged {
+            seq: e.seq,
+            disk: disk.clone(),
+            size: e.size(),
+            expires_at: e.expires_at,
+            redelivered: e.redelivered,
+        };
+        freed += paged.size;
+        // Dropping the entry's `Stored` gives its body and its charge back.
+        *slot = Ready::Out(paged);
+    }
+    freed
+}
