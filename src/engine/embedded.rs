@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 
-use self::broker::Broker;
+use self::broker::{Broker, Writes};
 use self::channel::{ChannelShared, NO_ACK_WINDOW};
 use crate::engine::names::{self, CONSUMER_TAG_PREFIX};
 use crate::engine::{
@@ -251,7 +251,13 @@ impl Channel for EmbeddedChannel {
         spec: &ExchangeSpec,
     ) -> Result<Declared, EngineError> {
         self.shared.check_open()?;
-        self.shared.broker.declare_exchange(name, spec)
+        let mut writes = Writes::default();
+        let declared = self
+            .shared
+            .broker
+            .declare_exchange(name, spec, &mut writes)?;
+        writes.durable().await?;
+        Ok(declared)
     }
 
     async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<(), EngineError> {
@@ -279,13 +285,15 @@ impl Channel for EmbeddedChannel {
         spec: &QueueSpec,
     ) -> Result<QueueDeclared, EngineError> {
         self.shared.check_open()?;
-        let (declared, owned) = self
-            .shared
-            .broker
-            .declare_queue(self.shared.owner, name, spec)?;
+        let mut writes = Writes::default();
+        let (declared, owned) =
+            self.shared
+                .broker
+                .declare_queue(self.shared.owner, name, spec, &mut writes)?;
         if let Some(queue) = owned {
             self.shared.own_exclusive(queue)?;
         }
+        writes.durable().await?;
         Ok(declared)
     }
 
@@ -315,9 +323,11 @@ impl Channel for EmbeddedChannel {
         expires: Option<std::time::Duration>,
     ) -> Result<(), EngineError> {
         self.shared.check_open()?;
+        let mut writes = Writes::default();
         self.shared
             .broker
-            .set_queue_expiry(self.shared.owner, name, expires)
+            .set_queue_expiry(self.shared.owner, name, expires, &mut writes)?;
+        writes.durable().await
     }
 
     async fn queue_info(&self, name: &str) -> Result<QueueInfo, EngineError> {
@@ -355,9 +365,12 @@ impl Channel for EmbeddedChannel {
         arguments: &FieldTable,
     ) -> Result<(), EngineError> {
         self.shared.check_open()?;
+        let mut writes = Writes::default();
+        let owner = self.shared.owner;
         self.shared
             .broker
-            .bind(self.shared.owner, queue, exchange, routing_key, arguments)
+            .bind(owner, queue, exchange, routing_key, arguments, &mut writes)?;
+        writes.durable().await
     }
 
     async fn unbind_queue(

@@ -131,13 +131,21 @@ impl Broker {
 
     fn replay(&self, snapshot: &Snapshot) -> Result<(), EngineError> {
         for (name, spec) in &snapshot.exchanges {
-            self.declare_exchange(name, spec)?;
+            self.declare_exchange(name, spec, &mut Writes::default())?;
         }
         for (name, spec) in &snapshot.queues {
-            self.declare_queue(0, name, spec)?;
+            self.declare_queue(0, name, spec, &mut Writes::default())?;
         }
         for b in &snapshot.bindings {
-            if let Err(e) = self.bind(0, &b.queue, &b.exchange, &b.routing_key, &b.arguments) {
+            let bound = self.bind(
+                0,
+                &b.queue,
+                &b.exchange,
+                &b.routing_key,
+                &b.arguments,
+                &mut Writes::default(),
+            );
+            if let Err(e) = bound {
                 tracing::warn!(queue = %b.queue, exchange = %b.exchange, error = %e, "stored binding not restored");
             }
         }
@@ -277,10 +285,13 @@ impl Broker {
 
     // ---- exchanges ----
 
+    /// Its store write (a durable exchange) goes into `writes`, awaited by the caller once the
+    /// topology lock is released; likewise for the other declares and binds below.
     pub fn declare_exchange(
         &self,
         name: &str,
         spec: &ExchangeSpec,
+        writes: &mut Writes,
     ) -> Result<Declared, EngineError> {
         let name = canonical_exchange(name);
         if name.is_empty() {
@@ -331,7 +342,7 @@ impl Broker {
         if spec.durable
             && let Some(store) = self.store()
         {
-            store.put_exchange(name, spec)?;
+            writes.push(store.put_exchange(name, spec));
         }
         let name: Arc<str> = name.into();
         self.exchanges
@@ -375,10 +386,10 @@ impl Broker {
         }
         if exchange.spec.durable
             && let Some(store) = self.store()
-            && let Err(e) = store.delete_exchange(&exchange.name)
         {
-            // Gone from memory already: it would come back at the next start.
-            tracing::error!(exchange = %exchange.name, error = %e, "deleted exchange still in the store");
+            // Not awaited: a failure is logged by the store (the exchange would come back at
+            // the next start).
+            drop(store.delete_exchange(&exchange.name));
         }
     }
 
@@ -414,6 +425,7 @@ impl Broker {
         owner: u64,
         name: &str,
         spec: &QueueSpec,
+        writes: &mut Writes,
     ) -> Result<(QueueDeclared, Option<Arc<Queue>>), EngineError> {
         let args = QueueArgs::parse(&spec.arguments)?;
         let _topology = self.topology.lock();
@@ -474,7 +486,7 @@ impl Broker {
             && !spec.exclusive
             && let Some(store) = self.store()
         {
-            store.put_queue(&name, spec)?;
+            writes.push(store.put_queue(&name, spec));
         }
         let name: Arc<str> = name.into();
         let exclusive_to = spec.exclusive.then_some(owner);
@@ -537,9 +549,9 @@ impl Broker {
         }
         if queue.is_durable()
             && let Some(store) = self.store()
-            && let Err(e) = store.delete_queue(&queue.name)
         {
-            tracing::error!(queue = %queue.name, error = %e, "deleted queue still in the store");
+            // Not awaited, as for exchanges.
+            drop(store.delete_queue(&queue.name));
         }
         let mut fx = Effects::default();
         let dropped = queue.delete(&mut fx);
@@ -581,6 +593,7 @@ impl Broker {
         exchange: &str,
         key: &str,
         arguments: &FieldTable,
+        writes: &mut Writes,
     ) -> Result<(), EngineError> {
         names::validate_key(key)?;
         let exchange = canonical_exchange(exchange);
@@ -601,7 +614,7 @@ impl Broker {
                 && q.is_durable()
                 && let Some(store) = self.store()
             {
-                store.put_binding(&binding_info(&ex.name, &q.name, key, arguments))?;
+                writes.push(store.put_binding(&binding_info(&ex.name, &q.name, key, arguments)));
             }
         }
         Ok(())
@@ -631,10 +644,8 @@ impl Broker {
             if ex.spec.durable
                 && q.is_durable()
                 && let Some(store) = self.store()
-                && let Err(e) =
-                    store.delete_binding(&binding_info(&ex.name, &q.name, key, arguments))
             {
-                tracing::error!(queue = %q.name, exchange = %ex.name, error = %e, "removed binding still in the store");
+                drop(store.delete_binding(&binding_info(&ex.name, &q.name, key, arguments)));
             }
             if ex.spec.auto_delete && ex.binding_count() == 0 {
                 self.drop_exchange(&ex);
@@ -684,6 +695,26 @@ impl Broker {
                 "dead-letter chain too long; messages dropped"
             );
         }
+    }
+}
+
+/// The store writes of a topology change, issued under the topology lock (their place in the
+/// store's order taken there) and awaited after it is released: no disk wait under the lock.
+#[derive(Default)]
+pub(super) struct Writes(Vec<DurableWrite>);
+
+impl Writes {
+    fn push(&mut self, write: DurableWrite) {
+        self.0.push(write);
+    }
+
+    /// Resolves once every write is durable; a failure refuses the change to the client
+    /// (made in memory, not stored: it would not survive a restart).
+    pub async fn durable(self) -> Result<(), EngineError> {
+        for write in self.0 {
+            write.await?;
+        }
+        Ok(())
     }
 }
 

@@ -65,13 +65,22 @@ pub struct StoredMessages {
     pub unreadable: usize,
 }
 
+/// A write the store has taken its place in the order for; resolves once durable. Dropping it
+/// does not withdraw the write (a failure nobody awaits is logged by the store).
+pub type StoreWrite = BoxFuture<'static, Result<(), StoreError>>;
+
+/// Topology writes are ordered with every other write at the call and made durable by the same
+/// group commit: callers issue them under the topology lock (no I/O: the write is handed to
+/// the writer) and await them after releasing it.
 pub trait Store: Send + Sync + 'static {
-    fn put_exchange(&self, name: &str, spec: &ExchangeSpec) -> Result<(), StoreError>;
-    fn delete_exchange(&self, name: &str) -> Result<(), StoreError>;
-    fn put_queue(&self, name: &str, spec: &QueueSpec) -> Result<(), StoreError>;
-    fn delete_queue(&self, name: &str) -> Result<(), StoreError>;
-    fn put_binding(&self, binding: &BindingInfo) -> Result<(), StoreError>;
-    fn delete_binding(&self, binding: &BindingInfo) -> Result<(), StoreError>;
+    fn put_exchange(&self, name: &str, spec: &ExchangeSpec) -> StoreWrite;
+    /// The exchange and every binding from it.
+    fn delete_exchange(&self, name: &str) -> StoreWrite;
+    fn put_queue(&self, name: &str, spec: &QueueSpec) -> StoreWrite;
+    /// The queue, every binding to it and its message entries.
+    fn delete_queue(&self, name: &str) -> StoreWrite;
+    fn put_binding(&self, binding: &BindingInfo) -> StoreWrite;
+    fn delete_binding(&self, binding: &BindingInfo) -> StoreWrite;
     fn load(&self) -> Result<Snapshot, StoreError>;
 
     /// Stores the retained message of `routing_key` (`None` deletes it), published at
@@ -125,24 +134,28 @@ pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T
 #[derive(Debug, Default)]
 pub struct MemoryStore;
 
+fn done() -> StoreWrite {
+    Box::pin(std::future::ready(Ok(())))
+}
+
 impl Store for MemoryStore {
-    fn put_exchange(&self, _: &str, _: &ExchangeSpec) -> Result<(), StoreError> {
-        Ok(())
+    fn put_exchange(&self, _: &str, _: &ExchangeSpec) -> StoreWrite {
+        done()
     }
-    fn delete_exchange(&self, _: &str) -> Result<(), StoreError> {
-        Ok(())
+    fn delete_exchange(&self, _: &str) -> StoreWrite {
+        done()
     }
-    fn put_queue(&self, _: &str, _: &QueueSpec) -> Result<(), StoreError> {
-        Ok(())
+    fn put_queue(&self, _: &str, _: &QueueSpec) -> StoreWrite {
+        done()
     }
-    fn delete_queue(&self, _: &str) -> Result<(), StoreError> {
-        Ok(())
+    fn delete_queue(&self, _: &str) -> StoreWrite {
+        done()
     }
-    fn put_binding(&self, _: &BindingInfo) -> Result<(), StoreError> {
-        Ok(())
+    fn put_binding(&self, _: &BindingInfo) -> StoreWrite {
+        done()
     }
-    fn delete_binding(&self, _: &BindingInfo) -> Result<(), StoreError> {
-        Ok(())
+    fn delete_binding(&self, _: &BindingInfo) -> StoreWrite {
+        done()
     }
     fn load(&self) -> Result<Snapshot, StoreError> {
         Ok(Snapshot::default())

@@ -42,12 +42,13 @@ impl Broker {
         owner: u64,
         name: &str,
         expires: Option<Duration>,
+        writes: &mut Writes,
     ) -> Result<(), EngineError> {
         let _topology = self.topology.lock();
         let queue = self.queue_for(owner, name)?;
         let spec = queue.set_expires(expires);
         if queue.is_durable() {
-            self.store.put_queue(name, &spec)?;
+            writes.push(self.store.put_queue(name, &spec));
         }
         if expires.is_some() && queue.claim_queue_expiry_task() {
             self.spawn_queue_expiry(&queue);

@@ -19,7 +19,13 @@ use crate::config::Fsync;
 pub enum Op {
     Put(Keyspace, Vec<u8>, Vec<u8>),
     Remove(Keyspace, Vec<u8>),
+    /// Every key (under the prefix, if any) the predicate picks, as the keyspace stands when
+    /// this op applies — after every earlier write, so nothing written before it is missed.
+    RemoveWhere(Keyspace, Option<Vec<u8>>, KeyFilter),
 }
+
+/// Which keys a [`Op::RemoveWhere`] removes.
+pub type KeyFilter = Box<dyn Fn(&[u8]) -> bool + Send>;
 
 struct Request {
     ops: Vec<Op>,
@@ -128,11 +134,28 @@ pub fn apply(
     fsync: Fsync,
     ops: impl IntoIterator<Item = Op>,
 ) -> Result<(), StoreError> {
+    let fail = |e: fjall::Error| StoreError(format!("storage engine: {e}"));
     let mut batch = db.batch();
     for op in ops {
         match op {
             Op::Put(ks, k, v) => batch.insert(&ks, k, v),
             Op::Remove(ks, k) => batch.remove(&ks, k),
+            Op::RemoveWhere(ks, prefix, pick) => {
+                // What is batched so far must be visible to the scan.
+                std::mem::replace(&mut batch, db.batch())
+                    .commit()
+                    .map_err(fail)?;
+                let keys = match &prefix {
+                    Some(p) => ks.prefix(p),
+                    None => ks.iter(),
+                };
+                for item in keys {
+                    let key = item.key().map_err(fail)?;
+                    if pick(&key) {
+                        batch.remove(&ks, key);
+                    }
+                }
+            }
         }
     }
     batch

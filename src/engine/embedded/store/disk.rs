@@ -18,8 +18,10 @@ use std::time::Duration;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 
-use super::commit::{self, Committer, Op};
-use super::{BoxFuture, MessageWrite, Snapshot, Store, StoreError, StoredMessages, record};
+use super::commit::{self, Committer, KeyFilter, Op};
+use super::{
+    BoxFuture, MessageWrite, Snapshot, Store, StoreError, StoreWrite, StoredMessages, record,
+};
 use crate::config::Fsync;
 use crate::engine::{BindingInfo, Envelope, ExchangeSpec, Message, QueueSpec};
 
@@ -110,8 +112,12 @@ impl DiskStore {
         })
     }
 
-    fn persist(&self) -> Result<(), StoreError> {
-        commit::sync(&self.db, self.fsync)
+    /// Hands `ops` to the writer (its place in the order is taken now).
+    fn submit(&self, ops: Result<Vec<Op>, StoreError>) -> StoreWrite {
+        match ops {
+            Ok(ops) => Box::pin(self.committer.write(ops)),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
     }
 
     fn op(&self, write: &MessageWrite<'_>) -> Result<Op, StoreError> {
@@ -260,60 +266,48 @@ fn check_format(dir: &Path) -> Result<(), StoreError> {
 }
 
 impl Store for DiskStore {
-    fn put_exchange(&self, name: &str, spec: &ExchangeSpec) -> Result<(), StoreError> {
-        self.exchanges
-            .insert(name, record::exchange(spec)?)
-            .map_err(db)?;
-        self.persist()
+    fn put_exchange(&self, name: &str, spec: &ExchangeSpec) -> StoreWrite {
+        let op = record::exchange(spec).map(|r| Op::Put(self.exchanges.clone(), name.into(), r));
+        self.submit(op.map(|op| vec![op]))
     }
 
-    /// The exchange and every binding from it.
-    fn delete_exchange(&self, name: &str) -> Result<(), StoreError> {
-        let mut batch = self.db.batch();
-        batch.remove(&self.exchanges, name);
-        for item in self.bindings.iter() {
-            let key = item.key().map_err(db)?;
-            if record::binding_from(&key)?.exchange == name {
-                batch.remove(&self.bindings, key);
-            }
-        }
-        batch.commit().map_err(db)?;
-        self.persist()
+    fn delete_exchange(&self, name: &str) -> StoreWrite {
+        let exchange = name.to_owned();
+        let from_it: KeyFilter =
+            Box::new(move |key| record::binding_from(key).is_ok_and(|b| b.exchange == exchange));
+        self.submit(Ok(vec![
+            Op::Remove(self.exchanges.clone(), name.into()),
+            Op::RemoveWhere(self.bindings.clone(), None, from_it),
+        ]))
     }
 
-    fn put_queue(&self, name: &str, spec: &QueueSpec) -> Result<(), StoreError> {
-        self.queues.insert(name, record::queue(spec)?).map_err(db)?;
-        self.persist()
+    fn put_queue(&self, name: &str, spec: &QueueSpec) -> StoreWrite {
+        let op = record::queue(spec).map(|r| Op::Put(self.queues.clone(), name.into(), r));
+        self.submit(op.map(|op| vec![op]))
     }
 
-    /// The queue, every binding to it and its message entries (the messages themselves go as
-    /// their entries are dequeued, or at the next start when nothing refers to them).
-    fn delete_queue(&self, name: &str) -> Result<(), StoreError> {
-        let mut batch = self.db.batch();
-        batch.remove(&self.queues, name);
-        let prefix = record::queue_prefix(name)?;
-        for item in self.bindings.prefix(&prefix) {
-            batch.remove(&self.bindings, item.key().map_err(db)?);
-        }
-        for item in self.queued.prefix(&prefix) {
-            batch.remove(&self.queued, item.key().map_err(db)?);
-        }
-        batch.commit().map_err(db)?;
-        self.persist()
+    /// The messages themselves go as their entries are dequeued, or at the next start when
+    /// nothing refers to them.
+    fn delete_queue(&self, name: &str) -> StoreWrite {
+        let ops = record::queue_prefix(name).map(|prefix| {
+            let all = || -> KeyFilter { Box::new(|_| true) };
+            vec![
+                Op::Remove(self.queues.clone(), name.into()),
+                Op::RemoveWhere(self.bindings.clone(), Some(prefix.clone()), all()),
+                Op::RemoveWhere(self.queued.clone(), Some(prefix), all()),
+            ]
+        });
+        self.submit(ops)
     }
 
-    fn put_binding(&self, binding: &BindingInfo) -> Result<(), StoreError> {
-        self.bindings
-            .insert(record::binding_key(binding)?, [])
-            .map_err(db)?;
-        self.persist()
+    fn put_binding(&self, binding: &BindingInfo) -> StoreWrite {
+        let op = record::binding_key(binding).map(|k| Op::Put(self.bindings.clone(), k, vec![]));
+        self.submit(op.map(|op| vec![op]))
     }
 
-    fn delete_binding(&self, binding: &BindingInfo) -> Result<(), StoreError> {
-        self.bindings
-            .remove(record::binding_key(binding)?)
-            .map_err(db)?;
-        self.persist()
+    fn delete_binding(&self, binding: &BindingInfo) -> StoreWrite {
+        let op = record::binding_key(binding).map(|k| Op::Remove(self.bindings.clone(), k));
+        self.submit(op.map(|op| vec![op]))
     }
 
     fn write_retained(
@@ -503,8 +497,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn topology_survives_reopening() {
+    #[tokio::test]
+    async fn topology_survives_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let mut args = crate::engine::FieldTable::new();
         args.insert("x-message-ttl".into(), FieldValue::I32(1000));
@@ -518,19 +512,30 @@ mod tests {
             let store = DiskStore::open(dir.path(), Fsync::Always, Duration::ZERO).unwrap();
             store
                 .put_exchange("ex", &ExchangeSpec::new(ExchangeKind::Topic))
+                .await
                 .unwrap();
             store
                 .put_exchange("gone", &ExchangeSpec::new(ExchangeKind::Fanout))
+                .await
                 .unwrap();
-            store.put_queue("q1", &q).unwrap();
-            store.put_queue("q2", &q).unwrap();
-            store.put_binding(&binding("q1", "ex", "a.#")).unwrap();
-            store.put_binding(&binding("q1", "ex", "a.#")).unwrap();
-            store.put_binding(&binding("q2", "ex", "b")).unwrap();
-            store.put_binding(&binding("q1", "gone", "")).unwrap();
-            store.put_binding(&binding("q2", "amq.topic", "c")).unwrap();
-            store.delete_exchange("gone").unwrap();
-            store.delete_queue("q2").unwrap();
+            store.put_queue("q1", &q).await.unwrap();
+            store.put_queue("q2", &q).await.unwrap();
+            store
+                .put_binding(&binding("q1", "ex", "a.#"))
+                .await
+                .unwrap();
+            store
+                .put_binding(&binding("q1", "ex", "a.#"))
+                .await
+                .unwrap();
+            store.put_binding(&binding("q2", "ex", "b")).await.unwrap();
+            store.put_binding(&binding("q1", "gone", "")).await.unwrap();
+            store
+                .put_binding(&binding("q2", "amq.topic", "c"))
+                .await
+                .unwrap();
+            store.delete_exchange("gone").await.unwrap();
+            store.delete_queue("q2").await.unwrap();
         }
         let store = DiskStore::open(dir.path(), Fsync::Always, Duration::ZERO).unwrap();
         let s = store.load().unwrap();
