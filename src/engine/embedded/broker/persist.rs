@@ -205,6 +205,8 @@ impl Broker {
             queue.restore(entries, now, &mut fx);
         }
         self.apply(fx);
+        // Queues larger than the paging threshold give their tails back at once.
+        self.maybe_page();
         recovered
     }
 }
