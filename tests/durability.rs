@@ -371,3 +371,72 @@ async fn dead_lettering_and_length_limits_work_across_restarts() {
     assert_eq!(gw.depth(&ttl_q).await, 0);
     assert_eq!(bodies(&gw.take(&capped_q, 10).await), ["c2", "c3"]);
 }
+
+/// A consumer draining a durable queue whose bodies were paged out (24 MiB through an 8 MiB
+/// watermark) gets every message once, in order: bodies are read back ahead of its credit and
+/// when its turn comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_drains_a_paged_out_queue_in_order() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+    const N: usize = 384;
+    let gw = start_gateway(|c| {
+        c.engine.memory_high_watermark =
+            amqp_gateway::config::Watermark::Bytes(bytesize::ByteSize::mib(8));
+        c.limits.publish_bytes_rate = bytesize::ByteSize::gib(4);
+    })
+    .await;
+    let q = unique("paged");
+    let declare = gw
+        .put(&format!("/v1/queues/{q}"), &admin())
+        .json(&json!({"durable": true}));
+    assert_eq!(status(declare).await, 201);
+    let filler = "x".repeat(64 * 1024 - 8);
+    for i in 0..N {
+        put_message(
+            &gw,
+            &q,
+            &format!("{i:06}:{filler}"),
+            json!({"delivery_mode": 2}),
+        )
+        .await;
+    }
+    let held = gw.metrics_text().await;
+    let held: f64 = held
+        .lines()
+        .find_map(|l| l.strip_prefix("gateway_engine_held_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(f64::MAX);
+    assert!(
+        held < 8.0 * 1024.0 * 1024.0,
+        "{held} bytes held: the queue paged out"
+    );
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(common::ws::request(&gw, Some(&admin()), true, ""))
+            .await
+            .expect("upgrade");
+    let subscribe = json!({"op": "subscribe", "id": 1, "queue": q, "ack": "auto"});
+    ws.send(WsMessage::text(subscribe.to_string()))
+        .await
+        .unwrap();
+    let mut next = 0usize;
+    while next < N {
+        let frame = tokio::time::timeout(common::WAIT, ws.next())
+            .await
+            .expect("a frame in time")
+            .expect("open")
+            .expect("a frame");
+        let WsMessage::Text(text) = frame else {
+            continue;
+        };
+        let v: Value = serde_json::from_str(&text).unwrap();
+        if v["op"] != "message" {
+            assert_ne!(v["op"], "error", "{v}");
+            continue;
+        }
+        let body = v["body"].as_str().unwrap();
+        assert_eq!(&body[..7], format!("{next:06}:"), "message {next} in order");
+        next += 1;
+    }
+    common::eventually("the queue is empty", || async { gw.depth(&q).await == 0 }).await;
+}

@@ -65,6 +65,8 @@ pub(super) struct Broker {
     restoring: AtomicBool,
     /// Wakes the paging task (`pager.rs`).
     pager_wake: Arc<tokio::sync::Notify>,
+    /// Queues the pager reads ahead for.
+    reading_ahead: Mutex<Vec<Weak<Queue>>>,
     /// The tasks that work on the store (disk alarm, pager), awaited at shutdown.
     maintenance: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -92,6 +94,7 @@ impl Broker {
             stop: CancellationToken::new(),
             restoring: AtomicBool::new(false),
             pager_wake: Arc::default(),
+            reading_ahead: Mutex::new(Vec::new()),
             maintenance: Mutex::new(Vec::new()),
         });
         for (name, kind) in [
@@ -673,6 +676,9 @@ impl Broker {
         for _ in 0..MAX_EFFECT_ROUNDS {
             if !fx.dequeued.is_empty() {
                 self.forget(std::mem::take(&mut fx.dequeued));
+            }
+            if !fx.read_ahead.is_empty() {
+                self.read_ahead(std::mem::take(&mut fx.read_ahead));
             }
             if fx.dead.is_empty() && fx.start_expiry.is_empty() && fx.auto_delete.is_empty() {
                 return;

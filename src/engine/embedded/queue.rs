@@ -99,6 +99,8 @@ pub(super) struct Effects {
     pub dequeued: Vec<(Arc<str>, Arc<OnDisk>)>,
     pub start_expiry: Vec<Arc<Queue>>,
     pub auto_delete: Vec<Arc<Queue>>,
+    /// Queues whose consumers met a paged-out head: the pager reads ahead for them.
+    pub read_ahead: Vec<Arc<Queue>>,
 }
 
 /// Gauges shared by all queues of one broker.
@@ -171,6 +173,8 @@ pub(super) struct Queue {
     /// Where paged-out bodies are read back from (durable queues on a store that keeps
     /// messages).
     pages: Option<Pages>,
+    /// A read-ahead was asked for and the pager has not done it yet.
+    read_ahead_wanted: AtomicBool,
 }
 
 impl Queue {
@@ -207,6 +211,7 @@ impl Queue {
             expiry_started: AtomicBool::new(false),
             bindings: Mutex::new(Vec::new()),
             pages,
+            read_ahead_wanted: AtomicBool::new(false),
         }
     }
 
@@ -441,6 +446,10 @@ impl Queue {
             if slot.expires_at().is_some_and(|at| at < now) {
                 self.dead_letter_slot(slot, DeadReason::Expired, fx);
                 continue;
+            }
+            if matches!(slot, Ready::Out(_)) && self.want_read_ahead() {
+                // Read here, the next ones ahead of time.
+                fx.read_ahead.push(self.clone());
             }
             let Some(entry) = self.page_in(slot, fx) else {
                 continue;

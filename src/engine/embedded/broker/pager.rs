@@ -1,7 +1,8 @@
 //! Paging (queues larger than memory): when the message bodies held pass half the memory high
 //! watermark (RabbitMQ's default paging ratio), a task pages the tails of durable queues out —
-//! bodies of persistent messages whose writes are durable leave memory and are read back from
-//! the store when their turn comes — until the bytes held are back under 40 % of it. So a
+//! bodies of persistent messages whose writes are durable leave memory — until the bytes held
+//! are back under 40 % of it. When a consumer meets a paged-out head, the same task reads the
+//! next ones back (consumer credit + 16 ahead), off the queue's lock. So a
 //! durable queue can hold more than the watermark, and only transient messages (or persistent
 //! ones not yet written) make the publish gate refuse.
 
@@ -13,6 +14,29 @@ const RETRY: Duration = Duration::from_millis(10);
 const RETRIES: u32 = 50;
 
 impl Broker {
+    /// Hands queues whose heads are paged out to the pager, which reads them back ahead of
+    /// their consumers.
+    pub(super) fn read_ahead(&self, queues: Vec<Arc<Queue>>) {
+        self.reading_ahead
+            .lock()
+            .extend(queues.iter().map(Arc::downgrade));
+        self.pager_wake.notify_one();
+    }
+
+    /// Reads back the heads asked for since the last call, off the runtime's workers.
+    async fn reads_ahead(&self) {
+        let ahead = std::mem::take(&mut *self.reading_ahead.lock());
+        if ahead.is_empty() {
+            return;
+        }
+        let _ = tokio::task::spawn_blocking(move || {
+            for q in ahead.iter().filter_map(Weak::upgrade) {
+                q.read_ahead();
+            }
+        })
+        .await;
+    }
+
     /// After a publish: above the paging threshold, wake the pager.
     pub(super) fn maybe_page(&self) {
         if self.held.bytes() > self.held.paging_threshold() {
@@ -33,6 +57,8 @@ impl Broker {
                 }
                 for _ in 0..RETRIES {
                     let Some(b) = broker.upgrade() else { return };
+                    // Consumers waiting on paged-out heads come first.
+                    b.reads_ahead().await;
                     let target = b.held.paging_target();
                     if b.held.bytes() <= target
                         || b.page_out_to(target) > 0 && b.held.bytes() <= target

@@ -130,3 +130,76 @@ fn page_out_tail(st: &mut State, want: u64) -> u64 {
     }
     freed
 }
+
+/// How far past its consumers' credit a queue's head is read back ahead of time: entries, and
+/// at most a quarter of the paging threshold in bytes (so reading ahead never makes the pager
+/// page out what it just read).
+const AHEAD: usize = 64;
+
+impl Queue {
+    /// Asks for the head to be read back (once until the pager has done it); true when this
+    /// call asked.
+    pub fn want_read_ahead(&self) -> bool {
+        !self
+            .read_ahead_wanted
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// Reads back the paged-out entries among the next (consumer credit + 64) ready ones,
+    /// outside the queue's lock, so consumers find their bodies in memory. Blocking (store
+    /// reads): called off the runtime's workers. Returns how many were read.
+    pub fn read_ahead(&self) -> usize {
+        self.read_ahead_wanted
+            .store(false, std::sync::atomic::Ordering::Release);
+        let Some(pages) = &self.pages else { return 0 };
+        let head: Vec<(u64, Arc<OnDisk>)> = {
+            let st = self.state.lock();
+            let credit: usize = st.consumers.iter().map(|c| c.credit as usize).sum();
+            let mut budget = pages.held.paging_threshold() / 4;
+            st.ready
+                .iter()
+                .take(credit + AHEAD)
+                .take_while(|s| {
+                    let fits = budget > 0;
+                    budget = budget.saturating_sub(s.size());
+                    fits
+                })
+                .filter_map(|s| match s {
+                    Ready::Out(p) => Some((p.seq, p.disk.clone())),
+                    Ready::In(_) => None,
+                })
+                .collect()
+        };
+        let mut read = 0;
+        for (seq, disk) in head {
+            // A failed read is left to the delivery, which reads again and reports it.
+            if let Ok(Some(envelope)) = pages.store.read_message(disk.id) {
+                let stored = Arc::new(Stored::new(envelope, &pages.held, Some(disk)));
+                read += usize::from(self.fill(seq, stored));
+            }
+        }
+        read
+    }
+
+    /// Puts a body read back into its entry, if that entry still waits paged out.
+    fn fill(&self, seq: u64, stored: Arc<Stored>) -> bool {
+        let mut st = self.state.lock();
+        let at = st.ready.partition_point(|s| s.seq() < seq);
+        let Some(slot) = st.ready.get_mut(at) else {
+            return false;
+        };
+        let Ready::Out(p) = slot else { return false };
+        if p.seq != seq {
+            return false;
+        }
+        let entry = Entry {
+            seq,
+            envelope: stored,
+            expires_at: p.expires_at,
+            redelivered: p.redelivered,
+            on_disk: true,
+        };
+        *slot = Ready::In(entry);
+        true
+    }
+}

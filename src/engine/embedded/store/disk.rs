@@ -391,9 +391,13 @@ impl Store for DiskStore {
         const WORTH_IT: u64 = 1_000;
         let removed = self.removed.load(Ordering::Relaxed);
         let live = self.live.load(Ordering::Relaxed);
-        // Urgent: anything removed. Else once most of what was stored went, or all of it.
-        let due = if urgent || live == 0 {
+        // Compaction rewrites what is still stored before it frees anything: only worth it
+        // (and, on a nearly full disk, only safe) once as much was removed as is left — on
+        // the disk alarm — or most of it otherwise; always once everything was removed.
+        let due = if live == 0 {
             removed > 0
+        } else if urgent {
+            removed >= live
         } else {
             removed >= WORTH_IT && removed >= live.saturating_mul(4)
         };
