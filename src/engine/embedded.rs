@@ -103,7 +103,9 @@ impl EmbeddedEngine {
             snapshot.bindings.len(),
         );
         let started = std::time::Instant::now();
-        let messages = options.store.load_messages()?;
+        // Bodies beyond the paging threshold stay on disk: a store larger than memory starts.
+        let keep = options.memory_high_watermark.map_or(u64::MAX, |w| w / 2);
+        let messages = options.store.load_messages(keep)?;
         let disk_alarm = options.disk_alarm.clone();
         let engine = EmbeddedEngine::new(options);
         if let Some((dir, limit)) = disk_alarm {

@@ -88,8 +88,19 @@ pub(super) struct DeadLetter {
     pub routing_key: Option<String>,
 }
 
-/// A stored entry as recovery hands it back: the message, its age, whether it was seen.
-pub(super) type Restored = (Arc<Stored>, Duration, bool);
+/// A stored entry as recovery hands it back: the message (in memory, or only its stored id,
+/// size and per-message TTL), its age, whether it was seen.
+pub(super) type Restored = (RestoredBody, Duration, bool);
+
+#[derive(Clone)]
+pub(super) enum RestoredBody {
+    In(Arc<Stored>),
+    Out {
+        disk: Arc<OnDisk>,
+        size: u64,
+        expiration: Option<String>,
+    },
+}
 
 /// Work for the broker once the queue's lock is released.
 #[derive(Default)]
@@ -374,21 +385,34 @@ impl Queue {
     pub fn restore(self: &Arc<Self>, entries: Vec<Restored>, now: Instant, fx: &mut Effects) {
         let mut st = self.state.lock();
         let mut any_ttl = false;
-        for (envelope, age, redelivered) in entries {
+        for (message, age, redelivered) in entries {
+            let expiration = match &message {
+                RestoredBody::In(stored) => stored.message.properties.expiration.as_deref(),
+                RestoredBody::Out { expiration, .. } => expiration.as_deref(),
+            };
             let expires_at = self
-                .expiry_of(&envelope, now)
+                .expiry_for(expiration, now)
                 .map(|at| at.checked_sub(age).unwrap_or(now));
             any_ttl |= expires_at.is_some();
             let seq = st.next_seq;
             st.next_seq += 1;
-            let entry = Entry {
-                seq,
-                envelope,
-                expires_at,
-                redelivered,
-                on_disk: true,
+            let slot = match message {
+                RestoredBody::In(envelope) => Ready::In(Entry {
+                    seq,
+                    envelope,
+                    expires_at,
+                    redelivered,
+                    on_disk: true,
+                }),
+                RestoredBody::Out { disk, size, .. } => Ready::Out(page::Paged {
+                    seq,
+                    disk,
+                    size,
+                    expires_at,
+                    redelivered,
+                }),
             };
-            self.insert_ready(&mut st, Ready::In(entry));
+            self.insert_ready(&mut st, slot);
         }
         self.enforce_limits(&mut st, fx);
         if any_ttl {
@@ -474,11 +498,12 @@ impl Queue {
     }
 
     fn expiry_of(&self, envelope: &Envelope, now: Instant) -> Option<Instant> {
-        let per_message = envelope
-            .message
-            .properties
-            .expiration
-            .as_deref()
+        self.expiry_for(envelope.message.properties.expiration.as_deref(), now)
+    }
+
+    /// The deadline of a message with per-message TTL `expiration`, enqueued `now`.
+    fn expiry_for(&self, expiration: Option<&str>, now: Instant) -> Option<Instant> {
+        let per_message = expiration
             .and_then(|e| e.parse::<u64>().ok())
             .map(Duration::from_millis);
         let ttl = match (self.args.message_ttl, per_message) {

@@ -54,11 +54,22 @@ pub enum MessageWrite<'a> {
     Forget { id: u64 },
 }
 
+/// A stored message as loaded at start: its body kept only while the load's memory budget
+/// lasts (the rest stays on disk, paged out).
+#[derive(Debug)]
+pub struct LoadedMessage {
+    /// Wall-clock milliseconds.
+    pub published_at_ms: u64,
+    pub size: u64,
+    /// The per-message TTL, needed for its deadline even when the body stays on disk.
+    pub expiration: Option<String>,
+    pub envelope: Option<Envelope>,
+}
+
 /// The stored messages as loaded at start.
 #[derive(Debug, Default)]
 pub struct StoredMessages {
-    /// id → (envelope, publish time in wall-clock milliseconds).
-    pub messages: HashMap<u64, (Envelope, u64)>,
+    pub messages: HashMap<u64, LoadedMessage>,
     /// (queue, id, redelivered), each queue's entries in the order they were enqueued.
     pub queued: Vec<(String, u64, bool)>,
     /// Records that could not be read (a torn or corrupt write): skipped and removed.
@@ -108,8 +119,9 @@ pub trait Store: Send + Sync + 'static {
         writes: &[MessageWrite<'_>],
     ) -> BoxFuture<'static, Result<(), StoreError>>;
 
-    /// Every stored message and queue entry.
-    fn load_messages(&self) -> Result<StoredMessages, StoreError>;
+    /// Every stored message and queue entry; bodies are kept (in id order, so the oldest,
+    /// first to be delivered) up to `keep_bytes`.
+    fn load_messages(&self, keep_bytes: u64) -> Result<StoredMessages, StoreError>;
 
     /// Message `id` as stored (a paged-out body read back); `None` when it is not there.
     fn read_message(&self, _id: u64) -> Result<Option<Envelope>, StoreError> {
@@ -173,7 +185,7 @@ impl Store for MemoryStore {
     fn write_messages(&self, _: &[MessageWrite<'_>]) -> BoxFuture<'static, Result<(), StoreError>> {
         Box::pin(std::future::ready(Ok(())))
     }
-    fn load_messages(&self) -> Result<StoredMessages, StoreError> {
+    fn load_messages(&self, _: u64) -> Result<StoredMessages, StoreError> {
         Ok(StoredMessages::default())
     }
 }

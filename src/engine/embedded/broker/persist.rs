@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use super::*;
 use crate::engine::embedded::held::OnDisk;
-use crate::engine::embedded::queue::{Entry, Pages, Restored};
+use crate::engine::embedded::queue::{Entry, Pages, Restored, RestoredBody};
 use crate::engine::embedded::store::{BoxFuture, MessageWrite, StoreError, StoredMessages};
 
 /// What [`Broker::recover`] put back.
@@ -176,28 +176,40 @@ impl Broker {
         }
         let now = Instant::now();
         let wall = now_ms();
-        // One `Stored` per message, shared by its queues as at publish.
-        let mut shared: HashMap<u64, (Arc<Stored>, Duration)> = HashMap::new();
+        // One `Stored` (or one stored id) per message, shared by its queues as at publish.
+        let mut shared: HashMap<u64, (RestoredBody, Duration)> = HashMap::new();
         let mut per_queue: Vec<(Arc<Queue>, Vec<Restored>)> = Vec::new();
         for (queue, id, redelivered) in kept {
-            let (stored, age) = match shared.get(&id) {
+            let (body, age) = match shared.get(&id) {
                 Some(found) => found.clone(),
                 None => {
-                    let Some((envelope, at)) = messages.remove(&id) else {
+                    let Some(loaded) = messages.remove(&id) else {
                         continue;
                     };
                     let disk = OnDisk::new(id, refs[&id], true);
-                    let stored = Arc::new(Stored::new(envelope, &self.held, Some(disk)));
-                    let age = Duration::from_millis(wall.saturating_sub(at));
-                    shared.insert(id, (stored.clone(), age));
-                    (stored, age)
+                    let body = match loaded.envelope {
+                        Some(envelope) => RestoredBody::In(Arc::new(Stored::new(
+                            envelope,
+                            &self.held,
+                            Some(disk),
+                        ))),
+                        // Beyond the load's memory budget: it stays on disk, paged out.
+                        None => RestoredBody::Out {
+                            disk,
+                            size: loaded.size,
+                            expiration: loaded.expiration,
+                        },
+                    };
+                    let age = Duration::from_millis(wall.saturating_sub(loaded.published_at_ms));
+                    shared.insert(id, (body.clone(), age));
+                    (body, age)
                 }
             };
             match per_queue.last_mut() {
                 Some((q, entries)) if Arc::ptr_eq(q, &queue) => {
-                    entries.push((stored, age, redelivered));
+                    entries.push((body, age, redelivered));
                 }
-                _ => per_queue.push((queue, vec![(stored, age, redelivered)])),
+                _ => per_queue.push((queue, vec![(body, age, redelivered)])),
             }
         }
         let mut fx = Effects::default();

@@ -20,7 +20,8 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 
 use super::commit::{self, Committer, KeyFilter, Op};
 use super::{
-    BoxFuture, MessageWrite, Snapshot, Store, StoreError, StoreWrite, StoredMessages, record,
+    BoxFuture, LoadedMessage, MessageWrite, Snapshot, Store, StoreError, StoreWrite,
+    StoredMessages, record,
 };
 use crate::config::Fsync;
 use crate::engine::{BindingInfo, Envelope, ExchangeSpec, Message, QueueSpec};
@@ -350,14 +351,24 @@ impl Store for DiskStore {
 
     /// Unreadable records are counted, logged and removed, never fatal: a torn last write is
     /// one the gateway never confirmed.
-    fn load_messages(&self) -> Result<StoredMessages, StoreError> {
+    fn load_messages(&self, keep_bytes: u64) -> Result<StoredMessages, StoreError> {
         let mut out = StoredMessages::default();
+        let mut budget = keep_bytes;
         let mut bad = Vec::new();
         for item in self.messages.iter() {
             let (k, v) = item.into_inner().map_err(db)?;
             match record::message_id(&k).and_then(|id| Ok((id, record::message_from(&v)?))) {
-                Ok((id, message)) => {
-                    out.messages.insert(id, message);
+                Ok((id, (envelope, published_at_ms))) => {
+                    let size = envelope.message.body.len() as u64;
+                    let keep = size <= budget;
+                    budget = budget.saturating_sub(size);
+                    let loaded = LoadedMessage {
+                        published_at_ms,
+                        size,
+                        expiration: envelope.message.properties.expiration.clone(),
+                        envelope: keep.then_some(envelope),
+                    };
+                    out.messages.insert(id, loaded);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "stored message skipped and removed");
