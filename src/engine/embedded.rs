@@ -29,6 +29,14 @@ use crate::engine::{
     QueueInfo, QueueSpec,
 };
 
+/// Wall-clock milliseconds since the epoch: what stored records carry, so deadlines keep
+/// counting across restarts.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// What the embedded engine is built with.
 #[derive(Clone)]
 pub struct EmbeddedOptions {

@@ -29,7 +29,7 @@ use self::equivalence::{
 use super::exchange::{Exchange, Targets};
 use super::held::{Held, Stored};
 use super::queue::{DeadLetter, Effects, Enqueued, Gauges, Queue, QueueArgs, death_entry};
-use super::store::{Snapshot, Store};
+use super::store::{Snapshot, Store, StoreWrite};
 use crate::engine::names::{self, canonical_exchange};
 use crate::engine::{
     BindingInfo, Declared, EngineError, Envelope, ExchangeInfo, ExchangeKind, ExchangeSpec,
@@ -707,10 +707,10 @@ impl Broker {
 /// The store writes of a topology change, issued under the topology lock (their place in the
 /// store's order taken there) and awaited after it is released: no disk wait under the lock.
 #[derive(Default)]
-pub(super) struct Writes(Vec<DurableWrite>);
+pub(super) struct Writes(Vec<StoreWrite>);
 
 impl Writes {
-    fn push(&mut self, write: DurableWrite) {
+    fn push(&mut self, write: StoreWrite) {
         self.0.push(write);
     }
 
@@ -723,10 +723,6 @@ impl Writes {
         Ok(())
     }
 }
-
-/// A store write a publish's confirm waits for.
-pub(super) type DurableWrite =
-    super::store::BoxFuture<'static, Result<(), super::store::StoreError>>;
 
 /// An owner's open channels and exclusive queues.
 type Owned = (usize, Vec<Arc<Queue>>);

@@ -6,12 +6,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use parking_lot::RwLock;
 
-use super::store::{BoxFuture, Store, StoreError};
+use super::now_ms;
+use super::store::{Store, StoreWrite};
 use super::topic::pattern_matches;
 use crate::engine::retained::{RetainedMessage, RetainedStore, RetainedUndo};
 use crate::engine::{EngineError, Message};
@@ -53,15 +54,6 @@ pub struct Retained {
     inner: RwLock<(HashMap<String, Entry>, usize)>,
     next_seq: AtomicU64,
     store: Arc<dyn Store>,
-}
-
-/// A store write in flight: resolves once durable.
-type Durable = BoxFuture<'static, Result<(), StoreError>>;
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// The message's `expiration` in milliseconds, when it has one.
@@ -107,7 +99,11 @@ impl Retained {
 
     /// The change in memory, and its store write submitted under the same lock (so writes
     /// reach the store in the order the changes were made).
-    fn set_now(&self, key: &str, message: Message) -> Result<(RetainedUndo, Durable), EngineError> {
+    fn set_now(
+        &self,
+        key: &str,
+        message: Message,
+    ) -> Result<(RetainedUndo, StoreWrite), EngineError> {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let mut guard = self.inner.write();
         let (map, bytes) = &mut *guard;
@@ -144,7 +140,7 @@ impl Retained {
     }
 
     /// Puts back what a `set` replaced; `None` when a later `set` came since.
-    fn undo_now(&self, key: &str, undo: RetainedUndo) -> Option<Durable> {
+    fn undo_now(&self, key: &str, undo: RetainedUndo) -> Option<StoreWrite> {
         let undo = undo.into_inner::<Replaced>()?;
         let mut guard = self.inner.write();
         let (map, bytes) = &mut *guard;

@@ -97,11 +97,7 @@ pub trait Store: Send + Sync + 'static {
     /// Stores the retained message of `routing_key` (`None` deletes it), published at
     /// `published_at_ms` (wall clock, so its expiry counts across restarts). Ordered after
     /// every earlier call; resolves once durable as `engine.fsync` says.
-    fn write_retained(
-        &self,
-        routing_key: &str,
-        message: Option<(&Message, u64)>,
-    ) -> BoxFuture<'static, Result<(), StoreError>>;
+    fn write_retained(&self, routing_key: &str, message: Option<(&Message, u64)>) -> StoreWrite;
 
     /// The retained messages stored: routing key, message, publish time.
     fn load_retained(&self) -> Result<Vec<(String, Message, u64)>, StoreError>;
@@ -114,10 +110,7 @@ pub trait Store: Send + Sync + 'static {
     /// Applies `writes` in order, after every earlier call; resolves once durable as
     /// `engine.fsync` says. The order is fixed at the call: a caller that drops the future
     /// still has them applied (a failure is then logged by the store).
-    fn write_messages(
-        &self,
-        writes: &[MessageWrite<'_>],
-    ) -> BoxFuture<'static, Result<(), StoreError>>;
+    fn write_messages(&self, writes: &[MessageWrite<'_>]) -> StoreWrite;
 
     /// Every stored message and queue entry; bodies are kept (in id order, so the oldest,
     /// first to be delivered) up to `keep_bytes`.
@@ -172,18 +165,14 @@ impl Store for MemoryStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
         Ok(Snapshot::default())
     }
-    fn write_retained(
-        &self,
-        _: &str,
-        _: Option<(&Message, u64)>,
-    ) -> BoxFuture<'static, Result<(), StoreError>> {
-        Box::pin(std::future::ready(Ok(())))
+    fn write_retained(&self, _: &str, _: Option<(&Message, u64)>) -> StoreWrite {
+        done()
     }
     fn load_retained(&self) -> Result<Vec<(String, Message, u64)>, StoreError> {
         Ok(Vec::new())
     }
-    fn write_messages(&self, _: &[MessageWrite<'_>]) -> BoxFuture<'static, Result<(), StoreError>> {
-        Box::pin(std::future::ready(Ok(())))
+    fn write_messages(&self, _: &[MessageWrite<'_>]) -> StoreWrite {
+        done()
     }
     fn load_messages(&self, _: u64) -> Result<StoredMessages, StoreError> {
         Ok(StoredMessages::default())

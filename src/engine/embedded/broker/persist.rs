@@ -10,8 +10,9 @@ use std::collections::HashMap;
 
 use super::*;
 use crate::engine::embedded::held::OnDisk;
+use crate::engine::embedded::now_ms;
 use crate::engine::embedded::queue::{Entry, Pages, Restored, RestoredBody};
-use crate::engine::embedded::store::{BoxFuture, MessageWrite, StoreError, StoredMessages};
+use crate::engine::embedded::store::{MessageWrite, StoreWrite, StoredMessages};
 
 /// What [`Broker::recover`] put back.
 #[derive(Debug, Default)]
@@ -22,14 +23,8 @@ pub struct Recovered {
     pub discarded: usize,
 }
 
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// A write nobody awaits: the store logs it if it fails.
-fn detach(write: BoxFuture<'static, Result<(), StoreError>>) {
+fn detach(write: StoreWrite) {
     drop(write);
 }
 
@@ -51,11 +46,7 @@ impl Broker {
     }
 
     /// Writes `stored` and its entry in each durable target; resolves once durable.
-    pub(super) fn write_enqueued(
-        &self,
-        stored: &Stored,
-        targets: &Targets,
-    ) -> Option<BoxFuture<'static, Result<(), StoreError>>> {
+    pub(super) fn write_enqueued(&self, stored: &Stored, targets: &Targets) -> Option<StoreWrite> {
         let disk = stored.disk.clone()?;
         let id = disk.id;
         let mut writes = Vec::with_capacity(targets.len() + 1);

@@ -12,7 +12,7 @@ impl Broker {
         exchange: &str,
         routing_key: &str,
         message: Message,
-    ) -> Result<(PublishOutcome, Option<DurableWrite>), EngineError> {
+    ) -> Result<(PublishOutcome, Option<StoreWrite>), EngineError> {
         if message.body.len() > self.max_message_bytes {
             return Err(EngineError::ContentTooLarge {
                 size: message.body.len(),
@@ -94,7 +94,7 @@ impl Broker {
         routing_key: Arc<str>,
         message: Message,
         fx: &mut Effects,
-    ) -> (bool, Option<Arc<str>>, Option<DurableWrite>) {
+    ) -> (bool, Option<Arc<str>>, Option<StoreWrite>) {
         let disk = self.disk_for(&message, targets);
         let envelope = Arc::new(Stored::new(
             Envelope {

@@ -20,8 +20,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 
 use super::commit::{self, Committer, KeyFilter, Op};
 use super::{
-    BoxFuture, LoadedMessage, MessageWrite, Snapshot, Store, StoreError, StoreWrite,
-    StoredMessages, record,
+    LoadedMessage, MessageWrite, Snapshot, Store, StoreError, StoreWrite, StoredMessages, record,
 };
 use crate::config::Fsync;
 use crate::engine::{BindingInfo, Envelope, ExchangeSpec, Message, QueueSpec};
@@ -311,11 +310,7 @@ impl Store for DiskStore {
         self.submit(op.map(|op| vec![op]))
     }
 
-    fn write_retained(
-        &self,
-        routing_key: &str,
-        message: Option<(&Message, u64)>,
-    ) -> BoxFuture<'static, Result<(), StoreError>> {
+    fn write_retained(&self, routing_key: &str, message: Option<(&Message, u64)>) -> StoreWrite {
         let key = routing_key.as_bytes().to_vec();
         let op = match message {
             None => Ok(Op::Remove(self.retained.clone(), key)),
@@ -328,25 +323,15 @@ impl Store for DiskStore {
                 record::message(&envelope, at).map(|v| Op::Put(self.retained.clone(), key, v))
             }
         };
-        match op {
-            Ok(op) => Box::pin(self.committer.write(vec![op])),
-            Err(e) => Box::pin(std::future::ready(Err(e))),
-        }
+        self.submit(op.map(|op| vec![op]))
     }
 
     fn keeps_messages(&self) -> bool {
         true
     }
 
-    fn write_messages(
-        &self,
-        writes: &[MessageWrite<'_>],
-    ) -> BoxFuture<'static, Result<(), StoreError>> {
-        let ops: Result<Vec<Op>, StoreError> = writes.iter().map(|w| self.op(w)).collect();
-        match ops {
-            Ok(ops) => Box::pin(self.committer.write(ops)),
-            Err(e) => Box::pin(std::future::ready(Err(e))),
-        }
+    fn write_messages(&self, writes: &[MessageWrite<'_>]) -> StoreWrite {
+        self.submit(writes.iter().map(|w| self.op(w)).collect())
     }
 
     /// Unreadable records are counted, logged and removed, never fatal: a torn last write is
@@ -436,10 +421,7 @@ impl Store for DiskStore {
                 tracing::warn!(error = %e, "store space not reclaimed");
             }
         }
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64)
-            .to_be_bytes();
+        let stamp = crate::engine::embedded::now_ms().to_be_bytes();
         if let Err(e) = self
             .maintenance
             .insert("reclaimed", stamp)
