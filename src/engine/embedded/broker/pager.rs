@@ -2,7 +2,7 @@
 //! watermark (RabbitMQ's default paging ratio), a task pages the tails of durable queues out —
 //! bodies of persistent messages whose writes are durable leave memory — until the bytes held
 //! are back under 40 % of it. When a consumer meets a paged-out head, the same task reads the
-//! next ones back (consumer credit + 16 ahead), off the queue's lock. So a
+//! next ones back (consumer credit + 64 ahead), off the queue's lock. So a
 //! durable queue can hold more than the watermark, and only transient messages (or persistent
 //! ones not yet written) make the publish gate refuse.
 

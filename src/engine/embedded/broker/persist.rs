@@ -107,10 +107,10 @@ impl Broker {
     /// A client may have seen this entry of `queue`: after a crash it comes back redelivered.
     /// Entries already marked redelivered are not written again.
     pub fn mark_seen(&self, queue: &str, entry: &Entry) {
-        if entry.redelivered || !entry.on_disk {
+        if entry.redelivered {
             return;
         }
-        if let Some(disk) = &entry.envelope.disk {
+        if let Some(disk) = entry.disk() {
             detach(self.store.write_messages(&[MessageWrite::Enqueue {
                 queue,
                 id: disk.id,

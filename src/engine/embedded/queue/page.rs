@@ -1,15 +1,16 @@
 //! Queues larger than memory: a ready entry of a persistent message whose write is durable may
 //! give its body back ([`Ready::Out`]), keeping what the queue needs without it (order, size,
 //! deadline, the redelivered flag, the stored id). The broker pages the tail of durable queues
-//! out when the bytes held pass the paging threshold; an entry is read back from the store when
-//! it is handed to a consumer, returned by `get` or dead-lettered.
+//! out when the bytes held pass the paging threshold; the pager reads a consumer's next entries
+//! back ahead of its credit ([`Queue::read_ahead`]), and an entry still out when it is handed
+//! to a consumer, returned by `get` or dead-lettered is read back then ([`Queue::page_in`]).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::{Effects, Entry, Queue, State};
 use crate::engine::embedded::held::{Held, OnDisk, Stored};
-use crate::engine::embedded::store::Store;
+use crate::engine::embedded::store::{Store, StoreError};
 
 /// A ready entry whose body is only on disk.
 pub(in crate::engine::embedded) struct Paged {
@@ -18,6 +19,19 @@ pub(in crate::engine::embedded) struct Paged {
     pub size: u64,
     pub expires_at: Option<Instant>,
     pub redelivered: bool,
+}
+
+impl Paged {
+    /// The entry again, with its body read back.
+    fn entry(&self, envelope: Arc<Stored>) -> Entry {
+        Entry {
+            seq: self.seq,
+            envelope,
+            expires_at: self.expires_at,
+            redelivered: self.redelivered,
+            on_disk: true,
+        }
+    }
 }
 
 /// A ready entry, in memory or paged out.
@@ -62,6 +76,14 @@ pub(in crate::engine::embedded) struct Pages {
     pub held: Arc<Held>,
 }
 
+impl Pages {
+    /// The stored message `disk`, in memory again and charged to the bytes held.
+    fn read(&self, disk: &Arc<OnDisk>) -> Result<Option<Arc<Stored>>, StoreError> {
+        let envelope = self.store.read_message(disk.id)?;
+        Ok(envelope.map(|e| Arc::new(Stored::new(e, &self.held, Some(disk.clone())))))
+    }
+}
+
 impl Queue {
     /// The entry of `slot` with its body in memory; `None` (logged, and the entry forgotten)
     /// when the store cannot give it back.
@@ -71,20 +93,11 @@ impl Queue {
             Ready::Out(p) => p,
         };
         let read = match &self.pages {
-            Some(pages) => pages
-                .store
-                .read_message(p.disk.id)
-                .map(|m| m.map(|envelope| (envelope, pages.held.clone()))),
+            Some(pages) => pages.read(&p.disk),
             None => Ok(None),
         };
         match read {
-            Ok(Some((envelope, held))) => Some(Entry {
-                seq: p.seq,
-                envelope: Arc::new(Stored::new(envelope, &held, Some(p.disk))),
-                expires_at: p.expires_at,
-                redelivered: p.redelivered,
-                on_disk: true,
-            }),
+            Ok(Some(stored)) => Some(p.entry(stored)),
             Ok(None) | Err(_) => {
                 tracing::error!(queue = %self.name, id = p.disk.id, error = ?read.err(), "a paged-out message cannot be read back; dropped");
                 metrics::counter!(crate::metrics::DROPPED, "reason" => "unreadable").increment(1);
@@ -147,11 +160,11 @@ impl Queue {
 
     /// Reads back the paged-out entries among the next (consumer credit + 64) ready ones,
     /// outside the queue's lock, so consumers find their bodies in memory. Blocking (store
-    /// reads): called off the runtime's workers. Returns how many were read.
-    pub fn read_ahead(&self) -> usize {
+    /// reads): called off the runtime's workers.
+    pub fn read_ahead(&self) {
         self.read_ahead_wanted
             .store(false, std::sync::atomic::Ordering::Release);
-        let Some(pages) = &self.pages else { return 0 };
+        let Some(pages) = &self.pages else { return };
         let head: Vec<(u64, Arc<OnDisk>)> = {
             let st = self.state.lock();
             let credit: usize = st.consumers.iter().map(|c| c.credit as usize).sum();
@@ -170,36 +183,23 @@ impl Queue {
                 })
                 .collect()
         };
-        let mut read = 0;
         for (seq, disk) in head {
             // A failed read is left to the delivery, which reads again and reports it.
-            if let Ok(Some(envelope)) = pages.store.read_message(disk.id) {
-                let stored = Arc::new(Stored::new(envelope, &pages.held, Some(disk)));
-                read += usize::from(self.fill(seq, stored));
+            if let Ok(Some(stored)) = pages.read(&disk) {
+                self.fill(seq, stored);
             }
         }
-        read
     }
 
     /// Puts a body read back into its entry, if that entry still waits paged out.
-    fn fill(&self, seq: u64, stored: Arc<Stored>) -> bool {
+    fn fill(&self, seq: u64, stored: Arc<Stored>) {
         let mut st = self.state.lock();
         let at = st.ready.partition_point(|s| s.seq() < seq);
-        let Some(slot) = st.ready.get_mut(at) else {
-            return false;
-        };
-        let Ready::Out(p) = slot else { return false };
-        if p.seq != seq {
-            return false;
+        if let Some(slot) = st.ready.get_mut(at)
+            && let Ready::Out(p) = slot
+            && p.seq == seq
+        {
+            *slot = Ready::In(p.entry(stored));
         }
-        let entry = Entry {
-            seq,
-            envelope: stored,
-            expires_at: p.expires_at,
-            redelivered: p.redelivered,
-            on_disk: true,
-        };
-        *slot = Ready::In(entry);
-        true
     }
 }
