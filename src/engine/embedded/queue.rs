@@ -16,10 +16,12 @@ use tokio::sync::Notify;
 
 mod args;
 mod page;
+mod restore;
 
 pub(super) use self::args::{Overflow, QueueArgs};
 
 pub(super) use self::page::{Pages, Ready};
+pub(super) use self::restore::{Restored, RestoredBody};
 use super::held::{OnDisk, Stored};
 use crate::engine::{CancelReason, EngineError, Envelope, FieldTable, FieldValue, QueueSpec};
 
@@ -86,20 +88,6 @@ pub(super) struct DeadLetter {
     pub reason: DeadReason,
     pub exchange: String,
     pub routing_key: Option<String>,
-}
-
-/// A stored entry as recovery hands it back: the message (in memory, or only its stored id,
-/// size and per-message TTL), its age, whether it was seen.
-pub(super) type Restored = (RestoredBody, Duration, bool);
-
-#[derive(Clone)]
-pub(super) enum RestoredBody {
-    In(Arc<Stored>),
-    Out {
-        disk: Arc<OnDisk>,
-        size: u64,
-        expiration: Option<String>,
-    },
 }
 
 /// Work for the broker once the queue's lock is released.
@@ -377,49 +365,6 @@ impl Queue {
                 st.ready.insert(at, entry);
             }
             _ => st.ready.push_back(entry),
-        }
-    }
-
-    /// Puts back what the store held at start (`(message, age, redelivered)`, in queue order),
-    /// ahead of anything published since. A TTL counts from the original publish.
-    pub fn restore(self: &Arc<Self>, entries: Vec<Restored>, now: Instant, fx: &mut Effects) {
-        let mut st = self.state.lock();
-        let mut any_ttl = false;
-        for (message, age, redelivered) in entries {
-            let expiration = match &message {
-                RestoredBody::In(stored) => stored.message.properties.expiration.as_deref(),
-                RestoredBody::Out { expiration, .. } => expiration.as_deref(),
-            };
-            let expires_at = self
-                .expiry_for(expiration, now)
-                .map(|at| at.checked_sub(age).unwrap_or(now));
-            any_ttl |= expires_at.is_some();
-            let seq = st.next_seq;
-            st.next_seq += 1;
-            let slot = match message {
-                RestoredBody::In(envelope) => Ready::In(Entry {
-                    seq,
-                    envelope,
-                    expires_at,
-                    redelivered,
-                    on_disk: true,
-                }),
-                RestoredBody::Out { disk, size, .. } => Ready::Out(page::Paged {
-                    seq,
-                    disk,
-                    size,
-                    expires_at,
-                    redelivered,
-                }),
-            };
-            self.insert_ready(&mut st, slot);
-        }
-        self.enforce_limits(&mut st, fx);
-        if any_ttl {
-            self.expire_head(&mut st, now, false, fx);
-            if !self.expiry_started.load(Ordering::Acquire) {
-                fx.start_expiry.push(self.clone());
-            }
         }
     }
 
