@@ -10,7 +10,7 @@ mod held;
 pub mod memory;
 mod queue;
 mod retained;
-mod sessions;
+
 pub mod store;
 mod topic;
 
@@ -66,7 +66,7 @@ impl Default for EmbeddedOptions {
 pub struct EmbeddedEngine {
     broker: Arc<Broker>,
     retained: Arc<retained::Retained>,
-    sessions: Arc<sessions::LocalSessions>,
+    sessions: Arc<crate::engine::sessions::local::LocalSessions>,
     shut: AtomicBool,
 }
 

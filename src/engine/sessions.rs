@@ -5,6 +5,8 @@
 //! the embedded engine keeps it in-process; an upstream engine announces on the fanout
 //! exchange `amqp-gateway.control` so a holder on another instance lets go too.
 
+pub mod local;
+
 use std::future::Future;
 use std::time::Duration;
 

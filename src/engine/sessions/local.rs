@@ -1,5 +1,6 @@
-//! The embedded engine's session registry (`engine::sessions`): in-process, a map from key to
-//! the holder's takeover signal, and the pending delayed wills.
+//! The in-process session registry (`engine::sessions`): a map from key to the holder's
+//! takeover signal, and the pending delayed wills. The embedded engine's whole registry; the
+//! upstream engine's local half, which it extends across instances.
 
 use async_trait::async_trait;
 use dashmap::DashMap;
