@@ -226,13 +226,26 @@ impl<'de> Deserialize<'de> for Watermark {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
     /// `amqp://user:pass@host:5672/vhost`
     pub url: Option<String>,
     /// RabbitMQ HTTP API, for listings in upstream mode.
     pub management_url: Option<String>,
+    /// AMQP heartbeat asked of the broker (a `heartbeat` in the URL wins).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            url: None,
+            management_url: None,
+            heartbeat: Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -22,6 +22,8 @@ pub mod names;
 pub mod retained;
 pub mod sessions;
 pub mod table;
+pub mod topic;
+pub mod upstream;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -46,6 +46,7 @@ use crate::config::EngineKindConfig;
 use crate::engine::Engine;
 use crate::engine::embedded::store::disk::DiskStore;
 use crate::engine::embedded::{EmbeddedEngine, EmbeddedOptions};
+use crate::engine::upstream::{UpstreamEngine, UpstreamOptions};
 pub use crate::error::StartError;
 use crate::shutdown::Shutdown;
 
@@ -148,9 +149,19 @@ async fn build_engine(config: &Config) -> Result<Arc<dyn Engine>, StartError> {
                 disk_alarm: Some((dir.clone(), config.engine.disk_free_limit.as_u64())),
             })?))
         }
-        EngineKindConfig::Upstream => Err(StartError::Unsupported(
-            "engine.kind = \"upstream\" is not available in this version; use \"embedded\"".into(),
-        )),
+        EngineKindConfig::Upstream => {
+            let upstream = &config.engine.upstream;
+            let url = upstream
+                .url
+                .clone()
+                .ok_or_else(|| StartError::Unsupported("engine.upstream.url is required".into()))?;
+            let mut options = UpstreamOptions::new(url);
+            options.management_url = upstream.management_url.clone();
+            options.heartbeat = upstream.heartbeat;
+            options.max_message_bytes = config.limits.max_message_bytes.as_u64() as usize;
+            options.retained_bytes = config.mqtt.retained_stream_bytes.as_u64();
+            Ok(Arc::new(UpstreamEngine::connect(options).await?))
+        }
     }
 }
 

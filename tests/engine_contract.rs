@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use amqp_gateway::engine::embedded::{EmbeddedEngine, EmbeddedOptions};
+use amqp_gateway::engine::upstream::{UpstreamEngine, UpstreamOptions};
 use amqp_gateway::engine::{
     CancelReason, Channel, ConsumeOptions, Declared, DeleteQueueOptions, Engine, EngineError,
     ExchangeKind, ExchangeSpec, FieldTable, FieldValue, Message, OnCancel, Properties,
@@ -1180,7 +1181,89 @@ async fn embedded() -> Arc<dyn Engine> {
     Arc::new(EmbeddedEngine::new(EmbeddedOptions::default()))
 }
 
+/// The upstream engine on a vhost of its own, deleted when the case ends.
+macro_rules! upstream_contract {
+    ($($case:ident),* $(,)?) => {
+        mod upstream {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let vhost = super::common::rabbit::Vhost::create().await;
+                    let engine = super::upstream(&vhost).await;
+                    super::$case(engine.clone()).await;
+                    engine.shutdown().await;
+                    drop(vhost);
+                }
+            )*
+        }
+    };
+}
+
+async fn upstream(vhost: &common::rabbit::Vhost) -> Arc<dyn Engine> {
+    let mut options = UpstreamOptions::new(vhost.amqp_url());
+    options.management_url = Some(vhost.management_url());
+    Arc::new(
+        UpstreamEngine::connect(options)
+            .await
+            .expect("the upstream engine connects to RabbitMQ on 127.0.0.1:5672"),
+    )
+}
+
 contract!(embedded:
+    direct_routes_by_exact_key,
+    fanout_reaches_every_bound_queue_once,
+    topic_wildcards,
+    headers_exchange_all_and_any,
+    default_exchange_routes_by_queue_name,
+    predeclared_exchanges_exist,
+    reserved_names_are_refused,
+    names_are_validated,
+    redeclare_must_be_equivalent,
+    internal_exchange_refuses_publishes,
+    exchange_delete_and_auto_delete,
+    unbind_stops_routing,
+    publish_to_missing_exchange_is_not_found,
+    server_named_queues,
+    exclusive_queues_belong_to_their_channel,
+    auto_delete_queue_goes_with_last_consumer,
+    delete_and_purge,
+    invalid_queue_arguments_are_refused,
+    queue_info_and_listing,
+    message_ttl_dead_letters_expired,
+    per_message_expiration,
+    zero_ttl_delivers_only_to_waiting_consumers,
+    queue_expires_when_unused,
+    max_length_drops_head,
+    reject_publish_overflow,
+    rejected_messages_are_dead_lettered,
+    prefetch_bounds_unacked_deliveries,
+    consumers_share_round_robin,
+    ack_multiple_and_nack_requeue,
+    cancel_requeues_unacked,
+    closing_a_channel_requeues_unacked,
+    dropping_a_consumer_cancels_it,
+    exclusive_consumer,
+    basic_get_with_and_without_ack,
+    no_ack_consumer_gets_everything_in_order,
+    publishes_keep_channel_order,
+    properties_round_trip,
+    oversized_messages_are_refused,
+    a_message_ttl_expires_once_at_the_head,
+    redeclare_equivalence_compares_values,
+    an_expiry_cycle_after_a_rejection_is_cut,
+    operations_racing_a_close_leave_nothing_behind,
+    a_publish_racing_a_delete_is_routed_only_if_it_arrived,
+    only_deliveries_a_client_took_come_back_redelivered,
+    shutdown_closes_channels,
+    capabilities_hold,
+    retained_messages_are_kept_whole,
+    control_takeover_and_wills,
+    cancel_keeps_or_requeues_and_yields_nothing_more,
+    refusals_leave_the_channel_usable,
+    exclusive_queues_belong_to_the_connection,
+);
+
+upstream_contract!(
     direct_routes_by_exact_key,
     fanout_reaches_every_bound_queue_once,
     topic_wildcards,

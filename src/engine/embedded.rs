@@ -12,7 +12,6 @@ mod queue;
 mod retained;
 
 pub mod store;
-mod topic;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -10,6 +10,7 @@ pub mod child;
 pub mod held_confirms;
 pub mod mqtt_bytes;
 pub mod mqtt_wire;
+pub mod rabbit;
 pub mod ws;
 
 /// Every wait in the tests is bounded by this.

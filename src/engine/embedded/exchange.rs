@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use parking_lot::RwLock;
 
 use super::queue::Queue;
-use super::topic::TopicTrie;
+use crate::engine::topic::TopicTrie;
 use crate::engine::{BindingInfo, EngineError, ExchangeKind, ExchangeSpec, FieldTable, FieldValue};
 
 /// Where routing collects destination queues; four inline slots cover most publishes without

@@ -13,8 +13,8 @@ use parking_lot::RwLock;
 
 use super::now_ms;
 use super::store::{Store, StoreWrite};
-use super::topic::pattern_matches;
 use crate::engine::retained::{RetainedMessage, RetainedStore, RetainedUndo};
+use crate::engine::topic::pattern_matches;
 use crate::engine::{EngineError, Message};
 
 /// What a `set` replaced (inside [`RetainedUndo`]).

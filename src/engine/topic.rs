@@ -1,4 +1,5 @@
-//! Topic-exchange matching: a trie over dot-separated words with `*` (exactly one word) and `#`
+//! AMQP topic matching, shared by both engines (the embedded exchanges, and retained messages
+//! wherever they are kept): a trie over dot-separated words with `*` (exactly one word) and `#`
 //! (zero or more words) nodes. Matching costs one walk per publish, independent of how many
 //! bindings exist — no regex per binding.
 //!
@@ -81,6 +82,10 @@ pub fn pattern_matches(pattern: &str, key: &str) -> bool {
 }
 
 impl<T> TopicTrie<T> {
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

@@ -1,0 +1,783 @@
+//! An engine channel on the upstream broker (DESIGN.md §1): an ordered confirm-mode publish
+//! channel ([`Publisher`]), one AMQP channel per consumer, one for `get`s that must be acked,
+//! and pooled short-lived channels for everything else, so a refusal never closes the AMQP
+//! channel that holds a client's consumers, unacked deliveries or unconfirmed publishes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use futures_util::FutureExt;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions, BasicRejectOptions,
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions, QueuePurgeOptions,
+};
+use parking_lot::Mutex;
+
+use super::Shared;
+use super::consumer::{self, AUTO_ACK_WINDOW, State, Tags, UpstreamConsumer};
+use super::convert::{self, About, short};
+use super::publisher::{Publisher, Request};
+use crate::engine::names::{self, CONSUMER_TAG_PREFIX};
+use crate::engine::{
+    AckMode, BindingInfo, Channel, ConsumeOptions, Consumer, Declared, DeleteQueueOptions,
+    Delivery, EngineError, Envelope, ExchangeInfo, ExchangeKind, ExchangeSpec, FieldTable,
+    FieldValue, Message, OnCancel, Owner, PublishConfirm, PublishOptions, QueueDeclared, QueueInfo,
+    QueueSpec,
+};
+
+/// `x-expires` of a queue exclusive to a client: upstream it is a shared queue, so this is
+/// how long it outlives a gateway that died without deleting it.
+const EXCLUSIVE_EXPIRES_MS: i64 = 60_000;
+
+struct Held {
+    channel: lapin::Channel,
+    inner: lapin::Consumer,
+    state: Arc<State>,
+}
+
+pub(super) struct Inner {
+    id: u64,
+    owner: Owner,
+    shared: Arc<Shared>,
+    publisher: Mutex<Option<Publisher>>,
+    tags: Arc<Tags>,
+    consumers: Mutex<HashMap<String, Held>>,
+    /// AMQP channels of consumers cancelled with `KeepUnacked`, closed with the channel.
+    kept: Mutex<Vec<lapin::Channel>>,
+    getter: tokio::sync::Mutex<Option<lapin::Channel>>,
+    closed: AtomicBool,
+}
+
+/// The handle adapters hold; dropping the last one closes the channel.
+pub(super) struct UpstreamChannel {
+    inner: Arc<Inner>,
+}
+
+impl Drop for UpstreamChannel {
+    fn drop(&mut self) {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let inner = self.inner.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { inner.close().await });
+        }
+    }
+}
+
+impl UpstreamChannel {
+    pub(super) fn open(shared: Arc<Shared>, owner: Owner) -> Arc<UpstreamChannel> {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        shared.owners.opened(owner.id());
+        let publisher = Publisher::spawn(shared.publishing.clone());
+        Arc::new(UpstreamChannel {
+            inner: Arc::new(Inner {
+                id: NEXT.fetch_add(1, Ordering::Relaxed),
+                owner,
+                shared,
+                publisher: Mutex::new(Some(publisher)),
+                tags: Arc::default(),
+                consumers: Mutex::default(),
+                kept: Mutex::default(),
+                getter: tokio::sync::Mutex::default(),
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    pub(super) fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    pub(super) async fn close(&self) {
+        self.inner.close().await;
+    }
+}
+
+fn lapin_kind(kind: ExchangeKind) -> lapin::ExchangeKind {
+    match kind {
+        ExchangeKind::Direct => lapin::ExchangeKind::Direct,
+        ExchangeKind::Fanout => lapin::ExchangeKind::Fanout,
+        ExchangeKind::Topic => lapin::ExchangeKind::Topic,
+        ExchangeKind::Headers => lapin::ExchangeKind::Headers,
+    }
+}
+
+fn is_not_found(e: &EngineError) -> bool {
+    matches!(e, EngineError::NotFound { .. })
+}
+
+impl Inner {
+    fn check_open(&self) -> Result<(), EngineError> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(EngineError::ChannelClosed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Whether the exchange exists, on a pooled channel (a 404 closes only that one).
+    async fn exchange_exists(&self, name: &str) -> Result<bool, EngineError> {
+        let ch = self.shared.pool.take().await?;
+        let options = ExchangeDeclareOptions {
+            passive: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        match ch
+            .exchange_declare(
+                short("exchange", name)?,
+                lapin::ExchangeKind::Direct,
+                options,
+                Default::default(),
+            )
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(e) => match convert::engine_error(&e, About::Exchange(name)) {
+                e if is_not_found(&e) => Ok(false),
+                e => Err(e),
+            },
+        }
+    }
+
+    /// Passive queue declare on a pooled channel: its ready messages and consumers.
+    async fn queue_counts(&self, name: &str) -> Result<(u64, u32), EngineError> {
+        let ch = self.shared.pool.take().await?;
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let q = ch
+            .queue_declare(short("queue", name)?, options, Default::default())
+            .await
+            .map_err(|e| convert::engine_error(&e, About::Queue(name)))?;
+        Ok((q.message_count().into(), q.consumer_count()))
+    }
+
+    fn upstream_queue_spec(spec: &QueueSpec) -> (QueueDeclareOptions, FieldTable) {
+        let mut arguments = spec.arguments.clone();
+        if spec.exclusive {
+            let asked = arguments
+                .get("x-expires")
+                .and_then(FieldValue::as_i128)
+                .map_or(EXCLUSIVE_EXPIRES_MS, |v| {
+                    v.clamp(1, EXCLUSIVE_EXPIRES_MS.into()) as i64
+                });
+            arguments.insert("x-expires".into(), FieldValue::I64(asked));
+        }
+        let options = QueueDeclareOptions {
+            passive: false,
+            durable: spec.durable,
+            exclusive: false,
+            auto_delete: spec.auto_delete,
+            nowait: false,
+        };
+        (options, arguments)
+    }
+
+    async fn delete_owned(&self, queues: Vec<String>) {
+        for q in queues {
+            let Ok(ch) = self.shared.pool.take().await else {
+                return;
+            };
+            let Ok(name) = short("queue", &q) else {
+                continue;
+            };
+            if let Err(e) = ch.queue_delete(name, QueueDeleteOptions::default()).await {
+                tracing::debug!(queue = %q, error = %e, "exclusive queue not deleted upstream");
+            }
+        }
+    }
+
+    async fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let held: Vec<Held> = self.consumers.lock().drain().map(|(_, h)| h).collect();
+        let mut channels: Vec<lapin::Channel> = held
+            .into_iter()
+            .map(|h| {
+                h.state.cancelled.store(true, Ordering::Release);
+                h.channel
+            })
+            .collect();
+        channels.append(&mut self.kept.lock());
+        if let Some(getter) = self.getter.lock().await.take() {
+            channels.push(getter);
+        }
+        self.tags.clear();
+        for ch in channels {
+            let _ = ch.close(200, "OK".into()).await;
+        }
+        // Its task settles what is in flight, then closes its AMQP channel.
+        drop(self.publisher.lock().take());
+        let owned = self.shared.owners.closed(self.owner.id());
+        self.delete_owned(owned).await;
+    }
+
+    fn delivery(&self, d: lapin::message::Delivery, tag: u64, count: u64) -> Delivery {
+        Delivery {
+            delivery_tag: tag,
+            redelivered: d.redelivered,
+            consumer_tag: None,
+            envelope: Arc::new(Envelope {
+                exchange: d.exchange.as_str().into(),
+                routing_key: d.routing_key.as_str().into(),
+                message: Message {
+                    properties: convert::properties_from_amqp(&d.properties),
+                    body: d.data.into(),
+                },
+            }),
+            expires_in: None,
+            message_count: Some(count),
+        }
+    }
+
+    async fn get_acked(&self, queue: &str) -> Result<Option<Delivery>, EngineError> {
+        let mut getter = self.getter.lock().await;
+        if let Some(ch) = getter.as_ref()
+            && ch.status().connected()
+            && self.tags.holds_on(ch)
+        {
+            // A refusal would close the channel that holds unacked gets: ask a pooled one first.
+            self.queue_counts(queue).await?;
+        }
+        let ch = match getter.as_ref() {
+            Some(ch) if ch.status().connected() => ch.clone(),
+            _ => {
+                let ch = self
+                    .shared
+                    .consuming
+                    .create_channel()
+                    .await
+                    .map_err(|e| convert::engine_error(&e, About::Other))?;
+                *getter = Some(ch.clone());
+                ch
+            }
+        };
+        match ch
+            .basic_get(short("queue", queue)?, BasicGetOptions { no_ack: false })
+            .await
+        {
+            Ok(Some(m)) => {
+                let tag = self.tags.track(&ch, m.delivery.delivery_tag);
+                Ok(Some(self.delivery(m.delivery, tag, m.message_count.into())))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                self.tags.forget_channel(&ch);
+                *getter = None;
+                Err(convert::engine_error(&e, About::Queue(queue)))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Channel for UpstreamChannel {
+    fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    async fn declare_exchange(
+        &self,
+        name: &str,
+        spec: &ExchangeSpec,
+    ) -> Result<Declared, EngineError> {
+        let this = &self.inner;
+        this.check_open()?;
+        names::validate_name("exchange", name)?;
+        let existed = this.exchange_exists(name).await?;
+        let ch = this.shared.pool.take().await?;
+        let options = ExchangeDeclareOptions {
+            passive: false,
+            durable: spec.durable,
+            auto_delete: spec.auto_delete,
+            internal: spec.internal,
+            nowait: false,
+        };
+        ch.exchange_declare(
+            short("exchange", name)?,
+            lapin_kind(spec.kind),
+            options,
+            convert::table(&spec.arguments)?,
+        )
+        .await
+        .map_err(|e| convert::engine_error(&e, About::Exchange(name)))?;
+        Ok(if existed {
+            Declared::Existed
+        } else {
+            Declared::Created
+        })
+    }
+
+    async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<(), EngineError> {
+        let this = &self.inner;
+        this.check_open()?;
+        let name = names::canonical_exchange(name);
+        if name.is_empty() || names::is_reserved(name) {
+            return Err(EngineError::AccessRefused(format!(
+                "exchange '{name}' cannot be deleted"
+            )));
+        }
+        if !this.exchange_exists(name).await? {
+            return Err(EngineError::exchange_not_found(name));
+        }
+        let ch = this.shared.pool.take().await?;
+        ch.exchange_delete(
+            short("exchange", name)?,
+            ExchangeDeleteOptions {
+                if_unused,
+                nowait: false,
+            },
+        )
+        .await
+        .map_err(|e| convert::engine_error(&e, About::Exchange(name)))
+    }
+
+    async fn exchange_info(&self, name: &str) -> Result<ExchangeInfo, EngineError> {
+        let this = &self.inner;
+        this.check_open()?;
+        let name = names::canonical_exchange(name);
+        let Some(management) = &this.shared.management else {
+            if !name.is_empty() && !this.exchange_exists(name).await? {
+                return Err(EngineError::exchange_not_found(name));
+            }
+            return Err(EngineError::NotSupported(
+                "an exchange's flags need engine.upstream.management_url".into(),
+            ));
+        };
+        management
+            .exchange(name)
+            .await?
+            .ok_or_else(|| EngineError::exchange_not_found(name))
+    }
+
+    async fn list_exchanges(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ExchangeInfo>, EngineError> {
+        let this = &self.inner;
+        this.check_open()?;
+        let management = this
+            .shared
+            .management
+            .as_ref()
+            .ok_or_else(listing_unsupported)?;
+        let all = management.exchanges().await?;
+        Ok(page(all, after, limit, |e| &e.name))
+    }
+
+    async fn declare_queue(
+        &self,
+        name: &str,
+        spec: &QueueSpec,
+    ) -> Result<QueueDeclared, EngineError> {
+        let this = &self.inner;
+        this.check_open()?;
+        if !name.is_empty() {
+            names::validate_name("queue", name)?;
+            this.shared.owners.check(name, this.owner.id())?;
+        }
+        let existed = if name.is_empty() {
+            false
+        } else {
+            match this.queue_counts(name).await {
+                Ok(_) => true,
+                Err(e) if is_not_found(&e) => false,
+                Err(e) => return Err(e),
+            }
+        };
+        if existed && spec.exclusive && !this.shared.owners.owns(name, this.owner.id()) {
+            // Shared upstream, but some other client (or gateway) holds it.
+            return Err(EngineError::ResourceLocked(name.to_owned()));
+        }
+        let (options, arguments) = Inner::upstream_queue_spec(spec);
+        let ch = this.shared.pool.take().await?;
+        let q = ch
+            .queue_declare(short("queue", name)?, options, convert::table(&arguments)?)
+            .await
+            .map_err(|e| convert::engine_error(&e, About::Queue(name)))?;
+        let declared_name = q.name().as_str().to_owned();
+        if spec.exclusive {
+            this.shared.owners.claim(&declared_name, this.owner.id());
+        }
+        Ok(QueueDeclared {
+            name: declared_name,
+            declared: if existed {
+                Declared::Existed
+            } else {
+                Declared::Created
+            },
+            messages: q.message_count().into(),
+            consumers: q.consumer_count(),
+        })
+    }
+
+    async fn delete_queue(
+        &self,
+        name: &str,
+        options: DeleteQueueOptions,
+    ) -> Result<u64, EngineError> {
+        let this = &self.inner;
+        this.check_open()?;
+        this.shared.owners.check(name, this.owner.id())?;
+        this.queue_counts(name).await?;
+        let ch = this.shared.pool.take().await?;
+        let options = QueueDeleteOptions {
+            if_unused: options.if_unused,
+            if_empty: options.if_empty,
+            nowait: false,
+        };
+        let dropped = ch
+            .queue_delete(short("queue", name)?, options)
+            .await
+            .map_err(|e| convert::engine_error(&e, About::Queue(name)))?;
+        this.shared.owners.forget(name);
+        Ok(dropped.into())
+    }
+
+    async fn purge_queue(&self, name: &str) -> Result<u64, EngineError> {
+        let this = &self.inner;
+        this.check_open()?;
+        this.shared.owners.check(name, this.owner.id())?;
+        let ch = this.shared.pool.take().await?;
+        ch.queue_purge(short("queue", name)?, QueuePurgeOptions::default())
+            .await
+            .map(u64::from)
+            .map_err(|e| convert::engine_error(&e, About::Queue(name)))
+    }
+
+    async fn set_queue_expiry(
+        &self,
+        _: &str,
+        _: Option<std::time::Duration>,
+    ) -> Result<(), EngineError> {
+        self.inner.check_open()?;
+        Err(EngineError::NotSupported(
+            "AMQP cannot change a queue's x-expires in place".into(),
+        ))
+    }
+
+    async fn queue_info(&self, name: &str) -> Result<QueueInfo, EngineError> {
+        let this = &self.inner;
+        this.check_open()?;
+        let Some(management) = &this.shared.management else {
+            let (messages, consumers) = this.queue_counts(name).await?;
+            return Ok(QueueInfo {
+                name: name.to_owned(),
+                spec: QueueSpec::default(),
+                messages,
+                messages_unacknowledged: 0,
+                consumers,
+            });
+        };
+        let mut info = management
+            .queue(name)
+            .await?
+            .ok_or_else(|| EngineError::queue_not_found(name))?;
+        // The API's figures are sampled; a passive declare's are exact.
+        if let Ok((messages, consumers)) = this.queue_counts(name).await {
+            info.messages = messages;
+            info.consumers = consumers;
+        }
+        // Exclusive to a client here, a shared queue to the broker.
+        info.spec.exclusive |= this.shared.owners.is_owned(name);
+        Ok(info)
+    }
+
+    async fn declare_queue_passive(&self, name: &str) -> Result<QueueDeclared, EngineError> {
+        let this = &self.inner;
+        this.check_open()?;
+        this.shared.owners.check(name, this.owner.id())?;
+        let (messages, consumers) = this.queue_counts(name).await?;
+        Ok(QueueDeclared {
+            name: name.to_owned(),
+            declared: Declared::Existed,
+            messages,
+            consumers,
+        })
+    }
+
+    async fn list_queues(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<QueueInfo>, EngineError> {
+        let this = &self.inner;
+        this.check_open()?;
+        let management = this
+            .shared
+            .management
+            .as_ref()
+            .ok_or_else(listing_unsupported)?;
+        let all = management.queues().await?;
+        Ok(page(all, after, limit, |q| &q.name))
+    }
+
+    async fn bind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), EngineError> {
+        let this = &self.inner;
+        this.check_open()?;
+        names::validate_key(routing_key)?;
+        this.shared.owners.check(queue, this.owner.id())?;
+        let exchange = names::canonical_exchange(exchange);
+        let ch = this.shared.pool.take().await?;
+        ch.queue_bind(
+            short("queue", queue)?,
+            short("exchange", exchange)?,
+            short("routing key", routing_key)?,
+            QueueBindOptions::default(),
+            convert::table(arguments)?,
+        )
+        .await
+        .map_err(|e| convert::engine_error(&e, About::Queue(queue)))
+    }
+
+    async fn unbind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), EngineError> {
+        let this = &self.inner;
+        this.check_open()?;
+        this.shared.owners.check(queue, this.owner.id())?;
+        let exchange = names::canonical_exchange(exchange);
+        let ch = this.shared.pool.take().await?;
+        ch.queue_unbind(
+            short("queue", queue)?,
+            short("exchange", exchange)?,
+            short("routing key", routing_key)?,
+            convert::table(arguments)?,
+        )
+        .await
+        .map_err(|e| convert::engine_error(&e, About::Queue(queue)))
+    }
+
+    async fn list_bindings(&self, queue: &str) -> Result<Vec<BindingInfo>, EngineError> {
+        let this = &self.inner;
+        this.check_open()?;
+        let management = this
+            .shared
+            .management
+            .as_ref()
+            .ok_or_else(listing_unsupported)?;
+        management
+            .bindings(queue)
+            .await?
+            .ok_or_else(|| EngineError::queue_not_found(queue))
+    }
+
+    fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Message,
+        _: PublishOptions,
+    ) -> PublishConfirm {
+        let this = &self.inner;
+        let request = (|| {
+            this.check_open()?;
+            let limit = this.shared.max_message_bytes;
+            if message.body.len() > limit {
+                return Err(EngineError::ContentTooLarge {
+                    size: message.body.len(),
+                    limit,
+                });
+            }
+            names::validate_key(routing_key)?;
+            let exchange = names::canonical_exchange(exchange);
+            Ok(Request::new(
+                short("exchange", exchange)?,
+                short("routing key", routing_key)?,
+                message.body.clone(),
+                convert::properties_to_amqp(&message.properties)?,
+            ))
+        })();
+        match request {
+            Ok((request, confirm)) => {
+                match this.publisher.lock().as_ref() {
+                    Some(publisher) => publisher.send(request),
+                    None => return PublishConfirm::ready(Err(EngineError::ChannelClosed)),
+                }
+                confirm
+            }
+            Err(e) => PublishConfirm::ready(Err(e)),
+        }
+    }
+
+    async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Consumer, EngineError> {
+        let this = &self.inner;
+        this.check_open()?;
+        this.shared.owners.check(queue, this.owner.id())?;
+        let tag = if options.consumer_tag.is_empty() {
+            names::generate(CONSUMER_TAG_PREFIX)
+        } else {
+            options.consumer_tag.clone()
+        };
+        if this.consumers.lock().contains_key(&tag) {
+            return Err(EngineError::PreconditionFailed(format!(
+                "consumer tag '{tag}' is in use on this channel"
+            )));
+        }
+        let prefetch = match options.ack {
+            AckMode::Manual { prefetch } => prefetch,
+            AckMode::Auto => AUTO_ACK_WINDOW,
+        };
+        let ch = this
+            .shared
+            .consuming
+            .create_channel()
+            .await
+            .map_err(|e| convert::engine_error(&e, About::Other))?;
+        let started = async {
+            ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+            let consume = BasicConsumeOptions {
+                no_local: false,
+                no_ack: false,
+                exclusive: options.exclusive,
+                nowait: false,
+            };
+            ch.basic_consume(
+                short("queue", queue).map_err(|_| lapin::ErrorKind::InvalidChannel(0))?,
+                short("consumer tag", &tag).map_err(|_| lapin::ErrorKind::InvalidChannel(0))?,
+                consume,
+                convert::table(&options.arguments)
+                    .map_err(|_| lapin::ErrorKind::InvalidChannel(0))?,
+            )
+            .await
+        };
+        let inner = match started.await {
+            Ok(c) => c,
+            Err(e) => {
+                consumer::close_later(ch);
+                return Err(convert::engine_error(&e, About::Consume(queue)));
+            }
+        };
+        let state = Arc::new(State::default());
+        let taken =
+            matches!(options.ack, AckMode::Auto).then(|| UpstreamConsumer::auto_acker(ch.clone()));
+        this.consumers.lock().insert(
+            tag.clone(),
+            Held {
+                channel: ch.clone(),
+                inner: inner.clone(),
+                state: state.clone(),
+            },
+        );
+        let tag: Arc<str> = tag.into();
+        let stream = UpstreamConsumer {
+            inner,
+            channel: ch,
+            tags: this.tags.clone(),
+            tag: tag.clone(),
+            state,
+            taken,
+            done: false,
+        };
+        Ok(Consumer::new(tag, queue.into(), Box::new(stream)))
+    }
+
+    async fn cancel(&self, consumer_tag: &str, on_cancel: OnCancel) -> Result<(), EngineError> {
+        let this = &self.inner;
+        this.check_open()?;
+        let held = this.consumers.lock().remove(consumer_tag).ok_or_else(|| {
+            EngineError::PreconditionFailed(format!("unknown consumer tag '{consumer_tag}'"))
+        })?;
+        held.state.cancelled.store(true, Ordering::Release);
+        match on_cancel {
+            OnCancel::Requeue => {
+                this.tags.forget_channel(&held.channel);
+                let _ = held.channel.close(200, "OK".into()).await;
+            }
+            OnCancel::KeepUnacked => {
+                let _ = held
+                    .channel
+                    .basic_cancel(
+                        short("consumer tag", consumer_tag)?,
+                        BasicCancelOptions::default(),
+                    )
+                    .await;
+                // What the client never took goes back now; what it took waits for its ack.
+                let mut untaken = held.inner;
+                while let Some(Some(Ok(d))) = untaken.next().now_or_never() {
+                    let _ = held
+                        .channel
+                        .basic_reject(d.delivery_tag, BasicRejectOptions { requeue: true })
+                        .await;
+                }
+                this.kept.lock().push(held.channel);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get(&self, queue: &str, no_ack: bool) -> Result<Option<Delivery>, EngineError> {
+        let this = &self.inner;
+        this.check_open()?;
+        this.shared.owners.check(queue, this.owner.id())?;
+        if !no_ack {
+            return this.get_acked(queue).await;
+        }
+        let ch = this.shared.pool.take().await?;
+        match ch
+            .basic_get(short("queue", queue)?, BasicGetOptions { no_ack: true })
+            .await
+        {
+            Ok(Some(m)) => Ok(Some(this.delivery(
+                m.delivery,
+                this.tags.next(),
+                m.message_count.into(),
+            ))),
+            Ok(None) => Ok(None),
+            Err(e) => Err(convert::engine_error(&e, About::Queue(queue))),
+        }
+    }
+
+    async fn ack(&self, delivery_tag: u64, multiple: bool) -> Result<(), EngineError> {
+        let this = &self.inner;
+        this.check_open()?;
+        let batches = this.tags.take(delivery_tag, multiple)?;
+        consumer::settle(batches, true, false).await
+    }
+
+    async fn nack(
+        &self,
+        delivery_tag: u64,
+        multiple: bool,
+        requeue: bool,
+    ) -> Result<(), EngineError> {
+        let this = &self.inner;
+        this.check_open()?;
+        let batches = this.tags.take(delivery_tag, multiple)?;
+        consumer::settle(batches, false, requeue).await
+    }
+
+    async fn close(&self) {
+        self.inner.close().await;
+    }
+}
+
+fn listing_unsupported() -> EngineError {
+    EngineError::NotSupported("listing needs engine.upstream.management_url".into())
+}
+
+/// The `limit` items after `after`, from a list sorted by name.
+fn page<T>(all: Vec<T>, after: Option<&str>, limit: usize, name: impl Fn(&T) -> &String) -> Vec<T> {
+    all.into_iter()
+        .filter(|item| after.is_none_or(|a| name(item).as_str() > a))
+        .take(limit)
+        .collect()
+}
