@@ -13,7 +13,7 @@ use amqp_gateway::engine::embedded::{EmbeddedEngine, EmbeddedOptions};
 use amqp_gateway::engine::upstream::{UpstreamEngine, UpstreamOptions};
 use amqp_gateway::engine::{
     CancelReason, Channel, ConsumeOptions, Declared, DeleteQueueOptions, Engine, EngineError,
-    ExchangeKind, ExchangeSpec, FieldTable, FieldValue, Message, OnCancel, Properties,
+    EngineKind, ExchangeKind, ExchangeSpec, FieldTable, FieldValue, Message, OnCancel, Properties,
     PublishOptions, QueueSpec,
 };
 use bytes::Bytes;
@@ -847,7 +847,13 @@ async fn reject_publish_overflow(engine: Arc<dyn Engine>) {
     let refused = ch
         .publish("", &q, Message::new("no room"), PublishOptions::default())
         .await;
-    assert_eq!(refused, Err(EngineError::Rejected(q.clone())));
+    match &refused {
+        // A publisher nack names no queue: only the embedded engine can say which refused.
+        Err(EngineError::Rejected(name)) if engine.kind() == EngineKind::Upstream => {
+            assert!(!name.is_empty())
+        }
+        _ => assert_eq!(refused, Err(EngineError::Rejected(q.clone()))),
+    }
     assert_eq!(drain(&ch, &q).await, ["fits"]);
     assert!(publish(&ch, "", &q, "room again").await);
 }
@@ -870,7 +876,16 @@ async fn rejected_messages_are_dead_lettered(engine: Arc<dyn Engine>) {
     publish(&ch, "", &q, "bad").await;
     let d = next(&mut c).await;
     ch.nack(d.delivery_tag, false, false).await.unwrap();
-    let dead = ch.get(&dlq, true).await.unwrap().expect("dead-lettered");
+    // A broker dead-letters after the nack (AMQP has no nack-ok): waited for, bounded.
+    let dead = std::sync::Mutex::new(None);
+    eventually("dead-lettered", || async {
+        let got = ch.get(&dlq, true).await.unwrap();
+        let found = got.is_some();
+        *dead.lock().unwrap() = got;
+        found
+    })
+    .await;
+    let dead = dead.into_inner().unwrap().expect("dead-lettered");
     assert_eq!(text(&dead), "bad");
     assert_eq!(
         dead.properties()
@@ -1148,7 +1163,11 @@ async fn properties_round_trip(engine: Arc<dyn Engine>) {
         .unwrap();
     let d = ch.get(&q, true).await.unwrap().unwrap();
     assert_eq!(d.message(), &message);
-    assert!(d.expires_in.is_some_and(|e| e <= Duration::from_secs(60)));
+    if engine.capabilities().expiry_countdown {
+        assert!(d.expires_in.is_some_and(|e| e <= Duration::from_secs(60)));
+    } else {
+        assert_eq!(d.expires_in, None, "no countdown claimed, none given");
+    }
 }
 
 async fn oversized_messages_are_refused(engine: Arc<dyn Engine>) {
@@ -1263,6 +1282,12 @@ contract!(embedded:
     exclusive_queues_belong_to_the_connection,
 );
 
+// Embedded only (docs/engine.md, "Upstream differences"): RabbitMQ confirms a publish routed
+// to a queue deleted before it enqueued it (a_publish_racing_a_delete_is_routed_only_if_it_arrived);
+// RabbitMQ 3.10 lets a rejection-started expiry cycle loop (an_expiry_cycle_after_a_rejection_is_cut);
+// RabbitMQ marks redelivered whatever it had sent to a consumer's channel, taken by the client
+// or not, and samples unacked counts every 5 s (only_deliveries_a_client_took_come_back_redelivered,
+// cancel_keeps_or_requeues_and_yields_nothing_more).
 upstream_contract!(
     direct_routes_by_exact_key,
     fanout_reaches_every_bound_queue_once,
@@ -1304,15 +1329,11 @@ upstream_contract!(
     oversized_messages_are_refused,
     a_message_ttl_expires_once_at_the_head,
     redeclare_equivalence_compares_values,
-    an_expiry_cycle_after_a_rejection_is_cut,
     operations_racing_a_close_leave_nothing_behind,
-    a_publish_racing_a_delete_is_routed_only_if_it_arrived,
-    only_deliveries_a_client_took_come_back_redelivered,
     shutdown_closes_channels,
     capabilities_hold,
     retained_messages_are_kept_whole,
     control_takeover_and_wills,
-    cancel_keeps_or_requeues_and_yields_nothing_more,
     refusals_leave_the_channel_usable,
     exclusive_queues_belong_to_the_connection,
 );

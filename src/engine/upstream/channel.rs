@@ -211,7 +211,7 @@ impl Inner {
         }
         self.tags.clear();
         for ch in channels {
-            let _ = ch.close(200, "OK".into()).await;
+            consumer::requeue_and_close(&ch).await;
         }
         // Its task settles what is in flight, then closes its AMQP channel.
         drop(self.publisher.lock().take());
@@ -264,6 +264,12 @@ impl Inner {
             .await
         {
             Ok(Some(m)) => {
+                if self.closed.load(Ordering::Acquire) {
+                    // close() already took the getter: closing it requeues this one.
+                    *getter = None;
+                    consumer::requeue_and_close(&ch).await;
+                    return Err(EngineError::ChannelClosed);
+                }
                 let tag = self.tags.track(&ch, m.delivery.delivery_tag);
                 Ok(Some(self.delivery(m.delivery, tag, m.message_count.into())))
             }
@@ -406,6 +412,12 @@ impl Channel for UpstreamChannel {
         let declared_name = q.name().as_str().to_owned();
         if spec.exclusive {
             this.shared.owners.claim(&declared_name, this.owner.id());
+            if this.closed.load(Ordering::Acquire) {
+                // Its owner's channel closed meanwhile: nobody would ever delete it.
+                this.shared.owners.forget(&declared_name);
+                this.delete_owned(vec![declared_name]).await;
+                return Err(EngineError::ChannelClosed);
+            }
         }
         Ok(QueueDeclared {
             name: declared_name,
@@ -481,10 +493,19 @@ impl Channel for UpstreamChannel {
             .queue(name)
             .await?
             .ok_or_else(|| EngineError::queue_not_found(name))?;
-        // The API's figures are sampled; a passive declare's are exact.
-        if let Ok((messages, consumers)) = this.queue_counts(name).await {
-            info.messages = messages;
-            info.consumers = consumers;
+        // A passive declare's counts are exact where the API's are sampled, but RabbitMQ takes
+        // it as use: an inspection must not renew an `x-expires` lease.
+        if !info.spec.arguments.contains_key("x-expires") {
+            match this.queue_counts(name).await {
+                Ok((messages, consumers)) => {
+                    info.messages = messages;
+                    info.consumers = consumers;
+                }
+                Err(EngineError::NotFound { .. }) => {
+                    return Err(EngineError::queue_not_found(name));
+                }
+                Err(_) => {}
+            }
         }
         // Exclusive to a client here, a shared queue to the broker.
         info.spec.exclusive |= this.shared.owners.is_owned(name);
@@ -598,6 +619,14 @@ impl Channel for UpstreamChannel {
                 });
             }
             names::validate_key(routing_key)?;
+            if let Some(ttl) = &message.properties.expiration
+                && ttl.parse::<u32>().is_err()
+            {
+                // RabbitMQ would close the publish channel over it.
+                return Err(EngineError::InvalidArgument(format!(
+                    "expiration '{ttl}' is not a number of milliseconds"
+                )));
+            }
             let exchange = names::canonical_exchange(exchange);
             Ok(Request::new(
                 short("exchange", exchange)?,
@@ -633,6 +662,11 @@ impl Channel for UpstreamChannel {
             )));
         }
         let prefetch = match options.ack {
+            AckMode::Manual { prefetch: 0 } => {
+                return Err(EngineError::InvalidArgument(
+                    "prefetch must be 1..=65535".into(),
+                ));
+            }
             AckMode::Manual { prefetch } => prefetch,
             AckMode::Auto => AUTO_ACK_WINDOW,
         };
@@ -677,6 +711,12 @@ impl Channel for UpstreamChannel {
                 state: state.clone(),
             },
         );
+        if this.closed.load(Ordering::Acquire) {
+            // Closed while the consume was under way: close() did not see this one.
+            this.consumers.lock().remove(tag.as_str());
+            consumer::requeue_and_close(&ch).await;
+            return Err(EngineError::ChannelClosed);
+        }
         let tag: Arc<str> = tag.into();
         let stream = UpstreamConsumer {
             inner,
@@ -700,7 +740,7 @@ impl Channel for UpstreamChannel {
         match on_cancel {
             OnCancel::Requeue => {
                 this.tags.forget_channel(&held.channel);
-                let _ = held.channel.close(200, "OK".into()).await;
+                consumer::requeue_and_close(&held.channel).await;
             }
             OnCancel::KeepUnacked => {
                 let _ = held

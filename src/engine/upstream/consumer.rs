@@ -203,12 +203,24 @@ impl Drop for UpstreamConsumer {
     }
 }
 
-/// Closes an AMQP channel from sync code (drops); RabbitMQ requeues what it held.
+/// Closes an AMQP channel from sync code (drops); what it held goes back to its queues.
 pub(super) fn close_later(channel: lapin::Channel) {
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
-        rt.spawn(async move {
-            let _ = channel.close(200, "OK".into()).await;
-        });
+        rt.spawn(async move { requeue_and_close(&channel).await });
+    }
+}
+
+/// Requeues everything the channel holds, then closes it. RabbitMQ requeues on close too,
+/// but only once the queue learns of the channel's end, after the close-ok: an explicit nack
+/// reaches the queue first, so whoever asks after `close` returns finds the messages back.
+pub(super) async fn requeue_and_close(channel: &lapin::Channel) {
+    if channel.status().connected() {
+        let all = BasicNackOptions {
+            multiple: true,
+            requeue: true,
+        };
+        let _ = channel.basic_nack(0, all).await;
+        let _ = channel.close(200, "OK".into()).await;
     }
 }
 

@@ -155,7 +155,9 @@ pub(super) fn engine_error(e: &lapin::Error, about: About<'_>) -> EngineError {
             About::Consume(q) if text.contains("exclusive") => EngineError::InUse(q.to_owned()),
             _ => EngineError::AccessRefused(text),
         },
-        406 if text.contains("invalid arg") || text.contains("unknown exchange type") => {
+        406 if text.to_lowercase().contains("invalid")
+            || text.contains("unknown exchange type") =>
+        {
             EngineError::InvalidArgument(text)
         }
         406 => EngineError::PreconditionFailed(text),

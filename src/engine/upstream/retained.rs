@@ -168,6 +168,8 @@ impl StreamRetained {
             .and_then(|v| v.as_str().map(Into::into))
             .unwrap_or_else(|| "".into());
         let seq = h.remove(SEQ).and_then(|v| v.as_i128()).unwrap_or(0) as u64;
+        // Added by the stream on delivery, not part of the message.
+        h.remove("x-stream-offset");
         let Some(key) = key else { return };
         if key.is_empty() {
             if origin == self.origin {
