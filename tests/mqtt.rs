@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::under::{self, gateway};
 use common::{TestGateway, WAIT, admin, start_gateway, token, unique};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -366,7 +367,7 @@ impl Client {
 // ---------- cases (each run for 3.1.1 and 5) ----------
 
 async fn publish_and_subscribe_qos0_and_qos1(v: Version) {
-    let gw = start_gateway(|_| {}).await;
+    let gw = gateway(|_| {}).await;
     let t = token(
         "dev1",
         "gateway.read:amq.topic/sensors.# gateway.write:amq.topic/sensors.#",
@@ -395,7 +396,7 @@ async fn publish_and_subscribe_qos0_and_qos1(v: Version) {
 }
 
 async fn a_bad_or_missing_token_is_refused(v: Version) {
-    let gw = start_gateway(|_| {}).await;
+    let gw = gateway(|_| {}).await;
     let mut bad = connect(&gw, v, &unique("bad"), Some("not-a-token"), true).await;
     assert_eq!(bad.next().await, Ev::Refused("bad_credentials"));
     let mut none = connect(&gw, v, &unique("none"), None, true).await;
@@ -405,7 +406,7 @@ async fn a_bad_or_missing_token_is_refused(v: Version) {
 }
 
 async fn subscriptions_and_publishes_are_checked_against_scopes(v: Version) {
-    let gw = start_gateway(|_| {}).await;
+    let gw = gateway(|_| {}).await;
     let t = token(
         "dev2",
         "gateway.read:amq.topic/news.# gateway.write:amq.topic/news.#",
@@ -442,7 +443,7 @@ async fn subscriptions_and_publishes_are_checked_against_scopes(v: Version) {
 }
 
 async fn mqtt_and_rest_meet_on_amq_topic(v: Version) {
-    let gw = start_gateway(|_| {}).await;
+    let gw = gateway(|_| {}).await;
     // MQTT → REST: topic a/b.c maps to routing key a.b/c.
     let q = gw.queue("from-mqtt").await;
     gw.bind(&q, "amq.topic", "plant.#").await;
@@ -477,7 +478,7 @@ async fn mqtt_and_rest_meet_on_amq_topic(v: Version) {
 }
 
 async fn persistent_sessions_keep_messages_for_their_return(v: Version) {
-    let gw = start_gateway(|_| {}).await;
+    let gw = gateway(|_| {}).await;
     let t = token(
         "dev4",
         "gateway.read:amq.topic/inbox.# gateway.write:amq.topic/inbox.#",
@@ -507,7 +508,20 @@ async fn persistent_sessions_keep_messages_for_their_return(v: Version) {
 /// it are on disk; a restarted gateway resumes it.
 async fn persistent_sessions_survive_a_restart(v: Version) {
     let dir = tempfile::tempdir().unwrap().keep();
-    let on = |dir: std::path::PathBuf| start_gateway(move |c| c.engine.data_dir = dir);
+    // Upstream, the session lives in RabbitMQ: a restart on the same vhost finds it.
+    let vhost = match under::upstream() {
+        true => Some(common::rabbit::Vhost::create().await),
+        false => None,
+    };
+    let on = |dir: std::path::PathBuf| {
+        let vhost = vhost.as_ref();
+        start_gateway(move |c| {
+            c.engine.data_dir = dir;
+            if let Some(vhost) = vhost {
+                under::on_vhost(c, vhost);
+            }
+        })
+    };
     let t = token(
         "dev9",
         "gateway.read:amq.topic/depot.# gateway.write:amq.topic/depot.#",
@@ -546,7 +560,7 @@ async fn persistent_sessions_survive_a_restart(v: Version) {
 }
 
 async fn a_second_connection_takes_the_client_id_over(v: Version) {
-    let gw = start_gateway(|_| {}).await;
+    let gw = gateway(|_| {}).await;
     let t = token("dev5", "gateway.read:amq.topic/t.#");
     let id = unique("twin");
     let (mut first, _) = Client::connected(&gw, v, &id, &t, true).await;
@@ -577,7 +591,7 @@ async fn a_second_connection_takes_the_client_id_over(v: Version) {
 /// Each case runs for {TCP, WebSocket} × {3.1.1, 5} (nextest gives every test its own
 /// process, so the transport is set once per process).
 async fn retained_messages_greet_new_subscribers(v: Version) {
-    let gw = start_gateway(|_| {}).await;
+    let gw = gateway(|_| {}).await;
     let t = token(
         "dev7",
         "gateway.read:amq.topic/home.# gateway.write:amq.topic/home.#",
@@ -632,14 +646,44 @@ async fn retained_messages_greet_new_subscribers(v: Version) {
     );
 }
 
+/// Upstream serves QoS 1 (DESIGN.md §3): QoS 2 subscriptions are granted 1; a v5 QoS 2
+/// PUBLISH, beyond the CONNACK's Maximum QoS 1, gets DISCONNECT 0x9B; a 3.1.1 one completes
+/// its handshake and is delivered at least once.
+async fn qos2_served_as_qos1_upstream(gw: &TestGateway, v: Version, mut sub: Client, t: &str) {
+    assert_eq!(
+        sub.subscribe("q2/#", 2).await,
+        Ok(1),
+        "upstream grants QoS 1"
+    );
+    let (mut publisher, _) = Client::connected(gw, v, &unique("p2"), t, true).await;
+    publisher.publish("q2/a", 2, "at least once").await;
+    match v {
+        Version::V5 => {
+            assert_eq!(
+                publisher.next().await,
+                Ev::Disconnect("QoSNotSupported".into())
+            );
+            let nothing = tokio::time::timeout(Duration::from_millis(300), sub.events.recv()).await;
+            assert!(nothing.is_err(), "refused, not delivered: {nothing:?}");
+        }
+        Version::V4 => assert_eq!(
+            sub.message().await,
+            ("q2/a".to_owned(), 1, "at least once".to_owned())
+        ),
+    }
+}
+
 async fn qos2_end_to_end(v: Version) {
-    let gw = start_gateway(|_| {}).await;
+    let gw = gateway(|_| {}).await;
     let t = token(
         "dev8",
         "gateway.read:amq.topic/q2.# gateway.write:amq.topic/q2.#",
     );
     let sub_id = unique("s2");
     let (mut sub, _) = Client::connected(&gw, v, &sub_id, &t, true).await;
+    if under::upstream() {
+        return qos2_served_as_qos1_upstream(&gw, v, sub, &t).await;
+    }
     assert_eq!(
         sub.subscribe("q2/#", 2).await,
         Ok(2),
@@ -675,7 +719,7 @@ async fn qos2_end_to_end(v: Version) {
 }
 
 async fn shared_subscriptions_compete(v: Version) {
-    let gw = start_gateway(|_| {}).await;
+    let gw = gateway(|_| {}).await;
     let t = token(
         "dev9",
         "gateway.read:amq.topic/jobs.# gateway.write:amq.topic/jobs.#",
@@ -733,7 +777,7 @@ async fn shared_subscriptions_compete(v: Version) {
 }
 
 async fn resumed_subscriptions_are_rechecked(v: Version) {
-    let gw = start_gateway(|_| {}).await;
+    let gw = gateway(|_| {}).await;
     let id = unique("recheck");
     let wide = token(
         "dev10",
@@ -770,28 +814,21 @@ async fn resumed_subscriptions_are_rechecked(v: Version) {
 
 macro_rules! matrix {
     ($($case:ident),* $(,)?) => {
-        mod v3_1_1_tcp {
+        matrix!(@mods v3_1_1_tcp, Tcp, V4, Embedded; $($case),*);
+        matrix!(@mods v5_tcp, Tcp, V5, Embedded; $($case),*);
+        matrix!(@mods v3_1_1_ws, Ws, V4, Embedded; $($case),*);
+        matrix!(@mods v5_ws, Ws, V5, Embedded; $($case),*);
+        matrix!(@mods upstream_v3_1_1_tcp, Tcp, V4, Upstream; $($case),*);
+        matrix!(@mods upstream_v5_tcp, Tcp, V5, Upstream; $($case),*);
+        matrix!(@mods upstream_v3_1_1_ws, Ws, V4, Upstream; $($case),*);
+        matrix!(@mods upstream_v5_ws, Ws, V5, Upstream; $($case),*);
+    };
+    (@mods $m:ident, $t:ident, $v:ident, $e:ident; $($case:ident),*) => {
+        mod $m {
             $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() {
-                let _ = super::TRANSPORT.set(super::Transport::Tcp);
-                super::$case(super::Version::V4).await
-            } )*
-        }
-        mod v5_tcp {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() {
-                let _ = super::TRANSPORT.set(super::Transport::Tcp);
-                super::$case(super::Version::V5).await
-            } )*
-        }
-        mod v3_1_1_ws {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() {
-                let _ = super::TRANSPORT.set(super::Transport::Ws);
-                super::$case(super::Version::V4).await
-            } )*
-        }
-        mod v5_ws {
-            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() {
-                let _ = super::TRANSPORT.set(super::Transport::Ws);
-                super::$case(super::Version::V5).await
+                let _ = super::TRANSPORT.set(super::Transport::$t);
+                let _ = super::under::ENGINE.set(super::under::Engine::$e);
+                super::$case(super::Version::$v).await
             } )*
         }
     };

