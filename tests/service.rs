@@ -93,14 +93,67 @@ async fn an_address_in_use_is_a_clear_start_error() {
 }
 
 #[tokio::test]
-async fn upstream_engine_is_refused_until_it_exists() {
+async fn an_unreachable_upstream_stops_start_up_saying_where() {
     let mut c = test_config();
     c.engine.kind = amqp_gateway::config::EngineKindConfig::Upstream;
-    c.engine.upstream.url = Some("amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    assert!(matches!(
-        amqp_gateway::start(c).await,
-        Err(StartError::Unsupported(_))
-    ));
+    // Nothing listens on port 1.
+    c.engine.upstream.url = Some("amqp://guest:guest@127.0.0.1:1/%2f".into());
+    let err = amqp_gateway::start(c).await.err().expect("refused");
+    assert!(
+        matches!(
+            err,
+            StartError::Engine(amqp_gateway::engine::EngineError::Unavailable(_))
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
+}
+
+/// Upstream on the machine's RabbitMQ: ready, and its two connections carry the instance's
+/// name in RabbitMQ's management UI.
+#[tokio::test]
+async fn an_upstream_gateway_is_ready_and_named_in_rabbitmq() {
+    let vhost = common::rabbit::Vhost::create().await;
+    let gw = common::start_gateway(|c| common::under::on_vhost(c, &vhost)).await;
+    let ready = gw.get("/readyz", "").send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let names = || async {
+        let conns: serde_json::Value = reqwest::Client::new()
+            .get(format!(
+                "{}/api/vhosts/{}/connections",
+                common::rabbit::management_base(),
+                vhost.name
+            ))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut names: Vec<String> = conns
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c["client_properties"]["connection_name"].as_str())
+            .map(str::to_owned)
+            .collect();
+        names.sort();
+        names
+    };
+    // The management API lists connections a moment after they open.
+    common::eventually("both connections listed", || async {
+        names().await.len() == 2
+    })
+    .await;
+    let names = names().await;
+    let pid = std::process::id().to_string();
+    assert!(
+        names[0].starts_with("amqp-gateway ") && names[0].ends_with(&format!(":{pid} consume")),
+        "{names:?}"
+    );
+    assert!(names[1].ends_with(&format!(":{pid} publish")), "{names:?}");
+    gw.gateway.shutdown().await;
 }
 
 /// The binary logs one line per listener with its bound address, serves, and exits 0 on

@@ -13,6 +13,7 @@
 
 mod channel;
 mod consumer;
+mod control;
 mod convert;
 mod management;
 mod owners;
@@ -30,7 +31,6 @@ use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties};
 use tokio::sync::watch;
 
-use crate::engine::sessions::local::LocalSessions;
 use crate::engine::{
     Capabilities, Channel, Engine, EngineError, EngineKind, Health, Owner, sessions,
 };
@@ -88,7 +88,7 @@ pub(super) struct Shared {
 
 pub struct UpstreamEngine {
     shared: Arc<Shared>,
-    sessions: Arc<LocalSessions>,
+    sessions: Arc<control::ControlSessions>,
     retained: Arc<dyn crate::engine::retained::RetainedStore>,
     blocked: watch::Receiver<bool>,
 }
@@ -130,11 +130,12 @@ impl UpstreamEngine {
             Duration::from_secs(10),
         )
         .await?;
+        let sessions = control::ControlSessions::start(&shared, &options.instance).await?;
         tracing::info!(vhost = %vhost, instance = %options.instance, "connected to the upstream broker");
         Ok(UpstreamEngine {
             retained,
             shared,
-            sessions: Arc::default(),
+            sessions,
             blocked,
         })
     }
