@@ -252,3 +252,148 @@ async fn rest_mqtt_and_websocket_publishes_reach_a_pika_consumer_intact() {
     assert_eq!(got[2]["message_id"], "ws-1");
     gw.gateway.shutdown().await;
 }
+
+/// An MQTT 5 client's events, as the two-instance test needs them.
+#[derive(Debug, PartialEq)]
+enum V5Ev {
+    ConnAck {
+        present: bool,
+    },
+    SubAck,
+    Publish {
+        topic: String,
+        payload: String,
+        retain: bool,
+    },
+    Disconnect(String),
+    Closed(String),
+}
+
+async fn v5_client(
+    gw: &TestGateway,
+    id: &str,
+    clean: bool,
+) -> (
+    rumqttc::v5::AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<V5Ev>,
+) {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    let port = gw.gateway.addrs().mqtt.port();
+    let mut o = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", port);
+    o.set_credentials(
+        "fleet",
+        token(
+            "fleet",
+            "gateway.read:amq.topic/fleet.# gateway.write:amq.topic/fleet.#",
+        ),
+    );
+    o.set_clean_start(clean);
+    if !clean {
+        o.set_session_expiry_interval(Some(600));
+    }
+    let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(o, 100);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let ev = match eventloop.poll().await {
+                Ok(rumqttc::v5::Event::Incoming(Packet::ConnAck(c))) => V5Ev::ConnAck {
+                    present: c.session_present,
+                },
+                Ok(rumqttc::v5::Event::Incoming(Packet::SubAck(_))) => V5Ev::SubAck,
+                Ok(rumqttc::v5::Event::Incoming(Packet::Publish(p))) => V5Ev::Publish {
+                    topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                    payload: String::from_utf8_lossy(&p.payload).into_owned(),
+                    retain: p.retain,
+                },
+                Ok(rumqttc::v5::Event::Incoming(Packet::Disconnect(d))) => {
+                    V5Ev::Disconnect(format!("{:?}", d.reason_code))
+                }
+                Ok(_) => continue,
+                Err(e) => {
+                    let _ = tx.send(V5Ev::Closed(e.to_string()));
+                    break;
+                }
+            };
+            if tx.send(ev).is_err() {
+                break;
+            }
+        }
+    });
+    (client, rx)
+}
+
+async fn v5_next(rx: &mut tokio::sync::mpsc::UnboundedReceiver<V5Ev>) -> V5Ev {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("an MQTT event")
+        .expect("the client is running")
+}
+
+/// Two gateway instances on one vhost (the scale-out story, DESIGN.md §1): a device moving
+/// from one to the other takes its session over (the old connection is told 0x8E, the new one
+/// finds its session and its queued message), and a retained message set through one greets
+/// subscribers of the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_sessions_and_retained_messages() {
+    let vhost = Vhost::create().await;
+    let a = upstream_gateway(&vhost).await;
+    let b = upstream_gateway(&vhost).await;
+    let id = unique("car");
+
+    let (car_a, mut on_a) = v5_client(&a, &id, false).await;
+    assert_eq!(v5_next(&mut on_a).await, V5Ev::ConnAck { present: false });
+    car_a
+        .subscribe("fleet/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    assert_eq!(v5_next(&mut on_a).await, V5Ev::SubAck);
+
+    let (car_b, mut on_b) = v5_client(&b, &id, false).await;
+    // rumqttc reports the server's DISCONNECT as the end of its event loop.
+    let told = v5_next(&mut on_a).await;
+    assert!(
+        matches!(&told, V5Ev::Closed(why) if why.contains("SessionTakenOver")),
+        "the instance holding the session lets go with 0x8E: {told:?}"
+    );
+    assert_eq!(v5_next(&mut on_b).await, V5Ev::ConnAck { present: true });
+
+    let (pub_a, mut pub_events) = v5_client(&a, &unique("depot"), true).await;
+    assert_eq!(
+        v5_next(&mut pub_events).await,
+        V5Ev::ConnAck { present: false }
+    );
+    let qos1 = rumqttc::v5::mqttbytes::QoS::AtLeastOnce;
+    pub_a
+        .publish("fleet/status", qos1, true, "all parked")
+        .await
+        .unwrap();
+    assert_eq!(
+        v5_next(&mut on_b).await,
+        V5Ev::Publish {
+            topic: "fleet/status".into(),
+            payload: "all parked".into(),
+            retain: false
+        },
+        "the session, now on the other instance, receives"
+    );
+
+    let (late_b, mut late) = v5_client(&b, &unique("late"), true).await;
+    assert_eq!(v5_next(&mut late).await, V5Ev::ConnAck { present: false });
+    late_b.subscribe("fleet/#", qos1).await.unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        seen.push(v5_next(&mut late).await);
+    }
+    assert!(seen.contains(&V5Ev::SubAck), "{seen:?}");
+    assert!(
+        seen.contains(&V5Ev::Publish {
+            topic: "fleet/status".into(),
+            payload: "all parked".into(),
+            retain: true
+        }),
+        "retained through the other instance: {seen:?}"
+    );
+    drop((car_b, late_b));
+    a.gateway.shutdown().await;
+    b.gateway.shutdown().await;
+}

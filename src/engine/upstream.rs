@@ -123,14 +123,16 @@ impl UpstreamEngine {
             shut: AtomicBool::new(false),
             channels: parking_lot::Mutex::default(),
         });
+        // Unique even for two engines in one process (tests): announcements skip their origin.
+        let origin = crate::engine::names::generate(&format!("{}/", options.instance));
         let retained = retained::StreamRetained::start(
             &shared,
-            &options.instance,
+            &origin,
             options.retained_bytes,
             Duration::from_secs(10),
         )
         .await?;
-        let sessions = control::ControlSessions::start(&shared, &options.instance).await?;
+        let sessions = control::ControlSessions::start(&shared, &origin).await?;
         tracing::info!(vhost = %vhost, instance = %options.instance, "connected to the upstream broker");
         Ok(UpstreamEngine {
             retained,
