@@ -397,3 +397,49 @@ async fn two_instances_share_sessions_and_retained_messages() {
     a.gateway.shutdown().await;
     b.gateway.shutdown().await;
 }
+
+/// A kombu consumer (Celery's messaging library) reads a queue the REST API declared, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kombu_consumer_reads_a_queue_rest_declared() {
+    let vhost = Vhost::create().await;
+    let gw = upstream_gateway(&vhost).await;
+    let queue = gw.queue("kombu-jobs").await;
+    for n in 0..3 {
+        let r = gw
+            .post(
+                &format!("/v1/exchanges/amq.default/messages?routing_key={queue}"),
+                &admin(),
+            )
+            .header("content-type", "text/plain")
+            .body(format!("job-{n}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/interop/kombu_consumer.py"
+    );
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        Command::new("python3")
+            .args([script, &vhost.amqp_url(), &queue, "3"])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("kombu within 30 s")
+    .expect("python3 runs (bash .ci/run installs kombu)");
+    assert!(
+        out.status.success(),
+        "kombu failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "job-0\njob-1\njob-2\n"
+    );
+    assert_eq!(gw.depth(&queue).await, 0, "acked, gone");
+    gw.gateway.shutdown().await;
+}
