@@ -35,6 +35,8 @@ const EXCLUSIVE_EXPIRES_MS: i64 = 60_000;
 
 struct Held {
     channel: lapin::Channel,
+    /// Auto-ack: its acker may have an ack in flight, so no requeue-all before the close.
+    auto: bool,
     inner: lapin::Consumer,
     state: Arc<State>,
 }
@@ -46,6 +48,7 @@ pub(super) struct Inner {
     publisher: Mutex<Option<Publisher>>,
     tags: Arc<Tags>,
     consumers: Mutex<HashMap<String, Held>>,
+    settling: consumer::Settling,
     /// AMQP channels of consumers cancelled with `KeepUnacked`, closed with the channel.
     kept: Mutex<Vec<lapin::Channel>>,
     getter: tokio::sync::Mutex<Option<lapin::Channel>>,
@@ -82,6 +85,7 @@ impl UpstreamChannel {
                 publisher: Mutex::new(Some(publisher)),
                 tags: Arc::default(),
                 consumers: Mutex::default(),
+                settling: consumer::Settling::default(),
                 kept: Mutex::default(),
                 getter: tokio::sync::Mutex::default(),
                 closed: AtomicBool::new(false),
@@ -197,21 +201,23 @@ impl Inner {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
+        // Acks under way finish first; later ones see the channel closed.
+        let _settled = self.settling.write().await;
         let held: Vec<Held> = self.consumers.lock().drain().map(|(_, h)| h).collect();
-        let mut channels: Vec<lapin::Channel> = held
+        let mut channels: Vec<(lapin::Channel, bool)> = held
             .into_iter()
             .map(|h| {
                 h.state.cancelled.store(true, Ordering::Release);
-                h.channel
+                (h.channel, !h.auto)
             })
             .collect();
-        channels.append(&mut self.kept.lock());
+        channels.extend(self.kept.lock().drain(..).map(|ch| (ch, true)));
         if let Some(getter) = self.getter.lock().await.take() {
-            channels.push(getter);
+            channels.push((getter, true));
         }
         self.tags.clear();
-        for ch in channels {
-            consumer::requeue_and_close(&ch).await;
+        for (ch, requeue) in channels {
+            consumer::requeue_and_close(&ch, requeue).await;
         }
         // Its task settles what is in flight, then closes its AMQP channel.
         drop(self.publisher.lock().take());
@@ -267,7 +273,7 @@ impl Inner {
                 if self.closed.load(Ordering::Acquire) {
                     // close() already took the getter: closing it requeues this one.
                     *getter = None;
-                    consumer::requeue_and_close(&ch).await;
+                    consumer::requeue_and_close(&ch, true).await;
                     return Err(EngineError::ChannelClosed);
                 }
                 let tag = self.tags.track(&ch, m.delivery.delivery_tag);
@@ -696,7 +702,7 @@ impl Channel for UpstreamChannel {
         let inner = match started.await {
             Ok(c) => c,
             Err(e) => {
-                consumer::close_later(ch);
+                consumer::close_later(ch, None, true);
                 return Err(convert::engine_error(&e, About::Consume(queue)));
             }
         };
@@ -707,6 +713,7 @@ impl Channel for UpstreamChannel {
             tag.clone(),
             Held {
                 channel: ch.clone(),
+                auto: taken.is_some(),
                 inner: inner.clone(),
                 state: state.clone(),
             },
@@ -714,7 +721,7 @@ impl Channel for UpstreamChannel {
         if this.closed.load(Ordering::Acquire) {
             // Closed while the consume was under way: close() did not see this one.
             this.consumers.lock().remove(tag.as_str());
-            consumer::requeue_and_close(&ch).await;
+            consumer::requeue_and_close(&ch, true).await;
             return Err(EngineError::ChannelClosed);
         }
         let tag: Arc<str> = tag.into();
@@ -724,6 +731,7 @@ impl Channel for UpstreamChannel {
             tags: this.tags.clone(),
             tag: tag.clone(),
             state,
+            settling: this.settling.clone(),
             taken,
             done: false,
         };
@@ -739,8 +747,9 @@ impl Channel for UpstreamChannel {
         held.state.cancelled.store(true, Ordering::Release);
         match on_cancel {
             OnCancel::Requeue => {
+                let _settled = this.settling.write().await;
                 this.tags.forget_channel(&held.channel);
-                consumer::requeue_and_close(&held.channel).await;
+                consumer::requeue_and_close(&held.channel, !held.auto).await;
             }
             OnCancel::KeepUnacked => {
                 let _ = held
@@ -788,6 +797,7 @@ impl Channel for UpstreamChannel {
 
     async fn ack(&self, delivery_tag: u64, multiple: bool) -> Result<(), EngineError> {
         let this = &self.inner;
+        let _settling = this.settling.read().await;
         this.check_open()?;
         let batches = this.tags.take(delivery_tag, multiple)?;
         consumer::settle(batches, true, false).await
@@ -800,6 +810,7 @@ impl Channel for UpstreamChannel {
         requeue: bool,
     ) -> Result<(), EngineError> {
         let this = &self.inner;
+        let _settling = this.settling.read().await;
         this.check_open()?;
         let batches = this.tags.take(delivery_tag, multiple)?;
         consumer::settle(batches, false, requeue).await

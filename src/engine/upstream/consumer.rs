@@ -104,6 +104,7 @@ pub(super) struct UpstreamConsumer {
     pub tags: Arc<Tags>,
     pub tag: Arc<str>,
     pub state: Arc<State>,
+    pub settling: Settling,
     /// Auto-ack: the highest AMQP tag handed over, acked (multiple) by a small task.
     pub taken: Option<watch::Sender<u64>>,
     pub done: bool,
@@ -199,29 +200,45 @@ impl Drop for UpstreamConsumer {
         }
         // Dropped by its adapter: a cancel that requeues, i.e. closing its AMQP channel.
         self.tags.forget_channel(&self.channel);
-        close_later(self.channel.clone());
+        let auto = self.taken.is_some();
+        close_later(self.channel.clone(), Some(self.settling.clone()), !auto);
     }
 }
+
+/// Acks and nacks of one engine channel (read) against the closes of its AMQP channels
+/// (write): an ack still on its way when a close has nacked everything names a tag the broker
+/// no longer knows, and RabbitMQ answers that by closing the channel mid-close.
+pub(super) type Settling = Arc<tokio::sync::RwLock<()>>;
 
 /// Closes an AMQP channel from sync code (drops); what it held goes back to its queues.
-pub(super) fn close_later(channel: lapin::Channel) {
+pub(super) fn close_later(channel: lapin::Channel, settling: Option<Settling>, requeue: bool) {
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
-        rt.spawn(async move { requeue_and_close(&channel).await });
+        rt.spawn(async move {
+            let _settled = match &settling {
+                Some(s) => Some(s.write().await),
+                None => None,
+            };
+            requeue_and_close(&channel, requeue).await
+        });
     }
 }
 
-/// Requeues everything the channel holds, then closes it. RabbitMQ requeues on close too,
-/// but only once the queue learns of the channel's end, after the close-ok: an explicit nack
-/// reaches the queue first, so whoever asks after `close` returns finds the messages back.
-pub(super) async fn requeue_and_close(channel: &lapin::Channel) {
-    if channel.status().connected() {
+/// Closes the channel, requeueing everything it holds first when `requeue`. RabbitMQ requeues
+/// on close too, but only once the queue learns of the channel's end, after the close-ok: an
+/// explicit nack reaches the queue first, so whoever asks after `close` returns finds the
+/// messages back. Not for auto-ack consumers, whose acker may have an ack in flight.
+pub(super) async fn requeue_and_close(channel: &lapin::Channel, requeue: bool) {
+    if !channel.status().connected() {
+        return;
+    }
+    if requeue {
         let all = BasicNackOptions {
             multiple: true,
             requeue: true,
         };
         let _ = channel.basic_nack(0, all).await;
-        let _ = channel.close(200, "OK".into()).await;
     }
+    let _ = channel.close(200, "OK".into()).await;
 }
 
 /// Settles tags taken from [`Tags::take`].
