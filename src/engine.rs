@@ -145,10 +145,13 @@ pub struct ExchangeInfo {
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueInfo {
     pub name: String,
-    pub spec: QueueSpec,
+    /// `None` when the engine cannot tell: an upstream broker without its management API
+    /// (AMQP's passive declare gives counts only).
+    pub spec: Option<QueueSpec>,
     /// Ready messages (not counting unacknowledged ones).
     pub messages: u64,
-    pub messages_unacknowledged: u64,
+    /// `None` when the engine cannot tell (as for `spec`).
+    pub messages_unacknowledged: Option<u64>,
     pub consumers: u32,
 }
 

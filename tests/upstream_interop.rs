@@ -443,3 +443,36 @@ async fn a_kombu_consumer_reads_a_queue_rest_declared() {
     assert_eq!(gw.depth(&queue).await, 0, "acked, gone");
     gw.gateway.shutdown().await;
 }
+
+/// Without `engine.upstream.management_url` (DESIGN.md §5): listings answer 501, a queue's GET
+/// gives only what a passive declare knows (messages and consumers), and everything else works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_management_api_listings_are_501_and_a_queue_shows_its_counts() {
+    let vhost = Vhost::create().await;
+    let gw = start_gateway(|c| {
+        c.engine.kind = EngineKindConfig::Upstream;
+        c.engine.upstream.url = Some(vhost.amqp_url());
+    })
+    .await;
+    let list = gw.get("/v1/queues", &admin()).send().await.unwrap();
+    common::problem(list, 501, "not_supported").await;
+    let queue = gw.queue("bare").await;
+    let r = gw
+        .post(
+            &format!("/v1/exchanges/amq.default/messages?routing_key={queue}"),
+            &admin(),
+        )
+        .body("counted")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let view = common::json_of(gw.get(&format!("/v1/queues/{queue}"), &admin())).await;
+    assert_eq!(
+        view,
+        json!({"name": queue, "messages": 1, "consumers": 0}),
+        "flags and unacked counts would be guesses: absent"
+    );
+    assert_eq!(gw.take(&queue, 1).await[0]["body"], "counted");
+    gw.gateway.shutdown().await;
+}

@@ -743,9 +743,9 @@ fn info(q: &Queue) -> QueueInfo {
     let (messages, unacked, consumers) = q.counts();
     QueueInfo {
         name: q.name.to_string(),
-        spec: q.spec(),
+        spec: Some(q.spec()),
         messages,
-        messages_unacknowledged: unacked,
+        messages_unacknowledged: Some(unacked),
         consumers,
     }
 }

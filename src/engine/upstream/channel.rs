@@ -489,9 +489,9 @@ impl Channel for UpstreamChannel {
             let (messages, consumers) = this.queue_counts(name).await?;
             return Ok(QueueInfo {
                 name: name.to_owned(),
-                spec: QueueSpec::default(),
+                spec: None,
                 messages,
-                messages_unacknowledged: 0,
+                messages_unacknowledged: None,
                 consumers,
             });
         };
@@ -501,7 +501,11 @@ impl Channel for UpstreamChannel {
             .ok_or_else(|| EngineError::queue_not_found(name))?;
         // A passive declare's counts are exact where the API's are sampled, but RabbitMQ takes
         // it as use: an inspection must not renew an `x-expires` lease.
-        if !info.spec.arguments.contains_key("x-expires") {
+        let expiring = info
+            .spec
+            .as_ref()
+            .is_some_and(|s| s.arguments.contains_key("x-expires"));
+        if !expiring {
             match this.queue_counts(name).await {
                 Ok((messages, consumers)) => {
                     info.messages = messages;
@@ -514,7 +518,9 @@ impl Channel for UpstreamChannel {
             }
         }
         // Exclusive to a client here, a shared queue to the broker.
-        info.spec.exclusive |= this.shared.owners.is_owned(name);
+        if let Some(spec) = &mut info.spec {
+            spec.exclusive |= this.shared.owners.is_owned(name);
+        }
         Ok(info)
     }
 

@@ -202,15 +202,15 @@ impl Management {
 impl From<QueueJson> for QueueInfo {
     fn from(q: QueueJson) -> Self {
         QueueInfo {
-            spec: QueueSpec {
+            spec: Some(QueueSpec {
                 durable: q.durable,
                 exclusive: q.exclusive,
                 auto_delete: q.auto_delete,
                 arguments: arguments(&q.arguments),
-            },
+            }),
             name: q.name,
             messages: q.messages_ready,
-            messages_unacknowledged: q.messages_unacknowledged,
+            messages_unacknowledged: Some(q.messages_unacknowledged),
             consumers: q.consumers,
         }
     }

@@ -325,14 +325,21 @@ pub struct QueueDeclare {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct QueueView {
     pub name: String,
-    pub durable: bool,
-    pub exclusive: bool,
-    pub auto_delete: bool,
-    #[schema(value_type = Object)]
-    pub arguments: serde_json::Map<String, Value>,
+    /// Flags and arguments are absent when the engine cannot tell (upstream without
+    /// `engine.upstream.management_url`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub durable: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exclusive: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto_delete: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub arguments: Option<serde_json::Map<String, Value>>,
     /// Ready messages.
     pub messages: u64,
-    pub messages_unacknowledged: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub messages_unacknowledged: Option<u64>,
     pub consumers: u32,
 }
 
@@ -340,10 +347,10 @@ impl From<QueueInfo> for QueueView {
     fn from(q: QueueInfo) -> Self {
         QueueView {
             name: q.name,
-            durable: q.spec.durable,
-            exclusive: q.spec.exclusive,
-            auto_delete: q.spec.auto_delete,
-            arguments: arguments_out(&q.spec.arguments),
+            durable: q.spec.as_ref().map(|s| s.durable),
+            exclusive: q.spec.as_ref().map(|s| s.exclusive),
+            auto_delete: q.spec.as_ref().map(|s| s.auto_delete),
+            arguments: q.spec.as_ref().map(|s| arguments_out(&s.arguments)),
             messages: q.messages,
             messages_unacknowledged: q.messages_unacknowledged,
             consumers: q.consumers,

@@ -24,6 +24,7 @@ impl Session {
             Some(s) => Some(s.expiry_secs.saturating_mul(1000)),
             None => queues.iter().find_map(|(_, info)| {
                 info.spec
+                    .as_ref()?
                     .arguments
                     .get("x-expires")
                     .and_then(FieldValue::as_i128)

@@ -260,7 +260,11 @@ impl WsSession {
             // so the definition is compared here.
             Ok(_) => {
                 let info = self.channel.queue_info(&queue).await?;
-                if info.spec.arguments.get(DURABLE_DEFINITION) != Some(&definition) {
+                // An engine that cannot show arguments (upstream without the management
+                // API) cannot have this checked: the subscription is taken as it is.
+                if let Some(spec) = &info.spec
+                    && spec.arguments.get(DURABLE_DEFINITION) != Some(&definition)
+                {
                     return Err(other());
                 }
             }
