@@ -11,6 +11,8 @@
 #   bash bench/run.sh --scenarios durable    # confirmed persistent publishes vs RabbitMQ
 #
 # PEERS="mosquitto nats rabbitmq" (default: mosquitto nats) picks the peers.
+# ENGINE=upstream runs the gateway on the bench RabbitMQ node (AMQP 127.0.0.1:11873) instead of
+# the embedded engine: with PEERS=rabbitmq the same node's own MQTT plugin is measured beside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,20 +26,31 @@ cleanup() {
 }
 trap cleanup EXIT
 
-GATEWAY_LIMITS__PUBLISH_RATE=1000000000 \
-GATEWAY_LIMITS__PUBLISH_BURST=1000000000 \
-GATEWAY_LIMITS__SUBJECT_PUBLISH_RATE=1000000000 \
-GATEWAY_LIMITS__PUBLISH_BYTES_RATE=1TiB \
-RUST_LOG=warn,amqp_gateway=info \
-  target/release/amqp-gateway --dev --data-dir "$work" --log-format json \
-    --http-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
-    >"$work/out" 2>"$work/err" &
-gateway_pid=$!
+export GATEWAY_LIMITS__PUBLISH_RATE=1000000000 GATEWAY_LIMITS__PUBLISH_BURST=1000000000 \
+  GATEWAY_LIMITS__SUBJECT_PUBLISH_RATE=1000000000 GATEWAY_LIMITS__PUBLISH_BYTES_RATE=1TiB
+gateway=(target/release/amqp-gateway --data-dir "$work" --log-format json
+  --http-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0)
+if [ "${ENGINE:-embedded}" = upstream ]; then
+  bash ../shared/peers/start.sh >&2
+  GATEWAY_AUTH__HS256_SECRET=$(head -c 32 /dev/urandom | base64)
+  export GATEWAY_AUTH__HS256_SECRET GATEWAY_ENGINE__KIND=upstream \
+    GATEWAY_ENGINE__UPSTREAM__URL="amqp://guest:guest@127.0.0.1:11873/%2f"
+  RUST_LOG=warn,amqp_gateway=info "${gateway[@]}" >"$work/out" 2>"$work/err" &
+  gateway_pid=$!
+  token=$("${gateway[0]}" token --sub bench --scope "gateway.tag:administrator" --ttl 2h)
+else
+  RUST_LOG=warn,amqp_gateway=info "${gateway[@]}" --dev >"$work/out" 2>"$work/err" &
+  gateway_pid=$!
+  for _ in $(seq 100); do
+    grep -q '^eyJ' "$work/out" 2>/dev/null && break
+    sleep 0.1
+  done
+  token=$(grep -m1 '^eyJ' "$work/out") || { cat "$work/out" "$work/err" >&2; exit 1; }
+fi
 for _ in $(seq 100); do
-  grep -q '^eyJ' "$work/out" 2>/dev/null && break
+  grep -q '"listener":"http"' "$work/out" 2>/dev/null && break
   sleep 0.1
 done
-token=$(grep -m1 '^eyJ' "$work/out") || { cat "$work/out" "$work/err" >&2; exit 1; }
 mqtt=$(grep -m1 '"listener":"mqtt"' "$work/out" | sed -E 's/.*"addr":"([^"]+)".*/\1/')
 http=$(grep -m1 '"listener":"http"' "$work/out" | sed -E 's/.*"addr":"([^"]+)".*/\1/')
 
