@@ -43,6 +43,13 @@ fn main() -> ExitCode {
         _ => None,
     }
     .unwrap_or_else(|| EnvFilter::new(&config.log.level));
+    // lapin logs every channel the broker closes at ERROR; the upstream engine closes pooled
+    // channels by design (a passive declare of a missing queue) and reports what matters
+    // itself. Shown only when RUST_LOG names lapin.
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if v.contains("lapin") => filter,
+        _ => filter.add_directive("lapin::channel=off".parse().expect("a valid directive")),
+    };
     let logs = tracing_subscriber::fmt().with_env_filter(filter);
     match config.log.format {
         LogFormat::Json => logs.json().init(),

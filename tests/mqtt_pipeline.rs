@@ -118,6 +118,34 @@ async fn receive_maximum_counts_publishes_awaiting_confirms(t: Transport) {
     );
 }
 
+/// A 3.1.1 client was never told a Receive Maximum (its window is its own: rumqttc's is 100),
+/// so beyond it the gateway stops reading instead of disconnecting; the rest are read, published
+/// and acknowledged, in order, as confirms come.
+async fn a_v311_client_beyond_the_receive_maximum_is_slowed_not_closed(t: Transport) {
+    let engine = HeldConfirms::new();
+    let gw = start_gateway_on(engine.clone(), |c| c.mqtt.receive_maximum = 8).await;
+    let mut wire = connected(&gw, t, 4).await;
+    let burst: Vec<u8> = (1..=12u16)
+        .flat_map(|id| publish("allowed/a", 1, id, false))
+        .collect();
+    wire.send_raw(&burst).await;
+    published_reaches(&engine, 8).await;
+    nothing_for(&mut wire, Duration::from_millis(200)).await;
+    assert_eq!(
+        *engine.published().borrow(),
+        8,
+        "reading stopped at the maximum"
+    );
+    engine.release(12);
+    for id in 1..=12u16 {
+        assert_eq!(
+            read_ack(&mut wire).await,
+            (0x40, id, 0),
+            "PUBACK {id} in order"
+        );
+    }
+}
+
 async fn qos1_publishes_are_pipelined_v311(t: Transport) {
     pipelined(t, 4).await;
 }
@@ -149,4 +177,5 @@ over_both_transports!(
     qos1_publishes_are_pipelined_v5,
     refusals_wait_their_turn,
     receive_maximum_counts_publishes_awaiting_confirms,
+    a_v311_client_beyond_the_receive_maximum_is_slowed_not_closed,
 );

@@ -275,7 +275,10 @@ async fn serve_session<R: AsyncRead + Unpin>(
             .inflow
             .retry_at
             .map_or_else(far, tokio::time::Instant::from_std);
-        let may_read = session.inflow.may_read(ctx.config.mqtt.receive_maximum);
+        let may_read = session.inflow.may_read(
+            ctx.config.mqtt.receive_maximum,
+            session.receive_maximum_advertised(),
+        );
         let outcome = tokio::select! {
             _ = ctx.shutdown.wait() => Outcome::Close(CloseReason::ServerShuttingDown),
             _ = tokio::time::sleep_until(expiry_at.unwrap_or_else(far)) => Outcome::Close(CloseReason::TokenExpired),

@@ -206,6 +206,11 @@ impl Session {
         self.client.keep_alive
     }
 
+    /// Whether the client was told the Receive Maximum (MQTT 5's CONNACK; 3.1.1 has none).
+    pub fn receive_maximum_advertised(&self) -> bool {
+        self.client.version == Version::V5
+    }
+
     pub fn remote(&self) -> std::net::SocketAddr {
         self.conn.remote
     }

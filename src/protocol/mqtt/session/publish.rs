@@ -49,10 +49,17 @@ impl Inflow {
 
     /// Whether the connection may read another packet: not while more publishes than the
     /// Receive Maximum await their confirms, so a client flooding QoS 0 (which Receive
-    /// Maximum does not bound) meets TCP backpressure instead of growing this queue. One
-    /// more than the maximum is read, so a client that overruns it is told (0x93).
-    pub fn may_read(&self, receive_maximum: u16) -> bool {
-        self.waiting <= usize::from(receive_maximum)
+    /// Maximum does not bound) meets TCP backpressure instead of growing this queue. An MQTT 5
+    /// client was told the maximum: one more is read, so one that overruns it is told (0x93).
+    /// A 3.1.1 client never was (its in-flight window is its own: 20 for Mosquitto's and
+    /// paho's clients, 100 for rumqttc's), so it only meets the backpressure.
+    pub fn may_read(&self, receive_maximum: u16, advertised: bool) -> bool {
+        let limit = usize::from(receive_maximum);
+        if advertised {
+            self.waiting <= limit
+        } else {
+            self.waiting < limit
+        }
     }
 
     /// Whether an answer is awaited; then [`Inflow::next_confirmed`] has something to give.
@@ -138,6 +145,7 @@ impl Session {
             return Outcome::Continue;
         }
         if p.qos > 0
+            && self.client.version == Version::V5
             && self.inflow.unanswered() >= usize::from(self.ctx.config.mqtt.receive_maximum)
         {
             // More unacknowledged QoS 1/2 publishes than the Receive Maximum we advertised.
