@@ -10,6 +10,9 @@ use tokio::sync::mpsc;
 
 use super::{SECRET, WAIT};
 
+/// How long a child gateway may take to log its listeners.
+const STARTUP: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub struct ChildGateway {
     pub child: Child,
     pub http: SocketAddr,
@@ -95,7 +98,9 @@ impl ChildGateway {
         });
         let mut startup = Vec::new();
         let (mut http, mut mqtt) = (None, None);
-        let found = tokio::time::timeout(WAIT, async {
+        // A bound against a hang, not a speed check: recovering a large store while the
+        // rest of the suite (and RabbitMQ for the upstream tests) loads both cores took > 5 s.
+        let found = tokio::time::timeout(STARTUP, async {
             while http.is_none() || mqtt.is_none() {
                 let Some(line) = lines.recv().await else {
                     panic!("the gateway exited while starting:\n{}", startup.join("\n"));
@@ -151,7 +156,9 @@ impl ChildGateway {
 
     /// Waits (within [`WAIT`]) for a log line containing `text`.
     pub async fn logged(&mut self, text: &str) -> String {
-        let found = tokio::time::timeout(WAIT, async {
+        // A bound against a hang, not a speed check: recovering a large store while the
+        // rest of the suite (and RabbitMQ for the upstream tests) loads both cores took > 5 s.
+        let found = tokio::time::timeout(STARTUP, async {
             while let Some(line) = self.lines.recv().await {
                 if line.contains(text) {
                     return Some(line);
