@@ -682,6 +682,9 @@ impl Channel for UpstreamChannel {
             AckMode::Manual { prefetch } => prefetch,
             AckMode::Auto => AUTO_ACK_WINDOW,
         };
+        // Client strings checked before any channel exists: a bad one is the client's error.
+        let (queue_name, tag_name) = (short("queue", queue)?, short("consumer tag", &tag)?);
+        let arguments = convert::table(&options.arguments)?;
         let ch = this
             .shared
             .consuming
@@ -696,14 +699,8 @@ impl Channel for UpstreamChannel {
                 exclusive: options.exclusive,
                 nowait: false,
             };
-            ch.basic_consume(
-                short("queue", queue).map_err(|_| lapin::ErrorKind::InvalidChannel(0))?,
-                short("consumer tag", &tag).map_err(|_| lapin::ErrorKind::InvalidChannel(0))?,
-                consume,
-                convert::table(&options.arguments)
-                    .map_err(|_| lapin::ErrorKind::InvalidChannel(0))?,
-            )
-            .await
+            ch.basic_consume(queue_name, tag_name, consume, arguments)
+                .await
         };
         let inner = match started.await {
             Ok(c) => c,
