@@ -501,6 +501,11 @@ async fn durable_subscriptions_survive_a_restart() {
     assert_eq!(persistent(&gw, "one").send().await.unwrap().status(), 200);
     assert_eq!(ws.recv().await["body"], "one", "seen, never acked");
     drop(ws);
+    // Published once the subscription's consumer is gone, so "two" was never sent to anybody.
+    common::eventually("the consumer gone", || async {
+        json_of(gw.get("/v1/queues/ws-gil.books", &admin())).await["consumers"] == 0
+    })
+    .await;
     assert_eq!(persistent(&gw, "two").send().await.unwrap().status(), 200);
     gw.gateway.shutdown().await;
 
