@@ -12,11 +12,14 @@ use futures_util::FutureExt;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions, BasicRejectOptions,
-    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions, QueuePurgeOptions,
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeleteOptions,
+    QueuePurgeOptions,
 };
 use parking_lot::Mutex;
 
+mod topology;
+
+use self::topology::{is_not_found, lapin_kind, page};
 use super::Shared;
 use super::consumer::{self, AUTO_ACK_WINDOW, State, Tags, UpstreamConsumer};
 use super::convert::{self, About, short};
@@ -24,14 +27,9 @@ use super::publisher::{Publisher, Request};
 use crate::engine::names::{self, CONSUMER_TAG_PREFIX};
 use crate::engine::{
     AckMode, BindingInfo, Channel, ConsumeOptions, Consumer, Declared, DeleteQueueOptions,
-    Delivery, EngineError, Envelope, ExchangeInfo, ExchangeKind, ExchangeSpec, FieldTable,
-    FieldValue, Message, OnCancel, Owner, PublishConfirm, PublishOptions, QueueDeclared, QueueInfo,
-    QueueSpec,
+    Delivery, EngineError, ExchangeInfo, ExchangeSpec, FieldTable, Message, OnCancel, Owner,
+    PublishConfirm, PublishOptions, QueueDeclared, QueueInfo, QueueSpec,
 };
-
-/// `x-expires` of a queue exclusive to a client: upstream it is a shared queue, so this is
-/// how long it outlives a gateway that died without deleting it.
-const EXCLUSIVE_EXPIRES_MS: i64 = 60_000;
 
 struct Held {
     channel: lapin::Channel,
@@ -102,98 +100,20 @@ impl UpstreamChannel {
     }
 }
 
-fn lapin_kind(kind: ExchangeKind) -> lapin::ExchangeKind {
-    match kind {
-        ExchangeKind::Direct => lapin::ExchangeKind::Direct,
-        ExchangeKind::Fanout => lapin::ExchangeKind::Fanout,
-        ExchangeKind::Topic => lapin::ExchangeKind::Topic,
-        ExchangeKind::Headers => lapin::ExchangeKind::Headers,
-    }
-}
-
-fn is_not_found(e: &EngineError) -> bool {
-    matches!(e, EngineError::NotFound { .. })
-}
-
 impl Inner {
+    /// The management API, which listings need (without it: `NotSupported`, REST 501).
+    fn management(&self) -> Result<&super::management::Management, EngineError> {
+        self.check_open()?;
+        self.shared.management.as_ref().ok_or_else(|| {
+            EngineError::NotSupported("listing needs engine.upstream.management_url".into())
+        })
+    }
+
     fn check_open(&self) -> Result<(), EngineError> {
         if self.closed.load(Ordering::Acquire) {
             Err(EngineError::ChannelClosed)
         } else {
             Ok(())
-        }
-    }
-
-    /// Whether the exchange exists, on a pooled channel (a 404 closes only that one).
-    async fn exchange_exists(&self, name: &str) -> Result<bool, EngineError> {
-        let ch = self.shared.pool.take().await?;
-        let options = ExchangeDeclareOptions {
-            passive: true,
-            ..ExchangeDeclareOptions::default()
-        };
-        match ch
-            .exchange_declare(
-                short("exchange", name)?,
-                lapin::ExchangeKind::Direct,
-                options,
-                Default::default(),
-            )
-            .await
-        {
-            Ok(()) => Ok(true),
-            Err(e) => match convert::engine_error(&e, About::Exchange(name)) {
-                e if is_not_found(&e) => Ok(false),
-                e => Err(e),
-            },
-        }
-    }
-
-    /// Passive queue declare on a pooled channel: its ready messages and consumers.
-    async fn queue_counts(&self, name: &str) -> Result<(u64, u32), EngineError> {
-        let ch = self.shared.pool.take().await?;
-        let options = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        let q = ch
-            .queue_declare(short("queue", name)?, options, Default::default())
-            .await
-            .map_err(|e| convert::engine_error(&e, About::Queue(name)))?;
-        Ok((q.message_count().into(), q.consumer_count()))
-    }
-
-    fn upstream_queue_spec(spec: &QueueSpec) -> (QueueDeclareOptions, FieldTable) {
-        let mut arguments = spec.arguments.clone();
-        if spec.exclusive {
-            let asked = arguments
-                .get("x-expires")
-                .and_then(FieldValue::as_i128)
-                .map_or(EXCLUSIVE_EXPIRES_MS, |v| {
-                    v.clamp(1, EXCLUSIVE_EXPIRES_MS.into()) as i64
-                });
-            arguments.insert("x-expires".into(), FieldValue::I64(asked));
-        }
-        let options = QueueDeclareOptions {
-            passive: false,
-            durable: spec.durable,
-            exclusive: false,
-            auto_delete: spec.auto_delete,
-            nowait: false,
-        };
-        (options, arguments)
-    }
-
-    async fn delete_owned(&self, queues: Vec<String>) {
-        for q in queues {
-            let Ok(ch) = self.shared.pool.take().await else {
-                return;
-            };
-            let Ok(name) = short("queue", &q) else {
-                continue;
-            };
-            if let Err(e) = ch.queue_delete(name, QueueDeleteOptions::default()).await {
-                tracing::debug!(queue = %q, error = %e, "exclusive queue not deleted upstream");
-            }
         }
     }
 
@@ -223,24 +143,6 @@ impl Inner {
         drop(self.publisher.lock().take());
         let owned = self.shared.owners.closed(self.owner.id());
         self.delete_owned(owned).await;
-    }
-
-    fn delivery(&self, d: lapin::message::Delivery, tag: u64, count: u64) -> Delivery {
-        Delivery {
-            delivery_tag: tag,
-            redelivered: d.redelivered,
-            consumer_tag: None,
-            envelope: Arc::new(Envelope {
-                exchange: d.exchange.as_str().into(),
-                routing_key: d.routing_key.as_str().into(),
-                message: Message {
-                    properties: convert::properties_from_amqp(&d.properties),
-                    body: d.data.into(),
-                },
-            }),
-            expires_in: None,
-            message_count: Some(count),
-        }
     }
 
     async fn get_acked(&self, queue: &str) -> Result<Option<Delivery>, EngineError> {
@@ -277,7 +179,12 @@ impl Inner {
                     return Err(EngineError::ChannelClosed);
                 }
                 let tag = self.tags.track(&ch, m.delivery.delivery_tag);
-                Ok(Some(self.delivery(m.delivery, tag, m.message_count.into())))
+                Ok(Some(convert::delivery(
+                    m.delivery,
+                    tag,
+                    None,
+                    Some(m.message_count.into()),
+                )))
             }
             Ok(None) => Ok(None),
             Err(e) => {
@@ -374,13 +281,7 @@ impl Channel for UpstreamChannel {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<ExchangeInfo>, EngineError> {
-        let this = &self.inner;
-        this.check_open()?;
-        let management = this
-            .shared
-            .management
-            .as_ref()
-            .ok_or_else(listing_unsupported)?;
+        let management = self.inner.management()?;
         let all = management.exchanges().await?;
         Ok(page(all, after, limit, |e| &e.name))
     }
@@ -542,13 +443,7 @@ impl Channel for UpstreamChannel {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<QueueInfo>, EngineError> {
-        let this = &self.inner;
-        this.check_open()?;
-        let management = this
-            .shared
-            .management
-            .as_ref()
-            .ok_or_else(listing_unsupported)?;
+        let management = self.inner.management()?;
         let all = management.queues().await?;
         Ok(page(all, after, limit, |q| &q.name))
     }
@@ -600,13 +495,7 @@ impl Channel for UpstreamChannel {
     }
 
     async fn list_bindings(&self, queue: &str) -> Result<Vec<BindingInfo>, EngineError> {
-        let this = &self.inner;
-        this.check_open()?;
-        let management = this
-            .shared
-            .management
-            .as_ref()
-            .ok_or_else(listing_unsupported)?;
+        let management = self.inner.management()?;
         management
             .bindings(queue)
             .await?
@@ -788,10 +677,11 @@ impl Channel for UpstreamChannel {
             .basic_get(short("queue", queue)?, BasicGetOptions { no_ack: true })
             .await
         {
-            Ok(Some(m)) => Ok(Some(this.delivery(
+            Ok(Some(m)) => Ok(Some(convert::delivery(
                 m.delivery,
                 this.tags.next(),
-                m.message_count.into(),
+                None,
+                Some(m.message_count.into()),
             ))),
             Ok(None) => Ok(None),
             Err(e) => Err(convert::engine_error(&e, About::Queue(queue))),
@@ -822,16 +712,4 @@ impl Channel for UpstreamChannel {
     async fn close(&self) {
         self.inner.close().await;
     }
-}
-
-fn listing_unsupported() -> EngineError {
-    EngineError::NotSupported("listing needs engine.upstream.management_url".into())
-}
-
-/// The `limit` items after `after`, from a list sorted by name.
-fn page<T>(all: Vec<T>, after: Option<&str>, limit: usize, name: impl Fn(&T) -> &String) -> Vec<T> {
-    all.into_iter()
-        .filter(|item| after.is_none_or(|a| name(item).as_str() > a))
-        .take(limit)
-        .collect()
 }

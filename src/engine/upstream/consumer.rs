@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use super::convert;
-use crate::engine::{CancelReason, Delivery, DeliveryStream, EngineError, Envelope, Message};
+use crate::engine::{CancelReason, Delivery, DeliveryStream, EngineError};
 
 /// Prefetch of an auto-ack consumer: what may sit between RabbitMQ and the adapter.
 pub(super) const AUTO_ACK_WINDOW: u16 = 256;
@@ -134,21 +134,7 @@ impl UpstreamConsumer {
             }
             None => self.tags.track(&self.channel, d.delivery_tag),
         };
-        Delivery {
-            delivery_tag,
-            redelivered: d.redelivered,
-            consumer_tag: Some(self.tag.clone()),
-            envelope: Arc::new(Envelope {
-                exchange: d.exchange.as_str().into(),
-                routing_key: d.routing_key.as_str().into(),
-                message: Message {
-                    properties: convert::properties_from_amqp(&d.properties),
-                    body: d.data.into(),
-                },
-            }),
-            expires_in: None,
-            message_count: None,
-        }
+        convert::delivery(d, delivery_tag, Some(self.tag.clone()), None)
     }
 
     fn end(&mut self, reason: Option<CancelReason>) -> Poll<Option<Delivery>> {

@@ -90,6 +90,30 @@ pub(super) fn properties_from_amqp(p: &BasicProperties) -> Properties {
     }
 }
 
+/// A lapin delivery as the engine hands it out, under the engine channel's own tag.
+pub(super) fn delivery(
+    d: lapin::message::Delivery,
+    delivery_tag: u64,
+    consumer_tag: Option<std::sync::Arc<str>>,
+    message_count: Option<u64>,
+) -> crate::engine::Delivery {
+    crate::engine::Delivery {
+        delivery_tag,
+        redelivered: d.redelivered,
+        consumer_tag,
+        envelope: std::sync::Arc::new(crate::engine::Envelope {
+            exchange: d.exchange.as_str().into(),
+            routing_key: d.routing_key.as_str().into(),
+            message: crate::engine::Message {
+                properties: properties_from_amqp(&d.properties),
+                body: d.data.into(),
+            },
+        }),
+        expires_in: None,
+        message_count,
+    }
+}
+
 /// What an operation was about, so a bare reply code can name its object.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum About<'a> {
