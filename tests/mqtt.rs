@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::under::{self, gateway};
-use common::{TestGateway, WAIT, admin, start_gateway, token, unique};
+use common::{TestGateway, WAIT, admin, token, unique};
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -507,27 +507,14 @@ async fn persistent_sessions_keep_messages_for_their_return(v: Version) {
 /// Issue 13: the session (its subscriptions, its stored state) and the QoS 1 messages queued for
 /// it are on disk; a restarted gateway resumes it.
 async fn persistent_sessions_survive_a_restart(v: Version) {
-    let dir = tempfile::tempdir().unwrap().keep();
-    // Upstream, the session lives in RabbitMQ: a restart on the same vhost finds it.
-    let vhost = match under::upstream() {
-        true => Some(common::rabbit::Vhost::create().await),
-        false => None,
-    };
-    let on = |dir: std::path::PathBuf| {
-        let vhost = vhost.as_ref();
-        start_gateway(move |c| {
-            c.engine.data_dir = dir;
-            if let Some(vhost) = vhost {
-                under::on_vhost(c, vhost);
-            }
-        })
-    };
+    // Embedded: a data directory; upstream: a vhost, where the session lives.
+    let place = under::Place::new().await;
     let t = token(
         "dev9",
         "gateway.read:amq.topic/depot.# gateway.write:amq.topic/depot.#",
     );
     let id = unique("survivor");
-    let gw = on(dir.clone()).await;
+    let gw = place.start().await;
     let (mut c, _) = Client::connected(&gw, v, &id, &t, false).await;
     assert_eq!(c.subscribe("depot/#", 1).await, Ok(1));
     c.disconnect().await;
@@ -540,7 +527,7 @@ async fn persistent_sessions_survive_a_restart(v: Version) {
     sender.disconnect().await;
     gw.gateway.shutdown().await;
 
-    let gw = on(dir).await;
+    let gw = place.start().await;
     let (mut back, present) = Client::connected(&gw, v, &id, &t, false).await;
     assert!(present, "the session came back");
     for n in ["one", "two"] {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use amqp_gateway::engine::{Message, PublishOptions};
 use common::under::{self, gateway};
 use common::ws::request;
-use common::{SECRET, TestGateway, WAIT, admin, json_of, start_gateway, token, unique};
+use common::{SECRET, TestGateway, WAIT, admin, json_of, token, unique};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
@@ -472,21 +472,8 @@ async fn auto_ack_on_a_named_queue_acks_after_writing() {
 /// Issue 13: a durable subscription's queue and its persistent messages are on disk; after a
 /// restart the browser resumes it, and what it had seen unacked comes back redelivered.
 async fn durable_subscriptions_survive_a_restart() {
-    let dir = tempfile::tempdir().unwrap().keep();
-    // Upstream, the subscription's queue lives in RabbitMQ: a restart on the same vhost finds it.
-    let vhost = match under::upstream() {
-        true => Some(common::rabbit::Vhost::create().await),
-        false => None,
-    };
-    let on = |dir: std::path::PathBuf| {
-        let vhost = vhost.as_ref();
-        start_gateway(move |c| {
-            c.engine.data_dir = dir;
-            if let Some(vhost) = vhost {
-                under::on_vhost(c, vhost);
-            }
-        })
-    };
+    // Embedded: a data directory; upstream: a vhost, where the subscription's queue lives.
+    let place = under::Place::new().await;
     let persistent = |gw: &TestGateway, body: &str| {
         let body =
             json!({"routing_key": "ledger.a", "body": body, "properties": {"delivery_mode": 2}});
@@ -495,7 +482,7 @@ async fn durable_subscriptions_survive_a_restart() {
     };
     let t = token("gil", "gateway.read:amq.topic/ledger.#");
     let spec = json!({"exchange": "amq.topic", "binding_key": "ledger.#", "durable": "books", "ack": "manual"});
-    let gw = on(dir.clone()).await;
+    let gw = place.start().await;
     let mut ws = connect_as(&gw, &t).await;
     ws.subscribe(spec.clone()).await;
     assert_eq!(persistent(&gw, "one").send().await.unwrap().status(), 200);
@@ -509,7 +496,7 @@ async fn durable_subscriptions_survive_a_restart() {
     assert_eq!(persistent(&gw, "two").send().await.unwrap().status(), 200);
     gw.gateway.shutdown().await;
 
-    let gw = on(dir).await;
+    let gw = place.start().await;
     let mut ws = connect_as(&gw, &t).await;
     let (sub, queue) = ws.subscribe(spec).await;
     assert_eq!(queue, "ws-gil.books");

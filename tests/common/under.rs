@@ -66,3 +66,33 @@ pub async fn gateway(tweak: impl FnOnce(&mut Config)) -> Gw {
         }
     }
 }
+
+/// Where a gateway that restarts keeps its state: a data directory (embedded) or a vhost
+/// (upstream), the same for every start.
+pub struct Place {
+    dir: std::path::PathBuf,
+    vhost: Option<Vhost>,
+}
+
+impl Place {
+    pub async fn new() -> Place {
+        Place {
+            dir: tempfile::tempdir().expect("a data directory").keep(),
+            vhost: match upstream() {
+                true => Some(Vhost::create().await),
+                false => None,
+            },
+        }
+    }
+
+    /// A gateway on the engine under test, on this place's state.
+    pub async fn start(&self) -> TestGateway {
+        start_gateway(|c| {
+            c.engine.data_dir = self.dir.clone();
+            if let Some(vhost) = &self.vhost {
+                on_vhost(c, vhost);
+            }
+        })
+        .await
+    }
+}
