@@ -236,6 +236,8 @@ pub struct UpstreamConfig {
     /// AMQP heartbeat asked of the broker (a `heartbeat` in the URL wins).
     #[serde(with = "humantime_serde")]
     pub heartbeat: Duration,
+    /// PEM file of CA certificates trusted for an `amqps://` url besides the system's.
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl Default for UpstreamConfig {
@@ -244,6 +246,7 @@ impl Default for UpstreamConfig {
             url: None,
             management_url: None,
             heartbeat: Duration::from_secs(30),
+            tls_ca: None,
         }
     }
 }

@@ -158,6 +158,15 @@ async fn build_engine(config: &Config) -> Result<Arc<dyn Engine>, StartError> {
             let mut options = UpstreamOptions::new(url);
             options.management_url = upstream.management_url.clone();
             options.heartbeat = upstream.heartbeat;
+            if let Some(path) = &upstream.tls_ca {
+                let pem = std::fs::read_to_string(path).map_err(|e| {
+                    StartError::Unsupported(format!(
+                        "engine.upstream.tls_ca: cannot read {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                options.tls_ca = Some(pem);
+            }
             options.max_message_bytes = config.limits.max_message_bytes.as_u64() as usize;
             options.retained_bytes = config.mqtt.retained_stream_bytes.as_u64();
             Ok(Arc::new(UpstreamEngine::connect(options).await?))

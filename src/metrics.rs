@@ -25,6 +25,11 @@ pub const PUBLISH_BLOCKED: &str = "gateway_publish_blocked";
 /// Free bytes on the embedded engine's data directory, as the disk alarm last read them.
 pub const DISK_FREE: &str = "gateway_disk_free_bytes";
 pub const STORE_COMMITS: &str = "gateway_store_commits_total";
+/// 1 while the upstream engine's connections to its broker are up.
+pub const UPSTREAM_CONNECTED: &str = "gateway_upstream_connected";
+pub const UPSTREAM_RECONNECTS: &str = "gateway_upstream_reconnects_total";
+pub const UPSTREAM_ROUND_TRIP: &str = "gateway_upstream_round_trip_seconds";
+pub const UPSTREAM_CHANNELS: &str = "gateway_upstream_channels";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -48,6 +53,7 @@ pub fn handle() -> &'static PrometheusHandle {
 }
 
 fn describe() {
+    describe_upstream();
     metrics::describe_counter!(
         CONNECTIONS_TOTAL,
         "Client connections accepted, by protocol"
@@ -122,4 +128,24 @@ pub fn render(engine: &dyn Engine) -> String {
     let handle = handle();
     handle.run_upkeep();
     handle.render()
+}
+
+fn describe_upstream() {
+    metrics::describe_gauge!(
+        UPSTREAM_CONNECTED,
+        "1 while the upstream engine is connected to its broker, 0 while it reconnects"
+    );
+    metrics::describe_counter!(
+        UPSTREAM_RECONNECTS,
+        "Times the upstream engine re-established its broker connections"
+    );
+    metrics::describe_histogram!(
+        UPSTREAM_ROUND_TRIP,
+        metrics::Unit::Seconds,
+        "Round trip of a passive declare to the upstream broker, measured every 5 s"
+    );
+    metrics::describe_gauge!(
+        UPSTREAM_CHANNELS,
+        "AMQP channels the upstream engine holds open on its broker"
+    );
 }

@@ -15,20 +15,20 @@ mod channel;
 mod consumer;
 mod control;
 mod convert;
+mod link;
 mod management;
 mod owners;
 mod pool;
 mod publisher;
 mod retained;
+mod tags;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures_util::StreamExt;
 use lapin::uri::AMQPUri;
-use lapin::{Connection, ConnectionProperties};
 use tokio::sync::watch;
 
 use crate::engine::{
@@ -50,6 +50,8 @@ pub struct UpstreamOptions {
     pub max_message_bytes: usize,
     /// `x-max-length-bytes` of the retained stream (`mqtt.retained_stream_bytes`).
     pub retained_bytes: u64,
+    /// PEM certificates trusted for `amqps://` besides the system's (`engine.upstream.tls_ca`).
+    pub tls_ca: Option<String>,
 }
 
 impl UpstreamOptions {
@@ -61,6 +63,7 @@ impl UpstreamOptions {
             instance: default_instance(),
             max_message_bytes: 1024 * 1024,
             retained_bytes: 1 << 30,
+            tls_ca: None,
         }
     }
 }
@@ -75,8 +78,7 @@ fn default_instance() -> String {
 
 /// What every channel of the engine shares.
 pub(super) struct Shared {
-    publishing: Arc<Connection>,
-    consuming: Arc<Connection>,
+    link: Arc<link::Link>,
     pool: pool::Pool,
     owners: owners::Owners,
     management: Option<management::Management>,
@@ -104,19 +106,21 @@ impl UpstreamEngine {
                 Some(options.heartbeat.as_secs().clamp(1, u16::MAX.into()) as u16);
         }
         let vhost = uri.vhost.clone();
-        let publishing = Arc::new(connect(&uri, &options.instance, "publish").await?);
-        let consuming = Arc::new(connect(&uri, &options.instance, "consume").await?);
         let management = options
             .management_url
             .as_deref()
             .map(|url| management::Management::new(url, &vhost, &uri))
             .transpose()?;
-        let (blocked_tx, blocked) = watch::channel(false);
-        watch_blocked(&publishing, blocked_tx);
+        let link = link::Link::connect(link::Target {
+            uri,
+            instance: options.instance.clone(),
+            tls_ca: options.tls_ca.clone(),
+        })
+        .await?;
+        let blocked = link.blocked();
         let shared = Arc::new(Shared {
-            pool: pool::Pool::new(consuming.clone()),
-            publishing,
-            consuming,
+            pool: pool::Pool::new(link.clone()),
+            link: link.clone(),
             owners: owners::Owners::default(),
             management,
             max_message_bytes: options.max_message_bytes,
@@ -133,6 +137,16 @@ impl UpstreamEngine {
         )
         .await?;
         let sessions = control::ControlSessions::start(&shared, &origin).await?;
+        let owned = Arc::downgrade(&shared);
+        link.set_restore(Box::new(move |conns| {
+            let owned = owned.clone();
+            Box::pin(async move {
+                match owned.upgrade() {
+                    Some(shared) => shared.owners.restore(&conns).await,
+                    None => Ok(()),
+                }
+            })
+        }));
         tracing::info!(vhost = %vhost, instance = %options.instance, "connected to the upstream broker");
         Ok(UpstreamEngine {
             retained,
@@ -141,39 +155,6 @@ impl UpstreamEngine {
             blocked,
         })
     }
-}
-
-async fn connect(uri: &AMQPUri, instance: &str, role: &str) -> Result<Connection, EngineError> {
-    let name = format!("amqp-gateway {instance} {role}");
-    let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect_uri(uri.clone(), properties)
-        .await
-        .map_err(|e| {
-            EngineError::Unavailable(format!(
-                "cannot connect to the upstream broker at {}:{}: {e}",
-                uri.authority.host, uri.authority.port
-            ))
-        })
-}
-
-/// `connection.blocked` on the publishing connection throttles publishers (DESIGN.md §7).
-fn watch_blocked(conn: &Connection, blocked: watch::Sender<bool>) {
-    let mut events = conn.events_listener();
-    tokio::spawn(async move {
-        while let Some(event) = events.next().await {
-            match event {
-                lapin::Event::ConnectionBlocked(reason) => {
-                    tracing::warn!(%reason, "upstream broker blocked publishing");
-                    blocked.send_replace(true);
-                }
-                lapin::Event::ConnectionUnblocked => {
-                    tracing::info!("upstream broker unblocked publishing");
-                    blocked.send_replace(false);
-                }
-                _ => {}
-            }
-        }
-    });
 }
 
 #[async_trait]
@@ -221,10 +202,8 @@ impl Engine for UpstreamEngine {
     fn health(&self) -> Health {
         if self.shared.shut.load(Ordering::Acquire) {
             Health::NotReady("shutting down".into())
-        } else if !self.shared.publishing.status().connected()
-            || !self.shared.consuming.status().connected()
-        {
-            Health::NotReady("upstream broker connection lost".into())
+        } else if let Some(why) = self.shared.link.not_ready() {
+            Health::NotReady(why)
         } else {
             Health::Ready
         }
@@ -233,6 +212,8 @@ impl Engine for UpstreamEngine {
     fn record_metrics(&self) {
         use crate::metrics::PUBLISH_BLOCKED;
         metrics::gauge!(PUBLISH_BLOCKED).set(if self.publish_blocked() { 1.0 } else { 0.0 });
+        metrics::gauge!(crate::metrics::UPSTREAM_CHANNELS)
+            .set(self.shared.link.channels_in_use() as f64);
     }
 
     fn publish_blocked(&self) -> bool {
@@ -258,15 +239,6 @@ impl Engine for UpstreamEngine {
             channel.close().await;
         }
         self.shared.pool.clear();
-        let _ = self
-            .shared
-            .publishing
-            .close(200, "gateway shutting down".into())
-            .await;
-        let _ = self
-            .shared
-            .consuming
-            .close(200, "gateway shutting down".into())
-            .await;
+        self.shared.link.shutdown().await;
     }
 }

@@ -11,9 +11,8 @@ use async_trait::async_trait;
 use futures_util::FutureExt;
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions, BasicRejectOptions,
-    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeleteOptions,
-    QueuePurgeOptions,
+    BasicCancelOptions, BasicGetOptions, BasicRejectOptions, ExchangeDeclareOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
 use parking_lot::Mutex;
 
@@ -21,9 +20,11 @@ mod topology;
 
 use self::topology::{is_not_found, lapin_kind, page};
 use super::Shared;
-use super::consumer::{self, AUTO_ACK_WINDOW, State, Tags, UpstreamConsumer};
+use super::consumer::{self, AUTO_ACK_WINDOW, Spec, State, UpstreamConsumer};
 use super::convert::{self, About, short};
+use super::owners::Binding;
 use super::publisher::{Publisher, Request};
+use super::tags::{Amqp, Tags};
 use crate::engine::names::{self, CONSUMER_TAG_PREFIX};
 use crate::engine::{
     AckMode, BindingInfo, Channel, ConsumeOptions, Consumer, Declared, DeleteQueueOptions,
@@ -32,10 +33,9 @@ use crate::engine::{
 };
 
 struct Held {
-    channel: lapin::Channel,
     /// Auto-ack: its acker may have an ack in flight, so no requeue-all before the close.
     auto: bool,
-    inner: lapin::Consumer,
+    /// Its current AMQP channel and lapin consumer, which a reconnect replaces.
     state: Arc<State>,
 }
 
@@ -49,7 +49,7 @@ pub(super) struct Inner {
     settling: consumer::Settling,
     /// AMQP channels of consumers cancelled with `KeepUnacked`, closed with the channel.
     kept: Mutex<Vec<lapin::Channel>>,
-    getter: tokio::sync::Mutex<Option<lapin::Channel>>,
+    getter: tokio::sync::Mutex<Option<Amqp>>,
     closed: AtomicBool,
 }
 
@@ -74,7 +74,7 @@ impl UpstreamChannel {
     pub(super) fn open(shared: Arc<Shared>, owner: Owner) -> Arc<UpstreamChannel> {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         shared.owners.opened(owner.id());
-        let publisher = Publisher::spawn(shared.publishing.clone());
+        let publisher = Publisher::spawn(shared.link.clone());
         Arc::new(UpstreamChannel {
             inner: Arc::new(Inner {
                 id: NEXT.fetch_add(1, Ordering::Relaxed),
@@ -128,12 +128,12 @@ impl Inner {
             .into_iter()
             .map(|h| {
                 h.state.cancelled.store(true, Ordering::Release);
-                (h.channel, !h.auto)
+                (h.state.live().amqp.channel, !h.auto)
             })
             .collect();
         channels.extend(self.kept.lock().drain(..).map(|ch| (ch, true)));
         if let Some(getter) = self.getter.lock().await.take() {
-            channels.push((getter, true));
+            channels.push((getter.channel, true));
         }
         self.tags.clear();
         for (ch, requeue) in channels {
@@ -147,26 +147,30 @@ impl Inner {
 
     async fn get_acked(&self, queue: &str) -> Result<Option<Delivery>, EngineError> {
         let mut getter = self.getter.lock().await;
-        if let Some(ch) = getter.as_ref()
-            && ch.status().connected()
-            && self.tags.holds_on(ch)
+        if let Some(amqp) = getter.as_ref()
+            && amqp.channel.status().connected()
+            && self.tags.holds_on(amqp)
         {
             // A refusal would close the channel that holds unacked gets: ask a pooled one first.
             self.queue_counts(queue).await?;
         }
-        let ch = match getter.as_ref() {
-            Some(ch) if ch.status().connected() => ch.clone(),
+        let amqp = match getter.as_ref() {
+            Some(amqp) if amqp.channel.status().connected() => amqp.clone(),
             _ => {
-                let ch = self
-                    .shared
-                    .consuming
-                    .create_channel()
+                let conns = self.shared.link.current()?;
+                let channel = conns
+                    .consuming_channel()
                     .await
                     .map_err(|e| convert::engine_error(&e, About::Other))?;
-                *getter = Some(ch.clone());
-                ch
+                let amqp = Amqp {
+                    generation: conns.generation,
+                    channel,
+                };
+                *getter = Some(amqp.clone());
+                amqp
             }
         };
+        let ch = &amqp.channel;
         match ch
             .basic_get(short("queue", queue)?, BasicGetOptions { no_ack: false })
             .await
@@ -175,10 +179,10 @@ impl Inner {
                 if self.closed.load(Ordering::Acquire) {
                     // close() already took the getter: closing it requeues this one.
                     *getter = None;
-                    consumer::requeue_and_close(&ch, true).await;
+                    consumer::requeue_and_close(ch, true).await;
                     return Err(EngineError::ChannelClosed);
                 }
-                let tag = self.tags.track(&ch, m.delivery.delivery_tag);
+                let tag = self.tags.track(&amqp, m.delivery.delivery_tag);
                 Ok(Some(convert::delivery(
                     m.delivery,
                     tag,
@@ -188,7 +192,7 @@ impl Inner {
             }
             Ok(None) => Ok(None),
             Err(e) => {
-                self.tags.forget_channel(&ch);
+                self.tags.forget_channel(&amqp);
                 *getter = None;
                 Err(convert::engine_error(&e, About::Queue(queue)))
             }
@@ -311,14 +315,18 @@ impl Channel for UpstreamChannel {
             return Err(EngineError::ResourceLocked(name.to_owned()));
         }
         let (options, arguments) = Inner::upstream_queue_spec(spec);
+        let arguments = convert::table(&arguments)?;
         let ch = this.shared.pool.take().await?;
         let q = ch
-            .queue_declare(short("queue", name)?, options, convert::table(&arguments)?)
+            .queue_declare(short("queue", name)?, options, arguments.clone())
             .await
             .map_err(|e| convert::engine_error(&e, About::Queue(name)))?;
         let declared_name = q.name().as_str().to_owned();
         if spec.exclusive {
-            this.shared.owners.claim(&declared_name, this.owner.id());
+            let owner = this.owner.id();
+            this.shared
+                .owners
+                .claim(&declared_name, owner, options, arguments);
             if this.closed.load(Ordering::Acquire) {
                 // Its owner's channel closed meanwhile: nobody would ever delete it.
                 this.shared.owners.forget(&declared_name);
@@ -459,17 +467,19 @@ impl Channel for UpstreamChannel {
         this.check_open()?;
         names::validate_key(routing_key)?;
         this.shared.owners.check(queue, this.owner.id())?;
-        let exchange = names::canonical_exchange(exchange);
+        let binding = binding(exchange, routing_key, arguments)?;
         let ch = this.shared.pool.take().await?;
         ch.queue_bind(
             short("queue", queue)?,
-            short("exchange", exchange)?,
-            short("routing key", routing_key)?,
+            binding.exchange.clone(),
+            binding.routing_key.clone(),
             QueueBindOptions::default(),
-            convert::table(arguments)?,
+            binding.arguments.clone(),
         )
         .await
-        .map_err(|e| convert::engine_error(&e, About::Queue(queue)))
+        .map_err(|e| convert::engine_error(&e, About::Queue(queue)))?;
+        this.shared.owners.bound(queue, binding);
+        Ok(())
     }
 
     async fn unbind_queue(
@@ -482,16 +492,18 @@ impl Channel for UpstreamChannel {
         let this = &self.inner;
         this.check_open()?;
         this.shared.owners.check(queue, this.owner.id())?;
-        let exchange = names::canonical_exchange(exchange);
+        let binding = binding(exchange, routing_key, arguments)?;
         let ch = this.shared.pool.take().await?;
         ch.queue_unbind(
             short("queue", queue)?,
-            short("exchange", exchange)?,
-            short("routing key", routing_key)?,
-            convert::table(arguments)?,
+            binding.exchange.clone(),
+            binding.routing_key.clone(),
+            binding.arguments.clone(),
         )
         .await
-        .map_err(|e| convert::engine_error(&e, About::Queue(queue)))
+        .map_err(|e| convert::engine_error(&e, About::Queue(queue)))?;
+        this.shared.owners.unbound(queue, &binding);
+        Ok(())
     }
 
     async fn list_bindings(&self, queue: &str) -> Result<Vec<BindingInfo>, EngineError> {
@@ -572,59 +584,39 @@ impl Channel for UpstreamChannel {
             AckMode::Auto => AUTO_ACK_WINDOW,
         };
         // Client strings checked before any channel exists: a bad one is the client's error.
-        let (queue_name, tag_name) = (short("queue", queue)?, short("consumer tag", &tag)?);
-        let arguments = convert::table(&options.arguments)?;
-        let ch = this
-            .shared
-            .consuming
-            .create_channel()
-            .await
-            .map_err(|e| convert::engine_error(&e, About::Other))?;
-        let started = async {
-            ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
-            let consume = BasicConsumeOptions {
-                no_local: false,
-                no_ack: false,
-                exclusive: options.exclusive,
-                nowait: false,
-            };
-            ch.basic_consume(queue_name, tag_name, consume, arguments)
-                .await
+        let spec = Arc::new(Spec {
+            queue: short("queue", queue)?,
+            tag: short("consumer tag", &tag)?,
+            prefetch,
+            exclusive: options.exclusive,
+            arguments: convert::table(&options.arguments)?,
+        });
+        let live = consumer::start(&*this.shared.link.current()?, &spec).await?;
+        let state = Arc::new(State::new(live.clone()));
+        let taken = matches!(options.ack, AckMode::Auto)
+            .then(|| UpstreamConsumer::auto_acker(live.amqp.channel.clone()));
+        let held = Held {
+            auto: taken.is_some(),
+            state: state.clone(),
         };
-        let inner = match started.await {
-            Ok(c) => c,
-            Err(e) => {
-                consumer::close_later(ch, None, true);
-                return Err(convert::engine_error(&e, About::Consume(queue)));
-            }
-        };
-        let state = Arc::new(State::default());
-        let taken =
-            matches!(options.ack, AckMode::Auto).then(|| UpstreamConsumer::auto_acker(ch.clone()));
-        this.consumers.lock().insert(
-            tag.clone(),
-            Held {
-                channel: ch.clone(),
-                auto: taken.is_some(),
-                inner: inner.clone(),
-                state: state.clone(),
-            },
-        );
+        this.consumers.lock().insert(tag.clone(), held);
         if this.closed.load(Ordering::Acquire) {
             // Closed while the consume was under way: close() did not see this one.
             this.consumers.lock().remove(tag.as_str());
-            consumer::requeue_and_close(&ch, true).await;
+            consumer::requeue_and_close(&live.amqp.channel, true).await;
             return Err(EngineError::ChannelClosed);
         }
         let tag: Arc<str> = tag.into();
         let stream = UpstreamConsumer {
-            inner,
-            channel: ch,
+            live,
+            link: this.shared.link.clone(),
+            spec,
             tags: this.tags.clone(),
             tag: tag.clone(),
             state,
             settling: this.settling.clone(),
             taken,
+            resuming: None,
             done: false,
         };
         Ok(Consumer::new(tag, queue.into(), Box::new(stream)))
@@ -637,29 +629,29 @@ impl Channel for UpstreamChannel {
             EngineError::PreconditionFailed(format!("unknown consumer tag '{consumer_tag}'"))
         })?;
         held.state.cancelled.store(true, Ordering::Release);
+        let live = held.state.live();
         match on_cancel {
             OnCancel::Requeue => {
                 let _settled = this.settling.write().await;
-                this.tags.forget_channel(&held.channel);
-                consumer::requeue_and_close(&held.channel, !held.auto).await;
+                this.tags.forget_channel(&live.amqp);
+                consumer::requeue_and_close(&live.amqp.channel, !held.auto).await;
             }
             OnCancel::KeepUnacked => {
-                let _ = held
-                    .channel
+                let channel = &live.amqp.channel;
+                let _ = channel
                     .basic_cancel(
                         short("consumer tag", consumer_tag)?,
                         BasicCancelOptions::default(),
                     )
                     .await;
                 // What the client never took goes back now; what it took waits for its ack.
-                let mut untaken = held.inner;
+                let mut untaken = live.consumer;
                 while let Some(Some(Ok(d))) = untaken.next().now_or_never() {
-                    let _ = held
-                        .channel
+                    let _ = channel
                         .basic_reject(d.delivery_tag, BasicRejectOptions { requeue: true })
                         .await;
                 }
-                this.kept.lock().push(held.channel);
+                this.kept.lock().push(live.amqp.channel);
             }
         }
         Ok(())
@@ -712,4 +704,16 @@ impl Channel for UpstreamChannel {
     async fn close(&self) {
         self.inner.close().await;
     }
+}
+
+fn binding(
+    exchange: &str,
+    routing_key: &str,
+    arguments: &FieldTable,
+) -> Result<Binding, EngineError> {
+    Ok(Binding {
+        exchange: short("exchange", names::canonical_exchange(exchange))?,
+        routing_key: short("routing key", routing_key)?,
+        arguments: convert::table(arguments)?,
+    })
 }

@@ -1,112 +1,129 @@
 //! Consumers on the upstream broker: one AMQP channel each on the consuming connection, with
 //! its own prefetch, so cancelling or dropping one is closing its channel (RabbitMQ requeues
 //! what it held) and a refusal elsewhere never touches it (DESIGN.md §1). Delivery tags are the
-//! engine channel's own, mapped here to (AMQP channel, AMQP tag). Auto-ack consumers consume
-//! with manual acks and a bounded prefetch and are acked as the adapter takes each delivery:
-//! RabbitMQ's no-ack mode has no flow control at all.
+//! engine channel's own ([`Tags`]). Auto-ack consumers consume with manual acks and a bounded
+//! prefetch and are acked as the adapter takes each delivery: RabbitMQ's no-ack mode has no
+//! flow control at all.
+//!
+//! A consumer outlives its connection: when the connection is lost the stream waits (the
+//! adapter just sees no delivery) and consumes again, same queue, tag and prefetch, on the
+//! next one (DESIGN.md §5). What it held unacked was requeued by the broker and comes again,
+//! `redelivered`; acks for the old copies are moot and succeed without effect.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use futures_util::Stream;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, Stream};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::{FieldTable, ShortString};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
-use super::convert;
+use super::convert::{self, About};
+use super::link::{Conns, Link};
+use super::tags::{Amqp, Tags};
 use crate::engine::{CancelReason, Delivery, DeliveryStream, EngineError};
 
 /// Prefetch of an auto-ack consumer: what may sit between RabbitMQ and the adapter.
 pub(super) const AUTO_ACK_WINDOW: u16 = 256;
+/// Consume attempts on a new connection before the consumer gives up (one a second: an
+/// exclusive consume waits for the broker to notice the old connection is gone).
+const RESUME_ATTEMPTS: u32 = 30;
 
-/// The engine channel's delivery tags.
-#[derive(Default)]
-pub(super) struct Tags {
-    next: AtomicU64,
-    unacked: Mutex<BTreeMap<u64, (lapin::Channel, u64)>>,
+/// What a consumer asked for, to ask again on a new connection.
+pub(super) struct Spec {
+    pub queue: ShortString,
+    pub tag: ShortString,
+    pub prefetch: u16,
+    pub exclusive: bool,
+    pub arguments: FieldTable,
 }
 
-impl Tags {
-    pub(super) fn next(&self) -> u64 {
-        self.next.fetch_add(1, Ordering::Relaxed) + 1
-    }
-
-    pub(super) fn track(&self, channel: &lapin::Channel, amqp_tag: u64) -> u64 {
-        let tag = self.next();
-        self.unacked.lock().insert(tag, (channel.clone(), amqp_tag));
-        tag
-    }
-
-    /// Forgets every tag of one AMQP channel (it closed: the broker requeued them).
-    pub(super) fn forget_channel(&self, channel: &lapin::Channel) {
-        let id = channel.id();
-        self.unacked.lock().retain(|_, (ch, _)| ch.id() != id);
-    }
-
-    pub(super) fn holds_on(&self, channel: &lapin::Channel) -> bool {
-        let id = channel.id();
-        self.unacked.lock().values().any(|(ch, _)| ch.id() == id)
-    }
-
-    pub(super) fn clear(&self) {
-        self.unacked.lock().clear();
-    }
-
-    /// Takes the tags an ack or nack settles, as one (channel, highest AMQP tag, multiple)
-    /// per AMQP channel; an unknown tag is refused and changes nothing.
-    pub(super) fn take(
-        &self,
-        tag: u64,
-        multiple: bool,
-    ) -> Result<Vec<(lapin::Channel, u64, bool)>, EngineError> {
-        let mut unacked = self.unacked.lock();
-        if !multiple {
-            let (ch, amqp) = unacked.remove(&tag).ok_or_else(|| unknown(tag))?;
-            return Ok(vec![(ch, amqp, false)]);
-        }
-        // AMQP: multiple with tag 0 means every outstanding delivery.
-        let upto = if tag == 0 { u64::MAX } else { tag };
-        let settled: Vec<u64> = unacked.range(..=upto).map(|(t, _)| *t).collect();
-        if settled.is_empty() {
-            return Err(unknown(tag));
-        }
-        let mut per_channel: BTreeMap<u16, (lapin::Channel, u64)> = BTreeMap::new();
-        for t in settled {
-            if let Some((ch, amqp)) = unacked.remove(&t) {
-                let entry = per_channel.entry(ch.id()).or_insert((ch, amqp));
-                entry.1 = entry.1.max(amqp);
-            }
-        }
-        Ok(per_channel
-            .into_values()
-            .map(|(ch, amqp)| (ch, amqp, true))
-            .collect())
-    }
+/// The AMQP channel and lapin consumer currently serving a consumer.
+#[derive(Clone)]
+pub(super) struct Live {
+    pub amqp: Amqp,
+    pub consumer: lapin::Consumer,
 }
 
-fn unknown(tag: u64) -> EngineError {
-    EngineError::PreconditionFailed(format!("unknown delivery tag {tag}"))
+/// Opens a channel on `conns` and consumes there.
+pub(super) async fn start(conns: &Conns, spec: &Spec) -> Result<Live, EngineError> {
+    let queue = spec.queue.as_str();
+    let ch = conns
+        .consuming_channel()
+        .await
+        .map_err(|e| convert::engine_error(&e, About::Other))?;
+    let started = async {
+        ch.basic_qos(spec.prefetch, BasicQosOptions::default())
+            .await?;
+        let consume = BasicConsumeOptions {
+            no_local: false,
+            no_ack: false,
+            exclusive: spec.exclusive,
+            nowait: false,
+        };
+        ch.basic_consume(
+            spec.queue.clone(),
+            spec.tag.clone(),
+            consume,
+            spec.arguments.clone(),
+        )
+        .await
+    };
+    match started.await {
+        Ok(consumer) => Ok(Live {
+            amqp: Amqp {
+                generation: conns.generation,
+                channel: ch,
+            },
+            consumer,
+        }),
+        Err(e) => {
+            close_later(ch, None, true);
+            Err(convert::engine_error(&e, About::Consume(queue)))
+        }
+    }
 }
 
 /// What the owning channel and the stream share about one consumer.
-#[derive(Default)]
 pub(super) struct State {
     /// Cancelled by its own channel: the stream ends without a reason.
     pub cancelled: AtomicBool,
     reason: Mutex<Option<CancelReason>>,
+    live: Mutex<Live>,
 }
 
+impl State {
+    pub(super) fn new(live: Live) -> State {
+        State {
+            cancelled: AtomicBool::new(false),
+            reason: Mutex::default(),
+            live: Mutex::new(live),
+        }
+    }
+
+    pub(super) fn live(&self) -> Live {
+        self.live.lock().clone()
+    }
+}
+
+type Resuming = BoxFuture<'static, Result<Live, CancelReason>>;
+
 pub(super) struct UpstreamConsumer {
-    pub inner: lapin::Consumer,
-    pub channel: lapin::Channel,
+    pub live: Live,
+    pub link: Arc<Link>,
+    pub spec: Arc<Spec>,
     pub tags: Arc<Tags>,
     pub tag: Arc<str>,
     pub state: Arc<State>,
     pub settling: Settling,
     /// Auto-ack: the highest AMQP tag handed over, acked (multiple) by a small task.
     pub taken: Option<watch::Sender<u64>>,
+    /// Sync for `DeliveryStream`; only ever polled through `&mut`.
+    pub resuming: Option<sync_wrapper::SyncWrapper<Resuming>>,
     pub done: bool,
 }
 
@@ -132,7 +149,7 @@ impl UpstreamConsumer {
                 taken.send_replace(d.delivery_tag);
                 self.tags.next()
             }
-            None => self.tags.track(&self.channel, d.delivery_tag),
+            None => self.tags.track(&self.live.amqp, d.delivery_tag),
         };
         convert::delivery(d, delivery_tag, Some(self.tag.clone()), None)
     }
@@ -144,33 +161,90 @@ impl UpstreamConsumer {
         }
         Poll::Ready(None)
     }
+
+    /// The stream ended; `None` when that is the connection's loss, to resume from.
+    fn ended(&self, error: Option<&lapin::Error>) -> Option<CancelReason> {
+        if !self.link.is_live(self.live.amqp.generation) {
+            return None;
+        }
+        Some(match error {
+            Some(e) if !convert::is_channel_error(e) => CancelReason::ConnectionLost,
+            Some(_) => CancelReason::ChannelClosed,
+            // The broker cancelled it: its queue went (consumer_cancel_notify).
+            None if self.live.amqp.channel.status().connected() => CancelReason::QueueDeleted,
+            None => CancelReason::ChannelClosed,
+        })
+    }
+
+    fn resume(&mut self) {
+        let (link, spec, state) = (self.link.clone(), self.spec.clone(), self.state.clone());
+        self.resuming = Some(sync_wrapper::SyncWrapper::new(Box::pin(async move {
+            for _ in 0..RESUME_ATTEMPTS {
+                let Some(conns) = link.up().await else {
+                    return Err(CancelReason::ConnectionLost);
+                };
+                if state.cancelled.load(Ordering::Acquire) {
+                    return Err(CancelReason::ConnectionLost);
+                }
+                match start(&conns, &spec).await {
+                    Ok(live) => return Ok(live),
+                    Err(EngineError::NotFound { .. }) => return Err(CancelReason::QueueDeleted),
+                    Err(e) => {
+                        tracing::debug!(queue = %spec.queue, error = %e, "consumer not resumed yet");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+            Err(CancelReason::ConnectionLost)
+        })));
+    }
+
+    /// Serves from a resumed consumer; false when its channel was closed meanwhile.
+    fn install(&mut self, live: Live) -> bool {
+        *self.state.live.lock() = live.clone();
+        if self.state.cancelled.load(Ordering::Acquire) {
+            // Its channel closed while this one was opening and may have closed the old one.
+            close_later(live.amqp.channel, None, true);
+            return false;
+        }
+        if self.taken.is_some() {
+            self.taken = Some(Self::auto_acker(live.amqp.channel.clone()));
+        }
+        tracing::debug!(queue = %self.spec.queue, tag = %self.tag, "consumer resumed upstream");
+        self.live = live;
+        true
+    }
 }
 
 impl DeliveryStream for UpstreamConsumer {
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
-        if self.done || self.state.cancelled.load(Ordering::Acquire) {
-            return Poll::Ready(None);
-        }
-        match std::pin::Pin::new(&mut self.inner).poll_next(cx) {
-            Poll::Ready(Some(Ok(d))) => Poll::Ready(Some(self.delivery(d))),
-            Poll::Ready(Some(Err(e))) => {
-                let reason = if convert::is_channel_error(&e) {
-                    CancelReason::ChannelClosed
-                } else {
-                    CancelReason::ConnectionLost
-                };
-                self.end(Some(reason))
+        loop {
+            if self.done || self.state.cancelled.load(Ordering::Acquire) {
+                return Poll::Ready(None);
             }
-            Poll::Ready(None) => {
-                let reason = if self.channel.status().connected() {
-                    // The broker cancelled it: its queue went (consumer_cancel_notify).
-                    CancelReason::QueueDeleted
-                } else {
-                    CancelReason::ChannelClosed
-                };
-                self.end(Some(reason))
+            if let Some(resuming) = &mut self.resuming {
+                let resumed = std::task::ready!(resuming.get_mut().poll_unpin(cx));
+                self.resuming = None;
+                match resumed {
+                    Ok(live) => {
+                        if !self.install(live) {
+                            return Poll::Ready(None);
+                        }
+                        continue;
+                    }
+                    Err(reason) => return self.end(Some(reason)),
+                }
             }
-            Poll::Pending => Poll::Pending,
+            let ended = match std::pin::Pin::new(&mut self.live.consumer).poll_next(cx) {
+                Poll::Ready(Some(Ok(d))) => return Poll::Ready(Some(self.delivery(d))),
+                Poll::Ready(Some(Err(e))) => self.ended(Some(&e)),
+                Poll::Ready(None) => self.ended(None),
+                Poll::Pending => return Poll::Pending,
+            };
+            match ended {
+                Some(reason) => return self.end(Some(reason)),
+                None => self.resume(),
+            }
         }
     }
 
@@ -185,9 +259,10 @@ impl Drop for UpstreamConsumer {
             return;
         }
         // Dropped by its adapter: a cancel that requeues, i.e. closing its AMQP channel.
-        self.tags.forget_channel(&self.channel);
+        self.tags.forget_channel(&self.live.amqp);
         let auto = self.taken.is_some();
-        close_later(self.channel.clone(), Some(self.settling.clone()), !auto);
+        let channel = self.live.amqp.channel.clone();
+        close_later(channel, Some(self.settling.clone()), !auto);
     }
 }
 
@@ -234,6 +309,10 @@ pub(super) async fn settle(
     requeue: bool,
 ) -> Result<(), EngineError> {
     for (channel, tag, multiple) in batches {
+        if !channel.status().connected() {
+            // Its channel is gone and the broker requeued what it held: nothing to settle.
+            continue;
+        }
         let sent = if ack {
             channel.basic_ack(tag, BasicAckOptions { multiple }).await
         } else {
@@ -241,7 +320,12 @@ pub(super) async fn settle(
                 .basic_nack(tag, BasicNackOptions { multiple, requeue })
                 .await
         };
-        sent.map_err(|e| convert::engine_error(&e, convert::About::Other))?;
+        match sent {
+            Err(e) if channel.status().connected() => {
+                return Err(convert::engine_error(&e, About::Other));
+            }
+            _ => {}
+        }
     }
     Ok(())
 }

@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::convert;
+use super::link::{Conns, Link};
 use super::publisher::{Publisher, Request};
 use crate::engine::EngineError;
 use crate::engine::sessions::local::LocalSessions;
@@ -51,59 +52,15 @@ impl ControlSessions {
         shared: &super::Shared,
         origin: &str,
     ) -> Result<Arc<ControlSessions>, EngineError> {
-        let err = |e: lapin::Error| convert::engine_error(&e, convert::About::Exchange(EXCHANGE));
-        let ch = shared.consuming.create_channel().await.map_err(err)?;
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..ExchangeDeclareOptions::default()
-        };
-        ch.exchange_declare(
-            EXCHANGE.into(),
-            lapin::ExchangeKind::Fanout,
-            durable,
-            Default::default(),
-        )
-        .await
-        .map_err(err)?;
-        // Exclusive to the consuming connection: it goes with this instance.
-        let mine = QueueDeclareOptions {
-            exclusive: true,
-            auto_delete: true,
-            ..QueueDeclareOptions::default()
-        };
-        let queue = ch
-            .queue_declare("".into(), mine, Default::default())
-            .await
-            .map_err(err)?;
-        let name = queue.name().clone();
-        ch.queue_bind(
-            name.clone(),
-            EXCHANGE.into(),
-            "".into(),
-            QueueBindOptions::default(),
-            Default::default(),
-        )
-        .await
-        .map_err(err)?;
-        ch.basic_qos(100, BasicQosOptions::default())
-            .await
-            .map_err(err)?;
-        let consumer = ch
-            .basic_consume(
-                name,
-                "".into(),
-                BasicConsumeOptions::default(),
-                Default::default(),
-            )
-            .await
-            .map_err(err)?;
+        let (ch, consumer) = subscribe(shared.link.current()?).await?;
         let control = Arc::new(ControlSessions {
             local: LocalSessions::default(),
-            publisher: Publisher::spawn(shared.publishing.clone()),
+            publisher: Publisher::spawn(shared.link.clone()),
             origin: origin.to_owned(),
             announced: Mutex::default(),
         });
-        tokio::spawn(follow(Arc::downgrade(&control), ch, consumer));
+        let link = shared.link.clone();
+        tokio::spawn(follow(Arc::downgrade(&control), link, ch, consumer));
         Ok(control)
     }
 
@@ -136,23 +93,84 @@ impl ControlSessions {
     }
 }
 
+/// Declares the exchange and a queue exclusive to the consuming connection (it goes with this
+/// instance, and with each lost connection: every generation declares its own) and consumes it.
+async fn subscribe(conns: Arc<Conns>) -> Result<(lapin::Channel, lapin::Consumer), EngineError> {
+    let err = |e: lapin::Error| convert::engine_error(&e, convert::About::Exchange(EXCHANGE));
+    let ch = conns.consuming_channel().await.map_err(err)?;
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    ch.exchange_declare(
+        EXCHANGE.into(),
+        lapin::ExchangeKind::Fanout,
+        durable,
+        Default::default(),
+    )
+    .await
+    .map_err(err)?;
+    let mine = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..QueueDeclareOptions::default()
+    };
+    let queue = ch
+        .queue_declare("".into(), mine, Default::default())
+        .await
+        .map_err(err)?;
+    let name = queue.name().clone();
+    ch.queue_bind(
+        name.clone(),
+        EXCHANGE.into(),
+        "".into(),
+        QueueBindOptions::default(),
+        Default::default(),
+    )
+    .await
+    .map_err(err)?;
+    ch.basic_qos(100, BasicQosOptions::default())
+        .await
+        .map_err(err)?;
+    let consumer = ch
+        .basic_consume(
+            name,
+            "".into(),
+            BasicConsumeOptions::default(),
+            Default::default(),
+        )
+        .await
+        .map_err(err)?;
+    Ok((ch, consumer))
+}
+
+/// Hears announcements for as long as the registry lives, subscribing again after each lost
+/// connection (announcements sent meanwhile are missed; takeovers repeat theirs).
 async fn follow(
     control: std::sync::Weak<ControlSessions>,
-    ch: lapin::Channel,
+    link: Arc<Link>,
+    mut ch: lapin::Channel,
     mut consumer: lapin::Consumer,
 ) {
-    while let Some(Ok(delivery)) = consumer.next().await {
-        let Some(control) = control.upgrade() else {
-            break;
+    loop {
+        while let Some(Ok(delivery)) = consumer.next().await {
+            let Some(control) = control.upgrade() else {
+                return;
+            };
+            match serde_json::from_slice::<Announcement>(&delivery.data) {
+                Ok(a) => control.heard(a).await,
+                Err(e) => tracing::debug!(error = %e, "unreadable control announcement ignored"),
+            }
+            let ack = BasicAckOptions { multiple: true };
+            if ch.basic_ack(delivery.delivery_tag, ack).await.is_err() {
+                break;
+            }
+        }
+        let wanted = || control.strong_count() > 0;
+        let Some((c, k)) = link.retry(wanted, subscribe).await else {
+            return;
         };
-        match serde_json::from_slice::<Announcement>(&delivery.data) {
-            Ok(a) => control.heard(a).await,
-            Err(e) => tracing::debug!(error = %e, "unreadable control announcement ignored"),
-        }
-        let ack = BasicAckOptions { multiple: true };
-        if ch.basic_ack(delivery.delivery_tag, ack).await.is_err() {
-            break;
-        }
+        (ch, consumer) = (c, k);
     }
 }
 

@@ -14,14 +14,14 @@ use crate::engine::EngineError;
 const IDLE: usize = 16;
 
 pub(super) struct Pool {
-    conn: Arc<lapin::Connection>,
+    link: Arc<super::link::Link>,
     idle: Arc<Mutex<Vec<lapin::Channel>>>,
 }
 
 impl Pool {
-    pub(super) fn new(conn: Arc<lapin::Connection>) -> Pool {
+    pub(super) fn new(link: Arc<super::link::Link>) -> Pool {
         Pool {
-            conn,
+            link,
             idle: Arc::default(),
         }
     }
@@ -40,8 +40,9 @@ impl Pool {
         let channel = match idle {
             Some(ch) => ch,
             None => self
-                .conn
-                .create_channel()
+                .link
+                .current()?
+                .consuming_channel()
                 .await
                 .map_err(|e| super::convert::engine_error(&e, About::Other))?,
         };

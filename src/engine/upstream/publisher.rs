@@ -24,6 +24,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use tokio::sync::{mpsc, oneshot};
 
 use super::convert::{self, About};
+use super::link::Link;
 use crate::engine::{EngineError, PublishConfirm, PublishOutcome};
 
 /// Publishes awaiting their confirm at once, per engine channel.
@@ -81,9 +82,9 @@ pub(super) struct Publisher {
 }
 
 impl Publisher {
-    pub(super) fn spawn(conn: Arc<lapin::Connection>) -> Publisher {
+    pub(super) fn spawn(link: Arc<Link>) -> Publisher {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(conn, rx));
+        tokio::spawn(run(link, rx));
         Publisher { tx }
     }
 
@@ -108,7 +109,7 @@ struct Failure {
 }
 
 struct Pipe {
-    conn: Arc<lapin::Connection>,
+    link: Arc<Link>,
     channel: Option<lapin::Channel>,
     generation: u64,
     /// Sent again before anything new.
@@ -116,9 +117,9 @@ struct Pipe {
     failure: Option<Failure>,
 }
 
-async fn run(conn: Arc<lapin::Connection>, mut rx: mpsc::UnboundedReceiver<Request>) {
+async fn run(link: Arc<Link>, mut rx: mpsc::UnboundedReceiver<Request>) {
     let mut pipe = Pipe {
-        conn,
+        link,
         channel: None,
         generation: 0,
         retry: VecDeque::new(),
@@ -170,27 +171,36 @@ async fn run(conn: Arc<lapin::Connection>, mut rx: mpsc::UnboundedReceiver<Reque
 }
 
 impl Pipe {
-    async fn channel(&mut self) -> Result<lapin::Channel, lapin::Error> {
+    /// The confirm-mode channel, opened on the current connection when there is none: while
+    /// the upstream is down that fails at once with `Unavailable` (DESIGN.md §5).
+    async fn channel(&mut self) -> Result<lapin::Channel, EngineError> {
         if let Some(ch) = &self.channel
             && ch.status().connected()
         {
             return Ok(ch.clone());
         }
-        let ch = self.conn.create_channel().await?;
-        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        let failed = |e: lapin::Error| convert::engine_error(&e, About::Other);
+        let ch = self
+            .link
+            .current()?
+            .publishing_channel()
+            .await
+            .map_err(failed)?;
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(failed)?;
         self.generation += 1;
         self.channel = Some(ch.clone());
         Ok(ch)
     }
 
     /// Sends one publish; its confirm future comes back to be awaited in order.
-    /// Sends one publish; its confirm future comes back to be awaited in order.
     async fn send(&mut self, mut request: Request) -> Option<InFlight> {
         request.attempts += 1;
         let channel = match self.channel().await {
             Ok(ch) => ch,
             Err(e) => {
-                request.answer(Err(convert::engine_error(&e, About::Other)));
+                request.answer(Err(e));
                 return None;
             }
         };

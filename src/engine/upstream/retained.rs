@@ -17,6 +17,7 @@ use parking_lot::RwLock;
 use tokio::sync::Notify;
 
 use super::convert;
+use super::link::{Conns, Link};
 use super::publisher::{Publisher, Request};
 use crate::engine::retained::{RetainedMessage, RetainedStore, RetainedUndo};
 use crate::engine::topic::pattern_matches;
@@ -75,50 +76,22 @@ impl StreamRetained {
         max_bytes: u64,
         catch_up: Duration,
     ) -> Result<Arc<StreamRetained>, EngineError> {
-        let about = convert::About::Queue(STREAM);
-        let err = |e: lapin::Error| convert::engine_error(&e, about);
-        let ch = shared.consuming.create_channel().await.map_err(err)?;
-        let mut args = lapin::types::FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString(LongString::from("stream")),
-        );
-        args.insert(
-            "x-max-length-bytes".into(),
-            AMQPValue::LongLongInt(max_bytes as i64),
-        );
-        let durable = QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        };
-        ch.queue_declare(STREAM.into(), durable, args)
-            .await
-            .map_err(err)?;
-        ch.basic_qos(1000, BasicQosOptions::default())
-            .await
-            .map_err(err)?;
-        let mut from = lapin::types::FieldTable::default();
-        from.insert(
-            "x-stream-offset".into(),
-            AMQPValue::LongString(LongString::from("first")),
-        );
-        let consumer = ch
-            .basic_consume(
-                STREAM.into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                from,
-            )
-            .await
-            .map_err(err)?;
+        let (ch, consumer) = subscribe(shared.link.current()?, max_bytes, None).await?;
         let store = Arc::new(StreamRetained {
             map: RwLock::default(),
-            publisher: Publisher::spawn(shared.publishing.clone()),
+            publisher: Publisher::spawn(shared.link.clone()),
             origin: origin.into(),
             seq: Default::default(),
             caught_up: Notify::new(),
         });
-        tokio::spawn(follow(Arc::downgrade(&store), ch, consumer));
+        let link = shared.link.clone();
+        tokio::spawn(follow(
+            Arc::downgrade(&store),
+            link,
+            max_bytes,
+            ch,
+            consumer,
+        ));
         // A marker appended now: once it is replayed, so is everything before it.
         let marker = store.next_seq();
         let waited = store.caught_up.notified();
@@ -201,19 +174,70 @@ impl StreamRetained {
     }
 }
 
+/// Declares the stream and consumes it from `after + 1`, or from its first offset.
+async fn subscribe(
+    conns: Arc<Conns>,
+    max_bytes: u64,
+    after: Option<i64>,
+) -> Result<(lapin::Channel, lapin::Consumer), EngineError> {
+    let about = convert::About::Queue(STREAM);
+    let err = |e: lapin::Error| convert::engine_error(&e, about);
+    let ch = conns.consuming_channel().await.map_err(err)?;
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("stream")),
+    );
+    args.insert(
+        "x-max-length-bytes".into(),
+        AMQPValue::LongLongInt(max_bytes as i64),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    ch.queue_declare(STREAM.into(), durable, args)
+        .await
+        .map_err(err)?;
+    ch.basic_qos(1000, BasicQosOptions::default())
+        .await
+        .map_err(err)?;
+    let mut from = lapin::types::FieldTable::default();
+    let offset = match after {
+        Some(offset) => AMQPValue::LongLongInt(offset + 1),
+        None => AMQPValue::LongString(LongString::from("first")),
+    };
+    from.insert("x-stream-offset".into(), offset);
+    let consumer = ch
+        .basic_consume(
+            STREAM.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            from,
+        )
+        .await
+        .map_err(err)?;
+    Ok((ch, consumer))
+}
+
+/// Applies the stream for as long as the store lives, resuming after the last offset applied
+/// when the connection comes back: what other instances retained meanwhile arrives then.
 async fn follow(
     store: std::sync::Weak<StreamRetained>,
-    ch: lapin::Channel,
+    link: Arc<Link>,
+    max_bytes: u64,
+    mut ch: lapin::Channel,
     mut consumer: lapin::Consumer,
 ) {
-    let mut since_ack = 0u32;
-    while let Some(Ok(delivery)) = consumer.next().await {
-        let Some(store) = store.upgrade() else { break };
-        let tag = delivery.delivery_tag;
-        store.apply(delivery);
-        since_ack += 1;
-        if since_ack >= 100 || consumer_idle(&consumer) {
-            since_ack = 0;
+    let mut last: Option<i64> = None;
+    loop {
+        while let Some(Ok(delivery)) = consumer.next().await {
+            let Some(store) = store.upgrade() else { return };
+            let tag = delivery.delivery_tag;
+            if let Some(offset) = stream_offset(&delivery) {
+                last = Some(offset);
+            }
+            store.apply(delivery);
             if ch
                 .basic_ack(tag, BasicAckOptions { multiple: true })
                 .await
@@ -222,13 +246,24 @@ async fn follow(
                 break;
             }
         }
+        let _ = ch.close(200, "OK".into()).await;
+        let wanted = || store.strong_count() > 0;
+        let resubscribe = |conns| subscribe(conns, max_bytes, last);
+        let Some((c, k)) = link.retry(wanted, resubscribe).await else {
+            return;
+        };
+        (ch, consumer) = (c, k);
     }
-    let _ = ch.close(200, "OK".into()).await;
 }
 
-/// Stream consumers need acks to get more credit; ack at once when nothing else is waiting.
-fn consumer_idle(_: &lapin::Consumer) -> bool {
-    true
+fn stream_offset(delivery: &lapin::message::Delivery) -> Option<i64> {
+    let headers = delivery.properties.headers().as_ref()?;
+    match headers.inner().get("x-stream-offset")? {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongInt(n) => Some((*n).into()),
+        AMQPValue::LongUInt(n) => Some((*n).into()),
+        _ => None,
+    }
 }
 
 #[async_trait]
