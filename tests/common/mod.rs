@@ -10,6 +10,7 @@ pub mod child;
 pub mod held_confirms;
 pub mod mqtt_bytes;
 pub mod mqtt_wire;
+pub mod proxy;
 pub mod rabbit;
 pub mod under;
 pub mod ws;
