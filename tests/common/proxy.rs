@@ -44,10 +44,11 @@ impl Proxy {
                     };
                     let piped = async {
                         match tls {
-                            Some(tls) => match tls.accept(client).await {
-                                Ok(client) => pipe(client, server).await,
-                                Err(_) => {}
-                            },
+                            Some(tls) => {
+                                if let Ok(client) = tls.accept(client).await {
+                                    pipe(client, server).await
+                                }
+                            }
                             None => pipe(client, server).await,
                         }
                     };
