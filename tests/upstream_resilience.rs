@@ -269,6 +269,62 @@ fn publish_qos1(topic: &str, payload: &[u8]) -> Vec<u8> {
     packet(0x32, body)
 }
 
+/// While the upstream is down new MQTT connections are refused (CONNACK 0x88 / code 3) and a
+/// 3.1.1 client's QoS 1 publish closes its connection without a PUBACK.
+async fn refused_while_down(mqtt: std::net::SocketAddr, v3: &mut RawWire) {
+    let mut late = RawWire::tcp(mqtt).await;
+    late.send_raw(&connect(
+        b"MQTT",
+        4,
+        0,
+        &common::unique("late"),
+        Some(&admin()),
+    ))
+    .await;
+    assert_eq!(late.packet().await.unwrap(), (0x20, vec![0, 3]));
+    let mut late5 = RawWire::tcp(mqtt).await;
+    late5
+        .send_raw(&connect(
+            b"MQTT",
+            5,
+            0,
+            &common::unique("late5"),
+            Some(&admin()),
+        ))
+        .await;
+    let (kind, connack) = late5.packet().await.unwrap();
+    assert_eq!((kind, connack[1]), (0x20, 0x88));
+    v3.send_raw(&publish_qos1("load/v3", b"v3-0")).await;
+    assert!(
+        v3.packet().await.is_err(),
+        "3.1.1 closed over an unconfirmed publish"
+    );
+}
+
+const NAMES: [&str; 3] = ["REST", "WebSocket", "MQTT 5"];
+
+/// Every refusal carried the failure table's answer for an unavailable upstream.
+fn answered_as_the_table_says(tallies: &[Arc<Tally>; 3]) {
+    for (name, tally) in NAMES.iter().zip(tallies) {
+        let refused = tally.refused.lock().clone();
+        let expected = match *name {
+            "MQTT 5" => "UnspecifiedError",
+            _ => "unavailable",
+        };
+        assert!(
+            refused.iter().all(|code| code == expected),
+            "{name} publishers are refused with {expected}: {refused:?}"
+        );
+    }
+    for (name, tally) in NAMES.iter().zip(tallies) {
+        eprintln!(
+            "{name}: {} confirmed, {} refused",
+            tally.confirmed(),
+            tally.refused()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_upstream_loses_no_confirmed_publish_and_every_client_resumes() {
     let vhost = Vhost::create().await;
@@ -316,35 +372,7 @@ async fn a_cut_upstream_loses_no_confirmed_publish_and_every_client_resumes() {
     })
     .await;
     assert_eq!(ready(&gw).await, 503, "/readyz while the upstream is down");
-    // New connections are refused while the upstream is down (CONNACK 0x88 / code 3)...
-    let mut late = RawWire::tcp(mqtt).await;
-    late.send_raw(&connect(
-        b"MQTT",
-        4,
-        0,
-        &common::unique("late"),
-        Some(&admin()),
-    ))
-    .await;
-    assert_eq!(late.packet().await.unwrap(), (0x20, vec![0, 3]));
-    let mut late5 = RawWire::tcp(mqtt).await;
-    late5
-        .send_raw(&connect(
-            b"MQTT",
-            5,
-            0,
-            &common::unique("late5"),
-            Some(&admin()),
-        ))
-        .await;
-    let (kind, connack) = late5.packet().await.unwrap();
-    assert_eq!((kind, connack[1]), (0x20, 0x88));
-    // ...and the 3.1.1 publisher's QoS 1 publish closes its connection without a PUBACK.
-    v3.send_raw(&publish_qos1("load/v3", b"v3-0")).await;
-    assert!(
-        v3.packet().await.is_err(),
-        "3.1.1 closed over an unconfirmed publish"
-    );
+    refused_while_down(mqtt, &mut v3).await;
 
     let confirmed_at_cut: Vec<usize> = tallies.iter().map(|t| t.confirmed()).collect();
     proxy.restore();
@@ -368,17 +396,7 @@ async fn a_cut_upstream_loses_no_confirmed_publish_and_every_client_resumes() {
         tokio::time::timeout(OUTAGE, p).await.unwrap().unwrap();
     }
 
-    for (name, tally) in ["REST", "WebSocket", "MQTT 5"].iter().zip(&tallies) {
-        let refused = tally.refused.lock().clone();
-        let expected = match *name {
-            "MQTT 5" => "UnspecifiedError",
-            _ => "unavailable",
-        };
-        assert!(
-            refused.iter().all(|code| code == expected),
-            "{name} publishers are refused with {expected}: {refused:?}"
-        );
-    }
+    answered_as_the_table_says(&tallies);
     let confirmed: Vec<String> = tallies
         .iter()
         .flat_map(|t| t.confirmed.lock().clone())
@@ -394,22 +412,6 @@ async fn a_cut_upstream_loses_no_confirmed_publish_and_every_client_resumes() {
         )
         .await;
     }
-    for (name, tally) in ["REST", "WebSocket", "MQTT 5"].iter().zip(&tallies) {
-        eprintln!(
-            "{name}: {} confirmed ({} before the cut), {} refused",
-            tally.confirmed(),
-            confirmed_at_cut[["REST", "WebSocket", "MQTT 5"]
-                .iter()
-                .position(|n| n == name)
-                .unwrap()],
-            tally.refused()
-        );
-    }
-    eprintln!(
-        "subscribers: MQTT saw {}, WebSocket saw {} distinct payloads",
-        mqtt_seen.lock().len(),
-        ws_seen.lock().len()
-    );
     assert!(
         !mqtt_sub.is_finished(),
         "the MQTT subscriber stayed connected"
