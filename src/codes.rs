@@ -46,7 +46,9 @@ impl Code {
 impl From<&Throttled> for Code {
     fn from(t: &Throttled) -> Self {
         match t.reason {
-            ThrottleReason::MemoryWatermark | ThrottleReason::DiskAlarm => Code::Overloaded,
+            ThrottleReason::MemoryWatermark
+            | ThrottleReason::DiskAlarm
+            | ThrottleReason::UpstreamBlocked => Code::Overloaded,
             _ => Code::RateLimited,
         }
     }

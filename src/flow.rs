@@ -28,6 +28,8 @@ pub enum ThrottleReason {
     /// The data directory's disk is below `engine.disk_free_limit`: not the client's doing
     /// either.
     DiskAlarm,
+    /// The upstream broker sent `connection.blocked` (its own memory or disk alarm).
+    UpstreamBlocked,
 }
 
 impl ThrottleReason {
@@ -38,6 +40,7 @@ impl ThrottleReason {
             ThrottleReason::SubjectRate => "subject_rate",
             ThrottleReason::MemoryWatermark => "memory_watermark",
             ThrottleReason::DiskAlarm => "disk_alarm",
+            ThrottleReason::UpstreamBlocked => "upstream_blocked",
         }
     }
 }
@@ -58,6 +61,9 @@ impl std::fmt::Display for Throttled {
             ),
             ThrottleReason::DiskAlarm => f.write_str(
                 "the gateway's disk is below its free-space limit; publishes resume when space is freed",
+            ),
+            ThrottleReason::UpstreamBlocked => f.write_str(
+                "the upstream broker blocked publishing (its memory or disk alarm); publishes resume when it unblocks",
             ),
             reason => write!(f, "publish rate limit ({}) reached", reason.as_str()),
         }
@@ -81,11 +87,21 @@ impl Throttled {
         }
     }
 
+    /// The upstream broker's alarm: it says when it is over (`connection.unblocked`).
+    pub fn upstream() -> Throttled {
+        Throttled {
+            reason: ThrottleReason::UpstreamBlocked,
+            retry_after: Duration::from_secs(1),
+        }
+    }
+
     /// The engine refused for its own reasons (memory, disk), not the client's rate.
     pub fn is_engine_alarm(&self) -> bool {
         matches!(
             self.reason,
-            ThrottleReason::MemoryWatermark | ThrottleReason::DiskAlarm
+            ThrottleReason::MemoryWatermark
+                | ThrottleReason::DiskAlarm
+                | ThrottleReason::UpstreamBlocked
         )
     }
 

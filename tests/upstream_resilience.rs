@@ -18,8 +18,10 @@ use common::ws::request;
 use common::{TestGateway, WAIT, admin, eventually, start_gateway, under::on_vhost};
 use futures_util::{SinkExt, StreamExt};
 use parking_lot::Mutex;
+use rumqttc::v5::mqttbytes::QoS as QoS5;
+use rumqttc::v5::mqttbytes::v5::PubAckReason;
 use serde_json::{Value, json};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
@@ -128,14 +130,19 @@ async fn ws_publisher(upgrade: Upgrade, stop: watch::Receiver<bool>, tally: Arc<
     }
 }
 
-async fn mqtt5_publisher(port: u16, stop: watch::Receiver<bool>, tally: Arc<Tally>) {
-    use rumqttc::v5::mqttbytes::QoS;
-    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+/// An MQTT 5 client and its PUBACK reasons in order (`None`: the connection ended).
+async fn mqtt5(
+    port: u16,
+) -> (
+    rumqttc::v5::AsyncClient,
+    mpsc::UnboundedReceiver<Option<PubAckReason>>,
+) {
+    use rumqttc::v5::mqttbytes::v5::Packet;
     use rumqttc::v5::{AsyncClient, Event, MqttOptions};
     let mut o = MqttOptions::new(common::unique("pub5"), "127.0.0.1", port);
     o.set_credentials("u", admin());
     let (client, mut eventloop) = AsyncClient::new(o, 10);
-    let (acks, mut acked) = tokio::sync::mpsc::unbounded_channel();
+    let (acks, acked) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
             match eventloop.poll().await {
@@ -146,19 +153,25 @@ async fn mqtt5_publisher(port: u16, stop: watch::Receiver<bool>, tally: Arc<Tall
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    eprintln!("the MQTT 5 client lost its connection: {e}");
                     let _ = acks.send(None);
-                    panic!("the MQTT 5 publisher lost its connection: {e}");
+                    return;
                 }
             }
         }
     });
+    (client, acked)
+}
+
+async fn mqtt5_publisher(port: u16, stop: watch::Receiver<bool>, tally: Arc<Tally>) {
+    let (client, mut acked) = mqtt5(port).await;
     for n in 0.. {
         if *stop.borrow() {
             return;
         }
         let body = format!("mqtt-{n}");
         client
-            .publish("load/mqtt", QoS::AtLeastOnce, false, body.clone())
+            .publish("load/mqtt", QoS5::AtLeastOnce, false, body.clone())
             .await
             .unwrap();
         let reason = tokio::time::timeout(OUTAGE, acked.recv())
@@ -491,4 +504,160 @@ async fn amqps_with_a_private_ca_works_and_an_untrusted_certificate_is_refused()
             "{said}"
         );
     }
+}
+
+/// A WebSocket client that sends one request at a time.
+struct Ws(
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+);
+
+impl Ws {
+    async fn connect(gw: &TestGateway) -> Ws {
+        let upgrade = request(gw, Some(&admin()), true, "");
+        Ws(tokio_tungstenite::connect_async(upgrade)
+            .await
+            .expect("upgrade")
+            .0)
+    }
+
+    async fn recv(&mut self) -> Value {
+        loop {
+            match tokio::time::timeout(WAIT, self.0.next()).await {
+                Ok(Some(Ok(WsMessage::Text(t)))) => return serde_json::from_str(&t).unwrap(),
+                Ok(Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_)))) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    async fn call(&mut self, request: Value) -> Value {
+        self.0
+            .send(WsMessage::text(request.to_string()))
+            .await
+            .unwrap();
+        self.recv().await
+    }
+}
+
+async fn next_ack(acks: &mut mpsc::UnboundedReceiver<Option<PubAckReason>>) -> PubAckReason {
+    tokio::time::timeout(OUTAGE, acks.recv())
+        .await
+        .expect("a PUBACK in time")
+        .flatten()
+        .expect("the MQTT 5 client is connected")
+}
+
+async fn rest_publish(gw: &TestGateway, body: &str) -> reqwest::Response {
+    gw.post("/v1/exchanges/amq.topic/publish", &admin())
+        .json(&json!({"routing_key": "alarm.rest", "body": body}))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A memory alarm on the broker (a node of the test's own) blocks the gateway's publishing
+/// connection: publishers on every protocol are throttled with the memory watermark's answers
+/// while a subscriber keeps receiving on the other connection; cleared, publishing resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_alarm_throttles_publishers_while_deliveries_flow() {
+    let node = common::rabbit_node::RabbitNode::start().await;
+    let gw = start_gateway(|c| {
+        c.engine.kind = amqp_gateway::config::EngineKindConfig::Upstream;
+        c.engine.upstream.url = Some(node.amqp_url());
+    })
+    .await;
+    let backlog = gw.queue("backlog").await;
+    for n in 0..100 {
+        let r = gw
+            .post("/v1/exchanges/amq.default/publish", &admin())
+            .json(&json!({"routing_key": backlog, "body": format!("b-{n}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let mut ws = Ws::connect(&gw).await;
+    let publish = |id: u64| json!({"op": "publish", "id": id, "exchange": "amq.topic", "routing_key": "alarm.ws", "body": "x"});
+    assert_eq!(ws.call(publish(1)).await["op"], "published");
+    let (mqtt, mut acks) = mqtt5(gw.gateway.addrs().mqtt.port()).await;
+    mqtt.publish("alarm/mqtt", QoS5::AtLeastOnce, false, "before")
+        .await
+        .unwrap();
+    assert_eq!(next_ack(&mut acks).await, PubAckReason::Success);
+
+    node.ctl(&["set_vm_memory_high_watermark", "0.00001"]).await;
+    // The first publish may reach the broker before it blocks the connection: its PUBACK waits
+    // for the alarm to clear either way.
+    mqtt.publish("alarm/mqtt", QoS5::AtLeastOnce, false, "during")
+        .await
+        .unwrap();
+    eventually("the gateway heard connection.blocked", || async {
+        gw.metrics_text()
+            .await
+            .contains("gateway_publish_blocked 1")
+    })
+    .await;
+    let refused = rest_publish(&gw, "refused").await;
+    assert!(refused.headers().contains_key("retry-after"));
+    let problem = common::problem(refused, 503, "overloaded").await;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("upstream broker blocked"),
+        "{problem}"
+    );
+    let refused = ws.call(publish(2)).await;
+    assert_eq!(
+        (&refused["op"], &refused["code"]),
+        (&json!("error"), &json!("overloaded")),
+        "{refused}"
+    );
+    assert!(refused["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), acks.recv())
+            .await
+            .is_err(),
+        "the MQTT PUBACK is withheld"
+    );
+
+    // Deliveries and acks flow on the consuming connection meanwhile.
+    let mut reader = Ws::connect(&gw).await;
+    let subscribed = reader
+        .call(
+            json!({"op": "subscribe", "id": 1, "queue": backlog, "ack": "manual", "prefetch": 10}),
+        )
+        .await;
+    assert_eq!(subscribed["op"], "subscribed", "{subscribed}");
+    for n in 0..100 {
+        let m = reader.recv().await;
+        assert_eq!(m["body"], format!("b-{n}"), "{m}");
+        let ack = json!({"op": "ack", "sub": m["sub"], "delivery_tag": m["delivery_tag"]});
+        reader
+            .0
+            .send(WsMessage::text(ack.to_string()))
+            .await
+            .unwrap();
+    }
+    eventually("the backlog drained", || async {
+        gw.depth(&backlog).await == 0
+    })
+    .await;
+
+    node.ctl(&["set_vm_memory_high_watermark", "0.4"]).await;
+    assert_eq!(
+        next_ack(&mut acks).await,
+        PubAckReason::Success,
+        "the withheld PUBACK"
+    );
+    eventually("REST publishes are accepted again", || async {
+        rest_publish(&gw, "after").await.status() == 200
+    })
+    .await;
+    assert_eq!(ws.call(publish(3)).await["op"], "published");
+    assert!(
+        gw.metrics_text()
+            .await
+            .contains("gateway_publish_blocked 0")
+    );
 }

@@ -87,6 +87,8 @@ impl Context {
         if self.engine.publish_blocked() {
             let alarm = if self.engine.disk_alarm() {
                 Throttled::disk()
+            } else if self.engine.kind() == crate::engine::EngineKind::Upstream {
+                Throttled::upstream()
             } else {
                 Throttled::memory()
             };

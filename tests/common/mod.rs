@@ -12,6 +12,7 @@ pub mod mqtt_bytes;
 pub mod mqtt_wire;
 pub mod proxy;
 pub mod rabbit;
+pub mod rabbit_node;
 pub mod under;
 pub mod ws;
 
