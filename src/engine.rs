@@ -453,6 +453,12 @@ pub trait Engine: Send + Sync + 'static {
         false
     }
 
+    /// Whether [`Engine::publish_blocked`] is the upstream broker's doing (`connection.blocked`:
+    /// its own memory or disk alarm), which the gateway can only wait out.
+    fn upstream_alarm(&self) -> bool {
+        false
+    }
+
     /// [`Engine::publish_blocked`] as it changes, for whoever must react at once (an AMQP
     /// `connection.blocked`, parked publishes, a gauge) instead of asking per publish.
     fn watch_publish_blocked(&self) -> tokio::sync::watch::Receiver<bool>;

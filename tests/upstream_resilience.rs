@@ -282,9 +282,23 @@ fn publish_qos1(topic: &str, payload: &[u8]) -> Vec<u8> {
     packet(0x32, body)
 }
 
-/// While the upstream is down new MQTT connections are refused (CONNACK 0x88 / code 3) and a
-/// 3.1.1 client's QoS 1 publish closes its connection without a PUBACK.
-async fn refused_while_down(mqtt: std::net::SocketAddr, v3: &mut RawWire) {
+/// While the upstream is down new connections are refused (REST 503, WebSocket 1011, CONNACK
+/// 0x88 / code 3) and a 3.1.1 client's QoS 1 publish closes its connection without a PUBACK.
+async fn refused_while_down(gw: &TestGateway, v3: &mut RawWire) {
+    let mqtt = gw.gateway.addrs().mqtt;
+    let listing = gw
+        .get("/v1/queues/anything", &admin())
+        .send()
+        .await
+        .unwrap();
+    common::problem(listing, 503, "unavailable").await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(request(gw, Some(&admin()), true, ""))
+        .await
+        .expect("upgrade");
+    match tokio::time::timeout(WAIT, ws.next()).await {
+        Ok(Some(Ok(WsMessage::Close(Some(frame))))) => assert_eq!(u16::from(frame.code), 1011),
+        other => panic!("a new WebSocket is closed 1011 while the upstream is down: {other:?}"),
+    }
     let mut late = RawWire::tcp(mqtt).await;
     late.send_raw(&connect(
         b"MQTT",
@@ -385,7 +399,7 @@ async fn a_cut_upstream_loses_no_confirmed_publish_and_every_client_resumes() {
     })
     .await;
     assert_eq!(ready(&gw).await, 503, "/readyz while the upstream is down");
-    refused_while_down(mqtt, &mut v3).await;
+    refused_while_down(&gw, &mut v3).await;
 
     let confirmed_at_cut: Vec<usize> = tallies.iter().map(|t| t.confirmed()).collect();
     proxy.restore();
@@ -597,7 +611,13 @@ async fn a_broker_alarm_throttles_publishers_while_deliveries_flow() {
             .contains("gateway_publish_blocked 1")
     })
     .await;
-    let refused = rest_publish(&gw, "refused").await;
+    let refused = match tokio::time::timeout(WAIT / 2, rest_publish(&gw, "refused")).await {
+        Ok(r) => r,
+        Err(_) => panic!(
+            "a REST publish while blocked went unanswered; the gateway's metrics:\n{}",
+            gw.metrics_text().await
+        ),
+    };
     assert!(refused.headers().contains_key("retry-after"));
     let problem = common::problem(refused, 503, "overloaded").await;
     assert!(

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use clap::Parser;
 
 mod durable;
+mod hop;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::Mutex;
 
@@ -394,7 +395,11 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    let mqtt_scenarios: Vec<&String> = args.scenarios.iter().filter(|s| *s != "durable").collect();
+    let mqtt_scenarios: Vec<&String> = args
+        .scenarios
+        .iter()
+        .filter(|s| !is_amqp_scenario(s))
+        .collect();
     if !mqtt_scenarios.is_empty() {
         mqtt_table(&args, &targets).await;
     }
@@ -409,6 +414,44 @@ async fn main() {
             std::process::exit(1);
         }
     }
+    if args.scenarios.iter().any(|s| s == "hop") {
+        if let Err(e) = hop_table(&args, &targets[0]).await {
+            eprintln!("bench: hop: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Scenarios with a table of their own, against RabbitMQ over AMQP (`--amqp`).
+fn is_amqp_scenario(s: &str) -> bool {
+    s == "durable" || s == "hop"
+}
+
+/// 1→1 at-least-once deliveries through the gateway (MQTT QoS 1) and through RabbitMQ
+/// directly (lapin), median of the runs, and their ratio.
+async fn hop_table(args: &Args, gateway: &Target) -> Result<(), String> {
+    let url = args.amqp.as_deref().ok_or("needs --amqp")?;
+    let (mut through, mut direct) = (Vec::new(), Vec::new());
+    for _ in 0..args.runs {
+        through.push(throughput(gateway, args, 1, 1, QoS::AtLeastOnce).await?);
+        direct.push(hop::direct(url, args.payload, args.duration).await?);
+    }
+    let (g, d) = (median(through), median(direct));
+    println!(
+        "\n1→1 at-least-once, {} B payloads, 100 in flight, median of {} runs of {:?}\n",
+        args.payload, args.runs, args.duration
+    );
+    println!(
+        "| gateway MQTT QoS 1 | RabbitMQ direct (lapin confirms + manual acks) | gateway vs direct |"
+    );
+    println!("|---|---|---|");
+    println!(
+        "| {:.1}k/s | {:.1}k/s | {:.2} |",
+        g / 1000.0,
+        d / 1000.0,
+        if d > 0.0 { g / d } else { 0.0 }
+    );
+    Ok(())
 }
 
 /// The MQTT scenarios, one row each, every target side by side.
@@ -427,7 +470,7 @@ async fn mqtt_table(args: &Args, targets: &[Target]) {
     }
     println!("{header}");
     println!("|---|{}", "---|".repeat(names.len() * 2 - 1));
-    for scenario in args.scenarios.iter().filter(|s| *s != "durable") {
+    for scenario in args.scenarios.iter().filter(|s| !is_amqp_scenario(s)) {
         let mut outcomes = Vec::new();
         for t in targets {
             outcomes.push(measure(t, args, scenario).await);

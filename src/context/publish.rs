@@ -87,7 +87,7 @@ impl Context {
         if self.engine.publish_blocked() {
             let alarm = if self.engine.disk_alarm() {
                 Throttled::disk()
-            } else if self.engine.kind() == crate::engine::EngineKind::Upstream {
+            } else if self.engine.upstream_alarm() {
                 Throttled::upstream()
             } else {
                 Throttled::memory()

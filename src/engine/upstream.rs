@@ -220,6 +220,10 @@ impl Engine for UpstreamEngine {
         *self.blocked.borrow()
     }
 
+    fn upstream_alarm(&self) -> bool {
+        self.publish_blocked()
+    }
+
     fn watch_publish_blocked(&self) -> watch::Receiver<bool> {
         self.blocked.clone()
     }

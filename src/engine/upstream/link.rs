@@ -13,7 +13,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use lapin::tcp::OwnedTLSConfig;
 use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Connection, ConnectionProperties};
@@ -285,7 +285,7 @@ async fn lost(link: &Weak<Link>, conns: &Conns, events: &mut [Events; 2]) -> Opt
                     return None;
                 }
                 if !conns.alive() {
-                    return Some("closed".into());
+                    return Some(pending_error(publishing, consuming));
                 }
                 continue;
             }
@@ -306,6 +306,18 @@ async fn lost(link: &Weak<Link>, conns: &Conns, events: &mut [Events; 2]) -> Opt
             Some(_) => {}
         }
     }
+}
+
+/// The error lapin reported for a connection found lost, if its event is already queued.
+fn pending_error(publishing: &mut Events, consuming: &mut Events) -> String {
+    for events in [publishing, consuming] {
+        while let Some(Some(event)) = events.next().now_or_never() {
+            if let lapin::Event::Error(e) = event {
+                return e.to_string();
+            }
+        }
+    }
+    "closed by the broker".into()
 }
 
 async fn supervise(link: Weak<Link>, mut conns: Arc<Conns>, mut events: [Events; 2]) {

@@ -1,0 +1,106 @@
+//! The cost of the hop (issue 16): 1→1 at-least-once through the gateway's MQTT (QoS 1, 100
+//! in flight, the subscriber acking each) against the same through RabbitMQ directly with
+//! lapin — a publisher in confirm mode with 100 publishes awaiting their confirm, a consumer
+//! with prefetch 100 acking each. With `ENGINE=upstream` both land on the same broker, so the
+//! ratio is what the gateway's translation costs.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+/// Publishes awaiting their confirm, as the MQTT publisher's in-flight window.
+const WINDOW: usize = 100;
+
+fn err(e: lapin::Error) -> String {
+    e.to_string()
+}
+
+/// Deliveries per second, 1→1, through RabbitMQ directly.
+pub async fn direct(url: &str, payload: usize, duration: Duration) -> Result<f64, String> {
+    let props = ConnectionProperties::default();
+    let consuming = Connection::connect(url, props.clone()).await.map_err(err)?;
+    let publishing = Connection::connect(url, props).await.map_err(err)?;
+    let sub = consuming.create_channel().await.map_err(err)?;
+    let exclusive = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..QueueDeclareOptions::default()
+    };
+    let queue = sub
+        .queue_declare("".into(), exclusive, FieldTable::default())
+        .await
+        .map_err(err)?;
+    sub.basic_qos(WINDOW as u16, BasicQosOptions::default())
+        .await
+        .map_err(err)?;
+    let mut consumer = sub
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(err)?;
+    let delivered = Arc::new(AtomicU64::new(0));
+    let counted = delivered.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(d)) = consumer.next().await {
+            counted.fetch_add(1, Ordering::Relaxed);
+            if d.ack(BasicAckOptions::default()).await.is_err() {
+                return;
+            }
+        }
+    });
+    let publisher = publishing.create_channel().await.map_err(err)?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(err)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    let key = queue.name().clone();
+    let body = vec![b'x'; payload];
+    tokio::spawn(async move {
+        let mut in_flight = FuturesUnordered::new();
+        while !stopped.load(Ordering::Relaxed) {
+            while in_flight.len() >= WINDOW {
+                if in_flight.next().await.is_none() {
+                    break;
+                }
+            }
+            let sent = publisher
+                .basic_publish(
+                    "".into(),
+                    key.clone(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default(),
+                )
+                .await;
+            match sent {
+                Ok(confirm) => in_flight.push(confirm),
+                Err(_) => return,
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = delivered.load(Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(duration).await;
+    let rate =
+        (delivered.load(Ordering::Relaxed) - before) as f64 / started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let _ = publishing.close(200, "bench done".into()).await;
+    let _ = consuming.close(200, "bench done".into()).await;
+    Ok(rate)
+}
