@@ -414,11 +414,11 @@ async fn main() {
             std::process::exit(1);
         }
     }
-    if args.scenarios.iter().any(|s| s == "hop") {
-        if let Err(e) = hop_table(&args, &targets[0]).await {
-            eprintln!("bench: hop: {e}");
-            std::process::exit(1);
-        }
+    if args.scenarios.iter().any(|s| s == "hop")
+        && let Err(e) = hop_table(&args, &targets[0]).await
+    {
+        eprintln!("bench: hop: {e}");
+        std::process::exit(1);
     }
 }
 
