@@ -28,6 +28,11 @@ trap cleanup EXIT
 
 export GATEWAY_LIMITS__PUBLISH_RATE=1000000000 GATEWAY_LIMITS__PUBLISH_BURST=1000000000 \
   GATEWAY_LIMITS__SUBJECT_PUBLISH_RATE=1000000000 GATEWAY_LIMITS__PUBLISH_BYTES_RATE=1TiB
+# The hop scenario compares with lapin at 100 in flight each way: the same windows here
+# (defaults: 64 inbound, 32 outbound).
+if [[ " $* " == *hop* ]]; then
+  export GATEWAY_MQTT__RECEIVE_MAXIMUM=100 GATEWAY_MQTT__MAX_INFLIGHT=100
+fi
 gateway=(target/release/amqp-gateway --data-dir "$work" --log-format json
   --http-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0)
 if [ "${ENGINE:-embedded}" = upstream ]; then
