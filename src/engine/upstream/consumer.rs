@@ -313,15 +313,20 @@ pub(super) async fn settle(
             // Its channel is gone and the broker requeued what it held: nothing to settle.
             continue;
         }
+        // lapin queues the frame in the first poll, in order with everything else on the
+        // channel; the rest of the future only waits for lapin's I/O thread to write it, a
+        // round trip that would hold the adapter's packet loop on every ack.
         let sent = if ack {
-            channel.basic_ack(tag, BasicAckOptions { multiple }).await
+            channel
+                .basic_ack(tag, BasicAckOptions { multiple })
+                .now_or_never()
         } else {
             channel
                 .basic_nack(tag, BasicNackOptions { multiple, requeue })
-                .await
+                .now_or_never()
         };
         match sent {
-            Err(e) if channel.status().connected() => {
+            Some(Err(e)) if channel.status().connected() => {
                 return Err(convert::engine_error(&e, About::Other));
             }
             _ => {}
