@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
 
+mod count;
 mod durable;
 mod hop;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
@@ -101,7 +102,7 @@ async fn idle(t: &Target, args: &Args) -> Result<f64, String> {
     let mut clients = Vec::new();
     for i in 0..args.idle_connections {
         let topic = format!("bench/idle/{}/{i}", std::process::id());
-        clients.push(subscriber(t, &topic, QoS::AtLeastOnce, seen.clone(), false).await?);
+        clients.push(subscriber(t, &topic, QoS::AtLeastOnce, seen.clone(), false, None).await?);
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = rss_kib(pid)?;
@@ -160,6 +161,7 @@ async fn subscriber(
     qos: QoS,
     seen: Arc<Seen>,
     timed: bool,
+    numbered: Option<Arc<count::Received>>,
 ) -> Result<AsyncClient, String> {
     let (client, mut ev) = AsyncClient::new(options(t), 10_000);
     until_connected(&mut ev).await?;
@@ -178,6 +180,9 @@ async fn subscriber(
         while let Ok(event) = ev.poll().await {
             if let Event::Incoming(Packet::Publish(p)) = event {
                 seen.count.fetch_add(1, Ordering::Relaxed);
+                if let Some(numbered) = &numbered {
+                    numbered.record(&p.payload);
+                }
                 if timed && p.payload.len() >= 8 {
                     let sent = u64::from_be_bytes(p.payload[..8].try_into().unwrap_or([0; 8]));
                     seen.latencies
@@ -198,14 +203,15 @@ async fn publisher(t: &Target) -> Result<AsyncClient, String> {
     Ok(client)
 }
 
-/// `pubs` publishers flat out to `subs` subscribers of one topic: deliveries per second.
+/// `pubs` publishers flat out to `subs` subscribers of one topic: deliveries per second during
+/// the window, and what the whole run lost (numbered payloads, counted after a drain).
 async fn throughput(
     t: &Target,
     args: &Args,
     pubs: usize,
     subs: usize,
     qos: QoS,
-) -> Result<f64, String> {
+) -> Result<(f64, count::Loss), String> {
     let topic = format!(
         "bench/{}/{}",
         std::process::id(),
@@ -213,24 +219,28 @@ async fn throughput(
     );
     let seen = Arc::new(Seen::default());
     let mut clients = Vec::new();
+    let mut received = Vec::new();
     for _ in 0..subs {
-        clients.push(subscriber(t, &topic, qos, seen.clone(), false).await?);
+        let numbered = Arc::new(count::Received::default());
+        received.push(numbered.clone());
+        clients.push(subscriber(t, &topic, qos, seen.clone(), false, Some(numbered)).await?);
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let payload = vec![b'x'; args.payload];
-    for _ in 0..pubs {
+    let mut sent = Vec::new();
+    for index in 0..pubs {
         let client = publisher(t).await?;
         clients.push(client.clone());
-        let (stop, topic, payload) = (stop.clone(), topic.clone(), payload.clone());
+        let tally = Arc::new(count::Sent::default());
+        sent.push(tally.clone());
+        let (stop, topic, size) = (stop.clone(), topic.clone(), args.payload);
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                if client
-                    .publish(&topic, qos, false, payload.clone())
-                    .await
-                    .is_err()
-                {
+                let seq = tally.count();
+                let payload = count::payload(index as u32, seq, size);
+                if client.publish(&topic, qos, false, payload).await.is_err() {
                     break;
                 }
+                tally.next();
             }
         });
     }
@@ -241,11 +251,28 @@ async fn throughput(
     let delivered = seen.count.load(Ordering::Relaxed) - before;
     let rate = delivered as f64 / started.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
+    drain(&seen).await;
+    let loss = count::Loss::of(&sent, &received);
     for c in clients {
         let _ = c.disconnect().await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    Ok(rate)
+    Ok((rate, loss))
+}
+
+/// Waits until deliveries stop (half a second without one, at most ten seconds): what is still
+/// in flight after that counts as lost.
+async fn drain(seen: &Seen) {
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut last = seen.count.load(Ordering::Relaxed);
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = seen.count.load(Ordering::Relaxed);
+        if now == last {
+            return;
+        }
+        last = now;
+    }
 }
 
 /// One publisher at a fixed 5 000 msg/s QoS 0 to one subscriber: (p50, p99) in ms.
@@ -257,7 +284,7 @@ async fn latency(t: &Target, args: &Args) -> Result<(f64, f64), String> {
         NEXT_ID.fetch_add(1, Ordering::Relaxed)
     );
     let seen = Arc::new(Seen::default());
-    let sub = subscriber(t, &topic, QoS::AtMostOnce, seen.clone(), true).await?;
+    let sub = subscriber(t, &topic, QoS::AtMostOnce, seen.clone(), true, None).await?;
     let client = publisher(t).await?;
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     let per_tick = RATE / 1000;
@@ -298,7 +325,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// The median of a scenario's runs on one target.
 enum Outcome {
-    Rate(f64),
+    /// Deliveries per second (median), and what all runs together lost.
+    Rate {
+        rate: f64,
+        loss: count::Loss,
+    },
     Latency {
         p50: f64,
         p99: f64,
@@ -310,7 +341,16 @@ enum Outcome {
 impl Outcome {
     fn cell(&self) -> String {
         match self {
-            Outcome::Rate(r) => format!("{:.1}k/s", r / 1000.0),
+            Outcome::Rate { rate, loss } => {
+                let mut cell = format!("{:.1}k/s, {:.2} % lost", rate / 1000.0, loss.percent());
+                if loss.duplicates > 0 || loss.reordered > 0 {
+                    cell.push_str(&format!(
+                        " ({} dup, {} out of order)",
+                        loss.duplicates, loss.reordered
+                    ));
+                }
+                cell
+            }
             Outcome::Latency { p50, p99 } => format!("{p50:.2} / {p99:.2} ms"),
             Outcome::Memory(kib) => format!("{kib:.1} KiB"),
         }
@@ -319,7 +359,9 @@ impl Outcome {
     /// base / other, oriented so that above 1 means the base target did better.
     fn ratio(&self, other: &Outcome) -> Option<f64> {
         match (self, other) {
-            (Outcome::Rate(a), Outcome::Rate(b)) if *b > 0.0 => Some(a / b),
+            (Outcome::Rate { rate: a, .. }, Outcome::Rate { rate: b, .. }) if *b > 0.0 => {
+                Some(a / b)
+            }
             (Outcome::Latency { p50: a, .. }, Outcome::Latency { p50: b, .. }) if *a > 0.0 => {
                 Some(b / a)
             }
@@ -335,22 +377,21 @@ async fn measure(t: &Target, args: &Args, scenario: &str) -> Result<Outcome, Str
         return idle(t, args).await.map(Outcome::Memory);
     }
     let mut rates = Vec::new();
+    let mut loss = count::Loss::default();
+    let mut runs = |r: Result<(f64, count::Loss), String>| {
+        r.map(|(rate, l)| {
+            rates.push(rate);
+            loss.add(l);
+        })
+    };
     let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
     let mut last_error = None;
     for _ in 0..args.runs {
         let r = match scenario {
-            "qos0" => throughput(t, args, 1, 1, QoS::AtMostOnce)
-                .await
-                .map(|r| rates.push(r)),
-            "qos1" => throughput(t, args, 1, 1, QoS::AtLeastOnce)
-                .await
-                .map(|r| rates.push(r)),
-            "fanout" => throughput(t, args, 1, 50, QoS::AtMostOnce)
-                .await
-                .map(|r| rates.push(r)),
-            "fanin" => throughput(t, args, 50, 1, QoS::AtMostOnce)
-                .await
-                .map(|r| rates.push(r)),
+            "qos0" => runs(throughput(t, args, 1, 1, QoS::AtMostOnce).await),
+            "qos1" => runs(throughput(t, args, 1, 1, QoS::AtLeastOnce).await),
+            "fanout" => runs(throughput(t, args, 1, 50, QoS::AtMostOnce).await),
+            "fanin" => runs(throughput(t, args, 50, 1, QoS::AtMostOnce).await),
             "latency" => latency(t, args).await.map(|(p50, p99)| {
                 p50s.push(p50);
                 p99s.push(p99);
@@ -362,7 +403,10 @@ async fn measure(t: &Target, args: &Args, scenario: &str) -> Result<Outcome, Str
         }
     }
     if !rates.is_empty() {
-        Ok(Outcome::Rate(median(rates)))
+        Ok(Outcome::Rate {
+            rate: median(rates),
+            loss,
+        })
     } else if !p50s.is_empty() {
         Ok(Outcome::Latency {
             p50: median(p50s),
@@ -433,7 +477,7 @@ async fn hop_table(args: &Args, gateway: &Target) -> Result<(), String> {
     let url = args.amqp.as_deref().ok_or("needs --amqp")?;
     let (mut through, mut direct) = (Vec::new(), Vec::new());
     for _ in 0..args.runs {
-        through.push(throughput(gateway, args, 1, 1, QoS::AtLeastOnce).await?);
+        through.push(throughput(gateway, args, 1, 1, QoS::AtLeastOnce).await?.0);
         direct.push(hop::direct(url, args.payload, args.duration).await?);
     }
     let (g, d) = (median(through), median(direct));
