@@ -681,3 +681,51 @@ async fn a_broker_alarm_throttles_publishers_while_deliveries_flow() {
             .contains("gateway_publish_blocked 0")
     );
 }
+
+/// A client's exclusive queue the broker lost while the gateway was cut off (as a broker
+/// restart loses a transient queue) is declared again with its binding before its consumer
+/// resumes: the subscriber keeps receiving on the same connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_exclusive_queue_is_declared_again_with_its_bindings() {
+    let vhost = Vhost::create().await;
+    let proxy = Proxy::start(proxy::rabbitmq()).await;
+    let gw = gateway_through(&proxy, &vhost).await;
+    let seen: Seen = Default::default();
+    let (_subscriber, task) = mqtt_subscriber(gw.gateway.addrs().mqtt.port(), seen.clone()).await;
+    let publish = |body: &'static str| {
+        gw.post("/v1/exchanges/amq.topic/publish", &admin())
+            .json(&json!({"routing_key": "load.restore", "body": body}))
+            .send()
+    };
+    assert_eq!(publish("before").await.unwrap().status(), 200);
+    until("the subscriber got 'before'", WAIT, || {
+        seen.lock().contains("before")
+    })
+    .await;
+    let queues: Vec<String> = vhost
+        .queue_names()
+        .await
+        .into_iter()
+        .filter(|q| q.starts_with("mqtt-subscription-"))
+        .collect();
+    assert_eq!(queues.len(), 1, "the subscriber's queue: {queues:?}");
+
+    proxy.cut();
+    eventually("/readyz 503", || async { ready(&gw).await == 503 }).await;
+    vhost.delete_queue(&queues[0]).await;
+    proxy.restore();
+    eventually("/readyz 200", || async { ready(&gw).await == 200 }).await;
+
+    assert!(
+        vhost.queue_names().await.contains(&queues[0]),
+        "declared again"
+    );
+    assert_eq!(publish("after").await.unwrap().status(), 200);
+    until(
+        "the subscriber got 'after' through the restored binding",
+        OUTAGE,
+        || seen.lock().contains("after"),
+    )
+    .await;
+    assert!(!task.is_finished(), "the MQTT subscriber stayed connected");
+}

@@ -71,6 +71,44 @@ impl Vhost {
     pub fn management_url(&self) -> String {
         management_base()
     }
+
+    /// Names of the vhost's queues, as the management API lists them.
+    pub async fn queue_names(&self) -> Vec<String> {
+        let url = format!("{}/api/queues/{}", management_base(), self.name);
+        let listed: serde_json::Value = client()
+            .get(url)
+            .basic_auth(USER, Some(PASSWORD))
+            .send()
+            .await
+            .expect("the management API answers")
+            .json()
+            .await
+            .expect("a JSON list of queues");
+        listed
+            .as_array()
+            .map(|qs| {
+                qs.iter()
+                    .filter_map(|q| q["name"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Deletes a queue behind the gateway's back, as a broker restart loses a transient one.
+    pub async fn delete_queue(&self, queue: &str) {
+        let url = format!("{}/api/queues/{}/{queue}", management_base(), self.name);
+        let deleted = client()
+            .delete(url)
+            .basic_auth(USER, Some(PASSWORD))
+            .send()
+            .await
+            .expect("the management API answers");
+        assert!(
+            deleted.status().is_success(),
+            "delete {queue}: {}",
+            deleted.status()
+        );
+    }
 }
 
 impl Drop for Vhost {
