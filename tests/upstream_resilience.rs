@@ -453,6 +453,20 @@ async fn a_cut_upstream_loses_no_confirmed_publish_and_every_client_resumes() {
         "one reconnect counted"
     );
     assert!(metrics.contains("gateway_upstream_connected 1"));
+    // Both generations measured their round trip at once, and channels are in use.
+    assert!(
+        metrics.contains("gateway_upstream_round_trip_seconds_count"),
+        "{metrics}"
+    );
+    let channels = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("gateway_upstream_channels "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .expect("gateway_upstream_channels");
+    assert!(
+        channels >= 4.0,
+        "control, retained, probe and clients' channels: {channels}"
+    );
     assert!(proxy.accepted() >= 4, "two connections, then two again");
 }
 
