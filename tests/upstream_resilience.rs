@@ -352,6 +352,30 @@ fn answered_as_the_table_says(tallies: &[Arc<Tally>; 3]) {
     }
 }
 
+/// The supervisor's metrics after exactly one reconnect.
+async fn upstream_metrics_after_one_reconnect(gw: &TestGateway) {
+    let metrics = gw.metrics_text().await;
+    assert!(
+        metrics.contains("gateway_upstream_reconnects_total 1"),
+        "one reconnect counted"
+    );
+    assert!(metrics.contains("gateway_upstream_connected 1"));
+    // Both generations measured their round trip at once, and channels are in use.
+    assert!(
+        metrics.contains("gateway_upstream_round_trip_seconds_count"),
+        "{metrics}"
+    );
+    let channels = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("gateway_upstream_channels "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .expect("gateway_upstream_channels");
+    assert!(
+        channels >= 4.0,
+        "control, retained, probe and clients' channels: {channels}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_upstream_loses_no_confirmed_publish_and_every_client_resumes() {
     let vhost = Vhost::create().await;
@@ -447,26 +471,7 @@ async fn a_cut_upstream_loses_no_confirmed_publish_and_every_client_resumes() {
         !ws_sub.is_finished(),
         "the WebSocket subscriber stayed connected"
     );
-    let metrics = gw.metrics_text().await;
-    assert!(
-        metrics.contains("gateway_upstream_reconnects_total 1"),
-        "one reconnect counted"
-    );
-    assert!(metrics.contains("gateway_upstream_connected 1"));
-    // Both generations measured their round trip at once, and channels are in use.
-    assert!(
-        metrics.contains("gateway_upstream_round_trip_seconds_count"),
-        "{metrics}"
-    );
-    let channels = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("gateway_upstream_channels "))
-        .and_then(|v| v.parse::<f64>().ok())
-        .expect("gateway_upstream_channels");
-    assert!(
-        channels >= 4.0,
-        "control, retained, probe and clients' channels: {channels}"
-    );
+    upstream_metrics_after_one_reconnect(&gw).await;
     assert!(proxy.accepted() >= 4, "two connections, then two again");
 }
 
@@ -583,6 +588,33 @@ async fn rest_publish(gw: &TestGateway, body: &str) -> reqwest::Response {
         .unwrap()
 }
 
+type Acks = mpsc::UnboundedReceiver<Option<PubAckReason>>;
+
+/// An MQTT 5 publisher confirmed once, then the node's memory alarm raised and one more publish
+/// sent, until the gateway hears `connection.blocked` (RabbitMQ blocks a connection when it
+/// publishes; that publish's PUBACK waits for the alarm to clear, or for the connection's end).
+async fn alarm_raised(
+    node: &common::rabbit_node::RabbitNode,
+    gw: &TestGateway,
+) -> (rumqttc::v5::AsyncClient, Acks) {
+    let (mqtt, mut acks) = mqtt5(gw.gateway.addrs().mqtt.port()).await;
+    mqtt.publish("alarm/mqtt", QoS5::AtLeastOnce, false, "before")
+        .await
+        .unwrap();
+    assert_eq!(next_ack(&mut acks).await, PubAckReason::Success);
+    node.ctl(&["set_vm_memory_high_watermark", "0.00001"]).await;
+    mqtt.publish("alarm/mqtt", QoS5::AtLeastOnce, false, "during")
+        .await
+        .unwrap();
+    eventually("the gateway heard connection.blocked", || async {
+        gw.metrics_text()
+            .await
+            .contains("gateway_publish_blocked 1")
+    })
+    .await;
+    (mqtt, acks)
+}
+
 /// A memory alarm on the broker (a node of the test's own) blocks the gateway's publishing
 /// connection: publishers on every protocol are throttled with the memory watermark's answers
 /// while a subscriber keeps receiving on the other connection; cleared, publishing resumes.
@@ -607,24 +639,7 @@ async fn a_broker_alarm_throttles_publishers_while_deliveries_flow() {
     let mut ws = Ws::connect(&gw).await;
     let publish = |id: u64| json!({"op": "publish", "id": id, "exchange": "amq.topic", "routing_key": "alarm.ws", "body": "x"});
     assert_eq!(ws.call(publish(1)).await["op"], "published");
-    let (mqtt, mut acks) = mqtt5(gw.gateway.addrs().mqtt.port()).await;
-    mqtt.publish("alarm/mqtt", QoS5::AtLeastOnce, false, "before")
-        .await
-        .unwrap();
-    assert_eq!(next_ack(&mut acks).await, PubAckReason::Success);
-
-    node.ctl(&["set_vm_memory_high_watermark", "0.00001"]).await;
-    // The first publish may reach the broker before it blocks the connection: its PUBACK waits
-    // for the alarm to clear either way.
-    mqtt.publish("alarm/mqtt", QoS5::AtLeastOnce, false, "during")
-        .await
-        .unwrap();
-    eventually("the gateway heard connection.blocked", || async {
-        gw.metrics_text()
-            .await
-            .contains("gateway_publish_blocked 1")
-    })
-    .await;
+    let (_mqtt, mut acks) = alarm_raised(&node, &gw).await;
     let refused = match tokio::time::timeout(WAIT / 2, rest_publish(&gw, "refused")).await {
         Ok(r) => r,
         Err(_) => panic!(
@@ -742,4 +757,48 @@ async fn a_lost_exclusive_queue_is_declared_again_with_its_bindings() {
     )
     .await;
     assert!(!task.is_finished(), "the MQTT subscriber stayed connected");
+}
+
+/// RabbitMQ tells a connection it is blocked only once it publishes: a gateway that reconnects
+/// while the broker's alarm is still raised keeps its publishers throttled (answered, not left
+/// hanging in a blocked socket) until a probe finds the alarm over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_during_a_broker_alarm_stays_throttled_until_it_clears() {
+    let node = common::rabbit_node::RabbitNode::start().await;
+    let proxy = Proxy::start(([127, 0, 0, 1], node.port).into()).await;
+    let gw = start_gateway(|c| {
+        c.engine.kind = amqp_gateway::config::EngineKindConfig::Upstream;
+        c.engine.upstream.url = Some(proxy::url_through(
+            "amqp",
+            "127.0.0.1",
+            proxy.addr.port(),
+            "%2f",
+        ));
+    })
+    .await;
+    let (mqtt, mut acks) = alarm_raised(&node, &gw).await;
+    proxy.cut();
+    // The blocked publish's confirm went with the connection.
+    assert_eq!(next_ack(&mut acks).await, PubAckReason::UnspecifiedError);
+    eventually("/readyz 503", || async { ready(&gw).await == 503 }).await;
+    proxy.restore();
+    eventually("/readyz 200", || async { ready(&gw).await == 200 }).await;
+
+    let refused = match tokio::time::timeout(WAIT / 2, rest_publish(&gw, "refused")).await {
+        Ok(r) => r,
+        Err(_) => panic!("a REST publish after the reconnect hung in the blocked socket"),
+    };
+    common::problem(refused, 503, "overloaded").await;
+
+    node.ctl(&["set_vm_memory_high_watermark", "0.4"]).await;
+    eventually("REST publishes are accepted again", || async {
+        tokio::time::timeout(WAIT / 2, rest_publish(&gw, "after"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    mqtt.publish("alarm/mqtt", QoS5::AtLeastOnce, false, "after")
+        .await
+        .unwrap();
+    assert_eq!(next_ack(&mut acks).await, PubAckReason::Success);
 }

@@ -331,11 +331,13 @@ async fn supervise(link: Weak<Link>, mut conns: Arc<Conns>, mut events: [Events;
         }
         tracing::warn!(error = %why, "upstream broker connection lost; reconnecting");
         strong.state.send_replace(State::Down(why.into()));
-        strong.blocked.send_replace(false);
+        // While down, publishes are refused as unavailable, not blocked (DESIGN.md §5).
+        let was_blocked = strong.blocked.send_replace(false);
         ::metrics::gauge!(metrics::UPSTREAM_CONNECTED).set(0.0);
         conns.close("connection lost").await;
         drop(strong);
-        let Some((next, next_events)) = reconnect(&link, conns.generation + 1).await else {
+        let next = reconnect(&link, conns.generation + 1, was_blocked).await;
+        let Some((next, next_events)) = next else {
             return;
         };
         (conns, events) = (next, next_events);
@@ -343,7 +345,11 @@ async fn supervise(link: Weak<Link>, mut conns: Arc<Conns>, mut events: [Events;
 }
 
 /// Reconnects until it succeeds (restore included) or the engine shuts down.
-async fn reconnect(link: &Weak<Link>, generation: u64) -> Option<(Arc<Conns>, [Events; 2])> {
+async fn reconnect(
+    link: &Weak<Link>,
+    generation: u64,
+    was_blocked: bool,
+) -> Option<(Arc<Conns>, [Events; 2])> {
     let since = Instant::now();
     for attempt in 1u32.. {
         tokio::time::sleep(backoff(attempt)).await;
@@ -372,6 +378,11 @@ async fn reconnect(link: &Weak<Link>, generation: u64) -> Option<(Arc<Conns>, [E
             conns.close("gateway shutting down").await;
             return None;
         }
+        if was_blocked {
+            // Still blocked until the broker says otherwise: see `unblock_probe`.
+            link.blocked.send_replace(true);
+            tokio::spawn(unblock_probe(Arc::downgrade(&link), conns.clone()));
+        }
         link.state.send_replace(State::Up(conns.clone()));
         ::metrics::counter!(metrics::UPSTREAM_RECONNECTS).increment(1);
         ::metrics::gauge!(metrics::UPSTREAM_CONNECTED).set(1.0);
@@ -385,6 +396,42 @@ async fn reconnect(link: &Weak<Link>, generation: u64) -> Option<(Arc<Conns>, [E
         return Some((conns, events));
     }
     None
+}
+
+/// After a reconnect while the broker was blocking publishers: RabbitMQ tells a connection it
+/// is blocked only once it publishes, so until then the gateway would take publishes that then
+/// hang in a blocked socket. Publishing stays blocked and one probe (an unroutable empty
+/// message) finds out: confirmed, the alarm is over; held, RabbitMQ sends `connection.blocked`
+/// and later `unblocked`, which `lost` forwards.
+async fn unblock_probe(link: Weak<Link>, conns: Arc<Conns>) {
+    let probed = async {
+        let ch = conns.publishing_channel().await?;
+        ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await?;
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                "amqp-gateway.unblock-probe".into(),
+                lapin::options::BasicPublishOptions::default(),
+                b"",
+                lapin::BasicProperties::default(),
+            )
+            .await?;
+        confirm.await?;
+        let _ = ch.close(200, "OK".into()).await;
+        Ok::<_, lapin::Error>(())
+    };
+    match probed.await {
+        Ok(()) => {
+            if let Some(link) = link.upgrade()
+                && link.is_live(conns.generation)
+            {
+                tracing::info!("upstream broker no longer blocks publishing");
+                link.blocked.send_replace(false);
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "unblock probe failed with its connection"),
+    }
 }
 
 /// Doubling from [`FIRST_DELAY`] up to [`MAX_DELAY`], each delay drawn from its upper half so
