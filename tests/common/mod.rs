@@ -14,6 +14,7 @@ pub mod proxy;
 pub mod rabbit;
 pub mod rabbit_node;
 pub mod under;
+pub mod upstream_clients;
 pub mod ws;
 
 /// Every wait in the tests is bounded by this.
@@ -217,6 +218,12 @@ impl TestGateway {
             .unwrap()
     }
 
+    /// The value of the unlabelled metric `name` (a sample line, never its `# HELP`, whose
+    /// text may start with a number too); `None` when it is not rendered.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        metric_in(&self.metrics_text().await, name)
+    }
+
     /// Ready messages in `queue`.
     pub async fn depth(&self, queue: &str) -> u64 {
         let v: serde_json::Value = self
@@ -301,4 +308,11 @@ pub async fn forbidden(req: reqwest::RequestBuilder) {
 /// Sends `req` and returns its JSON body.
 pub async fn json_of(req: reqwest::RequestBuilder) -> serde_json::Value {
     req.send().await.unwrap().json().await.unwrap()
+}
+
+/// The value of the unlabelled metric `name` in a Prometheus text.
+pub fn metric_in(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }

@@ -400,24 +400,27 @@ async fn reconnect(
 
 /// After a reconnect while the broker was blocking publishers: RabbitMQ tells a connection it
 /// is blocked only once it publishes, so until then the gateway would take publishes that then
-/// hang in a blocked socket. Publishing stays blocked and one probe (an unroutable empty
-/// message) finds out: confirmed, the alarm is over; held, RabbitMQ sends `connection.blocked`
-/// and later `unblocked`, which `lost` forwards.
+/// hang in a blocked socket. Publishing stays blocked and probes (unroutable empty messages,
+/// confirm mode) find out. Two, because RabbitMQ still reads and confirms the publish that
+/// makes it block a connection; only the one after it is held until the alarm is over. While
+/// held, RabbitMQ's `connection.blocked` and `unblocked` reach [`lost`], which forwards them.
 async fn unblock_probe(link: Weak<Link>, conns: Arc<Conns>) {
     let probed = async {
         let ch = conns.publishing_channel().await?;
         ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
             .await?;
-        let confirm = ch
-            .basic_publish(
-                "".into(),
-                "amqp-gateway.unblock-probe".into(),
-                lapin::options::BasicPublishOptions::default(),
-                b"",
-                lapin::BasicProperties::default(),
-            )
-            .await?;
-        confirm.await?;
+        for _ in 0..2 {
+            let confirm = ch
+                .basic_publish(
+                    "".into(),
+                    "amqp-gateway.unblock-probe".into(),
+                    lapin::options::BasicPublishOptions::default(),
+                    b"",
+                    lapin::BasicProperties::default(),
+                )
+                .await?;
+            confirm.await?;
+        }
         let _ = ch.close(200, "OK".into()).await;
         Ok::<_, lapin::Error>(())
     };
@@ -425,6 +428,7 @@ async fn unblock_probe(link: Weak<Link>, conns: Arc<Conns>) {
         Ok(()) => {
             if let Some(link) = link.upgrade()
                 && link.is_live(conns.generation)
+                && !conns.publishing.status().blocked()
             {
                 tracing::info!("upstream broker no longer blocks publishing");
                 link.blocked.send_replace(false);
