@@ -401,9 +401,10 @@ async fn reconnect(
 /// After a reconnect while the broker was blocking publishers: RabbitMQ tells a connection it
 /// is blocked only once it publishes, so until then the gateway would take publishes that then
 /// hang in a blocked socket. Publishing stays blocked and probes (unroutable empty messages,
-/// confirm mode) find out. Two, because RabbitMQ still reads and confirms the publish that
-/// makes it block a connection; only the one after it is held until the alarm is over. While
-/// held, RabbitMQ's `connection.blocked` and `unblocked` reach [`lost`], which forwards them.
+/// confirm mode) find out. Two, so that however RabbitMQ orders the confirm of the publish
+/// that makes it block a connection and its `connection.blocked`, the one after it is held
+/// until the alarm is over. While held, RabbitMQ's `connection.blocked` and `unblocked` reach
+/// [`lost`], which forwards them.
 async fn unblock_probe(link: Weak<Link>, conns: Arc<Conns>) {
     let probed = async {
         let ch = conns.publishing_channel().await?;
