@@ -10,12 +10,12 @@ use std::time::Duration;
 use common::proxy::{self, Proxy};
 use common::rabbit_node::RabbitNode;
 use common::upstream_clients::{Acks, mqtt5, ready};
-use common::ws::request;
+use common::ws::Ws;
 use common::{TestGateway, WAIT, admin, eventually, start_gateway};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use rumqttc::v5::mqttbytes::QoS as QoS5;
 use rumqttc::v5::mqttbytes::v5::PubAckReason;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 /// How long a withheld PUBACK may take once the alarm clears.
@@ -23,39 +23,6 @@ const CLEARS: Duration = Duration::from_secs(20);
 
 async fn next_ack(acks: &mut Acks) -> PubAckReason {
     common::upstream_clients::next_ack(acks, CLEARS).await
-}
-
-/// A WebSocket client that sends one request at a time.
-struct Ws(
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-);
-
-impl Ws {
-    async fn connect(gw: &TestGateway) -> Ws {
-        let upgrade = request(gw, Some(&admin()), true, "");
-        Ws(tokio_tungstenite::connect_async(upgrade)
-            .await
-            .expect("upgrade")
-            .0)
-    }
-
-    async fn recv(&mut self) -> Value {
-        loop {
-            match tokio::time::timeout(WAIT, self.0.next()).await {
-                Ok(Some(Ok(WsMessage::Text(t)))) => return serde_json::from_str(&t).unwrap(),
-                Ok(Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_)))) => continue,
-                other => panic!("expected a text frame, got {other:?}"),
-            }
-        }
-    }
-
-    async fn call(&mut self, request: Value) -> Value {
-        self.0
-            .send(WsMessage::text(request.to_string()))
-            .await
-            .unwrap();
-        self.recv().await
-    }
 }
 
 async fn rest_publish(gw: &TestGateway, body: &str) -> reqwest::Response {
@@ -107,7 +74,7 @@ async fn a_broker_alarm_throttles_publishers_while_deliveries_flow() {
             .unwrap();
         assert_eq!(r.status(), 200);
     }
-    let mut ws = Ws::connect(&gw).await;
+    let mut ws = Ws::connect(&gw, Some(&admin())).await;
     let publish = |id: u64| json!({"op": "publish", "id": id, "exchange": "amq.topic", "routing_key": "alarm.ws", "body": "x"});
     assert_eq!(ws.call(publish(1)).await["op"], "published");
     let (_mqtt, mut acks) = alarm_raised(&node, &gw).await;
@@ -142,7 +109,7 @@ async fn a_broker_alarm_throttles_publishers_while_deliveries_flow() {
     );
 
     // Deliveries and acks flow on the consuming connection meanwhile.
-    let mut reader = Ws::connect(&gw).await;
+    let mut reader = Ws::connect(&gw, Some(&admin())).await;
     let subscribed = reader
         .call(
             json!({"op": "subscribe", "id": 1, "queue": backlog, "ack": "manual", "prefetch": 10}),

@@ -435,30 +435,10 @@ async fn a_cut_upstream_loses_no_confirmed_publish_and_every_client_resumes() {
     assert!(proxy.accepted() >= 4, "two connections, then two again");
 }
 
-/// A TLS acceptor with a fresh self-signed certificate for `localhost`, and that certificate
-/// as a PEM file to trust.
-fn self_signed() -> (tokio_rustls::TlsAcceptor, tempfile::NamedTempFile) {
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let ca = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(ca.path(), certified.cert.pem()).unwrap();
-    let cert = rustls::pki_types::CertificateDer::from(certified.cert.der().to_vec());
-    let key =
-        rustls::pki_types::PrivateKeyDer::try_from(certified.signing_key.serialize_der()).unwrap();
-    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![cert], key)
-    .unwrap();
-    (tokio_rustls::TlsAcceptor::from(Arc::new(tls)), ca)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqps_with_a_private_ca_works_and_an_untrusted_certificate_is_refused() {
     let vhost = Vhost::create().await;
-    let (acceptor, ca) = self_signed();
+    let (acceptor, ca) = common::tls::self_signed_localhost();
     let proxy = Proxy::start_with(proxy::rabbitmq(), Some(acceptor)).await;
     let url = proxy::url_through("amqps", "localhost", proxy.addr.port(), &vhost.name);
     let gw = start_gateway(|c| {
@@ -481,7 +461,7 @@ async fn amqps_with_a_private_ca_works_and_an_untrusted_certificate_is_refused()
     assert_eq!(got[0]["body"], "over amqps");
 
     // Another CA, and none at all: the broker's certificate is not trusted.
-    let (_, other) = self_signed();
+    let (_, other) = common::tls::self_signed_localhost();
     for tls_ca in [Some(other.path().to_owned()), None] {
         let mut config = common::test_config();
         on_vhost(&mut config, &vhost);

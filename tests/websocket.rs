@@ -8,56 +8,24 @@ use std::time::Duration;
 
 use amqp_gateway::engine::{Message, PublishOptions};
 use common::under::{self, gateway};
-use common::ws::request;
+use common::ws::{Ws, request};
 use common::{SECRET, TestGateway, WAIT, admin, json_of, token, unique};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 const QUIET: Duration = Duration::from_millis(200);
 
-struct Ws(WebSocketStream<MaybeTlsStream<TcpStream>>);
-
 async fn connect(gw: &TestGateway, bearer: Option<&str>) -> Ws {
-    let (stream, resp) = tokio_tungstenite::connect_async(request(gw, bearer, true, ""))
-        .await
-        .expect("upgrade");
-    assert_eq!(
-        resp.headers()["sec-websocket-protocol"],
-        "amqp-gateway.v1.json"
-    );
-    Ws(stream)
+    Ws::connect(gw, bearer).await
 }
 
 async fn connect_as(gw: &TestGateway, token: &str) -> Ws {
     connect(gw, Some(token)).await
 }
 
+/// What only these cases ask of the shared client.
 impl Ws {
-    async fn send(&mut self, v: Value) {
-        self.0.send(WsMessage::text(v.to_string())).await.unwrap();
-    }
-
-    /// The next text frame, as JSON.
-    async fn recv(&mut self) -> Value {
-        loop {
-            match tokio::time::timeout(WAIT, self.0.next()).await {
-                Err(_) => panic!("no frame within {WAIT:?}"),
-                Ok(Some(Ok(WsMessage::Text(t)))) => return serde_json::from_str(&t).unwrap(),
-                Ok(Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_)))) => continue,
-                Ok(other) => panic!("expected a text frame, got {other:?}"),
-            }
-        }
-    }
-
-    /// Sends a request and returns the next frame.
-    async fn call(&mut self, v: Value) -> Value {
-        self.send(v).await;
-        self.recv().await
-    }
-
     async fn nothing_within(&mut self, quiet: Duration) {
         if let Ok(Some(frame)) = tokio::time::timeout(quiet, self.0.next()).await {
             panic!("expected nothing, got {frame:?}");

@@ -1,9 +1,14 @@
 //! WebSocket (`/ws`) upgrade requests for tokio-tungstenite.
 
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use super::TestGateway;
+use super::{TestGateway, WAIT};
 
 /// An upgrade request to `/ws{query}`, with the subprotocol when asked and the bearer token
 /// when given.
@@ -26,4 +31,44 @@ pub fn request(
             .insert("authorization", format!("Bearer {t}").parse().unwrap());
     }
     req
+}
+
+/// A `/ws` client speaking JSON frames, one request at a time.
+pub struct Ws(pub WebSocketStream<MaybeTlsStream<TcpStream>>);
+
+impl Ws {
+    /// Upgrades with the subprotocol (and the bearer token when given) and checks the gateway
+    /// chose it.
+    pub async fn connect(gw: &TestGateway, bearer: Option<&str>) -> Ws {
+        let (stream, resp) = tokio_tungstenite::connect_async(request(gw, bearer, true, ""))
+            .await
+            .expect("upgrade");
+        assert_eq!(
+            resp.headers()["sec-websocket-protocol"],
+            "amqp-gateway.v1.json"
+        );
+        Ws(stream)
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.0.send(WsMessage::text(v.to_string())).await.unwrap();
+    }
+
+    /// The next text frame, as JSON.
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            match tokio::time::timeout(WAIT, self.0.next()).await {
+                Err(_) => panic!("no frame within {WAIT:?}"),
+                Ok(Some(Ok(WsMessage::Text(t)))) => return serde_json::from_str(&t).unwrap(),
+                Ok(Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_)))) => continue,
+                Ok(other) => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Sends a request and returns the next frame.
+    pub async fn call(&mut self, v: Value) -> Value {
+        self.send(v).await;
+        self.recv().await
+    }
 }

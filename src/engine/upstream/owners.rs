@@ -118,6 +118,10 @@ impl Owners {
         inner.queues.insert(queue.to_owned(), owned);
     }
 
+    pub(super) fn forget(&self, queue: &str) {
+        self.inner.lock().queues.remove(queue);
+    }
+
     /// A binding of an owned queue (others are not the engine's to restore).
     pub(super) fn bound(&self, queue: &str, binding: Binding) {
         if let Some(owned) = self.inner.lock().queues.get_mut(queue)
@@ -189,10 +193,4 @@ async fn redeclare(ch: &lapin::Channel, queue: &str, owned: &Owned) -> lapin::Re
         .await?;
     }
     Ok(())
-}
-
-impl Owners {
-    pub(super) fn forget(&self, queue: &str) {
-        self.inner.lock().queues.remove(queue);
-    }
 }
