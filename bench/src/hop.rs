@@ -17,6 +17,8 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 
+use super::count;
+
 /// Publishes awaiting their confirm, as the MQTT publisher's in-flight window.
 const WINDOW: usize = 100;
 
@@ -24,8 +26,13 @@ fn err(e: lapin::Error) -> String {
     e.to_string()
 }
 
-/// Deliveries per second, 1→1, through RabbitMQ directly.
-pub async fn direct(url: &str, payload: usize, duration: Duration) -> Result<f64, String> {
+/// Deliveries per second, 1→1, through RabbitMQ directly, and what the run lost (numbered
+/// payloads, counted after a drain as for the gateway).
+pub async fn direct(
+    url: &str,
+    payload: usize,
+    duration: Duration,
+) -> Result<(f64, count::Loss), String> {
     let props = ConnectionProperties::default();
     let consuming = Connection::connect(url, props.clone()).await.map_err(err)?;
     let publishing = Connection::connect(url, props).await.map_err(err)?;
@@ -52,10 +59,12 @@ pub async fn direct(url: &str, payload: usize, duration: Duration) -> Result<f64
         .await
         .map_err(err)?;
     let delivered = Arc::new(AtomicU64::new(0));
-    let counted = delivered.clone();
+    let received = Arc::new(count::Received::default());
+    let (counted, recorded) = (delivered.clone(), received.clone());
     tokio::spawn(async move {
         while let Some(Ok(d)) = consumer.next().await {
             counted.fetch_add(1, Ordering::Relaxed);
+            recorded.record(&d.data);
             // As the gateway does: the ack frame is queued in the first poll; not waiting
             // for lapin's I/O thread to write it keeps the comparison about the hop.
             if let Some(Err(_)) = d.ack(BasicAckOptions::default()).now_or_never() {
@@ -71,7 +80,8 @@ pub async fn direct(url: &str, payload: usize, duration: Duration) -> Result<f64
     let stop = Arc::new(AtomicBool::new(false));
     let stopped = stop.clone();
     let key = queue.name().clone();
-    let body = vec![b'x'; payload];
+    let sent = Arc::new(count::Sent::default());
+    let tally = sent.clone();
     tokio::spawn(async move {
         let mut in_flight = FuturesUnordered::new();
         while !stopped.load(Ordering::Relaxed) {
@@ -80,7 +90,8 @@ pub async fn direct(url: &str, payload: usize, duration: Duration) -> Result<f64
                     break;
                 }
             }
-            let sent = publisher
+            let body = count::payload(0, tally.count(), payload);
+            let published = publisher
                 .basic_publish(
                     "".into(),
                     key.clone(),
@@ -89,10 +100,11 @@ pub async fn direct(url: &str, payload: usize, duration: Duration) -> Result<f64
                     BasicProperties::default(),
                 )
                 .await;
-            match sent {
+            match published {
                 Ok(confirm) => in_flight.push(confirm),
                 Err(_) => return,
             }
+            tally.next();
         }
     });
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -102,7 +114,9 @@ pub async fn direct(url: &str, payload: usize, duration: Duration) -> Result<f64
     let rate =
         (delivered.load(Ordering::Relaxed) - before) as f64 / started.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
+    super::drain(&delivered).await;
+    let loss = count::Loss::of(&[sent], &[received]);
     let _ = publishing.close(200, "bench done".into()).await;
     let _ = consuming.close(200, "bench done".into()).await;
-    Ok(rate)
+    Ok((rate, loss))
 }

@@ -251,7 +251,7 @@ async fn throughput(
     let delivered = seen.count.load(Ordering::Relaxed) - before;
     let rate = delivered as f64 / started.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
-    drain(&seen).await;
+    drain(&seen.count).await;
     let loss = count::Loss::of(&sent, &received);
     for c in clients {
         let _ = c.disconnect().await;
@@ -262,12 +262,12 @@ async fn throughput(
 
 /// Waits until deliveries stop (half a second without one, at most ten seconds): what is still
 /// in flight after that counts as lost.
-async fn drain(seen: &Seen) {
+async fn drain(delivered: &AtomicU64) {
     let until = Instant::now() + Duration::from_secs(10);
-    let mut last = seen.count.load(Ordering::Relaxed);
+    let mut last = delivered.load(Ordering::Relaxed);
     while Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = seen.count.load(Ordering::Relaxed);
+        let now = delivered.load(Ordering::Relaxed);
         if now == last {
             return;
         }
@@ -476,9 +476,14 @@ fn is_amqp_scenario(s: &str) -> bool {
 async fn hop_table(args: &Args, gateway: &Target) -> Result<(), String> {
     let url = args.amqp.as_deref().ok_or("needs --amqp")?;
     let (mut through, mut direct) = (Vec::new(), Vec::new());
+    let (mut through_loss, mut direct_loss) = (count::Loss::default(), count::Loss::default());
     for _ in 0..args.runs {
-        through.push(throughput(gateway, args, 1, 1, QoS::AtLeastOnce).await?.0);
-        direct.push(hop::direct(url, args.payload, args.duration).await?);
+        let (rate, loss) = throughput(gateway, args, 1, 1, QoS::AtLeastOnce).await?;
+        through.push(rate);
+        through_loss.add(loss);
+        let (rate, loss) = hop::direct(url, args.payload, args.duration).await?;
+        direct.push(rate);
+        direct_loss.add(loss);
     }
     let (g, d) = (median(through), median(direct));
     println!(
@@ -490,9 +495,11 @@ async fn hop_table(args: &Args, gateway: &Target) -> Result<(), String> {
     );
     println!("|---|---|---|");
     println!(
-        "| {:.1}k/s | {:.1}k/s | {:.2} |",
+        "| {:.1}k/s, {:.2} % lost | {:.1}k/s, {:.2} % lost | {:.2} |",
         g / 1000.0,
+        through_loss.percent(),
         d / 1000.0,
+        direct_loss.percent(),
         if d > 0.0 { g / d } else { 0.0 }
     );
     Ok(())
