@@ -22,6 +22,7 @@ work=$(mktemp -d)
 gateway_pid=
 cleanup() {
   [ -n "$gateway_pid" ] && kill "$gateway_pid" 2>/dev/null || true
+  [ -n "${KEEP_LOG:-}" ] && cp "$work/out" "$KEEP_LOG"
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -44,7 +45,7 @@ if [ "${ENGINE:-embedded}" = upstream ]; then
   gateway_pid=$!
   token=$("${gateway[0]}" token --sub bench --scope "gateway.tag:administrator" --ttl 2h)
 else
-  RUST_LOG=warn,amqp_gateway=info "${gateway[@]}" --dev >"$work/out" 2>"$work/err" &
+  RUST_LOG=${RUST_LOG:-warn,amqp_gateway=info} "${gateway[@]}" --dev >"$work/out" 2>"$work/err" &
   gateway_pid=$!
   for _ in $(seq 100); do
     grep -q '^eyJ' "$work/out" 2>/dev/null && break
@@ -77,3 +78,7 @@ fi
 
 echo "$(nproc) cores, $(date -u +%FT%TZ), gateway $(git rev-parse --short HEAD)"
 target/release/bench "${targets[@]}" "$@"
+# What the gateway did about the load: pacing, slow consumers, drops (DESIGN.md §7).
+metrics=$(grep -m1 '"listener":"metrics"' "$work/out" | sed -E 's/.*"addr":"([^"]+)".*/\1/')
+curl -s "http://$metrics/metrics" |
+  grep -E '^gateway_(publish_paced_seconds_total|slow_consumers_marked_total|deliveries_dropped_total|engine_dropped_total)' >&2 || true

@@ -388,6 +388,10 @@ pub struct LimitsConfig {
     pub max_pending_in: ByteSize,
     pub outbound_buffer_messages: usize,
     pub outbound_buffer_bytes: ByteSize,
+    /// The longest a publisher waits, per stall, for a buffer its messages landed in to drain
+    /// below its low-water mark (DESIGN.md §7).
+    #[serde(with = "humantime_serde")]
+    pub pace_max_wait: Duration,
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
     pub max_connections: usize,
@@ -408,6 +412,7 @@ impl Default for LimitsConfig {
             max_pending_in: ByteSize::mib(1),
             outbound_buffer_messages: 1000,
             outbound_buffer_bytes: ByteSize::mib(8),
+            pace_max_wait: Duration::from_millis(100),
             write_timeout: Duration::from_secs(30),
             max_connections: 100_000,
             max_connections_per_subject: 1000,

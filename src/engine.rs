@@ -32,6 +32,8 @@ use std::task::{Context, Poll};
 
 use async_trait::async_trait;
 
+use crate::flow::{Pace, Pressure};
+
 pub use error::{EngineError, ObjectKind};
 pub use message::{Delivery, Envelope, EnvelopeRef, Message, Properties};
 pub use table::{FieldTable, FieldValue};
@@ -201,6 +203,11 @@ pub struct ConsumeOptions {
     /// The only consumer of the queue while it lives; a second one gets `InUse`.
     pub exclusive: bool,
     pub arguments: FieldTable,
+    /// The gauge of the adapter's buffer an auto-ack consumer's deliveries go to: a publish
+    /// routed to this consumer while it is above its high-water mark comes back with a
+    /// [`Pace`] (DESIGN.md §7). Engines that cannot see where a publish lands (upstream)
+    /// ignore it.
+    pub pressure: Option<Pressure>,
 }
 
 impl ConsumeOptions {
@@ -210,6 +217,7 @@ impl ConsumeOptions {
             ack: AckMode::Manual { prefetch },
             exclusive: false,
             arguments: FieldTable::new(),
+            pressure: None,
         }
     }
     pub fn auto() -> Self {
@@ -335,7 +343,11 @@ type BoxedConfirm = Pin<Box<dyn Future<Output = Result<PublishOutcome, EngineErr
 /// The confirm of one publish. Resolves once the engine took responsibility for the message
 /// (embedded: enqueued, and written durably when persistent in a durable queue; upstream:
 /// publisher confirm). Dropping it does not withdraw the message.
-pub struct PublishConfirm(ConfirmInner);
+pub struct PublishConfirm {
+    inner: ConfirmInner,
+    /// Known at the call: the buffers the message landed in above their high-water mark.
+    pace: Pace,
+}
 
 enum ConfirmInner {
     Ready(Option<Result<PublishOutcome, EngineError>>),
@@ -345,20 +357,37 @@ enum ConfirmInner {
 impl PublishConfirm {
     /// An answer known at the call: the common embedded case, no allocation.
     pub fn ready(result: Result<PublishOutcome, EngineError>) -> Self {
-        PublishConfirm(ConfirmInner::Ready(Some(result)))
+        PublishConfirm {
+            inner: ConfirmInner::Ready(Some(result)),
+            pace: Pace::default(),
+        }
     }
 
     pub fn pending(
         fut: impl Future<Output = Result<PublishOutcome, EngineError>> + Send + 'static,
     ) -> Self {
-        PublishConfirm(ConfirmInner::Pending(Box::pin(fut)))
+        PublishConfirm {
+            inner: ConfirmInner::Pending(Box::pin(fut)),
+            pace: Pace::default(),
+        }
+    }
+
+    /// The message landed in buffers above their high-water mark: the publisher is to wait.
+    pub fn with_pace(mut self, pace: Pace) -> Self {
+        self.pace = pace;
+        self
+    }
+
+    /// What the publisher's connection waits for before its next publish (usually nothing).
+    pub fn take_pace(&mut self) -> Pace {
+        std::mem::take(&mut self.pace)
     }
 }
 
 impl Future for PublishConfirm {
     type Output = Result<PublishOutcome, EngineError>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match &mut self.0 {
+        match &mut self.inner {
             ConfirmInner::Ready(result) => Poll::Ready(
                 result
                     .take()

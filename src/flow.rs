@@ -1,12 +1,14 @@
 //! Per-client flow control (DESIGN.md §7): publish rate limits per connection (messages and body
-//! bytes) and per subject, as token buckets (governor). Bounded outbound buffers and credit join
-//! here as the delivering adapters land. Nothing here knows a protocol: adapters ask
+//! bytes) and per subject, as token buckets (governor); pacing of publishers whose messages
+//! land in buffers above their high-water mark ([`Pressure`], [`Pace`]). Nothing here knows a protocol: adapters ask
 //! [`Flow::admit_publish`] and turn a [`Throttled`] into their own answer (REST 429, WS
 //! `rate_limited`, MQTT withheld acks).
 
 mod admission;
+mod pressure;
 
 pub use self::admission::{Admission, Admitted, Full, Unauthenticated};
+pub use self::pressure::{Bound, Pace, Pressure, Released, Stall, stall_over};
 
 use std::num::NonZeroU32;
 use std::time::Duration;

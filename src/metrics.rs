@@ -26,6 +26,9 @@ pub const PUBLISH_BLOCKED: &str = "gateway_publish_blocked";
 pub const DISK_FREE: &str = "gateway_disk_free_bytes";
 pub const STORE_COMMITS: &str = "gateway_store_commits_total";
 /// 1 while the upstream engine's connections to its broker are up.
+pub const PACED_SECONDS: &str = "gateway_publish_paced_seconds_total";
+pub const SLOW_CONSUMERS: &str = "gateway_slow_consumers_marked_total";
+pub const DELIVERIES_DROPPED: &str = "gateway_deliveries_dropped_total";
 pub const UPSTREAM_CONNECTED: &str = "gateway_upstream_connected";
 pub const UPSTREAM_RECONNECTS: &str = "gateway_upstream_reconnects_total";
 pub const UPSTREAM_ROUND_TRIP: &str = "gateway_upstream_round_trip_seconds";
@@ -86,6 +89,14 @@ fn describe() {
         "Messages a queue dropped with nowhere to dead-letter them, by reason (maxlen, expired, rejected)"
     );
     metrics::describe_counter!(
+        SLOW_CONSUMERS,
+        "Buffers marked slow after a publisher's whole pacing wait, by kind (mqtt, ws: a connection's outbound buffer; queue: a bounded queue)"
+    );
+    metrics::describe_counter!(
+        DELIVERIES_DROPPED,
+        "Deliveries dropped before reaching a client, by protocol and reason (slow_consumer: its buffer was full; packet_too_large; unmappable_topic)"
+    );
+    metrics::describe_counter!(
         STORE_COMMITS,
         "Group commits of the embedded engine's store (each one batch and one fsync)"
     );
@@ -112,6 +123,48 @@ pub fn refusal(protocol: &'static str, reason: &'static str) {
     metrics::counter!(REFUSALS, "protocol" => protocol, "reason" => reason).increment(1);
 }
 
+/// A publisher connection waited for pacing (DESIGN.md §7). Kept as nanoseconds here and
+/// rendered as seconds by [`render`]: the exporter's counters are integers.
+pub fn paced(protocol: &'static str, waited: Duration) {
+    let nanos = waited.as_nanos().min(u128::from(u64::MAX)) as u64;
+    let slot = PACED
+        .iter()
+        .find(|(p, _)| *p == protocol)
+        .map_or(&PACED_OTHER, |(_, n)| n);
+    slot.fetch_add(nanos, std::sync::atomic::Ordering::Relaxed);
+}
+
+static PACED: [(&str, std::sync::atomic::AtomicU64); 4] = [
+    ("mqtt", std::sync::atomic::AtomicU64::new(0)),
+    ("ws", std::sync::atomic::AtomicU64::new(0)),
+    ("rest", std::sync::atomic::AtomicU64::new(0)),
+    ("amqp", std::sync::atomic::AtomicU64::new(0)),
+];
+static PACED_OTHER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn render_paced(out: &mut String) {
+    use std::fmt::Write;
+    let _ = writeln!(
+        out,
+        "# HELP {PACED_SECONDS} Seconds publisher connections spent parked because their messages landed in a buffer above its high-water mark, by protocol\n# TYPE {PACED_SECONDS} counter"
+    );
+    for (protocol, nanos) in &PACED {
+        let secs = nanos.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{PACED_SECONDS}{{protocol=\"{protocol}\"}} {secs}");
+    }
+}
+
+/// A buffer stayed above its high-water mark for a publisher's whole pacing wait: it paces
+/// nobody until it drains below low, and meanwhile drops its oldest (DESIGN.md §7).
+pub fn slow_consumer_marked(kind: &'static str) {
+    metrics::counter!(SLOW_CONSUMERS, "kind" => kind).increment(1);
+}
+
+/// A delivery a client will never see, by protocol and why.
+pub fn delivery_dropped(protocol: &'static str, reason: &'static str) {
+    metrics::counter!(DELIVERIES_DROPPED, "protocol" => protocol, "reason" => reason).increment(1);
+}
+
 pub fn connection_opened(protocol: &'static str) {
     metrics::counter!(CONNECTIONS_TOTAL, "protocol" => protocol).increment(1);
     metrics::gauge!(CONNECTIONS_OPEN, "protocol" => protocol).increment(1.0);
@@ -127,7 +180,9 @@ pub fn render(engine: &dyn Engine) -> String {
     engine.record_metrics();
     let handle = handle();
     handle.run_upkeep();
-    handle.render()
+    let mut out = handle.render();
+    render_paced(&mut out);
+    out
 }
 
 fn describe_upstream() {

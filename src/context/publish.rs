@@ -20,7 +20,7 @@ use crate::engine::table::FieldValue;
 use crate::engine::{
     Channel, EngineError, Message, PublishConfirm, PublishOptions, PublishOutcome,
 };
-use crate::flow::Throttled;
+use crate::flow::{Pace, Throttled};
 use crate::json::SUBJECT_HEADER;
 use crate::metrics;
 
@@ -141,6 +141,14 @@ pub struct Publishing {
     started: Instant,
     protocol: &'static str,
     confirm: PublishConfirm,
+}
+
+impl Publishing {
+    /// The buffers the message landed in above their high-water mark: the publisher's
+    /// connection waits for them before its next publish (DESIGN.md §7).
+    pub fn take_pace(&mut self) -> Pace {
+        self.confirm.take_pace()
+    }
 }
 
 impl Future for Publishing {

@@ -413,12 +413,13 @@ impl Channel for EmbeddedChannel {
             .check_open()
             .and_then(|()| self.shared.broker.publish(exchange, routing_key, message));
         match result {
-            Ok((outcome, None)) => PublishConfirm::ready(Ok(outcome)),
+            Ok((outcome, None, pace)) => PublishConfirm::ready(Ok(outcome)).with_pace(pace),
             // Persistent in a durable queue: confirmed once its group commit is durable.
-            Ok((outcome, Some(write))) => PublishConfirm::pending(async move {
+            Ok((outcome, Some(write), pace)) => PublishConfirm::pending(async move {
                 write.await?;
                 Ok(outcome)
-            }),
+            })
+            .with_pace(pace),
             Err(e) => PublishConfirm::ready(Err(e)),
         }
     }
@@ -440,9 +441,14 @@ impl Channel for EmbeddedChannel {
         } else {
             options.consumer_tag.as_str().into()
         };
-        let stream =
-            self.shared
-                .consume(q.clone(), tag.clone(), credit, no_ack, options.exclusive)?;
+        let stream = self.shared.consume(
+            q.clone(),
+            tag.clone(),
+            credit,
+            no_ack,
+            options.exclusive,
+            options.pressure,
+        )?;
         Ok(Consumer::new(tag, q.name.clone(), Box::new(stream)))
     }
 

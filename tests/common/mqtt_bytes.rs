@@ -1,6 +1,8 @@
 //! MQTT packets as raw bytes, for tests that must send what no client library would (bad
 //! input, a packet cut short, one far over the limit) or read exactly what went over the wire.
 
+use tokio::io::AsyncReadExt;
+
 /// MQTT's Variable Byte Integer.
 pub fn remaining_length(mut n: usize) -> Vec<u8> {
     let mut out = Vec::new();
@@ -66,4 +68,53 @@ pub fn connect(
     password: Option<&str>,
 ) -> Vec<u8> {
     connect_ka(name, level, extra_flags, client, password, 60)
+}
+
+/// MQTT 5 properties: Authentication Method (0x15) and Authentication Data (0x16).
+pub fn auth_props(token: &str) -> Vec<u8> {
+    let mut props = vec![0x15];
+    props.extend(string(b"amqp-gateway.jwt"));
+    props.push(0x16);
+    props.extend(string(token.as_bytes()));
+    let mut out = remaining_length(props.len());
+    out.extend(props);
+    out
+}
+
+pub fn connect_v5_enhanced(client: &str, token: &str) -> Vec<u8> {
+    let mut body = string(b"MQTT");
+    body.push(5);
+    body.push(0x02); // clean start, no user name or password
+    body.extend_from_slice(&60u16.to_be_bytes());
+    body.extend(auth_props(token));
+    body.extend(string(client.as_bytes()));
+    packet(0x10, body)
+}
+
+pub fn reauth(token: &str) -> Vec<u8> {
+    let mut body = vec![0x19]; // re-authenticate
+    body.extend(auth_props(token));
+    packet(0xF0, body)
+}
+
+/// Reads one packet: (first byte, body).
+pub async fn read_packet(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> (u8, Vec<u8>) {
+    let mut first = [0u8; 1];
+    tokio::time::timeout(super::WAIT, s.read_exact(&mut first))
+        .await
+        .expect("a packet")
+        .unwrap();
+    let (mut len, mut shift) = (0usize, 0);
+    loop {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        len |= usize::from(b[0] & 0x7F) << shift;
+        shift += 7;
+        if b[0] & 0x80 == 0 {
+            break;
+        }
+    }
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.unwrap();
+    (first[0], body)
 }

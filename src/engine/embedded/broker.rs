@@ -15,6 +15,8 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use crate::flow::Pace;
+
 mod dead_letter;
 mod disk_alarm;
 mod equivalence;

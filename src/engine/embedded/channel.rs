@@ -256,6 +256,7 @@ impl ChannelShared {
         credit: u32,
         no_ack: bool,
         exclusive: bool,
+        pressure: Option<crate::flow::Pressure>,
     ) -> Result<Stream, EngineError> {
         let id = self.broker.next_id();
         let cancelled = Arc::new(AtomicBool::new(false));
@@ -289,6 +290,8 @@ impl ChannelShared {
             credit,
             no_ack,
             sink: Box::new(sink),
+            // Credit bounds what a manual-ack consumer holds: only no-ack ones pace.
+            pressure: pressure.filter(|_| no_ack),
         };
         let mut fx = Effects::default();
         let added = queue.add_consumer(slot, exclusive, &mut fx);

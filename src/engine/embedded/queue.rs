@@ -24,6 +24,21 @@ pub(super) use self::page::{Pages, Ready};
 pub(super) use self::restore::{Restored, RestoredBody};
 use super::held::{OnDisk, Stored};
 use crate::engine::{CancelReason, EngineError, Envelope, FieldTable, FieldValue, QueueSpec};
+use crate::flow::{Bound, Pace, Pressure};
+
+/// The bound of a queue that drops its oldest when full (`x-overflow` drop-head with a length
+/// limit); other queues never drop for being full, so they pace nobody.
+fn drop_head_bound(args: &QueueArgs) -> Option<Bound> {
+    if args.overflow != Overflow::DropHead
+        || (args.max_length.is_none() && args.max_length_bytes.is_none())
+    {
+        return None;
+    }
+    Some(Bound {
+        messages: args.max_length.unwrap_or(u64::MAX),
+        bytes: args.max_length_bytes.unwrap_or(u64::MAX),
+    })
+}
 
 /// Why a message left its queue for the dead-letter exchange (the `reason` of `x-death`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +112,8 @@ pub(super) struct Effects {
     /// Stored entries that left their queue for good: the store forgets them.
     pub dequeued: Vec<(Arc<str>, Arc<OnDisk>)>,
     pub start_expiry: Vec<Arc<Queue>>,
+    /// Buffers a publish landed in above their high-water mark: its publisher waits.
+    pub paced: Pace,
     pub auto_delete: Vec<Arc<Queue>>,
     /// Queues whose consumers met a paged-out head: the pager reads ahead for them.
     pub read_ahead: Vec<Arc<Queue>>,
@@ -133,6 +150,8 @@ pub(super) struct Slot {
     pub credit: u32,
     pub no_ack: bool,
     pub sink: Box<dyn Sink>,
+    /// The gauge of the buffer a no-ack consumer's deliveries go to (DESIGN.md §7).
+    pub pressure: Option<Pressure>,
 }
 
 struct State {
@@ -174,6 +193,9 @@ pub(super) struct Queue {
     pages: Option<Pages>,
     /// A read-ahead was asked for and the pager has not done it yet.
     read_ahead_wanted: AtomicBool,
+    /// A bounded drop-head queue drops what its consumers would have taken once it is full:
+    /// while it has consumers, it paces publishers as their buffers do (DESIGN.md §7).
+    pressure: Option<Pressure>,
 }
 
 impl Queue {
@@ -185,6 +207,7 @@ impl Queue {
         gauges: Arc<Gauges>,
         pages: Option<Pages>,
     ) -> Self {
+        let pressure = drop_head_bound(&args).map(|b| Pressure::new(b, "queue"));
         Queue {
             name,
             durable: spec.durable && !spec.exclusive,
@@ -211,6 +234,7 @@ impl Queue {
             bindings: Mutex::new(Vec::new()),
             pages,
             read_ahead_wanted: AtomicBool::new(false),
+            pressure,
         }
     }
 
@@ -349,6 +373,9 @@ impl Queue {
         let entry = st.ready.pop_front()?;
         let size = entry.size();
         st.ready_bytes -= size;
+        if let Some(p) = &self.pressure {
+            p.sub(size);
+        }
         self.gauges.messages.fetch_sub(1, Ordering::Relaxed);
         self.gauges.bytes.fetch_sub(size, Ordering::Relaxed);
         Some(entry)
@@ -357,6 +384,9 @@ impl Queue {
     fn insert_ready(&self, st: &mut State, entry: Ready) {
         let size = entry.size();
         st.ready_bytes += size;
+        if let Some(p) = &self.pressure {
+            p.add(size);
+        }
         self.gauges.messages.fetch_add(1, Ordering::Relaxed);
         self.gauges.bytes.fetch_add(size, Ordering::Relaxed);
         match st.ready.back() {
@@ -511,6 +541,7 @@ impl Queue {
         );
         self.dispatch(&mut st, now, fx);
         self.enforce_limits(&mut st, fx);
+        self.pacing(&st, fx);
         if expires_at.is_some() {
             self.expire_head(&mut st, now, true, fx);
             if was_empty {
@@ -521,6 +552,26 @@ impl Queue {
             }
         }
         Enqueued::Taken
+    }
+
+    /// The buffers a message just enqueued went to (or waits for) that are above their
+    /// high-water mark: this queue's own when it is bounded, its no-ack consumers' buffers.
+    fn pacing(&self, st: &State, fx: &mut Effects) {
+        if st.consumers.is_empty() {
+            return;
+        }
+        if let Some(p) = &self.pressure
+            && p.paces()
+        {
+            fx.paced.push(p);
+        }
+        for slot in &st.consumers {
+            if let Some(p) = &slot.pressure
+                && p.paces()
+            {
+                fx.paced.push(p);
+            }
+        }
     }
 
     /// `drop-head`: the oldest messages make room (dead-lettered as `maxlen`).

@@ -3,8 +3,8 @@
 //! through a writer task under `limits.write_timeout`, enforces the CONNECT timeout, the
 //! keep-alive (× 1.5), the token's expiry and shutdown.
 
+use crate::flow::{Bound, Pressure, stall_over};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -154,7 +154,16 @@ where
     };
     let version = connect.version;
     let (tx, rx) = mpsc::unbounded_channel();
-    let qos0_queued = Arc::new(AtomicUsize::new(0));
+    // The QoS 0 outbound buffer's gauge: publishers whose messages land here while it is above
+    // its high-water mark are paced (DESIGN.md §7).
+    let limits = &ctx.config.limits;
+    let qos0_out = Pressure::new(
+        Bound {
+            messages: limits.outbound_buffer_messages as u64,
+            bytes: limits.outbound_buffer_bytes.as_u64(),
+        },
+        PROTOCOL,
+    );
     // Fused: the loop may see it end, and a finished task is not awaited again.
     let mut writer_task = tokio::spawn(write_loop(
         writer,
@@ -162,10 +171,10 @@ where
         version,
         max_packet,
         ctx.config.limits.write_timeout,
-        qos0_queued.clone(),
+        qos0_out.clone(),
     ))
     .fuse();
-    let connected = Session::connect(ctx.clone(), conn.clone(), *connect, tx.clone(), qos0_queued);
+    let connected = Session::connect(ctx.clone(), conn.clone(), *connect, tx.clone(), qos0_out);
     let mut session = match connected.await {
         Ok((session, connack)) => {
             drop(waiting);
@@ -278,7 +287,9 @@ async fn serve_session<R: AsyncRead + Unpin>(
         let may_read = session.inflow.may_read(
             ctx.config.mqtt.receive_maximum,
             session.receive_maximum_advertised(),
+            ctx.config.limits.max_pending_in.as_u64(),
         );
+        let paused = session.delivery_paused();
         let outcome = tokio::select! {
             _ = ctx.shutdown.wait() => Outcome::Close(CloseReason::ServerShuttingDown),
             _ = tokio::time::sleep_until(expiry_at.unwrap_or_else(far)) => Outcome::Close(CloseReason::TokenExpired),
@@ -294,7 +305,13 @@ async fn serve_session<R: AsyncRead + Unpin>(
                         // budget per packet, so it takes turns with the connections it
                         // publishes to (50 publishers → 1 subscriber fell from 100k
                         // deliveries/s to almost none without this; see docs/mqtt.md).
-                        tokio::task::consume_budget().await;
+                        if session.stall.is_some() {
+                            // Paced: what it reads now only parks, while the consumers it
+                            // waits for need the CPU to drain — one packet per turn.
+                            tokio::task::yield_now().await;
+                        } else {
+                            tokio::task::consume_budget().await;
+                        }
                         outcome
                     }
                     Ok(None) => Outcome::Close(CloseReason::PeerClosed),
@@ -305,18 +322,26 @@ async fn serve_session<R: AsyncRead + Unpin>(
                     }
                 }
             }
-            Some((key, event)) = session.consumers.next(), if !session.consumers.is_empty() => {
+            Some((key, event)) = session.consumers.next(), if !session.consumers.is_empty() && paused.is_none() => {
                 session.deliver_batch(key, event).await
             }
+            _ = resume(&paused, ctx.config.limits.pace_max_wait), if paused.is_some() => Outcome::Continue,
             Some((ack, result)) = session.inflow.next_confirmed(), if session.inflow.awaiting() => {
                 session.confirmed(ack, result).await
             }
             _ = tokio::time::sleep_until(retry_at) => session.retry_parked().await,
+            _ = stall_over(&session.stall) => session.unstall().await,
             Some(_) = session.takeovers.recv() => session.taken_over(),
         };
         if let Outcome::Close(why) = outcome {
             return why;
         }
+    }
+}
+
+async fn resume(paused: &Option<Pressure>, max_wait: Duration) {
+    if let Some(p) = paused {
+        p.resume(max_wait).await;
     }
 }
 
@@ -339,7 +364,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     version: Version,
     max_packet: u32,
     write_timeout: Duration,
-    qos0_queued: Arc<AtomicUsize>,
+    qos0_out: Pressure,
 ) -> CloseReason {
     let mut codec = Codec::for_version(version, max_packet);
     // Grows to the largest batch written; given back when the writer goes idle.
@@ -354,12 +379,17 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 next = rx.try_recv().ok();
                 continue;
             }
-            let qos0 = matches!(p, Outbound::Publish { qos: 0, .. });
+            let qos0 = match &p {
+                Outbound::Publish {
+                    qos: 0, payload, ..
+                } => Some(payload.len() as u64),
+                _ => None,
+            };
             if let Err(e) = codec.encode(p, &mut buf) {
                 tracing::warn!(error = %e, "cannot encode an MQTT packet");
             }
-            if qos0 {
-                qos0_queued.fetch_sub(1, Ordering::Relaxed);
+            if let Some(bytes) = qos0 {
+                qos0_out.sub(bytes);
             }
             next = if buf.len() < 64 * 1024 {
                 rx.try_recv().ok()

@@ -2,9 +2,9 @@
 //! (`…qos0`, `…qos1`), subscriptions, in-flight QoS 1 deliveries and parked publishes. It
 //! never sees the socket: packets come in as [`Inbound`], answers go out as [`Outbound`].
 
+use crate::flow::Pressure;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -97,6 +97,8 @@ pub struct Session {
     outflow: Outflow,
     /// Inbound publishes: aliases, QoS 2 ids, confirms awaited, parked publishes.
     pub inflow: publish::Inflow,
+    /// Set while the connection is paced: its publishes park until it is over (DESIGN.md §7).
+    pub stall: Option<crate::flow::Stall>,
     /// The engine's `max_mqtt_qos` capability (DESIGN.md §3).
     max_qos: u8,
     retained: Arc<dyn RetainedStore>,
@@ -143,8 +145,9 @@ struct Outflow {
     inflight_max: u16,
     /// Outbound topic aliases of this connection: topic → alias, 1..=`Client::alias_max`.
     aliases: HashMap<String, u16>,
-    /// QoS 0 publishes queued for the writer: bounded by `limits.outbound_buffer_messages`.
-    qos0_queued: Arc<AtomicUsize>,
+    /// QoS 0 publishes queued for the writer: bounded by `limits.outbound_buffer_messages`
+    /// and `_bytes`; the gauge publishers are paced by (DESIGN.md §7).
+    qos0_out: Pressure,
 }
 
 /// A subscription's options (MQTT 5; defaults for 3.1.1).
@@ -276,6 +279,7 @@ impl Session {
                 ack,
                 exclusive: true,
                 arguments: FieldTable::new(),
+                pressure: (level == 0).then(|| self.outflow.qos0_out.clone()),
             };
             let consumer = self
                 .fenced(|| self.channel.consume(&queue, options.clone()))

@@ -113,8 +113,8 @@ fn request_from(value: Value) -> Result<PublishRequest, ApiError> {
 }
 
 impl RestState {
-    /// The publish gate, then the engine. The returned confirm is already ordered on the
-    /// connection's channel.
+    /// The publish gate, then the engine, then the pacing wait if the message landed in a
+    /// full buffer. The returned confirm is already ordered on the connection's channel.
     async fn submit(
         &self,
         conn: &Connection,
@@ -134,7 +134,15 @@ impl RestState {
         let options = PublishOptions {
             mandatory: p.mandatory,
         };
-        Ok((cleared.publish(&*channel, p.message, options), p.mandatory))
+        let mut publishing = cleared.publish(&*channel, p.message, options);
+        // Landed in a buffer above its high-water mark: the answer (and a batch's next
+        // message) waits as a paced MQTT or WebSocket publisher would (DESIGN.md §7).
+        let pace = publishing.take_pace();
+        if !pace.is_empty() {
+            let waited = pace.wait(self.ctx.config.limits.pace_max_wait).await;
+            metrics::paced("rest", waited);
+        }
+        Ok((publishing, p.mandatory))
     }
 }
 

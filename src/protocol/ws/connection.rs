@@ -20,7 +20,7 @@ use crate::auth::{Principal, now_secs};
 use crate::codes::Code;
 use crate::context::{Connection, Context};
 use crate::engine::Channel;
-use crate::flow::{Admitted, Full};
+use crate::flow::{Admitted, Full, stall_over};
 use crate::metrics;
 
 const PROTOCOL: &str = "ws";
@@ -140,6 +140,9 @@ async fn serve_session(
     let mut tick = tokio::time::interval(ACK_TIMEOUT_CHECK);
     loop {
         let expiry = expiry_sleep(session.expires_at(), ctx.config.auth.leeway);
+        // While the droppable part of the buffer paces publishers, deliveries wait in the
+        // engine's queues instead of overflowing it (DESIGN.md §7).
+        let paused = out.pressure().paces();
         let outcome = tokio::select! {
             _ = ctx.shutdown.wait() => Outcome::Close(CloseReason::Shutdown),
             _ = expiry => Outcome::Close(CloseReason::TokenExpired),
@@ -149,12 +152,18 @@ async fn serve_session(
                 }
                 Outcome::Close(CloseReason::WriteStalled)
             }
-            frame = stream.next() => match frame {
+            _ = stall_over(&session.stall) => session.unstall().await,
+            frame = stream.next(), if session.may_read() => match frame {
                 Some(Ok(Message::Text(text))) => {
                     let outcome = on_text(session, out, &text).await;
                     // Frames already buffered parse without touching the socket: take
                     // turns with other connections as the MQTT reader does (docs/mqtt.md).
-                    tokio::task::consume_budget().await;
+                    if session.stall.is_some() {
+                        // Paced: one frame per turn, as the MQTT reader does.
+                        tokio::task::yield_now().await;
+                    } else {
+                        tokio::task::consume_budget().await;
+                    }
                     outcome
                 }
                 Some(Ok(Message::Binary(_))) => {
@@ -169,9 +178,10 @@ async fn serve_session(
                 Some(Ok(_)) => Outcome::Continue,
                 Some(Err(e)) => Outcome::Close(read_error(&e)),
             },
-            Some((sub, event)) = session.consumers.next(), if !session.consumers.is_empty() => {
+            Some((sub, event)) = session.consumers.next(), if !session.consumers.is_empty() && !paused => {
                 session.event(sub, event).await
             }
+            _ = out.pressure().resume(ctx.config.limits.pace_max_wait), if paused => Outcome::Continue,
             Some(t) = session.takeovers.recv() => {
                 session.taken_over(t).await;
                 Outcome::Continue
@@ -190,7 +200,7 @@ async fn serve_session(
 /// One text frame: a request handled, or an error frame for one that does not parse.
 async fn on_text(session: &mut WsSession, out: &SendQueue, text: &str) -> Outcome {
     match frames::parse(text) {
-        Ok(env) => session.handle(env).await,
+        Ok(env) => session.request(env, text.len()).await,
         Err(m) => {
             metrics::refusal(PROTOCOL, Code::BadRequest.as_str());
             out.push(Frame::control(frames::error(

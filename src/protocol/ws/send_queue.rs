@@ -3,7 +3,9 @@
 //! subscriptions on private queues; when full, `drop_oldest` drops the oldest such frame and
 //! remembers how many each subscription lost (the writer sends `lagged` before what follows), and
 //! `disconnect` asks for close 4008. Other frames (replies, manual-ack and windowed deliveries)
-//! are bounded by the request rate and by credit, never dropped.
+//! are bounded by the request rate and by credit, never dropped. The droppable part has a
+//! [`Pressure`] gauge: publishers whose messages land here above its high-water mark are paced
+//! (DESIGN.md §7), so only a consumer they gave up waiting for ever drops.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -12,6 +14,8 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use super::close::CloseReason;
+use crate::flow::{Bound, Pressure};
+use crate::metrics;
 
 /// What a subscription does when the buffer is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +70,7 @@ pub struct SendQueue {
     limits: Limits,
     state: Mutex<State>,
     ready: Notify,
+    pressure: Pressure,
 }
 
 /// What the writer takes next.
@@ -83,7 +88,19 @@ impl SendQueue {
             limits,
             state: Mutex::new(State::default()),
             ready: Notify::new(),
+            pressure: Pressure::new(
+                Bound {
+                    messages: limits.messages as u64,
+                    bytes: limits.bytes as u64,
+                },
+                "ws",
+            ),
         }
+    }
+
+    /// The gauge of the droppable part, for the consumers whose deliveries go there.
+    pub fn pressure(&self) -> &Pressure {
+        &self.pressure
     }
 
     /// Queues a frame that is never dropped.
@@ -121,6 +138,8 @@ impl SendQueue {
             if let Some(old) = st.frames.remove(at) {
                 st.droppable_count -= 1;
                 st.droppable_bytes -= old.text.len();
+                self.pressure.sub(old.text.len() as u64);
+                metrics::delivery_dropped("ws", "slow_consumer");
                 if let Some(owner) = old.droppable {
                     *st.lagged.entry(owner).or_default() += 1;
                 }
@@ -128,6 +147,7 @@ impl SendQueue {
         }
         st.droppable_count += 1;
         st.droppable_bytes += len;
+        self.pressure.add(len as u64);
         st.high_water_bytes = st.high_water_bytes.max(st.droppable_bytes);
         st.frames.push_back(Frame {
             text,
@@ -157,7 +177,11 @@ impl SendQueue {
     pub fn close(&self, why: CloseReason) {
         let mut st = self.state.lock();
         if why.is_urgent() {
-            st.frames.clear();
+            for f in st.frames.drain(..) {
+                if f.droppable.is_some() {
+                    self.pressure.sub(f.text.len() as u64);
+                }
+            }
             st.lagged.clear();
             st.droppable_count = 0;
             st.droppable_bytes = 0;
@@ -183,6 +207,7 @@ impl SendQueue {
                     if frame.droppable.is_some() {
                         st.droppable_count -= 1;
                         st.droppable_bytes -= frame.text.len();
+                        self.pressure.sub(frame.text.len() as u64);
                     }
                     return Next::Frame(frame);
                 }

@@ -2,7 +2,7 @@
 //! per-sub delivery tags, and every op. It never sees the socket: requests come in parsed,
 //! deliveries come from its consumers, frames go to the [`SendQueue`] buffer.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,7 @@ use crate::engine::{
     AckMode, CancelReason, Channel, ConsumeOptions, Consumer, ConsumerEvent, DeleteQueueOptions,
     EngineError, Message, PublishOptions, QueueSpec,
 };
+use crate::flow::Stall;
 use crate::json::{self, Encoding, PropertiesJson};
 use crate::metrics;
 
@@ -145,6 +146,11 @@ pub struct WsSession {
     next_sub: u64,
     takeover_tx: mpsc::UnboundedSender<Takeover>,
     pub takeovers: mpsc::UnboundedReceiver<Takeover>,
+    /// Set while the connection is paced: its publishes park until it is over (DESIGN.md §7).
+    pub stall: Option<Stall>,
+    /// Publishes parked while paced, in arrival order, with their frames' sizes.
+    parked: VecDeque<(Envelope, usize)>,
+    parked_bytes: usize,
 }
 
 impl WsSession {
@@ -167,7 +173,44 @@ impl WsSession {
             next_sub: 1,
             takeover_tx,
             takeovers,
+            stall: None,
+            parked: VecDeque::new(),
+            parked_bytes: 0,
         }
+    }
+
+    /// Whether the socket may be read: not while parked publishes hold
+    /// `limits.max_pending_in` bytes.
+    pub fn may_read(&self) -> bool {
+        (self.parked_bytes as u64) < self.ctx.config.limits.max_pending_in.as_u64()
+    }
+
+    /// Handles one request of `size` bytes: a publish while the connection is paced waits
+    /// (acks, pings, `auth` and the rest are answered at once).
+    pub async fn request(&mut self, env: Envelope, size: usize) -> Outcome {
+        if self.stall.is_some() && matches!(env.request, Request::Publish(_)) {
+            self.parked_bytes += size;
+            self.parked.push_back((env, size));
+            return Outcome::Continue;
+        }
+        self.handle(env).await
+    }
+
+    /// The connection's stall is over: the parked publishes go on, until one paces again.
+    pub async fn unstall(&mut self) -> Outcome {
+        if let Some(stall) = self.stall.take() {
+            metrics::paced(PROTOCOL, stall.elapsed());
+        }
+        while self.stall.is_none()
+            && let Some((env, size)) = self.parked.pop_front()
+        {
+            self.parked_bytes -= size;
+            if let outcome @ Outcome::Close(_) = self.handle(env).await {
+                return outcome;
+            }
+            tokio::task::consume_budget().await;
+        }
+        Outcome::Continue
     }
 
     pub fn expires_at(&self) -> Option<u64> {
@@ -189,8 +232,8 @@ impl WsSession {
         ));
     }
 
-    /// Handles one request.
-    pub async fn handle(&mut self, env: Envelope) -> Outcome {
+    /// Handles one request now.
+    async fn handle(&mut self, env: Envelope) -> Outcome {
         let Envelope { id, op, request } = env;
         let result = match request {
             Request::Auth(a) => self.refresh(&id, &a.token).await,
@@ -275,6 +318,14 @@ impl WsSession {
     /// The connection is going: release holds and delete private queues (the channel's close
     /// would too; doing it here keeps the session registry exact).
     pub async fn close(&mut self) {
+        // Publishes read while paced go out before the subscriptions end: the client loses
+        // nothing the gateway read.
+        self.stall = None;
+        while let Some((env, size)) = self.parked.pop_front() {
+            self.parked_bytes -= size;
+            self.stall = None;
+            let _ = self.handle(env).await;
+        }
         let subs: Vec<Arc<str>> = self.subs.keys().cloned().collect();
         for sub in subs {
             self.end(&sub, false).await;

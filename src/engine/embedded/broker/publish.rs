@@ -12,7 +12,7 @@ impl Broker {
         exchange: &str,
         routing_key: &str,
         message: Message,
-    ) -> Result<(PublishOutcome, Option<StoreWrite>), EngineError> {
+    ) -> Result<(PublishOutcome, Option<StoreWrite>, Pace), EngineError> {
         if message.body.len() > self.max_message_bytes {
             return Err(EngineError::ContentTooLarge {
                 size: message.body.len(),
@@ -36,7 +36,7 @@ impl Broker {
             &mut targets,
         )?;
         if targets.is_empty() {
-            return Ok((PublishOutcome { routed: false }, None));
+            return Ok((PublishOutcome { routed: false }, None, Pace::default()));
         }
         let mut fx = Effects::default();
         let (routed, rejected, write) = self.enqueue_all(
@@ -46,10 +46,11 @@ impl Broker {
             message,
             &mut fx,
         );
+        let pace = std::mem::take(&mut fx.paced);
         self.apply(fx);
         match rejected {
             Some(queue) => Err(EngineError::Rejected(queue.to_string())),
-            None => Ok((PublishOutcome { routed }, write)),
+            None => Ok((PublishOutcome { routed }, write, pace)),
         }
     }
 

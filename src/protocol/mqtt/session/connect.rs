@@ -139,7 +139,7 @@ impl Session {
         conn: Arc<Connection>,
         connect: Connect,
         out: mpsc::UnboundedSender<Outbound>,
-        qos0_queued: Arc<AtomicUsize>,
+        qos0_out: Pressure,
     ) -> Result<(Session, Outbound), ConnectRejected> {
         let principal = authenticate(&ctx, &connect).await?;
         let (id, assigned) = client_id(&connect)?;
@@ -183,9 +183,10 @@ impl Session {
                 next_packet_id: 1,
                 inflight_max,
                 aliases: HashMap::new(),
-                qos0_queued,
+                qos0_out,
             },
             inflow: publish::Inflow::default(),
+            stall: None,
             max_qos: ctx.engine.capabilities().max_mqtt_qos.min(2),
             retained: ctx.engine.retained(),
             takeovers,

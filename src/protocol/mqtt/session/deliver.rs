@@ -2,8 +2,6 @@
 //! MQTT 5 properties, outbound topic aliases, packet-id tracking, retained messages on
 //! subscribe.
 
-use std::sync::atomic::Ordering;
-
 use super::*;
 
 /// Deliveries handled per turn of the connection's task, at most.
@@ -56,7 +54,7 @@ impl Session {
         use tokio_stream::StreamExt;
         let mut outcome = self.deliver(key, event).await;
         for _ in 1..DRAIN_BATCH {
-            if !matches!(outcome, Outcome::Continue) {
+            if !matches!(outcome, Outcome::Continue) || self.outflow.qos0_out.paces() {
                 break;
             }
             let waiting = tokio::task::unconstrained(self.consumers.next()).now_or_never();
@@ -66,6 +64,15 @@ impl Session {
             outcome = self.deliver(key, event).await;
         }
         outcome
+    }
+
+    /// The QoS 0 buffer's gauge while it paces publishers: the session takes no deliveries
+    /// until it stops (below its low-water mark, or marked slow), so what its publishers sent
+    /// before they were paced waits in the engine's queue instead of overflowing the buffer
+    /// (DESIGN.md §7).
+    pub fn delivery_paused(&self) -> Option<Pressure> {
+        let gauge = &self.outflow.qos0_out;
+        gauge.paces().then(|| gauge.clone())
     }
 
     /// A delivery from the queue of `level`, or the end of its consumer.
@@ -207,11 +214,9 @@ impl Session {
         payload: bytes::Bytes,
         mut props: PublishProps,
     ) -> bool {
-        if qos == 0
-            && self.outflow.qos0_queued.load(Ordering::Relaxed)
-                >= self.ctx.config.limits.outbound_buffer_messages
-        {
-            metrics::refusal(PROTOCOL, "qos0_dropped");
+        if qos == 0 && self.outflow.qos0_out.is_full(payload.len() as u64) {
+            // Only a consumer its publishers gave up waiting for gets here (DESIGN.md §7).
+            metrics::delivery_dropped(PROTOCOL, "slow_consumer");
             return false;
         }
         let alias = self.alias_for(&topic);
@@ -237,7 +242,7 @@ impl Session {
             self.outflow.aliases.insert(wire_topic.clone(), a);
         }
         if qos == 0 {
-            self.outflow.qos0_queued.fetch_add(1, Ordering::Relaxed);
+            self.outflow.qos0_out.add(payload.len() as u64);
         }
         self.send(Outbound::Publish {
             topic: wire_topic,

@@ -63,6 +63,7 @@ impl Session {
     /// The connection ended: publish the will unless the client said DISCONNECT, release the
     /// session. Queues of a clean session go with the channel.
     pub async fn end(&mut self, graceful: bool) {
+        self.flush_parked().await;
         if !graceful && let Some(will) = self.life.will.take() {
             self.publish_will(will).await;
         }

@@ -2,7 +2,8 @@
 //! message, and the acknowledgements — pipelined: a publish goes to the engine at once and
 //! the connection reads on while its confirm is outstanding; PUBACK/PUBREC go out in the
 //! order the publishes arrived, as the confirms come in. Publishes over the rate limit are
-//! parked (their acks withheld) and tried again.
+//! parked (their acks withheld) and tried again; so are all publishes, QoS 0 included, while
+//! the connection is paced (DESIGN.md §7).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -16,6 +17,7 @@ use sync_wrapper::SyncWrapper;
 
 use crate::context::{PublishRefused, Publishing};
 use crate::engine::retained::RetainedUndo;
+use crate::flow::Stall;
 
 use super::*;
 
@@ -34,8 +36,9 @@ pub struct Inflow {
     waiting: usize,
     /// QoS 1 publishes in `confirms` whose PUBACK is owed.
     owed: usize,
-    /// QoS 1/2 publishes over the rate limit, their acks withheld.
-    parked: VecDeque<PublishIn>,
+    /// Publishes waiting in arrival order: QoS 1/2 ones over the rate limit (their acks
+    /// withheld), and any while the connection is paced.
+    parked: Parked,
     pub retry_at: Option<Instant>,
     /// Since when QoS 0 publishes have been dropped for the rate limit without one admitted.
     overrun_since: Option<Instant>,
@@ -44,7 +47,7 @@ pub struct Inflow {
 impl Inflow {
     /// QoS 1/2 publishes the client has not had an answer to (what Receive Maximum bounds).
     fn unanswered(&self) -> usize {
-        self.owed + self.qos2.len() + self.parked.len()
+        self.owed + self.qos2.len() + self.parked.owed
     }
 
     /// Whether the connection may read another packet: not while more publishes than the
@@ -53,7 +56,11 @@ impl Inflow {
     /// client was told the maximum: one more is read, so one that overruns it is told (0x93).
     /// A 3.1.1 client never was (its in-flight window is its own: 20 for Mosquitto's and
     /// paho's clients, 100 for rumqttc's), so it only meets the backpressure.
-    pub fn may_read(&self, receive_maximum: u16, advertised: bool) -> bool {
+    /// Nor while the parked publishes hold `limits.max_pending_in` bytes.
+    pub fn may_read(&self, receive_maximum: u16, advertised: bool, max_parked: u64) -> bool {
+        if self.parked.bytes >= max_parked {
+            return false;
+        }
         let limit = usize::from(receive_maximum);
         if advertised {
             self.waiting <= limit
@@ -79,6 +86,39 @@ impl Inflow {
     fn push(&mut self, awaiting: Awaiting) {
         self.waiting += 1;
         self.confirms.get_mut().push_back(awaiting);
+    }
+}
+
+/// Publishes parked in arrival order, with what they hold.
+#[derive(Default)]
+struct Parked {
+    publishes: VecDeque<PublishIn>,
+    /// Payload bytes parked: at `limits.max_pending_in` the socket is not read.
+    bytes: u64,
+    /// QoS 1/2 ones: unanswered, so they count towards Receive Maximum.
+    owed: usize,
+}
+
+impl Parked {
+    fn push(&mut self, p: PublishIn, back: bool) {
+        self.bytes += p.payload.len() as u64;
+        self.owed += usize::from(p.qos > 0);
+        if back {
+            self.publishes.push_back(p);
+        } else {
+            self.publishes.push_front(p);
+        }
+    }
+
+    fn pop(&mut self) -> Option<PublishIn> {
+        let p = self.publishes.pop_front()?;
+        self.bytes -= p.payload.len() as u64;
+        self.owed -= usize::from(p.qos > 0);
+        Some(p)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.publishes.is_empty()
     }
 }
 
@@ -152,9 +192,10 @@ impl Session {
             metrics::refusal(PROTOCOL, "receive_maximum_exceeded");
             return Outcome::Close(CloseReason::ReceiveMaximumExceeded);
         }
-        if !self.inflow.parked.is_empty() && p.qos > 0 {
-            // Keep order: later publishes wait behind parked ones.
-            self.inflow.parked.push_back(p);
+        if self.stall.is_some() || (!self.inflow.parked.is_empty() && p.qos > 0) {
+            // Paced: everything waits. Else keep order: later QoS 1/2 publishes wait behind
+            // parked ones.
+            self.inflow.parked.push(p, true);
             return Outcome::Continue;
         }
         self.publish_now(p, true).await
@@ -250,7 +291,12 @@ impl Session {
                 }
             }
         }
-        let confirm = cleared.publish(&*self.channel, message, PublishOptions::default());
+        let mut confirm = cleared.publish(&*self.channel, message, PublishOptions::default());
+        Stall::begin(
+            &mut self.stall,
+            confirm.take_pace(),
+            self.ctx.config.limits.pace_max_wait,
+        );
         self.inflow.overrun_since = None;
         if p.qos == 2
             && self.max_qos == 2
@@ -323,11 +369,7 @@ impl Session {
             }
             return Outcome::Continue;
         }
-        if may_park {
-            self.inflow.parked.push_back(p);
-        } else {
-            self.inflow.parked.push_front(p);
-        }
+        self.inflow.parked.push(p, may_park);
         self.inflow.retry_at = Some(Instant::now() + t.retry_after);
         Outcome::Continue
     }
@@ -419,14 +461,48 @@ impl Session {
     /// Tries the parked publishes again (their acks were withheld).
     pub async fn retry_parked(&mut self) -> Outcome {
         self.inflow.retry_at = None;
-        while let Some(p) = self.inflow.parked.pop_front() {
+        while self.stall.is_none()
+            && let Some(p) = self.inflow.parked.pop()
+        {
             if let outcome @ Outcome::Close(_) = self.publish_now(p, false).await {
                 return outcome;
             }
             if self.inflow.retry_at.is_some() {
                 break; // throttled again: it went back to the front
             }
+            // As for packets read (connection.rs): many publishers released at once take
+            // turns with the consumers they publish to.
+            tokio::task::consume_budget().await;
         }
         Outcome::Continue
+    }
+
+    /// The connection ended: publishes it read and parked are published now, unpaced (a
+    /// client that published and disconnected loses nothing the gateway read). Ones the rate
+    /// limit still refuses are dropped, as they would have been.
+    pub async fn flush_parked(&mut self) {
+        self.inflow.retry_at = None;
+        while let Some(p) = self.inflow.parked.pop() {
+            self.stall = None;
+            let _ = self.publish_now(p, false).await;
+            if self.inflow.retry_at.take().is_some() {
+                // Throttled: it went back to the front; nobody will retry it.
+                let _ = self.inflow.parked.pop();
+            }
+        }
+        self.stall = None;
+    }
+
+    /// The connection's stall is over (its buffers drained, or it waited `pace_max_wait`):
+    /// the parked publishes go on, until one paces again.
+    pub async fn unstall(&mut self) -> Outcome {
+        if let Some(stall) = self.stall.take() {
+            metrics::paced(PROTOCOL, stall.elapsed());
+        }
+        if self.inflow.retry_at.is_some() {
+            // Rate-limited as well: the retry timer resumes them.
+            return Outcome::Continue;
+        }
+        self.retry_parked().await
     }
 }

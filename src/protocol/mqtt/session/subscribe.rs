@@ -122,6 +122,7 @@ impl Session {
                 },
                 exclusive: false,
                 arguments: FieldTable::new(),
+                pressure: None,
             };
             let consumer = self.channel.consume(&queue, options).await?;
             self.consumers.insert(f.filter.clone(), consumer);

@@ -38,16 +38,19 @@ impl WsSession {
         let options = PublishOptions {
             mandatory: p.mandatory,
         };
-        let outcome = cleared
-            .publish(&*self.channel, Message { properties, body }, options)
-            .await
-            .map_err(|e| {
-                let mut r = RequestError::from(e);
-                if matches!(r.code, Code::Overloaded | Code::Unavailable) {
-                    r.retry_after_ms = Some(1000);
-                }
-                r
-            })?;
+        let mut publishing = cleared.publish(&*self.channel, Message { properties, body }, options);
+        Stall::begin(
+            &mut self.stall,
+            publishing.take_pace(),
+            self.ctx.config.limits.pace_max_wait,
+        );
+        let outcome = publishing.await.map_err(|e| {
+            let mut r = RequestError::from(e);
+            if matches!(r.code, Code::Overloaded | Code::Unavailable) {
+                r.retry_after_ms = Some(1000);
+            }
+            r
+        })?;
         if p.mandatory && !outcome.routed {
             return Err(RequestError::new(
                 Code::Unroutable,

@@ -50,6 +50,9 @@ impl WsSession {
             ack,
             exclusive,
             arguments: FieldTable::new(),
+            // Only no-ack deliveries wait in the droppable part of the buffer; the other modes
+            // are bounded by credit.
+            pressure: matches!(mode, Mode::NoAck(_)).then(|| self.out.pressure().clone()),
         };
         let consumer = match self.consume(&target, options).await {
             Ok(c) => c,

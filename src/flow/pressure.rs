@@ -1,0 +1,477 @@
+//! Pacing (DESIGN.md §7): a gauge on every buffer that would drop what it holds — a
+//! connection's outbound buffer of auto-ack / QoS 0 deliveries, a bounded drop-head queue with
+//! consumers — and the wait a publisher takes when its publish landed in one above its
+//! high-water mark.
+//!
+//! ```text
+//!  fill ▲
+//! bound ┤━━━━━━━━━━━━━━━━━━━━━━━━━━━━━  full: drop oldest (counted) — only a slow consumer gets here
+//!  3/4  ┤─ ─ ─ ─ ╱╲─ ─ ─ ─ ─ ─ ─ ─ ─ ─  high: publishes landing here park their connection
+//!  1/2  ┤─ ─ ─ ─╱─ ╲ ─ ─ ─ ─ ─ ─ ─ ─ ─  low: parked publishers are released
+//!       ┤     ╱     ╲___
+//!       └──────────────────────────▶ time
+//! ```
+//!
+//! A gauge is *clear* until its fill reaches high, then *pacing* until it falls below low. A
+//! publisher that waited [`Pace::released`]'s `deadline` (`limits.pace_max_wait`) for a gauge
+//! still pacing marks it *slow*: a slow gauge paces nobody until it is below low again, so one
+//! stalled consumer costs each publisher at most one bounded wait and then meets the drop
+//! policy instead of holding publishers back.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+const CLEAR: u8 = 0;
+const PACING: u8 = 1;
+const SLOW: u8 = 2;
+
+/// A buffer's bound, in messages and body bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bound {
+    pub messages: u64,
+    pub bytes: u64,
+}
+
+struct Gauge {
+    bound: Bound,
+    high: Bound,
+    low: Bound,
+    messages: AtomicU64,
+    bytes: AtomicU64,
+    state: AtomicU8,
+    /// Notified when the fill falls below low (or the gauge is marked slow).
+    drained: Notify,
+    /// Counts the pacing episodes that ended: a publisher waits for the episode it met to end,
+    /// not for the buffer to be below low at the moment it looks (other publishers released
+    /// with it may have filled it again).
+    episodes: AtomicU64,
+    /// When the current pacing episode began, as nanoseconds since `created`.
+    since: AtomicU64,
+    created: tokio::time::Instant,
+    /// Whose buffer this is (the `kind` label of the slow-consumer metric).
+    kind: &'static str,
+}
+
+/// A shared handle on one buffer's gauge: the buffer's owner counts into it, publishers whose
+/// messages land in the buffer read it.
+#[derive(Clone)]
+pub struct Pressure(Arc<Gauge>);
+
+impl Pressure {
+    /// A gauge for a buffer of `bound`: high at 3/4 of it, low at 1/2 (in messages or bytes,
+    /// whichever is reached first).
+    pub fn new(bound: Bound, kind: &'static str) -> Pressure {
+        let part = |n: u64, num: u64, den: u64| {
+            ((u128::from(n) * u128::from(num)) / u128::from(den)).max(1) as u64
+        };
+        Pressure(Arc::new(Gauge {
+            bound,
+            high: Bound {
+                messages: part(bound.messages, 3, 4),
+                bytes: part(bound.bytes, 3, 4),
+            },
+            low: Bound {
+                messages: part(bound.messages, 1, 2),
+                bytes: part(bound.bytes, 1, 2),
+            },
+            messages: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            state: AtomicU8::new(CLEAR),
+            drained: Notify::new(),
+            episodes: AtomicU64::new(0),
+            since: AtomicU64::new(0),
+            created: tokio::time::Instant::now(),
+            kind,
+        }))
+    }
+
+    /// One message of `bytes` entered the buffer.
+    pub fn add(&self, bytes: u64) {
+        let g = &*self.0;
+        let m = g.messages.fetch_add(1, Ordering::AcqRel) + 1;
+        let b = g.bytes.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        if (m >= g.high.messages || b >= g.high.bytes)
+            && g.state
+                .compare_exchange(CLEAR, PACING, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            let since = g.created.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+            g.since.store(since, Ordering::Release);
+            // A concurrent `sub` may have taken it below low between our count and the
+            // switch: look again, or waiters would sit out their whole deadline.
+            self.check_drained();
+        }
+    }
+
+    /// One message of `bytes` left the buffer (written or dropped).
+    pub fn sub(&self, bytes: u64) {
+        let g = &*self.0;
+        g.messages.fetch_sub(1, Ordering::AcqRel);
+        g.bytes.fetch_sub(bytes, Ordering::AcqRel);
+        if g.state.load(Ordering::Acquire) != CLEAR {
+            self.check_drained();
+        }
+    }
+
+    fn check_drained(&self) {
+        let g = &*self.0;
+        if g.messages.load(Ordering::Acquire) < g.low.messages
+            && g.bytes.load(Ordering::Acquire) < g.low.bytes
+            && g.state.swap(CLEAR, Ordering::AcqRel) != CLEAR
+        {
+            g.episodes.fetch_add(1, Ordering::AcqRel);
+            g.drained.notify_waiters();
+        }
+    }
+
+    /// Above high and not given up on: publishes landing here wait.
+    pub fn paces(&self) -> bool {
+        self.0.state.load(Ordering::Acquire) == PACING
+    }
+
+    /// Resolves once the gauge does not pace, or once `episode` is over.
+    async fn episode_over(&self, episode: Option<u64>) {
+        loop {
+            let notified = self.0.drained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.paces() || episode.is_some_and(|e| e != self.episode()) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// For the consumer that stopped taking deliveries while this gauge paces: resolves when
+    /// it may take them again — the episode ended, or it has lasted `max_wait`, when the
+    /// consumer is marked slow itself (its publishers may never wait for it: they published
+    /// before it filled, or they are not paced, as the engine's own dead letters).
+    /// Cancel-safe, and the same deadline however often it is called.
+    pub async fn resume(&self, max_wait: Duration) {
+        let episode = self.episode();
+        let since = Duration::from_nanos(self.0.since.load(Ordering::Acquire));
+        let deadline = self.0.created + since + max_wait;
+        let over = self.episode_over(Some(episode));
+        if tokio::time::timeout_at(deadline, over).await.is_err() {
+            self.mark_slow(episode);
+        }
+    }
+
+    fn episode(&self) -> u64 {
+        self.0.episodes.load(Ordering::Acquire)
+    }
+
+    /// Marked slow and not yet drained below low.
+    pub fn is_slow(&self) -> bool {
+        self.0.state.load(Ordering::Acquire) == SLOW
+    }
+
+    /// Whether one more message of `bytes` would pass the bound (an empty buffer always takes
+    /// one, however large).
+    pub fn is_full(&self, bytes: u64) -> bool {
+        let g = &*self.0;
+        let m = g.messages.load(Ordering::Acquire);
+        m >= g.bound.messages || (m > 0 && g.bytes.load(Ordering::Acquire) + bytes > g.bound.bytes)
+    }
+
+    /// (messages, bytes) in the buffer now.
+    pub fn fill(&self) -> (u64, u64) {
+        (
+            self.0.messages.load(Ordering::Acquire),
+            self.0.bytes.load(Ordering::Acquire),
+        )
+    }
+
+    /// A publisher waited its deadline for `episode` of this gauge: unless that one ended
+    /// meanwhile, it paces nobody until below low.
+    fn mark_slow(&self, episode: u64) {
+        if self.episode() == episode
+            && self
+                .0
+                .state
+                .compare_exchange(PACING, SLOW, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            crate::metrics::slow_consumer_marked(self.0.kind);
+            // Its consumer, if it paused, takes deliveries again (and drops the oldest).
+            self.0.drained.notify_waiters();
+        }
+    }
+
+    fn same(&self, other: &Pressure) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+/// Two handles are equal when they are the same gauge.
+impl PartialEq for Pressure {
+    fn eq(&self, other: &Self) -> bool {
+        self.same(other)
+    }
+}
+
+impl std::fmt::Debug for Pressure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (m, b) = self.fill();
+        f.debug_struct("Pressure")
+            .field("kind", &self.0.kind)
+            .field("messages", &m)
+            .field("bytes", &b)
+            .field("state", &self.0.state.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// The gauges a publish landed in above their high-water mark: the publisher's connection
+/// parks its further publishes until they drained or the deadline passed. Empty (and without
+/// an allocation) for almost every publish.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Pace {
+    /// Each gauge with the episode the publish met.
+    gauges: Vec<(Pressure, u64)>,
+}
+
+/// How a pacing wait ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Released {
+    /// Every gauge fell below low (or was given up on by another publisher).
+    Drained,
+    /// The deadline passed: the gauges still pacing are now marked slow.
+    TimedOut,
+}
+
+impl Pace {
+    /// Adds a gauge that paces (once).
+    pub fn push(&mut self, p: &Pressure) {
+        self.push_episode(p, p.episode());
+    }
+
+    fn push_episode(&mut self, p: &Pressure, episode: u64) {
+        if !self.gauges.iter().any(|(g, _)| g.same(p)) {
+            self.gauges.push((p.clone(), episode));
+        }
+    }
+
+    /// Everything `other` waits for too (a gauge already waited for keeps its episode).
+    pub fn merge(&mut self, other: Pace) {
+        for (g, episode) in &other.gauges {
+            self.push_episode(g, *episode);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.gauges.is_empty()
+    }
+
+    /// Nothing left to wait for.
+    pub fn is_over(&self) -> bool {
+        self.gauges
+            .iter()
+            .all(|(g, e)| !g.paces() || g.episode() != *e)
+    }
+
+    /// Waits until the pacing episode of every gauge met is over (each was below its low-water
+    /// mark at some point, or was given up on), or until `deadline`; then marks those still in
+    /// the episode met slow. Cancel-safe: nothing changes until it returns.
+    pub async fn released(&self, deadline: tokio::time::Instant) -> Released {
+        let drained = async {
+            for (g, episode) in &self.gauges {
+                g.episode_over(Some(*episode)).await;
+            }
+        };
+        match tokio::time::timeout_at(deadline, drained).await {
+            Ok(()) => Released::Drained,
+            Err(_) => {
+                for (g, episode) in &self.gauges {
+                    g.mark_slow(*episode);
+                }
+                Released::TimedOut
+            }
+        }
+    }
+
+    /// [`Pace::released`] within `max` from now; returns how long it waited.
+    pub async fn wait(&self, max: Duration) -> Duration {
+        let started = tokio::time::Instant::now();
+        self.released(started + max).await;
+        started.elapsed()
+    }
+}
+
+/// One connection's stall: what its publishes wait for, and until when. A publish that paces
+/// again during the stall adds its gauges but not time: a stall lasts at most
+/// `limits.pace_max_wait`.
+#[derive(Debug)]
+pub struct Stall {
+    pace: Pace,
+    started: tokio::time::Instant,
+    deadline: tokio::time::Instant,
+}
+
+impl Stall {
+    pub fn new(pace: Pace, max_wait: Duration) -> Stall {
+        let started = tokio::time::Instant::now();
+        Stall {
+            pace,
+            started,
+            deadline: started + max_wait,
+        }
+    }
+
+    /// Starts a stall for `pace`, or adds it to the one under way.
+    pub fn begin(stall: &mut Option<Stall>, pace: Pace, max_wait: Duration) {
+        if pace.is_empty() {
+            return;
+        }
+        match stall {
+            Some(s) => s.pace.merge(pace),
+            None => *stall = Some(Stall::new(pace, max_wait)),
+        }
+    }
+
+    /// Resolves when the stall is over (see [`Pace::released`]). Cancel-safe.
+    pub async fn released(&self) -> Released {
+        self.pace.released(self.deadline).await
+    }
+
+    /// How long it has lasted.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+/// The stall of `stall`, if any, else never: a branch for a connection's `select!`.
+pub async fn stall_over(stall: &Option<Stall>) -> Released {
+    match stall {
+        Some(s) => s.released().await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gauge(messages: u64) -> Pressure {
+        Pressure::new(
+            Bound {
+                messages,
+                bytes: 1 << 20,
+            },
+            "test",
+        )
+    }
+
+    #[test]
+    fn watermarks_with_hysteresis() {
+        let g = gauge(8);
+        for _ in 0..5 {
+            g.add(1);
+        }
+        assert!(!g.paces(), "5 of 8 is below high (6)");
+        g.add(1);
+        assert!(g.paces(), "6 of 8 is high");
+        g.sub(1);
+        g.sub(1);
+        assert!(g.paces(), "4 is not below low (4)");
+        g.sub(1);
+        assert!(!g.paces(), "3 is below low");
+        assert!(!g.is_full(1));
+        for _ in 0..5 {
+            g.add(1);
+        }
+        assert!(g.is_full(1), "8 of 8");
+    }
+
+    #[test]
+    fn bytes_count_too() {
+        let g = Pressure::new(
+            Bound {
+                messages: 1000,
+                bytes: 100,
+            },
+            "test",
+        );
+        g.add(80);
+        assert!(g.paces(), "80 of 100 bytes is above high (75)");
+        assert!(g.is_full(30));
+        g.sub(80);
+        assert!(!g.paces());
+        assert!(!g.is_full(500), "an empty buffer takes one of any size");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_ends_when_the_buffer_drains() {
+        let g = gauge(4);
+        for _ in 0..3 {
+            g.add(1);
+        }
+        let mut pace = Pace::default();
+        pace.push(&g);
+        pace.push(&g);
+        assert_eq!(pace.gauges.len(), 1, "one gauge once");
+        let drainer = {
+            let g = g.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                g.sub(1);
+                g.sub(1);
+            })
+        };
+        let waited = pace.wait(Duration::from_millis(100)).await;
+        assert_eq!(waited, Duration::from_millis(10));
+        assert!(!g.is_slow());
+        drainer.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_buffer_is_waited_for_at_most_the_deadline_then_marked_slow() {
+        let stalled = gauge(4);
+        for _ in 0..3 {
+            stalled.add(1);
+        }
+        let mut pace = Pace::default();
+        pace.push(&stalled);
+        let waited = pace.wait(Duration::from_millis(100)).await;
+        assert_eq!(waited, Duration::from_millis(100));
+        assert!(stalled.is_slow());
+        assert!(!stalled.paces(), "a slow buffer paces nobody");
+        stalled.add(1);
+        assert!(!stalled.paces(), "not even when it grows");
+        assert!(pace.is_over());
+        for _ in 0..3 {
+            stalled.sub(1);
+        }
+        assert!(!stalled.is_slow(), "below low it is clear again");
+        stalled.add(1);
+        stalled.add(1);
+        assert!(stalled.paces(), "and paces again from high");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_paused_consumer_resumes_after_the_wait_however_often_it_asks() {
+        let g = gauge(4);
+        for _ in 0..3 {
+            g.add(1);
+        }
+        let started = tokio::time::Instant::now();
+        // A connection loop re-creates the future on every other event.
+        for _ in 0..3 {
+            let _ = tokio::time::timeout(
+                Duration::from_millis(30),
+                g.resume(Duration::from_millis(100)),
+            )
+            .await;
+        }
+        g.resume(Duration::from_millis(100)).await;
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(100),
+            "one deadline"
+        );
+        assert!(g.is_slow(), "it marked itself slow");
+    }
+}

@@ -1,0 +1,305 @@
+//! Pacing (DESIGN.md §7): publishers that outrun a consumer's buffer are slowed, not dropped.
+//! Numbered QoS 0 floods over MQTT (TCP and WebSocket × 3.1.1 and 5) and `/ws` reach a
+//! subscriber that keeps up, every message in order; a stalled consumer among fast ones costs
+//! the fast ones nothing, and only its own messages are dropped, counted and signalled. The
+//! bounded wait itself is checked under a paused clock in `src/flow/pressure.rs`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use amqp_gateway::config::Config;
+use bytes::Bytes;
+use common::ws::Ws;
+use common::{TestGateway, start_gateway, token, unique};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+/// Generous for a flood on a loaded 2-core machine; only ever waited in full on failure.
+const FLOOD_WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Copy)]
+enum Transport {
+    Tcp,
+    Ws,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Version {
+    V4,
+    V5,
+}
+
+/// Small buffers, so a flood of a few thousand messages is paced many times over; the publish
+/// rate limits out of the way.
+fn small_buffers(c: &mut Config) {
+    c.limits.outbound_buffer_messages = 64;
+    c.limits.publish_rate = 10_000_000;
+    c.limits.publish_burst = 10_000_000;
+    c.limits.subject_publish_rate = 10_000_000;
+    c.limits.publish_bytes_rate = bytesize::ByteSize::gib(1);
+}
+
+fn mqtt_token() -> String {
+    token(
+        "flood",
+        "gateway.write:amq.topic/# gateway.read:amq.topic/#",
+    )
+}
+
+/// (host, port, over WebSocket) of the gateway's MQTT listener on `t`.
+fn endpoint(gw: &TestGateway, t: Transport) -> (String, u16, bool) {
+    match t {
+        Transport::Tcp => ("127.0.0.1".into(), gw.gateway.addrs().mqtt.port(), false),
+        Transport::Ws => {
+            let http = gw.gateway.addrs().http;
+            (format!("ws://{http}/mqtt"), http.port(), true)
+        }
+    }
+}
+
+/// Runs a rumqttc event loop (either version's) in a task that keeps its client alive, says
+/// when the SUBACK came and forwards every PUBLISH's payload.
+macro_rules! forward {
+    ($client:ident, $eventloop:ident, $event:ident, $packet:ident, $tx:ident, $subacked:ident) => {
+        tokio::spawn(async move {
+            let _client = $client;
+            let mut subacked = Some($subacked);
+            loop {
+                match $eventloop.poll().await {
+                    Ok($event::Incoming($packet::SubAck(_))) => {
+                        subacked.take().map(|s| s.send(()));
+                    }
+                    Ok($event::Incoming($packet::Publish(p))) => {
+                        if $tx.send(p.payload).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        })
+    };
+}
+
+/// A subscriber to `filter` at QoS 0 that reads as fast as it can: its payloads in arrival
+/// order. Returns once the SUBACK came.
+async fn subscriber(
+    gw: &TestGateway,
+    t: Transport,
+    v: Version,
+    filter: &str,
+) -> mpsc::UnboundedReceiver<Bytes> {
+    let (host, port, ws) = endpoint(gw, t);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (subacked, suback) = tokio::sync::oneshot::channel();
+    let id = unique("sub");
+    match v {
+        Version::V4 => {
+            use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
+            let mut o = MqttOptions::new(id, host, port);
+            o.set_credentials("u", mqtt_token());
+            o.set_max_packet_size(1 << 20, 1 << 20);
+            if ws {
+                o.set_transport(rumqttc::Transport::Ws);
+            }
+            let (client, mut eventloop) = AsyncClient::new(o, 10);
+            client
+                .subscribe(filter, rumqttc::QoS::AtMostOnce)
+                .await
+                .unwrap();
+            forward!(client, eventloop, Event, Packet, tx, subacked);
+        }
+        Version::V5 => {
+            use rumqttc::v5::mqttbytes::v5::Packet;
+            use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+            let mut o = MqttOptions::new(id, host, port);
+            o.set_credentials("u", mqtt_token());
+            if ws {
+                o.set_transport(rumqttc::Transport::Ws);
+            }
+            let (client, mut eventloop) = AsyncClient::new(o, 10);
+            client
+                .subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtMostOnce)
+                .await
+                .unwrap();
+            forward!(client, eventloop, Event, Packet, tx, subacked);
+        }
+    }
+    tokio::time::timeout(common::WAIT, suback)
+        .await
+        .expect("a SUBACK")
+        .expect("the subscriber is connected");
+    rx
+}
+
+/// Publishes `n` QoS 0 messages "`who`:`i`" to `topic` as fast as the client takes them, then
+/// disconnects; returns once the client's connection ended (everything was written).
+async fn flood(gw: &TestGateway, t: Transport, v: Version, topic: &str, who: usize, n: u64) {
+    let (host, port, ws) = endpoint(gw, t);
+    let id = unique("pub");
+    let body = |i: u64| format!("{who}:{i}").into_bytes();
+    // Either version's client: the same steps, different types.
+    macro_rules! publish_all {
+        ($client:ty, $options:ty, $qos:expr) => {{
+            let mut o = <$options>::new(id, host, port);
+            o.set_credentials("u", mqtt_token());
+            if ws {
+                o.set_transport(rumqttc::Transport::Ws);
+            }
+            let (client, mut eventloop) = <$client>::new(o, 100);
+            let looped = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+            for i in 0..n {
+                client.publish(topic, $qos, false, body(i)).await.unwrap();
+            }
+            client.disconnect().await.unwrap();
+            looped
+        }};
+    }
+    let done = match v {
+        Version::V4 => publish_all!(
+            rumqttc::AsyncClient,
+            rumqttc::MqttOptions,
+            rumqttc::QoS::AtMostOnce
+        ),
+        Version::V5 => publish_all!(
+            rumqttc::v5::AsyncClient,
+            rumqttc::v5::MqttOptions,
+            rumqttc::v5::mqttbytes::QoS::AtMostOnce
+        ),
+    };
+    tokio::time::timeout(FLOOD_WAIT, done)
+        .await
+        .expect("the publisher finished")
+        .unwrap();
+}
+
+/// Receives `publishers` × `n` numbered messages and checks each publisher's arrived complete
+/// and in order.
+async fn expect_all(rx: &mut mpsc::UnboundedReceiver<Bytes>, publishers: usize, n: u64) {
+    let mut next: HashMap<usize, u64> = HashMap::new();
+    let total = publishers as u64 * n;
+    for got in 0..total {
+        let payload = tokio::time::timeout(FLOOD_WAIT, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {got} of {total} messages arrived"))
+            .expect("the subscriber is connected");
+        let text = String::from_utf8_lossy(&payload).into_owned();
+        let (who, i) = text.split_once(':').expect("a numbered payload");
+        let (who, i): (usize, u64) = (who.parse().unwrap(), i.parse().unwrap());
+        let expected = next.entry(who).or_default();
+        assert_eq!(
+            i, *expected,
+            "publisher {who}: a message lost or out of order"
+        );
+        *expected += 1;
+    }
+}
+
+/// Nothing dropped anywhere, and the publishers were in fact paced.
+async fn paced_and_nothing_dropped(gw: &TestGateway, protocol: &str) {
+    let m = gw.metrics_text().await;
+    let paced = common::metric_in(
+        &m,
+        &format!("gateway_publish_paced_seconds_total{{protocol=\"{protocol}\"}}"),
+    );
+    assert!(
+        paced.unwrap_or(0.0) > 0.0,
+        "the publishers were paced:\n{m}"
+    );
+    for dropped in [
+        "gateway_engine_dropped_total{reason=\"maxlen\"}",
+        "gateway_deliveries_dropped_total{protocol=\"mqtt\",reason=\"slow_consumer\"}",
+        "gateway_deliveries_dropped_total{protocol=\"ws\",reason=\"slow_consumer\"}",
+    ] {
+        assert_eq!(common::metric_in(&m, dropped), None, "{dropped}:\n{m}");
+    }
+}
+
+async fn one_to_one(t: Transport, v: Version) {
+    let gw = start_gateway(small_buffers).await;
+    let topic = unique("flood");
+    let mut rx = subscriber(&gw, t, v, &topic).await;
+    let n = 20_000;
+    let (_, ()) = tokio::join!(expect_all(&mut rx, 1, n), flood(&gw, t, v, &topic, 0, n));
+    paced_and_nothing_dropped(&gw, "mqtt").await;
+}
+
+async fn fifty_to_one(t: Transport, v: Version) {
+    // Each publisher gets one message past the high-water mark before it is parked: the
+    // quarter of the buffer above it must hold one from each of the 50 (docs/flow.md).
+    let gw = start_gateway(|c| {
+        small_buffers(c);
+        c.limits.outbound_buffer_messages = 400;
+    })
+    .await;
+    let topic = unique("flood");
+    let mut rx = subscriber(&gw, t, v, &topic).await;
+    let n = 400;
+    let publishers = (0..50).map(|who| flood(&gw, t, v, &topic, who, n));
+    let (_, _) = tokio::join!(
+        expect_all(&mut rx, 50, n),
+        futures_util::future::join_all(publishers)
+    );
+    paced_and_nothing_dropped(&gw, "mqtt").await;
+}
+
+macro_rules! matrix {
+    ($($name:ident: $case:ident($t:ident, $v:ident);)*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                $case(Transport::$t, Version::$v).await
+            }
+        )*
+    };
+}
+
+matrix! {
+    one_to_one_v3_1_1_tcp: one_to_one(Tcp, V4);
+    one_to_one_v5_tcp: one_to_one(Tcp, V5);
+    one_to_one_v3_1_1_ws: one_to_one(Ws, V4);
+    one_to_one_v5_ws: one_to_one(Ws, V5);
+    fifty_to_one_v3_1_1_tcp: fifty_to_one(Tcp, V4);
+    fifty_to_one_v5_tcp: fifty_to_one(Tcp, V5);
+    fifty_to_one_v3_1_1_ws: fifty_to_one(Ws, V4);
+    fifty_to_one_v5_ws: fifty_to_one(Ws, V5);
+}
+
+/// `/ws`: an auto-ack subscription takes a flood of `/ws` publishes, every message in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_auto_ack_takes_a_whole_flood() {
+    let gw = start_gateway(small_buffers).await;
+    let t = mqtt_token();
+    let key = unique("wsflood");
+    let mut sub = Ws::connect(&gw, Some(&t)).await;
+    let subscribed = sub
+        .call(json!({"op": "subscribe", "id": 1, "exchange": "amq.topic", "binding_key": key}))
+        .await;
+    assert_eq!(subscribed["op"], "subscribed", "{subscribed}");
+    let n = 20_000u64;
+    let mut publisher = Ws::connect(&gw, Some(&t)).await;
+    let flood = async {
+        for i in 0..n {
+            publisher
+                .send(json!({"op": "publish", "exchange": "amq.topic", "routing_key": key, "body": i.to_string()}))
+                .await;
+        }
+        // A request after the flood: answered once every publish before it was handled.
+        let pong = publisher.call(json!({"op": "ping", "id": "end"})).await;
+        assert_eq!(pong["op"], "pong", "{pong}");
+    };
+    let receive = async {
+        for i in 0..n {
+            let frame = tokio::time::timeout(FLOOD_WAIT, sub.recv())
+                .await
+                .unwrap_or_else(|_| panic!("only {i} of {n} messages arrived"));
+            assert_eq!(frame["op"], "message", "{frame}");
+            assert_eq!(frame["body"], i.to_string(), "lost or out of order");
+        }
+    };
+    tokio::join!(flood, receive);
+    paced_and_nothing_dropped(&gw, "ws").await;
+}
