@@ -32,8 +32,11 @@ enum Version {
 }
 
 /// Small buffers, so a flood of a few thousand messages is paced many times over; the publish
-/// rate limits out of the way.
+/// rate limits out of the way. A consumer is marked slow after `pace_max_wait` above its
+/// high-water mark: 2 s, so one that keeps up is never taken for slow when parallel tests
+/// starve it of CPU for a while (the stalled-consumer test keeps the default 100 ms).
 fn small_buffers(c: &mut Config) {
+    c.limits.pace_max_wait = Duration::from_secs(2);
     c.limits.outbound_buffer_messages = 64;
     c.limits.publish_rate = 10_000_000;
     c.limits.publish_burst = 10_000_000;
@@ -177,8 +180,13 @@ async fn flood(gw: &TestGateway, t: Transport, v: Version, topic: &str, who: usi
 }
 
 /// Receives `publishers` × `n` numbered messages and checks each publisher's arrived complete
-/// and in order.
-async fn expect_all(rx: &mut mpsc::UnboundedReceiver<Bytes>, publishers: usize, n: u64) {
+/// and in order; on failure says what the gateway counted.
+async fn expect_all(
+    gw: &TestGateway,
+    rx: &mut mpsc::UnboundedReceiver<Bytes>,
+    publishers: usize,
+    n: u64,
+) {
     let mut next: HashMap<usize, u64> = HashMap::new();
     let total = publishers as u64 * n;
     for got in 0..total {
@@ -187,15 +195,31 @@ async fn expect_all(rx: &mut mpsc::UnboundedReceiver<Bytes>, publishers: usize, 
             .unwrap_or_else(|_| panic!("only {got} of {total} messages arrived"))
             .expect("the subscriber is connected");
         let text = String::from_utf8_lossy(&payload).into_owned();
-        let (who, i) = text.split_once(':').expect("a numbered payload");
+        let mut parts = text.split(':');
+        let (who, i) = (
+            parts.next().unwrap(),
+            parts.next().expect("a numbered payload"),
+        );
         let (who, i): (usize, u64) = (who.parse().unwrap(), i.parse().unwrap());
         let expected = next.entry(who).or_default();
-        assert_eq!(
-            i, *expected,
-            "publisher {who}: a message lost or out of order"
-        );
+        if i != *expected {
+            panic!(
+                "publisher {who}: {i} came where {expected} was due\n{}",
+                flow_metrics(gw).await
+            );
+        }
         *expected += 1;
     }
+}
+
+/// The gateway's pacing and drop counters.
+async fn flow_metrics(gw: &TestGateway) -> String {
+    let m = gw.metrics_text().await;
+    let flow = ["paced", "dropped", "slow_consumers"];
+    m.lines()
+        .filter(|l| !l.starts_with('#') && flow.iter().any(|f| l.contains(f)))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Nothing dropped anywhere, and the publishers were in fact paced.
@@ -223,7 +247,10 @@ async fn one_to_one(t: Transport, v: Version) {
     let topic = unique("flood");
     let mut rx = subscriber(&gw, t, v, &topic).await;
     let n = 20_000;
-    let (_, ()) = tokio::join!(expect_all(&mut rx, 1, n), flood(&gw, t, v, &topic, 0, n));
+    let (_, ()) = tokio::join!(
+        expect_all(&gw, &mut rx, 1, n),
+        flood(&gw, t, v, &topic, 0, n)
+    );
     paced_and_nothing_dropped(&gw, "mqtt").await;
 }
 
@@ -240,7 +267,7 @@ async fn fifty_to_one(t: Transport, v: Version) {
     let n = 400;
     let publishers = (0..50).map(|who| flood(&gw, t, v, &topic, who, n));
     let (_, _) = tokio::join!(
-        expect_all(&mut rx, 50, n),
+        expect_all(&gw, &mut rx, 50, n),
         futures_util::future::join_all(publishers)
     );
     paced_and_nothing_dropped(&gw, "mqtt").await;
@@ -302,4 +329,191 @@ async fn ws_auto_ack_takes_a_whole_flood() {
     };
     tokio::join!(flood, receive);
     paced_and_nothing_dropped(&gw, "ws").await;
+}
+
+/// A queue bounded at 8 (drop-head) whose one consumer, manual-ack with prefetch 1, never
+/// acks: the second publish onward waits in the queue, and the 7th reaches its high-water mark
+/// (6), so whoever publishes it is paced for `pace_max_wait` — a stall a test can count on.
+async fn stalled_queue(gw: &TestGateway, key: &str) -> Ws {
+    let q = unique("stalled");
+    let spec = json!({"durable": false, "arguments": {"x-max-length": 8}});
+    let r = gw
+        .put(&format!("/v1/queues/{q}"), &common::admin())
+        .json(&spec)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    gw.bind(&q, "amq.topic", key).await;
+    let holder = token("holder", &format!("gateway.consume:{q}"));
+    let mut ws = Ws::connect(gw, Some(&holder)).await;
+    let sub = ws
+        .call(json!({"op": "subscribe", "id": 1, "queue": q, "ack": "manual", "prefetch": 1}))
+        .await;
+    assert_eq!(sub["op"], "subscribed", "{sub}");
+    ws
+}
+
+fn long_stall(c: &mut Config) {
+    small_buffers(c);
+    c.limits.pace_max_wait = Duration::from_secs(3);
+}
+
+/// While an MQTT 5 publisher is paced its PINGREQ and its AUTH refresh are answered at once;
+/// its QoS 1 publish waits, and is acknowledged when the stall ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_pings_and_auth_are_answered_while_paced() {
+    use common::mqtt_bytes::{connect_v5_enhanced, packet, read_packet, reauth, string};
+    use tokio::io::AsyncWriteExt;
+    let gw = start_gateway(long_stall).await;
+    let key = unique("paced");
+    let _holder = stalled_queue(&gw, &key).await;
+    let mut s = tokio::net::TcpStream::connect(gw.gateway.addrs().mqtt)
+        .await
+        .unwrap();
+    s.write_all(&connect_v5_enhanced(&unique("paced"), &mqtt_token()))
+        .await
+        .unwrap();
+    assert_eq!(read_packet(&mut s).await.0, 0x20, "CONNACK");
+    let publish = |qos: u8, payload: &str| {
+        let mut body = string(key.as_bytes());
+        if qos > 0 {
+            body.extend_from_slice(&1u16.to_be_bytes());
+        }
+        body.push(0); // no properties
+        body.extend_from_slice(payload.as_bytes());
+        packet(0x30 | (qos << 1), body)
+    };
+    for i in 0..7 {
+        s.write_all(&publish(0, &i.to_string())).await.unwrap();
+    }
+    s.write_all(&publish(1, "late")).await.unwrap();
+    s.write_all(&[0xC0, 0x00]).await.unwrap();
+    assert_eq!(read_packet(&mut s).await, (0xD0, vec![]), "PINGRESP first");
+    s.write_all(&reauth(&mqtt_token())).await.unwrap();
+    let (kind, auth) = read_packet(&mut s).await;
+    assert_eq!((kind, auth[0]), (0xF0, 0x00), "AUTH success while paced");
+    let (kind, puback) = read_packet(&mut s).await;
+    assert_eq!(
+        (kind, &puback[..2]),
+        (0x40, &[0u8, 1][..]),
+        "then the PUBACK"
+    );
+    let paced = gw.metric("gateway_publish_paced_seconds_total{protocol=\"mqtt\"}");
+    assert!(paced.await.unwrap_or(0.0) > 0.0);
+}
+
+/// The same for `/ws`: `ping` and `auth` answered while paced, the paced publish answered
+/// after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_pings_and_auth_are_answered_while_paced() {
+    let gw = start_gateway(long_stall).await;
+    let key = unique("paced");
+    let _holder = stalled_queue(&gw, &key).await;
+    let t = mqtt_token();
+    let mut ws = Ws::connect(&gw, Some(&t)).await;
+    for i in 0..7 {
+        ws.send(json!({"op": "publish", "exchange": "amq.topic", "routing_key": key, "body": i.to_string()}))
+            .await;
+    }
+    ws.send(json!({"op": "publish", "id": "late", "exchange": "amq.topic", "routing_key": key, "body": "late"}))
+        .await;
+    assert_eq!(
+        ws.call(json!({"op": "ping", "id": "ping"})).await,
+        json!({"op": "pong", "id": "ping"}),
+        "pong first"
+    );
+    let ok = ws
+        .call(json!({"op": "auth", "id": "auth", "token": t}))
+        .await;
+    assert_eq!(
+        (&ok["op"], &ok["id"]),
+        (&json!("ok"), &json!("auth")),
+        "{ok}"
+    );
+    let late = ws.recv().await;
+    assert_eq!(
+        (&late["op"], &late["id"]),
+        (&json!("published"), &json!("late")),
+        "{late}"
+    );
+    let paced = gw.metric("gateway_publish_paced_seconds_total{protocol=\"ws\"}");
+    assert!(paced.await.unwrap_or(0.0) > 0.0);
+}
+
+/// A stalled `/ws` reader among fast MQTT subscribers: the fast ones receive every message
+/// in order; the stalled one is marked slow after one bounded wait (publishers then go on at
+/// full speed), its drops are counted, and when it reads again it is told (`lagged`) how many
+/// it lost — everything else it gets, the newest included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_consumer_costs_the_fast_ones_nothing() {
+    let gw = start_gateway(|c| {
+        small_buffers(c);
+        c.limits.pace_max_wait = Duration::from_millis(100);
+    })
+    .await;
+    let key = unique("mixed");
+    let t = mqtt_token();
+    let mut stalled = Ws::connect(&gw, Some(&t)).await;
+    let sub = stalled
+        .call(json!({"op": "subscribe", "id": 1, "exchange": "amq.topic", "binding_key": key}))
+        .await;
+    assert_eq!(sub["op"], "subscribed", "{sub}");
+    let mut fast = [
+        subscriber(&gw, Transport::Tcp, Version::V5, &key).await,
+        subscriber(&gw, Transport::Ws, Version::V4, &key).await,
+    ];
+    // Big enough to fill the stalled reader's socket buffers many times over.
+    let n = 4_000;
+    let receivers = fast.iter_mut().map(|rx| expect_all(&gw, rx, 1, n));
+    let (_, ()) = tokio::join!(
+        futures_util::future::join_all(receivers),
+        flood_padded(&gw, &key, n, 8 * 1024)
+    );
+    let m = gw.metrics_text().await;
+    let marked = common::metric_in(&m, "gateway_slow_consumers_marked_total{kind=\"ws\"}");
+    assert!(marked.unwrap_or(0.0) >= 1.0, "marked slow:\n{m}");
+
+    let (mut received, mut lagged, mut last) = (0u64, 0u64, String::new());
+    while received + lagged < n {
+        let f = stalled.recv().await;
+        match f["op"].as_str() {
+            Some("message") => {
+                received += 1;
+                last = f["body"].as_str().unwrap_or_default().to_owned();
+            }
+            Some("lagged") => lagged += f["dropped"].as_u64().unwrap(),
+            _ => panic!("unexpected {f}"),
+        }
+    }
+    let dropped = "gateway_deliveries_dropped_total{protocol=\"ws\",reason=\"slow_consumer\"}";
+    let dropped = gw.metric(dropped).await.unwrap_or(0.0) as u64;
+    assert!(dropped > 0, "its drops are counted");
+    assert_eq!(lagged, dropped, "told exactly what was dropped");
+    assert!(
+        last.starts_with(&format!("0:{}:", n - 1)),
+        "the newest survived"
+    );
+}
+
+/// An MQTT 3.1.1 publisher of `n` messages "0:`i`:" padded to `pad` bytes.
+async fn flood_padded(gw: &TestGateway, topic: &str, n: u64, pad: usize) {
+    use rumqttc::{AsyncClient, MqttOptions, QoS};
+    let mut o = MqttOptions::new(unique("pub"), "127.0.0.1", gw.gateway.addrs().mqtt.port());
+    o.set_credentials("u", mqtt_token());
+    let (client, mut eventloop) = AsyncClient::new(o, 100);
+    let looped = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    for i in 0..n {
+        let mut body = format!("0:{i}:").into_bytes();
+        body.resize(pad, b'.');
+        client
+            .publish(topic, QoS::AtMostOnce, false, body)
+            .await
+            .unwrap();
+    }
+    client.disconnect().await.unwrap();
+    tokio::time::timeout(FLOOD_WAIT, looped)
+        .await
+        .expect("the publisher finished")
+        .unwrap();
 }

@@ -318,14 +318,17 @@ impl WsSession {
     /// The connection is going: release holds and delete private queues (the channel's close
     /// would too; doing it here keeps the session registry exact).
     pub async fn close(&mut self) {
-        // Publishes read while paced go out before the subscriptions end: the client loses
-        // nothing the gateway read.
-        self.stall = None;
+        // Publishes read while paced go out before the subscriptions end, still paced: the
+        // client loses nothing the gateway read.
         while let Some((env, size)) = self.parked.pop_front() {
             self.parked_bytes -= size;
-            self.stall = None;
+            if let Some(stall) = self.stall.take() {
+                stall.released().await;
+                metrics::paced(PROTOCOL, stall.elapsed());
+            }
             let _ = self.handle(env).await;
         }
+        self.stall = None;
         let subs: Vec<Arc<str>> = self.subs.keys().cloned().collect();
         for sub in subs {
             self.end(&sub, false).await;

@@ -477,13 +477,17 @@ impl Session {
         Outcome::Continue
     }
 
-    /// The connection ended: publishes it read and parked are published now, unpaced (a
-    /// client that published and disconnected loses nothing the gateway read). Ones the rate
+    /// The connection ended: publishes it read and parked are published now, still paced (a
+    /// client that published and disconnected loses nothing the gateway read, and the
+    /// consumers they go to are not flooded by a backlog released at once). Ones the rate
     /// limit still refuses are dropped, as they would have been.
     pub async fn flush_parked(&mut self) {
         self.inflow.retry_at = None;
         while let Some(p) = self.inflow.parked.pop() {
-            self.stall = None;
+            if let Some(stall) = self.stall.take() {
+                stall.released().await;
+                metrics::paced(PROTOCOL, stall.elapsed());
+            }
             let _ = self.publish_now(p, false).await;
             if self.inflow.retry_at.take().is_some() {
                 // Throttled: it went back to the front; nobody will retry it.
