@@ -517,3 +517,37 @@ async fn flood_padded(gw: &TestGateway, topic: &str, n: u64, pad: usize) {
         .expect("the publisher finished")
         .unwrap();
 }
+
+/// A REST publish that lands in a buffer above its high-water mark is answered after the
+/// bounded wait, and the wait is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_publishes_wait_over_a_paced_route() {
+    let gw = start_gateway(|c| {
+        small_buffers(c);
+        c.limits.pace_max_wait = Duration::from_millis(300);
+    })
+    .await;
+    let key = unique("paced");
+    let _holder = stalled_queue(&gw, &key).await;
+    for i in 0..7 {
+        let r = gw
+            .post("/v1/exchanges/amq.topic/publish", &common::admin())
+            .json(&json!({"routing_key": key, "body": i.to_string()}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "answered, if late");
+    }
+    let paced = gw.metric("gateway_publish_paced_seconds_total{protocol=\"rest\"}");
+    assert!(
+        paced.await.unwrap_or(0.0) > 0.0,
+        "the 7th publish waited\n{}",
+        flow_metrics(&gw).await
+    );
+    let slow = gw.metric("gateway_slow_consumers_marked_total{kind=\"queue\"}");
+    assert_eq!(
+        slow.await,
+        Some(1.0),
+        "and then gave up on the stalled queue"
+    );
+}
