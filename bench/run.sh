@@ -61,7 +61,7 @@ mqtt=$(grep -m1 '"listener":"mqtt"' "$work/out" | sed -E 's/.*"addr":"([^"]+)".*
 http=$(grep -m1 '"listener":"http"' "$work/out" | sed -E 's/.*"addr":"([^"]+)".*/\1/')
 
 targets=(--target "gateway=$mqtt@$token" --pid "gateway=$gateway_pid" --gateway-http "http://$http")
-peers=${PEERS:-mosquitto nats}
+peers=${PEERS-mosquitto nats}
 if [ -n "$peers" ]; then
   bash ../shared/peers/start.sh >&2
   # The durable scenario's peer: the bench RabbitMQ node's durable queues with confirms.
@@ -81,4 +81,4 @@ target/release/bench "${targets[@]}" "$@"
 # What the gateway did about the load: pacing, slow consumers, drops (DESIGN.md §7).
 metrics=$(grep -m1 '"listener":"metrics"' "$work/out" | sed -E 's/.*"addr":"([^"]+)".*/\1/')
 curl -s "http://$metrics/metrics" |
-  grep -E '^gateway_(publish_paced_seconds_total|slow_consumers_marked_total|deliveries_dropped_total|engine_dropped_total)' >&2 || true
+  grep -E "^gateway_(publish_paced_seconds_total|slow_consumers_marked_total|deliveries_dropped_total|engine_dropped_total|refusals_total|messages_(in|out)_total)" >&2 || true
