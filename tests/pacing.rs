@@ -403,8 +403,8 @@ async fn mqtt_pings_and_auth_are_answered_while_paced() {
     assert!(paced.await.unwrap_or(0.0) > 0.0);
 }
 
-/// The same for `/ws`: `ping` and `auth` answered while paced, the paced publish answered
-/// after them.
+/// The same for `/ws`: `ack`, `ping` and `auth` answered while paced, the paced publish
+/// answered after them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ws_pings_and_auth_are_answered_while_paced() {
     let gw = start_gateway(long_stall).await;
@@ -412,6 +412,21 @@ async fn ws_pings_and_auth_are_answered_while_paced() {
     let _holder = stalled_queue(&gw, &key).await;
     let t = mqtt_token();
     let mut ws = Ws::connect(&gw, Some(&t)).await;
+    // A delivery of its own to acknowledge while paced.
+    let own = unique("own");
+    let sub = ws
+        .call(json!({"op": "subscribe", "id": 1, "exchange": "amq.topic", "binding_key": own, "ack": "manual"}))
+        .await;
+    assert_eq!(sub["op"], "subscribed", "{sub}");
+    let r = gw
+        .post("/v1/exchanges/amq.topic/publish", &common::admin())
+        .json(&json!({"routing_key": own, "body": "to ack"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let delivery = ws.recv().await;
+    assert_eq!(delivery["op"], "message", "{delivery}");
     for i in 0..7 {
         ws.send(json!({"op": "publish", "exchange": "amq.topic", "routing_key": key, "body": i.to_string()}))
             .await;
@@ -422,6 +437,12 @@ async fn ws_pings_and_auth_are_answered_while_paced() {
         ws.call(json!({"op": "ping", "id": "ping"})).await,
         json!({"op": "pong", "id": "ping"}),
         "pong first"
+    );
+    let ack = json!({"op": "ack", "id": "ack", "sub": delivery["sub"], "delivery_tag": delivery["delivery_tag"]});
+    assert_eq!(
+        ws.call(ack).await,
+        json!({"op": "ok", "id": "ack"}),
+        "ack answered"
     );
     let ok = ws
         .call(json!({"op": "auth", "id": "auth", "token": t}))
