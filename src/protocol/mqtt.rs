@@ -6,6 +6,7 @@
 pub mod close;
 pub mod codec;
 mod connection;
+mod outbox;
 pub mod properties;
 pub mod session;
 pub mod topic;

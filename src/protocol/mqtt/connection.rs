@@ -11,11 +11,11 @@ use bytes::BytesMut;
 use futures_util::future::{Fuse, FusedFuture};
 use futures_util::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::close::CloseReason;
 use super::codec::{Codec, Connect, DecodeError, Inbound, Outbound, Version};
+use super::outbox::{self, outbox};
 use super::session::{Outcome, Session, reason};
 use crate::auth::now_secs;
 use crate::context::{Connection, Context};
@@ -153,7 +153,7 @@ where
         }
     };
     let version = connect.version;
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = outbox();
     // The QoS 0 outbound buffer's gauge: publishers whose messages land here while it is above
     // its high-water mark are paced (DESIGN.md §7).
     let limits = &ctx.config.limits;
@@ -360,7 +360,7 @@ async fn linger<R: AsyncRead + Unpin>(reader: &mut R) {
 
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut writer: W,
-    mut rx: mpsc::UnboundedReceiver<Outbound>,
+    mut rx: outbox::Receiver,
     version: Version,
     max_packet: u32,
     write_timeout: Duration,
@@ -376,7 +376,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         while let Some(p) = next {
             // 3.1.1 has no server DISCONNECT: closing is the answer.
             if matches!(p, Outbound::Disconnect { .. }) && version == Version::V3 {
-                next = rx.try_recv().ok();
+                next = rx.try_recv();
                 continue;
             }
             let qos0 = match &p {
@@ -392,7 +392,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 qos0_out.sub(bytes);
             }
             next = if buf.len() < 64 * 1024 {
-                rx.try_recv().ok()
+                rx.try_recv()
             } else {
                 None
             };

@@ -89,7 +89,7 @@ pub struct Session {
     client: Client,
     life: Lifetime,
     /// To the writer task.
-    out: mpsc::UnboundedSender<Outbound>,
+    out: super::outbox::Sender,
     /// Filter → granted QoS.
     subs: HashMap<String, SubOpts>,
     /// Keyed "0" and "1" for the session's queues, or by a shared subscription's filter.

@@ -138,7 +138,7 @@ impl Session {
         ctx: Context,
         conn: Arc<Connection>,
         connect: Connect,
-        out: mpsc::UnboundedSender<Outbound>,
+        out: super::super::outbox::Sender,
         qos0_out: Pressure,
     ) -> Result<(Session, Outbound), ConnectRejected> {
         let principal = authenticate(&ctx, &connect).await?;
