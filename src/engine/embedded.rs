@@ -6,6 +6,7 @@
 mod broker;
 mod channel;
 mod exchange;
+mod handoff;
 mod held;
 pub mod memory;
 mod queue;

@@ -12,9 +12,9 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use parking_lot::Mutex;
-use tokio::sync::mpsc;
 
 use super::broker::{Broker, Closable};
+use super::handoff::{self, handoff};
 use super::queue::{Effects, Entry, Queue, Sink};
 use crate::engine::{CancelReason, Delivery, DeliveryStream, EngineError, OnCancel};
 
@@ -73,7 +73,7 @@ pub(super) struct ConsumerSink {
     channel: Arc<ChannelShared>,
     tag: Arc<str>,
     no_ack: bool,
-    tx: mpsc::UnboundedSender<Pending>,
+    tx: handoff::Sender<Pending>,
     reason: Reason,
 }
 
@@ -101,7 +101,7 @@ impl Sink for ConsumerSink {
                     delivery,
                     entry: Some(entry),
                 })
-                .map_err(|e| e.0.entry.expect("no-ack pending carries its entry"));
+                .map_err(|p| p.entry.expect("no-ack pending carries its entry"));
         }
         // Registered before it is sent, so an ack racing the receive always finds it.
         self.channel.unacked.lock().insert(
@@ -134,7 +134,7 @@ impl Sink for ConsumerSink {
 
 /// The consumer side handed to the adapter inside a [`crate::engine::Consumer`].
 pub(super) struct Stream {
-    rx: mpsc::UnboundedReceiver<Pending>,
+    rx: handoff::Receiver<Pending>,
     channel: Arc<ChannelShared>,
     queue: Arc<Queue>,
     consumer: u64,
@@ -201,7 +201,7 @@ impl Drop for Stream {
         // No-ack deliveries still buffered were never seen by the client: give them back.
         self.rx.close();
         let mut back = Vec::new();
-        while let Ok(p) = self.rx.try_recv() {
+        while let Some(p) = self.rx.try_recv() {
             back.extend(p.entry);
         }
         if !back.is_empty() {
@@ -276,7 +276,7 @@ impl ChannelShared {
                 },
             );
         }
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = handoff();
         let reason: Reason = Arc::default();
         let sink = ConsumerSink {
             channel: self.clone(),

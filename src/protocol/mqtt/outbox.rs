@@ -12,6 +12,9 @@ use tokio::sync::Notify;
 
 use super::codec::Outbound;
 
+/// An emptied buffer of more slots than this is given back rather than kept (4 × 208 bytes).
+const KEEP: usize = 4;
+
 struct Shared {
     queue: Mutex<Queue>,
     ready: Notify,
@@ -85,7 +88,9 @@ impl Receiver {
                 return Some(p);
             }
             // Idle: give back what a burst grew.
-            self.taken = VecDeque::new();
+            if self.taken.capacity() > KEEP {
+                self.taken = VecDeque::new();
+            }
             let notified = self.shared.ready.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
@@ -94,7 +99,9 @@ impl Receiver {
                 if !q.packets.is_empty() {
                     continue;
                 }
-                q.packets = VecDeque::new();
+                if q.packets.capacity() > KEEP {
+                    q.packets = VecDeque::new();
+                }
                 if self.shared.senders.load(Ordering::Acquire) == 0 {
                     return None;
                 }

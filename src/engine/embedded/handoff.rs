@@ -1,0 +1,154 @@
+//! The hand-off from a queue to one consumer's stream: unbounded (credit bounds it), one
+//! sender, and nothing held while idle. A tokio mpsc channel allocates a block of 32 slots up
+//! front — 4 KiB per consumer of 128-byte deliveries, held by every idle subscription.
+
+use std::collections::VecDeque;
+use std::task::{Context, Poll};
+
+use futures_util::task::AtomicWaker;
+use parking_lot::Mutex;
+use std::sync::Arc;
+
+/// An emptied buffer larger than this is given back rather than kept for the next burst (a
+/// few slots are kept: a consumer taking deliveries one at a time allocates nothing).
+const KEEP_BYTES: usize = 1024;
+
+fn too_big<T>(q: &VecDeque<T>) -> bool {
+    q.capacity() * std::mem::size_of::<T>() > KEEP_BYTES
+}
+
+struct Shared<T> {
+    state: Mutex<State<T>>,
+    waker: AtomicWaker,
+}
+
+struct State<T> {
+    items: VecDeque<T>,
+    sender_gone: bool,
+    receiver_closed: bool,
+}
+
+pub(super) struct Sender<T>(Arc<Shared<T>>);
+
+pub(super) struct Receiver<T> {
+    shared: Arc<Shared<T>>,
+    /// Taken from the shared queue in one go, handed out one by one.
+    taken: VecDeque<T>,
+}
+
+pub(super) fn handoff<T>() -> (Sender<T>, Receiver<T>) {
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            items: VecDeque::new(),
+            sender_gone: false,
+            receiver_closed: false,
+        }),
+        waker: AtomicWaker::new(),
+    });
+    let rx = Receiver {
+        shared: shared.clone(),
+        taken: VecDeque::new(),
+    };
+    (Sender(shared), rx)
+}
+
+impl<T> Sender<T> {
+    /// Hands `v` over; gives it back when the receiver is closed or gone.
+    pub fn send(&self, v: T) -> Result<(), T> {
+        let mut st = self.0.state.lock();
+        if st.receiver_closed {
+            return Err(v);
+        }
+        st.items.push_back(v);
+        drop(st);
+        self.0.waker.wake();
+        Ok(())
+    }
+}
+
+impl<T> Drop for Sender<T> {
+    fn drop(&mut self) {
+        self.0.state.lock().sender_gone = true;
+        self.0.waker.wake();
+    }
+}
+
+impl<T> Receiver<T> {
+    /// The next item; `None` once the sender is gone and everything was taken.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        if let Some(v) = self.try_recv() {
+            return Poll::Ready(Some(v));
+        }
+        // Registered before the last look, so a send after it wakes us.
+        self.shared.waker.register(cx.waker());
+        let mut st = self.shared.state.lock();
+        if let Some(v) = st.items.pop_front() {
+            return Poll::Ready(Some(v));
+        }
+        if st.sender_gone {
+            return Poll::Ready(None);
+        }
+        if too_big(&st.items) {
+            st.items = VecDeque::new();
+        }
+        drop(st);
+        if too_big(&self.taken) {
+            self.taken = VecDeque::new();
+        }
+        Poll::Pending
+    }
+
+    /// The next item already handed over, if any.
+    pub fn try_recv(&mut self) -> Option<T> {
+        if self.taken.is_empty() {
+            let mut st = self.shared.state.lock();
+            std::mem::swap(&mut st.items, &mut self.taken);
+        }
+        self.taken.pop_front()
+    }
+
+    /// Refuses further items; those already handed over can still be taken.
+    pub fn close(&mut self) {
+        self.shared.state.lock().receiver_closed = true;
+    }
+}
+
+impl<T> Drop for Receiver<T> {
+    fn drop(&mut self) {
+        self.shared.state.lock().receiver_closed = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn in_order_then_none_when_the_sender_goes() {
+        let (tx, mut rx) = handoff();
+        tx.send(1).unwrap();
+        tx.send(2).unwrap();
+        assert_eq!(std::future::poll_fn(|cx| rx.poll_recv(cx)).await, Some(1));
+        let waiting = tokio::spawn(async move {
+            let mut got = Vec::new();
+            for _ in 0..3 {
+                got.push(std::future::poll_fn(|cx| rx.poll_recv(cx)).await);
+            }
+            (got[0], got[1], got[2])
+        });
+        tokio::task::yield_now().await;
+        tx.send(3).unwrap();
+        drop(tx);
+        assert_eq!(waiting.await.unwrap(), (Some(2), Some(3), None));
+    }
+
+    #[test]
+    fn a_closed_receiver_gives_items_back_but_keeps_what_it_has() {
+        let (tx, mut rx) = handoff();
+        tx.send(1).unwrap();
+        rx.close();
+        assert_eq!(tx.send(2), Err(2));
+        assert_eq!(rx.try_recv(), Some(1));
+        assert_eq!(rx.try_recv(), None);
+    }
+}
