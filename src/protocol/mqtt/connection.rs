@@ -174,7 +174,15 @@ where
         qos0_out.clone(),
     ))
     .fuse();
-    let connected = Session::connect(ctx.clone(), conn.clone(), *connect, tx.clone(), qos0_out);
+    // Boxed, as are the rarer steps below: what an await point holds is part of the task's
+    // state for the connection's whole life (docs/bench.md, idle connections).
+    let connected = Box::pin(Session::connect(
+        ctx.clone(),
+        conn.clone(),
+        *connect,
+        tx.clone(),
+        qos0_out,
+    ));
     let mut session = match connected.await {
         Ok((session, connack)) => {
             drop(waiting);
@@ -195,7 +203,7 @@ where
         }
     };
     let why = serve_session(ctx, &mut session, &mut wire, &mut writer_task).await;
-    session.end(why.is_graceful()).await;
+    Box::pin(session.end(why.is_graceful())).await;
     if let (Some(code), Version::V5) = (why.code(), version) {
         let _ = tx.send(Outbound::Disconnect { code });
     }
@@ -299,7 +307,7 @@ async fn serve_session<R: AsyncRead + Unpin>(
                 last_seen = Instant::now();
                 match packet {
                     Ok(Some(p)) => {
-                        let outcome = session.handle(p).await;
+                        let outcome = Box::pin(session.handle(p)).await;
                         // Packets already buffered decode without touching the socket, so a
                         // flat-out publisher would never yield: spend tokio's cooperative
                         // budget per packet, so it takes turns with the connections it
@@ -329,8 +337,8 @@ async fn serve_session<R: AsyncRead + Unpin>(
             Some((ack, result)) = session.inflow.next_confirmed(), if session.inflow.awaiting() => {
                 session.confirmed(ack, result).await
             }
-            _ = tokio::time::sleep_until(retry_at) => session.retry_parked().await,
-            _ = stall_over(&session.stall) => session.unstall().await,
+            _ = tokio::time::sleep_until(retry_at) => Box::pin(session.retry_parked()).await,
+            _ = stall_over(&session.stall) => Box::pin(session.unstall()).await,
             Some(_) = session.takeovers.recv() => session.taken_over(),
         };
         if let Outcome::Close(why) = outcome {
@@ -347,7 +355,9 @@ async fn resume(paused: &Option<Pressure>, max_wait: Duration) {
 
 /// Reads and discards until the peer closes, for at most [`LINGER`].
 async fn linger<R: AsyncRead + Unpin>(reader: &mut R) {
-    let mut sink = [0u8; 4096];
+    // On the heap: a 4 KiB array would be part of the connection task's state for its whole
+    // life, lingering or not (an async fn's state is the largest of its await points').
+    let mut sink = vec![0u8; 4096];
     let _ = tokio::time::timeout(LINGER, async {
         while let Ok(n) = reader.read(&mut sink).await {
             if n == 0 {
