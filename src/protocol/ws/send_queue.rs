@@ -58,8 +58,6 @@ pub struct SlowConsumer;
 #[derive(Default)]
 struct State {
     frames: VecDeque<Frame>,
-    droppable_count: usize,
-    droppable_bytes: usize,
     lagged: HashMap<Arc<str>, u64>,
     high_water_bytes: usize,
     closed: bool,
@@ -67,9 +65,10 @@ struct State {
 }
 
 pub struct SendQueue {
-    limits: Limits,
     state: Mutex<State>,
     ready: Notify,
+    /// Counts the droppable frames (messages, bytes) against `Limits`; only changed under
+    /// `state`'s lock, so its fill is the buffer's.
     pressure: Pressure,
 }
 
@@ -85,7 +84,6 @@ pub enum Next {
 impl SendQueue {
     pub fn new(limits: Limits) -> Self {
         SendQueue {
-            limits,
             state: Mutex::new(State::default()),
             ready: Notify::new(),
             pressure: Pressure::new(
@@ -126,9 +124,7 @@ impl SendQueue {
             return Ok(());
         }
         let len = text.len();
-        while st.droppable_count >= self.limits.messages
-            || (st.droppable_count > 0 && st.droppable_bytes + len > self.limits.bytes)
-        {
+        while self.pressure.is_full(len as u64) {
             if overflow == Overflow::Disconnect {
                 return Err(SlowConsumer);
             }
@@ -136,8 +132,6 @@ impl SendQueue {
                 break;
             };
             if let Some(old) = st.frames.remove(at) {
-                st.droppable_count -= 1;
-                st.droppable_bytes -= old.text.len();
                 self.pressure.sub(old.text.len() as u64);
                 metrics::delivery_dropped("ws", "slow_consumer");
                 if let Some(owner) = old.droppable {
@@ -145,10 +139,8 @@ impl SendQueue {
                 }
             }
         }
-        st.droppable_count += 1;
-        st.droppable_bytes += len;
         self.pressure.add(len as u64);
-        st.high_water_bytes = st.high_water_bytes.max(st.droppable_bytes);
+        st.high_water_bytes = st.high_water_bytes.max(self.pressure.fill().1 as usize);
         st.frames.push_back(Frame {
             text,
             droppable: Some(sub),
@@ -183,8 +175,6 @@ impl SendQueue {
                 }
             }
             st.lagged.clear();
-            st.droppable_count = 0;
-            st.droppable_bytes = 0;
         } else if st.closed {
             return;
         }
@@ -205,8 +195,6 @@ impl SendQueue {
                 }
                 if let Some(frame) = st.frames.pop_front() {
                     if frame.droppable.is_some() {
-                        st.droppable_count -= 1;
-                        st.droppable_bytes -= frame.text.len();
                         self.pressure.sub(frame.text.len() as u64);
                     }
                     return Next::Frame(frame);
