@@ -24,21 +24,7 @@ pub(super) use self::page::{Pages, Ready};
 pub(super) use self::restore::{Restored, RestoredBody};
 use super::held::{OnDisk, Stored};
 use crate::engine::{CancelReason, EngineError, Envelope, FieldTable, FieldValue, QueueSpec};
-use crate::flow::{Bound, Pace, Pressure};
-
-/// The bound of a queue that drops its oldest when full (`x-overflow` drop-head with a length
-/// limit); other queues never drop for being full, so they pace nobody.
-fn drop_head_bound(args: &QueueArgs) -> Option<Bound> {
-    if args.overflow != Overflow::DropHead
-        || (args.max_length.is_none() && args.max_length_bytes.is_none())
-    {
-        return None;
-    }
-    Some(Bound {
-        messages: args.max_length.unwrap_or(u64::MAX),
-        bytes: args.max_length_bytes.unwrap_or(u64::MAX),
-    })
-}
+use crate::flow::{Pace, Pressure};
 
 /// Why a message left its queue for the dead-letter exchange (the `reason` of `x-death`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,7 +193,7 @@ impl Queue {
         gauges: Arc<Gauges>,
         pages: Option<Pages>,
     ) -> Self {
-        let pressure = drop_head_bound(&args).map(|b| Pressure::new(b, "queue"));
+        let pressure = args.drop_head_bound().map(|b| Pressure::new(b, "queue"));
         Queue {
             name,
             durable: spec.durable && !spec.exclusive,

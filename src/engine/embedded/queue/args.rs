@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::engine::{EngineError, FieldTable};
+use crate::flow::Bound;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(in crate::engine::embedded) enum Overflow {
@@ -47,6 +48,20 @@ fn string(arguments: &FieldTable, key: &str) -> Result<Option<String>, EngineErr
 }
 
 impl QueueArgs {
+    /// The bound of a queue that drops its oldest when full (`x-overflow` drop-head with a
+    /// length limit); other queues never drop for being full, so they pace nobody.
+    pub fn drop_head_bound(&self) -> Option<Bound> {
+        if self.overflow != Overflow::DropHead
+            || (self.max_length.is_none() && self.max_length_bytes.is_none())
+        {
+            return None;
+        }
+        Some(Bound {
+            messages: self.max_length.unwrap_or(u64::MAX),
+            bytes: self.max_length_bytes.unwrap_or(u64::MAX),
+        })
+    }
+
     pub fn parse(arguments: &FieldTable) -> Result<Self, EngineError> {
         // RabbitMQ caps TTLs at 2^32-1 ms; so do we, so a value means the same on both engines.
         const MAX_MS: u64 = u32::MAX as u64;
