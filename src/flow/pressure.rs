@@ -133,12 +133,12 @@ impl Pressure {
     }
 
     /// Resolves once the gauge does not pace, or once `episode` is over.
-    async fn episode_over(&self, episode: Option<u64>) {
+    async fn episode_over(&self, episode: u64) {
         loop {
             let notified = self.0.drained.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if !self.paces() || episode.is_some_and(|e| e != self.episode()) {
+            if !self.paces() || episode != self.episode() {
                 return;
             }
             notified.await;
@@ -154,7 +154,7 @@ impl Pressure {
         let episode = self.episode();
         let since = Duration::from_nanos(self.0.since.load(Ordering::Acquire));
         let deadline = self.0.created + since + max_wait;
-        let over = self.episode_over(Some(episode));
+        let over = self.episode_over(episode);
         if tokio::time::timeout_at(deadline, over).await.is_err() {
             self.mark_slow(episode);
         }
@@ -234,15 +234,6 @@ pub struct Pace {
     gauges: Vec<(Pressure, u64)>,
 }
 
-/// How a pacing wait ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Released {
-    /// Every gauge fell below low (or was given up on by another publisher).
-    Drained,
-    /// The deadline passed: the gauges still pacing are now marked slow.
-    TimedOut,
-}
-
 impl Pace {
     /// Adds a gauge that paces (once).
     pub fn push(&mut self, p: &Pressure) {
@@ -276,19 +267,15 @@ impl Pace {
     /// Waits until the pacing episode of every gauge met is over (each was below its low-water
     /// mark at some point, or was given up on), or until `deadline`; then marks those still in
     /// the episode met slow. Cancel-safe: nothing changes until it returns.
-    pub async fn released(&self, deadline: tokio::time::Instant) -> Released {
+    pub async fn released(&self, deadline: tokio::time::Instant) {
         let drained = async {
             for (g, episode) in &self.gauges {
-                g.episode_over(Some(*episode)).await;
+                g.episode_over(*episode).await;
             }
         };
-        match tokio::time::timeout_at(deadline, drained).await {
-            Ok(()) => Released::Drained,
-            Err(_) => {
-                for (g, episode) in &self.gauges {
-                    g.mark_slow(*episode);
-                }
-                Released::TimedOut
+        if tokio::time::timeout_at(deadline, drained).await.is_err() {
+            for (g, episode) in &self.gauges {
+                g.mark_slow(*episode);
             }
         }
     }
@@ -333,7 +320,7 @@ impl Stall {
     }
 
     /// Resolves when the stall is over (see [`Pace::released`]). Cancel-safe.
-    pub async fn released(&self) -> Released {
+    pub async fn released(&self) {
         self.pace.released(self.deadline).await
     }
 
@@ -344,7 +331,7 @@ impl Stall {
 }
 
 /// The stall of `stall`, if any, else never: a branch for a connection's `select!`.
-pub async fn stall_over(stall: &Option<Stall>) -> Released {
+pub async fn stall_over(stall: &Option<Stall>) {
     match stall {
         Some(s) => s.released().await,
         None => std::future::pending().await,
