@@ -36,12 +36,19 @@ enum Version {
 /// high-water mark: 2 s, so one that keeps up is never taken for slow when parallel tests
 /// starve it of CPU for a while (the stalled-consumer test keeps the default 100 ms).
 fn small_buffers(c: &mut Config) {
-    c.limits.pace_max_wait = Duration::from_secs(2);
-    c.limits.outbound_buffer_messages = 64;
-    c.limits.publish_rate = 10_000_000;
-    c.limits.publish_burst = 10_000_000;
-    c.limits.subject_publish_rate = 10_000_000;
-    c.limits.publish_bytes_rate = bytesize::ByteSize::gib(1);
+    small_buffers_waiting(Duration::from_secs(2))(c)
+}
+
+/// [`small_buffers`] with another `pace_max_wait`.
+fn small_buffers_waiting(wait: Duration) -> impl FnOnce(&mut Config) {
+    move |c| {
+        c.limits.pace_max_wait = wait;
+        c.limits.outbound_buffer_messages = 64;
+        c.limits.publish_rate = 10_000_000;
+        c.limits.publish_burst = 10_000_000;
+        c.limits.subject_publish_rate = 10_000_000;
+        c.limits.publish_bytes_rate = bytesize::ByteSize::gib(1);
+    }
 }
 
 fn mqtt_token() -> String {
@@ -354,18 +361,13 @@ async fn stalled_queue(gw: &TestGateway, key: &str) -> Ws {
     ws
 }
 
-fn long_stall(c: &mut Config) {
-    small_buffers(c);
-    c.limits.pace_max_wait = Duration::from_secs(3);
-}
-
 /// While an MQTT 5 publisher is paced its PINGREQ and its AUTH refresh are answered at once;
 /// its QoS 1 publish waits, and is acknowledged when the stall ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_pings_and_auth_are_answered_while_paced() {
     use common::mqtt_bytes::{connect_v5_enhanced, packet, read_packet, reauth, string};
     use tokio::io::AsyncWriteExt;
-    let gw = start_gateway(long_stall).await;
+    let gw = start_gateway(small_buffers_waiting(Duration::from_secs(3))).await;
     let key = unique("paced");
     let _holder = stalled_queue(&gw, &key).await;
     let mut s = tokio::net::TcpStream::connect(gw.gateway.addrs().mqtt)
@@ -407,7 +409,7 @@ async fn mqtt_pings_and_auth_are_answered_while_paced() {
 /// answered after them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ws_pings_and_auth_are_answered_while_paced() {
-    let gw = start_gateway(long_stall).await;
+    let gw = start_gateway(small_buffers_waiting(Duration::from_secs(3))).await;
     let key = unique("paced");
     let _holder = stalled_queue(&gw, &key).await;
     let t = mqtt_token();
@@ -468,11 +470,7 @@ async fn ws_pings_and_auth_are_answered_while_paced() {
 /// it lost — everything else it gets, the newest included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_consumer_costs_the_fast_ones_nothing() {
-    let gw = start_gateway(|c| {
-        small_buffers(c);
-        c.limits.pace_max_wait = Duration::from_millis(100);
-    })
-    .await;
+    let gw = start_gateway(small_buffers_waiting(Duration::from_millis(100))).await;
     let key = unique("mixed");
     let t = mqtt_token();
     let mut stalled = Ws::connect(&gw, Some(&t)).await;
@@ -543,11 +541,7 @@ async fn flood_padded(gw: &TestGateway, topic: &str, n: u64, pad: usize) {
 /// bounded wait, and the wait is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_publishes_wait_over_a_paced_route() {
-    let gw = start_gateway(|c| {
-        small_buffers(c);
-        c.limits.pace_max_wait = Duration::from_millis(300);
-    })
-    .await;
+    let gw = start_gateway(small_buffers_waiting(Duration::from_millis(300))).await;
     let key = unique("paced");
     let _holder = stalled_queue(&gw, &key).await;
     for i in 0..7 {
