@@ -2,8 +2,10 @@
 //! `amqp-gateway.retained` (confirmed before it counts), and every instance replays that stream
 //! from its first offset into the same in-memory map, so `matching` answers locally and all
 //! instances converge on the last message per key. A replayed copy of this instance's own
-//! `set` never overwrites a newer local one. The stream's retention bounds it (compaction of
-//! superseded keys is later work: `docs/engine.md`).
+//! `set` never overwrites a newer local one — a local clear included: it stays in the map as a
+//! tombstone until its own replay arrives, or the replay of an older set of the same key would
+//! bring the cleared message back. The stream's retention bounds it (compaction of superseded
+//! keys is later work: `docs/engine.md`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -38,6 +40,11 @@ struct Entry {
 }
 
 impl Entry {
+    /// A clear this instance made whose replay has not arrived yet (see the module docs).
+    fn is_tombstone(&self) -> bool {
+        self.message.body.is_empty()
+    }
+
     fn expires_in(&self, now: u64) -> Option<Option<Duration>> {
         let Some(ttl) = self.message.properties.expiration.as_deref() else {
             return Some(None);
@@ -277,14 +284,11 @@ impl RetainedStore for StreamRetained {
             origin: self.origin.clone(),
             seq,
         };
-        let previous = {
-            let mut map = self.map.write();
-            if message.body.is_empty() {
-                map.remove(routing_key)
-            } else {
-                map.insert(routing_key.to_owned(), entry)
-            }
-        };
+        let previous = self
+            .map
+            .write()
+            .insert(routing_key.to_owned(), entry)
+            .filter(|e| !e.is_tombstone());
         self.append(routing_key, message, seq, at_ms).await?;
         Ok(RetainedUndo::new(Undo { previous, seq }))
     }
@@ -310,19 +314,13 @@ impl RetainedStore for StreamRetained {
             None => (Message::new(""), now_ms()),
         };
         let seq = self.next_seq();
-        {
-            let mut map = self.map.write();
-            match undo.previous {
-                Some(mut e) => {
-                    e.origin = self.origin.clone();
-                    e.seq = seq;
-                    map.insert(routing_key.to_owned(), e);
-                }
-                None => {
-                    map.remove(routing_key);
-                }
-            }
-        }
+        let restored = Entry {
+            message: message.clone(),
+            at_ms,
+            origin: self.origin.clone(),
+            seq,
+        };
+        self.map.write().insert(routing_key.to_owned(), restored);
         if let Err(e) = self.append(routing_key, message, seq, at_ms).await {
             tracing::warn!(error = %e, "retained undo not appended upstream");
         }
@@ -333,7 +331,7 @@ impl RetainedStore for StreamRetained {
         self.map
             .read()
             .iter()
-            .filter(|(key, _)| pattern_matches(pattern, key))
+            .filter(|(key, e)| !e.is_tombstone() && pattern_matches(pattern, key))
             .filter_map(|(key, e)| {
                 Some(RetainedMessage {
                     routing_key: key.clone(),
