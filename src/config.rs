@@ -28,6 +28,7 @@ pub struct Config {
     pub engine: EngineConfig,
     pub auth: AuthConfig,
     pub ws: WsConfig,
+    pub sse: SseConfig,
     pub limits: LimitsConfig,
     pub tls: TlsConfig,
     pub log: LogConfig,
@@ -46,6 +47,7 @@ impl Default for Config {
             engine: EngineConfig::default(),
             auth: AuthConfig::default(),
             ws: WsConfig::default(),
+            sse: SseConfig::default(),
             limits: LimitsConfig::default(),
             tls: TlsConfig::default(),
             log: LogConfig::default(),
@@ -372,6 +374,31 @@ impl Default for WsConfig {
     }
 }
 
+/// Server-Sent Events (`GET /v1/sse`, docs/sse.md); auth and durable expiry are `[ws]`'s.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SseConfig {
+    /// A comment line this often keeps proxies from closing an idle stream.
+    #[serde(with = "humantime_serde")]
+    pub keepalive: Duration,
+    /// The reconnection delay the stream asks `EventSource` for (its `retry` field).
+    #[serde(with = "humantime_serde")]
+    pub retry: Duration,
+    /// Deliveries a durable stream holds unacknowledged before it ends so the browser
+    /// reconnects with `Last-Event-ID`, which acknowledges them.
+    pub durable_window: u16,
+}
+
+impl Default for SseConfig {
+    fn default() -> Self {
+        SseConfig {
+            keepalive: Duration::from_secs(15),
+            retry: Duration::from_millis(500),
+            durable_window: 1000,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
@@ -657,6 +684,9 @@ pub fn validate(c: &Config) -> Result<(), ConfigError> {
     if c.ws.auto_ack_window == 0 {
         return Err(invalid("ws.auto_ack_window", "must be between 1 and 65535"));
     }
+    if c.sse.durable_window == 0 {
+        return Err(invalid("sse.durable_window", "must be between 1 and 65535"));
+    }
     if c.http.max_batch == 0 {
         return Err(invalid("http.max_batch", "must be at least 1"));
     }
@@ -666,6 +696,7 @@ pub fn validate(c: &Config) -> Result<(), ConfigError> {
         ("mqtt.takeover_timeout", c.mqtt.takeover_timeout),
         ("ws.auth_timeout", c.ws.auth_timeout),
         ("limits.write_timeout", c.limits.write_timeout),
+        ("sse.keepalive", c.sse.keepalive),
     ] {
         if d.is_zero() {
             return Err(invalid(key, "must be above 0"));

@@ -1,11 +1,10 @@
 //! The WebSocket adapter (`GET /ws`, subprotocol `amqp-gateway.v1.json`, DESIGN.md §4) for
-//! browsers: `frames` (the JSON protocol), `outbound` (the bounded buffer), `session` (the ops,
-//! no socket), `connection` (reader, writer, timers).
+//! browsers: `frames` (the JSON protocol), `session` (the ops, no socket), `connection`
+//! (reader, writer, timers); the bounded buffer is `protocol::outbound`, shared with SSE.
 
 pub mod close;
 mod connection;
 pub mod frames;
-mod send_queue;
 mod session;
 
 use std::collections::HashMap;

@@ -26,25 +26,38 @@ impl FromRequestParts<RestState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, st: &RestState) -> Result<Self, ApiError> {
-        let Some(value) = parts.headers.get(AUTHORIZATION) else {
-            return Ok(Caller(st.ctx.auth.anonymous()?));
-        };
-        let value = value.to_str().map_err(|_| {
-            ApiError::from(crate::auth::AuthError::Invalid(
-                "unreadable Authorization header".into(),
-            ))
-        })?;
-        let token = match value.split_once(' ') {
-            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
-            _ => {
-                return Err(crate::auth::AuthError::Invalid(
-                    "the Authorization header must be \"Bearer <token>\"".into(),
-                )
-                .into());
-            }
-        };
-        Ok(Caller(st.ctx.auth.authenticate(token).await?))
+        authenticate(st, &parts.headers, None).await.map(Caller)
     }
+}
+
+/// The caller's principal from `Authorization: Bearer`, else from `query_token` (a token from
+/// the query string, for clients that cannot send headers), else anonymous when allowed.
+pub async fn authenticate(
+    st: &RestState,
+    headers: &HeaderMap,
+    query_token: Option<&str>,
+) -> Result<Principal, ApiError> {
+    let Some(value) = headers.get(AUTHORIZATION) else {
+        return Ok(match query_token {
+            Some(token) => st.ctx.auth.authenticate(token).await?,
+            None => st.ctx.auth.anonymous()?,
+        });
+    };
+    let value = value.to_str().map_err(|_| {
+        ApiError::from(crate::auth::AuthError::Invalid(
+            "unreadable Authorization header".into(),
+        ))
+    })?;
+    let token = match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
+        _ => {
+            return Err(crate::auth::AuthError::Invalid(
+                "the Authorization header must be \"Bearer <token>\"".into(),
+            )
+            .into());
+        }
+    };
+    Ok(st.ctx.auth.authenticate(token).await?)
 }
 
 /// The client connection the request arrived on (set by the server's accept loop).

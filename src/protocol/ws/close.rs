@@ -4,6 +4,7 @@
 
 use super::frames::close;
 use crate::flow::Full;
+use crate::protocol::outbound::Closing;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
@@ -32,9 +33,9 @@ pub enum CloseReason {
     Shutdown,
 }
 
-impl CloseReason {
+impl Closing for CloseReason {
     /// The close frame the gateway sends; `None` when the client cannot be written to.
-    pub fn frame(self) -> Option<(u16, &'static str)> {
+    fn frame(self) -> Option<(u16, &'static str)> {
         use CloseReason::*;
         Some(match self {
             WriteStalled => return None,
@@ -58,7 +59,7 @@ impl CloseReason {
 
     /// Whether the close frame goes out at once, ahead of what is still buffered (the buffer is
     /// the problem), rather than after it.
-    pub fn is_urgent(self) -> bool {
+    fn is_urgent(self) -> bool {
         matches!(
             self,
             CloseReason::SlowConsumer
@@ -68,7 +69,9 @@ impl CloseReason {
                 | CloseReason::WriteStalled
         )
     }
+}
 
+impl CloseReason {
     /// The `reason` label of `gateway_connections_closed_total`.
     pub fn as_str(self) -> &'static str {
         use CloseReason::*;

@@ -14,7 +14,6 @@ use tokio::task::JoinHandle;
 
 use super::close::CloseReason;
 use super::frames::{self, Request};
-use super::send_queue::{Frame, Limits, Next, SendQueue};
 use super::session::{Outcome, WsSession};
 use crate::auth::{Principal, now_secs};
 use crate::codes::Code;
@@ -22,6 +21,7 @@ use crate::context::{Connection, Context};
 use crate::engine::Channel;
 use crate::flow::{Admitted, Full, stall_over};
 use crate::metrics;
+use crate::protocol::outbound::{Frame, Limits, Next, SendQueue};
 
 const PROTOCOL: &str = "ws";
 const ACK_TIMEOUT_CHECK: Duration = Duration::from_secs(1);
@@ -57,10 +57,13 @@ async fn serve(
 ) -> CloseReason {
     let (sink, mut stream) = socket.split();
     let limits = &ctx.config.limits;
-    let out = Arc::new(SendQueue::new(Limits {
-        messages: limits.outbound_buffer_messages,
-        bytes: limits.outbound_buffer_bytes.as_u64() as usize,
-    }));
+    let out = Arc::new(SendQueue::new(
+        Limits {
+            messages: limits.outbound_buffer_messages,
+            bytes: limits.outbound_buffer_bytes.as_u64() as usize,
+        },
+        PROTOCOL,
+    ));
     let channel = match conn.channel(&ctx.engine).await {
         Ok(c) => c,
         Err(e) => {
@@ -254,7 +257,7 @@ async fn first_frame(
     {
         return match ctx.auth.authenticate(&a.token).await {
             Ok(p) => {
-                out.push(super::send_queue::Frame::control(frames::auth_ok(
+                out.push(Frame::control(frames::auth_ok(
                     &env.id,
                     &p.subject,
                     p.expires_at,
@@ -262,7 +265,7 @@ async fn first_frame(
                 Ok((p, None))
             }
             Err(e) => {
-                out.push(super::send_queue::Frame::control(frames::error(
+                out.push(Frame::control(frames::error(
                     &env.id,
                     &Value::String("auth".into()),
                     Code::Unauthorized,

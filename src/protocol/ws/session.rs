@@ -4,9 +4,8 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_stream::StreamMap;
@@ -17,64 +16,29 @@ mod subscribe;
 
 use super::close::CloseReason;
 use super::frames::{self, AckKind, Envelope, OverflowKind, Request};
-use super::send_queue::{Frame, Overflow, SendQueue, SlowConsumer};
 use crate::auth::Principal;
-use crate::auth::scopes::encode_subject;
 use crate::codes::Code;
 use crate::context::{Connection, Context, PublishRefused};
-use crate::engine::names::{DEFAULT_EXCHANGE_ALIAS, canonical_exchange, validate_key};
+use crate::engine::names::{DEFAULT_EXCHANGE_ALIAS, validate_key};
 use crate::engine::sessions::Takeover;
-use crate::engine::table::{FieldTable, FieldValue, table_from_json};
+use crate::engine::table::FieldTable;
 use crate::engine::{
-    AckMode, CancelReason, Channel, ConsumeOptions, Consumer, ConsumerEvent, DeleteQueueOptions,
-    EngineError, Message, PublishOptions, QueueSpec,
+    AckMode, CancelReason, Channel, ConsumeOptions, Consumer, ConsumerEvent, EngineError, Message,
+    PublishOptions,
 };
 use crate::flow::Stall;
-use crate::json::{self, Encoding, PropertiesJson};
+use crate::json::{self};
 use crate::metrics;
+use crate::protocol::outbound::{Frame, Overflow, SendQueue, SlowConsumer};
+use crate::protocol::subscription::{Refusal, Spec, Subscriber, Target, message_json};
 
 const PROTOCOL: &str = "ws";
 const DEFAULT_PREFETCH: u32 = 10;
-/// How long a durable subscribe keeps trying to take the consumer over from its holder.
-const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(5);
-/// Records a durable subscription's definition in its queue's arguments; a resume compares it
-/// (`precondition_failed` when it differs). Engines compare only the arguments they know on
-/// redeclare, as RabbitMQ does, so the adapter checks this one itself.
-const DURABLE_DEFINITION: &str = "x-gateway-ws-subscription";
 
 /// What a request did to the connection.
 pub enum Outcome {
     Continue,
     Close(CloseReason),
-}
-
-/// What a subscription consumes.
-#[derive(Debug, Clone)]
-enum Target {
-    /// A server-named queue of this connection, bound to an exchange.
-    Private {
-        queue: String,
-        exchange: String,
-        binding_key: String,
-    },
-    /// A named queue.
-    Named { queue: String },
-    /// `ws-{sub}.{name}`, bound to an exchange, resumable.
-    Durable {
-        queue: String,
-        exchange: String,
-        binding_key: String,
-    },
-}
-
-impl Target {
-    fn queue(&self) -> &str {
-        match self {
-            Target::Private { queue, .. }
-            | Target::Named { queue }
-            | Target::Durable { queue, .. } => queue,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +79,12 @@ impl RequestError {
 impl From<EngineError> for RequestError {
     fn from(e: EngineError) -> Self {
         RequestError::new(Code::from(&e), e.to_string())
+    }
+}
+
+impl From<Refusal> for RequestError {
+    fn from(r: Refusal) -> Self {
+        RequestError::new(r.code, r.message)
     }
 }
 
@@ -289,30 +259,13 @@ impl WsSession {
         let forbidden: Vec<Arc<str>> = self
             .subs
             .iter()
-            .filter(|(_, s)| !self.allowed(&s.target))
+            .filter(|(_, s)| !s.target.allowed(&self.principal))
             .map(|(k, _)| k.clone())
             .collect();
         for sub in forbidden {
             self.cancel(&sub, "forbidden").await;
         }
         Ok(Outcome::Continue)
-    }
-
-    fn allowed(&self, target: &Target) -> bool {
-        let p = &self.principal.permissions;
-        match target {
-            Target::Private {
-                exchange,
-                binding_key,
-                ..
-            }
-            | Target::Durable {
-                exchange,
-                binding_key,
-                ..
-            } => p.can_read(exchange, binding_key),
-            Target::Named { queue } => p.can_consume(queue),
-        }
     }
 
     /// The connection is going: release holds and delete private queues (the channel's close

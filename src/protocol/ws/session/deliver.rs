@@ -2,19 +2,6 @@
 
 use super::*;
 
-#[derive(Serialize)]
-struct MessageFrame<'a> {
-    op: &'static str,
-    sub: &'a str,
-    delivery_tag: u64,
-    exchange: &'a str,
-    routing_key: &'a str,
-    redelivered: bool,
-    body: Value,
-    encoding: Encoding,
-    properties: PropertiesJson,
-}
-
 impl WsSession {
     pub(super) async fn settle(
         &mut self,
@@ -86,24 +73,7 @@ impl WsSession {
         };
         let tag = s.next_tag;
         s.next_tag += 1;
-        let (body, encoding) = json::body_out(d.message());
-        let exchange = if d.exchange().is_empty() {
-            DEFAULT_EXCHANGE_ALIAS
-        } else {
-            d.exchange()
-        };
-        let frame = MessageFrame {
-            op: "message",
-            sub: &sub,
-            delivery_tag: tag,
-            exchange,
-            routing_key: d.routing_key(),
-            redelivered: d.redelivered,
-            body,
-            encoding,
-            properties: json::properties_out(d.properties()),
-        };
-        let text = match serde_json::to_string(&frame) {
+        let text = match message_json(&sub, tag, &d) {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot encode a delivery");

@@ -1,17 +1,19 @@
-//! Subscriptions: what a `subscribe` names (an exchange through a private or durable queue, or
-//! a named queue), the consumer and its mode, durable takeover, and how subscriptions end
-//! (unsubscribe, cancel, takeover, ack timeout).
+//! Subscriptions: a `subscribe` resolved to its target (`protocol::subscription`, shared with
+//! SSE), its delivery mode, and how subscriptions end (unsubscribe, cancel, takeover, ack
+//! timeout).
 
 use super::*;
 
-fn valid_durable_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
-
 impl WsSession {
+    fn subscriber(&self) -> Subscriber<'_> {
+        Subscriber {
+            ctx: &self.ctx,
+            channel: self.channel.as_ref(),
+            principal: &self.principal,
+            conn: self.conn.id,
+        }
+    }
+
     pub(super) async fn subscribe(
         &mut self,
         id: &Value,
@@ -35,7 +37,23 @@ impl WsSession {
                 format!("prefetch must be between 1 and {max_prefetch}"),
             ));
         }
-        let (target, mode, exclusive) = self.target(&s).await?;
+        let spec = Spec {
+            exchange: s.exchange.as_deref(),
+            binding_key: s.binding_key.as_deref(),
+            queue: s.queue.as_deref(),
+            durable: s.durable.as_deref(),
+            arguments: s.arguments.as_ref(),
+        };
+        let target = self.subscriber().target(&spec).await?;
+        let manual = s.ack.unwrap_or(AckKind::Auto) == AckKind::Manual;
+        let mode = match &target {
+            _ if manual => Mode::Manual,
+            Target::Private { .. } => Mode::NoAck(match s.overflow {
+                None | Some(OverflowKind::DropOldest) => Overflow::DropOldest,
+                Some(OverflowKind::Disconnect) => Overflow::Disconnect,
+            }),
+            Target::Named { .. } | Target::Durable { .. } => Mode::Window,
+        };
         let ack = match mode {
             Mode::Manual => AckMode::Manual {
                 prefetch: prefetch.min(65_535) as u16,
@@ -48,32 +66,18 @@ impl WsSession {
         let options = ConsumeOptions {
             consumer_tag: String::new(),
             ack,
-            exclusive,
+            exclusive: target.exclusive(),
             arguments: FieldTable::new(),
             // Only no-ack deliveries wait in the droppable part of the buffer; the other modes
             // are bounded by credit.
             pressure: matches!(mode, Mode::NoAck(_)).then(|| self.out.pressure().clone()),
         };
-        let consumer = match self.consume(&target, options).await {
-            Ok(c) => c,
-            Err(e) => {
-                if let Target::Private { queue, .. } = &target {
-                    let _ = self
-                        .channel
-                        .delete_queue(queue, DeleteQueueOptions::default())
-                        .await;
-                }
-                return Err(e.into());
-            }
-        };
+        let consumer = self
+            .subscriber()
+            .consume(&target, options, &self.takeover_tx)
+            .await?;
         let sub: Arc<str> = format!("s{}", self.next_sub).into();
         self.next_sub += 1;
-        if let Target::Durable { queue, .. } = &target {
-            self.ctx
-                .engine
-                .sessions()
-                .hold(queue, self.conn.id, self.takeover_tx.clone());
-        }
         // `subscribed` is queued before the consumer is polled: it precedes every message.
         self.reply(frames::subscribed(id, &sub, target.queue()));
         self.subs.insert(
@@ -87,222 +91,6 @@ impl WsSession {
         );
         self.consumers.insert(sub, consumer);
         Ok(Outcome::Continue)
-    }
-
-    /// What a subscribe names, checked against the scopes, with its queue declared (and bound)
-    /// when it is the connection's own; the delivery mode; whether its consumer is exclusive.
-    async fn target(&self, s: &frames::Subscribe) -> Result<(Target, Mode, bool), RequestError> {
-        let manual = s.ack.unwrap_or(AckKind::Auto) == AckKind::Manual;
-        let arguments = match &s.arguments {
-            None => FieldTable::new(),
-            Some(map) => table_from_json(&Value::Object(map.clone()))
-                .map_err(|e| RequestError::new(Code::BadRequest, format!("arguments: {e}")))?,
-        };
-        let (exchange, durable) = match (&s.exchange, &s.queue, &s.durable) {
-            (Some(_), Some(_), _) => {
-                return Err(RequestError::new(
-                    Code::BadRequest,
-                    "give an exchange (with binding_key) or a queue, not both",
-                ));
-            }
-            (None, Some(queue), None) => {
-                if !self.principal.permissions.can_consume(queue) {
-                    return Err(RequestError::new(
-                        Code::Forbidden,
-                        format!("no consume permission on queue '{queue}'"),
-                    ));
-                }
-                let mode = if manual { Mode::Manual } else { Mode::Window };
-                let queue = queue.clone();
-                return Ok((Target::Named { queue }, mode, false));
-            }
-            (None, _, _) => {
-                return Err(RequestError::new(
-                    Code::BadRequest,
-                    "subscribe needs an exchange (with binding_key) or a queue",
-                ));
-            }
-            (Some(exchange), None, durable) => (exchange, durable),
-        };
-        let binding_key = s.binding_key.clone().unwrap_or_default();
-        validate_key(&binding_key)?;
-        let exchange = canonical_exchange(exchange).to_owned();
-        if exchange.is_empty() {
-            return Err(RequestError::new(
-                Code::BadRequest,
-                "the default exchange routes by queue name: subscribe to the queue instead",
-            ));
-        }
-        if !self.principal.permissions.can_read(&exchange, &binding_key) {
-            return Err(RequestError::new(
-                Code::Forbidden,
-                format!("no read permission on '{exchange}' with binding key '{binding_key}'"),
-            ));
-        }
-        Ok(match durable {
-            None => {
-                let queue = self
-                    .private_queue(&exchange, &binding_key, &arguments)
-                    .await?;
-                let overflow = match s.overflow.unwrap_or(OverflowKind::DropOldest) {
-                    OverflowKind::DropOldest => Overflow::DropOldest,
-                    OverflowKind::Disconnect => Overflow::Disconnect,
-                };
-                let mode = if manual {
-                    Mode::Manual
-                } else {
-                    Mode::NoAck(overflow)
-                };
-                let target = Target::Private {
-                    queue,
-                    exchange,
-                    binding_key,
-                };
-                (target, mode, true)
-            }
-            Some(name) => {
-                let queue = self
-                    .durable_queue(name, &exchange, &binding_key, &arguments)
-                    .await?;
-                let mode = if manual { Mode::Manual } else { Mode::Window };
-                let target = Target::Durable {
-                    queue,
-                    exchange,
-                    binding_key,
-                };
-                (target, mode, true)
-            }
-        })
-    }
-
-    pub(super) async fn private_queue(
-        &self,
-        exchange: &str,
-        key: &str,
-        arguments: &FieldTable,
-    ) -> Result<String, RequestError> {
-        let spec = QueueSpec {
-            durable: false,
-            exclusive: true,
-            auto_delete: false,
-            arguments: FieldTable::new(),
-        };
-        let queue = self.channel.declare_queue("", &spec).await?.name;
-        if let Err(e) = self
-            .channel
-            .bind_queue(&queue, exchange, key, arguments)
-            .await
-        {
-            let _ = self
-                .channel
-                .delete_queue(&queue, DeleteQueueOptions::default())
-                .await;
-            return Err(e.into());
-        }
-        Ok(queue)
-    }
-
-    pub(super) async fn durable_queue(
-        &self,
-        name: &str,
-        exchange: &str,
-        key: &str,
-        arguments: &FieldTable,
-    ) -> Result<String, RequestError> {
-        if self.principal.anonymous {
-            return Err(RequestError::new(
-                Code::Forbidden,
-                "durable subscriptions need a token",
-            ));
-        }
-        if !valid_durable_name(name) {
-            return Err(RequestError::new(
-                Code::BadRequest,
-                "durable must be 1–64 characters of [A-Za-z0-9_-]",
-            ));
-        }
-        let queue = format!("ws-{}.{name}", encode_subject(&self.principal.subject));
-        if queue.len() > 255 {
-            return Err(RequestError::new(
-                Code::BadRequest,
-                "the subject is too long for a durable subscription name",
-            ));
-        }
-        let mut definition = FieldTable::new();
-        definition.insert("exchange".into(), FieldValue::Str(exchange.into()));
-        definition.insert("binding_key".into(), FieldValue::Str(key.into()));
-        definition.insert("arguments".into(), FieldValue::Table(arguments.clone()));
-        let definition = FieldValue::Table(definition);
-        let mut args = FieldTable::new();
-        args.insert(DURABLE_DEFINITION.into(), definition.clone());
-        let expiry_ms = self
-            .ctx
-            .config
-            .ws
-            .durable_expiry
-            .as_millis()
-            .min(u128::from(u32::MAX)) as i64;
-        args.insert("x-expires".into(), FieldValue::I64(expiry_ms.max(1)));
-        let spec = QueueSpec {
-            durable: true,
-            exclusive: false,
-            auto_delete: false,
-            arguments: args,
-        };
-        let other = || {
-            RequestError::new(
-                Code::PreconditionFailed,
-                format!(
-                    "durable subscription '{name}' exists with another exchange, binding key or arguments"
-                ),
-            )
-        };
-        match self.channel.declare_queue(&queue, &spec).await {
-            Ok(d) if d.declared == crate::engine::Declared::Created => {}
-            // Redeclare equivalence compares only the arguments a broker knows (as RabbitMQ),
-            // so the definition is compared here.
-            Ok(_) => {
-                let info = self.channel.queue_info(&queue).await?;
-                // An engine that cannot show arguments (upstream without the management
-                // API) cannot have this checked: the subscription is taken as it is.
-                if let Some(spec) = &info.spec
-                    && spec.arguments.get(DURABLE_DEFINITION) != Some(&definition)
-                {
-                    return Err(other());
-                }
-            }
-            Err(EngineError::PreconditionFailed(_)) => return Err(other()),
-            Err(e) => return Err(e.into()),
-        }
-        self.channel
-            .bind_queue(&queue, exchange, key, arguments)
-            .await?;
-        Ok(queue)
-    }
-
-    /// Consumes; a durable subscription held elsewhere is taken over.
-    pub(super) async fn consume(
-        &self,
-        target: &Target,
-        options: ConsumeOptions,
-    ) -> Result<Consumer, EngineError> {
-        let Target::Durable { queue, .. } = target else {
-            return self.channel.consume(target.queue(), options).await;
-        };
-        // The holder is asked to let go until one answers to it.
-        let asked = &std::sync::atomic::AtomicBool::new(false);
-        let sessions = &self.ctx.engine.sessions();
-        crate::engine::sessions::fenced(
-            TAKEOVER_TIMEOUT,
-            || self.channel.consume(queue, options.clone()),
-            || async move {
-                use std::sync::atomic::Ordering::Relaxed;
-                if !asked.load(Relaxed) {
-                    asked.store(sessions.take_over(queue).await, Relaxed);
-                }
-            },
-        )
-        .await
     }
 
     pub(super) async fn unsubscribe(
@@ -330,26 +118,8 @@ impl WsSession {
     pub(super) async fn end(&mut self, sub: &Arc<str>, delete_durable: bool) {
         self.consumers.remove(sub);
         self.out.forget(sub);
-        let Some(s) = self.subs.remove(sub) else {
-            return;
-        };
-        match &s.target {
-            Target::Private { queue, .. } => {
-                let _ = self
-                    .channel
-                    .delete_queue(queue, DeleteQueueOptions::default())
-                    .await;
-            }
-            Target::Durable { queue, .. } => {
-                self.ctx.engine.sessions().release(queue, self.conn.id);
-                if delete_durable {
-                    let _ = self
-                        .channel
-                        .delete_queue(queue, DeleteQueueOptions::default())
-                        .await;
-                }
-            }
-            Target::Named { .. } => {}
+        if let Some(s) = self.subs.remove(sub) {
+            self.subscriber().end(&s.target, delete_durable).await;
         }
     }
 

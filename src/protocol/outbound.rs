@@ -1,4 +1,5 @@
-//! A connection's outbound buffer (DESIGN.md §4, §7): frames wait here for the writer task.
+//! A browser connection's outbound buffer (DESIGN.md §4, §7), shared by the WebSocket and SSE
+//! adapters: frames (WebSocket text frames, SSE events) wait here for the writer task.
 //! Bounded in messages and bytes for the frames that may be dropped — deliveries of auto-ack
 //! subscriptions on private queues; when full, `drop_oldest` drops the oldest such frame and
 //! remembers how many each subscription lost (the writer sends `lagged` before what follows), and
@@ -13,9 +14,17 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use super::close::CloseReason;
 use crate::flow::{Bound, Pressure};
 use crate::metrics;
+
+/// Why a buffer closes, as its adapter says it.
+pub trait Closing: Copy {
+    /// Whether what is queued is dropped (a slow consumer must not wait for its backlog)
+    /// instead of drained first.
+    fn is_urgent(self) -> bool;
+    /// The close code and reason the writer sends last, if any.
+    fn frame(self) -> Option<(u16, &'static str)>;
+}
 
 /// What a subscription does when the buffer is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +79,8 @@ pub struct SendQueue {
     /// Counts the droppable frames (messages, bytes) against `Limits`; only changed under
     /// `state`'s lock, so its fill is the buffer's.
     pressure: Pressure,
+    /// The adapter, for metrics.
+    protocol: &'static str,
 }
 
 /// What the writer takes next.
@@ -82,7 +93,7 @@ pub enum Next {
 }
 
 impl SendQueue {
-    pub fn new(limits: Limits) -> Self {
+    pub fn new(limits: Limits, protocol: &'static str) -> Self {
         SendQueue {
             state: Mutex::new(State::default()),
             ready: Notify::new(),
@@ -91,8 +102,9 @@ impl SendQueue {
                     messages: limits.messages as u64,
                     bytes: limits.bytes as u64,
                 },
-                "ws",
+                protocol,
             ),
+            protocol,
         }
     }
 
@@ -126,6 +138,9 @@ impl SendQueue {
         let len = text.len();
         while self.pressure.is_full(len as u64) {
             if overflow == Overflow::Disconnect {
+                // Lost with what the urgent close discards: the client hears how many.
+                metrics::delivery_dropped(self.protocol, "slow_consumer");
+                *st.lagged.entry(sub).or_default() += 1;
                 return Err(SlowConsumer);
             }
             let Some(at) = st.frames.iter().position(|f| f.droppable.is_some()) else {
@@ -133,7 +148,7 @@ impl SendQueue {
             };
             if let Some(old) = st.frames.remove(at) {
                 self.pressure.sub(old.text.len() as u64);
-                metrics::delivery_dropped("ws", "slow_consumer");
+                metrics::delivery_dropped(self.protocol, "slow_consumer");
                 if let Some(owner) = old.droppable {
                     *st.lagged.entry(owner).or_default() += 1;
                 }
@@ -165,16 +180,19 @@ impl SendQueue {
 
     /// Stops accepting frames and closes for `why`: at once, dropping what is queued, when it
     /// is urgent (a slow consumer must not wait for its backlog); otherwise the writer drains
-    /// what is queued first. Then it sends the close frame (if `why` has one) and ends.
-    pub fn close(&self, why: CloseReason) {
+    /// what is queued first. Then it sends `lagged` counts (dropped deliveries included), the
+    /// close frame (if `why` has one) and ends.
+    pub fn close(&self, why: impl Closing) {
         let mut st = self.state.lock();
         if why.is_urgent() {
-            for f in st.frames.drain(..) {
-                if f.droppable.is_some() {
+            let State { frames, lagged, .. } = &mut *st;
+            for f in frames.drain(..) {
+                if let Some(owner) = f.droppable {
                     self.pressure.sub(f.text.len() as u64);
+                    metrics::delivery_dropped(self.protocol, "closed");
+                    *lagged.entry(owner).or_default() += 1;
                 }
             }
-            st.lagged.clear();
         } else if st.closed {
             return;
         }
@@ -223,10 +241,13 @@ mod tests {
 
     #[test]
     fn drop_oldest_keeps_the_newest_within_bounds() {
-        let out = SendQueue::new(Limits {
-            messages: 3,
-            bytes: 1 << 20,
-        });
+        let out = SendQueue::new(
+            Limits {
+                messages: 3,
+                bytes: 1 << 20,
+            },
+            "ws",
+        );
         let s: Arc<str> = "s1".into();
         out.push(Frame::control("reply".into()));
         for i in 0..6 {
@@ -243,10 +264,13 @@ mod tests {
 
     #[test]
     fn bytes_bound_too() {
-        let out = SendQueue::new(Limits {
-            messages: 100,
-            bytes: 10,
-        });
+        let out = SendQueue::new(
+            Limits {
+                messages: 100,
+                bytes: 10,
+            },
+            "ws",
+        );
         let s: Arc<str> = "s".into();
         for _ in 0..5 {
             out.push_droppable(s.clone(), "abcd".into(), Overflow::DropOldest)
@@ -258,10 +282,13 @@ mod tests {
 
     #[test]
     fn disconnect_policy_refuses() {
-        let out = SendQueue::new(Limits {
-            messages: 1,
-            bytes: 100,
-        });
+        let out = SendQueue::new(
+            Limits {
+                messages: 1,
+                bytes: 100,
+            },
+            "ws",
+        );
         let s: Arc<str> = "s".into();
         out.push_droppable(s.clone(), "a".into(), Overflow::Disconnect)
             .unwrap();

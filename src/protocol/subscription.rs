@@ -1,0 +1,407 @@
+//! What a browser subscription names (DESIGN.md §4), for the WebSocket and SSE adapters alike:
+//! an exchange through a private server-named queue, an exchange through the durable queue
+//! `ws-{sub}.{name}`, or a named queue — checked against the caller's scopes, its queue
+//! declared and bound, its consumer started (a durable one taken over from its holder, on any
+//! instance) and ended. One implementation, so a browser can switch a durable subscription
+//! between the two protocols; and the `message` JSON both send.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::auth::Principal;
+use crate::auth::scopes::encode_subject;
+use crate::codes::Code;
+use crate::context::Context;
+use crate::engine::names::{DEFAULT_EXCHANGE_ALIAS, canonical_exchange, validate_key};
+use crate::engine::sessions::{Takeover, fenced};
+use crate::engine::table::{FieldTable, FieldValue, table_from_json};
+use crate::engine::{
+    Channel, ConsumeOptions, Consumer, Declared, DeleteQueueOptions, Delivery, EngineError,
+    QueueSpec,
+};
+use crate::json::{self, Encoding, PropertiesJson};
+
+/// How long a durable subscribe keeps trying to take the consumer over from its holder.
+const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Records a durable subscription's definition in its queue's arguments; a resume compares it
+/// (`precondition_failed` when it differs). Engines compare only the arguments they know on
+/// redeclare, as RabbitMQ does, so the adapter checks this one itself.
+const DURABLE_DEFINITION: &str = "x-gateway-ws-subscription";
+
+/// What a subscribe request says, whatever its protocol.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Spec<'a> {
+    pub exchange: Option<&'a str>,
+    pub binding_key: Option<&'a str>,
+    pub queue: Option<&'a str>,
+    pub durable: Option<&'a str>,
+    pub arguments: Option<&'a serde_json::Map<String, Value>>,
+}
+
+/// What a subscription consumes.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A server-named queue of this connection, bound to an exchange.
+    Private {
+        queue: String,
+        exchange: String,
+        binding_key: String,
+    },
+    /// A named queue.
+    Named { queue: String },
+    /// `ws-{sub}.{name}`, bound to an exchange, resumable.
+    Durable {
+        queue: String,
+        exchange: String,
+        binding_key: String,
+    },
+}
+
+impl Target {
+    pub fn queue(&self) -> &str {
+        match self {
+            Target::Private { queue, .. }
+            | Target::Named { queue }
+            | Target::Durable { queue, .. } => queue,
+        }
+    }
+
+    /// Whether its consumer is the queue's only one.
+    pub fn exclusive(&self) -> bool {
+        !matches!(self, Target::Named { .. })
+    }
+
+    /// Whether `principal`'s scopes (still) allow it.
+    pub fn allowed(&self, principal: &Principal) -> bool {
+        let p = &principal.permissions;
+        match self {
+            Target::Private {
+                exchange,
+                binding_key,
+                ..
+            }
+            | Target::Durable {
+                exchange,
+                binding_key,
+                ..
+            } => p.can_read(exchange, binding_key),
+            Target::Named { queue } => p.can_consume(queue),
+        }
+    }
+}
+
+/// A subscribe refused: the shared code (each adapter answers it its way) and why.
+#[derive(Debug)]
+pub struct Refusal {
+    pub code: Code,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<EngineError> for Refusal {
+    fn from(e: EngineError) -> Self {
+        Refusal::new(Code::from(&e), e.to_string())
+    }
+}
+
+/// A connection subscribing: what it needs to declare, consume and hold.
+pub struct Subscriber<'a> {
+    pub ctx: &'a Context,
+    pub channel: &'a dyn Channel,
+    pub principal: &'a Principal,
+    /// The connection's id (the holder of its durable subscriptions).
+    pub conn: u64,
+}
+
+fn valid_durable_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+impl Subscriber<'_> {
+    /// What `spec` names, checked against the scopes, with its queue declared (and bound) when
+    /// it is the connection's own.
+    pub async fn target(&self, spec: &Spec<'_>) -> Result<Target, Refusal> {
+        let arguments = match spec.arguments {
+            None => FieldTable::new(),
+            Some(map) => table_from_json(&Value::Object(map.clone()))
+                .map_err(|e| Refusal::new(Code::BadRequest, format!("arguments: {e}")))?,
+        };
+        let (exchange, durable) = match (spec.exchange, spec.queue, spec.durable) {
+            (Some(_), Some(_), _) => {
+                return Err(Refusal::new(
+                    Code::BadRequest,
+                    "give an exchange (with binding_key) or a queue, not both",
+                ));
+            }
+            (None, Some(queue), None) => {
+                if !self.principal.permissions.can_consume(queue) {
+                    return Err(Refusal::new(
+                        Code::Forbidden,
+                        format!("no consume permission on queue '{queue}'"),
+                    ));
+                }
+                let queue = queue.to_owned();
+                return Ok(Target::Named { queue });
+            }
+            (None, _, _) => {
+                return Err(Refusal::new(
+                    Code::BadRequest,
+                    "subscribe needs an exchange (with binding_key) or a queue",
+                ));
+            }
+            (Some(exchange), None, durable) => (exchange, durable),
+        };
+        let binding_key = spec.binding_key.unwrap_or_default().to_owned();
+        validate_key(&binding_key)?;
+        let exchange = canonical_exchange(exchange).to_owned();
+        if exchange.is_empty() {
+            return Err(Refusal::new(
+                Code::BadRequest,
+                "the default exchange routes by queue name: subscribe to the queue instead",
+            ));
+        }
+        if !self.principal.permissions.can_read(&exchange, &binding_key) {
+            return Err(Refusal::new(
+                Code::Forbidden,
+                format!("no read permission on '{exchange}' with binding key '{binding_key}'"),
+            ));
+        }
+        Ok(match durable {
+            None => Target::Private {
+                queue: self
+                    .private_queue(&exchange, &binding_key, &arguments)
+                    .await?,
+                exchange,
+                binding_key,
+            },
+            Some(name) => Target::Durable {
+                queue: self
+                    .durable_queue(name, &exchange, &binding_key, &arguments)
+                    .await?,
+                exchange,
+                binding_key,
+            },
+        })
+    }
+
+    async fn private_queue(
+        &self,
+        exchange: &str,
+        key: &str,
+        arguments: &FieldTable,
+    ) -> Result<String, Refusal> {
+        let spec = QueueSpec {
+            durable: false,
+            exclusive: true,
+            auto_delete: false,
+            arguments: FieldTable::new(),
+        };
+        let queue = self.channel.declare_queue("", &spec).await?.name;
+        if let Err(e) = self
+            .channel
+            .bind_queue(&queue, exchange, key, arguments)
+            .await
+        {
+            let _ = self
+                .channel
+                .delete_queue(&queue, DeleteQueueOptions::default())
+                .await;
+            return Err(e.into());
+        }
+        Ok(queue)
+    }
+
+    async fn durable_queue(
+        &self,
+        name: &str,
+        exchange: &str,
+        key: &str,
+        arguments: &FieldTable,
+    ) -> Result<String, Refusal> {
+        if self.principal.anonymous {
+            return Err(Refusal::new(
+                Code::Forbidden,
+                "durable subscriptions need a token",
+            ));
+        }
+        if !valid_durable_name(name) {
+            return Err(Refusal::new(
+                Code::BadRequest,
+                "durable must be 1–64 characters of [A-Za-z0-9_-]",
+            ));
+        }
+        let queue = format!("ws-{}.{name}", encode_subject(&self.principal.subject));
+        if queue.len() > 255 {
+            return Err(Refusal::new(
+                Code::BadRequest,
+                "the subject is too long for a durable subscription name",
+            ));
+        }
+        let mut definition = FieldTable::new();
+        definition.insert("exchange".into(), FieldValue::Str(exchange.into()));
+        definition.insert("binding_key".into(), FieldValue::Str(key.into()));
+        definition.insert("arguments".into(), FieldValue::Table(arguments.clone()));
+        let definition = FieldValue::Table(definition);
+        let mut args = FieldTable::new();
+        args.insert(DURABLE_DEFINITION.into(), definition.clone());
+        let expiry_ms = self
+            .ctx
+            .config
+            .ws
+            .durable_expiry
+            .as_millis()
+            .min(u128::from(u32::MAX)) as i64;
+        args.insert("x-expires".into(), FieldValue::I64(expiry_ms.max(1)));
+        let spec = QueueSpec {
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+            arguments: args,
+        };
+        let other = || {
+            Refusal::new(
+                Code::PreconditionFailed,
+                format!(
+                    "durable subscription '{name}' exists with another exchange, binding key or arguments"
+                ),
+            )
+        };
+        match self.channel.declare_queue(&queue, &spec).await {
+            Ok(d) if d.declared == Declared::Created => {}
+            // Redeclare equivalence compares only the arguments a broker knows (as RabbitMQ),
+            // so the definition is compared here.
+            Ok(_) => {
+                let info = self.channel.queue_info(&queue).await?;
+                // An engine that cannot show arguments (upstream without the management
+                // API) cannot have this checked: the subscription is taken as it is.
+                if let Some(spec) = &info.spec
+                    && spec.arguments.get(DURABLE_DEFINITION) != Some(&definition)
+                {
+                    return Err(other());
+                }
+            }
+            Err(EngineError::PreconditionFailed(_)) => return Err(other()),
+            Err(e) => return Err(e.into()),
+        }
+        self.channel
+            .bind_queue(&queue, exchange, key, arguments)
+            .await?;
+        Ok(queue)
+    }
+
+    /// Consumes `target`; a durable subscription held elsewhere is taken over, and is held by
+    /// this connection from then on (`takeovers` hears when another takes it). A private
+    /// queue that cannot be consumed is deleted.
+    pub async fn consume(
+        &self,
+        target: &Target,
+        options: ConsumeOptions,
+        takeovers: &tokio::sync::mpsc::UnboundedSender<Takeover>,
+    ) -> Result<Consumer, EngineError> {
+        let consumed = match target {
+            Target::Durable { queue, .. } => {
+                // The holder is asked to let go until one answers to it.
+                let asked = &AtomicBool::new(false);
+                let sessions = &self.ctx.engine.sessions();
+                fenced(
+                    TAKEOVER_TIMEOUT,
+                    || self.channel.consume(queue, options.clone()),
+                    || async move {
+                        if !asked.load(Ordering::Relaxed) {
+                            asked.store(sessions.take_over(queue).await, Ordering::Relaxed);
+                        }
+                    },
+                )
+                .await
+            }
+            _ => self.channel.consume(target.queue(), options).await,
+        };
+        match (&consumed, target) {
+            (Ok(_), Target::Durable { queue, .. }) => {
+                self.ctx
+                    .engine
+                    .sessions()
+                    .hold(queue, self.conn, takeovers.clone());
+            }
+            (Err(_), Target::Private { queue, .. }) => {
+                let _ = self
+                    .channel
+                    .delete_queue(queue, DeleteQueueOptions::default())
+                    .await;
+            }
+            _ => {}
+        }
+        consumed
+    }
+
+    /// A subscription's consumer is gone (dropped: unacked deliveries return to the queue):
+    /// a private queue is deleted, a durable one released, and deleted only when asked.
+    pub async fn end(&self, target: &Target, delete_durable: bool) {
+        match target {
+            Target::Private { queue, .. } => {
+                let _ = self
+                    .channel
+                    .delete_queue(queue, DeleteQueueOptions::default())
+                    .await;
+            }
+            Target::Durable { queue, .. } => {
+                self.ctx.engine.sessions().release(queue, self.conn);
+                if delete_durable {
+                    let _ = self
+                        .channel
+                        .delete_queue(queue, DeleteQueueOptions::default())
+                        .await;
+                }
+            }
+            Target::Named { .. } => {}
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct MessageJson<'a> {
+    op: &'static str,
+    sub: &'a str,
+    delivery_tag: u64,
+    exchange: &'a str,
+    routing_key: &'a str,
+    redelivered: bool,
+    body: Value,
+    encoding: Encoding,
+    properties: PropertiesJson,
+}
+
+/// A delivery as the `message` JSON (DESIGN.md §4) of subscription `sub` with its tag there.
+pub fn message_json(sub: &str, tag: u64, d: &Delivery) -> Result<String, serde_json::Error> {
+    let (body, encoding) = json::body_out(d.message());
+    let exchange = if d.exchange().is_empty() {
+        DEFAULT_EXCHANGE_ALIAS
+    } else {
+        d.exchange()
+    };
+    serde_json::to_string(&MessageJson {
+        op: "message",
+        sub,
+        delivery_tag: tag,
+        exchange,
+        routing_key: d.routing_key(),
+        redelivered: d.redelivered,
+        body,
+        encoding,
+        properties: json::properties_out(d.properties()),
+    })
+}
