@@ -68,6 +68,17 @@ pub fn now_secs() -> u64 {
         .as_secs()
 }
 
+/// Sleeps until a connection with a token expiring at `expires_at` (seconds since the epoch)
+/// must end, `leeway` after it; an anonymous one (`None`) never in practice.
+pub fn expiry_sleep(expires_at: Option<u64>, leeway: Duration) -> tokio::time::Sleep {
+    let after = match expires_at {
+        Some(exp) => Duration::from_secs((exp + leeway.as_secs()).saturating_sub(now_secs())),
+        // A year is as good as never and keeps a caller's select uniform.
+        None => Duration::from_secs(365 * 24 * 3600),
+    };
+    tokio::time::sleep(after)
+}
+
 /// Turns tokens into principals.
 pub struct Authenticator {
     verifier: Arc<jwt::Verifier>,

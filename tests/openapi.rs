@@ -27,6 +27,7 @@ fn every_route_is_documented_with_problem_responses() {
         "/v1/queues/{name}/contents",
         "/v1/queues/{queue}/bindings",
         "/v1/queues/{queue}/get",
+        "/v1/sse",
     ] {
         assert!(paths.contains_key(expected), "{expected} missing");
     }

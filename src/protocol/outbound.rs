@@ -27,7 +27,8 @@ pub trait Closing: Copy {
 }
 
 /// What a subscription does when the buffer is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
 pub enum Overflow {
     DropOldest,
     Disconnect,
@@ -90,6 +91,16 @@ pub enum Next {
     Lagged(Vec<(Arc<str>, u64)>),
     /// Nothing more: send this close frame, if any, and end.
     Closed(Option<(u16, &'static str)>),
+}
+
+impl Limits {
+    /// The per-connection outbound buffer bounds of DESIGN.md §7.
+    pub fn of(limits: &crate::config::LimitsConfig) -> Limits {
+        Limits {
+            messages: limits.outbound_buffer_messages,
+            bytes: limits.outbound_buffer_bytes.as_u64() as usize,
+        }
+    }
 }
 
 impl SendQueue {

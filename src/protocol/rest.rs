@@ -1,4 +1,4 @@
-//! The REST adapter (`/v1`, DESIGN.md §5): publish, topology and pull for backend services, the
+//! The REST adapter (`/v1`, DESIGN.md §5): publish, topology, pull and Server-Sent Events, the
 //! OpenAPI document generated from the handlers (utoipa, committed as `openapi/openapi.json`) and
 //! Swagger UI at `/docs`, served from the binary. Every error is problem+json.
 
@@ -7,6 +7,7 @@ mod idempotency;
 pub mod problem;
 pub mod publish;
 pub mod pull;
+pub mod sse;
 pub mod topology;
 
 use std::sync::Arc;
@@ -61,6 +62,7 @@ impl RestState {
         (name = "queues", description = "Declare, inspect, purge and delete queues"),
         (name = "bindings", description = "Bind queues to exchanges"),
         (name = "pull", description = "Fetch messages from a queue"),
+        (name = "subscribe", description = "Receive messages as Server-Sent Events"),
     )
 )]
 struct ApiDoc;
@@ -106,6 +108,7 @@ fn api() -> OpenApiRouter<RestState> {
             topology::delete_binding
         ))
         .routes(routes!(pull::get))
+        .routes(routes!(sse::subscribe))
 }
 
 /// The OpenAPI document the code describes (what `openapi/openapi.json` must equal).

@@ -13,6 +13,7 @@ pub mod mqtt_wire;
 pub mod proxy;
 pub mod rabbit;
 pub mod rabbit_node;
+pub mod sse;
 pub mod tls;
 pub mod under;
 pub mod upstream_clients;

@@ -12,6 +12,7 @@ use crate::context::PublishRefused;
 use crate::engine::EngineError;
 use crate::flow::Throttled;
 use crate::json::JsonError;
+use crate::protocol::subscription::Refusal;
 
 /// The body of every error response.
 #[derive(Debug, Serialize, ToSchema)]
@@ -109,8 +110,19 @@ impl ApiError {
 
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
-        let code = Code::from(&e);
-        let detail = e.to_string();
+        ApiError::from_code(Code::from(&e), e.to_string())
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(r: Refusal) -> Self {
+        ApiError::from_code(r.code, r.message)
+    }
+}
+
+impl ApiError {
+    /// A shared code's answer: its status, and Retry-After on 503.
+    fn from_code(code: Code, detail: String) -> Self {
         let status = match code {
             Code::NotFound => StatusCode::NOT_FOUND,
             Code::PreconditionFailed => StatusCode::CONFLICT,
@@ -119,6 +131,7 @@ impl From<EngineError> for ApiError {
             Code::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Code::Overloaded | Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Code::NotSupported => StatusCode::NOT_IMPLEMENTED,
+            Code::Unauthorized => StatusCode::UNAUTHORIZED,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let err = ApiError::new(status, code.as_str(), detail);

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use super::close::CloseReason;
 use super::frames::{self, Request};
 use super::session::{Outcome, WsSession};
-use crate::auth::{Principal, now_secs};
+use crate::auth::{Principal, expiry_sleep};
 use crate::codes::Code;
 use crate::context::{Connection, Context};
 use crate::engine::Channel;
@@ -57,13 +57,7 @@ async fn serve(
 ) -> CloseReason {
     let (sink, mut stream) = socket.split();
     let limits = &ctx.config.limits;
-    let out = Arc::new(SendQueue::new(
-        Limits {
-            messages: limits.outbound_buffer_messages,
-            bytes: limits.outbound_buffer_bytes.as_u64() as usize,
-        },
-        PROTOCOL,
-    ));
+    let out = Arc::new(SendQueue::new(Limits::of(limits), PROTOCOL));
     let channel = match conn.channel(&ctx.engine).await {
         Ok(c) => c,
         Err(e) => {
@@ -226,15 +220,6 @@ fn read_error(e: &axum::Error) -> CloseReason {
     } else {
         CloseReason::ProtocolError
     }
-}
-
-fn expiry_sleep(expires_at: Option<u64>, leeway: Duration) -> tokio::time::Sleep {
-    let after = match expires_at {
-        Some(exp) => Duration::from_secs((exp + leeway.as_secs()).saturating_sub(now_secs())),
-        // Anonymous: no expiry; a year is as good as never and keeps the select uniform.
-        None => Duration::from_secs(365 * 24 * 3600),
-    };
-    tokio::time::sleep(after)
 }
 
 /// Without an `Authorization` header the first frame must be `auth` within `ws.auth_timeout`;
