@@ -282,3 +282,98 @@ export class Gateway {
     if (this.ws) this.ws.close(1000);
   }
 }
+
+/**
+ * Subscribe-only over Server-Sent Events (GET /v1/sse), for pages behind proxies that break
+ * WebSockets and for dashboards that only listen:
+ *
+ *   const stream = new EventStream("https://gateway.example", {
+ *     token, exchange: "amq.topic", binding_key: "sensors.#", durable: "dashboard",
+ *   }, (msg) => console.log(msg.routing_key, msg.body));
+ *   await stream.whenReady();
+ *
+ * spec: { exchange, binding_key } or { queue }, plus optional durable (a name shared with the
+ * WebSocket protocol) and overflow ("drop_oldest" | "disconnect"); token or getToken as for
+ * Gateway. EventSource cannot send headers, so the token travels in the query string: the
+ * gateway must have ws.allow_query_token = true. EventSource reconnects by itself, and a durable
+ * stream resumes with Last-Event-ID: nothing is lost across a reconnect. When the token expires
+ * (a "close" event with code 4001) a getToken client opens a new stream with a fresh token,
+ * resuming from the last id it received.
+ */
+export class EventStream {
+  constructor(baseUrl, spec, onMessage, options = {}) {
+    this.baseUrl = baseUrl.replace(/\/$/, "");
+    this.spec = spec;
+    this.onMessage = onMessage;
+    this.options = options;
+    this.queue = null;
+    this.received = 0;
+    this.lagged = 0;
+    this.lastEventId = null;
+    this.closed = false;
+    this.onCancelled = null;
+    this.source = null;
+    this.ready = new Promise((resolve) => (this._resolveReady = resolve));
+    this._open();
+  }
+
+  _state(state) {
+    if (this.options.onState) this.options.onState(state);
+  }
+
+  async _open() {
+    if (this.closed) return;
+    const token = this.options.getToken ? await this.options.getToken() : this.options.token;
+    const params = new URLSearchParams();
+    for (const key of ["exchange", "binding_key", "queue", "durable", "overflow"]) {
+      if (this.spec[key] != null) params.set(key, this.spec[key]);
+    }
+    if (token) params.set("access_token", token);
+    // A new EventSource has no Last-Event-ID of its own: the query string carries it.
+    if (this.lastEventId) params.set("last_event_id", this.lastEventId);
+    const source = new EventSource(`${this.baseUrl}/v1/sse?${params}`);
+    this.source = source;
+    this._state("connecting");
+    source.addEventListener("subscribed", (e) => {
+      this.queue = JSON.parse(e.data).queue;
+      this._state("open");
+      this._resolveReady(this);
+    });
+    source.addEventListener("message", (e) => {
+      if (e.lastEventId) this.lastEventId = e.lastEventId;
+      this.received += 1;
+      this.onMessage(JSON.parse(e.data), this);
+    });
+    source.addEventListener("lagged", (e) => {
+      this.lagged += JSON.parse(e.data).dropped;
+    });
+    source.addEventListener("cancelled", (e) => {
+      this.close();
+      if (this.onCancelled) this.onCancelled(JSON.parse(e.data).reason);
+    });
+    source.addEventListener("close", (e) => {
+      const { code } = JSON.parse(e.data);
+      if (code === 4001 && this.options.getToken) {
+        source.close();
+        this._open();
+      }
+    });
+    // EventSource retries by itself after network errors; it gives up only on an HTTP error.
+    source.onerror = () => {
+      if (this.source !== source) return;
+      this._state(source.readyState === EventSource.CLOSED ? "closed" : "connecting");
+    };
+  }
+
+  /** Waits until the stream is subscribed. */
+  whenReady() {
+    return this.ready;
+  }
+
+  /** Close for good (no reconnect). */
+  close() {
+    this.closed = true;
+    if (this.source) this.source.close();
+    this._state("closed");
+  }
+}

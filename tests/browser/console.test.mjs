@@ -9,9 +9,8 @@
 
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import net from "node:net";
 import { chromium } from "playwright-core";
-import { WAIT, startGateway } from "./gateway.mjs";
+import { WAIT, startGateway, startProxy } from "./gateway.mjs";
 
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 
@@ -20,48 +19,6 @@ let gatewayAddr;
 let adminToken;
 let proxy;
 let browser;
-
-/** A TCP proxy whose connections the test can cut, and which can refuse new ones. */
-function startProxy(target) {
-  const [host, port] = target.split(":");
-  const sockets = new Set();
-  let refusing = false;
-  const server = net.createServer((client) => {
-    if (refusing) {
-      client.destroy();
-      return;
-    }
-    const upstream = net.connect(Number(port), host);
-    sockets.add(client);
-    sockets.add(upstream);
-    client.pipe(upstream).pipe(client);
-    const drop = () => {
-      client.destroy();
-      upstream.destroy();
-      sockets.delete(client);
-      sockets.delete(upstream);
-    };
-    client.on("error", drop).on("close", drop);
-    upstream.on("error", drop).on("close", drop);
-  });
-  return new Promise((ready) =>
-    server.listen(0, "127.0.0.1", () =>
-      ready({
-        url: `http://127.0.0.1:${server.address().port}`,
-        cut() {
-          for (const s of sockets) s.destroy();
-          sockets.clear();
-        },
-        refuse(on) {
-          refusing = on;
-        },
-        close() {
-          server.close();
-        },
-      }),
-    ),
-  );
-}
 
 async function publish(routingKey, body) {
   const resp = await fetch(`http://${gatewayAddr}/v1/exchanges/amq.topic/publish`, {

@@ -45,6 +45,9 @@ pub struct SseQuery {
     /// A private subscription's answer to a full buffer: drop the oldest (`lagged` events
     /// count them, the default) or end the stream.
     overflow: Option<Overflow>,
+    /// Where a durable stream resumes when there is no `Last-Event-ID` header: a page that
+    /// opens a new `EventSource` (with a fresh token) passes the last id it saw here.
+    last_event_id: Option<String>,
     /// The token, for `EventSource`, which cannot send headers; only when
     /// `ws.allow_query_token` is on (tokens in URLs end up in logs and history).
     access_token: Option<String>,
@@ -121,7 +124,8 @@ pub async fn subscribe(
     let last_event_id = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+        .map(str::to_owned)
+        .or(q.last_event_id);
     out.push(Frame::control(stream::preamble(
         ctx.config.sse.retry,
         target.queue(),
