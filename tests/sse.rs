@@ -345,6 +345,47 @@ async fn a_stream_ends_at_the_token_expiry_and_at_shutdown() {
     assert!(sse.next().await.is_none(), "then the stream ends");
 }
 
+/// `gateway_connections_closed_total{protocol="sse",reason}` in this process.
+fn sse_closed(reason: &str) -> u64 {
+    let text = amqp_gateway::metrics::handle().render();
+    let labels = format!("protocol=\"sse\",reason=\"{reason}\"");
+    text.lines()
+        .find(|l| l.starts_with("gateway_connections_closed_total{") && l.contains(&labels))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn a_stream_whose_client_takes_nothing_ends_after_the_write_timeout() {
+    let gw = gateway(|c| c.limits.write_timeout = Duration::from_secs(1)).await;
+    let queue = gw.queue("sse-stuck").await;
+    let ch = gw
+        .gateway
+        .engine()
+        .open_channel(&amqp_gateway::engine::Owner::new(), "fill")
+        .await
+        .unwrap();
+    // More than the socket buffers hold: the writes stop once they are full.
+    let body = "z".repeat(256 * 1024);
+    for _ in 0..150 {
+        ch.publish(
+            "",
+            &queue,
+            Message::new(body.clone()),
+            PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let (stuck, _) = Sse::open(&gw, &format!("queue={queue}"), Some(&admin()), None).await;
+    common::eventually("the stalled stream closed", || async {
+        sse_closed("write_stalled") == 1
+    })
+    .await;
+    // What it had not handed over went back to the queue.
+    assert!(gw.depth(&queue).await > 0);
+    drop(stuck);
+}
+
 async fn a_durable_subscription_moves_between_websocket_and_sse() {
     let gw = gateway(|_| {}).await;
     let key = unique("move");
@@ -406,6 +447,7 @@ on_engine!(embedded, Embedded:
     a_slow_stream_lags_or_is_cut_off,
     a_stream_ends_at_the_token_expiry_and_at_shutdown,
     a_durable_subscription_moves_between_websocket_and_sse,
+    a_stream_whose_client_takes_nothing_ends_after_the_write_timeout,
 );
 
 on_engine!(upstream, Upstream:
@@ -418,4 +460,5 @@ on_engine!(upstream, Upstream:
     a_slow_stream_lags_or_is_cut_off,
     a_stream_ends_at_the_token_expiry_and_at_shutdown,
     a_durable_subscription_moves_between_websocket_and_sse,
+    a_stream_whose_client_takes_nothing_ends_after_the_write_timeout,
 );

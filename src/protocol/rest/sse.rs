@@ -131,7 +131,13 @@ pub async fn subscribe(
         target.queue(),
     )));
     let gone = CancellationToken::new();
-    let body = Body::from_stream(stream::body(out.clone(), channel.clone(), gone.clone()));
+    let writing = Arc::new(stream::Writing::default());
+    let body = Body::from_stream(stream::body(
+        out.clone(),
+        channel.clone(),
+        gone.clone(),
+        writing.clone(),
+    ));
     let driver = stream::Stream {
         ctx: ctx.clone(),
         conn: conn.id,
@@ -146,6 +152,7 @@ pub async fn subscribe(
         _takeover_tx: takeover_tx,
         _admitted: admitted,
         gone,
+        writing,
         next_id: 1,
         held: 0,
     };

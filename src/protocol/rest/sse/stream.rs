@@ -36,6 +36,42 @@ use crate::protocol::subscription::{Subscriber, Target, message_json};
 
 /// How long a resume waits for the next redelivery before it takes what came as the head.
 const RESUME_QUIET: Duration = Duration::from_millis(300);
+/// How often the stream checks that its client still takes what is written.
+const WRITE_CHECK: Duration = Duration::from_secs(1);
+
+/// Whether the connection takes the body's chunks: since when a chunk handed over waits for
+/// the connection to ask for the next (hyper asks once it wrote the last), if one does.
+#[derive(Default)]
+pub struct Writing {
+    base: std::sync::OnceLock<tokio::time::Instant>,
+    /// Milliseconds after `base` (+1) since the last chunk was handed over; 0 while the body
+    /// waits for frames.
+    handed_at: std::sync::atomic::AtomicU64,
+}
+
+impl Writing {
+    fn now(&self) -> u64 {
+        let base = *self.base.get_or_init(tokio::time::Instant::now);
+        base.elapsed().as_millis() as u64 + 1
+    }
+
+    fn handed(&self) {
+        let now = self.now();
+        self.handed_at
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn asked(&self) {
+        self.handed_at
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a chunk has waited longer than `limit` for the connection to take it.
+    fn stalled(&self, limit: Duration) -> bool {
+        let at = self.handed_at.load(std::sync::atomic::Ordering::Relaxed);
+        at != 0 && self.now().saturating_sub(at) > limit.as_millis() as u64
+    }
+}
 
 /// How deliveries are settled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +124,8 @@ impl Mode {
 enum End {
     /// The client went away (the body was dropped).
     Gone,
+    /// The client took nothing for `limits.write_timeout`.
+    WriteStalled,
     SlowConsumer,
     TokenExpired,
     Shutdown,
@@ -101,7 +139,7 @@ enum End {
 
 impl Closing for End {
     fn is_urgent(self) -> bool {
-        matches!(self, End::Gone | End::SlowConsumer)
+        matches!(self, End::Gone | End::SlowConsumer | End::WriteStalled)
     }
 
     fn frame(self) -> Option<(u16, &'static str)> {
@@ -110,7 +148,7 @@ impl Closing for End {
             End::TokenExpired => Some((4001, "token expired")),
             End::Shutdown => Some((1001, "gateway shutting down")),
             End::EngineGone => Some((1011, "engine unavailable")),
-            End::Gone | End::WindowFull | End::Cancelled => None,
+            End::Gone | End::WriteStalled | End::WindowFull | End::Cancelled => None,
         }
     }
 }
@@ -119,6 +157,7 @@ impl End {
     fn as_str(self) -> &'static str {
         match self {
             End::Gone => "client_closed",
+            End::WriteStalled => "write_stalled",
             End::SlowConsumer => "slow_consumer",
             End::TokenExpired => "token_expired",
             End::Shutdown => "server_shutting_down",
@@ -147,6 +186,7 @@ pub struct Stream {
     pub _admitted: Admitted,
     /// Cancelled when the response body is dropped: the client is gone.
     pub gone: CancellationToken,
+    pub writing: Arc<Writing>,
     pub next_id: u64,
     /// Deliveries a durable stream sent and holds unacknowledged.
     pub held: u64,
@@ -216,6 +256,7 @@ impl Stream {
         }
         let mut keepalive = tokio::time::interval(self.ctx.config.sse.keepalive);
         keepalive.tick().await;
+        let mut write_check = tokio::time::interval(WRITE_CHECK);
         let expiry = expiry_sleep(self.principal.expires_at, self.ctx.config.auth.leeway);
         tokio::pin!(expiry);
         loop {
@@ -229,6 +270,10 @@ impl Stream {
                 event = self.consumer.next(), if !paused => self.event(event),
                 _ = self.out.pressure().resume(self.ctx.config.limits.pace_max_wait), if paused => None,
                 Some(_) = self.takeovers.recv() => Some(self.cancelled("taken_over")),
+                _ = write_check.tick() => self
+                    .writing
+                    .stalled(self.ctx.config.limits.write_timeout)
+                    .then_some(End::WriteStalled),
                 _ = keepalive.tick() => {
                     self.out.push(Frame::control(": keepalive\n\n".into()));
                     None
@@ -340,21 +385,25 @@ pub fn body(
     out: Arc<SendQueue>,
     channel: Arc<dyn Channel>,
     gone: CancellationToken,
+    writing: Arc<Writing>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static {
     struct State {
         out: Arc<SendQueue>,
         channel: Arc<dyn Channel>,
         _gone: tokio_util::sync::DropGuard,
+        writing: Arc<Writing>,
         written_ack: Option<u64>,
     }
     let state = State {
         out,
         channel,
         _gone: gone.drop_guard(),
+        writing,
         written_ack: None,
     };
     futures_util::stream::unfold(Some(state), |state| async move {
         let mut st = state?;
+        st.writing.asked();
         if let Some(tag) = st.written_ack.take() {
             let _ = st.channel.ack(tag, false).await;
         }
@@ -382,6 +431,7 @@ pub fn body(
             }
             Next::Closed(None) => return None,
         };
+        st.writing.handed();
         Some((Ok(Bytes::from(chunk)), Some(st)))
     })
 }
