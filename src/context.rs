@@ -14,8 +14,10 @@ use crate::shutdown::Shutdown;
 use tokio_util::task::TaskTracker;
 
 mod publish;
+pub mod registry;
 
 pub use self::publish::{Cleared, PublishRefused, Publishing, stamp_subject};
+pub use self::registry::{About, Registered, Registry, SubscriptionView, closed_by_admin};
 
 #[derive(Clone)]
 pub struct Context {
@@ -27,6 +29,10 @@ pub struct Context {
     /// Every client connection's task: the gateway waits for them (within `shutdown_timeout`)
     /// before it stops the engine, so no connection finds its engine gone mid-close.
     pub connections: TaskTracker,
+    /// Who is connected, for operators; how an administrator closes one.
+    pub registry: Arc<Registry>,
+    /// When the gateway started (the overview's uptime).
+    pub started: std::time::Instant,
 }
 
 /// One client connection (HTTP — WebSocket ones included — or MQTT over TCP): its id, its

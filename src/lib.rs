@@ -217,6 +217,8 @@ pub async fn start_with(config: Config, engine: Arc<dyn Engine>) -> Result<Gatew
         config: config.clone(),
         shutdown: shutdown.clone(),
         connections: TaskTracker::new(),
+        registry: Arc::default(),
+        started: std::time::Instant::now(),
     };
     metrics::handle();
 

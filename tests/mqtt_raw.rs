@@ -6,7 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::mqtt_bytes::{
-    connect, connect_ka, connect_v5_enhanced, packet, read_packet, reauth, remaining_length, string,
+    connect, connect_ka, connect_v5_enhanced, packet, read_packet, reauth, remaining_length,
+    string, subscribe_packet,
 };
 use common::{TestGateway, WAIT, start_gateway, token, unique};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -472,26 +473,6 @@ async fn connack(s: &mut TcpStream) -> (bool, Vec<u8>) {
     assert_eq!(first, 0x20, "CONNACK");
     assert_eq!(body[1], 0, "accepted");
     (body[0] & 1 == 1, body[2..].to_vec())
-}
-
-/// SUBSCRIBE one filter with `options` (QoS in the low bits); v5 may carry a subscription id.
-fn subscribe_packet(
-    packet_id: u16,
-    filter: &str,
-    options: u8,
-    v5: bool,
-    id: Option<u8>,
-) -> Vec<u8> {
-    let mut body = packet_id.to_be_bytes().to_vec();
-    if v5 {
-        match id {
-            Some(id) => body.extend_from_slice(&[2, 0x0B, id]),
-            None => body.push(0),
-        }
-    }
-    body.extend(string(filter.as_bytes()));
-    body.push(options);
-    packet(0x82, body)
 }
 
 fn publish_qos(

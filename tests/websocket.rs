@@ -39,20 +39,6 @@ impl Ws {
         assert_eq!(reply["op"], "ok", "{reply}");
     }
 
-    /// Waits for the gateway's close frame and returns its code.
-    async fn closed_with(&mut self) -> u16 {
-        loop {
-            match tokio::time::timeout(WAIT, self.0.next()).await {
-                Err(_) => panic!("not closed within {WAIT:?}"),
-                Ok(Some(Ok(WsMessage::Close(Some(frame))))) => return u16::from(frame.code),
-                Ok(Some(Ok(WsMessage::Close(None)))) => return 1005,
-                Ok(Some(Ok(_))) => continue,
-                Ok(Some(Err(e))) => panic!("connection failed before a close frame: {e}"),
-                Ok(None) => panic!("stream ended without a close frame"),
-            }
-        }
-    }
-
     async fn subscribe(&mut self, spec: Value) -> (String, String) {
         let mut req = json!({"op": "subscribe", "id": "sub"});
         for (k, v) in spec.as_object().unwrap() {

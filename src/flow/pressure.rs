@@ -177,6 +177,10 @@ impl Pressure {
         m >= g.bound.messages || (m > 0 && g.bytes.load(Ordering::Acquire) + bytes > g.bound.bytes)
     }
 
+    pub fn bound(&self) -> Bound {
+        self.0.bound
+    }
+
     /// (messages, bytes) in the buffer now.
     pub fn fill(&self) -> (u64, u64) {
         (

@@ -28,7 +28,7 @@ pub fn serve_tcp(listener: TcpListener, ctx: Context) -> JoinHandle<()> {
     tokio::spawn(async move {
         crate::server::accept_until_shutdown(&listener, &ctx, |stream, conn| {
             ctx.connections
-                .spawn(connection::run(stream, ctx.clone(), conn));
+                .spawn(connection::run(stream, ctx.clone(), conn, "tcp"));
         })
         .await;
     })

@@ -2,6 +2,7 @@
 //! OpenAPI document generated from the handlers (utoipa, committed as `openapi/openapi.json`) and
 //! Swagger UI at `/docs`, served from the binary. Every error is problem+json.
 
+pub mod connections;
 mod extract;
 mod idempotency;
 pub mod problem;
@@ -63,6 +64,7 @@ impl RestState {
         (name = "bindings", description = "Bind queues to exchanges"),
         (name = "pull", description = "Fetch messages from a queue"),
         (name = "subscribe", description = "Receive messages as Server-Sent Events"),
+        (name = "operations", description = "This instance's connections, for operators"),
     )
 )]
 struct ApiDoc;
@@ -109,6 +111,11 @@ fn api() -> OpenApiRouter<RestState> {
         ))
         .routes(routes!(pull::get))
         .routes(routes!(sse::subscribe))
+        .routes(routes!(connections::list_connections))
+        .routes(routes!(
+            connections::get_connection,
+            connections::close_connection
+        ))
 }
 
 /// The OpenAPI document the code describes (what `openapi/openapi.json` must equal).

@@ -74,9 +74,8 @@ impl Target {
         !matches!(self, Target::Named { .. })
     }
 
-    /// Whether `principal`'s scopes (still) allow it.
-    pub fn allowed(&self, principal: &Principal) -> bool {
-        let p = &principal.permissions;
+    /// The exchange and binding key of a private or durable subscription.
+    pub fn binding(&self) -> Option<(&str, &str)> {
         match self {
             Target::Private {
                 exchange,
@@ -87,8 +86,17 @@ impl Target {
                 exchange,
                 binding_key,
                 ..
-            } => p.can_read(exchange, binding_key),
-            Target::Named { queue } => p.can_consume(queue),
+            } => Some((exchange, binding_key)),
+            Target::Named { .. } => None,
+        }
+    }
+
+    /// Whether `principal`'s scopes (still) allow it.
+    pub fn allowed(&self, principal: &Principal) -> bool {
+        let p = &principal.permissions;
+        match self.binding() {
+            Some((exchange, binding_key)) => p.can_read(exchange, binding_key),
+            None => p.can_consume(self.queue()),
         }
     }
 }

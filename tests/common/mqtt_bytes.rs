@@ -118,3 +118,23 @@ pub async fn read_packet(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> (u8, Ve
     s.read_exact(&mut body).await.unwrap();
     (first[0], body)
 }
+
+/// SUBSCRIBE one filter with `options` (QoS in the low bits); v5 may carry a subscription id.
+pub fn subscribe_packet(
+    packet_id: u16,
+    filter: &str,
+    options: u8,
+    v5: bool,
+    id: Option<u8>,
+) -> Vec<u8> {
+    let mut body = packet_id.to_be_bytes().to_vec();
+    if v5 {
+        match id {
+            Some(id) => body.extend_from_slice(&[2, 0x0B, id]),
+            None => body.push(0),
+        }
+    }
+    body.extend(string(filter.as_bytes()));
+    body.push(options);
+    packet(0x82, body)
+}

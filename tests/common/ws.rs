@@ -67,6 +67,20 @@ impl Ws {
     }
 
     /// Sends a request and returns the next frame.
+    /// Waits for the gateway's close frame and returns its code.
+    pub async fn closed_with(&mut self) -> u16 {
+        loop {
+            match tokio::time::timeout(WAIT, self.0.next()).await {
+                Err(_) => panic!("not closed within {WAIT:?}"),
+                Ok(Some(Ok(WsMessage::Close(Some(frame))))) => return u16::from(frame.code),
+                Ok(Some(Ok(WsMessage::Close(None)))) => return 1005,
+                Ok(Some(Ok(_))) => continue,
+                Ok(Some(Err(e))) => panic!("connection failed before a close frame: {e}"),
+                Ok(None) => panic!("stream ended without a close frame"),
+            }
+        }
+    }
+
     pub async fn call(&mut self, v: Value) -> Value {
         self.send(v).await;
         self.recv().await

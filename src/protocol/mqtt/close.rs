@@ -49,6 +49,8 @@ pub enum CloseReason {
     /// One of the session's queues went away under it.
     SessionQueueGone,
     ServerShuttingDown,
+    /// Closed by an administrator (`DELETE /v1/connections/{id}`).
+    AdministrativeAction,
 }
 
 impl CloseReason {
@@ -79,6 +81,7 @@ impl CloseReason {
             EngineRefused => reason::UNSPECIFIED,
             SessionQueueGone => reason::IMPLEMENTATION_SPECIFIC,
             ServerShuttingDown => reason::SERVER_SHUTTING_DOWN,
+            AdministrativeAction => reason::ADMINISTRATIVE_ACTION,
         })
     }
 
@@ -114,6 +117,7 @@ impl CloseReason {
             EngineRefused => "engine_refused",
             SessionQueueGone => "session_queue_gone",
             ServerShuttingDown => "server_shutting_down",
+            AdministrativeAction => "closed_by_admin",
         }
     }
 

@@ -79,12 +79,13 @@ async fn read_packet<R: AsyncRead + Unpin>(
     }
 }
 
-pub async fn run<S>(stream: S, ctx: Context, conn: Arc<Connection>)
+/// Serves one MQTT connection over `transport` (`tcp` or `websocket`).
+pub async fn run<S>(stream: S, ctx: Context, conn: Arc<Connection>, transport: &'static str)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     metrics::connection_opened(PROTOCOL);
-    let why = serve(stream, &ctx, &conn).await;
+    let why = serve(stream, &ctx, &conn, transport).await;
     if why.is_notable() {
         tracing::info!(remote = %conn.remote, reason = why.as_str(), "MQTT connection closed");
     } else {
@@ -122,7 +123,12 @@ impl<R: AsyncRead + Unpin> Wire<R> {
     }
 }
 
-async fn serve<S>(stream: S, ctx: &Context, conn: &Arc<Connection>) -> CloseReason
+async fn serve<S>(
+    stream: S,
+    ctx: &Context,
+    conn: &Arc<Connection>,
+    transport: &'static str,
+) -> CloseReason
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -181,13 +187,26 @@ where
         conn.clone(),
         *connect,
         tx.clone(),
-        qos0_out,
+        qos0_out.clone(),
     ));
     let mut session = match connected.await {
-        Ok((session, connack)) => {
+        Ok((mut session, connack)) => {
             drop(waiting);
             let _ = tx.send(connack);
             session.after_connack();
+            session.registered = Some(ctx.registry.register(
+                conn.id,
+                crate::context::About {
+                    protocol: PROTOCOL,
+                    transport,
+                    remote: conn.remote,
+                    subject: session.subject().to_owned(),
+                    client_id: Some(session.client_id().to_owned()),
+                    expires_at: session.expires_at(),
+                    buffer: Some(qos0_out),
+                },
+            ));
+            session.show_subscriptions();
             session
         }
         Err(refused) => {
@@ -340,6 +359,7 @@ async fn serve_session<R: AsyncRead + Unpin>(
             _ = tokio::time::sleep_until(retry_at) => Box::pin(session.retry_parked()).await,
             _ = stall_over(&session.stall) => Box::pin(session.unstall()).await,
             Some(_) = session.takeovers.recv() => session.taken_over(),
+            _ = crate::context::closed_by_admin(&session.registered) => Outcome::Close(CloseReason::AdministrativeAction),
         };
         if let Outcome::Close(why) = outcome {
             return why;

@@ -72,6 +72,7 @@ pub mod reason {
     pub const KEEP_ALIVE_TIMEOUT: u8 = 0x8D;
     pub const SERVER_SHUTTING_DOWN: u8 = 0x8B;
     pub const TOKEN_EXPIRED: u8 = 0xA0;
+    pub const ADMINISTRATIVE_ACTION: u8 = 0x98;
 }
 
 /// What handling a packet did to the connection.
@@ -103,6 +104,8 @@ pub struct Session {
     max_qos: u8,
     retained: Arc<dyn RetainedStore>,
     pub takeovers: mpsc::UnboundedReceiver<Takeover>,
+    /// Its entry among the connections operators see (set once connected).
+    pub registered: Option<crate::context::Registered>,
 }
 
 /// What the client's CONNECT said, as the gateway granted it; fixed for the connection except
@@ -216,6 +219,14 @@ impl Session {
 
     pub fn remote(&self) -> std::net::SocketAddr {
         self.conn.remote
+    }
+
+    pub fn subject(&self) -> &str {
+        &self.principal.subject
+    }
+
+    pub fn client_id(&self) -> &str {
+        &self.client.id
     }
 
     pub fn expires_at(&self) -> Option<u64> {
@@ -350,6 +361,7 @@ impl Session {
                     .collect();
                 let codes = self.subscribe(filters).await;
                 self.save_stored().await;
+                self.show_subscriptions();
                 if codes.contains(&reason::PROTOCOL_ERROR) {
                     return Outcome::Close(CloseReason::ProtocolError);
                 }
@@ -372,6 +384,7 @@ impl Session {
                     self.unsubscribe(&f).await;
                 }
                 self.save_stored().await;
+                self.show_subscriptions();
                 self.send(Outbound::UnsubAck { packet_id, count });
                 Outcome::Continue
             }
@@ -435,6 +448,9 @@ impl Session {
             return Outcome::Close(CloseReason::NotAuthorized);
         }
         self.principal = fresh;
+        if let Some(r) = &self.registered {
+            r.set_expires_at(self.principal.expires_at);
+        }
         if let Some(method) = self.client.auth_method.clone() {
             self.send(Outbound::Auth { reason: 0, method });
         }

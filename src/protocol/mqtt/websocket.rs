@@ -65,7 +65,7 @@ async fn bridge(socket: WebSocket, ctx: Context, conn: Arc<Connection>) {
     let mqtt = ctx
         .connections
         .clone()
-        .spawn(connection::run(mqtt_side, ctx, conn));
+        .spawn(connection::run(mqtt_side, ctx, conn, "websocket"));
     let (mut pipe_read, mut pipe_write) = tokio::io::split(pipe);
     let (mut ws_tx, mut ws_rx) = socket.split();
     // In a block so both halves' borrows end before the close frame is sent.

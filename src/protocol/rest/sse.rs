@@ -20,6 +20,7 @@ use utoipa::IntoParams;
 use super::RestState;
 use super::extract::{ApiQuery, Conn, authenticate};
 use super::problem::{ApiError, Problem};
+use crate::context::{About, SubscriptionView};
 use crate::engine::Owner;
 use crate::protocol::outbound::{Frame, Limits, Overflow, SendQueue};
 use crate::protocol::subscription::{Spec, Subscriber};
@@ -130,6 +131,25 @@ pub async fn subscribe(
         ctx.config.sse.retry,
         target.queue(),
     )));
+    let registered = ctx.registry.register(
+        conn.id,
+        About {
+            protocol: PROTOCOL,
+            transport: "http",
+            remote: conn.remote,
+            subject: principal.subject.to_string(),
+            client_id: None,
+            expires_at: principal.expires_at,
+            buffer: matches!(mode, stream::Mode::NoAck(_)).then(|| out.pressure().clone()),
+        },
+    );
+    registered.set_subscriptions(vec![SubscriptionView {
+        queue: target.queue().to_owned(),
+        exchange: q.exchange.clone(),
+        pattern: q.binding_key.clone(),
+        ack: "auto".into(),
+        prefetch: None,
+    }]);
     let gone = CancellationToken::new();
     let writing = Arc::new(stream::Writing::default());
     let body = Body::from_stream(stream::body(
@@ -153,6 +173,7 @@ pub async fn subscribe(
         _admitted: admitted,
         gone,
         writing,
+        registered,
         next_id: 1,
         held: 0,
     };

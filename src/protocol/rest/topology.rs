@@ -34,7 +34,7 @@ pub struct PageParams {
 }
 
 impl PageParams {
-    fn size(&self) -> Result<usize, ApiError> {
+    pub(super) fn size(&self) -> Result<usize, ApiError> {
         match self.page_size {
             None => Ok(DEFAULT_PAGE),
             Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
@@ -44,7 +44,7 @@ impl PageParams {
         }
     }
 
-    fn after(&self) -> Result<Option<String>, ApiError> {
+    pub(super) fn after(&self) -> Result<Option<String>, ApiError> {
         self.cursor
             .as_deref()
             .map(|c| {
@@ -58,7 +58,7 @@ impl PageParams {
     }
 }
 
-fn cursor_of(name: &str) -> String {
+pub(super) fn cursor_of(name: &str) -> String {
     CURSOR.encode(name)
 }
 

@@ -31,6 +31,8 @@ pub enum CloseReason {
     /// The engine gave the connection no channel.
     EngineUnavailable,
     Shutdown,
+    /// Closed by an administrator (`DELETE /v1/connections/{id}`).
+    ClosedByAdmin,
 }
 
 impl Closing for CloseReason {
@@ -54,6 +56,7 @@ impl Closing for CloseReason {
             SlowConsumer => (close::SLOW_CONSUMER, "slow consumer: outbound buffer full"),
             EngineUnavailable => (1011, "engine unavailable"),
             Shutdown => (close::SHUTDOWN, "gateway shutting down"),
+            ClosedByAdmin => (close::CLOSED_BY_ADMIN, "closed by an administrator"),
         })
     }
 
@@ -88,6 +91,7 @@ impl CloseReason {
             WriteStalled => "write_stalled",
             EngineUnavailable => "engine_unavailable",
             Shutdown => "server_shutting_down",
+            ClosedByAdmin => "closed_by_admin",
         }
     }
 

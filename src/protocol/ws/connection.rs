@@ -84,6 +84,7 @@ async fn serve(
     };
     let (principal, replay, _place) = admitted;
     let mut session = WsSession::new(ctx.clone(), conn.clone(), channel, principal, out.clone());
+    session.register();
     // An anonymous client's first frame was a request: answer it like any other.
     if let Some(text) = replay {
         on_text(&mut session, &out, &text).await;
@@ -179,6 +180,7 @@ async fn serve_session(
                 session.event(sub, event).await
             }
             _ = out.pressure().resume(ctx.config.limits.pace_max_wait), if paused => Outcome::Continue,
+            _ = crate::context::closed_by_admin(&session.registered) => Outcome::Close(CloseReason::ClosedByAdmin),
             Some(t) = session.takeovers.recv() => {
                 session.taken_over(t).await;
                 Outcome::Continue

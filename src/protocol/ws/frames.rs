@@ -14,6 +14,7 @@ pub const SUBPROTOCOL: &str = "amqp-gateway.v1.json";
 pub mod close {
     pub const UNAUTHENTICATED: u16 = 4001;
     pub const SLOW_CONSUMER: u16 = 4008;
+    pub const CLOSED_BY_ADMIN: u16 = 4010;
     pub const TOO_BIG: u16 = 1009;
     pub const SHUTDOWN: u16 = 1001;
     /// RFC 6455 "Try Again Later": a connection limit of DESIGN.md §7 is reached.

@@ -54,6 +54,8 @@ enum Mode {
 struct Sub {
     target: Target,
     mode: Mode,
+    /// Credit of a manual subscription.
+    prefetch: Option<u32>,
     next_tag: u64,
     /// Sub tag → (engine tag, when delivered), for manual subscriptions.
     unacked: BTreeMap<u64, (u64, Instant)>,
@@ -121,6 +123,8 @@ pub struct WsSession {
     /// Publishes parked while paced, in arrival order, with their frames' sizes.
     parked: VecDeque<(Envelope, usize)>,
     parked_bytes: usize,
+    /// Its entry among the connections operators see.
+    pub registered: Option<crate::context::Registered>,
 }
 
 impl WsSession {
@@ -146,6 +150,7 @@ impl WsSession {
             stall: None,
             parked: VecDeque::new(),
             parked_bytes: 0,
+            registered: None,
         }
     }
 
@@ -185,6 +190,49 @@ impl WsSession {
 
     pub fn expires_at(&self) -> Option<u64> {
         self.principal.expires_at
+    }
+
+    /// Registers the connection for operators (`/v1/connections`).
+    pub fn register(&mut self) {
+        self.registered = Some(self.ctx.registry.register(
+            self.conn.id,
+            crate::context::About {
+                protocol: PROTOCOL,
+                transport: "websocket",
+                remote: self.conn.remote,
+                subject: self.principal.subject.to_string(),
+                client_id: None,
+                expires_at: self.principal.expires_at,
+                buffer: Some(self.out.pressure().clone()),
+            },
+        ));
+    }
+
+    /// What operators see of the subscriptions.
+    fn show_subscriptions(&self) {
+        let Some(registered) = &self.registered else {
+            return;
+        };
+        let views = self
+            .subs
+            .values()
+            .map(|s| {
+                let binding = s.target.binding();
+                crate::context::SubscriptionView {
+                    queue: s.target.queue().to_owned(),
+                    exchange: binding.map(|(e, _)| e.to_owned()),
+                    pattern: binding.map(|(_, k)| k.to_owned()),
+                    ack: if s.mode == Mode::Manual {
+                        "manual"
+                    } else {
+                        "auto"
+                    }
+                    .into(),
+                    prefetch: s.prefetch,
+                }
+            })
+            .collect();
+        registered.set_subscriptions(views);
     }
 
     fn reply(&self, text: String) {
@@ -248,6 +296,9 @@ impl WsSession {
             ));
         }
         self.principal = fresh;
+        if let Some(r) = &self.registered {
+            r.set_expires_at(self.principal.expires_at);
+        }
         if !id.is_null() {
             self.reply(frames::auth_ok(
                 id,

@@ -177,6 +177,7 @@ impl Session {
             },
             out,
             subs: HashMap::new(),
+            registered: None,
             consumers: StreamMap::new(),
             outflow: Outflow {
                 inflight: HashMap::new(),

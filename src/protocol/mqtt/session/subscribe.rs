@@ -172,4 +172,30 @@ impl Session {
                 .await;
         }
     }
+
+    /// What operators see of this session's subscriptions (`/v1/connections`).
+    pub(crate) fn show_subscriptions(&self) {
+        let Some(registered) = &self.registered else {
+            return;
+        };
+        let exchange = &self.ctx.config.mqtt.exchange;
+        let views = self
+            .subs
+            .iter()
+            .map(|(filter, o)| crate::context::SubscriptionView {
+                queue: match filter
+                    .strip_prefix("$share/")
+                    .and_then(|r| r.split_once('/'))
+                {
+                    Some((group, inner)) => topic::shared_queue(group, inner),
+                    None => self.queue_name(o.granted.min(1)),
+                },
+                exchange: Some(exchange.clone()),
+                pattern: Some(filter.clone()),
+                ack: format!("qos{}", o.granted),
+                prefetch: None,
+            })
+            .collect();
+        registered.set_subscriptions(views);
+    }
 }

@@ -133,6 +133,8 @@ enum End {
     WindowFull,
     /// Taken over by another stream or WebSocket, or its queue was deleted (`cancelled` sent).
     Cancelled,
+    /// Closed by an administrator (`DELETE /v1/connections/{id}`).
+    ClosedByAdmin,
     /// The engine ended the consumer without a reason (connection to the broker lost).
     EngineGone,
 }
@@ -148,6 +150,7 @@ impl Closing for End {
             End::TokenExpired => Some((4001, "token expired")),
             End::Shutdown => Some((1001, "gateway shutting down")),
             End::EngineGone => Some((1011, "engine unavailable")),
+            End::ClosedByAdmin => Some((4010, "closed by an administrator")),
             End::Gone | End::WriteStalled | End::WindowFull | End::Cancelled => None,
         }
     }
@@ -164,6 +167,7 @@ impl End {
             End::WindowFull => "window_full",
             End::Cancelled => "cancelled",
             End::EngineGone => "engine_unavailable",
+            End::ClosedByAdmin => "closed_by_admin",
         }
     }
 }
@@ -187,6 +191,8 @@ pub struct Stream {
     /// Cancelled when the response body is dropped: the client is gone.
     pub gone: CancellationToken,
     pub writing: Arc<Writing>,
+    /// Its entry among the connections operators see.
+    pub registered: crate::context::Registered,
     pub next_id: u64,
     /// Deliveries a durable stream sent and holds unacknowledged.
     pub held: u64,
@@ -267,6 +273,7 @@ impl Stream {
                 _ = self.gone.cancelled() => Some(End::Gone),
                 _ = self.ctx.shutdown.wait() => Some(End::Shutdown),
                 _ = &mut expiry => Some(End::TokenExpired),
+                _ = self.registered.closed_by_admin() => Some(End::ClosedByAdmin),
                 event = self.consumer.next(), if !paused => self.event(event),
                 _ = self.out.pressure().resume(self.ctx.config.limits.pace_max_wait), if paused => None,
                 Some(_) = self.takeovers.recv() => Some(self.cancelled("taken_over")),

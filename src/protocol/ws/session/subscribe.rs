@@ -85,11 +85,13 @@ impl WsSession {
             Sub {
                 target,
                 mode,
+                prefetch: (mode == Mode::Manual).then_some(prefetch),
                 next_tag: 1,
                 unacked: BTreeMap::new(),
             },
         );
         self.consumers.insert(sub, consumer);
+        self.show_subscriptions();
         Ok(Outcome::Continue)
     }
 
@@ -120,6 +122,7 @@ impl WsSession {
         self.out.forget(sub);
         if let Some(s) = self.subs.remove(sub) {
             self.subscriber().end(&s.target, delete_durable).await;
+            self.show_subscriptions();
         }
     }
 
