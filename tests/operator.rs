@@ -261,6 +261,47 @@ async fn an_administrator_closes_each_kind_of_client_and_it_hears_why() {
     .await;
 }
 
+async fn the_overview_counts_connections_messages_and_rates() {
+    let gw = start_gateway(|_| {}).await;
+    let mut ws = Ws::connect(&gw, Some(&token("sam", "gateway.read:amq.topic/#"))).await;
+    assert_eq!(ws.call(json!({"op": "ping", "id": 1})).await["op"], "pong");
+    let queue = gw.queue("overview").await;
+    for i in 0..3 {
+        let r = gw
+            .post("/v1/exchanges/amq.default/publish", &admin())
+            .json(&json!({"routing_key": queue, "body": i}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(gw.take(&queue, 3).await.len(), 3);
+    refused(
+        gw.get("/v1/overview", &token("usr", "gateway.read:amq.topic/#")),
+        403,
+        "forbidden",
+    )
+    .await;
+    let o = json_of(gw.get("/v1/overview", &token("mon", "gateway.tag:monitoring"))).await;
+    assert_eq!(o["engine"], "embedded");
+    assert_eq!(o["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(o["connections"], json!({"mqtt": 0, "sse": 0, "ws": 1}));
+    assert!(o["totals"]["published"].as_f64().unwrap() >= 3.0, "{o}");
+    assert!(o["totals"]["delivered"].as_f64().unwrap() >= 3.0, "{o}");
+    assert!(
+        o["rates"]["published"].as_f64().unwrap() > 0.0,
+        "published within the window: {o}"
+    );
+    assert!(o["memory"]["held_bytes"].as_u64().is_some(), "{o}");
+    assert_eq!(o["memory"]["publish_blocked"], false);
+    assert!(o["listeners"]["mqtt"].as_str().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overview() {
+    the_overview_counts_connections_messages_and_rates().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_listed() {
     connections_are_listed_filtered_and_paged().await

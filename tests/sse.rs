@@ -279,6 +279,19 @@ async fn a_slow_stream_lags_or_is_cut_off() {
             .await
             .unwrap();
     }
+    // Nobody reads yet: 25 MiB cannot all wait in the buffers, so the streams drop (once the
+    // gateway got round to them: on a loaded machine that can take a while).
+    let deadline = tokio::time::Instant::now() + WAIT * 4;
+    // The strict stream counts the one it refused, then closes; the lagging one, what it drops.
+    while sse_closed("slow_consumer") == 0
+        || sse_counter("gateway_deliveries_dropped_total", "slow_consumer") < 2
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing dropped while nobody read"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Every message is received or counted as dropped, and the newest survived.
     let (mut received, mut dropped, mut last) = (0usize, 0usize, String::new());
     while received + dropped < N {
@@ -345,14 +358,18 @@ async fn a_stream_ends_at_the_token_expiry_and_at_shutdown() {
     assert!(sse.next().await.is_none(), "then the stream ends");
 }
 
-/// `gateway_connections_closed_total{protocol="sse",reason}` in this process.
-fn sse_closed(reason: &str) -> u64 {
+/// The SSE sample of counter `name` with `reason` in this process (0 before its first).
+fn sse_counter(name: &str, reason: &str) -> u64 {
     let text = amqp_gateway::metrics::handle().render();
     let labels = format!("protocol=\"sse\",reason=\"{reason}\"");
     text.lines()
-        .find(|l| l.starts_with("gateway_connections_closed_total{") && l.contains(&labels))
+        .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(&labels))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0)
+}
+
+fn sse_closed(reason: &str) -> u64 {
+    sse_counter("gateway_connections_closed_total", reason)
 }
 
 async fn a_stream_whose_client_takes_nothing_ends_after_the_write_timeout() {

@@ -5,6 +5,7 @@
 pub mod connections;
 mod extract;
 mod idempotency;
+pub mod overview;
 pub mod problem;
 pub mod publish;
 pub mod pull;
@@ -38,6 +39,7 @@ const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
 pub struct RestState {
     pub ctx: Context,
     idempotency: Arc<IdempotencyCache>,
+    sampler: Arc<overview::Sampler>,
 }
 
 impl RestState {
@@ -64,7 +66,7 @@ impl RestState {
         (name = "bindings", description = "Bind queues to exchanges"),
         (name = "pull", description = "Fetch messages from a queue"),
         (name = "subscribe", description = "Receive messages as Server-Sent Events"),
-        (name = "operations", description = "This instance's connections, for operators"),
+        (name = "operations", description = "The gateway and its connections, for operators"),
     )
 )]
 struct ApiDoc;
@@ -111,6 +113,7 @@ fn api() -> OpenApiRouter<RestState> {
         ))
         .routes(routes!(pull::get))
         .routes(routes!(sse::subscribe))
+        .routes(routes!(overview::overview))
         .routes(routes!(connections::list_connections))
         .routes(routes!(
             connections::get_connection,
@@ -129,6 +132,7 @@ pub fn openapi() -> OpenApiDoc {
 pub fn router(ctx: Context) -> Router {
     let state = RestState {
         idempotency: Arc::new(IdempotencyCache::new(ctx.config.http.idempotency_window)),
+        sampler: overview::Sampler::spawn(&ctx),
         ctx,
     };
     let (api, _) = api().split_for_parts();

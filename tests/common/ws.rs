@@ -56,9 +56,14 @@ impl Ws {
 
     /// The next text frame, as JSON.
     pub async fn recv(&mut self) -> Value {
+        self.recv_within(WAIT).await
+    }
+
+    /// The next text frame, waiting at most `wait` for it.
+    pub async fn recv_within(&mut self, wait: std::time::Duration) -> Value {
         loop {
-            match tokio::time::timeout(WAIT, self.0.next()).await {
-                Err(_) => panic!("no frame within {WAIT:?}"),
+            match tokio::time::timeout(wait, self.0.next()).await {
+                Err(_) => panic!("no frame within {wait:?}"),
                 Ok(Some(Ok(WsMessage::Text(t)))) => return serde_json::from_str(&t).unwrap(),
                 Ok(Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_)))) => continue,
                 Ok(other) => panic!("expected a text frame, got {other:?}"),
@@ -66,7 +71,6 @@ impl Ws {
         }
     }
 
-    /// Sends a request and returns the next frame.
     /// Waits for the gateway's close frame and returns its code.
     pub async fn closed_with(&mut self) -> u16 {
         loop {
@@ -81,6 +85,7 @@ impl Ws {
         }
     }
 
+    /// Sends a request and returns the next frame.
     pub async fn call(&mut self, v: Value) -> Value {
         self.send(v).await;
         self.recv().await
