@@ -47,11 +47,17 @@ pub struct Connection {
     channel: tokio::sync::OnceCell<Arc<dyn Channel>>,
 }
 
+/// The next connection id: one sequence for every listener, and for the streams an HTTP
+/// connection may carry (SSE), so operators never see two connections with one id.
+pub fn next_id() -> u64 {
+    static IDS: AtomicU64 = AtomicU64::new(1);
+    IDS.fetch_add(1, Ordering::Relaxed)
+}
+
 impl Connection {
     /// A connection just accepted, with the next id (one sequence for every listener).
     pub fn accepted(remote: SocketAddr, limits: ConnectionLimits) -> Self {
-        static IDS: AtomicU64 = AtomicU64::new(1);
-        Connection::new(IDS.fetch_add(1, Ordering::Relaxed), remote, limits)
+        Connection::new(next_id(), remote, limits)
     }
 
     pub fn new(id: u64, remote: SocketAddr, limits: ConnectionLimits) -> Self {

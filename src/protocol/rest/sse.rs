@@ -98,6 +98,9 @@ pub async fn subscribe(
         })?;
     // A channel of its own: an HTTP/1 connection may carry other requests before this one,
     // and the stream's exclusive queue and unacknowledged deliveries must end with it.
+    // An id of its own (the holder of its durable subscription, its registry entry): HTTP/2
+    // carries several streams on one connection.
+    let id = crate::context::next_id();
     let owner = Owner::new();
     let channel = ctx
         .engine
@@ -114,7 +117,7 @@ pub async fn subscribe(
         ctx,
         channel: channel.as_ref(),
         principal: &principal,
-        conn: conn.id,
+        conn: id,
     };
     let target = subscriber.target(&spec).await?;
     let out = Arc::new(SendQueue::new(Limits::of(&ctx.config.limits), PROTOCOL));
@@ -132,7 +135,7 @@ pub async fn subscribe(
         target.queue(),
     )));
     let registered = ctx.registry.register(
-        conn.id,
+        id,
         About {
             protocol: PROTOCOL,
             transport: "http",
@@ -160,7 +163,7 @@ pub async fn subscribe(
     ));
     let driver = stream::Stream {
         ctx: ctx.clone(),
-        conn: conn.id,
+        conn: id,
         channel,
         _owner: owner,
         principal,
