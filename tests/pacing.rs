@@ -229,15 +229,17 @@ async fn flow_metrics(gw: &TestGateway) -> String {
         .join("\n")
 }
 
-/// Nothing dropped anywhere, and the publishers were in fact paced.
-async fn paced_and_nothing_dropped(gw: &TestGateway, protocol: &str) {
+/// Nothing dropped anywhere, and — when `must_pace` — the publishers were in fact paced. A
+/// single publisher outruns its subscriber only when the machine lets it (a loaded CI run may
+/// not): there, what proves pacing is that nothing was lost or dropped.
+async fn paced_and_nothing_dropped(gw: &TestGateway, protocol: &str, must_pace: bool) {
     let m = gw.metrics_text().await;
     let paced = common::metric_in(
         &m,
         &format!("gateway_publish_paced_seconds_total{{protocol=\"{protocol}\"}}"),
     );
     assert!(
-        paced.unwrap_or(0.0) > 0.0,
+        !must_pace || paced.unwrap_or(0.0) > 0.0,
         "the publishers were paced:\n{m}"
     );
     for dropped in [
@@ -258,7 +260,7 @@ async fn one_to_one(t: Transport, v: Version) {
         expect_all(&gw, &mut rx, 1, n),
         flood(&gw, t, v, &topic, 0, n)
     );
-    paced_and_nothing_dropped(&gw, "mqtt").await;
+    paced_and_nothing_dropped(&gw, "mqtt", false).await;
 }
 
 async fn fifty_to_one(t: Transport, v: Version) {
@@ -277,7 +279,7 @@ async fn fifty_to_one(t: Transport, v: Version) {
         expect_all(&gw, &mut rx, 50, n),
         futures_util::future::join_all(publishers)
     );
-    paced_and_nothing_dropped(&gw, "mqtt").await;
+    paced_and_nothing_dropped(&gw, "mqtt", true).await;
 }
 
 macro_rules! matrix {
@@ -335,7 +337,7 @@ async fn ws_auto_ack_takes_a_whole_flood() {
         }
     };
     tokio::join!(flood, receive);
-    paced_and_nothing_dropped(&gw, "ws").await;
+    paced_and_nothing_dropped(&gw, "ws", false).await;
 }
 
 /// A queue bounded at 8 (drop-head) whose one consumer, manual-ack with prefetch 1, never

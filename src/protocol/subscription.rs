@@ -20,7 +20,7 @@ use crate::engine::sessions::{Takeover, fenced};
 use crate::engine::table::{FieldTable, FieldValue, table_from_json};
 use crate::engine::{
     Channel, ConsumeOptions, Consumer, Declared, DeleteQueueOptions, Delivery, EngineError,
-    QueueSpec,
+    OnCancel, QueueSpec,
 };
 use crate::json::{self, Encoding, PropertiesJson};
 
@@ -356,8 +356,17 @@ impl Subscriber<'_> {
         consumed
     }
 
-    /// A subscription's consumer is gone (dropped: unacked deliveries return to the queue):
-    /// a private queue is deleted, a durable one released, and deleted only when asked.
+    /// Cancels `consumer`, its unacked deliveries back in the queue before this returns (a
+    /// dropped consumer requeues too, but later: a client told "unsubscribed" could look
+    /// before they are back, and the upstream engine would close the consumer's AMQP channel
+    /// from a task of its own, racing the channel's own close).
+    pub async fn cancel(&self, consumer: Consumer) {
+        let _ = self.channel.cancel(consumer.tag(), OnCancel::Requeue).await;
+        drop(consumer);
+    }
+
+    /// A subscription's consumer is gone (cancelled: unacked deliveries returned to the
+    /// queue): a private queue is deleted, a durable one released, and deleted only when asked.
     pub async fn end(&self, target: &Target, delete_durable: bool) {
         match target {
             Target::Private { queue, .. } => {

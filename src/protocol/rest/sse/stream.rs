@@ -234,14 +234,14 @@ impl Stream {
         metrics::connection_closed(PROTOCOL, end.as_str());
         tracing::debug!(reason = end.as_str(), "SSE stream ended");
         self.out.close(end);
-        // Unacknowledged deliveries go back to the queue with the consumer.
-        drop(self.consumer);
         let subscriber = Subscriber {
             ctx: &self.ctx,
             channel: self.channel.as_ref(),
             principal: &self.principal,
             conn: self.conn,
         };
+        // Unacknowledged (held) deliveries go back to the queue before anyone is told.
+        subscriber.cancel(self.consumer).await;
         subscriber.end(&self.target, false).await;
     }
 

@@ -118,7 +118,9 @@ impl WsSession {
     /// Ends a subscription: its consumer goes (unacked deliveries return to the queue), a
     /// private queue is deleted, a durable one only when asked.
     pub(super) async fn end(&mut self, sub: &Arc<str>, delete_durable: bool) {
-        self.consumers.remove(sub);
+        if let Some(consumer) = self.consumers.remove(sub) {
+            self.subscriber().cancel(consumer).await;
+        }
         self.out.forget(sub);
         if let Some(s) = self.subs.remove(sub) {
             self.subscriber().end(&s.target, delete_durable).await;
