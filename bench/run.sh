@@ -35,7 +35,7 @@ if [[ " $* " == *hop* ]]; then
   export GATEWAY_MQTT__RECEIVE_MAXIMUM=100 GATEWAY_MQTT__MAX_INFLIGHT=100
 fi
 gateway=(target/release/amqp-gateway --data-dir "$work" --log-format json
-  --http-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0)
+  --http-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --amqp-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0)
 if [ "${ENGINE:-embedded}" = upstream ]; then
   bash ../shared/peers/start.sh >&2
   GATEWAY_AUTH__HS256_SECRET=$(head -c 32 /dev/urandom | base64)

@@ -142,12 +142,21 @@ impl Default for MqttConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpConfig {
     pub listen: SocketAddr,
+    /// The heartbeat the gateway proposes in `connection.tune` (the client may lower it; zero
+    /// turns heartbeats off). No frame for two intervals closes the connection.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// From the TCP accept to `connection.open`.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
 }
 
 impl Default for AmqpConfig {
     fn default() -> Self {
         AmqpConfig {
             listen: addr("0.0.0.0:5673"),
+            heartbeat: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }

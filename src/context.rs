@@ -70,6 +70,21 @@ impl Connection {
         }
     }
 
+    /// Another engine channel of this connection, with the same owner (an AMQP client's
+    /// channels share its exclusive queues); `number` names it in logs.
+    pub async fn open_channel(
+        &self,
+        engine: &Arc<dyn Engine>,
+        number: u16,
+    ) -> Result<Arc<dyn Channel>, EngineError> {
+        engine
+            .open_channel(
+                &self.owner,
+                &format!("conn-{}@{}/{number}", self.id, self.remote),
+            )
+            .await
+    }
+
     pub async fn channel(&self, engine: &Arc<dyn Engine>) -> Result<Arc<dyn Channel>, EngineError> {
         self.channel
             .get_or_try_init(|| async {

@@ -24,6 +24,7 @@ pub mod sessions;
 pub mod table;
 pub mod topic;
 pub mod upstream;
+pub mod wire;
 
 use std::future::Future;
 use std::pin::Pin;

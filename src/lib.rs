@@ -56,6 +56,8 @@ pub struct BoundAddrs {
     pub http: SocketAddr,
     pub mqtt: SocketAddr,
     pub metrics: SocketAddr,
+    /// `None` in upstream mode: AMQP applications talk to the broker itself.
+    pub amqp: Option<SocketAddr>,
 }
 
 /// A running gateway.
@@ -228,6 +230,8 @@ pub async fn start_with(config: Config, engine: Arc<dyn Engine>) -> Result<Gatew
     let mqtt_addr = local_addr("mqtt", &mqtt, config.mqtt.listen)?;
     let metrics_listener = server::bind("metrics", config.metrics.listen).await?;
     let metrics_addr = local_addr("metrics", &metrics_listener, config.metrics.listen)?;
+    let amqp = bind_amqp(&config, engine.as_ref()).await?;
+    let amqp_addr = amqp.as_ref().map(|(_, addr)| *addr);
 
     let app = server::health_routes(ctx.clone())
         .merge(protocol::rest::router(ctx.clone()))
@@ -251,6 +255,9 @@ pub async fn start_with(config: Config, engine: Arc<dyn Engine>) -> Result<Gatew
         ),
     ];
     tasks.push(protocol::mqtt::serve_tcp(mqtt, ctx.clone()));
+    if let Some((listener, _)) = amqp {
+        tasks.push(protocol::amqp::serve_tcp(listener, ctx.clone()));
+    }
     tasks.extend(auth::jwt::spawn_refresh(
         auth.verifier(),
         config.auth.jwks_refresh,
@@ -269,6 +276,12 @@ pub async fn start_with(config: Config, engine: Arc<dyn Engine>) -> Result<Gatew
     tracing::info!(listener = "http", addr = %http_addr, "listening (REST /v1, /docs, health)");
     tracing::info!(listener = "mqtt", addr = %mqtt_addr, "listening (MQTT 3.1.1 and 5 over TCP)");
     tracing::info!(listener = "metrics", addr = %metrics_addr, "listening (Prometheus /metrics)");
+    match amqp_addr {
+        Some(addr) => tracing::info!(listener = "amqp", addr = %addr, "listening (AMQP 0-9-1)"),
+        None => tracing::info!(
+            "AMQP listener off: in upstream mode AMQP applications connect to the upstream broker"
+        ),
+    }
     tracing::info!(engine = ?engine.kind(), "gateway started");
 
     Ok(Gateway {
@@ -276,6 +289,7 @@ pub async fn start_with(config: Config, engine: Arc<dyn Engine>) -> Result<Gatew
             http: http_addr,
             mqtt: mqtt_addr,
             metrics: metrics_addr,
+            amqp: amqp_addr,
         },
         engine,
         shutdown,
@@ -283,6 +297,19 @@ pub async fn start_with(config: Config, engine: Arc<dyn Engine>) -> Result<Gatew
         connections: ctx.connections.clone(),
         shutdown_timeout: config.shutdown_timeout,
     })
+}
+
+/// The AMQP listener: only on the embedded engine (upstream, AMQP clients use the broker).
+async fn bind_amqp(
+    config: &Config,
+    engine: &dyn Engine,
+) -> Result<Option<(tokio::net::TcpListener, SocketAddr)>, StartError> {
+    if engine.kind() != engine::EngineKind::Embedded {
+        return Ok(None);
+    }
+    let listener = server::bind("amqp", config.amqp.listen).await?;
+    let addr = local_addr("amqp", &listener, config.amqp.listen)?;
+    Ok(Some((listener, addr)))
 }
 
 fn local_addr(

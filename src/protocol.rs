@@ -2,6 +2,7 @@
 //! another adapter; what the browser-facing ones share (WebSocket and SSE: the outbound buffer,
 //! subscription targets) lives beside them here.
 
+pub mod amqp;
 pub mod mqtt;
 pub mod outbound;
 pub mod rest;

@@ -16,6 +16,7 @@ fn test_config() -> Config {
     c.http.listen = "127.0.0.1:0".parse().unwrap();
     c.metrics.listen = "127.0.0.1:0".parse().unwrap();
     c.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    c.amqp.listen = "127.0.0.1:0".parse().unwrap();
     c.auth.hs256_secret = Some("service-test-secret-0123456789".into());
     c.shutdown_timeout = Duration::from_secs(2);
     // One gateway per data directory (the store's lock).

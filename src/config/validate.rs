@@ -2,7 +2,7 @@
 
 use bytesize::ByteSize;
 
-use super::{Config, ConfigError, EngineKindConfig, LimitsConfig, MqttConfig};
+use super::{AmqpConfig, Config, ConfigError, EngineKindConfig, LimitsConfig, MqttConfig};
 
 fn invalid(key: &str, why: impl std::fmt::Display) -> ConfigError {
     ConfigError::Invalid(format!("config key `{key}`: {why}"))
@@ -12,6 +12,7 @@ fn invalid(key: &str, why: impl std::fmt::Display) -> ConfigError {
 pub fn validate(c: &Config) -> Result<(), ConfigError> {
     validate_limits(&c.limits)?;
     validate_mqtt(&c.mqtt)?;
+    validate_amqp(&c.amqp)?;
     if c.ws.max_prefetch == 0 {
         return Err(invalid("ws.max_prefetch", "must be between 1 and 65535"));
     }
@@ -111,6 +112,19 @@ fn validate_limits(l: &LimitsConfig) -> Result<(), ConfigError> {
             "limits.outbound_buffer_messages",
             "must be at least 1",
         ));
+    }
+    Ok(())
+}
+
+fn validate_amqp(a: &AmqpConfig) -> Result<(), ConfigError> {
+    if a.heartbeat.as_secs() > u64::from(u16::MAX) || a.heartbeat.subsec_nanos() != 0 {
+        return Err(invalid(
+            "amqp.heartbeat",
+            "must be 0s (off) or whole seconds up to 65535s (AMQP's heartbeat field)",
+        ));
+    }
+    if a.handshake_timeout.is_zero() {
+        return Err(invalid("amqp.handshake_timeout", "must be more than 0s"));
     }
     Ok(())
 }

@@ -20,7 +20,7 @@ export function startGateway(env = {}) {
   const dataDir = mkdtempSync(join(tmpdir(), "gw-node-"));
   const child = spawn(
     BIN,
-    ["--dev", "--http-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0", "--log-format", "json", "--data-dir", dataDir],
+    ["--dev", "--http-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0", "--amqp-listen", "127.0.0.1:0", "--log-format", "json", "--data-dir", dataDir],
     { stdio: ["ignore", "pipe", "inherit"], env: { ...Object.fromEntries(Object.entries(process.env).filter(([k]) => k !== "RUST_LOG")), ...env } },
   );
   const stop = () => {

@@ -78,6 +78,7 @@ impl ChildGateway {
                 "127.0.0.1:0",
             ])
             .args(["--mqtt-listen", "127.0.0.1:0"])
+            .args(["--amqp-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--log-format", "json", "--log-level", "info"])

@@ -1,0 +1,264 @@
+//! One AMQP connection's socket and timers: the handshake within `amqp.handshake_timeout`,
+//! then frames in, deliveries and confirms out, heartbeats both ways (none received for two
+//! intervals closes it), token expiry, the memory watermark's `connection.blocked`, an
+//! administrator's close and shutdown — and the closing handshake.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use amq_protocol::protocol::{AMQPClass, connection};
+use amq_protocol::types::ShortString;
+use bytes::BytesMut;
+use futures_util::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::PROTOCOL;
+use super::error::{CONNECTION_FORCED, Fault, Reply};
+use super::frame::{self, Frame, ReadError, Wire};
+use super::handshake::{self, FRAME_MAX, Refused};
+use super::session::{Session, Step};
+use crate::context::{Connection, Context};
+use crate::metrics;
+
+/// How long the gateway waits for `close-ok` after its own `connection.close`.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+/// Deliveries pause while this much is waiting to be written: a slow reader's backlog stays
+/// in its queue (bounded by credit or the engine's no-ack window), not in the gateway.
+const OUT_HIGH: usize = 256 * 1024;
+
+/// Why a connection ended (the `reason` label of `gateway_connections_closed_total`).
+#[derive(Debug)]
+enum Ending {
+    AdmissionFull,
+    Handshake(Refused),
+    HandshakeTimeout,
+    ClientClosed,
+    PeerClosed,
+    MissedHeartbeats,
+    SlowConsumer,
+    /// The gateway sent `connection.close` with this reply.
+    Closed(&'static str, Reply),
+}
+
+impl Ending {
+    fn as_str(&self) -> &'static str {
+        match self {
+            Ending::AdmissionFull => "admission_full",
+            Ending::Handshake(Refused::Fault(_)) => "handshake_refused",
+            Ending::Handshake(_) => "bad_handshake",
+            Ending::HandshakeTimeout => "handshake_timeout",
+            Ending::ClientClosed => "client_closed",
+            Ending::PeerClosed => "peer_closed",
+            Ending::MissedHeartbeats => "missed_heartbeats",
+            Ending::SlowConsumer => "slow_consumer",
+            Ending::Closed(why, _) => why,
+        }
+    }
+}
+
+pub async fn run(stream: TcpStream, ctx: Context, conn: Arc<Connection>) {
+    metrics::connection_opened(PROTOCOL);
+    let ending = serve(stream, &ctx, &conn).await;
+    tracing::debug!(remote = %conn.remote, reason = ending.as_str(), "AMQP connection ended");
+    metrics::connection_closed(PROTOCOL, ending.as_str());
+}
+
+async fn serve(stream: TcpStream, ctx: &Context, conn: &Arc<Connection>) -> Ending {
+    let Ok(waiting) = ctx.flow.admission.unauthenticated() else {
+        return Ending::AdmissionFull;
+    };
+    let (reader, mut writer) = stream.into_split();
+    let mut wire = Wire::new(reader, FRAME_MAX as usize);
+    let negotiated = tokio::time::timeout(
+        ctx.config.amqp.handshake_timeout,
+        Box::pin(handshake::negotiate(ctx, &mut wire, &mut writer)),
+    )
+    .await;
+    drop(waiting);
+    let negotiated = match negotiated {
+        Ok(Ok(n)) => n,
+        Ok(Err(refused)) => {
+            if let Refused::Fault(f) = &refused {
+                tracing::info!(remote = %conn.remote, "AMQP handshake refused: {}", f.reply().text);
+            }
+            let _ = writer.shutdown().await;
+            return Ending::Handshake(refused);
+        }
+        Err(_) => return Ending::HandshakeTimeout,
+    };
+    let heartbeat = Duration::from_secs(u64::from(negotiated.heartbeat));
+    let mut session = Session::new(ctx.clone(), conn.clone(), negotiated);
+    let mut out = BytesMut::new();
+    let ending = serve_session(
+        ctx,
+        &mut session,
+        &mut wire,
+        &mut writer,
+        &mut out,
+        heartbeat,
+    )
+    .await;
+    Box::pin(session.end()).await;
+    out.extend_from_slice(&session.out);
+    match &ending {
+        Ending::Closed(_, reply) => {
+            close_frame(&mut out, reply);
+            let flushed = tokio::time::timeout(CLOSE_WAIT, writer.write_all(&out)).await;
+            if matches!(flushed, Ok(Ok(()))) {
+                await_close_ok(&mut wire).await;
+            }
+        }
+        Ending::ClientClosed => {
+            let _ = tokio::time::timeout(CLOSE_WAIT, writer.write_all(&out)).await;
+        }
+        _ => {}
+    }
+    let _ = writer.shutdown().await;
+    ending
+}
+
+/// Reads until the client's `close-ok` (or its own `close`), for at most [`CLOSE_WAIT`].
+async fn await_close_ok<R: AsyncRead + Unpin>(wire: &mut Wire<R>) {
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+        while let Ok(Some(frame)) = wire.next().await {
+            if let Frame::Method(0, class) = frame
+                && matches!(
+                    *class,
+                    AMQPClass::Connection(
+                        connection::AMQPMethod::CloseOk(_) | connection::AMQPMethod::Close(_)
+                    )
+                )
+            {
+                return;
+            }
+        }
+    })
+    .await;
+}
+
+fn close_frame(out: &mut BytesMut, reply: &Reply) {
+    frame::method(
+        out,
+        0,
+        AMQPClass::Connection(connection::AMQPMethod::Close(connection::Close {
+            reply_code: reply.code,
+            reply_text: ShortString::from(reply.text.as_str()),
+            class_id: reply.class_id,
+            method_id: reply.method_id,
+        })),
+    );
+}
+
+fn forced(why: &'static str, text: &str) -> Ending {
+    Ending::Closed(
+        why,
+        Fault::connection(CONNECTION_FORCED, text, (0, 0))
+            .reply()
+            .clone(),
+    )
+}
+
+fn far() -> Instant {
+    Instant::now() + Duration::from_secs(365 * 24 * 3600)
+}
+
+async fn serve_session<R, W>(
+    ctx: &Context,
+    session: &mut Session,
+    wire: &mut Wire<R>,
+    writer: &mut W,
+    out: &mut BytesMut,
+    heartbeat: Duration,
+) -> Ending
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let beats = !heartbeat.is_zero();
+    let mut last_read = Instant::now();
+    let mut last_write = Instant::now();
+    let mut blocked = ctx.engine.watch_publish_blocked();
+    session.publish_blocked(*blocked.borrow_and_update());
+    loop {
+        if out.is_empty() {
+            std::mem::swap(out, &mut session.out);
+        } else if !session.out.is_empty() {
+            out.extend_from_slice(&session.out);
+            session.out.clear();
+        }
+        let expiry_at = session.expires_at().map_or_else(far, |exp| {
+            Instant::now()
+                + Duration::from_secs(
+                    (exp + ctx.config.auth.leeway.as_secs())
+                        .saturating_sub(crate::auth::now_secs()),
+                )
+        });
+        let writing = !out.is_empty();
+        let may_deliver = out.len() < OUT_HIGH && !session.consumers.is_empty();
+        let step = tokio::select! {
+            _ = ctx.shutdown.wait() => {
+                return forced("shutdown", "broker forced connection closure with reason 'shutdown'");
+            }
+            _ = tokio::time::sleep_until(expiry_at) => return forced("token_expired", "the token has expired (send connection.update-secret before exp)"),
+            _ = crate::context::closed_by_admin(&session.registered) => return forced("closed_by_admin", "closed by an administrator"),
+            _ = tokio::time::sleep_until(last_read + heartbeat * 2), if beats => return Ending::MissedHeartbeats,
+            _ = tokio::time::sleep_until(last_write + heartbeat / 2), if beats && !writing => {
+                frame::heartbeat(out);
+                Step::Continue
+            }
+            written = writer.write_buf(out), if writing => match written {
+                Ok(n) if n > 0 => {
+                    last_write = Instant::now();
+                    if out.is_empty() && out.capacity() > 64 * 1024 {
+                        // An idle connection keeps no batch-sized buffer.
+                        *out = BytesMut::new();
+                    }
+                    Step::Continue
+                }
+                _ => return Ending::PeerClosed,
+            },
+            _ = tokio::time::sleep_until(last_write + ctx.config.limits.write_timeout), if writing => {
+                metrics::refusal(PROTOCOL, "slow_consumer");
+                return Ending::SlowConsumer;
+            }
+            frame = wire.next(), if session.may_read() => {
+                last_read = Instant::now();
+                match frame {
+                    Ok(Some(frame)) => {
+                        let step = session.handle(frame).await;
+                        tokio::task::consume_budget().await;
+                        step
+                    }
+                    Ok(None) => return Ending::PeerClosed,
+                    Err(ReadError::Io(_)) => return Ending::PeerClosed,
+                    Err(ReadError::Frame(e)) => {
+                        metrics::refusal(PROTOCOL, "malformed");
+                        Step::Close(Fault::connection(e.reply_code(), e.to_string(), (0, 0)).reply().clone())
+                    }
+                }
+            }
+            Some((key, event)) = session.consumers.next(), if may_deliver => {
+                session.deliver(key, event);
+                Step::Continue
+            }
+            Some(confirmed) = session.confirms.next(), if !session.confirms.is_empty() => {
+                session.confirmed(confirmed);
+                Step::Continue
+            }
+            _ = tokio::time::sleep_until(session.retry_at.unwrap_or_else(far)), if session.retry_at.is_some() => {
+                session.retry_now().await
+            }
+            Ok(()) = blocked.changed() => {
+                session.publish_blocked(*blocked.borrow_and_update());
+                Step::Continue
+            }
+        };
+        match step {
+            Step::Continue => {}
+            Step::ClientClosed => return Ending::ClientClosed,
+            Step::Close(reply) => return Ending::Closed("protocol_error", reply),
+        }
+    }
+}
