@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use amqp_gateway::engine::{Consumer, Delivery};
 
+pub mod amqp;
 pub mod child;
 pub mod held_confirms;
 pub mod mqtt_bytes;

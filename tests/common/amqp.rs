@@ -1,0 +1,70 @@
+//! AMQP clients of the gateway's own AMQP listener: lapin connections with a JWT as the
+//! password, and the reply code of a broker's close.
+
+use lapin::options::BasicPublishOptions;
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+use super::{TestGateway, WAIT};
+
+/// `amqp://any:{token}@…/%2f`: the user name is free, the password is the token.
+pub fn url(gw: &TestGateway, token: &str) -> String {
+    let addr = gw
+        .gateway
+        .addrs()
+        .amqp
+        .expect("the AMQP listener runs (embedded engine)");
+    format!("amqp://any:{token}@{addr}/%2f")
+}
+
+pub async fn connect(gw: &TestGateway, token: &str) -> Connection {
+    tokio::time::timeout(
+        WAIT,
+        Connection::connect(&url(gw, token), ConnectionProperties::default()),
+    )
+    .await
+    .expect("AMQP connect in time")
+    .expect("AMQP connection opens")
+}
+
+pub async fn channel(conn: &Connection) -> Channel {
+    conn.create_channel().await.expect("a channel opens")
+}
+
+/// The reply code the gateway closed a channel or connection with.
+pub fn code(e: &lapin::Error) -> Option<u16> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(err) => Some(err.get_id()),
+        _ => None,
+    }
+}
+
+pub fn text(e: &lapin::Error) -> String {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(err) => err.get_message().to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Publishes `body` and waits for the publisher confirm (the channel must be in confirm mode).
+pub async fn publish_confirmed(ch: &Channel, exchange: &str, key: &str, body: &[u8]) {
+    let confirm = ch
+        .basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default(),
+        )
+        .await
+        .expect("publish sent");
+    let confirmation = tokio::time::timeout(WAIT, confirm)
+        .await
+        .expect("confirm in time")
+        .expect("confirm");
+    assert!(confirmation.is_ack(), "the gateway acked the publish");
+}
+
+pub fn no_args() -> FieldTable {
+    FieldTable::default()
+}
