@@ -17,6 +17,8 @@ pub struct ChildGateway {
     pub child: Child,
     pub http: SocketAddr,
     pub mqtt: SocketAddr,
+    /// The AMQP listener (embedded engine only).
+    pub amqp: Option<SocketAddr>,
     /// Every log line (JSON) after the listener lines.
     pub lines: mpsc::UnboundedReceiver<String>,
     /// The log lines read while starting (recovery reports among them).
@@ -98,11 +100,13 @@ impl ChildGateway {
             }
         });
         let mut startup = Vec::new();
-        let (mut http, mut mqtt) = (None, None);
+        let (mut http, mut mqtt, mut amqp) = (None, None, None);
         // A bound against a hang, not a speed check: recovering a large store while the
         // rest of the suite (and RabbitMQ for the upstream tests) loads both cores took > 5 s.
         let found = tokio::time::timeout(STARTUP, async {
-            while http.is_none() || mqtt.is_none() {
+            // The listener lines come before this one.
+            let mut started = false;
+            while !started {
                 let Some(line) = lines.recv().await else {
                     panic!("the gateway exited while starting:\n{}", startup.join("\n"));
                 };
@@ -111,8 +115,10 @@ impl ChildGateway {
                 match v["fields"]["listener"].as_str() {
                     Some("http") => http = addr(),
                     Some("mqtt") => mqtt = addr(),
+                    Some("amqp") => amqp = addr(),
                     _ => {}
                 }
+                started = v["fields"]["message"] == "gateway started";
                 startup.push(line);
             }
         })
@@ -126,6 +132,7 @@ impl ChildGateway {
             child,
             http: http.expect("http address"),
             mqtt: mqtt.expect("mqtt address"),
+            amqp,
             lines,
             startup,
         }
