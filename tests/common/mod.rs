@@ -7,6 +7,7 @@ use std::time::Duration;
 use amqp_gateway::engine::{Consumer, Delivery};
 
 pub mod amqp;
+pub mod amqp_raw;
 pub mod child;
 pub mod held_confirms;
 pub mod mqtt_bytes;
