@@ -899,3 +899,44 @@ async fn exchanges_are_declared_checked_and_deleted() {
         .unwrap_err();
     assert_eq!(code(&err), Some(404), "{}", text(&err));
 }
+
+#[tokio::test]
+async fn operators_see_amqp_connections_and_close_them_with_320() {
+    let gw = gateway().await;
+    let props =
+        lapin::ConnectionProperties::default().with_connection_name("billing-worker".into());
+    let conn = tokio::time::timeout(
+        WAIT,
+        lapin::Connection::connect(&url(&gw, &token("kicked", "gateway.configure:*")), props),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let mut events = conn.events_listener();
+    let list = common::json_of(gw.get("/v1/connections?protocol=amqp", &admin())).await;
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{list}");
+    assert_eq!(items[0]["subject"], "kicked");
+    assert_eq!(items[0]["client_id"], "billing-worker");
+    assert_eq!(items[0]["transport"], "tcp");
+    let id = items[0]["id"].as_u64().unwrap();
+    let r = gw
+        .delete(&format!("/v1/connections/{id}"), &admin())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            match events.next().await {
+                Some(lapin::Event::Error(e)) => return e,
+                Some(_) => continue,
+                None => panic!("events ended without the close"),
+            }
+        }
+    })
+    .await
+    .expect("closed in time");
+    assert_eq!(code(&closed), Some(320), "{closed}");
+    assert!(text(&closed).contains("administrator"), "{}", text(&closed));
+}

@@ -285,7 +285,11 @@ async fn the_overview_counts_connections_messages_and_rates() {
     let o = json_of(gw.get("/v1/overview", &token("mon", "gateway.tag:monitoring"))).await;
     assert_eq!(o["engine"], "embedded");
     assert_eq!(o["version"], env!("CARGO_PKG_VERSION"));
-    assert_eq!(o["connections"], json!({"mqtt": 0, "sse": 0, "ws": 1}));
+    assert_eq!(
+        o["connections"],
+        json!({"amqp": 0, "mqtt": 0, "sse": 0, "ws": 1})
+    );
+    assert!(o["listeners"]["amqp"].is_string(), "{o}");
     assert!(o["totals"]["published"].as_f64().unwrap() >= 3.0, "{o}");
     assert!(o["totals"]["delivered"].as_f64().unwrap() >= 3.0, "{o}");
     assert!(

@@ -36,7 +36,7 @@ pub struct SubscriptionView {
 /// What is fixed about a connection when it registers.
 #[derive(Debug, Clone)]
 pub struct About {
-    /// `mqtt`, `ws` or `sse`.
+    /// `mqtt`, `ws`, `sse` or `amqp`.
     pub protocol: &'static str,
     /// `tcp`, `websocket` or `http`.
     pub transport: &'static str,

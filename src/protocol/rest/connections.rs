@@ -24,7 +24,7 @@ pub struct ConnectionsQuery {
     page_size: Option<usize>,
     /// `next_cursor` of the previous page.
     cursor: Option<String>,
-    /// Only this protocol: `mqtt`, `ws` or `sse`.
+    /// Only this protocol: `mqtt`, `ws`, `sse` or `amqp`.
     protocol: Option<String>,
     /// Only this token subject.
     subject: Option<String>,

@@ -128,6 +128,9 @@ pub struct Listeners {
     pub http: String,
     pub mqtt: String,
     pub metrics: String,
+    /// The AMQP 0-9-1 listener (absent upstream: AMQP clients use the broker).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amqp: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -149,7 +152,7 @@ pub struct Overview {
     pub uptime_seconds: u64,
     /// The configured listen addresses.
     pub listeners: Listeners,
-    /// Open client connections of this instance per protocol (`mqtt`, `ws`, `sse`).
+    /// Open client connections of this instance per protocol (`mqtt`, `ws`, `sse`, `amqp`).
     pub connections: BTreeMap<String, u64>,
     pub totals: Counts,
     /// Per second, over the last 5 s.
@@ -179,7 +182,7 @@ pub async fn overview(
         .lines()
         .any(|l| l.starts_with(metrics::HELD_BYTES))
         .then(|| sum(&text, metrics::HELD_BYTES) as u64);
-    let mut connections: BTreeMap<String, u64> = ["mqtt", "ws", "sse"]
+    let mut connections: BTreeMap<String, u64> = ["mqtt", "ws", "sse", "amqp"]
         .into_iter()
         .map(|p| (p.to_owned(), 0))
         .collect();
@@ -195,6 +198,8 @@ pub async fn overview(
             http: config.http.listen.to_string(),
             mqtt: config.mqtt.listen.to_string(),
             metrics: config.metrics.listen.to_string(),
+            amqp: (ctx.engine.kind() == crate::engine::EngineKind::Embedded)
+                .then(|| config.amqp.listen.to_string()),
         },
         connections,
         totals: now,
