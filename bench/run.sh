@@ -54,13 +54,15 @@ else
   token=$(grep -m1 '^eyJ' "$work/out") || { cat "$work/out" "$work/err" >&2; exit 1; }
 fi
 for _ in $(seq 100); do
-  grep -q '"listener":"http"' "$work/out" 2>/dev/null && break
+  grep -q 'gateway started' "$work/out" 2>/dev/null && break
   sleep 0.1
 done
 mqtt=$(grep -m1 '"listener":"mqtt"' "$work/out" | sed -E 's/.*"addr":"([^"]+)".*/\1/')
 http=$(grep -m1 '"listener":"http"' "$work/out" | sed -E 's/.*"addr":"([^"]+)".*/\1/')
 
 targets=(--target "gateway=$mqtt@$token" --pid "gateway=$gateway_pid" --gateway-http "http://$http")
+amqp=$(grep -m1 '"listener":"amqp"' "$work/out" | sed -E 's/.*"addr":"([^"]+)".*/\1/' || true)
+[ -n "$amqp" ] && targets+=(--gateway-amqp "amqp://bench:$token@$amqp/%2f")
 peers=${PEERS-mosquitto nats}
 if [ -n "$peers" ]; then
   bash ../shared/peers/start.sh >&2

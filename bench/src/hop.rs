@@ -26,12 +26,23 @@ fn err(e: lapin::Error) -> String {
     e.to_string()
 }
 
-/// Deliveries per second, 1→1, through RabbitMQ directly, and what the run lost (numbered
-/// payloads, counted after a drain as for the gateway).
-pub async fn direct(
+/// How the consumer of [`one_to_one`] acknowledges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    /// `no_ack`: settled when sent.
+    Auto,
+    /// Prefetch [`WINDOW`], each delivery acked.
+    Manual,
+}
+
+/// Deliveries per second, 1→1, through the AMQP 0-9-1 broker at `url` (RabbitMQ directly, or
+/// the gateway's own AMQP listener), and what the run lost (numbered payloads, counted after
+/// a drain as for the gateway's MQTT).
+pub async fn one_to_one(
     url: &str,
     payload: usize,
     duration: Duration,
+    ack: Ack,
 ) -> Result<(f64, count::Loss), String> {
     let props = ConnectionProperties::default();
     let consuming = Connection::connect(url, props.clone()).await.map_err(err)?;
@@ -49,11 +60,15 @@ pub async fn direct(
     sub.basic_qos(WINDOW as u16, BasicQosOptions::default())
         .await
         .map_err(err)?;
+    let no_ack = ack == Ack::Auto;
     let mut consumer = sub
         .basic_consume(
             queue.name().clone(),
             "".into(),
-            BasicConsumeOptions::default(),
+            BasicConsumeOptions {
+                no_ack,
+                ..BasicConsumeOptions::default()
+            },
             FieldTable::default(),
         )
         .await
@@ -67,7 +82,7 @@ pub async fn direct(
             recorded.record(&d.data);
             // As the gateway does: the ack frame is queued in the first poll; not waiting
             // for lapin's I/O thread to write it keeps the comparison about the hop.
-            if let Some(Err(_)) = d.ack(BasicAckOptions::default()).now_or_never() {
+            if !no_ack && let Some(Err(_)) = d.ack(BasicAckOptions::default()).now_or_never() {
                 return;
             }
         }

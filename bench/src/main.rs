@@ -47,9 +47,12 @@ struct Args {
     /// password).
     #[arg(long)]
     gateway_http: Option<String>,
-    /// RabbitMQ's AMQP URL, the `durable` scenario's peer.
+    /// RabbitMQ's AMQP URL, the `durable`, `hop` and `amqp` scenarios' peer.
     #[arg(long)]
     amqp: Option<String>,
+    /// The gateway's AMQP listener as a URL with a token as the password (`amqp` scenario).
+    #[arg(long)]
+    gateway_amqp: Option<String>,
     /// Publisher counts of the `durable` scenario.
     #[arg(long, value_delimiter = ',', default_value = "1,16,128")]
     publishers: Vec<usize>,
@@ -467,11 +470,56 @@ async fn main() {
         eprintln!("bench: hop: {e}");
         std::process::exit(1);
     }
+    if args.scenarios.iter().any(|s| s == "amqp")
+        && let Err(e) = amqp_table(&args).await
+    {
+        eprintln!("bench: amqp: {e}");
+        std::process::exit(1);
+    }
 }
 
 /// Scenarios with a table of their own, against RabbitMQ over AMQP (`--amqp`).
 fn is_amqp_scenario(s: &str) -> bool {
-    s == "durable" || s == "hop"
+    s == "durable" || s == "hop" || s == "amqp"
+}
+
+/// AMQP 0-9-1 1→1 with the same lapin load through the gateway's AMQP listener and through
+/// RabbitMQ directly: auto-ack, and manual acks with prefetch 100 (publisher confirms, 100 in
+/// flight, in both).
+async fn amqp_table(args: &Args) -> Result<(), String> {
+    let gateway = args.gateway_amqp.as_deref().ok_or("needs --gateway-amqp")?;
+    let rabbit = args.amqp.as_deref().ok_or("needs --amqp")?;
+    println!(
+        "\nAMQP 0-9-1 1→1 (lapin, confirms with 100 in flight), {} B payloads, median of {} runs of {:?}\n",
+        args.payload, args.runs, args.duration
+    );
+    println!("| consumer | gateway AMQP | RabbitMQ direct | gateway vs RabbitMQ |");
+    println!("|---|---|---|---|");
+    for (label, ack) in [
+        ("auto-ack", hop::Ack::Auto),
+        ("manual ack, prefetch 100", hop::Ack::Manual),
+    ] {
+        let (mut g, mut r) = (Vec::new(), Vec::new());
+        let (mut g_loss, mut r_loss) = (count::Loss::default(), count::Loss::default());
+        for _ in 0..args.runs {
+            let (rate, loss) = hop::one_to_one(gateway, args.payload, args.duration, ack).await?;
+            g.push(rate);
+            g_loss.add(loss);
+            let (rate, loss) = hop::one_to_one(rabbit, args.payload, args.duration, ack).await?;
+            r.push(rate);
+            r_loss.add(loss);
+        }
+        let (g, r) = (median(g), median(r));
+        println!(
+            "| {label} | {:.1}k/s, {:.2} % lost | {:.1}k/s, {:.2} % lost | {:.2} |",
+            g / 1000.0,
+            g_loss.percent(),
+            r / 1000.0,
+            r_loss.percent(),
+            if r > 0.0 { g / r } else { 0.0 }
+        );
+    }
+    Ok(())
 }
 
 /// 1→1 at-least-once deliveries through the gateway (MQTT QoS 1) and through RabbitMQ
@@ -484,7 +532,8 @@ async fn hop_table(args: &Args, gateway: &Target) -> Result<(), String> {
         let (rate, loss) = throughput(gateway, args, 1, 1, QoS::AtLeastOnce).await?;
         through.push(rate);
         through_loss.add(loss);
-        let (rate, loss) = hop::direct(url, args.payload, args.duration).await?;
+        let (rate, loss) =
+            hop::one_to_one(url, args.payload, args.duration, hop::Ack::Manual).await?;
         direct.push(rate);
         direct_loss.add(loss);
     }
