@@ -164,6 +164,61 @@ fn far() -> Instant {
     Instant::now() + Duration::from_secs(365 * 24 * 3600)
 }
 
+/// The timers of a connection, as one deadline: a connection's loop turns once per frame, and
+/// arming several timers per turn costs more than the frame.
+struct Timers {
+    heartbeat: Duration,
+    last_read: Instant,
+    last_write: Instant,
+}
+
+/// What a deadline that passed means.
+enum Due {
+    Expired,
+    MissedHeartbeats,
+    Beat,
+    WriteStalled,
+    Retry,
+}
+
+impl Timers {
+    fn next(&self, ctx: &Context, session: &Session, writing: bool) -> (Instant, Option<Due>) {
+        let now = Instant::now();
+        let mut next = (far(), None);
+        let mut at = |when: Instant, due: Due| {
+            if when < next.0 {
+                next = (when, Some(due));
+            }
+        };
+        if let Some(exp) = session.expires_at() {
+            let left =
+                (exp + ctx.config.auth.leeway.as_secs()).saturating_sub(crate::auth::now_secs());
+            at(now + Duration::from_secs(left), Due::Expired);
+        }
+        if !self.heartbeat.is_zero() {
+            at(self.last_read + self.heartbeat * 2, Due::MissedHeartbeats);
+            if !writing {
+                at(self.last_write + self.heartbeat / 2, Due::Beat);
+            }
+        }
+        if writing {
+            at(
+                self.last_write + ctx.config.limits.write_timeout,
+                Due::WriteStalled,
+            );
+        }
+        if let Some(retry) = session.retry_at {
+            at(retry, Due::Retry);
+        }
+        next
+    }
+}
+
+/// Output waiting past this stops the reading of more frames (and deliveries stop at
+/// [`OUT_HIGH`]): a client that does not read what it asked for cannot grow the gateway's
+/// memory; it is closed after `limits.write_timeout`.
+const OUT_MAX: usize = 4 * 1024 * 1024;
+
 async fn serve_session<R, W>(
     ctx: &Context,
     session: &mut Session,
@@ -176,9 +231,11 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let beats = !heartbeat.is_zero();
-    let mut last_read = Instant::now();
-    let mut last_write = Instant::now();
+    let mut timers = Timers {
+        heartbeat,
+        last_read: Instant::now(),
+        last_write: Instant::now(),
+    };
     let mut blocked = ctx.engine.watch_publish_blocked();
     session.publish_blocked(*blocked.borrow_and_update());
     loop {
@@ -188,43 +245,20 @@ where
             out.extend_from_slice(&session.out);
             session.out.clear();
         }
-        let expiry_at = session.expires_at().map_or_else(far, |exp| {
-            Instant::now()
-                + Duration::from_secs(
-                    (exp + ctx.config.auth.leeway.as_secs())
-                        .saturating_sub(crate::auth::now_secs()),
-                )
-        });
         let writing = !out.is_empty();
+        let may_read = session.may_read() && out.len() < OUT_MAX;
         let may_deliver = out.len() < OUT_HIGH && !session.consumers.is_empty();
+        let (deadline, due) = timers.next(ctx, session, writing);
+        // Biased: frames already read and deliveries ready are handled before their answers
+        // are written, so a burst goes out in one write.
         let step = tokio::select! {
+            biased;
             _ = ctx.shutdown.wait() => {
                 return forced("shutdown", "broker forced connection closure with reason 'shutdown'");
             }
-            _ = tokio::time::sleep_until(expiry_at) => return forced("token_expired", "the token has expired (send connection.update-secret before exp)"),
             _ = crate::context::closed_by_admin(&session.registered) => return forced("closed_by_admin", "closed by an administrator"),
-            _ = tokio::time::sleep_until(last_read + heartbeat * 2), if beats => return Ending::MissedHeartbeats,
-            _ = tokio::time::sleep_until(last_write + heartbeat / 2), if beats && !writing => {
-                frame::heartbeat(out);
-                Step::Continue
-            }
-            written = writer.write_buf(out), if writing => match written {
-                Ok(n) if n > 0 => {
-                    last_write = Instant::now();
-                    if out.is_empty() && out.capacity() > 64 * 1024 {
-                        // An idle connection keeps no batch-sized buffer.
-                        *out = BytesMut::new();
-                    }
-                    Step::Continue
-                }
-                _ => return Ending::PeerClosed,
-            },
-            _ = tokio::time::sleep_until(last_write + ctx.config.limits.write_timeout), if writing => {
-                metrics::refusal(PROTOCOL, "slow_consumer");
-                return Ending::SlowConsumer;
-            }
-            frame = wire.next(), if session.may_read() => {
-                last_read = Instant::now();
+            frame = wire.next(), if may_read => {
+                timers.last_read = Instant::now();
                 match frame {
                     Ok(Some(frame)) => {
                         let step = session.handle(frame).await;
@@ -239,21 +273,43 @@ where
                     }
                 }
             }
-            Some((key, event)) = session.consumers.next(), if may_deliver => {
-                session.deliver(key, event);
-                Step::Continue
-            }
             Some(confirmed) = session.confirms.next(), if !session.confirms.is_empty() => {
                 session.confirmed(confirmed);
                 Step::Continue
             }
-            _ = tokio::time::sleep_until(session.retry_at.unwrap_or_else(far)), if session.retry_at.is_some() => {
-                session.retry_now().await
+            Some((key, event)) = session.consumers.next(), if may_deliver => {
+                session.deliver(key, event);
+                Step::Continue
             }
             Ok(()) = blocked.changed() => {
                 session.publish_blocked(*blocked.borrow_and_update());
                 Step::Continue
             }
+            written = writer.write_buf(out), if writing => match written {
+                Ok(n) if n > 0 => {
+                    timers.last_write = Instant::now();
+                    if out.is_empty() && out.capacity() > 64 * 1024 {
+                        // An idle connection keeps no batch-sized buffer.
+                        *out = BytesMut::new();
+                    }
+                    Step::Continue
+                }
+                _ => return Ending::PeerClosed,
+            },
+            _ = tokio::time::sleep_until(deadline) => match due {
+                Some(Due::Expired) => return forced("token_expired", "the token has expired (send connection.update-secret before exp)"),
+                Some(Due::MissedHeartbeats) => return Ending::MissedHeartbeats,
+                Some(Due::WriteStalled) => {
+                    metrics::refusal(PROTOCOL, "slow_consumer");
+                    return Ending::SlowConsumer;
+                }
+                Some(Due::Beat) => {
+                    frame::heartbeat(out);
+                    Step::Continue
+                }
+                Some(Due::Retry) => session.retry_now().await,
+                None => Step::Continue,
+            },
         };
         match step {
             Step::Continue => {}
