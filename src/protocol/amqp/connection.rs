@@ -278,7 +278,7 @@ where
                 Step::Continue
             }
             Some((key, event)) = session.consumers.next(), if may_deliver => {
-                session.deliver(key, event);
+                session.deliver(key, event).await;
                 Step::Continue
             }
             Ok(()) = blocked.changed() => {

@@ -207,7 +207,7 @@ impl Session {
     }
 
     /// One event of a consumer: a delivery written out, or its end told to the client.
-    pub fn deliver(&mut self, key: (u16, Arc<str>), event: ConsumerEvent) {
+    pub async fn deliver(&mut self, key: (u16, Arc<str>), event: ConsumerEvent) {
         let (c, tag) = key;
         match event {
             ConsumerEvent::Delivery(d) => {
@@ -215,13 +215,16 @@ impl Session {
                     return;
                 };
                 let no_ack = chan.consumers.get(&tag).is_none_or(|m| m.no_ack);
+                let Some((exchange, routing_key)) = self.representable(c, &d, no_ack).await else {
+                    return;
+                };
                 let wire = self.next_tag(c, &d, no_ack);
                 let class = AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
                     consumer_tag: ShortString::from(&*tag),
                     delivery_tag: wire,
                     redelivered: d.redelivered,
-                    exchange: ShortString::from(d.exchange()),
-                    routing_key: ShortString::from(d.routing_key()),
+                    exchange,
+                    routing_key,
                 }));
                 self.method_frame(c, class);
                 self.write_content(c, &d);
@@ -248,6 +251,34 @@ impl Session {
                 self.show_subscriptions();
             }
         }
+    }
+
+    /// The exchange and routing key as AMQP short strings. Other protocols allow longer routing
+    /// keys (an MQTT topic, a REST key) than AMQP can carry: such a message cannot reach an
+    /// AMQP client, so it is settled as rejected (dead-lettered where the queue says so) and
+    /// counted, never left to be redelivered forever.
+    async fn representable(
+        &mut self,
+        c: u16,
+        d: &Delivery,
+        no_ack: bool,
+    ) -> Option<(ShortString, ShortString)> {
+        if let (Ok(exchange), Ok(key)) = (
+            ShortString::try_new(d.exchange()),
+            ShortString::try_new(d.routing_key()),
+        ) {
+            return Some((exchange, key));
+        }
+        tracing::warn!(
+            remote = %self.conn.remote,
+            bytes = d.routing_key().len(),
+            "a routing key over AMQP's 255 bytes cannot be delivered to an AMQP client; rejected"
+        );
+        crate::metrics::delivery_dropped(super::PROTOCOL, "unrepresentable");
+        if !no_ack && let Some(chan) = self.channels.get(&c) {
+            let _ = chan.engine.nack(d.delivery_tag, false, false).await;
+        }
+        None
     }
 
     /// The next wire tag of channel `c`, remembered against the engine's unless no-ack.
@@ -284,23 +315,28 @@ impl Session {
             ));
         }
         let engine = self.chan(c)?.engine.clone();
-        let got = engine
-            .get(&queue, get.no_ack)
-            .await
-            .map_err(|e| Fault::engine(&e, method))?;
-        let Some(d) = got else {
-            self.method_frame(
-                c,
-                AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})),
-            );
-            return Ok(());
+        let (d, exchange, routing_key) = loop {
+            let got = engine
+                .get(&queue, get.no_ack)
+                .await
+                .map_err(|e| Fault::engine(&e, method))?;
+            let Some(d) = got else {
+                self.method_frame(
+                    c,
+                    AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {})),
+                );
+                return Ok(());
+            };
+            if let Some((exchange, key)) = self.representable(c, &d, get.no_ack).await {
+                break (d, exchange, key);
+            }
         };
         let wire = self.next_tag(c, &d, get.no_ack);
         let class = AMQPClass::Basic(basic::AMQPMethod::GetOk(basic::GetOk {
             delivery_tag: wire,
             redelivered: d.redelivered,
-            exchange: ShortString::from(d.exchange()),
-            routing_key: ShortString::from(d.routing_key()),
+            exchange,
+            routing_key,
             message_count: d.message_count.unwrap_or(0).min(u64::from(u32::MAX)) as u32,
         }));
         self.method_frame(c, class);
