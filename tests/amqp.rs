@@ -940,3 +940,52 @@ async fn operators_see_amqp_connections_and_close_them_with_320() {
     assert_eq!(code(&closed), Some(320), "{closed}");
     assert!(text(&closed).contains("administrator"), "{}", text(&closed));
 }
+
+#[tokio::test]
+async fn shutdown_closes_amqp_connections_with_320() {
+    let gw = gateway().await;
+    let conn = connect(&gw, &admin()).await;
+    let mut events = conn.events_listener();
+    let ch = channel(&conn).await;
+    let q = unique("shutdown");
+    ch.queue_declare(
+        q.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        no_args(),
+    )
+    .await
+    .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    publish_confirmed(&ch, "", &q, b"held").await;
+    let mut consumer = ch
+        .basic_consume(
+            q.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            no_args(),
+        )
+        .await
+        .unwrap();
+    let d = next(&mut consumer).await;
+    assert!(!d.redelivered);
+    let stopping = tokio::spawn(gw.gateway.shutdown());
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            match events.next().await {
+                Some(lapin::Event::Error(e)) => return e,
+                Some(_) => continue,
+                None => panic!("events ended without the close"),
+            }
+        }
+    })
+    .await
+    .expect("closed in time");
+    assert_eq!(code(&closed), Some(320), "{closed}");
+    assert!(text(&closed).contains("shutdown"), "{}", text(&closed));
+    tokio::time::timeout(WAIT, stopping).await.unwrap().unwrap();
+}
