@@ -57,6 +57,7 @@ pub fn handle() -> &'static PrometheusHandle {
 
 fn describe() {
     describe_upstream();
+    zero_series();
     metrics::describe_counter!(
         CONNECTIONS_TOTAL,
         "Client connections accepted, by protocol"
@@ -173,6 +174,22 @@ pub fn connection_opened(protocol: &'static str) {
 pub fn connection_closed(protocol: &'static str, reason: &'static str) {
     metrics::gauge!(CONNECTIONS_OPEN, "protocol" => protocol).decrement(1.0);
     metrics::counter!(CONNECTIONS_CLOSED, "protocol" => protocol, "reason" => reason).increment(1);
+}
+
+/// The series a dashboard plots from the start, at zero until something happens: a counter
+/// that has never been incremented is absent, and `rate()` of an absent series shows "no data"
+/// where an operator should read "none".
+fn zero_series() {
+    for kind in ["mqtt", "ws", "sse", "queue"] {
+        metrics::counter!(SLOW_CONSUMERS, "kind" => kind).increment(0);
+    }
+    for protocol in ["mqtt", "ws", "sse", "amqp"] {
+        metrics::counter!(DELIVERIES_DROPPED, "protocol" => protocol, "reason" => "slow_consumer")
+            .increment(0);
+    }
+    for reason in ["maxlen", "expired", "rejected"] {
+        metrics::counter!(DROPPED, "reason" => reason).increment(0);
+    }
 }
 
 /// The Prometheus text, with the engine's gauges read now.

@@ -125,6 +125,8 @@ impl Link {
             restore: OnceLock::new(),
         });
         ::metrics::gauge!(metrics::UPSTREAM_CONNECTED).set(1.0);
+        // At zero from the start: a dashboard's increase() reads "none", not "no data".
+        ::metrics::counter!(metrics::UPSTREAM_RECONNECTS).increment(0);
         tokio::spawn(probe(Arc::downgrade(&conns)));
         tokio::spawn(supervise(Arc::downgrade(&link), conns, events));
         Ok(link)

@@ -82,6 +82,7 @@ async fn serve(stream: TcpStream, ctx: &Context, conn: &Arc<Connection>) -> Endi
         Ok(Err(refused)) => {
             if let Refused::Fault(f) = &refused {
                 tracing::info!(remote = %conn.remote, "AMQP handshake refused: {}", f.reply().text);
+                metrics::refusal(PROTOCOL, "login_refused");
             }
             let _ = writer.shutdown().await;
             return Ending::Handshake(refused);
