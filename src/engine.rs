@@ -156,6 +156,17 @@ pub struct QueueInfo {
     /// `None` when the engine cannot tell (as for `spec`).
     pub messages_unacknowledged: Option<u64>,
     pub consumers: u32,
+    /// Messages the queue took and messages it handed out (to consumers or `get`), counted
+    /// since the engine started (upstream: RabbitMQ's own statistics, with the management
+    /// API). Their change over time is the queue's in and out rate. `None` when the engine
+    /// cannot tell.
+    pub totals: Option<QueueTotals>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueTotals {
+    pub published: u64,
+    pub delivered: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -14,6 +14,7 @@ pub const CONNECTIONS_OPEN: &str = "gateway_connections_open";
 pub const CONNECTIONS_CLOSED: &str = "gateway_connections_closed_total";
 pub const MESSAGES_IN: &str = "gateway_messages_in_total";
 pub const MESSAGES_OUT: &str = "gateway_messages_out_total";
+pub const MESSAGES_ACKED: &str = "gateway_messages_acked_total";
 pub const PUBLISH_LATENCY: &str = "gateway_publish_latency_seconds";
 pub const REFUSALS: &str = "gateway_refusals_total";
 pub const QUEUED_MESSAGES: &str = "gateway_queued_messages";
@@ -69,6 +70,11 @@ fn describe() {
     );
     metrics::describe_counter!(MESSAGES_IN, "Messages accepted from clients, by protocol");
     metrics::describe_counter!(MESSAGES_OUT, "Messages delivered to clients, by protocol");
+    metrics::describe_counter!(
+        MESSAGES_ACKED,
+        "Deliveries clients acknowledged (every protocol; auto-ack deliveries are not counted)"
+    );
+    metrics::counter!(MESSAGES_ACKED).increment(0);
     metrics::describe_histogram!(
         PUBLISH_LATENCY,
         metrics::Unit::Seconds,
@@ -159,6 +165,12 @@ fn render_paced(out: &mut String) {
 /// nobody until it drains below low, and meanwhile drops its oldest (DESIGN.md §7).
 pub fn slow_consumer_marked(kind: &'static str) {
     metrics::counter!(SLOW_CONSUMERS, "kind" => kind).increment(1);
+}
+
+/// Deliveries a client acknowledged (MQTT PUBACK/PUBCOMP, WebSocket and SSE acks, AMQP
+/// `basic.ack`, REST pulls), counted where the engine settles them.
+pub fn acked(n: u64) {
+    metrics::counter!(MESSAGES_ACKED).increment(n);
 }
 
 /// A delivery a client will never see, by protocol and why.

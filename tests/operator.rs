@@ -297,8 +297,138 @@ async fn the_overview_counts_connections_messages_and_rates() {
         "published within the window: {o}"
     );
     assert!(o["memory"]["held_bytes"].as_u64().is_some(), "{o}");
+    assert!(o["totals"]["acked"].as_f64().is_some(), "{o}");
     assert_eq!(o["memory"]["publish_blocked"], false);
     assert!(o["listeners"]["mqtt"].as_str().is_some());
+}
+
+/// The next JSON text frame of the feed, or the close code.
+async fn feed_frame(
+    ws: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+) -> Result<Value, u16> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match tokio::time::timeout(common::WAIT, ws.next())
+            .await
+            .expect("a frame in time")
+        {
+            Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(&t).unwrap()),
+            Some(Ok(Message::Close(frame))) => {
+                return Err(frame.map_or(1005, |f| u16::from(f.code)));
+            }
+            Some(Ok(_)) => continue,
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+async fn feed(
+    gw: &TestGateway,
+    bearer: Option<&str>,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("{}/v1/feed", gw.base.replace("http://", "ws://"))
+        .into_client_request()
+        .unwrap();
+    if let Some(t) = bearer {
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    tokio_tungstenite::connect_async(req)
+        .await
+        .expect("upgrade")
+        .0
+}
+
+async fn the_feed_sends_snapshots_to_monitoring_tokens_only() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let gw = start_gateway(|_| {}).await;
+    let queue = gw.queue("feed").await;
+    for i in 0..4 {
+        let r = gw
+            .post("/v1/exchanges/amq.default/publish", &admin())
+            .json(&json!({"routing_key": queue, "body": i}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // A delivery acknowledged by a client counts in `acked`.
+    let amqp = common::amqp::connect(&gw, &admin()).await;
+    let ch = common::amqp::channel(&amqp).await;
+    let got = ch
+        .basic_get(
+            queue.as_str().into(),
+            lapin::options::BasicGetOptions::default(),
+        )
+        .await
+        .unwrap()
+        .expect("a message");
+    got.delivery
+        .ack(lapin::options::BasicAckOptions::default())
+        .await
+        .unwrap();
+    // By header, then by a first `auth` frame, as /ws.
+    let mut by_header = feed(&gw, Some(&token("mon", "gateway.tag:monitoring"))).await;
+    let s = feed_frame(&mut by_header).await.expect("a snapshot");
+    assert_eq!(s["op"], "snapshot");
+    let row = s["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == queue.as_str())
+        .unwrap_or_else(|| panic!("{s}"))
+        .clone();
+    assert_eq!(row["messages"], 3, "{row}");
+    assert!(
+        row["in_rate"].is_number() && row["out_rate"].is_number(),
+        "{row}"
+    );
+    // The queue's totals, which the rates come from, over REST too.
+    let q = json_of(gw.get(&format!("/v1/queues/{queue}"), &admin())).await;
+    assert_eq!(
+        (&q["published_total"], &q["delivered_total"]),
+        (&json!(4), &json!(1)),
+        "{q}"
+    );
+    assert!(
+        s["overview"]["totals"]["acked"].as_f64().unwrap() >= 1.0,
+        "{s}"
+    );
+    assert!(
+        s["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["protocol"] == "amqp"),
+        "{s}"
+    );
+    let mut by_frame = feed(&gw, None).await;
+    by_frame
+        .send(Message::text(
+            json!({"op": "auth", "token": admin()}).to_string(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        feed_frame(&mut by_frame).await.expect("a snapshot")["op"],
+        "snapshot"
+    );
+    // Not monitoring: 1008; no token at all: 4001.
+    let mut user = feed(&gw, Some(&token("usr", "gateway.read:amq.topic/#"))).await;
+    assert_eq!(feed_frame(&mut user).await, Err(1008));
+    let mut nobody = feed(&gw, None).await;
+    nobody.send(Message::text("{}")).await.unwrap();
+    assert_eq!(feed_frame(&mut nobody).await, Err(4001));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feed_snapshots() {
+    the_feed_sends_snapshots_to_monitoring_tokens_only().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,6 +4,7 @@
 
 pub mod connections;
 mod extract;
+mod feed;
 mod idempotency;
 pub mod overview;
 pub mod problem;
@@ -139,6 +140,7 @@ pub fn router(ctx: Context) -> Router {
     Router::new()
         .merge(api.layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES)))
         .route("/metrics", get(metrics_route))
+        .route("/v1/feed", get(feed::feed))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

@@ -749,6 +749,7 @@ fn info(q: &Queue) -> QueueInfo {
         messages,
         messages_unacknowledged: Some(unacked),
         consumers,
+        totals: Some(q.totals()),
     }
 }
 

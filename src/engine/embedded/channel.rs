@@ -413,6 +413,9 @@ impl ChannelShared {
         requeue: Option<bool>,
     ) -> Result<(), EngineError> {
         let mut taken = self.take_unacked(tag, multiple)?;
+        if requeue.is_none() {
+            crate::metrics::acked(taken.len() as u64);
+        }
         // The client named them: it has seen them.
         for u in &mut taken {
             u.seen = true;

@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 mod args;
 mod page;
 mod restore;
+mod stats;
 
 pub(super) use self::args::{Overflow, QueueArgs};
 
@@ -152,6 +153,9 @@ struct State {
     last_used: Instant,
     had_consumer: bool,
     deleted: bool,
+    /// Since start: messages taken, and handed to consumers or `get` (operators' rates).
+    enqueued: u64,
+    handed_out: u64,
 }
 
 pub(super) struct Queue {
@@ -211,6 +215,8 @@ impl Queue {
                 last_used: Instant::now(),
                 had_consumer: false,
                 deleted: false,
+                enqueued: 0,
+                handed_out: 0,
             }),
             gauges,
             expiry_wake: Notify::new(),
@@ -282,20 +288,6 @@ impl Queue {
     /// Whether this queue needs an expiry task and none runs yet; claims it.
     pub fn claim_expiry_task(&self) -> bool {
         !self.expiry_started.swap(true, Ordering::AcqRel)
-    }
-
-    /// Body bytes of the ready messages (in memory or paged out).
-    pub fn ready_bytes(&self) -> u64 {
-        self.state.lock().ready_bytes
-    }
-
-    pub fn counts(&self) -> (u64, u64, u32) {
-        let st = self.state.lock();
-        (st.ready.len() as u64, st.unacked, st.consumers.len() as u32)
-    }
-
-    pub fn is_deleted(&self) -> bool {
-        self.state.lock().deleted
     }
 
     pub fn touch(&self) {
@@ -443,6 +435,7 @@ impl Queue {
             match slot.sink.deliver(self, slot.id, entry, now) {
                 Ok(()) => {
                     slot.credit -= 1;
+                    st.handed_out += 1;
                     if !slot.no_ack {
                         st.unacked += 1;
                     }
@@ -515,6 +508,7 @@ impl Queue {
         let was_empty = st.ready.is_empty();
         let seq = st.next_seq;
         st.next_seq += 1;
+        st.enqueued += 1;
         self.insert_ready(
             &mut st,
             Ready::In(Entry {
@@ -710,6 +704,7 @@ impl Queue {
             }
         };
         self.head_changed(&st);
+        st.handed_out += 1;
         if !no_ack {
             st.unacked += 1;
         }

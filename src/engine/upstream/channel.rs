@@ -402,6 +402,7 @@ impl Channel for UpstreamChannel {
                 messages,
                 messages_unacknowledged: None,
                 consumers,
+                totals: None,
             });
         };
         let mut info = management
@@ -684,8 +685,10 @@ impl Channel for UpstreamChannel {
         let this = &self.inner;
         let _settling = this.settling.read().await;
         this.check_open()?;
-        let batches = this.tags.take(delivery_tag, multiple)?;
-        consumer::settle(batches, true, false).await
+        let (batches, count) = this.tags.take(delivery_tag, multiple)?;
+        consumer::settle(batches, true, false).await?;
+        crate::metrics::acked(count as u64);
+        Ok(())
     }
 
     async fn nack(
@@ -697,7 +700,7 @@ impl Channel for UpstreamChannel {
         let this = &self.inner;
         let _settling = this.settling.read().await;
         this.check_open()?;
-        let batches = this.tags.take(delivery_tag, multiple)?;
+        let (batches, _) = this.tags.take(delivery_tag, multiple)?;
         consumer::settle(batches, false, requeue).await
     }
 

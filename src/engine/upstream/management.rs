@@ -38,6 +38,18 @@ struct QueueJson {
     messages_unacknowledged: u64,
     #[serde(default)]
     consumers: u32,
+    /// Absent until the queue has seen traffic (and when statistics are disabled).
+    #[serde(default)]
+    message_stats: Option<MessageStats>,
+}
+
+/// RabbitMQ's counters for a queue since it was declared.
+#[derive(Deserialize)]
+struct MessageStats {
+    #[serde(default)]
+    publish: u64,
+    #[serde(default)]
+    deliver_get: u64,
 }
 
 #[derive(Deserialize)]
@@ -212,6 +224,12 @@ impl From<QueueJson> for QueueInfo {
             messages: q.messages_ready,
             messages_unacknowledged: Some(q.messages_unacknowledged),
             consumers: q.consumers,
+            totals: Some(q.message_stats.map_or_else(Default::default, |s| {
+                crate::engine::QueueTotals {
+                    published: s.publish,
+                    delivered: s.deliver_get,
+                }
+            })),
         }
     }
 }

@@ -57,15 +57,11 @@ impl Tags {
 
     /// Takes the tags an ack or nack settles, as one (channel, highest AMQP tag, multiple)
     /// per AMQP channel; an unknown tag is refused and changes nothing.
-    pub(super) fn take(
-        &self,
-        tag: u64,
-        multiple: bool,
-    ) -> Result<Vec<(lapin::Channel, u64, bool)>, EngineError> {
+    pub(super) fn take(&self, tag: u64, multiple: bool) -> Result<(Batches, usize), EngineError> {
         let mut unacked = self.unacked.lock();
         if !multiple {
             let (a, amqp) = unacked.remove(&tag).ok_or_else(|| unknown(tag))?;
-            return Ok(vec![(a.channel, amqp, false)]);
+            return Ok((vec![(a.channel, amqp, false)], 1));
         }
         // AMQP: multiple with tag 0 means every outstanding delivery.
         let upto = if tag == 0 { u64::MAX } else { tag };
@@ -73,6 +69,7 @@ impl Tags {
         if settled.is_empty() {
             return Err(unknown(tag));
         }
+        let count = settled.len();
         let mut per_channel: BTreeMap<(u64, u16), (lapin::Channel, u64)> = BTreeMap::new();
         for t in settled {
             if let Some((a, amqp)) = unacked.remove(&t) {
@@ -80,12 +77,16 @@ impl Tags {
                 entry.1 = entry.1.max(amqp);
             }
         }
-        Ok(per_channel
+        let batches = per_channel
             .into_values()
             .map(|(ch, amqp)| (ch, amqp, true))
-            .collect())
+            .collect();
+        Ok((batches, count))
     }
 }
+
+/// Acks or nacks to send, one per broker channel: (channel, AMQP tag, multiple).
+pub(super) type Batches = Vec<(lapin::Channel, u64, bool)>;
 
 fn unknown(tag: u64) -> EngineError {
     EngineError::PreconditionFailed(format!("unknown delivery tag {tag}"))

@@ -29,6 +29,8 @@ pub struct Counts {
     pub published: f64,
     /// Messages written to clients.
     pub delivered: f64,
+    /// Deliveries clients acknowledged (auto-ack ones are not counted).
+    pub acked: f64,
     /// Deliveries dropped (slow consumers, full buffers) and messages the engine dropped
     /// (queue length limits).
     pub dropped: f64,
@@ -44,6 +46,7 @@ impl Counts {
         Counts {
             published: (self.published - earlier.published) / s,
             delivered: (self.delivered - earlier.delivered) / s,
+            acked: (self.acked - earlier.acked) / s,
             dropped: (self.dropped - earlier.dropped) / s,
             refused: (self.refused - earlier.refused) / s,
             paced_seconds: (self.paced_seconds - earlier.paced_seconds) / s,
@@ -69,6 +72,7 @@ fn totals(text: &str) -> Counts {
     Counts {
         published: sum(text, metrics::MESSAGES_IN),
         delivered: sum(text, metrics::MESSAGES_OUT),
+        acked: sum(text, metrics::MESSAGES_ACKED),
         dropped: sum(text, metrics::DELIVERIES_DROPPED) + sum(text, metrics::DROPPED),
         refused: sum(text, metrics::REFUSALS),
         paced_seconds: sum(text, metrics::PACED_SECONDS),
@@ -175,6 +179,11 @@ pub async fn overview(
             "the overview needs gateway.tag:monitoring or administrator",
         ));
     }
+    Ok(axum::Json(snapshot(&st)))
+}
+
+/// The overview now (also what the operator feed sends every second).
+pub fn snapshot(st: &RestState) -> Overview {
     let ctx = &st.ctx;
     let text = metrics::render(ctx.engine.as_ref());
     let now = totals(&text);
@@ -190,7 +199,7 @@ pub async fn overview(
         connections.insert(protocol.to_owned(), n);
     }
     let config = &ctx.config;
-    Ok(axum::Json(Overview {
+    Overview {
         engine: format!("{:?}", ctx.engine.kind()).to_lowercase(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime_seconds: ctx.started.elapsed().as_secs(),
@@ -210,7 +219,7 @@ pub async fn overview(
                 .unwrap_or_default(),
             publish_blocked: ctx.engine.publish_blocked(),
         },
-    }))
+    }
 }
 
 #[cfg(test)]

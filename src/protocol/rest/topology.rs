@@ -341,6 +341,13 @@ pub struct QueueView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub messages_unacknowledged: Option<u64>,
     pub consumers: u32,
+    /// Messages the queue took, since the gateway (embedded) or the queue (RabbitMQ with the
+    /// management API) started; its in rate is this over time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub published_total: Option<u64>,
+    /// Messages it handed to consumers or `get`: its out rate over time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivered_total: Option<u64>,
 }
 
 impl From<QueueInfo> for QueueView {
@@ -354,6 +361,8 @@ impl From<QueueInfo> for QueueView {
             messages: q.messages,
             messages_unacknowledged: q.messages_unacknowledged,
             consumers: q.consumers,
+            published_total: q.totals.map(|t| t.published),
+            delivered_total: q.totals.map(|t| t.delivered),
         }
     }
 }
@@ -377,10 +386,11 @@ pub struct Purged {
 
 fn queue_visible(principal: &Principal, name: &str) -> bool {
     let p = &principal.permissions;
-    p.can_configure(name) || p.can_consume(name)
+    // Monitoring sees every queue, as RabbitMQ's monitoring tag does.
+    p.can_monitor() || p.can_configure(name) || p.can_consume(name)
 }
 
-/// List queues the caller may configure or consume.
+/// List queues the caller may configure or consume (every queue for monitoring).
 #[utoipa::path(get, path = "/v1/queues", tag = "queues", params(PageParams),
     responses((status = 200, body = Page<QueueView>),
         (status = 400, description = E400, body = Problem, content_type = "application/problem+json"),
