@@ -267,13 +267,7 @@ async fn the_overview_counts_connections_messages_and_rates() {
     assert_eq!(ws.call(json!({"op": "ping", "id": 1})).await["op"], "pong");
     let queue = gw.queue("overview").await;
     for i in 0..3 {
-        let r = gw
-            .post("/v1/exchanges/amq.default/publish", &admin())
-            .json(&json!({"routing_key": queue, "body": i}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
+        gw.publish("amq.default", &queue, json!(i)).await;
     }
     assert_eq!(gw.take(&queue, 3).await.len(), 3);
     refused(
@@ -349,13 +343,7 @@ async fn the_feed_sends_snapshots_to_monitoring_tokens_only() {
     let gw = start_gateway(|_| {}).await;
     let queue = gw.queue("feed").await;
     for i in 0..4 {
-        let r = gw
-            .post("/v1/exchanges/amq.default/publish", &admin())
-            .json(&json!({"routing_key": queue, "body": i}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
+        gw.publish("amq.default", &queue, json!(i)).await;
     }
     // A delivery acknowledged by a client counts in `acked`.
     let amqp = common::amqp::connect(&gw, &admin()).await;

@@ -242,6 +242,17 @@ impl TestGateway {
         v["messages"].as_u64().expect("messages count")
     }
 
+    /// Publishes `body` (JSON) to `exchange` with `key` as administrator over REST; 200 expected.
+    pub async fn publish(&self, exchange: &str, key: &str, body: serde_json::Value) {
+        let r = self
+            .post(&format!("/v1/exchanges/{exchange}/publish"), &admin())
+            .json(&serde_json::json!({"routing_key": key, "body": body}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "publish to {exchange} with {key}");
+    }
+
     /// Takes up to `count` messages from `queue` as administrator.
     pub async fn take(&self, queue: &str, count: u32) -> Vec<serde_json::Value> {
         take_at(&self.http, &self.base, queue, count).await
