@@ -42,9 +42,27 @@ pub struct Connection {
     pub id: u64,
     pub remote: SocketAddr,
     pub limits: ConnectionLimits,
+    /// What operators see counted for it (`/v1/connections`).
+    pub stats: Arc<ConnStats>,
     /// What the engine knows this connection as: the owner of its exclusive queues.
     owner: crate::engine::Owner,
     channel: tokio::sync::OnceCell<Arc<dyn Channel>>,
+}
+
+/// A connection's counts as operators see them: updated by the publish gate and by each
+/// adapter's loop, read by the registry.
+#[derive(Debug, Default)]
+pub struct ConnStats {
+    /// Publishes the gate let through.
+    pub published: AtomicU64,
+    /// Deliveries awaiting the client's acknowledgement (set by the adapter).
+    pub in_flight: AtomicU64,
+}
+
+impl ConnStats {
+    pub fn set_in_flight(&self, n: usize) {
+        self.in_flight.store(n as u64, Ordering::Relaxed);
+    }
 }
 
 /// The next connection id: one sequence for every listener, and for the streams an HTTP
@@ -65,6 +83,7 @@ impl Connection {
             id,
             remote,
             limits,
+            stats: Arc::default(),
             owner: crate::engine::Owner::new(),
             channel: tokio::sync::OnceCell::new(),
         }

@@ -360,6 +360,21 @@ async fn the_feed_sends_snapshots_to_monitoring_tokens_only() {
         .ack(lapin::options::BasicAckOptions::default())
         .await
         .unwrap();
+    // One more taken and held unacked, two published: the connection's own counts.
+    let held = ch
+        .basic_get(
+            queue.as_str().into(),
+            lapin::options::BasicGetOptions::default(),
+        )
+        .await
+        .unwrap()
+        .expect("a message");
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        common::amqp::publish_confirmed(&ch, "amq.topic", "feed.x", b"p").await;
+    }
     // By header, then by a first `auth` frame, as /ws.
     let mut by_header = feed(&gw, Some(&token("mon", "gateway.tag:monitoring"))).await;
     let s = feed_frame(&mut by_header).await.expect("a snapshot");
@@ -371,7 +386,7 @@ async fn the_feed_sends_snapshots_to_monitoring_tokens_only() {
         .find(|q| q["name"] == queue.as_str())
         .unwrap_or_else(|| panic!("{s}"))
         .clone();
-    assert_eq!(row["messages"], 3, "{row}");
+    assert_eq!(row["messages"], 2, "{row}");
     assert!(
         row["in_rate"].is_number() && row["out_rate"].is_number(),
         "{row}"
@@ -380,21 +395,26 @@ async fn the_feed_sends_snapshots_to_monitoring_tokens_only() {
     let q = json_of(gw.get(&format!("/v1/queues/{queue}"), &admin())).await;
     assert_eq!(
         (&q["published_total"], &q["delivered_total"]),
-        (&json!(4), &json!(1)),
+        (&json!(4), &json!(2)),
         "{q}"
     );
     assert!(
         s["overview"]["totals"]["acked"].as_f64().unwrap() >= 1.0,
         "{s}"
     );
-    assert!(
-        s["connections"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|c| c["protocol"] == "amqp"),
-        "{s}"
+    let amqp_row = s["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["protocol"] == "amqp")
+        .unwrap_or_else(|| panic!("{s}"));
+    assert_eq!(
+        (&amqp_row["published"], &amqp_row["in_flight"]),
+        (&json!(2), &json!(1)),
+        "{amqp_row}"
     );
+    assert!(amqp_row["publish_rate"].is_number(), "{amqp_row}");
+    drop(held);
     let mut by_frame = feed(&gw, None).await;
     by_frame
         .send(Message::text(

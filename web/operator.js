@@ -53,22 +53,25 @@ function cell(tr, text, cls) {
   return td;
 }
 
-// A button that acts on its second click within 3 s: no modal dialog, no accident.
-function armed(label, act) {
+// A button that acts on its second click within 3 s: no modal dialog, no accident. Tables are
+// redrawn every second, so whether a button is armed is kept by what it acts on, not in it.
+const armedUntil = new Map();
+
+function armed(label, key, act) {
   const b = document.createElement("button");
-  b.className = "danger";
-  b.textContent = label;
+  const id = `${label} ${key}`;
+  const isArmed = () => (armedUntil.get(id) || 0) > Date.now();
+  b.className = isArmed() ? "danger armed" : "danger";
+  b.textContent = isArmed() ? `${label}?` : label;
   b.dataset.action = label;
   b.onclick = async () => {
-    if (!b.classList.contains("armed")) {
+    if (!isArmed()) {
+      armedUntil.set(id, Date.now() + 3000);
       b.classList.add("armed");
       b.textContent = `${label}?`;
-      setTimeout(() => {
-        b.classList.remove("armed");
-        b.textContent = label;
-      }, 3000);
       return;
     }
+    armedUntil.delete(id);
     b.disabled = true;
     try {
       await act();
@@ -157,8 +160,8 @@ function showQueues(queues) {
     actions.className = "actions";
     const name = encodeURIComponent(q.name);
     actions.append(
-      armed("purge", () => rest("DELETE", `/v1/queues/${name}/contents`)),
-      armed("delete", () => rest("DELETE", `/v1/queues/${name}`)),
+      armed("purge", q.name, () => rest("DELETE", `/v1/queues/${name}/contents`)),
+      armed("delete", q.name, () => rest("DELETE", `/v1/queues/${name}`)),
     );
     return tr;
   });
@@ -177,6 +180,8 @@ function showConnections(connections) {
     cell(tr, c.client_id ?? "");
     cell(tr, new Date(c.connected_since * 1000).toLocaleTimeString());
     cell(tr, c.subscriptions.map((s) => s.pattern ? `${s.pattern} → ${s.queue}` : s.queue).join("\n"), "subs");
+    cell(tr, c.in_flight, "num");
+    cell(tr, rate(c.publish_rate ?? 0), "num");
     const buffer = cell(tr, "");
     if (c.buffer) {
       const fill = document.createElement("span");
@@ -184,11 +189,11 @@ function showConnections(connections) {
       const bar = document.createElement("span");
       bar.style.width = `${Math.min(100, (100 * c.buffer.messages) / Math.max(1, c.buffer.max_messages))}%`;
       fill.append(bar);
-      buffer.append(fill, ` ${c.buffer.messages}`);
+      buffer.append(fill, ` ${c.buffer.messages}${c.buffer.dropped ? ` (${c.buffer.dropped})` : ""}`);
     }
     const actions = cell(tr, "");
     actions.className = "actions";
-    actions.append(armed("close", () => rest("DELETE", `/v1/connections/${c.id}`)));
+    actions.append(armed("close", c.id, () => rest("DELETE", `/v1/connections/${c.id}`)));
     return tr;
   });
   $("connections").tBodies[0].replaceChildren(...rows);

@@ -97,6 +97,9 @@ impl Context {
         self.flow
             .admit_publish(&conn.limits, principal.shared_subject(), body_bytes)
             .map_err(PublishRefused::Throttled)?;
+        conn.stats
+            .published
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Cleared {
             protocol,
             principal,

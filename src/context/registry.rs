@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Mutex, RwLock};
@@ -46,6 +47,8 @@ pub struct About {
     pub expires_at: Option<u64>,
     /// The gauge of its droppable outbound buffer, when it has one.
     pub buffer: Option<Pressure>,
+    /// What it publishes and holds, counted as it goes (`Connection::stats`).
+    pub stats: Arc<crate::context::ConnStats>,
 }
 
 struct Entry {
@@ -75,6 +78,11 @@ pub struct ConnectionView {
     /// Messages and bytes in the droppable outbound buffer, and its bounds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub buffer: Option<BufferView>,
+    /// Messages it published that the gateway let through, since it connected (its publish
+    /// rate is this over time).
+    pub published: u64,
+    /// Deliveries sent and not yet acknowledged (MQTT QoS 1/2, manual-ack WebSocket and AMQP).
+    pub in_flight: u64,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -85,6 +93,8 @@ pub struct BufferView {
     pub max_bytes: u64,
     /// Marked slow: it drops rather than paces (DESIGN.md §7).
     pub slow: bool,
+    /// Messages dropped because it was full, since the connection opened.
+    pub dropped: u64,
 }
 
 #[derive(Default)]
@@ -184,8 +194,11 @@ fn view(id: u64, e: &Entry) -> ConnectionView {
                 max_messages: bound.messages,
                 max_bytes: bound.bytes,
                 slow: p.is_slow(),
+                dropped: p.dropped(),
             }
         }),
+        published: e.about.stats.published.load(Ordering::Relaxed),
+        in_flight: e.about.stats.in_flight.load(Ordering::Relaxed),
     }
 }
 

@@ -53,6 +53,8 @@ struct Gauge {
     created: tokio::time::Instant,
     /// Whose buffer this is (the `kind` label of the slow-consumer metric).
     kind: &'static str,
+    /// Messages dropped from (or refused by) this buffer because it was full.
+    dropped: AtomicU64,
 }
 
 /// A shared handle on one buffer's gauge: the buffer's owner counts into it, publishers whose
@@ -85,7 +87,17 @@ impl Pressure {
             since: AtomicU64::new(0),
             created: tokio::time::Instant::now(),
             kind,
+            dropped: AtomicU64::new(0),
         }))
+    }
+
+    /// A message was dropped because this buffer was full (operators see the count).
+    pub fn count_drop(&self) {
+        self.0.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.0.dropped.load(Ordering::Relaxed)
     }
 
     /// One message of `bytes` entered the buffer.

@@ -151,6 +151,7 @@ impl SendQueue {
             if overflow == Overflow::Disconnect {
                 // Lost with what the urgent close discards: the client hears how many.
                 metrics::delivery_dropped(self.protocol, "slow_consumer");
+                self.pressure.count_drop();
                 *st.lagged.entry(sub).or_default() += 1;
                 return Err(SlowConsumer);
             }
@@ -160,6 +161,7 @@ impl SendQueue {
             if let Some(old) = st.frames.remove(at) {
                 self.pressure.sub(old.text.len() as u64);
                 metrics::delivery_dropped(self.protocol, "slow_consumer");
+                self.pressure.count_drop();
                 if let Some(owner) = old.droppable {
                     *st.lagged.entry(owner).or_default() += 1;
                 }

@@ -312,6 +312,7 @@ where
                 None => Step::Continue,
             },
         };
+        session.note_in_flight();
         match step {
             Step::Continue => {}
             Step::ClientClosed => return Ending::ClientClosed,

@@ -98,6 +98,7 @@ impl Session {
                 client_id: n.name,
                 expires_at: n.principal.expires_at,
                 buffer: None,
+                stats: conn.stats.clone(),
             },
         );
         Session {
@@ -440,6 +441,12 @@ impl Session {
         if !blocked && !self.parked.is_empty() {
             self.retry_at = Some(tokio::time::Instant::now());
         }
+    }
+
+    /// Tells operators how many deliveries await this client's acks.
+    pub fn note_in_flight(&self) {
+        let n = self.channels.values().map(|c| c.unacked.len()).sum();
+        self.conn.stats.set_in_flight(n);
     }
 
     pub(super) fn method_frame(&mut self, c: u16, class: AMQPClass) {

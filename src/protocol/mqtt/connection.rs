@@ -204,6 +204,7 @@ where
                     client_id: Some(session.client_id().to_owned()),
                     expires_at: session.expires_at(),
                     buffer: Some(qos0_out),
+                    stats: conn.stats.clone(),
                 },
             ));
             session.show_subscriptions();
@@ -361,6 +362,7 @@ async fn serve_session<R: AsyncRead + Unpin>(
             Some(_) = session.takeovers.recv() => session.taken_over(),
             _ = crate::context::closed_by_admin(&session.registered) => Outcome::Close(CloseReason::AdministrativeAction),
         };
+        session.note_in_flight();
         if let Outcome::Close(why) = outcome {
             return why;
         }

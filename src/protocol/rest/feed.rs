@@ -38,7 +38,22 @@ struct Snapshot<'a> {
     /// Queues that exist (up to the scan bound).
     queue_count: usize,
     queues: Vec<QueueRow>,
-    connections: &'a [ConnectionView],
+    connections: Vec<ConnectionRow<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+struct ConnectionRow<'a> {
+    #[serde(flatten)]
+    view: &'a ConnectionView,
+    /// Publishes per second since the previous snapshot.
+    publish_rate: f64,
+}
+
+/// What the previous snapshot saw: the rates are the change since.
+#[derive(Default)]
+struct Previous {
+    queues: HashMap<String, Seen>,
+    published: HashMap<u64, (Instant, u64)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -114,14 +129,14 @@ async fn run(st: RestState, mut socket: WebSocket, principal: Option<Result<Prin
     let leeway = st.ctx.config.auth.leeway;
     let expiry = crate::auth::expiry_sleep(principal.expires_at, leeway);
     tokio::pin!(expiry);
-    let mut seen: HashMap<String, Seen> = HashMap::new();
+    let mut previous = Previous::default();
     let mut tick = tokio::time::interval(EVERY);
     loop {
         tokio::select! {
             _ = st.ctx.shutdown.wait() => break close(&mut socket, GOING_AWAY, "shutting down").await,
             _ = &mut expiry => break close(&mut socket, UNAUTHENTICATED, "the token has expired").await,
             _ = tick.tick() => {
-                let text = snapshot(&st, channel.as_ref(), &mut seen).await;
+                let text = snapshot(&st, channel.as_ref(), &mut previous).await;
                 let sent = tokio::time::timeout(
                     st.ctx.config.limits.write_timeout,
                     socket.send(Message::Text(text.into())),
@@ -172,11 +187,8 @@ async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
         .await;
 }
 
-async fn snapshot(
-    st: &RestState,
-    channel: &dyn Channel,
-    seen: &mut HashMap<String, Seen>,
-) -> String {
+async fn snapshot(st: &RestState, channel: &dyn Channel, previous: &mut Previous) -> String {
+    let seen = &mut previous.queues;
     let mut queues = Vec::new();
     let mut after: Option<String> = None;
     while queues.len() < SCAN {
@@ -236,7 +248,18 @@ async fn snapshot(
     });
     rows.truncate(TOP);
     let all = st.ctx.registry.list(None, usize::MAX, |_| true);
-    let connections = &all[all.len().saturating_sub(TOP)..];
+    let newest = &all[all.len().saturating_sub(TOP)..];
+    let connections = newest
+        .iter()
+        .map(|view| {
+            let publish_rate = previous.published.get(&view.id).map_or(0.0, |(at, was)| {
+                (view.published.saturating_sub(*was)) as f64
+                    / now.duration_since(*at).as_secs_f64().max(1e-3)
+            });
+            ConnectionRow { view, publish_rate }
+        })
+        .collect();
+    previous.published = newest.iter().map(|v| (v.id, (now, v.published))).collect();
     let snapshot = Snapshot {
         op: "snapshot",
         overview: super::overview::snapshot(st),

@@ -144,6 +144,9 @@ pub async fn subscribe(
             client_id: None,
             expires_at: principal.expires_at,
             buffer: matches!(mode, stream::Mode::NoAck(_)).then(|| out.pressure().clone()),
+            // A stream of its own (HTTP/2 carries several on one connection); it publishes
+            // nothing.
+            stats: Default::default(),
         },
     );
     registered.set_subscriptions(vec![SubscriptionView {

@@ -187,6 +187,7 @@ async fn serve_session(
             }
             _ = tick.tick() => {
                 session.check_ack_timeouts().await;
+                session.note_in_flight();
                 Outcome::Continue
             }
         };

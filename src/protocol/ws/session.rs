@@ -204,8 +204,16 @@ impl WsSession {
                 client_id: None,
                 expires_at: self.principal.expires_at,
                 buffer: Some(self.out.pressure().clone()),
+                stats: self.conn.stats.clone(),
             },
         ));
+    }
+
+    /// Tells operators how many deliveries await this client's acks (on the ack-timeout tick:
+    /// counting is a walk over the subscriptions).
+    pub fn note_in_flight(&self) {
+        let n = self.subs.values().map(|s| s.unacked.len()).sum();
+        self.conn.stats.set_in_flight(n);
     }
 
     /// What operators see of the subscriptions.

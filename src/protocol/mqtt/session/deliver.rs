@@ -217,6 +217,7 @@ impl Session {
         if qos == 0 && self.outflow.qos0_out.is_full(payload.len() as u64) {
             // Only a consumer its publishers gave up waiting for gets here (DESIGN.md §7).
             metrics::delivery_dropped(PROTOCOL, "slow_consumer");
+            self.outflow.qos0_out.count_drop();
             return false;
         }
         let alias = self.alias_for(&topic);

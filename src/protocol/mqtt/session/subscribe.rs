@@ -174,6 +174,11 @@ impl Session {
     }
 
     /// What operators see of this session's subscriptions (`/v1/connections`).
+    /// Tells operators how many QoS 1/2 deliveries await this client's acks.
+    pub(crate) fn note_in_flight(&self) {
+        self.conn.stats.set_in_flight(self.outflow.inflight.len());
+    }
+
     pub(crate) fn show_subscriptions(&self) {
         let Some(registered) = &self.registered else {
             return;
