@@ -299,18 +299,9 @@ async fn delivery_tags_rise_across_consumers_and_multiple_acks_only_what_was_see
     })
     .await;
     // A tag never handed out closes the channel with 406.
+    let mut errors = common::amqp::events(&conn);
     ch.basic_ack(99, BasicAckOptions::default()).await.unwrap();
-    let err = ch
-        .queue_declare(
-            a.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            no_args(),
-        )
-        .await
-        .unwrap_err();
+    let err = common::amqp::next_error(&mut errors).await;
     assert_eq!(code(&err), Some(406), "{}", text(&err));
     // Its unacked deliveries went back to their queues.
     common::eventually("requeued", || async {
@@ -485,6 +476,7 @@ async fn scopes_apply_and_a_refusal_closes_only_the_channel() {
         .await
         .unwrap();
     publish_confirmed(&ch3, "amq.topic", "app.x", b"ok").await;
+    let mut errors = common::amqp::events(&conn);
     ch3.basic_publish(
         "amq.topic".into(),
         "other.x".into(),
@@ -494,17 +486,7 @@ async fn scopes_apply_and_a_refusal_closes_only_the_channel() {
     )
     .await
     .unwrap();
-    let err = ch3
-        .queue_declare(
-            q.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            no_args(),
-        )
-        .await
-        .unwrap_err();
+    let err = common::amqp::next_error(&mut errors).await;
     assert_eq!(
         code(&err),
         Some(403),
@@ -920,7 +902,7 @@ async fn operators_see_amqp_connections_and_close_them_with_320() {
     .await
     .unwrap()
     .unwrap();
-    let mut events = conn.events_listener();
+    let mut events = common::amqp::events(&conn);
     let list = common::json_of(gw.get("/v1/connections?protocol=amqp", &admin())).await;
     let items = list["items"].as_array().unwrap();
     assert_eq!(items.len(), 1, "{list}");
@@ -934,17 +916,7 @@ async fn operators_see_amqp_connections_and_close_them_with_320() {
         .await
         .unwrap();
     assert_eq!(r.status(), 204);
-    let closed = tokio::time::timeout(WAIT, async {
-        loop {
-            match events.next().await {
-                Some(lapin::Event::Error(e)) => return e,
-                Some(_) => continue,
-                None => panic!("events ended without the close"),
-            }
-        }
-    })
-    .await
-    .expect("closed in time");
+    let closed = common::amqp::next_error(&mut events).await;
     assert_eq!(code(&closed), Some(320), "{closed}");
     assert!(text(&closed).contains("administrator"), "{}", text(&closed));
 }
@@ -953,7 +925,7 @@ async fn operators_see_amqp_connections_and_close_them_with_320() {
 async fn shutdown_closes_amqp_connections_with_320() {
     let gw = gateway().await;
     let conn = connect(&gw, &admin()).await;
-    let mut events = conn.events_listener();
+    let mut events = common::amqp::events(&conn);
     let ch = channel(&conn).await;
     let q = unique("shutdown");
     ch.queue_declare(
@@ -982,17 +954,7 @@ async fn shutdown_closes_amqp_connections_with_320() {
     let d = next(&mut consumer).await;
     assert!(!d.redelivered);
     let stopping = tokio::spawn(gw.gateway.shutdown());
-    let closed = tokio::time::timeout(WAIT, async {
-        loop {
-            match events.next().await {
-                Some(lapin::Event::Error(e)) => return e,
-                Some(_) => continue,
-                None => panic!("events ended without the close"),
-            }
-        }
-    })
-    .await
-    .expect("closed in time");
+    let closed = common::amqp::next_error(&mut events).await;
     assert_eq!(code(&closed), Some(320), "{closed}");
     assert!(text(&closed).contains("shutdown"), "{}", text(&closed));
     tokio::time::timeout(WAIT, stopping).await.unwrap().unwrap();

@@ -65,6 +65,31 @@ pub async fn publish_confirmed(ch: &Channel, exchange: &str, key: &str, body: &[
     assert!(confirmation.is_ack(), "the gateway acked the publish");
 }
 
+/// What lapin reports about a connection: a channel or the connection itself closed by the
+/// gateway arrives as an `Event::Error` with its reply code.
+pub type Events = std::pin::Pin<Box<dyn futures_util::Stream<Item = lapin::Event> + Send>>;
+
+pub fn events(conn: &Connection) -> Events {
+    Box::pin(conn.events_listener())
+}
+
+/// The next error on `events`, within [`WAIT`]: the answer to something that has no reply of
+/// its own (a refused publish, an unknown ack), whichever call the client makes next.
+pub async fn next_error(events: &mut Events) -> lapin::Error {
+    use futures_util::StreamExt;
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match events.next().await {
+                Some(lapin::Event::Error(e)) => return e,
+                Some(_) => continue,
+                None => panic!("the connection's events ended without an error"),
+            }
+        }
+    })
+    .await
+    .expect("an error reported in time")
+}
+
 pub fn no_args() -> FieldTable {
     FieldTable::default()
 }
