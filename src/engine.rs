@@ -452,6 +452,9 @@ pub struct Capabilities {
     pub expiry_countdown: bool,
     /// [`Channel::set_queue_expiry`] works.
     pub queue_expiry_update: bool,
+    /// The gateway accepts AMQP 0-9-1 clients itself (its AMQP listener runs); an engine on a
+    /// broker with an AMQP port of its own (upstream) leaves them to the broker.
+    pub amqp_listener: bool,
 }
 
 /// An AMQP engine. One instance serves the whole gateway.

@@ -299,12 +299,13 @@ pub async fn start_with(config: Config, engine: Arc<dyn Engine>) -> Result<Gatew
     })
 }
 
-/// The AMQP listener: only on the embedded engine (upstream, AMQP clients use the broker).
+/// The AMQP listener, where the engine has AMQP clients connect to the gateway (embedded; on
+/// upstream they use the broker).
 async fn bind_amqp(
     config: &Config,
     engine: &dyn Engine,
 ) -> Result<Option<(tokio::net::TcpListener, SocketAddr)>, StartError> {
-    if engine.kind() != engine::EngineKind::Embedded {
+    if !engine.capabilities().amqp_listener {
         return Ok(None);
     }
     let listener = server::bind("amqp", config.amqp.listen).await?;

@@ -177,6 +177,7 @@ impl Engine for EmbeddedEngine {
             listing: true,
             expiry_countdown: true,
             queue_expiry_update: true,
+            amqp_listener: true,
         }
     }
 

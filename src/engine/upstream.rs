@@ -169,6 +169,7 @@ impl Engine for UpstreamEngine {
             listing: self.shared.management.is_some(),
             expiry_countdown: false,
             queue_expiry_update: false,
+            amqp_listener: false,
         }
     }
 

@@ -207,7 +207,10 @@ pub fn snapshot(st: &RestState) -> Overview {
             http: config.http.listen.to_string(),
             mqtt: config.mqtt.listen.to_string(),
             metrics: config.metrics.listen.to_string(),
-            amqp: (ctx.engine.kind() == crate::engine::EngineKind::Embedded)
+            amqp: ctx
+                .engine
+                .capabilities()
+                .amqp_listener
                 .then(|| config.amqp.listen.to_string()),
         },
         connections,
