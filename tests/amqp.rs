@@ -872,6 +872,17 @@ async fn exchanges_are_declared_checked_and_deleted() {
         .unwrap()
         .unwrap();
     assert_eq!(got.delivery.data, b"fan");
+    // Unbound, the queue gets nothing more from the exchange.
+    ch.queue_unbind(q.name().clone(), x.as_str().into(), "".into(), no_args())
+        .await
+        .unwrap();
+    publish_confirmed(&ch, &x, "any", b"unbound").await;
+    assert!(
+        ch.basic_get(q.name().clone(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+            .is_none()
+    );
     ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
         .await
         .unwrap();

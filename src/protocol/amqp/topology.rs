@@ -95,33 +95,15 @@ impl Session {
         let ok = match m {
             queue::AMQPMethod::Declare(d) => self.declare_queue(c, d, method).await?,
             queue::AMQPMethod::Bind(b) => {
-                let queue = self.queue_name(c, b.queue.as_str(), method)?;
-                self.may_bind(&queue, b.exchange.as_str(), b.routing_key.as_str(), method)?;
-                let engine = self.chan(c)?.engine.clone();
-                engine
-                    .bind_queue(
-                        &queue,
-                        b.exchange.as_str(),
-                        b.routing_key.as_str(),
-                        &from_amqp(&b.arguments),
-                    )
-                    .await
-                    .map_err(|e| Fault::engine(&e, method))?;
+                let binding = (b.exchange.as_str(), b.routing_key.as_str(), &b.arguments);
+                self.binding(c, true, b.queue.as_str(), binding, method)
+                    .await?;
                 (!b.nowait).then_some(queue::AMQPMethod::BindOk(queue::BindOk {}))
             }
             queue::AMQPMethod::Unbind(u) => {
-                let queue = self.queue_name(c, u.queue.as_str(), method)?;
-                self.may_bind(&queue, u.exchange.as_str(), u.routing_key.as_str(), method)?;
-                let engine = self.chan(c)?.engine.clone();
-                engine
-                    .unbind_queue(
-                        &queue,
-                        u.exchange.as_str(),
-                        u.routing_key.as_str(),
-                        &from_amqp(&u.arguments),
-                    )
-                    .await
-                    .map_err(|e| Fault::engine(&e, method))?;
+                let binding = (u.exchange.as_str(), u.routing_key.as_str(), &u.arguments);
+                self.binding(c, false, u.queue.as_str(), binding, method)
+                    .await?;
                 Some(queue::AMQPMethod::UnbindOk(queue::UnbindOk {}))
             }
             queue::AMQPMethod::Purge(p) => {
@@ -207,6 +189,28 @@ impl Session {
                 consumer_count: declared.consumers,
             })
         }))
+    }
+
+    /// `queue.bind` (`bind`) or `queue.unbind` of `queue` to (exchange, key, arguments): the
+    /// same names, the same check.
+    async fn binding(
+        &mut self,
+        c: u16,
+        bind: bool,
+        queue: &str,
+        (exchange, key, arguments): (&str, &str, &amq_protocol::types::FieldTable),
+        method: (u16, u16),
+    ) -> Result<(), Fault> {
+        let queue = self.queue_name(c, queue, method)?;
+        self.may_bind(&queue, exchange, key, method)?;
+        let engine = self.chan(c)?.engine.clone();
+        let arguments = from_amqp(arguments);
+        let done = if bind {
+            engine.bind_queue(&queue, exchange, key, &arguments).await
+        } else {
+            engine.unbind_queue(&queue, exchange, key, &arguments).await
+        };
+        done.map_err(|e| Fault::engine(&e, method))
     }
 
     fn may_configure_queue(&self, queue: &str, method: (u16, u16)) -> Result<(), Fault> {
