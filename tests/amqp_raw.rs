@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use amq_protocol::protocol::{AMQPClass, basic, confirm, connection, queue};
+use amq_protocol::protocol::{AMQPClass, basic, connection, queue};
 use amqp_gateway::protocol::amqp::frame::{Frame, PROTOCOL_HEADER};
 use common::amqp::{channel, connect, publish_confirmed};
 use common::amqp_raw::{Raw, body, header, method, publish};
@@ -135,21 +135,9 @@ async fn channels_not_open_or_reopened_are_504_and_a_second_channel_survives_a_c
     ))
     .await;
     assert_eq!(raw.channel_closed(1).await, 404);
-    raw.send(&method(
-        2,
-        AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
-            nowait: false,
-        })),
-    ))
-    .await;
-    assert!(matches!(
-        raw.method().await,
-        AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(_))
-    ));
+    raw.confirm_select(2).await;
     let other = gw.queue("raw").await;
-    raw.send(&publish(2, "", &other)).await;
-    raw.send(&header(2, 3)).await;
-    raw.send(&body(2, b"raw")).await;
+    raw.publish_body(2, "", &other, b"raw").await;
     assert!(
         matches!(raw.method().await, AMQPClass::Basic(basic::AMQPMethod::Ack(a)) if a.delivery_tag == 1),
         "the publish on channel 2 is confirmed"
@@ -215,23 +203,11 @@ async fn above_the_watermark_publishes_park_and_clients_hear_blocked() {
     let gw = start_gateway(common::low_watermark).await;
     let mut raw = Raw::open(&gw, &admin(), 131072, 0).await;
     raw.open_channel(1).await;
-    raw.send(&method(
-        1,
-        AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
-            nowait: false,
-        })),
-    ))
-    .await;
-    assert!(matches!(
-        raw.method().await,
-        AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(_))
-    ));
+    raw.confirm_select(1).await;
     let q = gw.queue("held").await;
     // One 100 KiB message held in a queue puts the engine above its 64 KiB watermark.
     let big = vec![b'x'; 100 * 1024];
-    raw.send(&publish(1, "", &q)).await;
-    raw.send(&header(1, big.len() as u64)).await;
-    raw.send(&body(1, &big)).await;
+    raw.publish_body(1, "", &q, &big).await;
     // Its confirm and connection.blocked, in either order.
     let (mut blocked, mut acked) = (false, false);
     while !(blocked && acked) {
@@ -249,9 +225,7 @@ async fn above_the_watermark_publishes_park_and_clients_hear_blocked() {
         }
     }
     // This one waits: no confirm while blocked.
-    raw.send(&publish(1, "", &q)).await;
-    raw.send(&header(1, 5)).await;
-    raw.send(&body(1, b"later")).await;
+    raw.publish_body(1, "", &q, b"later").await;
     let quiet = tokio::time::timeout(Duration::from_millis(400), raw.frame()).await;
     assert!(quiet.is_err(), "nothing while blocked: {quiet:?}");
     // Draining the queue lifts the block; the parked publish goes through.

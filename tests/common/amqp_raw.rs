@@ -2,7 +2,7 @@
 //! amq-protocol (or by hand), the gateway's frames read back with its own decoder.
 
 use amq_protocol::frame::{AMQPContentHeader, AMQPFrame, WriteContext, gen_frame};
-use amq_protocol::protocol::{AMQPClass, BasicProperties, basic, channel, connection};
+use amq_protocol::protocol::{AMQPClass, BasicProperties, basic, channel, confirm, connection};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString};
 use amqp_gateway::protocol::amqp::frame::{self, Frame, PROTOCOL_HEADER};
 use bytes::BytesMut;
@@ -192,6 +192,30 @@ impl Raw {
         ))
         .await;
         code
+    }
+
+    /// Puts `channel` in confirm mode and waits for select-ok.
+    pub async fn confirm_select(&mut self, channel: u16) {
+        self.send(&method(
+            channel,
+            AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
+                nowait: false,
+            })),
+        ))
+        .await;
+        let ok = self.method().await;
+        assert!(
+            matches!(ok, AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(_))),
+            "{ok:?}"
+        );
+    }
+
+    /// A whole publish: the method, a content header announcing `data`, and `data` in one
+    /// body frame.
+    pub async fn publish_body(&mut self, channel: u16, exchange: &str, key: &str, data: &[u8]) {
+        self.send(&publish(channel, exchange, key)).await;
+        self.send(&header(channel, data.len() as u64)).await;
+        self.send(&body(channel, data)).await;
     }
 
     /// Opens `channel` and waits for open-ok.
