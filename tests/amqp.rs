@@ -104,9 +104,7 @@ async fn confirms_returns_and_get() {
         .await
         .unwrap();
     let q = unique("get");
-    ch.queue_declare(q.as_str().into(), QueueDeclareOptions::default(), no_args())
-        .await
-        .unwrap();
+    common::amqp::declare(&ch, &q).await;
     for i in 0..3 {
         publish_confirmed(&ch, "", &q, format!("m{i}").as_bytes()).await;
     }
@@ -130,11 +128,7 @@ async fn confirms_returns_and_get() {
     assert_eq!(returned.data, b"lost");
     assert_eq!(returned.reply_code, 312);
 
-    let first = ch
-        .basic_get(q.as_str().into(), BasicGetOptions::default())
-        .await
-        .unwrap()
-        .expect("a message");
+    let first = common::amqp::get(&ch, &q, false).await.expect("a message");
     assert_eq!(first.delivery.data, b"m0");
     assert_eq!(first.message_count, 2);
     first
@@ -142,28 +136,16 @@ async fn confirms_returns_and_get() {
         .ack(BasicAckOptions::default())
         .await
         .unwrap();
-    let second = ch
-        .basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
-        .await
-        .unwrap()
-        .unwrap();
+    let second = common::amqp::get(&ch, &q, true).await.unwrap();
     assert_eq!(second.delivery.data, b"m1");
-    let third = ch
-        .basic_get(q.as_str().into(), BasicGetOptions::default())
-        .await
-        .unwrap()
-        .unwrap();
+    let third = common::amqp::get(&ch, &q, false).await.unwrap();
     // Rejected with requeue: it is the next one again, redelivered.
     third
         .delivery
         .reject(BasicRejectOptions { requeue: true })
         .await
         .unwrap();
-    let again = ch
-        .basic_get(q.as_str().into(), BasicGetOptions::default())
-        .await
-        .unwrap()
-        .unwrap();
+    let again = common::amqp::get(&ch, &q, false).await.unwrap();
     assert_eq!(again.delivery.data, b"m2");
     assert!(again.delivery.redelivered);
     again
@@ -171,12 +153,7 @@ async fn confirms_returns_and_get() {
         .ack(BasicAckOptions::default())
         .await
         .unwrap();
-    assert!(
-        ch.basic_get(q.as_str().into(), BasicGetOptions::default())
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(common::amqp::get(&ch, &q, false).await.is_none());
 }
 
 #[tokio::test]
@@ -185,9 +162,7 @@ async fn prefetch_bounds_unacked_deliveries_and_nothing_is_lost() {
     let q = unique("prefetch");
     let publisher = connect(&gw, &admin()).await;
     let pch = channel(&publisher).await;
-    pch.queue_declare(q.as_str().into(), QueueDeclareOptions::default(), no_args())
-        .await
-        .unwrap();
+    common::amqp::declare(&pch, &q).await;
     pch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
@@ -245,9 +220,7 @@ async fn delivery_tags_rise_across_consumers_and_multiple_acks_only_what_was_see
     let ch = channel(&conn).await;
     let (a, b) = (unique("tags-a"), unique("tags-b"));
     for q in [&a, &b] {
-        ch.queue_declare(q.as_str().into(), QueueDeclareOptions::default(), no_args())
-            .await
-            .unwrap();
+        common::amqp::declare(&ch, q).await;
     }
     let mut ca = ch
         .basic_consume(
@@ -316,9 +289,7 @@ async fn cancel_keeps_unacked_deliveries_and_closing_requeues_them() {
     let q = unique("cancel");
     let conn = connect(&gw, &admin()).await;
     let ch = channel(&conn).await;
-    ch.queue_declare(q.as_str().into(), QueueDeclareOptions::default(), no_args())
-        .await
-        .unwrap();
+    common::amqp::declare(&ch, &q).await;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
@@ -350,11 +321,7 @@ async fn cancel_keeps_unacked_deliveries_and_closing_requeues_them() {
     drop(second);
     // Closing the channel returns the other one, redelivered.
     c2.close(200, "done".into()).await.unwrap();
-    let again = ch
-        .basic_get(q.as_str().into(), BasicGetOptions::default())
-        .await
-        .unwrap()
-        .expect("requeued");
+    let again = common::amqp::get(&ch, &q, false).await.expect("requeued");
     assert_eq!(again.delivery.data, b"m1");
     assert!(again.delivery.redelivered);
 }
@@ -370,9 +337,7 @@ async fn global_prefetch_is_shared_by_the_channel() {
         .await
         .unwrap();
     for q in [&a, &b] {
-        ch.queue_declare(q.as_str().into(), QueueDeclareOptions::default(), no_args())
-            .await
-            .unwrap();
+        common::amqp::declare(&ch, q).await;
         for _ in 0..5 {
             publish_confirmed(&pch, "", q, b"x").await;
         }
@@ -441,9 +406,7 @@ async fn scopes_apply_and_a_refusal_closes_only_the_channel() {
     let conn = connect(&gw, &t).await;
     let ch = channel(&conn).await;
     let q = unique("app-q");
-    ch.queue_declare(q.as_str().into(), QueueDeclareOptions::default(), no_args())
-        .await
-        .unwrap();
+    common::amqp::declare(&ch, &q).await;
     ch.queue_bind(
         q.as_str().into(),
         "amq.topic".into(),
@@ -588,9 +551,7 @@ async fn queue_deleted_under_a_consumer_cancels_it() {
     let conn = connect(&gw, &admin()).await;
     let ch = channel(&conn).await;
     let q = unique("gone");
-    ch.queue_declare(q.as_str().into(), QueueDeclareOptions::default(), no_args())
-        .await
-        .unwrap();
+    common::amqp::declare(&ch, &q).await;
     let mut consumer = ch
         .basic_consume(
             q.as_str().into(),
@@ -866,10 +827,8 @@ async fn exchanges_are_declared_checked_and_deleted() {
         .await
         .unwrap();
     publish_confirmed(&ch, &x, "any", b"fan").await;
-    let got = ch
-        .basic_get(q.name().clone(), BasicGetOptions { no_ack: true })
+    let got = common::amqp::get(&ch, q.name().as_str(), true)
         .await
-        .unwrap()
         .unwrap();
     assert_eq!(got.delivery.data, b"fan");
     // Unbound, the queue gets nothing more from the exchange.
@@ -878,9 +837,8 @@ async fn exchanges_are_declared_checked_and_deleted() {
         .unwrap();
     publish_confirmed(&ch, &x, "any", b"unbound").await;
     assert!(
-        ch.basic_get(q.name().clone(), BasicGetOptions { no_ack: true })
+        common::amqp::get(&ch, q.name().as_str(), true)
             .await
-            .unwrap()
             .is_none()
     );
     ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())

@@ -12,7 +12,7 @@ use amqp_gateway::protocol::amqp::frame::{Frame, PROTOCOL_HEADER};
 use common::amqp::{channel, connect, publish_confirmed};
 use common::amqp_raw::{Raw, body, header, method, publish};
 use common::{TestGateway, admin, start_gateway, unique};
-use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::options::ConfirmSelectOptions;
 use tokio::io::AsyncReadExt;
 
 /// A gateway and a lapin connection opened before the bad input, checked after it.
@@ -26,13 +26,7 @@ async fn with_bystander(
         .await
         .unwrap();
     let q = unique("bystander");
-    ch.queue_declare(
-        q.as_str().into(),
-        QueueDeclareOptions::default(),
-        common::amqp::no_args(),
-    )
-    .await
-    .unwrap();
+    common::amqp::declare(&ch, &q).await;
     publish_confirmed(&ch, "", &q, b"before").await;
     (gw, conn, ch, q)
 }

@@ -348,26 +348,16 @@ async fn the_feed_sends_snapshots_to_monitoring_tokens_only() {
     // A delivery acknowledged by a client counts in `acked`.
     let amqp = common::amqp::connect(&gw, &admin()).await;
     let ch = common::amqp::channel(&amqp).await;
-    let got = ch
-        .basic_get(
-            queue.as_str().into(),
-            lapin::options::BasicGetOptions::default(),
-        )
+    let got = common::amqp::get(&ch, &queue, false)
         .await
-        .unwrap()
         .expect("a message");
     got.delivery
         .ack(lapin::options::BasicAckOptions::default())
         .await
         .unwrap();
     // One more taken and held unacked, two published: the connection's own counts.
-    let held = ch
-        .basic_get(
-            queue.as_str().into(),
-            lapin::options::BasicGetOptions::default(),
-        )
+    let held = common::amqp::get(&ch, &queue, false)
         .await
-        .unwrap()
         .expect("a message");
     ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
         .await

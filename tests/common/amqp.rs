@@ -90,6 +90,28 @@ pub async fn next_error(events: &mut Events) -> lapin::Error {
     .expect("an error reported in time")
 }
 
+/// Declares `queue` with default flags and no arguments.
+pub async fn declare(ch: &Channel, queue: &str) {
+    ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions::default(),
+        no_args(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("declare {queue}: {e}"));
+}
+
+/// `basic.get` on `queue`; `None` when it is empty.
+pub async fn get(
+    ch: &Channel,
+    queue: &str,
+    no_ack: bool,
+) -> Option<lapin::message::BasicGetMessage> {
+    ch.basic_get(queue.into(), lapin::options::BasicGetOptions { no_ack })
+        .await
+        .unwrap_or_else(|e| panic!("get from {queue}: {e}"))
+}
+
 pub fn no_args() -> FieldTable {
     FieldTable::default()
 }
