@@ -535,12 +535,7 @@ async fn exclusive_queues_belong_to_their_connection() {
     assert_eq!(code(&err), Some(405), "{}", text(&err));
     owner.close(200, "bye".into()).await.unwrap();
     common::eventually("deleted with its connection", || async {
-        gw.get(&format!("/v1/queues/{q}"), &admin())
-            .send()
-            .await
-            .unwrap()
-            .status()
-            == 404
+        common::status(gw.get(&format!("/v1/queues/{q}"), &admin())).await == 404
     })
     .await;
 }
@@ -562,11 +557,7 @@ async fn queue_deleted_under_a_consumer_cancels_it() {
         .await
         .unwrap();
     assert_eq!(
-        gw.delete(&format!("/v1/queues/{q}"), &admin())
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        common::status(gw.delete(&format!("/v1/queues/{q}"), &admin())).await,
         204
     );
     let end = tokio::time::timeout(WAIT, consumer.next())
@@ -755,13 +746,7 @@ async fn amqp_meets_mqtt_websocket_and_rest() {
         )
         .await
         .unwrap();
-    let r = gw
-        .post("/v1/exchanges/amq.topic/publish", &admin())
-        .json(&json!({"routing_key": "orders.eu", "body": {"id": 1}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    gw.publish("amq.topic", "orders.eu", json!({"id": 1})).await;
     let d = next(&mut consumer).await;
     assert_eq!(d.routing_key.as_str(), "orders.eu");
     assert_eq!(
@@ -879,12 +864,10 @@ async fn operators_see_amqp_connections_and_close_them_with_320() {
     assert_eq!(items[0]["client_id"], "billing-worker");
     assert_eq!(items[0]["transport"], "tcp");
     let id = items[0]["id"].as_u64().unwrap();
-    let r = gw
-        .delete(&format!("/v1/connections/{id}"), &admin())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
+    assert_eq!(
+        common::status(gw.delete(&format!("/v1/connections/{id}"), &admin())).await,
+        204
+    );
     let closed = common::amqp::next_error(&mut events).await;
     assert_eq!(code(&closed), Some(320), "{closed}");
     assert!(text(&closed).contains("administrator"), "{}", text(&closed));

@@ -118,13 +118,7 @@ async fn every_metric_the_dashboard_plots_is_exported() {
     let vhost = Vhost::create().await;
     let _upstream = start_gateway(|c| on_vhost(c, &vhost)).await;
     let q = embedded.queue("dash").await;
-    let r = embedded
-        .post("/v1/exchanges/amq.default/publish", &admin())
-        .json(&json!({"routing_key": q, "body": "x"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    embedded.publish("amq.default", &q, json!("x")).await;
     assert_eq!(embedded.take(&q, 1).await.len(), 1);
     let _ = common::amqp::connect(&embedded, &admin()).await;
     let refused = lapin::Connection::connect(
