@@ -142,6 +142,8 @@ impl Default for MqttConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpConfig {
     pub listen: SocketAddr,
+    /// AMQPS; used only when `tls.cert` and `tls.key` are set.
+    pub tls_listen: SocketAddr,
     /// The heartbeat the gateway proposes in `connection.tune` (the client may lower it; zero
     /// turns heartbeats off). No frame for two intervals closes the connection.
     #[serde(with = "humantime_serde")]
@@ -155,6 +157,7 @@ impl Default for AmqpConfig {
     fn default() -> Self {
         AmqpConfig {
             listen: addr("0.0.0.0:5673"),
+            tls_listen: addr("0.0.0.0:5671"),
             heartbeat: Duration::from_secs(60),
             handshake_timeout: Duration::from_secs(10),
         }

@@ -23,6 +23,8 @@ pub enum StartError {
     Store(String),
     #[error("{0}")]
     Unsupported(String),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("token keys: {0}")]
     Keys(#[from] KeyError),
     #[error(

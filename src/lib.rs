@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod shutdown;
+pub mod tls;
 pub mod web;
 
 use std::net::SocketAddr;
@@ -58,6 +59,12 @@ pub struct BoundAddrs {
     pub metrics: SocketAddr,
     /// `None` in upstream mode: AMQP applications talk to the broker itself.
     pub amqp: Option<SocketAddr>,
+    /// MQTT over TLS, when `tls.cert`/`tls.key` are set.
+    pub mqtt_tls: Option<SocketAddr>,
+    /// AMQP over TLS, when TLS is set and the AMQP listener runs.
+    pub amqp_tls: Option<SocketAddr>,
+    /// Whether the HTTP listener speaks TLS (HTTPS, WSS).
+    pub https: bool,
 }
 
 /// A running gateway.
@@ -69,6 +76,7 @@ pub struct Gateway {
     /// Client connections' tasks, waited for before the engine stops.
     connections: TaskTracker,
     shutdown_timeout: std::time::Duration,
+    tls: Option<Arc<tls::Tls>>,
 }
 
 impl Gateway {
@@ -79,6 +87,16 @@ impl Gateway {
     /// The engine behind the adapters (tests and benches use it directly).
     pub fn engine(&self) -> Arc<dyn Engine> {
         self.engine.clone()
+    }
+
+    /// Reads `tls.cert` and `tls.key` again (the binary does on SIGHUP): handshakes from now on
+    /// present the new certificate; open connections keep theirs. `Ok(false)` without TLS; on
+    /// an error the current certificate stays.
+    pub fn reload_tls(&self) -> Result<bool, tls::TlsError> {
+        match &self.tls {
+            Some(tls) => tls.reload().map(|()| true),
+            None => Ok(false),
+        }
     }
 
     /// A handle that stops the gateway when triggered.
@@ -210,6 +228,10 @@ pub async fn start_with(config: Config, engine: Arc<dyn Engine>) -> Result<Gatew
         );
     }
     let auth = Arc::new(auth::Authenticator::new(&config.auth).await?);
+    let tls = match (&config.tls.cert, &config.tls.key) {
+        (Some(cert), Some(key)) => Some(Arc::new(tls::Tls::load(cert, key)?)),
+        _ => None,
+    };
     let shutdown = Shutdown::new();
     let config = Arc::new(config);
     let ctx = context::Context {
@@ -232,6 +254,10 @@ pub async fn start_with(config: Config, engine: Arc<dyn Engine>) -> Result<Gatew
     let metrics_addr = local_addr("metrics", &metrics_listener, config.metrics.listen)?;
     let amqp = bind_amqp(&config, engine.as_ref()).await?;
     let amqp_addr = amqp.as_ref().map(|(_, addr)| *addr);
+    let secure = match &tls {
+        Some(_) => Some(bind_tls(&config, engine.as_ref()).await?),
+        None => None,
+    };
 
     let app = server::health_routes(ctx.clone())
         .merge(protocol::rest::router(ctx.clone()))
@@ -245,57 +271,133 @@ pub async fn start_with(config: Config, engine: Arc<dyn Engine>) -> Result<Gatew
             ctx.clone(),
             config.http.header_read_timeout,
             config.shutdown_timeout,
+            tls.as_ref().map(|t| t.http.clone()),
         ),
+        // Plain HTTP always: Prometheus scrapes it where only it reaches (127.0.0.1 by default).
         server::serve_http(
             metrics_listener,
             server::metrics_routes(ctx.clone()),
             ctx.clone(),
             config.http.header_read_timeout,
             config.shutdown_timeout,
+            None,
         ),
     ];
     tasks.push(protocol::mqtt::serve_tcp(mqtt, ctx.clone()));
     if let Some((listener, _)) = amqp {
         tasks.push(protocol::amqp::serve_tcp(listener, ctx.clone()));
     }
+    let (mqtt_tls, amqp_tls) = match (secure, &tls) {
+        (Some(listeners), Some(tls)) => serve_tls(listeners, tls, &ctx, &mut tasks),
+        _ => (None, None),
+    };
     tasks.extend(auth::jwt::spawn_refresh(
         auth.verifier(),
         config.auth.jwks_refresh,
         shutdown.clone(),
     ));
-    let flow = ctx.flow.clone();
-    let stop = shutdown.clone();
-    tasks.push(tokio::spawn(async move {
+    tasks.push(spawn_housekeeping(ctx.flow.clone(), shutdown.clone()));
+    let addrs = BoundAddrs {
+        http: http_addr,
+        mqtt: mqtt_addr,
+        metrics: metrics_addr,
+        amqp: amqp_addr,
+        mqtt_tls,
+        amqp_tls,
+        https: tls.is_some(),
+    };
+    log_listeners(&addrs);
+    tracing::info!(engine = ?engine.kind(), "gateway started");
+
+    Ok(Gateway {
+        addrs,
+        engine,
+        shutdown,
+        tasks,
+        connections: ctx.connections.clone(),
+        shutdown_timeout: config.shutdown_timeout,
+        tls,
+    })
+}
+
+/// Forgets idle rate-limit buckets now and then.
+fn spawn_housekeeping(flow: Arc<flow::Flow>, stop: Shutdown) -> JoinHandle<()> {
+    tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = stop.wait() => return,
                 _ = tokio::time::sleep(HOUSEKEEPING_EVERY) => flow.housekeeping(),
             }
         }
-    }));
-    tracing::info!(listener = "http", addr = %http_addr, "listening (REST /v1, /docs, health)");
+    })
+}
+
+/// Serves MQTT and AMQP over TLS on their bound listeners; returns their addresses.
+fn serve_tls(
+    listeners: TlsListeners,
+    tls: &tls::Tls,
+    ctx: &context::Context,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> (Option<SocketAddr>, Option<SocketAddr>) {
+    let (mqtt, mqtt_addr) = listeners.mqtt;
+    tasks.push(protocol::mqtt::serve_tls(
+        mqtt,
+        ctx.clone(),
+        tls.stream.clone(),
+    ));
+    let amqp_addr = listeners.amqp.map(|(listener, addr)| {
+        tasks.push(protocol::amqp::serve_tls(
+            listener,
+            ctx.clone(),
+            tls.stream.clone(),
+        ));
+        addr
+    });
+    (Some(mqtt_addr), amqp_addr)
+}
+
+fn log_listeners(addrs: &BoundAddrs) {
+    let (http_addr, mqtt_addr, metrics_addr) = (addrs.http, addrs.mqtt, addrs.metrics);
+    if addrs.https {
+        tracing::info!(listener = "http", addr = %http_addr, "listening (HTTPS and WSS only: REST /v1, /ws, /mqtt, /docs, health)");
+    } else {
+        tracing::info!(listener = "http", addr = %http_addr, "listening (REST /v1, /docs, health)");
+    }
     tracing::info!(listener = "mqtt", addr = %mqtt_addr, "listening (MQTT 3.1.1 and 5 over TCP)");
+    if let Some(addr) = addrs.mqtt_tls {
+        tracing::info!(listener = "mqtt_tls", addr = %addr, "listening (MQTT over TLS)");
+    }
     tracing::info!(listener = "metrics", addr = %metrics_addr, "listening (Prometheus /metrics)");
-    match amqp_addr {
+    match addrs.amqp {
         Some(addr) => tracing::info!(listener = "amqp", addr = %addr, "listening (AMQP 0-9-1)"),
         None => tracing::info!(
             "AMQP listener off: in upstream mode AMQP applications connect to the upstream broker"
         ),
     }
-    tracing::info!(engine = ?engine.kind(), "gateway started");
+    if let Some(addr) = addrs.amqp_tls {
+        tracing::info!(listener = "amqp_tls", addr = %addr, "listening (AMQP 0-9-1 over TLS)");
+    }
+}
 
-    Ok(Gateway {
-        addrs: BoundAddrs {
-            http: http_addr,
-            mqtt: mqtt_addr,
-            metrics: metrics_addr,
-            amqp: amqp_addr,
-        },
-        engine,
-        shutdown,
-        tasks,
-        connections: ctx.connections.clone(),
-        shutdown_timeout: config.shutdown_timeout,
+/// The TLS listeners bound: MQTT always, AMQP where its plain listener runs.
+struct TlsListeners {
+    mqtt: (tokio::net::TcpListener, SocketAddr),
+    amqp: Option<(tokio::net::TcpListener, SocketAddr)>,
+}
+
+async fn bind_tls(config: &Config, engine: &dyn Engine) -> Result<TlsListeners, StartError> {
+    let mqtt = server::bind("mqtt_tls", config.mqtt.tls_listen).await?;
+    let mqtt_addr = local_addr("mqtt_tls", &mqtt, config.mqtt.tls_listen)?;
+    let amqp = if engine.capabilities().amqp_listener {
+        let l = server::bind("amqp_tls", config.amqp.tls_listen).await?;
+        let addr = local_addr("amqp_tls", &l, config.amqp.tls_listen)?;
+        Some((l, addr))
+    } else {
+        None
+    };
+    Ok(TlsListeners {
+        mqtt: (mqtt, mqtt_addr),
+        amqp,
     })
 }
 

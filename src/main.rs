@@ -80,7 +80,7 @@ fn main() -> ExitCode {
                 "\nAdministrator token (valid 24h; mint others with `amqp-gateway token`):\n{token}\n"
             );
         }
-        amqp_gateway::shutdown::signal().await;
+        reload_tls_until_stopped(&gateway).await;
         gateway.shutdown().await;
         Ok::<(), amqp_gateway::StartError>(())
     });
@@ -165,5 +165,35 @@ fn token(config: &Config, args: &TokenArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => fail(1, format!("cannot sign the token: {e}")),
+    }
+}
+
+/// Runs until SIGTERM/SIGINT; on SIGHUP reads the TLS certificate and key again (a bad pair is
+/// logged and the current one kept).
+async fn reload_tls_until_stopped(gateway: &amqp_gateway::Gateway) {
+    let stop = amqp_gateway::shutdown::signal();
+    tokio::pin!(stop);
+    #[cfg(unix)]
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP; certificates reload on restart only");
+            stop.await;
+            return;
+        }
+    };
+    loop {
+        #[cfg(unix)]
+        let hup = hangup.recv();
+        #[cfg(not(unix))]
+        let hup = std::future::pending::<Option<()>>();
+        tokio::select! {
+            () = &mut stop => return,
+            _ = hup => match gateway.reload_tls() {
+                Ok(true) => tracing::info!("SIGHUP: TLS certificate reloaded; new connections use it"),
+                Ok(false) => tracing::info!("SIGHUP: no TLS configured, nothing to reload"),
+                Err(e) => tracing::error!("SIGHUP: TLS certificate not reloaded, the current one stays: {e}"),
+            },
+        }
     }
 }

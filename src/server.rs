@@ -19,6 +19,7 @@ use hyper_util::service::TowerToHyperService;
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 use crate::context::{Connection, Context};
@@ -115,14 +116,52 @@ where
     }
 }
 
+/// [`accept_until_shutdown`] for a TLS listener: each connection's task first completes the TLS
+/// handshake within `within` (so a client that stalls it holds its place no longer than one
+/// that stalls its protocol's handshake), then runs `serve` on the TLS stream.
+pub async fn accept_tls_until_shutdown<F, Fut>(
+    listener: &TcpListener,
+    ctx: &Context,
+    tls: &TlsAcceptor,
+    within: Duration,
+    protocol: &'static str,
+    serve: F,
+) where
+    F: Fn(tokio_rustls::server::TlsStream<TcpStream>, Arc<Connection>) -> Fut
+        + Clone
+        + Send
+        + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    accept_until_shutdown(listener, ctx, |stream, conn| {
+        let (tls, serve) = (tls.clone(), serve.clone());
+        ctx.connections.spawn(async move {
+            match tokio::time::timeout(within, tls.accept(stream)).await {
+                Ok(Ok(stream)) => serve(stream, conn).await,
+                Ok(Err(e)) => {
+                    tracing::debug!(remote = %conn.remote, protocol, error = %e, "TLS handshake failed");
+                    crate::metrics::refusal(protocol, "tls_handshake");
+                }
+                Err(_) => {
+                    tracing::debug!(remote = %conn.remote, protocol, "TLS handshake timed out");
+                    crate::metrics::refusal(protocol, "tls_handshake_timeout");
+                }
+            }
+        });
+    })
+    .await;
+}
+
 /// Serves `app` on `listener` until shutdown, then lets open connections finish for `drain`.
-/// Each request carries its connection's [`Connection`] as an extension.
+/// Each request carries its connection's [`Connection`] as an extension. With `tls`, every
+/// connection first completes a TLS handshake within `header_read_timeout` (HTTPS and WSS).
 pub fn serve_http(
     listener: TcpListener,
     app: Router,
     ctx: Context,
     header_read_timeout: Duration,
     drain: Duration,
+    tls: Option<TlsAcceptor>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut builder = Builder::new(TokioExecutor::new());
@@ -130,23 +169,38 @@ pub fn serve_http(
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(header_read_timeout);
+        let builder = Arc::new(builder);
         let graceful = GracefulShutdown::new();
         accept_until_shutdown(&listener, &ctx, |stream, conn| {
             let remote = conn.remote;
-            let service = app.clone().map_request(move |mut req: Request<Incoming>| {
-                req.extensions_mut().insert(conn.clone());
-                req
-            });
-            let serving = builder
-                .serve_connection_with_upgrades(
-                    TokioIo::new(stream),
-                    TowerToHyperService::new(service),
-                )
-                .into_owned();
-            let watched = graceful.watch(serving);
+            let service = TowerToHyperService::new(app.clone().map_request(
+                move |mut req: Request<Incoming>| {
+                    req.extensions_mut().insert(conn.clone());
+                    req
+                },
+            ));
+            let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
             crate::metrics::connection_opened("http");
             tokio::spawn(async move {
-                let reason = match watched.await {
+                let served = match tls {
+                    None => {
+                        let io = TokioIo::new(stream);
+                        let serving = builder.serve_connection_with_upgrades(io, service);
+                        watcher.watch(serving.into_owned()).await
+                    }
+                    Some(tls) => {
+                        match tokio::time::timeout(header_read_timeout, tls.accept(stream)).await {
+                            Ok(Ok(stream)) => {
+                                let io = TokioIo::new(stream);
+                                let serving = builder.serve_connection_with_upgrades(io, service);
+                                watcher.watch(serving.into_owned()).await
+                            }
+                            Ok(Err(e)) => Err(format!("TLS handshake failed: {e}").into()),
+                            Err(_) => Err("TLS handshake timed out".into()),
+                        }
+                    }
+                };
+                let reason = match served {
                     Ok(()) => "closed",
                     Err(e) => {
                         tracing::debug!(%remote, error = %e, "http connection ended with an error");

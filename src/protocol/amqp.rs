@@ -17,6 +17,7 @@ mod topology;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 
 use crate::context::Context;
 
@@ -27,9 +28,27 @@ pub const PROTOCOL: &str = "amqp";
 pub fn serve_tcp(listener: TcpListener, ctx: Context) -> JoinHandle<()> {
     tokio::spawn(async move {
         crate::server::accept_until_shutdown(&listener, &ctx, |stream, conn| {
+            let (reader, writer) = stream.into_split();
             ctx.connections
-                .spawn(connection::run(stream, ctx.clone(), conn));
+                .spawn(connection::run(reader, writer, ctx.clone(), conn, "tcp"));
         })
         .await;
+    })
+}
+
+/// Accepts AMQP over TLS (`amqp.tls_listen`, AMQPS) until shutdown; the TLS handshake counts
+/// against `amqp.handshake_timeout` like the AMQP one after it.
+pub fn serve_tls(listener: TcpListener, ctx: Context, tls: TlsAcceptor) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let within = ctx.config.amqp.handshake_timeout;
+        let serve = {
+            let ctx = ctx.clone();
+            move |stream, conn| {
+                let (reader, writer) = tokio::io::split(stream);
+                connection::run(reader, writer, ctx.clone(), conn, "tls")
+            }
+        };
+        crate::server::accept_tls_until_shutdown(&listener, &ctx, &tls, within, PROTOCOL, serve)
+            .await;
     })
 }

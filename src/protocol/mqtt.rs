@@ -20,6 +20,7 @@ pub fn router(ctx: Context) -> axum::Router {
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 
 use crate::context::Context;
 
@@ -31,5 +32,19 @@ pub fn serve_tcp(listener: TcpListener, ctx: Context) -> JoinHandle<()> {
                 .spawn(connection::run(stream, ctx.clone(), conn, "tcp"));
         })
         .await;
+    })
+}
+
+/// Accepts MQTT over TLS (`mqtt.tls_listen`, MQTTS) until shutdown; the TLS handshake counts
+/// against `mqtt.connect_timeout` like the CONNECT after it.
+pub fn serve_tls(listener: TcpListener, ctx: Context, tls: TlsAcceptor) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let within = ctx.config.mqtt.connect_timeout;
+        let serve = {
+            let ctx = ctx.clone();
+            move |stream, conn| connection::run(stream, ctx.clone(), conn, "tls")
+        };
+        crate::server::accept_tls_until_shutdown(&listener, &ctx, &tls, within, "mqtt", serve)
+            .await;
     })
 }

@@ -19,6 +19,9 @@ pub struct ChildGateway {
     pub mqtt: SocketAddr,
     /// The AMQP listener (embedded engine only).
     pub amqp: Option<SocketAddr>,
+    /// The TLS listeners (with `tls.cert`/`tls.key` set).
+    pub mqtt_tls: Option<SocketAddr>,
+    pub amqp_tls: Option<SocketAddr>,
     /// Every log line (JSON) after the listener lines.
     pub lines: mpsc::UnboundedReceiver<String>,
     /// The log lines read while starting (recovery reports among them).
@@ -101,6 +104,7 @@ impl ChildGateway {
         });
         let mut startup = Vec::new();
         let (mut http, mut mqtt, mut amqp) = (None, None, None);
+        let (mut mqtt_tls, mut amqp_tls) = (None, None);
         // A bound against a hang, not a speed check: recovering a large store while the
         // rest of the suite (and RabbitMQ for the upstream tests) loads both cores took > 5 s.
         let found = tokio::time::timeout(STARTUP, async {
@@ -116,6 +120,8 @@ impl ChildGateway {
                     Some("http") => http = addr(),
                     Some("mqtt") => mqtt = addr(),
                     Some("amqp") => amqp = addr(),
+                    Some("mqtt_tls") => mqtt_tls = addr(),
+                    Some("amqp_tls") => amqp_tls = addr(),
                     _ => {}
                 }
                 started = v["fields"]["message"] == "gateway started";
@@ -133,6 +139,8 @@ impl ChildGateway {
             http: http.expect("http address"),
             mqtt: mqtt.expect("mqtt address"),
             amqp,
+            mqtt_tls,
+            amqp_tls,
             lines,
             startup,
         }
@@ -160,6 +168,15 @@ impl ChildGateway {
         })
         .await
         .expect("the gateway ends after the signal")
+    }
+
+    /// Sends `signal` (`HUP`) and returns at once.
+    pub fn signal_only(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -{signal}");
     }
 
     /// Waits (within [`WAIT`]) for a log line containing `text`.

@@ -101,6 +101,8 @@ pub fn test_config() -> Config {
     c.metrics.listen = "127.0.0.1:0".parse().unwrap();
     c.mqtt.listen = "127.0.0.1:0".parse().unwrap();
     c.amqp.listen = "127.0.0.1:0".parse().unwrap();
+    c.mqtt.tls_listen = "127.0.0.1:0".parse().unwrap();
+    c.amqp.tls_listen = "127.0.0.1:0".parse().unwrap();
     c.auth.hs256_secret = Some(SECRET.into());
     // A data directory of its own: the store's lock allows one gateway per directory.
     c.engine.data_dir = tempfile::Builder::new()

@@ -11,7 +11,6 @@ use amq_protocol::types::ShortString;
 use bytes::BytesMut;
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::PROTOCOL;
@@ -58,18 +57,38 @@ impl Ending {
     }
 }
 
-pub async fn run(stream: TcpStream, ctx: Context, conn: Arc<Connection>) {
+/// Serves one AMQP connection, given its socket's two halves, over `transport` (`tcp` or
+/// `tls`).
+pub async fn run<R, W>(
+    reader: R,
+    writer: W,
+    ctx: Context,
+    conn: Arc<Connection>,
+    transport: &'static str,
+) where
+    R: AsyncRead + Send + Unpin,
+    W: AsyncWrite + Send + Unpin,
+{
     metrics::connection_opened(PROTOCOL);
-    let ending = serve(stream, &ctx, &conn).await;
+    let ending = serve(reader, writer, &ctx, &conn, transport).await;
     tracing::debug!(remote = %conn.remote, reason = ending.as_str(), "AMQP connection ended");
     metrics::connection_closed(PROTOCOL, ending.as_str());
 }
 
-async fn serve(stream: TcpStream, ctx: &Context, conn: &Arc<Connection>) -> Ending {
+async fn serve<R, W>(
+    reader: R,
+    mut writer: W,
+    ctx: &Context,
+    conn: &Arc<Connection>,
+    transport: &'static str,
+) -> Ending
+where
+    R: AsyncRead + Send + Unpin,
+    W: AsyncWrite + Send + Unpin,
+{
     let Ok(waiting) = ctx.flow.admission.unauthenticated() else {
         return Ending::AdmissionFull;
     };
-    let (reader, mut writer) = stream.into_split();
     let mut wire = Wire::new(reader, FRAME_MAX as usize);
     let negotiated = tokio::time::timeout(
         ctx.config.amqp.handshake_timeout,
@@ -90,7 +109,7 @@ async fn serve(stream: TcpStream, ctx: &Context, conn: &Arc<Connection>) -> Endi
         Err(_) => return Ending::HandshakeTimeout,
     };
     let heartbeat = Duration::from_secs(u64::from(negotiated.heartbeat));
-    let mut session = Session::new(ctx.clone(), conn.clone(), negotiated);
+    let mut session = Session::new(ctx.clone(), conn.clone(), negotiated, transport);
     let mut out = BytesMut::new();
     let ending = serve_session(
         ctx,

@@ -87,12 +87,17 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(ctx: Context, conn: Arc<Connection>, n: Negotiated) -> Session {
+    pub fn new(
+        ctx: Context,
+        conn: Arc<Connection>,
+        n: Negotiated,
+        transport: &'static str,
+    ) -> Session {
         let registered = ctx.registry.register(
             conn.id,
             crate::context::About {
                 protocol: super::PROTOCOL,
-                transport: "tcp",
+                transport,
                 remote: conn.remote,
                 subject: n.principal.subject.to_string(),
                 client_id: n.name,
