@@ -75,6 +75,10 @@ impl ChildGateway {
     }
 
     async fn spawn(mut cmd: Command, data_dir: &Path) -> ChildGateway {
+        // `info` unless the test asked for another level.
+        if !cmd.get_envs().any(|(k, _)| k == "GATEWAY_LOG__LEVEL") {
+            cmd.env("GATEWAY_LOG__LEVEL", "info");
+        }
         let mut child = cmd
             .args([
                 "--http-listen",
@@ -86,7 +90,7 @@ impl ChildGateway {
             .args(["--amqp-listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--log-format", "json", "--log-level", "info"])
+            .args(["--log-format", "json"])
             .env("GATEWAY_AUTH__HS256_SECRET", SECRET)
             .env_remove("RUST_LOG")
             .stdout(Stdio::piped())
