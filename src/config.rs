@@ -70,6 +70,8 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// The largest request head (request line and headers) accepted; more is answered 431.
+    pub max_header_bytes: ByteSize,
     pub max_batch: usize,
     #[serde(with = "humantime_serde")]
     pub idempotency_window: Duration,
@@ -80,6 +82,7 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: addr("0.0.0.0:8080"),
             header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: ByteSize::kib(64),
             max_batch: 1000,
             idempotency_window: Duration::from_secs(300),
         }

@@ -269,18 +269,14 @@ pub async fn start_with(config: Config, engine: Arc<dyn Engine>) -> Result<Gatew
             http,
             app,
             ctx.clone(),
-            config.http.header_read_timeout,
-            config.shutdown_timeout,
-            tls.as_ref().map(|t| t.http.clone()),
+            http_options(&config, tls.as_ref().map(|t| t.http.clone())),
         ),
         // Plain HTTP always: Prometheus scrapes it where only it reaches (127.0.0.1 by default).
         server::serve_http(
             metrics_listener,
             server::metrics_routes(ctx.clone()),
             ctx.clone(),
-            config.http.header_read_timeout,
-            config.shutdown_timeout,
-            None,
+            http_options(&config, None),
         ),
     ];
     tasks.push(protocol::mqtt::serve_tcp(mqtt, ctx.clone()));
@@ -318,6 +314,15 @@ pub async fn start_with(config: Config, engine: Arc<dyn Engine>) -> Result<Gatew
         shutdown_timeout: config.shutdown_timeout,
         tls,
     })
+}
+
+fn http_options(config: &Config, tls: Option<tokio_rustls::TlsAcceptor>) -> server::HttpOptions {
+    server::HttpOptions {
+        header_read_timeout: config.http.header_read_timeout,
+        max_header_bytes: config.http.max_header_bytes.as_u64().min(usize::MAX as u64) as usize,
+        drain: config.shutdown_timeout,
+        tls,
+    }
 }
 
 /// Forgets idle rate-limit buckets now and then.

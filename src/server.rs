@@ -152,6 +152,18 @@ pub async fn accept_tls_until_shutdown<F, Fut>(
     .await;
 }
 
+/// How an HTTP listener serves its connections.
+pub struct HttpOptions {
+    /// The request head must arrive within this (and, with TLS, the handshake before it).
+    pub header_read_timeout: Duration,
+    /// The largest request head (HTTP/1.1) or header list (HTTP/2): more is answered 431.
+    pub max_header_bytes: usize,
+    /// How long open connections may finish after shutdown.
+    pub drain: Duration,
+    /// HTTPS (and WSS) when set.
+    pub tls: Option<TlsAcceptor>,
+}
+
 /// Serves `app` on `listener` until shutdown, then lets open connections finish for `drain`.
 /// Each request carries its connection's [`Connection`] as an extension. With `tls`, every
 /// connection first completes a TLS handshake within `header_read_timeout` (HTTPS and WSS).
@@ -159,16 +171,26 @@ pub fn serve_http(
     listener: TcpListener,
     app: Router,
     ctx: Context,
-    header_read_timeout: Duration,
-    drain: Duration,
-    tls: Option<TlsAcceptor>,
+    options: HttpOptions,
 ) -> JoinHandle<()> {
+    let HttpOptions {
+        header_read_timeout,
+        max_header_bytes,
+        drain,
+        tls,
+    } = options;
     tokio::spawn(async move {
         let mut builder = Builder::new(TokioExecutor::new());
+        // hyper reads a request head into a buffer of at most this and answers 431 when the
+        // head does not fit; bodies stream through it in chunks of at most this.
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(header_read_timeout);
+            .header_read_timeout(header_read_timeout)
+            .max_buf_size(max_header_bytes);
+        builder
+            .http2()
+            .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX));
         let builder = Arc::new(builder);
         let graceful = GracefulShutdown::new();
         accept_until_shutdown(&listener, &ctx, |stream, conn| {

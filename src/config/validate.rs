@@ -22,6 +22,12 @@ pub fn validate(c: &Config) -> Result<(), ConfigError> {
     if c.sse.durable_window == 0 {
         return Err(invalid("sse.durable_window", "must be between 1 and 65535"));
     }
+    if c.http.max_header_bytes.as_u64() < 8192 || c.http.max_header_bytes.as_u64() > 16 << 20 {
+        return Err(invalid(
+            "http.max_header_bytes",
+            "must be between 8KiB and 16MiB",
+        ));
+    }
     if c.http.max_batch == 0 {
         return Err(invalid("http.max_batch", "must be at least 1"));
     }

@@ -203,6 +203,27 @@ fn qos(q: u8) -> QoS {
     }
 }
 
+/// The largest Remaining Length of a packet whose whole size, fixed header included, is at most
+/// `max_packet` — MQTT 5's Maximum Packet Size counts the whole packet, rmqtt-codec limits the
+/// Remaining Length.
+pub fn remaining_limit(max_packet: u32) -> u32 {
+    // Each Variable Byte Integer length and the Remaining Lengths it can encode.
+    const RANGES: [(u32, u32, u32); 4] = [
+        (1, 0, 127),
+        (2, 128, 16_383),
+        (3, 16_384, 2_097_151),
+        (4, 2_097_152, 268_435_455),
+    ];
+    RANGES
+        .iter()
+        .filter_map(|&(len, low, high)| {
+            let fits = max_packet.checked_sub(1 + len)?.min(high);
+            (fits >= low).then_some(fits)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// The codec of one connection: detects the version on CONNECT, then decodes that version.
 pub struct Codec {
     inner: MqttCodec,
@@ -243,11 +264,12 @@ impl Codec {
             };
             return Ok(Some(match packet {
                 MqttPacket::Version(ProtocolVersion::MQTT3) => {
-                    self.inner = MqttCodec::V3(v3::Codec::new(self.max_in));
+                    self.inner = MqttCodec::V3(v3::Codec::new(remaining_limit(self.max_in)));
                     continue;
                 }
                 MqttPacket::Version(ProtocolVersion::MQTT5) => {
-                    self.inner = MqttCodec::V5(v5::Codec::new(self.max_in, self.max_in));
+                    self.inner =
+                        MqttCodec::V5(v5::Codec::new(remaining_limit(self.max_in), self.max_in));
                     continue;
                 }
                 MqttPacket::V3(p) => from_v3(p),

@@ -232,3 +232,32 @@ fn valid_seeds_decode() {
         }
     }
 }
+
+#[test]
+fn the_remaining_length_limit_keeps_whole_packets_within_the_maximum_packet_size() {
+    fn whole(remaining: u32) -> u32 {
+        let len = match remaining {
+            0..=127 => 1,
+            128..=16_383 => 2,
+            16_384..=2_097_151 => 3,
+            _ => 4,
+        };
+        1 + len + remaining
+    }
+    for max in [
+        2,
+        129,
+        130,
+        131,
+        16_386,
+        16_387,
+        16_388,
+        69_632,
+        1_114_112,
+        268_435_460,
+    ] {
+        let limit = remaining_limit(max);
+        assert!(whole(limit) <= max, "{max}: {limit} makes {}", whole(limit));
+        assert!(whole(limit + 1) > max, "{max}: {} would fit too", limit + 1);
+    }
+}

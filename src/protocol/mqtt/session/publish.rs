@@ -265,6 +265,9 @@ impl Session {
                 return Outcome::Close(CloseReason::TopicNameInvalid);
             }
         };
+        if p.payload.len() as u64 > self.ctx.config.limits.max_message_bytes.as_u64() {
+            return self.too_large(&p);
+        }
         let cleared = match self.ctx.clear_publish(
             PROTOCOL,
             &self.conn,
@@ -396,6 +399,21 @@ impl Session {
                 self.refused(&ack, e)
             }
         }
+    }
+
+    /// A payload over `limits.max_message_bytes` (within the Maximum Packet Size, which leaves
+    /// room for topic and properties): not published, and the QoS flow completed as Mosquitto
+    /// does for its message size limit — MQTT 5 hears 0x97, 3.1.1 cannot be told. Closing
+    /// instead would make the client resend the same message on every reconnect.
+    fn too_large(&mut self, p: &PublishIn) -> Outcome {
+        metrics::refusal(PROTOCOL, "too_large");
+        tracing::debug!(client = %self.client.id, bytes = p.payload.len(), "publish over limits.max_message_bytes dropped");
+        let code = match self.client.version {
+            Version::V5 => reason::QUOTA_EXCEEDED,
+            _ => reason::SUCCESS,
+        };
+        self.answer(p, code);
+        Outcome::Continue
     }
 
     /// A publish the engine did not accept (DESIGN.md §5's failure table).
