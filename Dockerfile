@@ -3,6 +3,10 @@
 #   docker build -t amqp-gateway .
 #   docker run -p 8080:8080 -p 1883:1883 -p 5672:5672 amqp-gateway
 # Inside the container MQTT uses the standard 1883 and AMQP 5672 (there is no broker beside it).
+# TLS: mount a certificate and key and point at them; HTTPS/WSS then serve on 8080, MQTTS on 8883
+# and AMQPS on 5671 (kill -HUP 1 reloads the files):
+#   docker run -v /etc/gw-tls:/tls:ro -e GATEWAY_TLS__CERT=/tls/cert.pem \
+#     -e GATEWAY_TLS__KEY=/tls/key.pem -p 8080:8080 -p 8883:8883 -p 5671:5671 amqp-gateway
 
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
@@ -37,6 +41,6 @@ ENV GATEWAY_HTTP__LISTEN=0.0.0.0:8080 \
 USER gateway:gateway
 WORKDIR /var/lib/amqp-gateway
 VOLUME ["/var/lib/amqp-gateway"]
-EXPOSE 8080 1883 5672
+EXPOSE 8080 1883 5672 8883 5671
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/amqp-gateway", "--config", "/etc/amqp-gateway/gateway.toml"]
