@@ -116,6 +116,25 @@ async fn https_and_wss_serve_rest_and_websocket_with_the_certificate() {
     assert_eq!(message["op"], "message", "{message}");
     assert_eq!(message["body"], "over https");
 
+    // MQTT over WSS (`/mqtt`): a CONNECT in a binary frame is answered by CONNACK 0.
+    let tls = common::tls::connect(([127, 0, 0, 1], port).into(), &pki.ca_pem)
+        .await
+        .expect("TLS handshake");
+    let mut req = format!("wss://localhost:{port}/mqtt")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("sec-websocket-protocol", "mqtt".parse().unwrap());
+    let (mut mqtt, _) = tokio_tungstenite::client_async(req, tls)
+        .await
+        .expect("MQTT WebSocket upgrade over TLS");
+    let connect = common::mqtt_bytes::connect(b"MQTT", 5, 0, "wss-device", Some(&admin()));
+    mqtt.send(Message::binary(connect)).await.unwrap();
+    match tokio::time::timeout(WAIT, mqtt.next()).await {
+        Ok(Some(Ok(Message::Binary(b)))) => assert_eq!((b[0], b[3]), (0x20, 0), "CONNACK {b:x?}"),
+        other => panic!("no CONNACK: {other:?}"),
+    }
+
     // Plain HTTP on the TLS port gets no HTTP answer.
     let plain = reqwest::Client::new()
         .get(format!("http://127.0.0.1:{port}/healthz"))
