@@ -1,181 +1,27 @@
 //! The durable embedded engine under `kill -9` and damage (issue 13): a child gateway process
-//! killed under confirmed publish load keeps every publish it answered, exactly once, and
-//! invents none; a store whose last bytes were torn still starts with what was confirmed.
+//! killed under confirmed publish load (REST, MQTT QoS 1, `/ws`) keeps every publish it
+//! answered, exactly once, and invents none; a store whose last bytes were torn still starts
+//! with what was confirmed.
 
 mod common;
 
-use std::collections::HashSet;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-
 use common::child::ChildGateway;
-use common::mqtt_bytes::{connect, packet, string};
-use common::mqtt_wire::RawWire;
-use common::{WAIT, admin, take_at, token, unique};
-use parking_lot::Mutex;
+use common::load::{Load, declare, drain};
+use common::{WAIT, admin, take_at, unique};
 use serde_json::{Value, json};
-
-/// What the publishers sent and what the gateway answered as accepted.
-#[derive(Default)]
-struct Ledger {
-    sent: Mutex<HashSet<String>>,
-    answered: Mutex<HashSet<String>>,
-    count: AtomicUsize,
-}
-
-impl Ledger {
-    fn sending(&self, body: &str) {
-        self.sent.lock().insert(body.to_owned());
-    }
-    fn answered(&self, body: String) {
-        self.answered.lock().insert(body);
-        self.count.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-async fn rest_publisher(
-    base: String,
-    queue: String,
-    n: usize,
-    ledger: Arc<Ledger>,
-    killing: Arc<AtomicBool>,
-) {
-    let http = reqwest::Client::builder().timeout(WAIT).build().unwrap();
-    let admin = admin();
-    for i in 0.. {
-        let body = format!("rest-{n}-{i}");
-        ledger.sending(&body);
-        let sent = http
-            .post(format!("{base}/v1/exchanges/amq.default/publish"))
-            .bearer_auth(&admin)
-            .json(&json!({"routing_key": queue, "body": body, "properties": {"delivery_mode": 2}}))
-            .send()
-            .await;
-        match sent {
-            Ok(r) if r.status() == 200 => ledger.answered(body),
-            Ok(r) => panic!("publish {body} answered {}", r.status()),
-            Err(e) => {
-                assert!(
-                    killing.load(Ordering::Acquire),
-                    "request failed before the kill: {e}"
-                );
-                return;
-            }
-        }
-    }
-}
-
-async fn mqtt_publisher(
-    addr: std::net::SocketAddr,
-    n: usize,
-    ledger: Arc<Ledger>,
-    killing: Arc<AtomicBool>,
-) {
-    let mut wire = RawWire::tcp(addr).await;
-    let t = token("crasher", "gateway.write:amq.topic/crash.#");
-    wire.send_raw(&connect(b"MQTT", 4, 0, &unique("crasher"), Some(&t)))
-        .await;
-    assert_eq!(wire.packet().await.expect("CONNACK"), (0x20, vec![0, 0]));
-    for i in 0u32.. {
-        let body = format!("mqtt-{n}-{i}");
-        let id = (i % 65_535 + 1) as u16;
-        let mut p = string(format!("crash/{n}").as_bytes());
-        p.extend_from_slice(&id.to_be_bytes());
-        p.extend_from_slice(body.as_bytes());
-        ledger.sending(&body);
-        wire.send_raw(&packet(0x32, p)).await;
-        match wire.packet().await {
-            Ok((0x40, ack)) if ack == id.to_be_bytes() => ledger.answered(body),
-            Ok(other) => panic!("expected PUBACK {id}, got {other:?}"),
-            Err(e) => {
-                assert!(
-                    killing.load(Ordering::Acquire),
-                    "connection lost before the kill: {e:?}"
-                );
-                return;
-            }
-        }
-    }
-}
-
-/// Every message left in `queue`, taken.
-async fn drain(gw: &ChildGateway, queue: &str) -> Vec<Value> {
-    let http = reqwest::Client::builder().timeout(WAIT).build().unwrap();
-    let mut all = Vec::new();
-    loop {
-        // Small batches: a response of 64 KiB bodies stays well within the wait.
-        let batch = take_at(&http, &gw.url(""), queue, 100).await;
-        if batch.is_empty() {
-            return all;
-        }
-        all.extend(batch);
-    }
-}
-
-async fn declare(gw: &ChildGateway, queue: &str) {
-    let http = reqwest::Client::new();
-    let put = http
-        .put(gw.url(&format!("/v1/queues/{queue}")))
-        .bearer_auth(admin())
-        .json(&json!({"durable": true}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(put.status(), 201);
-    let bind = http
-        .post(gw.url(&format!("/v1/queues/{queue}/bindings")))
-        .bearer_auth(admin())
-        .json(&json!({"exchange": "amq.topic", "routing_key": "crash.#"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(bind.status(), 201);
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answered_publishes_survive_kill_9_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let queue = unique("crash");
     let mut gw = ChildGateway::start(dir.path()).await;
-    declare(&gw, &queue).await;
-    let ledger = Arc::new(Ledger::default());
-    // Set just before the kill: from then on a failed request is expected.
-    let killing = Arc::new(AtomicBool::new(false));
-    let mut publishers = Vec::new();
-    for n in 0..4 {
-        let (l, k) = (ledger.clone(), killing.clone());
-        publishers.push(tokio::spawn(rest_publisher(
-            gw.url(""),
-            queue.clone(),
-            n,
-            l,
-            k,
-        )));
-        let (l, k) = (ledger.clone(), killing.clone());
-        publishers.push(tokio::spawn(mqtt_publisher(gw.mqtt, n, l, k)));
-    }
     // Killed in the middle of the load, once enough was answered to matter.
-    tokio::time::timeout(WAIT * 4, async {
-        while ledger.count.load(Ordering::Relaxed) < 2_000 {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("2,000 publishes answered");
-    let answered_by = |prefix: &str| {
-        let a = ledger.answered.lock();
-        a.iter().filter(|b| b.starts_with(prefix)).count()
-    };
-    assert!(
-        answered_by("rest-") > 0 && answered_by("mqtt-") > 0,
-        "both protocols under load"
-    );
-    killing.store(true, Ordering::Release);
+    let mut load = Load::start(&gw, &queue, 4).await;
+    load.until_answered(2_000).await;
+    load.stop();
     let status = gw.signal("KILL").await;
     assert!(!status.success(), "killed, not exited: {status:?}");
-    for p in publishers {
-        p.await.expect("publisher task");
-    }
+    load.finished().await;
     drop(gw);
 
     let gw = ChildGateway::start(dir.path()).await;
@@ -186,39 +32,14 @@ async fn answered_publishes_survive_kill_9_exactly_once() {
         "recovery reported:\n{}",
         gw.startup.join("\n")
     );
-    let found = drain(&gw, &queue).await;
-    let bodies: Vec<String> = found
-        .iter()
-        .map(|m| m["body"].as_str().expect("a text body").to_owned())
-        .collect();
-    let unique_bodies: HashSet<&String> = bodies.iter().collect();
-    assert_eq!(unique_bodies.len(), bodies.len(), "no message twice");
-    let answered = ledger.answered.lock();
-    let sent = ledger.sent.lock();
-    let lost: Vec<&String> = answered
-        .iter()
-        .filter(|b| !unique_bodies.contains(b))
-        .collect();
-    assert!(
-        lost.is_empty(),
-        "{} answered publishes lost, e.g. {:?}",
-        lost.len(),
-        &lost[..lost.len().min(5)]
-    );
-    let invented: Vec<&&String> = unique_bodies
-        .iter()
-        .filter(|b| !sent.contains(**b))
-        .collect();
-    assert!(invented.is_empty(), "invented: {invented:?}");
+    let (sent, answered, found) = load.check_recovered(&gw, &queue).await;
     assert!(
         found.iter().all(|m| m["redelivered"] == false),
         "nothing was delivered before the kill"
     );
     eprintln!(
-        "kill -9: {} sent, {} answered, {} recovered",
-        sent.len(),
-        answered.len(),
-        bodies.len()
+        "kill -9: {sent} sent, {answered} answered, {} recovered",
+        found.len()
     );
 }
 

@@ -10,6 +10,7 @@ pub mod amqp;
 pub mod amqp_raw;
 pub mod child;
 pub mod held_confirms;
+pub mod load;
 pub mod mqtt_bytes;
 pub mod mqtt_wire;
 pub mod proxy;
