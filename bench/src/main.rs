@@ -15,6 +15,7 @@ use clap::Parser;
 mod count;
 mod durable;
 mod hop;
+mod soak;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::Mutex;
 
@@ -476,11 +477,23 @@ async fn main() {
         eprintln!("bench: amqp: {e}");
         std::process::exit(1);
     }
+    if args.scenarios.iter().any(|s| s == "soak") {
+        let s = soak::Soak {
+            target: targets[0].clone(),
+            http: args.gateway_http.clone().unwrap_or_default(),
+            amqp: args.gateway_amqp.clone().unwrap_or_default(),
+            duration: args.duration,
+        };
+        if let Err(e) = soak::report(&s).await {
+            eprintln!("bench: soak: {e}");
+            std::process::exit(1);
+        }
+    }
 }
 
-/// Scenarios with a table of their own, against RabbitMQ over AMQP (`--amqp`).
+/// Scenarios with a table of their own (against RabbitMQ over AMQP, `--amqp`, or the soak).
 fn is_amqp_scenario(s: &str) -> bool {
-    s == "durable" || s == "hop" || s == "amqp"
+    s == "durable" || s == "hop" || s == "amqp" || s == "soak"
 }
 
 /// AMQP 0-9-1 1→1 with the same lapin load through the gateway's AMQP listener and through
