@@ -241,3 +241,112 @@ async fn a_thousand_level_topic_is_refused_and_nothing_breaks() {
         .await;
     assert_eq!(reply["code"], "bad_request", "{reply}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_amqp_reader_among_fast_ones_is_cut_off_and_costs_them_nothing() {
+    use amq_protocol::protocol::{AMQPClass, basic};
+    use futures_util::StreamExt;
+    use lapin::options::BasicConsumeOptions;
+
+    let gw = start_gateway(|c| {
+        c.limits.write_timeout = HANDSHAKE;
+        // The publisher is not what is tested: its rate limits out of the way.
+        c.limits.publish_rate = 1_000_000;
+        c.limits.publish_burst = 1_000_000;
+        c.limits.subject_publish_rate = 1_000_000;
+    })
+    .await;
+    let (slow_q, fast_q) = (gw.queue("slow").await, gw.queue("fast").await);
+    gw.bind(&slow_q, "amq.fanout", "").await;
+    gw.bind(&fast_q, "amq.fanout", "").await;
+    // The slow reader: consumes with no-ack, then never reads its socket again.
+    let mut slow = common::amqp_raw::Raw::open(&gw, &admin(), 131_072, 0).await;
+    slow.open_channel(1).await;
+    let consume = basic::Consume {
+        queue: slow_q.as_str().into(),
+        consumer_tag: "slow".into(),
+        no_local: false,
+        no_ack: true,
+        exclusive: false,
+        nowait: false,
+        arguments: Default::default(),
+    };
+    slow.send(&common::amqp_raw::method(
+        1,
+        AMQPClass::Basic(basic::AMQPMethod::Consume(consume)),
+    ))
+    .await;
+    // A fast one on the same fanout.
+    let conn = common::amqp::connect(&gw, &admin()).await;
+    let ch = common::amqp::channel(&conn).await;
+    let mut fast = ch
+        .basic_consume(
+            fast_q.as_str().into(),
+            "fast".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            common::amqp::no_args(),
+        )
+        .await
+        .unwrap();
+    // 30 MB: far more than the slow socket's kernel buffers and the gateway's 256 KiB.
+    const N: usize = 30_000;
+    let body = "b".repeat(1000);
+    let publishing = async {
+        for batch in 0..N / 1000 {
+            let messages: Vec<_> = (0..1000)
+                .map(|i| json!({"routing_key": "", "body": format!("{:06}{body}", batch * 1000 + i)}))
+                .collect();
+            let r = gw
+                .post("/v1/exchanges/amq.fanout/publish-batch", &admin())
+                .json(&json!({"messages": messages}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let results: serde_json::Value = r.json().await.unwrap();
+            let routed = results["results"].as_array().unwrap();
+            assert!(routed.iter().all(|r| r["routed"] == true), "{results}");
+        }
+    };
+    let receiving = async {
+        let mut got = Vec::with_capacity(N);
+        while got.len() < N {
+            match tokio::time::timeout(WAIT, fast.next()).await {
+                Ok(Some(Ok(d))) => got.push(String::from_utf8_lossy(&d.data[..6]).into_owned()),
+                other => panic!("after {}: {other:?}", got.len()),
+            }
+        }
+        got
+    };
+    let ((), got) = tokio::join!(publishing, receiving);
+    let mut firsts = Vec::new();
+    for (i, g) in got.iter().enumerate() {
+        if g != &format!("{i:06}") && firsts.len() < 10 {
+            firsts.push(format!("{i}: {g}"));
+        }
+    }
+    let mut sorted = got.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert!(
+        firsts.is_empty(),
+        "unique {} of {N}; first out of place: {firsts:?}",
+        sorted.len()
+    );
+    // The slow one is cut off once its socket took nothing for limits.write_timeout.
+    common::eventually(
+        "the slow AMQP reader is closed as a slow consumer",
+        || async {
+            gw.metric(
+                "gateway_connections_closed_total{protocol=\"amqp\",reason=\"slow_consumer\"}",
+            )
+            .await
+                == Some(1.0)
+        },
+    )
+    .await;
+    assert!(conn.status().connected(), "the fast one stays");
+}
