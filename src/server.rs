@@ -20,6 +20,7 @@ use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::either::Either;
 use tower::ServiceExt;
 
 use crate::context::{Connection, Context};
@@ -136,20 +137,42 @@ pub async fn accept_tls_until_shutdown<F, Fut>(
     accept_until_shutdown(listener, ctx, |stream, conn| {
         let (tls, serve) = (tls.clone(), serve.clone());
         ctx.connections.spawn(async move {
-            match tokio::time::timeout(within, tls.accept(stream)).await {
-                Ok(Ok(stream)) => serve(stream, conn).await,
-                Ok(Err(e)) => {
-                    tracing::debug!(remote = %conn.remote, protocol, error = %e, "TLS handshake failed");
-                    crate::metrics::refusal(protocol, "tls_handshake");
-                }
-                Err(_) => {
-                    tracing::debug!(remote = %conn.remote, protocol, "TLS handshake timed out");
-                    crate::metrics::refusal(protocol, "tls_handshake_timeout");
+            match tls_handshake(&tls, stream, within).await {
+                Ok(stream) => serve(stream, conn).await,
+                Err(refused) => {
+                    tracing::debug!(remote = %conn.remote, protocol, "{}", refused.detail);
+                    crate::metrics::refusal(protocol, refused.reason);
                 }
             }
         });
     })
     .await;
+}
+
+/// Why a TLS handshake did not complete.
+struct HandshakeRefused {
+    /// The refusal metric's `reason`.
+    reason: &'static str,
+    detail: String,
+}
+
+/// The server side of a TLS handshake on an accepted stream, within `within`.
+async fn tls_handshake(
+    tls: &TlsAcceptor,
+    stream: TcpStream,
+    within: Duration,
+) -> Result<tokio_rustls::server::TlsStream<TcpStream>, HandshakeRefused> {
+    match tokio::time::timeout(within, tls.accept(stream)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(HandshakeRefused {
+            reason: "tls_handshake",
+            detail: format!("TLS handshake failed: {e}"),
+        }),
+        Err(_) => Err(HandshakeRefused {
+            reason: "tls_handshake_timeout",
+            detail: "TLS handshake timed out".into(),
+        }),
+    }
 }
 
 /// How an HTTP listener serves its connections.
@@ -204,23 +227,19 @@ pub fn serve_http(
             let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
             crate::metrics::connection_opened("http");
             tokio::spawn(async move {
-                let served = match tls {
-                    None => {
+                let stream = match tls {
+                    None => Ok(Either::Left(stream)),
+                    Some(tls) => tls_handshake(&tls, stream, header_read_timeout)
+                        .await
+                        .map(Either::Right),
+                };
+                let served = match stream {
+                    Ok(stream) => {
                         let io = TokioIo::new(stream);
                         let serving = builder.serve_connection_with_upgrades(io, service);
                         watcher.watch(serving.into_owned()).await
                     }
-                    Some(tls) => {
-                        match tokio::time::timeout(header_read_timeout, tls.accept(stream)).await {
-                            Ok(Ok(stream)) => {
-                                let io = TokioIo::new(stream);
-                                let serving = builder.serve_connection_with_upgrades(io, service);
-                                watcher.watch(serving.into_owned()).await
-                            }
-                            Ok(Err(e)) => Err(format!("TLS handshake failed: {e}").into()),
-                            Err(_) => Err("TLS handshake timed out".into()),
-                        }
-                    }
+                    Err(refused) => Err(refused.detail.into()),
                 };
                 let reason = match served {
                     Ok(()) => "closed",
