@@ -66,12 +66,7 @@ async fn a_thousand_silent_connections_are_closed_and_others_still_get_in() {
         upgraded.push(Ws(tokio_tungstenite::connect_async(req).await.unwrap().0));
     }
     // An authenticated client gets in on every protocol meanwhile.
-    let mut device = RawWire::open(&gw, Transport::Tcp).await;
-    device
-        .send_raw(&connect(b"MQTT", 5, 0, "device", Some(&admin())))
-        .await;
-    let (first, body) = device.packet().await.expect("CONNACK");
-    assert_eq!((first, body[1]), (0x20, 0), "a device connects");
+    let mut device = RawWire::connected(&gw, Transport::Tcp, 5, "device", &admin()).await;
     let browser = Ws::connect(&gw, Some(&admin())).await;
     drop(browser);
     let app = common::amqp::connect(&gw, &admin()).await;
@@ -155,10 +150,7 @@ async fn ten_thousand_subscriptions_from_one_client() {
     let gw = gateway().await;
     // MQTT 5: one SUBSCRIBE per filter, pipelined; granted up to limits.max_subscriptions
     // (1000), then 0x97 (quota exceeded), the connection kept.
-    let mut wire = RawWire::open(&gw, Transport::Tcp).await;
-    wire.send_raw(&connect(b"MQTT", 5, 0, "greedy", Some(&admin())))
-        .await;
-    assert_eq!(wire.packet().await.expect("CONNACK").0, 0x20);
+    let mut wire = RawWire::connected(&gw, Transport::Tcp, 5, "greedy", &admin()).await;
     let mut batch = Vec::new();
     for i in 0..10_000u16 {
         batch.extend(subscribe_packet(
@@ -206,10 +198,7 @@ async fn a_thousand_level_topic_is_refused_and_nothing_breaks() {
     let gw = gateway().await;
     let topic = vec!["l"; 1000].join("/");
     let filter = vec!["+"; 1000].join("/");
-    let mut wire = RawWire::open(&gw, Transport::Tcp).await;
-    wire.send_raw(&connect(b"MQTT", 5, 0, "deep", Some(&admin())))
-        .await;
-    assert_eq!(wire.packet().await.expect("CONNACK").0, 0x20);
+    let mut wire = RawWire::connected(&gw, Transport::Tcp, 5, "deep", &admin()).await;
     // PUBLISH QoS 1: no routing-key form (1999 bytes) — PUBACK 0x90, the connection stays.
     let mut body = string(topic.as_bytes());
     body.extend(1u16.to_be_bytes());

@@ -15,6 +15,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use common::mqtt_bytes::{connect, connect_v5_enhanced};
 use common::mqtt_wire::{RawWire, Transport};
+use common::ws::Ws;
 use common::{TestGateway, WAIT, start_gateway};
 use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -417,21 +418,16 @@ async fn a_token_for_another_subject_cannot_take_over_a_session() {
     assert_eq!((first, body[0]), (0xE0, 0x87));
 
     // WebSocket: a refreshed token for another subject is refused; the connection stays alice's.
-    let req = common::ws::request(&gw, Some(&valid("alice")), true, "");
-    let (mut ws, _) = tokio_tungstenite::connect_async(req)
-        .await
-        .expect("upgrade");
+    let mut ws = Ws::connect(&gw, Some(&valid("alice"))).await;
     let refresh = json!({"op": "auth", "id": "r", "token": valid("mallory")});
-    ws.send(Message::text(refresh.to_string())).await.unwrap();
-    let answer = next_text(&mut ws).await;
+    let answer = ws.call(refresh).await;
     assert_eq!(
         (answer["op"].as_str(), answer["code"].as_str()),
         (Some("error"), Some("unauthorized")),
         "{answer}"
     );
     let refresh = json!({"op": "auth", "id": "r2", "token": valid("alice")});
-    ws.send(Message::text(refresh.to_string())).await.unwrap();
-    let answer = next_text(&mut ws).await;
+    let answer = ws.call(refresh).await;
     assert_eq!(
         (answer["op"].as_str(), answer["subject"].as_str()),
         (Some("ok"), Some("alice")),
@@ -440,13 +436,9 @@ async fn a_token_for_another_subject_cannot_take_over_a_session() {
     // A durable subscription's name is the subject's own: mallory's "inbox" is not alice's.
     let mut queues = Vec::new();
     for who in ["alice", "mallory"] {
-        let req = common::ws::request(&gw, Some(&valid(who)), true, "");
-        let (mut ws, _) = tokio_tungstenite::connect_async(req)
-            .await
-            .expect("upgrade");
+        let mut ws = Ws::connect(&gw, Some(&valid(who))).await;
         let sub = json!({"op": "subscribe", "id": "s", "exchange": "amq.topic", "binding_key": "inbox", "durable": "inbox"});
-        ws.send(Message::text(sub.to_string())).await.unwrap();
-        let answer = next_text(&mut ws).await;
+        let answer = ws.call(sub).await;
         assert_eq!(answer["op"], "subscribed", "{answer}");
         queues.push(answer["queue"].as_str().unwrap().to_owned());
     }
@@ -468,22 +460,6 @@ async fn a_token_for_another_subject_cannot_take_over_a_session() {
         "{err}"
     );
     assert!(!conn.status().connected(), "the connection is closed");
-}
-
-async fn next_text<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> Value
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    loop {
-        match tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("a frame in time")
-        {
-            Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).unwrap(),
-            Some(Ok(_)) => {}
-            other => panic!("no frame: {other:?}"),
-        }
-    }
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ mod common;
 
 use bytesize::ByteSize;
 use common::amqp_raw::Raw;
-use common::mqtt_bytes::{connect, packet, remaining_length, string, subscribe_packet};
+use common::mqtt_bytes::{packet, remaining_length, string, subscribe_packet};
 use common::mqtt_wire::{RawWire, Transport};
 use common::ws::Ws;
 use common::{TestGateway, WAIT, admin, start_gateway};
@@ -130,13 +130,8 @@ fn publish(topic: &[u8], payload: &[u8], v5: bool) -> Vec<u8> {
 }
 
 async fn mqtt(gw: &TestGateway, level: u8) -> RawWire {
-    let mut wire = RawWire::open(gw, Transport::Tcp).await;
     let client = common::unique("limits");
-    wire.send_raw(&connect(b"MQTT", level, 0, &client, Some(&admin())))
-        .await;
-    let (first, body) = wire.packet().await.expect("CONNACK");
-    assert_eq!((first, body[1]), (0x20, 0));
-    wire
+    RawWire::connected(gw, Transport::Tcp, level, &client, &admin()).await
 }
 
 /// What the gateway answered a PUBLISH: `Ok(reason)` from PUBACK (0 on 3.1.1), `Err(first

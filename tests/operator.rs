@@ -323,14 +323,7 @@ async fn feed(
     gw: &TestGateway,
     bearer: Option<&str>,
 ) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let mut req = format!("{}/v1/feed", gw.base.replace("http://", "ws://"))
-        .into_client_request()
-        .unwrap();
-    if let Some(t) = bearer {
-        req.headers_mut()
-            .insert("authorization", format!("Bearer {t}").parse().unwrap());
-    }
+    let req = common::ws::upgrade(&common::ws::url(gw, "/v1/feed"), bearer, None);
     tokio_tungstenite::connect_async(req)
         .await
         .expect("upgrade")

@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::mqtt_bytes::{connect, packet, string, subscribe_packet};
+use common::mqtt_bytes::{packet, string, subscribe_packet};
 use common::mqtt_wire::{RawWire, Transport};
 use common::{TestGateway, WAIT, admin, start_gateway, token};
 use futures_util::{SinkExt, StreamExt};
@@ -176,12 +176,7 @@ async fn ws(gw: &TestGateway, token: &str, frame: Value) -> Result<(), String> {
 }
 
 async fn feed(gw: &TestGateway, token: &str) -> Result<(), String> {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let mut req = format!("{}/v1/feed", gw.base.replace("http://", "ws://"))
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let req = common::ws::upgrade(&common::ws::url(gw, "/v1/feed"), Some(token), None);
     let (mut ws, _) = tokio_tungstenite::connect_async(req)
         .await
         .expect("upgrade");
@@ -197,18 +192,8 @@ async fn feed(gw: &TestGateway, token: &str) -> Result<(), String> {
 
 /// An MQTT connection of protocol `level` authenticated with `token`.
 async fn mqtt(gw: &TestGateway, level: u8, token: &str) -> RawWire {
-    let mut wire = RawWire::open(gw, Transport::Tcp).await;
-    wire.send_raw(&connect(
-        b"MQTT",
-        level,
-        0,
-        &common::unique("perm"),
-        Some(token),
-    ))
-    .await;
-    let (first, body) = wire.packet().await.expect("CONNACK");
-    assert_eq!((first, body[1]), (0x20, 0), "connected");
-    wire
+    let client = common::unique("perm");
+    RawWire::connected(gw, Transport::Tcp, level, &client, token).await
 }
 
 async fn mqtt_publish(

@@ -14,7 +14,6 @@ use common::{SECRET, WAIT, token};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 const SCOPE: &str = "gateway.tag:administrator";
 
@@ -45,15 +44,8 @@ async fn ws(
     bearer: Option<&str>,
     protocol: &str,
 ) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
-    let mut req = format!("ws://{}{path}", child.http)
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("sec-websocket-protocol", protocol.parse().unwrap());
-    if let Some(t) = bearer {
-        req.headers_mut()
-            .insert("authorization", format!("Bearer {t}").parse().unwrap());
-    }
+    let url = format!("ws://{}{path}", child.http);
+    let req = common::ws::upgrade(&url, bearer, Some(protocol));
     tokio_tungstenite::connect_async(req)
         .await
         .expect("upgrade")

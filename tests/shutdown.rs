@@ -15,7 +15,6 @@ use common::mqtt_bytes::connect;
 use common::mqtt_wire::RawWire;
 use common::ws::Ws;
 use common::{WAIT, admin, unique};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -32,17 +31,8 @@ async fn sigterm_under_load_answers_every_publish_tells_every_client_and_loses_n
         .send_raw(&connect(b"MQTT", 5, 0, "listener", Some(&admin())))
         .await;
     assert_eq!(device.packet().await.expect("CONNACK").0, 0x20);
-    let mut req = format!("ws://{}/ws", gw.http)
-        .into_client_request()
-        .unwrap();
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", admin()).parse().unwrap(),
-    );
-    req.headers_mut().insert(
-        "sec-websocket-protocol",
-        "amqp-gateway.v1.json".parse().unwrap(),
-    );
+    let url = format!("ws://{}/ws", gw.http);
+    let req = common::ws::upgrade(&url, Some(&admin()), Some(common::ws::SUBPROTOCOL));
     let mut browser = Ws(tokio_tungstenite::connect_async(req).await.unwrap().0);
     let amqp_url = format!("amqp://any:{}@{}/%2f", admin(), gw.amqp.unwrap());
     let app = lapin::Connection::connect(&amqp_url, lapin::ConnectionProperties::default())

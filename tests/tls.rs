@@ -8,12 +8,14 @@ mod common;
 use std::process::Stdio;
 
 use common::tls::Pki;
+use common::ws::Ws;
 use common::{TestGateway, WAIT, admin, start_gateway};
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{Value, json};
+use serde_json::json;
+use tokio::net::TcpStream;
 use tokio::process::Command;
+use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 /// A gateway serving TLS with `pki`'s certificate; its REST client trusts the CA and uses
 /// `https://localhost:…`.
@@ -48,49 +50,16 @@ async fn output(cmd: &mut Command) -> std::process::Output {
 }
 
 /// A `/ws` session over TLS to `port`, trusting `ca_pem`, authenticated with `token`.
-async fn wss(
-    port: u16,
-    ca_pem: &str,
-    token: &str,
-) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+async fn wss(port: u16, ca_pem: &str, token: &str) -> Ws<TlsStream<TcpStream>> {
     let tls = common::tls::connect(([127, 0, 0, 1], port).into(), ca_pem)
         .await
         .expect("TLS handshake");
-    let mut req = format!("wss://localhost:{port}/ws")
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    req.headers_mut().insert(
-        "sec-websocket-protocol",
-        "amqp-gateway.v1.json".parse().unwrap(),
-    );
+    let url = format!("wss://localhost:{port}/ws");
+    let req = common::ws::upgrade(&url, Some(token), Some(common::ws::SUBPROTOCOL));
     let (ws, _) = tokio_tungstenite::client_async(req, tls)
         .await
         .expect("WebSocket upgrade over TLS");
-    ws
-}
-
-/// Sends one JSON frame and returns the next text frame.
-async fn call<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, frame: Value) -> Value
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    ws.send(Message::text(frame.to_string())).await.unwrap();
-    next_frame(ws).await
-}
-
-async fn next_frame<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> Value
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    loop {
-        match tokio::time::timeout(WAIT, ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => return serde_json::from_str(&t).unwrap(),
-            Ok(Some(Ok(_))) => continue,
-            other => panic!("no frame: {other:?}"),
-        }
-    }
+    Ws(ws)
 }
 
 #[tokio::test]
@@ -104,15 +73,15 @@ async fn https_and_wss_serve_rest_and_websocket_with_the_certificate() {
 
     // A WebSocket over TLS receives what REST over TLS publishes.
     let mut ws = wss(port, &pki.ca_pem, &admin()).await;
-    let subscribed = call(
-        &mut ws,
-        json!({"op": "subscribe", "id": "s", "exchange": "amq.topic", "binding_key": "tls.#"}),
-    )
-    .await;
+    let subscribed = ws
+        .call(
+            json!({"op": "subscribe", "id": "s", "exchange": "amq.topic", "binding_key": "tls.#"}),
+        )
+        .await;
     assert_eq!(subscribed["op"], "subscribed", "{subscribed}");
     gw.publish("amq.topic", "tls.rest", json!("over https"))
         .await;
-    let message = next_frame(&mut ws).await;
+    let message = ws.recv().await;
     assert_eq!(message["op"], "message", "{message}");
     assert_eq!(message["body"], "over https");
 
@@ -120,11 +89,8 @@ async fn https_and_wss_serve_rest_and_websocket_with_the_certificate() {
     let tls = common::tls::connect(([127, 0, 0, 1], port).into(), &pki.ca_pem)
         .await
         .expect("TLS handshake");
-    let mut req = format!("wss://localhost:{port}/mqtt")
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("sec-websocket-protocol", "mqtt".parse().unwrap());
+    let url = format!("wss://localhost:{port}/mqtt");
+    let req = common::ws::upgrade(&url, None, Some("mqtt"));
     let (mut mqtt, _) = tokio_tungstenite::client_async(req, tls)
         .await
         .expect("MQTT WebSocket upgrade over TLS");
@@ -408,9 +374,7 @@ async fn sighup_reloads_the_certificate_and_open_connections_carry_on() {
     let token = admin();
     let first_ca = pki.ca_pem.clone();
     let mut before = wss(port, &first_ca, &token).await;
-    let subscribed = call(
-        &mut before,
-        json!({"op": "subscribe", "id": "s", "exchange": "amq.topic", "binding_key": "reload.#"}),
+    let subscribed = before.call(json!({"op": "subscribe", "id": "s", "exchange": "amq.topic", "binding_key": "reload.#"}),
     )
     .await;
     assert_eq!(subscribed["op"], "subscribed", "{subscribed}");
@@ -425,13 +389,11 @@ async fn sighup_reloads_the_certificate_and_open_connections_carry_on() {
     );
     let mut after = wss(port, &second_ca, &token).await;
     // ...and the connection opened before carries on: it receives what the new one publishes.
-    let published = call(
-        &mut after,
-        json!({"op": "publish", "id": "p", "exchange": "amq.topic", "routing_key": "reload.x", "body": "after reload"}),
+    let published = after.call(json!({"op": "publish", "id": "p", "exchange": "amq.topic", "routing_key": "reload.x", "body": "after reload"}),
     )
     .await;
     assert_eq!(published["op"], "published", "{published}");
-    let message = next_frame(&mut before).await;
+    let message = before.recv().await;
     assert_eq!(message["body"], "after reload", "{message}");
     for (name, addr) in [("mqtt", child.mqtt_tls), ("amqp", child.amqp_tls)] {
         let addr = addr.unwrap_or_else(|| panic!("the {name} TLS listener"));
@@ -446,6 +408,6 @@ async fn sighup_reloads_the_certificate_and_open_connections_carry_on() {
     child.signal_only("HUP");
     child.logged("TLS certificate not reloaded").await;
     let mut again = wss(port, &second_ca, &token).await;
-    let pong = call(&mut again, json!({"op": "ping", "id": "p"})).await;
+    let pong = again.call(json!({"op": "ping", "id": "p"})).await;
     assert_eq!(pong["op"], "pong", "{pong}");
 }

@@ -110,17 +110,8 @@ async fn ws_publisher(
 ) {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
-    let headers = req.headers_mut();
-    headers.insert(
-        "authorization",
-        format!("Bearer {}", admin()).parse().unwrap(),
-    );
-    headers.insert(
-        "sec-websocket-protocol",
-        "amqp-gateway.v1.json".parse().unwrap(),
-    );
+    let url = format!("ws://{addr}/ws");
+    let req = super::ws::upgrade(&url, Some(&admin()), Some(super::ws::SUBPROTOCOL));
     let (mut ws, _) = tokio_tungstenite::connect_async(req)
         .await
         .expect("upgrade");

@@ -112,6 +112,23 @@ impl RawWire {
         }
     }
 
+    /// A connection of MQTT `level` (4: 3.1.1, 5) with `token` as the password, once CONNACK
+    /// accepted it.
+    pub async fn connected(
+        gw: &TestGateway,
+        t: Transport,
+        level: u8,
+        client: &str,
+        token: &str,
+    ) -> RawWire {
+        let mut wire = RawWire::open(gw, t).await;
+        let connect = super::mqtt_bytes::connect(b"MQTT", level, 0, client, Some(token));
+        wire.send_raw(&connect).await;
+        let (first, body) = wire.packet().await.expect("CONNACK");
+        assert_eq!((first, body[1]), (0x20, 0), "connected");
+        wire
+    }
+
     pub async fn send_raw(&mut self, bytes: &[u8]) {
         self.io.send_raw(bytes).await;
     }

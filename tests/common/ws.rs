@@ -1,7 +1,9 @@
-//! WebSocket (`/ws`) upgrade requests for tokio-tungstenite.
+//! WebSocket upgrade requests for tokio-tungstenite, and a `/ws` client over any stream
+//! (plain or TLS).
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -9,6 +11,28 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::{TestGateway, WAIT};
+
+/// The subprotocol of `/ws`.
+pub const SUBPROTOCOL: &str = "amqp-gateway.v1.json";
+
+/// An upgrade request to `url` (`ws://…` or `wss://…`), offering `subprotocol` and carrying the
+/// bearer token, each when given.
+pub fn upgrade(
+    url: &str,
+    bearer: Option<&str>,
+    subprotocol: Option<&str>,
+) -> tungstenite::handshake::client::Request {
+    let mut req = url.into_client_request().unwrap();
+    if let Some(p) = subprotocol {
+        req.headers_mut()
+            .insert("sec-websocket-protocol", p.parse().unwrap());
+    }
+    if let Some(t) = bearer {
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    req
+}
 
 /// An upgrade request to `/ws{query}`, with the subprotocol when asked and the bearer token
 /// when given.
@@ -18,23 +42,21 @@ pub fn request(
     subprotocol: bool,
     query: &str,
 ) -> tungstenite::handshake::client::Request {
-    let url = format!("{}/ws{query}", gw.base.replace("http://", "ws://"));
-    let mut req = url.into_client_request().unwrap();
-    if subprotocol {
-        req.headers_mut().insert(
-            "sec-websocket-protocol",
-            "amqp-gateway.v1.json".parse().unwrap(),
-        );
-    }
-    if let Some(t) = bearer {
-        req.headers_mut()
-            .insert("authorization", format!("Bearer {t}").parse().unwrap());
-    }
-    req
+    upgrade(
+        &url(gw, &format!("/ws{query}")),
+        bearer,
+        subprotocol.then_some(SUBPROTOCOL),
+    )
 }
 
-/// A `/ws` client speaking JSON frames, one request at a time.
-pub struct Ws(pub WebSocketStream<MaybeTlsStream<TcpStream>>);
+/// The `ws://` URL of `path` on the gateway's HTTP listener.
+pub fn url(gw: &TestGateway, path: &str) -> String {
+    format!("{}{path}", gw.base.replace("http://", "ws://"))
+}
+
+/// A `/ws` client speaking JSON frames, one request at a time, over a plain socket or any
+/// other stream (TLS).
+pub struct Ws<S = MaybeTlsStream<TcpStream>>(pub WebSocketStream<S>);
 
 impl Ws {
     /// Upgrades with the subprotocol (and the bearer token when given) and checks the gateway
@@ -49,7 +71,9 @@ impl Ws {
         );
         Ws(stream)
     }
+}
 
+impl<S: AsyncRead + AsyncWrite + Unpin> Ws<S> {
     pub async fn send(&mut self, v: Value) {
         self.0.send(WsMessage::text(v.to_string())).await.unwrap();
     }
