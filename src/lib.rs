@@ -246,12 +246,9 @@ pub async fn start_with(config: Config, engine: Arc<dyn Engine>) -> Result<Gatew
     };
     metrics::handle();
 
-    let http = server::bind("http", config.http.listen).await?;
-    let http_addr = local_addr("http", &http, config.http.listen)?;
-    let mqtt = server::bind("mqtt", config.mqtt.listen).await?;
-    let mqtt_addr = local_addr("mqtt", &mqtt, config.mqtt.listen)?;
-    let metrics_listener = server::bind("metrics", config.metrics.listen).await?;
-    let metrics_addr = local_addr("metrics", &metrics_listener, config.metrics.listen)?;
+    let (http, http_addr) = server::bind("http", config.http.listen).await?;
+    let (mqtt, mqtt_addr) = server::bind("mqtt", config.mqtt.listen).await?;
+    let (metrics_listener, metrics_addr) = server::bind("metrics", config.metrics.listen).await?;
     let amqp = bind_amqp(&config, engine.as_ref()).await?;
     let amqp_addr = amqp.as_ref().map(|(_, addr)| *addr);
     let secure = match &tls {
@@ -392,18 +389,12 @@ struct TlsListeners {
 
 async fn bind_tls(config: &Config, engine: &dyn Engine) -> Result<TlsListeners, StartError> {
     let mqtt = server::bind("mqtt_tls", config.mqtt.tls_listen).await?;
-    let mqtt_addr = local_addr("mqtt_tls", &mqtt, config.mqtt.tls_listen)?;
     let amqp = if engine.capabilities().amqp_listener {
-        let l = server::bind("amqp_tls", config.amqp.tls_listen).await?;
-        let addr = local_addr("amqp_tls", &l, config.amqp.tls_listen)?;
-        Some((l, addr))
+        Some(server::bind("amqp_tls", config.amqp.tls_listen).await?)
     } else {
         None
     };
-    Ok(TlsListeners {
-        mqtt: (mqtt, mqtt_addr),
-        amqp,
-    })
+    Ok(TlsListeners { mqtt, amqp })
 }
 
 /// The AMQP listener, where the engine has AMQP clients connect to the gateway (embedded; on
@@ -415,21 +406,7 @@ async fn bind_amqp(
     if !engine.capabilities().amqp_listener {
         return Ok(None);
     }
-    let listener = server::bind("amqp", config.amqp.listen).await?;
-    let addr = local_addr("amqp", &listener, config.amqp.listen)?;
-    Ok(Some((listener, addr)))
-}
-
-fn local_addr(
-    listener: &'static str,
-    l: &tokio::net::TcpListener,
-    addr: SocketAddr,
-) -> Result<SocketAddr, StartError> {
-    l.local_addr().map_err(|source| StartError::Bind {
-        listener,
-        addr,
-        source,
-    })
+    Ok(Some(server::bind("amqp", config.amqp.listen).await?))
 }
 
 /// Starts the gateway and runs it until `stop` completes, then shuts it down.

@@ -27,14 +27,19 @@ use crate::context::{Connection, Context};
 use crate::engine::Health;
 use crate::error::StartError;
 
-pub async fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            listener,
-            addr,
-            source,
-        })
+/// Binds `listener` at `addr`; returns it with the address it got (port 0 picks one).
+pub async fn bind(
+    listener: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), StartError> {
+    let failed = |source| StartError::Bind {
+        listener,
+        addr,
+        source,
+    };
+    let bound = TcpListener::bind(addr).await.map_err(failed)?;
+    let local = bound.local_addr().map_err(failed)?;
+    Ok((bound, local))
 }
 
 /// `/healthz` and `/readyz`.
