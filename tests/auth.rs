@@ -4,7 +4,8 @@
 
 mod common;
 
-use std::path::PathBuf;
+use common::key_fixture as fixture;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -20,12 +21,6 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/keys")
-        .join(name)
-}
 
 fn key(name: &str, alg: Algorithm) -> EncodingKey {
     let pem = std::fs::read(fixture(name)).unwrap();

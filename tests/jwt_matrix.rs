@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use common::key_fixture as fixture;
 
 use amqp_gateway::auth::now_secs;
 use amqp_gateway::config::PublicKey;
@@ -23,12 +23,6 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 const ISSUER: &str = "https://issuer.example";
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/keys")
-        .join(name)
-}
 
 /// A gateway trusting one RS256 key (`kid` r1) from one issuer, and nothing else.
 async fn gateway() -> TestGateway {

@@ -22,6 +22,13 @@ pub mod under;
 pub mod upstream_clients;
 pub mod ws;
 
+/// A key file under `tests/fixtures/keys`.
+pub fn key_fixture(name: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/keys")
+        .join(name)
+}
+
 /// Every wait in the tests is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(5);
 
