@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::amqp::{channel, code, connect, no_args, publish_confirmed, text, url};
+use common::amqp::{channel, code, connect, consume_no_ack, no_args, publish_confirmed, text, url};
 use common::ws::Ws;
 use common::{TestGateway, WAIT, admin, start_gateway, token, unique};
 use futures_util::StreamExt;
@@ -58,18 +58,7 @@ async fn hello_world_with_properties_and_the_subject_stamp() {
     )
     .await
     .unwrap();
-    let mut consumer = ch
-        .basic_consume(
-            q.as_str().into(),
-            "c".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            no_args(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = consume_no_ack(&ch, &q, "c").await;
     let d = next(&mut consumer).await;
     assert_eq!(d.data, b"Hello World!");
     assert_eq!(d.delivery_tag, 1);
@@ -734,18 +723,7 @@ async fn amqp_meets_mqtt_websocket_and_rest() {
     )
     .await
     .unwrap();
-    let mut consumer = ch
-        .basic_consume(
-            q.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            no_args(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = consume_no_ack(&ch, q.name().as_str(), "").await;
     gw.publish("amq.topic", "orders.eu", json!({"id": 1})).await;
     let d = next(&mut consumer).await;
     assert_eq!(d.routing_key.as_str(), "orders.eu");

@@ -235,7 +235,6 @@ async fn a_thousand_level_topic_is_refused_and_nothing_breaks() {
 async fn a_slow_amqp_reader_among_fast_ones_is_cut_off_and_costs_them_nothing() {
     use amq_protocol::protocol::{AMQPClass, basic};
     use futures_util::StreamExt;
-    use lapin::options::BasicConsumeOptions;
 
     let gw = start_gateway(|c| {
         c.limits.write_timeout = HANDSHAKE;
@@ -268,18 +267,7 @@ async fn a_slow_amqp_reader_among_fast_ones_is_cut_off_and_costs_them_nothing() 
     // A fast one on the same fanout.
     let conn = common::amqp::connect(&gw, &admin()).await;
     let ch = common::amqp::channel(&conn).await;
-    let mut fast = ch
-        .basic_consume(
-            fast_q.as_str().into(),
-            "fast".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            common::amqp::no_args(),
-        )
-        .await
-        .unwrap();
+    let mut fast = common::amqp::consume_no_ack(&ch, &fast_q, "fast").await;
     // 30 MB: far more than the slow socket's kernel buffers and the gateway's 256 KiB.
     const N: usize = 30_000;
     let body = "b".repeat(1000);

@@ -9,7 +9,7 @@ mod common;
 
 use bytesize::ByteSize;
 use common::amqp_raw::Raw;
-use common::mqtt_bytes::{packet, remaining_length, string, subscribe_packet};
+use common::mqtt_bytes::{publish_qos1, remaining_length, string, subscribe_packet};
 use common::mqtt_wire::{RawWire, Transport};
 use common::ws::Ws;
 use common::{TestGateway, WAIT, admin, start_gateway};
@@ -118,30 +118,9 @@ async fn messages_up_to_the_size_limit_on_rest_and_websocket() {
     assert_eq!(sizes, [MAX_MESSAGE, MAX_MESSAGE], "{got:?}");
 }
 
-/// A QoS 1 PUBLISH of `payload` to `topic` (packet id 1).
-fn publish(topic: &[u8], payload: &[u8], v5: bool) -> Vec<u8> {
-    let mut body = string(topic);
-    body.extend(1u16.to_be_bytes());
-    if v5 {
-        body.push(0);
-    }
-    body.extend_from_slice(payload);
-    packet(0x32, body)
-}
-
 async fn mqtt(gw: &TestGateway, level: u8) -> RawWire {
     let client = common::unique("limits");
     RawWire::connected(gw, Transport::Tcp, level, &client, &admin()).await
-}
-
-/// What the gateway answered a PUBLISH: `Ok(reason)` from PUBACK (0 on 3.1.1), `Err(first
-/// byte and reason)` of what came instead (DISCONNECT), `Err(None)` for a plain close.
-async fn puback(wire: &mut RawWire) -> Result<u8, Option<(u8, u8)>> {
-    match wire.packet().await {
-        Ok((0x40, body)) => Ok(body.get(2).copied().unwrap_or(0)),
-        Ok((first, body)) => Err(Some((first, body.first().copied().unwrap_or(0)))),
-        Err(_) => Err(None),
-    }
 }
 
 #[tokio::test]
@@ -152,31 +131,31 @@ async fn mqtt_messages_and_topics_up_to_their_caps() {
     for level in [4, 5] {
         let v5 = level == 5;
         let mut wire = mqtt(&gw, level).await;
-        wire.send_raw(&publish(b"limits/mqtt", &[b'm'; MAX_MESSAGE], v5))
+        wire.send_raw(&publish_qos1(b"limits/mqtt", &[b'm'; MAX_MESSAGE], v5))
             .await;
         assert_eq!(
-            puback(&mut wire).await,
+            wire.puback().await,
             Ok(0),
             "{level}: a message at the limit"
         );
         // A topic of 255 bytes maps to a routing key of 255 bytes: the cap.
         let topic = vec![b't'; 255];
-        wire.send_raw(&publish(&topic, b"x", v5)).await;
-        assert_eq!(puback(&mut wire).await, Ok(0), "{level}: a 255-byte topic");
+        wire.send_raw(&publish_qos1(&topic, b"x", v5)).await;
+        assert_eq!(wire.puback().await, Ok(0), "{level}: a 255-byte topic");
 
         let mut wire = mqtt(&gw, level).await;
-        wire.send_raw(&publish(b"limits/mqtt", &[b'm'; MAX_MESSAGE + 1], v5))
+        wire.send_raw(&publish_qos1(b"limits/mqtt", &[b'm'; MAX_MESSAGE + 1], v5))
             .await;
         // Not published either way; MQTT 5 hears 0x97 (as from Mosquitto's message size limit),
         // 3.1.1 cannot be told no; the connection stays, so no resend loop.
-        let over = puback(&mut wire).await;
+        let over = wire.puback().await;
         assert_eq!(
             over,
             Ok(if v5 { 0x97 } else { 0 }),
             "{level}: one byte over"
         );
-        wire.send_raw(&publish(&[b't'; 256], b"x", v5)).await;
-        let long_topic = puback(&mut wire).await;
+        wire.send_raw(&publish_qos1(&[b't'; 256], b"x", v5)).await;
+        let long_topic = wire.puback().await;
         if v5 {
             assert_eq!(long_topic, Ok(0x90), "5: PUBACK topic name invalid");
         } else {

@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::mqtt_bytes::{connect, packet, string};
+use common::mqtt_bytes::{connect, publish_qos1};
 use common::mqtt_wire::RawWire;
 use common::proxy::{self, Proxy};
 use common::rabbit::Vhost;
@@ -234,14 +234,6 @@ async fn until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// A raw MQTT client's QoS 1 PUBLISH of `payload` to `topic`, packet id 1.
-fn publish_qos1(topic: &str, payload: &[u8]) -> Vec<u8> {
-    let mut body = string(topic.as_bytes());
-    body.extend_from_slice(&1u16.to_be_bytes());
-    body.extend_from_slice(payload);
-    packet(0x32, body)
-}
-
 /// While the upstream is down new connections are refused (REST 503, WebSocket 1011, CONNACK
 /// 0x88 / code 3) and a 3.1.1 client's QoS 1 publish closes its connection without a PUBACK.
 async fn refused_while_down(gw: &TestGateway, v3: &mut RawWire) {
@@ -281,7 +273,7 @@ async fn refused_while_down(gw: &TestGateway, v3: &mut RawWire) {
         .await;
     let (kind, connack) = late5.packet().await.unwrap();
     assert_eq!((kind, connack[1]), (0x20, 0x88));
-    v3.send_raw(&publish_qos1("load/v3", b"v3-0")).await;
+    v3.send_raw(&publish_qos1(b"load/v3", b"v3-0", false)).await;
     assert!(
         v3.packet().await.is_err(),
         "3.1.1 closed over an unconfirmed publish"

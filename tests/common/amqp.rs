@@ -112,6 +112,17 @@ pub async fn get(
         .unwrap_or_else(|e| panic!("get from {queue}: {e}"))
 }
 
+/// A consumer of `queue` tagged `tag` whose deliveries need no ack.
+pub async fn consume_no_ack(ch: &Channel, queue: &str, tag: &str) -> lapin::Consumer {
+    let options = lapin::options::BasicConsumeOptions {
+        no_ack: true,
+        ..Default::default()
+    };
+    ch.basic_consume(queue.into(), tag.into(), options, no_args())
+        .await
+        .unwrap_or_else(|e| panic!("consume {queue}: {e}"))
+}
+
 pub fn no_args() -> FieldTable {
     FieldTable::default()
 }

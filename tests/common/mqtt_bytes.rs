@@ -25,6 +25,17 @@ pub fn string(s: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A QoS 1 PUBLISH of `payload` to `topic` (packet id 1; MQTT 5 with no properties).
+pub fn publish_qos1(topic: &[u8], payload: &[u8], v5: bool) -> Vec<u8> {
+    let mut body = string(topic);
+    body.extend(1u16.to_be_bytes());
+    if v5 {
+        body.push(0);
+    }
+    body.extend_from_slice(payload);
+    packet(0x32, body)
+}
+
 pub fn packet(first: u8, body: Vec<u8>) -> Vec<u8> {
     let mut out = vec![first];
     out.extend(remaining_length(body.len()));

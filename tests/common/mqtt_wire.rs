@@ -151,6 +151,16 @@ impl RawWire {
             .expect("a packet or the end of the connection in time")
     }
 
+    /// What the gateway answered a PUBLISH: `Ok(reason)` from PUBACK (0 on 3.1.1), `Err(first
+    /// byte and reason)` of what came instead (DISCONNECT), `Err(None)` for a plain close.
+    pub async fn puback(&mut self) -> Result<u8, Option<(u8, u8)>> {
+        match self.packet().await {
+            Ok((0x40, body)) => Ok(body.get(2).copied().unwrap_or(0)),
+            Ok((first, body)) => Err(Some((first, body.first().copied().unwrap_or(0)))),
+            Err(_) => Err(None),
+        }
+    }
+
     /// Whether anything arrives within `quiet` (absence is only seen over a window).
     pub async fn quiet_for(&mut self, quiet: std::time::Duration) -> bool {
         if !self.buf.is_empty() {
