@@ -26,10 +26,12 @@ pub const PUBLISH_BLOCKED: &str = "gateway_publish_blocked";
 /// Free bytes on the embedded engine's data directory, as the disk alarm last read them.
 pub const DISK_FREE: &str = "gateway_disk_free_bytes";
 pub const STORE_COMMITS: &str = "gateway_store_commits_total";
-/// 1 while the upstream engine's connections to its broker are up.
+/// 1 from a failed store write until the store is reopened.
+pub const STORE_FAILED: &str = "gateway_store_failed";
 pub const PACED_SECONDS: &str = "gateway_publish_paced_seconds_total";
 pub const SLOW_CONSUMERS: &str = "gateway_slow_consumers_marked_total";
 pub const DELIVERIES_DROPPED: &str = "gateway_deliveries_dropped_total";
+/// 1 while the upstream engine's connections to its broker are up.
 pub const UPSTREAM_CONNECTED: &str = "gateway_upstream_connected";
 pub const UPSTREAM_RECONNECTS: &str = "gateway_upstream_reconnects_total";
 pub const UPSTREAM_ROUND_TRIP: &str = "gateway_upstream_round_trip_seconds";
@@ -114,6 +116,10 @@ fn describe() {
     metrics::describe_gauge!(
         DISK_FREE,
         "Free bytes on the embedded engine's data directory (below engine.disk_free_limit: the disk alarm)"
+    );
+    metrics::describe_gauge!(
+        STORE_FAILED,
+        "1 from a failed write of the embedded engine's store (a full disk, an I/O error) until it is reopened: persistent publishes are refused meanwhile"
     );
 }
 

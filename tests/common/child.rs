@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use tokio::sync::mpsc;
@@ -26,6 +26,69 @@ pub struct ChildGateway {
     pub lines: mpsc::UnboundedReceiver<String>,
     /// The log lines read while starting (recovery reports among them).
     pub startup: Vec<String>,
+}
+
+/// A small disk the test can fill without touching the machine's: a tmpfs on `dir` mounted in
+/// a mount namespace of its own (`unshare -m`, root only), held by a sleeping process so that
+/// gateways can start and restart on it and the test can grow it. Gone when dropped.
+pub struct Tmpfs {
+    holder: Child,
+    pub dir: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (`"32m"`) on `dir`.
+    pub fn mount(dir: &Path, size: &str) -> Tmpfs {
+        let mut holder = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c"])
+            .arg(
+                "mount -t tmpfs -o size=\"$2\" tmpfs \"$1\" && echo mounted && exec sleep infinity",
+            )
+            .args(["sh".as_ref(), dir.as_os_str(), size.as_ref()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("unshare (util-linux)");
+        let mut line = String::new();
+        let stdout = holder.stdout.take().expect("piped stdout");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("the mount's answer");
+        assert_eq!(
+            line.trim(),
+            "mounted",
+            "tmpfs of {size} on {}",
+            dir.display()
+        );
+        Tmpfs {
+            holder,
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// A command run inside the tmpfs's mount namespace: add the program and its arguments.
+    pub fn enter(&self) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.args(["-t", &self.holder.id().to_string(), "-m", "--"]);
+        cmd
+    }
+
+    /// Grows (or shrinks) the tmpfs to `size`, as an operator gives a full disk room.
+    pub fn resize(&self, size: &str) {
+        let status = self
+            .enter()
+            .args(["mount", "-o", &format!("remount,size={size}")])
+            .arg(&self.dir)
+            .status()
+            .expect("nsenter (util-linux)");
+        assert!(status.success(), "remount to {size}: {status}");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
 }
 
 impl ChildGateway {
@@ -56,22 +119,16 @@ impl ChildGateway {
             .unwrap_or_else(|| panic!("no {field} in /proc status"))
     }
 
-    /// As [`ChildGateway::start`], with `data_dir` on a tmpfs of `size` (`"160m"`) mounted in
-    /// a mount namespace of the child's own (`unshare -m`, root only): a small disk the test
-    /// can fill without touching the machine's. `env` adds configuration.
-    pub async fn start_on_tmpfs(data_dir: &Path, size: &str, env: &[(&str, &str)]) -> ChildGateway {
-        let mut cmd = Command::new("unshare");
-        cmd.args(["-m", "--propagation", "private", "sh", "-c"])
-            .arg(format!(
-                "mount -t tmpfs -o size={size} tmpfs \"$1\" && shift && exec \"$@\""
-            ))
-            .arg("sh")
-            .arg(data_dir)
-            .arg(env!("CARGO_BIN_EXE_amqp-gateway"));
+    /// As [`ChildGateway::start`], with its data directory on `disk` (entering its mount
+    /// namespace). `env` adds configuration.
+    pub async fn start_on(disk: &Tmpfs, env: &[(&str, &str)]) -> ChildGateway {
+        // nsenter execs the gateway: the child's pid is the gateway's, for signals.
+        let mut cmd = disk.enter();
+        cmd.arg(env!("CARGO_BIN_EXE_amqp-gateway"));
         for (k, v) in env {
             cmd.env(k, v);
         }
-        Self::spawn(cmd, data_dir).await
+        Self::spawn(cmd, &disk.dir).await
     }
 
     async fn spawn(mut cmd: Command, data_dir: &Path) -> ChildGateway {

@@ -10,6 +10,7 @@
 mod commit;
 pub mod disk;
 mod record;
+mod tables;
 
 use std::collections::HashMap;
 
@@ -55,6 +56,12 @@ pub fn fuzz_record(kind: u8, key: &[u8], value: &[u8]) {
             }
         }
     }
+}
+
+/// Bytes available to the gateway on the file system holding `dir`.
+pub fn free_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
+    let st = rustix::fs::statvfs(dir)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 impl From<StoreError> for EngineError {
@@ -149,6 +156,13 @@ pub trait Store: Send + Sync + 'static {
     /// `engine.fsync` says. The order is fixed at the call: a caller that drops the future
     /// still has them applied (a failure is then logged by the store).
     fn write_messages(&self, writes: &[MessageWrite<'_>]) -> StoreWrite;
+
+    /// As [`Store::write_messages`] with nobody awaiting the outcome (acks, expiries,
+    /// redelivery marks): writes the store cannot make now, after a failed write, are made
+    /// once it is reopened (see `commit.rs`).
+    fn write_messages_detached(&self, writes: &[MessageWrite<'_>]) {
+        drop(self.write_messages(writes));
+    }
 
     /// Every stored message and queue entry; bodies are kept (in id order, so the oldest,
     /// first to be delivered) up to `keep_bytes`.

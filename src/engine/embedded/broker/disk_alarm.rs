@@ -7,16 +7,11 @@
 use std::path::PathBuf;
 
 use super::*;
+use crate::engine::embedded::store::free_bytes;
 
 /// How often free space is read: often near the limit, rarely far from it.
 const NEAR: Duration = Duration::from_millis(100);
 const FAR: Duration = Duration::from_secs(1);
-
-/// Bytes available to the gateway on the file system holding `dir`.
-fn free_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
-    let st = rustix::fs::statvfs(dir)?;
-    Ok(st.f_bavail.saturating_mul(st.f_frsize))
-}
 
 impl Broker {
     /// Starts the alarm's timer for `dir`; it stops at shutdown.

@@ -23,11 +23,6 @@ pub struct Recovered {
     pub discarded: usize,
 }
 
-/// A write nobody awaits: the store logs it if it fails.
-fn detach(write: StoreWrite) {
-    drop(write);
-}
-
 impl Broker {
     /// How many of `targets` keep `message` on disk (persistent message, durable queues, a store
     /// that keeps messages), and the id it gets if any does.
@@ -100,7 +95,7 @@ impl Broker {
             }
         }
         if !writes.is_empty() {
-            detach(self.store.write_messages(&writes));
+            self.store.write_messages_detached(&writes);
         }
     }
 
@@ -111,11 +106,11 @@ impl Broker {
             return;
         }
         if let Some(disk) = entry.disk() {
-            detach(self.store.write_messages(&[MessageWrite::Enqueue {
+            self.store.write_messages_detached(&[MessageWrite::Enqueue {
                 queue,
                 id: disk.id,
                 redelivered: true,
-            }]));
+            }]);
         }
     }
 
@@ -163,7 +158,7 @@ impl Broker {
             .collect();
         writes.extend(unused.iter().map(|&id| MessageWrite::Forget { id }));
         if !writes.is_empty() {
-            detach(self.store.write_messages(&writes));
+            self.store.write_messages_detached(&writes);
         }
         let now = Instant::now();
         let wall = now_ms();

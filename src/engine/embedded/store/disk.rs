@@ -13,23 +13,17 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions};
-
 use super::commit::{self, Committer, KeyFilter, Op};
+use super::tables::{Current, Space, Tables, db_error as db};
 use super::{
     LoadedMessage, MessageWrite, Snapshot, Store, StoreError, StoreWrite, StoredMessages, record,
 };
 use crate::config::Fsync;
 use crate::engine::{BindingInfo, Envelope, ExchangeSpec, Message, QueueSpec};
-
-/// All journals together (fjall's default: 512 MiB; its minimum: 64 MiB).
-const JOURNALS: u64 = 64 * 1024 * 1024;
-
-/// The message keyspace's memtable (fjall's default: 64 MiB).
-const MESSAGES_MEMTABLE: u64 = 16 * 1024 * 1024;
 
 /// What `FORMAT` says for this version of the store.
 const FORMAT: &str = "amqp-gateway store 1\n";
@@ -38,21 +32,9 @@ fn io(what: &str, path: &Path, e: impl std::fmt::Display) -> StoreError {
     StoreError(format!("{what} {}: {e}", path.display()))
 }
 
-fn db(e: fjall::Error) -> StoreError {
-    StoreError(format!("storage engine: {e}"))
-}
-
 pub struct DiskStore {
-    db: Database,
-    exchanges: Keyspace,
-    queues: Keyspace,
-    bindings: Keyspace,
-    retained: Keyspace,
-    messages: Keyspace,
-    queued: Keyspace,
-    /// When space was last reclaimed: a write whose flush runs the storage engine's clean-up
-    /// of tables that compaction replaced (it only runs when a memtable is flushed).
-    maintenance: Keyspace,
+    /// The storage engine, reopened by the committer after a failed write.
+    current: Arc<Current>,
     /// Messages stored now, and removed since the last [`Store::reclaim`] that compacted.
     live: AtomicU64,
     removed: AtomicU64,
@@ -76,37 +58,15 @@ impl DiskStore {
         std::fs::create_dir_all(dir).map_err(|e| io("cannot create", dir, e))?;
         let lock = lock(dir)?;
         check_format(dir)?;
-        let tails = journal_tails(&dir.join("store"));
-        // The smallest journal budget fjall allows: past it, fjall flushes whichever keyspace
-        // holds the oldest journal back, so removed messages do not pin hundreds of MiB.
-        let db = Database::builder(dir.join("store"))
-            .max_journaling_size(JOURNALS)
-            .open()
-            .map_err(db)?;
+        let path = dir.join("store");
+        let tails = journal_tails(&path);
+        let current = Current::new(Tables::open(&path)?);
         report_torn(&tails);
-        let keyspace = |name: &str| {
-            db.keyspace(name, KeyspaceCreateOptions::default)
-                .map_err(self::db)
-        };
-        // Written bodies wait in the memtable until it is flushed: a smaller one keeps that
-        // memory (which the watermark does not see) small when queues grow past memory.
-        let messages = db
-            .keyspace("messages", || {
-                KeyspaceCreateOptions::default().max_memtable_size(MESSAGES_MEMTABLE)
-            })
-            .map_err(self::db)?;
         Ok(DiskStore {
-            exchanges: keyspace("exchanges")?,
-            queues: keyspace("queues")?,
-            bindings: keyspace("bindings")?,
-            retained: keyspace("retained")?,
-            messages,
-            queued: keyspace("queued")?,
-            maintenance: keyspace("maintenance")?,
+            committer: Committer::start(current.clone(), path, fsync, max_delay)?,
+            current,
             live: Default::default(),
             removed: Default::default(),
-            committer: Committer::start(db.clone(), fsync, max_delay)?,
-            db,
             fsync,
             _lock: lock,
         })
@@ -129,7 +89,7 @@ impl DiskStore {
             } => {
                 self.live.fetch_add(1, Ordering::Relaxed);
                 Op::Put(
-                    self.messages.clone(),
+                    Space::Messages,
                     record::message_key(id).to_vec(),
                     record::message(envelope, published_at_ms)?,
                 )
@@ -139,17 +99,17 @@ impl DiskStore {
                 id,
                 redelivered,
             } => Op::Put(
-                self.queued.clone(),
+                Space::Queued,
                 record::queued_key(queue, id)?,
                 record::queued_value(redelivered),
             ),
             MessageWrite::Dequeue { queue, id } => {
-                Op::Remove(self.queued.clone(), record::queued_key(queue, id)?)
+                Op::Remove(Space::Queued, record::queued_key(queue, id)?)
             }
             MessageWrite::Forget { id } => {
                 self.live.fetch_sub(1, Ordering::Relaxed);
                 self.removed.fetch_add(1, Ordering::Relaxed);
-                Op::Remove(self.messages.clone(), record::message_key(id).to_vec())
+                Op::Remove(Space::Messages, record::message_key(id).to_vec())
             }
         })
     }
@@ -267,22 +227,22 @@ fn check_format(dir: &Path) -> Result<(), StoreError> {
 
 impl Store for DiskStore {
     fn put_exchange(&self, name: &str, spec: &ExchangeSpec) -> StoreWrite {
-        let op = record::exchange(spec).map(|r| Op::Put(self.exchanges.clone(), name.into(), r));
+        let op = record::exchange(spec).map(|r| Op::Put(Space::Exchanges, name.into(), r));
         self.submit(op.map(|op| vec![op]))
     }
 
     fn delete_exchange(&self, name: &str) -> StoreWrite {
         let exchange = name.to_owned();
         let from_it: KeyFilter =
-            Box::new(move |key| record::binding_from(key).is_ok_and(|b| b.exchange == exchange));
+            Arc::new(move |key| record::binding_from(key).is_ok_and(|b| b.exchange == exchange));
         self.submit(Ok(vec![
-            Op::Remove(self.exchanges.clone(), name.into()),
-            Op::RemoveWhere(self.bindings.clone(), None, from_it),
+            Op::Remove(Space::Exchanges, name.into()),
+            Op::RemoveWhere(Space::Bindings, None, from_it),
         ]))
     }
 
     fn put_queue(&self, name: &str, spec: &QueueSpec) -> StoreWrite {
-        let op = record::queue(spec).map(|r| Op::Put(self.queues.clone(), name.into(), r));
+        let op = record::queue(spec).map(|r| Op::Put(Space::Queues, name.into(), r));
         self.submit(op.map(|op| vec![op]))
     }
 
@@ -290,37 +250,37 @@ impl Store for DiskStore {
     /// nothing refers to them.
     fn delete_queue(&self, name: &str) -> StoreWrite {
         let ops = record::queue_prefix(name).map(|prefix| {
-            let all = || -> KeyFilter { Box::new(|_| true) };
+            let all: KeyFilter = Arc::new(|_| true);
             vec![
-                Op::Remove(self.queues.clone(), name.into()),
-                Op::RemoveWhere(self.bindings.clone(), Some(prefix.clone()), all()),
-                Op::RemoveWhere(self.queued.clone(), Some(prefix), all()),
+                Op::Remove(Space::Queues, name.into()),
+                Op::RemoveWhere(Space::Bindings, Some(prefix.clone()), all.clone()),
+                Op::RemoveWhere(Space::Queued, Some(prefix), all),
             ]
         });
         self.submit(ops)
     }
 
     fn put_binding(&self, binding: &BindingInfo) -> StoreWrite {
-        let op = record::binding_key(binding).map(|k| Op::Put(self.bindings.clone(), k, vec![]));
+        let op = record::binding_key(binding).map(|k| Op::Put(Space::Bindings, k, vec![]));
         self.submit(op.map(|op| vec![op]))
     }
 
     fn delete_binding(&self, binding: &BindingInfo) -> StoreWrite {
-        let op = record::binding_key(binding).map(|k| Op::Remove(self.bindings.clone(), k));
+        let op = record::binding_key(binding).map(|k| Op::Remove(Space::Bindings, k));
         self.submit(op.map(|op| vec![op]))
     }
 
     fn write_retained(&self, routing_key: &str, message: Option<(&Message, u64)>) -> StoreWrite {
         let key = routing_key.as_bytes().to_vec();
         let op = match message {
-            None => Ok(Op::Remove(self.retained.clone(), key)),
+            None => Ok(Op::Remove(Space::Retained, key)),
             Some((message, at)) => {
                 let envelope = Envelope {
                     exchange: "".into(),
                     routing_key: routing_key.into(),
                     message: message.clone(),
                 };
-                record::message(&envelope, at).map(|v| Op::Put(self.retained.clone(), key, v))
+                record::message(&envelope, at).map(|v| Op::Put(Space::Retained, key, v))
             }
         };
         self.submit(op.map(|op| vec![op]))
@@ -334,13 +294,21 @@ impl Store for DiskStore {
         self.submit(writes.iter().map(|w| self.op(w)).collect())
     }
 
+    fn write_messages_detached(&self, writes: &[MessageWrite<'_>]) {
+        match writes.iter().map(|w| self.op(w)).collect() {
+            Ok(ops) => self.committer.detach(ops),
+            Err(e) => tracing::error!(error = %e, "store write refused"),
+        }
+    }
+
     /// Unreadable records are counted, logged and removed, never fatal: a torn last write is
     /// one the gateway never confirmed.
     fn load_messages(&self, keep_bytes: u64) -> Result<StoredMessages, StoreError> {
         let mut out = StoredMessages::default();
         let mut budget = keep_bytes;
         let mut bad = Vec::new();
-        for item in self.messages.iter() {
+        let tables = self.current.read()?;
+        for item in tables.get(Space::Messages).iter() {
             let (k, v) = item.into_inner().map_err(db)?;
             match record::message_id(&k).and_then(|id| Ok((id, record::message_from(&v)?))) {
                 Ok((id, (envelope, published_at_ms))) => {
@@ -357,17 +325,17 @@ impl Store for DiskStore {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "stored message skipped and removed");
-                    bad.push(Op::Remove(self.messages.clone(), k.to_vec()));
+                    bad.push(Op::Remove(Space::Messages, k.to_vec()));
                 }
             }
         }
-        for item in self.queued.iter() {
+        for item in tables.get(Space::Queued).iter() {
             let (k, v) = item.into_inner().map_err(db)?;
             match record::queued_from(&k, &v) {
                 Ok(entry) => out.queued.push(entry),
                 Err(e) => {
                     tracing::error!(error = %e, "stored queue entry skipped and removed");
-                    bad.push(Op::Remove(self.queued.clone(), k.to_vec()));
+                    bad.push(Op::Remove(Space::Queued, k.to_vec()));
                 }
             }
         }
@@ -375,7 +343,7 @@ impl Store for DiskStore {
         self.live
             .store(out.messages.len() as u64, Ordering::Relaxed);
         if !bad.is_empty() {
-            commit::apply(&self.db, self.fsync, bad)?;
+            commit::apply(&tables, self.fsync, &bad)?;
         }
         Ok(out)
     }
@@ -400,39 +368,41 @@ impl Store for DiskStore {
         if !due {
             return;
         }
+        // While the store is closed after a failure there is nothing to compact.
+        let Ok(tables) = self.current.read() else {
+            return;
+        };
         self.removed.fetch_sub(removed, Ordering::Relaxed);
         // Every keyspace's memtable is flushed, so no journal is kept for a few small records
-        // of another keyspace; then the message keyspaces drop what was removed.
-        let all = [
-            &self.exchanges,
-            &self.queues,
-            &self.bindings,
-            &self.retained,
-            &self.messages,
-            &self.queued,
-        ];
-        for ks in all {
-            if let Err(e) = ks.rotate_memtable_and_wait() {
+        // of another keyspace (the maintenance stamp below flushes its own); then the message
+        // keyspaces drop what was removed.
+        for space in Space::ALL.into_iter().filter(|&s| s != Space::Maintenance) {
+            if let Err(e) = tables.get(space).rotate_memtable_and_wait() {
                 tracing::warn!(error = %e, "store space not reclaimed");
             }
         }
-        for ks in [&self.messages, &self.queued] {
-            if let Err(e) = ks.major_compact() {
+        for space in [Space::Messages, Space::Queued] {
+            if let Err(e) = tables.get(space).major_compact() {
                 tracing::warn!(error = %e, "store space not reclaimed");
             }
         }
         let stamp = crate::engine::embedded::now_ms().to_be_bytes();
-        if let Err(e) = self
-            .maintenance
+        let maintenance = tables.get(Space::Maintenance);
+        if let Err(e) = maintenance
             .insert("reclaimed", stamp)
-            .and_then(|()| self.maintenance.rotate_memtable_and_wait())
+            .and_then(|()| maintenance.rotate_memtable_and_wait())
         {
             tracing::warn!(error = %e, "store space not reclaimed");
         }
     }
 
     fn read_message(&self, id: u64) -> Result<Option<Envelope>, StoreError> {
-        match self.messages.get(record::message_key(id)).map_err(db)? {
+        let tables = self.current.read()?;
+        match tables
+            .get(Space::Messages)
+            .get(record::message_key(id))
+            .map_err(db)?
+        {
             Some(bytes) => Ok(Some(record::message_from(&bytes)?.0)),
             None => Ok(None),
         }
@@ -444,7 +414,8 @@ impl Store for DiskStore {
 
     fn load_retained(&self) -> Result<Vec<(String, Message, u64)>, StoreError> {
         let mut out = Vec::new();
-        for item in self.retained.iter() {
+        let tables = self.current.read()?;
+        for item in tables.get(Space::Retained).iter() {
             let (k, v) = item.into_inner().map_err(db)?;
             let (envelope, at) = record::message_from(&v)?;
             out.push((utf8(&k, "retained message")?, envelope.message, at));
@@ -454,19 +425,20 @@ impl Store for DiskStore {
 
     fn load(&self) -> Result<Snapshot, StoreError> {
         let mut snapshot = Snapshot::default();
-        for item in self.exchanges.iter() {
+        let tables = self.current.read()?;
+        for item in tables.get(Space::Exchanges).iter() {
             let (k, v) = item.into_inner().map_err(db)?;
             snapshot
                 .exchanges
                 .push((utf8(&k, "exchange")?, record::exchange_from(&v)?));
         }
-        for item in self.queues.iter() {
+        for item in tables.get(Space::Queues).iter() {
             let (k, v) = item.into_inner().map_err(db)?;
             snapshot
                 .queues
                 .push((utf8(&k, "queue")?, record::queue_from(&v)?));
         }
-        for item in self.bindings.iter() {
+        for item in tables.get(Space::Bindings).iter() {
             snapshot
                 .bindings
                 .push(record::binding_from(&item.key().map_err(db)?)?);
