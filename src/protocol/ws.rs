@@ -107,7 +107,8 @@ async fn upgrade(
         None => None,
     };
     let limit = frame_limit(&ctx);
-    ws.protocols([frames::SUBPROTOCOL])
+    super::websocket(ws)
+        .protocols([frames::SUBPROTOCOL])
         .max_message_size(limit)
         .max_frame_size(limit)
         .on_upgrade(move |socket| {

@@ -47,7 +47,8 @@ async fn upgrade(
             .into_response();
     }
     let max = (ctx.config.limits.max_message_bytes.as_u64() + 64 * 1024) as usize;
-    ws.protocols([SUBPROTOCOL])
+    crate::protocol::websocket(ws)
+        .protocols([SUBPROTOCOL])
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| {

@@ -93,7 +93,7 @@ pub async fn feed(
     } else {
         None
     };
-    upgrade.on_upgrade(move |socket| async move {
+    crate::protocol::websocket(upgrade).on_upgrade(move |socket| async move {
         let principal = principal.map(|r| r.map_err(|e| e.detail));
         run(st, socket, principal).await;
     })
