@@ -9,32 +9,42 @@
 #   bash bench/run.sh                        # every scenario, 10 s, median of 3
 #   bash bench/run.sh --duration 5s --runs 1 --scenarios qos0,fanout
 #   bash bench/run.sh --scenarios durable    # confirmed persistent publishes vs RabbitMQ
+#   PEERS="mosquitto rabbitmq" bash bench/run.sh --scenarios wsfanout,wsidle,rest
 #
 # PEERS="mosquitto nats rabbitmq" (default: mosquitto nats) picks the peers.
+# BENCH_PROFILE=dev uses debug builds (the CI smoke: the tests built them already; figures
+# from it mean nothing).
 # ENGINE=upstream runs the gateway on the bench RabbitMQ node (AMQP 127.0.0.1:11873) instead of
 # the embedded engine: with PEERS=rabbitmq the same node's own MQTT plugin is measured beside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release --locked -p amqp-gateway -p amqp-gateway-bench --bin amqp-gateway --bin bench
+profile=${BENCH_PROFILE:-release}
+cargo build --profile "$profile" --locked -p amqp-gateway -p amqp-gateway-bench --bin amqp-gateway --bin bench
+bin=target/$([ "$profile" = dev ] && echo debug || echo "$profile")
 
 work=$(mktemp -d)
 gateway_pid=
 cleanup() {
   [ -n "$gateway_pid" ] && kill "$gateway_pid" 2>/dev/null || true
+  [ -n "${ceiling_pid:-}" ] && kill "$ceiling_pid" 2>/dev/null || true
   [ -n "${KEEP_LOG:-}" ] && cp "$work/out" "$KEEP_LOG"
   rm -rf "$work"
 }
 trap cleanup EXIT
 
 export GATEWAY_LIMITS__PUBLISH_RATE=1000000000 GATEWAY_LIMITS__PUBLISH_BURST=1000000000 \
-  GATEWAY_LIMITS__SUBJECT_PUBLISH_RATE=1000000000 GATEWAY_LIMITS__PUBLISH_BYTES_RATE=1TiB
+  GATEWAY_LIMITS__SUBJECT_PUBLISH_RATE=1000000000 GATEWAY_LIMITS__PUBLISH_BYTES_RATE=1TiB \
+  GATEWAY_LIMITS__MAX_CONNECTIONS_PER_SUBJECT=100000
+# Every bench client is one subject: the per-subject connection limit (1000) would stop the
+# 1,000-subscriber WebSocket scenarios. Both the bench and the gateway hold that many sockets.
+ulimit -n "$(ulimit -Hn)"
 # The hop scenario compares with lapin at 100 in flight each way: the same windows here
 # (defaults: 64 inbound, 32 outbound).
 if [[ " $* " == *hop* ]]; then
   export GATEWAY_MQTT__RECEIVE_MAXIMUM=100 GATEWAY_MQTT__MAX_INFLIGHT=100
 fi
-gateway=(target/release/amqp-gateway --data-dir "$work" --log-format json
+gateway=("$bin/amqp-gateway" --data-dir "$work" --log-format json
   --http-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --amqp-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0)
 if [ "${ENGINE:-embedded}" = upstream ]; then
   bash ../shared/peers/start.sh >&2
@@ -60,26 +70,43 @@ done
 mqtt=$(grep -m1 '"listener":"mqtt"' "$work/out" | sed -E 's/.*"addr":"([^"]+)".*/\1/')
 http=$(grep -m1 '"listener":"http"' "$work/out" | sed -E 's/.*"addr":"([^"]+)".*/\1/')
 
-targets=(--target "gateway=$mqtt@$token" --pid "gateway=$gateway_pid" --gateway-http "http://$http")
+targets=(--target "gateway=$mqtt@$token" --pid "gateway=$gateway_pid" --gateway-http "http://$http"
+  --ws-target "gateway /ws JSON=json,ws://$http/ws,gateway"
+  --ws-target "gateway MQTT over WS=mqtt,ws://$http/mqtt,gateway")
 amqp=$(grep -m1 '"listener":"amqp"' "$work/out" | sed -E 's/.*"addr":"([^"]+)".*/\1/' || true)
 [ -n "$amqp" ] && targets+=(--gateway-amqp "amqp://bench:$token@$amqp/%2f")
 peers=${PEERS-mosquitto nats}
 if [ -n "$peers" ]; then
   bash ../shared/peers/start.sh >&2
   # The durable scenario's peer: the bench RabbitMQ node's durable queues with confirms.
-  targets+=(--amqp "amqp://guest:guest@127.0.0.1:11873/%2f")
+  targets+=(--amqp "amqp://guest:guest@127.0.0.1:11873/%2f" --rabbit-http http://127.0.0.1:11872)
   for p in $peers; do
     case $p in
-      mosquitto) targets+=(--target mosquitto=127.0.0.1:18831 --pid "mosquitto=$(cat /tmp/amqp-gateway-peers/mosquitto.pid)") ;;
+      mosquitto) targets+=(--target mosquitto=127.0.0.1:18831 --pid "mosquitto=$(cat /tmp/amqp-gateway-peers/mosquitto.pid)"
+        --ws-target "Mosquitto MQTT over WS=mqtt,ws://127.0.0.1:18832/mqtt,mosquitto") ;;
       nats) targets+=(--target nats=127.0.0.1:11886 --pid "nats=$(cat /tmp/amqp-gateway-peers/nats.pid)") ;;
-      rabbitmq) targets+=(--target rabbitmq=127.0.0.1:11885) ;;
+      rabbitmq) targets+=(--target rabbitmq=127.0.0.1:11885
+        --pid "rabbitmq=$(rabbitmqctl -n bench@localhost eval 'list_to_integer(os:getpid()).' | tail -1)"
+        --ws-target "RabbitMQ Web-MQTT=mqtt,ws://127.0.0.1:11875/ws,rabbitmq") ;;
       *) echo "unknown peer $p" >&2; exit 2 ;;
     esac
   done
 fi
 
+# The rest scenario's ceiling: an axum JSON handler in a process of its own.
+ceiling_pid=
+if [[ " $* " == *rest* ]]; then
+  "$bin/bench" --serve-ceiling 127.0.0.1:0 >"$work/ceiling" &
+  ceiling_pid=$!
+  for _ in $(seq 100); do
+    grep -q 'listening on' "$work/ceiling" 2>/dev/null && break
+    sleep 0.1
+  done
+  targets+=(--ceiling-http "http://$(sed -E 's/.*listening on //' "$work/ceiling")")
+fi
+
 echo "$(nproc) cores, $(date -u +%FT%TZ), gateway $(git rev-parse --short HEAD)"
-target/release/bench "${targets[@]}" "$@"
+"$bin/bench" "${targets[@]}" "$@"
 # What the gateway did about the load: pacing, slow consumers, drops (DESIGN.md §7).
 metrics=$(grep -m1 '"listener":"metrics"' "$work/out" | sed -E 's/.*"addr":"([^"]+)".*/\1/')
 curl -s "http://$metrics/metrics" |

@@ -1,8 +1,10 @@
 //! The bench binary: MQTT 3.1.1 load against several brokers in one run, so the gateway is
 //! always compared with a peer measured on the same machine at the same moment. Scenarios
 //! mirror `../shared/peers/README.md`: 1→1 QoS 0 and QoS 1, 1→50 fan-out, 50→1 fan-in
-//! (deliveries per second), and latency at a fixed 5 000 msg/s. `bench/run.sh` starts the
-//! gateway and the peers and passes their addresses.
+//! (deliveries per second), and latency at a fixed 5 000 msg/s. Tables of their own: durable
+//! and AMQP scenarios against RabbitMQ, WebSocket fan-out and idle memory (`ws.rs`), HTTP
+//! publish against the framework's ceiling and RabbitMQ's management API (`rest.rs`), the soak.
+//! `bench/run.sh` starts the gateway and the peers and passes their addresses.
 //!
 //!     bench --target gateway=127.0.0.1:1884@TOKEN --target mosquitto=127.0.0.1:18831
 
@@ -15,15 +17,34 @@ use clap::Parser;
 mod count;
 mod durable;
 mod hop;
+mod rest;
 mod soak;
+mod ws;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::Mutex;
 
 #[derive(Parser)]
 struct Args {
     /// `NAME=HOST:PORT[@PASSWORD]`; the first one is the base of the ratios.
-    #[arg(long = "target", required = true)]
+    #[arg(long = "target", required_unless_present = "serve_ceiling")]
     targets: Vec<String>,
+    /// Serve the `rest` scenario's ceiling (an axum JSON POST handler) on this address, and
+    /// nothing else.
+    #[arg(long)]
+    serve_ceiling: Option<String>,
+    /// The ceiling's base URL, for the `rest` scenario.
+    #[arg(long)]
+    ceiling_http: Option<String>,
+    /// RabbitMQ's management API base URL (guest), the `rest` scenario's peer.
+    #[arg(long)]
+    rabbit_http: Option<String>,
+    /// `NAME=KIND,URL,PUBLISHER` (KIND `json` or `mqtt`; PUBLISHER a `--target` name): the
+    /// WebSocket scenarios' targets, the first one the base of the ratios.
+    #[arg(long = "ws-target")]
+    ws_targets: Vec<String>,
+    /// Subscribers of the `wsfanout` scenario.
+    #[arg(long, default_value_t = 1000)]
+    ws_subscribers: usize,
     /// Measured time per scenario (after a one-second warm-up).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -119,12 +140,13 @@ async fn idle(t: &Target, args: &Args) -> Result<f64, String> {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
+/// A number unique in this process (client ids, topics).
+fn next_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
 fn options(t: &Target) -> MqttOptions {
-    let id = format!(
-        "bench-{}-{}",
-        std::process::id(),
-        NEXT_ID.fetch_add(1, Ordering::Relaxed)
-    );
+    let id = format!("bench-{}-{}", std::process::id(), next_id());
     let mut o = MqttOptions::new(id, t.host.clone(), t.port);
     o.set_keep_alive(Duration::from_secs(30));
     o.set_max_packet_size(1 << 20, 1 << 20);
@@ -216,11 +238,7 @@ async fn throughput(
     subs: usize,
     qos: QoS,
 ) -> Result<(f64, count::Loss), String> {
-    let topic = format!(
-        "bench/{}/{}",
-        std::process::id(),
-        NEXT_ID.fetch_add(1, Ordering::Relaxed)
-    );
+    let topic = format!("bench/{}/{}", std::process::id(), next_id());
     let seen = Arc::new(Seen::default());
     let mut clients = Vec::new();
     let mut received = Vec::new();
@@ -285,11 +303,7 @@ async fn drain(delivered: &AtomicU64) {
 /// One publisher at a fixed 5 000 msg/s QoS 0 to one subscriber: (p50, p99) in ms.
 async fn latency(t: &Target, args: &Args) -> Result<(f64, f64), String> {
     const RATE: u64 = 5_000;
-    let topic = format!(
-        "bench/{}/lat{}",
-        std::process::id(),
-        NEXT_ID.fetch_add(1, Ordering::Relaxed)
-    );
+    let topic = format!("bench/{}/lat{}", std::process::id(), next_id());
     let seen = Arc::new(Seen::default());
     let sub = subscriber(t, &topic, QoS::AtMostOnce, seen.clone(), true, None).await?;
     let client = publisher(t).await?;
@@ -427,6 +441,13 @@ async fn measure(t: &Target, args: &Args, scenario: &str) -> Result<Outcome, Str
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    if let Some(addr) = &args.serve_ceiling {
+        if let Err(e) = rest::serve_ceiling(addr).await {
+            eprintln!("bench: ceiling: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let targets: Result<Vec<Target>, String> = args
         .targets
         .iter()
@@ -465,17 +486,18 @@ async fn main() {
             std::process::exit(1);
         }
     }
-    if args.scenarios.iter().any(|s| s == "hop")
-        && let Err(e) = hop_table(&args, &targets[0]).await
-    {
-        eprintln!("bench: hop: {e}");
-        std::process::exit(1);
+    let wants = |names: &[&str]| args.scenarios.iter().any(|s| names.contains(&s.as_str()));
+    if wants(&["hop"]) {
+        or_exit("hop", hop_table(&args, &targets[0]).await);
     }
-    if args.scenarios.iter().any(|s| s == "amqp")
-        && let Err(e) = amqp_table(&args).await
-    {
-        eprintln!("bench: amqp: {e}");
-        std::process::exit(1);
+    if wants(&["amqp"]) {
+        or_exit("amqp", amqp_table(&args).await);
+    }
+    if wants(&["wsfanout", "wsidle"]) {
+        or_exit("ws", ws::report(&args, &targets).await);
+    }
+    if wants(&["rest"]) {
+        or_exit("rest", rest::report(&args, &targets[0]).await);
     }
     if args.scenarios.iter().any(|s| s == "soak") {
         let s = soak::Soak {
@@ -491,9 +513,33 @@ async fn main() {
     }
 }
 
-/// Scenarios with a table of their own (against RabbitMQ over AMQP, `--amqp`, or the soak).
+/// The head of a table with a row per scenario: a column per target, then the first target's
+/// ratio to each other one.
+fn scenario_header<'a>(names: impl Iterator<Item = &'a str>) {
+    let names: Vec<&str> = names.collect();
+    let mut header = format!("| scenario | {} |", names.join(" | "));
+    for other in &names[1..] {
+        header.push_str(&format!(" {} vs {other} |", names[0]));
+    }
+    println!("{header}");
+    println!("|---|{}", "---|".repeat(names.len() * 2 - 1));
+}
+
+/// Ends the bench when a table could not be measured.
+fn or_exit(table: &str, result: Result<(), String>) {
+    if let Err(e) = result {
+        eprintln!("bench: {table}: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Scenarios with a table of their own (against RabbitMQ over AMQP, `--amqp`, the REST
+/// ceiling, or the soak).
 fn is_amqp_scenario(s: &str) -> bool {
-    s == "durable" || s == "hop" || s == "amqp" || s == "soak"
+    matches!(
+        s,
+        "durable" | "hop" | "amqp" | "soak" | "rest" | "wsfanout" | "wsidle"
+    )
 }
 
 /// AMQP 0-9-1 1→1 with the same lapin load through the gateway's AMQP listener and through
@@ -579,13 +625,7 @@ async fn mqtt_table(args: &Args, targets: &[Target]) {
     println!(
         "ratios: above 1, the first target did better (latency by p50; memory: other / first)\n"
     );
-    let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
-    let mut header = format!("| scenario | {} |", names.join(" | "));
-    for other in &names[1..] {
-        header.push_str(&format!(" {} vs {other} |", names[0]));
-    }
-    println!("{header}");
-    println!("|---|{}", "---|".repeat(names.len() * 2 - 1));
+    scenario_header(targets.iter().map(|t| t.name.as_str()));
     for scenario in args.scenarios.iter().filter(|s| !is_amqp_scenario(s)) {
         let mut outcomes = Vec::new();
         for t in targets {
