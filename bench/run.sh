@@ -11,7 +11,10 @@
 #   bash bench/run.sh --scenarios durable    # confirmed persistent publishes vs RabbitMQ
 #   PEERS="mosquitto rabbitmq" bash bench/run.sh --scenarios wsfanout,wsidle,rest
 #
-# PEERS="mosquitto nats rabbitmq" (default: mosquitto nats) picks the peers.
+# PEERS="mosquitto nats rabbitmq rumqttd" (default: mosquitto nats) picks the peers; rumqttd
+# 0.20 (the Rust broker) is installed with cargo when missing and started here, MQTT 18841 and
+# MQTT over WebSocket 18842, with its sample configuration's limits.
+# GATEWAY_BIN=path runs another gateway binary (a before/after comparison in one session).
 # BENCH_PROFILE=dev uses debug builds (the CI smoke: the tests built them already; figures
 # from it mean nothing).
 # ENGINE=upstream runs the gateway on the bench RabbitMQ node (AMQP 127.0.0.1:11873) instead of
@@ -28,6 +31,7 @@ gateway_pid=
 cleanup() {
   [ -n "$gateway_pid" ] && kill "$gateway_pid" 2>/dev/null || true
   [ -n "${ceiling_pid:-}" ] && kill "$ceiling_pid" 2>/dev/null || true
+  [ -n "${rumqttd_pid:-}" ] && kill "$rumqttd_pid" 2>/dev/null || true
   [ -n "${KEEP_LOG:-}" ] && cp "$work/out" "$KEEP_LOG"
   rm -rf "$work"
 }
@@ -44,7 +48,7 @@ ulimit -n "$(ulimit -Hn)"
 if [[ " $* " == *hop* ]]; then
   export GATEWAY_MQTT__RECEIVE_MAXIMUM=100 GATEWAY_MQTT__MAX_INFLIGHT=100
 fi
-gateway=("$bin/amqp-gateway" --data-dir "$work" --log-format json
+gateway=("${GATEWAY_BIN:-$bin/amqp-gateway}" --data-dir "$work" --log-format json
   --http-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --amqp-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0)
 if [ "${ENGINE:-embedded}" = upstream ]; then
   bash ../shared/peers/start.sh >&2
@@ -75,6 +79,48 @@ targets=(--target "gateway=$mqtt@$token" --pid "gateway=$gateway_pid" --gateway-
   --ws-target "gateway MQTT over WS=mqtt,ws://$http/mqtt,gateway")
 amqp=$(grep -m1 '"listener":"amqp"' "$work/out" | sed -E 's/.*"addr":"([^"]+)".*/\1/' || true)
 [ -n "$amqp" ] && targets+=(--gateway-amqp "amqp://bench:$token@$amqp/%2f")
+# rumqttd 0.20 from crates.io, without --locked: its locked `metrics` 0.22.1 does not build on
+# Rust 1.95. Its sample configuration's router and connection limits, loopback ports of its own.
+start_rumqttd() {
+  command -v rumqttd >/dev/null || cargo install rumqttd --version 0.20.0 >&2
+  cat >"$work/rumqttd.toml" <<'TOML'
+id = 0
+[router]
+id = 0
+max_connections = 20000
+max_outgoing_packet_count = 200
+max_segment_size = 104857600
+max_segment_count = 10
+[v4.1]
+name = "v4-1"
+listen = "127.0.0.1:18841"
+next_connection_delay_ms = 0
+    [v4.1.connections]
+    connection_timeout_ms = 60000
+    max_payload_size = 20480
+    max_inflight_count = 100
+    dynamic_filters = true
+[ws.1]
+name = "ws-1"
+listen = "127.0.0.1:18842"
+next_connection_delay_ms = 0
+    [ws.1.connections]
+    connection_timeout_ms = 60000
+    max_client_id_len = 256
+    throttle_delay_ms = 0
+    max_payload_size = 20480
+    max_inflight_count = 500
+    max_inflight_size = 1024
+TOML
+  rumqttd --quiet --config "$work/rumqttd.toml" >"$work/rumqttd.log" 2>&1 &
+  rumqttd_pid=$!
+  for _ in $(seq 100); do
+    (exec 3<>/dev/tcp/127.0.0.1/18841) 2>/dev/null && return
+    sleep 0.1
+  done
+  echo "rumqttd did not start:" >&2; cat "$work/rumqttd.log" >&2; exit 1
+}
+
 peers=${PEERS-mosquitto nats}
 if [ -n "$peers" ]; then
   bash ../shared/peers/start.sh >&2
@@ -88,6 +134,9 @@ if [ -n "$peers" ]; then
       rabbitmq) targets+=(--target rabbitmq=127.0.0.1:11885
         --pid "rabbitmq=$(rabbitmqctl -n bench@localhost eval 'list_to_integer(os:getpid()).' | tail -1)"
         --ws-target "RabbitMQ Web-MQTT=mqtt,ws://127.0.0.1:11875/ws,rabbitmq") ;;
+      rumqttd) start_rumqttd
+        targets+=(--target rumqttd=127.0.0.1:18841 --pid "rumqttd=$rumqttd_pid"
+        --ws-target "rumqttd MQTT over WS=mqtt,ws://127.0.0.1:18842/mqtt,rumqttd") ;;
       *) echo "unknown peer $p" >&2; exit 2 ;;
     esac
   done

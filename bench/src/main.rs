@@ -17,6 +17,7 @@ use clap::Parser;
 mod count;
 mod durable;
 mod hop;
+mod report;
 mod rest;
 mod soak;
 mod ws;
@@ -26,12 +27,18 @@ use tokio::sync::Mutex;
 #[derive(Parser)]
 struct Args {
     /// `NAME=HOST:PORT[@PASSWORD]`; the first one is the base of the ratios.
-    #[arg(long = "target", required_unless_present = "serve_ceiling")]
+    #[arg(long = "target", required_unless_present_any = ["serve_ceiling", "chart"])]
     targets: Vec<String>,
     /// Serve the `rest` scenario's ceiling (an axum JSON POST handler) on this address, and
     /// nothing else.
     #[arg(long)]
     serve_ceiling: Option<String>,
+    /// Draw the figures recorded in this file (`BENCH_RESULTS` of earlier runs) into
+    /// `--chart-out`, and nothing else.
+    #[arg(long, requires = "chart_out")]
+    chart: Option<std::path::PathBuf>,
+    #[arg(long)]
+    chart_out: Option<std::path::PathBuf>,
     /// The ceiling's base URL, for the `rest` scenario.
     #[arg(long)]
     ceiling_http: Option<String>,
@@ -116,6 +123,25 @@ fn rss_kib(pid: u32) -> Result<u64, String> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .ok_or_else(|| format!("no VmRSS for {pid}"))
+}
+
+/// CPU time a process has used, user and system, in seconds (Linux: `/proc` counts in
+/// USER_HZ, 100 on every Linux ABI).
+fn cpu_seconds(pid: u32) -> Result<f64, String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| e.to_string())?;
+    // The command name may hold spaces and parentheses: fields are counted after its last `)`,
+    // where the line's third field (the state) comes first; utime and stime are its 14th and 15th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| format!("no CPU times for {pid}"))
+    };
+    Ok((ticks(11)? + ticks(12)?) as f64 / 100.0)
 }
 
 /// `n` clients connected, each with one QoS 1 subscription, as idle devices would be: the
@@ -229,15 +255,23 @@ async fn publisher(t: &Target) -> Result<AsyncClient, String> {
     Ok(client)
 }
 
-/// `pubs` publishers flat out to `subs` subscribers of one topic: deliveries per second during
-/// the window, and what the whole run lost (numbered payloads, counted after a drain).
+/// One throughput run: deliveries per second during the window, what the whole run lost, and
+/// the broker's CPU time per delivered message during the window (µs; with `--pid`).
+struct Run {
+    rate: f64,
+    loss: count::Loss,
+    cpu_us: Option<f64>,
+}
+
+/// `pubs` publishers flat out to `subs` subscribers of one topic (numbered payloads, loss
+/// counted after a drain).
 async fn throughput(
     t: &Target,
     args: &Args,
     pubs: usize,
     subs: usize,
     qos: QoS,
-) -> Result<(f64, count::Loss), String> {
+) -> Result<Run, String> {
     let topic = format!("bench/{}/{}", std::process::id(), next_id());
     let seen = Arc::new(Seen::default());
     let mut clients = Vec::new();
@@ -267,11 +301,16 @@ async fn throughput(
         });
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = seen.count.load(Ordering::Relaxed);
+    let cpu = || t.pid.and_then(|pid| cpu_seconds(pid).ok());
+    let (before, cpu_before) = (seen.count.load(Ordering::Relaxed), cpu());
     let started = Instant::now();
     tokio::time::sleep(args.duration).await;
     let delivered = seen.count.load(Ordering::Relaxed) - before;
     let rate = delivered as f64 / started.elapsed().as_secs_f64();
+    let cpu_us = match (cpu_before, cpu()) {
+        (Some(a), Some(b)) if delivered > 0 => Some((b - a) * 1e6 / delivered as f64),
+        _ => None,
+    };
     stop.store(true, Ordering::Relaxed);
     drain(&seen.count).await;
     let loss = count::Loss::of(&sent, &received);
@@ -279,7 +318,7 @@ async fn throughput(
         let _ = c.disconnect().await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    Ok((rate, loss))
+    Ok(Run { rate, loss, cpu_us })
 }
 
 /// Waits until deliveries stop (a second without one, at most thirty seconds): what is still
@@ -300,8 +339,8 @@ async fn drain(delivered: &AtomicU64) {
     }
 }
 
-/// One publisher at a fixed 5 000 msg/s QoS 0 to one subscriber: (p50, p99) in ms.
-async fn latency(t: &Target, args: &Args) -> Result<(f64, f64), String> {
+/// One publisher at a fixed 5 000 msg/s QoS 0 to one subscriber: (p50, p99, max) in ms.
+async fn latency(t: &Target, args: &Args) -> Result<(f64, f64, f64), String> {
     const RATE: u64 = 5_000;
     let topic = format!("bench/{}/lat{}", std::process::id(), next_id());
     let seen = Arc::new(Seen::default());
@@ -336,7 +375,7 @@ async fn latency(t: &Target, args: &Args) -> Result<(f64, f64), String> {
     }
     l.sort_unstable();
     let at = |q: f64| l[((l.len() - 1) as f64 * q) as usize] as f64 / 1000.0;
-    Ok((at(0.5), at(0.99)))
+    Ok((at(0.5), at(0.99), at(1.0)))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -346,15 +385,15 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// The median of a scenario's runs on one target.
 enum Outcome {
-    /// Deliveries per second (median), and what all runs together lost.
+    /// Deliveries per second and broker CPU µs per delivery (medians), and what all runs
+    /// together lost.
     Rate {
         rate: f64,
         loss: count::Loss,
+        cpu_us: Option<f64>,
     },
-    Latency {
-        p50: f64,
-        p99: f64,
-    },
+    /// Milliseconds: medians of the runs' p50 and p99, the worst run's max.
+    Latency { p50: f64, p99: f64, max: f64 },
     /// KiB per connection.
     Memory(f64),
 }
@@ -362,8 +401,11 @@ enum Outcome {
 impl Outcome {
     fn cell(&self) -> String {
         match self {
-            Outcome::Rate { rate, loss } => {
+            Outcome::Rate { rate, loss, cpu_us } => {
                 let mut cell = format!("{:.1}k/s, {:.2} % lost", rate / 1000.0, loss.percent());
+                if let Some(us) = cpu_us {
+                    cell.push_str(&format!(", {us:.2} µs CPU"));
+                }
                 if loss.duplicates > 0 || loss.reordered > 0 {
                     cell.push_str(&format!(
                         " ({} dup, {} out of order)",
@@ -372,8 +414,23 @@ impl Outcome {
                 }
                 cell
             }
-            Outcome::Latency { p50, p99 } => format!("{p50:.2} / {p99:.2} ms"),
+            Outcome::Latency { p50, p99, max } => format!("{p50:.2} / {p99:.2} / {max:.1} ms"),
             Outcome::Memory(kib) => format!("{kib:.1} KiB"),
+        }
+    }
+
+    /// The figures the chart draws (`report.rs`): the rate and CPU cost, the p99, the memory.
+    fn record(&self, label: &str, target: &str) {
+        let scenario = label.split(',').next().unwrap_or(label);
+        match self {
+            Outcome::Rate { rate, cpu_us, .. } => {
+                report::record(scenario, target, *rate, "msg/s");
+                if let Some(us) = cpu_us {
+                    report::record(scenario, target, *us, "µs");
+                }
+            }
+            Outcome::Latency { p99, .. } => report::record(scenario, target, *p99, "ms"),
+            Outcome::Memory(kib) => report::record(scenario, target, *kib, "KiB"),
         }
     }
 
@@ -397,15 +454,16 @@ async fn measure(t: &Target, args: &Args, scenario: &str) -> Result<Outcome, Str
         // One run: memory grows in steps, a median of allocator states says little more.
         return idle(t, args).await.map(Outcome::Memory);
     }
-    let mut rates = Vec::new();
+    let (mut rates, mut cpus) = (Vec::new(), Vec::new());
     let mut loss = count::Loss::default();
-    let mut runs = |r: Result<(f64, count::Loss), String>| {
-        r.map(|(rate, l)| {
-            rates.push(rate);
-            loss.add(l);
+    let mut runs = |r: Result<Run, String>| {
+        r.map(|run| {
+            rates.push(run.rate);
+            cpus.extend(run.cpu_us);
+            loss.add(run.loss);
         })
     };
-    let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
+    let (mut p50s, mut p99s, mut max) = (Vec::new(), Vec::new(), 0f64);
     let mut last_error = None;
     for _ in 0..args.runs {
         let r = match scenario {
@@ -413,9 +471,10 @@ async fn measure(t: &Target, args: &Args, scenario: &str) -> Result<Outcome, Str
             "qos1" => runs(throughput(t, args, 1, 1, QoS::AtLeastOnce).await),
             "fanout" => runs(throughput(t, args, 1, 50, QoS::AtMostOnce).await),
             "fanin" => runs(throughput(t, args, 50, 1, QoS::AtMostOnce).await),
-            "latency" => latency(t, args).await.map(|(p50, p99)| {
+            "latency" => latency(t, args).await.map(|(p50, p99, worst)| {
                 p50s.push(p50);
                 p99s.push(p99);
+                max = max.max(worst);
             }),
             other => return Err(format!("unknown scenario {other}")),
         };
@@ -427,11 +486,13 @@ async fn measure(t: &Target, args: &Args, scenario: &str) -> Result<Outcome, Str
         Ok(Outcome::Rate {
             rate: median(rates),
             loss,
+            cpu_us: (!cpus.is_empty()).then(|| median(cpus)),
         })
     } else if !p50s.is_empty() {
         Ok(Outcome::Latency {
             p50: median(p50s),
             p99: median(p99s),
+            max,
         })
     } else {
         Err(last_error.unwrap_or_else(|| "no run".into()))
@@ -446,6 +507,10 @@ async fn main() {
             eprintln!("bench: ceiling: {e}");
             std::process::exit(1);
         }
+        return;
+    }
+    if let (Some(results), Some(out)) = (&args.chart, &args.chart_out) {
+        or_exit("chart", report::chart(results, out));
         return;
     }
     let targets: Result<Vec<Target>, String> = args
@@ -569,6 +634,8 @@ async fn amqp_table(args: &Args) -> Result<(), String> {
             r_loss.add(loss);
         }
         let (g, r) = (median(g), median(r));
+        report::record(&format!("AMQP 1→1 {label}"), "gateway AMQP", g, "msg/s");
+        report::record(&format!("AMQP 1→1 {label}"), "RabbitMQ", r, "msg/s");
         println!(
             "| {label} | {:.1}k/s, {:.2} % lost | {:.1}k/s, {:.2} % lost | {:.2} |",
             g / 1000.0,
@@ -588,9 +655,9 @@ async fn hop_table(args: &Args, gateway: &Target) -> Result<(), String> {
     let (mut through, mut direct) = (Vec::new(), Vec::new());
     let (mut through_loss, mut direct_loss) = (count::Loss::default(), count::Loss::default());
     for _ in 0..args.runs {
-        let (rate, loss) = throughput(gateway, args, 1, 1, QoS::AtLeastOnce).await?;
-        through.push(rate);
-        through_loss.add(loss);
+        let run = throughput(gateway, args, 1, 1, QoS::AtLeastOnce).await?;
+        through.push(run.rate);
+        through_loss.add(run.loss);
         let (rate, loss) =
             hop::one_to_one(url, args.payload, args.duration, hop::Ack::Manual).await?;
         direct.push(rate);
@@ -638,7 +705,12 @@ async fn mqtt_table(args: &Args, targets: &[Target]) {
                 Err(e) => format!("error: {e}"),
             })
             .collect();
-        let mut row = format!("| {} | {} |", label(scenario), cells.join(" | "));
+        for (t, o) in targets.iter().zip(&outcomes) {
+            if let Ok(o) = o {
+                o.record(&label(scenario, args), &t.name);
+            }
+        }
+        let mut row = format!("| {} | {} |", label(scenario, args), cells.join(" | "));
         for other in &outcomes[1..] {
             row.push_str(&match (&outcomes[0], other) {
                 (Ok(a), Ok(b)) => a.ratio(b).map_or(" – |".into(), |r| format!(" {r:.2} |")),
@@ -649,14 +721,20 @@ async fn mqtt_table(args: &Args, targets: &[Target]) {
     }
 }
 
-fn label(s: &str) -> &str {
+fn label(s: &str, args: &Args) -> String {
+    if s == "idle" {
+        return format!(
+            "idle MQTT × {}, memory per connection (1 subscription each)",
+            args.idle_connections
+        );
+    }
     match s {
         "qos0" => "1→1 QoS 0, deliveries/s",
         "qos1" => "1→1 QoS 1, deliveries/s",
         "fanout" => "1→50 fan-out QoS 0, deliveries/s",
         "fanin" => "50→1 fan-in QoS 0, deliveries/s",
-        "latency" => "1→1 QoS 0 at 5k msg/s, p50 / p99",
-        "idle" => "memory per idle connection (1 subscription each)",
+        "latency" => "1→1 QoS 0 at 5k msg/s, p50 / p99 / max",
         other => other,
     }
+    .to_owned()
 }

@@ -217,6 +217,9 @@ pub async fn report(args: &Args, gateway: &Target) -> Result<(), String> {
     }
     println!("{header}");
     println!("|{}", "---|".repeat(names.len() * 2 - 1));
+    for ((name, _), (rate, _)) in apis.iter().zip(&cells) {
+        crate::report::record("HTTP publish", name, *rate, "msg/s");
+    }
     let mut row = String::from("|");
     for (rate, refused) in &cells {
         row.push_str(&format!(" {:.1}k/s, {refused} refused |", rate / 1000.0));

@@ -371,6 +371,13 @@ pub async fn report(args: &Args, targets: &[Target]) -> Result<(), String> {
             };
             match outcome {
                 Ok((cell, value)) => {
+                    if scenario == "wsidle" {
+                        let label = format!("idle WebSocket × {}", args.idle_connections);
+                        crate::report::record(&label, &t.name, 1.0 / value, "KiB");
+                    } else {
+                        let label = format!("WS 1→{} fan-out", args.ws_subscribers);
+                        crate::report::record(&label, &t.name, value, "msg/s");
+                    }
                     cells.push(cell);
                     values.push(Some(value));
                 }

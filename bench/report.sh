@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The one command behind docs/bench.md's "Latest run" and docs/bench.svg: every scenario against
+# every peer that runs it (bench/run.sh), memory on freshly started peers, then the chart from
+# the figures the runs recorded. Takes about 25 minutes with the defaults.
+#
+#   bash bench/report.sh                     # DURATION=5s RUNS=3
+#   DURATION=2s RUNS=1 bash bench/report.sh  # a quick look
+#
+# It rewrites only the part of docs/bench.md between its two markers; the dated sections below
+# them (what each change measured, before and after) are kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+duration=${DURATION:-5s}
+runs=${RUNS:-3}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+export BENCH_RESULTS=$work/results.jsonl
+: >"$BENCH_RESULTS"
+
+commands=()
+# run PEERS ARGS...: one bench/run.sh, its tables kept, its command listed.
+run() {
+  local peers=$1
+  shift
+  commands+=("PEERS=\"$peers\" bash bench/run.sh $*")
+  PEERS="$peers" bash bench/run.sh "$@" | tee -a "$work/tables"
+  echo >>"$work/tables"
+}
+# Memory is measured on peers that have served nothing yet: allocators keep what load freed.
+fresh_peers() { bash ../shared/peers/stop.sh >/dev/null 2>&1 || true; }
+
+fresh_peers
+run "mosquitto nats rumqttd" --scenarios idle --runs 1
+# 15,000 devices: within the machine's 20,000 open files per process (bench and broker are
+# separate processes; one source address has 28,000 ephemeral ports).
+run "mosquitto nats rumqttd" --scenarios idle --runs 1 --idle-connections 15000
+run "mosquitto nats rumqttd" --scenarios qos0,qos1,fanout,fanin,latency --duration "$duration" --runs "$runs"
+fresh_peers
+run "mosquitto rabbitmq rumqttd" --scenarios wsidle --runs 1
+run "mosquitto rabbitmq rumqttd" --scenarios wsfanout,rest --duration "$duration" --runs "$runs"
+run "rabbitmq" --scenarios amqp --duration "$duration" --runs "$runs"
+
+cargo build --release --locked -p amqp-gateway-bench --bin bench
+target/release/bench --chart "$BENCH_RESULTS" --chart-out docs/bench.svg
+
+{
+  echo "<!-- report:begin (bench/report.sh writes this part; edit below the end marker) -->"
+  echo "## Latest run"
+  echo
+  echo "$(date -u +%F), gateway $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src bench || echo ' with uncommitted changes'),"
+  echo "$(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'),"
+  echo "$(free -g | awk '/^Mem:/ {print $2}') GiB), Linux $(uname -r), release builds, loopback. Produced by"
+  echo
+  echo "    bash bench/report.sh    # DURATION=$duration RUNS=$runs"
+  echo
+  echo "which ran:"
+  echo
+  for c in "${commands[@]}"; do echo "    $c"; done
+  echo
+  echo "Ratios: above 1, the first column did better (memory and latency: the other's figure over"
+  echo "the first's). Loss is counted over every run (numbered payloads, after a drain); CPU is the"
+  echo "broker process's user + system time during the window per delivered message."
+  echo
+  echo "![the figures below as bars](bench.svg)"
+  echo
+  grep -v '^bench: ' "$work/tables"
+  echo "<!-- report:end -->"
+} >"$work/section"
+
+python3 - "$work/section" docs/bench.md <<'PY'
+import re, sys
+section = open(sys.argv[1]).read()
+path = sys.argv[2]
+doc = open(path).read()
+pattern = re.compile(r"<!-- report:begin.*?<!-- report:end -->\n", re.S)
+if pattern.search(doc):
+    doc = pattern.sub(lambda _: section, doc, count=1)
+else:
+    # First run: after the title paragraph.
+    head, sep, tail = doc.partition("\n\n")
+    doc = head + sep + section + "\n" + tail
+open(path, "w").write(doc)
+PY
+echo "docs/bench.md and docs/bench.svg written" >&2
