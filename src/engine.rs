@@ -36,7 +36,7 @@ use async_trait::async_trait;
 use crate::flow::{Pace, Pressure};
 
 pub use error::{EngineError, ObjectKind};
-pub use message::{Delivery, Envelope, EnvelopeRef, Message, Properties};
+pub use message::{Delivery, Envelope, EnvelopeRef, Message, Properties, Rendering};
 pub use table::{FieldTable, FieldValue};
 
 /// Which implementation serves the seam; adapters only use it for capability questions

@@ -69,7 +69,18 @@ pub struct Envelope {
 /// engine with nothing to add hands out the envelope itself.
 pub trait EnvelopeRef: Send + Sync + std::fmt::Debug {
     fn envelope(&self) -> &Envelope;
+
+    /// Where an adapter may keep its text rendering of this message, made by the first
+    /// delivery that needs it and reused by every other delivery of the same message (fan-out
+    /// to a thousand browsers renders the body and properties once, not a thousand times).
+    /// `None` where an engine's deliveries do not share an envelope.
+    fn rendering(&self) -> Option<&Rendering> {
+        None
+    }
 }
+
+/// One rendering of a message, opaque to the engine; it lives as long as the message does.
+pub type Rendering = std::sync::OnceLock<Box<str>>;
 
 impl EnvelopeRef for Envelope {
     fn envelope(&self) -> &Envelope {

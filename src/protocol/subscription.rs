@@ -5,6 +5,7 @@
 //! instance) and ended. One implementation, so a browser can switch a durable subscription
 //! between the two protocols; and the `message` JSON both send.
 
+use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -389,21 +390,20 @@ impl Subscriber<'_> {
     }
 }
 
+/// The part of the `message` JSON that is the same in every delivery of a message.
 #[derive(Serialize)]
 struct MessageJson<'a> {
-    op: &'static str,
-    sub: &'a str,
-    delivery_tag: u64,
     exchange: &'a str,
     routing_key: &'a str,
-    redelivered: bool,
     body: Value,
     encoding: Encoding,
     properties: PropertiesJson,
 }
 
-/// A delivery as the `message` JSON (DESIGN.md §4) of subscription `sub` with its tag there.
-pub fn message_json(sub: &str, tag: u64, d: &Delivery) -> Result<String, serde_json::Error> {
+/// `{"exchange":…,"properties":{…}}`: parsing a JSON body and escaping it cost more than the
+/// rest of a delivery, so fan-out does it once per message (the engine keeps it beside the
+/// envelope where deliveries share one).
+fn message_tail(d: &Delivery) -> Result<Box<str>, serde_json::Error> {
     let (body, encoding) = json::body_out(d.message());
     let exchange = if d.exchange().is_empty() {
         DEFAULT_EXCHANGE_ALIAS
@@ -411,14 +411,106 @@ pub fn message_json(sub: &str, tag: u64, d: &Delivery) -> Result<String, serde_j
         d.exchange()
     };
     serde_json::to_string(&MessageJson {
-        op: "message",
-        sub,
-        delivery_tag: tag,
         exchange,
         routing_key: d.routing_key(),
-        redelivered: d.redelivered,
         body,
         encoding,
         properties: json::properties_out(d.properties()),
     })
+    .map(String::into_boxed_str)
+}
+
+/// A delivery as the `message` JSON (DESIGN.md §4) of subscription `sub` with its tag there.
+pub fn message_json(sub: &str, tag: u64, d: &Delivery) -> Result<String, serde_json::Error> {
+    let owned;
+    let tail: &str = match d.envelope.rendering() {
+        Some(cache) => match cache.get() {
+            Some(tail) => tail,
+            // Two first deliveries racing both render; one result is kept, both are equal.
+            None => cache.get_or_init(|| message_tail(d).unwrap_or_default()),
+        },
+        None => {
+            owned = message_tail(d)?;
+            &owned
+        }
+    };
+    let Some(fields) = tail.strip_prefix('{') else {
+        return Err(serde::ser::Error::custom(
+            "the message could not be rendered",
+        ));
+    };
+    let mut out = String::with_capacity(tail.len() + sub.len() + 64);
+    let sub = serde_json::to_string(sub)?;
+    let redelivered = d.redelivered;
+    // Writing to a String cannot fail.
+    let _ = write!(
+        out,
+        r#"{{"op":"message","sub":{sub},"delivery_tag":{tag},"redelivered":{redelivered},"#
+    );
+    out.push_str(fields);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::engine::{Envelope, EnvelopeRef, Message, Rendering};
+
+    /// An envelope that shares its rendering, as the embedded engine's do.
+    #[derive(Debug)]
+    struct Shared(Envelope, Rendering);
+
+    impl EnvelopeRef for Shared {
+        fn envelope(&self) -> &Envelope {
+            &self.0
+        }
+        fn rendering(&self) -> Option<&Rendering> {
+            Some(&self.1)
+        }
+    }
+
+    fn delivery(envelope: Arc<dyn EnvelopeRef>, redelivered: bool) -> Delivery {
+        Delivery {
+            delivery_tag: 1,
+            redelivered,
+            consumer_tag: None,
+            envelope,
+            expires_in: None,
+            message_count: None,
+        }
+    }
+
+    #[test]
+    fn the_message_json_is_the_same_rendered_once_or_each_time() {
+        let mut message = Message::new(r#"{"t":21.5}"#);
+        message.properties.content_type = Some("application/json".into());
+        let envelope = Envelope {
+            exchange: "".into(),
+            routing_key: "sensors.\"1\"".into(),
+            message,
+        };
+        let shared: Arc<dyn EnvelopeRef> = Arc::new(Shared(envelope.clone(), Rendering::new()));
+        let each: Arc<dyn EnvelopeRef> = Arc::new(envelope);
+        let expected = |sub: &str, tag: u64, redelivered: bool| {
+            json!({"op": "message", "sub": sub, "delivery_tag": tag, "exchange": "amq.default",
+                "routing_key": "sensors.\"1\"", "redelivered": redelivered, "body": {"t": 21.5},
+                "encoding": "json", "properties": {"content_type": "application/json"}})
+        };
+        for (sub, tag, redelivered) in [("a", 1, false), ("b\"\\", 7, true)] {
+            for envelope in [&shared, &each] {
+                let text =
+                    message_json(sub, tag, &delivery(envelope.clone(), redelivered)).unwrap();
+                let got: Value = serde_json::from_str(&text).unwrap();
+                assert_eq!(got, expected(sub, tag, redelivered), "{text}");
+            }
+        }
+        assert!(
+            shared.rendering().unwrap().get().is_some(),
+            "rendered once, kept"
+        );
+    }
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::engine::{Envelope, EnvelopeRef};
+use crate::engine::{Envelope, EnvelopeRef, Rendering};
 
 /// The body bytes an engine holds, against its memory high watermark: crossing it either way
 /// flips a `watch`, so adapters (and an AMQP listener's `connection.blocked`) follow the state
@@ -126,6 +126,9 @@ impl std::fmt::Debug for Charge {
 pub(super) struct Stored {
     envelope: Envelope,
     _charge: Charge,
+    /// Not charged to the watermark: made when a text client is first handed the message (a
+    /// fraction of the body's size more), gone with it.
+    rendering: Rendering,
     /// Set when the message is written to the store (persistent, in a durable queue); shared
     /// with the queue entries that paged it out.
     pub disk: Option<Arc<OnDisk>>,
@@ -170,6 +173,7 @@ impl Stored {
         Stored {
             envelope,
             _charge: charge,
+            rendering: Rendering::new(),
             disk,
         }
     }
@@ -185,5 +189,9 @@ impl std::ops::Deref for Stored {
 impl EnvelopeRef for Stored {
     fn envelope(&self) -> &Envelope {
         &self.envelope
+    }
+
+    fn rendering(&self) -> Option<&Rendering> {
+        Some(&self.rendering)
     }
 }
