@@ -219,23 +219,27 @@ impl SendQueue {
     pub async fn next(&self) -> Next {
         loop {
             let notified = self.ready.notified();
-            {
-                let mut st = self.state.lock();
-                if !st.lagged.is_empty() {
-                    return Next::Lagged(st.lagged.drain().collect());
-                }
-                if let Some(frame) = st.frames.pop_front() {
-                    if frame.droppable.is_some() {
-                        self.pressure.sub(frame.text.len() as u64);
-                    }
-                    return Next::Frame(frame);
-                }
-                if st.closed {
-                    return Next::Closed(st.close_frame.take());
-                }
+            if let Some(next) = self.try_next() {
+                return next;
             }
             notified.await;
         }
+    }
+
+    /// What [`SendQueue::next`] would return now, if anything: a writer takes what is queued
+    /// behind the first frame without waiting and writes it all in one flush.
+    pub fn try_next(&self) -> Option<Next> {
+        let mut st = self.state.lock();
+        if !st.lagged.is_empty() {
+            return Some(Next::Lagged(st.lagged.drain().collect()));
+        }
+        if let Some(frame) = st.frames.pop_front() {
+            if frame.droppable.is_some() {
+                self.pressure.sub(frame.text.len() as u64);
+            }
+            return Some(Next::Frame(frame));
+        }
+        st.closed.then(|| Next::Closed(st.close_frame.take()))
     }
 }
 

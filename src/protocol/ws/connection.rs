@@ -25,6 +25,9 @@ use crate::protocol::outbound::{Frame, Limits, Next, SendQueue};
 
 const PROTOCOL: &str = "ws";
 const ACK_TIMEOUT_CHECK: Duration = Duration::from_secs(1);
+/// Frames written before one flush at most: a burst costs one write, and acks after writes
+/// (`ack: "window"` subscriptions) are not held back behind a long one.
+const WRITE_BATCH: usize = 64;
 
 /// Why the writer stopped.
 enum WriterEnd {
@@ -279,37 +282,60 @@ async fn writer(
     write_timeout: Duration,
 ) -> WriterEnd {
     loop {
-        let (texts, ack, message) = match out.next().await {
-            Next::Lagged(lagged) => (
-                lagged.iter().map(|(s, n)| frames::lagged(s, *n)).collect(),
-                None,
-                false,
-            ),
-            Next::Frame(f) => (vec![f.text], f.ack_after_write, f.message),
-            Next::Closed(close) => {
-                if let Some((code, reason)) = close {
-                    let frame = Message::Close(Some(CloseFrame {
-                        code,
-                        reason: reason.into(),
-                    }));
-                    let _ = tokio::time::timeout(write_timeout, sink.send(frame)).await;
+        // What is queued goes out in one flush (one write for a burst, not one per message),
+        // up to a batch. Nothing is kept between bursts: an idle connection holds no buffer.
+        let mut next = Some(out.next().await);
+        let (mut texts, mut acks) = (Vec::new(), Vec::new());
+        let mut messages = 0;
+        let mut close = None;
+        while let Some(item) = next.take() {
+            match item {
+                Next::Lagged(lagged) => {
+                    texts.extend(lagged.iter().map(|(s, n)| frames::lagged(s, *n)));
                 }
-                let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
-                return WriterEnd::Done;
+                Next::Frame(f) => {
+                    texts.push(f.text);
+                    messages += u64::from(f.message);
+                    acks.extend(f.ack_after_write);
+                }
+                Next::Closed(c) => {
+                    close = Some(c);
+                    break;
+                }
             }
+            if texts.len() < WRITE_BATCH {
+                next = out.try_next();
+            }
+        }
+        let write = async {
+            for text in texts {
+                sink.feed(Message::Text(text.into())).await?;
+            }
+            sink.flush().await
         };
-        for text in texts {
-            match tokio::time::timeout(write_timeout, sink.send(Message::Text(text.into()))).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return WriterEnd::Gone,
-                Err(_) => return WriterEnd::SlowConsumer,
+        match tokio::time::timeout(write_timeout, write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return WriterEnd::Gone,
+            Err(_) => return WriterEnd::SlowConsumer,
+        }
+        if messages > 0 {
+            metrics::messages_out(PROTOCOL, messages);
+        }
+        if let Some(ch) = &channel {
+            for tag in acks {
+                let _ = ch.ack(tag, false).await;
             }
         }
-        if message {
-            metrics::messages_out(PROTOCOL, 1);
-        }
-        if let (Some(tag), Some(ch)) = (ack, &channel) {
-            let _ = ch.ack(tag, false).await;
+        if let Some(close) = close {
+            if let Some((code, reason)) = close {
+                let frame = Message::Close(Some(CloseFrame {
+                    code,
+                    reason: reason.into(),
+                }));
+                let _ = tokio::time::timeout(write_timeout, sink.send(frame)).await;
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+            return WriterEnd::Done;
         }
     }
 }
