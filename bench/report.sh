@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The one command behind docs/bench.md's "Latest run" and docs/bench.svg: every scenario against
-# every peer that runs it (bench/run.sh), memory on freshly started peers, then the chart from
-# the figures the runs recorded. Takes about 25 minutes with the defaults.
+# The one command behind docs/bench.md's "Latest run", docs/bench.svg and docs/bench-results.jsonl:
+# every scenario against every peer that runs it (bench/run.sh), memory on freshly started peers,
+# then the chart from the figures the runs recorded. Takes about 25 minutes with the defaults.
 #
 #   bash bench/report.sh                     # DURATION=5s RUNS=3
 #   DURATION=2s RUNS=1 bash bench/report.sh  # a quick look
@@ -42,7 +42,9 @@ run "mosquitto rabbitmq rumqttd" --scenarios wsfanout,rest --duration "$duration
 run "rabbitmq" --scenarios amqp --duration "$duration" --runs "$runs"
 
 cargo build --release --locked -p amqp-gateway-bench --bin bench
-target/release/bench --chart "$BENCH_RESULTS" --chart-out docs/bench.svg
+# The figures as data beside the chart, so it can be redrawn (`bench --chart`) and compared.
+cp "$BENCH_RESULTS" docs/bench-results.jsonl
+target/release/bench --chart docs/bench-results.jsonl --chart-out docs/bench.svg
 
 {
   echo "<!-- report:begin (bench/report.sh writes this part; edit below the end marker) -->"
@@ -62,7 +64,7 @@ target/release/bench --chart "$BENCH_RESULTS" --chart-out docs/bench.svg
   echo "the first's). Loss is counted over every run (numbered payloads, after a drain); CPU is the"
   echo "broker process's user + system time during the window per delivered message."
   echo
-  echo "![the figures below as bars](bench.svg)"
+  echo "![the figures below as bars](bench.svg) (the same figures as data: \`bench-results.jsonl\`)"
   echo
   grep -v '^bench: ' "$work/tables"
   echo "<!-- report:end -->"

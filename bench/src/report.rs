@@ -48,22 +48,28 @@ const PANELS: [(&str, &str); 4] = [
     ("KiB", "memory per idle connection, KiB — shorter is better"),
 ];
 
-const COLOURS: [RGBColor; 8] = [
-    RGBColor(0xd9, 0x5f, 0x02),
-    RGBColor(0x1b, 0x9e, 0x77),
-    RGBColor(0x75, 0x70, 0xb3),
-    RGBColor(0xe7, 0x29, 0x8a),
-    RGBColor(0x66, 0xa6, 0x1e),
-    RGBColor(0xe6, 0xab, 0x02),
-    RGBColor(0xa6, 0x76, 0x1d),
-    RGBColor(0x66, 0x66, 0x66),
+/// A colour per system, whatever the protocol: orange is always the gateway.
+const COLOURS: [(&str, RGBColor); 6] = [
+    ("gateway", RGBColor(0xd9, 0x5f, 0x02)),
+    ("mosquitto", RGBColor(0x1b, 0x9e, 0x77)),
+    ("nats", RGBColor(0x75, 0x70, 0xb3)),
+    ("rumqttd", RGBColor(0xe7, 0x29, 0x8a)),
+    ("rabbitmq", RGBColor(0x66, 0x66, 0x66)),
+    ("axum", RGBColor(0x1f, 0x78, 0xb4)),
 ];
+
+fn colour(target: &str) -> RGBColor {
+    let target = target.to_lowercase();
+    COLOURS
+        .iter()
+        .find(|(system, _)| target.contains(system))
+        .map_or(RGBColor(0, 0, 0), |(_, c)| *c)
+}
 
 /// Draws the figures recorded in `results` into the SVG file `out`.
 pub fn chart(results: &Path, out: &Path) -> Result<(), String> {
     let text = std::fs::read_to_string(results).map_err(|e| format!("{results:?}: {e}"))?;
     let mut panels: BTreeMap<&str, Vec<Figure>> = BTreeMap::new();
-    let mut targets: Vec<String> = Vec::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let v: Value = serde_json::from_str(line).map_err(|e| format!("{line}: {e}"))?;
         let (Some(scenario), Some(target), Some(value), Some(unit)) = (
@@ -77,9 +83,6 @@ pub fn chart(results: &Path, out: &Path) -> Result<(), String> {
         let Some((unit, _)) = PANELS.iter().find(|(u, _)| *u == unit) else {
             continue;
         };
-        if !targets.iter().any(|t| t == target) {
-            targets.push(target.to_owned());
-        }
         panels.entry(unit).or_default().push(Figure {
             scenario: scenario.to_owned(),
             target: target.to_owned(),
@@ -105,7 +108,7 @@ pub fn chart(results: &Path, out: &Path) -> Result<(), String> {
     for ((title, figures), height) in drawn.into_iter().zip(heights) {
         let (area, below) = rest.split_vertically(height);
         rest = below;
-        panel(&area, title, figures, &targets).map_err(|e| e.to_string())?;
+        panel(&area, title, figures).map_err(|e| e.to_string())?;
     }
     Ok(())
 }
@@ -114,7 +117,6 @@ fn panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, plotters::coord::Shift>,
     title: &str,
     figures: &[Figure],
-    targets: &[String],
 ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     let positive = figures.iter().map(|f| f.value).filter(|v| *v > 0.0);
     let lo = positive.clone().fold(f64::INFINITY, f64::min).max(1e-3) / 2.0;
@@ -149,17 +151,13 @@ fn panel<DB: DrawingBackend>(
         .label_style(("sans-serif", 12))
         .draw()?;
     chart.draw_series(figures.iter().enumerate().map(|(i, f)| {
-        let colour = targets
-            .iter()
-            .position(|t| *t == f.target)
-            .map_or(BLACK, |k| COLOURS[k % COLOURS.len()]);
         let i = row(i as u32);
         let mut bar = Rectangle::new(
             [
                 (lo, SegmentValue::Exact(i)),
                 (f.value.max(lo), SegmentValue::Exact(i + 1)),
             ],
-            colour.filled(),
+            colour(&f.target).filled(),
         );
         bar.set_margin(2, 2, 0, 0);
         bar
