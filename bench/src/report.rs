@@ -182,3 +182,46 @@ fn short(v: f64) -> String {
         v => format!("{v:.3}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_chart_draws_every_recorded_figure_in_its_panel() {
+        let dir = std::env::temp_dir().join(format!("bench-chart-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let results = dir.join("results.jsonl");
+        let lines = [
+            r#"{"scenario":"1→1 QoS 0","target":"gateway","value":321500,"unit":"msg/s"}"#,
+            r#"{"scenario":"1→1 QoS 0","target":"nats","value":521800,"unit":"msg/s"}"#,
+            r#"{"scenario":"idle MQTT × 1000","target":"mosquitto","value":0.98,"unit":"KiB"}"#,
+            r#"{"scenario":"ignored","target":"gateway","value":1,"unit":"furlongs"}"#,
+        ];
+        std::fs::write(&results, lines.join("\n")).unwrap();
+        let out = dir.join("chart.svg");
+        chart(&results, &out).unwrap();
+        let svg = std::fs::read_to_string(&out).unwrap();
+        for text in [
+            "1→1 QoS 0 · gateway",
+            "1→1 QoS 0 · nats",
+            "idle MQTT × 1000 · mosquitto",
+            "321.5k",
+            "521.8k",
+            "memory per idle connection",
+        ] {
+            assert!(svg.contains(text), "{text} missing");
+        }
+        assert!(
+            !svg.contains("ignored"),
+            "a unit without a panel is left out"
+        );
+        assert!(
+            !svg.contains("latency p99"),
+            "a panel without figures is left out"
+        );
+        std::fs::write(&results, "not json").unwrap();
+        assert!(chart(&results, &out).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
