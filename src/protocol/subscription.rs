@@ -424,11 +424,8 @@ fn message_tail(d: &Delivery) -> Result<Box<str>, serde_json::Error> {
 pub fn message_json(sub: &str, tag: u64, d: &Delivery) -> Result<String, serde_json::Error> {
     let owned;
     let tail: &str = match d.envelope.rendering() {
-        Some(cache) => match cache.get() {
-            Some(tail) => tail,
-            // Two first deliveries racing both render; one result is kept, both are equal.
-            None => cache.get_or_init(|| message_tail(d).unwrap_or_default()),
-        },
+        // A delivery racing the first one waits for its rendering (OnceLock runs one init).
+        Some(cache) => cache.get_or_init(|| message_tail(d).unwrap_or_default()),
         None => {
             owned = message_tail(d)?;
             &owned
