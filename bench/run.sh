@@ -13,7 +13,7 @@
 #
 # PEERS="mosquitto nats rabbitmq rumqttd" (default: mosquitto nats) picks the peers; rumqttd
 # 0.20 (the Rust broker) is installed with cargo when missing and started here, MQTT 18841 and
-# MQTT over WebSocket 18842, with its sample configuration's limits.
+# MQTT over WebSocket 18842 (configuration in start_rumqttd below).
 # GATEWAY_BIN=path runs another gateway binary (a before/after comparison in one session).
 # BENCH_PROFILE=dev uses debug builds (the CI smoke: the tests built them already; figures
 # from it mean nothing).
@@ -80,7 +80,8 @@ targets=(--target "gateway=$mqtt@$token" --pid "gateway=$gateway_pid" --gateway-
 amqp=$(grep -m1 '"listener":"amqp"' "$work/out" | sed -E 's/.*"addr":"([^"]+)".*/\1/' || true)
 [ -n "$amqp" ] && targets+=(--gateway-amqp "amqp://bench:$token@$amqp/%2f")
 # rumqttd 0.20 from crates.io, without --locked: its locked `metrics` 0.22.1 does not build on
-# Rust 1.95. Its sample configuration's router and connection limits, loopback ports of its own.
+# Rust 1.95. Its sample configuration's router and connection limits, but 20,000 connections
+# and no delay between accepts (the idle scenarios open up to 15,000), on loopback ports of its own.
 start_rumqttd() {
   command -v rumqttd >/dev/null || cargo install rumqttd --version 0.20.0 >&2
   cat >"$work/rumqttd.toml" <<'TOML'
