@@ -344,9 +344,11 @@ pub async fn report(args: &Args, targets: &[Target]) -> Result<(), String> {
         let mut values = Vec::new();
         for t in &ws {
             let outcome = if scenario == "wsidle" {
-                idle(t, args.idle_connections)
-                    .await
-                    .map(|kib| (format!("{kib:.1} KiB"), 1.0 / kib.max(0.001)))
+                idle(t, args.idle_connections).await.map(|kib| {
+                    let label = format!("idle WebSocket × {}", args.idle_connections);
+                    crate::report::record(&label, &t.name, kib, "KiB");
+                    (format!("{kib:.1} KiB"), 1.0 / kib.max(0.001))
+                })
             } else {
                 let mut rates = Vec::new();
                 let mut lost = Vec::new();
@@ -365,19 +367,14 @@ pub async fn report(args: &Args, targets: &[Target]) -> Result<(), String> {
                     _ => {
                         let rate = crate::median(rates);
                         let lost = crate::median(lost);
+                        let label = format!("WS 1→{} fan-out", args.ws_subscribers);
+                        crate::report::record(&label, &t.name, rate, "msg/s");
                         Ok((format!("{:.1}k/s, {lost:.2} % lost", rate / 1000.0), rate))
                     }
                 }
             };
             match outcome {
                 Ok((cell, value)) => {
-                    if scenario == "wsidle" {
-                        let label = format!("idle WebSocket × {}", args.idle_connections);
-                        crate::report::record(&label, &t.name, 1.0 / value, "KiB");
-                    } else {
-                        let label = format!("WS 1→{} fan-out", args.ws_subscribers);
-                        crate::report::record(&label, &t.name, value, "msg/s");
-                    }
                     cells.push(cell);
                     values.push(Some(value));
                 }
