@@ -6,11 +6,11 @@
 pub mod close;
 pub mod codec;
 mod connection;
-mod outbox;
 pub mod properties;
 pub mod session;
 pub mod topic;
 mod websocket;
+mod writer;
 
 /// `/mqtt`: MQTT over WebSocket on the HTTP port. What connections share (retained
 /// messages, takeover) lives behind the engine, never here.

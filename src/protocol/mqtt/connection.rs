@@ -1,22 +1,22 @@
-//! One MQTT connection over any byte stream (TCP, or WebSocket frames bridged): reads and
-//! decodes, always — acks and pings are handled whatever the outbound side does —, writes
-//! through a writer task under `limits.write_timeout`, enforces the CONNECT timeout, the
-//! keep-alive (× 1.5), the token's expiry and shutdown.
+//! One MQTT connection over any byte stream (TCP, or WebSocket frames bridged), served by one
+//! task: reads and decodes, always — acks and pings are handled whatever the outbound side
+//! does —, writes what the session queued as the socket takes it (`writer`, under
+//! `limits.write_timeout`), enforces the CONNECT timeout, the keep-alive (× 1.5), the token's
+//! expiry and shutdown.
 
 use crate::flow::{Bound, Pressure, stall_over};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use futures_util::future::{Fuse, FusedFuture};
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::task::JoinHandle;
 
 use super::close::CloseReason;
 use super::codec::{Codec, Connect, DecodeError, Inbound, Outbound, Version};
-use super::outbox::{self, outbox};
 use super::session::{Outcome, Session, reason};
+use super::writer::Writer;
 use crate::auth::now_secs;
 use crate::context::{Connection, Context};
 use crate::metrics;
@@ -110,16 +110,32 @@ fn refusal(code: u8, max_packet: u32) -> Outbound {
     }
 }
 
-/// The socket's two halves and the decoding state of its read side.
+/// The socket's read side and its decoding state.
 struct Wire<R> {
     reader: R,
     input: Input,
     codec: Codec,
+    /// The packet after the one last returned, when it was read already: decoded ahead so
+    /// the loop knows to handle it before writing.
+    ahead: Option<Result<Inbound, DecodeError>>,
 }
 
 impl<R: AsyncRead + Unpin> Wire<R> {
+    /// The next packet. Cancel-safe: what was read stays buffered.
     async fn read(&mut self) -> Result<Option<Inbound>, DecodeError> {
-        read_packet(&mut self.reader, &mut self.input, &mut self.codec).await
+        if let Some(next) = self.ahead.take() {
+            return next.map(Some);
+        }
+        let packet = read_packet(&mut self.reader, &mut self.input, &mut self.codec).await;
+        if let Ok(Some(_)) = packet {
+            self.ahead = self.codec.decode(&mut self.input.buf).transpose();
+        }
+        packet
+    }
+
+    /// A packet is read and waiting.
+    fn has_ready(&self) -> bool {
+        self.ahead.is_some()
     }
 }
 
@@ -141,25 +157,31 @@ where
             return CloseReason::AdmissionFull;
         }
     };
-    let (reader, mut writer) = tokio::io::split(stream);
+    let (reader, mut write_half) = tokio::io::split(stream);
     let max_packet = (ctx.config.limits.max_message_bytes.as_u64() + 64 * 1024) as u32;
     let mut wire = Wire {
         reader,
         input: Input::new(),
         codec: Codec::new(max_packet),
+        ahead: None,
     };
     let connect = match read_connect(ctx, conn, &mut wire, max_packet).await {
         Ok(connect) => connect,
         Err((why, answer)) => {
             if let Some(bytes) = answer {
-                let _ = writer.write_all(&bytes).await;
-                let _ = writer.shutdown().await;
+                let _ = write_half.write_all(&bytes).await;
+                let _ = write_half.shutdown().await;
             }
             return why;
         }
     };
     let version = connect.version;
-    let (tx, rx) = outbox();
+    let mut writer = Writer::new(
+        write_half,
+        version,
+        max_packet,
+        ctx.config.limits.write_timeout,
+    );
     // The QoS 0 outbound buffer's gauge: publishers whose messages land here while it is above
     // its high-water mark are paced (DESIGN.md §7).
     let limits = &ctx.config.limits;
@@ -170,29 +192,19 @@ where
         },
         PROTOCOL,
     );
-    // Fused: the loop may see it end, and a finished task is not awaited again.
-    let mut writer_task = tokio::spawn(write_loop(
-        writer,
-        rx,
-        version,
-        max_packet,
-        ctx.config.limits.write_timeout,
-        qos0_out.clone(),
-    ))
-    .fuse();
+    writer.gauge(qos0_out.clone());
     // Boxed, as are the rarer steps below: what an await point holds is part of the task's
     // state for the connection's whole life (docs/bench.md, idle connections).
     let connected = Box::pin(Session::connect(
         ctx.clone(),
         conn.clone(),
         *connect,
-        tx.clone(),
         qos0_out.clone(),
     ));
     let mut session = match connected.await {
         Ok((mut session, connack)) => {
             drop(waiting);
-            let _ = tx.send(connack);
+            writer.encode(connack);
             session.after_connack();
             session.registered = Some(ctx.registry.register(
                 conn.id,
@@ -214,25 +226,24 @@ where
             drop(waiting);
             tracing::info!(remote = %conn.remote, code = refused.code, "CONNECT refused: {}", refused.why);
             metrics::refusal(PROTOCOL, "connect_refused");
-            let _ = tx.send(refusal(refused.code, max_packet));
-            drop(tx);
-            if let Ok(Ok(_)) = tokio::time::timeout(LINGER, writer_task).await {
+            writer.encode(refusal(refused.code, max_packet));
+            if let Ok(Ok(())) =
+                tokio::time::timeout(LINGER, writer.finish(&mut VecDeque::new())).await
+            {
                 linger(&mut wire.reader).await;
             }
             return CloseReason::ConnectRefused;
         }
     };
-    let why = serve_session(ctx, &mut session, &mut wire, &mut writer_task).await;
+    let why = serve_session(ctx, &mut session, &mut wire, &mut writer).await;
     Box::pin(session.end(why.is_graceful())).await;
-    if let (Some(code), Version::V5) = (why.code(), version) {
-        let _ = tx.send(Outbound::Disconnect { code });
+    if let Some(code) = why.code() {
+        session.outbound().push_back(Outbound::Disconnect { code });
     }
-    drop(tx);
-    drop(session);
     // The DISCONNECT (if any) is written and the write side shut down before the linger.
-    if !writer_task.is_terminated()
-        && let Ok(Ok(_)) = tokio::time::timeout(LINGER, writer_task).await
-    {
+    let mut rest = std::mem::take(session.outbound());
+    drop(session);
+    if let Ok(Ok(())) = tokio::time::timeout(LINGER, writer.finish(&mut rest)).await {
         linger(&mut wire.reader).await;
     }
     why
@@ -288,30 +299,50 @@ async fn read_connect<R: AsyncRead + Unpin>(
 }
 
 /// The connected session's loop: packets, deliveries, confirms, parked publishes, takeover,
-/// and every timer (keep-alive × 1.5, token expiry, shutdown). Returns why it ended.
-async fn serve_session<R: AsyncRead + Unpin>(
+/// writes, and every timer (keep-alive × 1.5, token expiry, write timeout, shutdown). Returns
+/// why it ended.
+async fn serve_session<R, W>(
     ctx: &Context,
     session: &mut Session,
     wire: &mut Wire<R>,
-    writer_task: &mut Fuse<JoinHandle<CloseReason>>,
-) -> CloseReason {
+    writer: &mut Writer<W>,
+) -> CloseReason
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let keep_alive = session.keep_alive();
     let keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
     let mut last_seen = Instant::now();
+    // Timers kept across turns of the loop and set again only when they fire early (the
+    // keep-alive, the write clock) or their deadline moves (the token's expiry, on an MQTT 5
+    // AUTH refresh): a timer made and dropped every turn costs a timer-wheel entry per message.
+    let keep_alive_timer = tokio::time::sleep_until(
+        keep_alive.map_or_else(far, |k| tokio::time::Instant::from_std(last_seen + k)),
+    );
+    let expiry_timer = tokio::time::sleep_until(far());
+    let write_timer = tokio::time::sleep_until(far());
+    tokio::pin!(keep_alive_timer, expiry_timer, write_timer);
+    let mut expiry_set = None;
     loop {
-        // Recomputed each time round: an MQTT 5 AUTH refresh moves it.
-        let expiry_at = session.expires_at().map(|exp| {
-            tokio::time::Instant::now()
-                + Duration::from_secs(
-                    (exp + ctx.config.auth.leeway.as_secs()).saturating_sub(now_secs()),
-                )
-        });
-        let keep_alive_at =
-            keep_alive.map_or_else(far, |k| tokio::time::Instant::from_std(last_seen + k));
-        let retry_at = session
-            .inflow
-            .retry_at
-            .map_or_else(far, tokio::time::Instant::from_std);
+        writer.fill(session.outbound());
+        if session.expires_at() != expiry_set {
+            expiry_set = session.expires_at();
+            expiry_timer
+                .as_mut()
+                .reset(expiry_set.map_or_else(far, |exp| {
+                    tokio::time::Instant::now()
+                        + Duration::from_secs(
+                            (exp + ctx.config.auth.leeway.as_secs()).saturating_sub(now_secs()),
+                        )
+                }));
+        }
+        let write_deadline = writer.deadline();
+        // Packets already read are handled before what they answer is written: one write
+        // carries the answers to a whole read (a PUBACK per PUBLISH otherwise costs a system
+        // call each), unless a batch's worth waits already.
+        let may_write = writer.is_busy() && (!wire.has_ready() || writer.is_full());
+        let retry_at = session.inflow.retry_at;
         let may_read = session.inflow.may_read(
             ctx.config.mqtt.receive_maximum,
             session.receive_maximum_advertised(),
@@ -320,9 +351,30 @@ async fn serve_session<R: AsyncRead + Unpin>(
         let paused = session.delivery_paused();
         let outcome = tokio::select! {
             _ = ctx.shutdown.wait() => Outcome::Close(CloseReason::ServerShuttingDown),
-            _ = tokio::time::sleep_until(expiry_at.unwrap_or_else(far)) => Outcome::Close(CloseReason::TokenExpired),
-            _ = tokio::time::sleep_until(keep_alive_at) => Outcome::Close(CloseReason::KeepAliveTimeout),
-            ended = &mut *writer_task => Outcome::Close(ended.unwrap_or(CloseReason::PeerClosed)),
+            _ = &mut expiry_timer, if expiry_set.is_some() => Outcome::Close(CloseReason::TokenExpired),
+            _ = &mut keep_alive_timer, if keep_alive.is_some() => {
+                let due = keep_alive.map(|k| last_seen + k);
+                match due {
+                    Some(due) if due > Instant::now() => {
+                        keep_alive_timer.as_mut().reset(tokio::time::Instant::from_std(due));
+                        Outcome::Continue
+                    }
+                    _ => Outcome::Close(CloseReason::KeepAliveTimeout),
+                }
+            }
+            _ = &mut write_timer, if write_deadline.is_some() => {
+                match write_deadline {
+                    Some(due) if due > tokio::time::Instant::now() => {
+                        write_timer.as_mut().reset(due);
+                        Outcome::Continue
+                    }
+                    _ => Outcome::Close(writer.timed_out().into()),
+                }
+            }
+            written = writer.write_some(), if may_write => match written {
+                Ok(()) => Outcome::Continue,
+                Err(e) => Outcome::Close(e.into()),
+            },
             packet = wire.read(), if may_read => {
                 last_seen = Instant::now();
                 match packet {
@@ -357,7 +409,9 @@ async fn serve_session<R: AsyncRead + Unpin>(
             Some((ack, result)) = session.inflow.next_confirmed(), if session.inflow.awaiting() => {
                 session.confirmed(ack, result).await
             }
-            _ = tokio::time::sleep_until(retry_at) => Box::pin(session.retry_parked()).await,
+            _ = tokio::time::sleep_until(retry_at.map_or_else(far, tokio::time::Instant::from_std)), if retry_at.is_some() => {
+                Box::pin(session.retry_parked()).await
+            }
             _ = stall_over(&session.stall) => Box::pin(session.unstall()).await,
             Some(_) = session.takeovers.recv() => session.taken_over(),
             _ = crate::context::closed_by_admin(&session.registered) => Outcome::Close(CloseReason::AdministrativeAction),
@@ -388,59 +442,4 @@ async fn linger<R: AsyncRead + Unpin>(reader: &mut R) {
         }
     })
     .await;
-}
-
-async fn write_loop<W: AsyncWrite + Unpin>(
-    mut writer: W,
-    mut rx: outbox::Receiver,
-    version: Version,
-    max_packet: u32,
-    write_timeout: Duration,
-    qos0_out: Pressure,
-) -> CloseReason {
-    let mut codec = Codec::for_version(version, max_packet);
-    // Grows to the largest batch written; given back when the writer goes idle.
-    let mut buf = BytesMut::new();
-    while let Some(first) = rx.recv().await {
-        buf.clear();
-        // Batch what is already queued into one write.
-        let mut next = Some(first);
-        while let Some(p) = next {
-            // 3.1.1 has no server DISCONNECT: closing is the answer.
-            if matches!(p, Outbound::Disconnect { .. }) && version == Version::V3 {
-                next = rx.try_recv();
-                continue;
-            }
-            let qos0 = match &p {
-                Outbound::Publish {
-                    qos: 0, payload, ..
-                } => Some(payload.len() as u64),
-                _ => None,
-            };
-            if let Err(e) = codec.encode(p, &mut buf) {
-                tracing::warn!(error = %e, "cannot encode an MQTT packet");
-            }
-            if let Some(bytes) = qos0 {
-                qos0_out.sub(bytes);
-            }
-            next = if buf.len() < 64 * 1024 {
-                rx.try_recv()
-            } else {
-                None
-            };
-        }
-        match tokio::time::timeout(write_timeout, writer.write_all(&buf)).await {
-            // Nothing more queued: an idle connection keeps no batch-sized buffer.
-            Ok(Ok(())) if rx.is_empty() && buf.capacity() > MIN_READ => buf = BytesMut::new(),
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return CloseReason::PeerClosed,
-            Err(_) => {
-                metrics::refusal(PROTOCOL, "slow_consumer");
-                return CloseReason::SlowConsumer;
-            }
-        }
-    }
-    let _ = writer.shutdown().await;
-    // Every sender is gone: the connection closed first and knows why.
-    CloseReason::PeerClosed
 }

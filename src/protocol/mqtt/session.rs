@@ -3,7 +3,7 @@
 //! never sees the socket: packets come in as [`Inbound`], answers go out as [`Outbound`].
 
 use crate::flow::Pressure;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -89,8 +89,8 @@ pub struct Session {
     principal: Principal,
     client: Client,
     life: Lifetime,
-    /// To the writer task.
-    out: super::outbox::Sender,
+    /// Packets for the connection's writer, taken each time round its loop.
+    out: VecDeque<Outbound>,
     /// Filter → granted QoS.
     subs: HashMap<String, SubOpts>,
     /// Keyed "0" and "1" for the session's queues, or by a shared subscription's filter.
@@ -233,8 +233,13 @@ impl Session {
         self.principal.expires_at
     }
 
-    fn send(&self, p: Outbound) {
-        let _ = self.out.send(p);
+    fn send(&mut self, p: Outbound) {
+        self.out.push_back(p);
+    }
+
+    /// What the session queued for the client, in order.
+    pub fn outbound(&mut self) -> &mut VecDeque<Outbound> {
+        &mut self.out
     }
 
     fn queue_name(&self, level: u8) -> String {

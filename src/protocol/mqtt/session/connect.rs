@@ -138,7 +138,6 @@ impl Session {
         ctx: Context,
         conn: Arc<Connection>,
         connect: Connect,
-        out: super::super::outbox::Sender,
         qos0_out: Pressure,
     ) -> Result<(Session, Outbound), ConnectRejected> {
         let principal = authenticate(&ctx, &connect).await?;
@@ -175,7 +174,7 @@ impl Session {
                 key,
                 admitted: Some(admitted),
             },
-            out,
+            out: VecDeque::new(),
             subs: HashMap::new(),
             registered: None,
             consumers: StreamMap::new(),

@@ -235,7 +235,7 @@ impl Session {
         self.inflow.push(awaiting);
     }
 
-    fn send_ack(&self, ack: &Ack, code: u8) {
+    fn send_ack(&mut self, ack: &Ack, code: u8) {
         if let Some(packet_id) = ack.packet_id {
             match ack.qos {
                 1 => self.send(Outbound::PubAck { packet_id, code }),

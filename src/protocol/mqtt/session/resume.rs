@@ -106,7 +106,7 @@ impl Session {
 
     /// Sent right after CONNACK: PUBREL again for outbound QoS 2 messages released before the
     /// last connection ended ([MQTT-4.4.0-1]).
-    pub fn after_connack(&self) {
+    pub fn after_connack(&mut self) {
         let mut released = self.released_ids();
         released.sort_unstable();
         for packet_id in released {

@@ -1,0 +1,189 @@
+//! The write side of one MQTT connection, driven by the connection's own task beside its
+//! reads: packets the session queued are encoded into one buffer and written as the socket
+//! takes them. No writer task and no channel to it: a message delivered costs no wake-up of a
+//! second task, and an idle connection holds one task's state instead of two (docs/bench.md).
+//!
+//! Writes are bounded by `limits.write_timeout`: the bytes pending when the clock starts must
+//! all be written within it, or the client is a slow consumer and is closed. Packets stay
+//! queued (unencoded, counted by the session's buffers) while more than [`BATCH`] bytes wait.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+use super::close::CloseReason;
+use super::codec::{Codec, Outbound, Version};
+use crate::flow::Pressure;
+
+/// Encoded bytes waiting for the socket beyond which queued packets are left unencoded.
+const BATCH: usize = 64 * 1024;
+/// An emptied buffer larger than this is given back: an idle connection keeps none.
+const KEEP: usize = 1024;
+
+pub struct Writer<W> {
+    io: W,
+    codec: Codec,
+    version: Version,
+    /// Encoded, not yet written.
+    buf: BytesMut,
+    /// Written but maybe held by a layer below (TLS): flushed before the writer is idle.
+    unflushed: bool,
+    /// Until when the bytes `owed` must be written.
+    deadline: Option<Instant>,
+    owed: usize,
+    write_timeout: Duration,
+    /// The QoS 0 outbound gauge: a QoS 0 PUBLISH leaves it once encoded.
+    qos0_out: Option<Pressure>,
+    /// A write failed or timed out: nothing more is written.
+    failed: bool,
+}
+
+/// What a step of writing ran into.
+pub enum WriteError {
+    PeerClosed,
+    SlowConsumer,
+}
+
+impl From<WriteError> for CloseReason {
+    fn from(e: WriteError) -> CloseReason {
+        match e {
+            WriteError::PeerClosed => CloseReason::PeerClosed,
+            WriteError::SlowConsumer => CloseReason::SlowConsumer,
+        }
+    }
+}
+
+impl<W: AsyncWrite + Unpin> Writer<W> {
+    pub fn new(io: W, version: Version, max_packet: u32, write_timeout: Duration) -> Self {
+        Writer {
+            io,
+            codec: Codec::for_version(version, max_packet),
+            version,
+            buf: BytesMut::new(),
+            unflushed: false,
+            deadline: None,
+            owed: 0,
+            write_timeout,
+            qos0_out: None,
+            failed: false,
+        }
+    }
+
+    /// Counts QoS 0 PUBLISHes out of `gauge` as they are encoded.
+    pub fn gauge(&mut self, gauge: Pressure) {
+        self.qos0_out = Some(gauge);
+    }
+
+    /// Encodes `p` behind what is pending.
+    pub fn encode(&mut self, p: Outbound) {
+        // 3.1.1 has no server DISCONNECT: closing is the answer.
+        if matches!(p, Outbound::Disconnect { .. }) && self.version == Version::V3 {
+            return;
+        }
+        let qos0 = match &p {
+            Outbound::Publish {
+                qos: 0, payload, ..
+            } => Some(payload.len() as u64),
+            _ => None,
+        };
+        if let Err(e) = self.codec.encode(p, &mut self.buf) {
+            tracing::warn!(error = %e, "cannot encode an MQTT packet");
+        }
+        if let (Some(bytes), Some(gauge)) = (qos0, &self.qos0_out) {
+            gauge.sub(bytes);
+        }
+    }
+
+    /// Encodes queued packets while fewer than [`BATCH`] bytes wait, and starts the write
+    /// clock for what waits if it is not running.
+    pub fn fill(&mut self, queue: &mut VecDeque<Outbound>) {
+        while self.buf.len() < BATCH
+            && let Some(p) = queue.pop_front()
+        {
+            self.encode(p);
+        }
+        if self.deadline.is_none() && !self.buf.is_empty() {
+            self.deadline = Some(Instant::now() + self.write_timeout);
+            self.owed = self.buf.len();
+        }
+    }
+
+    /// Something to write or flush.
+    pub fn is_busy(&self) -> bool {
+        !self.failed && (!self.buf.is_empty() || self.unflushed)
+    }
+
+    /// A batch's worth waits: written before more is read.
+    pub fn is_full(&self) -> bool {
+        self.buf.len() >= BATCH
+    }
+
+    /// When the client counts as a slow consumer unless the socket takes what is owed.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline.filter(|_| !self.failed)
+    }
+
+    /// The write clock ran out.
+    pub fn timed_out(&mut self) -> WriteError {
+        self.failed = true;
+        crate::metrics::refusal("mqtt", "slow_consumer");
+        WriteError::SlowConsumer
+    }
+
+    /// Writes once, and flushes once everything is written. Cancel-safe: a write that did
+    /// not complete wrote nothing, and a flush not completed is tried again.
+    pub async fn write_some(&mut self) -> Result<(), WriteError> {
+        if !self.buf.is_empty() {
+            match self.io.write(&self.buf).await {
+                Ok(0) | Err(_) => return Err(self.fail()),
+                Ok(n) => {
+                    self.buf.advance(n);
+                    self.unflushed = true;
+                    self.owed = self.owed.saturating_sub(n);
+                    if self.owed == 0 {
+                        // What was owed is out: the clock restarts for what waits now.
+                        self.deadline = None;
+                    }
+                }
+            }
+            if !self.buf.is_empty() {
+                return Ok(());
+            }
+            if self.buf.capacity() > KEEP {
+                self.buf = BytesMut::new();
+            }
+        }
+        // A TLS stream may hold what it took until flushed; TCP's flush does nothing.
+        match self.io.flush().await {
+            Ok(()) => {
+                self.unflushed = false;
+                Ok(())
+            }
+            Err(_) => Err(self.fail()),
+        }
+    }
+
+    fn fail(&mut self) -> WriteError {
+        self.failed = true;
+        WriteError::PeerClosed
+    }
+
+    /// Writes everything queued and pending, then shuts the write side down. Ok when all of
+    /// it went out.
+    pub async fn finish(&mut self, queue: &mut VecDeque<Outbound>) -> Result<(), WriteError> {
+        if self.failed {
+            return Err(WriteError::PeerClosed);
+        }
+        loop {
+            self.fill(queue);
+            if !self.is_busy() {
+                break;
+            }
+            self.write_some().await?;
+        }
+        self.io.shutdown().await.map_err(|_| self.fail())
+    }
+}
