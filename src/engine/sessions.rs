@@ -11,7 +11,6 @@ use std::future::Future;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::EngineError;
@@ -53,11 +52,21 @@ pub struct Takeover {
     pub key: String,
 }
 
+/// Where a holder hears [`Takeover`]s: futures' unbounded channel, which allocates per message
+/// sent. tokio's allocates a block of 32 slots and its state up front, 1.3 KiB for every idle
+/// MQTT connection that will most likely never be taken over (docs/bench.md).
+pub type TakeoverSender = futures_channel::mpsc::UnboundedSender<Takeover>;
+pub type TakeoverReceiver = futures_channel::mpsc::UnboundedReceiver<Takeover>;
+
+pub fn takeover_channel() -> (TakeoverSender, TakeoverReceiver) {
+    futures_channel::mpsc::unbounded()
+}
+
 #[async_trait]
 pub trait SessionRegistry: Send + Sync {
     /// Registers `holder` (a connection id) under `key`; `signal` receives a [`Takeover`] when
     /// another connection asks for it.
-    fn hold(&self, key: &str, holder: u64, signal: mpsc::UnboundedSender<Takeover>);
+    fn hold(&self, key: &str, holder: u64, signal: TakeoverSender);
 
     /// Forgets `holder`'s hold on `key` (and nobody else's).
     fn release(&self, key: &str, holder: u64);

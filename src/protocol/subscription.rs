@@ -17,7 +17,7 @@ use crate::auth::scopes::encode_subject;
 use crate::codes::Code;
 use crate::context::Context;
 use crate::engine::names::{DEFAULT_EXCHANGE_ALIAS, canonical_exchange, validate_key};
-use crate::engine::sessions::{Takeover, fenced};
+use crate::engine::sessions::{TakeoverSender, fenced};
 use crate::engine::table::{FieldTable, FieldValue, table_from_json};
 use crate::engine::{
     Channel, ConsumeOptions, Consumer, Declared, DeleteQueueOptions, Delivery, EngineError,
@@ -319,7 +319,7 @@ impl Subscriber<'_> {
         &self,
         target: &Target,
         options: ConsumeOptions,
-        takeovers: &tokio::sync::mpsc::UnboundedSender<Takeover>,
+        takeovers: &TakeoverSender,
     ) -> Result<Consumer, EngineError> {
         let consumed = match target {
             Target::Durable { queue, .. } => {

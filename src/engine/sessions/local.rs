@@ -4,14 +4,13 @@
 
 use async_trait::async_trait;
 use dashmap::DashMap;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::sessions::{SessionRegistry, Takeover};
+use crate::engine::sessions::{SessionRegistry, Takeover, TakeoverSender};
 
 #[derive(Default)]
 pub struct LocalSessions {
-    holders: DashMap<String, (u64, mpsc::UnboundedSender<Takeover>)>,
+    holders: DashMap<String, (u64, TakeoverSender)>,
     /// Delayed wills (MQTT 5), cancelled when their session connects again.
     wills: DashMap<String, CancellationToken>,
     /// Woken on every release; waiters check their own key.
@@ -20,7 +19,7 @@ pub struct LocalSessions {
 
 #[async_trait]
 impl SessionRegistry for LocalSessions {
-    fn hold(&self, key: &str, holder: u64, signal: mpsc::UnboundedSender<Takeover>) {
+    fn hold(&self, key: &str, holder: u64, signal: TakeoverSender) {
         self.holders.insert(key.to_owned(), (holder, signal));
     }
 
@@ -58,7 +57,7 @@ impl SessionRegistry for LocalSessions {
         match self.holders.get(key) {
             Some(entry) => entry
                 .1
-                .send(Takeover {
+                .unbounded_send(Takeover {
                     key: key.to_owned(),
                 })
                 .is_ok(),

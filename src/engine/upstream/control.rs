@@ -18,7 +18,6 @@ use lapin::options::{
 };
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::convert;
@@ -26,7 +25,7 @@ use super::link::{Conns, Link};
 use super::publisher::{Publisher, Request};
 use crate::engine::EngineError;
 use crate::engine::sessions::local::LocalSessions;
-use crate::engine::sessions::{SessionRegistry, Takeover};
+use crate::engine::sessions::{SessionRegistry, TakeoverSender};
 
 pub(super) const EXCHANGE: &str = "amqp-gateway.control";
 /// How often one key's takeover is announced while a new connection retries its fence.
@@ -176,7 +175,7 @@ async fn follow(
 
 #[async_trait]
 impl SessionRegistry for ControlSessions {
-    fn hold(&self, key: &str, holder: u64, signal: mpsc::UnboundedSender<Takeover>) {
+    fn hold(&self, key: &str, holder: u64, signal: TakeoverSender) {
         self.local.hold(key, holder, signal);
     }
 

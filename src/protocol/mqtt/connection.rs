@@ -413,7 +413,7 @@ where
                 Box::pin(session.retry_parked()).await
             }
             _ = stall_over(&session.stall) => Box::pin(session.unstall()).await,
-            Some(_) = session.takeovers.recv() => session.taken_over(),
+            Some(_) = session.takeovers.next() => session.taken_over(),
             _ = crate::context::closed_by_admin(&session.registered) => Outcome::Close(CloseReason::AdministrativeAction),
         };
         session.note_in_flight();

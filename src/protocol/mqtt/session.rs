@@ -7,7 +7,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio_stream::StreamMap;
 
 mod connect;
@@ -27,7 +26,7 @@ use super::topic::{self, filter_to_binding, key_to_topic, session_queue, topic_t
 use crate::auth::Principal;
 use crate::context::{Connection, Context};
 use crate::engine::retained::RetainedStore;
-use crate::engine::sessions::Takeover;
+use crate::engine::sessions::TakeoverReceiver;
 use crate::engine::table::{FieldTable, FieldValue};
 use crate::engine::{
     AckMode, Channel, ConsumeOptions, Consumer, ConsumerEvent, Declared, Delivery, EngineError,
@@ -103,7 +102,7 @@ pub struct Session {
     /// The engine's `max_mqtt_qos` capability (DESIGN.md §3).
     max_qos: u8,
     retained: Arc<dyn RetainedStore>,
-    pub takeovers: mpsc::UnboundedReceiver<Takeover>,
+    pub takeovers: TakeoverReceiver,
     /// Its entry among the connections operators see (set once connected).
     pub registered: Option<crate::context::Registered>,
 }

@@ -105,6 +105,11 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         {
             self.encode(p);
         }
+        if queue.capacity() > 0 && queue.is_empty() && !self.is_busy() {
+            // Everything is out: an idle connection holds no packet slots (four of them, the
+            // least a queue allocates, are 800 bytes). Given back once per batch written.
+            *queue = VecDeque::new();
+        }
         if self.deadline.is_none() && !self.buf.is_empty() {
             self.deadline = Some(Instant::now() + self.write_timeout);
             self.owed = self.buf.len();

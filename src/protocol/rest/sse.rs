@@ -123,7 +123,7 @@ pub async fn subscribe(
     let out = Arc::new(SendQueue::new(Limits::of(&ctx.config.limits), PROTOCOL));
     let mode = stream::Mode::of(&target, q.overflow);
     let options = mode.consume_options(ctx, &target, &out);
-    let (takeover_tx, takeovers) = tokio::sync::mpsc::unbounded_channel();
+    let (takeover_tx, takeovers) = crate::engine::sessions::takeover_channel();
     let consumer = subscriber.consume(&target, options, &takeover_tx).await?;
     let last_event_id = headers
         .get("last-event-id")

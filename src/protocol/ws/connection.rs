@@ -184,7 +184,7 @@ async fn serve_session(
             }
             _ = out.pressure().resume(ctx.config.limits.pace_max_wait), if paused => Outcome::Continue,
             _ = crate::context::closed_by_admin(&session.registered) => Outcome::Close(CloseReason::ClosedByAdmin),
-            Some(t) = session.takeovers.recv() => {
+            Some(t) = session.takeovers.next() => {
                 session.taken_over(t).await;
                 Outcome::Continue
             }

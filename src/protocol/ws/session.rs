@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::Value;
-use tokio::sync::mpsc;
 use tokio_stream::StreamMap;
 
 mod deliver;
@@ -20,7 +19,7 @@ use crate::auth::Principal;
 use crate::codes::Code;
 use crate::context::{Connection, Context, PublishRefused};
 use crate::engine::names::{DEFAULT_EXCHANGE_ALIAS, validate_key};
-use crate::engine::sessions::Takeover;
+use crate::engine::sessions::{Takeover, TakeoverReceiver, TakeoverSender};
 use crate::engine::table::FieldTable;
 use crate::engine::{
     AckMode, CancelReason, Channel, ConsumeOptions, Consumer, ConsumerEvent, EngineError, Message,
@@ -116,8 +115,8 @@ pub struct WsSession {
     /// Polled by the connection loop; keyed like `subs`.
     pub consumers: StreamMap<Arc<str>, Consumer>,
     next_sub: u64,
-    takeover_tx: mpsc::UnboundedSender<Takeover>,
-    pub takeovers: mpsc::UnboundedReceiver<Takeover>,
+    takeover_tx: TakeoverSender,
+    pub takeovers: TakeoverReceiver,
     /// Set while the connection is paced: its publishes park until it is over (DESIGN.md §7).
     pub stall: Option<Stall>,
     /// Publishes parked while paced, in arrival order, with their frames' sizes.
@@ -135,7 +134,7 @@ impl WsSession {
         principal: Principal,
         out: Arc<SendQueue>,
     ) -> Self {
-        let (takeover_tx, takeovers) = mpsc::unbounded_channel();
+        let (takeover_tx, takeovers) = crate::engine::sessions::takeover_channel();
         WsSession {
             ctx,
             conn,

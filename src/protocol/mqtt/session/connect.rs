@@ -83,7 +83,7 @@ async fn claim(
     conn: &Connection,
     key: &str,
     subject: &str,
-) -> Result<(crate::flow::Admitted, mpsc::UnboundedReceiver<Takeover>), ConnectRejected> {
+) -> Result<(crate::flow::Admitted, TakeoverReceiver), ConnectRejected> {
     let sessions = ctx.engine.sessions();
     if sessions.take_over(key).await
         && !sessions
@@ -101,7 +101,7 @@ async fn claim(
         .admission
         .admit(subject)
         .map_err(|full| ConnectRejected::new(reason::QUOTA_EXCEEDED, full.to_string()))?;
-    let (takeover_tx, takeovers) = mpsc::unbounded_channel();
+    let (takeover_tx, takeovers) = crate::engine::sessions::takeover_channel();
     sessions.hold(key, conn.id, takeover_tx);
     // A delayed will of this session's last connection is not published: it is back.
     sessions.cancel_will(key).await;

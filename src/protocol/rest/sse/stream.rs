@@ -18,13 +18,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde_json::json;
-use tokio::sync::mpsc;
+
 use tokio_util::sync::CancellationToken;
 
 use super::{PROTOCOL, SUB};
 use crate::auth::{Principal, expiry_sleep};
 use crate::context::Context;
-use crate::engine::sessions::Takeover;
+use crate::engine::sessions::{TakeoverReceiver, TakeoverSender};
 use crate::engine::table::FieldTable;
 use crate::engine::{
     AckMode, CancelReason, Channel, ConsumeOptions, Consumer, ConsumerEvent, Delivery, Owner,
@@ -183,9 +183,9 @@ pub struct Stream {
     pub mode: Mode,
     pub consumer: Consumer,
     pub out: Arc<SendQueue>,
-    pub takeovers: mpsc::UnboundedReceiver<Takeover>,
+    pub takeovers: TakeoverReceiver,
     /// The sender the session registry holds for a durable subscription.
-    pub _takeover_tx: mpsc::UnboundedSender<Takeover>,
+    pub _takeover_tx: TakeoverSender,
     /// The stream's place under the connection limits.
     pub _admitted: Admitted,
     /// Cancelled when the response body is dropped: the client is gone.
@@ -276,7 +276,7 @@ impl Stream {
                 _ = self.registered.closed_by_admin() => Some(End::ClosedByAdmin),
                 event = self.consumer.next(), if !paused => self.event(event),
                 _ = self.out.pressure().resume(self.ctx.config.limits.pace_max_wait), if paused => None,
-                Some(_) = self.takeovers.recv() => Some(self.cancelled("taken_over")),
+                Some(_) = self.takeovers.next() => Some(self.cancelled("taken_over")),
                 _ = write_check.tick() => self
                     .writing
                     .stalled(self.ctx.config.limits.write_timeout)
