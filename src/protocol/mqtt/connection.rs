@@ -4,13 +4,14 @@
 //! `limits.write_timeout`), enforces the CONNECT timeout, the keep-alive (× 1.5), the token's
 //! expiry and shutdown.
 
-use crate::flow::{Bound, Pressure, stall_over};
+use crate::flow::{Bound, Pressure};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_util::StreamExt;
+use futures_util::future::OptionFuture;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::close::CloseReason;
@@ -23,9 +24,9 @@ use crate::metrics;
 
 const PROTOCOL: &str = "mqtt";
 /// Reads start at `MIN_READ` and double while they fill what was offered, up to `MAX_READ`:
-/// a flat-out publisher gets large reads, an idle device keeps about a kilobyte — memory per
-/// idle connection is what decides how many devices fit on a machine.
-const MIN_READ: usize = 1024;
+/// a flat-out publisher gets large reads, an idle device keeps a quarter of a kilobyte — memory
+/// per idle connection is what decides how many devices fit on a machine.
+const MIN_READ: usize = 256;
 const MAX_READ: usize = 16 * 1024;
 
 /// How long a closing connection keeps reading (and discarding) after its last packet went
@@ -314,35 +315,43 @@ where
     let keep_alive = session.keep_alive();
     let keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
     let mut last_seen = Instant::now();
-    // Timers kept across turns of the loop and set again only when they fire early (the
-    // keep-alive, the write clock) or their deadline moves (the token's expiry, on an MQTT 5
-    // AUTH refresh): a timer made and dropped every turn costs a timer-wheel entry per message.
-    let keep_alive_timer = tokio::time::sleep_until(
-        keep_alive.map_or_else(far, |k| tokio::time::Instant::from_std(last_seen + k)),
-    );
-    let expiry_timer = tokio::time::sleep_until(far());
-    let write_timer = tokio::time::sleep_until(far());
-    tokio::pin!(keep_alive_timer, expiry_timer, write_timer);
+    // One timer for the keep-alive, the token's expiry, the write clock and parked publishes'
+    // retry, kept across turns of the loop and set again only when the soonest of them moves: a
+    // timer made and dropped every turn costs a timer-wheel entry per message, and each one
+    // kept is 112 bytes of every connection's state. The keep-alive is checked lazily: when
+    // the timer finds it due, it looks at when the client was last seen.
+    let timer = tokio::time::sleep_until(far());
+    tokio::pin!(timer);
+    let mut keep_alive_due = keep_alive.map(|k| last_seen + k);
     let mut expiry_set = None;
+    let mut expiry_due = None;
     loop {
         writer.fill(session.outbound());
         if session.expires_at() != expiry_set {
             expiry_set = session.expires_at();
-            expiry_timer
-                .as_mut()
-                .reset(expiry_set.map_or_else(far, |exp| {
-                    tokio::time::Instant::now()
-                        + Duration::from_secs(
-                            (exp + ctx.config.auth.leeway.as_secs()).saturating_sub(now_secs()),
-                        )
-                }));
+            expiry_due = expiry_set.map(|exp| {
+                Instant::now()
+                    + Duration::from_secs(
+                        (exp + ctx.config.auth.leeway.as_secs()).saturating_sub(now_secs()),
+                    )
+            });
         }
-        let write_deadline = writer.deadline();
+        let retry_at = session.inflow.retry_at;
+        let write_deadline = writer.deadline().map(tokio::time::Instant::into_std);
+        let wake = [keep_alive_due, expiry_due, retry_at, write_deadline]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(tokio::time::Instant::from_std);
+        if let Some(at) = wake
+            && at != timer.deadline()
+        {
+            timer.as_mut().reset(at);
+        }
         // Packets already read are handled before what they answer is written: one write
         // carries the answers to a whole read (a PUBACK per PUBLISH otherwise costs a system
         // call each), unless a batch's worth waits already.
         let may_write = writer.is_busy() && (!wire.has_ready() || writer.is_full());
-        let retry_at = session.inflow.retry_at;
         let may_read = session.inflow.may_read(
             ctx.config.mqtt.receive_maximum,
             session.receive_maximum_advertised(),
@@ -351,24 +360,24 @@ where
         let paused = session.delivery_paused();
         let outcome = tokio::select! {
             _ = ctx.shutdown.wait() => Outcome::Close(CloseReason::ServerShuttingDown),
-            _ = &mut expiry_timer, if expiry_set.is_some() => Outcome::Close(CloseReason::TokenExpired),
-            _ = &mut keep_alive_timer, if keep_alive.is_some() => {
-                let due = keep_alive.map(|k| last_seen + k);
-                match due {
-                    Some(due) if due > Instant::now() => {
-                        keep_alive_timer.as_mut().reset(tokio::time::Instant::from_std(due));
+            _ = &mut timer, if wake.is_some() => {
+                let now = Instant::now();
+                let due = |at: Option<Instant>| at.is_some_and(|at| at <= now);
+                if due(expiry_due) {
+                    Outcome::Close(CloseReason::TokenExpired)
+                } else if due(write_deadline) {
+                    Outcome::Close(writer.timed_out().into())
+                } else if due(keep_alive_due) {
+                    keep_alive_due = keep_alive.map(|k| last_seen + k);
+                    if due(keep_alive_due) {
+                        Outcome::Close(CloseReason::KeepAliveTimeout)
+                    } else {
                         Outcome::Continue
                     }
-                    _ => Outcome::Close(CloseReason::KeepAliveTimeout),
-                }
-            }
-            _ = &mut write_timer, if write_deadline.is_some() => {
-                match write_deadline {
-                    Some(due) if due > tokio::time::Instant::now() => {
-                        write_timer.as_mut().reset(due);
-                        Outcome::Continue
-                    }
-                    _ => Outcome::Close(writer.timed_out().into()),
+                } else if due(retry_at) {
+                    Box::pin(session.retry_parked()).await
+                } else {
+                    Outcome::Continue
                 }
             }
             written = writer.write_some(), if may_write => match written {
@@ -405,14 +414,15 @@ where
             Some((key, event)) = session.consumers.next(), if !session.consumers.is_empty() && paused.is_none() => {
                 session.deliver_batch(key, event).await
             }
-            _ = resume(&paused, ctx.config.limits.pace_max_wait), if paused.is_some() => Outcome::Continue,
+            // The pacing waits are boxed, made only while they are wanted: inline they would
+            // be 650 bytes of every connection's state.
+            _ = OptionFuture::from(paused.as_ref().map(|p| Box::pin(p.resume(ctx.config.limits.pace_max_wait)))), if paused.is_some() => Outcome::Continue,
             Some((ack, result)) = session.inflow.next_confirmed(), if session.inflow.awaiting() => {
                 session.confirmed(ack, result).await
             }
-            _ = tokio::time::sleep_until(retry_at.map_or_else(far, tokio::time::Instant::from_std)), if retry_at.is_some() => {
-                Box::pin(session.retry_parked()).await
+            _ = OptionFuture::from(session.stall.as_ref().map(|s| Box::pin(s.released()))), if session.stall.is_some() => {
+                Box::pin(session.unstall()).await
             }
-            _ = stall_over(&session.stall) => Box::pin(session.unstall()).await,
             Some(_) = session.takeovers.next() => session.taken_over(),
             _ = crate::context::closed_by_admin(&session.registered) => Outcome::Close(CloseReason::AdministrativeAction),
         };
@@ -420,12 +430,6 @@ where
         if let Outcome::Close(why) = outcome {
             return why;
         }
-    }
-}
-
-async fn resume(paused: &Option<Pressure>, max_wait: Duration) {
-    if let Some(p) = paused {
-        p.resume(max_wait).await;
     }
 }
 
