@@ -398,11 +398,11 @@ pub async fn control_takeover_and_wills(engine: Arc<dyn Engine>) {
     let sessions = engine.sessions();
     let key = unique("session");
     assert!(!sessions.take_over(&key).await, "nobody holds it yet");
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, mut rx) = amqp_gateway::engine::sessions::takeover_channel();
     sessions.hold(&key, 1, tx);
     assert!(sessions.is_held(&key));
     assert!(sessions.take_over(&key).await, "the holder is asked");
-    let told = tokio::time::timeout(common::WAIT, rx.recv()).await;
+    let told = tokio::time::timeout(common::WAIT, futures_util::StreamExt::next(&mut rx)).await;
     assert_eq!(told.ok().flatten().map(|t| t.key), Some(key.clone()));
     sessions.release(&key, 2);
     assert!(sessions.is_held(&key), "only the holder releases its hold");
