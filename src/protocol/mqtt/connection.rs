@@ -396,15 +396,17 @@ where
         {
             timer.as_mut().reset(at);
         }
-        // Packets already read are handled before what they answer is written: one write
-        // carries the answers to a whole read (a PUBACK per PUBLISH otherwise costs a system
-        // call each), unless a batch's worth waits already.
-        let may_write = writer.is_busy() && (!wire.has_ready() || writer.is_full());
         let may_read = session.inflow.may_read(
             ctx.config.mqtt.receive_maximum,
             session.receive_maximum_advertised(),
             ctx.config.limits.max_pending_in.as_u64(),
         );
+        // Packets already read are handled before what they answer is written: one write
+        // carries the answers to a whole read (a PUBACK per PUBLISH otherwise costs a system
+        // call each), unless a batch's worth waits already. Only while the packet ahead will
+        // be read: a connection that may not read (paced, or at its Receive Maximum) must
+        // still drain what it owes its client.
+        let may_write = writer.is_busy() && (!(may_read && wire.has_ready()) || writer.is_full());
         let paused = session.delivery_paused();
         let outcome = tokio::select! {
             _ = ctx.shutdown.wait() => Outcome::Close(CloseReason::ServerShuttingDown),

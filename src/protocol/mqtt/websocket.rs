@@ -10,6 +10,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
+use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -19,6 +20,8 @@ use crate::context::{Connection, Context};
 const SUBPROTOCOL: &str = "mqtt";
 /// Bytes buffered between the WebSocket and the MQTT connection, each way.
 const PIPE: usize = 64 * 1024;
+/// What one read from the pipe offers: the most a WebSocket frame to the client carries.
+const READ: usize = 4 * 1024;
 /// How long the MQTT side may take to end its session (will, stored state) once the WebSocket
 /// is gone, before it is stopped.
 const SESSION_END: std::time::Duration = std::time::Duration::from_secs(5);
@@ -91,18 +94,19 @@ async fn bridge(socket: WebSocket, ctx: Context, conn: Arc<Connection>) {
             let _ = pipe_write.shutdown().await;
             end
         };
-        // MQTT → client, until the MQTT side has closed its output.
+        // MQTT → client, until the MQTT side has closed its output. Read into a small buffer
+        // whose filled part becomes the frame without a copy: a 64 KiB buffer held for the
+        // connection's life was most of an idle MQTT-over-WebSocket connection's memory once
+        // the allocator zero-filled it (docs/bench.md).
         let outbound = async {
-            let mut buf = vec![0u8; PIPE];
+            let mut buf = BytesMut::new();
             loop {
-                match pipe_read.read(&mut buf).await {
+                buf.reserve(READ);
+                match pipe_read.read_buf(&mut buf).await {
                     Ok(0) | Err(_) => return,
-                    Ok(n) => {
-                        if ws_tx
-                            .send(Message::Binary(buf[..n].to_vec().into()))
-                            .await
-                            .is_err()
-                        {
+                    Ok(_) => {
+                        let frame = buf.split().freeze();
+                        if ws_tx.send(Message::Binary(frame)).await.is_err() {
                             return;
                         }
                     }
