@@ -192,3 +192,59 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         self.io.shutdown().await.map_err(|_| self.fail())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn writes_in_order_drops_a_3_1_1_disconnect_and_shuts_down() {
+        let (ours, mut theirs) = tokio::io::duplex(1024);
+        let mut writer = Writer::new(ours, Version::V3, 1 << 20, Duration::from_secs(5));
+        let mut queue = VecDeque::from([
+            Outbound::PingResp,
+            Outbound::PubAck {
+                packet_id: 7,
+                code: 0,
+            },
+            Outbound::Disconnect { code: 0x8B },
+        ]);
+        writer.fill(&mut queue);
+        assert!(queue.is_empty() && writer.is_busy());
+        assert!(
+            writer.deadline().is_some(),
+            "the write clock runs while bytes wait"
+        );
+        while writer.is_busy() {
+            assert!(writer.write_some().await.is_ok());
+        }
+        assert!(writer.deadline().is_none(), "everything owed was written");
+        assert!(writer.finish(&mut queue).await.is_ok());
+        let mut bytes = Vec::new();
+        theirs.read_to_end(&mut bytes).await.unwrap();
+        assert_eq!(bytes, [0xD0, 0x00, 0x40, 0x02, 0x00, 0x07]);
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_never_reads_is_past_its_deadline() {
+        let (ours, _theirs) = tokio::io::duplex(16);
+        let mut writer = Writer::new(ours, Version::V5, 1 << 20, Duration::from_millis(20));
+        let mut queue: VecDeque<_> = (1..=20)
+            .map(|packet_id| Outbound::PubAck { packet_id, code: 0 })
+            .collect();
+        writer.fill(&mut queue);
+        let deadline = writer.deadline().expect("bytes wait");
+        let stalled = tokio::time::timeout_at(deadline, async {
+            while writer.write_some().await.is_ok() {}
+        })
+        .await;
+        assert!(stalled.is_err(), "the pipe is full: the writer waits");
+        assert!(writer.is_busy());
+        assert!(matches!(writer.timed_out(), WriteError::SlowConsumer));
+        assert!(
+            !writer.is_busy(),
+            "a writer that timed out writes nothing more"
+        );
+    }
+}
