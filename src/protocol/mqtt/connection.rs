@@ -385,7 +385,7 @@ where
         writer.fill(session.outbound());
         let expiry_due = expiry.due(session.expires_at(), ctx.config.auth.leeway);
         let retry_at = session.inflow.retry_at;
-        let write_deadline = writer.deadline().map(tokio::time::Instant::into_std);
+        let write_deadline = writer.deadline();
         let wake = [keep_alive_due, expiry_due, retry_at, write_deadline]
             .into_iter()
             .flatten()
@@ -416,6 +416,7 @@ where
                 if due(expiry_due) {
                     Outcome::Close(CloseReason::TokenExpired)
                 } else if due(write_deadline) {
+                    metrics::refusal(PROTOCOL, "slow_consumer");
                     Outcome::Close(writer.timed_out().into())
                 } else if due(keep_alive_due) {
                     keep_alive_due = keep_alive.map(|k| last_seen + k);

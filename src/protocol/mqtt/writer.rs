@@ -8,11 +8,10 @@
 //! queued (unencoded, counted by the session's buffers) while more than [`BATCH`] bytes wait.
 
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::time::Instant;
 
 use super::close::CloseReason;
 use super::codec::{Codec, Outbound, Version};
@@ -131,10 +130,9 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         self.deadline.filter(|_| !self.failed)
     }
 
-    /// The write clock ran out.
+    /// The write clock ran out (the connection counts the refusal).
     pub fn timed_out(&mut self) -> WriteError {
         self.failed = true;
-        crate::metrics::refusal("mqtt", "slow_consumer");
         WriteError::SlowConsumer
     }
 
@@ -235,7 +233,7 @@ mod tests {
             .collect();
         writer.fill(&mut queue);
         let deadline = writer.deadline().expect("bytes wait");
-        let stalled = tokio::time::timeout_at(deadline, async {
+        let stalled = tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), async {
             while writer.write_some().await.is_ok() {}
         })
         .await;
