@@ -14,7 +14,8 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::state::keyed::DashMapStateStore;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::config::LimitsConfig;
 
@@ -134,7 +135,9 @@ pub struct Flow {
     pub admission: Admission,
     message_quota: Quota,
     byte_quota: Quota,
-    subjects: DefaultKeyedRateLimiter<String>,
+    /// foldhash, not SipHash: every publish looks its subject up.
+    subjects:
+        RateLimiter<String, DashMapStateStore<String, foldhash::fast::RandomState>, DefaultClock>,
     clock: DefaultClock,
 }
 
@@ -148,7 +151,11 @@ impl Flow {
             admission: Admission::new(limits),
             message_quota,
             byte_quota,
-            subjects: RateLimiter::keyed(subject_quota),
+            subjects: RateLimiter::dashmap_with_clock_and_hasher(
+                subject_quota,
+                DefaultClock::default(),
+                foldhash::fast::RandomState::default(),
+            ),
             clock: DefaultClock::default(),
         }
     }

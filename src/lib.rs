@@ -322,13 +322,16 @@ fn http_options(config: &Config, tls: Option<tokio_rustls::TlsAcceptor>) -> serv
     }
 }
 
-/// Forgets idle rate-limit buckets now and then.
+/// Forgets idle rate-limit buckets and folds held metric samples now and then.
 fn spawn_housekeeping(flow: Arc<flow::Flow>, stop: Shutdown) -> JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = stop.wait() => return,
-                _ = tokio::time::sleep(HOUSEKEEPING_EVERY) => flow.housekeeping(),
+                _ = tokio::time::sleep(HOUSEKEEPING_EVERY) => {
+                    flow.housekeeping();
+                    metrics::upkeep();
+                }
             }
         }
     })

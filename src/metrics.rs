@@ -9,6 +9,10 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::engine::Engine;
 
+mod per_message;
+
+pub use per_message::{message_in, messages_out};
+
 pub const CONNECTIONS_TOTAL: &str = "gateway_connections_total";
 pub const CONNECTIONS_OPEN: &str = "gateway_connections_open";
 pub const CONNECTIONS_CLOSED: &str = "gateway_connections_closed_total";
@@ -43,10 +47,7 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 pub fn handle() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
         let recorder = PrometheusBuilder::new()
-            .set_buckets(&[
-                0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
-                0.1, 0.25, 0.5, 1.0, 2.5,
-            ])
+            .set_buckets(&per_message::BUCKETS)
             .map(PrometheusBuilder::build_recorder)
             .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
         let handle = recorder.handle();
@@ -77,11 +78,6 @@ fn describe() {
         "Deliveries clients acknowledged (every protocol; auto-ack deliveries are not counted)"
     );
     metrics::counter!(MESSAGES_ACKED).increment(0);
-    metrics::describe_histogram!(
-        PUBLISH_LATENCY,
-        metrics::Unit::Seconds,
-        "Time from a publish's arrival to the engine's confirm, by protocol"
-    );
     metrics::describe_counter!(REFUSALS, "Requests refused, by protocol and reason");
     metrics::describe_gauge!(
         QUEUED_MESSAGES,
@@ -121,15 +117,6 @@ fn describe() {
         STORE_FAILED,
         "1 from a failed write of the embedded engine's store (a full disk, an I/O error) until it is reopened: persistent publishes are refused meanwhile"
     );
-}
-
-pub fn message_in(protocol: &'static str, latency: Duration) {
-    metrics::counter!(MESSAGES_IN, "protocol" => protocol).increment(1);
-    metrics::histogram!(PUBLISH_LATENCY, "protocol" => protocol).record(latency.as_secs_f64());
-}
-
-pub fn messages_out(protocol: &'static str, n: u64) {
-    metrics::counter!(MESSAGES_OUT, "protocol" => protocol).increment(n);
 }
 
 pub fn refusal(protocol: &'static str, reason: &'static str) {
@@ -216,8 +203,15 @@ pub fn render(engine: &dyn Engine) -> String {
     let handle = handle();
     handle.run_upkeep();
     let mut out = handle.render();
+    per_message::render_latency(&mut out);
     render_paced(&mut out);
     out
+}
+
+/// Folds the exporter's histogram samples into their buckets: it keeps every sample until
+/// then, so an unscraped gateway would grow by each one.
+pub fn upkeep() {
+    handle().run_upkeep();
 }
 
 fn describe_upstream() {

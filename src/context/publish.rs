@@ -133,7 +133,7 @@ impl Cleared<'_> {
 pub fn stamp_subject(message: &mut Message, principal: &Principal) {
     message.properties.headers.insert(
         SUBJECT_HEADER.into(),
-        FieldValue::Str(principal.subject.to_string()),
+        FieldValue::Str(String::from(&*principal.subject)),
     );
 }
 

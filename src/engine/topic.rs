@@ -13,7 +13,8 @@ pub struct TopicTrie<T> {
 }
 
 struct Node<T> {
-    words: HashMap<Box<str>, Node<T>>,
+    /// foldhash, not SipHash: this is looked up once per word of every routed message.
+    words: HashMap<Box<str>, Node<T>, foldhash::fast::RandomState>,
     star: Option<Box<Node<T>>>,
     hash: Option<Box<Node<T>>>,
     values: Vec<T>,
@@ -22,7 +23,7 @@ struct Node<T> {
 impl<T> Default for Node<T> {
     fn default() -> Self {
         Node {
-            words: HashMap::new(),
+            words: HashMap::default(),
             star: None,
             hash: None,
             values: Vec::new(),

@@ -43,8 +43,9 @@ use crate::engine::{
 const MAX_EFFECT_ROUNDS: usize = 64;
 
 pub(super) struct Broker {
-    exchanges: DashMap<Arc<str>, Arc<Exchange>>,
-    queues: DashMap<Arc<str>, Arc<Queue>>,
+    // foldhash, not SipHash: every publish looks its exchange up, every delivery its queue.
+    exchanges: DashMap<Arc<str>, Arc<Exchange>, foldhash::fast::RandomState>,
+    queues: DashMap<Arc<str>, Arc<Queue>, foldhash::fast::RandomState>,
     topology: Mutex<()>,
     store: Arc<dyn Store>,
     gauges: Arc<Gauges>,
@@ -80,8 +81,8 @@ impl Broker {
         memory_high_watermark: u64,
     ) -> Arc<Self> {
         let broker = Arc::new_cyclic(|me| Broker {
-            exchanges: DashMap::new(),
-            queues: DashMap::new(),
+            exchanges: DashMap::default(),
+            queues: DashMap::default(),
             topology: Mutex::new(()),
             store,
             gauges: Arc::default(),

@@ -38,7 +38,7 @@ impl Binding {
 }
 
 enum Router {
-    Direct(HashMap<Arc<str>, Vec<Binding>>),
+    Direct(HashMap<Arc<str>, Vec<Binding>, foldhash::fast::RandomState>),
     Fanout(Vec<Binding>),
     Topic(TopicTrie<Binding>),
     Headers(Vec<(Binding, HeadersMatch)>),
@@ -93,7 +93,7 @@ impl HeadersMatch {
 impl Exchange {
     pub fn new(name: Arc<str>, spec: ExchangeSpec) -> Self {
         let router = match spec.kind {
-            ExchangeKind::Direct => Router::Direct(HashMap::new()),
+            ExchangeKind::Direct => Router::Direct(HashMap::default()),
             ExchangeKind::Fanout => Router::Fanout(Vec::new()),
             ExchangeKind::Topic => Router::Topic(TopicTrie::default()),
             ExchangeKind::Headers => Router::Headers(Vec::new()),

@@ -22,14 +22,27 @@ pub enum TopicError {
 
 const MAX_KEY: usize = 255;
 
+/// Byte by byte: `/` and `.` are ASCII, so every other byte, multi-byte characters included,
+/// is copied as a run (this runs twice per delivered message).
 fn swap(s: &str, mapping: TopicMapping) -> String {
-    s.chars()
-        .map(|c| match (c, mapping) {
-            ('/', _) => '.',
-            ('.', TopicMapping::Swap) => '/',
-            (c, _) => c,
-        })
-        .collect()
+    let swapped = |b: u8| match (b, mapping) {
+        (b'/', _) => Some('.'),
+        (b'.', TopicMapping::Swap) => Some('/'),
+        _ => None,
+    };
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some((i, to)) = rest
+        .bytes()
+        .enumerate()
+        .find_map(|(i, b)| swapped(b).map(|to| (i, to)))
+    {
+        out.push_str(&rest[..i]);
+        out.push(to);
+        rest = &rest[i + 1..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A PUBLISH topic name → routing key.
@@ -37,10 +50,14 @@ pub fn topic_to_key(topic: &str, mapping: TopicMapping) -> Result<String, TopicE
     if topic.is_empty() {
         return Err(TopicError::Empty);
     }
-    if topic.contains(['+', '#']) {
+    if topic.bytes().any(|b| b == b'+' || b == b'#') {
         return Err(TopicError::Wildcard);
     }
-    if topic.split('/').any(|level| level == "*") {
+    if topic
+        .as_bytes()
+        .split(|&b| b == b'/')
+        .any(|level| level == b"*")
+    {
         return Err(TopicError::StarLevel);
     }
     let key = swap(topic, mapping);
@@ -93,7 +110,7 @@ pub fn binding_to_filter(key: &str, mapping: TopicMapping) -> String {
 /// A routing key → MQTT topic name, or `None` when it maps to no valid topic name (such
 /// deliveries are acked, not delivered, and counted).
 pub fn key_to_topic(key: &str, mapping: TopicMapping) -> Option<String> {
-    if key.is_empty() || key.contains(['+', '#', '\0']) {
+    if key.is_empty() || key.bytes().any(|b| matches!(b, b'+' | b'#' | 0)) {
         return None;
     }
     Some(match mapping {
