@@ -11,7 +11,7 @@ use crate::engine::Engine;
 
 mod per_message;
 
-pub use per_message::{message_in, messages_out};
+pub use per_message::{acked, message_in, messages_out};
 
 pub const CONNECTIONS_TOTAL: &str = "gateway_connections_total";
 pub const CONNECTIONS_OPEN: &str = "gateway_connections_open";
@@ -158,12 +158,6 @@ fn render_paced(out: &mut String) {
 /// nobody until it drains below low, and meanwhile drops its oldest (DESIGN.md §7).
 pub fn slow_consumer_marked(kind: &'static str) {
     metrics::counter!(SLOW_CONSUMERS, "kind" => kind).increment(1);
-}
-
-/// Deliveries a client acknowledged (MQTT PUBACK/PUBCOMP, WebSocket and SSE acks, AMQP
-/// `basic.ack`, REST pulls), counted where the engine settles them.
-pub fn acked(n: u64) {
-    metrics::counter!(MESSAGES_ACKED).increment(n);
 }
 
 /// A delivery a client will never see, by protocol and why.

@@ -25,7 +25,7 @@ impl Shutdown {
         self.0.cancelled().await
     }
 
-    pub fn wait_owned(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+    pub fn wait_owned(&self) -> impl std::future::Future<Output = ()> + Send + use<> {
         self.0.clone().cancelled_owned()
     }
 }

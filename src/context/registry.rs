@@ -208,6 +208,11 @@ impl Registered {
         self.entry.close.cancelled()
     }
 
+    /// [`Self::closed_by_admin`] for a future kept across awaits.
+    pub fn closed_by_admin_owned(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.entry.close.clone().cancelled_owned()
+    }
+
     pub fn set_subscriptions(&self, subscriptions: Vec<SubscriptionView>) {
         *self.entry.subscriptions.lock() = subscriptions;
     }

@@ -1,8 +1,9 @@
-//! The series touched once per message — messages in and out, publish latency — kept where
-//! counting costs an atomic add. The `metrics` macros build and hash a key and look it up in
-//! the registry on every call, and the exporter's histograms keep every sample (24 bytes, with
-//! a clock read) until the next scrape or upkeep: together a sixth of the instructions of a
-//! delivered MQTT message under callgrind (docs/bench.md, "Per-message cost").
+//! The series touched once per message — messages in, out and acked, publish latency — kept
+//! where counting costs an atomic add. The `metrics` macros build and hash a key and look it
+//! up in the registry on every call, and the exporter's histograms keep every sample (24
+//! bytes, with a clock read) until the next scrape or upkeep: together a sixth of the
+//! instructions of a delivered MQTT message under callgrind (docs/bench.md, "Per-message
+//! cost").
 
 use std::fmt::Write;
 use std::sync::OnceLock;
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use metrics::Counter;
 
-use super::{MESSAGES_IN, MESSAGES_OUT, PUBLISH_LATENCY};
+use super::{MESSAGES_ACKED, MESSAGES_IN, MESSAGES_OUT, PUBLISH_LATENCY};
 
 /// Upper bounds of the latency buckets, seconds (the exporter's buckets for every histogram).
 pub(super) const BUCKETS: [f64; 15] = [
@@ -137,6 +138,18 @@ pub fn message_in(protocol: &'static str, latency: Duration) {
 
 pub fn messages_out(protocol: &'static str, n: u64) {
     series(protocol).messages_out().increment(n);
+}
+
+/// Deliveries a client acknowledged (MQTT PUBACK/PUBCOMP, WebSocket and SSE acks, AMQP
+/// `basic.ack`, REST pulls), counted where the engine settles them.
+pub fn acked(n: u64) {
+    static ACKED: OnceLock<Counter> = OnceLock::new();
+    ACKED
+        .get_or_init(|| {
+            super::handle();
+            metrics::counter!(MESSAGES_ACKED)
+        })
+        .increment(n);
 }
 
 pub(super) fn render_latency(out: &mut String) {

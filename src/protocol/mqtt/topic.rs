@@ -6,6 +6,7 @@
 
 use crate::auth::scopes::encode_subject;
 use crate::config::TopicMapping;
+use crate::engine::topic::split_ascii;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TopicError {
@@ -129,8 +130,8 @@ pub fn filter_matches(filter: &str, topic: &str) -> bool {
     if topic.starts_with('$') && wildcard_first(filter) {
         return false;
     }
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
+    let mut f = split_ascii(filter, b'/');
+    let mut t = split_ascii(topic, b'/');
     loop {
         match (f.next(), t.next()) {
             (Some("#"), _) => return true,
