@@ -70,17 +70,33 @@ pub struct Envelope {
 pub trait EnvelopeRef: Send + Sync + std::fmt::Debug {
     fn envelope(&self) -> &Envelope;
 
-    /// Where an adapter may keep its text rendering of this message, made by the first
-    /// delivery that needs it and reused by every other delivery of the same message (fan-out
-    /// to a thousand browsers renders the body and properties once, not a thousand times).
+    /// Where adapters may keep their renderings of this message, made by the first delivery
+    /// that needs one and reused by every other delivery of the same message (fan-out to a
+    /// thousand browsers renders the body and properties once, not a thousand times).
     /// `None` where an engine's deliveries do not share an envelope.
     fn rendering(&self) -> Option<&Rendering> {
         None
     }
 }
 
-/// One rendering of a message, opaque to the engine; it lives as long as the message does.
-pub type Rendering = std::sync::OnceLock<Box<str>>;
+/// Renderings of one message, opaque to the engine; they live as long as the message does.
+#[derive(Debug, Default)]
+pub struct Rendering {
+    /// The JSON a WebSocket or SSE delivery shares (exchange, routing key, body, properties).
+    pub json: std::sync::OnceLock<Box<str>>,
+    /// The MQTT 3.1.1 QoS 0 PUBLISH every 3.1.1 subscriber is sent, as it goes on the wire
+    /// (its topic made by the gateway's one topic mapping).
+    pub mqtt: std::sync::OnceLock<Bytes>,
+}
+
+impl Rendering {
+    pub const fn new() -> Self {
+        Rendering {
+            json: std::sync::OnceLock::new(),
+            mqtt: std::sync::OnceLock::new(),
+        }
+    }
+}
 
 impl EnvelopeRef for Envelope {
     fn envelope(&self) -> &Envelope {

@@ -425,7 +425,9 @@ pub fn message_json(sub: &str, tag: u64, d: &Delivery) -> Result<String, serde_j
     let owned;
     let tail: &str = match d.envelope.rendering() {
         // A delivery racing the first one waits for its rendering (OnceLock runs one init).
-        Some(cache) => cache.get_or_init(|| message_tail(d).unwrap_or_default()),
+        Some(cache) => cache
+            .json
+            .get_or_init(|| message_tail(d).unwrap_or_default()),
         None => {
             owned = message_tail(d)?;
             &owned
@@ -506,7 +508,7 @@ mod tests {
             }
         }
         assert!(
-            shared.rendering().unwrap().get().is_some(),
+            shared.rendering().unwrap().json.get().is_some(),
             "rendered once, kept"
         );
     }

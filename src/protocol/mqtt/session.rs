@@ -20,6 +20,7 @@ mod subscribe;
 use super::close::CloseReason;
 use super::codec::{
     Connect, Filter, Inbound, Outbound, PublishIn, PublishProps, TOPIC_ALIAS_MAX, Version, Will,
+    encode_shared_publish,
 };
 use super::properties;
 use super::topic::{self, filter_to_binding, key_to_topic, session_queue, topic_to_key};
@@ -93,7 +94,9 @@ pub struct Session {
     /// Filter → granted QoS.
     subs: HashMap<String, SubOpts>,
     /// Keyed "0" and "1" for the session's queues, or by a shared subscription's filter.
-    pub consumers: StreamMap<String, Consumer>,
+    /// Keyed `0`, `1` (the session queues' levels) or a shared filter; `Arc<str>` because the
+    /// map hands out a clone of the key with every delivery.
+    pub consumers: StreamMap<Arc<str>, Consumer>,
     outflow: Outflow,
     /// Inbound publishes: aliases, QoS 2 ids, confirms awaited, parked publishes.
     pub inflow: publish::Inflow,
@@ -281,7 +284,7 @@ impl Session {
             .fenced(|| self.channel.declare_queue(&queue, &spec))
             .await?
             .declared;
-        if !self.consumers.contains_key(&level.to_string()) {
+        if !self.consumers.contains_key(&*level.to_string()) {
             let ack = if level == 0 {
                 AckMode::Auto
             } else {
@@ -299,7 +302,7 @@ impl Session {
             let consumer = self
                 .fenced(|| self.channel.consume(&queue, options.clone()))
                 .await?;
-            self.consumers.insert(level.to_string(), consumer);
+            self.consumers.insert(level.to_string().into(), consumer);
         }
         Ok(declared)
     }

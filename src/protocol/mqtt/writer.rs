@@ -86,6 +86,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             Outbound::Publish {
                 qos: 0, payload, ..
             } => Some(payload.len() as u64),
+            Outbound::Encoded { payload, .. } => Some(*payload),
             _ => None,
         };
         if let Err(e) = self.codec.encode(p, &mut self.buf) {

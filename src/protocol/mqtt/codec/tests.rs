@@ -214,6 +214,35 @@ fn publish_size_is_exact() {
 }
 
 #[test]
+fn a_shared_publish_is_the_one_a_v3_session_would_encode() {
+    for payload in [0usize, 64, 200, 20_000] {
+        let body = Bytes::from(vec![b'x'; payload]);
+        let mut codec = Codec::for_version(Version::V3, 1 << 20);
+        let mut own = BytesMut::new();
+        let packet = Outbound::Publish {
+            topic: "a/b.c/é".into(),
+            qos: 0,
+            retain: false,
+            dup: false,
+            packet_id: None,
+            payload: body.clone(),
+            props: PublishProps::default(),
+        };
+        codec.encode(packet, &mut own).unwrap();
+        let shared = encode_shared_publish("a/b.c/é".into(), body.clone());
+        assert_eq!(&shared[..], &own[..], "payload {payload}");
+        // And written as it is.
+        let mut written = BytesMut::new();
+        let encoded = Outbound::Encoded {
+            frame: shared,
+            payload: payload as u64,
+        };
+        codec.encode(encoded, &mut written).unwrap();
+        assert_eq!(&written[..], &own[..]);
+    }
+}
+
+#[test]
 fn valid_seeds_decode() {
     for (v5, level) in [(false, 4u8), (true, 5)] {
         let mut codec = Codec::new(4096);

@@ -49,7 +49,7 @@ impl Session {
     /// adds to it, so a subscriber must not be held to one connection's share of the scheduler:
     /// with 50 publishers flat out to one subscriber it would get 1/51 of the turns and its
     /// queue would only grow.
-    pub async fn deliver_batch(&mut self, key: String, event: ConsumerEvent) -> Outcome {
+    pub async fn deliver_batch(&mut self, key: Arc<str>, event: ConsumerEvent) -> Outcome {
         use futures_util::FutureExt;
         use tokio_stream::StreamExt;
         let mut outcome = self.deliver(key, event).await;
@@ -76,12 +76,12 @@ impl Session {
     }
 
     /// A delivery from the queue of `level`, or the end of its consumer.
-    pub async fn deliver(&mut self, key: String, event: ConsumerEvent) -> Outcome {
+    pub async fn deliver(&mut self, key: Arc<str>, event: ConsumerEvent) -> Outcome {
         let ConsumerEvent::Delivery(d) = event else {
             tracing::info!(client = %self.client.id, queue = %key, "a session queue went away");
             return Outcome::Close(CloseReason::SessionQueueGone);
         };
-        let level = match key.as_str() {
+        let level = match &*key {
             "0" => 0,
             "1" => 1,
             shared => return self.deliver_shared(shared, d).await,
@@ -104,7 +104,7 @@ impl Session {
         };
         // The subscriptions this queue serves that the message matched (none known for a
         // resumed session: the queue's level and no options then).
-        let matched: Vec<SubOpts> = self
+        let matched: smallvec::SmallVec<[SubOpts; 2]> = self
             .subs
             .iter()
             .filter(|(f, o)| (o.granted.min(1) == level) && topic::filter_matches(f, &topic))
@@ -143,12 +143,41 @@ impl Session {
             matched.iter().map(|o| o.granted).max().unwrap_or(1)
         };
         let qos = publish_qos.min(cap);
+        if qos == 0
+            && !retain
+            && self.client.version == Version::V3
+            && self.client.max_packet.is_none()
+            && let Some(shared) = d.envelope.rendering()
+        {
+            let frame = shared
+                .mqtt
+                .get_or_init(|| encode_shared_publish(topic, d.body().clone()));
+            self.emit_encoded(frame.clone(), d.body().len());
+            if level == 1 {
+                let _ = self.channel.ack(d.delivery_tag, false).await;
+            }
+            return Outcome::Continue;
+        }
         let mut props = self.props_of(d.properties(), d.expires_in);
         if self.client.version == Version::V5 {
             props.subscription_ids = subscription_ids;
         }
         self.send_copy(&d, topic, qos, retain, props, level == 1)
             .await
+    }
+
+    /// [`Self::emit`] for a 3.1.1 QoS 0 PUBLISH encoded once for every subscriber: 3.1.1 has
+    /// no topic aliases and no Maximum Packet Size, so only the QoS 0 bound applies.
+    fn emit_encoded(&mut self, frame: bytes::Bytes, payload: usize) {
+        let payload = payload as u64;
+        if self.outflow.qos0_out.is_full(payload) {
+            metrics::delivery_dropped(PROTOCOL, "slow_consumer");
+            self.outflow.qos0_out.count_drop();
+            return;
+        }
+        self.outflow.qos0_out.add(payload);
+        self.send(Outbound::Encoded { frame, payload });
+        metrics::messages_out(PROTOCOL, 1);
     }
 
     /// A delivery from a shared subscription's queue: at most the granted QoS, no retained

@@ -112,7 +112,7 @@ impl Session {
             self.channel
                 .bind_queue(&queue, &exchange, &binding, &FieldTable::new())
                 .await?;
-            if self.consumers.contains_key(&f.filter) {
+            if self.consumers.contains_key(f.filter.as_str()) {
                 return Ok(());
             }
             let options = ConsumeOptions {
@@ -125,7 +125,7 @@ impl Session {
                 pressure: None,
             };
             let consumer = self.channel.consume(&queue, options).await?;
-            self.consumers.insert(f.filter.clone(), consumer);
+            self.consumers.insert(f.filter.as_str().into(), consumer);
             Ok::<(), EngineError>(())
         }
         .await;
