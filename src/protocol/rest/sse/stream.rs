@@ -18,7 +18,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde_json::json;
-
 use tokio_util::sync::CancellationToken;
 
 use super::{PROTOCOL, SUB};
