@@ -59,6 +59,18 @@ impl Principal {
             &self.subject
         }
     }
+
+    /// [`Self::shared_subject`] as the per-subject rate buckets' key, borrowed: a publish checks
+    /// its subject's bucket without allocating or touching a reference count.
+    pub fn shared_subject_key(&self) -> &Arc<str> {
+        static ANONYMOUS: std::sync::LazyLock<Arc<str>> =
+            std::sync::LazyLock::new(|| Arc::from("anonymous"));
+        if self.anonymous {
+            &ANONYMOUS
+        } else {
+            &self.subject
+        }
+    }
 }
 
 pub fn now_secs() -> u64 {

@@ -11,6 +11,7 @@ pub use self::admission::{Admission, Admitted, Full, Unauthenticated};
 pub use self::pressure::{Bound, Pace, Pressure, Stall, stall_over};
 
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
@@ -136,8 +137,11 @@ pub struct Flow {
     message_quota: Quota,
     byte_quota: Quota,
     /// foldhash, not SipHash: every publish looks its subject up.
-    subjects:
-        RateLimiter<String, DashMapStateStore<String, foldhash::fast::RandomState>, DefaultClock>,
+    subjects: RateLimiter<
+        Arc<str>,
+        DashMapStateStore<Arc<str>, foldhash::fast::RandomState>,
+        DefaultClock,
+    >,
     clock: DefaultClock,
 }
 
@@ -173,7 +177,7 @@ impl Flow {
     pub fn admit_publish(
         &self,
         conn: &ConnectionLimits,
-        subject: &str,
+        subject: &Arc<str>,
         bytes: usize,
     ) -> Result<(), Throttled> {
         let wait = |nu: governor::NotUntil<_>, reason| Throttled {
@@ -197,9 +201,8 @@ impl Flow {
                 }
             }
         }
-        let key = subject.to_owned();
         self.subjects
-            .check_key(&key)
+            .check_key(subject)
             .map_err(|nu| wait(nu, ThrottleReason::SubjectRate))?;
         Ok(())
     }
@@ -231,37 +234,49 @@ mod tests {
         let flow = Flow::new(&limits(1, 3, 1000, 1 << 20));
         let conn = flow.connection();
         for _ in 0..3 {
-            assert!(flow.admit_publish(&conn, "s", 1).is_ok());
+            assert!(flow.admit_publish(&conn, &"s".into(), 1).is_ok());
         }
-        let t = flow.admit_publish(&conn, "s", 1).unwrap_err();
+        let t = flow.admit_publish(&conn, &"s".into(), 1).unwrap_err();
         assert_eq!(t.reason, ThrottleReason::ConnectionRate);
         assert!(t.retry_after > Duration::ZERO && t.retry_after <= Duration::from_secs(1));
         assert_eq!(t.retry_after_secs(), 1);
         // Another connection has its own bucket.
-        assert!(flow.admit_publish(&flow.connection(), "s", 1).is_ok());
+        assert!(
+            flow.admit_publish(&flow.connection(), &"s".into(), 1)
+                .is_ok()
+        );
     }
 
     #[test]
     fn subject_bucket_spans_connections() {
         let flow = Flow::new(&limits(1000, 1000, 2, 1 << 20));
-        assert!(flow.admit_publish(&flow.connection(), "alice", 1).is_ok());
-        assert!(flow.admit_publish(&flow.connection(), "alice", 1).is_ok());
+        assert!(
+            flow.admit_publish(&flow.connection(), &"alice".into(), 1)
+                .is_ok()
+        );
+        assert!(
+            flow.admit_publish(&flow.connection(), &"alice".into(), 1)
+                .is_ok()
+        );
         let t = flow
-            .admit_publish(&flow.connection(), "alice", 1)
+            .admit_publish(&flow.connection(), &"alice".into(), 1)
             .unwrap_err();
         assert_eq!(t.reason, ThrottleReason::SubjectRate);
-        assert!(flow.admit_publish(&flow.connection(), "bob", 1).is_ok());
+        assert!(
+            flow.admit_publish(&flow.connection(), &"bob".into(), 1)
+                .is_ok()
+        );
     }
 
     #[test]
     fn byte_bucket() {
         let flow = Flow::new(&limits(1000, 1000, 1000, 100));
         let conn = flow.connection();
-        assert!(flow.admit_publish(&conn, "s", 80).is_ok());
-        let t = flow.admit_publish(&conn, "s", 80).unwrap_err();
+        assert!(flow.admit_publish(&conn, &"s".into(), 80).is_ok());
+        let t = flow.admit_publish(&conn, &"s".into(), 80).unwrap_err();
         assert_eq!(t.reason, ThrottleReason::ConnectionBytes);
         assert!(
-            flow.admit_publish(&conn, "s", 1000).is_err(),
+            flow.admit_publish(&conn, &"s".into(), 1000).is_err(),
             "over the bucket size"
         );
     }

@@ -95,7 +95,7 @@ impl Context {
             return Err(PublishRefused::Throttled(alarm));
         }
         self.flow
-            .admit_publish(&conn.limits, principal.shared_subject(), body_bytes)
+            .admit_publish(&conn.limits, principal.shared_subject_key(), body_bytes)
             .map_err(PublishRefused::Throttled)?;
         conn.stats
             .published

@@ -338,7 +338,8 @@ fn publish_in(p: Publish) -> PublishIn {
         })
         .unwrap_or_default();
     PublishIn {
-        topic: p.topic.to_string(),
+        // Not `to_string()`: through `Display` that is a formatter per message.
+        topic: String::from(&*p.topic),
         qos: qos_of(p.qos),
         retain: p.retain,
         packet_id: p.packet_id.map(NonZeroU16::get),
