@@ -40,18 +40,27 @@ impl Series {
     }
 
     fn messages_in(&self) -> &Counter {
-        self.messages_in.get_or_init(|| {
-            super::handle();
-            metrics::counter!(MESSAGES_IN, "protocol" => self.protocol)
-        })
+        registered(
+            &self.messages_in,
+            || metrics::counter!(MESSAGES_IN, "protocol" => self.protocol),
+        )
     }
 
     fn messages_out(&self) -> &Counter {
-        self.messages_out.get_or_init(|| {
-            super::handle();
-            metrics::counter!(MESSAGES_OUT, "protocol" => self.protocol)
-        })
+        registered(
+            &self.messages_out,
+            || metrics::counter!(MESSAGES_OUT, "protocol" => self.protocol),
+        )
     }
+}
+
+/// The counter in `slot`, looked up once the recorder is installed (a handle taken before it
+/// would count into nothing).
+fn registered(slot: &OnceLock<Counter>, lookup: impl FnOnce() -> Counter) -> &Counter {
+    slot.get_or_init(|| {
+        super::handle();
+        lookup()
+    })
 }
 
 /// Every protocol that publishes or delivers; the last one takes any other name (none today).
@@ -144,12 +153,7 @@ pub fn messages_out(protocol: &'static str, n: u64) {
 /// `basic.ack`, REST pulls), counted where the engine settles them.
 pub fn acked(n: u64) {
     static ACKED: OnceLock<Counter> = OnceLock::new();
-    ACKED
-        .get_or_init(|| {
-            super::handle();
-            metrics::counter!(MESSAGES_ACKED)
-        })
-        .increment(n);
+    registered(&ACKED, || metrics::counter!(MESSAGES_ACKED)).increment(n);
 }
 
 pub(super) fn render_latency(out: &mut String) {

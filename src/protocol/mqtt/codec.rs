@@ -306,11 +306,17 @@ impl Codec {
 /// for every 3.1.1 subscriber of a message: fan-out to fifty subscribers encoded the same
 /// bytes fifty times (a sixth of a delivery's instructions under callgrind).
 pub fn encode_shared_publish(topic: String, payload: Bytes) -> Bytes {
-    let packet = v3::Packet::Publish(Box::new(publish_out(
-        topic, 0, false, false, None, payload, None,
-    )));
+    let packet = Outbound::Publish {
+        topic,
+        qos: 0,
+        retain: false,
+        dup: false,
+        packet_id: None,
+        payload,
+        props: PublishProps::default(),
+    };
     let mut buf = BytesMut::new();
-    if let Err(e) = v3::Codec::new(0).encode(packet, &mut buf) {
+    if let Err(e) = Codec::for_version(Version::V3, 0).encode(packet, &mut buf) {
         tracing::warn!(error = %e, "cannot encode an MQTT packet");
     }
     buf.freeze()

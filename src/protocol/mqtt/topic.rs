@@ -54,11 +54,7 @@ pub fn topic_to_key(topic: &str, mapping: TopicMapping) -> Result<String, TopicE
     if topic.bytes().any(|b| b == b'+' || b == b'#') {
         return Err(TopicError::Wildcard);
     }
-    if topic
-        .as_bytes()
-        .split(|&b| b == b'/')
-        .any(|level| level == b"*")
-    {
+    if split_ascii(topic, b'/').any(|level| level == "*") {
         return Err(TopicError::StarLevel);
     }
     let key = swap(topic, mapping);

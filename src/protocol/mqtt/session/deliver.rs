@@ -166,13 +166,23 @@ impl Session {
             .await
     }
 
+    /// Whether a QoS 0 copy of `payload` bytes would overflow the client's QoS 0 bound: it is
+    /// then dropped and counted. Only a consumer its publishers gave up waiting for gets here
+    /// (DESIGN.md §7).
+    fn qos0_overflows(&mut self, payload: u64) -> bool {
+        if !self.outflow.qos0_out.is_full(payload) {
+            return false;
+        }
+        metrics::delivery_dropped(PROTOCOL, "slow_consumer");
+        self.outflow.qos0_out.count_drop();
+        true
+    }
+
     /// [`Self::emit`] for a 3.1.1 QoS 0 PUBLISH encoded once for every subscriber: 3.1.1 has
     /// no topic aliases and no Maximum Packet Size, so only the QoS 0 bound applies.
     fn emit_encoded(&mut self, frame: bytes::Bytes, payload: usize) {
         let payload = payload as u64;
-        if self.outflow.qos0_out.is_full(payload) {
-            metrics::delivery_dropped(PROTOCOL, "slow_consumer");
-            self.outflow.qos0_out.count_drop();
+        if self.qos0_overflows(payload) {
             return;
         }
         self.outflow.qos0_out.add(payload);
@@ -243,10 +253,7 @@ impl Session {
         payload: bytes::Bytes,
         mut props: PublishProps,
     ) -> bool {
-        if qos == 0 && self.outflow.qos0_out.is_full(payload.len() as u64) {
-            // Only a consumer its publishers gave up waiting for gets here (DESIGN.md §7).
-            metrics::delivery_dropped(PROTOCOL, "slow_consumer");
-            self.outflow.qos0_out.count_drop();
+        if qos == 0 && self.qos0_overflows(payload.len() as u64) {
             return false;
         }
         let alias = self.alias_for(&topic);
