@@ -412,7 +412,8 @@ where
         // carries the answers to a whole read (a PUBACK per PUBLISH otherwise costs a system
         // call each), unless a batch's worth waits already. Only while the packet ahead will
         // be read: a connection that may not read (paced, or at its Receive Maximum) must
-        // still drain what it owes its client.
+        // still drain what it owes its client. Deliveries and confirms get the same through
+        // `write_soon`: it writes only once the task found nothing else ready.
         let may_write = writer.is_busy() && (!(may_read && wire.has_ready()) || writer.is_full());
         let paused = session.delivery_paused();
         let outcome = tokio::select! {
@@ -438,7 +439,7 @@ where
                     Outcome::Continue
                 }
             }
-            written = writer.write_some(), if may_write => match written {
+            written = writer.write_soon(), if may_write => match written {
                 Ok(()) => Outcome::Continue,
                 Err(e) => Outcome::Close(e.into()),
             },
