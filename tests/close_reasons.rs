@@ -100,6 +100,16 @@ async fn mqtt_closes_are_counted_by_reason() {
         drop(mqtt_connected(&gw, 4, &unique("c"), 0).await);
     })
     .await;
+    // A reset mid-packet is the client going away too, not a malformed packet.
+    let malformed = closed("mqtt", "malformed_packet");
+    counts_one("mqtt", "peer_closed", async {
+        let mut s = mqtt_connected(&gw, 5, &unique("c"), 0).await;
+        s.write_all(&[0x30, 0x10, 0x00]).await.unwrap();
+        s.set_zero_linger().unwrap();
+        drop(s);
+    })
+    .await;
+    assert_eq!(closed("mqtt", "malformed_packet"), malformed);
     // Before the session.
     counts_one("mqtt", "connect_refused", async {
         let mut s = mqtt_open(&gw).await;

@@ -301,7 +301,7 @@ async fn read_connect<R: AsyncRead + Unpin>(
             tracing::info!(remote = %conn.remote, "MQTT packet before CONNECT; closing");
             Err((CloseReason::BadConnect, None))
         }
-        Ok(Ok(None)) => Err((CloseReason::PeerClosed, None)),
+        Ok(Ok(None) | Err(DecodeError::Io(_))) => Err((CloseReason::PeerClosed, None)),
         Ok(Err(e)) => {
             tracing::info!(remote = %conn.remote, error = %e, "bad CONNECT; closing");
             metrics::refusal(PROTOCOL, "malformed");
@@ -462,7 +462,9 @@ where
                         }
                         outcome
                     }
-                    Ok(None) => Outcome::Close(CloseReason::PeerClosed),
+                    // A reset or a broken pipe is the client going away, not a malformed
+                    // packet: counted and logged as that.
+                    Ok(None) | Err(DecodeError::Io(_)) => Outcome::Close(CloseReason::PeerClosed),
                     Err(DecodeError::MaxSizeExceeded { .. }) => Outcome::Close(CloseReason::PacketTooLarge),
                     Err(e) => {
                         tracing::info!(remote = %session.remote(), error = %e, "malformed MQTT packet; closing");
