@@ -21,6 +21,9 @@ use crate::flow::Pressure;
 const BATCH: usize = 64 * 1024;
 /// An emptied buffer larger than this is given back: an idle connection keeps none.
 const KEEP: usize = 1024;
+/// How many times in a row [`Writer::write_soon`] gives its turn away before it writes: what a
+/// client that never stops sending is owed still goes out every this many packets.
+const PASS_OVER: u8 = 64;
 
 pub struct Writer<W> {
     io: W,
@@ -38,6 +41,8 @@ pub struct Writer<W> {
     qos0_out: Option<Pressure>,
     /// A write failed or timed out: nothing more is written.
     failed: bool,
+    /// Turns given away since the last write (`write_soon`).
+    passed_over: u8,
 }
 
 /// What a step of writing ran into.
@@ -68,6 +73,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             write_timeout,
             qos0_out: None,
             failed: false,
+            passed_over: 0,
         }
     }
 
@@ -143,9 +149,12 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     /// engine confirm) is handled first and its answer joins the same write; the turn given to
     /// the scheduler lets the tasks that feed this connection (its publishers, the engine)
     /// run and add theirs. Writing as soon as one packet waited cost a system call per
-    /// packet at QoS 1: one PUBACK or one credited PUBLISH per write.
+    /// packet at QoS 1: one PUBACK or one credited PUBLISH per write. At most [`PASS_OVER`]
+    /// turns in a row: a client pipelining thousands of packets gets its answers as it goes,
+    /// not after the last one.
     pub async fn write_soon(&mut self) -> Result<(), WriteError> {
-        if !self.is_full() {
+        if !self.is_full() && self.passed_over < PASS_OVER {
+            self.passed_over += 1;
             tokio::task::yield_now().await;
         }
         self.write_some().await
@@ -158,6 +167,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             match self.io.write(&self.buf).await {
                 Ok(0) | Err(_) => return Err(self.fail()),
                 Ok(n) => {
+                    self.passed_over = 0;
                     self.buf.advance(n);
                     self.unflushed = true;
                     self.owed = self.owed.saturating_sub(n);
@@ -254,6 +264,14 @@ mod tests {
         let mut bytes = [0u8; 2];
         theirs.read_exact(&mut bytes).await.unwrap();
         assert_eq!(bytes, [0xD0, 0x00]);
+
+        // Passed over again and again (other events won each turn): it stops giving way.
+        writer.fill(&mut VecDeque::from([Outbound::PingResp]));
+        for _ in 0..PASS_OVER {
+            assert!(writer.write_soon().now_or_never().is_none());
+        }
+        assert!(matches!(writer.write_soon().now_or_never(), Some(Ok(()))));
+        theirs.read_exact(&mut bytes).await.unwrap();
 
         let mut queue: VecDeque<_> = (0..=BATCH / 4)
             .map(|_| Outbound::PubAck {
