@@ -198,8 +198,8 @@ async fn shutdown_stops_the_expiry_tasks() {
         .await
         .unwrap();
     let mut arguments = FieldTable::new();
-    arguments.insert("x-expires".into(), FieldValue::I64(3_600_000));
-    arguments.insert("x-message-ttl".into(), FieldValue::I64(3_600_000));
+    arguments.insert("x-expires", FieldValue::I64(3_600_000));
+    arguments.insert("x-message-ttl", FieldValue::I64(3_600_000));
     let q = unique("tasks");
     ch.declare_queue(
         &q,

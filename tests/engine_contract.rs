@@ -1138,10 +1138,10 @@ async fn properties_round_trip(engine: Arc<dyn Engine>) {
     let ch = channel(&engine).await;
     let q = declare_queue(&ch, "props").await;
     let mut headers = FieldTable::new();
-    headers.insert("n".into(), FieldValue::I64(-7));
-    headers.insert("s".into(), FieldValue::Str("v".into()));
-    headers.insert("b".into(), FieldValue::Bool(true));
-    headers.insert("raw".into(), FieldValue::Bytes(vec![0, 255]));
+    headers.insert("n", FieldValue::I64(-7));
+    headers.insert("s", FieldValue::Str("v".into()));
+    headers.insert("b", FieldValue::Bool(true));
+    headers.insert("raw", FieldValue::Bytes(vec![0, 255]));
     let properties = Properties {
         content_type: Some("application/json".into()),
         content_encoding: Some("identity".into()),

@@ -132,7 +132,7 @@ impl Cleared<'_> {
 /// that name.
 pub fn stamp_subject(message: &mut Message, principal: &Principal) {
     message.properties.headers.insert(
-        SUBJECT_HEADER.into(),
+        SUBJECT_HEADER,
         FieldValue::Str(String::from(&*principal.subject)),
     );
 }

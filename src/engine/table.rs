@@ -3,16 +3,14 @@
 //! `{"$bytes":"<base64>"}` → `x`. The reverse maps back; a timestamp becomes integer seconds and
 //! a decimal a string.
 
+mod map;
 pub mod wire;
 
-use std::collections::BTreeMap;
+pub use map::{FieldTable, Key};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Map, Number, Value};
-
-/// Keys are AMQP short strings; `BTreeMap` keeps a stable order on the wire and in JSON.
-pub type FieldTable = BTreeMap<String, FieldValue>;
 
 /// One AMQP 0-9-1 field value (RabbitMQ's dialect of the type tags).
 #[derive(Debug, Clone, PartialEq)]
@@ -206,7 +204,7 @@ pub fn table_to_json(table: &FieldTable) -> Value {
     Value::Object(
         table
             .iter()
-            .map(|(k, v)| (k.clone(), v.to_json()))
+            .map(|(k, v)| (k.to_owned(), v.to_json()))
             .collect(),
     )
 }
@@ -240,11 +238,11 @@ mod tests {
     #[test]
     fn amqp_maps_back_to_json() {
         let mut t = FieldTable::new();
-        t.insert("ts".into(), FieldValue::Timestamp(1_700_000_000));
-        t.insert("dec".into(), FieldValue::Decimal { scale: 2, value: 5 });
-        t.insert("u".into(), FieldValue::U32(7));
-        t.insert("nan".into(), FieldValue::F64(f64::NAN));
-        t.insert("x".into(), FieldValue::Bytes(vec![255]));
+        t.insert("ts", FieldValue::Timestamp(1_700_000_000));
+        t.insert("dec", FieldValue::Decimal { scale: 2, value: 5 });
+        t.insert("u", FieldValue::U32(7));
+        t.insert("nan", FieldValue::F64(f64::NAN));
+        t.insert("x", FieldValue::Bytes(vec![255]));
         assert_eq!(
             table_to_json(&t),
             json!({"ts": 1_700_000_000u64, "dec": "0.05", "u": 7, "nan": null, "x": {"$bytes": "/w=="}})

@@ -103,7 +103,7 @@ mod tests {
             ..Properties::default()
         };
         p.headers
-            .insert("x".into(), crate::engine::FieldValue::Str("y".into()));
+            .insert("x", crate::engine::FieldValue::Str("y".into()));
         let back = properties_from_amqp(&properties_to_amqp(&p).unwrap());
         assert_eq!(back, p);
         let too_long = Properties {

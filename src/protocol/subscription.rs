@@ -261,12 +261,12 @@ impl Subscriber<'_> {
             ));
         }
         let mut definition = FieldTable::new();
-        definition.insert("exchange".into(), FieldValue::Str(exchange.into()));
-        definition.insert("binding_key".into(), FieldValue::Str(key.into()));
-        definition.insert("arguments".into(), FieldValue::Table(arguments.clone()));
+        definition.insert("exchange", FieldValue::Str(exchange.into()));
+        definition.insert("binding_key", FieldValue::Str(key.into()));
+        definition.insert("arguments", FieldValue::Table(arguments.clone()));
         let definition = FieldValue::Table(definition);
         let mut args = FieldTable::new();
-        args.insert(DURABLE_DEFINITION.into(), definition.clone());
+        args.insert(DURABLE_DEFINITION, definition.clone());
         let expiry_ms = self
             .ctx
             .config
@@ -274,7 +274,7 @@ impl Subscriber<'_> {
             .durable_expiry
             .as_millis()
             .min(u128::from(u32::MAX)) as i64;
-        args.insert("x-expires".into(), FieldValue::I64(expiry_ms.max(1)));
+        args.insert("x-expires", FieldValue::I64(expiry_ms.max(1)));
         let spec = QueueSpec {
             durable: true,
             exclusive: false,

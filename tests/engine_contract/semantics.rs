@@ -76,7 +76,7 @@ pub async fn redeclare_equivalence_compares_values(engine: Arc<dyn Engine>) {
     let mut unknown = with(FieldValue::I32(5));
     unknown
         .arguments
-        .insert("x-app-label".into(), FieldValue::Str("anything".into()));
+        .insert("x-app-label", FieldValue::Str("anything".into()));
     assert_eq!(
         ch.declare_queue(&q, &unknown).await.map(|d| d.declared),
         Ok(Declared::Existed),
@@ -353,7 +353,7 @@ pub async fn retained_messages_are_kept_whole(engine: Arc<dyn Engine>) {
     m.properties.expiration = Some("60000".into());
     m.properties
         .headers
-        .insert("unit".into(), FieldValue::Str("C".into()));
+        .insert("unit", FieldValue::Str("C".into()));
     store.set(&key("k1.temp"), m.clone()).await.unwrap();
     store
         .set(&key("k2.temp"), Message::new("19"))

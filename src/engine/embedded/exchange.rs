@@ -75,9 +75,9 @@ impl HeadersMatch {
     fn matches(&self, arguments: &FieldTable, headers: &FieldTable) -> bool {
         let mut considered = arguments
             .iter()
-            .filter(|(k, _)| k.as_str() != "x-match" && (self.with_x || !k.starts_with("x-")));
+            .filter(|(k, _)| *k != "x-match" && (self.with_x || !k.starts_with("x-")));
         // A binding value of void asks only that the header be present.
-        let hit = |(k, v): (&String, &FieldValue)| {
+        let hit = |(k, v): (&str, &FieldValue)| {
             headers
                 .get(k)
                 .is_some_and(|h| matches!(v, FieldValue::Void) || h.loosely_equals(v))

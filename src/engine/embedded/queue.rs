@@ -253,8 +253,7 @@ impl Queue {
             match expires {
                 Some(after) => {
                     let ms = after.as_millis().clamp(1, u128::from(u32::MAX)) as i64;
-                    spec.arguments
-                        .insert("x-expires".into(), FieldValue::I64(ms));
+                    spec.arguments.insert("x-expires", FieldValue::I64(ms));
                 }
                 None => {
                     spec.arguments.remove("x-expires");
@@ -774,13 +773,13 @@ pub(super) fn death_entry(
     time: u64,
 ) -> FieldTable {
     let mut t = FieldTable::new();
-    t.insert("count".into(), FieldValue::I64(1));
-    t.insert("reason".into(), FieldValue::Str(reason.as_str().into()));
-    t.insert("queue".into(), FieldValue::Str(queue.into()));
-    t.insert("time".into(), FieldValue::Timestamp(time));
-    t.insert("exchange".into(), FieldValue::Str(exchange.into()));
+    t.insert("count", FieldValue::I64(1));
+    t.insert("reason", FieldValue::Str(reason.as_str().into()));
+    t.insert("queue", FieldValue::Str(queue.into()));
+    t.insert("time", FieldValue::Timestamp(time));
+    t.insert("exchange", FieldValue::Str(exchange.into()));
     t.insert(
-        "routing-keys".into(),
+        "routing-keys",
         FieldValue::Array(vec![FieldValue::Str(routing_key.into())]),
     );
     t

@@ -21,7 +21,7 @@ fn table_to_amqp(
     }
     let mut out = amq_protocol_types::FieldTable::default();
     for (key, value) in table {
-        let name = ShortString::try_new(key.as_str())
+        let name = ShortString::try_new(key)
             .map_err(|_| TableError::KeyTooLong(key.chars().take(32).collect()))?;
         out.insert(name, value_to_amqp(value, depth)?);
     }
@@ -135,7 +135,7 @@ mod tests {
 
     fn sample() -> FieldTable {
         let mut inner = FieldTable::new();
-        inner.insert("deep".into(), FieldValue::Array(vec![FieldValue::I8(-1)]));
+        inner.insert("deep", FieldValue::Array(vec![FieldValue::I8(-1)]));
         [
             ("b", FieldValue::Bool(true)),
             ("i8", FieldValue::I8(-8)),
@@ -181,7 +181,7 @@ mod tests {
     #[test]
     fn nan_and_what_follows_survive() {
         let mut table = FieldTable::new();
-        table.insert("nan".into(), FieldValue::F64(f64::NAN));
+        table.insert("nan", FieldValue::F64(f64::NAN));
         let mut bytes = encode(&table).unwrap();
         bytes.extend_from_slice(b"tail");
         let (back, rest) = decode(&bytes).unwrap();

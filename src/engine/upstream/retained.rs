@@ -121,10 +121,10 @@ impl StreamRetained {
         at_ms: u64,
     ) -> Result<(), EngineError> {
         let h = &mut message.properties.headers;
-        h.insert(KEY.into(), FieldValue::Str(key.into()));
-        h.insert(AT.into(), FieldValue::I64(at_ms as i64));
-        h.insert(ORIGIN.into(), FieldValue::Str(self.origin.to_string()));
-        h.insert(SEQ.into(), FieldValue::I64(seq as i64));
+        h.insert(KEY, FieldValue::Str(key.into()));
+        h.insert(AT, FieldValue::I64(at_ms as i64));
+        h.insert(ORIGIN, FieldValue::Str(self.origin.to_string()));
+        h.insert(SEQ, FieldValue::I64(seq as i64));
         let (request, confirm) = Request::new(
             ShortString::from(""),
             ShortString::from(STREAM),

@@ -57,7 +57,7 @@ fn from_headers(headers: &FieldTable) -> Vec<(String, String)> {
     headers
         .iter()
         .filter(|(k, _)| !is_gateway_header(k))
-        .filter_map(|(k, v)| as_property_value(v).map(|v| (k.clone(), v)))
+        .filter_map(|(k, v)| as_property_value(v).map(|v| (k.to_owned(), v)))
         .collect()
 }
 
@@ -95,16 +95,16 @@ pub fn to_amqp(props: &PublishProps, mapping: TopicMapping, out: &mut Properties
                 FieldValue::Array(vec![FieldValue::Str(k.clone()), FieldValue::Str(v.clone())])
             })
             .collect();
-        headers.insert(USER_PROPERTIES_HEADER.into(), FieldValue::Array(list));
+        headers.insert(USER_PROPERTIES_HEADER, FieldValue::Array(list));
     }
     if props.payload_utf8 {
-        headers.insert(PAYLOAD_FORMAT_HEADER.into(), FieldValue::U8(1));
+        headers.insert(PAYLOAD_FORMAT_HEADER, FieldValue::U8(1));
     }
     if let Some(data) = &props.correlation_data {
         match std::str::from_utf8(data) {
             Ok(s) if s.len() <= 255 => out.correlation_id = Some(s.to_owned()),
             _ => {
-                headers.insert(CORRELATION_HEADER.into(), FieldValue::Bytes(data.to_vec()));
+                headers.insert(CORRELATION_HEADER, FieldValue::Bytes(data.to_vec()));
             }
         }
     }
@@ -112,7 +112,7 @@ pub fn to_amqp(props: &PublishProps, mapping: TopicMapping, out: &mut Properties
         match topic_to_key(topic, mapping) {
             Ok(key) => out.reply_to = Some(key),
             Err(_) => {
-                headers.insert(RESPONSE_TOPIC_HEADER.into(), FieldValue::Str(topic.clone()));
+                headers.insert(RESPONSE_TOPIC_HEADER, FieldValue::Str(topic.clone()));
             }
         }
     }
@@ -176,7 +176,7 @@ mod tests {
         let mut amqp = Properties::default();
         to_amqp(props, TopicMapping::Swap, &mut amqp);
         amqp.headers
-            .insert(SUBJECT_HEADER.into(), FieldValue::Str("alice".into()));
+            .insert(SUBJECT_HEADER, FieldValue::Str("alice".into()));
         let expires_in = props.message_expiry.map(|s| Duration::from_secs(s.into()));
         from_amqp(&amqp, expires_in, TopicMapping::Swap, None)
     }
@@ -228,15 +228,14 @@ mod tests {
     fn amqp_headers_become_user_properties_but_gateway_ones_do_not() {
         let mut amqp = Properties::default();
         amqp.headers
-            .insert(SUBJECT_HEADER.into(), FieldValue::Str("bob".into()));
+            .insert(SUBJECT_HEADER, FieldValue::Str("bob".into()));
+        amqp.headers.insert("x-mqtt-publish-qos", FieldValue::U8(1));
+        amqp.headers.insert("count", FieldValue::I64(7));
+        amqp.headers.insert("ok", FieldValue::Bool(true));
         amqp.headers
-            .insert("x-mqtt-publish-qos".into(), FieldValue::U8(1));
-        amqp.headers.insert("count".into(), FieldValue::I64(7));
-        amqp.headers.insert("ok".into(), FieldValue::Bool(true));
+            .insert("nested", FieldValue::Table(FieldTable::new()));
         amqp.headers
-            .insert("nested".into(), FieldValue::Table(FieldTable::new()));
-        amqp.headers
-            .insert(PAYLOAD_FORMAT_HEADER.into(), FieldValue::I32(1));
+            .insert(PAYLOAD_FORMAT_HEADER, FieldValue::I32(1));
         let props = from_amqp(&amqp, None, TopicMapping::Swap, None);
         assert_eq!(
             props.user_properties,

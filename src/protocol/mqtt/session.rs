@@ -194,7 +194,7 @@ fn publish_qos_of(m: &Message) -> u8 {
 /// most what the AMQP argument holds), with `arguments` besides.
 fn durable_expiring(mut arguments: FieldTable, expiry: Duration) -> QueueSpec {
     let ms = expiry.as_millis().clamp(1, u128::from(u32::MAX)) as i64;
-    arguments.insert("x-expires".into(), FieldValue::I64(ms));
+    arguments.insert("x-expires", FieldValue::I64(ms));
     QueueSpec {
         durable: true,
         exclusive: false,
@@ -261,12 +261,9 @@ impl Session {
             // so a subscriber that falls behind (or is away) never grows the engine's memory.
             let limits = &self.ctx.config.limits;
             let max = |n: u64| FieldValue::I64(n.min(i64::MAX as u64) as i64);
+            arguments.insert("x-max-length", max(limits.outbound_buffer_messages as u64));
             arguments.insert(
-                "x-max-length".into(),
-                max(limits.outbound_buffer_messages as u64),
-            );
-            arguments.insert(
-                "x-max-length-bytes".into(),
+                "x-max-length-bytes",
                 max(limits.outbound_buffer_bytes.as_u64()),
             );
         }

@@ -31,8 +31,8 @@ impl Broker {
                 let mut d = deaths.remove(at);
                 if let FieldValue::Table(t) = &mut d {
                     let count = t.get("count").and_then(FieldValue::as_i128).unwrap_or(0);
-                    t.insert("count".into(), FieldValue::I64(count as i64 + 1));
-                    t.insert("time".into(), FieldValue::Timestamp(now));
+                    t.insert("count", FieldValue::I64(count as i64 + 1));
+                    t.insert("time", FieldValue::Timestamp(now));
                 }
                 d
             }
@@ -45,7 +45,7 @@ impl Broker {
                     now,
                 );
                 if let Some(exp) = original_expiration {
-                    t.insert("original-expiration".into(), FieldValue::Str(exp));
+                    t.insert("original-expiration", FieldValue::Str(exp));
                 }
                 FieldValue::Table(t)
             }
@@ -62,15 +62,16 @@ impl Broker {
                 _ => None,
             })
             .collect();
-        headers.insert("x-death".into(), FieldValue::Array(deaths));
+        headers.insert("x-death", FieldValue::Array(deaths));
         for (key, value) in [
             ("reason", dead.reason.as_str().to_owned()),
             ("queue", dead.queue.to_string()),
             ("exchange", dead.envelope.exchange.to_string()),
         ] {
-            headers
-                .entry(format!("x-first-death-{key}"))
-                .or_insert_with(|| FieldValue::Str(value.clone()));
+            let first = format!("x-first-death-{key}");
+            if !headers.contains_key(&first) {
+                headers.insert(first, FieldValue::Str(value.clone()));
+            }
             headers.insert(format!("x-last-death-{key}"), FieldValue::Str(value));
         }
 

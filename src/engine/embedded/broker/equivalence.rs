@@ -42,7 +42,7 @@ pub(super) fn equivalent_arguments(
     current: &FieldTable,
 ) -> Result<(), EngineError> {
     for key in keys {
-        let same = match (asked.get(*key), current.get(*key)) {
+        let same = match (asked.get(key), current.get(key)) {
             (None, None) => true,
             (Some(a), Some(c)) => a.loosely_equals(c),
             _ => false,
@@ -52,8 +52,8 @@ pub(super) fn equivalent_arguments(
                 |v: Option<&FieldValue>| v.map_or("none".to_owned(), |v| v.to_json().to_string());
             return Err(EngineError::PreconditionFailed(format!(
                 "inequivalent arg '{key}' for {what} '{name}': received {} but current is {}",
-                show(asked.get(*key)),
-                show(current.get(*key))
+                show(asked.get(key)),
+                show(current.get(key))
             )));
         }
     }

@@ -470,7 +470,7 @@ mod tests {
     async fn topology_survives_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let mut args = crate::engine::FieldTable::new();
-        args.insert("x-message-ttl".into(), FieldValue::I32(1000));
+        args.insert("x-message-ttl", FieldValue::I32(1000));
         let q = QueueSpec {
             durable: true,
             exclusive: false,

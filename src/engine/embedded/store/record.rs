@@ -378,8 +378,8 @@ mod tests {
     #[test]
     fn records_round_trip() {
         let mut arguments = crate::engine::FieldTable::new();
-        arguments.insert("x-expires".into(), FieldValue::I64(60_000));
-        arguments.insert("x-raw".into(), FieldValue::Bytes(vec![0xff]));
+        arguments.insert("x-expires", FieldValue::I64(60_000));
+        arguments.insert("x-raw", FieldValue::Bytes(vec![0xff]));
         let ex = ExchangeSpec {
             kind: ExchangeKind::Headers,
             durable: true,
@@ -421,8 +421,8 @@ mod tests {
     #[test]
     fn messages_round_trip_exactly() {
         let mut headers = crate::engine::FieldTable::new();
-        headers.insert("x-raw".into(), FieldValue::Bytes(vec![0, 0xff]));
-        headers.insert("n".into(), FieldValue::U16(7));
+        headers.insert("x-raw", FieldValue::Bytes(vec![0, 0xff]));
+        headers.insert("n", FieldValue::U16(7));
         let full = Properties {
             content_type: Some("text/plain".into()),
             content_encoding: Some("gzip".into()),

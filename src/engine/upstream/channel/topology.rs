@@ -73,7 +73,7 @@ impl Inner {
                 .map_or(EXCLUSIVE_EXPIRES_MS, |v| {
                     v.clamp(1, EXCLUSIVE_EXPIRES_MS.into()) as i64
                 });
-            arguments.insert("x-expires".into(), FieldValue::I64(asked));
+            arguments.insert("x-expires", FieldValue::I64(asked));
         }
         let options = QueueDeclareOptions {
             passive: false,

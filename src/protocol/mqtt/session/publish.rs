@@ -446,14 +446,12 @@ impl Session {
         props.delivery_mode = Some(if p.qos > 0 { 2 } else { 1 });
         props
             .headers
-            .insert(PUBLISH_QOS_HEADER.into(), FieldValue::U8(p.qos));
+            .insert(PUBLISH_QOS_HEADER, FieldValue::U8(p.qos));
         props
             .headers
-            .insert(ORIGIN_HEADER.into(), FieldValue::Str(self.life.key.clone()));
+            .insert(ORIGIN_HEADER, FieldValue::Str(self.life.key.clone()));
         if p.retain {
-            props
-                .headers
-                .insert(RETAIN_HEADER.into(), FieldValue::Bool(true));
+            props.headers.insert(RETAIN_HEADER, FieldValue::Bool(true));
         }
         m
     }

@@ -64,7 +64,7 @@ impl Session {
 
     fn state_spec(&self) -> QueueSpec {
         let mut arguments = FieldTable::new();
-        arguments.insert("x-max-length".into(), FieldValue::I64(1));
+        arguments.insert("x-max-length", FieldValue::I64(1));
         durable_expiring(arguments, self.life.expiry)
     }
 
