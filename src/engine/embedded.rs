@@ -8,6 +8,7 @@ mod channel;
 mod exchange;
 mod handoff;
 mod held;
+pub use held::held_size;
 pub mod memory;
 mod queue;
 mod retained;
@@ -77,8 +78,9 @@ pub struct Stats {
     pub queued_messages: u64,
     /// Body bytes of those messages.
     pub queued_bytes: u64,
-    /// Body bytes the engine holds in memory (ready and unacknowledged; a message routed to
-    /// many queues counts once): what `engine.memory_high_watermark` limits.
+    /// Bytes the engine holds in memory, each message's [`held_size`] (ready and
+    /// unacknowledged; a message routed to many queues counts once): what
+    /// `engine.memory_high_watermark` limits.
     pub held_bytes: u64,
     pub queues: u64,
     pub exchanges: u64,

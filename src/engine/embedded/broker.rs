@@ -49,7 +49,7 @@ pub(super) struct Broker {
     topology: Mutex<()>,
     store: Arc<dyn Store>,
     gauges: Arc<Gauges>,
-    /// Body bytes of every message held (see `held::Charge`).
+    /// Bytes of every message held (see `held::Charge`).
     held: Arc<Held>,
     max_message_bytes: usize,
     next_id: AtomicU64,

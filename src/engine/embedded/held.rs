@@ -1,5 +1,6 @@
-//! The embedded engine's memory accounting: the body bytes it holds against
-//! `engine.memory_high_watermark`, one charge per published message kept beside its envelope
+//! The embedded engine's memory accounting: the bytes it holds against
+//! `engine.memory_high_watermark` (bodies and what holding each message costs besides, see
+//! [`held_size`]), one charge per published message kept beside its envelope
 //! ([`Stored`]) — engine bookkeeping that never shows in the trait's message types.
 
 use std::sync::Arc;
@@ -7,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::engine::{Envelope, EnvelopeRef, Rendering};
 
-/// The body bytes an engine holds, against its memory high watermark: crossing it either way
+/// The bytes an engine holds ([`held_size`] of each message), against its memory high watermark: crossing it either way
 /// flips a `watch`, so adapters (and an AMQP listener's `connection.blocked`) follow the state
 /// without polling. Only crossings touch the watch; every other change is one atomic add.
 pub(super) struct Held {
@@ -90,7 +91,7 @@ impl Held {
     }
 }
 
-/// Body bytes added to [`Held`] while the value holding this lives, taken off when it drops:
+/// Bytes added to [`Held`] while the value holding this lives, taken off when it drops:
 /// an envelope shared by many queues (one `Arc`) is counted once, for as long as any queue or
 /// unsettled delivery holds it.
 pub(super) struct Charge(Option<(Arc<Held>, u64)>);
@@ -167,9 +168,27 @@ impl OnDisk {
     }
 }
 
+/// What a message costs the engine's memory besides its body and headers: its envelope with
+/// the properties and this accounting (one 448-byte allocation), its queue entry, its routing
+/// key, rounded up.
+pub const MESSAGE_OVERHEAD: u64 = 512;
+/// What each header entry costs: its slot in the table and, often, a string value.
+pub const HEADER_OVERHEAD: u64 = 128;
+
+/// The bytes a message is charged against the watermark: its body, plus what holding it costs
+/// besides. Bodies alone undercounted small messages sixteenfold — a queued MQTT message with a
+/// 64-byte body and three headers takes 1,042 bytes of memory (docs/bench.md, 2026-12-03), and
+/// is charged 960 — so a backlog of them could outgrow memory long before the watermark saw it.
+pub fn held_size(envelope: &Envelope) -> u64 {
+    let message = &envelope.message;
+    message.body.len() as u64
+        + MESSAGE_OVERHEAD
+        + HEADER_OVERHEAD * message.properties.headers.len() as u64
+}
+
 impl Stored {
     pub fn new(envelope: Envelope, held: &Arc<Held>, disk: Option<Arc<OnDisk>>) -> Stored {
-        let charge = Charge::new(held, envelope.message.body.len() as u64);
+        let charge = Charge::new(held, held_size(&envelope));
         Stored {
             envelope,
             _charge: charge,

@@ -139,7 +139,8 @@ pub struct Listeners {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Memory {
-    /// Bytes of messages the embedded engine holds (absent upstream: RabbitMQ holds them).
+    /// Bytes of messages the embedded engine holds, bodies and what holding each costs besides
+    /// (absent upstream: RabbitMQ holds them).
     pub held_bytes: Option<u64>,
     /// `engine.memory_high_watermark` as configured (bytes, or a share of memory).
     #[schema(value_type = Object)]

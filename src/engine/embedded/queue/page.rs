@@ -137,7 +137,7 @@ fn page_out_tail(st: &mut State, want: u64) -> u64 {
             expires_at: e.expires_at,
             redelivered: e.redelivered,
         };
-        freed += paged.size;
+        freed += crate::engine::embedded::held_size(&e.envelope);
         // Dropping the entry's `Stored` gives its body and its charge back.
         *slot = Ready::Out(paged);
     }
