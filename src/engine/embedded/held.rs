@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::engine::{Envelope, EnvelopeRef, Rendering};
 
-/// The bytes an engine holds ([`held_size`] of each message), against its memory high watermark: crossing it either way
-/// flips a `watch`, so adapters (and an AMQP listener's `connection.blocked`) follow the state
-/// without polling. Only crossings touch the watch; every other change is one atomic add.
+/// The bytes an engine holds ([`held_size`] of each message), against its memory high
+/// watermark: crossing it either way flips a `watch`, so adapters (and an AMQP listener's
+/// `connection.blocked`) follow the state without polling. Only crossings touch the watch; every other change is one atomic add.
 pub(super) struct Held {
     bytes: AtomicU64,
     watermark: u64,
@@ -171,13 +171,13 @@ impl OnDisk {
 /// What a message costs the engine's memory besides its body and headers: its envelope with
 /// the properties and this accounting (one 448-byte allocation), its queue entry, its routing
 /// key, rounded up.
-pub const MESSAGE_OVERHEAD: u64 = 512;
+const MESSAGE_OVERHEAD: u64 = 512;
 /// What each header entry costs: its slot in the table and, often, a string value.
-pub const HEADER_OVERHEAD: u64 = 128;
+const HEADER_OVERHEAD: u64 = 128;
 
 /// The bytes a message is charged against the watermark: its body, plus what holding it costs
 /// besides. Bodies alone undercounted small messages sixteenfold — a queued MQTT message with a
-/// 64-byte body and three headers takes 1,042 bytes of memory (docs/bench.md, 2026-12-03), and
+/// 64-byte body and three headers takes 1,049 bytes of memory (docs/bench.md, 2026-12-03), and
 /// is charged 960 — so a backlog of them could outgrow memory long before the watermark saw it.
 pub fn held_size(envelope: &Envelope) -> u64 {
     let message = &envelope.message;
