@@ -76,7 +76,7 @@ impl FieldTable {
     }
 
     pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &FieldValue)> + '_ {
-        self.0.iter().map(|(k, v)| (&**k, v))
+        self.into_iter()
     }
 
     pub fn keys(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
