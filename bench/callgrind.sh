@@ -20,9 +20,7 @@ cargo build --release --locked -p amqp-gateway -p amqp-gateway-bench --bin amqp-
 bin=${GATEWAY_BIN:-target/release/amqp-gateway}
 out=${OUT:-/tmp/amqp-gateway-callgrind}
 mkdir -p "$out"
-export GATEWAY_LIMITS__PUBLISH_RATE=1000000000 GATEWAY_LIMITS__PUBLISH_BURST=1000000000 \
-  GATEWAY_LIMITS__SUBJECT_PUBLISH_RATE=1000000000 GATEWAY_LIMITS__PUBLISH_BYTES_RATE=1TiB \
-  GATEWAY_LIMITS__MAX_CONNECTIONS_PER_SUBJECT=100000
+source bench/lib.sh
 
 metric() { # sum of a counter's series
   curl -s "http://$1/metrics" | awk -v m="$2" 'index($0, m) == 1 { s += $NF } END { print s + 0 }'
@@ -36,13 +34,10 @@ for scenario in ${@:-qos0 qos1 fanout fanin}; do
     --http-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --amqp-listen 127.0.0.1:0 \
     --metrics-listen 127.0.0.1:0 --dev >"$work/out" 2>"$work/err" &
   pid=$!
-  for _ in $(seq 600); do
-    grep -q 'gateway started' "$work/out" 2>/dev/null && break
-    sleep 0.1
-  done
-  token=$(grep -m1 '^eyJ' "$work/out")
-  mqtt=$(grep -m1 '"listener":"mqtt"' "$work/out" | sed -E 's/.*"addr":"([^"]+)".*/\1/')
-  metrics=$(grep -m1 '"listener":"metrics"' "$work/out" | sed -E 's/.*"addr":"([^"]+)".*/\1/')
+  gateway_started "$work" 600
+  token=$(dev_token "$work")
+  mqtt=$(listener "$work" mqtt)
+  metrics=$(listener "$work" metrics)
   callgrind_control -i on "$pid" >/dev/null 2>&1
   target/release/bench --target "gateway=$mqtt@$token" --scenarios "$scenario" \
     --duration "${DURATION:-3s}" --runs 1 >/dev/null

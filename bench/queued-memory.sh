@@ -18,18 +18,15 @@ work=$(mktemp -d)
 pid=
 trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$work"' EXIT
 
-export GATEWAY_LIMITS__PUBLISH_RATE=1000000000 GATEWAY_LIMITS__PUBLISH_BURST=1000000000 \
-  GATEWAY_LIMITS__SUBJECT_PUBLISH_RATE=1000000000 GATEWAY_LIMITS__PUBLISH_BYTES_RATE=1TiB
+source bench/lib.sh
 "$bin" --data-dir "$work" --log-format json --http-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 \
   --amqp-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --dev >"$work/out" 2>"$work/err" &
 pid=$!
-for _ in $(seq 100); do
-  grep -q 'gateway started' "$work/out" 2>/dev/null && break
-  sleep 0.1
-done
-token=$(grep -m1 '^eyJ' "$work/out") || { cat "$work/out" "$work/err" >&2; exit 1; }
-mqtt_port=$(grep -m1 '"listener":"mqtt"' "$work/out" | sed -E 's/.*"addr":"[^"]+:([0-9]+)".*/\1/')
-http=$(grep -m1 '"listener":"http"' "$work/out" | sed -E 's/.*"addr":"([^"]+)".*/\1/')
+gateway_started "$work"
+token=$(dev_token "$work")
+mqtt_port=$(listener "$work" mqtt)
+mqtt_port=${mqtt_port##*:}
+http=$(listener "$work" http)
 auth="Authorization: Bearer $token"
 json='content-type: application/json'
 curl -sf -X PUT -H "$auth" -H "$json" "http://$http/v1/queues/backlog" -d '{"durable":false}' >/dev/null

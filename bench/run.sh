@@ -37,11 +37,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-export GATEWAY_LIMITS__PUBLISH_RATE=1000000000 GATEWAY_LIMITS__PUBLISH_BURST=1000000000 \
-  GATEWAY_LIMITS__SUBJECT_PUBLISH_RATE=1000000000 GATEWAY_LIMITS__PUBLISH_BYTES_RATE=1TiB \
-  GATEWAY_LIMITS__MAX_CONNECTIONS_PER_SUBJECT=100000
-# Every bench client is one subject: the per-subject connection limit (1000) would stop the
-# 1,000-subscriber WebSocket scenarios. Both the bench and the gateway hold that many sockets.
+# The raised limits and the gateway's start, shared with the other bench scripts.
+source bench/lib.sh
+# Both the bench and the gateway hold thousands of sockets.
 ulimit -n "$(ulimit -Hn)"
 # QoS 1 windows of 100 each way (defaults: 64 inbound, 32 outbound), the load generator's own
 # (rumqttc's in-flight 100), rumqttd's here (max_inflight_count 100 below) and lapin's in the hop
@@ -63,23 +61,16 @@ if [ "${ENGINE:-embedded}" = upstream ]; then
 else
   RUST_LOG=${RUST_LOG:-warn,amqp_gateway=info} "${gateway[@]}" --dev >"$work/out" 2>"$work/err" &
   gateway_pid=$!
-  for _ in $(seq 100); do
-    grep -q '^eyJ' "$work/out" 2>/dev/null && break
-    sleep 0.1
-  done
-  token=$(grep -m1 '^eyJ' "$work/out") || { cat "$work/out" "$work/err" >&2; exit 1; }
 fi
-for _ in $(seq 100); do
-  grep -q 'gateway started' "$work/out" 2>/dev/null && break
-  sleep 0.1
-done
-mqtt=$(grep -m1 '"listener":"mqtt"' "$work/out" | sed -E 's/.*"addr":"([^"]+)".*/\1/')
-http=$(grep -m1 '"listener":"http"' "$work/out" | sed -E 's/.*"addr":"([^"]+)".*/\1/')
+gateway_started "$work"
+[ -n "${token:-}" ] || token=$(dev_token "$work")
+mqtt=$(listener "$work" mqtt)
+http=$(listener "$work" http)
 
 targets=(--target "gateway=$mqtt@$token" --pid "gateway=$gateway_pid" --gateway-http "http://$http"
   --ws-target "gateway /ws JSON=json,ws://$http/ws,gateway"
   --ws-target "gateway MQTT over WS=mqtt,ws://$http/mqtt,gateway")
-amqp=$(grep -m1 '"listener":"amqp"' "$work/out" | sed -E 's/.*"addr":"([^"]+)".*/\1/' || true)
+amqp=$(listener "$work" amqp)
 [ -n "$amqp" ] && targets+=(--gateway-amqp "amqp://bench:$token@$amqp/%2f")
 # rumqttd 0.20 from crates.io, without --locked: its locked `metrics` 0.22.1 does not build on
 # Rust 1.95. Its sample configuration's router and connection limits, but 20,000 connections
@@ -160,6 +151,6 @@ fi
 echo "$(nproc) cores, $(date -u +%FT%TZ), gateway $(git rev-parse --short HEAD)"
 "$bin/bench" "${targets[@]}" "$@"
 # What the gateway did about the load: pacing, slow consumers, drops (DESIGN.md §7).
-metrics=$(grep -m1 '"listener":"metrics"' "$work/out" | sed -E 's/.*"addr":"([^"]+)".*/\1/')
+metrics=$(listener "$work" metrics)
 curl -s "http://$metrics/metrics" |
   grep -E "^gateway_(publish_paced_seconds_total|slow_consumers_marked_total|deliveries_dropped_total|engine_dropped_total|refusals_total|messages_(in|out)_total)" >&2 || true
