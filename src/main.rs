@@ -11,7 +11,9 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 /// Per-thread caches: the glibc allocator took about 15 % of the gateway's samples under load
-/// (docs/bench.md, the QoS 1 profile).
+/// (docs/bench.md, the QoS 1 profile). The `system-allocator` feature leaves it out, so that
+/// heaptrack (which sees only malloc) can say what the gateway holds.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
