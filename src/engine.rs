@@ -39,6 +39,16 @@ pub use error::{EngineError, ObjectKind};
 pub use message::{Delivery, Envelope, EnvelopeRef, Message, Properties, Rendering};
 pub use table::{FieldTable, FieldValue};
 
+/// Pushes onto a list that most often holds one entry (a queue's bindings and consumers, the
+/// values under one topic pattern): the first push makes room for that one only, where `Vec`
+/// makes room for four — held for as long as an idle subscriber stays connected.
+pub(crate) fn push_snug<T>(list: &mut Vec<T>, value: T) {
+    if list.capacity() == 0 {
+        list.reserve_exact(1);
+    }
+    list.push(value);
+}
+
 /// Which implementation serves the seam; adapters only use it for capability questions
 /// (for example: upstream grants MQTT QoS 2 as 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -127,7 +127,7 @@ impl<T> TopicTrie<T> {
         if node.values.iter().any(same) {
             return false;
         }
-        node.values.push(value);
+        super::push_snug(&mut node.values, value);
         self.len += 1;
         true
     }

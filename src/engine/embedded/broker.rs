@@ -613,9 +613,10 @@ impl Broker {
         let ex = self.exchange(exchange)?;
         ex.validate_binding(arguments)?;
         if ex.bind(&q, key, arguments)? {
-            q.bindings
-                .lock()
-                .push((ex.name.clone(), key.into(), arguments.clone()));
+            crate::engine::push_snug(
+                &mut q.bindings.lock(),
+                (ex.name.clone(), key.into(), arguments.clone()),
+            );
             if ex.spec.durable
                 && q.is_durable()
                 && let Some(store) = self.store()

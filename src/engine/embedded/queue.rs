@@ -604,7 +604,7 @@ impl Queue {
         st.exclusive_consumer = exclusive;
         st.had_consumer = true;
         st.last_used = Instant::now();
-        st.consumers.push(slot);
+        crate::engine::push_snug(&mut st.consumers, slot);
         self.dispatch(&mut st, Instant::now(), fx);
         Ok(())
     }

@@ -231,6 +231,20 @@ pub fn remaining_limit(max_packet: u32) -> u32 {
         .unwrap_or(0)
 }
 
+/// Whether `buf` starts with a whole packet, as its fixed header (a type byte and a Remaining
+/// Length of one to four bytes) says. A length that runs on past four bytes counts as whole:
+/// decoding it is what tells the client it is malformed.
+pub fn whole_packet(buf: &[u8]) -> bool {
+    let mut remaining = 0usize;
+    for (i, byte) in buf.iter().skip(1).take(4).enumerate() {
+        remaining |= usize::from(byte & 0x7F) << (7 * i);
+        if byte & 0x80 == 0 {
+            return buf.len() >= 2 + i + remaining;
+        }
+    }
+    buf.len() >= 5
+}
+
 /// The codec of one connection: detects the version on CONNECT, then decodes that version.
 pub struct Codec {
     inner: MqttCodec,

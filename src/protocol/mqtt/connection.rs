@@ -16,10 +16,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, Wr
 
 use super::close::CloseReason;
 use super::codec::{Codec, Connect, DecodeError, Inbound, Outbound, Version};
-use super::session::{Outcome, Session, reason};
+use super::session::{Ack, Outcome, Session, reason};
 use super::writer::Writer;
 use crate::auth::now_secs;
 use crate::context::{Connection, Context};
+use crate::engine::{ConsumerEvent, EngineError};
 use crate::metrics;
 
 const PROTOCOL: &str = "mqtt";
@@ -81,24 +82,39 @@ async fn read_packet<R: AsyncRead + Unpin>(
 }
 
 /// Serves one MQTT connection over `transport` (`tcp` or `websocket`).
-pub async fn run<S>(stream: S, ctx: Context, conn: Arc<Connection>, transport: &'static str)
+///
+/// Not an `async fn`: one keeps its arguments twice in its state (as passed, and as the locals
+/// its body moves them to), and this state is the task's for the connection's whole life.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would hold its arguments twice"
+)]
+pub fn run<S>(
+    stream: S,
+    ctx: Context,
+    conn: Arc<Connection>,
+    transport: &'static str,
+) -> impl Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    metrics::connection_opened(PROTOCOL);
-    // Two steps, each its own future, so the task's state is the larger of the two, not their
-    // sum plus the padding the compiler leaves between what each holds (docs/bench.md).
-    let connected = handshake(stream, &ctx, &conn, transport).await;
-    let why = match connected {
-        Ok(live) => serve_live(&ctx, live).await,
-        Err(why) => why,
-    };
-    if why.is_notable() {
-        tracing::info!(remote = %conn.remote, reason = why.as_str(), "MQTT connection closed");
-    } else {
-        tracing::debug!(remote = %conn.remote, reason = why.as_str(), "MQTT connection closed");
+    async move {
+        metrics::connection_opened(PROTOCOL);
+        // Two steps, each its own future, so the task's state is the larger of the two, not
+        // their sum plus the padding the compiler leaves between what each holds; the
+        // handshake's on the heap, given back once it is over (docs/bench.md).
+        let connected = Box::pin(handshake(stream, &ctx, &conn, transport)).await;
+        let why = match connected {
+            Ok(live) => serve_live(&ctx, live).await,
+            Err(why) => why,
+        };
+        if why.is_notable() {
+            tracing::info!(remote = %conn.remote, reason = why.as_str(), "MQTT connection closed");
+        } else {
+            tracing::debug!(remote = %conn.remote, reason = why.as_str(), "MQTT connection closed");
+        }
+        metrics::connection_closed(PROTOCOL, why.as_str());
     }
-    metrics::connection_closed(PROTOCOL, why.as_str());
 }
 
 /// A CONNACK that refuses with `code` (an MQTT 5 reason code; the codec gives 3.1.1 its
@@ -122,27 +138,26 @@ struct Wire<R> {
     reader: R,
     input: Input,
     codec: Codec,
-    /// The packet after the one last returned, when it was read already: decoded ahead so
-    /// the loop knows to handle it before writing.
-    ahead: Option<Result<Inbound, DecodeError>>,
+    /// The codec stands between two packets, having just returned one: the buffer starts with
+    /// the next one's fixed header. (A read cut short may leave the codec past a header it
+    /// took, where the buffer alone no longer says how long the packet is.)
+    between: bool,
 }
 
 impl<R: AsyncRead + Unpin> Wire<R> {
     /// The next packet. Cancel-safe: what was read stays buffered.
     async fn read(&mut self) -> Result<Option<Inbound>, DecodeError> {
-        if let Some(next) = self.ahead.take() {
-            return next.map(Some);
-        }
+        self.between = false;
         let packet = read_packet(&mut self.reader, &mut self.input, &mut self.codec).await;
-        if let Ok(Some(_)) = packet {
-            self.ahead = self.codec.decode(&mut self.input.buf).transpose();
-        }
+        self.between = matches!(packet, Ok(Some(_)));
         packet
     }
 
-    /// A packet is read and waiting.
+    /// A whole packet is read and waiting, so the loop handles it before writing. Told from
+    /// the buffered bytes, not decoded ahead: a decoded packet kept here would be 208 bytes
+    /// of every connection's state.
     fn has_ready(&self) -> bool {
-        self.ahead.is_some()
+        self.between && super::codec::whole_packet(&self.input.buf)
     }
 }
 
@@ -180,7 +195,7 @@ where
         reader,
         input: Input::new(),
         codec: Codec::new(max_packet),
-        ahead: None,
+        between: false,
     };
     let connect = match read_connect(ctx, conn, &mut wire, max_packet).await {
         Ok(connect) => connect,
@@ -410,89 +425,120 @@ where
         );
         // Packets already read are handled before what they answer is written: one write
         // carries the answers to a whole read (a PUBACK per PUBLISH otherwise costs a system
-        // call each), unless a batch's worth waits already. Only while the packet ahead will
-        // be read: a connection that may not read (paced, or at its Receive Maximum) must
-        // still drain what it owes its client. Deliveries and confirms get the same through
-        // `write_soon`: it writes only once the task found nothing else ready.
-        let may_write = writer.is_busy() && (!(may_read && wire.has_ready()) || writer.is_full());
+        // call each), unless a batch's worth waits already or the writer gave way many turns
+        // in a row (a client pipelining thousands of packets gets its answers as it goes).
+        // Only while the packet ahead will be read: a connection that may not read (paced, or
+        // at its Receive Maximum) must still drain what it owes its client. Deliveries and
+        // confirms get the same through `write_soon`: it writes only once the task found
+        // nothing else ready.
+        let may_write = writer.is_busy() && !(may_read && wire.has_ready() && writer.give_way());
         let paused = session.delivery_paused();
-        let outcome = tokio::select! {
-            why = &mut stop => Outcome::Close(why),
+        // The select only says what happened; what it takes awaiting is done after it. A
+        // handler awaiting inside the select keeps the select's output and the packet it
+        // holds (208 bytes each) in the task's state beside the select's own futures, for the
+        // connection's whole life (docs/bench.md, idle connections).
+        let event = tokio::select! {
+            why = &mut stop => Event::Done(Outcome::Close(why)),
             _ = &mut timer, if wake.is_some() => {
                 let now = Instant::now();
                 let due = |at: Option<Instant>| at.is_some_and(|at| at <= now);
                 if due(expiry_due) {
-                    Outcome::Close(CloseReason::TokenExpired)
+                    Event::Done(Outcome::Close(CloseReason::TokenExpired))
                 } else if due(write_deadline) {
                     metrics::refusal(PROTOCOL, "slow_consumer");
-                    Outcome::Close(writer.timed_out().into())
+                    Event::Done(Outcome::Close(writer.timed_out().into()))
                 } else if due(keep_alive_due) {
                     keep_alive_due = keep_alive.map(|k| last_seen + k);
                     if due(keep_alive_due) {
-                        Outcome::Close(CloseReason::KeepAliveTimeout)
+                        Event::Done(Outcome::Close(CloseReason::KeepAliveTimeout))
                     } else {
-                        Outcome::Continue
+                        Event::Done(Outcome::Continue)
                     }
                 } else if due(retry_at) {
-                    Box::pin(session.retry_parked()).await
+                    Event::Retry
                 } else {
-                    Outcome::Continue
+                    Event::Done(Outcome::Continue)
                 }
             }
-            written = writer.write_soon(), if may_write => match written {
+            written = writer.write_soon(), if may_write => Event::Done(match written {
                 Ok(()) => Outcome::Continue,
                 Err(e) => Outcome::Close(e.into()),
-            },
+            }),
             packet = wire.read(), if may_read => {
                 last_seen = Instant::now();
                 match packet {
-                    Ok(Some(p)) => {
-                        let outcome = Box::pin(session.handle(p)).await;
-                        // Packets already buffered decode without touching the socket, so a
-                        // flat-out publisher would never yield: spend tokio's cooperative
-                        // budget per packet, so it takes turns with the connections it
-                        // publishes to (50 publishers → 1 subscriber fell from 100k
-                        // deliveries/s to almost none without this; see docs/mqtt.md).
-                        if session.stall.is_some() {
-                            // Paced: what it reads now only parks, while the consumers it
-                            // waits for need the CPU to drain — one packet per turn.
-                            tokio::task::yield_now().await;
-                        } else {
-                            tokio::task::consume_budget().await;
-                        }
-                        outcome
-                    }
+                    Ok(Some(p)) => Event::Packet(p),
                     // A reset or a broken pipe is the client going away, not a malformed
                     // packet: counted and logged as that.
-                    Ok(None) | Err(DecodeError::Io(_)) => Outcome::Close(CloseReason::PeerClosed),
-                    Err(DecodeError::MaxSizeExceeded { .. }) => Outcome::Close(CloseReason::PacketTooLarge),
+                    Ok(None) | Err(DecodeError::Io(_)) => Event::Done(Outcome::Close(CloseReason::PeerClosed)),
+                    Err(DecodeError::MaxSizeExceeded { .. }) => Event::Done(Outcome::Close(CloseReason::PacketTooLarge)),
                     Err(e) => {
                         tracing::info!(remote = %session.remote(), error = %e, "malformed MQTT packet; closing");
-                        Outcome::Close(CloseReason::MalformedPacket)
+                        Event::Done(Outcome::Close(CloseReason::MalformedPacket))
                     }
                 }
             }
             Some((key, event)) = session.consumers.next(), if !session.consumers.is_empty() && paused.is_none() => {
-                // Boxed: inline it would be 1.2 KiB of every connection's state, for the
-                // time it takes to hand a batch over.
-                Box::pin(session.deliver_batch(key, event)).await
+                Event::Delivery(key, event)
             }
             // The pacing waits are boxed, made only while they are wanted: inline they would
             // be 650 bytes of every connection's state.
-            _ = OptionFuture::from(paused.as_ref().map(|p| Box::pin(p.resume(ctx.config.limits.pace_max_wait)))), if paused.is_some() => Outcome::Continue,
+            _ = OptionFuture::from(paused.as_ref().map(|p| Box::pin(p.resume(ctx.config.limits.pace_max_wait)))), if paused.is_some() => Event::Done(Outcome::Continue),
             Some((ack, result)) = session.inflow.next_confirmed(), if session.inflow.awaiting() => {
-                session.confirmed(ack, result).await
+                Event::Confirmed(ack, result)
             }
             _ = OptionFuture::from(session.stall.as_ref().map(|s| Box::pin(s.released()))), if session.stall.is_some() => {
-                Box::pin(session.unstall()).await
+                Event::Unstall
             }
-            Some(_) = session.takeovers.next() => session.taken_over(),
+            Some(_) = session.takeovers.next() => Event::Done(session.taken_over()),
+        };
+        // Each step that awaits is boxed, and takes its event whole: what it holds lives on the
+        // heap while it runs, not in every connection's state.
+        let outcome = match event {
+            Event::Done(outcome) => outcome,
+            Event::Packet(packet) => Box::pin(handle_packet(session, packet)).await,
+            // Inline it would be 1.2 KiB of every connection's state, for the time it takes to
+            // hand a batch over.
+            Event::Delivery(key, event) => Box::pin(session.deliver_batch(key, event)).await,
+            Event::Confirmed(ack, result) => Box::pin(session.confirmed(ack, result)).await,
+            Event::Retry => Box::pin(session.retry_parked()).await,
+            Event::Unstall => Box::pin(session.unstall()).await,
         };
         session.note_in_flight();
         if let Outcome::Close(why) = outcome {
             return why;
         }
     }
+}
+
+/// What the connection's loop was woken for.
+enum Event {
+    /// Handled already, without awaiting.
+    Done(Outcome),
+    Packet(Inbound),
+    Delivery(Arc<str>, ConsumerEvent),
+    Confirmed(Ack, Result<(), EngineError>),
+    /// Parked publishes are due again.
+    Retry,
+    /// The pacing that stalled the connection's publishes is over.
+    Unstall,
+}
+
+/// One packet from the client, handled.
+async fn handle_packet(session: &mut Session, packet: Inbound) -> Outcome {
+    let outcome = session.handle(packet).await;
+    // Packets already buffered decode without touching the socket, so a flat-out publisher
+    // would never yield: spend tokio's cooperative budget per packet, so it takes turns with
+    // the connections it publishes to (50 publishers → 1 subscriber fell from 100k
+    // deliveries/s to almost none without this; see docs/mqtt.md).
+    if session.stall.is_some() {
+        // Paced: what it reads now only parks, while the consumers it waits for need the CPU
+        // to drain — one packet per turn.
+        tokio::task::yield_now().await;
+    } else {
+        tokio::task::consume_budget().await;
+    }
+    outcome
 }
 
 /// Resolves when the gateway shuts down or an administrator closes the connection.

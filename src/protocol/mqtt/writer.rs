@@ -128,7 +128,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     }
 
     /// A batch's worth waits: written before more is read.
-    pub fn is_full(&self) -> bool {
+    fn is_full(&self) -> bool {
         self.buf.len() >= BATCH
     }
 
@@ -153,11 +153,21 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     /// turns in a row: a client pipelining thousands of packets gets its answers as it goes,
     /// not after the last one.
     pub async fn write_soon(&mut self) -> Result<(), WriteError> {
-        if !self.is_full() && self.passed_over < PASS_OVER {
-            self.passed_over += 1;
+        if self.give_way() {
             tokio::task::yield_now().await;
         }
         self.write_some().await
+    }
+
+    /// Whether the writer gives this turn away, to a packet already read or whatever else is
+    /// ready: not once a batch's worth waits, nor after [`PASS_OVER`] turns in a row (each
+    /// call that says yes counts one).
+    pub fn give_way(&mut self) -> bool {
+        if self.is_full() || self.passed_over >= PASS_OVER {
+            return false;
+        }
+        self.passed_over += 1;
+        true
     }
 
     /// Writes once, and flushes once everything is written. Cancel-safe: a write that did

@@ -290,3 +290,39 @@ fn the_remaining_length_limit_keeps_whole_packets_within_the_maximum_packet_size
         assert!(whole(limit + 1) > max, "{max}: {} would fit too", limit + 1);
     }
 }
+
+#[test]
+fn a_whole_packet_is_told_from_its_fixed_header() {
+    // PINGREQ: type byte and a zero length.
+    assert!(whole_packet(&[0xC0, 0x00]));
+    assert!(!whole_packet(&[0xC0]));
+    assert!(!whole_packet(&[]));
+    // PUBLISH of 3 bytes, then another packet's first byte: whole.
+    assert!(whole_packet(&[0x30, 0x03, 0, 1, b'a', 0xC0]));
+    assert!(!whole_packet(&[0x30, 0x03, 0, 1]));
+    // A two-byte length: 200 = 0xC8 0x01.
+    let mut buf = vec![0x30, 0xC8, 0x01];
+    buf.resize(3 + 199, 0);
+    assert!(!whole_packet(&buf));
+    buf.push(0);
+    assert!(whole_packet(&buf));
+    // The length's second byte not read yet.
+    assert!(!whole_packet(&[0x30, 0xC8]));
+    // Every packet the codec writes is whole exactly when all its bytes are there.
+    for version in [Version::V3, Version::V5] {
+        let mut codec = Codec::for_version(version, 1 << 20);
+        let mut bytes = BytesMut::new();
+        let publish = Outbound::Publish {
+            topic: "a/b".into(),
+            qos: 1,
+            retain: false,
+            dup: false,
+            packet_id: Some(7),
+            payload: Bytes::from(vec![7u8; 300]),
+            props: PublishProps::default(),
+        };
+        codec.encode(publish, &mut bytes).expect("encodes");
+        assert!(whole_packet(&bytes));
+        assert!(!whole_packet(&bytes[..bytes.len() - 1]));
+    }
+}

@@ -170,14 +170,15 @@ impl Session {
             life: Lifetime {
                 clean: expiry.is_zero(),
                 expiry,
-                will: connect.will,
+                will: connect.will.map(Box::new),
                 key,
                 admitted: Some(admitted),
             },
             out: VecDeque::new(),
             subs: HashMap::new(),
             registered: None,
-            consumers: StreamMap::new(),
+            // Most sessions consume one queue: room for four is 250 bytes held idle.
+            consumers: StreamMap::with_capacity(1),
             outflow: Outflow {
                 inflight: HashMap::new(),
                 next_packet_id: 1,

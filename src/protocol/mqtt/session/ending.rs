@@ -65,7 +65,7 @@ impl Session {
     pub async fn end(&mut self, graceful: bool) {
         self.flush_parked().await;
         if !graceful && let Some(will) = self.life.will.take() {
-            self.publish_will(will).await;
+            self.publish_will(*will).await;
         }
         self.consumers = StreamMap::new();
         // Before the release: a connection taking over waits for it, then reads this state

@@ -30,8 +30,10 @@ pub struct Inflow {
     /// resend is acknowledged again, never published twice.
     pub(super) qos2: HashSet<u16>,
     /// Publishes handed to the engine, and answers queued behind them, in arrival order.
-    /// (Wrapped: an engine's confirm future need not be `Sync`, the session must be.)
-    confirms: SyncWrapper<FuturesOrdered<Awaiting>>,
+    /// (Wrapped: an engine's confirm future need not be `Sync`, the session must be.) Made at
+    /// the first publish: an empty one holds two allocations, 300 bytes a device that only
+    /// subscribes would carry for nothing.
+    confirms: SyncWrapper<Option<FuturesOrdered<Awaiting>>>,
     /// How many are in `confirms`.
     waiting: usize,
     /// QoS 1 publishes in `confirms` whose PUBACK is owed.
@@ -76,7 +78,10 @@ impl Inflow {
 
     /// The next answer, in arrival order.
     pub async fn next_confirmed(&mut self) -> Option<(Ack, Result<(), EngineError>)> {
-        let next = self.confirms.get_mut().next().await;
+        let next = match self.confirms.get_mut() {
+            Some(confirms) => confirms.next().await,
+            None => None,
+        };
         if next.is_some() {
             self.waiting -= 1;
         }
@@ -85,7 +90,10 @@ impl Inflow {
 
     fn push(&mut self, awaiting: Awaiting) {
         self.waiting += 1;
-        self.confirms.get_mut().push_back(awaiting);
+        self.confirms
+            .get_mut()
+            .get_or_insert_with(FuturesOrdered::new)
+            .push_back(awaiting);
     }
 }
 
