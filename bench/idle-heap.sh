@@ -9,7 +9,9 @@
 #   N=2000 TOP=50 bash bench/idle-heap.sh
 #
 # Requested bytes only: the allocator's own overhead and its size classes are not in them
-# (bench idle, on the shipped mimalloc build, measures what the process grows by).
+# (bench idle, on the shipped mimalloc build, measures what the process grows by). Peaks, not
+# a snapshot: a site busy at one run's peak and not at the other's (a connection mid-handshake)
+# shows as a few hundred bytes either way, a negative row among them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v heaptrack >/dev/null || { apt-get update -qq && apt-get install -y -qq heaptrack >/dev/null; }
