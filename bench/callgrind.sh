@@ -29,10 +29,9 @@ metric() { # sum of a counter's series
 for scenario in ${@:-qos0 qos1 fanout fanin}; do
   work=$(mktemp -d)
   file="$out/$scenario.$(date +%s)"
+  gateway_flags "$work"
   RUST_LOG=warn,amqp_gateway=info valgrind --tool=callgrind --instr-atstart=no \
-    --callgrind-out-file="$file" "$bin" --data-dir "$work" --log-format json \
-    --http-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --amqp-listen 127.0.0.1:0 \
-    --metrics-listen 127.0.0.1:0 --dev >"$work/out" 2>"$work/err" &
+    --callgrind-out-file="$file" "$bin" "${flags[@]}" --dev >"$work/out" 2>"$work/err" &
   pid=$!
   gateway_started "$work" 600
   token=$(dev_token "$work")

@@ -28,9 +28,8 @@ trap 'rm -rf "$work"' EXIT
 profile() {
   local dir=$work/$1 pid= p
   mkdir -p "$dir"
-  heaptrack -o "$dir/heap" target/release/amqp-gateway --data-dir "$dir" --log-format json \
-    --http-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --amqp-listen 127.0.0.1:0 \
-    --metrics-listen 127.0.0.1:0 --dev >"$dir/out" 2>"$dir/err" &
+  gateway_flags "$dir"
+  heaptrack -o "$dir/heap" target/release/amqp-gateway "${flags[@]}" --dev >"$dir/out" 2>"$dir/err" &
   local tracer=$!
   gateway_started "$dir" 300
   for p in $(pgrep -x amqp-gateway); do

@@ -8,6 +8,14 @@ export GATEWAY_LIMITS__PUBLISH_RATE=1000000000 GATEWAY_LIMITS__PUBLISH_BURST=100
   GATEWAY_LIMITS__SUBJECT_PUBLISH_RATE=1000000000 GATEWAY_LIMITS__PUBLISH_BYTES_RATE=1TiB \
   GATEWAY_LIMITS__MAX_CONNECTIONS_PER_SUBJECT=100000
 
+# gateway_flags DIR: sets the array `flags` to what every bench gateway runs with: its data in
+# DIR, JSON logs (which gateway_started and listener read), every listener on a loopback port of
+# its own.
+gateway_flags() {
+  flags=(--data-dir "$1" --log-format json --http-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0
+    --amqp-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0)
+}
+
 # gateway_started DIR [TENTHS]: waits up to TENTHS tenths of a second (default 100) for the
 # gateway whose stdout is DIR/out to log that it started; shows its output and fails if not.
 gateway_started() {

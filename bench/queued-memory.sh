@@ -19,8 +19,8 @@ pid=
 trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -rf "$work"' EXIT
 
 source bench/lib.sh
-"$bin" --data-dir "$work" --log-format json --http-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 \
-  --amqp-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --dev >"$work/out" 2>"$work/err" &
+gateway_flags "$work"
+"$bin" "${flags[@]}" --dev >"$work/out" 2>"$work/err" &
 pid=$!
 gateway_started "$work"
 token=$(dev_token "$work")

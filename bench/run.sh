@@ -48,8 +48,8 @@ ulimit -n "$(ulimit -Hn)"
 # the publisher runs ahead into a queue that grows (docs/bench.md, 2026-12-03 "QoS 1").
 export GATEWAY_MQTT__RECEIVE_MAXIMUM=${GATEWAY_MQTT__RECEIVE_MAXIMUM:-100} \
   GATEWAY_MQTT__MAX_INFLIGHT=${GATEWAY_MQTT__MAX_INFLIGHT:-100}
-gateway=("${GATEWAY_BIN:-$bin/amqp-gateway}" --data-dir "$work" --log-format json
-  --http-listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --amqp-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0)
+gateway_flags "$work"
+gateway=("${GATEWAY_BIN:-$bin/amqp-gateway}" "${flags[@]}")
 if [ "${ENGINE:-embedded}" = upstream ]; then
   bash ../shared/peers/start.sh >&2
   GATEWAY_AUTH__HS256_SECRET=$(head -c 32 /dev/urandom | base64)
