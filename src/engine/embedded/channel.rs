@@ -84,6 +84,7 @@ impl Sink for ConsumerSink {
         consumer: u64,
         entry: Entry,
         now: Instant,
+        room: usize,
     ) -> Result<(), Entry> {
         let tag = self.channel.next_tag();
         let delivery = Delivery {
@@ -97,10 +98,13 @@ impl Sink for ConsumerSink {
         if self.no_ack {
             return self
                 .tx
-                .send(Pending {
-                    delivery,
-                    entry: Some(entry),
-                })
+                .send(
+                    Pending {
+                        delivery,
+                        entry: Some(entry),
+                    },
+                    room,
+                )
                 .map_err(|p| p.entry.expect("no-ack pending carries its entry"));
         }
         // Registered before it is sent, so an ack racing the receive always finds it.
@@ -115,10 +119,13 @@ impl Sink for ConsumerSink {
         );
         if self
             .tx
-            .send(Pending {
-                delivery,
-                entry: None,
-            })
+            .send(
+                Pending {
+                    delivery,
+                    entry: None,
+                },
+                room,
+            )
             .is_err()
         {
             let back = self.channel.unacked.lock().remove(&tag);

@@ -53,11 +53,18 @@ pub(super) fn handoff<T>() -> (Sender<T>, Receiver<T>) {
 }
 
 impl<T> Sender<T> {
-    /// Hands `v` over; gives it back when the receiver is closed or gone.
-    pub fn send(&self, v: T) -> Result<(), T> {
+    /// Hands `v` over; gives it back when the receiver is closed or gone. `room`: how many
+    /// the sender expects to send before the receiver next takes them, `v` included. The
+    /// buffer is given back whenever the receiver finds it empty, so a burst grew it from
+    /// nothing by doubling each time (five copies of everything for 128 deliveries: a
+    /// twentieth of a fan-in message's instructions under callgrind); it now grows once.
+    pub fn send(&self, v: T, room: usize) -> Result<(), T> {
         let mut st = self.0.state.lock();
         if st.receiver_closed {
             return Err(v);
+        }
+        if st.items.len() == st.items.capacity() {
+            st.items.reserve(room.max(1));
         }
         st.items.push_back(v);
         drop(st);
@@ -126,8 +133,8 @@ mod tests {
     #[tokio::test]
     async fn in_order_then_none_when_the_sender_goes() {
         let (tx, mut rx) = handoff();
-        tx.send(1).unwrap();
-        tx.send(2).unwrap();
+        tx.send(1, 1).unwrap();
+        tx.send(2, 1).unwrap();
         assert_eq!(std::future::poll_fn(|cx| rx.poll_recv(cx)).await, Some(1));
         let waiting = tokio::spawn(async move {
             let mut got = Vec::new();
@@ -137,17 +144,33 @@ mod tests {
             (got[0], got[1], got[2])
         });
         tokio::task::yield_now().await;
-        tx.send(3).unwrap();
+        tx.send(3, 1).unwrap();
         drop(tx);
         assert_eq!(waiting.await.unwrap(), (Some(2), Some(3), None));
     }
 
     #[test]
+    fn a_burst_grows_the_buffer_once() {
+        let (tx, mut rx) = handoff();
+        tx.send(0, 128).unwrap();
+        let room = tx.0.state.lock().items.capacity();
+        assert!(
+            room >= 128,
+            "room for the burst at its first send, got {room}"
+        );
+        for i in 1..128 {
+            tx.send(i, 128 - i).unwrap();
+        }
+        assert_eq!(tx.0.state.lock().items.capacity(), room);
+        assert_eq!(rx.try_recv(), Some(0));
+    }
+
+    #[test]
     fn a_closed_receiver_gives_items_back_but_keeps_what_it_has() {
         let (tx, mut rx) = handoff();
-        tx.send(1).unwrap();
+        tx.send(1, 1).unwrap();
         rx.close();
-        assert_eq!(tx.send(2), Err(2));
+        assert_eq!(tx.send(2, 1), Err(2));
         assert_eq!(rx.try_recv(), Some(1));
         assert_eq!(rx.try_recv(), None);
     }

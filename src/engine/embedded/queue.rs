@@ -120,12 +120,15 @@ pub(super) type BoundFrom = (Arc<str>, Arc<str>, FieldTable);
 /// channel, so the queue never depends on channels (it calls out through this under its lock).
 pub(super) trait Sink: Send + Sync {
     /// Called with the queue's lock held. `Err` gives the entry back when the consumer is gone.
+    /// `room`: how many deliveries this dispatch may still hand this consumer, this one
+    /// included, so the buffer they land in grows once for a batch.
     fn deliver(
         &self,
         queue: &Arc<Queue>,
         consumer: u64,
         entry: Entry,
         now: Instant,
+        room: usize,
     ) -> Result<(), Entry>;
 
     /// The consumer ends for `reason` (the queue went, the channel closed, a cancel).
@@ -430,8 +433,10 @@ impl Queue {
             let Some(entry) = self.page_in(slot, fx) else {
                 continue;
             };
+            let left = st.ready.len() + 1;
             let slot = &mut st.consumers[idx];
-            match slot.sink.deliver(self, slot.id, entry, now) {
+            let room = (slot.credit as usize).min(left);
+            match slot.sink.deliver(self, slot.id, entry, now, room) {
                 Ok(()) => {
                     slot.credit -= 1;
                     st.handed_out += 1;
