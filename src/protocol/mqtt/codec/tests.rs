@@ -213,6 +213,103 @@ fn publish_size_is_exact() {
     }
 }
 
+/// What rmqtt-codec itself writes for `packet`, bypassing [`plain_publish`].
+fn codec_bytes(version: Version, max: u32, packet: Outbound) -> Result<BytesMut, String> {
+    let mut codec = Codec::for_version(version, max);
+    let packet = match version {
+        Version::V5 => MqttPacket::V5(to_v5(packet)),
+        Version::V3 => MqttPacket::V3(to_v3(packet)),
+    };
+    let mut buf = BytesMut::new();
+    codec
+        .inner
+        .encode(packet, &mut buf)
+        .map(|()| buf)
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn a_plain_publish_is_written_as_the_codec_writes_it() {
+    let big = Bytes::from(vec![b'x'; 2_097_200]);
+    let long = "t".repeat(300);
+    let mut checked = 0;
+    for version in [Version::V3, Version::V5] {
+        for topic in ["a/b", "", "é/x", long.as_str()] {
+            for (qos, packet_id) in [(0u8, None), (1, Some(7u16)), (2, Some(u16::MAX))] {
+                let overhead = 2
+                    + topic.len()
+                    + if qos > 0 { 2 } else { 0 }
+                    + usize::from(version == Version::V5);
+                // Remaining Lengths either side of each of its byte boundaries.
+                let sizes = [0, 64, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152]
+                    .into_iter()
+                    .map(|r: usize| r.saturating_sub(overhead));
+                for payload in sizes {
+                    for (retain, dup) in [(false, false), (true, false), (false, true)] {
+                        let packet = Outbound::Publish {
+                            topic: topic.into(),
+                            qos,
+                            retain,
+                            dup,
+                            packet_id,
+                            payload: big.slice(..payload),
+                            props: PublishProps::default(),
+                        };
+                        let want = codec_bytes(version, 0, packet).unwrap();
+                        let mut got = BytesMut::new();
+                        let flags = (topic, qos, retain, dup, packet_id);
+                        assert!(plain_publish(&mut got, version, 0, flags, &big[..payload]));
+                        assert!(
+                            got[..] == want[..],
+                            "{version:?} topic {} qos {qos} payload {payload} retain {retain} dup {dup}",
+                            topic.len()
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(checked, 2 * 4 * 3 * 8 * 3);
+}
+
+#[test]
+fn what_a_plain_publish_does_not_write_is_left_to_the_codec() {
+    let long = "t".repeat(usize::from(u16::MAX) + 1);
+    let mut buf = BytesMut::new();
+    for (version, max, flags, payload) in [
+        // Too long for an MQTT string.
+        (Version::V3, 0, (long.as_str(), 0, false, false, None), 0),
+        // Over the client's Maximum Packet Size: the codec refuses it.
+        (Version::V5, 100, ("a", 0, false, false, None), 200),
+        // A packet id at QoS 0, none at QoS 1, a zero one.
+        (Version::V3, 0, ("a", 0, false, false, Some(1)), 0),
+        (Version::V5, 0, ("a", 1, false, false, None), 0),
+        (Version::V3, 0, ("a", 1, false, false, Some(0)), 0),
+    ] {
+        assert!(!plain_publish(
+            &mut buf,
+            version,
+            max,
+            flags,
+            &vec![0; payload]
+        ));
+        assert!(buf.is_empty());
+    }
+    // And the codec's answer stands.
+    let packet = Outbound::Publish {
+        topic: "a".into(),
+        qos: 0,
+        retain: false,
+        dup: false,
+        packet_id: None,
+        payload: Bytes::from(vec![0; 200]),
+        props: PublishProps::default(),
+    };
+    let mut codec = Codec::for_version(Version::V5, 100);
+    assert!(codec.encode(packet, &mut buf).is_err());
+}
+
 #[test]
 fn a_shared_publish_is_the_one_a_v3_session_would_encode() {
     for payload in [0usize, 64, 200, 20_000] {
