@@ -87,6 +87,10 @@ pub struct Rendering {
     /// The MQTT 3.1.1 QoS 0 PUBLISH every 3.1.1 subscriber is sent, as it goes on the wire
     /// (its topic made by the gateway's one topic mapping).
     pub mqtt: std::sync::OnceLock<Bytes>,
+    /// A first 3.1.1 QoS 0 copy went out, written straight into its connection's buffer:
+    /// `mqtt` is made by the second, so a message with one subscriber (1→1, fan-in) is not
+    /// encoded into a buffer of its own and copied again.
+    pub mqtt_sent: std::sync::atomic::AtomicBool,
 }
 
 impl Rendering {
@@ -94,6 +98,7 @@ impl Rendering {
         Rendering {
             json: std::sync::OnceLock::new(),
             mqtt: std::sync::OnceLock::new(),
+            mqtt_sent: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }

@@ -148,6 +148,10 @@ impl Session {
             && self.client.version == Version::V3
             && self.client.max_packet.is_none()
             && let Some(shared) = d.envelope.rendering()
+            // The first copy takes the path below; from the second on, one encoding is shared.
+            && shared
+                .mqtt_sent
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
         {
             let frame = shared
                 .mqtt
