@@ -420,11 +420,7 @@ where
         {
             timer.as_mut().reset(at);
         }
-        let may_read = session.inflow.may_read(
-            ctx.config.mqtt.receive_maximum,
-            session.receive_maximum_advertised(),
-            ctx.config.limits.max_pending_in.as_u64(),
-        );
+        let may_read = session.takes_packets();
         // Packets already read are handled before what they answer is written: one write
         // carries the answers to a whole read (a PUBACK per PUBLISH otherwise costs a system
         // call each), unless a batch's worth waits already or the writer gave way many turns
@@ -498,10 +494,17 @@ where
         // heap while it runs, not in every connection's state.
         let outcome = match event {
             Event::Done(outcome) => outcome,
+            Event::Packet(Inbound::Publish(p)) if !p.retain => {
+                let outcome = session.publish_plain(p);
+                take_turns(session, outcome).await
+            }
             Event::Packet(packet) => Box::pin(handle_packet(session, packet)).await,
             // Inline it would be 1.2 KiB of every connection's state, for the time it takes to
             // hand a batch over.
             Event::Delivery(key, event) => Box::pin(session.deliver_batch(key, event)).await,
+            Event::Confirmed(ack, result) if !Session::undoes(&ack, &result) => {
+                session.settle(ack, result)
+            }
             Event::Confirmed(ack, result) => Box::pin(session.confirmed(ack, result)).await,
             Event::Retry => Box::pin(session.retry_parked()).await,
             Event::Unstall => Box::pin(session.unstall()).await,
@@ -529,10 +532,14 @@ enum Event {
 /// One packet from the client, handled.
 async fn handle_packet(session: &mut Session, packet: Inbound) -> Outcome {
     let outcome = session.handle(packet).await;
-    // Packets already buffered decode without touching the socket, so a flat-out publisher
-    // would never yield: spend tokio's cooperative budget per packet, so it takes turns with
-    // the connections it publishes to (50 publishers → 1 subscriber fell from 100k
-    // deliveries/s to almost none without this; see docs/mqtt.md).
+    take_turns(session, outcome).await
+}
+
+/// After each packet: packets already buffered decode without touching the socket, so a
+/// flat-out publisher would never yield. Tokio's cooperative budget is spent per packet, so
+/// it takes turns with the connections it publishes to (50 publishers → 1 subscriber fell
+/// from 100k deliveries/s to almost none without this; see docs/mqtt.md).
+async fn take_turns(session: &Session, outcome: Outcome) -> Outcome {
     if session.stall.is_some() {
         // Paced: what it reads now only parks, while the consumers it waits for need the CPU
         // to drain — one packet per turn.

@@ -322,7 +322,9 @@ impl Session {
     /// Handles one packet after CONNECT.
     pub async fn handle(&mut self, packet: Inbound) -> Outcome {
         match packet {
-            Inbound::Publish(p) => self.publish(p).await,
+            // Boxed: inline, a retained publish's steps would be most of this future, which
+            // is made for every PUBACK (a PUBLISH not retained takes `publish_plain`).
+            Inbound::Publish(p) => Box::pin(self.publish(p)).await,
             Inbound::PubAck(id) => {
                 if let Some(Inflight::AtLeastOnce(Some(tag))) = self.outflow.inflight.remove(&id) {
                     let _ = self.channel.ack(tag, false).await;

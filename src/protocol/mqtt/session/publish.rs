@@ -15,7 +15,7 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 use sync_wrapper::SyncWrapper;
 
-use crate::context::{PublishRefused, Publishing};
+use crate::context::{Cleared, PublishRefused, Publishing};
 use crate::engine::retained::RetainedUndo;
 use crate::flow::Stall;
 
@@ -166,15 +166,48 @@ impl Future for Awaiting {
 }
 
 impl Session {
-    pub(super) async fn publish(&mut self, mut p: PublishIn) -> Outcome {
+    /// Whether the connection reads its next packet: [`Inflow::may_read`] under this
+    /// gateway's limits.
+    pub fn takes_packets(&self) -> bool {
+        self.inflow.may_read(
+            self.ctx.config.mqtt.receive_maximum,
+            self.receive_maximum_advertised(),
+            self.ctx.config.limits.max_pending_in.as_u64(),
+        )
+    }
+
+    pub(super) async fn publish(&mut self, p: PublishIn) -> Outcome {
+        match self.admit(p) {
+            Ok(p) => self.publish_now(p, true).await,
+            Err(outcome) => outcome,
+        }
+    }
+
+    /// [`Self::publish`] of a PUBLISH that is not retained (almost every one), without
+    /// awaiting: the connection makes no future for it. Through [`Session::handle`] each
+    /// PUBLISH was a boxed future of 2.6 KB, allocated and copied into place per packet — the
+    /// packet (208 bytes) held twice at each of four nested steps (docs/bench.md, 2026-12-03
+    /// "third round").
+    pub fn publish_plain(&mut self, p: PublishIn) -> Outcome {
+        debug_assert!(!p.retain);
+        match self.admit(p) {
+            Ok(p) => self.publish_now_plain(p, true),
+            Err(outcome) => outcome,
+        }
+    }
+
+    /// What a PUBLISH must pass before it is published: its topic alias resolved, its QoS
+    /// allowed, the Receive Maximum kept, parked publishes ahead of it. `Err` when it was
+    /// answered, parked or refused here.
+    fn admit(&mut self, mut p: PublishIn) -> Result<PublishIn, Outcome> {
         if let Some(alias) = p.props.topic_alias {
             if alias == 0 || alias > TOPIC_ALIAS_MAX {
-                return Outcome::Close(CloseReason::TopicAliasInvalid);
+                return Err(Outcome::Close(CloseReason::TopicAliasInvalid));
             }
             if p.topic.is_empty() {
                 match self.inflow.aliases.get(&alias) {
                     Some(topic) => p.topic = topic.clone(),
-                    None => return Outcome::Close(CloseReason::ProtocolError),
+                    None => return Err(Outcome::Close(CloseReason::ProtocolError)),
                 }
             } else {
                 self.inflow.aliases.insert(alias, p.topic.clone());
@@ -182,7 +215,7 @@ impl Session {
         }
         if p.qos == 2 && self.max_qos < 2 && self.client.version == Version::V5 {
             // CONNACK said Maximum QoS 1.
-            return Outcome::Close(CloseReason::QosNotSupported);
+            return Err(Outcome::Close(CloseReason::QosNotSupported));
         }
         if p.qos == 2
             && let Some(id) = p.packet_id
@@ -190,7 +223,7 @@ impl Session {
         {
             // A resend before PUBREL: already published once, acknowledge again only.
             self.answer(&p, reason::SUCCESS);
-            return Outcome::Continue;
+            return Err(Outcome::Continue);
         }
         if p.qos > 0
             && self.client.version == Version::V5
@@ -198,15 +231,15 @@ impl Session {
         {
             // More unacknowledged QoS 1/2 publishes than the Receive Maximum we advertised.
             metrics::refusal(PROTOCOL, "receive_maximum_exceeded");
-            return Outcome::Close(CloseReason::ReceiveMaximumExceeded);
+            return Err(Outcome::Close(CloseReason::ReceiveMaximumExceeded));
         }
         if self.stall.is_some() || (!self.inflow.parked.is_empty() && p.qos > 0) {
             // Paced: everything waits. Else keep order: later QoS 1/2 publishes wait behind
             // parked ones.
             self.inflow.parked.push(p, true);
-            return Outcome::Continue;
+            return Err(Outcome::Continue);
         }
-        self.publish_now(p, true).await
+        Ok(p)
     }
 
     /// Sends the acknowledgement of a QoS 1/2 publish now, or after the answers still owed to
@@ -254,55 +287,104 @@ impl Session {
     }
 
     pub(super) async fn publish_now(&mut self, p: PublishIn, may_park: bool) -> Outcome {
+        if !p.retain {
+            return self.publish_now_plain(p, may_park);
+        }
+        let key = match self.key_of(&p) {
+            Ok(key) => key,
+            Err(outcome) => return outcome,
+        };
+        let cleared = match self.clear(&key, p.payload.len()) {
+            Ok(cleared) => cleared,
+            Err(refused) => return self.refused_at_gate(p, refused, may_park),
+        };
+        let message = self.message_of(&p);
+        // Retained before the publish (see `RetainedStore::set`), taken back if it is refused.
+        let (code, retained) = match self.retained.set(&key, message.clone()).await {
+            Ok(undo) => (reason::SUCCESS, Some((key.clone(), undo))),
+            Err(_) => {
+                metrics::refusal(PROTOCOL, "retained_full");
+                match self.client.version {
+                    Version::V5 => (reason::QUOTA_EXCEEDED, None),
+                    Version::V3 => (reason::SUCCESS, None),
+                }
+            }
+        };
+        let confirm = cleared.publish(&*self.channel, message, PublishOptions::default());
+        match self.hand_over(&p, confirm, code, retained) {
+            Some((ack, result)) => Box::pin(self.confirmed(ack, result)).await,
+            None => Outcome::Continue,
+        }
+    }
+
+    /// [`Self::publish_now`] of a publish that is not retained: nothing to await.
+    fn publish_now_plain(&mut self, p: PublishIn, may_park: bool) -> Outcome {
+        let key = match self.key_of(&p) {
+            Ok(key) => key,
+            Err(outcome) => return outcome,
+        };
+        let cleared = match self.clear(&key, p.payload.len()) {
+            Ok(cleared) => cleared,
+            Err(refused) => return self.refused_at_gate(p, refused, may_park),
+        };
+        let message = self.message_of(&p);
+        let confirm = cleared.publish(&*self.channel, message, PublishOptions::default());
+        match self.hand_over(&p, confirm, reason::SUCCESS, None) {
+            // Nothing retained to take back.
+            Some((ack, result)) => self.settle(ack, result),
+            None => Outcome::Continue,
+        }
+    }
+
+    /// The routing key of a publish's topic; `Err` when it has none or the payload is over
+    /// the limit (answered or refused here).
+    fn key_of(&mut self, p: &PublishIn) -> Result<String, Outcome> {
         let key = match topic_to_key(&p.topic, self.ctx.config.mqtt.topic_mapping) {
             Ok(k) => k,
             // [MQTT-3.3.2-2]: no wildcards in a topic name; an empty one is malformed too.
             Err(e @ (topic::TopicError::Wildcard | topic::TopicError::Empty)) => {
                 tracing::info!(client = %self.client.id, topic = %p.topic, "invalid topic name: {e}");
                 metrics::refusal(PROTOCOL, "topic_invalid");
-                return Outcome::Close(CloseReason::TopicNameInvalid);
+                return Err(Outcome::Close(CloseReason::TopicNameInvalid));
             }
             // Valid MQTT that has no AMQP form: refused, the connection stays (v5 only can say so).
             Err(e) => {
                 tracing::info!(client = %self.client.id, topic = %p.topic, "refused topic: {e}");
                 metrics::refusal(PROTOCOL, "topic_invalid");
                 if self.client.version == Version::V5 {
-                    self.answer(&p, reason::TOPIC_NAME_INVALID);
-                    return Outcome::Continue;
+                    self.answer(p, reason::TOPIC_NAME_INVALID);
+                    return Err(Outcome::Continue);
                 }
-                return Outcome::Close(CloseReason::TopicNameInvalid);
+                return Err(Outcome::Close(CloseReason::TopicNameInvalid));
             }
         };
         if p.payload.len() as u64 > self.ctx.config.limits.max_message_bytes.as_u64() {
-            return self.too_large(&p);
+            return Err(self.too_large(p));
         }
-        let cleared = match self.ctx.clear_publish(
+        Ok(key)
+    }
+
+    /// The publish gate (DESIGN.md §7), for `bytes` of body to `key` on the MQTT exchange.
+    fn clear<'a>(&'a self, key: &'a str, bytes: usize) -> Result<Cleared<'a>, PublishRefused> {
+        self.ctx.clear_publish(
             PROTOCOL,
             &self.conn,
             &self.principal,
             &self.ctx.config.mqtt.exchange,
-            &key,
-            p.payload.len(),
-        ) {
-            Ok(cleared) => cleared,
-            Err(refused) => return self.refused_at_gate(p, refused, may_park),
-        };
-        let message = self.message_of(&p);
-        // Retained before the publish (see `RetainedStore::set`), taken back if it is refused.
-        let mut code = reason::SUCCESS;
-        let mut retained = None;
-        if p.retain {
-            match self.retained.set(&key, message.clone()).await {
-                Ok(undo) => retained = Some((key.clone(), undo)),
-                Err(_) => {
-                    metrics::refusal(PROTOCOL, "retained_full");
-                    if self.client.version == Version::V5 {
-                        code = reason::QUOTA_EXCEEDED;
-                    }
-                }
-            }
-        }
-        let mut confirm = cleared.publish(&*self.channel, message, PublishOptions::default());
+            key,
+            bytes,
+        )
+    }
+
+    /// A publish the engine took: its ack queued behind the answers still owed, or, when the
+    /// engine answered at once and nothing is owed, that answer given back to be settled.
+    fn hand_over(
+        &mut self,
+        p: &PublishIn,
+        mut confirm: Publishing,
+        code: u8,
+        retained: Option<(String, RetainedUndo)>,
+    ) -> Option<(Ack, Result<(), EngineError>)> {
         Stall::begin(
             &mut self.stall,
             confirm.take_pace(),
@@ -332,13 +414,10 @@ impl Session {
             true => Poll::Pending,
         };
         match answered {
-            Poll::Ready((ack, result)) => {
-                drop(awaiting);
-                self.confirmed(ack, result).await
-            }
+            Poll::Ready(answer) => Some(answer),
             Poll::Pending => {
                 self.queue(awaiting);
-                Outcome::Continue
+                None
             }
         }
     }
@@ -385,8 +464,27 @@ impl Session {
         Outcome::Continue
     }
 
-    /// The engine answered a publish (or an answer queued behind one came up): acknowledge it.
+    /// The engine answered a publish (or an answer queued behind one came up): acknowledge it,
+    /// after taking back the retained message a refused publish set. Only that awaits: the
+    /// callers [`settle`](Self::settle) every other answer without making this future (a
+    /// future per confirm, and room for this one in every publish's).
     pub async fn confirmed(&mut self, mut ack: Ack, result: Result<(), EngineError>) -> Outcome {
+        if result.is_err()
+            && let Some((key, undo)) = ack.retained.take()
+        {
+            self.retained.undo(&key, undo).await;
+        }
+        self.settle(ack, result)
+    }
+
+    /// Whether an answer has a retained message to take back first (then it goes through
+    /// [`confirmed`](Self::confirmed)).
+    pub fn undoes(ack: &Ack, result: &Result<(), EngineError>) -> bool {
+        result.is_err() && ack.retained.is_some()
+    }
+
+    /// [`confirmed`](Self::confirmed) once nothing retained is left to take back.
+    pub fn settle(&mut self, ack: Ack, result: Result<(), EngineError>) -> Outcome {
         if ack.owed {
             self.inflow.owed -= 1;
         }
@@ -400,9 +498,6 @@ impl Session {
                     && let Some(id) = ack.packet_id
                 {
                     self.inflow.qos2.remove(&id);
-                }
-                if let Some((key, undo)) = ack.retained.take() {
-                    self.retained.undo(&key, undo).await;
                 }
                 self.refused(&ack, e)
             }
