@@ -491,7 +491,9 @@ where
             Some(_) = session.takeovers.next() => Event::Done(session.taken_over()),
         };
         // Each step that awaits is boxed, and takes its event whole: what it holds lives on the
-        // heap while it runs, not in every connection's state.
+        // heap while it runs, not in every connection's state. The steps of almost every
+        // message — a PUBLISH not retained, a confirm with nothing to take back — never await,
+        // and run in place: no future made per packet.
         let outcome = match event {
             Event::Done(outcome) => outcome,
             Event::Packet(Inbound::Publish(p)) if !p.retain => {
