@@ -1,0 +1,170 @@
+//! rmqtt-codec's packets of either version into the version-neutral [`Inbound`].
+
+use super::*;
+
+/// User properties as the session keeps them, in the order they came.
+fn user_properties(list: v5::UserProperties) -> Vec<(String, String)> {
+    list.into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn publish_in(p: Publish) -> PublishIn {
+    let props = p
+        .properties
+        .map(|pp| PublishProps {
+            content_type: pp.content_type.map(|v| v.to_string()),
+            correlation_data: pp.correlation_data,
+            response_topic: pp.response_topic.map(|v| v.to_string()),
+            message_expiry: pp.message_expiry_interval.map(std::num::NonZeroU32::get),
+            user_properties: user_properties(pp.user_properties),
+            topic_alias: pp.topic_alias.map(NonZeroU16::get),
+            payload_utf8: pp.is_utf8_payload,
+            subscription_ids: Vec::new(),
+        })
+        .unwrap_or_default();
+    PublishIn {
+        // Not `to_string()`: through `Display` that is a formatter per message.
+        topic: String::from(&*p.topic),
+        qos: qos_of(p.qos),
+        retain: p.retain,
+        packet_id: p.packet_id.map(NonZeroU16::get),
+        payload: p.payload,
+        props,
+    }
+}
+
+pub(super) fn from_v3(p: v3::Packet) -> Inbound {
+    use v3::Packet as P;
+    match p {
+        P::Connect(c) => Inbound::Connect(Box::new(Connect {
+            version: Version::V3,
+            clean_start: c.clean_session,
+            keep_alive: c.keep_alive,
+            client_id: c.client_id.to_string(),
+            password: c.password,
+            will: c.last_will.map(|w| Will {
+                topic: w.topic.to_string(),
+                payload: w.message,
+                qos: qos_of(w.qos),
+                retain: w.retain,
+                delay: 0,
+                props: PublishProps::default(),
+            }),
+            receive_max: None,
+            session_expiry: 0,
+            auth_method: None,
+            auth_data: None,
+            max_packet_size: None,
+            topic_alias_max: 0,
+        })),
+        P::Publish(p) => Inbound::Publish(publish_in(*p)),
+        P::PublishAck { packet_id } => Inbound::PubAck(packet_id.get()),
+        P::PublishReceived { packet_id } => Inbound::PubRec(packet_id.get()),
+        P::PublishRelease { packet_id } => Inbound::PubRel(packet_id.get()),
+        P::PublishComplete { packet_id } => Inbound::PubComp(packet_id.get()),
+        P::Subscribe {
+            packet_id,
+            topic_filters,
+        } => Inbound::Subscribe {
+            packet_id: packet_id.get(),
+            filters: topic_filters
+                .into_iter()
+                .map(|(f, q)| Filter {
+                    filter: f.to_string(),
+                    qos: qos_of(q),
+                    no_local: false,
+                    retain_as_published: false,
+                    retain_handling: 0,
+                    subscription_id: None,
+                })
+                .collect(),
+        },
+        P::Unsubscribe {
+            packet_id,
+            topic_filters,
+        } => Inbound::Unsubscribe {
+            packet_id: packet_id.get(),
+            filters: topic_filters.into_iter().map(|f| f.to_string()).collect(),
+        },
+        P::PingRequest => Inbound::PingReq,
+        P::Disconnect => Inbound::Disconnect {
+            reason: 0,
+            session_expiry: None,
+        },
+        _ => Inbound::Unexpected("a server-to-client packet"),
+    }
+}
+
+pub(super) fn from_v5(p: v5::Packet) -> Inbound {
+    use v5::Packet as P;
+    match p {
+        P::Connect(c) => Inbound::Connect(Box::new(Connect {
+            version: Version::V5,
+            clean_start: c.clean_start,
+            keep_alive: c.keep_alive,
+            client_id: c.client_id.to_string(),
+            password: c.password,
+            will: c.last_will.map(|w| Will {
+                topic: w.topic.to_string(),
+                payload: w.message,
+                qos: qos_of(w.qos),
+                retain: w.retain,
+                delay: w.will_delay_interval_sec.unwrap_or(0),
+                props: PublishProps {
+                    content_type: w.content_type.map(|v| v.to_string()),
+                    correlation_data: w.correlation_data,
+                    response_topic: w.response_topic.map(|v| v.to_string()),
+                    message_expiry: w.message_expiry_interval.map(std::num::NonZeroU32::get),
+                    user_properties: user_properties(w.user_properties),
+                    payload_utf8: w.is_utf8_payload.unwrap_or(false),
+                    ..PublishProps::default()
+                },
+            }),
+            receive_max: c.receive_max.map(NonZeroU16::get),
+            session_expiry: c.session_expiry_interval_secs,
+            auth_method: c.auth_method.map(|m| m.to_string()),
+            auth_data: c.auth_data,
+            max_packet_size: c.max_packet_size.map(std::num::NonZeroU32::get),
+            topic_alias_max: c.topic_alias_max,
+        })),
+        P::Publish(p) => Inbound::Publish(publish_in(*p)),
+        P::PublishAck(a) => Inbound::PubAck(a.packet_id.get()),
+        P::PublishReceived(a) => Inbound::PubRec(a.packet_id.get()),
+        P::PublishRelease(a) => Inbound::PubRel(a.packet_id.get()),
+        P::PublishComplete(a) => Inbound::PubComp(a.packet_id.get()),
+        P::Subscribe(s) => {
+            let id = s.id.map(std::num::NonZeroU32::get);
+            Inbound::Subscribe {
+                packet_id: s.packet_id.get(),
+                filters: s
+                    .topic_filters
+                    .into_iter()
+                    .map(|(f, o)| Filter {
+                        filter: f.to_string(),
+                        qos: qos_of(o.qos),
+                        no_local: o.no_local,
+                        retain_as_published: o.retain_as_published,
+                        retain_handling: o.retain_handling as u8,
+                        subscription_id: id,
+                    })
+                    .collect(),
+            }
+        }
+        P::Unsubscribe(u) => Inbound::Unsubscribe {
+            packet_id: u.packet_id.get(),
+            filters: u.topic_filters.into_iter().map(|f| f.to_string()).collect(),
+        },
+        P::PingRequest => Inbound::PingReq,
+        P::Disconnect(d) => Inbound::Disconnect {
+            reason: d.reason_code.into(),
+            session_expiry: d.session_expiry_interval_secs,
+        },
+        P::Auth(a) => Inbound::Auth {
+            reason: a.reason_code as u8,
+            method: a.auth_method.map(|m| m.to_string()),
+            data: a.auth_data,
+        },
+        _ => Inbound::Unexpected("a server-to-client packet"),
+    }
+}
