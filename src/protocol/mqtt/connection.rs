@@ -493,13 +493,15 @@ where
         // Each step that awaits is boxed, and takes its event whole: what it holds lives on the
         // heap while it runs, not in every connection's state. The steps of almost every
         // message — a PUBLISH not retained, a confirm with nothing to take back — never await,
-        // and run in place: no future made per packet.
+        // and run in place: no future made per packet. Nor does a PUBACK's, with the
+        // embedded engine.
         let outcome = match event {
             Event::Done(outcome) => outcome,
             Event::Packet(Inbound::Publish(p)) if !p.retain => {
                 let outcome = session.publish_plain(p);
                 take_turns(session, outcome).await
             }
+            Event::Packet(Inbound::PubAck(id)) => puback(session, id).await,
             Event::Packet(packet) => Box::pin(handle_packet(session, packet)).await,
             // Inline it would be 1.2 KiB of every connection's state, for the time it takes to
             // hand a batch over.
@@ -535,6 +537,15 @@ enum Event {
 async fn handle_packet(session: &mut Session, packet: Inbound) -> Outcome {
     let outcome = session.handle(packet).await;
     take_turns(session, outcome).await
+}
+
+/// A PUBACK, settled in place: only an ack the engine is still sending is awaited, so the
+/// embedded engine's make no future (`handle`'s, boxed, cost more than the settling).
+async fn puback(session: &mut Session, id: u16) -> Outcome {
+    if let Some(sending) = session.puback(id) {
+        let _ = sending.await;
+    }
+    take_turns(session, Outcome::Continue).await
 }
 
 /// After each packet: packets already buffered decode without touching the socket, so a

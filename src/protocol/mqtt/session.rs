@@ -7,6 +7,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 use tokio_stream::StreamMap;
 
 mod connect;
@@ -326,8 +328,8 @@ impl Session {
             // is made for every PUBACK (a PUBLISH not retained takes `publish_plain`).
             Inbound::Publish(p) => Box::pin(self.publish(p)).await,
             Inbound::PubAck(id) => {
-                if let Some(Inflight::AtLeastOnce(Some(tag))) = self.outflow.inflight.remove(&id) {
-                    let _ = self.channel.ack(tag, false).await;
+                if let Some(sending) = self.puback(id) {
+                    let _ = sending.await;
                 }
                 Outcome::Continue
             }
@@ -419,6 +421,18 @@ impl Session {
                 Outcome::Close(CloseReason::ProtocolError)
             }
         }
+    }
+
+    /// PUBACK: the delivery is settled with the engine, without a future where the engine
+    /// answers at once (the embedded engine always does: one per QoS 1 message, through
+    /// `handle`'s boxed future it cost more than the settling). An ack the engine is still
+    /// sending (upstream) is handed back to be awaited.
+    pub fn puback(&mut self, id: u16) -> Option<BoxFuture<'_, Result<(), EngineError>>> {
+        let Some(Inflight::AtLeastOnce(Some(tag))) = self.outflow.inflight.remove(&id) else {
+            return None;
+        };
+        let mut sending = self.channel.ack(tag, false);
+        (&mut sending).now_or_never().is_none().then_some(sending)
     }
 
     // ---------- re-authentication ----------
