@@ -194,6 +194,19 @@ pub enum Outbound {
     },
 }
 
+impl Outbound {
+    /// About how many bytes the packet takes encoded (a PUBLISH's properties not counted), to
+    /// size a buffer for a batch before encoding it.
+    pub fn size_hint(&self) -> usize {
+        match self {
+            // Fixed header at most 5, topic length 2, packet id 2.
+            Outbound::Publish { topic, payload, .. } => 9 + topic.len() + payload.len(),
+            Outbound::Encoded { frame, .. } => frame.len(),
+            _ => 8,
+        }
+    }
+}
+
 /// How many topic aliases a v5 client may set up (inbound).
 pub const TOPIC_ALIAS_MAX: u16 = 32;
 

@@ -23,27 +23,23 @@ pub enum TopicError {
 
 const MAX_KEY: usize = 255;
 
-/// Byte by byte: `/` and `.` are ASCII, so every other byte, multi-byte characters included,
-/// is copied as a run (this runs twice per delivered message).
+/// Byte by byte, in one pass the compiler vectorises (this runs twice per delivered message;
+/// copying the runs between separators cost a `memcpy` call each): `/` and `.` are ASCII, and
+/// a byte of a multi-byte character is never either, so the bytes stay UTF-8.
 fn swap(s: &str, mapping: TopicMapping) -> String {
-    let swapped = |b: u8| match (b, mapping) {
-        (b'/', _) => Some('.'),
-        (b'.', TopicMapping::Swap) => Some('/'),
-        _ => None,
+    let dot = match mapping {
+        TopicMapping::Swap => b'/',
+        TopicMapping::Rabbitmq => b'.',
     };
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some((i, to)) = rest
+    let bytes: Vec<u8> = s
         .bytes()
-        .enumerate()
-        .find_map(|(i, b)| swapped(b).map(|to| (i, to)))
-    {
-        out.push_str(&rest[..i]);
-        out.push(to);
-        rest = &rest[i + 1..];
-    }
-    out.push_str(rest);
-    out
+        .map(|b| match b {
+            b'/' => b'.',
+            b'.' => dot,
+            b => b,
+        })
+        .collect();
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// A PUBLISH topic name → routing key.
@@ -184,6 +180,12 @@ mod tests {
         assert_eq!(key_to_topic("v1/2.x", SWAP).unwrap(), "v1.2/x");
         assert_eq!(topic_to_key("v1.2/x", RMQ).unwrap(), "v1.2.x");
         assert_eq!(key_to_topic("a.b", RMQ).unwrap(), "a/b");
+        assert_eq!(
+            topic_to_key("héllo.wörld/温度/🌡", SWAP).unwrap(),
+            "héllo/wörld.温度.🌡",
+            "multi-byte characters pass whole"
+        );
+        assert_eq!(key_to_topic("温度/a.🌡", SWAP).unwrap(), "温度.a/🌡");
         assert_eq!(
             topic_to_key("/a//b/", SWAP).unwrap(),
             ".a..b.",

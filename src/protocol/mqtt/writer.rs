@@ -106,6 +106,18 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     /// Encodes queued packets while fewer than [`BATCH`] bytes wait, and starts the write
     /// clock for what waits if it is not running.
     pub fn fill(&mut self, queue: &mut VecDeque<Outbound>) {
+        if self.buf.is_empty() && queue.len() > 1 {
+            // A batch starts in an empty buffer (an emptied one is given back): sized for it
+            // once, rather than grown by doubling, every byte copied again at each step.
+            let mut want = 0;
+            for p in queue.iter() {
+                want += p.size_hint();
+                if want >= BATCH {
+                    break;
+                }
+            }
+            self.buf.reserve(want);
+        }
         while self.buf.len() < BATCH
             && let Some(p) = queue.pop_front()
         {
