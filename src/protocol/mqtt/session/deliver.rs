@@ -123,18 +123,22 @@ impl Session {
             }
             return Outcome::Continue;
         }
+        // Each header is looked up only when a subscription's option asks about it: a lookup
+        // is a binary search comparing strings, and most subscriptions ask about neither.
         let headers = &d.properties().headers;
-        let own =
-            headers.get(ORIGIN_HEADER).and_then(FieldValue::as_str) == Some(self.life.key.as_str());
         // No-local suppresses the copy only when every matching subscription asked for it.
-        if own && !matched.is_empty() && matched.iter().all(|o| o.no_local) {
+        if !matched.is_empty()
+            && matched.iter().all(|o| o.no_local)
+            && headers.get(ORIGIN_HEADER).and_then(FieldValue::as_str)
+                == Some(self.life.key.as_str())
+        {
             if level == 1 {
                 let _ = self.channel.ack(d.delivery_tag, false).await;
             }
             return Outcome::Continue;
         }
-        let retain = matches!(headers.get(RETAIN_HEADER), Some(FieldValue::Bool(true)))
-            && matched.iter().any(|o| o.retain_as_published);
+        let retain = matched.iter().any(|o| o.retain_as_published)
+            && matches!(headers.get(RETAIN_HEADER), Some(FieldValue::Bool(true)));
         let subscription_ids: Vec<u32> = matched.iter().filter_map(|o| o.id).collect();
         // Per copy: min(publish QoS, the highest QoS granted to a matching subscription).
         let cap = if level == 0 {
