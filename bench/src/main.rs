@@ -21,7 +21,7 @@ mod report;
 mod rest;
 mod soak;
 mod ws;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Packet, QoS};
 use tokio::sync::Mutex;
 
 #[derive(Parser)]
@@ -183,6 +183,17 @@ fn options(t: &Target) -> MqttOptions {
     o
 }
 
+/// The latency scenario's clients write each packet at once. rumqttc leaves Nagle's algorithm
+/// on, which holds a small write back while an earlier one is unacknowledged: on one VM every
+/// broker measured 12–13 ms p50 through it, where a paho-mqtt client (which sets TCP_NODELAY)
+/// measured 0.2 ms against the same Mosquitto (docs/bench.md, 2026-12-03). Throughput
+/// scenarios keep the default, as the earlier figures were measured.
+fn no_delay(ev: &mut EventLoop) {
+    let mut network = NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    ev.set_network_options(network);
+}
+
 async fn until_connected(ev: &mut EventLoop) -> Result<(), String> {
     loop {
         match ev.poll().await {
@@ -216,6 +227,9 @@ async fn subscriber(
     numbered: Option<Arc<count::Received>>,
 ) -> Result<AsyncClient, String> {
     let (client, mut ev) = AsyncClient::new(options(t), 10_000);
+    if timed {
+        no_delay(&mut ev);
+    }
     until_connected(&mut ev).await?;
     client
         .subscribe(topic, qos)
@@ -248,8 +262,12 @@ async fn subscriber(
     Ok(client)
 }
 
-async fn publisher(t: &Target) -> Result<AsyncClient, String> {
+/// `timed`: its send times are measured ([`no_delay`]).
+async fn publisher(t: &Target, timed: bool) -> Result<AsyncClient, String> {
     let (client, mut ev) = AsyncClient::new(options(t), 1_000);
+    if timed {
+        no_delay(&mut ev);
+    }
     until_connected(&mut ev).await?;
     tokio::spawn(async move { while ev.poll().await.is_ok() {} });
     Ok(client)
@@ -284,7 +302,7 @@ async fn throughput(
     let stop = Arc::new(AtomicBool::new(false));
     let mut sent = Vec::new();
     for index in 0..pubs {
-        let client = publisher(t).await?;
+        let client = publisher(t, false).await?;
         clients.push(client.clone());
         let tally = Arc::new(count::Sent::default());
         sent.push(tally.clone());
@@ -345,7 +363,7 @@ async fn latency(t: &Target, args: &Args) -> Result<(f64, f64, f64), String> {
     let topic = format!("bench/{}/lat{}", std::process::id(), next_id());
     let seen = Arc::new(Seen::default());
     let sub = subscriber(t, &topic, QoS::AtMostOnce, seen.clone(), true, None).await?;
-    let client = publisher(t).await?;
+    let client = publisher(t, true).await?;
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     let per_tick = RATE / 1000;
     let warm_until = Instant::now() + Duration::from_secs(1);

@@ -249,7 +249,7 @@ pub async fn fanout(
     let seen = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let readers = subscribers(t, subs, &topic, &seen, &stop).await?;
-    let client = crate::publisher(&t.publisher).await?;
+    let client = crate::publisher(&t.publisher, false).await?;
     let sent = Arc::new(AtomicU64::new(0));
     let publishing = Arc::new(AtomicBool::new(true));
     let task = {
