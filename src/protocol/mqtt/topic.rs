@@ -23,9 +23,9 @@ pub enum TopicError {
 
 const MAX_KEY: usize = 255;
 
-/// Byte by byte, in one pass the compiler vectorises (this runs twice per delivered message;
-/// copying the runs between separators cost a `memcpy` call each): `/` and `.` are ASCII, and
-/// a byte of a multi-byte character is never either, so the bytes stay UTF-8.
+/// Byte by byte, in one pass (this runs twice per delivered message; copying the runs between
+/// separators cost a `memcpy` call each): `/` and `.` are ASCII, and a byte of a multi-byte
+/// character is never either, so the bytes stay UTF-8.
 fn swap(s: &str, mapping: TopicMapping) -> String {
     let dot = match mapping {
         TopicMapping::Swap => b'/',
