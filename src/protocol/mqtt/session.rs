@@ -148,8 +148,9 @@ struct Lifetime {
 
 /// Outbound deliveries in flight and what the writer holds.
 struct Outflow {
-    /// Outbound QoS 1/2 deliveries by packet id.
-    inflight: HashMap<u16, Inflight>,
+    /// Outbound QoS 1/2 deliveries by packet id. foldhash, not SipHash: it is written, read
+    /// and cleared once per QoS 1 message, and the gateway picks the ids.
+    inflight: HashMap<u16, Inflight, foldhash::fast::RandomState>,
     next_packet_id: u16,
     /// How many QoS 1/2 deliveries may be unacknowledged (the client's Receive Maximum, capped).
     inflight_max: u16,

@@ -180,7 +180,7 @@ impl Session {
             // Most sessions consume one queue: room for four is 250 bytes held idle.
             consumers: StreamMap::with_capacity(1),
             outflow: Outflow {
-                inflight: HashMap::new(),
+                inflight: HashMap::default(),
                 next_packet_id: 1,
                 inflight_max,
                 aliases: HashMap::new(),
