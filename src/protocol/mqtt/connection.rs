@@ -493,8 +493,8 @@ where
         // Each step that awaits is boxed, and takes its event whole: what it holds lives on the
         // heap while it runs, not in every connection's state. The steps of almost every
         // message — a PUBLISH not retained, a confirm with nothing to take back — never await,
-        // and run in place: no future made per packet. Nor does a PUBACK's, with the
-        // embedded engine.
+        // and run in place: no future made per packet. A PUBACK's is small and awaited in
+        // place, not boxed.
         let outcome = match event {
             Event::Done(outcome) => outcome,
             Event::Packet(Inbound::Publish(p)) if !p.retain => {
@@ -539,12 +539,10 @@ async fn handle_packet(session: &mut Session, packet: Inbound) -> Outcome {
     take_turns(session, outcome).await
 }
 
-/// A PUBACK, settled in place: only an ack the engine is still sending is awaited, so the
-/// embedded engine's make no future (`handle`'s, boxed, cost more than the settling).
+/// A PUBACK, settled in place: through `handle`'s boxed future it cost more than the
+/// settling.
 async fn puback(session: &mut Session, id: u16) -> Outcome {
-    if let Some(sending) = session.puback(id) {
-        let _ = sending.await;
-    }
+    session.puback(id).await;
     take_turns(session, Outcome::Continue).await
 }
 

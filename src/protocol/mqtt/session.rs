@@ -7,8 +7,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::FutureExt;
-use futures_util::future::BoxFuture;
 use tokio_stream::StreamMap;
 
 mod connect;
@@ -329,9 +327,7 @@ impl Session {
             // is made for every PUBACK (a PUBLISH not retained takes `publish_plain`).
             Inbound::Publish(p) => Box::pin(self.publish(p)).await,
             Inbound::PubAck(id) => {
-                if let Some(sending) = self.puback(id) {
-                    let _ = sending.await;
-                }
+                self.puback(id).await;
                 Outcome::Continue
             }
             // Outbound QoS 2: the client has it; the engine may forget it, then PUBREL.
@@ -424,16 +420,13 @@ impl Session {
         }
     }
 
-    /// PUBACK: the delivery is settled with the engine, without a future where the engine
-    /// answers at once (the embedded engine always does: one per QoS 1 message, through
-    /// `handle`'s boxed future it cost more than the settling). An ack the engine is still
-    /// sending (upstream) is handed back to be awaited.
-    pub fn puback(&mut self, id: u16) -> Option<BoxFuture<'_, Result<(), EngineError>>> {
-        let Some(Inflight::AtLeastOnce(Some(tag))) = self.outflow.inflight.remove(&id) else {
-            return None;
-        };
-        let mut sending = self.channel.ack(tag, false);
-        (&mut sending).now_or_never().is_none().then_some(sending)
+    /// PUBACK: the delivery is settled with the engine. Its own small future, awaited in
+    /// place by the connection: through `handle`'s boxed one (the size of every packet's
+    /// steps) it cost more than the settling, once per QoS 1 message.
+    pub async fn puback(&mut self, id: u16) {
+        if let Some(Inflight::AtLeastOnce(Some(tag))) = self.outflow.inflight.remove(&id) {
+            let _ = self.channel.ack(tag, false).await;
+        }
     }
 
     // ---------- re-authentication ----------
