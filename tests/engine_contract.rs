@@ -1051,6 +1051,15 @@ async fn exclusive_consumer(engine: Arc<dyn Engine>) {
     let second = other.consume(&q, ConsumeOptions::manual(1)).await;
     assert_eq!(second.unwrap_err(), EngineError::InUse(q.clone()));
     drop(first);
+    // Dropping cancels in the background: upstream, the cancel travels on
+    // `ch` while the next consume travels on `other`, and the broker orders
+    // two channels' methods to the queue in no particular way.
+    eventually("dropped exclusive consumer cancelled", || {
+        let ch = ch.clone();
+        let q = q.clone();
+        async move { ch.queue_info(&q).await.unwrap().consumers == 0 }
+    })
+    .await;
     let plain = other.consume(&q, ConsumeOptions::manual(1)).await.unwrap();
     let excl = ch.consume(&q, opts).await;
     assert!(
