@@ -14,7 +14,7 @@ use tokio_util::codec::{Decoder, Encoder};
 mod decode;
 mod encode;
 
-use self::decode::{from_v3, from_v5};
+use self::decode::{from_v3, from_v5, plain_publish_in};
 pub use self::encode::{encode_shared_publish, publish_size};
 use self::encode::{plain_publish, to_v3, to_v5};
 
@@ -255,20 +255,32 @@ pub fn remaining_limit(max_packet: u32) -> u32 {
 /// Length of one to four bytes) says. A length that runs on past four bytes counts as whole:
 /// decoding it is what tells the client it is malformed.
 pub fn whole_packet(buf: &[u8]) -> bool {
+    match fixed_header(buf) {
+        Some((header, remaining)) => buf.len() >= header + remaining,
+        None => buf.len() >= 5,
+    }
+}
+
+/// The fixed header's length and the Remaining Length it gives, when the buffer holds a whole
+/// and well-formed one.
+fn fixed_header(buf: &[u8]) -> Option<(usize, usize)> {
     let mut remaining = 0usize;
     for (i, byte) in buf.iter().skip(1).take(4).enumerate() {
         remaining |= usize::from(byte & 0x7F) << (7 * i);
         if byte & 0x80 == 0 {
-            return buf.len() >= 2 + i + remaining;
+            return Some((2 + i, remaining));
         }
     }
-    buf.len() >= 5
+    None
 }
 
 /// The codec of one connection: detects the version on CONNECT, then decodes that version.
 pub struct Codec {
     inner: MqttCodec,
     max_in: u32,
+    /// rmqtt-codec took a fixed header and waits for the rest of its packet: the buffer no
+    /// longer starts with a packet, so only the crate may decode next.
+    mid_frame: bool,
 }
 
 impl Codec {
@@ -276,6 +288,7 @@ impl Codec {
         Codec {
             inner: MqttCodec::Version(rmqtt_codec::version::VersionCodec),
             max_in: max_packet_size,
+            mid_frame: false,
         }
     }
 
@@ -287,6 +300,7 @@ impl Codec {
                 Version::V5 => MqttCodec::V5(v5::Codec::new(max_packet_size, max_packet_size)),
             },
             max_in: max_packet_size,
+            mid_frame: false,
         }
     }
 
@@ -299,10 +313,19 @@ impl Codec {
     }
 
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Inbound>, DecodeError> {
+        if !self.mid_frame
+            && let Some(version) = self.version()
+            && let Some(p) = plain_publish_in(buf, version, remaining_limit(self.max_in))
+        {
+            return Ok(Some(Inbound::Publish(p)));
+        }
         loop {
+            let before = buf.len();
             let Some((packet, _)) = self.inner.decode(buf)? else {
+                self.mid_frame |= buf.len() != before;
                 return Ok(None);
             };
+            self.mid_frame = false;
             return Ok(Some(match packet {
                 MqttPacket::Version(ProtocolVersion::MQTT3) => {
                     self.inner = MqttCodec::V3(v3::Codec::new(remaining_limit(self.max_in)));

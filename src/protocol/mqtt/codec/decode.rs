@@ -1,6 +1,64 @@
-//! rmqtt-codec's packets of either version into the version-neutral [`Inbound`].
+//! rmqtt-codec's packets of either version into the version-neutral [`Inbound`], and the
+//! common PUBLISH decoded without the crate.
+
+use bytes::Buf;
 
 use super::*;
+
+/// A PUBLISH in its common shape — 3.1.1, or MQTT 5 with no properties — decoded straight from
+/// the buffer, as rmqtt-codec would decode it: the crate boxes each PUBLISH and makes its topic
+/// a `ByteString` on the way, a quarter of what receiving one costs (docs/mqtt.md, decisions).
+/// `None`, with nothing consumed, for every other packet, for a packet not whole yet, and for
+/// anything the crate would refuse or read differently (a topic empty or not UTF-8, QoS 3, a
+/// zero packet id, a Remaining Length over `limit`): the crate decodes those and its errors
+/// stand. `limit` is the Remaining Length the crate's decoder allows (0: any).
+pub(super) fn plain_publish_in(
+    buf: &mut BytesMut,
+    version: Version,
+    limit: u32,
+) -> Option<PublishIn> {
+    let first = *buf.first()?;
+    let qos = (first >> 1) & 0b11;
+    if first >> 4 != 3 || qos == 3 {
+        return None;
+    }
+    let (header, remaining) = fixed_header(buf)?;
+    if limit != 0 && remaining > limit as usize {
+        return None;
+    }
+    let body = buf.get(header..header + remaining)?;
+    let topic_len = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
+    let topic = std::str::from_utf8(body.get(2..2 + topic_len)?).ok()?;
+    let mut at = 2 + topic_len;
+    if topic.is_empty() {
+        return None;
+    }
+    let packet_id = if qos > 0 {
+        let id = u16::from_be_bytes([*body.get(at)?, *body.get(at + 1)?]);
+        at += 2;
+        Some(NonZeroU16::new(id)?.get())
+    } else {
+        None
+    };
+    if version == Version::V5 {
+        if *body.get(at)? != 0 {
+            return None;
+        }
+        at += 1;
+    }
+    let topic = String::from(topic);
+    buf.advance(header);
+    let mut payload = buf.split_to(remaining).freeze();
+    payload.advance(at);
+    Some(PublishIn {
+        topic,
+        qos,
+        retain: first & 1 == 1,
+        packet_id,
+        payload,
+        props: PublishProps::default(),
+    })
+}
 
 /// User properties as the session keeps them, in the order they came.
 fn user_properties(list: v5::UserProperties) -> Vec<(String, String)> {
