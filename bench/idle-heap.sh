@@ -7,6 +7,7 @@
 #
 #   bash bench/idle-heap.sh                # N=1000, the 30 largest sites
 #   N=2000 TOP=50 bash bench/idle-heap.sh
+#   SCENARIO=wsidle bash bench/idle-heap.sh  # idle `/ws` JSON subscribers instead
 #
 # Requested bytes only: the allocator's own overhead and its size classes are not in them
 # (bench idle, on the shipped mimalloc build, measures what the process grows by). Peaks, not
@@ -35,8 +36,11 @@ profile() {
   for p in $(pgrep -x amqp-gateway); do
     grep -qa -- "$dir" "/proc/$p/cmdline" && pid=$p
   done
+  local load=(--scenarios idle)
+  [ "${SCENARIO:-idle}" = wsidle ] &&
+    load=(--scenarios wsidle --ws-target "gateway /ws JSON=json,ws://$(listener "$dir" http)/ws,gateway")
   target/release/bench --target "gateway=$(listener "$dir" mqtt)@$(dev_token "$dir")" \
-    --pid "gateway=$pid" --scenarios idle --idle-connections "$1" --runs 1 >/dev/null
+    --pid "gateway=$pid" "${load[@]}" --idle-connections "$1" --runs 1 >/dev/null
   kill -TERM "$pid"
   wait "$tracer" || true
   heaptrack_print -f "$dir"/heap*.zst -a 0 -T 0 -p 0 --flamegraph-cost-type peak \

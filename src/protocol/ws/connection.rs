@@ -36,29 +36,38 @@ enum WriterEnd {
     Gone,
 }
 
-pub async fn run(
+/// Serves one WebSocket connection.
+///
+/// What the task holds for the connection's whole life is its future's state, so that state is
+/// kept to what waiting needs (docs/bench.md, idle `/ws`): not an `async fn`, which would keep
+/// the socket (368 bytes) as an argument after splitting it; the steps that only run for a
+/// moment — a request, the first frame's authentication, closing — boxed while they run.
+pub fn run(
     socket: WebSocket,
     ctx: Context,
     conn: Arc<Connection>,
     principal: Option<Principal>,
-) {
-    metrics::connection_opened(PROTOCOL);
-    let why = serve(socket, &ctx, &conn, principal).await;
-    if why.is_notable() {
-        tracing::info!(remote = %conn.remote, reason = why.as_str(), "WebSocket connection closed");
-    } else {
-        tracing::debug!(remote = %conn.remote, reason = why.as_str(), "WebSocket connection closed");
+) -> impl Future<Output = ()> + Send {
+    let (sink, stream) = socket.split();
+    async move {
+        metrics::connection_opened(PROTOCOL);
+        let why = serve(sink, stream, &ctx, &conn, principal).await;
+        if why.is_notable() {
+            tracing::info!(remote = %conn.remote, reason = why.as_str(), "WebSocket connection closed");
+        } else {
+            tracing::debug!(remote = %conn.remote, reason = why.as_str(), "WebSocket connection closed");
+        }
+        metrics::connection_closed(PROTOCOL, why.as_str());
     }
-    metrics::connection_closed(PROTOCOL, why.as_str());
 }
 
 async fn serve(
-    socket: WebSocket,
+    sink: SplitSink<WebSocket, Message>,
+    mut stream: SplitStream<WebSocket>,
     ctx: &Context,
     conn: &Arc<Connection>,
     principal: Option<Principal>,
 ) -> CloseReason {
-    let (sink, mut stream) = socket.split();
     let limits = &ctx.config.limits;
     let out = Arc::new(SendQueue::new(Limits::of(limits), PROTOCOL));
     let channel = match conn.channel(&ctx.engine).await {
@@ -66,7 +75,7 @@ async fn serve(
         Err(e) => {
             tracing::warn!(error = %e, "no engine channel for a WebSocket client");
             out.close(CloseReason::EngineUnavailable);
-            let _ = writer(sink, out, None, limits.write_timeout).await;
+            let _ = Box::pin(writer(sink, out, None, limits.write_timeout)).await;
             return CloseReason::EngineUnavailable;
         }
     };
@@ -77,7 +86,7 @@ async fn serve(
         limits.write_timeout,
     ))
     .fuse();
-    let admitted = match admit(ctx, &mut stream, &out, principal).await {
+    let admitted = match Box::pin(admit(ctx, &mut stream, &out, principal)).await {
         Ok(admitted) => admitted,
         Err(why) => {
             out.close(why);
@@ -90,10 +99,10 @@ async fn serve(
     session.register();
     // An anonymous client's first frame was a request: answer it like any other.
     if let Some(text) = replay {
-        on_text(&mut session, &out, &text).await;
+        Box::pin(on_text(&mut session, &out, &text)).await;
     }
     let why = serve_session(ctx, &mut session, &mut stream, &out, &mut writer_task).await;
-    session.close().await;
+    Box::pin(session.close()).await;
     out.close(why);
     if !writer_task.is_terminated() {
         let _ = tokio::time::timeout(ctx.config.limits.write_timeout, writer_task).await;
@@ -153,10 +162,10 @@ async fn serve_session(
                 }
                 Outcome::Close(CloseReason::WriteStalled)
             }
-            _ = stall_over(&session.stall) => session.unstall().await,
+            _ = stall_over(&session.stall) => Box::pin(session.unstall()).await,
             frame = stream.next(), if session.may_read() => match frame {
                 Some(Ok(Message::Text(text))) => {
-                    let outcome = on_text(session, out, &text).await;
+                    let outcome = Box::pin(on_text(session, out, &text)).await;
                     // Frames already buffered parse without touching the socket: take
                     // turns with other connections as the MQTT reader does (docs/mqtt.md).
                     if session.stall.is_some() {
@@ -185,11 +194,11 @@ async fn serve_session(
             _ = out.pressure().resume(ctx.config.limits.pace_max_wait), if paused => Outcome::Continue,
             _ = crate::context::closed_by_admin(&session.registered) => Outcome::Close(CloseReason::ClosedByAdmin),
             Some(t) = session.takeovers.next() => {
-                session.taken_over(t).await;
+                Box::pin(session.taken_over(t)).await;
                 Outcome::Continue
             }
             _ = tick.tick() => {
-                session.check_ack_timeouts().await;
+                Box::pin(session.check_ack_timeouts()).await;
                 session.note_in_flight();
                 Outcome::Continue
             }
