@@ -278,6 +278,9 @@ fn fixed_header(buf: &[u8]) -> Option<(usize, usize)> {
 pub struct Codec {
     inner: MqttCodec,
     max_in: u32,
+    /// The largest Remaining Length the inner decoder takes (0: any), worked out once: the
+    /// hand-written PUBLISH decoder checks it on every packet.
+    remaining_in: u32,
     /// rmqtt-codec took a fixed header and waits for the rest of its packet: the buffer no
     /// longer starts with a packet, so only the crate may decode next.
     mid_frame: bool,
@@ -288,6 +291,7 @@ impl Codec {
         Codec {
             inner: MqttCodec::Version(rmqtt_codec::version::VersionCodec),
             max_in: max_packet_size,
+            remaining_in: remaining_limit(max_packet_size),
             mid_frame: false,
         }
     }
@@ -300,6 +304,7 @@ impl Codec {
                 Version::V5 => MqttCodec::V5(v5::Codec::new(max_packet_size, max_packet_size)),
             },
             max_in: max_packet_size,
+            remaining_in: max_packet_size,
             mid_frame: false,
         }
     }
@@ -315,7 +320,7 @@ impl Codec {
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Inbound>, DecodeError> {
         if !self.mid_frame
             && let Some(version) = self.version()
-            && let Some(p) = plain_publish_in(buf, version, remaining_limit(self.max_in))
+            && let Some(p) = plain_publish_in(buf, version, self.remaining_in)
         {
             return Ok(Some(Inbound::Publish(p)));
         }
@@ -328,12 +333,11 @@ impl Codec {
             self.mid_frame = false;
             return Ok(Some(match packet {
                 MqttPacket::Version(ProtocolVersion::MQTT3) => {
-                    self.inner = MqttCodec::V3(v3::Codec::new(remaining_limit(self.max_in)));
+                    self.inner = MqttCodec::V3(v3::Codec::new(self.remaining_in));
                     continue;
                 }
                 MqttPacket::Version(ProtocolVersion::MQTT5) => {
-                    self.inner =
-                        MqttCodec::V5(v5::Codec::new(remaining_limit(self.max_in), self.max_in));
+                    self.inner = MqttCodec::V5(v5::Codec::new(self.remaining_in, self.max_in));
                     continue;
                 }
                 MqttPacket::V3(p) => from_v3(p),

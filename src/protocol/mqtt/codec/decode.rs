@@ -28,11 +28,11 @@ pub(super) fn plain_publish_in(
     }
     let body = buf.get(header..header + remaining)?;
     let topic_len = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
-    let topic = std::str::from_utf8(body.get(2..2 + topic_len)?).ok()?;
-    let mut at = 2 + topic_len;
-    if topic.is_empty() {
+    if topic_len == 0 {
         return None;
     }
+    let topic = std::str::from_utf8(body.get(2..2 + topic_len)?).ok()?;
+    let mut at = 2 + topic_len;
     let packet_id = if qos > 0 {
         let id = u16::from_be_bytes([*body.get(at)?, *body.get(at + 1)?]);
         at += 2;
