@@ -12,10 +12,12 @@ pub mod ws;
 use axum::extract::ws::WebSocketUpgrade;
 
 /// How much tungstenite reads at a time. It allocates and zero-fills its whole read buffer for
-/// every connection up front — 128 KiB by default, nearly all of an idle WebSocket's memory
-/// (`bench/run.sh --scenarios wsidle`); 4 KiB takes a frame header and a small message in one
-/// read, and a larger frame grows the buffer while it arrives.
-const WS_READ_BUFFER: usize = 4 * 1024;
+/// every connection up front and keeps it — 128 KiB by default, nearly all of an idle
+/// WebSocket's memory (`bench/run.sh --scenarios wsidle`). 256 bytes take a frame header and a
+/// small request; a larger frame grows the buffer while it arrives. The HTTP listener reads a
+/// plain socket ahead in 4 KiB pieces held only while unread (`server::read_ahead`), so a burst
+/// of frames still costs one `read(2)` per 4 KiB, not one per 256 bytes.
+const WS_READ_BUFFER: usize = 256;
 
 /// The WebSocket settings every endpoint that upgrades shares (`/ws`, `/mqtt`, `/v1/feed`).
 pub fn websocket(upgrade: WebSocketUpgrade) -> WebSocketUpgrade {

@@ -27,6 +27,9 @@ use crate::context::{Connection, Context};
 use crate::engine::Health;
 use crate::error::StartError;
 
+mod read_ahead;
+use read_ahead::ReadAhead;
+
 /// Binds `listener` at `addr`; returns it with the address it got (port 0 picks one).
 pub async fn bind(
     listener: &'static str,
@@ -232,11 +235,16 @@ pub fn serve_http(
             let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
             crate::metrics::connection_opened("http");
             tokio::spawn(async move {
+                // A plain socket is read ahead for tungstenite's small reads (`read_ahead`);
+                // a TLS session (rustls buffers its own reads) is boxed, so that every plain
+                // connection's stream — inline in this task, and in hyper's box after a
+                // WebSocket upgrade, for the socket's whole life — is not a TLS session's size
+                // (1.1 KiB).
                 let stream = match tls {
-                    None => Ok(Either::Left(stream)),
+                    None => Ok(Either::Left(ReadAhead::new(stream))),
                     Some(tls) => tls_handshake(&tls, stream, header_read_timeout)
                         .await
-                        .map(Either::Right),
+                        .map(|tls| Either::Right(Box::new(tls))),
                 };
                 let served = match stream {
                     Ok(stream) => {
