@@ -38,7 +38,7 @@ run "mosquitto nats rumqttd" --scenarios idle --runs 1 --idle-connections 15000
 run "mosquitto nats rumqttd" --scenarios qos0,qos1,fanout,fanin,latency --duration "$duration" --runs "$runs"
 fresh_peers
 run "mosquitto rabbitmq rumqttd" --scenarios wsidle --runs 1
-run "mosquitto rabbitmq rumqttd" --scenarios wsfanout,rest --duration "$duration" --runs "$runs"
+run "mosquitto rabbitmq rumqttd" --scenarios wsfanout,wspublish,rest --duration "$duration" --runs "$runs"
 run "rabbitmq" --scenarios amqp --duration "$duration" --runs "$runs"
 
 cargo build --release --locked -p amqp-gateway-bench --bin bench

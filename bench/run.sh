@@ -9,7 +9,7 @@
 #   bash bench/run.sh                        # every scenario, 10 s, median of 3
 #   bash bench/run.sh --duration 5s --runs 1 --scenarios qos0,fanout
 #   bash bench/run.sh --scenarios durable    # confirmed persistent publishes vs RabbitMQ
-#   PEERS="mosquitto rabbitmq" bash bench/run.sh --scenarios wsfanout,wsidle,rest
+#   PEERS="mosquitto rabbitmq" bash bench/run.sh --scenarios wsfanout,wsidle,wspublish,rest
 #
 # PEERS="mosquitto nats rabbitmq rumqttd" (default: mosquitto nats) picks the peers; rumqttd
 # 0.20 (the Rust broker) is installed with cargo when missing and started here, MQTT 18841 and

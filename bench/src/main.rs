@@ -576,7 +576,7 @@ async fn main() {
     if wants(&["amqp"]) {
         or_exit("amqp", amqp_table(&args).await);
     }
-    if wants(&["wsfanout", "wsidle"]) {
+    if wants(&["wsfanout", "wsidle", "wspublish"]) {
         or_exit("ws", ws::report(&args, &targets).await);
     }
     if wants(&["rest"]) {
@@ -621,7 +621,7 @@ fn or_exit(table: &str, result: Result<(), String>) {
 fn is_amqp_scenario(s: &str) -> bool {
     matches!(
         s,
-        "durable" | "hop" | "amqp" | "soak" | "rest" | "wsfanout" | "wsidle"
+        "durable" | "hop" | "amqp" | "soak" | "rest" | "wsfanout" | "wsidle" | "wspublish"
     )
 }
 

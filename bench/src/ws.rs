@@ -1,10 +1,11 @@
 //! The WebSocket scenarios: fan-out from one publisher to many WebSocket subscribers
-//! (`wsfanout`), and memory per idle WebSocket subscriber (`wsidle`). Subscribers speak the
-//! gateway's `/ws` JSON protocol, or MQTT 3.1.1 over WebSocket (subprotocol `mqtt`: the
-//! gateway's `/mqtt`, Mosquitto's WebSocket listener, RabbitMQ Web-MQTT); the publisher is an
-//! MQTT client over TCP to the same broker, QoS 0, flat out, so the offered rate saturates.
-//! Each subscriber counts what it receives; what the publisher sent times the subscribers,
-//! minus what arrived by the end of the drain, is lost.
+//! (`wsfanout`), memory per idle WebSocket subscriber (`wsidle`), and one WebSocket publisher
+//! to one subscriber (`wspublish`). WebSocket clients speak the gateway's `/ws` JSON protocol,
+//! or MQTT 3.1.1 over WebSocket (subprotocol `mqtt`: the gateway's `/mqtt`, Mosquitto's
+//! WebSocket listener, RabbitMQ Web-MQTT); the other end is an MQTT client over TCP to the same
+//! broker, QoS 0, flat out, so the offered rate saturates. Each subscriber counts what it
+//! receives; what the publisher sent times the subscribers, minus what arrived by the end of
+//! the drain, is lost.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -63,14 +64,12 @@ pub fn parse(s: &str, targets: &[Target]) -> Result<WsTarget, String> {
     })
 }
 
-/// One subscriber: connected, subscribed to `topic` (MQTT form; `/ws` binds its AMQP form on
-/// `amq.topic`), counting deliveries into `seen` until `stop`.
-async fn subscriber(
-    t: &WsTarget,
-    topic: &str,
-    seen: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-) -> Result<tokio::task::JoinHandle<()>, String> {
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket to `t`, its subprotocol agreed (and `/ws` authenticated by header); an MQTT one
+/// has had its CONNECT sent.
+async fn open(t: &WsTarget) -> Result<Socket, String> {
     let mut req = t
         .url
         .as_str()
@@ -94,6 +93,23 @@ async fn subscriber(
     let (mut ws, _) = tokio_tungstenite::connect_async(req)
         .await
         .map_err(|e| format!("{}: {e}", t.url))?;
+    if t.kind == Kind::Mqtt {
+        ws.send(Message::binary(connect(t.publisher.password.as_deref())))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(ws)
+}
+
+/// One subscriber: connected, subscribed to `topic` (MQTT form; `/ws` binds its AMQP form on
+/// `amq.topic`), counting deliveries into `seen` until `stop`.
+async fn subscriber(
+    t: &WsTarget,
+    topic: &str,
+    seen: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    let mut ws = open(t).await?;
     match t.kind {
         Kind::Json => {
             let key = topic.replace('/', ".");
@@ -113,9 +129,6 @@ async fn subscriber(
             }
         }
         Kind::Mqtt => {
-            ws.send(Message::binary(connect(t.publisher.password.as_deref())))
-                .await
-                .map_err(|e| e.to_string())?;
             ws.send(Message::binary(subscribe(topic)))
                 .await
                 .map_err(|e| e.to_string())?;
@@ -291,12 +304,95 @@ pub async fn fanout(
     tokio::time::sleep(Duration::from_millis(500)).await;
     Ok(Fanout {
         rate,
-        lost_percent: if offered == 0 {
-            0.0
-        } else {
-            offered.saturating_sub(delivered) as f64 * 100.0 / offered as f64
-        },
+        lost_percent: lost(offered, delivered),
     })
+}
+
+/// Frames a WebSocket publisher writes before one flush: a busy client's frames share TCP
+/// segments, so the target reads several with one `read(2)`.
+const PUBLISH_BATCH: u64 = 64;
+
+/// One WebSocket publisher flat out at QoS 0 (`/ws`: `publish` requests, each answered) to
+/// one MQTT subscriber over TCP on the same broker: what the target's WebSocket read side
+/// carries.
+pub async fn inbound(t: &WsTarget, payload: usize, duration: Duration) -> Result<Fanout, String> {
+    let topic = format!("bench/wspub/{}/{}", std::process::id(), crate::next_id());
+    let seen = Arc::new(crate::Seen::default());
+    let subscriber = crate::subscriber(
+        &t.publisher,
+        &topic,
+        QoS::AtMostOnce,
+        seen.clone(),
+        false,
+        None,
+    )
+    .await?;
+    let mut ws = open(t).await?;
+    let frame = match t.kind {
+        Kind::Json => {
+            let body = "x".repeat(payload);
+            let publish = serde_json::json!({"op": "publish", "id": 1, "exchange": "amq.topic",
+                "routing_key": topic.replace('/', "."), "body": body, "encoding": "utf8"});
+            Message::text(publish.to_string())
+        }
+        Kind::Mqtt => {
+            // Until the CONNACK.
+            match ws.next().await {
+                Some(Ok(Message::Binary(_))) => {}
+                other => return Err(format!("no CONNACK: {other:?}")),
+            }
+            let publish = rumqttc::Publish::new(&topic, QoS::AtMostOnce, vec![b'x'; payload]);
+            Message::binary(encoded(|buf| publish.write(buf)))
+        }
+    };
+    let (mut sink, mut replies) = ws.split();
+    // `/ws` answers every publish; the answers are read and dropped.
+    let reader = tokio::spawn(async move { while let Some(Ok(_)) = replies.next().await {} });
+    let sent = Arc::new(AtomicU64::new(0));
+    let publishing = Arc::new(AtomicBool::new(true));
+    let task = {
+        let (sent, publishing) = (sent.clone(), publishing.clone());
+        tokio::spawn(async move {
+            while publishing.load(Ordering::Relaxed) {
+                for _ in 0..PUBLISH_BATCH {
+                    if sink.feed(frame.clone()).await.is_err() {
+                        return;
+                    }
+                }
+                if sink.flush().await.is_err() {
+                    return;
+                }
+                sent.fetch_add(PUBLISH_BATCH, Ordering::Relaxed);
+            }
+            let _ = sink.close().await;
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = seen.count.load(Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(duration).await;
+    let rate =
+        (seen.count.load(Ordering::Relaxed) - before) as f64 / started.elapsed().as_secs_f64();
+    publishing.store(false, Ordering::Relaxed);
+    let _ = task.await;
+    crate::drain(&seen.count).await;
+    let offered = sent.load(Ordering::Relaxed);
+    let delivered = seen.count.load(Ordering::Relaxed);
+    let _ = subscriber.disconnect().await;
+    reader.abort();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(Fanout {
+        rate,
+        lost_percent: lost(offered, delivered),
+    })
+}
+
+fn lost(offered: u64, delivered: u64) -> f64 {
+    if offered == 0 {
+        0.0
+    } else {
+        offered.saturating_sub(delivered) as f64 * 100.0 / offered as f64
+    }
 }
 
 /// `n` idle WebSocket subscribers (one subscription each): the broker's resident memory grown
@@ -332,14 +428,17 @@ pub async fn report(args: &Args, targets: &[Target]) -> Result<(), String> {
         return Err("needs --ws-target".into());
     }
     println!(
-        "\nWebSocket: one MQTT QoS 0 publisher over TCP, flat out, {} B payloads; median of {} runs of {:?}; ratios: above 1, the first did better\n",
+        "\nWebSocket: QoS 0 flat out (fan-out: an MQTT publisher over TCP; publisher: over WebSocket, to an MQTT subscriber over TCP), {} B payloads; median of {} runs of {:?}; ratios: above 1, the first did better\n",
         args.payload, args.runs, args.duration
     );
     crate::scenario_header(ws.iter().map(|t| t.name.as_str()));
     // Memory first: after a fan-out the allocator keeps what 1,000 busy connections freed, and
     // idle connections grow into it unseen.
     let wanted = |name: &str| args.scenarios.iter().any(|s| s == name);
-    for scenario in ["wsidle", "wsfanout"].into_iter().filter(|s| wanted(s)) {
+    for scenario in ["wsidle", "wsfanout", "wspublish"]
+        .into_iter()
+        .filter(|s| wanted(s))
+    {
         let mut cells = Vec::new();
         let mut values = Vec::new();
         for t in &ws {
@@ -354,7 +453,12 @@ pub async fn report(args: &Args, targets: &[Target]) -> Result<(), String> {
                 let mut lost = Vec::new();
                 let mut error = None;
                 for _ in 0..args.runs {
-                    match fanout(t, args.ws_subscribers, args.payload, args.duration).await {
+                    let run = if scenario == "wsfanout" {
+                        fanout(t, args.ws_subscribers, args.payload, args.duration).await
+                    } else {
+                        inbound(t, args.payload, args.duration).await
+                    };
+                    match run {
                         Ok(f) => {
                             rates.push(f.rate);
                             lost.push(f.lost_percent);
@@ -367,7 +471,11 @@ pub async fn report(args: &Args, targets: &[Target]) -> Result<(), String> {
                     _ => {
                         let rate = crate::median(rates);
                         let lost = crate::median(lost);
-                        let label = format!("WS 1→{} fan-out", args.ws_subscribers);
+                        let label = if scenario == "wsfanout" {
+                            format!("WS 1→{} fan-out", args.ws_subscribers)
+                        } else {
+                            "WS publisher 1→1".to_owned()
+                        };
                         crate::report::record(&label, &t.name, rate, "msg/s");
                         Ok((format!("{:.1}k/s, {lost:.2} % lost", rate / 1000.0), rate))
                     }
@@ -386,6 +494,8 @@ pub async fn report(args: &Args, targets: &[Target]) -> Result<(), String> {
         }
         let label = if scenario == "wsfanout" {
             format!("1→{} fan-out, deliveries/s", args.ws_subscribers)
+        } else if scenario == "wspublish" {
+            "WebSocket publisher 1→1 (MQTT subscriber over TCP), deliveries/s".to_owned()
         } else {
             format!(
                 "memory per idle WebSocket subscriber ({})",
