@@ -111,7 +111,9 @@ pub struct WsSession {
     channel: Arc<dyn Channel>,
     principal: Principal,
     out: Arc<SendQueue>,
-    subs: HashMap<Arc<str>, Sub>,
+    /// Boxed: a map's first allocation has room for four entries, and an idle browser with
+    /// one subscription should not hold three empty `Sub`s (docs/bench.md, idle `/ws`).
+    subs: HashMap<Arc<str>, Box<Sub>>,
     /// Polled by the connection loop; keyed like `subs`.
     pub consumers: StreamMap<Arc<str>, Consumer>,
     next_sub: u64,

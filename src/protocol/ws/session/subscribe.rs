@@ -82,14 +82,19 @@ impl WsSession {
         self.reply(frames::subscribed(id, &sub, target.queue()));
         self.subs.insert(
             sub.clone(),
-            Sub {
+            Box::new(Sub {
                 target,
                 mode,
                 prefetch: (mode == Mode::Manual).then_some(prefetch),
                 next_tag: 1,
                 unacked: BTreeMap::new(),
-            },
+            }),
         );
+        if self.consumers.is_empty() {
+            // Most browsers hold one subscription: room for exactly one, where the `Vec`
+            // underneath would grow to four on its first push.
+            self.consumers = StreamMap::with_capacity(1);
+        }
         self.consumers.insert(sub, consumer);
         self.show_subscriptions();
         Ok(Outcome::Continue)
