@@ -80,6 +80,8 @@ fn main() -> ExitCode {
         Err(e) => return fail(1, format!("cannot start the runtime: {e}")),
     };
     let result = runtime.block_on(async {
+        // Before the listeners open: a TERM while starting must not meet the default action.
+        let stop = amqp_gateway::shutdown::signal();
         let gateway = amqp_gateway::start(config).await?;
         if let Some(token) = dev_token {
             // stdout, never the log: the token is a credential.
@@ -87,7 +89,7 @@ fn main() -> ExitCode {
                 "\nAdministrator token (valid 24h; mint others with `amqp-gateway token`):\n{token}\n"
             );
         }
-        reload_tls_until_stopped(&gateway).await;
+        reload_tls_until_stopped(&gateway, stop).await;
         gateway.shutdown().await;
         Ok::<(), amqp_gateway::StartError>(())
     });
@@ -177,8 +179,10 @@ fn token(config: &Config, args: &TokenArgs) -> ExitCode {
 
 /// Runs until SIGTERM/SIGINT; on SIGHUP reads the TLS certificate and key again (a bad pair is
 /// logged and the current one kept).
-async fn reload_tls_until_stopped(gateway: &amqp_gateway::Gateway) {
-    let stop = amqp_gateway::shutdown::signal();
+async fn reload_tls_until_stopped(
+    gateway: &amqp_gateway::Gateway,
+    stop: impl std::future::Future<Output = ()>,
+) {
     tokio::pin!(stop);
     #[cfg(unix)]
     let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
