@@ -8,7 +8,7 @@ mod admission;
 mod pressure;
 
 pub use self::admission::{Admission, Admitted, Full, Unauthenticated};
-pub use self::pressure::{Bound, Pace, Pressure, Stall, stall_over};
+pub use self::pressure::{Bound, Pace, Pressure, Stall};
 
 use std::num::NonZeroU32;
 use std::sync::Arc;

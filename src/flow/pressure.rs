@@ -346,14 +346,6 @@ impl Stall {
     }
 }
 
-/// The stall of `stall`, if any, else never: a branch for a connection's `select!`.
-pub async fn stall_over(stall: &Option<Stall>) {
-    match stall {
-        Some(s) => s.released().await,
-        None => std::future::pending().await,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures_util::future::{Fuse, FusedFuture};
+use futures_util::future::Either;
+use futures_util::future::{Fuse, FusedFuture, OptionFuture};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::Value;
@@ -19,7 +20,7 @@ use crate::auth::{Principal, expiry_sleep};
 use crate::codes::Code;
 use crate::context::{Connection, Context};
 use crate::engine::Channel;
-use crate::flow::{Admitted, Full, stall_over};
+use crate::flow::{Admitted, Full};
 use crate::metrics;
 use crate::protocol::outbound::{Frame, Limits, Next, SendQueue};
 
@@ -39,9 +40,10 @@ enum WriterEnd {
 /// Serves one WebSocket connection.
 ///
 /// What the task holds for the connection's whole life is its future's state, so that state is
-/// kept to what waiting needs (docs/bench.md, idle `/ws`): not an `async fn`, which would keep
-/// the socket (368 bytes) as an argument after splitting it; the steps that only run for a
-/// moment — a request, the first frame's authentication, closing — boxed while they run.
+/// kept to what waiting needs (docs/bench.md, idle `/ws`). No `async fn` or block spans the
+/// whole life: either would keep its arguments (the socket's halves, the principal) as state
+/// after handing them on. Starting is boxed and gone once the session runs; the steps that only
+/// run for a moment — a request, unstalling, closing — are boxed while they run.
 pub fn run(
     socket: WebSocket,
     ctx: Context,
@@ -49,25 +51,43 @@ pub fn run(
     principal: Option<Principal>,
 ) -> impl Future<Output = ()> + Send {
     let (sink, stream) = socket.split();
-    async move {
-        metrics::connection_opened(PROTOCOL);
-        let why = serve(sink, stream, &ctx, &conn, principal).await;
-        if why.is_notable() {
-            tracing::info!(remote = %conn.remote, reason = why.as_str(), "WebSocket connection closed");
-        } else {
-            tracing::debug!(remote = %conn.remote, reason = why.as_str(), "WebSocket connection closed");
-        }
-        metrics::connection_closed(PROTOCOL, why.as_str());
-    }
+    let remote = conn.remote;
+    metrics::connection_opened(PROTOCOL);
+    Box::pin(start(sink, stream, ctx, conn, principal))
+        .then(|started| match started {
+            Ok(live) => Either::Left(live.serve()),
+            Err(why) => Either::Right(std::future::ready(why)),
+        })
+        .map(move |why| {
+            if why.is_notable() {
+                tracing::info!(%remote, reason = why.as_str(), "WebSocket connection closed");
+            } else {
+                tracing::debug!(%remote, reason = why.as_str(), "WebSocket connection closed");
+            }
+            metrics::connection_closed(PROTOCOL, why.as_str());
+        })
 }
 
-async fn serve(
+/// A connection past its start: what its session loop and its close need.
+struct Live {
+    ctx: Context,
+    session: WsSession,
+    stream: SplitStream<WebSocket>,
+    out: Arc<SendQueue>,
+    writer_task: Fuse<JoinHandle<WriterEnd>>,
+    /// Its place under the connection limits, held while it lives.
+    _place: Admitted,
+}
+
+/// The writer started, the client admitted, the session registered (and an anonymous client's
+/// first request answered); or why the connection ended before that.
+async fn start(
     sink: SplitSink<WebSocket, Message>,
     mut stream: SplitStream<WebSocket>,
-    ctx: &Context,
-    conn: &Arc<Connection>,
+    ctx: Context,
+    conn: Arc<Connection>,
     principal: Option<Principal>,
-) -> CloseReason {
+) -> Result<Live, CloseReason> {
     let limits = &ctx.config.limits;
     let out = Arc::new(SendQueue::new(Limits::of(limits), PROTOCOL));
     let channel = match conn.channel(&ctx.engine).await {
@@ -75,8 +95,8 @@ async fn serve(
         Err(e) => {
             tracing::warn!(error = %e, "no engine channel for a WebSocket client");
             out.close(CloseReason::EngineUnavailable);
-            let _ = Box::pin(writer(sink, out, None, limits.write_timeout)).await;
-            return CloseReason::EngineUnavailable;
+            let _ = writer(sink, out, None, limits.write_timeout).await;
+            return Err(CloseReason::EngineUnavailable);
         }
     };
     let mut writer_task = tokio::spawn(writer(
@@ -86,28 +106,49 @@ async fn serve(
         limits.write_timeout,
     ))
     .fuse();
-    let admitted = match Box::pin(admit(ctx, &mut stream, &out, principal)).await {
+    let (principal, replay, place) = match admit(&ctx, &mut stream, &out, principal).await {
         Ok(admitted) => admitted,
         Err(why) => {
             out.close(why);
             let _ = tokio::time::timeout(Duration::from_secs(1), &mut writer_task).await;
-            return why;
+            return Err(why);
         }
     };
-    let (principal, replay, _place) = admitted;
-    let mut session = WsSession::new(ctx.clone(), conn.clone(), channel, principal, out.clone());
+    let mut session = WsSession::new(ctx.clone(), conn, channel, principal, out.clone());
     session.register();
     // An anonymous client's first frame was a request: answer it like any other.
     if let Some(text) = replay {
-        Box::pin(on_text(&mut session, &out, &text)).await;
+        on_text(&mut session, &out, &text).await;
     }
-    let why = serve_session(ctx, &mut session, &mut stream, &out, &mut writer_task).await;
-    Box::pin(session.close()).await;
-    out.close(why);
-    if !writer_task.is_terminated() {
-        let _ = tokio::time::timeout(ctx.config.limits.write_timeout, writer_task).await;
+    Ok(Live {
+        ctx,
+        session,
+        stream,
+        out,
+        writer_task,
+        _place: place,
+    })
+}
+
+impl Live {
+    /// The session until it ends, then its close; returns why it ended.
+    async fn serve(mut self) -> CloseReason {
+        let why = serve_session(
+            &self.ctx,
+            &mut self.session,
+            &mut self.stream,
+            &self.out,
+            &mut self.writer_task,
+        )
+        .await;
+        Box::pin(self.session.close()).await;
+        self.out.close(why);
+        if !self.writer_task.is_terminated() {
+            let write_timeout = self.ctx.config.limits.write_timeout;
+            let _ = tokio::time::timeout(write_timeout, self.writer_task).await;
+        }
+        why
     }
-    why
 }
 
 /// The principal (from the upgrade request, or from the first frame), the first frame to
@@ -153,6 +194,9 @@ async fn serve_session(
         // While the droppable part of the buffer paces publishers, deliveries wait in the
         // engine's queues instead of overflowing it (DESIGN.md §7).
         let paused = out.pressure().paces();
+        // The two pacing branches' futures (600 bytes between them) are boxed and made only
+        // while they are enabled, as the MQTT loop's are: every branch's future is part of
+        // an idle connection's state, enabled or not.
         let outcome = tokio::select! {
             _ = ctx.shutdown.wait() => Outcome::Close(CloseReason::Shutdown),
             _ = expiry => Outcome::Close(CloseReason::TokenExpired),
@@ -162,7 +206,9 @@ async fn serve_session(
                 }
                 Outcome::Close(CloseReason::WriteStalled)
             }
-            _ = stall_over(&session.stall) => Box::pin(session.unstall()).await,
+            _ = OptionFuture::from(session.stall.as_ref().map(|s| Box::pin(s.released()))), if session.stall.is_some() => {
+                Box::pin(session.unstall()).await
+            }
             frame = stream.next(), if session.may_read() => match frame {
                 Some(Ok(Message::Text(text))) => {
                     let outcome = Box::pin(on_text(session, out, &text)).await;
@@ -191,7 +237,7 @@ async fn serve_session(
             Some((sub, event)) = session.consumers.next(), if !session.consumers.is_empty() && !paused => {
                 session.event(sub, event).await
             }
-            _ = out.pressure().resume(ctx.config.limits.pace_max_wait), if paused => Outcome::Continue,
+            _ = OptionFuture::from(paused.then(|| Box::pin(out.pressure().resume(ctx.config.limits.pace_max_wait)))), if paused => Outcome::Continue,
             _ = crate::context::closed_by_admin(&session.registered) => Outcome::Close(CloseReason::ClosedByAdmin),
             Some(t) = session.takeovers.next() => {
                 Box::pin(session.taken_over(t)).await;
