@@ -174,7 +174,7 @@ pub(super) struct Queue {
     state: Mutex<State>,
     gauges: Arc<Gauges>,
     /// Wakes the expiry task when the head may have changed.
-    pub expiry_wake: Notify,
+    pub expiry_wake: Arc<Notify>,
     /// Wakes the queue's own expiry task (`x-expires`) when the interval changed.
     expires_changed: Arc<Notify>,
     queue_expiry_started: AtomicBool,
@@ -222,7 +222,7 @@ impl Queue {
                 handed_out: 0,
             }),
             gauges,
-            expiry_wake: Notify::new(),
+            expiry_wake: Arc::new(Notify::new()),
             expires_changed: Arc::new(Notify::new()),
             queue_expiry_started: AtomicBool::new(false),
             expiry_started: AtomicBool::new(false),

@@ -14,11 +14,15 @@ impl Broker {
         rt.spawn(async move {
             loop {
                 let Some(q) = queue.upgrade() else { return };
-                let notified = q.expiry_wake.notified();
-                tokio::pin!(notified);
+                // Owned, so the queue is not held while waiting: a durable queue's pages hold
+                // the store, whose directory lock must go with the engine at shutdown, not
+                // when this task next runs.
+                let mut notified = Box::pin(Arc::clone(&q.expiry_wake).notified_owned());
                 notified.as_mut().enable();
                 let mut fx = Effects::default();
-                let Some(next) = q.expire_due(Instant::now(), &mut fx) else {
+                let next = q.expire_due(Instant::now(), &mut fx);
+                drop(q);
+                let Some(next) = next else {
                     return;
                 };
                 match broker.upgrade() {
