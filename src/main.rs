@@ -80,8 +80,10 @@ fn main() -> ExitCode {
         Err(e) => return fail(1, format!("cannot start the runtime: {e}")),
     };
     let result = runtime.block_on(async {
-        // Before the listeners open: a TERM while starting must not meet the default action.
+        // Before the listeners open: a TERM or HUP while starting must not meet the default
+        // action (both end the process).
         let stop = amqp_gateway::shutdown::signal();
+        let hangups = hangups();
         let gateway = amqp_gateway::start(config).await?;
         if let Some(token) = dev_token {
             // stdout, never the log: the token is a credential.
@@ -89,7 +91,7 @@ fn main() -> ExitCode {
                 "\nAdministrator token (valid 24h; mint others with `amqp-gateway token`):\n{token}\n"
             );
         }
-        reload_tls_until_stopped(&gateway, stop).await;
+        reload_tls_until_stopped(&gateway, stop, hangups).await;
         gateway.shutdown().await;
         Ok::<(), amqp_gateway::StartError>(())
     });
@@ -177,15 +179,29 @@ fn token(config: &Config, args: &TokenArgs) -> ExitCode {
     }
 }
 
+#[cfg(unix)]
+type Hangups = tokio::signal::unix::Signal;
+#[cfg(not(unix))]
+type Hangups = ();
+
+/// SIGHUP's handler, installed when called.
+fn hangups() -> std::io::Result<Hangups> {
+    #[cfg(unix)]
+    return tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    #[cfg(not(unix))]
+    Ok(())
+}
+
 /// Runs until SIGTERM/SIGINT; on SIGHUP reads the TLS certificate and key again (a bad pair is
 /// logged and the current one kept).
 async fn reload_tls_until_stopped(
     gateway: &amqp_gateway::Gateway,
     stop: impl std::future::Future<Output = ()>,
+    hangups: std::io::Result<Hangups>,
 ) {
     tokio::pin!(stop);
-    #[cfg(unix)]
-    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+    #[cfg_attr(not(unix), allow(unused_variables, unused_mut))]
+    let mut hangup = match hangups {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot listen for SIGHUP; certificates reload on restart only");
