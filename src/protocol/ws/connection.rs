@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures_util::future::Either;
-use futures_util::future::{Fuse, FusedFuture, OptionFuture};
+use futures_util::future::{Either, Fuse, FusedFuture, OptionFuture};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::Value;
