@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
@@ -122,12 +122,7 @@ pub async fn one_to_one(
             tally.next();
         }
     });
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = delivered.load(Ordering::Relaxed);
-    let started = Instant::now();
-    tokio::time::sleep(duration).await;
-    let rate =
-        (delivered.load(Ordering::Relaxed) - before) as f64 / started.elapsed().as_secs_f64();
+    let rate = super::rate_over(&delivered, duration).await;
     stop.store(true, Ordering::Relaxed);
     super::drain(&delivered).await;
     let loss = count::Loss::of(&[sent], &[received]);

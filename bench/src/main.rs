@@ -339,6 +339,15 @@ async fn throughput(
     Ok(Run { rate, loss, cpu_us })
 }
 
+/// What `counter` counted per second over `duration`, after a one-second warm-up.
+async fn rate_over(counter: &AtomicU64, duration: Duration) -> f64 {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = counter.load(Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(duration).await;
+    (counter.load(Ordering::Relaxed) - before) as f64 / started.elapsed().as_secs_f64()
+}
+
 /// Waits until deliveries stop (a second without one, at most thirty seconds): what is still
 /// in flight after that counts as lost. A target that slows its publishers (the gateway's
 /// pacing, TCP backpressure) holds their backlog in parked input and socket buffers when the

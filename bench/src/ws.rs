@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use rumqttc::QoS;
@@ -286,11 +286,7 @@ pub async fn fanout(
             }
         })
     };
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = seen.load(Ordering::Relaxed);
-    let started = Instant::now();
-    tokio::time::sleep(duration).await;
-    let rate = (seen.load(Ordering::Relaxed) - before) as f64 / started.elapsed().as_secs_f64();
+    let rate = crate::rate_over(&seen, duration).await;
     publishing.store(false, Ordering::Relaxed);
     let _ = task.await;
     crate::drain(&seen).await;
@@ -367,12 +363,7 @@ pub async fn inbound(t: &WsTarget, payload: usize, duration: Duration) -> Result
             let _ = sink.close().await;
         })
     };
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = seen.count.load(Ordering::Relaxed);
-    let started = Instant::now();
-    tokio::time::sleep(duration).await;
-    let rate =
-        (seen.count.load(Ordering::Relaxed) - before) as f64 / started.elapsed().as_secs_f64();
+    let rate = crate::rate_over(&seen.count, duration).await;
     publishing.store(false, Ordering::Relaxed);
     let _ = task.await;
     crate::drain(&seen.count).await;
