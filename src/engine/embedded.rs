@@ -235,9 +235,9 @@ impl Engine for EmbeddedEngine {
     async fn shutdown(&self) {
         self.shut.store(true, Ordering::Release);
         self.broker.shutdown();
-        // The store's maintenance (disk alarm, pager) may be mid-write: once it ends, nothing
-        // but the engine holds the store, and dropping the engine releases the data directory.
-        self.broker.maintenance_stopped().await;
+        // The store's maintenance (disk alarm, pager) may be mid-write: the store closes once
+        // it ends, so the data directory is free when this returns.
+        self.broker.close_store().await;
     }
 }
 

@@ -238,12 +238,16 @@ impl Broker {
         self.maintenance.lock().push(handle);
     }
 
-    /// Waits for the store's maintenance tasks, which end once `shutdown` stopped them.
-    pub async fn maintenance_stopped(&self) {
+    /// Waits for the store's maintenance tasks, which end once `shutdown` stopped them, then
+    /// closes the store: the data directory is free for another gateway even while something
+    /// (a task not yet polled since the shutdown, a client's handle on the engine) still holds
+    /// the broker.
+    pub async fn close_store(&self) {
         let tasks = std::mem::take(&mut *self.maintenance.lock());
         for task in tasks {
             let _ = task.await;
         }
+        self.store.close().await;
     }
 
     pub fn held(&self) -> &Held {

@@ -179,6 +179,12 @@ pub trait Store: Send + Sync + 'static {
     /// about once a second.
     fn reclaim(&self, _urgent: bool) {}
 
+    /// Ends the store for good: writes sent before are applied, later ones fail, and its files
+    /// are let go of once this resolves.
+    fn close(&self) -> BoxFuture<'static, ()> {
+        Box::pin(std::future::ready(()))
+    }
+
     /// Group commits made so far (each one fsync; writes per commit say how well they group).
     fn commits(&self) -> u64 {
         0

@@ -47,7 +47,14 @@ impl Op {
 /// Which keys a [`Op::RemoveWhere`] removes.
 pub type KeyFilter = Arc<dyn Fn(&[u8]) -> bool + Send + Sync>;
 
-struct Request {
+enum Request {
+    Write(Write),
+    /// Apply everything sent before, then end; answered once the writer has let go of the
+    /// tables.
+    Stop(oneshot::Sender<()>),
+}
+
+struct Write {
     ops: Vec<Op>,
     /// `None`: nobody awaits this write. A failed write nobody hears of (this, or an awaited
     /// one whose caller went away) is applied once the store is reopened.
@@ -94,7 +101,13 @@ impl Committer {
         };
         std::thread::Builder::new()
             .name("store-commit".into())
-            .spawn(move || writer.run(max_delay, &rx, &counted))
+            .spawn(move || {
+                // `run` consumes the writer: its tables are let go of before the stop is
+                // answered.
+                if let Some(stopped) = writer.run(max_delay, &rx, &counted) {
+                    let _ = stopped.send(());
+                }
+            })
             .map_err(|e| StoreError(format!("cannot start the store's writer: {e}")))?;
         Ok(Committer { tx, batches })
     }
@@ -106,10 +119,10 @@ impl Committer {
         ops: Vec<Op>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
         let (done, answer) = oneshot::channel();
-        let sent = self.tx.send(Request {
+        let sent = self.tx.send(Request::Write(Write {
             ops,
             done: Some(done),
-        });
+        }));
         async move {
             sent.map_err(|_| StoreError("the store's writer has stopped".into()))?;
             answer
@@ -121,14 +134,41 @@ impl Committer {
     /// Applies `ops` in order, after every request submitted before, with nobody waiting: a
     /// write the store cannot make now (after a failure) is made once it is reopened.
     pub fn detach(&self, ops: Vec<Op>) {
-        if self.tx.send(Request { ops, done: None }).is_err() {
+        if self
+            .tx
+            .send(Request::Write(Write { ops, done: None }))
+            .is_err()
+        {
             tracing::error!("store write lost: the store's writer has stopped");
+        }
+    }
+
+    /// Applies every request sent before, then stops the writer; resolves once it has let go
+    /// of the tables. Later writes fail.
+    pub fn stop(&self) -> impl Future<Output = ()> + Send + 'static {
+        let (stopped, heard) = oneshot::channel();
+        let sent = self.tx.send(Request::Stop(stopped)).is_ok();
+        async move {
+            if sent {
+                let _ = heard.await;
+            }
         }
     }
 
     /// Batches committed so far.
     pub fn batches(&self) -> u64 {
         self.batches.load(Ordering::Relaxed)
+    }
+}
+
+/// Puts a write into `requests`, or hands back a stop.
+fn take(requests: &mut Vec<Write>, request: Request) -> Option<oneshot::Sender<()>> {
+    match request {
+        Request::Write(w) => {
+            requests.push(w);
+            None
+        }
+        Request::Stop(stopped) => Some(stopped),
     }
 }
 
@@ -166,60 +206,83 @@ impl Failed {
 }
 
 impl Writer {
-    fn run(mut self, max_delay: Duration, rx: &mpsc::Receiver<Request>, batches: &AtomicU64) {
+    /// Commits until every committer is gone (`None`) or one asks to stop (its answer, to be
+    /// sent once the writer is dropped).
+    fn run(
+        mut self,
+        max_delay: Duration,
+        rx: &mpsc::Receiver<Request>,
+        batches: &AtomicU64,
+    ) -> Option<oneshot::Sender<()>> {
         // How many requests the last batch held: the writers likely to come back together.
         let mut expected = 1;
         loop {
             let first = match &self.failed {
                 None => match rx.recv() {
                     Ok(r) => Some(r),
-                    Err(_) => return,
+                    Err(_) => return None,
                 },
                 // While failed, wake up to try reopening even when nothing is written.
                 Some(f) => {
                     match rx.recv_timeout(f.next_try.saturating_duration_since(Instant::now())) {
                         Ok(r) => Some(r),
                         Err(RecvTimeoutError::Timeout) => None,
-                        Err(RecvTimeoutError::Disconnected) => return,
+                        Err(RecvTimeoutError::Disconnected) => return None,
                     }
                 }
             };
             self.reopen_when_due();
             let Some(first) = first else { continue };
-            let mut requests = vec![first];
+            let mut requests = Vec::with_capacity(1);
+            // A stop ends the batch: nothing is sent after it.
+            let mut stop = take(&mut requests, first);
             // Whatever queued while the last batch was syncing joins this one, at no wait.
-            while requests.len() < MAX_BATCH {
+            while stop.is_none() && requests.len() < MAX_BATCH {
                 match rx.try_recv() {
-                    Ok(r) => requests.push(r),
+                    Ok(r) => stop = take(&mut requests, r),
                     Err(_) => break,
                 }
             }
             // Writers answered together come back together: wait for as many as the last batch
             // held, never longer than `max_delay`. A lone writer never waits.
-            if self.fsync == Fsync::Batch && requests.len() < expected {
+            if stop.is_none() && self.fsync == Fsync::Batch && requests.len() < expected {
                 let deadline = Instant::now() + max_delay;
-                while requests.len() < expected.min(MAX_BATCH) {
+                while stop.is_none() && requests.len() < expected.min(MAX_BATCH) {
                     let left = deadline.saturating_duration_since(Instant::now());
                     match rx.recv_timeout(left) {
-                        Ok(r) => requests.push(r),
+                        Ok(r) => stop = take(&mut requests, r),
                         Err(_) => break,
                     }
                 }
             }
-            expected = requests.len();
-            let result = self.commit(&requests);
-            batches.fetch_add(1, Ordering::Relaxed);
-            for r in requests {
-                let heard = r.done.is_some_and(|done| done.send(result.clone()).is_ok());
-                if !heard && let Some(failed) = &mut self.failed {
-                    failed.owe(r.ops);
+            if !requests.is_empty() {
+                expected = requests.len();
+                let result = self.commit(&requests);
+                batches.fetch_add(1, Ordering::Relaxed);
+                for r in requests {
+                    let heard = r.done.is_some_and(|done| done.send(result.clone()).is_ok());
+                    if !heard && let Some(failed) = &mut self.failed {
+                        failed.owe(r.ops);
+                    }
                 }
+            }
+            if stop.is_some() {
+                if let Some(failed) = &self.failed
+                    && !failed.owed.is_empty()
+                {
+                    tracing::error!(
+                        writes = failed.owed.len(),
+                        "store stopped while failed: writes nobody awaited (acks, expiries, \
+                         redelivery marks) are lost; acked messages may come back"
+                    );
+                }
+                return stop;
             }
         }
     }
 
     /// Applies every request's ops as one batch (the failure at once while failed).
-    fn commit(&mut self, requests: &[Request]) -> Result<(), StoreError> {
+    fn commit(&mut self, requests: &[Write]) -> Result<(), StoreError> {
         if let Some(failed) = &self.failed {
             return Err(failed.cause.clone());
         }
@@ -367,5 +430,39 @@ mod tests {
         put.await.unwrap();
         remove.await.unwrap();
         assert!(current.read().unwrap().get(t).get(b"k").unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_stop_applies_what_came_before_and_refuses_what_comes_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let current = Current::new(Tables::open(dir.path()).unwrap());
+        let committer = Committer::start(
+            current.clone(),
+            dir.path().into(),
+            Fsync::Batch,
+            Duration::ZERO,
+        )
+        .unwrap();
+        let t = Space::Messages;
+        committer.detach(vec![Op::Put(t, b"before".to_vec(), b"1".to_vec())]);
+        let awaited = committer.write(vec![Op::Put(t, b"awaited".to_vec(), b"1".to_vec())]);
+        let stopped = committer.stop();
+        let after = committer.write(vec![Op::Put(t, b"after".to_vec(), b"1".to_vec())]);
+        stopped.await;
+        awaited.await.unwrap();
+        assert!(after.await.is_err(), "written after the stop");
+        let tables = current.read().unwrap();
+        let keys = [&b"before"[..], b"awaited", b"after"];
+        let found = keys.map(|k| tables.get(t).get(k).unwrap().is_some());
+        assert_eq!(found, [true, true, false]);
+        drop(tables);
+        current.close();
+        let closed = current.read().err().map(|e| e.to_string());
+        assert!(
+            closed.is_some_and(|e| e.contains("stopping")),
+            "closed for good"
+        );
+        // fjall let go of its directory: it opens again.
+        Tables::open(dir.path()).unwrap();
     }
 }

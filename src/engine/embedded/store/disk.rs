@@ -20,7 +20,8 @@ use std::time::Duration;
 use super::commit::{self, Committer, KeyFilter, Op};
 use super::tables::{Current, Space, Tables, db_error as db};
 use super::{
-    LoadedMessage, MessageWrite, Snapshot, Store, StoreError, StoreWrite, StoredMessages, record,
+    BoxFuture, LoadedMessage, MessageWrite, Snapshot, Store, StoreError, StoreWrite,
+    StoredMessages, record,
 };
 use crate::config::Fsync;
 use crate::engine::{BindingInfo, Envelope, ExchangeSpec, Message, QueueSpec};
@@ -41,8 +42,8 @@ pub struct DiskStore {
     /// Group commit for message writes.
     committer: Committer,
     fsync: Fsync,
-    /// Held (locked) for as long as the store is open.
-    _lock: File,
+    /// Held (locked) until the store is closed.
+    lock: parking_lot::Mutex<Option<File>>,
 }
 
 impl std::fmt::Debug for DiskStore {
@@ -68,7 +69,7 @@ impl DiskStore {
             live: Default::default(),
             removed: Default::default(),
             fsync,
-            _lock: lock,
+            lock: parking_lot::Mutex::new(Some(lock)),
         })
     }
 
@@ -410,6 +411,19 @@ impl Store for DiskStore {
 
     fn commits(&self) -> u64 {
         self.committer.batches()
+    }
+
+    /// Applies what was sent before, closes the database and unlocks the directory, whoever
+    /// still holds this store: another gateway may open it as soon as this resolves.
+    fn close(&self) -> BoxFuture<'static, ()> {
+        let stopped = self.committer.stop();
+        let current = self.current.clone();
+        let lock = self.lock.lock().take();
+        Box::pin(async move {
+            stopped.await;
+            current.close();
+            drop(lock);
+        })
     }
 
     fn load_retained(&self) -> Result<Vec<(String, Message, u64)>, StoreError> {

@@ -5,6 +5,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 use parking_lot::{MappedRwLockReadGuard, RwLock, RwLockReadGuard};
@@ -104,27 +105,44 @@ impl Tables {
 
 /// The tables in use. Only reopening them takes the lock for writing: a read during a reopening
 /// waits for it (a few milliseconds) rather than failing.
-pub struct Current(RwLock<Option<Tables>>);
+pub struct Current {
+    tables: RwLock<Option<Tables>>,
+    /// Closed for good: the gateway is stopping.
+    closed: AtomicBool,
+}
 
 impl Current {
     pub fn new(tables: Tables) -> Arc<Current> {
-        Arc::new(Current(RwLock::new(Some(tables))))
+        Arc::new(Current {
+            tables: RwLock::new(Some(tables)),
+            closed: AtomicBool::new(false),
+        })
     }
 
-    /// The tables, or why there are none (a reopening failed; the writer tries again).
+    /// The tables, or why there are none (a reopening failed, and the writer tries again; or
+    /// the store is closed).
     pub fn read(&self) -> Result<MappedRwLockReadGuard<'_, Tables>, StoreError> {
-        RwLockReadGuard::try_map(self.0.read(), Option::as_ref).map_err(|_| {
-            StoreError(
+        RwLockReadGuard::try_map(self.tables.read(), Option::as_ref).map_err(|_| {
+            StoreError(if self.closed.load(Ordering::Acquire) {
+                "the store is closed: the gateway is stopping".into()
+            } else {
                 "the store is closed after a write failure; it is reopened once the disk has room"
-                    .into(),
-            )
+                    .into()
+            })
         })
+    }
+
+    /// Closes the database for good, once a read under way ends: its files and fjall's lock
+    /// are let go of.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        *self.tables.write() = None;
     }
 
     /// Closes the database and opens it again from its files: what was written before a failure
     /// is read back from the journal, a torn last write is cut.
     pub fn reopen(&self, path: &Path) -> Result<(), StoreError> {
-        let mut tables = self.0.write();
+        let mut tables = self.tables.write();
         // Dropping the last handle stops fjall's workers and releases its lock on `path`.
         *tables = None;
         *tables = Some(Tables::open(path)?);
