@@ -12,6 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use parking_lot::Mutex;
+use smallvec::SmallVec;
 
 use super::broker::{Broker, Closable};
 use super::handoff::{self, handoff};
@@ -385,9 +386,9 @@ impl ChannelShared {
         }
     }
 
-    fn take_unacked(&self, tag: u64, multiple: bool) -> Result<Vec<Unacked>, EngineError> {
+    fn take_unacked(&self, tag: u64, multiple: bool) -> Result<Taken, EngineError> {
         let mut map = self.unacked.lock();
-        let taken: Vec<Unacked> = if multiple {
+        let taken: Taken = if multiple {
             // AMQP: multiple with tag 0 means "everything outstanding" — outstanding with the
             // client: deliveries still in a consumer's buffer have not reached it, whatever
             // their tag, and stay.
@@ -454,7 +455,7 @@ impl ChannelShared {
             // what it held, so this one goes back here (never seen: not redelivered).
             drop(unacked);
             let mut fx = Effects::default();
-            queue.requeue(None, vec![entry], true, &mut fx);
+            queue.requeue(None, [entry], true, &mut fx);
             self.broker.apply(fx);
             return None;
         }
@@ -514,9 +515,16 @@ impl Closable for ChannelShared {
     }
 }
 
+/// Deliveries taken out of the unacked map: most acks name one (an MQTT PUBACK, a `/ws` ack
+/// without `multiple`), which takes no allocation.
+type Taken = SmallVec<[Unacked; 1]>;
+
+/// One queue's and consumer's share of [`Taken`].
+type Group = (Arc<Queue>, Option<u64>, SmallVec<[Entry; 1]>);
+
 /// Groups records by (queue, consumer), keeping tag order inside each group.
-fn group(records: Vec<Unacked>) -> Vec<(Arc<Queue>, Option<u64>, Vec<Entry>)> {
-    let mut groups: Vec<(Arc<Queue>, Option<u64>, Vec<Entry>)> = Vec::new();
+fn group(records: impl IntoIterator<Item = Unacked>) -> SmallVec<[Group; 1]> {
+    let mut groups: SmallVec<[Group; 1]> = SmallVec::new();
     for r in records {
         match groups
             .iter_mut()
@@ -525,7 +533,7 @@ fn group(records: Vec<Unacked>) -> Vec<(Arc<Queue>, Option<u64>, Vec<Entry>)> {
             Some((_, _, entries)) => entries.push(r.returned()),
             None => {
                 let (queue, consumer) = (r.queue.clone(), r.consumer);
-                groups.push((queue, consumer, vec![r.returned()]));
+                groups.push((queue, consumer, smallvec::smallvec![r.returned()]));
             }
         }
     }

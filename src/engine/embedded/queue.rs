@@ -640,13 +640,16 @@ impl Queue {
 
     /// Settles unacked deliveries (ack, or nack without requeue: `dead` gets them dead-lettered)
     /// and gives the consumer its credit back.
-    pub fn settle(
+    pub fn settle<E>(
         self: &Arc<Self>,
         consumer: Option<u64>,
-        entries: Vec<Entry>,
+        entries: E,
         dead: bool,
         fx: &mut Effects,
-    ) {
+    ) where
+        E: IntoIterator<Item = Entry, IntoIter: ExactSizeIterator>,
+    {
+        let entries = entries.into_iter();
         let n = entries.len();
         for entry in entries {
             if dead {
@@ -666,13 +669,16 @@ impl Queue {
     /// Puts deliveries back at their old places, each marked as the caller decided (redelivered
     /// only if the client may have seen it). `unacked` says whether they were counted as
     /// unacknowledged (no-ack deliveries still buffered were not).
-    pub fn requeue(
+    pub fn requeue<E>(
         self: &Arc<Self>,
         consumer: Option<u64>,
-        entries: Vec<Entry>,
+        entries: E,
         unacked: bool,
         fx: &mut Effects,
-    ) {
+    ) where
+        E: IntoIterator<Item = Entry, IntoIter: ExactSizeIterator>,
+    {
+        let entries = entries.into_iter();
         let n = entries.len();
         let mut st = self.state.lock();
         if unacked {
@@ -682,8 +688,8 @@ impl Queue {
             }
         }
         if st.deleted {
-            for entry in &entries {
-                self.done(entry, fx);
+            for entry in entries {
+                self.done(&entry, fx);
             }
             return;
         }
