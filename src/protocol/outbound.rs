@@ -1,5 +1,5 @@
 //! A browser connection's outbound buffer (DESIGN.md §4, §7), shared by the WebSocket and SSE
-//! adapters: frames (WebSocket text frames, SSE events) wait here for the writer task.
+//! adapters: frames (WebSocket text frames, SSE events) wait here for their connection's writer.
 //! Bounded in messages and bytes for the frames that may be dropped — deliveries of auto-ack
 //! subscriptions on private queues; when full, `drop_oldest` drops the oldest such frame and
 //! remembers how many each subscription lost (the writer sends `lagged` before what follows), and

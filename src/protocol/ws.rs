@@ -6,6 +6,7 @@ pub mod close;
 mod connection;
 pub mod frames;
 mod session;
+mod writer;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -1,40 +1,30 @@
-//! One WebSocket connection: the reader loop that always reads (requests, acks and pings are
-//! handled whatever the outbound side does), the writer task that drains the outbound buffer
-//! under `limits.write_timeout`, the auth phase, the token's expiry and shutdown.
+//! One WebSocket connection: the loop that always reads (requests, acks and pings are handled
+//! whatever the outbound side does) while it writes what the outbound buffer holds
+//! ([`writer`](super::writer)), the auth phase, the token's expiry and shutdown.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures_util::future::{Either, Fuse, FusedFuture, OptionFuture};
+use axum::extract::ws::{Message, WebSocket};
+use futures_util::future::{Either, OptionFuture};
 use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{FutureExt, StreamExt};
 use serde_json::Value;
-use tokio::task::JoinHandle;
 
 use super::close::CloseReason;
 use super::frames::{self, Request};
 use super::session::{Outcome, WsSession};
+use super::writer::{Writer, WriterEnd};
 use crate::auth::{Principal, expiry_sleep};
 use crate::codes::Code;
 use crate::context::{Connection, Context};
 use crate::engine::Channel;
 use crate::flow::{Admitted, Full};
 use crate::metrics;
-use crate::protocol::outbound::{Frame, Limits, Next, SendQueue};
+use crate::protocol::outbound::{Frame, Limits, SendQueue};
 
 const PROTOCOL: &str = "ws";
 const ACK_TIMEOUT_CHECK: Duration = Duration::from_secs(1);
-/// Frames written before one flush at most: a burst costs one write, and acks after writes
-/// (`ack: "window"` subscriptions) are not held back behind a long one.
-const WRITE_BATCH: usize = 64;
-
-/// Why the writer stopped.
-enum WriterEnd {
-    Done,
-    SlowConsumer,
-    Gone,
-}
 
 /// Serves one WebSocket connection.
 ///
@@ -73,13 +63,15 @@ struct Live {
     session: WsSession,
     stream: SplitStream<WebSocket>,
     out: Arc<SendQueue>,
-    writer_task: Fuse<JoinHandle<WriterEnd>>,
+    writer: Writer,
+    /// For the acks that follow their frame's write.
+    channel: Arc<dyn Channel>,
     /// Its place under the connection limits, held while it lives.
     _place: Admitted,
 }
 
-/// The writer started, the client admitted, the session registered (and an anonymous client's
-/// first request answered); or why the connection ended before that.
+/// The client admitted, the session registered (and an anonymous client's first request
+/// answered); or why the connection ended before that, its close frame written.
 async fn start(
     sink: SplitSink<WebSocket, Message>,
     mut stream: SplitStream<WebSocket>,
@@ -94,26 +86,22 @@ async fn start(
         Err(e) => {
             tracing::warn!(error = %e, "no engine channel for a WebSocket client");
             out.close(CloseReason::EngineUnavailable);
-            let _ = writer(sink, out, None, limits.write_timeout).await;
+            let finish = Writer::Idle(sink).finish(&out, None, limits.write_timeout);
+            let _ = tokio::time::timeout(limits.write_timeout, finish).await;
             return Err(CloseReason::EngineUnavailable);
         }
     };
-    let mut writer_task = tokio::spawn(writer(
-        sink,
-        out.clone(),
-        Some(channel.clone()),
-        limits.write_timeout,
-    ))
-    .fuse();
+    let writer = Writer::Idle(sink);
     let (principal, replay, place) = match admit(&ctx, &mut stream, &out, principal).await {
         Ok(admitted) => admitted,
         Err(why) => {
             out.close(why);
-            let _ = tokio::time::timeout(Duration::from_secs(1), &mut writer_task).await;
+            let finish = writer.finish(&out, Some(&channel), limits.write_timeout);
+            let _ = tokio::time::timeout(Duration::from_secs(1), finish).await;
             return Err(why);
         }
     };
-    let mut session = WsSession::new(ctx.clone(), conn, channel, principal, out.clone());
+    let mut session = WsSession::new(ctx.clone(), conn, channel.clone(), principal, out.clone());
     session.register();
     // An anonymous client's first frame was a request: answer it like any other.
     if let Some(text) = replay {
@@ -124,7 +112,8 @@ async fn start(
         session,
         stream,
         out,
-        writer_task,
+        writer,
+        channel,
         _place: place,
     })
 }
@@ -137,15 +126,17 @@ impl Live {
             &mut self.session,
             &mut self.stream,
             &self.out,
-            &mut self.writer_task,
+            &mut self.writer,
+            &self.channel,
         )
         .await;
         Box::pin(self.session.close()).await;
         self.out.close(why);
-        if !self.writer_task.is_terminated() {
-            let write_timeout = self.ctx.config.limits.write_timeout;
-            let _ = tokio::time::timeout(write_timeout, self.writer_task).await;
-        }
+        let write_timeout = self.ctx.config.limits.write_timeout;
+        let finish = self
+            .writer
+            .finish(&self.out, Some(&self.channel), write_timeout);
+        let _ = tokio::time::timeout(write_timeout, Box::pin(finish)).await;
         why
     }
 }
@@ -184,9 +175,11 @@ async fn serve_session(
     ctx: &Context,
     session: &mut WsSession,
     stream: &mut SplitStream<WebSocket>,
-    out: &SendQueue,
-    writer_task: &mut Fuse<JoinHandle<WriterEnd>>,
+    out: &Arc<SendQueue>,
+    writer: &mut Writer,
+    channel: &Arc<dyn Channel>,
 ) -> CloseReason {
+    let write_timeout = ctx.config.limits.write_timeout;
     let mut tick = tokio::time::interval(ACK_TIMEOUT_CHECK);
     loop {
         let expiry = expiry_sleep(session.expires_at(), ctx.config.auth.leeway);
@@ -199,42 +192,31 @@ async fn serve_session(
         let outcome = tokio::select! {
             _ = ctx.shutdown.wait() => Outcome::Close(CloseReason::Shutdown),
             _ = expiry => Outcome::Close(CloseReason::TokenExpired),
-            ended = &mut *writer_task => {
-                if let Ok(WriterEnd::SlowConsumer) = ended {
-                    metrics::refusal(PROTOCOL, "slow_consumer");
+            // Written one batch at a time, each batch a future that lives only while it writes.
+            next = out.next(), if writer.is_idle() => {
+                writer.start(next, out, Some(channel), write_timeout);
+                Outcome::Continue
+            }
+            Some(wrote) = OptionFuture::from(writer.batch()), if writer.is_writing() => {
+                match writer.wrote(wrote) {
+                    None => Outcome::Continue,
+                    Some(ended) => {
+                        if let WriterEnd::SlowConsumer = ended {
+                            metrics::refusal(PROTOCOL, "slow_consumer");
+                        }
+                        Outcome::Close(CloseReason::WriteStalled)
+                    }
                 }
-                Outcome::Close(CloseReason::WriteStalled)
             }
             _ = OptionFuture::from(session.stall.as_ref().map(|s| Box::pin(s.released()))), if session.stall.is_some() => {
                 Box::pin(session.unstall()).await
             }
-            frame = stream.next(), if session.may_read() => match frame {
-                Some(Ok(Message::Text(text))) => {
-                    let outcome = Box::pin(on_text(session, out, &text)).await;
-                    // Frames already buffered parse without touching the socket: take
-                    // turns with other connections as the MQTT reader does (docs/mqtt.md).
-                    if session.stall.is_some() {
-                        // Paced: one frame per turn, as the MQTT reader does.
-                        tokio::task::yield_now().await;
-                    } else {
-                        tokio::task::consume_budget().await;
-                    }
-                    outcome
-                }
-                Some(Ok(Message::Binary(_))) => {
-                    metrics::refusal(PROTOCOL, Code::BadRequest.as_str());
-                    out.push(Frame::control(frames::error(
-                        &Value::Null, &Value::Null, Code::BadRequest,
-                        "this protocol uses JSON text frames, not binary ones", None,
-                    )));
-                    Outcome::Continue
-                }
-                Some(Ok(Message::Close(_))) | None => Outcome::Close(CloseReason::ClientClosed),
-                Some(Ok(_)) => Outcome::Continue,
-                Some(Err(e)) => Outcome::Close(read_error(&e)),
-            },
+            frame = stream.next(), if session.may_read() => {
+                Box::pin(frames_read(session, stream, out, frame)).await
+            }
             Some((sub, event)) = session.consumers.next(), if !session.consumers.is_empty() && !paused => {
-                session.event(sub, event).await
+                // Boxed: a batch of deliveries is a step that runs for a moment.
+                Box::pin(deliveries(session, out, sub, event)).await
             }
             _ = OptionFuture::from(paused.then(|| Box::pin(out.pressure().resume(ctx.config.limits.pace_max_wait)))), if paused => Outcome::Continue,
             _ = crate::context::closed_by_admin(&session.registered) => Outcome::Close(CloseReason::ClosedByAdmin),
@@ -252,6 +234,84 @@ async fn serve_session(
             return why;
         }
     }
+}
+
+/// Handles `frame`, then the frames already read, up to a write batch in one turn: their
+/// replies go out in one write (the session writes what it answers, so a batch started after
+/// each request would flush one reply at a time). Then it takes turns with other connections,
+/// as the MQTT reader does (docs/mqtt.md): buffered frames parse without touching the socket.
+async fn frames_read(
+    session: &mut WsSession,
+    stream: &mut SplitStream<WebSocket>,
+    out: &SendQueue,
+    frame: Option<Result<Message, axum::Error>>,
+) -> Outcome {
+    let mut outcome = on_frame(session, out, frame).await;
+    for _ in 1..super::writer::WRITE_BATCH {
+        if !matches!(outcome, Outcome::Continue) || !session.may_read() || session.stall.is_some() {
+            break;
+        }
+        let Some(frame) = stream.next().now_or_never() else {
+            break;
+        };
+        outcome = on_frame(session, out, frame).await;
+    }
+    if session.stall.is_some() {
+        // Paced: one frame per turn, as the MQTT reader does.
+        tokio::task::yield_now().await;
+    } else {
+        tokio::task::consume_budget().await;
+    }
+    outcome
+}
+
+/// One frame read (`None`: the socket ended).
+async fn on_frame(
+    session: &mut WsSession,
+    out: &SendQueue,
+    frame: Option<Result<Message, axum::Error>>,
+) -> Outcome {
+    match frame {
+        Some(Ok(Message::Text(text))) => on_text(session, out, &text).await,
+        Some(Ok(Message::Binary(_))) => {
+            metrics::refusal(PROTOCOL, Code::BadRequest.as_str());
+            out.push(Frame::control(frames::error(
+                &Value::Null,
+                &Value::Null,
+                Code::BadRequest,
+                "this protocol uses JSON text frames, not binary ones",
+                None,
+            )));
+            Outcome::Continue
+        }
+        Some(Ok(Message::Close(_))) | None => Outcome::Close(CloseReason::ClientClosed),
+        Some(Ok(_)) => Outcome::Continue,
+        Some(Err(e)) => Outcome::Close(read_error(&e)),
+    }
+}
+
+/// Handles a delivery, then those already waiting, up to a write batch in one turn: the
+/// session both makes the frames and writes them, so a batch started after each delivery
+/// would write one frame per flush (a third of the `/ws` fan-out's rate), where the frames
+/// ready now go out in one.
+async fn deliveries(
+    session: &mut WsSession,
+    out: &SendQueue,
+    sub: Arc<str>,
+    event: crate::engine::ConsumerEvent,
+) -> Outcome {
+    let mut outcome = session.event(sub, event).await;
+    for _ in 1..super::writer::WRITE_BATCH {
+        if !matches!(outcome, Outcome::Continue) || out.pressure().paces() {
+            break;
+        }
+        let waiting = tokio::task::unconstrained(session.consumers.next()).now_or_never();
+        let Some(Some((sub, event))) = waiting else {
+            break;
+        };
+        outcome = session.event(sub, event).await;
+    }
+    outcome
 }
 
 /// One text frame: a request handled, or an error frame for one that does not parse.
@@ -327,69 +387,4 @@ async fn first_frame(
         return Ok((p, Some(frame)));
     }
     Err(CloseReason::AuthExpected)
-}
-
-async fn writer(
-    mut sink: SplitSink<WebSocket, Message>,
-    out: Arc<SendQueue>,
-    channel: Option<Arc<dyn Channel>>,
-    write_timeout: Duration,
-) -> WriterEnd {
-    loop {
-        // What is queued goes out in one flush (one write for a burst, not one per message),
-        // up to a batch. Nothing is kept between bursts: an idle connection holds no buffer.
-        let mut next = Some(out.next().await);
-        let (mut texts, mut acks) = (Vec::new(), Vec::new());
-        let mut messages = 0;
-        let mut close = None;
-        while let Some(item) = next.take() {
-            match item {
-                Next::Lagged(lagged) => {
-                    texts.extend(lagged.iter().map(|(s, n)| frames::lagged(s, *n)));
-                }
-                Next::Frame(f) => {
-                    texts.push(f.text);
-                    messages += u64::from(f.message);
-                    acks.extend(f.ack_after_write);
-                }
-                Next::Closed(c) => {
-                    close = Some(c);
-                    break;
-                }
-            }
-            if texts.len() < WRITE_BATCH {
-                next = out.try_next();
-            }
-        }
-        let write = async {
-            for text in texts {
-                sink.feed(Message::Text(text.into())).await?;
-            }
-            sink.flush().await
-        };
-        match tokio::time::timeout(write_timeout, write).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return WriterEnd::Gone,
-            Err(_) => return WriterEnd::SlowConsumer,
-        }
-        if messages > 0 {
-            metrics::messages_out(PROTOCOL, messages);
-        }
-        if let Some(ch) = &channel {
-            for tag in acks {
-                let _ = ch.ack(tag, false).await;
-            }
-        }
-        if let Some(close) = close {
-            if let Some((code, reason)) = close {
-                let frame = Message::Close(Some(CloseFrame {
-                    code,
-                    reason: reason.into(),
-                }));
-                let _ = tokio::time::timeout(write_timeout, sink.send(frame)).await;
-            }
-            let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
-            return WriterEnd::Done;
-        }
-    }
 }
