@@ -103,8 +103,8 @@ impl Tables {
     }
 }
 
-/// The tables in use. Only reopening them takes the lock for writing: a read during a reopening
-/// waits for it (a few milliseconds) rather than failing.
+/// The tables in use. Only reopening and closing them take the lock for writing: a read during
+/// a reopening waits for it (a few milliseconds) rather than failing.
 pub struct Current {
     tables: RwLock<Option<Tables>>,
     /// Closed for good: the gateway is stopping.
