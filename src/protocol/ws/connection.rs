@@ -18,7 +18,6 @@ use super::writer::{Writer, WriterEnd};
 use crate::auth::{Principal, expiry_sleep};
 use crate::codes::Code;
 use crate::context::{Connection, Context};
-use crate::engine::Channel;
 use crate::flow::{Admitted, Full};
 use crate::metrics;
 use crate::protocol::outbound::{Frame, Limits, SendQueue};
@@ -64,8 +63,6 @@ struct Live {
     stream: SplitStream<WebSocket>,
     out: Arc<SendQueue>,
     writer: Writer,
-    /// For the acks that follow their frame's write.
-    channel: Arc<dyn Channel>,
     /// Its place under the connection limits, held while it lives.
     _place: Admitted,
 }
@@ -101,7 +98,7 @@ async fn start(
             return Err(why);
         }
     };
-    let mut session = WsSession::new(ctx.clone(), conn, channel.clone(), principal, out.clone());
+    let mut session = WsSession::new(ctx.clone(), conn, channel, principal, out.clone());
     session.register();
     // An anonymous client's first frame was a request: answer it like any other.
     if let Some(text) = replay {
@@ -113,7 +110,6 @@ async fn start(
         stream,
         out,
         writer,
-        channel,
         _place: place,
     })
 }
@@ -127,7 +123,6 @@ impl Live {
             &mut self.stream,
             &self.out,
             &mut self.writer,
-            &self.channel,
         )
         .await;
         Box::pin(self.session.close()).await;
@@ -135,7 +130,7 @@ impl Live {
         let write_timeout = self.ctx.config.limits.write_timeout;
         let finish = self
             .writer
-            .finish(&self.out, Some(&self.channel), write_timeout);
+            .finish(&self.out, Some(self.session.channel()), write_timeout);
         let _ = tokio::time::timeout(write_timeout, Box::pin(finish)).await;
         why
     }
@@ -177,7 +172,6 @@ async fn serve_session(
     stream: &mut SplitStream<WebSocket>,
     out: &Arc<SendQueue>,
     writer: &mut Writer,
-    channel: &Arc<dyn Channel>,
 ) -> CloseReason {
     let write_timeout = ctx.config.limits.write_timeout;
     let mut tick = tokio::time::interval(ACK_TIMEOUT_CHECK);
@@ -194,7 +188,7 @@ async fn serve_session(
             _ = expiry => Outcome::Close(CloseReason::TokenExpired),
             // Written one batch at a time, each batch a future that lives only while it writes.
             next = out.next(), if writer.is_idle() => {
-                writer.start(next, out, Some(channel), write_timeout);
+                writer.start(next, out, Some(session.channel()), write_timeout);
                 Outcome::Continue
             }
             Some(wrote) = OptionFuture::from(writer.batch()), if writer.is_writing() => {

@@ -189,6 +189,11 @@ impl WsSession {
         Outcome::Continue
     }
 
+    /// The engine channel, for the acks that follow their frame's write.
+    pub fn channel(&self) -> &Arc<dyn Channel> {
+        &self.channel
+    }
+
     pub fn expires_at(&self) -> Option<u64> {
         self.principal.expires_at
     }

@@ -234,7 +234,7 @@ impl Writer {
             self.reopen_when_due();
             let Some(first) = first else { continue };
             let mut requests = Vec::with_capacity(1);
-            // A stop ends the batch: nothing is sent after it.
+            // A stop ends the batch: nothing after it is taken.
             let mut stop = take(&mut requests, first);
             // Whatever queued while the last batch was syncing joins this one, at no wait.
             while stop.is_none() && requests.len() < MAX_BATCH {
