@@ -360,27 +360,63 @@ pub trait DeliveryStream: Send + Sync {
     fn cancel_reason(&self) -> Option<CancelReason>;
 }
 
-type BoxedConfirm = Pin<Box<dyn Future<Output = Result<PublishOutcome, EngineError>> + Send>>;
+/// An engine's answer that is usually known at the call (embedded) and sometimes awaits the
+/// broker (upstream): only the latter is boxed, so the common case allocates nothing, where an
+/// `async fn` in the object-safe trait would box every call.
+pub struct Answer<T>(AnswerInner<T>);
+
+type Boxed<T> = Pin<Box<dyn Future<Output = Result<T, EngineError>> + Send>>;
+
+enum AnswerInner<T> {
+    Ready(Option<Result<T, EngineError>>),
+    Pending(Boxed<T>),
+}
+
+impl<T> Answer<T> {
+    pub fn ready(result: Result<T, EngineError>) -> Self {
+        Answer(AnswerInner::Ready(Some(result)))
+    }
+
+    pub fn pending(fut: impl Future<Output = Result<T, EngineError>> + Send + 'static) -> Self {
+        Answer(AnswerInner::Pending(Box::pin(fut)))
+    }
+}
+
+// Neither variant is pinned structurally: the ready value is moved out, the pending future
+// is pinned in its box.
+impl<T> Unpin for Answer<T> {}
+
+impl<T> Future for Answer<T> {
+    type Output = Result<T, EngineError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.get_mut().0 {
+            AnswerInner::Ready(result) => Poll::Ready(
+                result
+                    .take()
+                    .unwrap_or_else(|| Err(EngineError::Internal("answer polled twice".into()))),
+            ),
+            AnswerInner::Pending(fut) => fut.as_mut().poll(cx),
+        }
+    }
+}
+
+/// The answer to an ack or a nack.
+pub type Settled = Answer<()>;
 
 /// The confirm of one publish. Resolves once the engine took responsibility for the message
 /// (embedded: enqueued, and written durably when persistent in a durable queue; upstream:
 /// publisher confirm). Dropping it does not withdraw the message.
 pub struct PublishConfirm {
-    inner: ConfirmInner,
+    inner: Answer<PublishOutcome>,
     /// Known at the call: the buffers the message landed in above their high-water mark.
     pace: Pace,
-}
-
-enum ConfirmInner {
-    Ready(Option<Result<PublishOutcome, EngineError>>),
-    Pending(BoxedConfirm),
 }
 
 impl PublishConfirm {
     /// An answer known at the call: the common embedded case, no allocation.
     pub fn ready(result: Result<PublishOutcome, EngineError>) -> Self {
         PublishConfirm {
-            inner: ConfirmInner::Ready(Some(result)),
+            inner: Answer::ready(result),
             pace: Pace::default(),
         }
     }
@@ -389,7 +425,7 @@ impl PublishConfirm {
         fut: impl Future<Output = Result<PublishOutcome, EngineError>> + Send + 'static,
     ) -> Self {
         PublishConfirm {
-            inner: ConfirmInner::Pending(Box::pin(fut)),
+            inner: Answer::pending(fut),
             pace: Pace::default(),
         }
     }
@@ -409,14 +445,7 @@ impl PublishConfirm {
 impl Future for PublishConfirm {
     type Output = Result<PublishOutcome, EngineError>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match &mut self.inner {
-            ConfirmInner::Ready(result) => Poll::Ready(
-                result
-                    .take()
-                    .unwrap_or_else(|| Err(EngineError::Internal("confirm polled twice".into()))),
-            ),
-            ConfirmInner::Pending(fut) => fut.as_mut().poll(cx),
-        }
+        Pin::new(&mut self.inner).poll(cx)
     }
 }
 
@@ -617,15 +646,11 @@ pub trait Channel: Send + Sync {
     async fn get(&self, queue: &str, no_ack: bool) -> Result<Option<Delivery>, EngineError>;
 
     /// `multiple`: every unacked tag up to and including `delivery_tag`. An unknown tag is
-    /// `PreconditionFailed` and changes nothing.
-    async fn ack(&self, delivery_tag: u64, multiple: bool) -> Result<(), EngineError>;
+    /// `PreconditionFailed` and changes nothing. Not an `async fn`: one is settled per QoS 1
+    /// message, and the embedded engine answers at the call without a boxed future.
+    fn ack(&self, delivery_tag: u64, multiple: bool) -> Settled;
     /// `requeue = false` dead-letters (reason `rejected`) or drops.
-    async fn nack(
-        &self,
-        delivery_tag: u64,
-        multiple: bool,
-        requeue: bool,
-    ) -> Result<(), EngineError>;
+    fn nack(&self, delivery_tag: u64, multiple: bool, requeue: bool) -> Settled;
 
     /// Requeues unacked deliveries, cancels consumers, deletes exclusive queues. Idempotent.
     async fn close(&self);

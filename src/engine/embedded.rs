@@ -27,7 +27,7 @@ use crate::engine::{
     AckMode, BindingInfo, Capabilities, Channel, ConsumeOptions, Consumer, Declared,
     DeleteQueueOptions, Delivery, Engine, EngineError, EngineKind, ExchangeInfo, ExchangeSpec,
     FieldTable, Health, Message, OnCancel, Owner, PublishConfirm, PublishOptions, QueueDeclared,
-    QueueInfo, QueueSpec,
+    QueueInfo, QueueSpec, Settled,
 };
 
 /// Wall-clock milliseconds since the epoch: what stored records carry, so deadlines keep
@@ -473,19 +473,20 @@ impl Channel for EmbeddedChannel {
         Ok(self.shared.get(&q, no_ack))
     }
 
-    async fn ack(&self, delivery_tag: u64, multiple: bool) -> Result<(), EngineError> {
-        self.shared.check_open()?;
-        self.shared.settle(delivery_tag, multiple, None)
+    fn ack(&self, delivery_tag: u64, multiple: bool) -> Settled {
+        Settled::ready(
+            self.shared
+                .check_open()
+                .and_then(|()| self.shared.settle(delivery_tag, multiple, None)),
+        )
     }
 
-    async fn nack(
-        &self,
-        delivery_tag: u64,
-        multiple: bool,
-        requeue: bool,
-    ) -> Result<(), EngineError> {
-        self.shared.check_open()?;
-        self.shared.settle(delivery_tag, multiple, Some(requeue))
+    fn nack(&self, delivery_tag: u64, multiple: bool, requeue: bool) -> Settled {
+        Settled::ready(
+            self.shared
+                .check_open()
+                .and_then(|()| self.shared.settle(delivery_tag, multiple, Some(requeue))),
+        )
     }
 
     async fn close(&self) {

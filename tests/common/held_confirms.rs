@@ -185,11 +185,11 @@ impl Channel for HeldChannel {
     async fn get(&self, q: &str, no_ack: bool) -> Result<Option<Delivery>, EngineError> {
         self.inner.get(q, no_ack).await
     }
-    async fn ack(&self, tag: u64, multiple: bool) -> Result<(), EngineError> {
-        self.inner.ack(tag, multiple).await
+    fn ack(&self, tag: u64, multiple: bool) -> Settled {
+        self.inner.ack(tag, multiple)
     }
-    async fn nack(&self, tag: u64, multiple: bool, requeue: bool) -> Result<(), EngineError> {
-        self.inner.nack(tag, multiple, requeue).await
+    fn nack(&self, tag: u64, multiple: bool, requeue: bool) -> Settled {
+        self.inner.nack(tag, multiple, requeue)
     }
     async fn close(&self) {
         self.inner.close().await

@@ -29,7 +29,7 @@ use crate::engine::names::{self, CONSUMER_TAG_PREFIX};
 use crate::engine::{
     AckMode, BindingInfo, Channel, ConsumeOptions, Consumer, Declared, DeleteQueueOptions,
     Delivery, EngineError, ExchangeInfo, ExchangeSpec, FieldTable, Message, OnCancel, Owner,
-    PublishConfirm, PublishOptions, QueueDeclared, QueueInfo, QueueSpec,
+    PublishConfirm, PublishOptions, QueueDeclared, QueueInfo, QueueSpec, Settled,
 };
 
 struct Held {
@@ -681,27 +681,26 @@ impl Channel for UpstreamChannel {
         }
     }
 
-    async fn ack(&self, delivery_tag: u64, multiple: bool) -> Result<(), EngineError> {
-        let this = &self.inner;
-        let _settling = this.settling.read().await;
-        this.check_open()?;
-        let (batches, count) = this.tags.take(delivery_tag, multiple)?;
-        consumer::settle(batches, true, false).await?;
-        crate::metrics::acked(count as u64);
-        Ok(())
+    fn ack(&self, delivery_tag: u64, multiple: bool) -> Settled {
+        let this = self.inner.clone();
+        Settled::pending(async move {
+            let _settling = this.settling.read().await;
+            this.check_open()?;
+            let (batches, count) = this.tags.take(delivery_tag, multiple)?;
+            consumer::settle(batches, true, false).await?;
+            crate::metrics::acked(count as u64);
+            Ok(())
+        })
     }
 
-    async fn nack(
-        &self,
-        delivery_tag: u64,
-        multiple: bool,
-        requeue: bool,
-    ) -> Result<(), EngineError> {
-        let this = &self.inner;
-        let _settling = this.settling.read().await;
-        this.check_open()?;
-        let (batches, _) = this.tags.take(delivery_tag, multiple)?;
-        consumer::settle(batches, false, requeue).await
+    fn nack(&self, delivery_tag: u64, multiple: bool, requeue: bool) -> Settled {
+        let this = self.inner.clone();
+        Settled::pending(async move {
+            let _settling = this.settling.read().await;
+            this.check_open()?;
+            let (batches, _) = this.tags.take(delivery_tag, multiple)?;
+            consumer::settle(batches, false, requeue).await
+        })
     }
 
     async fn close(&self) {
