@@ -14,9 +14,9 @@ use tokio_util::codec::{Decoder, Encoder};
 mod decode;
 mod encode;
 
-use self::decode::{from_v3, from_v5, plain_publish_in};
+use self::decode::{from_v3, from_v5, plain_puback_in, plain_publish_in};
 pub use self::encode::{encode_shared_publish, publish_size};
-use self::encode::{plain_publish, to_v3, to_v5};
+use self::encode::{plain_puback, plain_publish, to_v3, to_v5};
 
 pub use rmqtt_codec::error::DecodeError;
 
@@ -324,6 +324,12 @@ impl Codec {
         {
             return Ok(Some(Inbound::Publish(p)));
         }
+        if !self.mid_frame
+            && let Some(version) = self.version()
+            && let Some(id) = plain_puback_in(buf, version)
+        {
+            return Ok(Some(Inbound::PubAck(id)));
+        }
         loop {
             let before = buf.len();
             let Some((packet, _)) = self.inner.decode(buf)? else {
@@ -353,6 +359,12 @@ impl Codec {
     ) -> Result<(), rmqtt_codec::error::EncodeError> {
         if let Outbound::Encoded { frame, .. } = packet {
             buf.extend_from_slice(&frame);
+            return Ok(());
+        }
+        if let Outbound::PubAck { packet_id, code } = packet
+            && let Some(version) = self.version()
+            && plain_puback(buf, version, self.max_in, packet_id, code)
+        {
             return Ok(());
         }
         if let Outbound::Publish {
