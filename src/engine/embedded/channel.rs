@@ -5,7 +5,7 @@
 //! delivering registers the delivery); never the reverse — ack paths take records out of
 //! `unacked`, release it, then call into queues.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
@@ -18,6 +18,10 @@ use super::broker::{Broker, Closable};
 use super::handoff::{self, handoff};
 use super::queue::{Effects, Entry, Queue, Sink};
 use crate::engine::{CancelReason, Delivery, DeliveryStream, EngineError, OnCancel};
+
+mod unacked;
+
+use self::unacked::ByTag;
 
 /// How far a no-ack consumer may run ahead of what it has taken out of its buffer; credit comes
 /// back in halves of this.
@@ -63,7 +67,7 @@ pub(super) struct ChannelShared {
     pub owner: u64,
     pub broker: Arc<Broker>,
     next_tag: AtomicU64,
-    unacked: Mutex<BTreeMap<u64, Unacked>>,
+    unacked: Mutex<ByTag<Unacked>>,
     consumers: Mutex<HashMap<Arc<str>, ConsumerReg>>,
     closed: AtomicBool,
 }
@@ -129,7 +133,7 @@ impl Sink for ConsumerSink {
             )
             .is_err()
         {
-            let back = self.channel.unacked.lock().remove(&tag);
+            let back = self.channel.unacked.lock().remove(tag);
             return Err(back.expect("registered above").entry);
         }
         Ok(())
@@ -181,12 +185,7 @@ impl DeliveryStream for Stream {
             }
             // From here on the client may see it. A record already gone was given back to the
             // queue (the consumer was cancelled or the channel closed meanwhile): not ours.
-            if let Some(u) = self
-                .channel
-                .unacked
-                .lock()
-                .get_mut(&p.delivery.delivery_tag)
-            {
+            if let Some(u) = self.channel.unacked.lock().get_mut(p.delivery.delivery_tag) {
                 if !u.seen {
                     // Under the `unacked` lock, so this write is ordered before its ack's.
                     self.channel.broker.mark_seen(&u.queue.name, &u.entry);
@@ -227,7 +226,7 @@ impl ChannelShared {
             owner,
             broker,
             next_tag: AtomicU64::new(1),
-            unacked: Mutex::new(BTreeMap::new()),
+            unacked: Mutex::new(ByTag::default()),
             consumers: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
         }
@@ -369,18 +368,13 @@ impl ChannelShared {
     /// Returns a removed consumer's unacked deliveries to its queue; with `keep_seen`, those the
     /// client took stay on the channel to be acked.
     fn give_back(&self, queue: &Arc<Queue>, consumer: u64, keep_seen: bool, fx: &mut Effects) {
-        let entries: Vec<Entry> = {
-            let mut unacked = self.unacked.lock();
-            let tags: Vec<u64> = unacked
-                .iter()
-                .filter(|(_, u)| u.consumer == Some(consumer) && !(keep_seen && u.seen))
-                .map(|(t, _)| *t)
-                .collect();
-            tags.iter()
-                .filter_map(|t| unacked.remove(t))
-                .map(Unacked::returned)
-                .collect()
-        };
+        let entries: Vec<Entry> = self
+            .unacked
+            .lock()
+            .take_where::<Vec<Unacked>>(|u| u.consumer == Some(consumer) && !(keep_seen && u.seen))
+            .into_iter()
+            .map(Unacked::returned)
+            .collect();
         if !entries.is_empty() {
             queue.requeue(None, entries, true, fx);
         }
@@ -392,17 +386,10 @@ impl ChannelShared {
             // AMQP: multiple with tag 0 means "everything outstanding" — outstanding with the
             // client: deliveries still in a consumer's buffer have not reached it, whatever
             // their tag, and stay.
-            let rest = match tag.checked_add(1) {
-                Some(next) if tag != 0 => map.split_off(&next),
-                _ => BTreeMap::new(),
-            };
-            let upto = std::mem::replace(&mut *map, rest);
-            let (seen, unseen): (BTreeMap<u64, Unacked>, BTreeMap<u64, Unacked>) =
-                upto.into_iter().partition(|(_, u)| u.seen);
-            map.extend(unseen);
-            seen.into_values().collect()
+            let upto = if tag == 0 { u64::MAX } else { tag };
+            map.take_upto(upto, |u| u.seen)
         } else {
-            map.remove(&tag).into_iter().collect()
+            map.remove(tag).into_iter().collect()
         };
         if taken.is_empty() {
             return Err(EngineError::PreconditionFailed(format!(
@@ -498,9 +485,7 @@ impl ChannelShared {
             reg.queue
                 .end_consumer(reg.id, CancelReason::ChannelClosed, &mut fx);
         }
-        let unacked: Vec<Unacked> = std::mem::take(&mut *self.unacked.lock())
-            .into_values()
-            .collect();
+        let unacked: Vec<Unacked> = self.unacked.lock().take_all().collect();
         for (queue, _, entries) in group(unacked) {
             queue.requeue(None, entries, true, &mut fx);
         }
