@@ -400,8 +400,8 @@ where
     let mut expiry = Expiry::default();
     // Both ways the connection is told to stop, awaited by one future made once: a wait made
     // every turn registers with each token and unregisters again (under callgrind, a twentieth
-    // of a QoS 1 message's instructions).
-    let mut stop = Box::pin(stop_signal(ctx, session.registered.as_ref()));
+    // of a QoS 1 message's instructions). Quiet: polled only once a token woke it.
+    let mut stop = crate::shutdown::Quiet::new(stop_signal(ctx, session.registered.as_ref()));
     loop {
         writer.fill(session.outbound());
         let expiry_due = expiry.due(session.expires_at(), ctx.config.auth.leeway);
