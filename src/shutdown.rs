@@ -2,6 +2,13 @@
 //! and each task sees it at its next await point. `/readyz` turns 503 as soon as it is
 //! triggered, so load balancers stop sending work while connections drain.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
+
+use futures_util::task::AtomicWaker;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Clone, Debug, Default)]
@@ -25,7 +32,7 @@ impl Shutdown {
         self.0.cancelled().await
     }
 
-    pub fn wait_owned(&self) -> impl std::future::Future<Output = ()> + Send + use<> {
+    pub fn wait_owned(&self) -> impl Future<Output = ()> + Send + use<> {
         self.0.clone().cancelled_owned()
     }
 }
@@ -35,7 +42,7 @@ impl Shutdown {
 /// while it is still starting (its listeners already open) shuts it down once started, where
 /// the default action would have killed it.
 #[cfg(unix)]
-pub fn signal() -> impl std::future::Future<Output = ()> + Send {
+pub fn signal() -> impl Future<Output = ()> + Send {
     use tokio::signal::unix::{SignalKind, signal};
     let on = |kind: SignalKind, name: &'static str| {
         let installed = signal(kind);
@@ -65,7 +72,7 @@ pub fn signal() -> impl std::future::Future<Output = ()> + Send {
 
 /// Completes on Ctrl-C.
 #[cfg(not(unix))]
-pub fn signal() -> impl std::future::Future<Output = ()> + Send {
+pub fn signal() -> impl Future<Output = ()> + Send {
     let ctrl_c = tokio::signal::windows::ctrl_c();
     async move {
         match ctrl_c {
@@ -87,62 +94,55 @@ pub fn signal() -> impl std::future::Future<Output = ()> + Send {
 /// callgrind, ~480 instructions of a QoS 1 message, ~210 of a QoS 0 one, and a lock every
 /// connection shares). Between wake-ups this is an atomic swap.
 pub struct Quiet<F> {
-    fut: std::pin::Pin<Box<F>>,
-    gate: std::sync::Arc<Gate>,
+    fut: Pin<Box<F>>,
+    gate: Arc<Gate>,
     /// The waker `fut` is polled with: it marks the gate, then wakes the task.
-    waker: std::task::Waker,
+    waker: Waker,
 }
 
 #[derive(Default)]
 struct Gate {
-    woken: std::sync::atomic::AtomicBool,
-    task: futures_util::task::AtomicWaker,
+    woken: AtomicBool,
+    task: AtomicWaker,
 }
 
-impl std::task::Wake for Gate {
-    fn wake(self: std::sync::Arc<Self>) {
+impl Wake for Gate {
+    fn wake(self: Arc<Self>) {
         self.wake_by_ref();
     }
 
-    fn wake_by_ref(self: &std::sync::Arc<Self>) {
-        self.woken.store(true, std::sync::atomic::Ordering::Release);
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
         self.task.wake();
     }
 }
 
-impl<F: std::future::Future> Quiet<F> {
+impl<F: Future> Quiet<F> {
     pub fn new(fut: F) -> Self {
-        let gate = std::sync::Arc::new(Gate::default());
+        let gate = Arc::new(Gate::default());
         // Polled the first time, so that it registers what wakes it.
-        gate.woken.store(true, std::sync::atomic::Ordering::Relaxed);
+        gate.woken.store(true, Ordering::Relaxed);
         Quiet {
             fut: Box::pin(fut),
-            waker: std::task::Waker::from(gate.clone()),
+            waker: Waker::from(gate.clone()),
             gate,
         }
     }
 }
 
-impl<F: std::future::Future> std::future::Future for Quiet<F> {
+impl<F: Future> Future for Quiet<F> {
     type Output = F::Output;
 
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<F::Output> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.get_mut();
         // Registered before the flag is read: a wake-up after the read wakes this task again.
         this.gate.task.register(cx.waker());
-        if !this
-            .gate
-            .woken
-            .swap(false, std::sync::atomic::Ordering::AcqRel)
-        {
-            return std::task::Poll::Pending;
+        if !this.gate.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
         }
         this.fut
             .as_mut()
-            .poll(&mut std::task::Context::from_waker(&this.waker))
+            .poll(&mut Context::from_waker(&this.waker))
     }
 }
 
