@@ -318,17 +318,17 @@ impl Codec {
     }
 
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Inbound>, DecodeError> {
+        // The common packets read by hand, when the buffer starts with a packet of a known
+        // version; each reader takes only what it reads as the crate would.
         if !self.mid_frame
             && let Some(version) = self.version()
-            && let Some(p) = plain_publish_in(buf, version, self.remaining_in)
         {
-            return Ok(Some(Inbound::Publish(p)));
-        }
-        if !self.mid_frame
-            && let Some(version) = self.version()
-            && let Some(id) = plain_puback_in(buf, version)
-        {
-            return Ok(Some(Inbound::PubAck(id)));
+            if let Some(p) = plain_publish_in(buf, version, self.remaining_in) {
+                return Ok(Some(Inbound::Publish(p)));
+            }
+            if let Some(id) = plain_puback_in(buf, version) {
+                return Ok(Some(Inbound::PubAck(id)));
+            }
         }
         loop {
             let before = buf.len();
