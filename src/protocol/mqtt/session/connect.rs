@@ -183,7 +183,7 @@ impl Session {
                 inflight: HashMap::default(),
                 next_packet_id: 1,
                 inflight_max,
-                aliases: HashMap::new(),
+                aliases: None,
                 qos0_out,
             },
             inflow: publish::Inflow::default(),

@@ -37,10 +37,11 @@ impl Session {
         if self.client.version != Version::V5 || self.client.alias_max == 0 {
             return None;
         }
-        if let Some(alias) = self.outflow.aliases.get(topic) {
+        let aliases = self.outflow.aliases.as_deref();
+        if let Some(alias) = aliases.and_then(|a| a.get(topic)) {
             return Some((*alias, false));
         }
-        let used = u16::try_from(self.outflow.aliases.len()).unwrap_or(u16::MAX);
+        let used = u16::try_from(aliases.map_or(0, HashMap::len)).unwrap_or(u16::MAX);
         (used < self.client.alias_max).then_some((used + 1, true))
     }
 
@@ -284,7 +285,7 @@ impl Session {
             }
         }
         if let Some((a, true)) = alias {
-            self.outflow.aliases.insert(wire_topic.clone(), a);
+            (self.outflow.aliases.get_or_insert_default()).insert(wire_topic.clone(), a);
         }
         if qos == 0 {
             self.outflow.qos0_out.add(payload.len() as u64);

@@ -42,7 +42,8 @@ impl Session {
         }
         match stored {
             Some(stored) => {
-                self.inflow.qos2 = stored.inbound_qos2.into_iter().collect();
+                self.inflow.qos2 = (!stored.inbound_qos2.is_empty())
+                    .then(|| Box::new(stored.inbound_qos2.into_iter().collect()));
                 for id in stored.released {
                     self.outflow.inflight.insert(id, Inflight::Released);
                 }

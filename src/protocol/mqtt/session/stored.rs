@@ -107,7 +107,12 @@ impl Session {
                     id: o.id,
                 })
                 .collect(),
-            inbound_qos2: self.inflow.qos2.iter().copied().collect(),
+            inbound_qos2: self
+                .inflow
+                .qos2
+                .iter()
+                .flat_map(|q| q.iter().copied())
+                .collect(),
             released: self.released_ids(),
         };
         let body = match serde_json::to_vec(&stored) {
