@@ -8,6 +8,7 @@
 #   bash bench/idle-heap.sh                # N=1000, the 30 largest sites
 #   N=2000 TOP=50 bash bench/idle-heap.sh
 #   SCENARIO=wsidle bash bench/idle-heap.sh  # idle `/ws` JSON subscribers instead
+#   DEPTH=8 bash bench/idle-heap.sh        # name each site by 8 frames, not 3
 #
 # Requested bytes only: the allocator's own overhead and its size classes are not in them
 # (bench idle, on the shipped mimalloc build, measures what the process grows by). Peaks, not
@@ -49,18 +50,18 @@ profile() {
 
 profile "$n"
 profile $((2 * n))
-python3 - "$work/$n.txt" "$work/$((2 * n)).txt" "$n" "${TOP:-30}" <<'PY'
+python3 - "$work/$n.txt" "$work/$((2 * n)).txt" "$n" "${TOP:-30}" "${DEPTH:-3}" <<'PY'
 import collections, re, subprocess, sys
 
 # Frames of the allocator, collections and the runtime's plumbing: a site is named by the
-# innermost three frames outside them.
+# innermost DEPTH frames outside them.
 PLUMBING = re.compile(r'\((alloc|boxed|raw_vec|unix|sync|rc|spec_from_elem|spec_extend|spec_from_iter'
                       r'|spec_from_iter_nested|string|vec|raw|borrow|clone|slice|str|function|option'
                       r'|result|iterator|into_iter|harness|core|unsafe_cell|panicking|panic'
                       r'|unwind_safe|task_tracker|malloc|mod|node|map|entry|rustc_entry|set|lib|mem'
                       r'|bytes_mut)\.(rs|c)\)')
 
-def sites(path):
+def sites(path, depth):
     text = subprocess.run(["rustfilt"], input=open(path).read(), capture_output=True, text=True).stdout
     total = collections.Counter()
     for line in text.splitlines():
@@ -69,10 +70,12 @@ def sites(path):
         i = len(frames) - 1
         while i > 0 and PLUMBING.search(frames[i]):
             i -= 1
-        total[' < '.join(f[:70] for f in reversed(frames[max(0, i - 2):i + 1]))] += int(size)
+        total[' < '.join(f[:70] for f in reversed(frames[max(0, i - depth + 1):i + 1]))] += int(size)
     return total
 
-one, two, n, top = sites(sys.argv[1]), sites(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+depth = int(sys.argv[5])
+one, two = sites(sys.argv[1], depth), sites(sys.argv[2], depth)
+n, top = int(sys.argv[3]), int(sys.argv[4])
 grown = {k: two[k] - one[k] for k in set(one) | set(two)}
 print(f"{sum(grown.values()) / n:.0f} bytes of heap per idle connection; the largest sites:")
 for site, size in sorted(grown.items(), key=lambda kv: -abs(kv[1]))[:top]:

@@ -234,7 +234,7 @@ pub async fn start_with(config: Config, engine: Arc<dyn Engine>) -> Result<Gatew
     };
     let shutdown = Shutdown::new();
     let config = Arc::new(config);
-    let ctx = context::Context {
+    let ctx = context::Context::new(context::Shared {
         engine: engine.clone(),
         auth: auth.clone(),
         flow: Arc::new(flow::Flow::new(&config.limits)),
@@ -243,7 +243,7 @@ pub async fn start_with(config: Config, engine: Arc<dyn Engine>) -> Result<Gatew
         connections: TaskTracker::new(),
         registry: Arc::default(),
         started: std::time::Instant::now(),
-    };
+    });
     metrics::handle();
 
     let (http, http_addr) = server::bind("http", config.http.listen).await?;
@@ -290,6 +290,15 @@ pub async fn start_with(config: Config, engine: Arc<dyn Engine>) -> Result<Gatew
         shutdown.clone(),
     ));
     tasks.push(spawn_housekeeping(ctx.flow.clone(), shutdown.clone()));
+    // Connections learn of the shutdown through their registry entries (one waker each,
+    // where a wait on the shutdown token was a lock every connection shared).
+    tasks.push(tokio::spawn({
+        let (stop, registry) = (shutdown.clone(), ctx.registry.clone());
+        async move {
+            stop.wait().await;
+            registry.stop_all();
+        }
+    }));
     let addrs = BoundAddrs {
         http: http_addr,
         mqtt: mqtt_addr,

@@ -2,17 +2,19 @@
 //! DESIGN.md §5): protocol, transport, peer, subject, client id, since when, token expiry,
 //! subscriptions and outbound buffer fill — and the way an administrator closes one. Each
 //! adapter registers a connection once it is authenticated and keeps its subscriptions up to
-//! date; the entry goes when the [`Registered`] guard does.
+//! date; the entry goes when the [`Registered`] guard does. The entry is also where the
+//! connection is told to stop, by an administrator or by the gateway's shutdown.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use futures_util::task::AtomicWaker;
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
-use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 
 use crate::flow::Pressure;
@@ -56,7 +58,43 @@ struct Entry {
     since: u64,
     expires_at: Mutex<Option<u64>>,
     subscriptions: Mutex<Vec<SubscriptionView>>,
-    close: CancellationToken,
+    /// Why it was told to stop ([`Stop`] as a number; 0 while it was not), and the task that
+    /// waits for it. A waker and a number in place: a cancellation token, and the futures
+    /// that wait on it and on the shutdown's, were about 470 bytes of every connection.
+    stop: AtomicU8,
+    waiter: AtomicWaker,
+}
+
+/// Why a connection was told to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// An administrator closed it (`DELETE /v1/connections/{id}`).
+    Admin = 1,
+    /// The gateway is shutting down.
+    Shutdown = 2,
+}
+
+impl Entry {
+    /// The first reason given stands.
+    fn stop(&self, why: Stop) {
+        if self
+            .stop
+            .compare_exchange(0, why as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.waiter.wake();
+        }
+    }
+
+    fn poll_stop(&self, cx: &mut Context<'_>) -> Poll<Stop> {
+        // Registered before the reason is read: a stop after the read wakes this task.
+        self.waiter.register(cx.waker());
+        match self.stop.load(Ordering::Acquire) {
+            0 => Poll::Pending,
+            1 => Poll::Ready(Stop::Admin),
+            _ => Poll::Ready(Stop::Shutdown),
+        }
+    }
 }
 
 /// A connection as `GET /v1/connections` shows it.
@@ -100,6 +138,8 @@ pub struct BufferView {
 #[derive(Default)]
 pub struct Registry {
     entries: RwLock<BTreeMap<u64, Arc<Entry>>>,
+    /// Set by [`Registry::stop_all`]: a connection registering later is stopped at once.
+    stopping: AtomicBool,
 }
 
 /// A connection's place in the registry; dropping it removes the entry.
@@ -122,9 +162,17 @@ impl Registry {
             about,
             since: now_secs(),
             subscriptions: Mutex::default(),
-            close: CancellationToken::new(),
+            stop: AtomicU8::new(0),
+            waiter: AtomicWaker::new(),
         });
-        self.entries.write().insert(id, entry.clone());
+        let mut entries = self.entries.write();
+        entries.insert(id, entry.clone());
+        // Under the lock `stop_all` takes: a connection is either among those it stops or
+        // registers after the flag is set.
+        if self.stopping.load(Ordering::Acquire) {
+            entry.stop(Stop::Shutdown);
+        }
+        drop(entries);
         Registered {
             registry: self.clone(),
             id,
@@ -157,10 +205,20 @@ impl Registry {
     pub fn close(&self, id: u64) -> bool {
         match self.entries.read().get(&id) {
             Some(e) => {
-                e.close.cancel();
+                e.stop(Stop::Admin);
                 true
             }
             None => false,
+        }
+    }
+
+    /// Tells every connection, and every one that registers later, that the gateway is
+    /// shutting down.
+    pub fn stop_all(&self) {
+        let entries = self.entries.write();
+        self.stopping.store(true, Ordering::Release);
+        for e in entries.values() {
+            e.stop(Stop::Shutdown);
         }
     }
 
@@ -203,14 +261,20 @@ fn view(id: u64, e: &Entry) -> ConnectionView {
 }
 
 impl Registered {
-    /// Resolves when an administrator closes the connection.
-    pub fn closed_by_admin(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
-        self.entry.close.cancelled()
+    /// Resolves when an administrator closes the connection (not at shutdown: adapters
+    /// that wait for this wait for the shutdown themselves). One task waits, the
+    /// connection's own: a second would take the wake-up from it.
+    pub fn closed_by_admin(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| match self.entry.poll_stop(cx) {
+            Poll::Ready(Stop::Admin) => Poll::Ready(()),
+            _ => Poll::Pending,
+        })
     }
 
-    /// [`Self::closed_by_admin`] for a future kept across awaits.
-    pub fn closed_by_admin_owned(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
-        self.entry.close.clone().cancelled_owned()
+    /// Resolves when the connection is told to stop, with why; kept across awaits (it holds
+    /// the entry, not the guard). As with [`Self::closed_by_admin`], one task waits.
+    pub fn stopped(&self) -> Stopped {
+        Stopped(self.entry.clone())
     }
 
     pub fn set_subscriptions(&self, mut subscriptions: Vec<SubscriptionView>) {
@@ -226,6 +290,17 @@ impl Registered {
     }
 }
 
+/// See [`Registered::stopped`].
+pub struct Stopped(Arc<Entry>);
+
+impl Future for Stopped {
+    type Output = Stop;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Stop> {
+        self.0.poll_stop(cx)
+    }
+}
+
 /// Resolves when an administrator closes the connection; never before it registered.
 pub async fn closed_by_admin(registered: &Option<Registered>) {
     match registered {
@@ -237,5 +312,52 @@ pub async fn closed_by_admin(registered: &Option<Registered>) {
 impl Drop for Registered {
     fn drop(&mut self) {
         self.registry.entries.write().remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+
+    fn about() -> About {
+        About {
+            protocol: "mqtt",
+            transport: "tcp",
+            remote: "127.0.0.1:1".parse().expect("an address"),
+            subject: "s".into(),
+            client_id: None,
+            expires_at: None,
+            buffer: None,
+            stats: Arc::default(),
+        }
+    }
+
+    /// An administrator's close stops that connection only, and says so; the shutdown stops
+    /// every one, those that register after it too; the first reason given stands.
+    #[tokio::test]
+    async fn connections_are_told_why_they_stop() {
+        let registry = Arc::new(Registry::default());
+        let (one, two) = (registry.register(1, about()), registry.register(2, about()));
+        let (mut stop_one, mut stop_two) = (one.stopped(), two.stopped());
+        assert!((&mut stop_one).now_or_never().is_none());
+        assert!(registry.close(1));
+        assert!(!registry.close(3), "no connection 3");
+        assert_eq!((&mut stop_one).await, Stop::Admin);
+        assert!(one.closed_by_admin().now_or_never().is_some());
+        assert!((&mut stop_two).now_or_never().is_none());
+        assert!(two.closed_by_admin().now_or_never().is_none());
+
+        let waiting = tokio::spawn(stop_two);
+        registry.stop_all();
+        let two_stopped = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await;
+        assert_eq!(two_stopped.expect("woken").expect("joined"), Stop::Shutdown);
+        assert!(
+            two.closed_by_admin().now_or_never().is_none(),
+            "a shutdown is not an administrator's close"
+        );
+        assert_eq!(one.stopped().await, Stop::Admin, "the first reason stands");
+        let late = registry.register(3, about());
+        assert_eq!(late.stopped().now_or_never(), Some(Stop::Shutdown));
     }
 }

@@ -6,20 +6,23 @@
 
 use crate::flow::{Bound, Pressure};
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_util::StreamExt;
 use futures_util::future::OptionFuture;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio_util::io::poll_read_buf;
 
 use super::close::CloseReason;
 use super::codec::{Codec, Connect, DecodeError, Inbound, Outbound, Version};
 use super::session::{Ack, Outcome, Session, reason};
 use super::writer::Writer;
 use crate::auth::now_secs;
-use crate::context::{Connection, Context};
+use crate::context::{Connection, Context, Registered, Stop};
 use crate::engine::{ConsumerEvent, EngineError};
 use crate::metrics;
 
@@ -51,32 +54,6 @@ impl Input {
         Input {
             buf: BytesMut::new(),
             next: MIN_READ,
-        }
-    }
-}
-
-/// Reads until one packet decodes; `Ok(None)` when the peer closed.
-async fn read_packet<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    input: &mut Input,
-    codec: &mut Codec,
-) -> Result<Option<Inbound>, DecodeError> {
-    loop {
-        if let Some(p) = codec.decode(&mut input.buf)? {
-            return Ok(Some(p));
-        }
-        if input.buf.is_empty() && input.buf.capacity() > 2 * input.next {
-            // Quiet again after a burst: give the large buffer back.
-            input.buf = BytesMut::new();
-        }
-        input.buf.reserve(input.next);
-        let offered = input.buf.capacity() - input.buf.len();
-        match reader.read_buf(&mut input.buf).await {
-            Ok(0) => return Ok(None),
-            Ok(n) if n >= offered => input.next = (input.next * 2).min(MAX_READ),
-            Ok(n) if n < input.next / 4 => input.next = (input.next / 2).max(MIN_READ),
-            Ok(_) => {}
-            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -147,12 +124,46 @@ struct Wire<R> {
 }
 
 impl<R: AsyncRead + Unpin> Wire<R> {
-    /// The next packet. Cancel-safe: what was read stays buffered.
-    async fn read(&mut self) -> Result<Option<Inbound>, DecodeError> {
-        self.between = false;
-        let packet = read_packet(&mut self.reader, &mut self.input, &mut self.codec).await;
-        self.between = matches!(packet, Ok(Some(_)));
-        packet
+    /// The next packet; `Ok(None)` when the peer closed. Cancel-safe: what was read stays
+    /// buffered. A poll function, not an `async fn`: the loop's select holds this future
+    /// for the connection's whole life, and an `async fn`'s state kept its arguments twice
+    /// beside the read's own (104 bytes, now 8).
+    fn read(&mut self) -> impl Future<Output = Result<Option<Inbound>, DecodeError>> + '_ {
+        std::future::poll_fn(move |cx| {
+            let packet = self.poll_read(cx);
+            self.between = matches!(packet, Poll::Ready(Ok(Some(_))));
+            packet
+        })
+    }
+
+    /// Decodes what was read, reading until one packet decodes.
+    fn poll_read(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Result<Option<Inbound>, DecodeError>> {
+        let input = &mut self.input;
+        loop {
+            if let Some(p) = self.codec.decode(&mut input.buf)? {
+                return Poll::Ready(Ok(Some(p)));
+            }
+            if input.buf.is_empty() && input.buf.capacity() > 2 * input.next {
+                // Quiet again after a burst: give the large buffer back.
+                input.buf = BytesMut::new();
+            }
+            input.buf.reserve(input.next);
+            let offered = input.buf.capacity() - input.buf.len();
+            match ready!(poll_read_buf(
+                Pin::new(&mut self.reader),
+                cx,
+                &mut input.buf
+            )) {
+                Ok(0) => return Poll::Ready(Ok(None)),
+                Ok(n) if n >= offered => input.next = (input.next * 2).min(MAX_READ),
+                Ok(n) if n < input.next / 4 => input.next = (input.next / 2).max(MIN_READ),
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Err(e.into())),
+            }
+        }
     }
 
     /// A whole packet is read and waiting, so the loop handles it before writing. Told from
@@ -160,6 +171,23 @@ impl<R: AsyncRead + Unpin> Wire<R> {
     /// of every connection's state.
     fn has_ready(&self) -> bool {
         self.between && super::codec::whole_packet(&self.input.buf)
+    }
+
+    /// Reads and discards until the peer closes, for at most [`LINGER`]. Into the input
+    /// buffer the connection already has: one of its own (4 KiB) was taken by every connection
+    /// at once when the gateway shut down, 60 MiB at 15,000 connections.
+    async fn linger(&mut self) {
+        let (reader, buf) = (&mut self.reader, &mut self.input.buf);
+        let _ = tokio::time::timeout(LINGER, async {
+            loop {
+                buf.clear();
+                buf.reserve(MIN_READ);
+                if !matches!(reader.read_buf(buf).await, Ok(n) if n > 0) {
+                    return;
+                }
+            }
+        })
+        .await;
     }
 }
 
@@ -270,7 +298,7 @@ where
     writer.encode(refusal(refused.code, max_packet));
     drop(refused);
     if let Ok(Ok(())) = tokio::time::timeout(LINGER, writer.finish(&mut VecDeque::new())).await {
-        linger(&mut wire.reader).await;
+        wire.linger().await;
     }
     Err(CloseReason::ConnectRefused)
 }
@@ -298,7 +326,7 @@ where
     let mut rest = std::mem::take(ended.outbound());
     *session = None;
     if let Ok(Ok(())) = tokio::time::timeout(LINGER, writer.finish(&mut rest)).await {
-        linger(&mut wire.reader).await;
+        wire.linger().await;
     }
     why
 }
@@ -373,6 +401,75 @@ impl Expiry {
     }
 }
 
+/// The deadlines the connection's one timer serves: the keep-alive (× 1.5), the token's
+/// expiry, the write clock and parked publishes' retry. Only the keep-alive's is kept here;
+/// the others are read again from the session and the writer when the timer is set and when it
+/// fires (kept across the loop's select, each is 16 bytes more of the task's state for the
+/// connection's whole life).
+struct Clocks {
+    keep_alive: Option<Duration>,
+    /// The keep-alive is checked lazily: when the timer finds it due, it looks at when the
+    /// client was last seen.
+    last_seen: Instant,
+    keep_alive_due: Option<Instant>,
+    expiry: Expiry,
+    leeway: Duration,
+}
+
+impl Clocks {
+    fn new(keep_alive: u16, leeway: Duration) -> Clocks {
+        let keep_alive =
+            (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+        let last_seen = Instant::now();
+        Clocks {
+            keep_alive,
+            last_seen,
+            keep_alive_due: keep_alive.map(|k| last_seen + k),
+            expiry: Expiry::default(),
+            leeway,
+        }
+    }
+
+    fn soonest<W: AsyncWrite + Unpin>(
+        &mut self,
+        session: &Session,
+        writer: &Writer<W>,
+    ) -> Option<Instant> {
+        [
+            self.keep_alive_due,
+            self.expiry.due(session.expires_at(), self.leeway),
+            session.inflow.retry_at,
+            writer.deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// The timer fired: what was due, if anything.
+    fn fired<W: AsyncWrite + Unpin>(&mut self, session: &Session, writer: &mut Writer<W>) -> Now {
+        let now = Instant::now();
+        let due = |at: Option<Instant>| at.is_some_and(|at| at <= now);
+        if due(self.expiry.due(session.expires_at(), self.leeway)) {
+            Now::Done(Outcome::Close(CloseReason::TokenExpired))
+        } else if due(writer.deadline()) {
+            metrics::refusal(PROTOCOL, "slow_consumer");
+            Now::Done(Outcome::Close(writer.timed_out().into()))
+        } else if due(self.keep_alive_due) {
+            self.keep_alive_due = self.keep_alive.map(|k| self.last_seen + k);
+            Now::Done(if due(self.keep_alive_due) {
+                Outcome::Close(CloseReason::KeepAliveTimeout)
+            } else {
+                Outcome::Continue
+            })
+        } else if due(session.inflow.retry_at) {
+            Now::Retry
+        } else {
+            Now::Done(Outcome::Continue)
+        }
+    }
+}
+
 /// The connected session's loop: packets, deliveries, confirms, parked publishes, takeover,
 /// writes, and every timer (keep-alive × 1.5, token expiry, write timeout, shutdown). Returns
 /// why it ended.
@@ -386,31 +483,21 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let keep_alive = session.keep_alive();
-    let keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
-    let mut last_seen = Instant::now();
-    // One timer for the keep-alive, the token's expiry, the write clock and parked publishes'
-    // retry, kept across turns of the loop and set again only when the soonest of them moves: a
-    // timer made and dropped every turn costs a timer-wheel entry per message, and each one
-    // kept is 112 bytes of every connection's state. The keep-alive is checked lazily: when
-    // the timer finds it due, it looks at when the client was last seen.
+    // One timer for every clock, kept across turns of the loop and set again only when the
+    // soonest of them moves: a timer made and dropped every turn costs a timer-wheel entry per
+    // message, and each one kept is 112 bytes of every connection's state.
     let timer = tokio::time::sleep_until(far());
     tokio::pin!(timer);
-    let mut keep_alive_due = keep_alive.map(|k| last_seen + k);
-    let mut expiry = Expiry::default();
-    // Both ways the connection is told to stop, awaited by one future made once: a wait made
-    // every turn registers with each token and unregisters again (under callgrind, a twentieth
-    // of a QoS 1 message's instructions). Quiet: polled only once a token woke it.
-    let mut stop = crate::shutdown::Quiet::new(stop_signal(ctx, session.registered.as_ref()));
+    let mut clocks = Clocks::new(session.keep_alive(), ctx.config.auth.leeway);
+    // Both ways the connection is told to stop (an administrator's close, the gateway's
+    // shutdown), through its registry entry: polled every turn, it is an atomic load (each
+    // poll of a cancellation token's wait took the token's lock, one that every connection
+    // shares). Registered before this loop starts.
+    let mut stop = session.registered.as_ref().map(Registered::stopped);
     loop {
         writer.fill(session.outbound());
-        let expiry_due = expiry.due(session.expires_at(), ctx.config.auth.leeway);
-        let retry_at = session.inflow.retry_at;
-        let write_deadline = writer.deadline();
-        let wake = [keep_alive_due, expiry_due, retry_at, write_deadline]
-            .into_iter()
-            .flatten()
-            .min()
+        let wake = clocks
+            .soonest(session, writer)
             .map(tokio::time::Instant::from_std);
         // Set again only when it must fire sooner, or has fired: the write clock starts and
         // stops with every batch written, and a timer left on a later deadline only wakes the
@@ -420,6 +507,7 @@ where
         {
             timer.as_mut().reset(at);
         }
+        let timed = wake.is_some();
         let may_read = session.takes_packets();
         // Packets already read are handled before what they answer is written: one write
         // carries the answers to a whole read (a PUBACK per PUBLISH otherwise costs a system
@@ -431,87 +519,72 @@ where
         // nothing else ready.
         let may_write = writer.is_busy() && !(may_read && wire.has_ready() && writer.give_way());
         let paused = session.delivery_paused();
-        // The select only says what happened; what it takes awaiting is done after it. A
-        // handler awaiting inside the select keeps the select's output and the packet it
-        // holds (208 bytes each) in the task's state beside the select's own futures, for the
-        // connection's whole life (docs/bench.md, idle connections).
-        let event = tokio::select! {
-            why = &mut stop => Event::Done(Outcome::Close(why)),
-            _ = &mut timer, if wake.is_some() => {
-                let now = Instant::now();
-                let due = |at: Option<Instant>| at.is_some_and(|at| at <= now);
-                if due(expiry_due) {
-                    Event::Done(Outcome::Close(CloseReason::TokenExpired))
-                } else if due(write_deadline) {
-                    metrics::refusal(PROTOCOL, "slow_consumer");
-                    Event::Done(Outcome::Close(writer.timed_out().into()))
-                } else if due(keep_alive_due) {
-                    keep_alive_due = keep_alive.map(|k| last_seen + k);
-                    if due(keep_alive_due) {
-                        Event::Done(Outcome::Close(CloseReason::KeepAliveTimeout))
-                    } else {
-                        Event::Done(Outcome::Continue)
-                    }
-                } else if due(retry_at) {
-                    Event::Retry
-                } else {
-                    Event::Done(Outcome::Continue)
-                }
-            }
-            written = writer.write_soon(), if may_write => Event::Done(match written {
-                Ok(()) => Outcome::Continue,
-                Err(e) => Outcome::Close(e.into()),
-            }),
-            packet = wire.read(), if may_read => {
-                last_seen = Instant::now();
-                match packet {
-                    Ok(Some(p)) => Event::Packet(p),
-                    // A reset or a broken pipe is the client going away, not a malformed
-                    // packet: counted and logged as that.
-                    Ok(None) | Err(DecodeError::Io(_)) => Event::Done(Outcome::Close(CloseReason::PeerClosed)),
-                    Err(DecodeError::MaxSizeExceeded { .. }) => Event::Done(Outcome::Close(CloseReason::PacketTooLarge)),
-                    Err(e) => {
-                        tracing::info!(remote = %session.remote(), error = %e, "malformed MQTT packet; closing");
-                        Event::Done(Outcome::Close(CloseReason::MalformedPacket))
+        // The select only says what happened, and the event is turned into the step that
+        // handles it in a block of its own: a handler awaiting inside the select, or a match on
+        // the event whose arms await, keeps the event (208 bytes: it may hold a packet) in the
+        // task's state beside the select's own futures, for the connection's whole life
+        // (docs/bench.md, idle connections).
+        let now = {
+            let event = tokio::select! {
+                Some(why) = OptionFuture::from(stop.as_mut()) => Event::Done(Outcome::Close(match why {
+                    Stop::Admin => CloseReason::AdministrativeAction,
+                    Stop::Shutdown => CloseReason::ServerShuttingDown,
+                })),
+                _ = &mut timer, if timed => Event::Timer,
+                written = writer.write_soon(), if may_write => Event::Done(match written {
+                    Ok(()) => Outcome::Continue,
+                    Err(e) => Outcome::Close(e.into()),
+                }),
+                packet = wire.read(), if may_read => {
+                    clocks.last_seen = Instant::now();
+                    match packet {
+                        Ok(Some(p)) => Event::Packet(p),
+                        // A reset or a broken pipe is the client going away, not a malformed
+                        // packet: counted and logged as that.
+                        Ok(None) | Err(DecodeError::Io(_)) => Event::Done(Outcome::Close(CloseReason::PeerClosed)),
+                        Err(DecodeError::MaxSizeExceeded { .. }) => Event::Done(Outcome::Close(CloseReason::PacketTooLarge)),
+                        Err(e) => {
+                            tracing::info!(remote = %session.remote(), error = %e, "malformed MQTT packet; closing");
+                            Event::Done(Outcome::Close(CloseReason::MalformedPacket))
+                        }
                     }
                 }
+                Some((key, event)) = session.consumers.next(), if !session.consumers.is_empty() && paused.is_none() => {
+                    Event::Delivery(key, event)
+                }
+                // The pacing waits are boxed, made only while they are wanted: inline they
+                // would be 650 bytes of every connection's state.
+                _ = OptionFuture::from(paused.as_ref().map(|p| Box::pin(p.resume(ctx.config.limits.pace_max_wait)))), if paused.is_some() => Event::Done(Outcome::Continue),
+                Some((ack, result)) = session.inflow.next_confirmed(), if session.inflow.awaiting() => {
+                    Event::Confirmed(ack, result)
+                }
+                _ = OptionFuture::from(session.stall.as_ref().map(|s| Box::pin(s.released()))), if session.stall.is_some() => {
+                    Event::Unstall
+                }
+                Some(_) = session.takeovers.next() => Event::Done(session.taken_over()),
+            };
+            // The steps of almost every message — a PUBLISH not retained, a PUBACK, a confirm
+            // with nothing to take back — run in place, no future made per packet, their
+            // awaits after this block. Every other step takes its event whole, boxed: what it
+            // holds lives on the heap while it runs, not in every connection's state.
+            match event {
+                Event::Done(outcome) => Now::Done(outcome),
+                Event::Timer => clocks.fired(session, writer),
+                Event::Packet(Inbound::Publish(p)) if !p.retain => {
+                    Now::Turns(session.publish_plain(p))
+                }
+                Event::Packet(Inbound::PubAck(id)) => Now::PubAck(id),
+                Event::Confirmed(ack, result) if !Session::undoes(&ack, &result) => {
+                    Now::Done(session.settle(ack, result))
+                }
+                event => Now::Done(Box::pin(handle_event(session, event)).await),
             }
-            Some((key, event)) = session.consumers.next(), if !session.consumers.is_empty() && paused.is_none() => {
-                Event::Delivery(key, event)
-            }
-            // The pacing waits are boxed, made only while they are wanted: inline they would
-            // be 650 bytes of every connection's state.
-            _ = OptionFuture::from(paused.as_ref().map(|p| Box::pin(p.resume(ctx.config.limits.pace_max_wait)))), if paused.is_some() => Event::Done(Outcome::Continue),
-            Some((ack, result)) = session.inflow.next_confirmed(), if session.inflow.awaiting() => {
-                Event::Confirmed(ack, result)
-            }
-            _ = OptionFuture::from(session.stall.as_ref().map(|s| Box::pin(s.released()))), if session.stall.is_some() => {
-                Event::Unstall
-            }
-            Some(_) = session.takeovers.next() => Event::Done(session.taken_over()),
         };
-        // Each step that awaits is boxed, and takes its event whole: what it holds lives on the
-        // heap while it runs, not in every connection's state. The steps of almost every
-        // message — a PUBLISH not retained, a confirm with nothing to take back — never await,
-        // and run in place: no future made per packet. A PUBACK's is small and awaited in
-        // place, not boxed.
-        let outcome = match event {
-            Event::Done(outcome) => outcome,
-            Event::Packet(Inbound::Publish(p)) if !p.retain => {
-                let outcome = session.publish_plain(p);
-                take_turns(session, outcome).await
-            }
-            Event::Packet(Inbound::PubAck(id)) => puback(session, id).await,
-            Event::Packet(packet) => Box::pin(handle_packet(session, packet)).await,
-            // Inline it would be 1.2 KiB of every connection's state, for the time it takes to
-            // hand a batch over.
-            Event::Delivery(key, event) => Box::pin(session.deliver_batch(key, event)).await,
-            Event::Confirmed(ack, result) if !Session::undoes(&ack, &result) => {
-                session.settle(ack, result)
-            }
-            Event::Confirmed(ack, result) => Box::pin(session.confirmed(ack, result)).await,
-            Event::Retry => Box::pin(session.retry_parked()).await,
-            Event::Unstall => Box::pin(session.unstall()).await,
+        let outcome = match now {
+            Now::Done(outcome) => outcome,
+            Now::Turns(outcome) => take_turns(session, outcome).await,
+            Now::PubAck(id) => puback(session, id).await,
+            Now::Retry => Box::pin(session.retry_parked()).await,
         };
         session.note_in_flight();
         if let Outcome::Close(why) = outcome {
@@ -527,10 +600,34 @@ enum Event {
     Packet(Inbound),
     Delivery(Arc<str>, ConsumerEvent),
     Confirmed(Ack, Result<(), EngineError>),
-    /// Parked publishes are due again.
-    Retry,
+    /// The timer fired: the keep-alive, the token's expiry, the write clock or parked
+    /// publishes' retry may be due.
+    Timer,
     /// The pacing that stalled the connection's publishes is over.
     Unstall,
+}
+
+/// What is left to do after the event that woke the loop was taken apart.
+enum Now {
+    /// Handled.
+    Done(Outcome),
+    /// A publish handled; it takes its turn with the other connections.
+    Turns(Outcome),
+    PubAck(u16),
+    /// Parked publishes are due again.
+    Retry,
+}
+
+/// Any event but the common few, handled.
+async fn handle_event(session: &mut Session, event: Event) -> Outcome {
+    match event {
+        Event::Packet(packet) => handle_packet(session, packet).await,
+        Event::Delivery(key, event) => session.deliver_batch(key, event).await,
+        Event::Confirmed(ack, result) => session.confirmed(ack, result).await,
+        Event::Unstall => session.unstall().await,
+        Event::Done(outcome) => outcome,
+        Event::Timer => Outcome::Continue,
+    }
 }
 
 /// One packet from the client, handled.
@@ -559,34 +656,4 @@ async fn take_turns(session: &Session, outcome: Outcome) -> Outcome {
         tokio::task::consume_budget().await;
     }
     outcome
-}
-
-/// Resolves when the gateway shuts down or an administrator closes the connection.
-fn stop_signal(
-    ctx: &Context,
-    registered: Option<&crate::context::Registered>,
-) -> impl Future<Output = CloseReason> + use<> {
-    let shutdown = ctx.shutdown.wait_owned();
-    let admin = registered.map(crate::context::Registered::closed_by_admin_owned);
-    async move {
-        tokio::select! {
-            () = shutdown => CloseReason::ServerShuttingDown,
-            Some(()) = OptionFuture::from(admin) => CloseReason::AdministrativeAction,
-        }
-    }
-}
-
-/// Reads and discards until the peer closes, for at most [`LINGER`].
-async fn linger<R: AsyncRead + Unpin>(reader: &mut R) {
-    // On the heap: a 4 KiB array would be part of the connection task's state for its whole
-    // life, lingering or not (an async fn's state is the largest of its await points').
-    let mut sink = vec![0u8; 4096];
-    let _ = tokio::time::timeout(LINGER, async {
-        while let Ok(n) = reader.read(&mut sink).await {
-            if n == 0 {
-                return;
-            }
-        }
-    })
-    .await;
 }

@@ -8,6 +8,8 @@
 //! queued (unencoded, counted by the session's buffers) while more than [`BATCH`] bytes wait.
 
 use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
@@ -183,11 +185,17 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     }
 
     /// Writes once, and flushes once everything is written. Cancel-safe: a write that did
-    /// not complete wrote nothing, and a flush not completed is tried again.
-    pub async fn write_some(&mut self) -> Result<(), WriteError> {
+    /// not complete wrote nothing, and a flush not completed is tried again. A poll function,
+    /// not an `async fn`: the connection's select holds this future for the connection's
+    /// whole life, and an `async fn`'s state is several times the size.
+    pub fn write_some(&mut self) -> impl Future<Output = Result<(), WriteError>> + '_ {
+        std::future::poll_fn(move |cx| self.poll_write_some(cx))
+    }
+
+    fn poll_write_some(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WriteError>> {
         if !self.buf.is_empty() {
-            match self.io.write(&self.buf).await {
-                Ok(0) | Err(_) => return Err(self.fail()),
+            match ready!(Pin::new(&mut self.io).poll_write(cx, &self.buf)) {
+                Ok(0) | Err(_) => return Poll::Ready(Err(self.fail())),
                 Ok(n) => {
                     self.passed_over = 0;
                     self.buf.advance(n);
@@ -200,19 +208,19 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                 }
             }
             if !self.buf.is_empty() {
-                return Ok(());
+                return Poll::Ready(Ok(()));
             }
             if self.buf.capacity() > KEEP {
                 self.buf = BytesMut::new();
             }
         }
         // A TLS stream may hold what it took until flushed; TCP's flush does nothing.
-        match self.io.flush().await {
+        match ready!(Pin::new(&mut self.io).poll_flush(cx)) {
             Ok(()) => {
                 self.unflushed = false;
-                Ok(())
+                Poll::Ready(Ok(()))
             }
-            Err(_) => Err(self.fail()),
+            Err(_) => Poll::Ready(Err(self.fail())),
         }
     }
 
