@@ -12,17 +12,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use tokio::sync::Notify;
 
 mod args;
 mod page;
 mod restore;
 mod stats;
+mod wake;
 
 pub(super) use self::args::{Overflow, QueueArgs};
 
 pub(super) use self::page::{Pages, Ready};
 pub(super) use self::restore::{Restored, RestoredBody};
+pub(super) use self::wake::LazyNotify;
 use super::held::{OnDisk, Stored};
 use crate::engine::{CancelReason, EngineError, Envelope, FieldTable, FieldValue, QueueSpec};
 use crate::flow::{Pace, Pressure};
@@ -174,9 +175,9 @@ pub(super) struct Queue {
     state: Mutex<State>,
     gauges: Arc<Gauges>,
     /// Wakes the expiry task when the head may have changed.
-    pub expiry_wake: Arc<Notify>,
+    pub expiry_wake: LazyNotify,
     /// Wakes the queue's own expiry task (`x-expires`) when the interval changed.
-    expires_changed: Arc<Notify>,
+    expires_changed: LazyNotify,
     queue_expiry_started: AtomicBool,
     expiry_started: AtomicBool,
     /// Bindings from exchanges, kept so deleting the queue can remove them.
@@ -222,8 +223,8 @@ impl Queue {
                 handed_out: 0,
             }),
             gauges,
-            expiry_wake: Arc::new(Notify::new()),
-            expires_changed: Arc::new(Notify::new()),
+            expiry_wake: LazyNotify::default(),
+            expires_changed: LazyNotify::default(),
             queue_expiry_started: AtomicBool::new(false),
             expiry_started: AtomicBool::new(false),
             bindings: Mutex::new(Vec::new()),
@@ -275,7 +276,7 @@ impl Queue {
 
     /// Resolves when `x-expires` changes after this call (even before it is first polled).
     pub fn expires_changed_owned(&self) -> tokio::sync::futures::OwnedNotified {
-        self.expires_changed.clone().notified_owned()
+        self.expires_changed.notified_owned()
     }
 
     /// Claims the queue's `x-expires` task; false when one already runs.

@@ -17,7 +17,7 @@ impl Broker {
                 // Owned, so the queue is not held while waiting: a durable queue's pages hold
                 // the store, whose directory lock must go with the engine at shutdown, not
                 // when this task next runs.
-                let notified = Arc::clone(&q.expiry_wake).notified_owned();
+                let notified = q.expiry_wake.notified_owned();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
                 let mut fx = Effects::default();
