@@ -490,9 +490,9 @@ where
     tokio::pin!(timer);
     let mut clocks = Clocks::new(session.keep_alive(), ctx.config.auth.leeway);
     // Both ways the connection is told to stop (an administrator's close, the gateway's
-    // shutdown), through its registry entry: polled every turn, it is an atomic load (each
-    // poll of a cancellation token's wait took the token's lock, one that every connection
-    // shares). Registered before this loop starts.
+    // shutdown), through its registry entry: polled every turn, it is a waker registration
+    // and an atomic load (each poll of a cancellation token's wait took the token's lock, one
+    // that every connection shares). Registered before this loop starts.
     let mut stop = session.registered.as_ref().map(Registered::stopped);
     loop {
         writer.fill(session.outbound());
@@ -625,6 +625,7 @@ async fn handle_event(session: &mut Session, event: Event) -> Outcome {
         Event::Delivery(key, event) => session.deliver_batch(key, event).await,
         Event::Confirmed(ack, result) => session.confirmed(ack, result).await,
         Event::Unstall => session.unstall().await,
+        // The loop handles these itself; here only so the match is whole.
         Event::Done(outcome) => outcome,
         Event::Timer => Outcome::Continue,
     }
