@@ -26,10 +26,6 @@ impl Shutdown {
     pub async fn wait(&self) {
         self.0.cancelled().await
     }
-
-    pub fn wait_owned(&self) -> impl Future<Output = ()> + Send + use<> {
-        self.0.clone().cancelled_owned()
-    }
 }
 
 /// Completes on SIGTERM or SIGINT (Ctrl-C). The handlers are installed when this is called,

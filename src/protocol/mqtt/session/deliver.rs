@@ -285,7 +285,10 @@ impl Session {
             }
         }
         if let Some((a, true)) = alias {
-            (self.outflow.aliases.get_or_insert_default()).insert(wire_topic.clone(), a);
+            self.outflow
+                .aliases
+                .get_or_insert_default()
+                .insert(wire_topic.clone(), a);
         }
         if qos == 0 {
             self.outflow.qos0_out.add(payload.len() as u64);

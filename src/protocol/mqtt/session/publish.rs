@@ -210,7 +210,10 @@ impl Session {
                     None => return Err(Outcome::Close(CloseReason::ProtocolError)),
                 }
             } else {
-                (self.inflow.aliases.get_or_insert_default()).insert(alias, p.topic.clone());
+                self.inflow
+                    .aliases
+                    .get_or_insert_default()
+                    .insert(alias, p.topic.clone());
             }
         }
         if p.qos == 2 && self.max_qos < 2 && self.client.version == Version::V5 {
