@@ -6,6 +6,7 @@
 
 use crate::flow::{Bound, Pressure};
 use std::collections::VecDeque;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Poll, ready};
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use futures_util::StreamExt;
 use futures_util::future::OptionFuture;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio_util::io::poll_read_buf;
 
 use super::close::CloseReason;
@@ -28,8 +29,8 @@ use crate::metrics;
 
 const PROTOCOL: &str = "mqtt";
 /// Reads start at `MIN_READ` and double while they fill what was offered, up to `MAX_READ`:
-/// a flat-out publisher gets large reads, an idle device keeps a quarter of a kilobyte — memory
-/// per idle connection is what decides how many devices fit on a machine.
+/// a flat-out publisher gets large reads, an idle device keeps no buffer at all — memory per
+/// idle connection is what decides how many devices fit on a machine.
 const MIN_READ: usize = 256;
 const MAX_READ: usize = 16 * 1024;
 
@@ -62,6 +63,10 @@ impl Input {
 ///
 /// Not an `async fn`: one keeps its arguments twice in its state (as passed, and as the locals
 /// its body moves them to), and this state is the task's for the connection's whole life.
+///
+/// Tokio allocates a task in multiples of 128 bytes, and this one is 640 with nothing to spare:
+/// 8 bytes more anywhere in the future below (the loop in `serve_session` most of all) make
+/// every connection's task 768. `-Zprint-type-sizes` shows it (docs/bench.md).
 pub fn run<S>(
     stream: S,
     ctx: Context,
@@ -82,11 +87,7 @@ where
     };
     async move {
         metrics::connection_opened(PROTOCOL);
-        let connected = handshaking.await;
-        let why = match connected {
-            Ok(live) => serve_live(&ctx, live).await,
-            Err(why) => why,
-        };
+        let why = serve_live(&ctx, handshaking.await).await;
         if why.is_notable() {
             tracing::info!(remote = %conn.remote, reason = why.as_str(), "MQTT connection closed");
         } else {
@@ -145,6 +146,25 @@ impl<R: AsyncRead + Unpin> Wire<R> {
         loop {
             if let Some(p) = self.codec.decode(&mut input.buf)? {
                 return Poll::Ready(Ok(Some(p)));
+            }
+            if input.buf.is_empty() && input.next == MIN_READ {
+                // A quiet connection holds no buffer while it waits: it reads into the stack,
+                // and what came is copied into a buffer made for it (a copy of at most
+                // `MIN_READ` bytes, for a connection that sends rarely).
+                input.buf = BytesMut::new();
+                let mut stack = [MaybeUninit::<u8>::uninit(); MIN_READ];
+                let mut read = ReadBuf::uninit(&mut stack);
+                match ready!(Pin::new(&mut self.reader).poll_read(cx, &mut read)) {
+                    Ok(()) if read.filled().is_empty() => return Poll::Ready(Ok(None)),
+                    Ok(()) => {
+                        if read.remaining() == 0 {
+                            input.next *= 2;
+                        }
+                        input.buf.extend_from_slice(read.filled());
+                    }
+                    Err(e) => return Poll::Ready(Err(e.into())),
+                }
+                continue;
             }
             if input.buf.is_empty() && input.buf.capacity() > 2 * input.next {
                 // Quiet again after a burst: give the large buffer back.
@@ -303,32 +323,48 @@ where
     Err(CloseReason::ConnectRefused)
 }
 
-/// The session from its CONNACK to its end.
-async fn serve_live<S>(ctx: &Context, mut live: Box<Live<S>>) -> CloseReason
+/// The session from its CONNACK to its end, or why there is none.
+///
+/// Not an `async fn`, for the reason `run` is not; and it takes the handshake's result whole,
+/// as `run` would otherwise keep that result beside this future for the connection's life.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
+fn serve_live<'a, S>(
+    ctx: &'a Context,
+    connected: Result<Box<Live<S>>, CloseReason>,
+) -> impl Future<Output = CloseReason> + 'a
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + 'a,
 {
-    let Live {
-        session,
-        wire,
-        writer,
-    } = &mut *live;
-    // Used in place: moved out, the session would be part of this future's state again.
-    let Some(ended) = session.as_mut() else {
-        return CloseReason::PeerClosed;
-    };
-    let why = serve_session(ctx, ended, wire, writer).await;
-    Box::pin(ended.end(why.is_graceful())).await;
-    if let Some(code) = why.code() {
-        ended.outbound().push_back(Outbound::Disconnect { code });
+    async move {
+        let mut live = match connected {
+            Ok(live) => live,
+            Err(why) => return why,
+        };
+        let Live {
+            session,
+            wire,
+            writer,
+        } = &mut *live;
+        // Used in place: moved out, the session would be part of this future's state again.
+        let Some(ended) = session.as_mut() else {
+            return CloseReason::PeerClosed;
+        };
+        let why = serve_session(ctx, ended, wire, writer).await;
+        Box::pin(ended.end(why.is_graceful())).await;
+        if let Some(code) = why.code() {
+            ended.outbound().push_back(Outbound::Disconnect { code });
+        }
+        // The DISCONNECT (if any) is written and the write side shut down before the linger.
+        let mut rest = std::mem::take(ended.outbound());
+        *session = None;
+        if let Ok(Ok(())) = tokio::time::timeout(LINGER, writer.finish(&mut rest)).await {
+            wire.linger().await;
+        }
+        why
     }
-    // The DISCONNECT (if any) is written and the write side shut down before the linger.
-    let mut rest = std::mem::take(ended.outbound());
-    *session = None;
-    if let Ok(Ok(())) = tokio::time::timeout(LINGER, writer.finish(&mut rest)).await {
-        wire.linger().await;
-    }
-    why
 }
 
 /// CONNECT first, within `mqtt.connect_timeout`. A CONNECT the gateway cannot take is answered
@@ -389,44 +425,43 @@ struct Expiry {
 }
 
 impl Expiry {
-    fn due(&mut self, expires_at: Option<u64>, leeway: Duration) -> Option<Instant> {
-        if expires_at != self.set {
-            self.set = expires_at;
-            self.due = expires_at.map(|exp| {
-                Instant::now()
-                    + Duration::from_secs((exp + leeway.as_secs()).saturating_sub(now_secs()))
-            });
+    fn due(&mut self, closes_at: Option<u64>) -> Option<Instant> {
+        if closes_at != self.set {
+            self.set = closes_at;
+            self.due = closes_at
+                .map(|at| Instant::now() + Duration::from_secs(at.saturating_sub(now_secs())));
         }
         self.due
     }
 }
 
 /// The deadlines the connection's one timer serves: the keep-alive (× 1.5), the token's
-/// expiry, the write clock and parked publishes' retry. Only the keep-alive's is kept here;
-/// the others are read again from the session and the writer when the timer is set and when it
-/// fires (kept across the loop's select, each is 16 bytes more of the task's state for the
-/// connection's whole life).
+/// expiry, the write clock and parked publishes' retry. Only the keep-alive's and the
+/// expiry's are kept here; the others, and what the two are worked out from, are read again
+/// from the session and the writer when the timer is set and when it fires (kept across the
+/// loop's select, each is 16 bytes more of the task's state for the connection's whole life).
 struct Clocks {
-    keep_alive: Option<Duration>,
     /// The keep-alive is checked lazily: when the timer finds it due, it looks at when the
     /// client was last seen.
     last_seen: Instant,
     keep_alive_due: Option<Instant>,
     expiry: Expiry,
-    leeway: Duration,
+}
+
+/// How long the client may stay silent: its keep-alive × 1.5 (MQTT 3.1.1 §3.1.2.10, 5
+/// §3.1.2.10); `None` for a keep-alive of 0.
+fn keep_alive(session: &Session) -> Option<Duration> {
+    let seconds = session.keep_alive();
+    (seconds > 0).then(|| Duration::from_millis(u64::from(seconds) * 1500))
 }
 
 impl Clocks {
-    fn new(keep_alive: u16, leeway: Duration) -> Clocks {
-        let keep_alive =
-            (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+    fn new(session: &Session) -> Clocks {
         let last_seen = Instant::now();
         Clocks {
-            keep_alive,
             last_seen,
-            keep_alive_due: keep_alive.map(|k| last_seen + k),
+            keep_alive_due: keep_alive(session).map(|k| last_seen + k),
             expiry: Expiry::default(),
-            leeway,
         }
     }
 
@@ -437,7 +472,7 @@ impl Clocks {
     ) -> Option<Instant> {
         [
             self.keep_alive_due,
-            self.expiry.due(session.expires_at(), self.leeway),
+            self.expiry.due(session.closes_at()),
             session.inflow.retry_at,
             writer.deadline(),
         ]
@@ -450,13 +485,13 @@ impl Clocks {
     fn fired<W: AsyncWrite + Unpin>(&mut self, session: &Session, writer: &mut Writer<W>) -> Now {
         let now = Instant::now();
         let due = |at: Option<Instant>| at.is_some_and(|at| at <= now);
-        if due(self.expiry.due(session.expires_at(), self.leeway)) {
+        if due(self.expiry.due(session.closes_at())) {
             Now::Done(Outcome::Close(CloseReason::TokenExpired))
         } else if due(writer.deadline()) {
             metrics::refusal(PROTOCOL, "slow_consumer");
             Now::Done(Outcome::Close(writer.timed_out().into()))
         } else if due(self.keep_alive_due) {
-            self.keep_alive_due = self.keep_alive.map(|k| self.last_seen + k);
+            self.keep_alive_due = keep_alive(session).map(|k| self.last_seen + k);
             Now::Done(if due(self.keep_alive_due) {
                 Outcome::Close(CloseReason::KeepAliveTimeout)
             } else {
@@ -473,122 +508,140 @@ impl Clocks {
 /// The connected session's loop: packets, deliveries, confirms, parked publishes, takeover,
 /// writes, and every timer (keep-alive × 1.5, token expiry, write timeout, shutdown). Returns
 /// why it ended.
-async fn serve_session<R, W>(
-    ctx: &Context,
-    session: &mut Session,
-    wire: &mut Wire<R>,
-    writer: &mut Writer<W>,
-) -> CloseReason
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
+fn serve_session<'a, R, W>(
+    ctx: &'a Context,
+    session: &'a mut Session,
+    wire: &'a mut Wire<R>,
+    writer: &'a mut Writer<W>,
+) -> impl Future<Output = CloseReason> + 'a
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    // One timer for every clock, kept across turns of the loop and set again only when the
-    // soonest of them moves: a timer made and dropped every turn costs a timer-wheel entry per
-    // message, and each one kept is 112 bytes of every connection's state.
-    let timer = tokio::time::sleep_until(far());
-    tokio::pin!(timer);
-    let mut clocks = Clocks::new(session.keep_alive(), ctx.config.auth.leeway);
-    // Both ways the connection is told to stop (an administrator's close, the gateway's
-    // shutdown), through its registry entry: polled every turn, it is a waker registration
-    // and an atomic load (each poll of a cancellation token's wait took the token's lock, one
-    // that every connection shares). Registered before this loop starts.
-    let mut stop = session.registered.as_ref().map(Registered::stopped);
-    loop {
-        writer.fill(session.outbound());
-        let wake = clocks
-            .soonest(session, writer)
-            .map(tokio::time::Instant::from_std);
-        // Set again only when it must fire sooner, or has fired: the write clock starts and
-        // stops with every batch written, and a timer left on a later deadline only wakes the
-        // loop once to find nothing due.
-        if let Some(at) = wake
-            && (at < timer.deadline() || timer.is_elapsed())
-        {
-            timer.as_mut().reset(at);
-        }
-        let timed = wake.is_some();
-        let may_read = session.takes_packets();
-        // Packets already read are handled before what they answer is written: one write
-        // carries the answers to a whole read (a PUBACK per PUBLISH otherwise costs a system
-        // call each), unless a batch's worth waits already or the writer gave way many turns
-        // in a row (a client pipelining thousands of packets gets its answers as it goes).
-        // Only while the packet ahead will be read: a connection that may not read (paced, or
-        // at its Receive Maximum) must still drain what it owes its client. Deliveries and
-        // confirms get the same through `write_soon`: it writes only once the task found
-        // nothing else ready.
-        let may_write = writer.is_busy() && !(may_read && wire.has_ready() && writer.give_way());
-        let paused = session.delivery_paused();
-        // The select only says what happened, and the event is turned into the step that
-        // handles it in a block of its own: a handler awaiting inside the select, or a match on
-        // the event whose arms await, keeps the event (208 bytes: it may hold a packet) in the
-        // task's state beside the select's own futures, for the connection's whole life
-        // (docs/bench.md, idle connections).
-        let now = {
-            let event = tokio::select! {
-                Some(why) = OptionFuture::from(stop.as_mut()) => Event::Done(Outcome::Close(match why {
-                    Stop::Admin => CloseReason::AdministrativeAction,
-                    Stop::Shutdown => CloseReason::ServerShuttingDown,
-                })),
-                _ = &mut timer, if timed => Event::Timer,
-                written = writer.write_soon(), if may_write => Event::Done(match written {
-                    Ok(()) => Outcome::Continue,
-                    Err(e) => Outcome::Close(e.into()),
-                }),
-                packet = wire.read(), if may_read => {
-                    clocks.last_seen = Instant::now();
-                    match packet {
-                        Ok(Some(p)) => Event::Packet(p),
-                        // A reset or a broken pipe is the client going away, not a malformed
-                        // packet: counted and logged as that.
-                        Ok(None) | Err(DecodeError::Io(_)) => Event::Done(Outcome::Close(CloseReason::PeerClosed)),
-                        Err(DecodeError::MaxSizeExceeded { .. }) => Event::Done(Outcome::Close(CloseReason::PacketTooLarge)),
-                        Err(e) => {
-                            tracing::info!(remote = %session.remote(), error = %e, "malformed MQTT packet; closing");
-                            Event::Done(Outcome::Close(CloseReason::MalformedPacket))
-                        }
-                    }
+    // Not an `async fn`, for the reason `run` is not: the task's state would hold each
+    // argument twice.
+    async move {
+        // One timer for every clock, kept across turns of the loop and set again only when the
+        // soonest of them moves: a timer made and dropped every turn costs a timer-wheel entry per
+        // message, and each one kept is 112 bytes of every connection's state.
+        let timer = tokio::time::sleep_until(far());
+        tokio::pin!(timer);
+        let mut clocks = Clocks::new(session);
+        // Both ways the connection is told to stop (an administrator's close, the gateway's
+        // shutdown), through its registry entry: polled every turn, it is a waker registration
+        // and an atomic load (each poll of a cancellation token's wait took the token's lock, one
+        // that every connection shares). Registered before this loop starts.
+        let mut stop = session.registered.as_ref().map(Registered::stopped);
+        loop {
+            writer.fill(session.outbound());
+            let timed = {
+                let wake = clocks
+                    .soonest(session, writer)
+                    .map(tokio::time::Instant::from_std);
+                // Set again only when it must fire sooner, or has fired: the write clock starts
+                // and stops with every batch written, and a timer left on a later deadline only
+                // wakes the loop once to find nothing due.
+                if let Some(at) = wake
+                    && (at < timer.deadline() || timer.is_elapsed())
+                {
+                    timer.as_mut().reset(at);
                 }
-                Some((key, event)) = session.consumers.next(), if !session.consumers.is_empty() && paused.is_none() => {
-                    Event::Delivery(key, event)
-                }
-                // The pacing waits are boxed, made only while they are wanted: inline they
-                // would be 650 bytes of every connection's state.
-                _ = OptionFuture::from(paused.as_ref().map(|p| Box::pin(p.resume(ctx.config.limits.pace_max_wait)))), if paused.is_some() => Event::Done(Outcome::Continue),
-                Some((ack, result)) = session.inflow.next_confirmed(), if session.inflow.awaiting() => {
-                    Event::Confirmed(ack, result)
-                }
-                _ = OptionFuture::from(session.stall.as_ref().map(|s| Box::pin(s.released()))), if session.stall.is_some() => {
-                    Event::Unstall
-                }
-                Some(_) = session.takeovers.next() => Event::Done(session.taken_over()),
+                wake.is_some()
             };
-            // The steps of almost every message — a PUBLISH not retained, a PUBACK, a confirm
-            // with nothing to take back — run in place, no future made per packet, their
-            // awaits after this block. Every other step takes its event whole, boxed: what it
-            // holds lives on the heap while it runs, not in every connection's state.
-            match event {
-                Event::Done(outcome) => Now::Done(outcome),
-                Event::Timer => clocks.fired(session, writer),
-                Event::Packet(Inbound::Publish(p)) if !p.retain => {
-                    Now::Turns(session.publish_plain(p))
+            let may_read = session.takes_packets();
+            // Packets already read are handled before what they answer is written: one write
+            // carries the answers to a whole read (a PUBACK per PUBLISH otherwise costs a system
+            // call each), unless a batch's worth waits already or the writer gave way many turns
+            // in a row (a client pipelining thousands of packets gets its answers as it goes).
+            // Only while the packet ahead will be read: a connection that may not read (paced, or
+            // at its Receive Maximum) must still drain what it owes its client. Deliveries and
+            // confirms get the same through `write_soon`: it writes only once the task found
+            // nothing else ready.
+            let may_write =
+                writer.is_busy() && !(may_read && wire.has_ready() && writer.give_way());
+            let paused = session.delivery_paused();
+            // The select only says what happened, and the event is turned into the step that
+            // handles it in a block of its own that awaits nothing: a handler awaiting inside the
+            // select, or anywhere the event's binding is still in scope (moved from or not), keeps
+            // the event (208 bytes: it may hold a packet) in the task's state beside the select's
+            // own futures, for the connection's whole life (docs/bench.md, idle connections).
+            let now = {
+                let step = {
+                    let event = tokio::select! {
+                        Some(why) = OptionFuture::from(stop.as_mut()) => Event::Done(Outcome::Close(match why {
+                            Stop::Admin => CloseReason::AdministrativeAction,
+                            Stop::Shutdown => CloseReason::ServerShuttingDown,
+                        })),
+                        _ = &mut timer, if timed => Event::Timer,
+                        written = writer.write_soon(), if may_write => Event::Done(match written {
+                            Ok(()) => Outcome::Continue,
+                            Err(e) => Outcome::Close(e.into()),
+                        }),
+                        packet = wire.read(), if may_read => {
+                            clocks.last_seen = Instant::now();
+                            match packet {
+                                Ok(Some(p)) => Event::Packet(p),
+                                // A reset or a broken pipe is the client going away, not a malformed
+                                // packet: counted and logged as that.
+                                Ok(None) | Err(DecodeError::Io(_)) => Event::Done(Outcome::Close(CloseReason::PeerClosed)),
+                                Err(DecodeError::MaxSizeExceeded { .. }) => Event::Done(Outcome::Close(CloseReason::PacketTooLarge)),
+                                Err(e) => {
+                                    tracing::info!(remote = %session.remote(), error = %e, "malformed MQTT packet; closing");
+                                    Event::Done(Outcome::Close(CloseReason::MalformedPacket))
+                                }
+                            }
+                        }
+                        Some((key, event)) = session.consumers.next(), if !session.consumers.is_empty() && paused.is_none() => {
+                            Event::Delivery(key, event)
+                        }
+                        // The pacing waits are boxed, made only while they are wanted: inline they
+                        // would be 650 bytes of every connection's state.
+                        _ = OptionFuture::from(paused.as_ref().map(|p| Box::pin(p.resume(ctx.config.limits.pace_max_wait)))), if paused.is_some() => Event::Done(Outcome::Continue),
+                        Some((ack, result)) = session.inflow.next_confirmed(), if session.inflow.awaiting() => {
+                            Event::Confirmed(ack, result)
+                        }
+                        _ = OptionFuture::from(session.stall.as_ref().map(|s| Box::pin(s.released()))), if session.stall.is_some() => {
+                            Event::Unstall
+                        }
+                        Some(_) = session.takeovers.next() => Event::Done(session.taken_over()),
+                    };
+                    // The steps of almost every message — a PUBLISH not retained, a PUBACK, a confirm
+                    // with nothing to take back — run in place, no future made per packet, their
+                    // awaits after this block. Every other step takes its event whole, boxed: what it
+                    // holds lives on the heap while it runs, not in every connection's state.
+                    match event {
+                        Event::Done(outcome) => Ok(Now::Done(outcome)),
+                        Event::Timer => Ok(clocks.fired(session, writer)),
+                        Event::Packet(Inbound::Publish(p)) if !p.retain => {
+                            Ok(Now::Turns(session.publish_plain(p)))
+                        }
+                        Event::Packet(Inbound::PubAck(id)) => Ok(Now::PubAck(id)),
+                        Event::Confirmed(ack, result) if !Session::undoes(&ack, &result) => {
+                            Ok(Now::Done(session.settle(ack, result)))
+                        }
+                        // Made here, awaited once the event's block is over.
+                        event => Err(Box::pin(handle_event(session, event))),
+                    }
+                };
+                match step {
+                    Ok(now) => now,
+                    Err(handler) => Now::Done(handler.await),
                 }
-                Event::Packet(Inbound::PubAck(id)) => Now::PubAck(id),
-                Event::Confirmed(ack, result) if !Session::undoes(&ack, &result) => {
-                    Now::Done(session.settle(ack, result))
-                }
-                event => Now::Done(Box::pin(handle_event(session, event)).await),
+            };
+            let outcome = match now {
+                Now::Done(outcome) => outcome,
+                Now::Turns(outcome) => take_turns(session, outcome).await,
+                Now::PubAck(id) => puback(session, id).await,
+                Now::Retry => Box::pin(session.retry_parked()).await,
+            };
+            session.note_in_flight();
+            if let Outcome::Close(why) = outcome {
+                return why;
             }
-        };
-        let outcome = match now {
-            Now::Done(outcome) => outcome,
-            Now::Turns(outcome) => take_turns(session, outcome).await,
-            Now::PubAck(id) => puback(session, id).await,
-            Now::Retry => Box::pin(session.retry_parked()).await,
-        };
-        session.note_in_flight();
-        if let Outcome::Close(why) = outcome {
-            return why;
         }
     }
 }

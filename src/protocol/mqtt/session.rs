@@ -244,6 +244,13 @@ impl Session {
         self.principal.expires_at
     }
 
+    /// When the token's expiry closes the connection (Unix seconds): at its `exp` plus the
+    /// configured leeway.
+    pub fn closes_at(&self) -> Option<u64> {
+        let leeway = self.ctx.config.auth.leeway.as_secs();
+        self.expires_at().map(|exp| exp.saturating_add(leeway))
+    }
+
     fn send(&mut self, p: Outbound) {
         self.out.push_back(p);
     }
