@@ -11,12 +11,15 @@ pub use self::admission::{Admission, Admitted, Full, Unauthenticated};
 pub use self::pressure::{Bound, Pace, Pressure, Stall};
 
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::Clock;
+use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
 use governor::state::keyed::DashMapStateStore;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
 
 use crate::config::LimitsConfig;
 
@@ -115,14 +118,31 @@ impl Throttled {
     }
 }
 
+/// governor's default clock (quanta's), one for the whole process: each `QuantaClock` is 40
+/// bytes, and every connection had two buckets, each with its own.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SharedClock;
+
+impl Clock for SharedClock {
+    type Instant = Nanos;
+
+    fn now(&self) -> Nanos {
+        static QUANTA: LazyLock<quanta::Clock> = LazyLock::new(quanta::Clock::new);
+        Nanos::new(QUANTA.delta_as_nanos(0, QUANTA.raw()))
+    }
+}
+
+/// A connection's bucket.
+type Bucket = RateLimiter<NotKeyed, InMemoryState, SharedClock, NoOpMiddleware<Nanos>>;
+
 fn nz(n: u64) -> NonZeroU32 {
     NonZeroU32::new(n.clamp(1, u64::from(u32::MAX)) as u32).unwrap_or(NonZeroU32::MIN)
 }
 
 /// The buckets of one client connection.
 pub struct ConnectionLimits {
-    messages: DefaultDirectRateLimiter,
-    bytes: DefaultDirectRateLimiter,
+    messages: Bucket,
+    bytes: Bucket,
 }
 
 impl std::fmt::Debug for ConnectionLimits {
@@ -140,9 +160,9 @@ pub struct Flow {
     subjects: RateLimiter<
         Arc<str>,
         DashMapStateStore<Arc<str>, foldhash::fast::RandomState>,
-        DefaultClock,
+        SharedClock,
+        NoOpMiddleware<Nanos>,
     >,
-    clock: DefaultClock,
 }
 
 impl Flow {
@@ -157,18 +177,17 @@ impl Flow {
             byte_quota,
             subjects: RateLimiter::dashmap_with_clock_and_hasher(
                 subject_quota,
-                DefaultClock::default(),
+                SharedClock,
                 foldhash::fast::RandomState::default(),
             ),
-            clock: DefaultClock::default(),
         }
     }
 
     /// Fresh buckets for a new connection.
     pub fn connection(&self) -> ConnectionLimits {
         ConnectionLimits {
-            messages: RateLimiter::direct(self.message_quota),
-            bytes: RateLimiter::direct(self.byte_quota),
+            messages: RateLimiter::direct_with_clock(self.message_quota, SharedClock),
+            bytes: RateLimiter::direct_with_clock(self.byte_quota, SharedClock),
         }
     }
 
@@ -182,7 +201,7 @@ impl Flow {
     ) -> Result<(), Throttled> {
         let wait = |nu: governor::NotUntil<_>, reason| Throttled {
             reason,
-            retry_after: nu.wait_time_from(self.clock.now()),
+            retry_after: nu.wait_time_from(SharedClock.now()),
         };
         conn.messages
             .check()
