@@ -320,7 +320,7 @@ impl Queue {
     fn dead_letter_slot(&self, slot: Ready, reason: DeadReason, fx: &mut Effects) {
         match slot {
             Ready::In(entry) => self.dead_letter(entry, reason, fx),
-            Ready::Out(_) if self.args.dead_letter_exchange.is_none() => {
+            Ready::Out(_) if self.args.dead_letter.is_none() => {
                 self.done_slot(&slot, fx);
                 metrics::counter!(crate::metrics::DROPPED, "reason" => reason.as_str())
                     .increment(1);
@@ -335,17 +335,17 @@ impl Queue {
 
     fn dead_letter(&self, entry: Entry, reason: DeadReason, fx: &mut Effects) {
         self.done(&entry, fx);
-        if self.args.dead_letter_exchange.is_none() {
+        if self.args.dead_letter.is_none() {
             // Gone for good: counted, so a bounded queue's drops are visible.
             metrics::counter!(crate::metrics::DROPPED, "reason" => reason.as_str()).increment(1);
         }
-        if let Some(exchange) = &self.args.dead_letter_exchange {
+        if let Some(to) = &self.args.dead_letter {
             fx.dead.push(DeadLetter {
                 envelope: entry.envelope,
                 queue: self.name.clone(),
                 reason,
-                exchange: exchange.clone(),
-                routing_key: self.args.dead_letter_routing_key.clone(),
+                exchange: to.exchange.clone(),
+                routing_key: to.routing_key.clone(),
             });
         }
     }
