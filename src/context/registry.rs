@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -36,7 +36,8 @@ pub struct SubscriptionView {
     pub prefetch: Option<u32>,
 }
 
-/// What is fixed about a connection when it registers.
+/// What is fixed about a connection when it registers. Names are shared with the session, not
+/// copied: every connection has an entry.
 #[derive(Debug, Clone)]
 pub struct About {
     /// `mqtt`, `ws`, `sse` or `amqp`.
@@ -44,9 +45,8 @@ pub struct About {
     /// `tcp`, `websocket` or `http`.
     pub transport: &'static str,
     pub remote: SocketAddr,
-    pub subject: String,
-    pub client_id: Option<String>,
-    pub expires_at: Option<u64>,
+    pub subject: Arc<str>,
+    pub client_id: Option<Arc<str>>,
     /// The gauge of its droppable outbound buffer, when it has one.
     pub buffer: Option<Pressure>,
     /// What it publishes and holds, counted as it goes (`Connection::stats`).
@@ -56,7 +56,8 @@ pub struct About {
 struct Entry {
     about: About,
     since: u64,
-    expires_at: Mutex<Option<u64>>,
+    /// The token's `exp` ([`NO_EXPIRY`] for none); a refresh moves it.
+    expires_at: AtomicU64,
     subscriptions: Mutex<Vec<SubscriptionView>>,
     /// Why it was told to stop ([`Stop`] as a number; 0 while it was not), and the task that
     /// waits for it. A waker and a number in place: a cancellation token, and the futures
@@ -149,6 +150,9 @@ pub struct Registered {
     entry: Arc<Entry>,
 }
 
+/// An entry's `expires_at` when the token has none (no token expires at the end of time).
+const NO_EXPIRY: u64 = u64::MAX;
+
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -156,9 +160,15 @@ fn now_secs() -> u64 {
 }
 
 impl Registry {
-    pub fn register(self: &Arc<Self>, id: u64, about: About) -> Registered {
+    /// `expires_at`: the token's `exp`, when it has one.
+    pub fn register(
+        self: &Arc<Self>,
+        id: u64,
+        about: About,
+        expires_at: Option<u64>,
+    ) -> Registered {
         let entry = Arc::new(Entry {
-            expires_at: Mutex::new(about.expires_at),
+            expires_at: AtomicU64::new(expires_at.unwrap_or(NO_EXPIRY)),
             about,
             since: now_secs(),
             subscriptions: Mutex::default(),
@@ -238,10 +248,10 @@ fn view(id: u64, e: &Entry) -> ConnectionView {
         protocol: e.about.protocol.to_owned(),
         transport: e.about.transport.to_owned(),
         peer: e.about.remote.to_string(),
-        subject: e.about.subject.clone(),
-        client_id: e.about.client_id.clone(),
+        subject: e.about.subject.to_string(),
+        client_id: e.about.client_id.as_deref().map(str::to_owned),
         connected_since: e.since,
-        expires_at: *e.expires_at.lock(),
+        expires_at: Some(e.expires_at.load(Ordering::Relaxed)).filter(|&at| at != NO_EXPIRY),
         subscriptions: e.subscriptions.lock().clone(),
         buffer: e.about.buffer.as_ref().map(|p| {
             let (messages, bytes) = p.fill();
@@ -286,7 +296,8 @@ impl Registered {
 
     /// The token was refreshed.
     pub fn set_expires_at(&self, expires_at: Option<u64>) {
-        *self.entry.expires_at.lock() = expires_at;
+        let at = expires_at.unwrap_or(NO_EXPIRY);
+        self.entry.expires_at.store(at, Ordering::Relaxed);
     }
 }
 
@@ -327,7 +338,6 @@ mod tests {
             remote: "127.0.0.1:1".parse().expect("an address"),
             subject: "s".into(),
             client_id: None,
-            expires_at: None,
             buffer: None,
             stats: Arc::default(),
         }
@@ -338,7 +348,10 @@ mod tests {
     #[tokio::test]
     async fn connections_are_told_why_they_stop() {
         let registry = Arc::new(Registry::default());
-        let (one, two) = (registry.register(1, about()), registry.register(2, about()));
+        let (one, two) = (
+            registry.register(1, about(), None),
+            registry.register(2, about(), None),
+        );
         let (mut stop_one, mut stop_two) = (one.stopped(), two.stopped());
         assert!((&mut stop_one).now_or_never().is_none());
         assert!(registry.close(1));
@@ -357,7 +370,7 @@ mod tests {
             "a shutdown is not an administrator's close"
         );
         assert_eq!(one.stopped().await, Stop::Admin, "the first reason stands");
-        let late = registry.register(3, about());
+        let late = registry.register(3, about(), None);
         assert_eq!(late.stopped().now_or_never(), Some(Stop::Shutdown));
     }
 }

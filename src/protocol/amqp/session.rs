@@ -99,12 +99,12 @@ impl Session {
                 protocol: super::PROTOCOL,
                 transport,
                 remote: conn.remote,
-                subject: n.principal.subject.to_string(),
-                client_id: n.name,
-                expires_at: n.principal.expires_at,
+                subject: n.principal.subject.clone(),
+                client_id: n.name.map(Arc::from),
                 buffer: None,
                 stats: conn.stats.clone(),
             },
+            n.principal.expires_at,
         );
         Session {
             ctx,

@@ -296,12 +296,12 @@ where
                     protocol: PROTOCOL,
                     transport,
                     remote: conn.remote,
-                    subject: session.subject().to_owned(),
-                    client_id: Some(session.client_id().to_owned()),
-                    expires_at: session.expires_at(),
+                    subject: session.subject().clone(),
+                    client_id: Some(session.client_id().clone()),
                     buffer: Some(qos0_out),
                     stats: conn.stats.clone(),
                 },
+                session.expires_at(),
             ));
             session.show_subscriptions();
             return Ok(Box::new(Live {

@@ -120,7 +120,8 @@ pub struct Session {
 /// the version's being read everywhere.
 struct Client {
     version: Version,
-    id: String,
+    /// Shared with the connection's registry entry.
+    id: Arc<str>,
     /// The keep-alive this connection is held to (× 1.5): the client's, or the Server Keep
     /// Alive the CONNACK told it.
     keep_alive: u16,
@@ -232,11 +233,11 @@ impl Session {
         self.conn.remote
     }
 
-    pub fn subject(&self) -> &str {
+    pub fn subject(&self) -> &Arc<str> {
         &self.principal.subject
     }
 
-    pub fn client_id(&self) -> &str {
+    pub fn client_id(&self) -> &Arc<str> {
         &self.client.id
     }
 

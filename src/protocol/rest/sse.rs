@@ -140,14 +140,14 @@ pub async fn subscribe(
             protocol: PROTOCOL,
             transport: "http",
             remote: conn.remote,
-            subject: principal.subject.to_string(),
+            subject: principal.subject.clone(),
             client_id: None,
-            expires_at: principal.expires_at,
             buffer: matches!(mode, stream::Mode::NoAck(_)).then(|| out.pressure().clone()),
             // A stream of its own (HTTP/2 carries several on one connection); it publishes
             // nothing.
             stats: Default::default(),
         },
+        principal.expires_at,
     );
     registered.set_subscriptions(vec![SubscriptionView {
         queue: target.queue().to_owned(),

@@ -206,12 +206,12 @@ impl WsSession {
                 protocol: PROTOCOL,
                 transport: "websocket",
                 remote: self.conn.remote,
-                subject: self.principal.subject.to_string(),
+                subject: self.principal.subject.clone(),
                 client_id: None,
-                expires_at: self.principal.expires_at,
                 buffer: Some(self.out.pressure().clone()),
                 stats: self.conn.stats.clone(),
             },
+            self.principal.expires_at,
         ));
     }
 

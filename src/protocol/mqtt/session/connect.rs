@@ -22,7 +22,10 @@ impl ConnectRejected {
 
 /// The session key the session registry holds: (subject, client id).
 pub(super) fn takeover_key(subject: &str, client_id: &str) -> String {
-    session_queue(subject, client_id, "")
+    let mut key = session_queue(subject, client_id, "");
+    // Kept for the session's life, and `format!` leaves room to spare (twice the length).
+    key.shrink_to_fit();
+    key
 }
 
 /// The principal the CONNECT's token (or its absence) makes the client.
@@ -160,7 +163,7 @@ impl Session {
             principal,
             client: Client {
                 version: connect.version,
-                id,
+                id: id.into(),
                 keep_alive: server_keep_alive.unwrap_or(connect.keep_alive),
                 auth_method: connect.auth_method.clone(),
                 max_packet: connect.max_packet_size,
