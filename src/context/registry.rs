@@ -18,6 +18,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::flow::Pressure;
+use crate::shutdown::Shutdown;
 
 /// One subscription of a connection: the queue it consumes and what it names.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
@@ -271,18 +272,9 @@ fn view(id: u64, e: &Entry) -> ConnectionView {
 }
 
 impl Registered {
-    /// Resolves when an administrator closes the connection (not at shutdown: adapters
-    /// that wait for this wait for the shutdown themselves). One task waits, the
-    /// connection's own: a second would take the wake-up from it.
-    pub fn closed_by_admin(&self) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(|cx| match self.entry.poll_stop(cx) {
-            Poll::Ready(Stop::Admin) => Poll::Ready(()),
-            _ => Poll::Pending,
-        })
-    }
-
     /// Resolves when the connection is told to stop, with why; kept across awaits (it holds
-    /// the entry, not the guard). As with [`Self::closed_by_admin`], one task waits.
+    /// the entry, not the guard). One task waits, the connection's own: a second would take
+    /// the wake-up from it.
     pub fn stopped(&self) -> Stopped {
         Stopped(self.entry.clone())
     }
@@ -312,11 +304,17 @@ impl Future for Stopped {
     }
 }
 
-/// Resolves when an administrator closes the connection; never before it registered.
-pub async fn closed_by_admin(registered: &Option<Registered>) {
+/// Resolves when the connection must stop, with why: through its registry entry once it
+/// registered, else at the gateway's shutdown. Made afresh each turn of a loop, it costs an
+/// atomic load and a waker registration once registered; a wait on the shutdown's token takes
+/// a lock every connection shares, and adapters register before their loops start.
+pub async fn stop_signal(registered: Option<&Registered>, shutdown: &Shutdown) -> Stop {
     match registered {
-        Some(r) => r.closed_by_admin().await,
-        None => std::future::pending().await,
+        Some(r) => std::future::poll_fn(|cx| r.entry.poll_stop(cx)).await,
+        None => {
+            shutdown.wait().await;
+            Stop::Shutdown
+        }
     }
 }
 
@@ -344,10 +342,12 @@ mod tests {
     }
 
     /// An administrator's close stops that connection only, and says so; the shutdown stops
-    /// every one, those that register after it too; the first reason given stands.
+    /// every one, those that register after it too; the first reason given stands. A
+    /// connection not yet registered learns of the shutdown from its token.
     #[tokio::test]
     async fn connections_are_told_why_they_stop() {
         let registry = Arc::new(Registry::default());
+        let shutdown = Shutdown::new();
         let (one, two) = (
             registry.register(1, about(), None),
             registry.register(2, about(), None),
@@ -357,20 +357,29 @@ mod tests {
         assert!(registry.close(1));
         assert!(!registry.close(3), "no connection 3");
         assert_eq!((&mut stop_one).await, Stop::Admin);
-        assert!(one.closed_by_admin().now_or_never().is_some());
+        let signal = |r| stop_signal(Some(r), &shutdown).now_or_never();
+        assert_eq!(signal(&one), Some(Stop::Admin));
         assert!((&mut stop_two).now_or_never().is_none());
-        assert!(two.closed_by_admin().now_or_never().is_none());
+        assert_eq!(signal(&two), None);
 
         let waiting = tokio::spawn(stop_two);
         registry.stop_all();
         let two_stopped = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await;
         assert_eq!(two_stopped.expect("woken").expect("joined"), Stop::Shutdown);
-        assert!(
-            two.closed_by_admin().now_or_never().is_none(),
-            "a shutdown is not an administrator's close"
+        assert_eq!(
+            signal(&two),
+            Some(Stop::Shutdown),
+            "told through the entry, the token untouched"
         );
         assert_eq!(one.stopped().await, Stop::Admin, "the first reason stands");
         let late = registry.register(3, about(), None);
         assert_eq!(late.stopped().now_or_never(), Some(Stop::Shutdown));
+
+        assert_eq!(stop_signal(None, &shutdown).now_or_never(), None);
+        shutdown.trigger();
+        assert_eq!(
+            stop_signal(None, &shutdown).now_or_never(),
+            Some(Stop::Shutdown)
+        );
     }
 }

@@ -273,10 +273,10 @@ where
         // are written, so a burst goes out in one write.
         let step = tokio::select! {
             biased;
-            _ = ctx.shutdown.wait() => {
-                return forced("shutdown", "broker forced connection closure with reason 'shutdown'");
-            }
-            _ = crate::context::closed_by_admin(&session.registered) => return forced("closed_by_admin", "closed by an administrator"),
+            why = crate::context::stop_signal(session.registered.as_ref(), &ctx.shutdown) => return match why {
+                crate::context::Stop::Shutdown => forced("shutdown", "broker forced connection closure with reason 'shutdown'"),
+                crate::context::Stop::Admin => forced("closed_by_admin", "closed by an administrator"),
+            },
             frame = wire.next(), if may_read => {
                 timers.last_read = Instant::now();
                 match frame {

@@ -184,7 +184,10 @@ async fn serve_session(
         // while they are enabled, as the MQTT loop's are: every branch's future is part of
         // an idle connection's state, enabled or not.
         let outcome = tokio::select! {
-            _ = ctx.shutdown.wait() => Outcome::Close(CloseReason::Shutdown),
+            why = crate::context::stop_signal(session.registered.as_ref(), &ctx.shutdown) => Outcome::Close(match why {
+                crate::context::Stop::Admin => CloseReason::ClosedByAdmin,
+                crate::context::Stop::Shutdown => CloseReason::Shutdown,
+            }),
             _ = expiry => Outcome::Close(CloseReason::TokenExpired),
             // Written one batch at a time, each batch a future that lives only while it writes.
             next = out.next(), if writer.is_idle() => {
@@ -213,7 +216,6 @@ async fn serve_session(
                 Box::pin(deliveries(session, out, sub, event)).await
             }
             _ = OptionFuture::from(paused.then(|| Box::pin(out.pressure().resume(ctx.config.limits.pace_max_wait)))), if paused => Outcome::Continue,
-            _ = crate::context::closed_by_admin(&session.registered) => Outcome::Close(CloseReason::ClosedByAdmin),
             Some(t) = session.takeovers.next() => {
                 Box::pin(session.taken_over(t)).await;
                 Outcome::Continue

@@ -270,9 +270,11 @@ impl Stream {
             let paused = self.out.pressure().paces();
             let end = tokio::select! {
                 _ = self.gone.cancelled() => Some(End::Gone),
-                _ = self.ctx.shutdown.wait() => Some(End::Shutdown),
+                why = crate::context::stop_signal(Some(&self.registered), &self.ctx.shutdown) => Some(match why {
+                    crate::context::Stop::Shutdown => End::Shutdown,
+                    crate::context::Stop::Admin => End::ClosedByAdmin,
+                }),
                 _ = &mut expiry => Some(End::TokenExpired),
-                _ = self.registered.closed_by_admin() => Some(End::ClosedByAdmin),
                 event = self.consumer.next(), if !paused => self.event(event),
                 _ = self.out.pressure().resume(self.ctx.config.limits.pace_max_wait), if paused => None,
                 Some(_) = self.takeovers.next() => Some(self.cancelled("taken_over")),
