@@ -80,15 +80,22 @@ pub fn now_secs() -> u64 {
         .as_secs()
 }
 
+/// A year: as good as never for a connection, and safe to add to any `Instant`.
+const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// How long a connection with a token expiring at `expires_at` (seconds since the epoch) may
+/// last: until `leeway` after it, at most [`NEVER`]. Saturating, so a token with an `exp` near
+/// `u64::MAX` (valid, if signed) neither overflows the sum nor an `Instant` it is added to.
+pub fn time_left(expires_at: u64, leeway: Duration) -> Duration {
+    let closes_at = expires_at.saturating_add(leeway.as_secs());
+    Duration::from_secs(closes_at.saturating_sub(now_secs())).min(NEVER)
+}
+
 /// Sleeps until a connection with a token expiring at `expires_at` (seconds since the epoch)
 /// must end, `leeway` after it; an anonymous one (`None`) never in practice.
 pub fn expiry_sleep(expires_at: Option<u64>, leeway: Duration) -> tokio::time::Sleep {
-    let after = match expires_at {
-        Some(exp) => Duration::from_secs((exp + leeway.as_secs()).saturating_sub(now_secs())),
-        // A year is as good as never and keeps a caller's select uniform.
-        None => Duration::from_secs(365 * 24 * 3600),
-    };
-    tokio::time::sleep(after)
+    // A year for none keeps a caller's select uniform.
+    tokio::time::sleep(expires_at.map_or(NEVER, |exp| time_left(exp, leeway)))
 }
 
 /// Turns tokens into principals.
@@ -224,4 +231,22 @@ pub fn dev_secret(data_dir: &Path) -> std::io::Result<String> {
     let mut file = options.open(&path)?;
     std::io::Write::write_all(&mut file, secret.as_bytes())?;
     Ok(secret)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_left_runs_to_the_leeway_and_never_overflows() {
+        let leeway = Duration::from_secs(30);
+        let now = now_secs();
+        let left = time_left(now + 60, leeway);
+        // 90 s, less the second `now_secs` may have turned meanwhile.
+        assert!((89..=90).contains(&left.as_secs()), "{left:?}");
+        assert_eq!(time_left(now - 60, leeway), Duration::ZERO);
+        assert_eq!(time_left(u64::MAX, leeway), NEVER);
+        // As far off as it goes, it still makes an `Instant`.
+        let _ = std::time::Instant::now() + time_left(u64::MAX, Duration::MAX);
+    }
 }

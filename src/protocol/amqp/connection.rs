@@ -211,9 +211,10 @@ impl Timers {
             }
         };
         if let Some(exp) = session.expires_at() {
-            let left =
-                (exp + ctx.config.auth.leeway.as_secs()).saturating_sub(crate::auth::now_secs());
-            at(now + Duration::from_secs(left), Due::Expired);
+            at(
+                now + crate::auth::time_left(exp, ctx.config.auth.leeway),
+                Due::Expired,
+            );
         }
         if !self.heartbeat.is_zero() {
             at(self.last_read + self.heartbeat * 2, Due::MissedHeartbeats);

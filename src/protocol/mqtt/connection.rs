@@ -22,7 +22,6 @@ use super::close::CloseReason;
 use super::codec::{Codec, Connect, DecodeError, Inbound, Outbound, Version};
 use super::session::{Ack, Outcome, Session, reason};
 use super::writer::Writer;
-use crate::auth::now_secs;
 use crate::context::{Connection, Context, Registered, Stop};
 use crate::engine::{ConsumerEvent, EngineError};
 use crate::metrics;
@@ -425,11 +424,10 @@ struct Expiry {
 }
 
 impl Expiry {
-    fn due(&mut self, closes_at: Option<u64>) -> Option<Instant> {
-        if closes_at != self.set {
-            self.set = closes_at;
-            self.due = closes_at
-                .map(|at| Instant::now() + Duration::from_secs(at.saturating_sub(now_secs())));
+    fn due(&mut self, session: &Session) -> Option<Instant> {
+        if session.expires_at() != self.set {
+            self.set = session.expires_at();
+            self.due = session.time_left().map(|left| Instant::now() + left);
         }
         self.due
     }
@@ -472,7 +470,7 @@ impl Clocks {
     ) -> Option<Instant> {
         [
             self.keep_alive_due,
-            self.expiry.due(session.closes_at()),
+            self.expiry.due(session),
             session.inflow.retry_at,
             writer.deadline(),
         ]
@@ -485,7 +483,7 @@ impl Clocks {
     fn fired<W: AsyncWrite + Unpin>(&mut self, session: &Session, writer: &mut Writer<W>) -> Now {
         let now = Instant::now();
         let due = |at: Option<Instant>| at.is_some_and(|at| at <= now);
-        if due(self.expiry.due(session.closes_at())) {
+        if due(self.expiry.due(session)) {
             Now::Done(Outcome::Close(CloseReason::TokenExpired))
         } else if due(writer.deadline()) {
             metrics::refusal(PROTOCOL, "slow_consumer");

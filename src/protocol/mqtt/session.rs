@@ -245,11 +245,12 @@ impl Session {
         self.principal.expires_at
     }
 
-    /// When the token's expiry closes the connection (Unix seconds): at its `exp` plus the
-    /// configured leeway.
-    pub fn closes_at(&self) -> Option<u64> {
-        let leeway = self.ctx.config.auth.leeway.as_secs();
-        self.expires_at().map(|exp| exp.saturating_add(leeway))
+    /// How long until the token's expiry closes the connection: its `exp` plus the
+    /// configured leeway ([`crate::auth::time_left`]).
+    pub fn time_left(&self) -> Option<Duration> {
+        let leeway = self.ctx.config.auth.leeway;
+        self.expires_at()
+            .map(|exp| crate::auth::time_left(exp, leeway))
     }
 
     fn send(&mut self, p: Outbound) {
