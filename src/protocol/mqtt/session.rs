@@ -16,6 +16,7 @@ mod publish;
 mod resume;
 mod stored;
 mod subscribe;
+mod subscriptions;
 
 pub use publish::Ack;
 
@@ -97,9 +98,7 @@ pub struct Session {
     life: Lifetime,
     /// Packets for the connection's writer, taken each time round its loop.
     out: VecDeque<Outbound>,
-    /// Filter → granted QoS.
-    subs: HashMap<String, SubOpts>,
-    /// Keyed "0" and "1" for the session's queues, or by a shared subscription's filter.
+    subs: subscriptions::Subscriptions,
     /// Keyed `0`, `1` (the session queues' levels) or a shared filter; `Arc<str>` because the
     /// map hands out a clone of the key with every delivery.
     pub consumers: StreamMap<Arc<str>, Consumer>,

@@ -178,7 +178,7 @@ impl Session {
                 admitted: Some(admitted),
             },
             out: VecDeque::new(),
-            subs: HashMap::new(),
+            subs: Default::default(),
             registered: None,
             // Most sessions consume one queue: room for four is 250 bytes held idle.
             consumers: StreamMap::with_capacity(1),

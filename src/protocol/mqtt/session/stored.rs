@@ -100,7 +100,7 @@ impl Session {
                 .subs
                 .iter()
                 .map(|(filter, o)| StoredSub {
-                    filter: filter.clone(),
+                    filter: filter.to_owned(),
                     qos: o.granted,
                     no_local: o.no_local,
                     retain_as_published: o.retain_as_published,

@@ -196,7 +196,7 @@ impl Session {
                     None => self.queue_name(o.granted.min(1)),
                 },
                 exchange: Some(exchange.clone()),
-                pattern: Some(filter.clone()),
+                pattern: Some(filter.to_owned()),
                 ack: format!("qos{}", o.granted),
                 prefetch: None,
             })
