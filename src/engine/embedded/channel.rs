@@ -5,7 +5,6 @@
 //! delivering registers the delivery); never the reverse — ack paths take records out of
 //! `unacked`, release it, then call into queues.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
@@ -52,6 +51,15 @@ struct ConsumerReg {
     cancelled: Arc<AtomicBool>,
 }
 
+/// A channel's consumers by tag: a list, one inline. Looked up only at consume and cancel,
+/// and almost every channel has one or two (an MQTT session's, a `/ws` subscription's),
+/// which a `HashMap` kept in a 180-byte table of every idle subscriber.
+type Consumers = SmallVec<[(Arc<str>, ConsumerReg); 1]>;
+
+fn position(consumers: &Consumers, tag: &str) -> Option<usize> {
+    consumers.iter().position(|(t, _)| &**t == tag)
+}
+
 type Reason = Arc<Mutex<Option<CancelReason>>>;
 
 /// What travels to a consumer: the delivery, and for no-ack consumers the entry, so a
@@ -68,7 +76,7 @@ pub(super) struct ChannelShared {
     pub broker: Arc<Broker>,
     next_tag: AtomicU64,
     unacked: Mutex<ByTag<Unacked>>,
-    consumers: Mutex<HashMap<Arc<str>, ConsumerReg>>,
+    consumers: Mutex<Consumers>,
     closed: AtomicBool,
 }
 
@@ -227,7 +235,7 @@ impl ChannelShared {
             broker,
             next_tag: AtomicU64::new(1),
             unacked: Mutex::new(ByTag::default()),
-            consumers: Mutex::new(HashMap::new()),
+            consumers: Mutex::default(),
             closed: AtomicBool::new(false),
         }
     }
@@ -269,19 +277,19 @@ impl ChannelShared {
         let cancelled = Arc::new(AtomicBool::new(false));
         {
             let mut consumers = self.consumers.lock();
-            if consumers.contains_key(&tag) {
+            if position(&consumers, &tag).is_some() {
                 return Err(EngineError::PreconditionFailed(format!(
                     "consumer tag '{tag}' is already in use on this channel"
                 )));
             }
-            consumers.insert(
+            consumers.push((
                 tag.clone(),
                 ConsumerReg {
                     queue: queue.clone(),
                     id,
                     cancelled: cancelled.clone(),
                 },
-            );
+            ));
         }
         let (tx, rx) = handoff();
         let reason: Reason = Arc::default();
@@ -304,13 +312,13 @@ impl ChannelShared {
         let added = queue.add_consumer(slot, exclusive, &mut fx);
         self.broker.apply(fx);
         if let Err(e) = added {
-            self.consumers.lock().remove(&tag);
+            self.forget(&tag);
             return Err(e);
         }
         if self.is_closed() {
             // Closed while this consumer was being added: `close` may have missed it and what
             // it was already given.
-            self.consumers.lock().remove(&tag);
+            self.forget(&tag);
             let mut fx = Effects::default();
             queue.end_consumer(id, CancelReason::ChannelClosed, &mut fx);
             self.give_back(&queue, id, false, &mut fx);
@@ -330,14 +338,23 @@ impl ChannelShared {
         })
     }
 
+    fn forget(&self, tag: &str) {
+        let mut consumers = self.consumers.lock();
+        if let Some(i) = position(&consumers, tag) {
+            consumers.swap_remove(i);
+        }
+    }
+
     /// Cancels a consumer (by tag, and by id when called from its stream so a reused tag is not
     /// hit). Deliveries the client never took return to the queue unmarked; those it took are
     /// requeued or kept as `on_cancel` says. Returns whether it existed.
     pub fn cancel_consumer(&self, tag: &str, id: Option<u64>, on_cancel: OnCancel) -> bool {
         let reg = {
             let mut consumers = self.consumers.lock();
-            match consumers.get(tag) {
-                Some(reg) if id.is_none_or(|id| id == reg.id) => consumers.remove(tag),
+            match position(&consumers, tag) {
+                Some(i) if id.is_none_or(|id| id == consumers[i].1.id) => {
+                    Some(consumers.swap_remove(i).1)
+                }
                 _ => None,
             }
         };
@@ -479,9 +496,8 @@ impl ChannelShared {
             return;
         }
         let mut fx = Effects::default();
-        let consumers: Vec<ConsumerReg> =
-            self.consumers.lock().drain().map(|(_, reg)| reg).collect();
-        for reg in consumers {
+        let consumers = std::mem::take(&mut *self.consumers.lock());
+        for (_, reg) in consumers {
             reg.queue
                 .end_consumer(reg.id, CancelReason::ChannelClosed, &mut fx);
         }
