@@ -18,11 +18,12 @@
 //! stalled consumer costs each publisher at most one bounded wait and then meets the drop
 //! policy instead of holding publishers back.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 const CLEAR: u8 = 0;
 const PACING: u8 = 1;
@@ -36,9 +37,9 @@ pub struct Bound {
 }
 
 struct Gauge {
+    /// High is 3/4 of it and low 1/2 (in messages or bytes, whichever is reached first):
+    /// worked out at each look, where storing them was 32 bytes of every connection's gauge.
     bound: Bound,
-    high: Bound,
-    low: Bound,
     messages: AtomicU64,
     bytes: AtomicU64,
     state: AtomicU8,
@@ -48,13 +49,39 @@ struct Gauge {
     /// not for the buffer to be below low at the moment it looks (other publishers released
     /// with it may have filled it again).
     episodes: AtomicU64,
-    /// When the current pacing episode began, as nanoseconds since `created`.
-    since: AtomicU64,
-    created: tokio::time::Instant,
+    /// When the current pacing episode began, as signed nanoseconds from [`EPOCH`].
+    since: AtomicI64,
     /// Whose buffer this is (the `kind` label of the slow-consumer metric).
     kind: &'static str,
     /// Messages dropped from (or refused by) this buffer because it was full.
     dropped: AtomicU64,
+}
+
+/// The instant episodes are counted from, one for the process (an instant in each gauge was
+/// 16 bytes of every connection). Signed offsets: under a test's paused clock, `now` may be
+/// before the moment this was first read.
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+fn since_epoch(at: Instant) -> i64 {
+    let nanos = |d: Duration| d.as_nanos().min(i64::MAX as u128) as i64;
+    match at.checked_duration_since(*EPOCH) {
+        Some(d) => nanos(d),
+        None => -nanos(*EPOCH - at),
+    }
+}
+
+fn from_epoch(nanos: i64) -> Instant {
+    let d = Duration::from_nanos(nanos.unsigned_abs());
+    if nanos >= 0 { *EPOCH + d } else { *EPOCH - d }
+}
+
+/// `n`'s high-water mark (3/4) and low-water mark (1/2), at least 1 each.
+fn high(n: u64) -> u64 {
+    ((u128::from(n) * 3) / 4).max(1) as u64
+}
+
+fn low(n: u64) -> u64 {
+    (n / 2).max(1)
 }
 
 /// A shared handle on one buffer's gauge: the buffer's owner counts into it, publishers whose
@@ -66,26 +93,14 @@ impl Pressure {
     /// A gauge for a buffer of `bound`: high at 3/4 of it, low at 1/2 (in messages or bytes,
     /// whichever is reached first).
     pub fn new(bound: Bound, kind: &'static str) -> Pressure {
-        let part = |n: u64, num: u64, den: u64| {
-            ((u128::from(n) * u128::from(num)) / u128::from(den)).max(1) as u64
-        };
         Pressure(Arc::new(Gauge {
             bound,
-            high: Bound {
-                messages: part(bound.messages, 3, 4),
-                bytes: part(bound.bytes, 3, 4),
-            },
-            low: Bound {
-                messages: part(bound.messages, 1, 2),
-                bytes: part(bound.bytes, 1, 2),
-            },
             messages: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             state: AtomicU8::new(CLEAR),
             drained: Notify::new(),
             episodes: AtomicU64::new(0),
-            since: AtomicU64::new(0),
-            created: tokio::time::Instant::now(),
+            since: AtomicI64::new(0),
             kind,
             dropped: AtomicU64::new(0),
         }))
@@ -105,13 +120,13 @@ impl Pressure {
         let g = &*self.0;
         let m = g.messages.fetch_add(1, Ordering::AcqRel) + 1;
         let b = g.bytes.fetch_add(bytes, Ordering::AcqRel) + bytes;
-        if (m >= g.high.messages || b >= g.high.bytes)
+        if (m >= high(g.bound.messages) || b >= high(g.bound.bytes))
             && g.state
                 .compare_exchange(CLEAR, PACING, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
         {
-            let since = g.created.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
-            g.since.store(since, Ordering::Release);
+            g.since
+                .store(since_epoch(Instant::now()), Ordering::Release);
             // A concurrent `sub` may have taken it below low between our count and the
             // switch: look again, or waiters would sit out their whole deadline.
             self.check_drained();
@@ -130,8 +145,8 @@ impl Pressure {
 
     fn check_drained(&self) {
         let g = &*self.0;
-        if g.messages.load(Ordering::Acquire) < g.low.messages
-            && g.bytes.load(Ordering::Acquire) < g.low.bytes
+        if g.messages.load(Ordering::Acquire) < low(g.bound.messages)
+            && g.bytes.load(Ordering::Acquire) < low(g.bound.bytes)
             && g.state.swap(CLEAR, Ordering::AcqRel) != CLEAR
         {
             g.episodes.fetch_add(1, Ordering::AcqRel);
@@ -164,8 +179,7 @@ impl Pressure {
     /// Cancel-safe, and the same deadline however often it is called.
     pub async fn resume(&self, max_wait: Duration) {
         let episode = self.episode();
-        let since = Duration::from_nanos(self.0.since.load(Ordering::Acquire));
-        let deadline = self.0.created + since + max_wait;
+        let deadline = from_epoch(self.0.since.load(Ordering::Acquire)) + max_wait;
         let over = self.episode_over(episode);
         if tokio::time::timeout_at(deadline, over).await.is_err() {
             self.mark_slow(episode);
@@ -283,7 +297,7 @@ impl Pace {
     /// Waits until the pacing episode of every gauge met is over (each was below its low-water
     /// mark at some point, or was given up on), or until `deadline`; then marks those still in
     /// the episode met slow. Cancel-safe: nothing changes until it returns.
-    pub async fn released(&self, deadline: tokio::time::Instant) {
+    pub async fn released(&self, deadline: Instant) {
         let drained = async {
             for (g, episode) in &self.gauges {
                 g.episode_over(*episode).await;
@@ -298,7 +312,7 @@ impl Pace {
 
     /// [`Pace::released`] within `max` from now; returns how long it waited.
     pub async fn wait(&self, max: Duration) -> Duration {
-        let started = tokio::time::Instant::now();
+        let started = Instant::now();
         self.released(started + max).await;
         started.elapsed()
     }
@@ -314,13 +328,13 @@ pub struct Stall(Box<Stalled>);
 #[derive(Debug)]
 struct Stalled {
     pace: Pace,
-    started: tokio::time::Instant,
-    deadline: tokio::time::Instant,
+    started: Instant,
+    deadline: Instant,
 }
 
 impl Stall {
     pub fn new(pace: Pace, max_wait: Duration) -> Stall {
-        let started = tokio::time::Instant::now();
+        let started = Instant::now();
         Stall(Box::new(Stalled {
             pace,
             started,
@@ -362,6 +376,18 @@ mod tests {
             },
             "test",
         )
+    }
+
+    #[test]
+    fn an_instant_survives_its_trip_through_the_epoch_on_either_side() {
+        let epoch = *EPOCH;
+        for at in [
+            epoch,
+            epoch + Duration::from_millis(1500),
+            epoch - Duration::from_nanos(7),
+        ] {
+            assert_eq!(from_epoch(since_epoch(at)), at);
+        }
     }
 
     #[test]
@@ -456,7 +482,7 @@ mod tests {
         for _ in 0..3 {
             g.add(1);
         }
-        let started = tokio::time::Instant::now();
+        let started = Instant::now();
         // A connection loop re-creates the future on every other event.
         for _ in 0..3 {
             let _ = tokio::time::timeout(
