@@ -471,7 +471,7 @@ impl Clocks {
         [
             self.keep_alive_due,
             self.expiry.due(session),
-            session.inflow.retry_at,
+            session.inflow.retry_at(),
             writer.deadline(),
         ]
         .into_iter()
@@ -495,7 +495,7 @@ impl Clocks {
             } else {
                 Outcome::Continue
             })
-        } else if due(session.inflow.retry_at) {
+        } else if due(session.inflow.retry_at()) {
             Now::Retry
         } else {
             Now::Done(Outcome::Continue)
