@@ -183,8 +183,9 @@ pub(super) struct Queue {
     /// Bindings from exchanges, kept so deleting the queue can remove them.
     pub bindings: Mutex<Vec<BoundFrom>>,
     /// Where paged-out bodies are read back from (durable queues on a store that keeps
-    /// messages).
-    pages: Option<Pages>,
+    /// messages). Boxed: most queues page nothing (an MQTT session's, a `/ws` subscription's),
+    /// and inline it took the queue past a size class (400 bytes, where 384 is one).
+    pages: Option<Box<Pages>>,
     /// A read-ahead was asked for and the pager has not done it yet.
     read_ahead_wanted: AtomicBool,
     /// A bounded drop-head queue drops what its consumers would have taken once it is full:
@@ -228,7 +229,7 @@ impl Queue {
             queue_expiry_started: AtomicBool::new(false),
             expiry_started: AtomicBool::new(false),
             bindings: Mutex::new(Vec::new()),
-            pages,
+            pages: pages.map(Box::new),
             read_ahead_wanted: AtomicBool::new(false),
             pressure,
         }
