@@ -68,7 +68,9 @@ pub struct Connection {
     pub stats: Arc<ConnStats>,
     /// What the engine knows this connection as: the owner of its exclusive queues.
     owner: crate::engine::Owner,
-    channel: tokio::sync::OnceCell<Arc<dyn Channel>>,
+    /// A `OnceLock`, not tokio's `OnceCell`, whose semaphore was 40 more bytes of every
+    /// connection; see [`Connection::channel`] for the race that costs.
+    channel: std::sync::OnceLock<Arc<dyn Channel>>,
 }
 
 /// A connection's counts as operators see them: updated by the publish gate and by each
@@ -107,7 +109,7 @@ impl Connection {
             limits,
             stats: Arc::default(),
             owner: crate::engine::Owner::new(),
-            channel: tokio::sync::OnceCell::new(),
+            channel: std::sync::OnceLock::new(),
         }
     }
 
@@ -126,14 +128,16 @@ impl Connection {
             .await
     }
 
+    /// The connection's own engine channel, opened at the first call. Two first calls at once
+    /// (two streams of one HTTP/2 connection) may both open one: the first stored is the
+    /// connection's, the other closes as it drops, unused.
     pub async fn channel(&self, engine: &Arc<dyn Engine>) -> Result<Arc<dyn Channel>, EngineError> {
-        self.channel
-            .get_or_try_init(|| async {
-                engine
-                    .open_channel(&self.owner, &format!("conn-{}@{}", self.id, self.remote))
-                    .await
-            })
-            .await
-            .cloned()
+        if let Some(channel) = self.channel.get() {
+            return Ok(channel.clone());
+        }
+        let opened = engine
+            .open_channel(&self.owner, &format!("conn-{}@{}", self.id, self.remote))
+            .await?;
+        Ok(self.channel.get_or_init(|| opened).clone())
     }
 }
