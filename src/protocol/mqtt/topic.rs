@@ -139,9 +139,10 @@ pub fn filter_matches(filter: &str, topic: &str) -> bool {
 /// unambiguously); when that would pass 255 bytes, the pair is replaced by its SHA-256 in hex.
 fn pair_queue(prefix: &str, a: &str, b: &str, suffix: &str) -> String {
     let pair = format!("{}.{}", encode_subject(a), encode_subject(b));
-    let name = format!("{prefix}{pair}{suffix}");
-    if name.len() <= MAX_KEY {
-        return name;
+    if prefix.len() + pair.len() + suffix.len() <= MAX_KEY {
+        // Exactly its length: names are kept for a connection's life (its takeover key, what
+        // operators see of its subscriptions), and `format!` grows by doubling.
+        return [prefix, &pair, suffix].concat();
     }
     use sha2::Digest;
     let digest = sha2::Sha256::digest(pair.as_bytes());

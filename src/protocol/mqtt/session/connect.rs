@@ -22,10 +22,7 @@ impl ConnectRejected {
 
 /// The session key the session registry holds: (subject, client id).
 pub(super) fn takeover_key(subject: &str, client_id: &str) -> String {
-    let mut key = session_queue(subject, client_id, "");
-    // Kept for the session's life, and `format!` leaves room to spare (twice the length).
-    key.shrink_to_fit();
-    key
+    session_queue(subject, client_id, "")
 }
 
 /// The principal the CONNECT's token (or its absence) makes the client.
