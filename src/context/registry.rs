@@ -31,7 +31,7 @@ pub struct SubscriptionView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pattern: Option<String>,
     /// `auto`, `manual` (WebSocket, SSE) or the MQTT QoS.
-    pub ack: String,
+    pub ack: &'static str,
     /// Credit for manual acknowledgement (prefetch, MQTT receive maximum).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prefetch: Option<u32>,
@@ -56,10 +56,12 @@ pub struct About {
 
 struct Entry {
     about: About,
-    since: u64,
+    /// Seconds since the epoch: 32 bits hold them until 2106, and beside `stop` they take
+    /// the entry down a size class (208 → 192 bytes).
+    since: u32,
     /// The token's `exp` ([`NO_EXPIRY`] for none); a refresh moves it.
     expires_at: AtomicU64,
-    subscriptions: Mutex<Vec<SubscriptionView>>,
+    subscriptions: Mutex<Box<[SubscriptionView]>>,
     /// Why it was told to stop ([`Stop`] as a number; 0 while it was not), and the task that
     /// waits for it. A waker and a number in place: a cancellation token, and the futures
     /// that wait on it and on the shutdown's, were about 470 bytes of every connection.
@@ -171,7 +173,7 @@ impl Registry {
         let entry = Arc::new(Entry {
             expires_at: AtomicU64::new(expires_at.unwrap_or(NO_EXPIRY)),
             about,
-            since: now_secs(),
+            since: now_secs().try_into().unwrap_or(u32::MAX),
             subscriptions: Mutex::default(),
             stop: AtomicU8::new(0),
             waiter: AtomicWaker::new(),
@@ -251,9 +253,9 @@ fn view(id: u64, e: &Entry) -> ConnectionView {
         peer: e.about.remote.to_string(),
         subject: e.about.subject.to_string(),
         client_id: e.about.client_id.as_deref().map(str::to_owned),
-        connected_since: e.since,
+        connected_since: e.since.into(),
         expires_at: Some(e.expires_at.load(Ordering::Relaxed)).filter(|&at| at != NO_EXPIRY),
-        subscriptions: e.subscriptions.lock().clone(),
+        subscriptions: e.subscriptions.lock().to_vec(),
         buffer: e.about.buffer.as_ref().map(|p| {
             let (messages, bytes) = p.fill();
             let bound = p.bound();
@@ -279,11 +281,10 @@ impl Registered {
         Stopped(self.entry.clone())
     }
 
-    pub fn set_subscriptions(&self, mut subscriptions: Vec<SubscriptionView>) {
-        // Kept for as long as the connection lasts: a list collected from a map's iterator
-        // has room for four (a connection with one subscription would hold 312 bytes more).
-        subscriptions.shrink_to_fit();
-        *self.entry.subscriptions.lock() = subscriptions;
+    pub fn set_subscriptions(&self, subscriptions: Vec<SubscriptionView>) {
+        // Kept for as long as the connection lasts, exactly as long as it is: a list
+        // collected from an iterator may have room for four.
+        *self.entry.subscriptions.lock() = subscriptions.into_boxed_slice();
     }
 
     /// The token was refreshed.

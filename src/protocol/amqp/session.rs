@@ -470,7 +470,7 @@ impl Session {
                     queue: consumer.queue().to_owned(),
                     exchange: None,
                     pattern: None,
-                    ack: if mode.no_ack { "auto" } else { "manual" }.into(),
+                    ack: if mode.no_ack { "auto" } else { "manual" },
                     // Zero is AMQP's "unlimited".
                     prefetch: (!mode.no_ack).then_some(u32::from(mode.prefetch)),
                 })

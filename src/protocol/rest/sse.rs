@@ -153,7 +153,7 @@ pub async fn subscribe(
         queue: target.queue().to_owned(),
         exchange: q.exchange.clone(),
         pattern: q.binding_key.clone(),
-        ack: "auto".into(),
+        ack: "auto",
         prefetch: None,
     }]);
     let gone = CancellationToken::new();

@@ -240,8 +240,7 @@ impl WsSession {
                         "manual"
                     } else {
                         "auto"
-                    }
-                    .into(),
+                    },
                     prefetch: s.prefetch,
                 }
             })

@@ -197,7 +197,7 @@ impl Session {
                 },
                 exchange: Some(exchange.clone()),
                 pattern: Some(filter.to_owned()),
-                ack: format!("qos{}", o.granted),
+                ack: ["qos0", "qos1", "qos2"][usize::from(o.granted.min(2))],
                 prefetch: None,
             })
             .collect();
