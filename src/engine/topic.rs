@@ -13,30 +13,48 @@ pub struct TopicTrie<T> {
 }
 
 struct Node<T> {
+    values: Vec<T>,
+    /// The nodes below, in one box, `None` when there are none: most nodes are leaves (a
+    /// device's own topic, under a parent with thousands of them), and inline the three maps
+    /// were 56 of a leaf's 80 bytes, in its parent's table.
+    below: Option<Box<Below<T>>>,
+}
+
+struct Below<T> {
     /// foldhash, not SipHash: this is looked up once per word of every routed message.
     words: HashMap<Box<str>, Node<T>, foldhash::fast::RandomState>,
-    star: Option<Box<Node<T>>>,
-    hash: Option<Box<Node<T>>>,
-    values: Vec<T>,
+    star: Option<Node<T>>,
+    hash: Option<Node<T>>,
 }
 
 impl<T> Default for Node<T> {
     fn default() -> Self {
         Node {
+            values: Vec::new(),
+            below: None,
+        }
+    }
+}
+
+impl<T> Default for Below<T> {
+    fn default() -> Self {
+        Below {
             words: HashMap::default(),
             star: None,
             hash: None,
-            values: Vec::new(),
         }
+    }
+}
+
+impl<T> Below<T> {
+    fn is_empty(&self) -> bool {
+        self.words.is_empty() && self.star.is_none() && self.hash.is_none()
     }
 }
 
 impl<T> Node<T> {
     fn is_empty(&self) -> bool {
-        self.values.is_empty()
-            && self.words.is_empty()
-            && self.star.is_none()
-            && self.hash.is_none()
+        self.values.is_empty() && self.below.is_none()
     }
 }
 
@@ -118,10 +136,11 @@ impl<T> TopicTrie<T> {
     pub fn insert(&mut self, pattern: &str, value: T, same: impl Fn(&T) -> bool) -> bool {
         let mut node = &mut self.root;
         for w in pattern_words(pattern) {
+            let below = node.below.get_or_insert_default();
             node = match w {
-                "*" => node.star.get_or_insert_with(Box::default),
-                "#" => node.hash.get_or_insert_with(Box::default),
-                w => node.words.entry(w.into()).or_default(),
+                "*" => below.star.get_or_insert_default(),
+                "#" => below.hash.get_or_insert_default(),
+                w => below.words.entry(w.into()).or_default(),
             };
         }
         if node.values.iter().any(same) {
@@ -154,9 +173,11 @@ impl<T> TopicTrie<T> {
         let mut out = Vec::new();
         while let Some(node) = stack.pop() {
             out.extend(node.values.iter());
-            stack.extend(node.words.values());
-            stack.extend(node.star.as_deref());
-            stack.extend(node.hash.as_deref());
+            if let Some(below) = &node.below {
+                stack.extend(below.words.values());
+                stack.extend(below.star.as_ref());
+                stack.extend(below.hash.as_ref());
+            }
         }
         out.into_iter()
     }
@@ -169,7 +190,8 @@ impl<T> TopicTrie<T> {
 }
 
 fn walk<'a, T>(node: &'a Node<T>, words: &[&str], found: &mut impl FnMut(&'a T)) {
-    if let Some(hash) = &node.hash {
+    let below = node.below.as_deref();
+    if let Some(hash) = below.and_then(|b| b.hash.as_ref()) {
         // `#` swallows zero or more words: try every suffix.
         for skip in 0..=words.len() {
             walk(hash, &words[skip..], found);
@@ -179,10 +201,13 @@ fn walk<'a, T>(node: &'a Node<T>, words: &[&str], found: &mut impl FnMut(&'a T))
         node.values.iter().for_each(&mut *found);
         return;
     };
-    if let Some(child) = node.words.get(*first) {
+    let Some(below) = below else {
+        return;
+    };
+    if let Some(child) = below.words.get(*first) {
         walk(child, rest, found);
     }
-    if let Some(star) = &node.star {
+    if let Some(star) = &below.star {
         walk(star, rest, found);
     }
 }
@@ -192,14 +217,15 @@ fn remove_in<T>(node: &mut Node<T>, words: &[&str], same: &impl Fn(&T) -> bool) 
         let at = node.values.iter().position(same)?;
         return Some(node.values.swap_remove(at));
     };
-    match *first {
+    let below = node.below.as_deref_mut()?;
+    let removed = match *first {
         "*" | "#" => {
             let slot = if *first == "*" {
-                &mut node.star
+                &mut below.star
             } else {
-                &mut node.hash
+                &mut below.hash
             };
-            let child = slot.as_deref_mut()?;
+            let child = slot.as_mut()?;
             let removed = remove_in(child, rest, same);
             if child.is_empty() {
                 *slot = None;
@@ -207,31 +233,41 @@ fn remove_in<T>(node: &mut Node<T>, words: &[&str], same: &impl Fn(&T) -> bool) 
             removed
         }
         w => {
-            let child = node.words.get_mut(w)?;
+            let child = below.words.get_mut(w)?;
             let removed = remove_in(child, rest, same);
             if child.is_empty() {
-                node.words.remove(w);
+                below.words.remove(w);
             }
             removed
         }
+    };
+    if below.is_empty() {
+        node.below = None;
     }
+    removed
 }
 
 fn retain_in<T>(node: &mut Node<T>, keep: &mut impl FnMut(&T) -> bool) -> usize {
     let before = node.values.len();
     node.values.retain(|v| keep(v));
     let mut removed = before - node.values.len();
-    node.words.retain(|_, child| {
+    let Some(below) = node.below.as_deref_mut() else {
+        return removed;
+    };
+    below.words.retain(|_, child| {
         removed += retain_in(child, keep);
         !child.is_empty()
     });
-    for slot in [&mut node.star, &mut node.hash] {
-        if let Some(child) = slot.as_deref_mut() {
+    for slot in [&mut below.star, &mut below.hash] {
+        if let Some(child) = slot.as_mut() {
             removed += retain_in(child, keep);
             if child.is_empty() {
                 *slot = None;
             }
         }
+    }
+    if below.is_empty() {
+        node.below = None;
     }
     removed
 }
@@ -353,5 +389,7 @@ mod tests {
         let mut all: Vec<_> = trie.values().copied().collect();
         all.sort();
         assert_eq!(all, [0, 2]);
+        trie.retain(|_| false);
+        assert!(trie.root.is_empty(), "every node below pruned");
     }
 }
