@@ -66,7 +66,8 @@ pub fn takeover_channel() -> (TakeoverSender, TakeoverReceiver) {
 pub trait SessionRegistry: Send + Sync {
     /// Registers `holder` (a connection id) under `key`; `signal` receives a [`Takeover`] when
     /// another connection asks for it.
-    fn hold(&self, key: &str, holder: u64, signal: TakeoverSender);
+    /// The key is shared: a session keeps its own for as long as it holds it.
+    fn hold(&self, key: std::sync::Arc<str>, holder: u64, signal: TakeoverSender);
 
     /// Forgets `holder`'s hold on `key` (and nobody else's).
     fn release(&self, key: &str, holder: u64);

@@ -341,10 +341,11 @@ impl Subscriber<'_> {
         };
         match (&consumed, target) {
             (Ok(_), Target::Durable { queue, .. }) => {
-                self.ctx
-                    .engine
-                    .sessions()
-                    .hold(queue, self.conn, takeovers.clone());
+                self.ctx.engine.sessions().hold(
+                    queue.as_str().into(),
+                    self.conn,
+                    takeovers.clone(),
+                );
             }
             (Err(_), Target::Private { queue, .. }) => {
                 let _ = self

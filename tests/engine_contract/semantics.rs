@@ -402,7 +402,7 @@ pub async fn control_takeover_and_wills(engine: Arc<dyn Engine>) {
     let key = unique("session");
     assert!(!sessions.take_over(&key).await, "nobody holds it yet");
     let (tx, mut rx) = amqp_gateway::engine::sessions::takeover_channel();
-    sessions.hold(&key, 1, tx);
+    sessions.hold(key.as_str().into(), 1, tx);
     assert!(sessions.is_held(&key));
     assert!(sessions.take_over(&key).await, "the holder is asked");
     let told = tokio::time::timeout(common::WAIT, futures_util::StreamExt::next(&mut rx)).await;

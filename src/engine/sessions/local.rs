@@ -10,7 +10,7 @@ use crate::engine::sessions::{SessionRegistry, Takeover, TakeoverSender};
 
 #[derive(Default)]
 pub struct LocalSessions {
-    holders: DashMap<String, (u64, TakeoverSender)>,
+    holders: DashMap<std::sync::Arc<str>, (u64, TakeoverSender)>,
     /// Delayed wills (MQTT 5), cancelled when their session connects again.
     wills: DashMap<String, CancellationToken>,
     /// Woken on every release; waiters check their own key.
@@ -19,8 +19,8 @@ pub struct LocalSessions {
 
 #[async_trait]
 impl SessionRegistry for LocalSessions {
-    fn hold(&self, key: &str, holder: u64, signal: TakeoverSender) {
-        self.holders.insert(key.to_owned(), (holder, signal));
+    fn hold(&self, key: std::sync::Arc<str>, holder: u64, signal: TakeoverSender) {
+        self.holders.insert(key, (holder, signal));
     }
 
     fn release(&self, key: &str, holder: u64) {

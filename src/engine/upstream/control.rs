@@ -175,7 +175,7 @@ async fn follow(
 
 #[async_trait]
 impl SessionRegistry for ControlSessions {
-    fn hold(&self, key: &str, holder: u64, signal: TakeoverSender) {
+    fn hold(&self, key: Arc<str>, holder: u64, signal: TakeoverSender) {
         self.local.hold(key, holder, signal);
     }
 

@@ -141,8 +141,9 @@ struct Lifetime {
     expiry: Duration,
     /// Boxed: most clients have none, and inline it is 208 bytes of every session.
     will: Option<Box<Will>>,
-    /// (subject, client id): what the takeover registry and the stored state are keyed by.
-    key: String,
+    /// (subject, client id): what the takeover registry and the stored state are keyed by;
+    /// shared with the takeover registry's entry.
+    key: Arc<str>,
     /// This connection's place under `limits.max_connections(_per_subject)`; given back in
     /// [`Session::end`], before the session is released to a connection taking it over.
     admitted: Option<crate::flow::Admitted>,

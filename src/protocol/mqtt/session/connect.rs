@@ -21,8 +21,8 @@ impl ConnectRejected {
 }
 
 /// The session key the session registry holds: (subject, client id).
-pub(super) fn takeover_key(subject: &str, client_id: &str) -> String {
-    session_queue(subject, client_id, "")
+pub(super) fn takeover_key(subject: &str, client_id: &str) -> Arc<str> {
+    session_queue(subject, client_id, "").into()
 }
 
 /// The principal the CONNECT's token (or its absence) makes the client.
@@ -81,7 +81,7 @@ fn client_id(connect: &Connect) -> Result<(String, Option<String>), ConnectRejec
 async fn claim(
     ctx: &Context,
     conn: &Connection,
-    key: &str,
+    key: &Arc<str>,
     subject: &str,
 ) -> Result<(crate::flow::Admitted, TakeoverReceiver), ConnectRejected> {
     let sessions = ctx.engine.sessions();
@@ -102,7 +102,7 @@ async fn claim(
         .admit(subject)
         .map_err(|full| ConnectRejected::new(reason::QUOTA_EXCEEDED, full.to_string()))?;
     let (takeover_tx, takeovers) = crate::engine::sessions::takeover_channel();
-    sessions.hold(key, conn.id, takeover_tx);
+    sessions.hold(key.clone(), conn.id, takeover_tx);
     // A delayed will of this session's last connection is not published: it is back.
     sessions.cancel_will(key).await;
     Ok((admitted, takeovers))

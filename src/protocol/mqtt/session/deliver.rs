@@ -130,8 +130,7 @@ impl Session {
         // No-local suppresses the copy only when every matching subscription asked for it.
         if !matched.is_empty()
             && matched.iter().all(|o| o.no_local)
-            && headers.get(ORIGIN_HEADER).and_then(FieldValue::as_str)
-                == Some(self.life.key.as_str())
+            && headers.get(ORIGIN_HEADER).and_then(FieldValue::as_str) == Some(&*self.life.key)
         {
             if level == 1 {
                 let _ = self.channel.ack(d.delivery_tag, false).await;

@@ -621,7 +621,7 @@ impl Session {
             .insert(PUBLISH_QOS_HEADER, FieldValue::U8(p.qos));
         props
             .headers
-            .insert(ORIGIN_HEADER, FieldValue::Str(self.life.key.clone()));
+            .insert(ORIGIN_HEADER, FieldValue::Str(self.life.key.to_string()));
         if p.retain {
             props.headers.insert(RETAIN_HEADER, FieldValue::Bool(true));
         }
