@@ -5,6 +5,7 @@
 //! Tokens never reach the logs: nothing here formats one, and `Principal`'s `Debug` shows the
 //! subject only.
 
+mod interned;
 pub mod jwt;
 pub mod scopes;
 
@@ -105,6 +106,7 @@ pub struct Authenticator {
     scope_claim: String,
     anonymous: Option<Arc<Permissions>>,
     anonymous_ids: AtomicU64,
+    permissions: interned::Interned,
 }
 
 impl Authenticator {
@@ -123,6 +125,7 @@ impl Authenticator {
             scope_claim: config.scope_claim.clone(),
             anonymous,
             anonymous_ids: AtomicU64::new(1),
+            permissions: Default::default(),
         })
     }
 
@@ -159,15 +162,32 @@ impl Authenticator {
             Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).collect(),
             _ => Vec::new(),
         };
-        let permissions = Permissions::from_scopes(scopes, &self.resource_server_id, &subject);
+        let source = permissions_source(&scopes, &subject);
+        let permissions = self.permissions.get_or_make(&source, || {
+            Permissions::from_scopes(scopes, &self.resource_server_id, &subject)
+        });
         Ok(Principal {
             issuer: claims.get("iss").and_then(Value::as_str).map(str::to_owned),
             expires_at: claims.get("exp").and_then(Value::as_u64),
             subject: subject.into(),
-            permissions: Arc::new(permissions),
+            permissions,
             anonymous: false,
         })
     }
+}
+
+/// What a token's permissions depend on, as one key: the scopes, each with its length (an
+/// array's items may hold spaces), and the subject when one of them names it.
+fn permissions_source(scopes: &[&str], subject: &str) -> String {
+    let mut source = String::new();
+    for scope in scopes {
+        source.push_str(&format!("{}:{scope};", scope.len()));
+    }
+    if source.contains(scopes::SUBJECT_PLACEHOLDER) {
+        source.push('\n');
+        source.push_str(subject);
+    }
+    source
 }
 
 /// Claims of a token the gateway mints (`amqp-gateway token`, `--dev`).
@@ -236,6 +256,21 @@ pub fn dev_secret(data_dir: &Path) -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn permissions_are_shared_only_by_tokens_granting_the_same() {
+        let key = |scopes: &[&str], sub| permissions_source(scopes, sub);
+        assert_eq!(key(&["gw.read:a/#"], "alice"), key(&["gw.read:a/#"], "bob"));
+        assert_ne!(
+            key(&["gw.read:a b"], "alice"),
+            key(&["gw.read:a", "b"], "alice")
+        );
+        assert_ne!(
+            key(&["gw.read:{sub}/#"], "alice"),
+            key(&["gw.read:{sub}/#"], "bob"),
+            "a scope naming the subject is the subject's own"
+        );
+    }
 
     #[test]
     fn time_left_runs_to_the_leeway_and_never_overflows() {

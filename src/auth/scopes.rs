@@ -11,6 +11,9 @@ use crate::engine::names::{DEFAULT_EXCHANGE, DEFAULT_EXCHANGE_ALIAS};
 
 /// Every byte outside `[A-Za-z0-9_-]` is encoded, so an expanded subject never adds wildcards,
 /// dots or slashes to a scope or a queue name.
+/// Stands for the token's subject in a scope (percent-encoded when filled in).
+pub const SUBJECT_PLACEHOLDER: &str = "{sub}";
+
 const SUBJECT_ESCAPES: &AsciiSet = &NON_ALPHANUMERIC.remove(b'_').remove(b'-');
 
 pub fn encode_subject(subject: &str) -> String {
@@ -254,7 +257,7 @@ impl Permissions {
             let Some(scope) = scope.strip_prefix(&prefix) else {
                 continue;
             };
-            let scope = scope.replace("{sub}", &encoded);
+            let scope = scope.replace(SUBJECT_PLACEHOLDER, &encoded);
             let Some((kind, rest)) = scope.split_once(':') else {
                 continue;
             };
