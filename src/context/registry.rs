@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_util::task::AtomicWaker;
 use parking_lot::{Mutex, RwLock};
@@ -156,12 +155,6 @@ pub struct Registered {
 /// An entry's `expires_at` when the token has none (no token expires at the end of time).
 const NO_EXPIRY: u64 = u64::MAX;
 
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 impl Registry {
     /// `expires_at`: the token's `exp`, when it has one.
     pub fn register(
@@ -173,7 +166,7 @@ impl Registry {
         let entry = Arc::new(Entry {
             expires_at: AtomicU64::new(expires_at.unwrap_or(NO_EXPIRY)),
             about,
-            since: now_secs().try_into().unwrap_or(u32::MAX),
+            since: crate::auth::now_secs().try_into().unwrap_or(u32::MAX),
             subscriptions: Mutex::default(),
             stop: AtomicU8::new(0),
             waiter: AtomicWaker::new(),
