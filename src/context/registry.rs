@@ -244,7 +244,7 @@ fn view(id: u64, e: &Entry) -> ConnectionView {
         protocol: e.about.protocol.to_owned(),
         transport: e.about.transport.to_owned(),
         peer: e.about.remote.to_string(),
-        subject: e.about.subject.to_string(),
+        subject: String::from(&*e.about.subject),
         client_id: e.about.client_id.as_deref().map(str::to_owned),
         connected_since: e.since.into(),
         expires_at: Some(e.expires_at.load(Ordering::Relaxed)).filter(|&at| at != NO_EXPIRY),
