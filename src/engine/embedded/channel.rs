@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 use smallvec::SmallVec;
 
 use super::broker::{Broker, Closable};
-use super::handoff::{self, handoff};
+use super::handoff::{Handoff, Receiver};
 use super::queue::{Effects, Entry, Queue, Sink};
 use crate::engine::{CancelReason, Delivery, DeliveryStream, EngineError, OnCancel};
 
@@ -47,8 +47,8 @@ impl Unacked {
 struct ConsumerReg {
     queue: Arc<Queue>,
     id: u64,
-    /// Set by an explicit cancel: the stream yields nothing more.
-    cancelled: Arc<AtomicBool>,
+    /// Its hand-off, whose `cancelled` an explicit cancel sets.
+    sink: Arc<ConsumerSink>,
 }
 
 /// A channel's consumers by tag: a list, one inline. Looked up only at consume and cancel,
@@ -59,8 +59,6 @@ type Consumers = SmallVec<[(Arc<str>, ConsumerReg); 1]>;
 fn position(consumers: &Consumers, tag: &str) -> Option<usize> {
     consumers.iter().position(|(t, _)| &**t == tag)
 }
-
-type Reason = Arc<Mutex<Option<CancelReason>>>;
 
 /// What travels to a consumer: the delivery, and for no-ack consumers the entry, so a
 /// delivery still buffered when the consumer goes can return to the queue.
@@ -80,15 +78,21 @@ pub(super) struct ChannelShared {
     closed: AtomicBool,
 }
 
-/// The queue's handle on a consumer: delivering registers the delivery with the channel and
-/// pushes it to the consumer's receiver. Credit bounds how many are in flight.
-pub(super) struct ConsumerSink {
+/// What a consumer's two ends share beside its deliveries, in the hand-off's own allocation
+/// (one where the sink, the hand-off, the cancel flag and the reason were four, in every
+/// subscriber).
+pub(super) struct ConsumerSide {
     channel: Arc<ChannelShared>,
     tag: Arc<str>,
     no_ack: bool,
-    tx: handoff::Sender<Pending>,
-    reason: Reason,
+    /// Set by an explicit cancel: the stream yields nothing more.
+    cancelled: AtomicBool,
+    reason: Mutex<Option<CancelReason>>,
 }
+
+/// The queue's handle on a consumer: delivering registers the delivery with the channel and
+/// pushes it to the consumer's receiver. Credit bounds how many are in flight.
+type ConsumerSink = Handoff<Pending, ConsumerSide>;
 
 impl Sink for ConsumerSink {
     fn deliver(
@@ -99,18 +103,18 @@ impl Sink for ConsumerSink {
         now: Instant,
         room: usize,
     ) -> Result<(), Entry> {
-        let tag = self.channel.next_tag();
+        let side = &self.side;
+        let tag = side.channel.next_tag();
         let delivery = Delivery {
             delivery_tag: tag,
             redelivered: entry.redelivered,
-            consumer_tag: Some(self.tag.clone()),
+            consumer_tag: Some(side.tag.clone()),
             envelope: entry.envelope.clone(),
             expires_in: entry.expires_at.map(|at| at.saturating_duration_since(now)),
             message_count: None,
         };
-        if self.no_ack {
+        if side.no_ack {
             return self
-                .tx
                 .send(
                     Pending {
                         delivery,
@@ -121,7 +125,7 @@ impl Sink for ConsumerSink {
                 .map_err(|p| p.entry.expect("no-ack pending carries its entry"));
         }
         // Registered before it is sent, so an ack racing the receive always finds it.
-        self.channel.unacked.lock().insert(
+        side.channel.unacked.lock().insert(
             tag,
             Unacked {
                 queue: queue.clone(),
@@ -131,7 +135,6 @@ impl Sink for ConsumerSink {
             },
         );
         if self
-            .tx
             .send(
                 Pending {
                     delivery,
@@ -141,34 +144,33 @@ impl Sink for ConsumerSink {
             )
             .is_err()
         {
-            let back = self.channel.unacked.lock().remove(tag);
+            let back = side.channel.unacked.lock().remove(tag);
             return Err(back.expect("registered above").entry);
         }
         Ok(())
     }
 
     fn end(&self, reason: CancelReason) {
-        self.reason.lock().get_or_insert(reason);
+        self.side.reason.lock().get_or_insert(reason);
+    }
+
+    fn detach(&self) {
+        self.sender_gone();
     }
 }
 
 /// The consumer side handed to the adapter inside a [`crate::engine::Consumer`].
 pub(super) struct Stream {
-    rx: handoff::Receiver<Pending>,
-    channel: Arc<ChannelShared>,
+    rx: Receiver<Pending, ConsumerSide>,
     queue: Arc<Queue>,
     consumer: u64,
-    tag: Arc<str>,
-    no_ack: bool,
     taken: u32,
-    reason: Reason,
-    cancelled: Arc<AtomicBool>,
 }
 
 impl DeliveryStream for Stream {
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
         loop {
-            if self.cancelled.load(Ordering::Acquire) {
+            if self.rx.shared().side.cancelled.load(Ordering::Acquire) {
                 // What is still buffered goes back when the stream drops (no-ack) or went back
                 // at the cancel (manual).
                 return Poll::Ready(None);
@@ -178,25 +180,26 @@ impl DeliveryStream for Stream {
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
             };
-            if self.no_ack {
+            let side = &self.rx.shared().side;
+            if side.no_ack {
                 self.taken += 1;
                 if self.taken >= NO_ACK_WINDOW / 2 {
                     let mut fx = Effects::default();
                     self.queue.credit(self.consumer, self.taken, &mut fx);
-                    self.channel.broker.apply(fx);
+                    side.channel.broker.apply(fx);
                     self.taken = 0;
                 }
                 if let Some(entry) = &p.entry {
-                    self.channel.broker.delivered(&self.queue.name, entry);
+                    side.channel.broker.delivered(&self.queue.name, entry);
                 }
                 return Poll::Ready(Some(p.delivery));
             }
             // From here on the client may see it. A record already gone was given back to the
             // queue (the consumer was cancelled or the channel closed meanwhile): not ours.
-            if let Some(u) = self.channel.unacked.lock().get_mut(p.delivery.delivery_tag) {
+            if let Some(u) = side.channel.unacked.lock().get_mut(p.delivery.delivery_tag) {
                 if !u.seen {
                     // Under the `unacked` lock, so this write is ordered before its ack's.
-                    self.channel.broker.mark_seen(&u.queue.name, &u.entry);
+                    side.channel.broker.mark_seen(&u.queue.name, &u.entry);
                 }
                 u.seen = true;
                 return Poll::Ready(Some(p.delivery));
@@ -205,14 +208,15 @@ impl DeliveryStream for Stream {
     }
 
     fn cancel_reason(&self) -> Option<CancelReason> {
-        self.reason.lock().clone()
+        self.rx.shared().side.reason.lock().clone()
     }
 }
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        self.channel
-            .cancel_consumer(&self.tag, Some(self.consumer), OnCancel::Requeue);
+        let side = &self.rx.shared().side;
+        side.channel
+            .cancel_consumer(&side.tag, Some(self.consumer), OnCancel::Requeue);
         // No-ack deliveries still buffered were never seen by the client: give them back.
         self.rx.close();
         let mut back = Vec::new();
@@ -222,7 +226,7 @@ impl Drop for Stream {
         if !back.is_empty() {
             let mut fx = Effects::default();
             self.queue.requeue(None, back, false, &mut fx);
-            self.channel.broker.apply(fx);
+            self.rx.shared().side.channel.broker.apply(fx);
         }
     }
 }
@@ -274,7 +278,13 @@ impl ChannelShared {
         pressure: Option<crate::flow::Pressure>,
     ) -> Result<Stream, EngineError> {
         let id = self.broker.next_id();
-        let cancelled = Arc::new(AtomicBool::new(false));
+        let (sink, rx) = Handoff::new(ConsumerSide {
+            channel: self.clone(),
+            tag: tag.clone(),
+            no_ack,
+            cancelled: AtomicBool::new(false),
+            reason: Mutex::new(None),
+        });
         {
             let mut consumers = self.consumers.lock();
             if position(&consumers, &tag).is_some() {
@@ -287,24 +297,15 @@ impl ChannelShared {
                 ConsumerReg {
                     queue: queue.clone(),
                     id,
-                    cancelled: cancelled.clone(),
+                    sink: sink.clone(),
                 },
             ));
         }
-        let (tx, rx) = handoff();
-        let reason: Reason = Arc::default();
-        let sink = ConsumerSink {
-            channel: self.clone(),
-            tag: tag.clone(),
-            no_ack,
-            tx,
-            reason: reason.clone(),
-        };
         let slot = super::queue::Slot {
             id,
             credit,
             no_ack,
-            sink: Box::new(sink),
+            sink,
             // Credit bounds what a manual-ack consumer holds: only no-ack ones pace.
             pressure: pressure.filter(|_| no_ack),
         };
@@ -327,14 +328,9 @@ impl ChannelShared {
         }
         Ok(Stream {
             rx,
-            channel: self.clone(),
             queue,
             consumer: id,
-            tag,
-            no_ack,
             taken: 0,
-            reason,
-            cancelled,
         })
     }
 
@@ -364,7 +360,7 @@ impl ChannelShared {
         // An explicit cancel (not the stream's own drop): the stream ends now.
         let explicit = id.is_none();
         if explicit {
-            reg.cancelled.store(true, Ordering::Release);
+            reg.sink.side.cancelled.store(true, Ordering::Release);
         }
         let mut fx = Effects::default();
         if let Some(slot) = reg.queue.remove_consumer(reg.id, &mut fx)

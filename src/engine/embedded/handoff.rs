@@ -17,9 +17,12 @@ fn too_big<T>(q: &VecDeque<T>) -> bool {
     q.capacity() * std::mem::size_of::<T>() > KEEP_BYTES
 }
 
-struct Shared<T> {
+/// The hand-off itself, shared by the queue's end and the consumer's stream, with what the two
+/// ends share besides (`side`: the consumer's own state), so one allocation holds both.
+pub(super) struct Handoff<T, X> {
     state: Mutex<State<T>>,
     waker: AtomicWaker,
+    pub side: X,
 }
 
 struct State<T> {
@@ -28,38 +31,40 @@ struct State<T> {
     receiver_closed: bool,
 }
 
-pub(super) struct Sender<T>(Arc<Shared<T>>);
-
-pub(super) struct Receiver<T> {
-    shared: Arc<Shared<T>>,
-    /// Taken from the shared queue in one go, handed out one by one.
+/// The consumer's end: what it took from the shared queue in one go and hands out one by one.
+/// Dropping it refuses further items.
+pub(super) struct Receiver<T, X> {
+    shared: Arc<Handoff<T, X>>,
     taken: VecDeque<T>,
 }
 
-pub(super) fn handoff<T>() -> (Sender<T>, Receiver<T>) {
-    let shared = Arc::new(Shared {
-        state: Mutex::new(State {
-            items: VecDeque::new(),
-            sender_gone: false,
-            receiver_closed: false,
-        }),
-        waker: AtomicWaker::new(),
-    });
-    let rx = Receiver {
-        shared: shared.clone(),
-        taken: VecDeque::new(),
-    };
-    (Sender(shared), rx)
-}
+impl<T, X> Handoff<T, X> {
+    /// A hand-off and its receiving end. The sending end is the returned `Arc` (or any clone
+    /// of it); whoever holds it calls [`sender_gone`](Self::sender_gone) when it lets go.
+    pub fn new(side: X) -> (Arc<Self>, Receiver<T, X>) {
+        let shared = Arc::new(Handoff {
+            state: Mutex::new(State {
+                items: VecDeque::new(),
+                sender_gone: false,
+                receiver_closed: false,
+            }),
+            waker: AtomicWaker::new(),
+            side,
+        });
+        let rx = Receiver {
+            shared: shared.clone(),
+            taken: VecDeque::new(),
+        };
+        (shared, rx)
+    }
 
-impl<T> Sender<T> {
     /// Hands `v` over; gives it back when the receiver is closed or gone. `room`: how many
     /// the sender expects to send before the receiver next takes them, `v` included. The
     /// buffer is given back whenever the receiver finds it empty, so a burst grew it from
     /// nothing by doubling each time (five copies of everything for 128 deliveries: a
     /// twentieth of a fan-in message's instructions under callgrind); it now grows once.
     pub fn send(&self, v: T, room: usize) -> Result<(), T> {
-        let mut st = self.0.state.lock();
+        let mut st = self.state.lock();
         if st.receiver_closed {
             return Err(v);
         }
@@ -68,19 +73,22 @@ impl<T> Sender<T> {
         }
         st.items.push_back(v);
         drop(st);
-        self.0.waker.wake();
+        self.waker.wake();
         Ok(())
     }
-}
 
-impl<T> Drop for Sender<T> {
-    fn drop(&mut self) {
-        self.0.state.lock().sender_gone = true;
-        self.0.waker.wake();
+    /// The sender let go: once what it handed over is taken, the receiver gets `None`.
+    pub fn sender_gone(&self) {
+        self.state.lock().sender_gone = true;
+        self.waker.wake();
     }
 }
 
-impl<T> Receiver<T> {
+impl<T, X> Receiver<T, X> {
+    pub fn shared(&self) -> &Arc<Handoff<T, X>> {
+        &self.shared
+    }
+
     /// The next item; `None` once the sender is gone and everything was taken.
     pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
         if let Some(v) = self.try_recv() {
@@ -120,7 +128,7 @@ impl<T> Receiver<T> {
     }
 }
 
-impl<T> Drop for Receiver<T> {
+impl<T, X> Drop for Receiver<T, X> {
     fn drop(&mut self) {
         self.shared.state.lock().receiver_closed = true;
     }
@@ -132,7 +140,7 @@ mod tests {
 
     #[tokio::test]
     async fn in_order_then_none_when_the_sender_goes() {
-        let (tx, mut rx) = handoff();
+        let (tx, mut rx) = Handoff::new(());
         tx.send(1, 1).unwrap();
         tx.send(2, 1).unwrap();
         assert_eq!(std::future::poll_fn(|cx| rx.poll_recv(cx)).await, Some(1));
@@ -145,15 +153,15 @@ mod tests {
         });
         tokio::task::yield_now().await;
         tx.send(3, 1).unwrap();
-        drop(tx);
+        tx.sender_gone();
         assert_eq!(waiting.await.unwrap(), (Some(2), Some(3), None));
     }
 
     #[test]
     fn a_burst_grows_the_buffer_once() {
-        let (tx, mut rx) = handoff();
+        let (tx, mut rx) = Handoff::new(());
         tx.send(0, 128).unwrap();
-        let room = tx.0.state.lock().items.capacity();
+        let room = tx.state.lock().items.capacity();
         assert!(
             room >= 128,
             "room for the burst at its first send, got {room}"
@@ -161,13 +169,13 @@ mod tests {
         for i in 1..128 {
             tx.send(i, 128 - i).unwrap();
         }
-        assert_eq!(tx.0.state.lock().items.capacity(), room);
+        assert_eq!(tx.state.lock().items.capacity(), room);
         assert_eq!(rx.try_recv(), Some(0));
     }
 
     #[test]
     fn a_closed_receiver_gives_items_back_but_keeps_what_it_has() {
-        let (tx, mut rx) = handoff();
+        let (tx, mut rx) = Handoff::new(());
         tx.send(1, 1).unwrap();
         rx.close();
         assert_eq!(tx.send(2, 1), Err(2));

@@ -16,6 +16,7 @@ use parking_lot::Mutex;
 mod args;
 mod page;
 mod restore;
+mod slot;
 mod stats;
 mod wake;
 
@@ -23,6 +24,7 @@ pub(super) use self::args::{Overflow, QueueArgs};
 
 pub(super) use self::page::{Pages, Ready};
 pub(super) use self::restore::{Restored, RestoredBody};
+pub(super) use self::slot::{Sink, Slot};
 pub(super) use self::wake::LazyNotify;
 use super::held::{OnDisk, Stored};
 use crate::engine::{CancelReason, EngineError, Envelope, FieldTable, FieldValue, QueueSpec};
@@ -116,34 +118,6 @@ pub(super) struct Gauges {
 
 /// One binding of this queue: (exchange, routing key, arguments).
 pub(super) type BoundFrom = (Arc<str>, Arc<str>, FieldTable);
-
-/// Where a queue hands a consumer's deliveries: defined here, implemented by the consumer's
-/// channel, so the queue never depends on channels (it calls out through this under its lock).
-pub(super) trait Sink: Send + Sync {
-    /// Called with the queue's lock held. `Err` gives the entry back when the consumer is gone.
-    /// `room`: how many deliveries this dispatch may still hand this consumer, this one
-    /// included, so the buffer they land in grows once for a batch.
-    fn deliver(
-        &self,
-        queue: &Arc<Queue>,
-        consumer: u64,
-        entry: Entry,
-        now: Instant,
-        room: usize,
-    ) -> Result<(), Entry>;
-
-    /// The consumer ends for `reason` (the queue went, the channel closed, a cancel).
-    fn end(&self, reason: CancelReason);
-}
-
-pub(super) struct Slot {
-    pub id: u64,
-    pub credit: u32,
-    pub no_ack: bool,
-    pub sink: Box<dyn Sink>,
-    /// The gauge of the buffer a no-ack consumer's deliveries go to (DESIGN.md §7).
-    pub pressure: Option<Pressure>,
-}
 
 struct State {
     ready: VecDeque<Ready>,
