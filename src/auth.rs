@@ -33,7 +33,8 @@ pub enum AuthError {
 #[derive(Clone)]
 pub struct Principal {
     pub subject: Arc<str>,
-    pub issuer: Option<String>,
+    /// Boxed, not a `String`: kept by every connection, and never grows.
+    pub issuer: Option<Box<str>>,
     /// Seconds since the epoch; `None` for anonymous clients.
     pub expires_at: Option<u64>,
     pub permissions: Arc<Permissions>,
@@ -167,7 +168,7 @@ impl Authenticator {
             Permissions::from_scopes(scopes, &self.resource_server_id, &subject)
         });
         Ok(Principal {
-            issuer: claims.get("iss").and_then(Value::as_str).map(str::to_owned),
+            issuer: claims.get("iss").and_then(Value::as_str).map(Box::from),
             expires_at: claims.get("exp").and_then(Value::as_u64),
             subject: subject.into(),
             permissions,

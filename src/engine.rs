@@ -310,6 +310,11 @@ impl Consumer {
         &self.queue
     }
 
+    /// The queue's name as the engine keeps it, shared rather than copied.
+    pub fn queue_name(&self) -> Arc<str> {
+        self.queue.clone()
+    }
+
     /// The next delivery, or `None` once the consumer ended (see [`Consumer::cancel_reason`]).
     /// Cancel-safe: a delivery is taken only in the poll that returns it.
     pub async fn recv(&mut self) -> Option<Delivery> {

@@ -22,7 +22,10 @@ use crate::shutdown::Shutdown;
 /// One subscription of a connection: the queue it consumes and what it names.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct SubscriptionView {
-    pub queue: String,
+    // The engine's own name of the queue (its consumer's), shared: every subscriber keeps one
+    // view for as long as it is connected. (Not a doc comment: it would be the API's.)
+    #[schema(value_type = String)]
+    pub queue: Arc<str>,
     /// The exchange a private or durable subscription is bound to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exchange: Option<String>,

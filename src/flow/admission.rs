@@ -41,7 +41,8 @@ pub struct Admission {
 struct Counts {
     unauthenticated: AtomicUsize,
     connections: AtomicUsize,
-    subjects: DashMap<String, usize>,
+    /// Keyed by a name every place of that subject shares.
+    subjects: DashMap<Arc<str>, usize>,
 }
 
 /// A place among the connections waiting to authenticate.
@@ -56,7 +57,8 @@ impl Drop for Unauthenticated {
 /// A place among the authenticated connections, in all and for its subject.
 pub struct Admitted {
     counts: Arc<Counts>,
-    subject: String,
+    /// The counts' own key: a copy per connection was an allocation of every one.
+    subject: Arc<str>,
 }
 
 impl Drop for Admitted {
@@ -102,16 +104,22 @@ impl Admission {
         if !take(&self.counts.connections, self.max_connections) {
             return Err(Full::Connections);
         }
-        let mut n = self.counts.subjects.entry(subject.to_owned()).or_insert(0);
+        let subjects = &self.counts.subjects;
+        let mut n = match subjects.get_mut(subject) {
+            Some(n) => n,
+            None => subjects.entry(Arc::from(subject)).or_insert(0),
+        };
         if *n >= self.max_per_subject {
             drop(n);
             self.counts.connections.fetch_sub(1, Ordering::Relaxed);
             return Err(Full::Subject);
         }
         *n += 1;
+        let subject = n.key().clone();
+        drop(n);
         Ok(Admitted {
             counts: self.counts.clone(),
-            subject: subject.to_owned(),
+            subject,
         })
     }
 }

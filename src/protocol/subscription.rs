@@ -5,7 +5,9 @@
 //! instance) and ended. One implementation, so a browser can switch a durable subscription
 //! between the two protocols; and the `message` JSON both send.
 
+use std::collections::HashMap;
 use std::fmt::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -449,6 +451,17 @@ pub fn message_json(sub: &str, tag: u64, d: &Delivery) -> Result<String, serde_j
     );
     out.push_str(fields);
     Ok(out)
+}
+
+/// The queue each consumer of `consumers` takes from, by the adapter's key: shared names for
+/// what operators see of the subscriptions (one view per subscriber, kept while connected).
+pub fn queue_names(
+    consumers: &tokio_stream::StreamMap<Arc<str>, Consumer>,
+) -> HashMap<&str, Arc<str>> {
+    consumers
+        .iter()
+        .map(|(key, consumer)| (&**key, consumer.queue_name()))
+        .collect()
 }
 
 #[cfg(test)]

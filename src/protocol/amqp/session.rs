@@ -467,7 +467,7 @@ impl Session {
             .filter_map(|((c, tag), consumer)| {
                 let mode = self.channels.get(c)?.consumers.get(tag)?;
                 Some(crate::context::SubscriptionView {
-                    queue: consumer.queue().to_owned(),
+                    queue: consumer.queue_name(),
                     exchange: None,
                     pattern: None,
                     ack: if mode.no_ack { "auto" } else { "manual" },

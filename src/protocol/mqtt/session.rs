@@ -107,9 +107,6 @@ pub struct Session {
     pub inflow: publish::Inflow,
     /// Set while the connection is paced: its publishes park until it is over (DESIGN.md §7).
     pub stall: Option<crate::flow::Stall>,
-    /// The engine's `max_mqtt_qos` capability (DESIGN.md §3).
-    max_qos: u8,
-    retained: Arc<dyn RetainedStore>,
     pub takeovers: TakeoverReceiver,
     /// Its entry among the connections operators see (set once connected).
     pub registered: Option<crate::context::Registered>,
@@ -124,8 +121,9 @@ struct Client {
     /// The keep-alive this connection is held to (× 1.5): the client's, or the Server Keep
     /// Alive the CONNACK told it.
     keep_alive: u16,
-    /// Set when the client authenticated with [`AUTH_METHOD`]: it may refresh with AUTH.
-    auth_method: Option<String>,
+    /// The client authenticated with [`AUTH_METHOD`] (the only method a CONNECT may name):
+    /// it may refresh with AUTH.
+    enhanced_auth: bool,
     /// MQTT 5 Maximum Packet Size of the client: larger deliveries are dropped and counted.
     max_packet: Option<u32>,
     /// The client's MQTT 5 Topic Alias Maximum: how many outbound aliases it accepts.
@@ -138,7 +136,9 @@ struct Client {
 struct Lifetime {
     /// Ends with the connection: its queues are exclusive, nothing is stored.
     clean: bool,
-    expiry: Duration,
+    /// The session expiry in milliseconds (a stored session's `x-expires` is in them):
+    /// a `Duration` is twice the size, in every session.
+    expiry_ms: u64,
     /// Boxed: most clients have none, and inline it is 208 bytes of every session.
     will: Option<Box<Will>>,
     /// (subject, client id): what the takeover registry and the stored state are keyed by;
@@ -147,6 +147,33 @@ struct Lifetime {
     /// This connection's place under `limits.max_connections(_per_subject)`; given back in
     /// [`Session::end`], before the session is released to a connection taking it over.
     admitted: Option<crate::flow::Admitted>,
+}
+
+impl Lifetime {
+    fn expiry(&self) -> Duration {
+        Duration::from_millis(self.expiry_ms)
+    }
+
+    fn set_expiry(&mut self, expiry: Duration) {
+        self.expiry_ms = millis(expiry);
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The consumer keys of the session queues' levels (`deliver` tells them apart by them).
+fn level_key(level: u8) -> &'static str {
+    if level == 0 { "0" } else { "1" }
+}
+
+/// The same keys, made once and shared by every session: a key of its own was an
+/// allocation of every connection.
+fn level_keys() -> &'static [Arc<str>; 2] {
+    static KEYS: std::sync::LazyLock<[Arc<str>; 2]> =
+        std::sync::LazyLock::new(|| [Arc::from(level_key(0)), Arc::from(level_key(1))]);
+    &KEYS
 }
 
 /// Outbound deliveries in flight and what the writer holds.
@@ -233,6 +260,18 @@ impl Session {
         self.conn.remote
     }
 
+    /// The highest QoS the engine delivers with (its `max_mqtt_qos` capability, DESIGN.md
+    /// §3): asked where a QoS 2 packet or a SUBSCRIBE needs it.
+    fn max_qos(&self) -> u8 {
+        self.ctx.engine.capabilities().max_mqtt_qos.min(2)
+    }
+
+    /// The engine's retained messages: asked of the engine where used (a subscribe, a
+    /// retained publish, a will), not kept in every session.
+    fn retained(&self) -> Arc<dyn RetainedStore> {
+        self.ctx.engine.retained()
+    }
+
     pub fn subject(&self) -> &Arc<str> {
         &self.principal.subject
     }
@@ -293,7 +332,7 @@ impl Session {
                 arguments,
             }
         } else {
-            durable_expiring(arguments, self.life.expiry)
+            durable_expiring(arguments, self.life.expiry())
         };
         let declared = self
             .fenced(|| self.channel.declare_queue(&queue, &spec))
@@ -317,7 +356,8 @@ impl Session {
             let consumer = self
                 .fenced(|| self.channel.consume(&queue, options.clone()))
                 .await?;
-            self.consumers.insert(level.to_string().into(), consumer);
+            self.consumers
+                .insert(level_keys()[usize::from(level)].clone(), consumer);
         }
         Ok(declared)
     }
@@ -455,7 +495,7 @@ impl Session {
         method: Option<String>,
         data: Option<bytes::Bytes>,
     ) -> Outcome {
-        if self.client.auth_method.is_none() || method != self.client.auth_method || r != 0x19 {
+        if !self.client.enhanced_auth || method.as_deref() != Some(AUTH_METHOD) || r != 0x19 {
             return Outcome::Close(CloseReason::ProtocolError);
         }
         let token = data
@@ -484,8 +524,11 @@ impl Session {
         if let Some(r) = &self.registered {
             r.set_expires_at(self.principal.expires_at);
         }
-        if let Some(method) = self.client.auth_method.clone() {
-            self.send(Outbound::Auth { reason: 0, method });
+        if self.client.enhanced_auth {
+            self.send(Outbound::Auth {
+                reason: 0,
+                method: AUTH_METHOD.to_owned(),
+            });
         }
         Outcome::Continue
     }

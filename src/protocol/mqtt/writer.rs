@@ -29,8 +29,11 @@ const PASS_OVER: u8 = 64;
 
 pub struct Writer<W> {
     io: W,
-    codec: Codec,
     version: Version,
+    /// The client's Maximum Packet Size, the one encoding limit: the encoder is stateless
+    /// and made per packet (a few stores), not kept beside the reader's (40 bytes of every
+    /// connection).
+    max_packet: u32,
     /// Encoded, not yet written.
     buf: BytesMut,
     /// Written but maybe held by a layer below (TLS): flushed before the writer is idle.
@@ -38,7 +41,9 @@ pub struct Writer<W> {
     /// Until when the bytes `owed` must be written.
     deadline: Option<Instant>,
     owed: usize,
-    write_timeout: Duration,
+    /// `limits.write_timeout` in milliseconds: a `Duration` is 8 bytes more of every
+    /// connection.
+    write_timeout_ms: u32,
     /// The QoS 0 outbound gauge: a QoS 0 PUBLISH leaves it once encoded.
     qos0_out: Option<Pressure>,
     /// A write failed or timed out: nothing more is written.
@@ -66,13 +71,13 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     pub fn new(io: W, version: Version, max_packet: u32, write_timeout: Duration) -> Self {
         Writer {
             io,
-            codec: Codec::for_version(version, max_packet),
             version,
+            max_packet,
             buf: BytesMut::new(),
             unflushed: false,
             deadline: None,
             owed: 0,
-            write_timeout,
+            write_timeout_ms: u32::try_from(write_timeout.as_millis()).unwrap_or(u32::MAX),
             qos0_out: None,
             failed: false,
             passed_over: 0,
@@ -97,7 +102,8 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             Outbound::Encoded { payload, .. } => Some(*payload),
             _ => None,
         };
-        if let Err(e) = self.codec.encode(p, &mut self.buf) {
+        let mut codec = Codec::for_version(self.version, self.max_packet);
+        if let Err(e) = codec.encode(p, &mut self.buf) {
             tracing::warn!(error = %e, "cannot encode an MQTT packet");
         }
         if let (Some(bytes), Some(gauge)) = (qos0, &self.qos0_out) {
@@ -131,7 +137,8 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             *queue = VecDeque::new();
         }
         if self.deadline.is_none() && !self.buf.is_empty() {
-            self.deadline = Some(Instant::now() + self.write_timeout);
+            self.deadline =
+                Some(Instant::now() + Duration::from_millis(u64::from(self.write_timeout_ms)));
             self.owed = self.buf.len();
         }
     }

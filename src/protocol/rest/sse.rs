@@ -150,7 +150,7 @@ pub async fn subscribe(
         principal.expires_at,
     );
     registered.set_subscriptions(vec![SubscriptionView {
-        queue: target.queue().to_owned(),
+        queue: consumer.queue_name(),
         exchange: q.exchange.clone(),
         pattern: q.binding_key.clone(),
         ack: "auto",

@@ -227,13 +227,17 @@ impl WsSession {
         let Some(registered) = &self.registered else {
             return;
         };
+        let consumed = crate::protocol::subscription::queue_names(&self.consumers);
         let views = self
             .subs
-            .values()
-            .map(|s| {
+            .iter()
+            .map(|(id, s)| {
                 let binding = s.target.binding();
                 crate::context::SubscriptionView {
-                    queue: s.target.queue().to_owned(),
+                    queue: match consumed.get(&**id) {
+                        Some(name) => name.clone(),
+                        None => s.target.queue().into(),
+                    },
                     exchange: binding.map(|(e, _)| e.to_owned()),
                     pattern: binding.map(|(_, k)| k.to_owned()),
                     ack: if s.mode == Mode::Manual {

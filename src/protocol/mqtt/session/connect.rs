@@ -162,14 +162,15 @@ impl Session {
                 version: connect.version,
                 id: id.into(),
                 keep_alive: server_keep_alive.unwrap_or(connect.keep_alive),
-                auth_method: connect.auth_method.clone(),
+                // `authenticate` refused any other method.
+                enhanced_auth: connect.auth_method.is_some(),
                 max_packet: connect.max_packet_size,
                 alias_max: connect.topic_alias_max,
                 requested_expiry: connect.session_expiry,
             },
             life: Lifetime {
                 clean: expiry.is_zero(),
-                expiry,
+                expiry_ms: millis(expiry),
                 will: connect.will.map(Box::new),
                 key,
                 admitted: Some(admitted),
@@ -188,8 +189,6 @@ impl Session {
             },
             inflow: publish::Inflow::default(),
             stall: None,
-            max_qos: ctx.engine.capabilities().max_mqtt_qos.min(2),
-            retained: ctx.engine.retained(),
             takeovers,
             ctx,
             conn,
@@ -206,7 +205,7 @@ impl Session {
         // Written now so that a session without subscriptions is present next time too.
         session.save_stored().await;
         // MQTT 5: said only when it differs from what the client asked for.
-        let granted = u32::try_from(session.life.expiry.as_secs()).unwrap_or(u32::MAX);
+        let granted = u32::try_from(session.life.expiry().as_secs()).unwrap_or(u32::MAX);
         let session_expiry = (connect.version == Version::V5 && granted != connect.session_expiry)
             .then_some(granted);
         let connack = Outbound::ConnAck {
@@ -216,8 +215,8 @@ impl Session {
             receive_max: session.ctx.config.mqtt.receive_maximum,
             max_packet_size: session.max_packet_size(),
             assigned_client_id: assigned,
-            max_qos: session.max_qos,
-            auth_method: session.client.auth_method.clone(),
+            max_qos: session.max_qos(),
+            auth_method: session.client.enhanced_auth.then(|| AUTH_METHOD.to_owned()),
             server_keep_alive,
         };
         Ok((session, connack))

@@ -314,7 +314,8 @@ impl Session {
             return;
         };
         let id = self.subs.get(filter).and_then(|o| o.id);
-        for m in self.retained.matching(&pattern) {
+        let store = self.retained();
+        for m in store.matching(&pattern) {
             let Some(topic) = key_to_topic(&m.routing_key, mapping) else {
                 continue;
             };

@@ -28,11 +28,11 @@ impl Session {
     async fn change_expiry(&mut self, secs: u32) {
         let cap = self.ctx.config.mqtt.max_session_expiry;
         let expiry = Duration::from_secs(u64::from(secs)).min(cap);
-        if expiry == self.life.expiry {
+        if expiry == self.life.expiry() {
             return;
         }
         if expiry.is_zero() {
-            self.life.expiry = Duration::ZERO;
+            self.life.expiry_ms = 0;
             self.life.clean = true;
             return;
         }
@@ -51,7 +51,7 @@ impl Session {
                 }
             }
         }
-        self.life.expiry = expiry;
+        self.life.set_expiry(expiry);
     }
 
     /// Another connection of the same subject and client id took the session over.
@@ -106,9 +106,9 @@ impl Session {
         // behalf, checked against the scopes above and never rate limited (as in RabbitMQ).
         crate::context::stamp_subject(&mut message, &self.principal);
         let retained_copy = will.retain.then(|| message.clone());
-        let delay = Duration::from_secs(u64::from(will.delay)).min(self.life.expiry);
+        let delay = Duration::from_secs(u64::from(will.delay)).min(self.life.expiry());
         let engine = self.ctx.engine.clone();
-        let retained = self.retained.clone();
+        let retained = self.retained();
         let publish = async move {
             let Ok(channel) = engine
                 .open_channel(&crate::engine::Owner::new(), "mqtt-will")

@@ -277,7 +277,7 @@ impl Session {
                     .insert(alias, p.topic.clone());
             }
         }
-        if p.qos == 2 && self.max_qos < 2 && self.client.version == Version::V5 {
+        if p.qos == 2 && self.max_qos() < 2 && self.client.version == Version::V5 {
             // CONNACK said Maximum QoS 1.
             return Err(Outcome::Close(CloseReason::QosNotSupported));
         }
@@ -364,7 +364,7 @@ impl Session {
         };
         let message = self.message_of(&p);
         // Retained before the publish (see `RetainedStore::set`), taken back if it is refused.
-        let (code, retained) = match self.retained.set(&key, message.clone()).await {
+        let (code, retained) = match self.retained().set(&key, message.clone()).await {
             Ok(undo) => (reason::SUCCESS, Some((key.clone(), undo))),
             Err(_) => {
                 metrics::refusal(PROTOCOL, "retained_full");
@@ -456,7 +456,7 @@ impl Session {
         );
         self.inflow.admitted();
         if p.qos == 2
-            && self.max_qos == 2
+            && self.max_qos() == 2
             && let Some(id) = p.packet_id
         {
             self.inflow.qos2.get_or_insert_default().insert(id);
@@ -540,7 +540,7 @@ impl Session {
         if result.is_err()
             && let Some((key, undo)) = ack.retained.take()
         {
-            self.retained.undo(&key, undo).await;
+            self.retained().undo(&key, undo).await;
         }
         self.settle(ack, result)
     }

@@ -32,7 +32,7 @@ impl Session {
             }),
         };
         if let Some(ms) = kept.filter(|ms| *ms > 0) {
-            self.life.expiry = Duration::from_millis(ms);
+            self.life.expiry_ms = ms;
             self.life.clean = false;
         }
         if self.life.clean {

@@ -65,7 +65,7 @@ impl Session {
     fn state_spec(&self) -> QueueSpec {
         let mut arguments = FieldTable::new();
         arguments.insert("x-max-length", FieldValue::I64(1));
-        durable_expiring(arguments, self.life.expiry)
+        durable_expiring(arguments, self.life.expiry())
     }
 
     /// Reads the stored state without consuming it (get, then requeue). `None` when there is
@@ -95,7 +95,7 @@ impl Session {
         }
         let stored = Stored {
             format: FORMAT,
-            expiry_secs: self.life.expiry.as_secs(),
+            expiry_secs: self.life.expiry().as_secs(),
             subscriptions: self
                 .subs
                 .iter()

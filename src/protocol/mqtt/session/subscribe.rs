@@ -35,7 +35,7 @@ impl Session {
                 codes.push(fail(reason::NOT_AUTHORIZED));
                 continue;
             }
-            let granted = f.qos.min(self.max_qos);
+            let granted = f.qos.min(self.max_qos());
             let level = granted.min(1);
             if let Some(old) = self.subs.get(&f.filter).map(|o| o.granted.min(1))
                 && old != level
@@ -106,7 +106,7 @@ impl Session {
         }
         let queue = topic::shared_queue(group, inner);
         let spec = durable_expiring(FieldTable::new(), self.ctx.config.mqtt.max_session_expiry);
-        let granted = f.qos.min(self.max_qos);
+        let granted = f.qos.min(self.max_qos());
         let result = async {
             self.channel.declare_queue(&queue, &spec).await?;
             self.channel
@@ -179,22 +179,41 @@ impl Session {
         self.conn.stats.set_in_flight(self.outflow.inflight.len());
     }
 
+    /// The name of the queue a subscription's deliveries come from: its consumer's
+    /// (`consumed`), or worked out as the consumer would have it.
+    fn consumed_queue(
+        &self,
+        consumed: &HashMap<&str, Arc<str>>,
+        filter: &str,
+        granted: u8,
+    ) -> Arc<str> {
+        let shared = filter
+            .strip_prefix("$share/")
+            .and_then(|r| r.split_once('/'));
+        let key = match shared {
+            Some(_) => filter,
+            None => level_key(granted.min(1)),
+        };
+        if let Some(name) = consumed.get(key) {
+            return name.clone();
+        }
+        match shared {
+            Some((group, inner)) => topic::shared_queue(group, inner).into(),
+            None => self.queue_name(granted.min(1)).into(),
+        }
+    }
+
     pub(crate) fn show_subscriptions(&self) {
         let Some(registered) = &self.registered else {
             return;
         };
         let exchange = &self.ctx.config.mqtt.exchange;
+        let consumed = crate::protocol::subscription::queue_names(&self.consumers);
         let views = self
             .subs
             .iter()
             .map(|(filter, o)| crate::context::SubscriptionView {
-                queue: match filter
-                    .strip_prefix("$share/")
-                    .and_then(|r| r.split_once('/'))
-                {
-                    Some((group, inner)) => topic::shared_queue(group, inner),
-                    None => self.queue_name(o.granted.min(1)),
-                },
+                queue: self.consumed_queue(&consumed, filter, o.granted),
                 exchange: Some(exchange.clone()),
                 pattern: Some(filter.to_owned()),
                 ack: ["qos0", "qos1", "qos2"][usize::from(o.granted.min(2))],
