@@ -357,43 +357,71 @@ impl Codec {
         packet: Outbound,
         buf: &mut BytesMut,
     ) -> Result<(), rmqtt_codec::error::EncodeError> {
-        if let Outbound::Encoded { frame, .. } = packet {
-            buf.extend_from_slice(&frame);
-            return Ok(());
-        }
-        if let Outbound::PubAck { packet_id, code } = packet
-            && let Some(version) = self.version()
-            && plain_puback(buf, version, self.max_in, packet_id, code)
-        {
-            return Ok(());
-        }
-        if let Outbound::Publish {
-            topic,
-            qos,
-            retain,
-            dup,
-            packet_id,
-            payload,
-            props,
-        } = &packet
-            && let Some(version) = self.version()
-            && (version == Version::V3 || *props == PublishProps::default())
-            && plain_publish(
-                buf,
-                version,
-                self.max_in,
-                (topic, *qos, *retain, *dup, *packet_id),
-                payload,
-            )
-        {
-            return Ok(());
-        }
-        let packet = match self.version() {
-            Some(Version::V5) => MqttPacket::V5(to_v5(packet)),
-            _ => MqttPacket::V3(to_v3(packet)),
-        };
-        self.inner.encode(packet, buf)
+        let version = self.version();
+        encode_with(version, self.max_in, packet, buf, |packet, buf| {
+            self.inner.encode(packet, buf)
+        })
     }
+}
+
+/// Encodes `packet` for a connection of `version` without a codec kept for it: a writer's
+/// (the encoder holds no state between packets). The crate's encoder, for the packets the
+/// gateway does not write by hand, is made for the packet.
+pub fn encode_as(
+    version: Version,
+    max: u32,
+    packet: Outbound,
+    buf: &mut BytesMut,
+) -> Result<(), rmqtt_codec::error::EncodeError> {
+    encode_with(Some(version), max, packet, buf, |packet, buf| {
+        Codec::for_version(version, max).inner.encode(packet, buf)
+    })
+}
+
+/// The common shapes by hand (docs/mqtt.md, decisions), the rest through `general`.
+fn encode_with(
+    version: Option<Version>,
+    max: u32,
+    packet: Outbound,
+    buf: &mut BytesMut,
+    general: impl FnOnce(MqttPacket, &mut BytesMut) -> Result<(), rmqtt_codec::error::EncodeError>,
+) -> Result<(), rmqtt_codec::error::EncodeError> {
+    if let Outbound::Encoded { frame, .. } = packet {
+        buf.extend_from_slice(&frame);
+        return Ok(());
+    }
+    if let Outbound::PubAck { packet_id, code } = packet
+        && let Some(version) = version
+        && plain_puback(buf, version, max, packet_id, code)
+    {
+        return Ok(());
+    }
+    if let Outbound::Publish {
+        topic,
+        qos,
+        retain,
+        dup,
+        packet_id,
+        payload,
+        props,
+    } = &packet
+        && let Some(version) = version
+        && (version == Version::V3 || *props == PublishProps::default())
+        && plain_publish(
+            buf,
+            version,
+            max,
+            (topic, *qos, *retain, *dup, *packet_id),
+            payload,
+        )
+    {
+        return Ok(());
+    }
+    let packet = match version {
+        Some(Version::V5) => MqttPacket::V5(to_v5(packet)),
+        _ => MqttPacket::V3(to_v3(packet)),
+    };
+    general(packet, buf)
 }
 
 #[cfg(test)]

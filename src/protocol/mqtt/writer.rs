@@ -16,7 +16,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::close::CloseReason;
-use super::codec::{Codec, Outbound, Version};
+use super::codec::{Outbound, Version, encode_as};
 use crate::flow::Pressure;
 
 /// Encoded bytes waiting for the socket beyond which queued packets are left unencoded.
@@ -30,9 +30,8 @@ const PASS_OVER: u8 = 64;
 pub struct Writer<W> {
     io: W,
     version: Version,
-    /// The client's Maximum Packet Size, the one encoding limit: the encoder is stateless
-    /// and made per packet (a few stores), not kept beside the reader's (40 bytes of every
-    /// connection).
+    /// The largest packet it encodes: the writer keeps no encoder (`codec::encode_as`), one
+    /// beside the reader's decoder was 40 bytes of every connection.
     max_packet: u32,
     /// Encoded, not yet written.
     buf: BytesMut,
@@ -102,8 +101,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             Outbound::Encoded { payload, .. } => Some(*payload),
             _ => None,
         };
-        let mut codec = Codec::for_version(self.version, self.max_packet);
-        if let Err(e) = codec.encode(p, &mut self.buf) {
+        if let Err(e) = encode_as(self.version, self.max_packet, p, &mut self.buf) {
             tracing::warn!(error = %e, "cannot encode an MQTT packet");
         }
         if let (Some(bytes), Some(gauge)) = (qos0, &self.qos0_out) {
