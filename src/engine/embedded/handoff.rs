@@ -1,6 +1,8 @@
 //! The hand-off from a queue to one consumer's stream: unbounded (credit bounds it), one
 //! sender, and nothing held while idle. A tokio mpsc channel allocates a block of 32 slots up
 //! front — 4 KiB per consumer of 128-byte deliveries, held by every idle subscription.
+//! What the two ends share besides (for a consumer: its channel, tag, cancel flag and reason)
+//! lives in the same allocation, and the sending end is that allocation itself.
 
 use std::collections::VecDeque;
 use std::task::{Context, Poll};

@@ -8,8 +8,9 @@ use super::{Entry, Queue};
 use crate::engine::CancelReason;
 use crate::flow::Pressure;
 
-/// Where a queue hands a consumer's deliveries: defined with the queue, implemented by the consumer's
-/// channel, so the queue never depends on channels (it calls out through this under its lock).
+/// Where a queue hands a consumer's deliveries: defined with the queue, implemented by the
+/// consumer's channel, so the queue never depends on channels (it calls out through this under
+/// its lock).
 pub(in crate::engine::embedded) trait Sink: Send + Sync {
     /// Called with the queue's lock held. `Err` gives the entry back when the consumer is gone.
     /// `room`: how many deliveries this dispatch may still hand this consumer, this one
