@@ -163,17 +163,12 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The consumer keys of the session queues' levels (`deliver` tells them apart by them).
-fn level_key(level: u8) -> &'static str {
-    if level == 0 { "0" } else { "1" }
-}
-
-/// The same keys, made once and shared by every session: a key of its own was an
-/// allocation of every connection.
-fn level_keys() -> &'static [Arc<str>; 2] {
+/// The consumer key of a session queue's level (`deliver` tells them apart by it), made once
+/// and shared by every session: a key of its own was an allocation of every connection.
+fn level_key(level: u8) -> &'static Arc<str> {
     static KEYS: std::sync::LazyLock<[Arc<str>; 2]> =
-        std::sync::LazyLock::new(|| [Arc::from(level_key(0)), Arc::from(level_key(1))]);
-    &KEYS
+        std::sync::LazyLock::new(|| [Arc::from("0"), Arc::from("1")]);
+    &KEYS[usize::from(level.min(1))]
 }
 
 /// Outbound deliveries in flight and what the writer holds.
@@ -356,8 +351,7 @@ impl Session {
             let consumer = self
                 .fenced(|| self.channel.consume(&queue, options.clone()))
                 .await?;
-            self.consumers
-                .insert(level_keys()[usize::from(level)].clone(), consumer);
+            self.consumers.insert(level_key(level).clone(), consumer);
         }
         Ok(declared)
     }

@@ -192,7 +192,7 @@ impl Session {
             .and_then(|r| r.split_once('/'));
         let key = match shared {
             Some(_) => filter,
-            None => level_key(granted.min(1)),
+            None => level_key(granted),
         };
         if let Some(name) = consumed.get(key) {
             return name.clone();
