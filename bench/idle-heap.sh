@@ -9,6 +9,7 @@
 #   N=2000 TOP=50 bash bench/idle-heap.sh
 #   SCENARIO=wsidle bash bench/idle-heap.sh  # idle `/ws` JSON subscribers instead
 #   DEPTH=8 bash bench/idle-heap.sh        # name each site by 8 frames, not 3
+#   CARGO_TARGET_DIR=/tmp/heap bash bench/idle-heap.sh  # leave target/release's mimalloc build be
 #
 # Requested bytes only: the allocator's own overhead and its size classes are not in them
 # (bench idle, on the shipped mimalloc build, measures what the process grows by). Peaks, not
@@ -21,6 +22,7 @@ command -v rustfilt >/dev/null || cargo install rustfilt --version 0.2.2
 cargo build --release --locked --features system-allocator --bin amqp-gateway
 cargo build --release --locked -p amqp-gateway-bench --bin bench
 source bench/lib.sh
+release=${CARGO_TARGET_DIR:-target}/release
 n=${N:-1000}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -31,7 +33,7 @@ profile() {
   local dir=$work/$1 pid= p
   mkdir -p "$dir"
   gateway_flags "$dir"
-  heaptrack -o "$dir/heap" target/release/amqp-gateway "${flags[@]}" --dev >"$dir/out" 2>"$dir/err" &
+  heaptrack -o "$dir/heap" "$release/amqp-gateway" "${flags[@]}" --dev >"$dir/out" 2>"$dir/err" &
   local tracer=$!
   gateway_started "$dir" 300
   for p in $(pgrep -x amqp-gateway); do
@@ -40,7 +42,7 @@ profile() {
   local load=(--scenarios idle)
   [ "${SCENARIO:-idle}" = wsidle ] &&
     load=(--scenarios wsidle --ws-target "gateway /ws JSON=json,ws://$(listener "$dir" http)/ws,gateway")
-  target/release/bench --target "gateway=$(listener "$dir" mqtt)@$(dev_token "$dir")" \
+  "$release/bench" --target "gateway=$(listener "$dir" mqtt)@$(dev_token "$dir")" \
     --pid "gateway=$pid" "${load[@]}" --idle-connections "$1" --runs 1 >/dev/null
   kill -TERM "$pid"
   wait "$tracer" || true
