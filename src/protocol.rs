@@ -1,8 +1,10 @@
 //! Protocol adapters. Each depends on the engine seam, `auth`, `flow` and `json`, never on
 //! another adapter; what the browser-facing ones share (WebSocket and SSE: the outbound buffer,
-//! subscription targets) lives beside them here.
+//! subscription targets) and what every connection loop keeps (`clock`: one timer, the token's
+//! expiry) live beside them here.
 
 pub mod amqp;
+pub mod clock;
 pub mod mqtt;
 pub mod outbound;
 pub mod rest;

@@ -25,6 +25,7 @@ use super::writer::Writer;
 use crate::context::{Connection, Context, Registered, Stop};
 use crate::engine::{ConsumerEvent, EngineError};
 use crate::metrics;
+use crate::protocol::clock;
 
 const PROTOCOL: &str = "mqtt";
 /// Reads start at `MIN_READ` and double while they fill what was offered, up to `MAX_READ`:
@@ -38,10 +39,6 @@ const MAX_READ: usize = 16 * 1024;
 /// send a reset, and a client that is still sending would read that reset instead of the
 /// DISCONNECT that says why; a second is plenty on any network that delivered the packet.
 pub const LINGER: Duration = Duration::from_secs(1);
-
-fn far() -> tokio::time::Instant {
-    tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600)
-}
 
 /// The bytes read and not yet decoded, and how much the next read offers.
 struct Input {
@@ -415,24 +412,6 @@ async fn read_connect<R: AsyncRead + Unpin>(
     }
 }
 
-/// When the token's expiry (plus the leeway) closes the connection, worked out again only when
-/// the expiry moves (an MQTT 5 AUTH refresh).
-#[derive(Default)]
-struct Expiry {
-    set: Option<u64>,
-    due: Option<Instant>,
-}
-
-impl Expiry {
-    fn due(&mut self, session: &Session) -> Option<Instant> {
-        if session.expires_at() != self.set {
-            self.set = session.expires_at();
-            self.due = session.time_left().map(|left| Instant::now() + left);
-        }
-        self.due
-    }
-}
-
 /// The deadlines the connection's one timer serves: the keep-alive (× 1.5), the token's
 /// expiry, the write clock and parked publishes' retry. Only the keep-alive's and the
 /// expiry's are kept here; the others, and what the two are worked out from, are read again
@@ -443,7 +422,7 @@ struct Clocks {
     /// client was last seen.
     last_seen: Instant,
     keep_alive_due: Option<Instant>,
-    expiry: Expiry,
+    expiry: clock::Expiry,
 }
 
 /// How long the client may stay silent: its keep-alive × 1.5 (MQTT 3.1.1 §3.1.2.10, 5
@@ -459,7 +438,7 @@ impl Clocks {
         Clocks {
             last_seen,
             keep_alive_due: keep_alive(session).map(|k| last_seen + k),
-            expiry: Expiry::default(),
+            expiry: clock::Expiry::default(),
         }
     }
 
@@ -470,7 +449,7 @@ impl Clocks {
     ) -> Option<Instant> {
         [
             self.keep_alive_due,
-            self.expiry.due(session),
+            self.expiry.due(session.expires_at(), session.leeway()),
             session.inflow.retry_at(),
             writer.deadline(),
         ]
@@ -483,7 +462,7 @@ impl Clocks {
     fn fired<W: AsyncWrite + Unpin>(&mut self, session: &Session, writer: &mut Writer<W>) -> Now {
         let now = Instant::now();
         let due = |at: Option<Instant>| at.is_some_and(|at| at <= now);
-        if due(self.expiry.due(session)) {
+        if due(self.expiry.due(session.expires_at(), session.leeway())) {
             Now::Done(Outcome::Close(CloseReason::TokenExpired))
         } else if due(writer.deadline()) {
             metrics::refusal(PROTOCOL, "slow_consumer");
@@ -523,10 +502,7 @@ where
     // Not an `async fn`, for the reason `run` is not: the task's state would hold each
     // argument twice.
     async move {
-        // One timer for every clock, kept across turns of the loop and set again only when the
-        // soonest of them moves: a timer made and dropped every turn costs a timer-wheel entry per
-        // message, and each one kept is 112 bytes of every connection's state.
-        let timer = tokio::time::sleep_until(far());
+        let timer = clock::idle_timer();
         tokio::pin!(timer);
         let mut clocks = Clocks::new(session);
         // Both ways the connection is told to stop (an administrator's close, the gateway's
@@ -536,20 +512,7 @@ where
         let mut stop = session.registered.as_ref().map(Registered::stopped);
         loop {
             writer.fill(session.outbound());
-            let timed = {
-                let wake = clocks
-                    .soonest(session, writer)
-                    .map(tokio::time::Instant::from_std);
-                // Set again only when it must fire sooner, or has fired: the write clock starts
-                // and stops with every batch written, and a timer left on a later deadline only
-                // wakes the loop once to find nothing due.
-                if let Some(at) = wake
-                    && (at < timer.deadline() || timer.is_elapsed())
-                {
-                    timer.as_mut().reset(at);
-                }
-                wake.is_some()
-            };
+            let timed = clock::set_sooner(timer.as_mut(), clocks.soonest(session, writer));
             let may_read = session.takes_packets();
             // Packets already read are handled before what they answer is written: one write
             // carries the answers to a whole read (a PUBACK per PUBLISH otherwise costs a system

@@ -279,12 +279,9 @@ impl Session {
         self.principal.expires_at
     }
 
-    /// How long until the token's expiry closes the connection: its `exp` plus the
-    /// configured leeway ([`crate::auth::time_left`]).
-    pub fn time_left(&self) -> Option<Duration> {
-        let leeway = self.ctx.config.auth.leeway;
-        self.expires_at()
-            .map(|exp| crate::auth::time_left(exp, leeway))
+    /// How long after the token's `exp` the connection may last.
+    pub fn leeway(&self) -> Duration {
+        self.ctx.config.auth.leeway
     }
 
     fn send(&mut self, p: Outbound) {

@@ -3,7 +3,7 @@
 //! ([`writer`](super::writer)), the auth phase, the token's expiry and shutdown.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, WebSocket};
 use futures_util::future::{Either, OptionFuture};
@@ -15,15 +15,15 @@ use super::close::CloseReason;
 use super::frames::{self, Request};
 use super::session::{Outcome, WsSession};
 use super::writer::{Writer, WriterEnd};
-use crate::auth::{Principal, expiry_sleep};
+use crate::auth::Principal;
 use crate::codes::Code;
-use crate::context::{Connection, Context};
+use crate::context::{Connection, Context, Registered, Stop};
 use crate::flow::{Admitted, Full};
 use crate::metrics;
+use crate::protocol::clock;
 use crate::protocol::outbound::{Frame, Limits, SendQueue};
 
 const PROTOCOL: &str = "ws";
-const ACK_TIMEOUT_CHECK: Duration = Duration::from_secs(1);
 
 /// Serves one WebSocket connection.
 ///
@@ -174,9 +174,18 @@ async fn serve_session(
     writer: &mut Writer,
 ) -> CloseReason {
     let write_timeout = ctx.config.limits.write_timeout;
-    let mut tick = tokio::time::interval(ACK_TIMEOUT_CHECK);
+    // One timer for both clocks, the token's expiry and unacked deliveries' timeout; set only
+    // while something is due, so an idle browser's connection is not woken every second.
+    let timer = clock::idle_timer();
+    tokio::pin!(timer);
+    let mut expiry = clock::Expiry::default();
+    let mut acks_due = None;
+    // An administrator's close and the gateway's shutdown, through the registry entry
+    // (`Registered::stopped`: a waker registration, kept across turns).
+    let mut stop = session.registered.as_ref().map(Registered::stopped);
     loop {
-        let expiry = expiry_sleep(session.expires_at(), ctx.config.auth.leeway);
+        let expires = expiry.due(session.expires_at(), ctx.config.auth.leeway);
+        let timed = clock::set_sooner(timer.as_mut(), expires.into_iter().chain(acks_due).min());
         // While the droppable part of the buffer paces publishers, deliveries wait in the
         // engine's queues instead of overflowing it (DESIGN.md §7).
         let paused = out.pressure().paces();
@@ -184,11 +193,18 @@ async fn serve_session(
         // while they are enabled, as the MQTT loop's are: every branch's future is part of
         // an idle connection's state, enabled or not.
         let outcome = tokio::select! {
-            why = crate::context::stop_signal(session.registered.as_ref(), &ctx.shutdown) => Outcome::Close(match why {
-                crate::context::Stop::Admin => CloseReason::ClosedByAdmin,
-                crate::context::Stop::Shutdown => CloseReason::Shutdown,
+            Some(why) = OptionFuture::from(stop.as_mut()) => Outcome::Close(match why {
+                Stop::Admin => CloseReason::ClosedByAdmin,
+                Stop::Shutdown => CloseReason::Shutdown,
             }),
-            _ = expiry => Outcome::Close(CloseReason::TokenExpired),
+            _ = &mut timer, if timed => {
+                if expires.is_some_and(|at| at <= Instant::now()) {
+                    Outcome::Close(CloseReason::TokenExpired)
+                } else {
+                    Box::pin(session.check_ack_timeouts()).await;
+                    Outcome::Continue
+                }
+            }
             // Written one batch at a time, each batch a future that lives only while it writes.
             next = out.next(), if writer.is_idle() => {
                 writer.start(next, out, Some(session.channel()), write_timeout);
@@ -220,15 +236,11 @@ async fn serve_session(
                 Box::pin(session.taken_over(t)).await;
                 Outcome::Continue
             }
-            _ = tick.tick() => {
-                Box::pin(session.check_ack_timeouts()).await;
-                session.note_in_flight();
-                Outcome::Continue
-            }
         };
         if let Outcome::Close(why) = outcome {
             return why;
         }
+        acks_due = session.note_in_flight();
     }
 }
 

@@ -215,11 +215,20 @@ impl WsSession {
         ));
     }
 
-    /// Tells operators how many deliveries await this client's acks (on the ack-timeout tick:
-    /// counting is a walk over the subscriptions).
-    pub fn note_in_flight(&self) {
-        let n = self.subs.values().map(|s| s.unacked.len()).sum();
+    /// Tells operators how many deliveries await this client's acks, and returns when the
+    /// oldest of them times out (`ws.ack_timeout`): one walk over the subscriptions, made each
+    /// turn of the connection's loop. Tags are given in delivery order, so a subscription's
+    /// first unacked delivery is its oldest.
+    pub fn note_in_flight(&self) -> Option<Instant> {
+        let (mut n, mut oldest) = (0, None::<Instant>);
+        for s in self.subs.values() {
+            n += s.unacked.len();
+            if let Some((_, (_, at))) = s.unacked.first_key_value() {
+                oldest = Some(oldest.map_or(*at, |o| o.min(*at)));
+            }
+        }
         self.conn.stats.set_in_flight(n);
+        oldest.and_then(|at| at.checked_add(self.ctx.config.ws.ack_timeout))
     }
 
     /// What operators see of the subscriptions.

@@ -157,7 +157,10 @@ impl WsSession {
         let late: Vec<Arc<str>> = self
             .subs
             .iter()
-            .filter(|(_, s)| s.unacked.values().any(|(_, at)| at.elapsed() >= limit))
+            .filter(|(_, s)| {
+                let oldest = s.unacked.first_key_value();
+                oldest.is_some_and(|(_, (_, at))| at.elapsed() >= limit)
+            })
             .map(|(k, _)| k.clone())
             .collect();
         for sub in late {
