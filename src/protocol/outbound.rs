@@ -10,9 +10,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 
-use parking_lot::Mutex;
-use tokio::sync::Notify;
+use parking_lot::{Mutex, MutexGuard};
 
 use crate::flow::{Bound, Pressure};
 use crate::metrics;
@@ -72,11 +72,25 @@ struct State {
     high_water_bytes: usize,
     closed: bool,
     close_frame: Option<(u16, &'static str)>,
+    /// The writer's, while it waits for a frame. A buffer has one writer, so one waker, kept
+    /// under the lock every push takes: a `Notify` and its waiter were 32 bytes of every
+    /// connection's buffer and 100 of its task's state (docs/bench.md, idle `/ws`).
+    writer: Option<Waker>,
+}
+
+impl State {
+    /// Lets the lock go and wakes the writer, if it waits.
+    fn wake(mut this: MutexGuard<'_, State>) {
+        let writer = this.writer.take();
+        drop(this);
+        if let Some(w) = writer {
+            w.wake();
+        }
+    }
 }
 
 pub struct SendQueue {
     state: Mutex<State>,
-    ready: Notify,
     /// Counts the droppable frames (messages, bytes) against `Limits`; only changed under
     /// `state`'s lock, so its fill is the buffer's.
     pressure: Pressure,
@@ -107,7 +121,6 @@ impl SendQueue {
     pub fn new(limits: Limits, protocol: &'static str) -> Self {
         SendQueue {
             state: Mutex::new(State::default()),
-            ready: Notify::new(),
             pressure: Pressure::new(
                 Bound {
                     messages: limits.messages as u64,
@@ -131,8 +144,7 @@ impl SendQueue {
             return;
         }
         st.frames.push_back(frame);
-        drop(st);
-        self.ready.notify_one();
+        State::wake(st);
     }
 
     /// Queues a droppable delivery of `sub`, making room by its policy.
@@ -175,8 +187,7 @@ impl SendQueue {
             ack_after_write: None,
             message: true,
         });
-        drop(st);
-        self.ready.notify_one();
+        State::wake(st);
         Ok(())
     }
 
@@ -211,33 +222,35 @@ impl SendQueue {
         }
         st.closed = true;
         st.close_frame = why.frame();
-        drop(st);
-        self.ready.notify_one();
+        State::wake(st);
     }
 
     /// Waits for the next thing to write. A buffer found empty gives its ring back before
     /// waiting: an idle connection holds none (256 bytes each), and a busy one finds frames
     /// waiting and never gets here between them.
-    pub async fn next(&self) -> Next {
-        loop {
-            let notified = self.ready.notified();
-            if let Some(next) = self.try_next() {
-                return next;
+    pub fn next(&self) -> impl Future<Output = Next> + '_ {
+        std::future::poll_fn(|cx| {
+            let mut st = self.state.lock();
+            if let Some(next) = self.take(&mut st) {
+                return Poll::Ready(next);
             }
-            {
-                let mut st = self.state.lock();
-                if st.frames.is_empty() && st.frames.capacity() > 0 {
-                    st.frames = VecDeque::new();
-                }
+            if st.frames.capacity() > 0 {
+                st.frames = VecDeque::new();
             }
-            notified.await;
-        }
+            if !st.writer.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                st.writer = Some(cx.waker().clone());
+            }
+            Poll::Pending
+        })
     }
 
     /// What [`SendQueue::next`] would return now, if anything: a writer takes what is queued
     /// behind the first frame without waiting and writes it all in one flush.
     pub fn try_next(&self) -> Option<Next> {
-        let mut st = self.state.lock();
+        self.take(&mut self.state.lock())
+    }
+
+    fn take(&self, st: &mut State) -> Option<Next> {
         if !st.lagged.is_empty() {
             return Some(Next::Lagged(st.lagged.drain().collect()));
         }
@@ -321,5 +334,70 @@ mod tests {
             out.push_droppable(s, "b".into(), Overflow::Disconnect)
                 .is_err()
         );
+    }
+
+    /// Counts its wakes.
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    struct Going;
+
+    impl Closing for Going {
+        fn is_urgent(self) -> bool {
+            false
+        }
+        fn frame(self) -> Option<(u16, &'static str)> {
+            Some((1001, "going away"))
+        }
+    }
+
+    #[test]
+    fn a_waiting_writer_is_woken_by_a_push_and_by_the_close() {
+        let out = SendQueue::new(
+            Limits {
+                messages: 10,
+                bytes: 1 << 20,
+            },
+            "ws",
+        );
+        let wakes = Arc::new(Wakes(0.into()));
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        let count = || wakes.0.load(std::sync::atomic::Ordering::SeqCst);
+
+        let mut next = std::pin::pin!(out.next());
+        assert!(next.as_mut().poll(&mut cx).is_pending());
+        // Polled again while waiting: one waker kept, not one per poll.
+        assert!(next.as_mut().poll(&mut cx).is_pending());
+        out.push(Frame::control("reply".into()));
+        assert_eq!(count(), 1);
+        match next.as_mut().poll(&mut cx) {
+            Poll::Ready(Next::Frame(f)) => assert_eq!(f.text, "reply"),
+            _ => panic!("the pushed frame is next"),
+        }
+
+        // A push while nobody waits wakes nobody, and is found by the next wait.
+        out.push(Frame::control("second".into()));
+        assert_eq!(count(), 1);
+        let mut next = std::pin::pin!(out.next());
+        assert!(matches!(
+            next.as_mut().poll(&mut cx),
+            Poll::Ready(Next::Frame(_))
+        ));
+
+        let mut next = std::pin::pin!(out.next());
+        assert!(next.as_mut().poll(&mut cx).is_pending());
+        out.close(Going);
+        assert_eq!(count(), 2);
+        assert!(matches!(
+            next.as_mut().poll(&mut cx),
+            Poll::Ready(Next::Closed(Some((1001, _))))
+        ));
     }
 }
