@@ -83,7 +83,7 @@ pub fn now_secs() -> u64 {
 }
 
 /// A year: as good as never for a connection, and safe to add to any `Instant`.
-const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
+pub const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// How long a connection with a token expiring at `expires_at` (seconds since the epoch) may
 /// last: until `leeway` after it, at most [`NEVER`]. Saturating, so a token with an `exp` near

@@ -12,10 +12,9 @@ use std::time::{Duration, Instant};
 
 use tokio::time::Sleep;
 
-/// A timer that waits for nothing yet: a year off, far enough for a connection and safe to add
-/// to any `Instant`.
+/// A timer that waits for nothing yet: [`crate::auth::NEVER`] off.
 pub fn idle_timer() -> Sleep {
-    tokio::time::sleep(Duration::from_secs(365 * 24 * 3600))
+    tokio::time::sleep(crate::auth::NEVER)
 }
 
 /// Sets `timer` to `wake` when that is sooner than it is set for, or it has fired; returns

@@ -20,6 +20,7 @@ use super::handshake::{self, FRAME_MAX, Refused};
 use super::session::{Session, Step};
 use crate::context::{Connection, Context};
 use crate::metrics;
+use crate::protocol::clock;
 
 /// How long the gateway waits for `close-ok` after its own `connection.close`.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
@@ -181,7 +182,7 @@ fn forced(why: &'static str, text: &str) -> Ending {
 }
 
 fn far() -> Instant {
-    Instant::now() + Duration::from_secs(365 * 24 * 3600)
+    Instant::now() + crate::auth::NEVER
 }
 
 /// The timers of a connection, as one deadline: a connection's loop turns once per frame, and
@@ -190,6 +191,7 @@ struct Timers {
     heartbeat: Duration,
     last_read: Instant,
     last_write: Instant,
+    expiry: clock::Expiry,
 }
 
 /// What a deadline that passed means.
@@ -202,19 +204,18 @@ enum Due {
 }
 
 impl Timers {
-    fn next(&self, ctx: &Context, session: &Session, writing: bool) -> (Instant, Option<Due>) {
-        let now = Instant::now();
+    fn next(&mut self, ctx: &Context, session: &Session, writing: bool) -> (Instant, Option<Due>) {
         let mut next = (far(), None);
         let mut at = |when: Instant, due: Due| {
             if when < next.0 {
                 next = (when, Some(due));
             }
         };
-        if let Some(exp) = session.expires_at() {
-            at(
-                now + crate::auth::time_left(exp, ctx.config.auth.leeway),
-                Due::Expired,
-            );
+        if let Some(expires) = self
+            .expiry
+            .due(session.expires_at(), ctx.config.auth.leeway)
+        {
+            at(Instant::from_std(expires), Due::Expired);
         }
         if !self.heartbeat.is_zero() {
             at(self.last_read + self.heartbeat * 2, Due::MissedHeartbeats);
@@ -256,6 +257,7 @@ where
         heartbeat,
         last_read: Instant::now(),
         last_write: Instant::now(),
+        expiry: clock::Expiry::default(),
     };
     let mut blocked = ctx.engine.watch_publish_blocked();
     session.publish_blocked(*blocked.borrow_and_update());
