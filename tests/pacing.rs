@@ -477,7 +477,11 @@ async fn ws_pings_and_auth_are_answered_while_paced() {
 /// it lost — everything else it gets, the newest included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_consumer_costs_the_fast_ones_nothing() {
-    let gw = start_gateway(small_buffers_waiting(Duration::from_millis(100))).await;
+    // A second, not the default 100 ms: a consumer still above its high-water mark after the
+    // wait is marked slow, and when the tests run side by side on two cores a fast subscriber
+    // can go unscheduled for 100 ms (it was marked slow and lost messages, 2 runs in 30 with
+    // six copies at once). The stalled reader costs one such wait in all.
+    let gw = start_gateway(small_buffers_waiting(Duration::from_secs(1))).await;
     let key = unique("mixed");
     let t = mqtt_token();
     let mut stalled = Ws::connect(&gw, Some(&t)).await;
