@@ -23,7 +23,7 @@ commands=()
 run() {
   local peers=$1
   shift
-  commands+=("PEERS=\"$peers\" bash bench/run.sh $*")
+  commands+=("${GATEWAY_WS:+GATEWAY_WS=$GATEWAY_WS }PEERS=\"$peers\" bash bench/run.sh $*")
   PEERS="$peers" bash bench/run.sh "$@" | tee -a "$work/tables"
   echo >>"$work/tables"
 }
@@ -36,11 +36,16 @@ run "mosquitto nats rumqttd" --scenarios idle --runs 1
 # separate processes; one source address has 28,000 ephemeral ports).
 run "mosquitto nats rumqttd" --scenarios idle --runs 1 --idle-connections 15000
 run "mosquitto nats rumqttd" --scenarios qos0,qos1,fanout,fanin,latency --duration "$duration" --runs "$runs"
+# Idle memory is the process's growth: each of the gateway's two WebSocket targets on a gateway
+# of its own (run.sh starts one per run), or the second grows into what the first freed.
 fresh_peers
-run "mosquitto rabbitmq rumqttd" --scenarios wsidle --runs 1
+GATEWAY_WS=json run "mosquitto rabbitmq rumqttd" --scenarios wsidle --runs 1
+GATEWAY_WS=mqtt run "" --scenarios wsidle --runs 1
 # And at 15,000, as MQTT is (issue 19 asks both counts): RabbitMQ's Web-MQTT holds about 255 KiB
 # a connection, 3.7 GiB at this count, so it is measured at 1,000 only.
-run "mosquitto" --scenarios wsidle --runs 1 --idle-connections 15000
+fresh_peers
+GATEWAY_WS=json run "mosquitto" --scenarios wsidle --runs 1 --idle-connections 15000
+GATEWAY_WS=mqtt run "" --scenarios wsidle --runs 1 --idle-connections 15000
 run "mosquitto rabbitmq rumqttd" --scenarios wsfanout,wspublish,rest --duration "$duration" --runs "$runs"
 run "rabbitmq" --scenarios amqp --duration "$duration" --runs "$runs"
 

@@ -14,6 +14,7 @@
 # PEERS="mosquitto nats rabbitmq rumqttd" (default: mosquitto nats) picks the peers; rumqttd
 # 0.20 (the Rust broker) is installed with cargo when missing and started here, MQTT 18841 and
 # MQTT over WebSocket 18842 (configuration in start_rumqttd below).
+# GATEWAY_WS=json|mqtt|both (default both) picks the gateway's WebSocket targets.
 # GATEWAY_BIN=path runs another gateway binary (a before/after comparison in one session).
 # BENCH_PROFILE=dev uses debug builds (the CI smoke: the tests built them already; figures
 # from it mean nothing).
@@ -67,9 +68,16 @@ gateway_started "$work"
 mqtt=$(listener "$work" mqtt)
 http=$(listener "$work" http)
 
-targets=(--target "gateway=$mqtt@$token" --pid "gateway=$gateway_pid" --gateway-http "http://$http"
-  --ws-target "gateway /ws JSON=json,ws://$http/ws,gateway"
-  --ws-target "gateway MQTT over WS=mqtt,ws://$http/mqtt,gateway")
+targets=(--target "gateway=$mqtt@$token" --pid "gateway=$gateway_pid" --gateway-http "http://$http")
+# GATEWAY_WS=json or mqtt keeps one of the gateway's two WebSocket targets: idle memory is
+# measured as the process's growth, so a target measured after another on the same process
+# would grow into what the first one freed (bench/report.sh runs each on a fresh gateway).
+case ${GATEWAY_WS:-both} in
+  json | both) targets+=(--ws-target "gateway /ws JSON=json,ws://$http/ws,gateway") ;;&
+  mqtt | both) targets+=(--ws-target "gateway MQTT over WS=mqtt,ws://$http/mqtt,gateway") ;;
+  json) ;;
+  *) echo "GATEWAY_WS is json, mqtt or both, not ${GATEWAY_WS}" >&2; exit 2 ;;
+esac
 amqp=$(listener "$work" amqp)
 [ -n "$amqp" ] && targets+=(--gateway-amqp "amqp://bench:$token@$amqp/%2f")
 # rumqttd 0.20 from crates.io, without --locked: its locked `metrics` 0.22.1 does not build on
