@@ -4,6 +4,7 @@
 #
 #   bash bench/callgrind.sh                      # qos0,qos1,fanout,fanin on target/release
 #   GATEWAY_BIN=/tmp/gw-before bash bench/callgrind.sh qos0
+#   bash bench/callgrind.sh amqp                 # the AMQP listener (RabbitMQ at AMQP_PEER times too)
 #
 # Starts the gateway (embedded engine, --dev, the bench's raised publish limits) under
 # callgrind with instrumentation off, switches it on once the gateway listens, runs one bench
@@ -37,8 +38,15 @@ for scenario in ${@:-qos0 qos1 fanout fanin}; do
   token=$(dev_token "$work")
   mqtt=$(listener "$work" mqtt)
   metrics=$(listener "$work" metrics)
+  extra=()
+  if [ "$scenario" = amqp ]; then
+    # The AMQP listener, 1→1 with lapin; the scenario also times RabbitMQ direct (the test
+    # node here), while the gateway idles.
+    extra=(--gateway-amqp "amqp://bench:$token@$(listener "$work" amqp)/%2f"
+      --amqp "${AMQP_PEER:-amqp://guest:guest@127.0.0.1:5672/%2f}")
+  fi
   callgrind_control -i on "$pid" >/dev/null 2>&1
-  target/release/bench --target "gateway=$mqtt@$token" --scenarios "$scenario" \
+  target/release/bench --target "gateway=$mqtt@$token" --scenarios "$scenario" "${extra[@]}" \
     --duration "${DURATION:-3s}" --runs 1 >/dev/null
   callgrind_control -i off "$pid" >/dev/null 2>&1
   delivered=$(metric "$metrics" gateway_messages_out_total)

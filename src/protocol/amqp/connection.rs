@@ -181,12 +181,8 @@ fn forced(why: &'static str, text: &str) -> Ending {
     )
 }
 
-fn far() -> Instant {
-    Instant::now() + crate::auth::NEVER
-}
-
-/// The timers of a connection, as one deadline: a connection's loop turns once per frame, and
-/// arming several timers per turn costs more than the frame.
+/// The timers of a connection, behind one kept timer ([`clock`]): a connection's loop turns
+/// once per frame, and arming a timer per turn costs more than the frame.
 struct Timers {
     heartbeat: Duration,
     last_read: Instant,
@@ -204,11 +200,17 @@ enum Due {
 }
 
 impl Timers {
-    fn next(&mut self, ctx: &Context, session: &Session, writing: bool) -> (Instant, Option<Due>) {
-        let mut next = (far(), None);
+    /// The soonest deadline and what it means, or `None` when nothing has one.
+    fn soonest(
+        &mut self,
+        ctx: &Context,
+        session: &Session,
+        writing: bool,
+    ) -> Option<(Instant, Due)> {
+        let mut next: Option<(Instant, Due)> = None;
         let mut at = |when: Instant, due: Due| {
-            if when < next.0 {
-                next = (when, Some(due));
+            if next.as_ref().is_none_or(|(soonest, _)| when < *soonest) {
+                next = Some((when, due));
             }
         };
         if let Some(expires) = self
@@ -233,6 +235,14 @@ impl Timers {
             at(retry, Due::Retry);
         }
         next
+    }
+
+    /// What is due now that the timer fired: the timer is left on a deadline that moved later
+    /// (the keep-alive moves with every frame), so it may find nothing.
+    fn fired(&mut self, ctx: &Context, session: &Session, writing: bool) -> Option<Due> {
+        self.soonest(ctx, session, writing)
+            .filter(|(at, _)| *at <= Instant::now())
+            .map(|(_, due)| due)
     }
 }
 
@@ -259,6 +269,8 @@ where
         last_write: Instant::now(),
         expiry: clock::Expiry::default(),
     };
+    let timer = clock::idle_timer();
+    tokio::pin!(timer);
     let mut blocked = ctx.engine.watch_publish_blocked();
     session.publish_blocked(*blocked.borrow_and_update());
     loop {
@@ -271,7 +283,10 @@ where
         let writing = !out.is_empty();
         let may_read = session.may_read() && out.len() < OUT_MAX;
         let may_deliver = out.len() < OUT_HIGH && !session.consumers.is_empty();
-        let (deadline, due) = timers.next(ctx, session, writing);
+        let soonest = timers
+            .soonest(ctx, session, writing)
+            .map(|(at, _)| at.into_std());
+        let timed = clock::set_sooner(timer.as_mut(), soonest);
         // Biased: frames already read and deliveries ready are handled before their answers
         // are written, so a burst goes out in one write.
         let step = tokio::select! {
@@ -319,7 +334,7 @@ where
                 }
                 _ => return Ending::PeerClosed,
             },
-            _ = tokio::time::sleep_until(deadline) => match due {
+            () = &mut timer, if timed => match timers.fired(ctx, session, writing) {
                 Some(Due::Expired) => return forced("token_expired", "the token has expired (send connection.update-secret before exp)"),
                 Some(Due::MissedHeartbeats) => return Ending::MissedHeartbeats,
                 Some(Due::WriteStalled) => {
