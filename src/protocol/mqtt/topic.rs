@@ -103,13 +103,29 @@ pub fn binding_to_filter(key: &str, mapping: TopicMapping) -> String {
 /// A routing key → MQTT topic name, or `None` when it maps to no valid topic name (such
 /// deliveries are acked, not delivered, and counted).
 pub fn key_to_topic(key: &str, mapping: TopicMapping) -> Option<String> {
-    if key.is_empty() || key.bytes().any(|b| matches!(b, b'+' | b'#' | 0)) {
-        return None;
-    }
-    Some(match mapping {
+    key_is_mappable(key).then(|| map_key(key, mapping))
+}
+
+/// Whether a routing key maps to a valid topic name ([`key_to_topic`]).
+pub fn key_is_mappable(key: &str) -> bool {
+    !key.is_empty() && !key.bytes().any(|b| matches!(b, b'+' | b'#' | 0))
+}
+
+/// The topic name of a routing key [`key_is_mappable`] said yes to.
+pub fn map_key(key: &str, mapping: TopicMapping) -> String {
+    match mapping {
         TopicMapping::Swap => swap(key, TopicMapping::Swap),
         TopicMapping::Rabbitmq => key.replace('.', "/"),
-    })
+    }
+}
+
+/// The byte of the topic name that a routing key's byte `b` becomes ([`map_key`]).
+fn topic_byte(b: u8, mapping: TopicMapping) -> u8 {
+    match (b, mapping) {
+        (b'.', _) => b'/',
+        (b'/', TopicMapping::Swap) => b'.',
+        (b, _) => b,
+    }
 }
 
 /// `$`-topics are not matched by filters that start with a wildcard ([MQTT-4.7.2-1]).
@@ -119,18 +135,58 @@ pub fn wildcard_first(filter: &str) -> bool {
 
 /// Whether a topic name matches an MQTT filter (used for `$`-topic and retained checks).
 pub fn filter_matches(filter: &str, topic: &str) -> bool {
-    if topic.starts_with('$') && wildcard_first(filter) {
+    matches_mapped(filter.as_bytes(), topic.as_bytes(), |b| b)
+}
+
+/// Whether the topic name of a mappable routing key ([`key_is_mappable`]) matches an MQTT
+/// filter, without making the name: a delivery asks which of its session's filters it
+/// matched, and a fanned-out message's name is made only by the copy that encodes it.
+pub fn key_matches(filter: &str, key: &str, mapping: TopicMapping) -> bool {
+    matches_mapped(filter.as_bytes(), key.as_bytes(), |b| {
+        topic_byte(b, mapping)
+    })
+}
+
+/// [`filter_matches`] on the name that `name` becomes byte by byte through `map`, in one
+/// pass over both: no level iterators, and a literal level compared as it is walked.
+fn matches_mapped(filter: &[u8], name: &[u8], map: impl Fn(u8) -> u8) -> bool {
+    if name.first().map(|&b| map(b)) == Some(b'$') && matches!(filter.first(), Some(b'+' | b'#')) {
         return false;
     }
-    let mut f = split_ascii(filter, b'/');
-    let mut t = split_ascii(topic, b'/');
+    let (mut f, mut n) = (0, 0);
     loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
+        // Both at the start of a level.
+        let end = filter[f..]
+            .iter()
+            .position(|&b| b == b'/')
+            .map_or(filter.len(), |i| f + i);
+        match &filter[f..end] {
+            b"#" => return true,
+            b"+" => {
+                while n < name.len() && map(name[n]) != b'/' {
+                    n += 1;
+                }
+            }
+            literal => {
+                for &c in literal {
+                    if name.get(n).map(|&b| map(b)) != Some(c) {
+                        return false;
+                    }
+                    n += 1;
+                }
+            }
+        }
+        f = end;
+        let name_ended = n == name.len();
+        if !name_ended && map(name[n]) != b'/' {
+            return false;
+        }
+        match (f == filter.len(), name_ended) {
+            (true, true) => return true,
+            (false, false) => (f, n) = (f + 1, n + 1),
+            // `a/#` matches `a`, its parent level.
+            (false, true) => return &filter[f..] == b"/#",
+            (true, false) => return false,
         }
     }
 }
@@ -170,6 +226,70 @@ mod tests {
     use super::*;
     const SWAP: TopicMapping = TopicMapping::Swap;
     const RMQ: TopicMapping = TopicMapping::Rabbitmq;
+
+    /// MQTT's matching as the specification words it, level by level: what the one-pass
+    /// matcher is checked against.
+    fn by_levels(filter: &str, topic: &str) -> bool {
+        if topic.starts_with('$') && wildcard_first(filter) {
+            return false;
+        }
+        let (mut f, mut t) = (filter.split('/'), topic.split('/'));
+        loop {
+            match (f.next(), t.next()) {
+                (Some("#"), _) => return true,
+                (Some("+"), Some(_)) => {}
+                (Some(a), Some(b)) if a == b => {}
+                (None, None) => return true,
+                _ => return false,
+            }
+        }
+    }
+
+    /// Every string of up to `len` bytes from `alphabet`.
+    fn strings(alphabet: &[u8], len: usize) -> Vec<String> {
+        let mut all = vec![String::new()];
+        let mut last = vec![String::new()];
+        for _ in 0..len {
+            last = last
+                .iter()
+                .flat_map(|s| alphabet.iter().map(move |&c| format!("{s}{}", c as char)))
+                .collect();
+            all.extend(last.iter().cloned());
+        }
+        all
+    }
+
+    #[test]
+    fn one_pass_matching_agrees_with_levels_for_every_short_filter_and_key() {
+        let filters: Vec<String> = strings(b"a/+#.$", 4)
+            .into_iter()
+            .filter(|f| {
+                // As SUBSCRIBE takes them: wildcards are whole levels, `#` the last.
+                let levels: Vec<&str> = f.split('/').collect();
+                !f.is_empty()
+                    && levels.iter().enumerate().all(|(i, l)| match *l {
+                        "+" => true,
+                        "#" => i == levels.len() - 1,
+                        l => !l.contains(['+', '#']),
+                    })
+            })
+            .collect();
+        let keys: Vec<String> = strings(b"a./$", 4)
+            .into_iter()
+            .filter(|k| key_is_mappable(k))
+            .collect();
+        assert!(filters.len() > 100 && keys.len() > 300);
+        for f in &filters {
+            for k in &keys {
+                for mapping in [SWAP, RMQ] {
+                    let topic = key_to_topic(k, mapping).expect("mappable");
+                    let want = by_levels(f, &topic);
+                    assert_eq!(filter_matches(f, &topic), want, "{f:?} {topic:?}");
+                    assert_eq!(key_matches(f, k, mapping), want, "{f:?} {k:?} {mapping:?}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn topics_swap_both_ways() {

@@ -87,16 +87,18 @@ impl Session {
             "1" => 1,
             shared => return self.deliver_shared(shared, d).await,
         };
-        let topic = key_to_topic(d.routing_key(), self.ctx.config.mqtt.topic_mapping);
-        let visible = topic.as_deref().is_some_and(|t| {
-            // `$`-topics reach only filters that do not start with a wildcard; a resumed session
-            // that does not know its filters lets them through.
-            !t.starts_with('$')
-                || self.subs.is_empty()
-                || self.subs.keys().any(|f| topic::filter_matches(f, t))
-        });
+        // Filters are matched against the routing key as the topic name it maps to; the name
+        // itself is made only for a copy that is encoded (a fanned-out message's other copies
+        // share the first one's bytes).
+        let key = d.routing_key();
+        let mapping = self.ctx.config.mqtt.topic_mapping;
+        let matches = |f: &str| topic::key_matches(f, key, mapping);
+        // `$`-topics reach only filters that do not start with a wildcard; a resumed session
+        // that does not know its filters lets them through.
+        let visible = topic::key_is_mappable(key)
+            && (!key.starts_with('$') || self.subs.is_empty() || self.subs.keys().any(matches));
         let publish_qos = publish_qos_of(d.message());
-        let (Some(topic), true) = (topic, visible) else {
+        if !visible {
             metrics::refusal(PROTOCOL, "unmappable_topic");
             if level == 1 {
                 let _ = self.channel.ack(d.delivery_tag, false).await;
@@ -108,16 +110,13 @@ impl Session {
         let matched: smallvec::SmallVec<[SubOpts; 2]> = self
             .subs
             .iter()
-            .filter(|(f, o)| (o.granted.min(1) == level) && topic::filter_matches(f, &topic))
+            .filter(|(f, o)| (o.granted.min(1) == level) && matches(f))
             .map(|(_, o)| *o)
             .collect();
         // Queued for a subscription that is gone (unsubscribed, or refused on resume): not for
         // this client any more. A session that knows no filters at all delivers what it has.
         // Only when nothing at this level matched is there a second look (at any level).
-        if matched.is_empty()
-            && !self.subs.is_empty()
-            && !self.subs.keys().any(|f| topic::filter_matches(f, &topic))
-        {
+        if matched.is_empty() && !self.subs.is_empty() && !self.subs.keys().any(matches) {
             metrics::refusal(PROTOCOL, "unsubscribed");
             if level == 1 {
                 let _ = self.channel.ack(d.delivery_tag, false).await;
@@ -157,9 +156,9 @@ impl Session {
                 .mqtt_sent
                 .swap(true, std::sync::atomic::Ordering::Relaxed)
         {
-            let frame = shared
-                .mqtt
-                .get_or_init(|| encode_shared_publish(topic, d.body().clone()));
+            let frame = shared.mqtt.get_or_init(|| {
+                encode_shared_publish(topic::map_key(key, mapping), d.body().clone())
+            });
             self.emit_encoded(frame.clone(), d.body().len());
             if level == 1 {
                 let _ = self.channel.ack(d.delivery_tag, false).await;
@@ -170,6 +169,7 @@ impl Session {
         if self.client.version == Version::V5 {
             props.subscription_ids = subscription_ids;
         }
+        let topic = topic::map_key(key, mapping);
         self.send_copy(&d, topic, qos, retain, props, level == 1)
             .await
     }
