@@ -119,12 +119,30 @@ pub fn map_key(key: &str, mapping: TopicMapping) -> String {
     }
 }
 
-/// The byte of the topic name that a routing key's byte `b` becomes ([`map_key`]).
-fn topic_byte(b: u8, mapping: TopicMapping) -> u8 {
-    match (b, mapping) {
-        (b'.', _) => b'/',
-        (b'/', TopicMapping::Swap) => b'.',
-        (b, _) => b,
+/// Byte → byte tables for [`matches_mapped`]: a lookup per byte where a `match` cost two
+/// compares.
+const fn byte_table(dot: u8, slash: u8) -> [u8; 256] {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = i as u8;
+        i += 1;
+    }
+    t[b'.' as usize] = dot;
+    t[b'/' as usize] = slash;
+    t
+}
+
+/// A topic name's bytes as they are.
+const AS_IS: [u8; 256] = byte_table(b'.', b'/');
+
+/// The byte of the topic name that each byte of a routing key becomes ([`map_key`]).
+fn topic_bytes(mapping: TopicMapping) -> &'static [u8; 256] {
+    const SWAP: [u8; 256] = byte_table(b'/', b'.');
+    const RABBITMQ: [u8; 256] = byte_table(b'/', b'/');
+    match mapping {
+        TopicMapping::Swap => &SWAP,
+        TopicMapping::Rabbitmq => &RABBITMQ,
     }
 }
 
@@ -135,58 +153,55 @@ pub fn wildcard_first(filter: &str) -> bool {
 
 /// Whether a topic name matches an MQTT filter (used for `$`-topic and retained checks).
 pub fn filter_matches(filter: &str, topic: &str) -> bool {
-    matches_mapped(filter.as_bytes(), topic.as_bytes(), |b| b)
+    matches_mapped(filter.as_bytes(), topic.as_bytes(), &AS_IS)
 }
 
 /// Whether the topic name of a mappable routing key ([`key_is_mappable`]) matches an MQTT
 /// filter, without making the name: a delivery asks which of its session's filters it
 /// matched, and a fanned-out message's name is made only by the copy that encodes it.
 pub fn key_matches(filter: &str, key: &str, mapping: TopicMapping) -> bool {
-    matches_mapped(filter.as_bytes(), key.as_bytes(), |b| {
-        topic_byte(b, mapping)
-    })
+    matches_mapped(filter.as_bytes(), key.as_bytes(), topic_bytes(mapping))
 }
 
 /// [`filter_matches`] on the name that `name` becomes byte by byte through `map`, in one
-/// pass over both: no level iterators, and a literal level compared as it is walked.
-fn matches_mapped(filter: &[u8], name: &[u8], map: impl Fn(u8) -> u8) -> bool {
-    if name.first().map(|&b| map(b)) == Some(b'$') && matches!(filter.first(), Some(b'+' | b'#')) {
+/// pass over both: no level iterators, and each level compared as it is walked.
+fn matches_mapped(filter: &[u8], name: &[u8], map: &[u8; 256]) -> bool {
+    let at = |n: usize| name.get(n).map(|&b| map[usize::from(b)]);
+    // A wildcard is a whole level: `+` or `#` followed by the separator or the end.
+    let wildcard = |f: usize| filter.get(f + 1).is_none_or(|&c| c == b'/');
+    if at(0) == Some(b'$') && matches!(filter.first(), Some(b'+' | b'#')) {
         return false;
     }
     let (mut f, mut n) = (0, 0);
     loop {
         // Both at the start of a level.
-        let end = filter[f..]
-            .iter()
-            .position(|&b| b == b'/')
-            .map_or(filter.len(), |i| f + i);
-        match &filter[f..end] {
-            b"#" => return true,
-            b"+" => {
-                while n < name.len() && map(name[n]) != b'/' {
+        match filter.get(f) {
+            Some(b'#') if wildcard(f) => return true,
+            Some(b'+') if wildcard(f) => {
+                f += 1;
+                while at(n).is_some_and(|b| b != b'/') {
                     n += 1;
                 }
             }
-            literal => {
-                for &c in literal {
-                    if name.get(n).map(|&b| map(b)) != Some(c) {
+            _ => {
+                while let Some(&c) = filter.get(f)
+                    && c != b'/'
+                {
+                    if at(n) != Some(c) {
                         return false;
                     }
+                    f += 1;
                     n += 1;
                 }
             }
         }
-        f = end;
-        let name_ended = n == name.len();
-        if !name_ended && map(name[n]) != b'/' {
-            return false;
-        }
-        match (f == filter.len(), name_ended) {
-            (true, true) => return true,
-            (false, false) => (f, n) = (f + 1, n + 1),
+        // Both at the end of a level: a separator, or the end.
+        match (filter.get(f), at(n)) {
+            (None, None) => return true,
+            (Some(_), Some(b'/')) => (f, n) = (f + 1, n + 1),
             // `a/#` matches `a`, its parent level.
-            (false, true) => return &filter[f..] == b"/#",
-            (true, false) => return false,
+            (Some(_), None) => return &filter[f..] == b"/#",
+            _ => return false,
         }
     }
 }
