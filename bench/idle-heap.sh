@@ -8,6 +8,7 @@
 #   bash bench/idle-heap.sh                # N=1000, the 30 largest sites
 #   N=2000 TOP=50 bash bench/idle-heap.sh
 #   SCENARIO=wsidle bash bench/idle-heap.sh  # idle `/ws` JSON subscribers instead
+#   SCENARIO=mqttwsidle bash bench/idle-heap.sh  # idle MQTT-over-WebSocket subscribers
 #   DEPTH=8 bash bench/idle-heap.sh        # name each site by 8 frames, not 3
 #   CARGO_TARGET_DIR=/tmp/heap bash bench/idle-heap.sh  # leave target/release's mimalloc build be
 #
@@ -42,6 +43,8 @@ profile() {
   local load=(--scenarios idle)
   [ "${SCENARIO:-idle}" = wsidle ] &&
     load=(--scenarios wsidle --ws-target "gateway /ws JSON=json,ws://$(listener "$dir" http)/ws,gateway")
+  [ "${SCENARIO:-idle}" = mqttwsidle ] &&
+    load=(--scenarios wsidle --ws-target "gateway MQTT over WS=mqtt,ws://$(listener "$dir" http)/mqtt,gateway")
   "$release/bench" --target "gateway=$(listener "$dir" mqtt)@$(dev_token "$dir")" \
     --pid "gateway=$pid" "${load[@]}" --idle-connections "$1" --runs 1 >/dev/null
   kill -TERM "$pid"
