@@ -23,22 +23,12 @@ pub enum TopicError {
 
 const MAX_KEY: usize = 255;
 
-/// Byte by byte, in one pass (this runs twice per delivered message; copying the runs between
-/// separators cost a `memcpy` call each): `/` and `.` are ASCII, and a byte of a multi-byte
-/// character is never either, so the bytes stay UTF-8.
-fn swap(s: &str, mapping: TopicMapping) -> String {
-    let dot = match mapping {
-        TopicMapping::Swap => b'/',
-        TopicMapping::Rabbitmq => b'.',
-    };
-    let bytes: Vec<u8> = s
-        .bytes()
-        .map(|b| match b {
-            b'/' => b'.',
-            b'.' => dot,
-            b => b,
-        })
-        .collect();
+/// `s` with each byte through `table`, in one pass (this runs twice per delivered message;
+/// copying the runs between separators cost a `memcpy` call each): the tables change only `/`
+/// and `.`, which are ASCII, and a byte of a multi-byte character is never either, so the bytes
+/// stay UTF-8.
+fn map_bytes(s: &str, table: &[u8; 256]) -> String {
+    let bytes: Vec<u8> = s.bytes().map(|b| table[usize::from(b)]).collect();
     String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
@@ -53,7 +43,7 @@ pub fn topic_to_key(topic: &str, mapping: TopicMapping) -> Result<String, TopicE
     if split_ascii(topic, b'/').any(|level| level == "*") {
         return Err(TopicError::StarLevel);
     }
-    let key = swap(topic, mapping);
+    let key = map_bytes(topic, key_bytes(mapping));
     if key.len() > MAX_KEY {
         return Err(TopicError::TooLong(key.len()));
     }
@@ -113,13 +103,11 @@ pub fn key_is_mappable(key: &str) -> bool {
 
 /// The topic name of a routing key [`key_is_mappable`] said yes to.
 pub fn map_key(key: &str, mapping: TopicMapping) -> String {
-    match mapping {
-        TopicMapping::Swap => swap(key, TopicMapping::Swap),
-        TopicMapping::Rabbitmq => key.replace('.', "/"),
-    }
+    map_bytes(key, topic_bytes(mapping))
 }
 
-/// Byte → byte tables for [`matches_mapped`]: a lookup per byte where a `match` cost two
+/// Byte → byte tables, the mappings written once for making names ([`map_bytes`]) and for
+/// matching them unmade ([`matches_mapped`]): a lookup per byte where a `match` cost two
 /// compares.
 const fn byte_table(dot: u8, slash: u8) -> [u8; 256] {
     let mut t = [0u8; 256];
@@ -136,12 +124,23 @@ const fn byte_table(dot: u8, slash: u8) -> [u8; 256] {
 /// A topic name's bytes as they are.
 const AS_IS: [u8; 256] = byte_table(b'.', b'/');
 
+/// `/` and `.` swapped: the default mapping, its own inverse.
+const SWAPPED: [u8; 256] = byte_table(b'/', b'.');
+
 /// The byte of the topic name that each byte of a routing key becomes ([`map_key`]).
 fn topic_bytes(mapping: TopicMapping) -> &'static [u8; 256] {
-    const SWAP: [u8; 256] = byte_table(b'/', b'.');
     const RABBITMQ: [u8; 256] = byte_table(b'/', b'/');
     match mapping {
-        TopicMapping::Swap => &SWAP,
+        TopicMapping::Swap => &SWAPPED,
+        TopicMapping::Rabbitmq => &RABBITMQ,
+    }
+}
+
+/// The byte of the routing key that each byte of a topic name becomes ([`topic_to_key`]).
+fn key_bytes(mapping: TopicMapping) -> &'static [u8; 256] {
+    const RABBITMQ: [u8; 256] = byte_table(b'.', b'.');
+    match mapping {
+        TopicMapping::Swap => &SWAPPED,
         TopicMapping::Rabbitmq => &RABBITMQ,
     }
 }
@@ -153,25 +152,26 @@ pub fn wildcard_first(filter: &str) -> bool {
 
 /// Whether a topic name matches an MQTT filter (used for `$`-topic and retained checks).
 pub fn filter_matches(filter: &str, topic: &str) -> bool {
-    matches_mapped(filter.as_bytes(), topic.as_bytes(), &AS_IS)
+    matches_mapped(filter, topic.as_bytes(), &AS_IS)
 }
 
 /// Whether the topic name of a mappable routing key ([`key_is_mappable`]) matches an MQTT
 /// filter, without making the name: a delivery asks which of its session's filters it
 /// matched, and a fanned-out message's name is made only by the copy that encodes it.
 pub fn key_matches(filter: &str, key: &str, mapping: TopicMapping) -> bool {
-    matches_mapped(filter.as_bytes(), key.as_bytes(), topic_bytes(mapping))
+    matches_mapped(filter, key.as_bytes(), topic_bytes(mapping))
 }
 
 /// [`filter_matches`] on the name that `name` becomes byte by byte through `map`, in one
 /// pass over both: no level iterators, and each level compared as it is walked.
-fn matches_mapped(filter: &[u8], name: &[u8], map: &[u8; 256]) -> bool {
+fn matches_mapped(filter: &str, name: &[u8], map: &[u8; 256]) -> bool {
     let at = |n: usize| name.get(n).map(|&b| map[usize::from(b)]);
-    // A wildcard is a whole level: `+` or `#` followed by the separator or the end.
-    let wildcard = |f: usize| filter.get(f + 1).is_none_or(|&c| c == b'/');
-    if at(0) == Some(b'$') && matches!(filter.first(), Some(b'+' | b'#')) {
+    if at(0) == Some(b'$') && wildcard_first(filter) {
         return false;
     }
+    let filter = filter.as_bytes();
+    // A wildcard is a whole level: `+` or `#` followed by the separator or the end.
+    let wildcard = |f: usize| filter.get(f + 1).is_none_or(|&c| c == b'/');
     let (mut f, mut n) = (0, 0);
     loop {
         // Both at the start of a level.
