@@ -2,7 +2,10 @@
 //! (a packet may span frames, a frame may hold several packets); a text frame closes with 1003.
 //! Below the byte stream only: the same connection and session code serve TCP and WebSocket.
 
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{self, Poll, ready};
 
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -10,21 +13,16 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
-use bytes::BytesMut;
-use futures_util::{FutureExt, SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::connection;
 use crate::context::{Connection, Context};
 
 const SUBPROTOCOL: &str = "mqtt";
-/// Bytes buffered between the WebSocket and the MQTT connection, each way.
-const PIPE: usize = 64 * 1024;
-/// What one read from the pipe offers: the most a WebSocket frame to the client carries.
-const READ: usize = 4 * 1024;
-/// How long the MQTT side may take to end its session (will, stored state) once the WebSocket
-/// is gone, before it is stopped.
-const SESSION_END: std::time::Duration = std::time::Duration::from_secs(5);
+/// The most one WebSocket frame to the client carries.
+const FRAME: usize = 64 * 1024;
 
 pub fn router(ctx: Context) -> Router {
     Router::new().route("/mqtt", get(upgrade)).with_state(ctx)
@@ -56,97 +54,111 @@ async fn upgrade(
         .max_frame_size(max)
         .on_upgrade(move |socket| {
             let connections = ctx.connections.clone();
-            connections.track_future(bridge(socket, ctx, conn))
+            let frames = Frames::new(socket);
+            connections.track_future(connection::run(frames, ctx, conn, "websocket"))
         })
 }
 
-/// Runs the MQTT connection on one end of a duplex pipe and shuttles WebSocket frames to and
-/// from the other end. However the WebSocket ends, the MQTT connection ends the way it would on
-/// TCP: a client that goes away is seen as the end of its input (the session ends, the will goes
-/// out, persistent state is stored), never cut off mid-packet.
-async fn bridge(socket: WebSocket, ctx: Context, conn: Arc<Connection>) {
-    let (mqtt_side, pipe) = tokio::io::duplex(PIPE);
-    let mqtt = ctx
-        .connections
-        .clone()
-        .spawn(connection::run(mqtt_side, ctx, conn, "websocket"));
-    let (mut pipe_read, mut pipe_write) = tokio::io::split(pipe);
-    let (mut ws_tx, mut ws_rx) = socket.split();
-    // In a block so both halves' borrows end before the close frame is sent.
-    let (close, peer_closed) = {
-        // Client → MQTT. Ends with the input's end, shut down so the MQTT side reads it.
-        let inbound = async {
-            let mut end = (None, false);
-            while let Some(Ok(msg)) = ws_rx.next().await {
-                match msg {
-                    Message::Binary(bytes) if pipe_write.write_all(&bytes).await.is_err() => break,
-                    Message::Text(_) => {
-                        end = (Some(1003u16), false);
-                        break;
-                    }
-                    Message::Close(_) => {
-                        end = (None, true);
-                        break;
-                    }
-                    _ => {}
-                }
-            }
-            let _ = pipe_write.shutdown().await;
-            end
-        };
-        // MQTT → client, until the MQTT side has closed its output. The wait for output is a
-        // one-byte read: a read buffer waited on is held for as long as the connection is
-        // idle (4 KiB, a third of an idle MQTT-over-WebSocket connection; a 64 KiB one was
-        // most of it once the allocator zero-filled it, docs/bench.md). What else is already
-        // there is then read into a buffer whose filled part becomes the frame without a copy.
-        let outbound = async {
-            let mut first = [0u8; 1];
-            loop {
-                match pipe_read.read(&mut first).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                }
-                let mut buf = BytesMut::with_capacity(READ);
-                buf.extend_from_slice(&first);
-                // Only what is there now: a packet written in parts goes out as it comes.
-                if let Some(Err(_)) = pipe_read.read_buf(&mut buf).now_or_never() {
-                    return;
-                }
-                if ws_tx.send(Message::Binary(buf.freeze())).await.is_err() {
-                    return;
-                }
-            }
-        };
-        tokio::pin!(inbound, outbound);
-        tokio::select! {
-            end = &mut inbound => {
-                // The MQTT side now ends its session; what it still writes (a DISCONNECT) is
-                // forwarded while the socket takes it.
-                let _ = tokio::time::timeout(SESSION_END, &mut outbound).await;
-                end
-            }
-            () = &mut outbound => (None, false),
+/// A WebSocket's binary frames as the byte stream the MQTT connection reads and writes: the
+/// connection runs on the WebSocket itself, in the task that upgraded it.
+///
+/// A duplex pipe and a task shuttling frames through it did the same with a second task, the
+/// pipe's buffers and the WebSocket's split lock: 1.9 KiB of every idle connection's 8.7 KiB
+/// at 15,000 (docs/bench.md). However the WebSocket ends, the MQTT connection sees the end of its input
+/// and ends as it would on TCP (the session ends, the will goes out, persistent state is
+/// stored); its shutdown is the WebSocket's Close, and its linger the wait for the peer's.
+struct Frames {
+    socket: WebSocket,
+    /// What the MQTT side has not yet read of the last binary frame.
+    unread: Bytes,
+    /// The input has ended: a Close, a text frame, an error or the end of the socket.
+    ended: bool,
+    /// The input ended with a text frame: the Close says why (1003).
+    text: bool,
+    /// The input ended with the peer's Close: tungstenite has queued the answer, and a Close
+    /// of ours would be refused.
+    peer_closed: bool,
+    /// Our Close is queued: what is left of shutting down is flushing it.
+    closing: bool,
+}
+
+impl Frames {
+    fn new(socket: WebSocket) -> Frames {
+        Frames {
+            socket,
+            unread: Bytes::new(),
+            ended: false,
+            text: false,
+            peer_closed: false,
+            closing: false,
         }
-    };
-    let frame = close.map(|code| CloseFrame {
-        code,
-        reason: "MQTT over WebSocket uses binary frames".into(),
-    });
-    if ws_tx.send(Message::Close(frame)).await.is_ok() && !peer_closed {
-        // The closing handshake: the peer reads everything sent before our Close (the MQTT
-        // DISCONNECT included) and answers with its own; what it still sends is discarded.
-        let _ = tokio::time::timeout(connection::LINGER, async {
-            while let Some(Ok(msg)) = ws_rx.next().await {
-                if let Message::Close(_) = msg {
-                    return;
-                }
-            }
-        })
-        .await;
     }
-    // The MQTT side has seen the end of its input by now; it is given the same bound to finish.
-    let abort = mqtt.abort_handle();
-    if tokio::time::timeout(SESSION_END, mqtt).await.is_err() {
-        abort.abort();
+}
+
+impl AsyncRead for Frames {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        while this.unread.is_empty() {
+            if this.ended {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(this.socket.poll_next_unpin(cx)) {
+                Some(Ok(Message::Binary(bytes))) => this.unread = bytes,
+                Some(Ok(Message::Text(_))) => (this.ended, this.text) = (true, true),
+                // tungstenite answers pings itself, and queues the answer to a Close.
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Close(_))) => (this.ended, this.peer_closed) = (true, true),
+                Some(Err(_)) | None => this.ended = true,
+            }
+        }
+        let n = this.unread.len().min(buf.remaining());
+        buf.put_slice(&this.unread.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Frames {
+    /// One binary frame, of at most [`FRAME`] bytes: the writer hands over a batch at a time.
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut task::Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(this.socket.poll_ready_unpin(cx)).map_err(io::Error::other)?;
+        let n = data.len().min(FRAME);
+        let frame = Message::Binary(Bytes::copy_from_slice(&data[..n]));
+        this.socket
+            .start_send_unpin(frame)
+            .map_err(io::Error::other)?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut task::Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut()
+            .socket
+            .poll_flush_unpin(cx)
+            .map_err(io::Error::other)
+    }
+
+    /// Sends the Close; after the peer's, flushes the answer tungstenite queued for it.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut task::Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.closing && !this.peer_closed {
+            ready!(this.socket.poll_ready_unpin(cx)).map_err(io::Error::other)?;
+            let frame = this.text.then(|| CloseFrame {
+                code: 1003,
+                reason: "MQTT over WebSocket uses binary frames".into(),
+            });
+            this.closing = true;
+            this.socket
+                .start_send_unpin(Message::Close(frame))
+                .map_err(io::Error::other)?;
+        }
+        this.socket.poll_flush_unpin(cx).map_err(io::Error::other)
     }
 }
