@@ -113,7 +113,7 @@ async fn upgrade(
         .max_message_size(limit)
         .max_frame_size(limit)
         .on_upgrade(move |socket| {
-            let connections = ctx.connections.clone();
-            connections.track_future(connection::run(socket, ctx, conn, principal))
+            let serve = connection::run(socket, ctx.clone(), conn, principal);
+            super::serve_upgraded(&ctx, serve)
         })
 }

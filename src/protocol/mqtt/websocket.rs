@@ -53,9 +53,8 @@ async fn upgrade(
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| {
-            let connections = ctx.connections.clone();
-            let frames = Frames::new(socket);
-            connections.track_future(connection::run(frames, ctx, conn, "websocket"))
+            let serve = connection::run(Frames::new(socket), ctx.clone(), conn, "websocket");
+            crate::protocol::serve_upgraded(&ctx, serve)
         })
 }
 
