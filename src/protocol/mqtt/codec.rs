@@ -74,6 +74,14 @@ pub struct PublishProps {
     pub subscription_ids: Vec<u32>,
 }
 
+impl PublishProps {
+    /// On the heap, and only when there are any: inline they were 144 of an [`Outbound`]'s
+    /// 208 bytes, and every queued packet is one (docs/bench.md).
+    pub fn boxed(self) -> Option<Box<PublishProps>> {
+        (self != PublishProps::default()).then(|| Box::new(self))
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PublishIn {
     pub topic: String,
@@ -152,7 +160,8 @@ pub enum Outbound {
         dup: bool,
         packet_id: Option<u16>,
         payload: Bytes,
-        props: PublishProps,
+        /// None when there are none ([`PublishProps::boxed`]).
+        props: Option<Box<PublishProps>>,
     },
     /// A QoS 0 PUBLISH already encoded for MQTT 3.1.1 ([`encode_shared_publish`]), the same
     /// bytes for every 3.1.1 subscriber of the message; `payload` is its payload's length, which
@@ -406,7 +415,7 @@ fn encode_with(
         props,
     } = &packet
         && let Some(version) = version
-        && (version == Version::V3 || *props == PublishProps::default())
+        && (version == Version::V3 || props.is_none())
         && plain_publish(
             buf,
             version,

@@ -22,7 +22,7 @@ pub fn encode_shared_publish(topic: String, payload: Bytes) -> Bytes {
             dup: false,
             packet_id: None,
             payload,
-            props: PublishProps::default(),
+            props: None,
         };
         // Refused as the codec refuses it (a topic longer than a string can be).
         if let Err(e) = Codec::for_version(Version::V3, 0).encode(packet, &mut buf) {
@@ -133,27 +133,24 @@ fn publish_out(
     payload: Bytes,
     props: Option<PublishProps>,
 ) -> Publish {
-    let properties =
-        props
-            .filter(|p| *p != PublishProps::default())
-            .map(|p| v5::PublishProperties {
-                topic_alias: p.topic_alias.and_then(NonZeroU16::new),
-                correlation_data: p.correlation_data,
-                message_expiry_interval: p.message_expiry.and_then(std::num::NonZeroU32::new),
-                content_type: p.content_type.map(ByteString::from),
-                user_properties: p
-                    .user_properties
-                    .into_iter()
-                    .map(|(k, v)| (ByteString::from(k), ByteString::from(v)))
-                    .collect(),
-                is_utf8_payload: p.payload_utf8,
-                response_topic: p.response_topic.map(ByteString::from),
-                subscription_ids: p
-                    .subscription_ids
-                    .into_iter()
-                    .filter_map(std::num::NonZeroU32::new)
-                    .collect(),
-            });
+    let properties = props.map(|p| v5::PublishProperties {
+        topic_alias: p.topic_alias.and_then(NonZeroU16::new),
+        correlation_data: p.correlation_data,
+        message_expiry_interval: p.message_expiry.and_then(std::num::NonZeroU32::new),
+        content_type: p.content_type.map(ByteString::from),
+        user_properties: p
+            .user_properties
+            .into_iter()
+            .map(|(k, v)| (ByteString::from(k), ByteString::from(v)))
+            .collect(),
+        is_utf8_payload: p.payload_utf8,
+        response_topic: p.response_topic.map(ByteString::from),
+        subscription_ids: p
+            .subscription_ids
+            .into_iter()
+            .filter_map(std::num::NonZeroU32::new)
+            .collect(),
+    });
     Publish {
         dup,
         retain,
@@ -330,7 +327,7 @@ pub(super) fn to_v5(p: Outbound) -> v5::Packet {
             dup,
             packet_id,
             payload,
-            Some(props),
+            props.map(|p| *p),
         ))),
         Outbound::PubAck { packet_id, code } => P::PublishAck(v5::PublishAck {
             packet_id: nz16(packet_id),

@@ -299,7 +299,7 @@ impl Session {
             dup: false,
             packet_id,
             payload,
-            props,
+            props: props.boxed(),
         });
         metrics::messages_out(PROTOCOL, 1);
         true
