@@ -59,13 +59,14 @@ async fn upgrade(
 }
 
 /// A WebSocket's binary frames as the byte stream the MQTT connection reads and writes: the
-/// connection runs on the WebSocket itself, in the task that upgraded it.
+/// connection runs on the WebSocket itself, in its one task.
 ///
 /// A duplex pipe and a task shuttling frames through it did the same with a second task, the
 /// pipe's buffers and the WebSocket's split lock: 1.9 KiB of every idle connection's 8.7 KiB
-/// at 15,000 (docs/bench.md). However the WebSocket ends, the MQTT connection sees the end of its input
-/// and ends as it would on TCP (the session ends, the will goes out, persistent state is
-/// stored); its shutdown is the WebSocket's Close, and its linger the wait for the peer's.
+/// at 15,000 (docs/bench.md). However the WebSocket ends, the MQTT connection sees the end of
+/// its input and ends as it would on TCP (the session ends, the will goes out, persistent
+/// state is stored); its shutdown is the WebSocket's Close, and its linger the wait for the
+/// peer's.
 struct Frames {
     socket: WebSocket,
     /// What the MQTT side has not yet read of the last binary frame.
