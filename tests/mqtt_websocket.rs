@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::mqtt_bytes::{connect, packet, publish_qos1, string, subscribe_packet};
-use common::mqtt_wire::{Io, RawWire, Transport};
+use common::mqtt_wire::{Io, RawWire, Transport, fixed_header};
 use common::{TestGateway, WAIT, admin, start_gateway, unique};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -37,18 +37,11 @@ async fn frame(ws: &mut Ws) -> Option<Message> {
 /// The next MQTT packet's first byte and body, from binary frames (a packet may span them).
 async fn packet_from(ws: &mut Ws, buf: &mut Vec<u8>) -> (u8, Vec<u8>) {
     loop {
-        if buf.len() >= 2 {
-            let mut len = 0usize;
-            for (i, b) in buf.iter().enumerate().skip(1).take(4) {
-                len |= usize::from(b & 0x7f) << (7 * (i - 1));
-                if b & 0x80 == 0 {
-                    if buf.len() >= i + 1 + len {
-                        let p: Vec<u8> = buf.drain(..i + 1 + len).collect();
-                        return (p[0], p[i + 1..].to_vec());
-                    }
-                    break;
-                }
-            }
+        if let Some((header, len)) = fixed_header(buf)
+            && buf.len() >= header + len
+        {
+            let p: Vec<u8> = buf.drain(..header + len).collect();
+            return (p[0], p[header..].to_vec());
         }
         match frame(ws).await {
             Some(Message::Binary(b)) => buf.extend_from_slice(&b),

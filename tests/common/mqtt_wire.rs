@@ -173,7 +173,7 @@ impl RawWire {
 }
 
 /// The fixed header's length and the remaining length, once the buffer holds them.
-fn fixed_header(buf: &[u8]) -> Option<(usize, usize)> {
+pub fn fixed_header(buf: &[u8]) -> Option<(usize, usize)> {
     let mut len = 0usize;
     for (i, b) in buf.iter().enumerate().skip(1).take(4) {
         len |= usize::from(b & 0x7f) << (7 * (i - 1));
