@@ -170,6 +170,37 @@ async fn the_binary_runs_and_exits_cleanly_on_sigterm() {
     gw.logged("gateway stopped").await;
 }
 
+/// mimalloc asks for transparent huge pages on its arenas, which made every idle connection
+/// cost more resident memory (docs/bench.md): the binary turns them off for itself, unless the
+/// operator set mimalloc's own `MIMALLOC_ALLOW_THP`.
+#[cfg(all(target_os = "linux", not(feature = "system-allocator")))]
+#[tokio::test]
+async fn the_binary_keeps_off_transparent_huge_pages_unless_told() {
+    let data = tempfile::tempdir().unwrap();
+    let mut gw = ChildGateway::start(data.path()).await;
+    assert_eq!(
+        gw.status("THP_enabled"),
+        "0",
+        "THP disabled for the gateway"
+    );
+    assert!(gw.signal("TERM").await.success());
+
+    let data = tempfile::tempdir().unwrap();
+    let mut gw = ChildGateway::start_with(data.path(), &[("MIMALLOC_ALLOW_THP", "1")]).await;
+    let ours = std::fs::read_to_string("/proc/self/status").unwrap();
+    let inherited = ours
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(str::trim)
+        .expect("THP_enabled in this test's /proc status");
+    assert_eq!(
+        gw.status("THP_enabled"),
+        inherited,
+        "MIMALLOC_ALLOW_THP=1 leaves the flag as the gateway was started with"
+    );
+    assert!(gw.signal("TERM").await.success());
+}
+
 #[tokio::test]
 async fn without_a_token_key_the_gateway_refuses_to_start() {
     let mut c = test_config();

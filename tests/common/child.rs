@@ -109,13 +109,20 @@ impl ChildGateway {
 
     /// A line of the child's `/proc/PID/status` (`VmRSS`, `VmHWM`: peak), in bytes.
     pub fn memory(&self, field: &str) -> u64 {
+        self.status(field)
+            .parse::<u64>()
+            .map(|kib| kib * 1024)
+            .unwrap_or_else(|_| panic!("{field} in /proc status is not a number"))
+    }
+
+    /// The first word of `field`'s line in the child's `/proc/PID/status`.
+    pub fn status(&self, field: &str) -> String {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .expect("the child's /proc status");
         status
             .lines()
             .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            .map(|kib| kib * 1024)
+            .and_then(|v| Some(v.split_whitespace().next()?.to_owned()))
             .unwrap_or_else(|| panic!("no {field} in /proc status"))
     }
 
