@@ -616,10 +616,11 @@ impl Broker {
         let q = self.queue_for(owner, queue)?;
         let ex = self.exchange(exchange)?;
         ex.validate_binding(arguments)?;
-        if ex.bind(&q, key, arguments)? {
+        let shared: Arc<str> = key.into();
+        if ex.bind(&q, &shared, arguments)? {
             crate::engine::push_snug(
                 &mut q.bindings.lock(),
-                (ex.name.clone(), key.into(), arguments.clone()),
+                (ex.name.clone(), shared, arguments.clone()),
             );
             if ex.spec.durable
                 && q.is_durable()

@@ -119,17 +119,20 @@ impl Exchange {
     }
 
     /// Adds a binding; `Ok(false)` when it already existed.
+    /// `key` is shared with the queue's own list of what it is bound from: one copy of it
+    /// for every idle subscriber, not two.
     pub fn bind(
         &self,
         queue: &Arc<Queue>,
-        key: &str,
+        key: &Arc<str>,
         arguments: &FieldTable,
     ) -> Result<bool, EngineError> {
         let binding = Binding {
             queue: queue.clone(),
-            key: key.into(),
+            key: key.clone(),
             arguments: arguments.clone(),
         };
+        let key = &**key;
         let mut router = self.router.write();
         Ok(match &mut *router {
             Router::Direct(map) => {
