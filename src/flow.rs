@@ -139,8 +139,13 @@ fn nz(n: u64) -> NonZeroU32 {
     NonZeroU32::new(n.clamp(1, u64::from(u32::MAX)) as u32).unwrap_or(NonZeroU32::MIN)
 }
 
-/// The buckets of one client connection.
-pub struct ConnectionLimits {
+/// The buckets of one client connection, made at its first publish: a bucket starts full, so
+/// one made then holds what one made at the accept would, and a subscriber that never
+/// publishes — most idle devices — keeps 16 bytes here, not 64 (docs/bench.md).
+#[derive(Default)]
+pub struct ConnectionLimits(std::sync::OnceLock<Box<Buckets>>);
+
+struct Buckets {
     messages: Bucket,
     bytes: Bucket,
 }
@@ -183,12 +188,9 @@ impl Flow {
         }
     }
 
-    /// Fresh buckets for a new connection.
+    /// Fresh buckets for a new connection (made full at its first publish).
     pub fn connection(&self) -> ConnectionLimits {
-        ConnectionLimits {
-            messages: RateLimiter::direct_with_clock(self.message_quota, SharedClock),
-            bytes: RateLimiter::direct_with_clock(self.byte_quota, SharedClock),
-        }
+        ConnectionLimits::default()
     }
 
     /// Takes one publish of `bytes` body bytes from the connection's and the subject's buckets,
@@ -203,6 +205,12 @@ impl Flow {
             reason,
             retry_after: nu.wait_time_from(SharedClock.now()),
         };
+        let conn = conn.0.get_or_init(|| {
+            Box::new(Buckets {
+                messages: RateLimiter::direct_with_clock(self.message_quota, SharedClock),
+                bytes: RateLimiter::direct_with_clock(self.byte_quota, SharedClock),
+            })
+        });
         conn.messages
             .check()
             .map_err(|nu| wait(nu, ThrottleReason::ConnectionRate))?;
