@@ -280,7 +280,7 @@ impl Broker {
     /// A queue the given owner (client connection) may use: exclusive queues only by theirs.
     pub fn queue_for(&self, owner: u64, name: &str) -> Result<Arc<Queue>, EngineError> {
         let queue = self.queue(name)?;
-        match queue.owner {
+        match queue.owner() {
             Some(theirs) if theirs != owner => Err(EngineError::ResourceLocked(name.to_owned())),
             _ => Ok(queue),
         }
@@ -444,7 +444,7 @@ impl Broker {
         } else {
             names::validate_name("queue", name)?;
             if let Some(existing) = self.queues.get(name).map(|q| q.value().clone()) {
-                if existing.owner.is_some_and(|o| o != owner) {
+                if existing.owner().is_some_and(|o| o != owner) {
                     return Err(EngineError::ResourceLocked(name.to_owned()));
                 }
                 let cur = &existing.spec();
@@ -512,7 +512,7 @@ impl Broker {
         if queue.expires().is_some() && queue.claim_queue_expiry_task() {
             self.spawn_queue_expiry(&queue);
         }
-        if queue.args.message_ttl.is_some() && queue.claim_expiry_task() {
+        if queue.args().message_ttl.is_some() && queue.claim_expiry_task() {
             self.spawn_message_expiry(&queue);
         }
         Ok((

@@ -57,6 +57,24 @@ fn string(arguments: &FieldTable, key: &str) -> Result<Option<String>, EngineErr
 }
 
 impl QueueArgs {
+    /// A queue declared with none of them (an MQTT session's, a `/ws` subscription's).
+    pub const NONE: QueueArgs = QueueArgs {
+        message_ttl: None,
+        max_length: None,
+        max_length_bytes: None,
+        overflow: Overflow::DropHead,
+        dead_letter: None,
+    };
+
+    /// Whether these are [`QueueArgs::NONE`]: nothing to keep.
+    pub fn is_none(&self) -> bool {
+        self.message_ttl.is_none()
+            && self.max_length.is_none()
+            && self.max_length_bytes.is_none()
+            && self.overflow == Overflow::DropHead
+            && self.dead_letter.is_none()
+    }
+
     /// The bound of a queue that drops its oldest when full (`x-overflow` drop-head with a
     /// length limit); other queues never drop for being full, so they pace nobody.
     pub fn drop_head_bound(&self) -> Option<Bound> {
