@@ -8,7 +8,7 @@ mod admission;
 mod pressure;
 
 pub use self::admission::{Admission, Admitted, Full, Unauthenticated};
-pub use self::pressure::{Bound, Pace, Pressure, Stall};
+pub use self::pressure::{Bound, BufferKind, Pace, Pressure, Stall};
 
 use std::num::NonZeroU32;
 use std::sync::{Arc, LazyLock};

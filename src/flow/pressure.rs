@@ -52,7 +52,7 @@ struct Gauge {
     /// When the current pacing episode began, as signed nanoseconds from [`EPOCH`].
     since: AtomicI64,
     /// Whose buffer this is (the `kind` label of the slow-consumer metric).
-    kind: &'static str,
+    kind: BufferKind,
     /// Messages dropped from (or refused by) this buffer because it was full.
     dropped: AtomicU64,
 }
@@ -84,6 +84,32 @@ fn low(n: u64) -> u64 {
     (n / 2).max(1)
 }
 
+/// Whose buffer a gauge measures: the `kind` label of the slow-consumer metric. A byte, where
+/// a `&'static str` was 16 bytes of every connection's gauge and took it past a size class
+/// (128 bytes, where 112 is one; docs/bench.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BufferKind {
+    /// An MQTT connection's QoS 0 outbound buffer.
+    Mqtt,
+    /// A `/ws` connection's send queue.
+    Ws,
+    /// A Server-Sent Events stream's send queue.
+    Sse,
+    /// A bounded drop-head queue of the embedded engine.
+    Queue,
+}
+
+impl BufferKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BufferKind::Mqtt => "mqtt",
+            BufferKind::Ws => "ws",
+            BufferKind::Sse => "sse",
+            BufferKind::Queue => "queue",
+        }
+    }
+}
+
 /// A shared handle on one buffer's gauge: the buffer's owner counts into it, publishers whose
 /// messages land in the buffer read it.
 #[derive(Clone)]
@@ -92,7 +118,7 @@ pub struct Pressure(Arc<Gauge>);
 impl Pressure {
     /// A gauge for a buffer of `bound`: high at 3/4 of it, low at 1/2 (in messages or bytes,
     /// whichever is reached first).
-    pub fn new(bound: Bound, kind: &'static str) -> Pressure {
+    pub fn new(bound: Bound, kind: BufferKind) -> Pressure {
         Pressure(Arc::new(Gauge {
             bound,
             messages: AtomicU64::new(0),
@@ -225,7 +251,7 @@ impl Pressure {
                 .compare_exchange(PACING, SLOW, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
         {
-            crate::metrics::slow_consumer_marked(self.0.kind);
+            crate::metrics::slow_consumer_marked(self.0.kind.as_str());
             // Its consumer, if it paused, takes deliveries again (and drops the oldest).
             self.0.drained.notify_waiters();
         }
@@ -247,7 +273,7 @@ impl std::fmt::Debug for Pressure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (m, b) = self.fill();
         f.debug_struct("Pressure")
-            .field("kind", &self.0.kind)
+            .field("kind", &self.0.kind.as_str())
             .field("messages", &m)
             .field("bytes", &b)
             .field("state", &self.0.state.load(Ordering::Relaxed))
@@ -374,7 +400,7 @@ mod tests {
                 messages,
                 bytes: 1 << 20,
             },
-            "test",
+            BufferKind::Queue,
         )
     }
 
@@ -418,7 +444,7 @@ mod tests {
                 messages: 1000,
                 bytes: 100,
             },
-            "test",
+            BufferKind::Queue,
         );
         g.add(80);
         assert!(g.paces(), "80 of 100 bytes is above high (75)");

@@ -14,7 +14,7 @@ use std::task::{Poll, Waker};
 
 use parking_lot::{Mutex, MutexGuard};
 
-use crate::flow::{Bound, Pressure};
+use crate::flow::{Bound, BufferKind, Pressure};
 use crate::metrics;
 
 /// Why a buffer closes, as its adapter says it.
@@ -118,7 +118,7 @@ impl Limits {
 }
 
 impl SendQueue {
-    pub fn new(limits: Limits, protocol: &'static str) -> Self {
+    pub fn new(limits: Limits, kind: BufferKind) -> Self {
         SendQueue {
             state: Mutex::new(State::default()),
             pressure: Pressure::new(
@@ -126,9 +126,9 @@ impl SendQueue {
                     messages: limits.messages as u64,
                     bytes: limits.bytes as u64,
                 },
-                protocol,
+                kind,
             ),
-            protocol,
+            protocol: kind.as_str(),
         }
     }
 
@@ -284,7 +284,7 @@ mod tests {
                 messages: 3,
                 bytes: 1 << 20,
             },
-            "ws",
+            BufferKind::Ws,
         );
         let s: Arc<str> = "s1".into();
         out.push(Frame::control("reply".into()));
@@ -307,7 +307,7 @@ mod tests {
                 messages: 100,
                 bytes: 10,
             },
-            "ws",
+            BufferKind::Ws,
         );
         let s: Arc<str> = "s".into();
         for _ in 0..5 {
@@ -325,7 +325,7 @@ mod tests {
                 messages: 1,
                 bytes: 100,
             },
-            "ws",
+            BufferKind::Ws,
         );
         let s: Arc<str> = "s".into();
         out.push_droppable(s.clone(), "a".into(), Overflow::Disconnect)
@@ -364,7 +364,7 @@ mod tests {
                 messages: 10,
                 bytes: 1 << 20,
             },
-            "ws",
+            BufferKind::Ws,
         );
         let wakes = Arc::new(Wakes(0.into()));
         let waker = std::task::Waker::from(wakes.clone());

@@ -181,7 +181,9 @@ impl Queue {
         gauges: Arc<Gauges>,
         pages: Option<Pages>,
     ) -> Self {
-        let pressure = args.drop_head_bound().map(|b| Pressure::new(b, "queue"));
+        let pressure = args
+            .drop_head_bound()
+            .map(|b| Pressure::new(b, crate::flow::BufferKind::Queue));
         Queue {
             name,
             durable: spec.durable && !spec.exclusive,

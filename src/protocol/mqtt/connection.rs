@@ -4,7 +4,7 @@
 //! `limits.write_timeout`), enforces the CONNECT timeout, the keep-alive (× 1.5), the token's
 //! expiry and shutdown.
 
-use crate::flow::{Bound, Pressure};
+use crate::flow::{Bound, BufferKind, Pressure};
 use std::collections::VecDeque;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -268,7 +268,7 @@ where
             messages: limits.outbound_buffer_messages as u64,
             bytes: limits.outbound_buffer_bytes.as_u64(),
         },
-        PROTOCOL,
+        BufferKind::Mqtt,
     );
     writer.gauge(qos0_out.clone());
     // Boxed, as are the rarer steps below: what an await point holds is part of the task's

@@ -22,6 +22,7 @@ use super::extract::{ApiQuery, Conn, authenticate};
 use super::problem::{ApiError, Problem};
 use crate::context::{About, SubscriptionView};
 use crate::engine::Owner;
+use crate::flow::BufferKind;
 use crate::protocol::outbound::{Frame, Limits, Overflow, SendQueue};
 use crate::protocol::subscription::{Spec, Subscriber};
 
@@ -120,7 +121,10 @@ pub async fn subscribe(
         conn: id,
     };
     let target = subscriber.target(&spec).await?;
-    let out = Arc::new(SendQueue::new(Limits::of(&ctx.config.limits), PROTOCOL));
+    let out = Arc::new(SendQueue::new(
+        Limits::of(&ctx.config.limits),
+        BufferKind::Sse,
+    ));
     let mode = stream::Mode::of(&target, q.overflow);
     let options = mode.consume_options(ctx, &target, &out);
     let (takeover_tx, takeovers) = crate::engine::sessions::takeover_channel();

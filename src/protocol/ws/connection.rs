@@ -18,7 +18,7 @@ use super::writer::{Writer, WriterEnd};
 use crate::auth::Principal;
 use crate::codes::Code;
 use crate::context::{Connection, Context, Registered, Stop};
-use crate::flow::{Admitted, Full};
+use crate::flow::{Admitted, BufferKind, Full};
 use crate::metrics;
 use crate::protocol::clock;
 use crate::protocol::outbound::{Frame, Limits, SendQueue};
@@ -77,7 +77,7 @@ async fn start(
     principal: Option<Principal>,
 ) -> Result<Live, CloseReason> {
     let limits = &ctx.config.limits;
-    let out = Arc::new(SendQueue::new(Limits::of(limits), PROTOCOL));
+    let out = Arc::new(SendQueue::new(Limits::of(limits), BufferKind::Ws));
     let channel = match conn.channel(&ctx.engine).await {
         Ok(c) => c,
         Err(e) => {
