@@ -27,6 +27,8 @@ use crate::protocol::outbound::{Frame, Limits, Overflow, SendQueue};
 use crate::protocol::subscription::{Spec, Subscriber};
 
 const PROTOCOL: &str = "sse";
+/// What its send queue's gauge is counted as.
+const BUFFER: BufferKind = BufferKind::Sse;
 /// The one subscription of a stream, as its `message` JSON names it.
 const SUB: &str = "s1";
 
@@ -121,10 +123,7 @@ pub async fn subscribe(
         conn: id,
     };
     let target = subscriber.target(&spec).await?;
-    let out = Arc::new(SendQueue::new(
-        Limits::of(&ctx.config.limits),
-        BufferKind::Sse,
-    ));
+    let out = Arc::new(SendQueue::new(Limits::of(&ctx.config.limits), BUFFER));
     let mode = stream::Mode::of(&target, q.overflow);
     let options = mode.consume_options(ctx, &target, &out);
     let (takeover_tx, takeovers) = crate::engine::sessions::takeover_channel();
