@@ -458,7 +458,8 @@ impl Queue {
         let per_message = expiration
             .and_then(|e| e.parse::<u64>().ok())
             .map(Duration::from_millis);
-        let ttl = match (self.args().message_ttl, per_message) {
+        let queue_ttl = self.args.as_deref().and_then(|a| a.message_ttl);
+        let ttl = match (queue_ttl, per_message) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }?;
@@ -480,17 +481,17 @@ impl Queue {
             return Enqueued::Gone;
         }
         let size = envelope.message.body.len() as u64;
-        if self.args().overflow != Overflow::DropHead {
-            let full_len = self
-                .args()
+        if let Some(args) = self.args.as_deref()
+            && args.overflow != Overflow::DropHead
+        {
+            let full_len = args
                 .max_length
                 .is_some_and(|max| st.ready.len() as u64 >= max);
-            let full_bytes = self
-                .args()
+            let full_bytes = args
                 .max_length_bytes
                 .is_some_and(|max| st.ready_bytes + size > max);
             if full_len || full_bytes {
-                if self.args().overflow == Overflow::RejectPublishDlx {
+                if args.overflow == Overflow::RejectPublishDlx {
                     let entry = Entry {
                         seq: 0,
                         envelope: envelope.clone(),
@@ -554,16 +555,18 @@ impl Queue {
 
     /// `drop-head`: the oldest messages make room (dead-lettered as `maxlen`).
     fn enforce_limits(&self, st: &mut State, fx: &mut Effects) {
-        if self.args().overflow != Overflow::DropHead {
+        // Most queues have no arguments: nothing to enforce, and nothing to look up per message.
+        let Some(args) = self.args.as_deref() else {
+            return;
+        };
+        if args.overflow != Overflow::DropHead {
             return;
         }
         loop {
-            let over_len = self
-                .args()
+            let over_len = args
                 .max_length
                 .is_some_and(|max| st.ready.len() as u64 > max);
-            let over_bytes = self
-                .args()
+            let over_bytes = args
                 .max_length_bytes
                 .is_some_and(|max| st.ready_bytes > max);
             if !(over_len || over_bytes) {
