@@ -141,3 +141,14 @@ impl Connection {
         Ok(self.channel.get_or_init(|| opened).clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_connection_stays_in_its_size_class() {
+        // Every client connection has one: 96 bytes and the `Arc`'s counts fill mimalloc's
+        // 112-byte class; 8 more take it to 128 (docs/bench.md).
+        let size = std::mem::size_of::<super::Connection>();
+        assert!(size <= 96, "{size}");
+    }
+}

@@ -257,6 +257,21 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_that_never_publishes_holds_no_buckets() {
+        let flow = Flow::new(&limits(1, 3, 1000, 1 << 20));
+        let conn = flow.connection();
+        assert!(conn.0.get().is_none(), "made at the first publish");
+        assert!(std::mem::size_of::<ConnectionLimits>() <= 16);
+        // Made then, they start full: the whole burst, then the rate.
+        for _ in 0..3 {
+            assert!(flow.admit_publish(&conn, &"s".into(), 1).is_ok());
+        }
+        assert!(conn.0.get().is_some());
+        let t = flow.admit_publish(&conn, &"s".into(), 1).unwrap_err();
+        assert_eq!(t.reason, ThrottleReason::ConnectionRate);
+    }
+
+    #[test]
     fn connection_burst_then_throttle() {
         let flow = Flow::new(&limits(1, 3, 1000, 1 << 20));
         let conn = flow.connection();

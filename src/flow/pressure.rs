@@ -394,6 +394,14 @@ impl Stall {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_gauge_stays_in_its_size_class() {
+        // Every MQTT connection and `/ws` send queue has one: 96 bytes and the `Arc`'s counts
+        // fill mimalloc's 112-byte class; 8 more take it to 128 (docs/bench.md).
+        let size = std::mem::size_of::<Gauge>();
+        assert!(size <= 96, "{size}");
+    }
+
     fn gauge(messages: u64) -> Pressure {
         Pressure::new(
             Bound {

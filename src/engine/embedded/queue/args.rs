@@ -141,3 +141,21 @@ impl QueueArgs {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_queue_without_arguments_keeps_none() {
+        let none = QueueArgs::parse(&FieldTable::default()).expect("no arguments parse");
+        assert!(none.is_none());
+        let mut ttl = FieldTable::default();
+        ttl.insert("x-message-ttl", crate::engine::FieldValue::I64(1000));
+        assert!(!QueueArgs::parse(&ttl).expect("a TTL parses").is_none());
+        // Every MQTT session and `/ws` subscription has a queue: 304 bytes and the `Arc`'s
+        // counts fill mimalloc's 320-byte class; 8 more take it to 384 (docs/bench.md).
+        let size = std::mem::size_of::<super::super::Queue>();
+        assert!(size <= 304, "{size}");
+    }
+}
