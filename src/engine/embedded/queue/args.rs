@@ -15,7 +15,7 @@ pub(in crate::engine::embedded) enum Overflow {
 }
 
 /// The `x-…` arguments the embedded engine honours, parsed and checked once at declare.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(in crate::engine::embedded) struct QueueArgs {
     pub message_ttl: Option<Duration>,
     pub max_length: Option<u64>,
@@ -27,7 +27,7 @@ pub(in crate::engine::embedded) struct QueueArgs {
 }
 
 /// Where a queue's dead letters go (`x-dead-letter-exchange`, `x-dead-letter-routing-key`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(in crate::engine::embedded) struct DeadLetterTo {
     pub exchange: String,
     /// The routing key they are republished with; `None` keeps each message's own.
@@ -68,11 +68,7 @@ impl QueueArgs {
 
     /// Whether these are [`QueueArgs::NONE`]: nothing to keep.
     pub fn is_none(&self) -> bool {
-        self.message_ttl.is_none()
-            && self.max_length.is_none()
-            && self.max_length_bytes.is_none()
-            && self.overflow == Overflow::DropHead
-            && self.dead_letter.is_none()
+        *self == QueueArgs::NONE
     }
 
     /// The bound of a queue that drops its oldest when full (`x-overflow` drop-head with a
