@@ -458,8 +458,7 @@ impl Queue {
         let per_message = expiration
             .and_then(|e| e.parse::<u64>().ok())
             .map(Duration::from_millis);
-        let queue_ttl = self.args.as_deref().and_then(|a| a.message_ttl);
-        let ttl = match (queue_ttl, per_message) {
+        let ttl = match (self.args().message_ttl, per_message) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }?;
