@@ -132,6 +132,11 @@ impl Pressure {
         }))
     }
 
+    /// Whose buffer this is.
+    pub fn kind(&self) -> BufferKind {
+        self.0.kind
+    }
+
     /// A message was dropped because this buffer was full (operators see the count).
     pub fn count_drop(&self) {
         self.0.dropped.fetch_add(1, Ordering::Relaxed);

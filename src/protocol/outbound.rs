@@ -92,10 +92,8 @@ impl State {
 pub struct SendQueue {
     state: Mutex<State>,
     /// Counts the droppable frames (messages, bytes) against `Limits`; only changed under
-    /// `state`'s lock, so its fill is the buffer's.
+    /// `state`'s lock, so its fill is the buffer's. Its kind is the adapter, for metrics.
     pressure: Pressure,
-    /// The adapter, for metrics.
-    protocol: &'static str,
 }
 
 /// What the writer takes next.
@@ -128,7 +126,6 @@ impl SendQueue {
                 },
                 kind,
             ),
-            protocol: kind.as_str(),
         }
     }
 
@@ -162,7 +159,7 @@ impl SendQueue {
         while self.pressure.is_full(len as u64) {
             if overflow == Overflow::Disconnect {
                 // Lost with what the urgent close discards: the client hears how many.
-                metrics::delivery_dropped(self.protocol, "slow_consumer");
+                metrics::delivery_dropped(self.pressure.kind().as_str(), "slow_consumer");
                 self.pressure.count_drop();
                 *st.lagged.entry(sub).or_default() += 1;
                 return Err(SlowConsumer);
@@ -172,7 +169,7 @@ impl SendQueue {
             };
             if let Some(old) = st.frames.remove(at) {
                 self.pressure.sub(old.text.len() as u64);
-                metrics::delivery_dropped(self.protocol, "slow_consumer");
+                metrics::delivery_dropped(self.pressure.kind().as_str(), "slow_consumer");
                 self.pressure.count_drop();
                 if let Some(owner) = old.droppable {
                     *st.lagged.entry(owner).or_default() += 1;
@@ -213,7 +210,7 @@ impl SendQueue {
             for f in frames.drain(..) {
                 if let Some(owner) = f.droppable {
                     self.pressure.sub(f.text.len() as u64);
-                    metrics::delivery_dropped(self.protocol, "closed");
+                    metrics::delivery_dropped(self.pressure.kind().as_str(), "closed");
                     *lagged.entry(owner).or_default() += 1;
                 }
             }
