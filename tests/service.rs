@@ -187,12 +187,7 @@ async fn the_binary_keeps_off_transparent_huge_pages_unless_told() {
 
     let data = tempfile::tempdir().unwrap();
     let mut gw = ChildGateway::start_with(data.path(), &[("MIMALLOC_ALLOW_THP", "1")]).await;
-    let ours = std::fs::read_to_string("/proc/self/status").unwrap();
-    let inherited = ours
-        .lines()
-        .find_map(|l| l.strip_prefix("THP_enabled:"))
-        .map(str::trim)
-        .expect("THP_enabled in this test's /proc status");
+    let inherited = common::child::proc_status("self", "THP_enabled");
     assert_eq!(
         gw.status("THP_enabled"),
         inherited,

@@ -117,13 +117,7 @@ impl ChildGateway {
 
     /// The first word of `field`'s line in the child's `/proc/PID/status`.
     pub fn status(&self, field: &str) -> String {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("the child's /proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-            .and_then(|v| Some(v.split_whitespace().next()?.to_owned()))
-            .unwrap_or_else(|| panic!("no {field} in /proc status"))
+        proc_status(&self.child.id().to_string(), field)
     }
 
     /// As [`ChildGateway::start`], with its data directory on `disk` (entering its mount
@@ -272,4 +266,15 @@ impl Drop for ChildGateway {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The first word of `field`'s line in `/proc/PROCESS/status` (`self` for this process).
+pub fn proc_status(process: &str, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{process}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{process}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| Some(v.split_whitespace().next()?.to_owned()))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{process}/status"))
 }
