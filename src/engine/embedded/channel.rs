@@ -536,3 +536,14 @@ fn group(records: impl IntoIterator<Item = Unacked>) -> SmallVec<[Group; 1]> {
     }
     groups
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_consumer_hand_off_stays_in_its_size_class() {
+        // Every subscription has one: 96 bytes and the `Arc`'s counts fill mimalloc's 112-byte
+        // class; 8 more take it to 128 (docs/bench.md).
+        let size = std::mem::size_of::<super::ConsumerSink>();
+        assert!(size <= 96, "{size}");
+    }
+}

@@ -5,9 +5,8 @@
 //! lives in the same allocation, and the sending end is that allocation itself.
 
 use std::collections::VecDeque;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
-use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 use std::sync::Arc;
 
@@ -23,12 +22,15 @@ fn too_big<T>(q: &VecDeque<T>) -> bool {
 /// ends share besides (`side`: the consumer's own state), so one allocation holds both.
 pub(super) struct Handoff<T, X> {
     state: Mutex<State<T>>,
-    waker: AtomicWaker,
     pub side: X,
 }
 
 struct State<T> {
     items: VecDeque<T>,
+    /// The receiver's, while it waits. Under the lock both ends take anyway, not in an
+    /// `AtomicWaker` beside it: that was 24 bytes more of every consumer, and took the
+    /// hand-off past a size class (128 bytes with the `Arc`'s counts, where 112 is one).
+    waker: Option<Waker>,
     sender_gone: bool,
     receiver_closed: bool,
 }
@@ -47,10 +49,10 @@ impl<T, X> Handoff<T, X> {
         let shared = Arc::new(Handoff {
             state: Mutex::new(State {
                 items: VecDeque::new(),
+                waker: None,
                 sender_gone: false,
                 receiver_closed: false,
             }),
-            waker: AtomicWaker::new(),
             side,
         });
         let rx = Receiver {
@@ -74,15 +76,23 @@ impl<T, X> Handoff<T, X> {
             st.items.reserve(room.max(1));
         }
         st.items.push_back(v);
+        let waker = st.waker.take();
         drop(st);
-        self.waker.wake();
+        if let Some(w) = waker {
+            w.wake();
+        }
         Ok(())
     }
 
     /// The sender let go: once what it handed over is taken, the receiver gets `None`.
     pub fn sender_gone(&self) {
-        self.state.lock().sender_gone = true;
-        self.waker.wake();
+        let mut st = self.state.lock();
+        st.sender_gone = true;
+        let waker = st.waker.take();
+        drop(st);
+        if let Some(w) = waker {
+            w.wake();
+        }
     }
 }
 
@@ -96,14 +106,17 @@ impl<T, X> Receiver<T, X> {
         if let Some(v) = self.try_recv() {
             return Poll::Ready(Some(v));
         }
-        // Registered before the last look, so a send after it wakes us.
-        self.shared.waker.register(cx.waker());
         let mut st = self.shared.state.lock();
         if let Some(v) = st.items.pop_front() {
             return Poll::Ready(Some(v));
         }
         if st.sender_gone {
             return Poll::Ready(None);
+        }
+        // Under the lock a send takes: one after this look finds the waker.
+        match &mut st.waker {
+            Some(w) => w.clone_from(cx.waker()),
+            none => *none = Some(cx.waker().clone()),
         }
         if too_big(&st.items) {
             st.items = VecDeque::new();
