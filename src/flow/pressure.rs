@@ -19,7 +19,7 @@
 //! policy instead of holding publishers back.
 
 use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -43,8 +43,11 @@ struct Gauge {
     messages: AtomicU64,
     bytes: AtomicU64,
     state: AtomicU8,
-    /// Notified when the fill falls below low (or the gauge is marked slow).
-    drained: Notify,
+    /// Notified when the fill falls below low (or the gauge is marked slow). Made when the
+    /// gauge first reaches high, before it starts pacing: only a pacing gauge is waited on or
+    /// notified, and most buffers never get there (in place it was 16 bytes more of every
+    /// connection's gauge, past a size class).
+    drained: OnceLock<Box<Notify>>,
     /// Counts the pacing episodes that ended: a publisher waits for the episode it met to end,
     /// not for the buffer to be below low at the moment it looks (other publishers released
     /// with it may have filled it again).
@@ -110,6 +113,14 @@ impl BufferKind {
     }
 }
 
+impl Gauge {
+    /// Its `Notify`, made before the gauge first paced (in [`Pressure::add`]): whoever saw it
+    /// pacing — a waiter, or the one ending the episode — finds it.
+    fn drained(&self) -> &Notify {
+        self.drained.get_or_init(Box::default)
+    }
+}
+
 /// A shared handle on one buffer's gauge: the buffer's owner counts into it, publishers whose
 /// messages land in the buffer read it.
 #[derive(Clone)]
@@ -124,7 +135,7 @@ impl Pressure {
             messages: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             state: AtomicU8::new(CLEAR),
-            drained: Notify::new(),
+            drained: OnceLock::new(),
             episodes: AtomicU64::new(0),
             since: AtomicI64::new(0),
             kind,
@@ -151,16 +162,19 @@ impl Pressure {
         let g = &*self.0;
         let m = g.messages.fetch_add(1, Ordering::AcqRel) + 1;
         let b = g.bytes.fetch_add(bytes, Ordering::AcqRel) + bytes;
-        if (m >= high(g.bound.messages) || b >= high(g.bound.bytes))
-            && g.state
+        if m >= high(g.bound.messages) || b >= high(g.bound.bytes) {
+            // Made before the switch, so whoever sees it pacing finds it.
+            g.drained();
+            if g.state
                 .compare_exchange(CLEAR, PACING, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
-        {
-            g.since
-                .store(since_epoch(Instant::now()), Ordering::Release);
-            // A concurrent `sub` may have taken it below low between our count and the
-            // switch: look again, or waiters would sit out their whole deadline.
-            self.check_drained();
+            {
+                g.since
+                    .store(since_epoch(Instant::now()), Ordering::Release);
+                // A concurrent `sub` may have taken it below low between our count and the
+                // switch: look again, or waiters would sit out their whole deadline.
+                self.check_drained();
+            }
         }
     }
 
@@ -181,7 +195,7 @@ impl Pressure {
             && g.state.swap(CLEAR, Ordering::AcqRel) != CLEAR
         {
             g.episodes.fetch_add(1, Ordering::AcqRel);
-            g.drained.notify_waiters();
+            g.drained().notify_waiters();
         }
     }
 
@@ -193,7 +207,7 @@ impl Pressure {
     /// Resolves once the gauge does not pace, or once `episode` is over.
     async fn episode_over(&self, episode: u64) {
         loop {
-            let notified = self.0.drained.notified();
+            let notified = self.0.drained().notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if !self.paces() || episode != self.episode() {
@@ -258,7 +272,7 @@ impl Pressure {
         {
             crate::metrics::slow_consumer_marked(self.0.kind.as_str());
             // Its consumer, if it paused, takes deliveries again (and drops the oldest).
-            self.0.drained.notify_waiters();
+            self.0.drained().notify_waiters();
         }
     }
 
@@ -401,10 +415,10 @@ mod tests {
 
     #[test]
     fn a_gauge_stays_in_its_size_class() {
-        // Every MQTT connection and `/ws` send queue has one: 96 bytes and the `Arc`'s counts
-        // fill mimalloc's 112-byte class; 8 more take it to 128 (docs/bench.md).
+        // Every MQTT connection and `/ws` send queue has one: 80 bytes and the `Arc`'s counts
+        // fill mimalloc's 96-byte class; 8 more take it to 112 (docs/bench.md).
         let size = std::mem::size_of::<Gauge>();
-        assert!(size <= 96, "{size}");
+        assert!(size <= 80, "{size}");
     }
 
     fn gauge(messages: u64) -> Pressure {
