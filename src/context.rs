@@ -18,7 +18,7 @@ pub mod registry;
 
 pub use self::publish::{Cleared, PublishRefused, Publishing, stamp_subject};
 pub use self::registry::{
-    About, Registered, Registry, Stop, Stopped, SubscriptionView, stop_signal,
+    About, Protocol, Registered, Registry, Stop, Stopped, SubscriptionView, Transport, stop_signal,
 };
 
 /// One pointer to what everything shares: each connection keeps a clone (its task, its

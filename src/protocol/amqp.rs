@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
-use crate::context::Context;
+use crate::context::{Context, Transport};
 
 /// The `protocol` label of metrics and the connection registry.
 pub const PROTOCOL: &str = "amqp";
@@ -29,8 +29,13 @@ pub fn serve_tcp(listener: TcpListener, ctx: Context) -> JoinHandle<()> {
     tokio::spawn(async move {
         crate::server::accept_until_shutdown(&listener, &ctx, |stream, conn| {
             let (reader, writer) = stream.into_split();
-            ctx.connections
-                .spawn(connection::run(reader, writer, ctx.clone(), conn, "tcp"));
+            ctx.connections.spawn(connection::run(
+                reader,
+                writer,
+                ctx.clone(),
+                conn,
+                Transport::Tcp,
+            ));
         })
         .await;
     })
@@ -45,7 +50,7 @@ pub fn serve_tls(listener: TcpListener, ctx: Context, tls: TlsAcceptor) -> JoinH
             let ctx = ctx.clone();
             move |stream, conn| {
                 let (reader, writer) = tokio::io::split(stream);
-                connection::run(reader, writer, ctx.clone(), conn, "tls")
+                connection::run(reader, writer, ctx.clone(), conn, Transport::Tls)
             }
         };
         crate::server::accept_tls_until_shutdown(&listener, &ctx, &tls, within, PROTOCOL, serve)

@@ -22,14 +22,14 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
-use crate::context::Context;
+use crate::context::{Context, Transport};
 
 /// Accepts MQTT over TCP until shutdown.
 pub fn serve_tcp(listener: TcpListener, ctx: Context) -> JoinHandle<()> {
     tokio::spawn(async move {
         crate::server::accept_until_shutdown(&listener, &ctx, |stream, conn| {
             ctx.connections
-                .spawn(connection::run(stream, ctx.clone(), conn, "tcp"));
+                .spawn(connection::run(stream, ctx.clone(), conn, Transport::Tcp));
         })
         .await;
     })
@@ -42,7 +42,7 @@ pub fn serve_tls(listener: TcpListener, ctx: Context, tls: TlsAcceptor) -> JoinH
         let within = ctx.config.mqtt.connect_timeout;
         let serve = {
             let ctx = ctx.clone();
-            move |stream, conn| connection::run(stream, ctx.clone(), conn, "tls")
+            move |stream, conn| connection::run(stream, ctx.clone(), conn, Transport::Tls)
         };
         crate::server::accept_tls_until_shutdown(&listener, &ctx, &tls, within, "mqtt", serve)
             .await;

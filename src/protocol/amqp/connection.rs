@@ -65,7 +65,7 @@ pub async fn run<R, W>(
     writer: W,
     ctx: Context,
     conn: Arc<Connection>,
-    transport: &'static str,
+    transport: crate::context::Transport,
 ) where
     R: AsyncRead + Send + Unpin,
     W: AsyncWrite + Send + Unpin,
@@ -81,7 +81,7 @@ async fn serve<R, W>(
     mut writer: W,
     ctx: &Context,
     conn: &Arc<Connection>,
-    transport: &'static str,
+    transport: crate::context::Transport,
 ) -> Ending
 where
     R: AsyncRead + Send + Unpin,

@@ -91,12 +91,12 @@ impl Session {
         ctx: Context,
         conn: Arc<Connection>,
         n: Negotiated,
-        transport: &'static str,
+        transport: crate::context::Transport,
     ) -> Session {
         let registered = ctx.registry.register(
             conn.id,
             crate::context::About {
-                protocol: super::PROTOCOL,
+                protocol: crate::context::Protocol::Amqp,
                 transport,
                 remote: conn.remote,
                 subject: n.principal.subject.clone(),

@@ -55,7 +55,7 @@ impl Input {
     }
 }
 
-/// Serves one MQTT connection over `transport` (`tcp` or `websocket`).
+/// Serves one MQTT connection over `transport` (TCP, TLS or a WebSocket).
 ///
 /// Not an `async fn`: one keeps its arguments twice in its state (as passed, and as the locals
 /// its body moves them to), and this state is the task's for the connection's whole life.
@@ -67,7 +67,7 @@ pub fn run<S>(
     stream: S,
     ctx: Context,
     conn: Arc<Connection>,
-    transport: &'static str,
+    transport: crate::context::Transport,
 ) -> impl Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -221,7 +221,7 @@ async fn handshake<S>(
     stream: S,
     ctx: &Context,
     conn: &Arc<Connection>,
-    transport: &'static str,
+    transport: crate::context::Transport,
 ) -> Result<Box<Live<S>>, CloseReason>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -289,7 +289,7 @@ where
             session.registered = Some(ctx.registry.register(
                 conn.id,
                 crate::context::About {
-                    protocol: PROTOCOL,
+                    protocol: crate::context::Protocol::Mqtt,
                     transport,
                     remote: conn.remote,
                     subject: session.subject().clone(),

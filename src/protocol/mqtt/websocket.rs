@@ -53,7 +53,12 @@ async fn upgrade(
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| {
-            let serve = connection::run(Frames::new(socket), ctx.clone(), conn, "websocket");
+            let serve = connection::run(
+                Frames::new(socket),
+                ctx.clone(),
+                conn,
+                crate::context::Transport::WebSocket,
+            );
             crate::protocol::serve_upgraded(&ctx, serve)
         })
 }

@@ -140,8 +140,8 @@ pub async fn subscribe(
     let registered = ctx.registry.register(
         id,
         About {
-            protocol: PROTOCOL,
-            transport: "http",
+            protocol: crate::context::Protocol::Sse,
+            transport: crate::context::Transport::Http,
             remote: conn.remote,
             subject: principal.subject.clone(),
             client_id: None,

@@ -203,8 +203,8 @@ impl WsSession {
         self.registered = Some(self.ctx.registry.register(
             self.conn.id,
             crate::context::About {
-                protocol: PROTOCOL,
-                transport: "websocket",
+                protocol: crate::context::Protocol::Ws,
+                transport: crate::context::Transport::WebSocket,
                 remote: self.conn.remote,
                 subject: self.principal.subject.clone(),
                 client_id: None,
