@@ -66,8 +66,6 @@ pub struct Connection {
     pub limits: ConnectionLimits,
     /// What operators see counted for it (`/v1/connections`).
     pub stats: Arc<ConnStats>,
-    /// What the engine knows this connection as: the owner of its exclusive queues.
-    owner: crate::engine::Owner,
     /// A `OnceLock`, not tokio's `OnceCell`, whose semaphore was 40 more bytes of every
     /// connection; see [`Connection::channel`] for the race that costs.
     channel: std::sync::OnceLock<Arc<dyn Channel>>,
@@ -92,25 +90,26 @@ impl ConnStats {
 /// The next connection id: one sequence for every listener, and for the streams an HTTP
 /// connection may carry (SSE), so operators never see two connections with one id.
 pub fn next_id() -> u64 {
-    static IDS: AtomicU64 = AtomicU64::new(1);
-    IDS.fetch_add(1, Ordering::Relaxed)
+    // The engines' owner sequence: a connection is the owner of its exclusive queues by its
+    // id ([`Connection::owner`]), and no other owner has that id.
+    crate::engine::Owner::new().id()
 }
 
 impl Connection {
     /// A connection just accepted, with the next id (one sequence for every listener).
     pub fn accepted(remote: SocketAddr, limits: ConnectionLimits) -> Self {
-        Connection::new(next_id(), remote, limits)
-    }
-
-    pub fn new(id: u64, remote: SocketAddr, limits: ConnectionLimits) -> Self {
         Connection {
-            id,
+            id: next_id(),
             remote,
             limits,
             stats: Arc::default(),
-            owner: crate::engine::Owner::new(),
             channel: std::sync::OnceLock::new(),
         }
+    }
+
+    /// What the engine knows this connection as: the owner of its exclusive queues.
+    fn owner(&self) -> crate::engine::Owner {
+        crate::engine::Owner::connection(self.id)
     }
 
     /// Another engine channel of this connection, with the same owner (an AMQP client's
@@ -122,7 +121,7 @@ impl Connection {
     ) -> Result<Arc<dyn Channel>, EngineError> {
         engine
             .open_channel(
-                &self.owner,
+                &self.owner(),
                 &format!("conn-{}@{}/{number}", self.id, self.remote),
             )
             .await
@@ -136,7 +135,7 @@ impl Connection {
             return Ok(channel.clone());
         }
         let opened = engine
-            .open_channel(&self.owner, &format!("conn-{}@{}", self.id, self.remote))
+            .open_channel(&self.owner(), &format!("conn-{}@{}", self.id, self.remote))
             .await?;
         Ok(self.channel.get_or_init(|| opened).clone())
     }
@@ -146,9 +145,9 @@ impl Connection {
 mod tests {
     #[test]
     fn a_connection_stays_in_its_size_class() {
-        // Every client connection has one: 96 bytes and the `Arc`'s counts fill mimalloc's
-        // 112-byte class; 8 more take it to 128 (docs/bench.md).
+        // Every client connection has one: 80 bytes and the `Arc`'s counts fill mimalloc's
+        // 96-byte class; 8 more take it to 112 (docs/bench.md).
         let size = std::mem::size_of::<super::Connection>();
-        assert!(size <= 96, "{size}");
+        assert!(size <= 80, "{size}");
     }
 }

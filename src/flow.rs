@@ -141,9 +141,11 @@ fn nz(n: u64) -> NonZeroU32 {
 
 /// The buckets of one client connection, made at its first publish: a bucket starts full, so
 /// one made then holds what one made at the accept would, and a subscriber that never
-/// publishes — most idle devices — keeps 16 bytes here, not 64 (docs/bench.md).
+/// publishes — most idle devices — keeps 8 bytes here, not 64 (docs/bench.md). A `OnceBox`,
+/// a pointer where a `OnceLock` is two words: two first publishes at once (streams of one
+/// HTTP/2 connection) may both make buckets, and the one stored first stands.
 #[derive(Default)]
-pub struct ConnectionLimits(std::sync::OnceLock<Box<Buckets>>);
+pub struct ConnectionLimits(once_cell::race::OnceBox<Buckets>);
 
 struct Buckets {
     messages: Bucket,
@@ -261,7 +263,7 @@ mod tests {
         let flow = Flow::new(&limits(1, 3, 1000, 1 << 20));
         let conn = flow.connection();
         assert!(conn.0.get().is_none(), "made at the first publish");
-        assert!(std::mem::size_of::<ConnectionLimits>() <= 16);
+        assert!(std::mem::size_of::<ConnectionLimits>() <= 8);
         // Made then, they start full: the whole burst, then the rate.
         for _ in 0..3 {
             assert!(flow.admit_publish(&conn, &"s".into(), 1).is_ok());
