@@ -154,8 +154,8 @@ pub async fn subscribe(
     );
     registered.set_subscriptions(vec![SubscriptionView {
         queue: consumer.queue_name(),
-        exchange: q.exchange.clone(),
-        pattern: q.binding_key.clone(),
+        exchange: q.exchange.as_deref().map(Box::from),
+        pattern: q.binding_key.as_deref().map(Box::from),
         ack: "auto",
         prefetch: None,
     }]);

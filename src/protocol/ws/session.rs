@@ -247,8 +247,8 @@ impl WsSession {
                         Some(name) => name.clone(),
                         None => s.target.queue().into(),
                     },
-                    exchange: binding.map(|(e, _)| e.to_owned()),
-                    pattern: binding.map(|(_, k)| k.to_owned()),
+                    exchange: binding.map(|(e, _)| e.into()),
+                    pattern: binding.map(|(_, k)| k.into()),
                     ack: if s.mode == Mode::Manual {
                         "manual"
                     } else {

@@ -214,8 +214,8 @@ impl Session {
             .iter()
             .map(|(filter, o)| crate::context::SubscriptionView {
                 queue: self.consumed_queue(&consumed, filter, o.granted),
-                exchange: Some(exchange.clone()),
-                pattern: Some(filter.to_owned()),
+                exchange: Some(exchange.as_str().into()),
+                pattern: Some(filter.into()),
                 ack: ["qos0", "qos1", "qos2"][usize::from(o.granted.min(2))],
                 prefetch: None,
             })
