@@ -12,6 +12,21 @@ use std::time::{Duration, Instant};
 
 use tokio::time::Sleep;
 
+/// The instant a connection's compact clocks count from, one for the process: an `Instant`
+/// is 16 bytes where milliseconds from here are 8.
+static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+
+/// `at` in milliseconds from the process's clock epoch (0 for an instant before it).
+pub fn since_epoch(at: Instant) -> u64 {
+    let ms = at.saturating_duration_since(*EPOCH).as_millis();
+    u64::try_from(ms).unwrap_or(u64::MAX)
+}
+
+/// The instant `ms` milliseconds from the process's clock epoch.
+pub fn from_epoch(ms: u64) -> Instant {
+    *EPOCH + Duration::from_millis(ms)
+}
+
 /// A timer that waits for nothing yet: [`crate::auth::NEVER`] off.
 pub fn idle_timer() -> Sleep {
     tokio::time::sleep(crate::auth::NEVER)

@@ -8,6 +8,7 @@
 //! queued (unencoded, counted by the session's buffers) while more than [`BATCH`] bytes wait.
 
 use std::collections::VecDeque;
+use std::num::NonZeroU64;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
@@ -18,6 +19,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use super::close::CloseReason;
 use super::codec::{Outbound, Version, encode_as};
 use crate::flow::Pressure;
+use crate::protocol::clock;
 
 /// Encoded bytes waiting for the socket beyond which queued packets are left unencoded.
 const BATCH: usize = 64 * 1024;
@@ -37,9 +39,11 @@ pub struct Writer<W> {
     buf: BytesMut,
     /// Written but maybe held by a layer below (TLS): flushed before the writer is idle.
     unflushed: bool,
-    /// Until when the bytes `owed` must be written.
-    deadline: Option<Instant>,
-    owed: usize,
+    /// Until when the bytes `owed` must be written, in milliseconds from [`clock::epoch`]
+    /// (an `Option<Instant>` is 16 bytes of every connection, this 8).
+    deadline: Option<NonZeroU64>,
+    /// A buffer's worth at most ([`BATCH`] and one packet), so 32 bits.
+    owed: u32,
     /// `limits.write_timeout` in milliseconds: a `Duration` is 8 bytes more of every
     /// connection.
     write_timeout_ms: u32,
@@ -135,9 +139,9 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             *queue = VecDeque::new();
         }
         if self.deadline.is_none() && !self.buf.is_empty() {
-            self.deadline =
-                Some(Instant::now() + Duration::from_millis(u64::from(self.write_timeout_ms)));
-            self.owed = self.buf.len();
+            let due = clock::since_epoch(Instant::now()) + u64::from(self.write_timeout_ms);
+            self.deadline = Some(NonZeroU64::new(due).unwrap_or(NonZeroU64::MIN));
+            self.owed = u32::try_from(self.buf.len()).unwrap_or(u32::MAX);
         }
     }
 
@@ -153,7 +157,9 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
 
     /// When the client counts as a slow consumer unless the socket takes what is owed.
     pub fn deadline(&self) -> Option<Instant> {
-        self.deadline.filter(|_| !self.failed)
+        self.deadline
+            .filter(|_| !self.failed)
+            .map(|ms| clock::from_epoch(ms.get()))
     }
 
     /// The write clock ran out (the connection counts the refusal).
@@ -205,7 +211,9 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                     self.passed_over = 0;
                     self.buf.advance(n);
                     self.unflushed = true;
-                    self.owed = self.owed.saturating_sub(n);
+                    self.owed = self
+                        .owed
+                        .saturating_sub(u32::try_from(n).unwrap_or(u32::MAX));
                     if self.owed == 0 {
                         // What was owed is out: the clock restarts for what waits now.
                         self.deadline = None;
