@@ -293,6 +293,12 @@ pub struct Codec {
     /// rmqtt-codec took a fixed header and waits for the rest of its packet: the buffer no
     /// longer starts with a packet, so only the crate may decode next.
     mid_frame: bool,
+    /// Set by the connection's reader: the codec stands between two packets, having just
+    /// returned one, so the buffer starts with the next one's fixed header. (A read cut short
+    /// may leave the codec past a header it took, where the buffer alone no longer says how
+    /// long the packet is.) Here, in the bytes `mid_frame` leaves, not beside the codec: 8
+    /// bytes of every connection.
+    pub between: bool,
 }
 
 impl Codec {
@@ -302,6 +308,7 @@ impl Codec {
             max_in: max_packet_size,
             remaining_in: remaining_limit(max_packet_size),
             mid_frame: false,
+            between: false,
         }
     }
 
@@ -315,6 +322,7 @@ impl Codec {
             max_in: max_packet_size,
             remaining_in: max_packet_size,
             mid_frame: false,
+            between: false,
         }
     }
 

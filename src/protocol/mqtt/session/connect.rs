@@ -164,12 +164,12 @@ impl Session {
                 keep_alive: server_keep_alive.unwrap_or(connect.keep_alive),
                 // `authenticate` refused any other method.
                 enhanced_auth: connect.auth_method.is_some(),
-                max_packet: connect.max_packet_size,
+                max_packet: connect.max_packet_size.and_then(NonZeroU32::new),
                 alias_max: connect.topic_alias_max,
                 requested_expiry: connect.session_expiry,
+                clean: expiry.is_zero(),
             },
             life: Lifetime {
-                clean: expiry.is_zero(),
                 expiry_ms: millis(expiry),
                 will: connect.will.map(Box::new),
                 key,
@@ -181,7 +181,7 @@ impl Session {
             // Most sessions consume one queue: room for four is 250 bytes held idle.
             consumers: StreamMap::with_capacity(1),
             outflow: Outflow {
-                inflight: HashMap::default(),
+                inflight: Default::default(),
                 next_packet_id: 1,
                 inflight_max,
                 aliases: None,

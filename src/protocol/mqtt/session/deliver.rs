@@ -138,7 +138,11 @@ impl Session {
         }
         let retain = matched.iter().any(|o| o.retain_as_published)
             && matches!(headers.get(RETAIN_HEADER), Some(FieldValue::Bool(true)));
-        let subscription_ids: Vec<u32> = matched.iter().filter_map(|o| o.id).collect();
+        let subscription_ids: Vec<u32> = matched
+            .iter()
+            .filter_map(|o| o.id)
+            .map(NonZeroU32::get)
+            .collect();
         // Per copy: min(publish QoS, the highest QoS granted to a matching subscription).
         let cap = if level == 0 {
             0
@@ -214,7 +218,7 @@ impl Session {
         let qos = publish_qos.min(opts.granted);
         let mut props = self.props_of(d.properties(), d.expires_in);
         if self.client.version == Version::V5 {
-            props.subscription_ids = opts.id.into_iter().collect();
+            props.subscription_ids = opts.id.map(NonZeroU32::get).into_iter().collect();
         }
         self.send_copy(&d, topic, qos, false, props, true).await
     }
@@ -278,7 +282,7 @@ impl Session {
                 payload.len(),
                 &props,
             );
-            if size > max as usize {
+            if size > max.get() as usize {
                 metrics::refusal(PROTOCOL, "packet_too_large");
                 return false;
             }
@@ -326,7 +330,7 @@ impl Session {
             let qos = publish_qos_of(&m.message).min(granted);
             let mut props = self.props_of(&m.message.properties, m.expires_in);
             if self.client.version == Version::V5 {
-                props.subscription_ids = id.into_iter().collect();
+                props.subscription_ids = id.map(NonZeroU32::get).into_iter().collect();
             }
             let packet_id = (qos >= 1).then(|| self.next_packet_id());
             let sent = self.emit(topic, qos, true, packet_id, m.message.body.clone(), props);

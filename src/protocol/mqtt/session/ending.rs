@@ -33,10 +33,10 @@ impl Session {
         }
         if expiry.is_zero() {
             self.life.expiry_ms = 0;
-            self.life.clean = true;
+            self.client.clean = true;
             return;
         }
-        if self.life.clean {
+        if self.client.clean {
             // Clean queues are exclusive to this connection; they cannot outlive it.
             return;
         }
@@ -70,7 +70,7 @@ impl Session {
         self.consumers = StreamMap::new();
         // Before the release: a connection taking over waits for it, then reads this state
         // and needs this connection's place.
-        if self.life.clean {
+        if self.client.clean {
             self.discard_stored().await;
         } else {
             self.save_stored().await;

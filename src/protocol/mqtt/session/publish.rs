@@ -34,10 +34,11 @@ pub struct Inflow {
     /// the first publish: an empty one holds two allocations, 300 bytes a device that only
     /// subscribes would carry for nothing. Boxed: inline it is 56 bytes of every session.
     confirms: SyncWrapper<Sparse<FuturesOrdered<Awaiting>>>,
-    /// How many are in `confirms`.
-    waiting: usize,
+    /// How many are in `confirms` (at most Receive Maximum and one: 32 bits, beside `owed`
+    /// in one word).
+    waiting: u32,
     /// QoS 1 publishes in `confirms` whose PUBACK is owed.
-    owed: usize,
+    owed: u32,
     /// What the rate limit and pacing hold back, made at the first publish held: most
     /// connections never meet either (inline it was 80 bytes of every session).
     held: Sparse<Held>,
@@ -63,7 +64,7 @@ impl Held {
 impl Inflow {
     /// QoS 1/2 publishes the client has not had an answer to (what Receive Maximum bounds).
     fn unanswered(&self) -> usize {
-        self.owed
+        self.owed as usize
             + self.qos2.as_ref().map_or(0, |q| q.len())
             + self.held.as_ref().map_or(0, |h| h.parked.owed)
     }
@@ -124,7 +125,7 @@ impl Inflow {
         if self.held.as_ref().map_or(0, |h| h.parked.bytes) >= max_parked {
             return false;
         }
-        let limit = usize::from(receive_maximum);
+        let limit = u32::from(receive_maximum);
         if advertised {
             self.waiting <= limit
         } else {

@@ -33,9 +33,9 @@ impl Session {
         };
         if let Some(ms) = kept.filter(|ms| *ms > 0) {
             self.life.expiry_ms = ms;
-            self.life.clean = false;
+            self.client.clean = false;
         }
-        if self.life.clean {
+        if self.client.clean {
             // Only a state queue of an unknown format was left: start afresh.
             self.discard_stored().await;
             return Ok(false);

@@ -90,7 +90,7 @@ impl Session {
     /// Writes the session's state (persistent sessions only). Failures are logged: the
     /// session goes on, and a later save or the bindings fallback covers it.
     pub(super) async fn save_stored(&self) {
-        if self.life.clean {
+        if self.client.clean {
             return;
         }
         let stored = Stored {
@@ -104,7 +104,7 @@ impl Session {
                     qos: o.granted,
                     no_local: o.no_local,
                     retain_as_published: o.retain_as_published,
-                    id: o.id,
+                    id: o.id.map(NonZeroU32::get),
                 })
                 .collect(),
             inbound_qos2: self

@@ -69,7 +69,7 @@ impl Session {
                         granted,
                         no_local: f.no_local,
                         retain_as_published: f.retain_as_published,
-                        id: f.subscription_id,
+                        id: f.subscription_id.and_then(NonZeroU32::new),
                     };
                     self.subs.insert(f.filter, opts);
                     codes.push(granted);
@@ -135,7 +135,7 @@ impl Session {
                     granted,
                     no_local: false,
                     retain_as_published: false,
-                    id: f.subscription_id,
+                    id: f.subscription_id.and_then(NonZeroU32::new),
                 };
                 self.subs.insert(f.filter.clone(), opts);
                 granted
