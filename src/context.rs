@@ -127,6 +127,11 @@ impl Connection {
             .await
     }
 
+    /// The connection's own engine channel, once [`Connection::channel`] opened it.
+    pub fn opened_channel(&self) -> Option<&Arc<dyn Channel>> {
+        self.channel.get()
+    }
+
     /// The connection's own engine channel, opened at the first call. Two first calls at once
     /// (two streams of one HTTP/2 connection) may both open one: the first stored is the
     /// connection's, the other closes as it drops, unused.

@@ -104,7 +104,7 @@ impl Session {
                 buffer: None,
                 stats: conn.stats.clone(),
             },
-            n.principal.expires_at,
+            n.principal.expires_at(),
         );
         Session {
             ctx,
@@ -130,7 +130,7 @@ impl Session {
     }
 
     pub fn expires_at(&self) -> Option<u64> {
-        self.principal.expires_at
+        self.principal.expires_at()
     }
 
     /// Whether the socket may be read: not while parked publishes fill `limits.max_pending_in`.
@@ -235,7 +235,7 @@ impl Session {
             );
         }
         if let Some(r) = &self.registered {
-            r.set_expires_at(fresh.expires_at);
+            r.set_expires_at(fresh.expires_at());
         }
         self.principal = fresh;
         Ok(())

@@ -92,8 +92,9 @@ pub enum Outcome {
 
 pub struct Session {
     ctx: Context,
+    /// Its engine channel is the connection's own (`Connection::channel`), read from there:
+    /// a second `Arc` of it here was 16 bytes of every session.
     conn: Arc<Connection>,
-    channel: Arc<dyn Channel>,
     principal: Principal,
     client: Client,
     life: Lifetime,
@@ -273,6 +274,14 @@ fn durable_expiring(mut arguments: FieldTable, expiry: Duration) -> QueueSpec {
 }
 
 impl Session {
+    /// The connection's engine channel, opened before the session was made
+    /// ([`Session::connect`]); a `OnceLock` read, never cleared.
+    fn channel(&self) -> &Arc<dyn Channel> {
+        self.conn
+            .opened_channel()
+            .expect("a session's channel is opened before the session is made")
+    }
+
     pub fn max_packet_size(&self) -> u32 {
         (self.ctx.config.limits.max_message_bytes.as_u64() + 64 * 1024).min(u64::from(u32::MAX))
             as u32
@@ -313,7 +322,7 @@ impl Session {
     }
 
     pub fn expires_at(&self) -> Option<u64> {
-        self.principal.expires_at
+        self.principal.expires_at()
     }
 
     /// How long after the token's `exp` the connection may last.
@@ -328,6 +337,11 @@ impl Session {
     /// What the session queued for the client, in order.
     pub fn outbound(&mut self) -> &mut VecDeque<Outbound> {
         &mut self.out
+    }
+
+    /// What the session queued, with the gauge its QoS 0 PUBLISHes count in.
+    pub fn outbound_and_gauge(&mut self) -> (&mut VecDeque<Outbound>, &Pressure) {
+        (&mut self.out, &self.outflow.qos0_out)
     }
 
     fn queue_name(&self, level: u8) -> String {
@@ -364,7 +378,7 @@ impl Session {
             durable_expiring(arguments, self.life.expiry())
         };
         let declared = self
-            .fenced(|| self.channel.declare_queue(&queue, &spec))
+            .fenced(|| self.channel().declare_queue(&queue, &spec))
             .await?
             .declared;
         if !self.consumers.contains_key(&*level.to_string()) {
@@ -383,7 +397,7 @@ impl Session {
                 pressure: (level == 0).then(|| self.outflow.qos0_out.clone()),
             };
             let consumer = self
-                .fenced(|| self.channel.consume(&queue, options.clone()))
+                .fenced(|| self.channel().consume(&queue, options.clone()))
                 .await?;
             self.consumers.insert(level_key(level).clone(), consumer);
         }
@@ -416,7 +430,7 @@ impl Session {
             Inbound::PubRec(id) => {
                 if let Some(Inflight::Sent(tag)) = self.outflow.inflight.get(&id).copied() {
                     if let Some(tag) = tag {
-                        let _ = self.channel.ack(tag, false).await;
+                        let _ = self.channel().ack(tag, false).await;
                     }
                     self.outflow.inflight.insert(id, Inflight::Released);
                     self.send(Outbound::PubRel { packet_id: id });
@@ -509,7 +523,7 @@ impl Session {
     /// steps) it cost more than the settling, once per QoS 1 message.
     pub async fn puback(&mut self, id: u16) {
         if let Some(Inflight::AtLeastOnce(Some(tag))) = self.outflow.inflight.remove(&id) {
-            let _ = self.channel.ack(tag, false).await;
+            let _ = self.channel().ack(tag, false).await;
         }
     }
 
@@ -550,7 +564,7 @@ impl Session {
         }
         self.principal = fresh;
         if let Some(r) = &self.registered {
-            r.set_expires_at(self.principal.expires_at);
+            r.set_expires_at(self.principal.expires_at());
         }
         if self.client.enhanced_auth {
             self.send(Outbound::Auth {

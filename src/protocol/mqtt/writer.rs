@@ -47,12 +47,30 @@ pub struct Writer<W> {
     /// `limits.write_timeout` in milliseconds: a `Duration` is 8 bytes more of every
     /// connection.
     write_timeout_ms: u32,
-    /// The QoS 0 outbound gauge: a QoS 0 PUBLISH leaves it once encoded.
-    qos0_out: Option<Pressure>,
     /// A write failed or timed out: nothing more is written.
     failed: bool,
     /// Turns given away since the last write (`write_soon`).
     passed_over: u8,
+}
+
+/// The body bytes a QoS 0 PUBLISH counts in its gauge; `None` for any other packet.
+fn qos0_bytes(p: &Outbound) -> Option<u64> {
+    match p {
+        Outbound::Publish {
+            qos: 0, payload, ..
+        } => Some(payload.len() as u64),
+        Outbound::Encoded { payload, .. } => Some(*payload),
+        _ => None,
+    }
+}
+
+/// Takes the QoS 0 PUBLISHes in `queue` out of `gauge` at once: the session's last packets,
+/// written by [`Writer::finish`] after the session (and its gauge) let go, and whose
+/// publishers pacing on the gauge must not wait for that write.
+pub fn leave_gauge(queue: &VecDeque<Outbound>, gauge: &Pressure) {
+    for bytes in queue.iter().filter_map(qos0_bytes) {
+        gauge.sub(bytes);
+    }
 }
 
 /// What a step of writing ran into.
@@ -81,41 +99,31 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             deadline: None,
             owed: 0,
             write_timeout_ms: u32::try_from(write_timeout.as_millis()).unwrap_or(u32::MAX),
-            qos0_out: None,
             failed: false,
             passed_over: 0,
         }
     }
 
-    /// Counts QoS 0 PUBLISHes out of `gauge` as they are encoded.
-    pub fn gauge(&mut self, gauge: Pressure) {
-        self.qos0_out = Some(gauge);
-    }
-
-    /// Encodes `p` behind what is pending.
-    pub fn encode(&mut self, p: Outbound) {
+    /// Encodes `p` behind what is pending; a QoS 0 PUBLISH leaves `qos0_out` (the session's
+    /// QoS 0 outbound gauge, passed in: kept here as well, it was 8 bytes of every
+    /// connection).
+    pub fn encode(&mut self, p: Outbound, qos0_out: Option<&Pressure>) {
         // 3.1.1 has no server DISCONNECT: closing is the answer.
         if matches!(p, Outbound::Disconnect { .. }) && self.version == Version::V3 {
             return;
         }
-        let qos0 = match &p {
-            Outbound::Publish {
-                qos: 0, payload, ..
-            } => Some(payload.len() as u64),
-            Outbound::Encoded { payload, .. } => Some(*payload),
-            _ => None,
-        };
+        let qos0 = qos0_bytes(&p);
         if let Err(e) = encode_as(self.version, self.max_packet, p, &mut self.buf) {
             tracing::warn!(error = %e, "cannot encode an MQTT packet");
         }
-        if let (Some(bytes), Some(gauge)) = (qos0, &self.qos0_out) {
+        if let (Some(bytes), Some(gauge)) = (qos0, qos0_out) {
             gauge.sub(bytes);
         }
     }
 
     /// Encodes queued packets while fewer than [`BATCH`] bytes wait, and starts the write
     /// clock for what waits if it is not running.
-    pub fn fill(&mut self, queue: &mut VecDeque<Outbound>) {
+    pub fn fill(&mut self, queue: &mut VecDeque<Outbound>, qos0_out: Option<&Pressure>) {
         if self.buf.is_empty() && queue.len() > 1 {
             // A batch starts in an empty buffer (an emptied one is given back): sized for it
             // once, rather than grown by doubling, every byte copied again at each step.
@@ -131,7 +139,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         while self.buf.len() < BATCH
             && let Some(p) = queue.pop_front()
         {
-            self.encode(p);
+            self.encode(p, qos0_out);
         }
         if queue.capacity() > 0 && queue.is_empty() && !self.is_busy() {
             // Everything is out: an idle connection holds no packet slots (four of them, the
@@ -243,13 +251,13 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     }
 
     /// Writes everything queued and pending, then shuts the write side down. Ok when all of
-    /// it went out.
+    /// it went out. What `queue` holds has left its gauge already ([`leave_gauge`]).
     pub async fn finish(&mut self, queue: &mut VecDeque<Outbound>) -> Result<(), WriteError> {
         if self.failed {
             return Err(WriteError::PeerClosed);
         }
         loop {
-            self.fill(queue);
+            self.fill(queue, None);
             if !self.is_busy() {
                 break;
             }
@@ -276,7 +284,7 @@ mod tests {
             },
             Outbound::Disconnect { code: 0x8B },
         ]);
-        writer.fill(&mut queue);
+        writer.fill(&mut queue, None);
         assert!(queue.is_empty() && writer.is_busy());
         assert!(
             writer.deadline().is_some(),
@@ -297,7 +305,7 @@ mod tests {
         use futures_util::FutureExt;
         let (ours, mut theirs) = tokio::io::duplex(4 * BATCH);
         let mut writer = Writer::new(ours, Version::V5, 1 << 20, Duration::from_secs(5));
-        writer.fill(&mut VecDeque::from([Outbound::PingResp]));
+        writer.fill(&mut VecDeque::from([Outbound::PingResp]), None);
         let mut soon = Box::pin(writer.write_soon());
         assert!(
             (&mut soon).now_or_never().is_none(),
@@ -309,7 +317,7 @@ mod tests {
         assert_eq!(bytes, [0xD0, 0x00]);
 
         // Passed over again and again (other events won each turn): it stops giving way.
-        writer.fill(&mut VecDeque::from([Outbound::PingResp]));
+        writer.fill(&mut VecDeque::from([Outbound::PingResp]), None);
         for _ in 0..PASS_OVER {
             assert!(writer.write_soon().now_or_never().is_none());
         }
@@ -322,7 +330,7 @@ mod tests {
                 code: 0,
             })
             .collect();
-        writer.fill(&mut queue);
+        writer.fill(&mut queue, None);
         assert!(writer.is_full());
         let written = writer.write_soon().now_or_never();
         assert!(
@@ -338,7 +346,7 @@ mod tests {
         let mut queue: VecDeque<_> = (1..=20)
             .map(|packet_id| Outbound::PubAck { packet_id, code: 0 })
             .collect();
-        writer.fill(&mut queue);
+        writer.fill(&mut queue, None);
         let deadline = writer.deadline().expect("bytes wait");
         let stalled = tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), async {
             while writer.write_some().await.is_ok() {}

@@ -127,7 +127,7 @@ async fn run(st: RestState, mut socket: WebSocket, principal: Option<Result<Prin
         Err(e) => return close(&mut socket, 1011, &e.to_string()).await,
     };
     let leeway = st.ctx.config.auth.leeway;
-    let expiry = crate::auth::expiry_sleep(principal.expires_at, leeway);
+    let expiry = crate::auth::expiry_sleep(principal.expires_at(), leeway);
     tokio::pin!(expiry);
     let mut previous = Previous::default();
     let mut tick = tokio::time::interval(EVERY);

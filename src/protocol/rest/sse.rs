@@ -150,7 +150,7 @@ pub async fn subscribe(
             // nothing.
             stats: Default::default(),
         },
-        principal.expires_at,
+        principal.expires_at(),
     );
     registered.set_subscriptions(vec![SubscriptionView {
         queue: consumer.queue_name(),

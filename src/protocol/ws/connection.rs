@@ -385,7 +385,7 @@ async fn first_frame(
                 out.push(Frame::control(frames::auth_ok(
                     &env.id,
                     &p.subject,
-                    p.expires_at,
+                    p.expires_at(),
                 )));
                 Ok((p, None))
             }

@@ -195,7 +195,7 @@ impl WsSession {
     }
 
     pub fn expires_at(&self) -> Option<u64> {
-        self.principal.expires_at
+        self.principal.expires_at()
     }
 
     /// Registers the connection for operators (`/v1/connections`).
@@ -211,7 +211,7 @@ impl WsSession {
                 buffer: Some(self.out.pressure().clone()),
                 stats: self.conn.stats.clone(),
             },
-            self.principal.expires_at,
+            self.principal.expires_at(),
         ));
     }
 
@@ -323,13 +323,13 @@ impl WsSession {
         }
         self.principal = fresh;
         if let Some(r) = &self.registered {
-            r.set_expires_at(self.principal.expires_at);
+            r.set_expires_at(self.principal.expires_at());
         }
         if !id.is_null() {
             self.reply(frames::auth_ok(
                 id,
                 &self.principal.subject,
-                self.principal.expires_at,
+                self.principal.expires_at(),
             ));
         }
         // What the new scopes no longer allow ends now.

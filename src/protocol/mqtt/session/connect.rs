@@ -142,8 +142,7 @@ impl Session {
     ) -> Result<(Session, Outbound), ConnectRejected> {
         let principal = authenticate(&ctx, &connect).await?;
         let (id, assigned) = client_id(&connect)?;
-        let channel = conn
-            .channel(&ctx.engine)
+        conn.channel(&ctx.engine)
             .await
             .map_err(|e| ConnectRejected::new(reason::SERVER_UNAVAILABLE, e.to_string()))?;
         let key = takeover_key(principal.shared_subject(), &id);
@@ -156,7 +155,6 @@ impl Session {
             .min(ctx.config.mqtt.max_inflight)
             .max(1);
         let mut session = Session {
-            channel,
             principal,
             client: Client {
                 version: connect.version,

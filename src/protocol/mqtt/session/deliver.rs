@@ -101,7 +101,7 @@ impl Session {
         if !visible {
             metrics::refusal(PROTOCOL, "unmappable_topic");
             if level == 1 {
-                let _ = self.channel.ack(d.delivery_tag, false).await;
+                let _ = self.channel().ack(d.delivery_tag, false).await;
             }
             return Outcome::Continue;
         };
@@ -119,7 +119,7 @@ impl Session {
         if matched.is_empty() && !self.subs.is_empty() && !self.subs.keys().any(matches) {
             metrics::refusal(PROTOCOL, "unsubscribed");
             if level == 1 {
-                let _ = self.channel.ack(d.delivery_tag, false).await;
+                let _ = self.channel().ack(d.delivery_tag, false).await;
             }
             return Outcome::Continue;
         }
@@ -132,7 +132,7 @@ impl Session {
             && headers.get(ORIGIN_HEADER).and_then(FieldValue::as_str) == Some(&*self.life.key)
         {
             if level == 1 {
-                let _ = self.channel.ack(d.delivery_tag, false).await;
+                let _ = self.channel().ack(d.delivery_tag, false).await;
             }
             return Outcome::Continue;
         }
@@ -165,7 +165,7 @@ impl Session {
             });
             self.emit_encoded(frame.clone(), d.body().len());
             if level == 1 {
-                let _ = self.channel.ack(d.delivery_tag, false).await;
+                let _ = self.channel().ack(d.delivery_tag, false).await;
             }
             return Outcome::Continue;
         }
@@ -206,12 +206,12 @@ impl Session {
     /// flag, its own subscription identifier.
     pub(super) async fn deliver_shared(&mut self, filter: &str, d: Delivery) -> Outcome {
         let Some(opts) = self.subs.get(filter).copied() else {
-            let _ = self.channel.nack(d.delivery_tag, false, true).await;
+            let _ = self.channel().nack(d.delivery_tag, false, true).await;
             return Outcome::Continue;
         };
         let Some(topic) = key_to_topic(d.routing_key(), self.ctx.config.mqtt.topic_mapping) else {
             metrics::refusal(PROTOCOL, "unmappable_topic");
-            let _ = self.channel.ack(d.delivery_tag, false).await;
+            let _ = self.channel().ack(d.delivery_tag, false).await;
             return Outcome::Continue;
         };
         let publish_qos = publish_qos_of(d.message());
@@ -241,7 +241,7 @@ impl Session {
         match packet_id {
             Some(id) if sent => self.track(id, qos, Some(d.delivery_tag)),
             _ if settle => {
-                let _ = self.channel.ack(d.delivery_tag, false).await;
+                let _ = self.channel().ack(d.delivery_tag, false).await;
             }
             _ => {}
         }

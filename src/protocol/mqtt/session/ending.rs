@@ -43,7 +43,7 @@ impl Session {
         let mut queues = vec![self.queue_name(0), self.queue_name(1)];
         queues.push(self.state_queue());
         for queue in queues {
-            match self.channel.set_queue_expiry(&queue, Some(expiry)).await {
+            match self.channel().set_queue_expiry(&queue, Some(expiry)).await {
                 Ok(()) | Err(EngineError::NotFound { .. }) => {}
                 Err(e) => {
                     tracing::warn!(client = %self.client.id, error = %e, "cannot change the session expiry; keeping the old one");

@@ -375,7 +375,7 @@ impl Session {
                 }
             }
         };
-        let confirm = cleared.publish(&*self.channel, message, PublishOptions::default());
+        let confirm = cleared.publish(&**self.channel(), message, PublishOptions::default());
         match self.hand_over(&p, confirm, code, retained) {
             Some((ack, result)) => Box::pin(self.confirmed(ack, result)).await,
             None => Outcome::Continue,
@@ -393,7 +393,7 @@ impl Session {
             Err(refused) => return self.refused_at_gate(p, refused, may_park),
         };
         let message = self.message_of(&p);
-        let confirm = cleared.publish(&*self.channel, message, PublishOptions::default());
+        let confirm = cleared.publish(&**self.channel(), message, PublishOptions::default());
         match self.hand_over(&p, confirm, reason::SUCCESS, None) {
             // Nothing retained to take back.
             Some((ack, result)) => self.settle(ack, result),

@@ -11,7 +11,7 @@ impl Session {
     pub(super) async fn resume(&mut self) -> Result<bool, EngineError> {
         let mut queues = Vec::new();
         for level in [0u8, 1] {
-            if let Ok(info) = self.channel.queue_info(&self.queue_name(level)).await {
+            if let Ok(info) = self.channel().queue_info(&self.queue_name(level)).await {
                 queues.push((level, info));
             }
         }
@@ -88,7 +88,7 @@ impl Session {
                     filter_to_binding(&sub.filter, self.ctx.config.mqtt.topic_mapping)
             {
                 let _ = self
-                    .channel
+                    .channel()
                     .unbind_queue(
                         &self.queue_name(sub.qos.min(1)),
                         &self.ctx.config.mqtt.exchange,
@@ -131,7 +131,7 @@ impl Session {
         let queue = self.queue_name(level);
         let exchange = self.ctx.config.mqtt.exchange.clone();
         let mapping = self.ctx.config.mqtt.topic_mapping;
-        let Ok(bindings) = self.channel.list_bindings(&queue).await else {
+        let Ok(bindings) = self.channel().list_bindings(&queue).await else {
             return;
         };
         for b in bindings.into_iter().filter(|b| b.exchange == exchange) {
@@ -152,7 +152,7 @@ impl Session {
                 tracing::info!(client = %self.client.id, binding = %b.routing_key, "stored subscription no longer allowed; removed");
                 metrics::refusal(PROTOCOL, "forbidden");
                 let _ = self
-                    .channel
+                    .channel()
                     .unbind_queue(&queue, &exchange, &b.routing_key, &b.arguments)
                     .await;
             }
@@ -163,7 +163,7 @@ impl Session {
     pub(super) async fn discard_stored(&self) {
         for level in [0u8, 1] {
             let _ = self
-                .channel
+                .channel()
                 .delete_queue(&self.queue_name(level), Default::default())
                 .await;
         }

@@ -72,8 +72,11 @@ impl Session {
     /// none or it cannot be read.
     pub(super) async fn load_stored(&self) -> Option<Stored> {
         let queue = self.state_queue();
-        let delivery = self.channel.get(&queue, false).await.ok()??;
-        let _ = self.channel.nack(delivery.delivery_tag, false, true).await;
+        let delivery = self.channel().get(&queue, false).await.ok()??;
+        let _ = self
+            .channel()
+            .nack(delivery.delivery_tag, false, true)
+            .await;
         match serde_json::from_slice::<Stored>(delivery.body()) {
             Ok(stored) if stored.format == FORMAT => Some(stored),
             Ok(stored) => {
@@ -126,10 +129,10 @@ impl Session {
         let mut message = Message::new(body).persistent();
         message.properties.content_type = Some("application/json".into());
         let result = async {
-            self.channel
+            self.channel()
                 .declare_queue(&queue, &self.state_spec())
                 .await?;
-            self.channel
+            self.channel()
                 .publish("", &queue, message, PublishOptions::default())
                 .await
         }
@@ -141,12 +144,12 @@ impl Session {
 
     /// Whether a stored state queue exists (the session was there before this CONNECT).
     pub(super) async fn stored_exists(&self) -> bool {
-        self.channel.queue_info(&self.state_queue()).await.is_ok()
+        self.channel().queue_info(&self.state_queue()).await.is_ok()
     }
 
     pub(super) async fn discard_state(&self) {
         let _ = self
-            .channel
+            .channel()
             .delete_queue(&self.state_queue(), Default::default())
             .await;
     }

@@ -41,7 +41,7 @@ impl Session {
                 && old != level
             {
                 let _ = self
-                    .channel
+                    .channel()
                     .unbind_queue(
                         &self.queue_name(old),
                         &exchange,
@@ -52,7 +52,7 @@ impl Session {
             }
             let bound = match self.open_queue(level).await {
                 Ok(_) => {
-                    self.channel
+                    self.channel()
                         .bind_queue(
                             &self.queue_name(level),
                             &exchange,
@@ -108,8 +108,8 @@ impl Session {
         let spec = durable_expiring(FieldTable::new(), self.ctx.config.mqtt.max_session_expiry);
         let granted = f.qos.min(self.max_qos());
         let result = async {
-            self.channel.declare_queue(&queue, &spec).await?;
-            self.channel
+            self.channel().declare_queue(&queue, &spec).await?;
+            self.channel()
                 .bind_queue(&queue, &exchange, &binding, &FieldTable::new())
                 .await?;
             if self.consumers.contains_key(f.filter.as_str()) {
@@ -124,7 +124,7 @@ impl Session {
                 arguments: FieldTable::new(),
                 pressure: None,
             };
-            let consumer = self.channel.consume(&queue, options).await?;
+            let consumer = self.channel().consume(&queue, options).await?;
             self.consumers.insert(f.filter.as_str().into(), consumer);
             Ok::<(), EngineError>(())
         }
@@ -162,7 +162,7 @@ impl Session {
         // A resumed session does not know the level: unbinding what is not bound is harmless.
         for level in [0u8, 1] {
             let _ = self
-                .channel
+                .channel()
                 .unbind_queue(
                     &self.queue_name(level),
                     &exchange,

@@ -262,7 +262,7 @@ impl Stream {
         let mut keepalive = tokio::time::interval(self.ctx.config.sse.keepalive);
         keepalive.tick().await;
         let mut write_check = tokio::time::interval(WRITE_CHECK);
-        let expiry = expiry_sleep(self.principal.expires_at, self.ctx.config.auth.leeway);
+        let expiry = expiry_sleep(self.principal.expires_at(), self.ctx.config.auth.leeway);
         tokio::pin!(expiry);
         loop {
             // While the buffer paces publishers, deliveries wait in the engine's queue
