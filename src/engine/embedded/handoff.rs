@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::task::{Context, Poll, Waker};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 use std::sync::Arc;
 
 /// An emptied buffer larger than this is given back rather than kept for the next burst (a
@@ -76,11 +76,7 @@ impl<T, X> Handoff<T, X> {
             st.items.reserve(room.max(1));
         }
         st.items.push_back(v);
-        let waker = st.waker.take();
-        drop(st);
-        if let Some(w) = waker {
-            w.wake();
-        }
+        wake(st);
         Ok(())
     }
 
@@ -88,11 +84,16 @@ impl<T, X> Handoff<T, X> {
     pub fn sender_gone(&self) {
         let mut st = self.state.lock();
         st.sender_gone = true;
-        let waker = st.waker.take();
-        drop(st);
-        if let Some(w) = waker {
-            w.wake();
-        }
+        wake(st);
+    }
+}
+
+/// Wakes the receiver, if it waits, once the lock is let go.
+fn wake<T>(mut st: MutexGuard<'_, State<T>>) {
+    let waker = st.waker.take();
+    drop(st);
+    if let Some(w) = waker {
+        w.wake();
     }
 }
 

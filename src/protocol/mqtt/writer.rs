@@ -39,7 +39,7 @@ pub struct Writer<W> {
     buf: BytesMut,
     /// Written but maybe held by a layer below (TLS): flushed before the writer is idle.
     unflushed: bool,
-    /// Until when the bytes `owed` must be written, in milliseconds from [`clock::epoch`]
+    /// Until when the bytes `owed` must be written, in [`clock::since_epoch`]'s milliseconds
     /// (an `Option<Instant>` is 16 bytes of every connection, this 8).
     deadline: Option<NonZeroU64>,
     /// A buffer's worth at most ([`BATCH`] and one packet), so 32 bits.
