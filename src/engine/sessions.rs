@@ -6,6 +6,9 @@
 //! exchange `amqp-gateway.control` so a holder on another instance lets go too.
 
 pub mod local;
+mod signal;
+
+pub use self::signal::{Closed, TakeoverReceiver, TakeoverSender, takeover_channel};
 
 use std::future::Future;
 use std::time::Duration;
@@ -50,16 +53,6 @@ where
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Takeover {
     pub key: String,
-}
-
-/// Where a holder hears [`Takeover`]s: futures' unbounded channel, which allocates per message
-/// sent. tokio's allocates a block of 32 slots and its state up front, 1.3 KiB for every idle
-/// MQTT connection that will most likely never be taken over (docs/bench.md).
-pub type TakeoverSender = futures_channel::mpsc::UnboundedSender<Takeover>;
-pub type TakeoverReceiver = futures_channel::mpsc::UnboundedReceiver<Takeover>;
-
-pub fn takeover_channel() -> (TakeoverSender, TakeoverReceiver) {
-    futures_channel::mpsc::unbounded()
 }
 
 #[async_trait]
