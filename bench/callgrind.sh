@@ -5,6 +5,7 @@
 #   bash bench/callgrind.sh                      # qos0,qos1,fanout,fanin on target/release
 #   GATEWAY_BIN=/tmp/gw-before bash bench/callgrind.sh qos0
 #   bash bench/callgrind.sh amqp                 # the AMQP listener (RabbitMQ at AMQP_PEER times too)
+#   NO_BUILD=1 GATEWAY_BIN=/tmp/gw-x bash …      # profile a copied build while sources change
 #
 # Starts the gateway (embedded engine, --dev, the bench's raised publish limits) under
 # callgrind with instrumentation off, switches it on once the gateway listens, runs one bench
@@ -17,7 +18,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
-cargo build --release --locked -p amqp-gateway -p amqp-gateway-bench --bin amqp-gateway --bin bench
+[ -n "${NO_BUILD:-}" ] ||
+  cargo build --release --locked -p amqp-gateway -p amqp-gateway-bench --bin amqp-gateway --bin bench
 bin=${GATEWAY_BIN:-target/release/amqp-gateway}
 out=${OUT:-/tmp/amqp-gateway-callgrind}
 mkdir -p "$out"
