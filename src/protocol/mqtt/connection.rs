@@ -60,9 +60,10 @@ impl Input {
 /// Not an `async fn`: one keeps its arguments twice in its state (as passed, and as the locals
 /// its body moves them to), and this state is the task's for the connection's whole life.
 ///
-/// Tokio allocates a task in multiples of 128 bytes, and this one is 640 with nothing to spare:
-/// 8 bytes more anywhere in the future below (the loop in `serve_session` most of all) make
-/// every connection's task 768. `-Zprint-type-sizes` shows it (docs/bench.md).
+/// Tokio allocates a task in multiples of 128 bytes, and over TCP this one is 512 with 8 bytes
+/// to spare: its future is 392 bytes, of which the loop in `serve_session` is 352, and 400 is
+/// the most a 512-byte task holds; 16 bytes more anywhere below make every connection's task
+/// 640. `-Zprint-type-sizes` shows it (docs/bench.md).
 pub fn run<S>(
     stream: S,
     ctx: Context,
@@ -83,14 +84,28 @@ where
     };
     async move {
         metrics::connection_opened(PROTOCOL);
-        let why = serve_live(&ctx, handshaking.await).await;
-        if why.is_notable() {
-            tracing::info!(remote = %conn.remote, reason = why.as_str(), "MQTT connection closed");
-        } else {
-            tracing::debug!(remote = %conn.remote, reason = why.as_str(), "MQTT connection closed");
-        }
-        metrics::connection_closed(PROTOCOL, why.as_str());
+        // The connected session's steps in this one block, each of them only the size of what
+        // it awaits: a future of their own kept its arguments and locals beside the loop's for
+        // the connection's life (112 bytes, which took the task to 640; docs/bench.md). The
+        // handshake's result is taken apart in a statement of its own: a `match` around the
+        // loop kept it (16 bytes) beside the loop's state.
+        let mut live = match handshaking.await {
+            Ok(live) => live,
+            Err(why) => return closed(&conn, why),
+        };
+        let why = serve_session(&ctx, &mut live).await;
+        closed(&conn, Box::pin(finish(*live, why)).await);
     }
+}
+
+/// Logs and counts why the connection closed.
+fn closed(conn: &Connection, why: CloseReason) {
+    if why.is_notable() {
+        tracing::info!(remote = %conn.remote, reason = why.as_str(), "MQTT connection closed");
+    } else {
+        tracing::debug!(remote = %conn.remote, reason = why.as_str(), "MQTT connection closed");
+    }
+    metrics::connection_closed(PROTOCOL, why.as_str());
 }
 
 /// A CONNACK that refuses with `code` (an MQTT 5 reason code; the codec gives 3.1.1 its
@@ -206,8 +221,7 @@ impl<R: AsyncRead + Unpin> Wire<R> {
 /// What a connected session holds for its whole life, on the heap once: kept in the task's own
 /// state it was laid out beside the handshake's locals.
 struct Live<S> {
-    /// Taken (dropped) once the session ended, before the last writes and the linger.
-    session: Option<Session>,
+    session: Session,
     wire: Wire<ReadHalf<S>>,
     writer: Writer<WriteHalf<S>>,
 }
@@ -295,7 +309,7 @@ where
             ));
             session.show_subscriptions();
             return Ok(Box::new(Live {
-                session: Some(session),
+                session,
                 wire,
                 writer,
             }));
@@ -313,50 +327,31 @@ where
     Err(CloseReason::ConnectRefused)
 }
 
-/// The session from its CONNACK to its end, or why there is none.
-///
-/// Not an `async fn`, for the reason `run` is not; and it takes the handshake's result whole,
-/// as `run` would otherwise keep that result beside this future for the connection's life.
-#[allow(
-    clippy::manual_async_fn,
-    reason = "an async fn keeps its arguments twice"
-)]
-fn serve_live<'a, S>(
-    ctx: &'a Context,
-    connected: Result<Box<Live<S>>, CloseReason>,
-) -> impl Future<Output = CloseReason> + 'a
+/// The session's end, once its loop returned `why`: the session ended (state stored or
+/// discarded, its place given back) and dropped, then the DISCONNECT (if any) and what was
+/// left written, the write side shut down, and the linger. Boxed by the caller, taking the
+/// connection whole: it runs once, and its state is on the heap only while it does.
+async fn finish<S>(live: Live<S>, why: CloseReason) -> CloseReason
 where
-    S: AsyncRead + AsyncWrite + Unpin + 'a,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
-    async move {
-        let mut live = match connected {
-            Ok(live) => live,
-            Err(why) => return why,
-        };
-        let Live {
-            session,
-            wire,
-            writer,
-        } = &mut *live;
-        // Used in place: moved out, the session would be part of this future's state again.
-        let Some(ended) = session.as_mut() else {
-            return CloseReason::PeerClosed;
-        };
-        let why = serve_session(ctx, ended, wire, writer).await;
-        Box::pin(ended.end(why.is_graceful())).await;
-        if let Some(code) = why.code() {
-            ended.outbound().push_back(Outbound::Disconnect { code });
-        }
-        // The DISCONNECT (if any) is written and the write side shut down before the linger.
-        let (out, qos0_out) = ended.outbound_and_gauge();
-        let mut rest = std::mem::take(out);
-        super::writer::leave_gauge(&rest, qos0_out);
-        *session = None;
-        if let Ok(Ok(())) = tokio::time::timeout(LINGER, writer.finish(&mut rest)).await {
-            wire.linger().await;
-        }
-        why
+    let Live {
+        mut session,
+        mut wire,
+        mut writer,
+    } = live;
+    Box::pin(session.end(why.is_graceful())).await;
+    if let Some(code) = why.code() {
+        session.outbound().push_back(Outbound::Disconnect { code });
     }
+    let (out, qos0_out) = session.outbound_and_gauge();
+    let mut rest = std::mem::take(out);
+    super::writer::leave_gauge(&rest, qos0_out);
+    drop(session);
+    if let Ok(Ok(())) = tokio::time::timeout(LINGER, writer.finish(&mut rest)).await {
+        wire.linger().await;
+    }
+    why
 }
 
 /// CONNECT first, within `mqtt.connect_timeout`. A CONNECT the gateway cannot take is answered
@@ -485,32 +480,32 @@ impl Clocks {
     clippy::manual_async_fn,
     reason = "an async fn keeps its arguments twice"
 )]
-fn serve_session<'a, R, W>(
+fn serve_session<'a, S>(
     ctx: &'a Context,
-    session: &'a mut Session,
-    wire: &'a mut Wire<R>,
-    writer: &'a mut Writer<W>,
+    live: &'a mut Live<S>,
 ) -> impl Future<Output = CloseReason> + 'a
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     // Not an `async fn`, for the reason `run` is not: the task's state would hold each
-    // argument twice.
+    // argument twice. The session, the wire and the writer are reached through `live` each
+    // time, not bound to names of their own: each name kept across the select's await is 8
+    // bytes of the task's state.
     async move {
         let timer = clock::idle_timer();
         tokio::pin!(timer);
-        let mut clocks = Clocks::new(session);
+        let mut clocks = Clocks::new(&live.session);
         // Both ways the connection is told to stop (an administrator's close, the gateway's
         // shutdown), through its registry entry: polled every turn, it is a waker registration
         // and an atomic load (each poll of a cancellation token's wait took the token's lock, one
         // that every connection shares). Registered before this loop starts.
-        let mut stop = session.registered.as_ref().map(Registered::stopped);
+        let mut stop = live.session.registered.as_ref().map(Registered::stopped);
         loop {
-            let (out, qos0_out) = session.outbound_and_gauge();
-            writer.fill(out, Some(qos0_out));
-            let timed = clock::set_sooner(timer.as_mut(), clocks.soonest(session, writer));
-            let may_read = session.takes_packets();
+            let (out, qos0_out) = live.session.outbound_and_gauge();
+            live.writer.fill(out, Some(qos0_out));
+            let timed =
+                clock::set_sooner(timer.as_mut(), clocks.soonest(&live.session, &live.writer));
+            let may_read = live.session.takes_packets();
             // Packets already read are handled before what they answer is written: one write
             // carries the answers to a whole read (a PUBACK per PUBLISH otherwise costs a system
             // call each), unless a batch's worth waits already or the writer gave way many turns
@@ -519,9 +514,9 @@ where
             // at its Receive Maximum) must still drain what it owes its client. Deliveries and
             // confirms get the same through `write_soon`: it writes only once the task found
             // nothing else ready.
-            let may_write =
-                writer.is_busy() && !(may_read && wire.has_ready() && writer.give_way());
-            let paused = session.delivery_paused();
+            let may_write = live.writer.is_busy()
+                && !(may_read && live.wire.has_ready() && live.writer.give_way());
+            let paused = live.session.delivery_paused();
             // The select only says what happened, and the event is turned into the step that
             // handles it in a block of its own that awaits nothing: a handler awaiting inside the
             // select, or anywhere the event's binding is still in scope (moved from or not), keeps
@@ -535,11 +530,11 @@ where
                             Stop::Shutdown => CloseReason::ServerShuttingDown,
                         })),
                         _ = &mut timer, if timed => Event::Timer,
-                        written = writer.write_soon(), if may_write => Event::Done(match written {
+                        written = live.writer.write_soon(), if may_write => Event::Done(match written {
                             Ok(()) => Outcome::Continue,
                             Err(e) => Outcome::Close(e.into()),
                         }),
-                        packet = wire.read(), if may_read => {
+                        packet = live.wire.read(), if may_read => {
                             clocks.last_seen = Instant::now();
                             match packet {
                                 Ok(Some(p)) => Event::Packet(p),
@@ -548,24 +543,24 @@ where
                                 Ok(None) | Err(DecodeError::Io(_)) => Event::Done(Outcome::Close(CloseReason::PeerClosed)),
                                 Err(DecodeError::MaxSizeExceeded { .. }) => Event::Done(Outcome::Close(CloseReason::PacketTooLarge)),
                                 Err(e) => {
-                                    tracing::info!(remote = %session.remote(), error = %e, "malformed MQTT packet; closing");
+                                    tracing::info!(remote = %live.session.remote(), error = %e, "malformed MQTT packet; closing");
                                     Event::Done(Outcome::Close(CloseReason::MalformedPacket))
                                 }
                             }
                         }
-                        Some((key, event)) = session.consumers.next(), if !session.consumers.is_empty() && paused.is_none() => {
+                        Some((key, event)) = live.session.consumers.next(), if !live.session.consumers.is_empty() && paused.is_none() => {
                             Event::Delivery(key, event)
                         }
                         // The pacing waits are boxed, made only while they are wanted: inline they
                         // would be 650 bytes of every connection's state.
                         _ = OptionFuture::from(paused.as_ref().map(|p| Box::pin(p.resume(ctx.config.limits.pace_max_wait)))), if paused.is_some() => Event::Done(Outcome::Continue),
-                        Some((ack, result)) = session.inflow.next_confirmed(), if session.inflow.awaiting() => {
+                        Some((ack, result)) = live.session.inflow.next_confirmed(), if live.session.inflow.awaiting() => {
                             Event::Confirmed(ack, result)
                         }
-                        _ = OptionFuture::from(session.stall.as_ref().map(|s| Box::pin(s.released()))), if session.stall.is_some() => {
+                        _ = OptionFuture::from(live.session.stall.as_ref().map(|s| Box::pin(s.released()))), if live.session.stall.is_some() => {
                             Event::Unstall
                         }
-                        Some(_) = session.takeovers.next() => Event::Done(session.taken_over()),
+                        Some(_) = live.session.takeovers.next() => Event::Done(live.session.taken_over()),
                     };
                     // The steps of almost every message — a PUBLISH not retained, a PUBACK, a confirm
                     // with nothing to take back — run in place, no future made per packet, their
@@ -573,16 +568,16 @@ where
                     // holds lives on the heap while it runs, not in every connection's state.
                     match event {
                         Event::Done(outcome) => Ok(Now::Done(outcome)),
-                        Event::Timer => Ok(clocks.fired(session, writer)),
+                        Event::Timer => Ok(clocks.fired(&live.session, &mut live.writer)),
                         Event::Packet(Inbound::Publish(p)) if !p.retain => {
-                            Ok(Now::Turns(session.publish_plain(p)))
+                            Ok(Now::Turns(live.session.publish_plain(p)))
                         }
                         Event::Packet(Inbound::PubAck(id)) => Ok(Now::PubAck(id)),
                         Event::Confirmed(ack, result) if !Session::undoes(&ack, &result) => {
-                            Ok(Now::Done(session.settle(ack, result)))
+                            Ok(Now::Done(live.session.settle(ack, result)))
                         }
                         // Made here, awaited once the event's block is over.
-                        event => Err(Box::pin(handle_event(session, event))),
+                        event => Err(Box::pin(handle_event(&mut live.session, event))),
                     }
                 };
                 match step {
@@ -592,11 +587,11 @@ where
             };
             let outcome = match now {
                 Now::Done(outcome) => outcome,
-                Now::Turns(outcome) => take_turns(session, outcome).await,
-                Now::PubAck(id) => puback(session, id).await,
-                Now::Retry => Box::pin(session.retry_parked()).await,
+                Now::Turns(outcome) => take_turns(&live.session, outcome).await,
+                Now::PubAck(id) => puback(&mut live.session, id).await,
+                Now::Retry => Box::pin(live.session.retry_parked()).await,
             };
-            session.note_in_flight();
+            live.session.note_in_flight();
             if let Outcome::Close(why) = outcome {
                 return why;
             }

@@ -138,16 +138,22 @@ impl Inflow {
         self.waiting > 0
     }
 
-    /// The next answer, in arrival order.
-    pub async fn next_confirmed(&mut self) -> Option<(Ack, Result<(), EngineError>)> {
-        let next = match self.confirms.get_mut() {
-            Some(confirms) => confirms.next().await,
-            None => None,
-        };
-        if next.is_some() {
-            self.waiting -= 1;
-        }
-        next
+    /// The next answer, in arrival order. A poll function, not an `async fn`: the
+    /// connection's select holds this future for the connection's whole life, and an `async
+    /// fn`'s state was 32 bytes where this is 8.
+    pub fn next_confirmed(
+        &mut self,
+    ) -> impl Future<Output = Option<(Ack, Result<(), EngineError>)>> + '_ {
+        std::future::poll_fn(move |cx| {
+            let next = match self.confirms.get_mut() {
+                Some(confirms) => std::task::ready!(confirms.poll_next_unpin(cx)),
+                None => None,
+            };
+            if next.is_some() {
+                self.waiting -= 1;
+            }
+            Poll::Ready(next)
+        })
     }
 
     fn push(&mut self, awaiting: Awaiting) {
