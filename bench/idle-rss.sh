@@ -6,9 +6,11 @@
 #   bash bench/idle-rss.sh                                   # target/release, N=15000
 #   GATEWAY_BIN=/tmp/gw-X/amqp-gateway N=5000 bash bench/idle-rss.sh
 #   MIMALLOC_ALLOW_THP=1 bash bench/idle-rss.sh              # env reaches the gateway
+#   NO_BUILD=1 GATEWAY_BIN=/tmp/gw-X/amqp-gateway bash …     # a copied build, the tree not built
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --locked -p amqp-gateway -p amqp-gateway-bench --bin amqp-gateway --bin bench
+[ -n "${NO_BUILD:-}" ] ||
+  cargo build --release --locked -p amqp-gateway -p amqp-gateway-bench --bin amqp-gateway --bin bench
 source bench/lib.sh
 bin=${GATEWAY_BIN:-target/release/amqp-gateway}
 n=${N:-15000}
