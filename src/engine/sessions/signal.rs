@@ -22,7 +22,7 @@ pub fn takeover_channel() -> (TakeoverSender, TakeoverReceiver) {
     (TakeoverSender(shared.clone()), TakeoverReceiver(shared))
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct State {
     /// The holder's task, once it polled.
     waker: Option<Waker>,
@@ -37,7 +37,7 @@ struct State {
 }
 
 /// The registry's end; clones tell the same holder.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct TakeoverSender(Arc<Mutex<State>>);
 
 /// The holder is gone.
@@ -62,14 +62,9 @@ impl TakeoverSender {
     }
 }
 
-impl std::fmt::Debug for TakeoverSender {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TakeoverSender").finish_non_exhaustive()
-    }
-}
-
 /// The holder's end: a stream of the takeovers asked for, in order. It never ends (the
 /// registry may drop its sender on release while the holder still runs).
+#[derive(Debug)]
 pub struct TakeoverReceiver(Arc<Mutex<State>>);
 
 impl Stream for TakeoverReceiver {
@@ -98,12 +93,6 @@ impl Drop for TakeoverReceiver {
         state.closed = true;
         state.waker = None;
         state.keys = None;
-    }
-}
-
-impl std::fmt::Debug for TakeoverReceiver {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TakeoverReceiver").finish_non_exhaustive()
     }
 }
 
