@@ -17,6 +17,7 @@ mod encode;
 use self::decode::{from_v3, from_v5, plain_puback_in, plain_publish_in};
 pub use self::encode::{encode_shared_publish, publish_size};
 use self::encode::{plain_puback, plain_publish, to_v3, to_v5};
+use super::topic::TopicName;
 
 pub use rmqtt_codec::error::DecodeError;
 
@@ -154,7 +155,7 @@ pub enum Outbound {
         server_keep_alive: Option<u16>,
     },
     Publish {
-        topic: String,
+        topic: TopicName,
         qos: u8,
         retain: bool,
         dup: bool,

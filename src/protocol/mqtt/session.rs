@@ -27,7 +27,7 @@ use super::codec::{
     encode_shared_publish,
 };
 use super::properties;
-use super::topic::{self, filter_to_binding, key_to_topic, session_queue, topic_to_key};
+use super::topic::{self, TopicName, filter_to_binding, key_to_topic, session_queue, topic_to_key};
 use crate::auth::Principal;
 use crate::context::{Connection, Context};
 use crate::engine::retained::RetainedStore;

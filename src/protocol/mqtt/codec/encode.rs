@@ -6,7 +6,7 @@ use super::*;
 /// A 3.1.1 QoS 0 PUBLISH of `payload` to `topic` (not retained, no packet id), encoded once
 /// for every 3.1.1 subscriber of a message: fan-out to fifty subscribers encoded the same
 /// bytes fifty times (a sixth of a delivery's instructions under callgrind).
-pub fn encode_shared_publish(topic: String, payload: Bytes) -> Bytes {
+pub fn encode_shared_publish(topic: TopicName, payload: Bytes) -> Bytes {
     let mut buf = BytesMut::new();
     if !plain_publish(
         &mut buf,
@@ -49,7 +49,7 @@ pub(super) fn plain_publish(
     buf: &mut BytesMut,
     version: Version,
     max: u32,
-    (topic, qos, retain, dup, packet_id): (&str, u8, bool, bool, Option<u16>),
+    (topic, qos, retain, dup, packet_id): (&TopicName, u8, bool, bool, Option<u16>),
     payload: &[u8],
 ) -> bool {
     use bytes::BufMut;
@@ -77,7 +77,7 @@ pub(super) fn plain_publish(
         buf.put_u8(byte | 0x80);
     }
     buf.put_u16(topic_len);
-    buf.put_slice(topic.as_bytes());
+    topic.write_to(buf);
     if let Some(id) = packet_id {
         buf.put_u16(id);
     }
@@ -125,7 +125,7 @@ pub(super) fn plain_puback(
 }
 
 fn publish_out(
-    topic: String,
+    topic: TopicName,
     q: u8,
     retain: bool,
     dup: bool,
@@ -155,7 +155,7 @@ fn publish_out(
         dup,
         retain,
         qos: qos(q),
-        topic: ByteString::from(topic),
+        topic: ByteString::from(topic.into_string()),
         packet_id: packet_id.map(nz16),
         payload,
         properties,
@@ -177,7 +177,7 @@ pub(super) fn var_int_len(n: usize) -> usize {
 /// the byte is delivered.
 pub fn publish_size(
     version: Version,
-    topic: &str,
+    topic: &TopicName,
     qos: u8,
     payload: usize,
     props: &PublishProps,

@@ -204,7 +204,7 @@ fn publish_size_is_exact() {
                 };
                 codec.encode(packet, &mut buf).unwrap();
                 assert_eq!(
-                    publish_size(version, "a/b", qos, payload, &props),
+                    publish_size(version, &"a/b".into(), qos, payload, &props),
                     buf.len(),
                     "{version:?} qos {qos} payload {payload} {props:?}"
                 );
@@ -257,7 +257,8 @@ fn a_plain_publish_is_written_as_the_codec_writes_it() {
                         };
                         let want = codec_bytes(version, 0, packet).unwrap();
                         let mut got = BytesMut::new();
-                        let flags = (topic, qos, retain, dup, packet_id);
+                        let name = TopicName::from(topic);
+                        let flags = (&name, qos, retain, dup, packet_id);
                         assert!(plain_publish(&mut got, version, 0, flags, &big[..payload]));
                         assert!(
                             got[..] == want[..],
@@ -277,7 +278,7 @@ fn a_plain_publish_is_written_as_the_codec_writes_it() {
 fn what_a_plain_publish_does_not_write_is_left_to_the_codec() {
     let long = "t".repeat(usize::from(u16::MAX) + 1);
     let mut buf = BytesMut::new();
-    for (version, max, flags, payload) in [
+    for (version, max, (topic, qos, retain, dup, id), payload) in [
         // Too long for an MQTT string.
         (Version::V3, 0, (long.as_str(), 0, false, false, None), 0),
         // Over the client's Maximum Packet Size: the codec refuses it.
@@ -287,6 +288,7 @@ fn what_a_plain_publish_does_not_write_is_left_to_the_codec() {
         (Version::V5, 0, ("a", 1, false, false, None), 0),
         (Version::V3, 0, ("a", 1, false, false, Some(0)), 0),
     ] {
+        let flags = (&TopicName::from(topic), qos, retain, dup, id);
         assert!(!plain_publish(
             &mut buf,
             version,
@@ -666,4 +668,33 @@ fn a_queued_packet_stays_small() {
         "{}",
         std::mem::size_of::<Outbound>()
     );
+}
+
+#[test]
+fn a_routing_key_as_topic_is_encoded_as_the_name_made_from_it() {
+    use crate::config::TopicMapping;
+    let props = PublishProps {
+        message_expiry: Some(9),
+        ..PublishProps::default()
+    };
+    for version in [Version::V3, Version::V5] {
+        // Written by hand (no properties) and by the codec (properties).
+        for props in [None, props.clone().boxed()] {
+            let packet = |topic: TopicName| Outbound::Publish {
+                topic,
+                qos: 1,
+                retain: false,
+                dup: false,
+                packet_id: Some(3),
+                payload: Bytes::from_static(b"body"),
+                props: props.clone(),
+            };
+            let made = super::super::topic::map_key("a/b.c", TopicMapping::Swap);
+            let key = TopicName::of_key("a/b.c".into(), TopicMapping::Swap);
+            let (mut want, mut got) = (BytesMut::new(), BytesMut::new());
+            encode_as(version, 0, packet(made.into()), &mut want).unwrap();
+            encode_as(version, 0, packet(key), &mut got).unwrap();
+            assert_eq!(got, want, "{version:?} {props:?}");
+        }
+    }
 }

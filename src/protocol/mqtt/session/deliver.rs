@@ -7,6 +7,12 @@ use super::*;
 /// Deliveries handled per turn of the connection's task, at most.
 const DRAIN_BATCH: usize = 512;
 
+/// The topic name of a delivery's routing key (one [`topic::key_is_mappable`] said yes to),
+/// mapped as it is written.
+fn topic_of(d: &Delivery, mapping: crate::config::TopicMapping) -> TopicName {
+    TopicName::of_key(d.envelope.envelope().routing_key.clone(), mapping)
+}
+
 impl Session {
     // ---------- deliveries ----------
 
@@ -160,9 +166,9 @@ impl Session {
                 .mqtt_sent
                 .swap(true, std::sync::atomic::Ordering::Relaxed)
         {
-            let frame = shared.mqtt.get_or_init(|| {
-                encode_shared_publish(topic::map_key(key, mapping), d.body().clone())
-            });
+            let frame = shared
+                .mqtt
+                .get_or_init(|| encode_shared_publish(topic_of(&d, mapping), d.body().clone()));
             self.emit_encoded(frame.clone(), d.body().len());
             if level == 1 {
                 let _ = self.channel().ack(d.delivery_tag, false).await;
@@ -173,7 +179,7 @@ impl Session {
         if self.client.version == Version::V5 {
             props.subscription_ids = subscription_ids;
         }
-        let topic = topic::map_key(key, mapping);
+        let topic = topic_of(&d, mapping);
         self.send_copy(&d, topic, qos, retain, props, level == 1)
             .await
     }
@@ -209,11 +215,12 @@ impl Session {
             let _ = self.channel().nack(d.delivery_tag, false, true).await;
             return Outcome::Continue;
         };
-        let Some(topic) = key_to_topic(d.routing_key(), self.ctx.config.mqtt.topic_mapping) else {
+        if !topic::key_is_mappable(d.routing_key()) {
             metrics::refusal(PROTOCOL, "unmappable_topic");
             let _ = self.channel().ack(d.delivery_tag, false).await;
             return Outcome::Continue;
-        };
+        }
+        let topic = topic_of(&d, self.ctx.config.mqtt.topic_mapping);
         let publish_qos = publish_qos_of(d.message());
         let qos = publish_qos.min(opts.granted);
         let mut props = self.props_of(d.properties(), d.expires_in);
@@ -230,7 +237,7 @@ impl Session {
     async fn send_copy(
         &mut self,
         d: &Delivery,
-        topic: String,
+        topic: TopicName,
         qos: u8,
         retain: bool,
         props: PublishProps,
@@ -258,7 +265,7 @@ impl Session {
     ///   packet that fits to the byte is delivered ([MQTT-3.1.2-24]).
     fn emit(
         &mut self,
-        topic: String,
+        topic: TopicName,
         qos: u8,
         retain: bool,
         packet_id: Option<u16>,
@@ -268,10 +275,17 @@ impl Session {
         if qos == 0 && self.qos0_overflows(payload.len() as u64) {
             return false;
         }
-        let alias = self.alias_for(&topic);
+        // Aliases are kept by name: only a client that takes them has the name made whole.
+        let (topic, alias) = if self.client.version == Version::V5 && self.client.alias_max > 0 {
+            let name = topic.into_string();
+            let alias = self.alias_for(&name);
+            (TopicName::Made(name), alias)
+        } else {
+            (topic, None)
+        };
         props.topic_alias = alias.map(|(a, _)| a);
         let wire_topic = match alias {
-            Some((_, false)) => String::new(),
+            Some((_, false)) => TopicName::Made(String::new()),
             _ => topic,
         };
         if let Some(max) = self.client.max_packet {
@@ -291,7 +305,7 @@ impl Session {
             self.outflow
                 .aliases
                 .get_or_insert_default()
-                .insert(wire_topic.clone(), a);
+                .insert(wire_topic.clone().into_string(), a);
         }
         if qos == 0 {
             self.outflow.qos0_out.add(payload.len() as u64);
@@ -333,7 +347,14 @@ impl Session {
                 props.subscription_ids = id.map(NonZeroU32::get).into_iter().collect();
             }
             let packet_id = (qos >= 1).then(|| self.next_packet_id());
-            let sent = self.emit(topic, qos, true, packet_id, m.message.body.clone(), props);
+            let sent = self.emit(
+                topic.into(),
+                qos,
+                true,
+                packet_id,
+                m.message.body.clone(),
+                props,
+            );
             if let (Some(packet_id), true) = (packet_id, sent) {
                 self.track(packet_id, qos, None);
             }
