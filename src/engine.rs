@@ -647,6 +647,19 @@ pub trait Channel: Send + Sync {
         options: PublishOptions,
     ) -> PublishConfirm;
 
+    /// [`Self::publish`] with a routing key the caller keeps shared (an MQTT publisher's
+    /// topic, mapped once for its many publishes): an engine that keeps the key with the
+    /// message takes this one instead of copying it into an allocation of its own.
+    fn publish_shared(
+        &self,
+        exchange: &str,
+        routing_key: Arc<str>,
+        message: Message,
+        options: PublishOptions,
+    ) -> PublishConfirm {
+        self.publish(exchange, &routing_key, message, options)
+    }
+
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Consumer, EngineError>;
     /// Cancels a consumer of this channel. Its stream yields nothing more; deliveries it held
     /// that the client never took return to the queue unmarked; those the client took are

@@ -10,6 +10,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Instant;
 
@@ -116,14 +117,40 @@ impl Cleared<'_> {
     pub fn publish(
         self,
         channel: &dyn Channel,
-        mut message: Message,
+        message: Message,
         options: PublishOptions,
+    ) -> Publishing {
+        let routing_key = self.routing_key;
+        self.hand_over(message, |exchange, message| {
+            channel.publish(exchange, routing_key, message, options)
+        })
+    }
+
+    /// [`Self::publish`] with the routing key it cleared, held shared by the caller
+    /// ([`Channel::publish_shared`]).
+    pub fn publish_shared(
+        self,
+        channel: &dyn Channel,
+        routing_key: Arc<str>,
+        message: Message,
+        options: PublishOptions,
+    ) -> Publishing {
+        debug_assert_eq!(&*routing_key, self.routing_key);
+        self.hand_over(message, |exchange, message| {
+            channel.publish_shared(exchange, routing_key, message, options)
+        })
+    }
+
+    fn hand_over(
+        self,
+        mut message: Message,
+        publish: impl FnOnce(&str, Message) -> PublishConfirm,
     ) -> Publishing {
         stamp_subject(&mut message, self.principal);
         Publishing {
             started: Instant::now(),
             protocol: self.protocol,
-            confirm: channel.publish(self.exchange, self.routing_key, message, options),
+            confirm: publish(self.exchange, message),
         }
     }
 }

@@ -252,6 +252,31 @@ impl Drop for EmbeddedChannel {
     }
 }
 
+impl EmbeddedChannel {
+    /// Both publishes: the key is made an `Arc` (when it is not one) only if the message is
+    /// routed.
+    fn publish_with<K>(&self, exchange: &str, routing_key: K, message: Message) -> PublishConfirm
+    where
+        K: AsRef<str> + Into<Arc<str>>,
+    {
+        // Routed synchronously inside the call: the channel's order is the call order.
+        let result = self
+            .shared
+            .check_open()
+            .and_then(|()| self.shared.broker.publish(exchange, routing_key, message));
+        match result {
+            Ok((outcome, None, pace)) => PublishConfirm::ready(Ok(outcome)).with_pace(pace),
+            // Persistent in a durable queue: confirmed once its group commit is durable.
+            Ok((outcome, Some(write), pace)) => PublishConfirm::pending(async move {
+                write.await?;
+                Ok(outcome)
+            })
+            .with_pace(pace),
+            Err(e) => PublishConfirm::ready(Err(e)),
+        }
+    }
+}
+
 #[async_trait]
 impl Channel for EmbeddedChannel {
     fn id(&self) -> u64 {
@@ -411,21 +436,17 @@ impl Channel for EmbeddedChannel {
         message: Message,
         _options: PublishOptions,
     ) -> PublishConfirm {
-        // Routed synchronously inside the call: the channel's order is the call order.
-        let result = self
-            .shared
-            .check_open()
-            .and_then(|()| self.shared.broker.publish(exchange, routing_key, message));
-        match result {
-            Ok((outcome, None, pace)) => PublishConfirm::ready(Ok(outcome)).with_pace(pace),
-            // Persistent in a durable queue: confirmed once its group commit is durable.
-            Ok((outcome, Some(write), pace)) => PublishConfirm::pending(async move {
-                write.await?;
-                Ok(outcome)
-            })
-            .with_pace(pace),
-            Err(e) => PublishConfirm::ready(Err(e)),
-        }
+        self.publish_with(exchange, routing_key, message)
+    }
+
+    fn publish_shared(
+        &self,
+        exchange: &str,
+        routing_key: Arc<str>,
+        message: Message,
+        _options: PublishOptions,
+    ) -> PublishConfirm {
+        self.publish_with(exchange, routing_key, message)
     }
 
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Consumer, EngineError> {

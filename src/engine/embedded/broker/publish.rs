@@ -7,12 +7,16 @@ use super::*;
 impl Broker {
     /// Routes and enqueues at the call; the returned write, when there is one, resolves once
     /// the message is durable in the store (only then may the publish be confirmed).
-    pub fn publish(
+    pub fn publish<K>(
         &self,
         exchange: &str,
-        routing_key: &str,
+        key: K,
         message: Message,
-    ) -> Result<(PublishOutcome, Option<StoreWrite>, Pace), EngineError> {
+    ) -> Result<(PublishOutcome, Option<StoreWrite>, Pace), EngineError>
+    where
+        K: AsRef<str> + Into<Arc<str>>,
+    {
+        let routing_key = key.as_ref();
         if message.body.len() > self.max_message_bytes {
             return Err(EngineError::ContentTooLarge {
                 size: message.body.len(),
@@ -39,13 +43,8 @@ impl Broker {
             return Ok((PublishOutcome { routed: false }, None, Pace::default()));
         }
         let mut fx = Effects::default();
-        let (routed, rejected, write) = self.enqueue_all(
-            &targets,
-            exchange_name,
-            routing_key.into(),
-            message,
-            &mut fx,
-        );
+        let (routed, rejected, write) =
+            self.enqueue_all(&targets, exchange_name, key.into(), message, &mut fx);
         let pace = std::mem::take(&mut fx.paced);
         self.apply(fx);
         match rejected {
