@@ -85,7 +85,8 @@ impl PublishProps {
 
 #[derive(Debug, Clone)]
 pub struct PublishIn {
-    pub topic: String,
+    /// Shares the bytes it was read in, as the payload does: no allocation per publish.
+    pub topic: ByteString,
     pub qos: u8,
     pub retain: bool,
     pub packet_id: Option<u16>,

@@ -31,7 +31,7 @@ pub(super) fn plain_publish_in(
     if topic_len == 0 {
         return None;
     }
-    let topic = std::str::from_utf8(body.get(2..2 + topic_len)?).ok()?;
+    std::str::from_utf8(body.get(2..2 + topic_len)?).ok()?;
     let mut at = 2 + topic_len;
     let packet_id = if qos > 0 {
         let id = u16::from_be_bytes([*body.get(at)?, *body.get(at + 1)?]);
@@ -46,9 +46,10 @@ pub(super) fn plain_publish_in(
         }
         at += 1;
     }
-    let topic = String::from(topic);
     buf.advance(header);
     let mut payload = buf.split_to(remaining).freeze();
+    // UTF-8, checked above (before anything was taken from `buf`).
+    let topic = ByteString::try_from(payload.slice(2..2 + topic_len)).unwrap_or_default();
     payload.advance(at);
     Some(PublishIn {
         topic,
@@ -106,8 +107,7 @@ fn publish_in(p: Publish) -> PublishIn {
         })
         .unwrap_or_default();
     PublishIn {
-        // Not `to_string()`: through `Display` that is a formatter per message.
-        topic: String::from(&*p.topic),
+        topic: p.topic,
         qos: qos_of(p.qos),
         retain: p.retain,
         packet_id: p.packet_id.map(NonZeroU16::get),

@@ -94,7 +94,7 @@ impl Session {
             return;
         }
         let p = PublishIn {
-            topic: will.topic.clone(),
+            topic: will.topic.clone().into(),
             qos: will.qos,
             retain: will.retain,
             packet_id: None,

@@ -285,14 +285,14 @@ impl Session {
             }
             if p.topic.is_empty() {
                 match self.inflow.aliases.as_ref().and_then(|a| a.get(&alias)) {
-                    Some(topic) => p.topic = topic.clone(),
+                    Some(topic) => p.topic = topic.clone().into(),
                     None => return Err(Outcome::Close(CloseReason::ProtocolError)),
                 }
             } else {
                 self.inflow
                     .aliases
                     .get_or_insert_default()
-                    .insert(alias, p.topic.clone());
+                    .insert(alias, String::from(&*p.topic));
             }
         }
         if p.qos == 2 && self.max_qos() < 2 && self.client.version == Version::V5 {
@@ -427,7 +427,7 @@ impl Session {
     /// the limit (answered or refused here).
     fn key_of(&mut self, p: &PublishIn) -> Result<Arc<str>, Outcome> {
         let key = match self.inflow.publisher().last_key.as_ref() {
-            Some((topic, key)) if *topic == p.topic => key.clone(),
+            Some((topic, key)) if **topic == *p.topic => key.clone(),
             _ => self.map_topic(p)?,
         };
         if p.payload.len() as u64 > self.ctx.config.limits.max_message_bytes.as_u64() {
@@ -457,7 +457,8 @@ impl Session {
                 return Err(Outcome::Close(CloseReason::TopicNameInvalid));
             }
         };
-        self.inflow.publisher().last_key = Some((p.topic.clone(), key.clone()));
+        // A copy: the topic shares its read buffer, which this would keep for good.
+        self.inflow.publisher().last_key = Some((String::from(&*p.topic), key.clone()));
         Ok(key)
     }
 
