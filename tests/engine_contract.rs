@@ -703,7 +703,10 @@ async fn message_ttl_dead_letters_expired(engine: Arc<dyn Engine>) {
         "ttl",
         args(&[
             ("x-message-ttl", FieldValue::I64(50)),
-            ("x-dead-letter-exchange", FieldValue::Str(dlx.clone())),
+            (
+                "x-dead-letter-exchange",
+                FieldValue::Str(dlx.as_str().into()),
+            ),
         ]),
     )
     .await;
@@ -737,8 +740,11 @@ async fn per_message_expiration(engine: Arc<dyn Engine>) {
         &ch,
         "exp",
         args(&[
-            ("x-dead-letter-exchange", FieldValue::Str(String::new())),
-            ("x-dead-letter-routing-key", FieldValue::Str(dlq.clone())),
+            ("x-dead-letter-exchange", FieldValue::Str("".into())),
+            (
+                "x-dead-letter-routing-key",
+                FieldValue::Str(dlq.as_str().into()),
+            ),
         ]),
     )
     .await;
@@ -804,8 +810,11 @@ async fn max_length_drops_head(engine: Arc<dyn Engine>) {
         "maxlen",
         args(&[
             ("x-max-length", FieldValue::I64(2)),
-            ("x-dead-letter-exchange", FieldValue::Str(String::new())),
-            ("x-dead-letter-routing-key", FieldValue::Str(dlq.clone())),
+            ("x-dead-letter-exchange", FieldValue::Str("".into())),
+            (
+                "x-dead-letter-routing-key",
+                FieldValue::Str(dlq.as_str().into()),
+            ),
         ]),
     )
     .await;
@@ -867,7 +876,10 @@ async fn rejected_messages_are_dead_lettered(engine: Arc<dyn Engine>) {
         &ch,
         "rej",
         args(&[
-            ("x-dead-letter-exchange", FieldValue::Str(dlx.clone())),
+            (
+                "x-dead-letter-exchange",
+                FieldValue::Str(dlx.as_str().into()),
+            ),
             ("x-dead-letter-routing-key", FieldValue::Str("dead".into())),
         ]),
     )

@@ -158,10 +158,10 @@ impl Cleared<'_> {
 /// Says who published `message` (header `x-gateway-sub`), over anything a client sent under
 /// that name.
 pub fn stamp_subject(message: &mut Message, principal: &Principal) {
-    message.properties.headers.insert(
-        SUBJECT_HEADER,
-        FieldValue::Str(String::from(&*principal.subject)),
-    );
+    message
+        .properties
+        .headers
+        .insert(SUBJECT_HEADER, FieldValue::Str(principal.subject.clone()));
 }
 
 /// The engine's confirm of a cleared publish; counts the message and its latency when the

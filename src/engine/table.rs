@@ -8,6 +8,8 @@ pub mod wire;
 
 pub use map::{FieldTable, Key};
 
+use std::sync::Arc;
+
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Map, Number, Value};
@@ -30,8 +32,10 @@ pub enum FieldValue {
         scale: u8,
         value: u32,
     },
-    /// `S`, when the bytes are UTF-8.
-    Str(String),
+    /// `S`, when the bytes are UTF-8. Shared: the gateway stamps every publish with its
+    /// publisher's subject and session (`x-gateway-sub`, `x-mqtt-origin`), strings each
+    /// connection holds for its whole life, and a copy per message was two allocations.
+    Str(Arc<str>),
     /// `x`, and `S` values that are not UTF-8.
     Bytes(Vec<u8>),
     Array(Vec<FieldValue>),
@@ -103,7 +107,7 @@ impl FieldValue {
             FieldValue::F32(f) => float(f64::from(*f)),
             FieldValue::F64(f) => float(*f),
             FieldValue::Decimal { scale, value } => Value::String(decimal(*scale, *value)),
-            FieldValue::Str(s) => Value::String(s.clone()),
+            FieldValue::Str(s) => Value::String(s.to_string()),
             FieldValue::Bytes(b) => {
                 let mut map = Map::new();
                 map.insert("$bytes".into(), Value::String(BASE64.encode(b)));
@@ -152,7 +156,7 @@ fn from_json(value: &Value, depth: usize) -> Result<FieldValue, TableError> {
             Some(i) => FieldValue::I64(i),
             None => FieldValue::F64(n.as_f64().unwrap_or(f64::NAN)),
         },
-        Value::String(s) => FieldValue::Str(s.clone()),
+        Value::String(s) => FieldValue::Str(s.as_str().into()),
         Value::Array(items) => FieldValue::Array(
             items
                 .iter()

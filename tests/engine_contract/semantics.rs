@@ -15,8 +15,11 @@ pub async fn a_message_ttl_expires_once_at_the_head(engine: Arc<dyn Engine>) {
         &ch,
         "head",
         args(&[
-            ("x-dead-letter-exchange", FieldValue::Str(String::new())),
-            ("x-dead-letter-routing-key", FieldValue::Str(dlq.clone())),
+            ("x-dead-letter-exchange", FieldValue::Str("".into())),
+            (
+                "x-dead-letter-routing-key",
+                FieldValue::Str(dlq.as_str().into()),
+            ),
         ]),
     )
     .await;
@@ -103,11 +106,8 @@ pub async fn an_expiry_cycle_after_a_rejection_is_cut(engine: Arc<dyn Engine>) {
     let dead_letter_to = |queue: &str, ttl: i64| {
         queue_spec(args(&[
             ("x-message-ttl", FieldValue::I64(ttl)),
-            ("x-dead-letter-exchange", FieldValue::Str(String::new())),
-            (
-                "x-dead-letter-routing-key",
-                FieldValue::Str(queue.to_owned()),
-            ),
+            ("x-dead-letter-exchange", FieldValue::Str("".into())),
+            ("x-dead-letter-routing-key", FieldValue::Str(queue.into())),
         ]))
     };
     ch.declare_queue(&a, &dead_letter_to(&b, 20)).await.unwrap();

@@ -86,9 +86,9 @@ fn value_from_amqp(value: &AMQPValue) -> FieldValue {
             scale: d.scale,
             value: d.value,
         },
-        AMQPValue::ShortString(s) => FieldValue::Str(s.as_str().to_owned()),
+        AMQPValue::ShortString(s) => FieldValue::Str(s.as_str().into()),
         AMQPValue::LongString(s) => match std::str::from_utf8(s.as_bytes()) {
-            Ok(text) => FieldValue::Str(text.to_owned()),
+            Ok(text) => FieldValue::Str(text.into()),
             Err(_) => FieldValue::Bytes(s.as_bytes().to_vec()),
         },
         AMQPValue::ByteArray(b) => FieldValue::Bytes(b.as_slice().to_vec()),
@@ -158,7 +158,7 @@ mod tests {
             ("x", FieldValue::Bytes(vec![0, 0xff, 0xfe])),
             (
                 "a",
-                FieldValue::Array(vec![FieldValue::Void, FieldValue::Str(String::new())]),
+                FieldValue::Array(vec![FieldValue::Void, FieldValue::Str("".into())]),
             ),
             ("ts", FieldValue::Timestamp(1_700_000_000)),
             ("t", FieldValue::Table(inner)),

@@ -123,7 +123,7 @@ impl StreamRetained {
         let h = &mut message.properties.headers;
         h.insert(KEY, FieldValue::Str(key.into()));
         h.insert(AT, FieldValue::I64(at_ms as i64));
-        h.insert(ORIGIN, FieldValue::Str(self.origin.to_string()));
+        h.insert(ORIGIN, FieldValue::Str(self.origin.as_ref().into()));
         h.insert(SEQ, FieldValue::I64(seq as i64));
         let (request, confirm) = Request::new(
             ShortString::from(""),

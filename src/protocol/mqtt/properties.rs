@@ -39,7 +39,7 @@ pub fn is_gateway_header(name: &str) -> bool {
 /// in their usual text; tables, arrays, bytes and void have no faithful string form.
 fn as_property_value(v: &FieldValue) -> Option<String> {
     match v {
-        FieldValue::Str(s) => Some(s.clone()),
+        FieldValue::Str(s) => Some(s.to_string()),
         FieldValue::Bool(b) => Some(b.to_string()),
         FieldValue::F32(f) => Some(f.to_string()),
         FieldValue::F64(f) => Some(f.to_string()),
@@ -84,7 +84,7 @@ pub fn to_amqp(props: &PublishProps, mapping: TopicMapping, out: &mut Properties
     for (k, v) in &props.user_properties {
         // A table key is an AMQP short string; the gateway's names are its own.
         if k.len() <= 255 && !is_gateway_header(k) {
-            headers.insert(k.clone(), FieldValue::Str(v.clone()));
+            headers.insert(k.clone(), FieldValue::Str(v.as_str().into()));
         }
     }
     if from_headers(headers) != props.user_properties {
@@ -92,7 +92,10 @@ pub fn to_amqp(props: &PublishProps, mapping: TopicMapping, out: &mut Properties
             .user_properties
             .iter()
             .map(|(k, v)| {
-                FieldValue::Array(vec![FieldValue::Str(k.clone()), FieldValue::Str(v.clone())])
+                FieldValue::Array(vec![
+                    FieldValue::Str(k.as_str().into()),
+                    FieldValue::Str(v.as_str().into()),
+                ])
             })
             .collect();
         headers.insert(USER_PROPERTIES_HEADER, FieldValue::Array(list));
@@ -112,7 +115,10 @@ pub fn to_amqp(props: &PublishProps, mapping: TopicMapping, out: &mut Properties
         match topic_to_key(topic, mapping) {
             Ok(key) => out.reply_to = Some(key),
             Err(_) => {
-                headers.insert(RESPONSE_TOPIC_HEADER, FieldValue::Str(topic.clone()));
+                headers.insert(
+                    RESPONSE_TOPIC_HEADER,
+                    FieldValue::Str(topic.as_str().into()),
+                );
             }
         }
     }

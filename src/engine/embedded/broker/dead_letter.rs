@@ -22,7 +22,7 @@ impl Broker {
             _ => Vec::new(),
         };
         let reason = FieldValue::Str(dead.reason.as_str().into());
-        let queue_name = FieldValue::Str(dead.queue.to_string());
+        let queue_name = FieldValue::Str(dead.queue.clone());
         let existing = deaths.iter().position(|d| {
             matches!(d, FieldValue::Table(t) if t.get("queue") == Some(&queue_name) && t.get("reason") == Some(&reason))
         });
@@ -45,7 +45,7 @@ impl Broker {
                     now,
                 );
                 if let Some(exp) = original_expiration {
-                    t.insert("original-expiration", FieldValue::Str(exp));
+                    t.insert("original-expiration", FieldValue::Str(exp.into()));
                 }
                 FieldValue::Table(t)
             }
@@ -70,9 +70,9 @@ impl Broker {
         ] {
             let first = format!("x-first-death-{key}");
             if !headers.contains_key(&first) {
-                headers.insert(first, FieldValue::Str(value.clone()));
+                headers.insert(first, FieldValue::Str(value.as_str().into()));
             }
-            headers.insert(format!("x-last-death-{key}"), FieldValue::Str(value));
+            headers.insert(format!("x-last-death-{key}"), FieldValue::Str(value.into()));
         }
 
         let mut targets = Targets::new();

@@ -653,10 +653,9 @@ impl Session {
         props
             .headers
             .insert(PUBLISH_QOS_HEADER, FieldValue::U8(p.qos));
-        props.headers.insert(
-            ORIGIN_HEADER,
-            FieldValue::Str(String::from(&*self.life.key)),
-        );
+        props
+            .headers
+            .insert(ORIGIN_HEADER, FieldValue::Str(self.life.key.clone()));
         if p.retain {
             props.headers.insert(RETAIN_HEADER, FieldValue::Bool(true));
         }
