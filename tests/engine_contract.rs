@@ -1179,7 +1179,7 @@ async fn properties_round_trip(engine: Arc<dyn Engine>) {
         app_id: Some("tests".into()),
     };
     let message = Message {
-        properties: properties.clone(),
+        properties: Box::new(properties.clone()),
         body: Bytes::from_static(b"{\"a\":1}\x00\xff"),
     };
     ch.publish("", &q, message.clone(), PublishOptions::default())

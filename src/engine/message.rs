@@ -34,14 +34,25 @@ pub struct Properties {
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Message {
-    pub properties: Properties,
+    /// Boxed: a message is handed on by value from adapter to queue (eight moves or so on
+    /// the way in), and inline the properties made each move a 300-byte `memcpy`, 6 % of a
+    /// QoS 0 message's instructions; boxed, a message is 40 bytes and a move a few stores.
+    pub properties: Box<Properties>,
     pub body: Bytes,
 }
 
 impl Message {
     pub fn new(body: impl Into<Bytes>) -> Self {
         Message {
-            properties: Properties::default(),
+            properties: Box::default(),
+            body: body.into(),
+        }
+    }
+
+    /// A message of `properties` and `body`.
+    pub fn with(properties: Properties, body: impl Into<Bytes>) -> Self {
+        Message {
+            properties: Box::new(properties),
             body: body.into(),
         }
     }

@@ -137,7 +137,7 @@ impl StreamRetained {
 
     fn apply(&self, delivery: lapin::message::Delivery) {
         let mut message = Message {
-            properties: convert::properties_from_amqp(&delivery.properties),
+            properties: Box::new(convert::properties_from_amqp(&delivery.properties)),
             body: delivery.data.into(),
         };
         let h = &mut message.properties.headers;

@@ -199,7 +199,7 @@ impl Session {
             bytes: body.len() as u64,
             exchange: publish.exchange.to_string(),
             routing_key: publish.routing_key.to_string(),
-            message: Message { properties, body },
+            message: Message::with(properties, body),
             mandatory: publish.mandatory,
             seq,
         };

@@ -98,7 +98,7 @@ fn prepare(req: PublishRequest, max: usize) -> Result<Prepared, ApiError> {
     let properties = json::properties_in(req.properties, is_json)?;
     Ok(Prepared {
         routing_key: req.routing_key,
-        message: Message { properties, body },
+        message: Message::with(properties, body),
         mandatory: req.mandatory,
     })
 }
@@ -480,7 +480,7 @@ fn raw_message(
     let properties = json::properties_in(Some(props), false)?;
     Ok(Prepared {
         routing_key: routing_key.to_owned(),
-        message: Message { properties, body },
+        message: Message::with(properties, body),
         mandatory,
     })
 }

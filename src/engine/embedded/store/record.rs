@@ -363,7 +363,7 @@ pub fn message_from(bytes: &[u8]) -> Result<(Envelope, u64), StoreError> {
         exchange: exchange.into(),
         routing_key: routing_key.into(),
         message: Message {
-            properties: p,
+            properties: Box::new(p),
             body,
         },
     };
@@ -443,7 +443,7 @@ mod tests {
                 exchange: "amq.topic".into(),
                 routing_key: "a.b".into(),
                 message: Message {
-                    properties,
+                    properties: Box::new(properties),
                     body: Bytes::from_static(b"\x00body\xff"),
                 },
             };

@@ -38,7 +38,8 @@ impl WsSession {
         let options = PublishOptions {
             mandatory: p.mandatory,
         };
-        let mut publishing = cleared.publish(&*self.channel, Message { properties, body }, options);
+        let mut publishing =
+            cleared.publish(&*self.channel, Message::with(properties, body), options);
         Stall::begin(
             &mut self.stall,
             publishing.take_pace(),
