@@ -167,6 +167,10 @@ async fn build_engine(config: &Config) -> Result<Arc<dyn Engine>, StartError> {
                     .as_u64()
                     .min(usize::MAX as u64) as usize,
                 disk_alarm: Some((dir.clone(), config.engine.disk_free_limit.as_u64())),
+                backlog: Some(crate::flow::Bound {
+                    messages: config.limits.outbound_buffer_messages as u64,
+                    bytes: config.limits.outbound_buffer_bytes.as_u64(),
+                }),
             })?))
         }
         EngineKindConfig::Upstream => {

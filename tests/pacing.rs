@@ -577,3 +577,85 @@ async fn rest_publishes_wait_over_a_paced_route() {
         "and then gave up on the stalled queue"
     );
 }
+
+/// A QoS 1 subscriber takes a window's worth at a time: a publisher faster than it fills its
+/// queue's backlog, which paces the publisher as a full buffer would (its PUBACKs withheld)
+/// until the subscriber is marked slow after `pace_max_wait`; then the publisher goes on.
+/// Nothing is lost: once the subscriber acks again, every message comes, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos1_backlog_paces_its_publisher_until_its_subscriber_is_marked_slow() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let gw = start_gateway(|c| {
+        small_buffers_waiting(Duration::from_millis(300))(c);
+        c.mqtt.max_inflight = 8;
+    })
+    .await;
+    let topic = unique("backlog");
+    let port = gw.gateway.addrs().mqtt.port();
+    let mut o = MqttOptions::new(unique("sub"), "127.0.0.1", port);
+    o.set_credentials("u", mqtt_token());
+    o.set_manual_acks(true);
+    let (sub, mut sub_loop) = AsyncClient::new(o, 10);
+    sub.subscribe(&topic, QoS::AtLeastOnce).await.unwrap();
+    while !matches!(
+        next(&mut sub_loop).await,
+        Event::Incoming(Packet::SubAck(_))
+    ) {}
+
+    // 200 QoS 1 publishes against a window of 8 and a backlog bound of 64.
+    let n = 200u64;
+    let mut o = MqttOptions::new(unique("pub"), "127.0.0.1", port);
+    o.set_credentials("u", mqtt_token());
+    let (publisher, mut pub_loop) = AsyncClient::new(o, 100);
+    let acked = tokio::spawn(async move {
+        let mut acked = 0;
+        while acked < n {
+            if let Ok(Event::Incoming(Packet::PubAck(_))) = pub_loop.poll().await {
+                acked += 1;
+            }
+        }
+    });
+    for i in 0..n {
+        let topic = topic.clone();
+        publisher
+            .publish(topic, QoS::AtLeastOnce, false, i.to_string())
+            .await
+            .unwrap();
+    }
+    tokio::time::timeout(FLOOD_WAIT, acked)
+        .await
+        .expect("every publish acknowledged, once the subscriber was given up on")
+        .unwrap();
+    let paced = gw.metric("gateway_publish_paced_seconds_total{protocol=\"mqtt\"}");
+    assert!(
+        paced.await.unwrap_or(0.0) > 0.0,
+        "the publisher waited for the backlog\n{}",
+        flow_metrics(&gw).await
+    );
+    let slow = gw.metric("gateway_slow_consumers_marked_total{kind=\"queue\"}");
+    assert!(
+        slow.await.unwrap_or(0.0) >= 1.0,
+        "and then gave up on the subscriber\n{}",
+        flow_metrics(&gw).await
+    );
+
+    // The subscriber acks again: all of them, in order.
+    let mut got = Vec::new();
+    while (got.len() as u64) < n {
+        if let Event::Incoming(Packet::Publish(p)) = next(&mut sub_loop).await {
+            got.push(String::from_utf8_lossy(&p.payload).into_owned());
+            sub.ack(&p).await.unwrap();
+        }
+    }
+    let want: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+    assert_eq!(got, want);
+    paced_and_nothing_dropped(&gw, "mqtt", true).await;
+}
+
+/// The next event of a rumqttc event loop, within [`FLOOD_WAIT`].
+async fn next(ev: &mut rumqttc::EventLoop) -> rumqttc::Event {
+    tokio::time::timeout(FLOOD_WAIT, ev.poll())
+        .await
+        .expect("an event")
+        .expect("connected")
+}

@@ -50,6 +50,9 @@ pub struct EmbeddedOptions {
     pub retained_bytes: usize,
     /// The data directory and `engine.disk_free_limit`: below it publishes are refused.
     pub disk_alarm: Option<(std::path::PathBuf, u64)>,
+    /// A queue's backlog while it has consumers paces its publishers above 3/4 of this
+    /// (`limits.outbound_buffer_*`, as a consumer's buffer); `None`: it never does.
+    pub backlog: Option<crate::flow::Bound>,
 }
 
 impl Default for EmbeddedOptions {
@@ -60,6 +63,7 @@ impl Default for EmbeddedOptions {
             memory_high_watermark: None,
             retained_bytes: 1 << 30,
             disk_alarm: None,
+            backlog: None,
         }
     }
 }
@@ -152,6 +156,7 @@ impl EmbeddedEngine {
                 options.store,
                 options.max_message_bytes,
                 options.memory_high_watermark.unwrap_or(u64::MAX),
+                options.backlog,
             ),
             sessions: Arc::default(),
             shut: AtomicBool::new(false),

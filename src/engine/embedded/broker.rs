@@ -79,13 +79,17 @@ impl Broker {
         store: Arc<dyn Store>,
         max_message_bytes: usize,
         memory_high_watermark: u64,
+        backlog: Option<crate::flow::Bound>,
     ) -> Arc<Self> {
         let broker = Arc::new_cyclic(|me| Broker {
             exchanges: DashMap::default(),
             queues: DashMap::default(),
             topology: Mutex::new(()),
             store,
-            gauges: Arc::default(),
+            gauges: Arc::new(Gauges {
+                backlog,
+                ..Gauges::default()
+            }),
             held: Arc::new(Held::new(memory_high_watermark)),
             max_message_bytes,
             next_id: AtomicU64::new(1),

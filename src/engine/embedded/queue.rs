@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 mod args;
+mod pace;
 mod page;
 mod restore;
 mod slot;
@@ -28,7 +29,7 @@ pub(super) use self::slot::{Sink, Slot};
 pub(super) use self::wake::LazyNotify;
 use super::held::{OnDisk, Stored};
 use crate::engine::{CancelReason, EngineError, Envelope, FieldTable, FieldValue, QueueSpec};
-use crate::flow::{Pace, Pressure};
+use crate::flow::{Bound, BufferKind, Pace, Pressure};
 
 /// Why a message left its queue for the dead-letter exchange (the `reason` of `x-death`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +115,10 @@ pub(super) struct Effects {
 pub(super) struct Gauges {
     pub messages: AtomicU64,
     pub bytes: AtomicU64,
+    /// The bound of a queue's backlog while it has consumers (`limits.outbound_buffer_*`):
+    /// publishes landing in one above 3/4 of it pace their publishers, as a consumer's
+    /// buffer does (DESIGN.md §7, docs/flow.md). `None`: backlogs pace nobody.
+    pub backlog: Option<Bound>,
 }
 
 /// One binding of this queue: (exchange, routing key, arguments).
@@ -124,8 +129,9 @@ struct State {
     ready_bytes: u64,
     unacked: u64,
     consumers: Vec<Slot>,
-    /// Where the round-robin over consumers resumes.
-    next: usize,
+    /// Where the round-robin over consumers resumes (32 bits: beside the flags below, where
+    /// a word made room for `backlog`).
+    next: u32,
     exclusive_consumer: bool,
     next_seq: u64,
     last_used: Instant,
@@ -134,6 +140,9 @@ struct State {
     /// Since start: messages taken, and handed to consumers or `get` (operators' rates).
     enqueued: u64,
     handed_out: u64,
+    /// The gauge of the ready messages its consumers have no credit for, made the first time
+    /// they reach half of [`Gauges::backlog`] while it has consumers (most queues never do).
+    backlog: Option<Pressure>,
 }
 
 pub(super) struct Queue {
@@ -198,6 +207,7 @@ impl Queue {
                 consumers: Vec::new(),
                 next: 0,
                 exclusive_consumer: false,
+                backlog: None,
                 next_seq: 0,
                 last_used: Instant::now(),
                 had_consumer: false,
@@ -352,6 +362,9 @@ impl Queue {
         }
         self.gauges.messages.fetch_sub(1, Ordering::Relaxed);
         self.gauges.bytes.fetch_sub(size, Ordering::Relaxed);
+        if let Some(b) = &st.backlog {
+            b.set(st.ready.len() as u64, st.ready_bytes);
+        }
         Some(entry)
     }
 
@@ -369,6 +382,9 @@ impl Queue {
                 st.ready.insert(at, entry);
             }
             _ => st.ready.push_back(entry),
+        }
+        if let Some(b) = &st.backlog {
+            b.set(st.ready.len() as u64, st.ready_bytes);
         }
     }
 
@@ -408,7 +424,7 @@ impl Queue {
         while !st.ready.is_empty() {
             let n = st.consumers.len();
             let Some(idx) = (0..n)
-                .map(|i| (st.next + i) % n)
+                .map(|i| (st.next as usize + i) % n)
                 .find(|&i| st.consumers[i].credit > 0)
             else {
                 return;
@@ -437,7 +453,7 @@ impl Queue {
                     if !slot.no_ack {
                         st.unacked += 1;
                     }
-                    st.next = idx + 1;
+                    st.next = (idx + 1) as u32;
                 }
                 Err(entry) => {
                     // The consumer's receiver is gone: it is being cancelled. Put the message
@@ -522,7 +538,7 @@ impl Queue {
         );
         self.dispatch(&mut st, now, fx);
         self.enforce_limits(&mut st, fx);
-        self.pacing(&st, fx);
+        self.pacing(&mut st, fx);
         if expires_at.is_some() {
             self.expire_head(&mut st, now, true, fx);
             if was_empty {
@@ -533,26 +549,6 @@ impl Queue {
             }
         }
         Enqueued::Taken
-    }
-
-    /// The buffers a message just enqueued went to (or waits for) that are above their
-    /// high-water mark: this queue's own when it is bounded, its no-ack consumers' buffers.
-    fn pacing(&self, st: &State, fx: &mut Effects) {
-        if st.consumers.is_empty() {
-            return;
-        }
-        if let Some(p) = &self.pressure
-            && p.paces()
-        {
-            fx.paced.push(p);
-        }
-        for slot in &st.consumers {
-            if let Some(p) = &slot.pressure
-                && p.paces()
-            {
-                fx.paced.push(p);
-            }
-        }
     }
 
     /// `drop-head`: the oldest messages make room (dead-lettered as `maxlen`).
