@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The gateway's CPU per delivered message split into user and system time, with its resident
+# memory and queued messages each second: what a throughput run's single "µs CPU" hides (a
+# backlog growing behind a QoS 1 subscriber shows as page faults in system time and as RSS).
+#
+#   bash bench/cpu-split.sh qos1                             # target/release, after a build
+#   NO_BUILD=1 GATEWAY_BIN=/tmp/gw-x/amqp-gateway bash bench/cpu-split.sh qos0 qos1 fanin
+#
+# Per scenario: the gateway started as bench/run.sh starts it (the same raised limits and QoS 1
+# windows of 100), one `bench` run of DURATION (default 6s) against it, the gateway's
+# utime/stime (/proc/PID/stat) and delivered count read two seconds in and three seconds later.
+# The bench client shares the machine's cores: compare builds run interleaved, not figures
+# from different sessions.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -n "${NO_BUILD:-}" ] ||
+  cargo build --release --locked -p amqp-gateway -p amqp-gateway-bench --bin amqp-gateway --bin bench
+bin=${GATEWAY_BIN:-target/release/amqp-gateway}
+source bench/lib.sh
+export GATEWAY_MQTT__RECEIVE_MAXIMUM=100 GATEWAY_MQTT__MAX_INFLIGHT=100
+tick=$(getconf CLK_TCK)
+
+for scenario in "${@:-qos0 qos1}"; do
+  work=$(mktemp -d)
+  gateway_flags "$work"
+  RUST_LOG=warn,amqp_gateway=info "$bin" "${flags[@]}" --dev >"$work/out" 2>"$work/err" &
+  pid=$!
+  gateway_started "$work"
+  token=$(dev_token "$work")
+  mqtt=$(listener "$work" mqtt)
+  metrics=$(listener "$work" metrics)
+  sum() { curl -s "http://$metrics/metrics" | awk -v m="$1" 'index($0, m) == 1 { s += $NF } END { print s + 0 }'; }
+  times() { awk '{ print $14, $15 }' "/proc/$pid/stat"; }
+  (
+    for _ in 1 2 3 4 5 6; do
+      echo "  $(grep VmRSS "/proc/$pid/status" | tr -s ' \t' ' '), queued $(sum gateway_queued_messages)"
+      sleep 1
+    done
+  ) &
+  watcher=$!
+  (
+    sleep 2
+    d0=$(sum gateway_messages_out_total)
+    read -r u0 s0 < <(times)
+    sleep 3
+    d1=$(sum gateway_messages_out_total)
+    read -r u1 s1 < <(times)
+    n=$((d1 - d0))
+    awk -v n="$n" -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v t="$tick" -v sc="$scenario" 'BEGIN {
+      printf "%s: %d delivered in 3 s, %.2f µs user + %.2f µs system per delivered message\n",
+        sc, n, u * 1e6 / t / n, s * 1e6 / t / n }'
+  ) &
+  sampler=$!
+  target/release/bench --target "gateway=$mqtt@$token" --scenarios "$scenario" \
+    --duration "${DURATION:-6s}" --runs 1 | grep '^| ' | tail -1
+  wait "$sampler" "$watcher"
+  kill "$pid"
+  wait "$pid" 2>/dev/null || true
+  rm -rf "$work"
+done
