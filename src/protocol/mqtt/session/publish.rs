@@ -33,10 +33,10 @@ pub struct Inflow {
     /// subscribes would carry 300 bytes for nothing. (Wrapped: an engine's confirm future
     /// need not be `Sync`, the session must be.)
     publisher: SyncWrapper<Sparse<Publisher>>,
-    /// How many are in `confirms` (at most Receive Maximum and one: 32 bits, beside `owed`
-    /// in one word).
+    /// How many are in the publisher's `confirms` (at most Receive Maximum and one: 32 bits,
+    /// beside `owed` in one word).
     waiting: u32,
-    /// QoS 1 publishes in `confirms` whose PUBACK is owed.
+    /// QoS 1 publishes in the publisher's `confirms` whose PUBACK is owed.
     owed: u32,
     /// What the rate limit and pacing hold back, made at the first publish held: most
     /// connections never meet either (inline it was 80 bytes of every session).
@@ -217,11 +217,11 @@ pub struct Ack {
     code: u8,
     /// The retained message this publish replaced, to put back if the engine refuses it.
     retained: Option<(String, RetainedUndo)>,
-    /// Counted in [`Inflow::owed`] while it waits in [`Inflow::confirms`].
+    /// Counted in [`Inflow::owed`] while it waits in [`Publisher::confirms`].
     owed: bool,
 }
 
-/// One entry of [`Inflow::confirms`]: an engine confirm, or an answer already known that
+/// One entry of [`Publisher::confirms`]: an engine confirm, or an answer already known that
 /// waits for its turn.
 pub struct Awaiting {
     ack: Option<Ack>,
