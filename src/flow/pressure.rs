@@ -143,6 +143,16 @@ impl Pressure {
         }))
     }
 
+    /// [`Pressure::new`] for a buffer that already holds `messages` of `bytes` (a queue's
+    /// backlog, gauged from the first time it grows large).
+    pub fn holding(bound: Bound, kind: BufferKind, messages: u64, bytes: u64) -> Pressure {
+        let p = Pressure::new(bound, kind);
+        p.0.messages.store(messages, Ordering::Release);
+        p.0.bytes.store(bytes, Ordering::Release);
+        p.reached(messages, bytes);
+        p
+    }
+
     /// Whose buffer this is.
     pub fn kind(&self) -> BufferKind {
         self.0.kind
@@ -162,23 +172,11 @@ impl Pressure {
         let g = &*self.0;
         let m = g.messages.fetch_add(1, Ordering::AcqRel) + 1;
         let b = g.bytes.fetch_add(bytes, Ordering::AcqRel) + bytes;
-        self.filled(m, b);
-    }
-
-    /// The buffer now holds `messages` of `bytes` in all: for a buffer whose owner counts it
-    /// under a lock of its own (a queue's backlog), and sets rather than adds.
-    pub fn set(&self, messages: u64, bytes: u64) {
-        let g = &*self.0;
-        g.messages.store(messages, Ordering::Release);
-        g.bytes.store(bytes, Ordering::Release);
-        if g.state.load(Ordering::Acquire) != CLEAR {
-            self.check_drained();
-        }
-        self.filled(messages, bytes);
+        self.reached(m, b);
     }
 
     /// Starts pacing when `m` messages or `b` bytes reach high.
-    fn filled(&self, m: u64, b: u64) {
+    fn reached(&self, m: u64, b: u64) {
         let g = &*self.0;
         if m >= high(g.bound.messages) || b >= high(g.bound.bytes) {
             // Made before the switch, so whoever sees it pacing finds it.

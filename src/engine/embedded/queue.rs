@@ -129,9 +129,8 @@ struct State {
     ready_bytes: u64,
     unacked: u64,
     consumers: Vec<Slot>,
-    /// Where the round-robin over consumers resumes (32 bits: beside the flags below, where
-    /// a word made room for `backlog`).
-    next: u32,
+    /// Where the round-robin over consumers resumes.
+    next: usize,
     exclusive_consumer: bool,
     next_seq: u64,
     last_used: Instant,
@@ -140,9 +139,12 @@ struct State {
     /// Since start: messages taken, and handed to consumers or `get` (operators' rates).
     enqueued: u64,
     handed_out: u64,
-    /// The gauge of the ready messages its consumers have no credit for, made the first time
-    /// they reach half of [`Gauges::backlog`] while it has consumers (most queues never do).
-    backlog: Option<Pressure>,
+    /// The gauge of the ready messages, which paces publishers while the queue has consumers
+    /// (DESIGN.md §7). A bounded drop-head queue's, of its bound, is made with it: it drops
+    /// what its consumers would have taken once full. Any other queue's, of
+    /// [`Gauges::backlog`], is made the first time its backlog reaches half of that while it
+    /// has consumers (most queues never do; `pace.rs`).
+    pressure: Option<Pressure>,
 }
 
 pub(super) struct Queue {
@@ -176,9 +178,6 @@ pub(super) struct Queue {
     pages: Option<Box<Pages>>,
     /// A read-ahead was asked for and the pager has not done it yet.
     read_ahead_wanted: AtomicBool,
-    /// A bounded drop-head queue drops what its consumers would have taken once it is full:
-    /// while it has consumers, it paces publishers as their buffers do (DESIGN.md §7).
-    pressure: Option<Pressure>,
 }
 
 impl Queue {
@@ -192,7 +191,7 @@ impl Queue {
     ) -> Self {
         let pressure = args
             .drop_head_bound()
-            .map(|b| Pressure::new(b, crate::flow::BufferKind::Queue));
+            .map(|b| Pressure::new(b, BufferKind::Queue));
         Queue {
             name,
             durable: spec.durable && !spec.exclusive,
@@ -207,13 +206,13 @@ impl Queue {
                 consumers: Vec::new(),
                 next: 0,
                 exclusive_consumer: false,
-                backlog: None,
                 next_seq: 0,
                 last_used: Instant::now(),
                 had_consumer: false,
                 deleted: false,
                 enqueued: 0,
                 handed_out: 0,
+                pressure,
             }),
             gauges,
             expiry_wake: LazyNotify::default(),
@@ -223,7 +222,6 @@ impl Queue {
             bindings: Mutex::new(Vec::new()),
             pages: pages.map(Box::new),
             read_ahead_wanted: AtomicBool::new(false),
-            pressure,
         }
     }
 
@@ -357,21 +355,18 @@ impl Queue {
         let entry = st.ready.pop_front()?;
         let size = entry.size();
         st.ready_bytes -= size;
-        if let Some(p) = &self.pressure {
+        if let Some(p) = &st.pressure {
             p.sub(size);
         }
         self.gauges.messages.fetch_sub(1, Ordering::Relaxed);
         self.gauges.bytes.fetch_sub(size, Ordering::Relaxed);
-        if let Some(b) = &st.backlog {
-            b.set(st.ready.len() as u64, st.ready_bytes);
-        }
         Some(entry)
     }
 
     fn insert_ready(&self, st: &mut State, entry: Ready) {
         let size = entry.size();
         st.ready_bytes += size;
-        if let Some(p) = &self.pressure {
+        if let Some(p) = &st.pressure {
             p.add(size);
         }
         self.gauges.messages.fetch_add(1, Ordering::Relaxed);
@@ -382,9 +377,6 @@ impl Queue {
                 st.ready.insert(at, entry);
             }
             _ => st.ready.push_back(entry),
-        }
-        if let Some(b) = &st.backlog {
-            b.set(st.ready.len() as u64, st.ready_bytes);
         }
     }
 
@@ -424,7 +416,7 @@ impl Queue {
         while !st.ready.is_empty() {
             let n = st.consumers.len();
             let Some(idx) = (0..n)
-                .map(|i| (st.next as usize + i) % n)
+                .map(|i| (st.next + i) % n)
                 .find(|&i| st.consumers[i].credit > 0)
             else {
                 return;
@@ -453,7 +445,7 @@ impl Queue {
                     if !slot.no_ack {
                         st.unacked += 1;
                     }
-                    st.next = (idx + 1) as u32;
+                    st.next = idx + 1;
                 }
                 Err(entry) => {
                     // The consumer's receiver is gone: it is being cancelled. Put the message

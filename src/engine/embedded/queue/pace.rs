@@ -8,36 +8,31 @@
 //! page faults of which slowed the deliveries themselves (docs/flow.md). Above 3/4 of the
 //! consumers' buffer bound it paces the publisher as a full buffer would, for at most
 //! `limits.pace_max_wait` an episode; a consumer that does not drain it meanwhile is slow
-//! and paces nobody until it has.
+//! and paces nobody until it has. Both are one gauge of the ready messages (`State::pressure`,
+//! counted where they enter and leave the queue); only its bound and when it is made differ.
 
 use super::{BufferKind, Effects, Pressure, Queue, State};
 
 impl Queue {
     /// The buffers a message just enqueued went to (or waits for) that are above their
-    /// high-water mark: this queue's own when it is bounded, else its backlog, and its no-ack
-    /// consumers' buffers.
+    /// high-water mark: this queue's own (its bound's when it drops at the head, else its
+    /// backlog's) and its no-ack consumers' buffers.
     pub(super) fn pacing(&self, st: &mut State, fx: &mut Effects) {
         if st.consumers.is_empty() {
             return;
         }
-        if let Some(p) = &self.pressure {
-            if p.paces() {
-                fx.paced.push(p);
-            }
-        } else if let Some(bound) = self.gauges.backlog {
-            if st.backlog.is_none()
-                && (st.ready.len() as u64 >= bound.messages / 2
-                    || st.ready_bytes >= bound.bytes / 2)
-            {
-                let gauge = Pressure::new(bound, BufferKind::Queue);
-                gauge.set(st.ready.len() as u64, st.ready_bytes);
-                st.backlog = Some(gauge);
-            }
-            if let Some(b) = &st.backlog
-                && b.paces()
-            {
-                fx.paced.push(b);
-            }
+        // A drop-head queue's gauge is there from the start; any other's is made here.
+        if st.pressure.is_none()
+            && let Some(bound) = self.gauges.backlog
+            && (st.ready.len() as u64 >= bound.messages / 2 || st.ready_bytes >= bound.bytes / 2)
+        {
+            let (messages, bytes) = (st.ready.len() as u64, st.ready_bytes);
+            st.pressure = Some(Pressure::holding(bound, BufferKind::Queue, messages, bytes));
+        }
+        if let Some(p) = &st.pressure
+            && p.paces()
+        {
+            fx.paced.push(p);
         }
         for slot in &st.consumers {
             if let Some(p) = &slot.pressure
