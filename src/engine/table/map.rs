@@ -54,7 +54,14 @@ impl FieldTable {
     /// `&'static str` and are not copied.
     pub fn insert(&mut self, key: impl Into<Key>, value: FieldValue) -> Option<FieldValue> {
         let key = key.into();
-        match self.find(&key) {
+        // Tables are built a key at a time, mostly in order: a key past the last one is
+        // pushed after one comparison, not searched for.
+        let at = match self.0.last() {
+            None => Err(0),
+            Some((last, _)) if **last < *key => Err(self.0.len()),
+            Some(_) => self.find(&key),
+        };
+        match at {
             Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
             Err(i) => {
                 if self.0.capacity() == 0 {

@@ -650,12 +650,13 @@ impl Session {
         let props = &mut m.properties;
         properties::to_amqp(&p.props, self.ctx.config.mqtt.topic_mapping, props);
         props.delivery_mode = Some(if p.qos > 0 { 2 } else { 1 });
-        props
-            .headers
-            .insert(PUBLISH_QOS_HEADER, FieldValue::U8(p.qos));
+        // In key order: each is pushed after the last (FieldTable::insert).
         props
             .headers
             .insert(ORIGIN_HEADER, FieldValue::Str(self.life.key.clone()));
+        props
+            .headers
+            .insert(PUBLISH_QOS_HEADER, FieldValue::U8(p.qos));
         if p.retain {
             props.headers.insert(RETAIN_HEADER, FieldValue::Bool(true));
         }
