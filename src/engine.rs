@@ -445,6 +445,11 @@ impl PublishConfirm {
     pub fn take_pace(&mut self) -> Pace {
         std::mem::take(&mut self.pace)
     }
+
+    /// The answer was known at the call (not yet taken).
+    pub fn is_known(&self) -> bool {
+        matches!(self.inner.0, AnswerInner::Ready(Some(_)))
+    }
 }
 
 impl Future for PublishConfirm {

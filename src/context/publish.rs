@@ -12,7 +12,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{Connection, Context};
 use crate::auth::Principal;
@@ -147,10 +147,15 @@ impl Cleared<'_> {
         publish: impl FnOnce(&str, Message) -> PublishConfirm,
     ) -> Publishing {
         stamp_subject(&mut message, self.principal);
+        let confirm = publish(self.exchange, message);
         Publishing {
-            started: Instant::now(),
+            // A confirm known at the call took the message within it: its latency is the
+            // call's, far inside the histogram's first bucket (50 µs), and is counted as 0
+            // rather than timed with two clock reads (3 % of a message's CPU in `perf`). One
+            // still pending (a disk write, RabbitMQ's confirm) is timed from here.
+            started: (!confirm.is_known()).then(Instant::now),
             protocol: self.protocol,
-            confirm: publish(self.exchange, message),
+            confirm,
         }
     }
 }
@@ -168,7 +173,8 @@ pub fn stamp_subject(message: &mut Message, principal: &Principal) {
 /// engine took it.
 #[must_use = "a publish is confirmed only when this is awaited"]
 pub struct Publishing {
-    started: Instant,
+    /// `None`: the confirm was known at the call.
+    started: Option<Instant>,
     protocol: &'static str,
     confirm: PublishConfirm,
 }
@@ -187,7 +193,8 @@ impl Future for Publishing {
     fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
         let result = std::task::ready!(Pin::new(&mut self.confirm).poll(cx));
         if result.is_ok() {
-            metrics::message_in(self.protocol, self.started.elapsed());
+            let latency = self.started.map_or(Duration::ZERO, |at| at.elapsed());
+            metrics::message_in(self.protocol, latency);
         }
         Poll::Ready(result)
     }

@@ -159,7 +159,7 @@ pub fn acked(n: u64) {
 pub(super) fn render_latency(out: &mut String) {
     let _ = writeln!(
         out,
-        "# HELP {PUBLISH_LATENCY} Time from a publish's arrival to the engine's confirm, by protocol\n# TYPE {PUBLISH_LATENCY} histogram"
+        "# HELP {PUBLISH_LATENCY} Time from a publish's arrival to the engine's confirm, by protocol (0 for a confirm the engine gave within the publish call)\n# TYPE {PUBLISH_LATENCY} histogram"
     );
     for series in &SERIES {
         series.latency.render(series.protocol, out);

@@ -301,6 +301,10 @@ pub struct Codec {
     /// long the packet is.) Here, in the bytes `mid_frame` leaves, not beside the codec: 8
     /// bytes of every connection.
     pub between: bool,
+    /// Set by the connection's reader when bytes came from the socket, cleared by its loop when
+    /// a packet is handed on: the keep-alive clock is read once per socket read, not once per
+    /// packet of it. Here for the reason `between` is.
+    pub heard: bool,
 }
 
 impl Codec {
@@ -311,6 +315,7 @@ impl Codec {
             remaining_in: remaining_limit(max_packet_size),
             mid_frame: false,
             between: false,
+            heard: false,
         }
     }
 
@@ -325,6 +330,7 @@ impl Codec {
             remaining_in: max_packet_size,
             mid_frame: false,
             between: false,
+            heard: false,
         }
     }
 

@@ -164,6 +164,7 @@ impl<R: AsyncRead + Unpin> Wire<R> {
                 match ready!(Pin::new(&mut self.reader).poll_read(cx, &mut read)) {
                     Ok(()) if read.filled().is_empty() => return Poll::Ready(Ok(None)),
                     Ok(()) => {
+                        self.codec.heard = true;
                         if read.remaining() == 0 {
                             input.next *= 2;
                         }
@@ -190,6 +191,7 @@ impl<R: AsyncRead + Unpin> Wire<R> {
                 Ok(_) => {}
                 Err(e) => return Poll::Ready(Err(e.into())),
             }
+            self.codec.heard = true;
         }
     }
 
@@ -535,7 +537,11 @@ where
                             Err(e) => Outcome::Close(e.into()),
                         }),
                         packet = live.wire.read(), if may_read => {
-                            clocks.last_seen = Instant::now();
+                            // The packet came with the socket read that brought its last
+                            // bytes: one clock read per socket read, whatever it carried.
+                            if std::mem::take(&mut live.wire.codec.heard) {
+                                clocks.last_seen = Instant::now();
+                            }
                             match packet {
                                 Ok(Some(p)) => Event::Packet(p),
                                 // A reset or a broken pipe is the client going away, not a malformed
