@@ -30,7 +30,9 @@ use self::equivalence::{
 };
 use super::exchange::{Exchange, Targets};
 use super::held::{Held, Stored};
-use super::queue::{DeadLetter, Effects, Enqueued, Gauges, Queue, QueueArgs, death_entry};
+use super::queue::{
+    DeadLetter, Effects, Enqueued, Gauges, More, Now, Queue, QueueArgs, death_entry,
+};
 use super::store::{Snapshot, Store, StoreWrite};
 use crate::engine::names::{self, canonical_exchange};
 use crate::engine::{
@@ -569,7 +571,7 @@ impl Broker {
         }
         let mut fx = Effects::default();
         let dropped = queue.delete(&mut fx);
-        self.forget(std::mem::take(&mut fx.dequeued));
+        self.forget(fx.take_dequeued());
         dropped
     }
 
@@ -577,7 +579,7 @@ impl Broker {
     pub fn purge(&self, queue: &Queue) -> u64 {
         let mut fx = Effects::default();
         let n = queue.purge(&mut fx);
-        self.forget(fx.dequeued);
+        self.forget(fx.take_dequeued());
         n
     }
 
@@ -687,30 +689,40 @@ impl Broker {
     /// Carries out what queue operations asked for once their locks are released.
     pub fn apply(&self, mut fx: Effects) {
         for _ in 0..MAX_EFFECT_ROUNDS {
-            if !fx.dequeued.is_empty() {
-                self.forget(std::mem::take(&mut fx.dequeued));
-            }
-            if !fx.read_ahead.is_empty() {
-                self.read_ahead(std::mem::take(&mut fx.read_ahead));
-            }
-            if fx.dead.is_empty() && fx.start_expiry.is_empty() && fx.auto_delete.is_empty() {
+            let Some(more) = fx.take_more() else {
                 return;
+            };
+            let More {
+                dead,
+                dequeued,
+                start_expiry,
+                auto_delete,
+                read_ahead,
+            } = *more;
+            if !dequeued.is_empty() {
+                self.forget(dequeued);
             }
-            for queue in std::mem::take(&mut fx.start_expiry) {
+            if !read_ahead.is_empty() {
+                self.read_ahead(read_ahead);
+            }
+            for queue in start_expiry {
                 if queue.claim_expiry_task() {
                     self.spawn_message_expiry(&queue);
                 }
             }
-            for queue in std::mem::take(&mut fx.auto_delete) {
+            for queue in auto_delete {
                 self.remove_queue(&queue);
             }
-            for dead in std::mem::take(&mut fx.dead) {
+            // Dead letters are published again, and what that asks for is the next round's.
+            for dead in dead {
                 self.dead_letter(dead, &mut fx);
             }
         }
-        if !fx.dead.is_empty() {
+        if let Some(more) = fx.take_more()
+            && !more.dead.is_empty()
+        {
             tracing::warn!(
-                dropped = fx.dead.len(),
+                dropped = more.dead.len(),
                 "dead-letter chain too long; messages dropped"
             );
         }

@@ -15,7 +15,7 @@ use smallvec::SmallVec;
 
 use super::broker::{Broker, Closable};
 use super::handoff::{Handoff, Receiver};
-use super::queue::{Effects, Entry, Queue, Sink};
+use super::queue::{Effects, Entry, Now, Queue, Sink};
 use crate::engine::{CancelReason, Delivery, DeliveryStream, EngineError, OnCancel};
 
 mod unacked;
@@ -100,7 +100,7 @@ impl Sink for ConsumerSink {
         queue: &Arc<Queue>,
         consumer: u64,
         entry: Entry,
-        now: Instant,
+        now: &Now,
         room: usize,
     ) -> Result<(), Entry> {
         let side = &self.side;
@@ -110,7 +110,9 @@ impl Sink for ConsumerSink {
             redelivered: entry.redelivered,
             consumer_tag: Some(side.tag.clone()),
             envelope: entry.envelope.clone(),
-            expires_in: entry.expires_at.map(|at| at.saturating_duration_since(now)),
+            expires_in: entry
+                .expires_at
+                .map(|at| at.saturating_duration_since(now.get())),
             message_count: None,
         };
         if side.no_ack {

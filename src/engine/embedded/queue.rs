@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 mod args;
+mod effects;
+mod now;
 mod pace;
 mod page;
 mod restore;
@@ -22,6 +24,8 @@ mod stats;
 mod wake;
 
 pub(super) use self::args::{Overflow, QueueArgs};
+pub(super) use self::effects::{DeadLetter, Effects, More};
+pub(super) use self::now::Now;
 
 pub(super) use self::page::{Pages, Ready};
 pub(super) use self::restore::{Restored, RestoredBody};
@@ -29,7 +33,7 @@ pub(super) use self::slot::{Sink, Slot};
 pub(super) use self::wake::LazyNotify;
 use super::held::{OnDisk, Stored};
 use crate::engine::{CancelReason, EngineError, Envelope, FieldTable, FieldValue, QueueSpec};
-use crate::flow::{Bound, BufferKind, Pace, Pressure};
+use crate::flow::{Bound, BufferKind, Pressure};
 
 /// Why a message left its queue for the dead-letter exchange (the `reason` of `x-death`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,29 +89,6 @@ impl Entry {
             None
         }
     }
-}
-
-/// A message leaving a queue for its dead-letter exchange.
-pub(super) struct DeadLetter {
-    pub envelope: Arc<Stored>,
-    pub queue: Arc<str>,
-    pub reason: DeadReason,
-    pub exchange: String,
-    pub routing_key: Option<String>,
-}
-
-/// Work for the broker once the queue's lock is released.
-#[derive(Default)]
-pub(super) struct Effects {
-    pub dead: Vec<DeadLetter>,
-    /// Stored entries that left their queue for good: the store forgets them.
-    pub dequeued: Vec<(Arc<str>, Arc<OnDisk>)>,
-    pub start_expiry: Vec<Arc<Queue>>,
-    /// Buffers a publish landed in above their high-water mark: its publisher waits.
-    pub paced: Pace,
-    pub auto_delete: Vec<Arc<Queue>>,
-    /// Queues whose consumers met a paged-out head: the pager reads ahead for them.
-    pub read_ahead: Vec<Arc<Queue>>,
 }
 
 /// Gauges shared by all queues of one broker.
@@ -307,13 +288,13 @@ impl Queue {
     /// The entry leaves the queue for good.
     fn done(&self, entry: &Entry, fx: &mut Effects) {
         if let Some(disk) = entry.disk() {
-            fx.dequeued.push((self.name.clone(), disk.clone()));
+            fx.more().dequeued.push((self.name.clone(), disk.clone()));
         }
     }
 
     fn done_slot(&self, slot: &Ready, fx: &mut Effects) {
         if let Some(disk) = slot.disk() {
-            fx.dequeued.push((self.name.clone(), disk.clone()));
+            fx.more().dequeued.push((self.name.clone(), disk.clone()));
         }
     }
 
@@ -341,7 +322,7 @@ impl Queue {
             metrics::counter!(crate::metrics::DROPPED, "reason" => reason.as_str()).increment(1);
         }
         if let Some(to) = &self.args().dead_letter {
-            fx.dead.push(DeadLetter {
+            fx.more().dead.push(DeadLetter {
                 envelope: entry.envelope,
                 queue: self.name.clone(),
                 reason,
@@ -404,7 +385,7 @@ impl Queue {
     }
 
     /// Hands ready messages to consumers with credit, round-robin.
-    fn dispatch(self: &Arc<Self>, st: &mut State, now: Instant, fx: &mut Effects) {
+    fn dispatch(self: &Arc<Self>, st: &mut State, now: &Now, fx: &mut Effects) {
         let before = st.ready.len();
         self.dispatch_ready(st, now, fx);
         if st.ready.len() != before {
@@ -412,7 +393,7 @@ impl Queue {
         }
     }
 
-    fn dispatch_ready(self: &Arc<Self>, st: &mut State, now: Instant, fx: &mut Effects) {
+    fn dispatch_ready(self: &Arc<Self>, st: &mut State, now: &Now, fx: &mut Effects) {
         while !st.ready.is_empty() {
             let n = st.consumers.len();
             let Some(idx) = (0..n)
@@ -424,13 +405,13 @@ impl Queue {
             let Some(slot) = self.pop_ready(st) else {
                 return;
             };
-            if slot.expires_at().is_some_and(|at| at < now) {
+            if slot.expires_at().is_some_and(|at| at < now.get()) {
                 self.dead_letter_slot(slot, DeadReason::Expired, fx);
                 continue;
             }
             if matches!(slot, Ready::Out(_)) && self.want_read_ahead() {
                 // Read here, the next ones ahead of time.
-                fx.read_ahead.push(self.clone());
+                fx.more().read_ahead.push(self.clone());
             }
             let Some(entry) = self.page_in(slot, fx) else {
                 continue;
@@ -457,12 +438,12 @@ impl Queue {
         }
     }
 
-    fn expiry_of(&self, envelope: &Envelope, now: Instant) -> Option<Instant> {
+    fn expiry_of(&self, envelope: &Envelope, now: &Now) -> Option<Instant> {
         self.expiry_for(envelope.message.properties.expiration.as_deref(), now)
     }
 
     /// The deadline of a message with per-message TTL `expiration`, enqueued `now`.
-    fn expiry_for(&self, expiration: Option<&str>, now: Instant) -> Option<Instant> {
+    fn expiry_for(&self, expiration: Option<&str>, now: &Now) -> Option<Instant> {
         let per_message = expiration
             .and_then(|e| e.parse::<u64>().ok())
             .map(Duration::from_millis);
@@ -473,14 +454,14 @@ impl Queue {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }?;
-        Some(now + ttl)
+        Some(now.get() + ttl)
     }
 
     /// Adds a published message; `on_disk` when the caller wrote its entry to the store.
     pub fn enqueue(
         self: &Arc<Self>,
         envelope: &Arc<Stored>,
-        now: Instant,
+        now: &Now,
         on_disk: bool,
         fx: &mut Effects,
     ) -> Enqueued {
@@ -532,12 +513,12 @@ impl Queue {
         self.enforce_limits(&mut st, fx);
         self.pacing(&mut st, fx);
         if expires_at.is_some() {
-            self.expire_head(&mut st, now, true, fx);
+            self.expire_head(&mut st, now.get(), true, fx);
             if was_empty {
                 self.expiry_wake.notify_one();
             }
             if !self.expiry_started.load(Ordering::Acquire) {
-                fx.start_expiry.push(self.clone());
+                fx.more().start_expiry.push(self.clone());
             }
         }
         Enqueued::Taken
@@ -597,7 +578,7 @@ impl Queue {
         st.had_consumer = true;
         st.last_used = Instant::now();
         crate::engine::push_snug(&mut st.consumers, slot);
-        self.dispatch(&mut st, Instant::now(), fx);
+        self.dispatch(&mut st, &Now::default(), fx);
         Ok(())
     }
 
@@ -610,7 +591,7 @@ impl Queue {
         st.last_used = Instant::now();
         if st.consumers.is_empty() && st.had_consumer && self.spec.read().auto_delete && !st.deleted
         {
-            fx.auto_delete.push(self.clone());
+            fx.more().auto_delete.push(self.clone());
         }
         Some(slot)
     }
@@ -622,7 +603,7 @@ impl Queue {
         if let Some(slot) = st.consumers.iter_mut().find(|s| s.id == consumer) {
             slot.credit = slot.credit.saturating_add(n);
         }
-        self.dispatch(&mut st, Instant::now(), fx);
+        self.dispatch(&mut st, &Now::default(), fx);
     }
 
     /// Settles unacked deliveries (ack, or nack without requeue: `dead` gets them dead-lettered)
@@ -650,7 +631,7 @@ impl Queue {
         if let Some(slot) = consumer.and_then(|c| st.consumers.iter_mut().find(|s| s.id == c)) {
             slot.credit = slot.credit.saturating_add(n as u32);
         }
-        self.dispatch(&mut st, Instant::now(), fx);
+        self.dispatch(&mut st, &Now::default(), fx);
     }
 
     /// Puts deliveries back at their old places, each marked as the caller decided (redelivered
@@ -684,7 +665,7 @@ impl Queue {
             self.insert_ready(&mut st, Ready::In(entry));
         }
         self.expiry_wake.notify_one();
-        self.dispatch(&mut st, Instant::now(), fx);
+        self.dispatch(&mut st, &Now::default(), fx);
         self.enforce_limits(&mut st, fx);
     }
 

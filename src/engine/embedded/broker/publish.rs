@@ -111,12 +111,12 @@ impl Broker {
         if keep {
             self.maybe_page();
         }
-        let now = Instant::now();
+        let now = Now::default();
         let mut routed = false;
         let mut rejected = None;
         for queue in targets {
             let on_disk = keep && queue.is_durable();
-            match queue.enqueue(&envelope, now, on_disk, fx) {
+            match queue.enqueue(&envelope, &now, on_disk, fx) {
                 Enqueued::Taken => {
                     routed = true;
                     continue;
@@ -125,7 +125,7 @@ impl Broker {
                 Enqueued::Gone => {}
             }
             if on_disk && let Some(disk) = &envelope.disk {
-                fx.dequeued.push((queue.name.clone(), disk.clone()));
+                fx.more().dequeued.push((queue.name.clone(), disk.clone()));
             }
         }
         (routed, rejected, write)

@@ -101,7 +101,7 @@ impl Queue {
             Ok(None) | Err(_) => {
                 tracing::error!(queue = %self.name, id = p.disk.id, error = ?read.err(), "a paged-out message cannot be read back; dropped");
                 metrics::counter!(crate::metrics::DROPPED, "reason" => "unreadable").increment(1);
-                fx.dequeued.push((self.name.clone(), p.disk));
+                fx.more().dequeued.push((self.name.clone(), p.disk));
                 None
             }
         }

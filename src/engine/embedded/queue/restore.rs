@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::page::Paged;
-use super::{Effects, Entry, Queue, Ready};
+use super::{Effects, Entry, Now, Queue, Ready};
 use crate::engine::embedded::held::{OnDisk, Stored};
 
 /// A stored entry as recovery hands it back: the message (in memory, or only its stored id,
@@ -27,6 +27,7 @@ impl Queue {
     /// Puts back what the store held at start (`(message, age, redelivered)`, in queue order),
     /// ahead of anything published since. A TTL counts from the original publish.
     pub fn restore(self: &Arc<Self>, entries: Vec<Restored>, now: Instant, fx: &mut Effects) {
+        let at = Now::at(now);
         let mut st = self.state.lock();
         let mut any_ttl = false;
         for (message, age, redelivered) in entries {
@@ -35,7 +36,7 @@ impl Queue {
                 RestoredBody::Out { expiration, .. } => expiration.as_deref(),
             };
             let expires_at = self
-                .expiry_for(expiration, now)
+                .expiry_for(expiration, &at)
                 .map(|at| at.checked_sub(age).unwrap_or(now));
             any_ttl |= expires_at.is_some();
             let seq = st.next_seq;
@@ -62,7 +63,7 @@ impl Queue {
         if any_ttl {
             self.expire_head(&mut st, now, false, fx);
             if !self.expiry_started.load(Ordering::Acquire) {
-                fx.start_expiry.push(self.clone());
+                fx.more().start_expiry.push(self.clone());
             }
         }
     }

@@ -1,12 +1,10 @@
 //! A queue's consumers as the queue sees them: their credit, and the sink it hands their
 //! deliveries to.
 
-use std::sync::Arc;
-use std::time::Instant;
-
-use super::{Entry, Queue};
+use super::{Entry, Now, Queue};
 use crate::engine::CancelReason;
 use crate::flow::Pressure;
+use std::sync::Arc;
 
 /// Where a queue hands a consumer's deliveries: defined with the queue, implemented by the
 /// consumer's channel, so the queue never depends on channels (it calls out through this under
@@ -20,7 +18,7 @@ pub(in crate::engine::embedded) trait Sink: Send + Sync {
         queue: &Arc<Queue>,
         consumer: u64,
         entry: Entry,
-        now: Instant,
+        now: &Now,
         room: usize,
     ) -> Result<(), Entry>;
 
