@@ -1304,6 +1304,7 @@ contract!(embedded:
     cancel_keeps_or_requeues_and_yields_nothing_more,
     refusals_leave_the_channel_usable,
     exclusive_queues_belong_to_the_connection,
+    shared_key_publishes_follow_every_binding_change,
 );
 
 // Embedded only (docs/engine.md, "Upstream differences"): RabbitMQ confirms a publish routed
@@ -1360,4 +1361,5 @@ upstream_contract!(
     control_takeover_and_wills,
     refusals_leave_the_channel_usable,
     exclusive_queues_belong_to_the_connection,
+    shared_key_publishes_follow_every_binding_change,
 );

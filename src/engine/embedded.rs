@@ -202,7 +202,10 @@ impl Engine for EmbeddedEngine {
         let closable = Arc::downgrade(&closable);
         self.broker.register_channel(id, owner.id(), closable)?;
         tracing::trace!(channel = id, client = label, "channel opened");
-        Ok(Arc::new(EmbeddedChannel { shared }))
+        Ok(Arc::new(EmbeddedChannel {
+            shared,
+            last_route: parking_lot::Mutex::new(None),
+        }))
     }
 
     fn health(&self) -> Health {
@@ -249,6 +252,10 @@ impl Engine for EmbeddedEngine {
 /// A channel handle; dropping it closes the channel.
 pub struct EmbeddedChannel {
     shared: Arc<ChannelShared>,
+    /// Where this channel's last shared-key publish went ([`broker::LastRoute`]). Tried, not
+    /// waited for: publishes of one channel at once (streams of one HTTP/2 connection) route
+    /// as if it were empty.
+    last_route: parking_lot::Mutex<Option<Box<broker::LastRoute>>>,
 }
 
 impl Drop for EmbeddedChannel {
@@ -258,8 +265,7 @@ impl Drop for EmbeddedChannel {
 }
 
 impl EmbeddedChannel {
-    /// Both publishes: the key is made an `Arc` (when it is not one) only if the message is
-    /// routed.
+    /// A publish with a borrowed key: it is made an `Arc` only if the message is routed.
     fn publish_with<K>(&self, exchange: &str, routing_key: K, message: Message) -> PublishConfirm
     where
         K: AsRef<str> + Into<Arc<str>>,
@@ -269,16 +275,21 @@ impl EmbeddedChannel {
             .shared
             .check_open()
             .and_then(|()| self.shared.broker.publish(exchange, routing_key, message));
-        match result {
-            Ok((outcome, None, pace)) => PublishConfirm::ready(Ok(outcome)).with_pace(pace),
-            // Persistent in a durable queue: confirmed once its group commit is durable.
-            Ok((outcome, Some(write), pace)) => PublishConfirm::pending(async move {
-                write.await?;
-                Ok(outcome)
-            })
-            .with_pace(pace),
-            Err(e) => PublishConfirm::ready(Err(e)),
-        }
+        confirm(result)
+    }
+}
+
+/// The confirm of a publish routed and enqueued in the call.
+fn confirm(result: Result<broker::Published, EngineError>) -> PublishConfirm {
+    match result {
+        Ok((outcome, None, pace)) => PublishConfirm::ready(Ok(outcome)).with_pace(pace),
+        // Persistent in a durable queue: confirmed once its group commit is durable.
+        Ok((outcome, Some(write), pace)) => PublishConfirm::pending(async move {
+            write.await?;
+            Ok(outcome)
+        })
+        .with_pace(pace),
+        Err(e) => PublishConfirm::ready(Err(e)),
     }
 }
 
@@ -451,7 +462,16 @@ impl Channel for EmbeddedChannel {
         message: Message,
         _options: PublishOptions,
     ) -> PublishConfirm {
-        self.publish_with(exchange, routing_key, message)
+        let Some(mut last) = self.last_route.try_lock() else {
+            return self.publish_with(exchange, routing_key, message);
+        };
+        // Routed synchronously inside the call: the channel's order is the call order.
+        let result = self.shared.check_open().and_then(|()| {
+            self.shared
+                .broker
+                .publish_remembered(exchange, routing_key, message, &mut last)
+        });
+        confirm(result)
     }
 
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Consumer, EngineError> {

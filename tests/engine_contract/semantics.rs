@@ -616,3 +616,94 @@ pub async fn exclusive_queues_belong_to_the_connection(engine: Arc<dyn Engine>) 
     })
     .await;
 }
+
+/// Publishes with a shared key (MQTT's path, `Channel::publish_shared`) go where the bindings
+/// say at the moment of each publish, however often the same key is published: a binding
+/// added, removed, a queue deleted, the exchange deleted and declared again, a headers
+/// exchange routing by each message's headers. The embedded engine remembers a channel's last
+/// route; this holds it to the bindings.
+pub async fn shared_key_publishes_follow_every_binding_change(engine: Arc<dyn Engine>) {
+    let ch = channel(&engine).await;
+    let ex = declare_exchange(&ch, "remember", ExchangeKind::Topic).await;
+    let key: Arc<str> = Arc::from("dev.1.temp");
+    let send = |exchange: String, headers: FieldTable, body: &'static str| {
+        let ch = ch.clone();
+        let key = key.clone();
+        async move {
+            let mut m = Message::new(body);
+            m.properties.headers = headers;
+            ch.publish_shared(&exchange, key, m, PublishOptions::default())
+                .await
+        }
+    };
+    let routed = |exchange: &String, body: &'static str| {
+        let send = &send;
+        let exchange = exchange.clone();
+        async move {
+            send(exchange, FieldTable::new(), body)
+                .await
+                .expect("publish")
+                .routed
+        }
+    };
+    let a = declare_queue(&ch, "ra").await;
+    let b = declare_queue(&ch, "rb").await;
+    assert!(!routed(&ex, "nowhere").await, "no binding yet");
+    bind(&ch, &a, &ex, "dev.*.temp").await;
+    assert!(routed(&ex, "1").await);
+    assert!(routed(&ex, "2").await);
+    bind(&ch, &b, &ex, "dev.#").await;
+    assert!(routed(&ex, "3").await, "a binding added is seen at once");
+    ch.unbind_queue(&a, &ex, "dev.*.temp", &FieldTable::new())
+        .await
+        .unwrap();
+    assert!(routed(&ex, "4").await);
+    assert_eq!(drain(&ch, &a).await, ["1", "2", "3"]);
+    assert_eq!(drain(&ch, &b).await, ["3", "4"]);
+    ch.delete_queue(&b, DeleteQueueOptions::default())
+        .await
+        .unwrap();
+    assert!(
+        !routed(&ex, "5").await,
+        "a deleted queue's binding went with it"
+    );
+    // Deleted and declared again: the new exchange has no bindings.
+    bind(&ch, &a, &ex, "dev.#").await;
+    assert!(routed(&ex, "6").await);
+    ch.delete_exchange(&ex, false).await.unwrap();
+    let gone = send(ex.clone(), FieldTable::new(), "7").await;
+    assert!(
+        matches!(gone, Err(EngineError::NotFound { .. })),
+        "{gone:?}"
+    );
+    let mut spec = ExchangeSpec::new(ExchangeKind::Topic);
+    spec.durable = false;
+    ch.declare_exchange(&ex, &spec).await.unwrap();
+    assert!(
+        !routed(&ex, "8").await,
+        "the exchange declared again starts unbound"
+    );
+    assert_eq!(drain(&ch, &a).await, ["6"]);
+    // The same key to another exchange, then back.
+    let direct = declare_exchange(&ch, "remember-direct", ExchangeKind::Direct).await;
+    bind(&ch, &a, &direct, &key).await;
+    assert!(routed(&direct, "9").await);
+    assert!(!routed(&ex, "10").await);
+    assert!(routed(&direct, "11").await);
+    assert_eq!(drain(&ch, &a).await, ["9", "11"]);
+    // A headers exchange routes each message by its own headers, the key the same.
+    let headers = declare_exchange(&ch, "remember-headers", ExchangeKind::Headers).await;
+    ch.bind_queue(
+        &a,
+        &headers,
+        "",
+        &args(&[("kind", FieldValue::Str("x".into()))]),
+    )
+    .await
+    .unwrap();
+    let kind = |v: &str| args(&[("kind", FieldValue::Str(v.into()))]);
+    assert!(send(headers.clone(), kind("x"), "h1").await.unwrap().routed);
+    assert!(!send(headers.clone(), kind("y"), "h2").await.unwrap().routed);
+    assert!(send(headers.clone(), kind("x"), "h3").await.unwrap().routed);
+    assert_eq!(drain(&ch, &a).await, ["h1", "h3"]);
+}

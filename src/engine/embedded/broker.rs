@@ -25,6 +25,8 @@ mod pager;
 mod persist;
 mod publish;
 
+pub(super) use self::publish::{LastRoute, Published};
+
 use self::equivalence::{
     EXCHANGE_EQUIVALENCE_KEYS, QUEUE_EQUIVALENCE_KEYS, equivalent_arguments, must_match,
 };

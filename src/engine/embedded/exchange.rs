@@ -5,9 +5,9 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use parking_lot::RwLock;
+use parking_lot::{RwLock, RwLockWriteGuard};
 
 use super::queue::Queue;
 use crate::engine::topic::TopicTrie;
@@ -21,7 +21,9 @@ pub(super) struct Exchange {
     pub name: Arc<str>,
     pub spec: ExchangeSpec,
     router: RwLock<Router>,
-    deleted: AtomicBool,
+    /// Counts changes to the bindings and the exchange's deletion: a route remembered at one
+    /// count holds while the count is the same ([`super::broker::LastRoute`]).
+    changes: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -102,12 +104,32 @@ impl Exchange {
             name,
             spec,
             router: RwLock::new(router),
-            deleted: AtomicBool::new(false),
+            changes: AtomicU64::new(0),
         }
     }
 
     pub fn mark_deleted(&self) {
-        self.deleted.store(true, Ordering::Release);
+        self.changes.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The count of changes so far. Read before routing: a change made meanwhile shows as a
+    /// later count, and the route is taken again next time.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
+    }
+
+    /// The bindings, to change: counted as a change (bumped under the lock, so a publisher that
+    /// reads the new count routes on the new bindings).
+    fn router_mut(&self) -> RwLockWriteGuard<'_, Router> {
+        let router = self.router.write();
+        self.changes.fetch_add(1, Ordering::AcqRel);
+        router
+    }
+
+    /// Whether routing looks only at the routing key (every kind but headers): only such a
+    /// route may be remembered for a key.
+    pub fn routes_by_key(&self) -> bool {
+        self.spec.kind != ExchangeKind::Headers
     }
 
     /// Checks binding arguments before anything changes (headers `x-match`).
@@ -133,7 +155,7 @@ impl Exchange {
             arguments: arguments.clone(),
         };
         let key = &**key;
-        let mut router = self.router.write();
+        let mut router = self.router_mut();
         Ok(match &mut *router {
             Router::Direct(map) => {
                 let list = map.entry(binding.key.clone()).or_default();
@@ -167,7 +189,7 @@ impl Exchange {
 
     /// Removes one binding; returns whether it existed.
     pub fn unbind(&self, queue: &Arc<Queue>, key: &str, arguments: &FieldTable) -> bool {
-        let mut router = self.router.write();
+        let mut router = self.router_mut();
         match &mut *router {
             Router::Direct(map) => {
                 let Some(list) = map.get_mut(key) else {
@@ -198,7 +220,7 @@ impl Exchange {
     /// Removes every binding to `queue` (the queue is going away).
     pub fn unbind_queue(&self, queue: &Arc<Queue>) {
         let other = |b: &Binding| !Arc::ptr_eq(&b.queue, queue);
-        match &mut *self.router.write() {
+        match &mut *self.router_mut() {
             Router::Direct(map) => map.retain(|_, list| {
                 list.retain(other);
                 !list.is_empty()

@@ -78,7 +78,7 @@ impl Broker {
         let mut targets = Targets::new();
         // A missing dead-letter exchange drops the message, as RabbitMQ does; an internal one
         // is a fine dead-letter exchange.
-        let Ok(exchange_name) = self.route(
+        let Ok((exchange_name, _)) = self.route(
             exchange,
             &routing_key,
             &message.properties.headers,
