@@ -38,9 +38,14 @@ struct Unacked {
 impl Unacked {
     /// The entry as it goes back to its queue.
     fn returned(self) -> Entry {
+        self.into_parts().2
+    }
+
+    /// Its queue, consumer and the entry as it goes back.
+    fn into_parts(self) -> (Arc<Queue>, Option<u64>, Entry) {
         let mut entry = self.entry;
         entry.redelivered |= self.seen;
-        entry
+        (self.queue, self.consumer, entry)
     }
 }
 
@@ -431,11 +436,20 @@ impl ChannelShared {
             u.seen = true;
         }
         let mut fx = Effects::default();
-        for (queue, consumer, entries) in group(taken) {
-            match requeue {
-                Some(true) => queue.requeue(consumer, entries, true, &mut fx),
-                Some(false) => queue.settle(consumer, entries, true, &mut fx),
-                None => queue.settle(consumer, entries, false, &mut fx),
+        let mut one = |queue: Arc<Queue>, consumer, entries| match requeue {
+            Some(true) => queue.requeue(consumer, entries, true, &mut fx),
+            Some(false) => queue.settle(consumer, entries, true, &mut fx),
+            None => queue.settle(consumer, entries, false, &mut fx),
+        };
+        if taken.len() == 1
+            && let Some(u) = taken.pop()
+        {
+            // One delivery (every MQTT PUBACK): nothing to group.
+            let (queue, consumer, entry) = u.into_parts();
+            one(queue, consumer, smallvec::smallvec![entry]);
+        } else {
+            for (queue, consumer, entries) in group(taken) {
+                one(queue, consumer, entries);
             }
         }
         self.broker.apply(fx);

@@ -55,11 +55,14 @@ impl FieldTable {
     pub fn insert(&mut self, key: impl Into<Key>, value: FieldValue) -> Option<FieldValue> {
         let key = key.into();
         // Tables are built a key at a time, mostly in order: a key past the last one is
-        // pushed after one comparison, not searched for.
-        let at = match self.0.last() {
-            None => Err(0),
-            Some((last, _)) if **last < *key => Err(self.0.len()),
-            Some(_) => self.find(&key),
+        // pushed after one comparison, not searched for; one before the first (the subject
+        // stamped last on every publish, `x-gateway-sub` before `x-mqtt-…`) goes first after
+        // two. The search and the insert at the front were 200 instructions a message.
+        let at = match (self.0.first(), self.0.last()) {
+            (Some(_), Some((last, _))) if **last < *key => Err(self.0.len()),
+            (Some((first, _)), _) if *key < **first => Err(0),
+            (None, _) => Err(0),
+            _ => self.find(&key),
         };
         match at {
             Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
