@@ -265,7 +265,8 @@ impl Drop for EmbeddedChannel {
 }
 
 impl EmbeddedChannel {
-    /// A publish with a borrowed key: it is made an `Arc` only if the message is routed.
+    /// A publish that remembers no route: a borrowed key is made an `Arc` only if the
+    /// message is routed.
     fn publish_with<K>(&self, exchange: &str, routing_key: K, message: Message) -> PublishConfirm
     where
         K: AsRef<str> + Into<Arc<str>>,

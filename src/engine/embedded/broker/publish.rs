@@ -33,6 +33,10 @@ type RoutedBy = Option<(Arc<Exchange>, u64)>;
 /// durable queue), and the buffers that pace the publisher.
 pub(in crate::engine::embedded) type Published = (PublishOutcome, Option<StoreWrite>, Pace);
 
+fn unrouted() -> Published {
+    (PublishOutcome { routed: false }, None, Pace::default())
+}
+
 impl Broker {
     /// Routes and enqueues at the call; the returned write, when there is one, resolves once
     /// the message is durable in the store (only then may the publish be confirmed).
@@ -56,8 +60,9 @@ impl Broker {
             false,
             &mut targets,
         )?;
+        // The key is made an `Arc` (when it is not one) only if the message is routed.
         if targets.is_empty() {
-            return Ok((PublishOutcome { routed: false }, None, Pace::default()));
+            return Ok(unrouted());
         }
         self.enqueue_routed(&targets, exchange_name, key.into(), message)
     }
@@ -87,9 +92,6 @@ impl Broker {
                 let Some((exchange, changes)) = routed_by else {
                     // The default exchange (a map lookup already) or a headers exchange.
                     *last = None;
-                    if targets.is_empty() {
-                        return Ok((PublishOutcome { routed: false }, None, Pace::default()));
-                    }
                     return self.enqueue_routed(&targets, name, key, message);
                 };
                 &**last.insert(Box::new(LastRoute {
@@ -100,9 +102,6 @@ impl Broker {
                 }))
             }
         };
-        if route.targets.is_empty() {
-            return Ok((PublishOutcome { routed: false }, None, Pace::default()));
-        }
         self.enqueue_routed(&route.targets, route.exchange.name.clone(), key, message)
     }
 
@@ -131,6 +130,9 @@ impl Broker {
         key: Arc<str>,
         message: Message,
     ) -> Result<Published, EngineError> {
+        if targets.is_empty() {
+            return Ok(unrouted());
+        }
         let mut fx = Effects::default();
         let (routed, rejected, write) =
             self.enqueue_all(targets, exchange_name, key, message, &mut fx);
