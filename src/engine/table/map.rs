@@ -177,6 +177,35 @@ mod tests {
     }
 
     #[test]
+    fn every_insert_place_keeps_the_order() {
+        // After the last, before the first, between, and over the first, middle and last.
+        let mut t = FieldTable::new();
+        for (k, v) in [
+            ("m", 1),
+            ("x", 2),
+            ("c", 3),
+            ("p", 4),
+            ("a", 5),
+            ("z", 6),
+            ("n", 7),
+        ] {
+            assert!(t.insert(k, FieldValue::I64(v)).is_none(), "{k} is new");
+        }
+        assert_eq!(
+            t.keys().collect::<Vec<_>>(),
+            ["a", "c", "m", "n", "p", "x", "z"]
+        );
+        for (k, old) in [("a", 5), ("n", 7), ("z", 6)] {
+            assert_eq!(t.insert(k, FieldValue::Void), Some(FieldValue::I64(old)));
+        }
+        assert_eq!(t.len(), 7);
+        assert_eq!(
+            t.keys().collect::<Vec<_>>(),
+            ["a", "c", "m", "n", "p", "x", "z"]
+        );
+    }
+
+    #[test]
     fn static_keys_are_borrowed() {
         let mut t = FieldTable::new();
         t.insert("x-static", FieldValue::Bool(true));
