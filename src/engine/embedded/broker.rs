@@ -19,6 +19,7 @@ use crate::flow::Pace;
 
 mod dead_letter;
 mod disk_alarm;
+mod effects;
 mod equivalence;
 mod expiry;
 mod pager;
@@ -41,10 +42,6 @@ use crate::engine::{
     BindingInfo, Declared, EngineError, Envelope, ExchangeInfo, ExchangeKind, ExchangeSpec,
     FieldTable, FieldValue, Message, PublishOutcome, QueueDeclared, QueueInfo, QueueSpec,
 };
-
-/// Dead letters can chain (a DLX queue with its own DLX); cycles are cut, and this bounds what
-/// one operation may trigger in any case.
-const MAX_EFFECT_ROUNDS: usize = 64;
 
 pub(super) struct Broker {
     // foldhash, not SipHash: every publish looks its exchange up, every delivery its queue.
@@ -684,50 +681,6 @@ impl Broker {
                 .map(|(e, k, a)| binding_info(e, &q.name, k, a)),
         );
         Ok(out)
-    }
-
-    // ---- effects: dead letters, timers, auto-delete ----
-
-    /// Carries out what queue operations asked for once their locks are released.
-    pub fn apply(&self, mut fx: Effects) {
-        for _ in 0..MAX_EFFECT_ROUNDS {
-            let Some(more) = fx.take_more() else {
-                return;
-            };
-            let More {
-                dead,
-                dequeued,
-                start_expiry,
-                auto_delete,
-                read_ahead,
-            } = *more;
-            if !dequeued.is_empty() {
-                self.forget(dequeued);
-            }
-            if !read_ahead.is_empty() {
-                self.read_ahead(read_ahead);
-            }
-            for queue in start_expiry {
-                if queue.claim_expiry_task() {
-                    self.spawn_message_expiry(&queue);
-                }
-            }
-            for queue in auto_delete {
-                self.remove_queue(&queue);
-            }
-            // Dead letters are published again, and what that asks for is the next round's.
-            for dead in dead {
-                self.dead_letter(dead, &mut fx);
-            }
-        }
-        if let Some(more) = fx.take_more()
-            && !more.dead.is_empty()
-        {
-            tracing::warn!(
-                dropped = more.dead.len(),
-                "dead-letter chain too long; messages dropped"
-            );
-        }
     }
 }
 
