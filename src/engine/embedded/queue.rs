@@ -576,9 +576,10 @@ impl Queue {
         }
         st.exclusive_consumer = exclusive;
         st.had_consumer = true;
-        st.last_used = Instant::now();
+        let now = Now::default();
+        st.last_used = now.get();
         crate::engine::push_snug(&mut st.consumers, slot);
-        self.dispatch(&mut st, &Now::default(), fx);
+        self.dispatch(&mut st, &now, fx);
         Ok(())
     }
 
