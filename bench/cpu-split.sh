@@ -31,6 +31,17 @@ for scenario in "${@:-qos0 qos1}"; do
   metrics=$(listener "$work" metrics)
   sum() { curl -s "http://$metrics/metrics" | awk -v m="$1" 'index($0, m) == 1 { s += $NF } END { print s + 0 }'; }
   times() { awk '{ print $14, $15 }' "/proc/$pid/stat"; }
+  # System calls and context switches over the three seconds, where perf can count them.
+  window() {
+    if perf stat -x, -e raw_syscalls:sys_enter,context-switches -o "$work/perf" -p "$pid" \
+      -- sleep 3 2>/dev/null; then
+      awk -F, '$3 == "raw_syscalls:sys_enter" { c = $1 } $3 == "context-switches" { x = $1 }
+        END { print c + 0, x + 0 }' "$work/perf"
+    else
+      sleep 3
+      echo - -
+    fi
+  }
   (
     for _ in 1 2 3 4 5 6; do
       echo "  $(grep VmRSS "/proc/$pid/status" | tr -s ' \t' ' '), queued $(sum gateway_queued_messages)"
@@ -42,13 +53,16 @@ for scenario in "${@:-qos0 qos1}"; do
     sleep 2
     d0=$(sum gateway_messages_out_total)
     read -r u0 s0 < <(times)
-    sleep 3
+    read -r c x < <(window)
     d1=$(sum gateway_messages_out_total)
     read -r u1 s1 < <(times)
     n=$((d1 - d0))
-    awk -v n="$n" -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v t="$tick" -v sc="$scenario" 'BEGIN {
-      printf "%s: %d delivered in 3 s, %.2f µs user + %.2f µs system per delivered message\n",
-        sc, n, u * 1e6 / t / n, s * 1e6 / t / n }'
+    awk -v n="$n" -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v t="$tick" -v sc="$scenario" \
+      -v c="$c" -v x="$x" 'BEGIN {
+      printf "%s: %d delivered in 3 s, %.2f µs user + %.2f µs system per delivered message,", \
+        sc, n, u * 1e6 / t / n, s * 1e6 / t / n
+      if (c == "-") print ""
+      else printf " %.2f system calls and %.3f context switches each\n", c / n, x / n }'
   ) &
   sampler=$!
   target/release/bench --target "gateway=$mqtt@$token" --scenarios "$scenario" \
