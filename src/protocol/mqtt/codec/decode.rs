@@ -31,7 +31,13 @@ pub(super) fn plain_publish_in(
     if topic_len == 0 {
         return None;
     }
-    std::str::from_utf8(body.get(2..2 + topic_len)?).ok()?;
+    // The `ByteString` below checks again; this one only keeps an invalid topic for the
+    // crate. Most topics are ASCII, which a word at a time tells, where `from_utf8` walks a
+    // topic shorter than 16 bytes a byte at a time (about 100 instructions a publish).
+    let topic_bytes = body.get(2..2 + topic_len)?;
+    if !topic_bytes.is_ascii() {
+        std::str::from_utf8(topic_bytes).ok()?;
+    }
     let mut at = 2 + topic_len;
     let packet_id = if qos > 0 {
         let id = u16::from_be_bytes([*body.get(at)?, *body.get(at + 1)?]);
