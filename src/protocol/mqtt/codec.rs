@@ -91,7 +91,9 @@ pub struct PublishIn {
     pub retain: bool,
     pub packet_id: Option<u16>,
     pub payload: Bytes,
-    pub props: PublishProps,
+    /// None when there are none ([`PublishProps::boxed`]): a 3.1.1 publish never has any,
+    /// and inline they were 144 of its 216 bytes, moved on every step of its way in.
+    pub props: Option<Box<PublishProps>>,
 }
 
 #[derive(Debug, Clone)]

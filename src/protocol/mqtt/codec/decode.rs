@@ -63,7 +63,7 @@ pub(super) fn plain_publish_in(
         retain: first & 1 == 1,
         packet_id,
         payload,
-        props: PublishProps::default(),
+        props: None,
     })
 }
 
@@ -111,7 +111,7 @@ fn publish_in(p: Publish) -> PublishIn {
             payload_utf8: pp.is_utf8_payload,
             subscription_ids: Vec::new(),
         })
-        .unwrap_or_default();
+        .and_then(PublishProps::boxed);
     PublishIn {
         topic: p.topic,
         qos: qos_of(p.qos),

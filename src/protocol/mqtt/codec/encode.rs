@@ -180,10 +180,14 @@ pub fn publish_size(
     topic: &TopicName,
     qos: u8,
     payload: usize,
-    props: &PublishProps,
+    props: Option<&PublishProps>,
 ) -> usize {
     let mut remaining = 2 + topic.len() + if qos > 0 { 2 } else { 0 } + payload;
     if version == Version::V5 {
+        let Some(props) = props else {
+            // A zero properties length.
+            return 1 + var_int_len(remaining + 1) + remaining + 1;
+        };
         let string = |s: usize| 1 + 2 + s;
         let props_len = props.topic_alias.filter(|a| *a > 0).map_or(0, |_| 3)
             + props

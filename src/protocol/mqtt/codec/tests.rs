@@ -204,10 +204,14 @@ fn publish_size_is_exact() {
                 };
                 codec.encode(packet, &mut buf).unwrap();
                 assert_eq!(
-                    publish_size(version, &"a/b".into(), qos, payload, &props),
+                    publish_size(version, &"a/b".into(), qos, payload, Some(&props)),
                     buf.len(),
                     "{version:?} qos {qos} payload {payload} {props:?}"
                 );
+                if props == PublishProps::default() {
+                    let none = publish_size(version, &"a/b".into(), qos, payload, None);
+                    assert_eq!(none, buf.len(), "{version:?} qos {qos} payload {payload}");
+                }
             }
         }
     }

@@ -176,12 +176,17 @@ impl Session {
             return Outcome::Continue;
         }
         let mut props = self.props_of(d.properties(), d.expires_in);
-        if self.client.version == Version::V5 {
-            props.subscription_ids = subscription_ids;
-        }
+        self.identify(&mut props, subscription_ids);
         let topic = topic_of(&d, mapping);
         self.send_copy(&d, topic, qos, retain, props, level == 1)
             .await
+    }
+
+    /// Gives an MQTT 5 copy the identifiers of the subscriptions it matched.
+    fn identify(&self, props: &mut Option<Box<PublishProps>>, ids: Vec<u32>) {
+        if self.client.version == Version::V5 && !ids.is_empty() {
+            props.get_or_insert_default().subscription_ids = ids;
+        }
     }
 
     /// Whether a QoS 0 copy of `payload` bytes would overflow the client's QoS 0 bound: it is
@@ -224,9 +229,10 @@ impl Session {
         let publish_qos = publish_qos_of(d.message());
         let qos = publish_qos.min(opts.granted);
         let mut props = self.props_of(d.properties(), d.expires_in);
-        if self.client.version == Version::V5 {
-            props.subscription_ids = opts.id.map(NonZeroU32::get).into_iter().collect();
-        }
+        self.identify(
+            &mut props,
+            opts.id.map(NonZeroU32::get).into_iter().collect(),
+        );
         self.send_copy(&d, topic, qos, false, props, true).await
     }
 
@@ -240,7 +246,7 @@ impl Session {
         topic: TopicName,
         qos: u8,
         retain: bool,
-        props: PublishProps,
+        props: Option<Box<PublishProps>>,
         settle: bool,
     ) -> Outcome {
         let packet_id = (qos >= 1).then(|| self.next_packet_id());
@@ -270,7 +276,7 @@ impl Session {
         retain: bool,
         packet_id: Option<u16>,
         payload: bytes::Bytes,
-        mut props: PublishProps,
+        mut props: Option<Box<PublishProps>>,
     ) -> bool {
         if qos == 0 && self.qos0_overflows(payload.len() as u64) {
             return false;
@@ -283,7 +289,11 @@ impl Session {
         } else {
             (topic, None)
         };
-        props.topic_alias = alias.map(|(a, _)| a);
+        match (alias, &mut props) {
+            (Some((a, _)), props) => props.get_or_insert_default().topic_alias = Some(a),
+            (None, Some(props)) => props.topic_alias = None,
+            (None, None) => {}
+        }
         let wire_topic = match alias {
             Some((_, false)) => TopicName::Made(String::new()),
             _ => topic,
@@ -294,7 +304,7 @@ impl Session {
                 &wire_topic,
                 qos,
                 payload.len(),
-                &props,
+                props.as_deref(),
             );
             if size > max.get() as usize {
                 metrics::refusal(PROTOCOL, "packet_too_large");
@@ -317,7 +327,7 @@ impl Session {
             dup: false,
             packet_id,
             payload,
-            props: props.boxed(),
+            props,
         });
         metrics::messages_out(PROTOCOL, 1);
         true
@@ -343,9 +353,7 @@ impl Session {
             }
             let qos = publish_qos_of(&m.message).min(granted);
             let mut props = self.props_of(&m.message.properties, m.expires_in);
-            if self.client.version == Version::V5 {
-                props.subscription_ids = id.map(NonZeroU32::get).into_iter().collect();
-            }
+            self.identify(&mut props, id.map(NonZeroU32::get).into_iter().collect());
             let packet_id = (qos >= 1).then(|| self.next_packet_id());
             let sent = self.emit(
                 topic.into(),

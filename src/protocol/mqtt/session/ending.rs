@@ -99,7 +99,7 @@ impl Session {
             retain: will.retain,
             packet_id: None,
             payload: will.payload.clone(),
-            props: will.props.clone(),
+            props: will.props.clone().boxed(),
         };
         let mut message = self.message_of(&p);
         // Not through the publish gate: the will is the server's publish on the client's

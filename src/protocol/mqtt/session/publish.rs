@@ -279,7 +279,7 @@ impl Session {
     /// allowed, the Receive Maximum kept, parked publishes ahead of it. `Err` when it was
     /// answered, parked or refused here.
     fn admit(&mut self, mut p: PublishIn) -> Result<PublishIn, Outcome> {
-        if let Some(alias) = p.props.topic_alias {
+        if let Some(alias) = p.props.as_ref().and_then(|props| props.topic_alias) {
             if alias == 0 || alias > TOPIC_ALIAS_MAX {
                 return Err(Outcome::Close(CloseReason::TopicAliasInvalid));
             }
@@ -648,7 +648,10 @@ impl Session {
     pub(super) fn message_of(&self, p: &PublishIn) -> Message {
         let mut m = Message::new(p.payload.clone());
         let props = &mut m.properties;
-        properties::to_amqp(&p.props, self.ctx.config.mqtt.topic_mapping, props);
+        // None: nothing to write (no user properties, no header that says so).
+        if let Some(from) = &p.props {
+            properties::to_amqp(from, self.ctx.config.mqtt.topic_mapping, props);
+        }
         props.delivery_mode = Some(if p.qos > 0 { 2 } else { 1 });
         // In key order: each is pushed after the last (FieldTable::insert).
         props
@@ -668,9 +671,9 @@ impl Session {
         &self,
         p: &crate::engine::Properties,
         expires_in: Option<std::time::Duration>,
-    ) -> PublishProps {
+    ) -> Option<Box<PublishProps>> {
         if self.client.version != Version::V5 {
-            return PublishProps::default();
+            return None;
         }
         let mqtt = &self.ctx.config.mqtt;
         properties::from_amqp(
@@ -679,6 +682,7 @@ impl Session {
             mqtt.topic_mapping,
             mqtt.sender_property.as_deref(),
         )
+        .boxed()
     }
 
     /// Tries the parked publishes again (their acks were withheld).
