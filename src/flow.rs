@@ -167,7 +167,7 @@ pub struct Flow {
     byte_quota: Quota,
     /// One bucket per subject, shared by its connections. A connection keeps its subject's
     /// after its first publish: looked up on every publish, the map (a hash, a shard lock
-    /// and a key comparison, on a map every publisher shares) was a third of the gate's
+    /// and a key comparison, on a map every publisher shares) was a quarter of the gate's
     /// cost, and in the 50→1 bench all fifty publishers took the one shard's lock each time.
     /// foldhash, not SipHash: a connection's first publish and REST's other subjects look up.
     subjects: dashmap::DashMap<Arc<str>, Arc<Bucket>, foldhash::fast::RandomState>,
