@@ -539,15 +539,14 @@ type Group = (Arc<Queue>, Option<u64>, SmallVec<[Entry; 1]>);
 fn group(records: impl IntoIterator<Item = Unacked>) -> SmallVec<[Group; 1]> {
     let mut groups: SmallVec<[Group; 1]> = SmallVec::new();
     for r in records {
+        let (queue, consumer, entry) = r.into_parts();
         match groups
             .iter_mut()
-            .find(|(q, c, _)| Arc::ptr_eq(q, &r.queue) && *c == r.consumer)
+            .find(|(q, c, _)| Arc::ptr_eq(q, &queue) && *c == consumer)
         {
-            Some((_, _, entries)) => entries.push(r.returned()),
-            None => {
-                let (queue, consumer) = (r.queue.clone(), r.consumer);
-                groups.push((queue, consumer, smallvec::smallvec![r.returned()]));
-            }
+            Some((_, _, entries)) => entries.push(entry),
+            // The record's own queue handle, not a clone of it.
+            None => groups.push((queue, consumer, smallvec::smallvec![entry])),
         }
     }
     groups
