@@ -289,10 +289,9 @@ impl Session {
         } else {
             (topic, None)
         };
-        match (alias, &mut props) {
-            (Some((a, _)), props) => props.get_or_insert_default().topic_alias = Some(a),
-            (None, Some(props)) => props.topic_alias = None,
-            (None, None) => {}
+        // `props_of` never sets an alias: only this one goes out.
+        if let Some((a, _)) = alias {
+            props.get_or_insert_default().topic_alias = Some(a);
         }
         let wire_topic = match alias {
             Some((_, false)) => TopicName::Made(String::new()),
