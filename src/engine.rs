@@ -679,6 +679,23 @@ pub trait Channel: Send + Sync {
     /// `PreconditionFailed` and changes nothing. Not an `async fn`: one is settled per QoS 1
     /// message, and the embedded engine answers at the call without a boxed future.
     fn ack(&self, delivery_tag: u64, multiple: bool) -> Settled;
+    /// Acks each of `tags` on its own (not `multiple`): an MQTT client's PUBACKs read in one
+    /// go. The embedded engine settles them under one lock of each queue, which hands the
+    /// freed credit on as one batch; this default acks them one by one. Every known tag is
+    /// settled; an unknown one is `PreconditionFailed` after that.
+    fn ack_each(&self, tags: &[u64]) -> Settled {
+        let acks: Vec<Settled> = tags.iter().map(|&tag| self.ack(tag, false)).collect();
+        Settled::pending(async move {
+            let mut result = Ok(());
+            for ack in acks {
+                let settled = ack.await;
+                if result.is_ok() {
+                    result = settled;
+                }
+            }
+            result
+        })
+    }
     /// `requeue = false` dead-letters (reason `rejected`) or drops.
     fn nack(&self, delivery_tag: u64, multiple: bool, requeue: bool) -> Settled;
 

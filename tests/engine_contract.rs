@@ -19,8 +19,11 @@ use amqp_gateway::engine::{
 use bytes::Bytes;
 use common::{eventually, next, nothing_within, text, unique};
 
+#[path = "engine_contract/batch_acks.rs"]
+mod batch_acks;
 #[path = "engine_contract/semantics.rs"]
 mod semantics;
+use batch_acks::*;
 use semantics::*;
 
 const QUIET: Duration = Duration::from_millis(150);
@@ -1282,6 +1285,7 @@ contract!(embedded:
     prefetch_bounds_unacked_deliveries,
     consumers_share_round_robin,
     ack_multiple_and_nack_requeue,
+    ack_each_settles_each_named_tag,
     cancel_requeues_unacked,
     closing_a_channel_requeues_unacked,
     dropping_a_consumer_cancels_it,
@@ -1343,6 +1347,7 @@ upstream_contract!(
     prefetch_bounds_unacked_deliveries,
     consumers_share_round_robin,
     ack_multiple_and_nack_requeue,
+    ack_each_settles_each_named_tag,
     cancel_requeues_unacked,
     closing_a_channel_requeues_unacked,
     dropping_a_consumer_cancels_it,

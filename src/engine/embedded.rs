@@ -528,6 +528,14 @@ impl Channel for EmbeddedChannel {
         )
     }
 
+    fn ack_each(&self, tags: &[u64]) -> Settled {
+        Settled::ready(
+            self.shared
+                .check_open()
+                .and_then(|()| self.shared.ack_each(tags)),
+        )
+    }
+
     fn nack(&self, delivery_tag: u64, multiple: bool, requeue: bool) -> Settled {
         Settled::ready(
             self.shared

@@ -427,7 +427,38 @@ impl ChannelShared {
         multiple: bool,
         requeue: Option<bool>,
     ) -> Result<(), EngineError> {
-        let mut taken = self.take_unacked(tag, multiple)?;
+        let taken = self.take_unacked(tag, multiple)?;
+        self.settle_taken(taken, requeue);
+        Ok(())
+    }
+
+    /// Acks each of `tags` on its own: one lock of the channel's map, and one of each queue
+    /// the deliveries came from, for all of them (an MQTT client's PUBACKs read together).
+    pub fn ack_each(&self, tags: &[u64]) -> Result<(), EngineError> {
+        let mut unknown = None;
+        let taken: Taken = {
+            let mut map = self.unacked.lock();
+            tags.iter()
+                .filter_map(|&tag| {
+                    let found = map.remove(tag);
+                    if found.is_none() {
+                        unknown.get_or_insert(tag);
+                    }
+                    found
+                })
+                .collect()
+        };
+        self.settle_taken(taken, None);
+        match unknown {
+            Some(tag) => Err(EngineError::PreconditionFailed(format!(
+                "unknown delivery tag {tag}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Settles, requeues or dead-letters (as [`settle`](Self::settle)) what was taken.
+    fn settle_taken(&self, mut taken: Taken, requeue: Option<bool>) {
         if requeue.is_none() {
             crate::metrics::acked(taken.len() as u64);
         }
@@ -453,7 +484,6 @@ impl ChannelShared {
             }
         }
         self.broker.apply(fx);
-        Ok(())
     }
 
     /// basic.get on `queue`.

@@ -379,6 +379,15 @@ impl Codec {
         }
     }
 
+    /// A plain PUBACK at the head of `buf`, taken, where [`decode`](Self::decode) would give
+    /// the same: between packets of a known version.
+    pub fn puback_in(&mut self, buf: &mut BytesMut) -> Option<u16> {
+        if self.mid_frame {
+            return None;
+        }
+        plain_puback_in(buf, self.version()?)
+    }
+
     pub fn encode(
         &mut self,
         packet: Outbound,

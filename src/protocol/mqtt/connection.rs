@@ -144,6 +144,12 @@ impl<R: AsyncRead + Unpin> Wire<R> {
         })
     }
 
+    /// The PUBACK the buffer starts with, taken, when it is a plain one (no reason, no
+    /// properties). No socket read: the run of PUBACKs one read brought.
+    fn next_puback(&mut self) -> Option<u16> {
+        self.codec.puback_in(&mut self.input.buf)
+    }
+
     /// Decodes what was read, reading until one packet decodes.
     fn poll_read(
         &mut self,
@@ -594,7 +600,13 @@ where
             let outcome = match now {
                 Now::Done(outcome) => outcome,
                 Now::Turns(outcome) => take_turns(&live.session, outcome).await,
-                Now::PubAck(id) => puback(&mut live.session, id).await,
+                Now::PubAck(id) => {
+                    let wire = &mut live.wire;
+                    let settled = live.session.pubacks(
+                        std::iter::once(id).chain(std::iter::from_fn(|| wire.next_puback())),
+                    );
+                    pubacked(&live.session, settled).await
+                }
                 Now::Retry => Box::pin(live.session.retry_parked()).await,
             };
             live.session.note_in_flight();
@@ -649,10 +661,12 @@ async fn handle_packet(session: &mut Session, packet: Inbound) -> Outcome {
     take_turns(session, outcome).await
 }
 
-/// A PUBACK, settled in place: through `handle`'s boxed future it cost more than the
-/// settling.
-async fn puback(session: &mut Session, id: u16) -> Outcome {
-    session.puback(id).await;
+/// A run of PUBACKs, settled in place: through `handle`'s boxed future it cost more than the
+/// settling. The run takes one turn.
+async fn pubacked(session: &Session, settled: Option<crate::engine::Settled>) -> Outcome {
+    if let Some(settled) = settled {
+        let _ = settled.await;
+    }
     take_turns(session, Outcome::Continue).await
 }
 
