@@ -422,8 +422,12 @@ impl Session {
             // Boxed: inline, a retained publish's steps would be most of this future, which
             // is made for every PUBACK (a PUBLISH not retained takes `publish_plain`).
             Inbound::Publish(p) => Box::pin(self.publish(p)).await,
+            // The connection settles PUBACKs itself, a run at a time; one that comes here
+            // is settled alone.
             Inbound::PubAck(id) => {
-                self.puback(id).await;
+                if let Some(settled) = self.pubacks([id]) {
+                    let _ = settled.await;
+                }
                 Outcome::Continue
             }
             // Outbound QoS 2: the client has it; the engine may forget it, then PUBREL.
@@ -518,20 +522,12 @@ impl Session {
         }
     }
 
-    /// PUBACK: the delivery is settled with the engine. Its own small future, awaited in
-    /// place by the connection: through `handle`'s boxed one (the size of every packet's
-    /// steps) it cost more than the settling, once per QoS 1 message.
-    pub async fn puback(&mut self, id: u16) {
-        if let Some(settled) = self.pubacks([id]) {
-            let _ = settled.await;
-        }
-    }
-
     /// PUBACKs for `ids`, read together: their deliveries acked in one call, which the
-    /// embedded engine settles under one lock of the queue and answers with the freed credit's
-    /// deliveries as one batch. Per PUBACK, a QoS 1 subscriber's queue was locked once for the
-    /// settle and its next delivery handed over alone (docs/bench.md). `None`: nothing to
-    /// settle (unknown ids, or deliveries that had none).
+    /// embedded engine settles under one lock of the queue, handing the credit they free on
+    /// as one batch. Settled one by one, each PUBACK locked the queue and handed its one freed
+    /// delivery over alone (docs/bench.md). The connection awaits the answer in place (see
+    /// `connection::pubacked`). `None`: nothing to settle (ids not in flight, or deliveries
+    /// that had no tag).
     pub fn pubacks(&mut self, ids: impl IntoIterator<Item = u16>) -> Option<Settled> {
         let tags: smallvec::SmallVec<[u64; 16]> = ids
             .into_iter()
