@@ -68,8 +68,14 @@ async fn only_pongs_for_a_while(wire: &mut RawWire, pongs: &mut usize) -> bool {
     }
 }
 
-/// The PUBACKs a round writes in one go, given the window it acknowledges.
-type Acks = fn(&[(u16, Vec<u8>)]) -> Vec<u8>;
+/// The plain PUBACKs of `deliveries`, one after another.
+fn pubacks(deliveries: &[(u16, Vec<u8>)]) -> Vec<u8> {
+    deliveries.iter().flat_map(|(id, _)| puback(*id)).collect()
+}
+
+/// The PUBACKs a round writes in one go, given the window it acknowledges and whether the
+/// connection speaks MQTT 5.
+type Acks = fn(&[(u16, Vec<u8>)], bool) -> Vec<u8>;
 
 async fn runs(t: Transport, level: u8) {
     let gw = start_gateway(|c| c.mqtt.max_inflight = WINDOW as u16).await;
@@ -96,30 +102,32 @@ async fn runs(t: Transport, level: u8) {
     let mut payloads = Vec::new();
     let rounds: [Acks; 4] = [
         // The whole window's PUBACKs, then a PINGREQ, in one write.
-        |w| {
-            let mut run: Vec<u8> = w.iter().flat_map(|(id, _)| puback(*id)).collect();
+        |w, _| {
+            let mut run = pubacks(w);
             run.extend(PINGREQ);
             run
         },
         // A PUBACK for an id not in flight first.
-        |w| {
+        |w, _| {
             let stray = w.iter().map(|(id, _)| *id).max().unwrap_or(0) + 1000;
             let mut run = puback(stray);
-            run.extend(w.iter().flat_map(|(id, _)| puback(*id)));
+            run.extend(pubacks(w));
             run
         },
         // A PINGREQ in the middle of the run.
-        |w| {
-            let mut run: Vec<u8> = w[..2].iter().flat_map(|(id, _)| puback(*id)).collect();
+        |w, _| {
+            let mut run = pubacks(&w[..2]);
             run.extend(PINGREQ);
-            run.extend(w[2..].iter().flat_map(|(id, _)| puback(*id)));
+            run.extend(pubacks(&w[2..]));
             run
         },
         // MQTT 5's form with the reason code written (3.1.1: the plain form again).
-        |w| {
-            w.iter()
+        |w, v5| match v5 {
+            true => w
+                .iter()
                 .flat_map(|(id, _)| puback_with_reason(*id))
-                .collect()
+                .collect(),
+            false => pubacks(w),
         },
     ];
     for (round, acks) in rounds.iter().enumerate() {
@@ -128,11 +136,7 @@ async fn runs(t: Transport, level: u8) {
             only_pongs_for_a_while(&mut sub, &mut pongs).await,
             "round {round}: nothing past the window while it is unacknowledged"
         );
-        let mut run = acks(&w);
-        if round == 3 && !v5 {
-            run = w.iter().flat_map(|(id, _)| puback(*id)).collect();
-        }
-        sub.send_raw(&run).await;
+        sub.send_raw(&acks(&w, v5)).await;
         payloads.extend(w.into_iter().map(|(_, p)| p));
     }
     // The PINGREQ of the third round is answered whatever came after it.
