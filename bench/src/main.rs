@@ -17,6 +17,7 @@ use clap::Parser;
 mod count;
 mod durable;
 mod hop;
+mod pipelined;
 mod report;
 mod rest;
 mod soak;
@@ -60,6 +61,8 @@ struct Args {
     /// Runs per scenario and target; the median is reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Throughput scenarios (`qos0`, `qos1`, `fanout`, `fanin`) run with rumqttc; with
+    /// `-pipelined` appended (`qos1-pipelined`) with the [`pipelined`] client instead.
     #[arg(
         long,
         value_delimiter = ',',
@@ -281,32 +284,66 @@ struct Run {
     cpu_us: Option<f64>,
 }
 
+/// The load generator of a throughput scenario.
+#[derive(Clone, Copy, PartialEq)]
+enum Client {
+    /// rumqttc: a system call per packet sent.
+    Rumqttc,
+    /// [`pipelined`]: a window of packets per system call.
+    Pipelined,
+}
+
+/// A throughput scenario: publishers, subscribers, QoS and client (`NAME[-pipelined]`).
+fn shape(scenario: &str) -> Option<(usize, usize, QoS, Client)> {
+    let (name, client) = match scenario.strip_suffix("-pipelined") {
+        Some(name) => (name, Client::Pipelined),
+        None => (scenario, Client::Rumqttc),
+    };
+    let (pubs, subs, qos) = match name {
+        "qos0" => (1, 1, QoS::AtMostOnce),
+        "qos1" => (1, 1, QoS::AtLeastOnce),
+        "fanout" => (1, 50, QoS::AtMostOnce),
+        "fanin" => (50, 1, QoS::AtMostOnce),
+        _ => return None,
+    };
+    Some((pubs, subs, qos, client))
+}
+
 /// `pubs` publishers flat out to `subs` subscribers of one topic (numbered payloads, loss
 /// counted after a drain).
 async fn throughput(
     t: &Target,
     args: &Args,
-    pubs: usize,
-    subs: usize,
-    qos: QoS,
+    (pubs, subs, qos, client): (usize, usize, QoS, Client),
 ) -> Result<Run, String> {
     let topic = format!("bench/{}/{}", std::process::id(), next_id());
     let seen = Arc::new(Seen::default());
     let mut clients = Vec::new();
+    let (mut pipelined_subs, mut pipelined_pubs) = (Vec::new(), Vec::new());
     let mut received = Vec::new();
     for _ in 0..subs {
         let numbered = Arc::new(count::Received::default());
         received.push(numbered.clone());
-        clients.push(subscriber(t, &topic, qos, seen.clone(), false, Some(numbered)).await?);
+        if client == Client::Pipelined {
+            let sub = pipelined::subscriber(t, &topic, qos, seen.clone(), numbered).await?;
+            pipelined_subs.push(sub);
+        } else {
+            clients.push(subscriber(t, &topic, qos, seen.clone(), false, Some(numbered)).await?);
+        }
     }
     let stop = Arc::new(AtomicBool::new(false));
     let mut sent = Vec::new();
     for index in 0..pubs {
-        let client = publisher(t, false).await?;
-        clients.push(client.clone());
         let tally = Arc::new(count::Sent::default());
         sent.push(tally.clone());
         let (stop, topic, size) = (stop.clone(), topic.clone(), args.payload);
+        if client == Client::Pipelined {
+            let task = pipelined::publisher(t, topic, qos, index as u32, size, tally, stop);
+            pipelined_pubs.push(task.await?);
+            continue;
+        }
+        let client = publisher(t, false).await?;
+        clients.push(client.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let seq = tally.count();
@@ -331,9 +368,17 @@ async fn throughput(
     };
     stop.store(true, Ordering::Relaxed);
     drain(&seen.count).await;
+    // Their tallies are final once they stopped (a pipelined QoS 1 publisher waits for its
+    // window's acks first, at most ten seconds).
+    for task in pipelined_pubs {
+        let _ = tokio::time::timeout(Duration::from_secs(11), task).await;
+    }
     let loss = count::Loss::of(&sent, &received);
     for c in clients {
         let _ = c.disconnect().await;
+    }
+    for sub in pipelined_subs {
+        sub.close().await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(Run { rate, loss, cpu_us })
@@ -494,10 +539,7 @@ async fn measure(t: &Target, args: &Args, scenario: &str) -> Result<Outcome, Str
     let mut last_error = None;
     for _ in 0..args.runs {
         let r = match scenario {
-            "qos0" => runs(throughput(t, args, 1, 1, QoS::AtMostOnce).await),
-            "qos1" => runs(throughput(t, args, 1, 1, QoS::AtLeastOnce).await),
-            "fanout" => runs(throughput(t, args, 1, 50, QoS::AtMostOnce).await),
-            "fanin" => runs(throughput(t, args, 50, 1, QoS::AtMostOnce).await),
+            s if shape(s).is_some() => runs(throughput(t, args, shape(s).ok_or("no shape")?).await),
             "latency" => latency(t, args).await.map(|(p50, p99, worst)| {
                 p50s.push(p50);
                 p99s.push(p99);
@@ -682,7 +724,7 @@ async fn hop_table(args: &Args, gateway: &Target) -> Result<(), String> {
     let (mut through, mut direct) = (Vec::new(), Vec::new());
     let (mut through_loss, mut direct_loss) = (count::Loss::default(), count::Loss::default());
     for _ in 0..args.runs {
-        let run = throughput(gateway, args, 1, 1, QoS::AtLeastOnce).await?;
+        let run = throughput(gateway, args, (1, 1, QoS::AtLeastOnce, Client::Rumqttc)).await?;
         through.push(run.rate);
         through_loss.add(run.loss);
         let (rate, loss) =
@@ -760,6 +802,10 @@ fn label(s: &str, args: &Args) -> String {
         "qos1" => "1→1 QoS 1, deliveries/s",
         "fanout" => "1→50 fan-out QoS 0, deliveries/s",
         "fanin" => "50→1 fan-in QoS 0, deliveries/s",
+        "qos0-pipelined" => "1→1 QoS 0 pipelined client, deliveries/s",
+        "qos1-pipelined" => "1→1 QoS 1 pipelined client, deliveries/s",
+        "fanout-pipelined" => "1→50 fan-out QoS 0 pipelined client, deliveries/s",
+        "fanin-pipelined" => "50→1 fan-in QoS 0 pipelined client, deliveries/s",
         "latency" => "1→1 QoS 0 at 5k msg/s, p50 / p99 / max",
         other => other,
     }
