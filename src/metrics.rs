@@ -71,13 +71,6 @@ fn describe() {
         CONNECTIONS_CLOSED,
         "Client connections closed, by protocol and reason (who closed and why)"
     );
-    metrics::describe_counter!(MESSAGES_IN, "Messages accepted from clients, by protocol");
-    metrics::describe_counter!(MESSAGES_OUT, "Messages delivered to clients, by protocol");
-    metrics::describe_counter!(
-        MESSAGES_ACKED,
-        "Deliveries clients acknowledged (every protocol; auto-ack deliveries are not counted)"
-    );
-    metrics::counter!(MESSAGES_ACKED).increment(0);
     metrics::describe_counter!(REFUSALS, "Requests refused, by protocol and reason");
     metrics::describe_gauge!(
         QUEUED_MESSAGES,
@@ -197,7 +190,7 @@ pub fn render(engine: &dyn Engine) -> String {
     let handle = handle();
     handle.run_upkeep();
     let mut out = handle.render();
-    per_message::render_latency(&mut out);
+    per_message::render(&mut out);
     render_paced(&mut out);
     out
 }
