@@ -22,7 +22,8 @@ cd "$(dirname "$0")/.."
   cargo build --release --locked -p amqp-gateway -p amqp-gateway-bench --bin amqp-gateway --bin bench
 bin=${GATEWAY_BIN:-target/release/amqp-gateway}
 source bench/lib.sh
-export GATEWAY_MQTT__RECEIVE_MAXIMUM=100 GATEWAY_MQTT__MAX_INFLIGHT=100
+export GATEWAY_MQTT__RECEIVE_MAXIMUM=${GATEWAY_MQTT__RECEIVE_MAXIMUM:-100} \
+  GATEWAY_MQTT__MAX_INFLIGHT=${GATEWAY_MQTT__MAX_INFLIGHT:-100}
 tick=$(getconf CLK_TCK)
 # With PIN set, the commands that put the gateway on CPU 0 and the load generator on CPU 1
 # (taskset execs its command, so `$!` stays the process whose times are read).
