@@ -163,7 +163,14 @@ pub async fn subscriber(
                     return;
                 }
             }
-            while let Ok(Some(packet)) = conn.framed() {
+            loop {
+                let packet = match conn.framed() {
+                    Ok(Some(packet)) => packet,
+                    Ok(None) => break,
+                    // What cannot be framed never will be: the subscriber stops, and what it
+                    // missed counts as lost.
+                    Err(_) => return,
+                };
                 if let Packet::Publish(p) = packet {
                     seen.count.fetch_add(1, Ordering::Relaxed);
                     numbered.record(&p.payload);
