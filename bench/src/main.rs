@@ -293,20 +293,36 @@ enum Client {
     Pipelined,
 }
 
-/// A throughput scenario: publishers, subscribers, QoS and client (`NAME[-pipelined]`).
-fn shape(scenario: &str) -> Option<(usize, usize, QoS, Client)> {
-    let (name, client) = match scenario.strip_suffix("-pipelined") {
-        Some(name) => (name, Client::Pipelined),
-        None => (scenario, Client::Rumqttc),
-    };
-    let (pubs, subs, qos) = match name {
-        "qos0" => (1, 1, QoS::AtMostOnce),
-        "qos1" => (1, 1, QoS::AtLeastOnce),
-        "fanout" => (1, 50, QoS::AtMostOnce),
-        "fanin" => (50, 1, QoS::AtMostOnce),
-        _ => return None,
-    };
-    Some((pubs, subs, qos, client))
+/// A throughput scenario: who publishes to whom, at which QoS, through which client.
+#[derive(Clone, Copy)]
+struct Shape {
+    pubs: usize,
+    subs: usize,
+    qos: QoS,
+    client: Client,
+}
+
+impl Shape {
+    /// The throughput scenario `NAME[-pipelined]`, if `scenario` is one.
+    fn of(scenario: &str) -> Option<Shape> {
+        let (name, client) = match scenario.strip_suffix("-pipelined") {
+            Some(name) => (name, Client::Pipelined),
+            None => (scenario, Client::Rumqttc),
+        };
+        let (pubs, subs, qos) = match name {
+            "qos0" => (1, 1, QoS::AtMostOnce),
+            "qos1" => (1, 1, QoS::AtLeastOnce),
+            "fanout" => (1, 50, QoS::AtMostOnce),
+            "fanin" => (50, 1, QoS::AtMostOnce),
+            _ => return None,
+        };
+        Some(Shape {
+            pubs,
+            subs,
+            qos,
+            client,
+        })
+    }
 }
 
 /// `pubs` publishers flat out to `subs` subscribers of one topic (numbered payloads, loss
@@ -314,7 +330,12 @@ fn shape(scenario: &str) -> Option<(usize, usize, QoS, Client)> {
 async fn throughput(
     t: &Target,
     args: &Args,
-    (pubs, subs, qos, client): (usize, usize, QoS, Client),
+    Shape {
+        pubs,
+        subs,
+        qos,
+        client,
+    }: Shape,
 ) -> Result<Run, String> {
     let topic = format!("bench/{}/{}", std::process::id(), next_id());
     let seen = Arc::new(Seen::default());
@@ -539,7 +560,7 @@ async fn measure(t: &Target, args: &Args, scenario: &str) -> Result<Outcome, Str
     let mut last_error = None;
     for _ in 0..args.runs {
         let r = match scenario {
-            s if shape(s).is_some() => runs(throughput(t, args, shape(s).ok_or("no shape")?).await),
+            s if let Some(shape) = Shape::of(s) => runs(throughput(t, args, shape).await),
             "latency" => latency(t, args).await.map(|(p50, p99, worst)| {
                 p50s.push(p50);
                 p99s.push(p99);
@@ -724,7 +745,8 @@ async fn hop_table(args: &Args, gateway: &Target) -> Result<(), String> {
     let (mut through, mut direct) = (Vec::new(), Vec::new());
     let (mut through_loss, mut direct_loss) = (count::Loss::default(), count::Loss::default());
     for _ in 0..args.runs {
-        let run = throughput(gateway, args, (1, 1, QoS::AtLeastOnce, Client::Rumqttc)).await?;
+        let shape = Shape::of("qos1").ok_or("no qos1 scenario")?;
+        let run = throughput(gateway, args, shape).await?;
         through.push(run.rate);
         through_loss.add(run.loss);
         let (rate, loss) =
