@@ -141,53 +141,54 @@ pub async fn subscriber(
         Packet::SubAck(ack) if ack.return_codes.first() != Some(&SubscribeReasonCode::Failure) => {}
         other => return Err(format!("expected a granting SUBACK, got {other:?}")),
     }
-    let (close, mut closed) = oneshot::channel();
+    let (close, closed) = oneshot::channel();
     let task = tokio::spawn(async move {
-        let mut acks = BytesMut::new();
-        let mut ping = tokio::time::interval(KEEP_ALIVE / 2);
-        loop {
-            tokio::select! {
-                read = conn.fill() => {
-                    if read.is_err() {
-                        return;
-                    }
-                }
-                _ = ping.tick() => {
-                    if conn.send(|out| PingReq.write(out)).await.is_err() {
-                        return;
-                    }
-                    continue;
-                }
-                _ = &mut closed => {
-                    let _ = conn.send(|out| Disconnect.write(out)).await;
-                    return;
-                }
-            }
-            loop {
-                let packet = match conn.framed() {
-                    Ok(Some(packet)) => packet,
-                    Ok(None) => break,
-                    // What cannot be framed never will be: the subscriber stops, and what it
-                    // missed counts as lost.
-                    Err(_) => return,
-                };
-                if let Packet::Publish(p) = packet {
-                    seen.count.fetch_add(1, Ordering::Relaxed);
-                    numbered.record(&p.payload);
-                    if p.qos == QoS::AtLeastOnce && PubAck::new(p.pkid).write(&mut acks).is_err() {
-                        return;
-                    }
-                }
-            }
-            if !acks.is_empty() {
-                if conn.write.write_all(&acks).await.is_err() {
-                    return;
-                }
-                acks.clear();
-            }
-        }
+        // It ends when the broker closes or sends what cannot be framed: what it missed then
+        // counts as lost.
+        let _ = receive(conn, seen, numbered, closed).await;
     });
     Ok(Subscriber { close, task })
+}
+
+/// Counts deliveries and acknowledges each read's QoS 1 ones in one write, pinging the broker
+/// while it waits, until `closed` (then DISCONNECT) or an error.
+async fn receive(
+    mut conn: Conn,
+    seen: Arc<Seen>,
+    numbered: Arc<count::Received>,
+    mut closed: oneshot::Receiver<()>,
+) -> Result<(), String> {
+    let mut acks = BytesMut::new();
+    let mut ping = tokio::time::interval(KEEP_ALIVE / 2);
+    loop {
+        tokio::select! {
+            read = conn.fill() => read?,
+            _ = ping.tick() => {
+                conn.send(|out| PingReq.write(out)).await?;
+                continue;
+            }
+            _ = &mut closed => return conn.send(|out| Disconnect.write(out)).await,
+        }
+        while let Some(packet) = conn.framed()? {
+            if let Packet::Publish(p) = packet {
+                seen.count.fetch_add(1, Ordering::Relaxed);
+                numbered.record(&p.payload);
+                // As the broker sent it: a broker may deliver below the subscription's QoS.
+                if p.qos == QoS::AtLeastOnce {
+                    PubAck::new(p.pkid)
+                        .write(&mut acks)
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        if !acks.is_empty() {
+            conn.write
+                .write_all(&acks)
+                .await
+                .map_err(|e| e.to_string())?;
+            acks.clear();
+        }
+    }
 }
 
 /// Publishes numbered payloads to `topic` flat out until `stop`: at QoS 0 a window's worth per
@@ -202,47 +203,59 @@ pub async fn publisher(
     tally: Arc<count::Sent>,
     stop: Arc<AtomicBool>,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
-    let mut conn = Conn::open(t).await?;
+    let conn = Conn::open(t).await?;
     Ok(tokio::spawn(async move {
-        let mut publish = Publish::from_bytes(topic, qos, Bytes::new());
-        let mut free: Vec<u16> = (1..=WINDOW).rev().collect();
-        let mut out = BytesMut::with_capacity(WINDOW as usize * (size + 64));
-        while !stop.load(Ordering::Relaxed) {
-            let batch = if qos == QoS::AtMostOnce {
-                WINDOW as usize
-            } else {
-                free.len()
-            };
-            for _ in 0..batch {
-                let seq = tally.count();
-                publish.payload = count::payload(index, seq, size).into();
-                if qos == QoS::AtLeastOnce {
-                    publish.pkid = free.pop().unwrap_or(0);
-                }
-                if publish.write(&mut out).is_err() {
-                    return;
-                }
-                tally.next();
-            }
-            if conn.write.write_all(&out).await.is_err() {
-                return;
-            }
-            out.clear();
-            if qos == QoS::AtLeastOnce && acked(&mut conn, &mut free).await.is_err() {
-                return;
-            }
-        }
-        if qos == QoS::AtLeastOnce {
-            let drained = async {
-                while free.len() < WINDOW as usize {
-                    acked(&mut conn, &mut free).await?;
-                }
-                Ok::<_, String>(())
-            };
-            let _ = tokio::time::timeout(Duration::from_secs(10), drained).await;
-        }
-        let _ = conn.send(|out| Disconnect.write(out)).await;
+        // It ends at `stop`, or early when the broker closes: the tally says what it sent.
+        let _ = send(conn, topic, qos, index, size, tally, stop).await;
     }))
+}
+
+/// The publisher's loop ([`publisher`]).
+async fn send(
+    mut conn: Conn,
+    topic: String,
+    qos: QoS,
+    index: u32,
+    size: usize,
+    tally: Arc<count::Sent>,
+    stop: Arc<AtomicBool>,
+) -> Result<(), String> {
+    let mut publish = Publish::from_bytes(topic, qos, Bytes::new());
+    let mut free: Vec<u16> = (1..=WINDOW).rev().collect();
+    let mut out = BytesMut::with_capacity(WINDOW as usize * (size + 64));
+    while !stop.load(Ordering::Relaxed) {
+        let batch = if qos == QoS::AtMostOnce {
+            WINDOW as usize
+        } else {
+            free.len()
+        };
+        for _ in 0..batch {
+            publish.payload = count::payload(index, tally.count(), size).into();
+            if qos == QoS::AtLeastOnce {
+                publish.pkid = free.pop().unwrap_or(0);
+            }
+            publish.write(&mut out).map_err(|e| e.to_string())?;
+            tally.next();
+        }
+        conn.write
+            .write_all(&out)
+            .await
+            .map_err(|e| e.to_string())?;
+        out.clear();
+        if qos == QoS::AtLeastOnce {
+            acked(&mut conn, &mut free).await?;
+        }
+    }
+    if qos == QoS::AtLeastOnce {
+        let drained = async {
+            while free.len() < WINDOW as usize {
+                acked(&mut conn, &mut free).await?;
+            }
+            Ok::<_, String>(())
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(10), drained).await;
+    }
+    conn.send(|out| Disconnect.write(out)).await
 }
 
 /// Waits for PUBACKs and puts their packet ids back in `free`: every ack one read brought, and
