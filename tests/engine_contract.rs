@@ -217,7 +217,7 @@ async fn headers_exchange_all_and_any(engine: Arc<dyn Engine>) {
         let ex = ex.clone();
         async move {
             let mut m = Message::new(body);
-            m.properties.headers = headers;
+            m.properties.headers = headers.into_iter().collect();
             ch.publish(&ex, "", m, PublishOptions::default())
                 .await
                 .unwrap()

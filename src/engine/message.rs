@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::table::FieldTable;
+use super::table::Headers;
 
 /// AMQP 0-9-1 basic properties.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -14,7 +14,7 @@ pub struct Properties {
     pub content_type: Option<String>,
     pub content_encoding: Option<String>,
     /// Empty when the message has none.
-    pub headers: FieldTable,
+    pub headers: Headers,
     /// 1 transient, 2 persistent.
     pub delivery_mode: Option<u8>,
     pub priority: Option<u8>,

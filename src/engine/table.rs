@@ -6,7 +6,7 @@
 mod map;
 pub mod wire;
 
-pub use map::{FieldTable, Key};
+pub use map::{FieldTable, Headers, Key};
 
 use std::sync::Arc;
 
@@ -41,7 +41,9 @@ pub enum FieldValue {
     Array(Vec<FieldValue>),
     /// Seconds since the epoch.
     Timestamp(u64),
-    Table(FieldTable),
+    /// Boxed: a table may hold entries in line ([`Headers`]), which it could not if a value
+    /// held a table in line. Nested tables are rare (`x-death`, a subscription's definition).
+    Table(Box<FieldTable>),
     Void,
 }
 
@@ -175,12 +177,15 @@ fn from_json(value: &Value, depth: usize) -> Result<FieldValue, TableError> {
                     .map(FieldValue::Bytes)
                     .map_err(|e| TableError::BadBytes(e.to_string()));
             }
-            FieldValue::Table(object_to_table(map, depth + 1)?)
+            FieldValue::Table(Box::new(object_to_table(map, depth + 1)?))
         }
     })
 }
 
-fn object_to_table(map: &Map<String, Value>, depth: usize) -> Result<FieldTable, TableError> {
+fn object_to_table<const N: usize>(
+    map: &Map<String, Value>,
+    depth: usize,
+) -> Result<FieldTable<N>, TableError> {
     let mut table = FieldTable::new();
     for (key, value) in map {
         if key.len() > 255 {
@@ -196,15 +201,15 @@ fn object_to_table(map: &Map<String, Value>, depth: usize) -> Result<FieldTable,
     Ok(table)
 }
 
-/// A JSON object → field table; anything else is an error.
-pub fn table_from_json(value: &Value) -> Result<FieldTable, TableError> {
+/// A JSON object → field table (arguments, or a message's headers); anything else is an error.
+pub fn table_from_json<const N: usize>(value: &Value) -> Result<FieldTable<N>, TableError> {
     match value {
         Value::Object(map) => object_to_table(map, 0),
         _ => Err(TableError::NotAnObject),
     }
 }
 
-pub fn table_to_json(table: &FieldTable) -> Value {
+pub fn table_to_json<const N: usize>(table: &FieldTable<N>) -> Value {
     Value::Object(
         table
             .iter()
@@ -220,7 +225,7 @@ mod tests {
 
     #[test]
     fn json_maps_to_amqp_types() {
-        let t = table_from_json(&json!({
+        let t = table_from_json::<0>(&json!({
             "i": 5, "big": 18446744073709551615u64, "f": 1.5, "s": "x", "b": true,
             "n": null, "a": [1, "two"], "o": {"k": 1}, "raw": {"$bytes": "AAEC"}
         }))
@@ -241,7 +246,7 @@ mod tests {
 
     #[test]
     fn amqp_maps_back_to_json() {
-        let mut t = FieldTable::new();
+        let mut t: FieldTable = FieldTable::new();
         t.insert("ts", FieldValue::Timestamp(1_700_000_000));
         t.insert("dec", FieldValue::Decimal { scale: 2, value: 5 });
         t.insert("u", FieldValue::U32(7));
@@ -256,14 +261,17 @@ mod tests {
     #[test]
     fn round_trip_keeps_json_values() {
         let v = json!({"a": [1, 2.5, "s", false, null, {"$bytes": "aGk="}], "t": {"n": -3}});
-        assert_eq!(table_to_json(&table_from_json(&v).unwrap()), v);
+        assert_eq!(table_to_json(&table_from_json::<0>(&v).unwrap()), v);
     }
 
     #[test]
     fn bad_input_is_refused() {
-        assert_eq!(table_from_json(&json!([1])), Err(TableError::NotAnObject));
+        assert_eq!(
+            table_from_json::<0>(&json!([1])),
+            Err(TableError::NotAnObject)
+        );
         assert!(matches!(
-            table_from_json(&json!({"x": {"$bytes": "!!"}})),
+            table_from_json::<0>(&json!({"x": {"$bytes": "!!"}})),
             Err(TableError::BadBytes(_))
         ));
         let mut deep = json!(1);
@@ -271,12 +279,12 @@ mod tests {
             deep = json!([deep]);
         }
         assert_eq!(
-            table_from_json(&json!({ "d": deep })),
+            table_from_json::<0>(&json!({ "d": deep })),
             Err(TableError::TooDeep)
         );
         let long = "k".repeat(256);
         assert!(matches!(
-            table_from_json(&json!({ long: 1 })),
+            table_from_json::<0>(&json!({ long: 1 })),
             Err(TableError::KeyTooLong(_))
         ));
     }

@@ -15,8 +15,8 @@ pub fn short(what: &str, value: &str) -> Result<ShortString, EngineError> {
     })
 }
 
-pub fn table(
-    table: &crate::engine::FieldTable,
+pub fn table<const N: usize>(
+    table: &crate::engine::FieldTable<N>,
 ) -> Result<amq_protocol_types::FieldTable, EngineError> {
     wire::to_amqp(table).map_err(|e| EngineError::InvalidArgument(e.to_string()))
 }

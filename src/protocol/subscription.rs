@@ -265,8 +265,8 @@ impl Subscriber<'_> {
         let mut definition = FieldTable::new();
         definition.insert("exchange", FieldValue::Str(exchange.into()));
         definition.insert("binding_key", FieldValue::Str(key.into()));
-        definition.insert("arguments", FieldValue::Table(arguments.clone()));
-        let definition = FieldValue::Table(definition);
+        definition.insert("arguments", FieldValue::Table(Box::new(arguments.clone())));
+        let definition = FieldValue::Table(Box::new(definition));
         let mut args = FieldTable::new();
         args.insert(DURABLE_DEFINITION, definition.clone());
         let expiry_ms = self

@@ -631,7 +631,7 @@ pub async fn shared_key_publishes_follow_every_binding_change(engine: Arc<dyn En
         let key = key.clone();
         async move {
             let mut m = Message::new(body);
-            m.properties.headers = headers;
+            m.properties.headers = headers.into_iter().collect();
             ch.publish_shared(&exchange, key, m, PublishOptions::default())
                 .await
         }

@@ -40,7 +40,7 @@ use super::store::{Snapshot, Store, StoreWrite};
 use crate::engine::names::{self, canonical_exchange};
 use crate::engine::{
     BindingInfo, Declared, EngineError, Envelope, ExchangeInfo, ExchangeKind, ExchangeSpec,
-    FieldTable, FieldValue, Message, PublishOutcome, QueueDeclared, QueueInfo, QueueSpec,
+    FieldTable, FieldValue, Headers, Message, PublishOutcome, QueueDeclared, QueueInfo, QueueSpec,
 };
 
 pub(super) struct Broker {

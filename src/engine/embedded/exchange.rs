@@ -11,7 +11,9 @@ use parking_lot::{RwLock, RwLockWriteGuard};
 
 use super::queue::Queue;
 use crate::engine::topic::TopicTrie;
-use crate::engine::{BindingInfo, EngineError, ExchangeKind, ExchangeSpec, FieldTable, FieldValue};
+use crate::engine::{
+    BindingInfo, EngineError, ExchangeKind, ExchangeSpec, FieldTable, FieldValue, Headers,
+};
 
 /// Where routing collects destination queues; four inline slots cover most publishes without
 /// allocating.
@@ -74,7 +76,7 @@ impl HeadersMatch {
         Ok(HeadersMatch { any, with_x })
     }
 
-    fn matches(&self, arguments: &FieldTable, headers: &FieldTable) -> bool {
+    fn matches(&self, arguments: &FieldTable, headers: &Headers) -> bool {
         let mut considered = arguments
             .iter()
             .filter(|(k, _)| *k != "x-match" && (self.with_x || !k.starts_with("x-")));
@@ -256,7 +258,7 @@ impl Exchange {
     }
 
     /// Adds every queue the message goes to; may add a queue twice (the caller deduplicates).
-    pub fn route(&self, key: &str, headers: &FieldTable, out: &mut Targets) {
+    pub fn route(&self, key: &str, headers: &Headers, out: &mut Targets) {
         match &*self.router.read() {
             Router::Direct(map) => {
                 if let Some(list) = map.get(key) {

@@ -8,12 +8,14 @@ use amq_protocol_types::{AMQPValue, ByteArray, DecimalValue, LongString, ShortSt
 use super::{FieldTable, FieldValue, MAX_DEPTH, TableError};
 
 /// The table as amq-protocol-types has it (for the wire, for lapin).
-pub fn to_amqp(table: &FieldTable) -> Result<amq_protocol_types::FieldTable, TableError> {
+pub fn to_amqp<const N: usize>(
+    table: &FieldTable<N>,
+) -> Result<amq_protocol_types::FieldTable, TableError> {
     table_to_amqp(table, 0)
 }
 
-fn table_to_amqp(
-    table: &FieldTable,
+fn table_to_amqp<const N: usize>(
+    table: &FieldTable<N>,
     depth: usize,
 ) -> Result<amq_protocol_types::FieldTable, TableError> {
     if depth > MAX_DEPTH {
@@ -62,7 +64,7 @@ fn value_to_amqp(value: &FieldValue, depth: usize) -> Result<AMQPValue, TableErr
 
 /// The table from amq-protocol-types' form. A long string that is not UTF-8 becomes bytes;
 /// nothing else changes.
-pub fn from_amqp(table: &amq_protocol_types::FieldTable) -> FieldTable {
+pub fn from_amqp<const N: usize>(table: &amq_protocol_types::FieldTable) -> FieldTable<N> {
     table
         .inner()
         .iter()
@@ -96,7 +98,7 @@ fn value_from_amqp(value: &AMQPValue) -> FieldValue {
             FieldValue::Array(items.as_slice().iter().map(value_from_amqp).collect())
         }
         AMQPValue::Timestamp(t) => FieldValue::Timestamp(*t),
-        AMQPValue::FieldTable(t) => FieldValue::Table(from_amqp(t)),
+        AMQPValue::FieldTable(t) => FieldValue::Table(Box::new(from_amqp(t))),
         AMQPValue::Void => FieldValue::Void,
     }
 }
@@ -113,7 +115,7 @@ pub enum WireError {
 }
 
 /// The table as AMQP 0-9-1 puts it on the wire: a 4-byte length, then the entries.
-pub fn encode(table: &FieldTable) -> Result<Vec<u8>, WireError> {
+pub fn encode<const N: usize>(table: &FieldTable<N>) -> Result<Vec<u8>, WireError> {
     let amqp = to_amqp(table)?;
     cookie_factory::gen_simple(
         amq_protocol_types::generation::gen_field_table(&amqp),
@@ -123,7 +125,7 @@ pub fn encode(table: &FieldTable) -> Result<Vec<u8>, WireError> {
 }
 
 /// A table [`encode`]d, and the bytes after it.
-pub fn decode(bytes: &[u8]) -> Result<(FieldTable, &[u8]), WireError> {
+pub fn decode<const N: usize>(bytes: &[u8]) -> Result<(FieldTable<N>, &[u8]), WireError> {
     let (rest, table) = amq_protocol_types::parsing::parse_field_table(bytes)
         .map_err(|e| WireError::Decode(e.to_string()))?;
     Ok((from_amqp(&table), rest))
@@ -132,6 +134,7 @@ pub fn decode(bytes: &[u8]) -> Result<(FieldTable, &[u8]), WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::table::Headers;
 
     fn sample() -> FieldTable {
         let mut inner = FieldTable::new();
@@ -161,7 +164,7 @@ mod tests {
                 FieldValue::Array(vec![FieldValue::Void, FieldValue::Str("".into())]),
             ),
             ("ts", FieldValue::Timestamp(1_700_000_000)),
-            ("t", FieldValue::Table(inner)),
+            ("t", FieldValue::Table(Box::new(inner))),
             ("v", FieldValue::Void),
         ]
         .into_iter()
@@ -173,18 +176,21 @@ mod tests {
     fn every_type_round_trips_exactly() {
         let table = sample();
         let bytes = encode(&table).unwrap();
-        let (back, rest) = decode(&bytes).unwrap();
+        let (back, rest) = decode::<0>(&bytes).unwrap();
         assert_eq!(back, table);
         assert!(rest.is_empty());
+        // As a message's headers: past the four held in line.
+        let (headers, _) = decode::<4>(&bytes).unwrap();
+        assert_eq!(headers, table);
     }
 
     #[test]
     fn nan_and_what_follows_survive() {
-        let mut table = FieldTable::new();
+        let mut table = Headers::new();
         table.insert("nan", FieldValue::F64(f64::NAN));
         let mut bytes = encode(&table).unwrap();
         bytes.extend_from_slice(b"tail");
-        let (back, rest) = decode(&bytes).unwrap();
+        let (back, rest) = decode::<4>(&bytes).unwrap();
         assert!(matches!(back["nan"], FieldValue::F64(f) if f.is_nan()));
         assert_eq!(rest, b"tail");
     }
@@ -192,15 +198,15 @@ mod tests {
     #[test]
     fn bad_input_is_an_error() {
         let long = "k".repeat(256);
-        let mut table = FieldTable::new();
+        let mut table: FieldTable = FieldTable::new();
         table.insert(long, FieldValue::Void);
         assert!(matches!(
             encode(&table),
             Err(WireError::Table(TableError::KeyTooLong(_)))
         ));
-        assert!(decode(&[0, 0, 0, 9, 1]).is_err(), "truncated");
+        assert!(decode::<0>(&[0, 0, 0, 9, 1]).is_err(), "truncated");
         assert!(
-            decode(&[0, 0, 0, 2, 1, b'k']).is_err(),
+            decode::<0>(&[0, 0, 0, 2, 1, b'k']).is_err(),
             "an entry cut short"
         );
     }

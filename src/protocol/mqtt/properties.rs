@@ -15,7 +15,7 @@ use super::codec::PublishProps;
 use super::topic::{key_to_topic, topic_to_key};
 use crate::config::TopicMapping;
 use crate::engine::Properties;
-use crate::engine::table::{FieldTable, FieldValue};
+use crate::engine::table::{FieldValue, Headers};
 use crate::json::SUBJECT_HEADER;
 
 /// MQTT 5 correlation data that is not a UTF-8 short string (AMQP correlation_id is one).
@@ -53,7 +53,7 @@ fn as_property_value(v: &FieldValue) -> Option<String> {
 }
 
 /// The user properties the headers stand for, when no exact list travels with them.
-fn from_headers(headers: &FieldTable) -> Vec<(String, String)> {
+fn from_headers(headers: &Headers) -> Vec<(String, String)> {
     headers
         .iter()
         .filter(|(k, _)| !is_gateway_header(k))
@@ -62,7 +62,7 @@ fn from_headers(headers: &FieldTable) -> Vec<(String, String)> {
 }
 
 /// The exact list, when one travels in [`USER_PROPERTIES_HEADER`] and is well formed.
-fn exact_list(headers: &FieldTable) -> Option<Vec<(String, String)>> {
+fn exact_list(headers: &Headers) -> Option<Vec<(String, String)>> {
     let FieldValue::Array(items) = headers.get(USER_PROPERTIES_HEADER)? else {
         return None;
     };
@@ -239,7 +239,7 @@ mod tests {
         amqp.headers.insert("count", FieldValue::I64(7));
         amqp.headers.insert("ok", FieldValue::Bool(true));
         amqp.headers
-            .insert("nested", FieldValue::Table(FieldTable::new()));
+            .insert("nested", FieldValue::Table(Box::default()));
         amqp.headers
             .insert(PAYLOAD_FORMAT_HEADER, FieldValue::I32(1));
         let props = from_amqp(&amqp, None, TopicMapping::Swap, None);

@@ -452,7 +452,8 @@ fn raw_message(
     if let Some(h) = header_str(headers, "amqp-headers")? {
         let value: Value = serde_json::from_str(h)
             .map_err(|e| ApiError::bad_request(format!("AMQP-Headers is not JSON: {e}")))?;
-        table_from_json(&value).map_err(|e| ApiError::bad_request(format!("AMQP-Headers: {e}")))?;
+        table_from_json::<0>(&value)
+            .map_err(|e| ApiError::bad_request(format!("AMQP-Headers: {e}")))?;
         if let Value::Object(map) = value {
             props.headers = Some(map);
         }

@@ -47,7 +47,7 @@ impl Broker {
                 if let Some(exp) = original_expiration {
                     t.insert("original-expiration", FieldValue::Str(exp.into()));
                 }
-                FieldValue::Table(t)
+                FieldValue::Table(Box::new(t))
             }
         };
         deaths.insert(0, entry);

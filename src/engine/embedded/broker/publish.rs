@@ -152,7 +152,7 @@ impl Broker {
         &self,
         exchange: &str,
         routing_key: &str,
-        headers: &FieldTable,
+        headers: &Headers,
         internal_ok: bool,
         targets: &mut Targets,
     ) -> Result<(Arc<str>, RoutedBy), EngineError> {

@@ -42,7 +42,9 @@ fn table(bytes: &[u8], what: &str) -> Result<crate::engine::FieldTable, StoreErr
     }
 }
 
-fn encoded(arguments: &crate::engine::FieldTable) -> Result<Vec<u8>, StoreError> {
+fn encoded<const N: usize>(
+    arguments: &crate::engine::FieldTable<N>,
+) -> Result<Vec<u8>, StoreError> {
     wire::encode(arguments).map_err(|e| StoreError(e.to_string()))
 }
 
