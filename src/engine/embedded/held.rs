@@ -6,13 +6,18 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use crossbeam_utils::CachePadded;
+
 use crate::engine::{Envelope, EnvelopeRef, Rendering};
 
 /// The bytes an engine holds ([`held_size`] of each message), against its memory high
 /// watermark: crossing it either way flips a `watch`, so adapters (and an AMQP listener's
 /// `connection.blocked`) follow the state without polling. Only crossings touch the watch; every other change is one atomic add.
 pub(super) struct Held {
-    bytes: Alone<AtomicU64>,
+    /// On cache lines of its own: it changes with every message published and every message
+    /// settled, on whichever worker, and would drag the fields read beside it (the watermark,
+    /// the alarm) from core to core with it.
+    bytes: CachePadded<AtomicU64>,
     watermark: u64,
     /// The disk alarm (`engine.disk_free_limit`): blocks publishes as the watermark does.
     disk_low: AtomicBool,
@@ -23,25 +28,11 @@ pub(super) struct Held {
     blocked_now: AtomicBool,
 }
 
-/// A value on cache lines of its own: [`Held::bytes`] changes with every message published
-/// and every message settled, on whichever worker, and would drag the fields read beside it
-/// (the watermark, the alarm) from core to core with it. 128 bytes: the adjacent-line
-/// prefetcher fetches lines in pairs.
-#[repr(align(128))]
-struct Alone<T>(T);
-
-impl<T> std::ops::Deref for Alone<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.0
-    }
-}
-
 impl Held {
     /// `watermark` of `u64::MAX`: never blocked.
     pub fn new(watermark: u64) -> Held {
         Held {
-            bytes: Alone(AtomicU64::new(0)),
+            bytes: CachePadded::new(AtomicU64::new(0)),
             watermark,
             disk_low: AtomicBool::new(false),
             blocked: tokio::sync::watch::Sender::new(false),
