@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 mod publish;
 pub mod registry;
 
-pub use self::publish::{Cleared, PublishRefused, Publishing, stamp_subject};
+pub use self::publish::{Cleared, PublishRefused, Publishing, Run, Stamped, stamp_subject};
 pub use self::registry::{
     About, Protocol, Registered, Registry, Stop, Stopped, SubscriptionView, Transport, stop_signal,
 };

@@ -665,6 +665,22 @@ pub trait Channel: Send + Sync {
         self.publish(exchange, &routing_key, message, options)
     }
 
+    /// [`Self::publish_shared`] of a run of messages to one exchange, in order, as that many
+    /// calls would: `confirms` gets one confirm per message, in order, and `run` is left
+    /// empty. An engine may take the run as one step (the embedded engine enqueues it under
+    /// one taking of each queue's lock); any pace goes with the run's last confirm.
+    fn publish_run(
+        &self,
+        exchange: &str,
+        run: &mut Vec<(Arc<str>, Message)>,
+        options: PublishOptions,
+        confirms: &mut Vec<PublishConfirm>,
+    ) {
+        for (routing_key, message) in run.drain(..) {
+            confirms.push(self.publish_shared(exchange, routing_key, message, options));
+        }
+    }
+
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Consumer, EngineError>;
     /// Cancels a consumer of this channel. Its stream yields nothing more; deliveries it held
     /// that the client never took return to the queue unmarked; those the client took are

@@ -21,9 +21,12 @@ use common::{eventually, next, nothing_within, text, unique};
 
 #[path = "engine_contract/batch_acks.rs"]
 mod batch_acks;
+#[path = "engine_contract/publish_runs.rs"]
+mod publish_runs;
 #[path = "engine_contract/semantics.rs"]
 mod semantics;
 use batch_acks::*;
+use publish_runs::*;
 use semantics::*;
 
 const QUIET: Duration = Duration::from_millis(150);
@@ -1309,6 +1312,8 @@ contract!(embedded:
     refusals_leave_the_channel_usable,
     exclusive_queues_belong_to_the_connection,
     shared_key_publishes_follow_every_binding_change,
+    publish_runs_answer_each_in_order,
+    unroutable_publishes_among_routed_ones_are_told_apart,
 );
 
 // Embedded only (docs/engine.md, "Upstream differences"): RabbitMQ confirms a publish routed
@@ -1367,4 +1372,6 @@ upstream_contract!(
     refusals_leave_the_channel_usable,
     exclusive_queues_belong_to_the_connection,
     shared_key_publishes_follow_every_binding_change,
+    publish_runs_answer_each_in_order,
+    unroutable_publishes_among_routed_ones_are_told_apart,
 );

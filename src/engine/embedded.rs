@@ -475,6 +475,28 @@ impl Channel for EmbeddedChannel {
         confirm(result)
     }
 
+    fn publish_run(
+        &self,
+        exchange: &str,
+        run: &mut Vec<(Arc<str>, Message)>,
+        _options: PublishOptions,
+        confirms: &mut Vec<PublishConfirm>,
+    ) {
+        let last = self.last_route.try_lock();
+        let (Some(mut last), Ok(())) = (last, self.shared.check_open()) else {
+            // Closed (each publish hears so), or another publish of this channel routes now.
+            for (routing_key, message) in run.drain(..) {
+                confirms.push(self.publish_with(exchange, routing_key, message));
+            }
+            return;
+        };
+        self.shared
+            .broker
+            .publish_run(exchange, run, &mut last, |result| {
+                confirms.push(confirm(result))
+            });
+    }
+
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Consumer, EngineError> {
         self.shared.check_open()?;
         let q = self.shared.broker.queue_for(self.shared.owner, queue)?;

@@ -21,6 +21,7 @@ mod owners;
 mod pool;
 mod publisher;
 mod retained;
+mod returns;
 mod tags;
 
 use std::sync::Arc;

@@ -16,8 +16,6 @@ use std::task::Poll;
 
 use amq_protocol_types::ShortString;
 use bytes::Bytes;
-use futures_util::StreamExt;
-use futures_util::stream::FuturesOrdered;
 use lapin::BasicProperties;
 use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -25,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::convert::{self, About};
 use super::link::Link;
+use super::returns::Confirms;
 use crate::engine::{EngineError, PublishConfirm, PublishOutcome};
 
 /// Publishes awaiting their confirm at once, per engine channel.
@@ -95,8 +94,8 @@ impl Publisher {
     }
 }
 
-type Settled = (Request, u64, lapin::Result<Confirmation>);
-type InFlight = std::pin::Pin<Box<dyn std::future::Future<Output = Settled> + Send>>;
+pub(super) type Settled = (Request, u64, lapin::Result<Confirmation>);
+pub(super) type InFlight = std::pin::Pin<Box<dyn std::future::Future<Output = Settled> + Send>>;
 
 /// The refusal that closed a channel, while that channel's publishes are being settled.
 struct Failure {
@@ -125,7 +124,7 @@ async fn run(link: Arc<Link>, mut rx: mpsc::UnboundedReceiver<Request>) {
         retry: VecDeque::new(),
         failure: None,
     };
-    let mut in_flight: FuturesOrdered<_> = FuturesOrdered::new();
+    let mut in_flight = Confirms::default();
     let mut open = true;
     loop {
         if pipe.failure.is_some() && in_flight.is_empty() {

@@ -29,6 +29,12 @@ impl LastRoute {
 /// what a [`LastRoute`] is made of.
 type RoutedBy = Option<(Arc<Exchange>, u64)>;
 
+/// Where a publish goes: a channel's remembered route, or one routed for it alone.
+enum Route<'l> {
+    Remembered(&'l LastRoute),
+    Once(Targets, Arc<str>),
+}
+
 /// What a publish leaves its caller: the outcome, the store write to await (persistent in a
 /// durable queue), and the buffers that pace the publisher.
 pub(in crate::engine::embedded) type Published = (PublishOutcome, Option<StoreWrite>, Pace);
@@ -77,32 +83,92 @@ impl Broker {
         last: &mut Option<Box<LastRoute>>,
     ) -> Result<Published, EngineError> {
         self.check_message(&message)?;
-        let route = match last.as_deref() {
-            Some(route) if route.serves(exchange, &key) => route,
-            _ => {
-                names::validate_key(&key)?;
-                let mut targets = Targets::new();
-                let (name, routed_by) = self.route(
-                    exchange,
-                    &key,
-                    &message.properties.headers,
-                    false,
-                    &mut targets,
-                )?;
-                let Some((exchange, changes)) = routed_by else {
-                    // The default exchange (a map lookup already) or a headers exchange.
-                    *last = None;
-                    return self.enqueue_routed(&targets, name, key, message);
-                };
-                &**last.insert(Box::new(LastRoute {
-                    exchange,
-                    changes,
-                    key: key.clone(),
-                    targets,
-                }))
+        match self.route_remembered(exchange, &key, &message.properties.headers, last)? {
+            Route::Remembered(route) => {
+                self.enqueue_routed(&route.targets, route.exchange.name.clone(), key, message)
             }
+            Route::Once(targets, name) => self.enqueue_routed(&targets, name, key, message),
+        }
+    }
+
+    /// [`Self::publish_remembered`] of a run of publishes to one exchange, in order: those
+    /// in a row that one route serves are enqueued together, each queue's lock taken once
+    /// for them ([`Queue::enqueue_run`]). `each` hears every publish's result, in order; the
+    /// pace of a run goes with its last publish.
+    pub fn publish_run(
+        &self,
+        exchange: &str,
+        run: &mut Vec<(Arc<str>, Message)>,
+        last: &mut Option<Box<LastRoute>>,
+        mut each: impl FnMut(Result<Published, EngineError>),
+    ) {
+        let mut run = run.drain(..).peekable();
+        let mut together = Vec::new();
+        while let Some((key, message)) = run.next() {
+            if let Err(e) = self.check_message(&message) {
+                each(Err(e));
+                continue;
+            }
+            let route =
+                match self.route_remembered(exchange, &key, &message.properties.headers, last) {
+                    Ok(Route::Remembered(route)) => route,
+                    Ok(Route::Once(targets, name)) => {
+                        each(self.enqueue_routed(&targets, name, key, message));
+                        continue;
+                    }
+                    Err(e) => {
+                        each(Err(e));
+                        continue;
+                    }
+                };
+            together.push((key, message));
+            while let Some(next) = run.next_if(|(key, message)| {
+                route.serves(exchange, key) && self.check_message(message).is_ok()
+            }) {
+                together.push(next);
+            }
+            self.enqueue_run(
+                &route.targets,
+                &route.exchange.name,
+                &mut together,
+                &mut each,
+            );
+        }
+    }
+
+    /// The channel's `last` route for a publish with `key`: the one remembered when it
+    /// serves, else routed again and remembered, or routed once when the exchange's routes
+    /// cannot be remembered.
+    fn route_remembered<'l>(
+        &self,
+        exchange: &str,
+        key: &Arc<str>,
+        headers: &Headers,
+        last: &'l mut Option<Box<LastRoute>>,
+    ) -> Result<Route<'l>, EngineError> {
+        if last
+            .as_deref()
+            .is_some_and(|route| route.serves(exchange, key))
+        {
+            // Taken again here, not from the test: a borrow returned from the test would be
+            // held on the path that routes anew as well (NLL's "problem case #3").
+            let route = last.as_deref().expect("tested just above");
+            return Ok(Route::Remembered(route));
+        }
+        names::validate_key(key)?;
+        let mut targets = Targets::new();
+        let (name, routed_by) = self.route(exchange, key, headers, false, &mut targets)?;
+        let Some((exchange, changes)) = routed_by else {
+            // The default exchange (a map lookup already) or a headers exchange.
+            *last = None;
+            return Ok(Route::Once(targets, name));
         };
-        self.enqueue_routed(&route.targets, route.exchange.name.clone(), key, message)
+        Ok(Route::Remembered(last.insert(Box::new(LastRoute {
+            exchange,
+            changes,
+            key: key.clone(),
+            targets,
+        }))))
     }
 
     /// What every publish is checked for, whatever its route.
@@ -225,4 +291,96 @@ impl Broker {
         }
         (routed, rejected, write)
     }
+
+    /// [`Self::enqueue_all`] of a run of messages that go to the same `targets`: each
+    /// wrapped (and written to the store) as alone, then each queue takes the whole run under
+    /// one taking of its lock. `each` hears every message's result, in order, the pace of
+    /// the run with the last.
+    fn enqueue_run(
+        &self,
+        targets: &Targets,
+        exchange: &Arc<str>,
+        run: &mut Vec<(Arc<str>, Message)>,
+        each: &mut impl FnMut(Result<Published, EngineError>),
+    ) {
+        let mut wrapped: Vec<Wrapped> = run
+            .drain(..)
+            .map(|(routing_key, message)| {
+                let disk = self.disk_for(&message, targets);
+                let envelope = Arc::new(Stored::new(
+                    Envelope {
+                        exchange: exchange.clone(),
+                        routing_key,
+                        message,
+                    },
+                    &self.held,
+                    disk,
+                ));
+                let write = self.write_enqueued(&envelope, targets);
+                Wrapped {
+                    kept: write.is_some(),
+                    envelope,
+                    write,
+                    routed: false,
+                    rejected: None,
+                }
+            })
+            .collect();
+        if wrapped.iter().any(|w| w.kept) {
+            self.maybe_page();
+        }
+        let now = Now::default();
+        let mut fx = Effects::default();
+        for queue in targets {
+            let on_disk = |w: &Wrapped| w.kept && queue.is_durable();
+            let mut results = Vec::with_capacity(wrapped.len());
+            queue.enqueue_run(
+                wrapped.iter().map(|w| (&w.envelope, on_disk(w))),
+                &now,
+                &mut fx,
+                |enqueued| results.push(enqueued),
+            );
+            for (w, enqueued) in wrapped.iter_mut().zip(results) {
+                match enqueued {
+                    Enqueued::Taken => {
+                        w.routed = true;
+                        continue;
+                    }
+                    Enqueued::Refused => w.rejected = Some(queue.name.clone()),
+                    Enqueued::Gone => {}
+                }
+                if on_disk(w)
+                    && let Some(disk) = &w.envelope.disk
+                {
+                    fx.more().dequeued.push((queue.name.clone(), disk.clone()));
+                }
+            }
+        }
+        let mut pace = std::mem::take(&mut fx.paced);
+        self.apply(fx);
+        let last = wrapped.len().saturating_sub(1);
+        for (i, w) in wrapped.into_iter().enumerate() {
+            each(match w.rejected {
+                Some(queue) => Err(EngineError::Rejected(queue.to_string())),
+                None => {
+                    let pace = if i == last {
+                        std::mem::take(&mut pace)
+                    } else {
+                        Pace::default()
+                    };
+                    Ok((PublishOutcome { routed: w.routed }, w.write, pace))
+                }
+            });
+        }
+    }
+}
+
+/// A message of a run, wrapped for its queues, and what they made of it.
+struct Wrapped {
+    envelope: Arc<Stored>,
+    write: Option<StoreWrite>,
+    /// Written to the store: durable queues hold it on disk.
+    kept: bool,
+    routed: bool,
+    rejected: Option<Arc<str>>,
 }
