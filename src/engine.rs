@@ -441,6 +441,11 @@ impl PublishConfirm {
         self
     }
 
+    /// Whether the publisher is to wait before its next publish.
+    pub fn paces(&self) -> bool {
+        !self.pace.is_empty()
+    }
+
     /// What the publisher's connection waits for before its next publish (usually nothing).
     pub fn take_pace(&mut self) -> Pace {
         std::mem::take(&mut self.pace)
@@ -666,9 +671,11 @@ pub trait Channel: Send + Sync {
     }
 
     /// [`Self::publish_shared`] of a run of messages to one exchange, in order, as that many
-    /// calls would: `confirms` gets one confirm per message, in order, and `run` is left
-    /// empty. An engine may take the run as one step (the embedded engine enqueues it under
-    /// one taking of each queue's lock); any pace goes with the run's last confirm.
+    /// calls would: `confirms` gets one confirm per message taken. The run is taken up to and
+    /// including the first message whose confirm carries a pace (the publisher is to wait);
+    /// the ones after it stay in `run`, for the caller to publish once it has waited. An
+    /// engine may take the run as one step (the embedded engine enqueues it under one taking
+    /// of each queue's lock).
     fn publish_run(
         &self,
         exchange: &str,
@@ -676,9 +683,16 @@ pub trait Channel: Send + Sync {
         options: PublishOptions,
         confirms: &mut Vec<PublishConfirm>,
     ) {
-        for (routing_key, message) in run.drain(..) {
-            confirms.push(self.publish_shared(exchange, routing_key, message, options));
+        let mut rest = std::mem::take(run).into_iter();
+        for (routing_key, message) in rest.by_ref() {
+            let confirm = self.publish_shared(exchange, routing_key, message, options);
+            let paced = confirm.paces();
+            confirms.push(confirm);
+            if paced {
+                break;
+            }
         }
+        run.extend(rest);
     }
 
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Consumer, EngineError>;

@@ -202,8 +202,9 @@ impl<T> Run<T> {
     }
 
     /// Hands the staged publishes to `channel` (all cleared for `exchange`, the one exchange
-    /// a run goes to) and gives back each one's tag with its confirm, in order. The run is
-    /// empty after, its room kept for the next.
+    /// a run goes to) and gives back each taken one's tag with its confirm, in order. Those
+    /// after one that paces stay staged ([`Channel::publish_run`]), to be handed over once
+    /// the publisher has waited.
     pub fn publish(
         &mut self,
         channel: &dyn Channel,
@@ -216,9 +217,10 @@ impl<T> Run<T> {
             PublishOptions::default(),
             &mut self.confirms,
         );
-        debug_assert_eq!(self.confirms.len(), self.tags.len());
+        debug_assert_eq!(self.confirms.len() + self.messages.len(), self.tags.len());
+        let taken = self.confirms.len();
         self.tags
-            .drain(..)
+            .drain(..taken)
             .zip(self.confirms.drain(..))
             .map(move |(tag, confirm)| (tag, Publishing::of(protocol, confirm)))
     }

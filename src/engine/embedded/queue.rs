@@ -471,20 +471,27 @@ impl Queue {
     }
 
     /// [`Self::enqueue`] of a run of messages, in order, under one taking of the queue's lock;
-    /// `each` hears what became of each. Publishers on other workers took the lock (and the
-    /// state's cache lines) over from each other once per message; a 50→1 fan-in spent most of
-    /// its enqueue there (docs/bench.md, 2026-12-06).
-    pub fn enqueue_run<'e>(
+    /// `each` hears what became of each. With `stop_when_paced`, the run stops after the
+    /// first message that paces (`fx.paced` is set): the rest are not taken from `run`.
+    /// Publishers on other workers took the lock (and the state's cache lines) over from each
+    /// other once per message; a 50→1 fan-in spent most of its enqueue there (docs/bench.md,
+    /// 2026-12-06).
+    pub fn enqueue_run<E: std::borrow::Borrow<Arc<Stored>>>(
         self: &Arc<Self>,
-        run: impl IntoIterator<Item = (&'e Arc<Stored>, bool)>,
+        run: impl IntoIterator<Item = (E, bool)>,
+        stop_when_paced: bool,
         now: &Now,
         fx: &mut Effects,
         mut each: impl FnMut(Enqueued),
     ) {
         let mut st = self.state.lock();
         for (envelope, on_disk) in run {
+            let envelope = envelope.borrow();
             let expires_at = self.expiry_of(envelope, now);
             each(self.enqueue_locked(&mut st, envelope, expires_at, now, on_disk, fx));
+            if stop_when_paced && !fx.paced.is_empty() {
+                return;
+            }
         }
     }
 

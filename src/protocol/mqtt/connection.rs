@@ -509,6 +509,13 @@ where
         // that every connection shares). Registered before this loop starts.
         let mut stop = live.session.registered.as_ref().map(Registered::stopped);
         loop {
+            // Publishes read and staged go to the engine together once this read's packets
+            // are handled (or the run is full): before their answers are written.
+            if live.session.flushes(live.wire.has_ready())
+                && let Outcome::Close(why) = live.session.flush_staged()
+            {
+                return why;
+            }
             let (out, qos0_out) = live.session.outbound_and_gauge();
             live.writer.fill(out, Some(qos0_out));
             let timed =
@@ -581,9 +588,9 @@ where
                     match event {
                         Event::Done(outcome) => Ok(Now::Done(outcome)),
                         Event::Timer => Ok(clocks.fired(&live.session, &mut live.writer)),
-                        Event::Packet(Inbound::Publish(p)) if !p.retain => {
-                            Ok(Now::Turns(live.session.publish_plain(p)))
-                        }
+                        Event::Packet(Inbound::Publish(p)) if !p.retain => Ok(Now::Turns(
+                            live.session.publish_plain(p, live.wire.has_ready()),
+                        )),
                         Event::Packet(Inbound::PubAck(id)) => Ok(Now::PubAck(id)),
                         Event::Confirmed(ack, result) if !Session::undoes(&ack, &result) => {
                             Ok(Now::Done(live.session.settle(ack, result)))
@@ -611,6 +618,9 @@ where
             };
             live.session.note_in_flight();
             if let Outcome::Close(why) = outcome {
+                // What was read before the reason to close is published, as it would have
+                // been unstaged.
+                let _ = live.session.flush_staged();
                 return why;
             }
         }
@@ -657,6 +667,11 @@ async fn handle_event(session: &mut Session, event: Event) -> Outcome {
 
 /// One packet from the client, handled.
 async fn handle_packet(session: &mut Session, packet: Inbound) -> Outcome {
+    // Publishes read before this packet reach the engine before it does anything (a
+    // SUBSCRIBE after them must not hear them).
+    if let outcome @ Outcome::Close(_) = session.flush_staged() {
+        return outcome;
+    }
     let outcome = session.handle(packet).await;
     take_turns(session, outcome).await
 }

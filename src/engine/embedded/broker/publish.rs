@@ -93,8 +93,9 @@ impl Broker {
 
     /// [`Self::publish_remembered`] of a run of publishes to one exchange, in order: those
     /// in a row that one route serves are enqueued together, each queue's lock taken once
-    /// for them ([`Queue::enqueue_run`]). `each` hears every publish's result, in order; the
-    /// pace of a run goes with its last publish.
+    /// for them ([`Queue::enqueue_run`]). `each` hears every publish's result, in order. The
+    /// run stops after the first publish that paces (its result carries the pace); the rest
+    /// stay in `run`.
     pub fn publish_run(
         &self,
         exchange: &str,
@@ -102,9 +103,9 @@ impl Broker {
         last: &mut Option<Box<LastRoute>>,
         mut each: impl FnMut(Result<Published, EngineError>),
     ) {
-        let mut run = run.drain(..).peekable();
+        let mut rest = std::mem::take(run).into_iter().peekable();
         let mut together = Vec::new();
-        while let Some((key, message)) = run.next() {
+        while let Some((key, message)) = rest.next() {
             if let Err(e) = self.check_message(&message) {
                 each(Err(e));
                 continue;
@@ -113,7 +114,12 @@ impl Broker {
                 match self.route_remembered(exchange, &key, &message.properties.headers, last) {
                     Ok(Route::Remembered(route)) => route,
                     Ok(Route::Once(targets, name)) => {
-                        each(self.enqueue_routed(&targets, name, key, message));
+                        let published = self.enqueue_routed(&targets, name, key, message);
+                        let paced = matches!(&published, Ok((_, _, pace)) if !pace.is_empty());
+                        each(published);
+                        if paced {
+                            break;
+                        }
                         continue;
                     }
                     Err(e) => {
@@ -121,19 +127,36 @@ impl Broker {
                         continue;
                     }
                 };
+            if route.targets.iter().any(|q| q.is_durable()) {
+                // A durable queue's messages may be written to the store, which is not done
+                // under a queue's lock: one by one, as alone.
+                let published =
+                    self.enqueue_routed(&route.targets, route.exchange.name.clone(), key, message);
+                let paced = matches!(&published, Ok((_, _, pace)) if !pace.is_empty());
+                each(published);
+                if paced {
+                    break;
+                }
+                continue;
+            }
             together.push((key, message));
-            while let Some(next) = run.next_if(|(key, message)| {
+            while let Some(next) = rest.next_if(|(key, message)| {
                 route.serves(exchange, key) && self.check_message(message).is_ok()
             }) {
                 together.push(next);
             }
-            self.enqueue_run(
+            if self.enqueue_run(
                 &route.targets,
                 &route.exchange.name,
                 &mut together,
                 &mut each,
-            );
+            ) {
+                // Paced part-way: what it did not take goes back first.
+                run.append(&mut together);
+                break;
+            }
         }
+        run.extend(rest);
     }
 
     /// The channel's `last` route for a publish with `key`: the one remembered when it
@@ -292,21 +315,32 @@ impl Broker {
         (routed, rejected, write)
     }
 
-    /// [`Self::enqueue_all`] of a run of messages that go to the same `targets`: each
-    /// wrapped (and written to the store) as alone, then each queue takes the whole run under
-    /// one taking of its lock. `each` hears every message's result, in order, the pace of
-    /// the run with the last.
+    /// [`Self::enqueue_all`] of a run of messages that go to the same `targets`, none of them
+    /// durable, taken from the front of `run`: each wrapped as alone, and each queue takes
+    /// them under one taking of its lock. The first queue stops after a message that
+    /// paces, and the others take what it took; the rest stay in `run`, unwrapped. `each`
+    /// hears every message taken, in order, the pace with the last. Returns whether it paced.
     fn enqueue_run(
         &self,
         targets: &Targets,
         exchange: &Arc<str>,
         run: &mut Vec<(Arc<str>, Message)>,
         each: &mut impl FnMut(Result<Published, EngineError>),
-    ) {
-        let mut wrapped: Vec<Wrapped> = run
-            .drain(..)
-            .map(|(routing_key, message)| {
-                let disk = self.disk_for(&message, targets);
+    ) -> bool {
+        let Some((first, others)) = targets.split_first() else {
+            for _ in run.drain(..) {
+                each(Ok(unrouted()));
+            }
+            return false;
+        };
+        let now = Now::default();
+        let mut fx = Effects::default();
+        let mut messages = std::mem::take(run).into_iter();
+        let mut wrapped: Vec<Wrapped> = Vec::with_capacity(messages.len());
+        let mut taken = Vec::with_capacity(messages.len());
+        {
+            // Wrapped as the first queue takes them: one it does not take is not wrapped.
+            let wrapping = messages.by_ref().map(|(routing_key, message)| {
                 let envelope = Arc::new(Stored::new(
                     Envelope {
                         exchange: exchange.clone(),
@@ -314,49 +348,34 @@ impl Broker {
                         message,
                     },
                     &self.held,
-                    disk,
+                    None,
                 ));
-                let write = self.write_enqueued(&envelope, targets);
-                Wrapped {
-                    kept: write.is_some(),
-                    envelope,
-                    write,
+                wrapped.push(Wrapped {
+                    envelope: envelope.clone(),
                     routed: false,
                     rejected: None,
-                }
-            })
-            .collect();
-        if wrapped.iter().any(|w| w.kept) {
-            self.maybe_page();
+                });
+                (envelope, false)
+            });
+            first.enqueue_run(wrapping, true, &now, &mut fx, |enqueued| {
+                taken.push(enqueued)
+            });
         }
-        let now = Now::default();
-        let mut fx = Effects::default();
-        for queue in targets {
-            let on_disk = |w: &Wrapped| w.kept && queue.is_durable();
-            let mut results = Vec::with_capacity(wrapped.len());
+        run.extend(messages);
+        Self::note_enqueued(first, &mut wrapped, taken);
+        for queue in others {
+            let mut taken = Vec::with_capacity(wrapped.len());
             queue.enqueue_run(
-                wrapped.iter().map(|w| (&w.envelope, on_disk(w))),
+                wrapped.iter().map(|w| (&w.envelope, false)),
+                false,
                 &now,
                 &mut fx,
-                |enqueued| results.push(enqueued),
+                |enqueued| taken.push(enqueued),
             );
-            for (w, enqueued) in wrapped.iter_mut().zip(results) {
-                match enqueued {
-                    Enqueued::Taken => {
-                        w.routed = true;
-                        continue;
-                    }
-                    Enqueued::Refused => w.rejected = Some(queue.name.clone()),
-                    Enqueued::Gone => {}
-                }
-                if on_disk(w)
-                    && let Some(disk) = &w.envelope.disk
-                {
-                    fx.more().dequeued.push((queue.name.clone(), disk.clone()));
-                }
-            }
+            Self::note_enqueued(queue, &mut wrapped, taken);
         }
         let mut pace = std::mem::take(&mut fx.paced);
+        let paced = !pace.is_empty();
         self.apply(fx);
         let last = wrapped.len().saturating_sub(1);
         for (i, w) in wrapped.into_iter().enumerate() {
@@ -368,9 +387,21 @@ impl Broker {
                     } else {
                         Pace::default()
                     };
-                    Ok((PublishOutcome { routed: w.routed }, w.write, pace))
+                    Ok((PublishOutcome { routed: w.routed }, None, pace))
                 }
             });
+        }
+        paced
+    }
+
+    /// What `queue` made of each message of a run, noted on it.
+    fn note_enqueued(queue: &Queue, wrapped: &mut [Wrapped], taken: Vec<Enqueued>) {
+        for (w, enqueued) in wrapped.iter_mut().zip(taken) {
+            match enqueued {
+                Enqueued::Taken => w.routed = true,
+                Enqueued::Refused => w.rejected = Some(queue.name.clone()),
+                Enqueued::Gone => {}
+            }
         }
     }
 }
@@ -378,9 +409,6 @@ impl Broker {
 /// A message of a run, wrapped for its queues, and what they made of it.
 struct Wrapped {
     envelope: Arc<Stored>,
-    write: Option<StoreWrite>,
-    /// Written to the store: durable queues hold it on disk.
-    kept: bool,
     routed: bool,
     rejected: Option<Arc<str>>,
 }

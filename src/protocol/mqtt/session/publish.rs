@@ -15,7 +15,7 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 use sync_wrapper::SyncWrapper;
 
-use crate::context::{Cleared, PublishRefused, Publishing};
+use crate::context::{Cleared, PublishRefused, Publishing, Run};
 use crate::engine::retained::RetainedUndo;
 use crate::flow::Stall;
 
@@ -36,7 +36,7 @@ pub struct Inflow {
     /// How many are in the publisher's `confirms` (at most Receive Maximum and one: 32 bits,
     /// beside `owed` in one word).
     waiting: u32,
-    /// QoS 1 publishes in the publisher's `confirms` whose PUBACK is owed.
+    /// QoS 1 publishes in the publisher's `confirms` or its staged run whose PUBACK is owed.
     owed: u32,
     /// What the rate limit and pacing hold back, made at the first publish held: most
     /// connections never meet either (inline it was 80 bytes of every session).
@@ -52,7 +52,23 @@ struct Publisher {
     /// allocation, then the engine's copy of the key) was 5 % of a QoS 0 message's
     /// instructions; the engine keeps this key shared instead (`Channel::publish_shared`).
     last_key: Option<(String, Arc<str>)>,
+    /// Publishes read, cleared and not yet handed to the engine: the rest of what one socket
+    /// read brought goes with them ([`Session::flush_staged`]).
+    run: Run<Staged>,
 }
+
+/// What a staged publish is owed once the engine answered.
+struct Staged {
+    packet_id: Option<u16>,
+    qos: u8,
+}
+
+/// The most publishes staged before they are handed over, whatever is still buffered: the
+/// pace a run's queues ask for is heard only then.
+const RUN_MAX: usize = 64;
+
+/// The most publishes a connection keeps room for between runs.
+const KEPT_ROOM: usize = 8;
 
 #[derive(Default)]
 struct Held {
@@ -125,21 +141,23 @@ impl Inflow {
     }
 
     /// Whether the connection may read another packet: not while more publishes than the
-    /// Receive Maximum await their confirms, so a client flooding QoS 0 (which Receive
+    /// Receive Maximum await their confirms (or are staged to), so a client flooding QoS 0 (which Receive
     /// Maximum does not bound) meets TCP backpressure instead of growing this queue. An MQTT 5
     /// client was told the maximum: one more is read, so one that overruns it is told (0x93).
     /// A 3.1.1 client never was (its in-flight window is its own: 20 for Mosquitto's and
     /// paho's clients, 100 for rumqttc's), so it only meets the backpressure.
     /// Nor while the parked publishes hold `limits.max_pending_in` bytes.
-    pub fn may_read(&self, receive_maximum: u16, advertised: bool, max_parked: u64) -> bool {
+    pub fn may_read(&mut self, receive_maximum: u16, advertised: bool, max_parked: u64) -> bool {
         if self.held.as_ref().map_or(0, |h| h.parked.bytes) >= max_parked {
             return false;
         }
         let limit = u32::from(receive_maximum);
+        // At most `RUN_MAX`.
+        let waiting = self.waiting + self.staged() as u32;
         if advertised {
-            self.waiting <= limit
+            waiting <= limit
         } else {
-            self.waiting < limit
+            waiting < limit
         }
     }
 
@@ -169,6 +187,11 @@ impl Inflow {
     fn push(&mut self, awaiting: Awaiting) {
         self.waiting += 1;
         self.publisher().confirms.push_back(awaiting);
+    }
+
+    /// How many publishes are staged.
+    fn staged(&mut self) -> usize {
+        self.publisher.get_mut().as_ref().map_or(0, |p| p.run.len())
     }
 
     fn publisher(&mut self) -> &mut Publisher {
@@ -209,6 +232,15 @@ impl Parked {
     }
 }
 
+/// What [`Session::stage`] did with a publish.
+enum Staging {
+    Staged,
+    /// Refused by the gate (answered after the staged ones).
+    Refused(PublishIn, PublishRefused),
+    /// Not the common way: published after the staged ones.
+    Other(PublishIn),
+}
+
 /// The acknowledgement a publish is owed once the engine answered.
 pub struct Ack {
     packet_id: Option<u16>,
@@ -247,7 +279,7 @@ impl Future for Awaiting {
 impl Session {
     /// Whether the connection reads its next packet: [`Inflow::may_read`] under this
     /// gateway's limits.
-    pub fn takes_packets(&self) -> bool {
+    pub fn takes_packets(&mut self) -> bool {
         self.inflow.may_read(
             self.ctx.config.mqtt.receive_maximum,
             self.receive_maximum_advertised(),
@@ -267,12 +299,123 @@ impl Session {
     /// PUBLISH was a boxed future of 2.6 KB, allocated and copied into place per packet — the
     /// packet (208 bytes) held twice at each of four nested steps (docs/bench.md, 2026-12-03
     /// "third round").
-    pub fn publish_plain(&mut self, p: PublishIn) -> Outcome {
+    ///
+    /// While more packets are buffered (`more_buffered`, or publishes are staged already),
+    /// one that [`admit`](Self::admit) would let through unchanged, to the topic published to
+    /// last, within the size limit and cleared by the gate, is staged: handed to the engine
+    /// with the publishes read after it ([`Self::flush_staged`]). Any other is published
+    /// after the staged ones, so the engine and the client see everything in arrival order.
+    pub fn publish_plain(&mut self, p: PublishIn, more_buffered: bool) -> Outcome {
         debug_assert!(!p.retain);
-        match self.admit(p) {
-            Ok(p) => self.publish_now_plain(p, true),
-            Err(outcome) => outcome,
+        if !more_buffered && self.inflow.staged() == 0 {
+            // Alone in its read: published at once, as ever.
+            return match self.admit(p) {
+                Ok(p) => self.publish_now_plain(p, true),
+                Err(outcome) => outcome,
+            };
         }
+        let p = self.stage(p);
+        if matches!(p, Staging::Staged) {
+            return Outcome::Continue;
+        }
+        if let outcome @ Outcome::Close(_) = self.flush_staged() {
+            return outcome;
+        }
+        match p {
+            Staging::Staged => Outcome::Continue,
+            Staging::Refused(p, refused) => self.refused_at_gate(p, refused, true),
+            Staging::Other(p) => match self.admit(p) {
+                Ok(p) => self.publish_now_plain(p, true),
+                Err(outcome) => outcome,
+            },
+        }
+    }
+
+    /// Stages a publish that goes the common way (see [`Self::publish_plain`]); gives back
+    /// any other.
+    fn stage(&mut self, p: PublishIn) -> Staging {
+        let alias = p
+            .props
+            .as_ref()
+            .is_some_and(|props| props.topic_alias.is_some());
+        let at_maximum = p.qos > 0
+            && self.client.version == Version::V5
+            && self.inflow.unanswered() >= usize::from(self.ctx.config.mqtt.receive_maximum);
+        let key = match self.inflow.publisher().last_key.as_ref() {
+            Some((topic, key)) if **topic == *p.topic => key.clone(),
+            _ => return Staging::Other(p),
+        };
+        if p.qos > 1
+            || alias
+            || at_maximum
+            || self.stall.is_some()
+            || self.inflow.has_parked()
+            || p.payload.len() as u64 > self.ctx.config.limits.max_message_bytes.as_u64()
+        {
+            return Staging::Other(p);
+        }
+        let cleared = match self.clear(&key, p.payload.len()) {
+            Ok(cleared) => cleared,
+            Err(refused) => return Staging::Refused(p, refused),
+        };
+        let message = cleared.stamp(self.message_of(&p));
+        let staged = Staged {
+            packet_id: p.packet_id,
+            qos: p.qos,
+        };
+        // Counted as owed from now: the Receive Maximum holds for staged publishes too.
+        self.inflow.owed += u32::from(p.qos == 1);
+        self.inflow.admitted();
+        self.inflow.publisher().run.push(key, message, staged);
+        Staging::Staged
+    }
+
+    /// Whether the staged publishes are to be handed over now: the run is full, or the
+    /// connection will not read another packet without waiting for the socket (or at all).
+    pub fn flushes(&mut self, more_buffered: bool) -> bool {
+        let staged = self.inflow.staged();
+        staged > 0 && (staged >= RUN_MAX || !more_buffered || !self.takes_packets())
+    }
+
+    /// Hands the staged publishes to the engine as one run, and takes each one's confirm as
+    /// [`Self::publish_now_plain`] takes a publish's. Not while the connection is paced: the
+    /// ones after a publish that paced stay staged until it has waited.
+    pub fn flush_staged(&mut self) -> Outcome {
+        if self.stall.is_some() {
+            return Outcome::Continue;
+        }
+        let Some(publisher) = self.inflow.publisher.get_mut() else {
+            return Outcome::Continue;
+        };
+        if publisher.run.is_empty() {
+            return Outcome::Continue;
+        }
+        let Some(channel) = self.conn.opened_channel().cloned() else {
+            return Outcome::Continue;
+        };
+        let mut run = std::mem::take(&mut publisher.run);
+        let mut outcome = Outcome::Continue;
+        let exchange = &self.ctx.config.mqtt.exchange;
+        for (staged, confirm) in run.publish(&*channel, exchange, PROTOCOL) {
+            // Owed again only if it waits in `confirms` (`queue` counts it there).
+            self.inflow.owed -= u32::from(staged.qos == 1);
+            let answered =
+                self.hand_over(staged.qos, staged.packet_id, confirm, reason::SUCCESS, None);
+            if let Some((ack, result)) = answered
+                && let close @ Outcome::Close(_) = self.settle(ack, result)
+                && matches!(outcome, Outcome::Continue)
+            {
+                outcome = close;
+            }
+        }
+        // The room of a short run is kept for the next; a long one's (6 KiB at `RUN_MAX`) is
+        // given back, so a connection that published a burst once does not hold it idle.
+        if (run.capacity() <= KEPT_ROOM || !run.is_empty())
+            && let Some(publisher) = self.inflow.publisher.get_mut()
+        {
+            publisher.run = run;
+        }
+        outcome
     }
 
     /// What a PUBLISH must pass before it is published: its topic alias resolved, its QoS
@@ -393,7 +536,7 @@ impl Session {
             }
         };
         let confirm = cleared.publish(&**self.channel(), message, PublishOptions::default());
-        match self.hand_over(&p, confirm, code, retained) {
+        match self.hand_over(p.qos, p.packet_id, confirm, code, retained) {
             Some((ack, result)) => Box::pin(self.confirmed(ack, result)).await,
             None => Outcome::Continue,
         }
@@ -416,7 +559,7 @@ impl Session {
             message,
             PublishOptions::default(),
         );
-        match self.hand_over(&p, confirm, reason::SUCCESS, None) {
+        match self.hand_over(p.qos, p.packet_id, confirm, reason::SUCCESS, None) {
             // Nothing retained to take back.
             Some((ack, result)) => self.settle(ack, result),
             None => Outcome::Continue,
@@ -478,7 +621,8 @@ impl Session {
     /// engine answered at once and nothing is owed, that answer given back to be settled.
     fn hand_over(
         &mut self,
-        p: &PublishIn,
+        qos: u8,
+        packet_id: Option<u16>,
         mut confirm: Publishing,
         code: u8,
         retained: Option<(String, RetainedUndo)>,
@@ -489,16 +633,16 @@ impl Session {
             self.ctx.config.limits.pace_max_wait,
         );
         self.inflow.admitted();
-        if p.qos == 2
+        if qos == 2
             && self.max_qos() == 2
-            && let Some(id) = p.packet_id
+            && let Some(id) = packet_id
         {
             self.inflow.qos2.get_or_insert_default().insert(id);
         }
         let mut awaiting = Awaiting {
             ack: Some(Ack {
-                packet_id: p.packet_id,
-                qos: p.qos,
+                packet_id,
+                qos,
                 code,
                 retained,
                 owed: false,
@@ -685,9 +829,13 @@ impl Session {
         .boxed()
     }
 
-    /// Tries the parked publishes again (their acks were withheld).
+    /// Tries the staged publishes a pace held back, then the parked ones (their acks were
+    /// withheld).
     pub async fn retry_parked(&mut self) -> Outcome {
         self.inflow.take_retry();
+        if let outcome @ Outcome::Close(_) = self.flush_staged() {
+            return outcome;
+        }
         while self.stall.is_none()
             && let Some(p) = self.inflow.pop_parked()
         {
@@ -710,6 +858,20 @@ impl Session {
     /// limit still refuses are dropped, as they would have been.
     pub async fn flush_parked(&mut self) {
         self.inflow.take_retry();
+        loop {
+            let staged = self.inflow.staged();
+            if staged == 0 {
+                break;
+            }
+            if let Some(stall) = self.stall.take() {
+                stall.released().await;
+                metrics::paced(PROTOCOL, stall.elapsed());
+            }
+            let _ = self.flush_staged();
+            if self.inflow.staged() == staged {
+                break; // the channel is gone: nothing more will be taken
+            }
+        }
         while let Some(p) = self.inflow.pop_parked() {
             if let Some(stall) = self.stall.take() {
                 stall.released().await;
