@@ -683,7 +683,9 @@ pub trait Channel: Send + Sync {
         options: PublishOptions,
         confirms: &mut Vec<PublishConfirm>,
     ) {
-        let mut rest = std::mem::take(run).into_iter();
+        // Drained, not taken apart: the caller's vector keeps its room for the next run.
+        let mut all = std::mem::take(run);
+        let mut rest = all.drain(..);
         for (routing_key, message) in rest.by_ref() {
             let confirm = self.publish_shared(exchange, routing_key, message, options);
             let paced = confirm.paces();
@@ -692,7 +694,9 @@ pub trait Channel: Send + Sync {
                 break;
             }
         }
-        run.extend(rest);
+        let untaken: Vec<_> = rest.collect();
+        all.extend(untaken);
+        *run = all;
     }
 
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Consumer, EngineError>;

@@ -194,6 +194,13 @@ impl<T> Run<T> {
         self.tags.capacity()
     }
 
+    /// Makes room for `more` publishes.
+    pub fn reserve(&mut self, more: usize) {
+        self.messages.reserve_exact(more);
+        self.tags.reserve_exact(more);
+        self.confirms.reserve_exact(more);
+    }
+
     /// Stages a message cleared for `routing_key` (and the run's exchange); `tag` is what
     /// the caller wants back with its confirm.
     pub fn push(&mut self, routing_key: Arc<str>, message: Stamped, tag: T) {

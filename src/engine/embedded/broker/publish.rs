@@ -103,8 +103,11 @@ impl Broker {
         last: &mut Option<Box<LastRoute>>,
         mut each: impl FnMut(Result<Published, EngineError>),
     ) {
-        let mut rest = std::mem::take(run).into_iter().peekable();
-        let mut together = Vec::new();
+        // Drained, not taken apart: the caller's vector keeps its room for the next run.
+        let mut all = std::mem::take(run);
+        let mut rest = all.drain(..).peekable();
+        let mut together = Vec::with_capacity(rest.len());
+        let mut untaken = Vec::new();
         while let Some((key, message)) = rest.next() {
             if let Err(e) = self.check_message(&message) {
                 each(Err(e));
@@ -152,11 +155,13 @@ impl Broker {
                 &mut each,
             ) {
                 // Paced part-way: what it did not take goes back first.
-                run.append(&mut together);
+                untaken.append(&mut together);
                 break;
             }
         }
-        run.extend(rest);
+        untaken.extend(rest);
+        all.append(&mut untaken);
+        *run = all;
     }
 
     /// The channel's `last` route for a publish with `key`: the one remembered when it

@@ -63,12 +63,11 @@ struct Staged {
     qos: u8,
 }
 
-/// The most publishes staged before they are handed over, whatever is still buffered: the
-/// pace a run's queues ask for is heard only then.
+/// The most publishes staged before they are handed over, whatever is still buffered. Room
+/// for this many is made at a connection's first run and kept (a test bounds it): grown
+/// from nothing on every run, the vectors' reallocations were 50 instructions a message
+/// (callgrind, docs/bench.md 2026-12-06 "runs").
 const RUN_MAX: usize = 64;
-
-/// The most publishes a connection keeps room for between runs.
-const KEPT_ROOM: usize = 8;
 
 #[derive(Default)]
 struct Held {
@@ -366,7 +365,11 @@ impl Session {
         // Counted as owed from now: the Receive Maximum holds for staged publishes too.
         self.inflow.owed += u32::from(p.qos == 1);
         self.inflow.admitted();
-        self.inflow.publisher().run.push(key, message, staged);
+        let run = &mut self.inflow.publisher().run;
+        if run.capacity() == 0 {
+            run.reserve(RUN_MAX);
+        }
+        run.push(key, message, staged);
         Staging::Staged
     }
 
@@ -408,11 +411,7 @@ impl Session {
                 outcome = close;
             }
         }
-        // The room of a short run is kept for the next; a long one's (6 KiB at `RUN_MAX`) is
-        // given back, so a connection that published a burst once does not hold it idle.
-        if (run.capacity() <= KEPT_ROOM || !run.is_empty())
-            && let Some(publisher) = self.inflow.publisher.get_mut()
-        {
+        if let Some(publisher) = self.inflow.publisher.get_mut() {
             publisher.run = run;
         }
         outcome
@@ -897,5 +896,20 @@ impl Session {
             return Outcome::Continue;
         }
         self.retry_parked().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_run_holds_little() {
+        // What a connection that publishes in runs keeps for them, per publish room: the
+        // message and its key, its tag and its confirm.
+        let per = std::mem::size_of::<(Arc<str>, Message)>()
+            + std::mem::size_of::<Staged>()
+            + std::mem::size_of::<crate::engine::PublishConfirm>();
+        assert!(RUN_MAX * per <= 8 * 1024, "{per} bytes a publish");
     }
 }
