@@ -65,8 +65,8 @@ struct Staged {
 
 /// The most publishes staged before they are handed over, whatever is still buffered. Room
 /// for this many is made at a connection's first run and kept (a test bounds it): grown
-/// from nothing on every run, the vectors' reallocations were 50 instructions a message
-/// (callgrind, docs/bench.md 2026-12-06 "runs").
+/// from nothing on every run, the vectors' reallocations were 60 instructions a message
+/// (callgrind; docs/bench.md, 2026-12-06 "day").
 const RUN_MAX: usize = 64;
 
 #[derive(Default)]
@@ -140,11 +140,11 @@ impl Inflow {
     }
 
     /// Whether the connection may read another packet: not while more publishes than the
-    /// Receive Maximum await their confirms (or are staged to), so a client flooding QoS 0 (which Receive
-    /// Maximum does not bound) meets TCP backpressure instead of growing this queue. An MQTT 5
-    /// client was told the maximum: one more is read, so one that overruns it is told (0x93).
-    /// A 3.1.1 client never was (its in-flight window is its own: 20 for Mosquitto's and
-    /// paho's clients, 100 for rumqttc's), so it only meets the backpressure.
+    /// Receive Maximum await their confirms (or are staged), so a client flooding QoS 0
+    /// (which Receive Maximum does not bound) meets TCP backpressure instead of growing this
+    /// queue. An MQTT 5 client was told the maximum: one more is read, so one that overruns
+    /// it is told (0x93). A 3.1.1 client never was (its in-flight window is its own: 20 for
+    /// Mosquitto's and paho's clients, 100 for rumqttc's), so it only meets the backpressure.
     /// Nor while the parked publishes hold `limits.max_pending_in` bytes.
     pub fn may_read(&mut self, receive_maximum: u16, advertised: bool, max_parked: u64) -> bool {
         if self.held.as_ref().map_or(0, |h| h.parked.bytes) >= max_parked {
@@ -231,9 +231,8 @@ impl Parked {
     }
 }
 
-/// What [`Session::stage`] did with a publish.
-enum Staging {
-    Staged,
+/// A publish [`Session::stage`] gave back.
+enum Unstaged {
     /// Refused by the gate (answered after the staged ones).
     Refused(PublishIn, PublishRefused),
     /// Not the common way: published after the staged ones.
@@ -313,17 +312,15 @@ impl Session {
                 Err(outcome) => outcome,
             };
         }
-        let p = self.stage(p);
-        if matches!(p, Staging::Staged) {
+        let Some(unstaged) = self.stage(p) else {
             return Outcome::Continue;
-        }
+        };
         if let outcome @ Outcome::Close(_) = self.flush_staged() {
             return outcome;
         }
-        match p {
-            Staging::Staged => Outcome::Continue,
-            Staging::Refused(p, refused) => self.refused_at_gate(p, refused, true),
-            Staging::Other(p) => match self.admit(p) {
+        match unstaged {
+            Unstaged::Refused(p, refused) => self.refused_at_gate(p, refused, true),
+            Unstaged::Other(p) => match self.admit(p) {
                 Ok(p) => self.publish_now_plain(p, true),
                 Err(outcome) => outcome,
             },
@@ -332,7 +329,7 @@ impl Session {
 
     /// Stages a publish that goes the common way (see [`Self::publish_plain`]); gives back
     /// any other.
-    fn stage(&mut self, p: PublishIn) -> Staging {
+    fn stage(&mut self, p: PublishIn) -> Option<Unstaged> {
         let alias = p
             .props
             .as_ref()
@@ -342,7 +339,7 @@ impl Session {
             && self.inflow.unanswered() >= usize::from(self.ctx.config.mqtt.receive_maximum);
         let key = match self.inflow.publisher().last_key.as_ref() {
             Some((topic, key)) if **topic == *p.topic => key.clone(),
-            _ => return Staging::Other(p),
+            _ => return Some(Unstaged::Other(p)),
         };
         if p.qos > 1
             || alias
@@ -351,11 +348,11 @@ impl Session {
             || self.inflow.has_parked()
             || p.payload.len() as u64 > self.ctx.config.limits.max_message_bytes.as_u64()
         {
-            return Staging::Other(p);
+            return Some(Unstaged::Other(p));
         }
         let cleared = match self.clear(&key, p.payload.len()) {
             Ok(cleared) => cleared,
-            Err(refused) => return Staging::Refused(p, refused),
+            Err(refused) => return Some(Unstaged::Refused(p, refused)),
         };
         let message = cleared.stamp(self.message_of(&p));
         let staged = Staged {
@@ -370,7 +367,7 @@ impl Session {
             run.reserve(RUN_MAX);
         }
         run.push(key, message, staged);
-        Staging::Staged
+        None
     }
 
     /// Whether the staged publishes are to be handed over now: the run is full, or the
