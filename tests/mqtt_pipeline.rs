@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::held_confirms::HeldConfirms;
 use common::mqtt_bytes::{connect, packet, string};
-use common::mqtt_wire::{RawWire, Transport};
+use common::mqtt_wire::{RawWire, Transport, over_both_transports};
 use common::{TestGateway, WAIT, start_gateway_on, token, unique};
 
 /// A QoS 1 or 2 PUBLISH with `packet_id`.
@@ -152,24 +152,6 @@ async fn qos1_publishes_are_pipelined_v311(t: Transport) {
 
 async fn qos1_publishes_are_pipelined_v5(t: Transport) {
     pipelined(t, 5).await;
-}
-
-/// Each case once over TCP (`tcp::…`) and once over WebSocket (`ws::…`).
-macro_rules! over_both_transports {
-    ($($case:ident),* $(,)?) => {
-        mod tcp {
-            $(#[tokio::test]
-            async fn $case() {
-                super::$case(super::Transport::Tcp).await;
-            })*
-        }
-        mod ws {
-            $(#[tokio::test]
-            async fn $case() {
-                super::$case(super::Transport::Ws).await;
-            })*
-        }
-    };
 }
 
 over_both_transports!(

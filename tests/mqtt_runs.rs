@@ -8,7 +8,7 @@
 mod common;
 
 use common::mqtt_bytes::{packet, string, subscribe_packet};
-use common::mqtt_wire::{RawWire, Transport};
+use common::mqtt_wire::{RawWire, Transport, over_both_transports};
 use common::{TestGateway, start_gateway, token, unique};
 
 const SCOPE: &str = "gateway.write:amq.topic/allowed.# gateway.read:amq.topic/allowed.#";
@@ -227,24 +227,6 @@ async fn publishes_before_a_malformed_packet_are_kept(t: Transport) {
         publisher.packet().await.is_err(),
         "the connection is closed"
     );
-}
-
-/// Each case once over TCP (`tcp::…`) and once over WebSocket (`ws::…`).
-macro_rules! over_both_transports {
-    ($($case:ident),* $(,)?) => {
-        mod tcp {
-            $(#[tokio::test]
-            async fn $case() {
-                super::$case(super::Transport::Tcp).await;
-            })*
-        }
-        mod ws {
-            $(#[tokio::test]
-            async fn $case() {
-                super::$case(super::Transport::Ws).await;
-            })*
-        }
-    };
 }
 
 over_both_transports!(

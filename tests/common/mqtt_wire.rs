@@ -183,3 +183,25 @@ pub fn fixed_header(buf: &[u8]) -> Option<(usize, usize)> {
     }
     None
 }
+
+/// Each case (an `async fn(Transport)` of the test file) once over TCP (`tcp::…`) and once
+/// over WebSocket (`ws::…`).
+#[allow(unused_macros)]
+macro_rules! over_both_transports {
+    ($($case:ident),* $(,)?) => {
+        mod tcp {
+            $(#[tokio::test]
+            async fn $case() {
+                super::$case(super::Transport::Tcp).await;
+            })*
+        }
+        mod ws {
+            $(#[tokio::test]
+            async fn $case() {
+                super::$case(super::Transport::Ws).await;
+            })*
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use over_both_transports;
