@@ -49,6 +49,29 @@ pub(crate) fn push_snug<T>(list: &mut Vec<T>, value: T) {
     list.push(value);
 }
 
+/// [`Channel::publish_run`] one publish at a time through `publish`: each confirm goes to
+/// `confirms`, and the run stops after the first that paces, the rest left in `run`.
+pub fn publish_one_by_one(
+    run: &mut Vec<(Arc<str>, Message)>,
+    confirms: &mut Vec<PublishConfirm>,
+    mut publish: impl FnMut(Arc<str>, Message) -> PublishConfirm,
+) {
+    // Drained, not taken apart: the caller's vector keeps its room for the next run.
+    let mut all = std::mem::take(run);
+    let mut rest = all.drain(..);
+    for (routing_key, message) in rest.by_ref() {
+        let confirm = publish(routing_key, message);
+        let paced = confirm.paces();
+        confirms.push(confirm);
+        if paced {
+            break;
+        }
+    }
+    let untaken: Vec<_> = rest.collect();
+    all.extend(untaken);
+    *run = all;
+}
+
 /// Which implementation serves the seam; adapters only use it for capability questions
 /// (for example: upstream grants MQTT QoS 2 as 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -683,20 +706,9 @@ pub trait Channel: Send + Sync {
         options: PublishOptions,
         confirms: &mut Vec<PublishConfirm>,
     ) {
-        // Drained, not taken apart: the caller's vector keeps its room for the next run.
-        let mut all = std::mem::take(run);
-        let mut rest = all.drain(..);
-        for (routing_key, message) in rest.by_ref() {
-            let confirm = self.publish_shared(exchange, routing_key, message, options);
-            let paced = confirm.paces();
-            confirms.push(confirm);
-            if paced {
-                break;
-            }
-        }
-        let untaken: Vec<_> = rest.collect();
-        all.extend(untaken);
-        *run = all;
+        publish_one_by_one(run, confirms, |routing_key, message| {
+            self.publish_shared(exchange, routing_key, message, options)
+        });
     }
 
     async fn consume(&self, queue: &str, options: ConsumeOptions) -> Result<Consumer, EngineError>;

@@ -485,10 +485,9 @@ impl Channel for EmbeddedChannel {
         let last = self.last_route.try_lock();
         let (Some(mut last), Ok(())) = (last, self.shared.check_open()) else {
             // Closed (each publish hears so), or another publish of this channel routes now.
-            for (routing_key, message) in run.drain(..) {
-                confirms.push(self.publish_with(exchange, routing_key, message));
-            }
-            return;
+            return crate::engine::publish_one_by_one(run, confirms, |routing_key, message| {
+                self.publish_with(exchange, routing_key, message)
+            });
         };
         self.shared
             .broker
