@@ -117,10 +117,7 @@ impl Broker {
                 match self.route_remembered(exchange, &key, &message.properties.headers, last) {
                     Ok(Route::Remembered(route)) => route,
                     Ok(Route::Once(targets, name)) => {
-                        let published = self.enqueue_routed(&targets, name, key, message);
-                        let paced = matches!(&published, Ok((_, _, pace)) if !pace.is_empty());
-                        each(published);
-                        if paced {
+                        if self.publish_alone(&targets, name, key, message, &mut each) {
                             break;
                         }
                         continue;
@@ -133,11 +130,8 @@ impl Broker {
             if route.targets.iter().any(|q| q.is_durable()) {
                 // A durable queue's messages may be written to the store, which is not done
                 // under a queue's lock: one by one, as alone.
-                let published =
-                    self.enqueue_routed(&route.targets, route.exchange.name.clone(), key, message);
-                let paced = matches!(&published, Ok((_, _, pace)) if !pace.is_empty());
-                each(published);
-                if paced {
+                let name = route.exchange.name.clone();
+                if self.publish_alone(&route.targets, name, key, message, &mut each) {
                     break;
                 }
                 continue;
@@ -162,6 +156,21 @@ impl Broker {
         untaken.extend(rest);
         all.append(&mut untaken);
         *run = all;
+    }
+
+    /// A publish of a run enqueued on its own ([`Self::enqueue_routed`]); whether it paced.
+    fn publish_alone(
+        &self,
+        targets: &Targets,
+        exchange: Arc<str>,
+        key: Arc<str>,
+        message: Message,
+        each: &mut impl FnMut(Result<Published, EngineError>),
+    ) -> bool {
+        let published = self.enqueue_routed(targets, exchange, key, message);
+        let paced = matches!(&published, Ok((_, _, pace)) if !pace.is_empty());
+        each(published);
+        paced
     }
 
     /// The channel's `last` route for a publish with `key`: the one remembered when it
