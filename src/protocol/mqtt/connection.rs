@@ -511,7 +511,7 @@ where
         loop {
             // Publishes read and staged go to the engine together once this read's packets
             // are handled (or the run is full): before their answers are written.
-            if live.session.flushes(live.wire.has_ready())
+            if live.session.flushes(|| live.wire.has_ready())
                 && let Outcome::Close(why) = live.session.flush_staged()
             {
                 return why;
