@@ -477,6 +477,49 @@ async fn mqtt_and_rest_meet_on_amq_topic(v: Version) {
     );
 }
 
+/// A publisher's messages are cloned from a template of its last one's shape (docs/mqtt.md):
+/// each must still carry its own QoS, retain flag and delivery mode when the shape changes
+/// from one publish to the next, and the publisher's subject and session every time.
+async fn each_publish_carries_its_own_headers(v: Version) {
+    let gw = gateway(|_| {}).await;
+    let q = gw.queue("shapes").await;
+    gw.bind(&q, "amq.topic", "line.#").await;
+    let t = token("dev4", "gateway.write:amq.topic/line.#");
+    let (mut c, _) = Client::connected(&gw, v, &unique("x"), &t, true).await;
+    // The last one acknowledged, so all are in the queue once its PUBACK is in.
+    let sent = [
+        (0, false),
+        (1, false),
+        (0, false),
+        (1, true),
+        (0, true),
+        (1, false),
+    ];
+    for (i, (qos, retain)) in sent.iter().enumerate() {
+        c.publish_retain("line/speed", *qos, &i.to_string(), *retain)
+            .await;
+        if *qos == 1 {
+            assert!(matches!(c.next().await, Ev::PubAck(_)));
+        }
+    }
+    let got = gw.take(&q, sent.len() as u32).await;
+    assert_eq!(got.len(), sent.len(), "{got:?}");
+    let origin = &got[0]["properties"]["headers"]["x-mqtt-origin"];
+    assert!(origin.is_string(), "{:?}", got[0]);
+    for (i, (qos, retain)) in sent.iter().enumerate() {
+        let m = &got[i];
+        assert_eq!(m["body"], i.to_string(), "in order: {got:?}");
+        let headers = &m["properties"]["headers"];
+        assert_eq!(headers["x-mqtt-publish-qos"], *qos, "{m:?}");
+        assert_eq!(headers["x-gateway-sub"], "dev4", "{m:?}");
+        assert_eq!(&headers["x-mqtt-origin"], origin, "{m:?}");
+        let expected_retain = if *retain { json!(true) } else { json!(null) };
+        assert_eq!(headers["x-mqtt-retain"], expected_retain, "{m:?}");
+        let mode = if *qos > 0 { 2 } else { 1 };
+        assert_eq!(m["properties"]["delivery_mode"], mode, "{m:?}");
+    }
+}
+
 async fn persistent_sessions_keep_messages_for_their_return(v: Version) {
     let gw = gateway(|_| {}).await;
     let t = token(
@@ -826,6 +869,7 @@ matrix!(
     a_bad_or_missing_token_is_refused,
     subscriptions_and_publishes_are_checked_against_scopes,
     mqtt_and_rest_meet_on_amq_topic,
+    each_publish_carries_its_own_headers,
     persistent_sessions_keep_messages_for_their_return,
     persistent_sessions_survive_a_restart,
     a_second_connection_takes_the_client_id_over,
