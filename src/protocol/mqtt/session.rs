@@ -18,6 +18,7 @@ mod resume;
 mod stored;
 mod subscribe;
 mod subscriptions;
+use subscriptions::{LastVerdict, Verdict};
 
 pub use publish::Ack;
 

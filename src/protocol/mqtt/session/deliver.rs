@@ -59,7 +59,8 @@ impl Session {
     pub async fn deliver_batch(&mut self, key: Arc<str>, event: ConsumerEvent) -> Outcome {
         use futures_util::FutureExt;
         use tokio_stream::StreamExt;
-        let mut outcome = self.deliver(key, event).await;
+        let mut last = LastVerdict::default();
+        let mut outcome = self.deliver(key, event, &mut last).await;
         for _ in 1..DRAIN_BATCH {
             if !matches!(outcome, Outcome::Continue) || self.outflow.qos0_out.paces() {
                 break;
@@ -68,7 +69,7 @@ impl Session {
             let Some(Some((key, event))) = waiting else {
                 break;
             };
-            outcome = self.deliver(key, event).await;
+            outcome = self.deliver(key, event, &mut last).await;
         }
         outcome
     }
@@ -83,7 +84,13 @@ impl Session {
     }
 
     /// A delivery from the queue of `level`, or the end of its consumer.
-    pub async fn deliver(&mut self, key: Arc<str>, event: ConsumerEvent) -> Outcome {
+    /// `last`: the verdict on the batch's last routing key ([`LastVerdict`]).
+    async fn deliver(
+        &mut self,
+        key: Arc<str>,
+        event: ConsumerEvent,
+        last: &mut LastVerdict,
+    ) -> Outcome {
         let ConsumerEvent::Delivery(d) = event else {
             tracing::info!(client = %self.client.id, queue = %key, "a session queue went away");
             return Outcome::Close(CloseReason::SessionQueueGone);
@@ -96,39 +103,27 @@ impl Session {
         // Filters are matched against the routing key as the topic name it maps to; the name
         // itself is made only for a copy that is encoded (a fanned-out message's other copies
         // share the first one's bytes).
-        let key = d.routing_key();
         let mapping = self.ctx.config.mqtt.topic_mapping;
-        let matches = |f: &str| topic::key_matches(f, key, mapping);
-        // `$`-topics reach only filters that do not start with a wildcard; a resumed session
-        // that does not know its filters lets them through.
-        let visible = topic::key_is_mappable(key)
-            && (!key.starts_with('$') || self.subs.is_empty() || self.subs.keys().any(matches));
-        let publish_qos = publish_qos_of(d.message());
-        if !visible {
-            metrics::refusal(PROTOCOL, "unmappable_topic");
-            if level == 1 {
-                let _ = self.channel().ack(d.delivery_tag, false).await;
-            }
-            return Outcome::Continue;
-        };
-        // The subscriptions this queue serves that the message matched (none known for a
-        // resumed session: the queue's level and no options then).
-        let matched: smallvec::SmallVec<[SubOpts; 2]> = self
+        let verdict = self
             .subs
-            .iter()
-            .filter(|(f, o)| (o.granted.min(1) == level) && matches(f))
-            .map(|(_, o)| *o)
-            .collect();
-        // Queued for a subscription that is gone (unsubscribed, or refused on resume): not for
-        // this client any more. A session that knows no filters at all delivers what it has.
-        // Only when nothing at this level matched is there a second look (at any level).
-        if matched.is_empty() && !self.subs.is_empty() && !self.subs.keys().any(matches) {
-            metrics::refusal(PROTOCOL, "unsubscribed");
-            if level == 1 {
-                let _ = self.channel().ack(d.delivery_tag, false).await;
+            .verdict(&d.envelope.envelope().routing_key, level, mapping, last);
+        let publish_qos = publish_qos_of(d.message());
+        let matched = match verdict {
+            Verdict::Matched(matched) => Ok(matched),
+            Verdict::Invisible => Err("unmappable_topic"),
+            // Not for this client any more (unsubscribed, or refused on resume).
+            Verdict::Unsubscribed => Err("unsubscribed"),
+        };
+        let matched = match matched {
+            Ok(matched) => matched,
+            Err(reason) => {
+                metrics::refusal(PROTOCOL, reason);
+                if level == 1 {
+                    let _ = self.channel().ack(d.delivery_tag, false).await;
+                }
+                return Outcome::Continue;
             }
-            return Outcome::Continue;
-        }
+        };
         // Each header is looked up only when a subscription's option asks about it: a lookup
         // is a binary search comparing strings, and most subscriptions ask about neither.
         let headers = &d.properties().headers;
