@@ -1,7 +1,7 @@
 //! The session's subscriptions: topic filter → the options granted, in the order they were
-//! made.
+//! made; and the verdict on what a delivery's routing key matched among them.
 //!
-//! A list, not a hash map: every delivery already walks all of them (which filters the topic
+//! A list, not a hash map: a verdict walks all of them anyway (which filters the topic
 //! matched), a lookup by filter happens only at SUBSCRIBE, UNSUBSCRIBE and for a shared
 //! subscription's delivery, and `limits.max_subscriptions` bounds the walk. Inline for one:
 //! an idle device typically holds one subscription, which a `HashMap` kept in a 180-byte table
