@@ -127,7 +127,7 @@ impl Subscriptions {
         self.0.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
