@@ -143,8 +143,9 @@ pub fn properties_in(
         ));
     }
     let headers = match &json.headers {
-        Some(map) => table_from_json(&Value::Object(map.clone()))
-            .map_err(|e| JsonError::BadRequest(format!("properties.headers: {e}")))?,
+        Some(map) => table_from_json::<4>(&Value::Object(map.clone()))
+            .map_err(|e| JsonError::BadRequest(format!("properties.headers: {e}")))?
+            .into(),
         None => Default::default(),
     };
     let size = json.headers.as_ref().map_or(0, |h| {

@@ -13,8 +13,8 @@ use amqp_gateway::engine::embedded::{EmbeddedEngine, EmbeddedOptions};
 use amqp_gateway::engine::upstream::{UpstreamEngine, UpstreamOptions};
 use amqp_gateway::engine::{
     CancelReason, Channel, ConsumeOptions, Declared, DeleteQueueOptions, Engine, EngineError,
-    EngineKind, ExchangeKind, ExchangeSpec, FieldTable, FieldValue, Message, OnCancel, Properties,
-    PublishOptions, QueueSpec,
+    EngineKind, ExchangeKind, ExchangeSpec, FieldTable, FieldValue, Headers, Message, OnCancel,
+    Properties, PublishOptions, QueueSpec,
 };
 use bytes::Bytes;
 use common::{eventually, next, nothing_within, text, unique};
@@ -1164,7 +1164,7 @@ async fn publishes_keep_channel_order(engine: Arc<dyn Engine>) {
 async fn properties_round_trip(engine: Arc<dyn Engine>) {
     let ch = channel(&engine).await;
     let q = declare_queue(&ch, "props").await;
-    let mut headers = FieldTable::new();
+    let mut headers = Headers::new();
     headers.insert("n", FieldValue::I64(-7));
     headers.insert("s", FieldValue::Str("v".into()));
     headers.insert("b", FieldValue::Bool(true));

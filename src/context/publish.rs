@@ -234,12 +234,16 @@ impl<T> Run<T> {
 }
 
 /// Says who published `message` (header `x-gateway-sub`), over anything a client sent under
-/// that name.
+/// that name. A message already stamped with the subject is left as it is: its headers may be
+/// a table its connection shares between its messages ([`crate::engine::Headers`]).
 pub fn stamp_subject(message: &mut Message, principal: &Principal) {
-    message
-        .properties
-        .headers
-        .insert(SUBJECT_HEADER, FieldValue::Str(principal.subject.clone()));
+    let headers = &mut message.properties.headers;
+    if let Some(FieldValue::Str(subject)) = headers.get(SUBJECT_HEADER)
+        && **subject == *principal.subject
+    {
+        return;
+    }
+    headers.insert(SUBJECT_HEADER, FieldValue::Str(principal.subject.clone()));
 }
 
 /// The engine's confirm of a cleared publish; counts the message and its latency when the

@@ -3,10 +3,12 @@
 //! `{"$bytes":"<base64>"}` → `x`. The reverse maps back; a timestamp becomes integer seconds and
 //! a decimal a string.
 
+mod headers;
 mod map;
 pub mod wire;
 
-pub use map::{FieldTable, Headers, Key};
+pub use headers::{HeaderTable, Headers};
+pub use map::{FieldTable, Key};
 
 use std::sync::Arc;
 

@@ -345,7 +345,7 @@ pub fn message_from(bytes: &[u8]) -> Result<(Envelope, u64), StoreError> {
     };
     if present & P_HEADERS != 0 {
         let (headers, rest) = wire::decode(r.rest).map_err(|e| corrupt("message", e))?;
-        p.headers = headers;
+        p.headers = headers.into();
         r.rest = rest;
     }
     if present & P_DELIVERY_MODE != 0 {
@@ -422,7 +422,7 @@ mod tests {
 
     #[test]
     fn messages_round_trip_exactly() {
-        let mut headers = crate::engine::FieldTable::new();
+        let mut headers = crate::engine::Headers::new();
         headers.insert("x-raw", FieldValue::Bytes(vec![0, 0xff]));
         headers.insert("n", FieldValue::U16(7));
         let full = Properties {

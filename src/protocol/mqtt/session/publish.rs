@@ -22,8 +22,10 @@ use crate::flow::Stall;
 
 use super::*;
 
+mod message;
 mod run;
 
+use self::message::HeaderTemplates;
 use self::run::{Staged, Unstaged};
 
 /// The inbound side of one connection.
@@ -60,6 +62,8 @@ struct Publisher {
     /// Publishes read, cleared and not yet handed to the engine: the rest of what one socket
     /// read brought goes with them ([`Session::flush_staged`]).
     run: Run<Staged>,
+    /// The headers its publishes share.
+    headers: HeaderTemplates,
 }
 
 #[derive(Default)]
@@ -408,11 +412,11 @@ impl Session {
             Ok(key) => key,
             Err(outcome) => return outcome,
         };
+        let message = self.message_of(&p);
         let cleared = match self.clear(&key, p.payload.len()) {
             Ok(cleared) => cleared,
             Err(refused) => return self.refused_at_gate(p, refused, may_park),
         };
-        let message = self.message_of(&p);
         // Retained before the publish (see `RetainedStore::set`), taken back if it is refused.
         let (code, retained) = match self.retained().set(&key, message.clone()).await {
             Ok(undo) => (reason::SUCCESS, Some((key.to_string(), undo))),
@@ -437,11 +441,11 @@ impl Session {
             Ok(key) => key,
             Err(outcome) => return outcome,
         };
+        let message = self.message_of(&p);
         let cleared = match self.clear(&key, p.payload.len()) {
             Ok(cleared) => cleared,
             Err(refused) => return self.refused_at_gate(p, refused, may_park),
         };
-        let message = self.message_of(&p);
         let confirm = cleared.publish_shared(
             &**self.channel(),
             key.clone(),
@@ -673,30 +677,6 @@ impl Session {
                 Outcome::Close(CloseReason::EngineRefused)
             }
         }
-    }
-
-    /// The AMQP form of a PUBLISH: MQTT 5 properties mapped (DESIGN.md §3), then the
-    /// gateway's own headers, which win over anything the client sent under their names (the
-    /// publish gate stamps the subject).
-    pub(super) fn message_of(&self, p: &PublishIn) -> Message {
-        let mut m = Message::new(p.payload.clone());
-        let props = &mut m.properties;
-        // None: nothing to write (no user properties, no header that says so).
-        if let Some(from) = &p.props {
-            properties::to_amqp(from, self.ctx.config.mqtt.topic_mapping, props);
-        }
-        props.delivery_mode = Some(if p.qos > 0 { 2 } else { 1 });
-        // In key order: each is pushed after the last (FieldTable::insert).
-        props
-            .headers
-            .insert(ORIGIN_HEADER, FieldValue::Str(self.life.key.clone()));
-        props
-            .headers
-            .insert(PUBLISH_QOS_HEADER, FieldValue::U8(p.qos));
-        if p.retain {
-            props.headers.insert(RETAIN_HEADER, FieldValue::Bool(true));
-        }
-        m
     }
 
     /// The MQTT 5 properties of a message from the engine with `expires_in` left to live.

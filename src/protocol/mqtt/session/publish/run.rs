@@ -55,11 +55,13 @@ impl Session {
         {
             return Some(Unstaged::Other(p));
         }
+        // Made before the gate, which holds the session's principal while it is open.
+        let message = self.message_of(&p);
         let cleared = match self.clear(&key, p.payload.len()) {
             Ok(cleared) => cleared,
             Err(refused) => return Some(Unstaged::Refused(p, refused)),
         };
-        let message = cleared.stamp(self.message_of(&p));
+        let message = cleared.stamp(message);
         let staged = Staged {
             packet_id: p.packet_id,
             qos: p.qos,
