@@ -239,7 +239,7 @@ impl<T> Run<T> {
 pub fn stamp_subject(message: &mut Message, principal: &Principal) {
     let headers = &mut message.properties.headers;
     if let Some(FieldValue::Str(subject)) = headers.get(SUBJECT_HEADER)
-        && **subject == *principal.subject
+        && (Arc::ptr_eq(subject, &principal.subject) || **subject == *principal.subject)
     {
         return;
     }

@@ -185,6 +185,7 @@ impl Inflow {
         self.publisher().confirms.push_back(awaiting);
     }
 
+    #[inline]
     fn publisher(&mut self) -> &mut Publisher {
         self.publisher.get_mut().get_or_insert_default()
     }
