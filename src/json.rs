@@ -272,9 +272,9 @@ mod tests {
     #[test]
     fn bodies_out() {
         let mut m = Message::new(r#"{"a":1}"#);
-        m.properties.content_type = Some("application/vnd.x+json; charset=utf-8".into());
+        m.properties_mut().content_type = Some("application/vnd.x+json; charset=utf-8".into());
         assert_eq!(body_out(&m), (json!({"a": 1}), Encoding::Json));
-        m.properties.content_type = Some("text/plain".into());
+        m.properties_mut().content_type = Some("text/plain".into());
         assert_eq!(body_out(&m), (json!(r#"{"a":1}"#), Encoding::Utf8));
         assert_eq!(
             body_out(&Message::new(vec![0xff, 0])),

@@ -220,7 +220,7 @@ async fn headers_exchange_all_and_any(engine: Arc<dyn Engine>) {
         let ex = ex.clone();
         async move {
             let mut m = Message::new(body);
-            m.properties.headers = headers.into_iter().collect();
+            m.properties_mut().headers = headers.into_iter().collect();
             ch.publish(&ex, "", m, PublishOptions::default())
                 .await
                 .unwrap()
@@ -648,7 +648,7 @@ async fn invalid_queue_arguments_are_refused(engine: Arc<dyn Engine>) {
     }
     let q = declare_queue(&ch, "badexpiration").await;
     let mut m = Message::new("x");
-    m.properties.expiration = Some("never".into());
+    m.properties_mut().expiration = Some("never".into());
     let p = ch.publish("", &q, m, PublishOptions::default()).await;
     assert!(matches!(p, Err(EngineError::InvalidArgument(_))), "{p:?}");
 }
@@ -756,7 +756,7 @@ async fn per_message_expiration(engine: Arc<dyn Engine>) {
     .await;
     let mut dead = ch.consume(&dlq, ConsumeOptions::manual(10)).await.unwrap();
     let mut m = Message::new("expiring");
-    m.properties.expiration = Some("30".into());
+    m.properties_mut().expiration = Some("30".into());
     ch.publish("", &q, m, PublishOptions::default())
         .await
         .unwrap();
@@ -1185,7 +1185,7 @@ async fn properties_round_trip(engine: Arc<dyn Engine>) {
         app_id: Some("tests".into()),
     };
     let message = Message {
-        properties: Box::new(properties.clone()),
+        properties: properties.clone().into(),
         body: Bytes::from_static(b"{\"a\":1}\x00\xff"),
     };
     ch.publish("", &q, message.clone(), PublishOptions::default())

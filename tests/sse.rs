@@ -274,7 +274,7 @@ async fn a_slow_stream_lags_or_is_cut_off() {
     let body = "z".repeat(64 * 1024);
     for i in 0..N {
         let mut m = Message::new(body.clone());
-        m.properties.message_id = Some(i.to_string());
+        m.properties_mut().message_id = Some(i.to_string());
         ch.publish("amq.topic", "slow.x", m, PublishOptions::default())
             .await
             .unwrap();

@@ -778,7 +778,7 @@ async fn a_stalled_reader_lags_while_fast_readers_get_everything() {
     let body = "z".repeat(64 * 1024);
     for i in 0..N {
         let mut m = Message::new(body.clone());
-        m.properties.message_id = Some(i.to_string());
+        m.properties_mut().message_id = Some(i.to_string());
         ch.publish("amq.topic", "flood.x", m, PublishOptions::default())
             .await
             .unwrap();

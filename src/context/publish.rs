@@ -237,13 +237,15 @@ impl<T> Run<T> {
 /// that name. A message already stamped with the subject is left as it is: its headers may be
 /// a table its connection shares between its messages ([`crate::engine::Headers`]).
 pub fn stamp_subject(message: &mut Message, principal: &Principal) {
-    let headers = &mut message.properties.headers;
-    if let Some(FieldValue::Str(subject)) = headers.get(SUBJECT_HEADER)
+    if let Some(FieldValue::Str(subject)) = message.properties.headers.get(SUBJECT_HEADER)
         && (Arc::ptr_eq(subject, &principal.subject) || **subject == *principal.subject)
     {
         return;
     }
-    headers.insert(SUBJECT_HEADER, FieldValue::Str(principal.subject.clone()));
+    message
+        .properties_mut()
+        .headers
+        .insert(SUBJECT_HEADER, FieldValue::Str(principal.subject.clone()));
 }
 
 /// The engine's confirm of a cleared publish; counts the message and its latency when the

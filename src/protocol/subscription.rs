@@ -500,7 +500,7 @@ mod tests {
     #[test]
     fn the_message_json_is_the_same_rendered_once_or_each_time() {
         let mut message = Message::new(r#"{"t":21.5}"#);
-        message.properties.content_type = Some("application/json".into());
+        message.properties_mut().content_type = Some("application/json".into());
         let envelope = Envelope {
             exchange: "".into(),
             routing_key: "sensors.\"1\"".into(),

@@ -27,7 +27,7 @@ pub async fn a_message_ttl_expires_once_at_the_head(engine: Arc<dyn Engine>) {
     // A first message with a far deadline starts the queue's expiry task; taken, it leaves the
     // task waiting for its next wake-up.
     let mut m = Message::new("zeroth");
-    m.properties.expiration = Some("60000".into());
+    m.properties_mut().expiration = Some("60000".into());
     ch.publish("", &q, m, PublishOptions::default())
         .await
         .unwrap();
@@ -36,7 +36,7 @@ pub async fn a_message_ttl_expires_once_at_the_head(engine: Arc<dyn Engine>) {
     assert!(ch.get(&q, true).await.unwrap().is_some());
     publish(&ch, "", &q, "first").await;
     let mut m = Message::new("second");
-    m.properties.expiration = Some("100".into());
+    m.properties_mut().expiration = Some("100".into());
     ch.publish("", &q, m, PublishOptions::default())
         .await
         .unwrap();
@@ -317,7 +317,7 @@ pub async fn capabilities_hold(engine: Arc<dyn Engine>) {
     let listed = ch.list_queues(None, 1000).await;
     assert_eq!(listed.is_ok(), caps.listing, "listing: {listed:?}");
     let mut m = Message::new("x");
-    m.properties.expiration = Some("60000".into());
+    m.properties_mut().expiration = Some("60000".into());
     ch.publish("", &q, m, PublishOptions::default())
         .await
         .unwrap();
@@ -352,9 +352,9 @@ pub async fn retained_messages_are_kept_whole(engine: Arc<dyn Engine>) {
     let root = unique("ret").replace('-', "_");
     let key = |s: &str| format!("{root}.{s}");
     let mut m = Message::new("21.5");
-    m.properties.content_type = Some("text/plain".into());
-    m.properties.expiration = Some("60000".into());
-    m.properties
+    m.properties_mut().content_type = Some("text/plain".into());
+    m.properties_mut().expiration = Some("60000".into());
+    m.properties_mut()
         .headers
         .insert("unit", FieldValue::Str("C".into()));
     store.set(&key("k1.temp"), m.clone()).await.unwrap();
@@ -631,7 +631,7 @@ pub async fn shared_key_publishes_follow_every_binding_change(engine: Arc<dyn En
         let key = key.clone();
         async move {
             let mut m = Message::new(body);
-            m.properties.headers = headers.into_iter().collect();
+            m.properties_mut().headers = headers.into_iter().collect();
             ch.publish_shared(&exchange, key, m, PublishOptions::default())
                 .await
         }

@@ -273,15 +273,15 @@ mod tests {
     fn properties_are_kept_and_expiry_honoured() {
         let r = Retained::new(1 << 20, Arc::new(MemoryStore));
         let mut m = msg("x");
-        m.properties.content_type = Some("text/plain".into());
-        m.properties.expiration = Some("60000".into());
+        m.properties_mut().content_type = Some("text/plain".into());
+        m.properties_mut().expiration = Some("60000".into());
         set(&r, "a", m.clone()).unwrap();
         let got = r.matching("a").remove(0);
         assert_eq!(got.message, m);
         let left = got.expires_in.unwrap();
         assert!(left <= Duration::from_secs(60) && left > Duration::from_secs(50));
         let mut gone = msg("y");
-        gone.properties.expiration = Some("0".into());
+        gone.properties_mut().expiration = Some("0".into());
         set(&r, "b", gone).unwrap();
         assert!(r.matching("b").is_empty(), "expired at once");
         assert_eq!(r.inner.read().0.len(), 1, "and dropped");

@@ -23,7 +23,7 @@ pub(super) fn delivery(
             exchange: d.exchange.as_str().into(),
             routing_key: d.routing_key.as_str().into(),
             message: crate::engine::Message {
-                properties: Box::new(properties_from_amqp(&d.properties)),
+                properties: properties_from_amqp(&d.properties).into(),
                 body: d.data.into(),
             },
         }),

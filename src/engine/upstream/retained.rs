@@ -120,7 +120,7 @@ impl StreamRetained {
         seq: u64,
         at_ms: u64,
     ) -> Result<(), EngineError> {
-        let h = &mut message.properties.headers;
+        let h = &mut message.properties_mut().headers;
         h.insert(KEY, FieldValue::Str(key.into()));
         h.insert(AT, FieldValue::I64(at_ms as i64));
         h.insert(ORIGIN, FieldValue::Str(self.origin.as_ref().into()));
@@ -137,10 +137,10 @@ impl StreamRetained {
 
     fn apply(&self, delivery: lapin::message::Delivery) {
         let mut message = Message {
-            properties: Box::new(convert::properties_from_amqp(&delivery.properties)),
+            properties: convert::properties_from_amqp(&delivery.properties).into(),
             body: delivery.data.into(),
         };
-        let h = &mut message.properties.headers;
+        let h = &mut message.properties_mut().headers;
         let key = h.remove(KEY).and_then(|v| v.as_str().map(str::to_owned));
         let at_ms = h.remove(AT).and_then(|v| v.as_i128()).unwrap_or(0) as u64;
         let origin: Arc<str> = h

@@ -11,12 +11,12 @@ impl Broker {
             None => dead.envelope.routing_key.clone(),
         };
         let mut message = dead.envelope.message.clone();
-        let original_expiration = message.properties.expiration.take();
+        let original_expiration = message.properties_mut().expiration.take();
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or(Duration::ZERO)
             .as_secs();
-        let headers = &mut message.properties.headers;
+        let headers = &mut message.properties_mut().headers;
         let mut deaths = match headers.remove("x-death") {
             Some(FieldValue::Array(items)) => items,
             _ => Vec::new(),

@@ -365,7 +365,7 @@ pub fn message_from(bytes: &[u8]) -> Result<(Envelope, u64), StoreError> {
         exchange: exchange.into(),
         routing_key: routing_key.into(),
         message: Message {
-            properties: Box::new(p),
+            properties: p.into(),
             body,
         },
     };
@@ -445,7 +445,7 @@ mod tests {
                 exchange: "amq.topic".into(),
                 routing_key: "a.b".into(),
                 message: Message {
-                    properties: Box::new(properties),
+                    properties: properties.into(),
                     body: Bytes::from_static(b"\x00body\xff"),
                 },
             };

@@ -25,7 +25,7 @@ use super::*;
 mod message;
 mod run;
 
-use self::message::HeaderTemplates;
+use self::message::SharedProperties;
 use self::run::{Staged, Unstaged};
 
 /// The inbound side of one connection.
@@ -62,8 +62,8 @@ struct Publisher {
     /// Publishes read, cleared and not yet handed to the engine: the rest of what one socket
     /// read brought goes with them ([`Session::flush_staged`]).
     run: Run<Staged>,
-    /// The headers its publishes share.
-    headers: HeaderTemplates,
+    /// The properties its publishes share.
+    properties: SharedProperties,
 }
 
 #[derive(Default)]

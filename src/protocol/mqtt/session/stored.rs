@@ -127,7 +127,7 @@ impl Session {
         };
         let queue = self.state_queue();
         let mut message = Message::new(body).persistent();
-        message.properties.content_type = Some("application/json".into());
+        message.properties_mut().content_type = Some("application/json".into());
         let result = async {
             self.channel()
                 .declare_queue(&queue, &self.state_spec())
