@@ -4,9 +4,11 @@
 //! Every MQTT publish carries three or four headers that differ between publishers but not
 //! between one publisher's messages: its subject, its session, its QoS and whether it is
 //! retained. Written into each message, stamped and dropped again, they were about 700 of a
-//! QoS 0 message's 6,300 instructions (docs/bench.md, 2026-12-06); shared, a publish takes a
-//! count on a table its connection keeps. A message with headers of its own (REST,
-//! WebSocket, AMQP, MQTT 5 user properties) keeps them in one allocation.
+//! QoS 0 message's 6,300 instructions (docs/bench.md, 2026-12-06); shared, they are made once
+//! per connection (with the rest of the message's properties, which are shared too). A
+//! message with headers of its own (REST, WebSocket, AMQP, MQTT 5 user properties) keeps them
+//! in one allocation, and a copy of a message (a dead letter, a retained copy) shares them
+//! until one of the two is written to.
 
 use std::fmt;
 use std::ops::Deref;
