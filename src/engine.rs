@@ -37,7 +37,7 @@ use crate::flow::{Pace, Pressure};
 
 pub use error::{EngineError, ObjectKind};
 pub use message::{Delivery, Envelope, EnvelopeRef, Message, Properties, Rendering};
-pub use table::{FieldTable, FieldValue, HeaderTable, Headers};
+pub use table::{FieldTable, FieldValue, Headers};
 
 /// Pushes onto a list that most often holds one entry (a queue's bindings and consumers, the
 /// values under one topic pattern): the first push makes room for that one only, where `Vec`

@@ -143,9 +143,8 @@ pub fn properties_in(
         ));
     }
     let headers = match &json.headers {
-        Some(map) => table_from_json::<4>(&Value::Object(map.clone()))
-            .map_err(|e| JsonError::BadRequest(format!("properties.headers: {e}")))?
-            .into(),
+        Some(map) => table_from_json(&Value::Object(map.clone()))
+            .map_err(|e| JsonError::BadRequest(format!("properties.headers: {e}")))?,
         None => Default::default(),
     };
     let size = json.headers.as_ref().map_or(0, |h| {

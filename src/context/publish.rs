@@ -234,8 +234,9 @@ impl<T> Run<T> {
 }
 
 /// Says who published `message` (header `x-gateway-sub`), over anything a client sent under
-/// that name. A message already stamped with the subject is left as it is: its headers may be
-/// a table its connection shares between its messages ([`crate::engine::Headers`]).
+/// that name. A message already stamped with the subject is left as it is: its properties may
+/// be shared by its connection's publishes ([`Message::properties`]), and the stamp would copy
+/// them for nothing.
 pub fn stamp_subject(message: &mut Message, principal: &Principal) {
     if let Some(FieldValue::Str(subject)) = message.properties.headers.get(SUBJECT_HEADER)
         && (Arc::ptr_eq(subject, &principal.subject) || **subject == *principal.subject)

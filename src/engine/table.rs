@@ -3,12 +3,10 @@
 //! `{"$bytes":"<base64>"}` → `x`. The reverse maps back; a timestamp becomes integer seconds and
 //! a decimal a string.
 
-mod headers;
 mod map;
 pub mod wire;
 
-pub use headers::{HeaderTable, Headers};
-pub use map::{FieldTable, Key};
+pub use map::{FieldTable, Headers, Key};
 
 use std::sync::Arc;
 

@@ -73,7 +73,7 @@ pub fn properties_from_amqp(p: &BasicProperties) -> Properties {
         headers: p
             .headers()
             .as_ref()
-            .map(|t| wire::from_amqp::<4>(t).into())
+            .map(wire::from_amqp)
             .unwrap_or_default(),
         delivery_mode: *p.delivery_mode(),
         priority: *p.priority(),

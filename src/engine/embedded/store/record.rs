@@ -345,7 +345,7 @@ pub fn message_from(bytes: &[u8]) -> Result<(Envelope, u64), StoreError> {
     };
     if present & P_HEADERS != 0 {
         let (headers, rest) = wire::decode(r.rest).map_err(|e| corrupt("message", e))?;
-        p.headers = headers.into();
+        p.headers = headers;
         r.rest = rest;
     }
     if present & P_DELIVERY_MODE != 0 {

@@ -1,6 +1,6 @@
 //! The AMQP form of an inbound PUBLISH, and the properties one connection's publishes share.
 
-use crate::engine::{HeaderTable, Properties};
+use crate::engine::{Headers, Properties};
 use crate::json::SUBJECT_HEADER;
 
 use super::*;
@@ -23,7 +23,7 @@ impl Session {
         };
         let mut props = Properties::default();
         properties::to_amqp(from, self.ctx.config.mqtt.topic_mapping, &mut props);
-        own_headers(props.headers.make_mut(), &self.life.key, p.qos, p.retain);
+        own_headers(&mut props.headers, &self.life.key, p.qos, p.retain);
         props.delivery_mode = Some(delivery_mode(p.qos));
         Message::with(props, p.payload.clone())
     }
@@ -33,12 +33,12 @@ impl Session {
         let shared = &mut self.inflow.publisher().properties.0[slot];
         shared
             .get_or_insert_with(|| {
-                let mut headers = HeaderTable::new();
+                let mut headers = Headers::new();
                 let subject = self.principal.subject.clone();
                 headers.insert(SUBJECT_HEADER, FieldValue::Str(subject));
                 own_headers(&mut headers, &self.life.key, qos, retain);
                 Arc::new(Properties {
-                    headers: headers.into(),
+                    headers,
                     delivery_mode: Some(delivery_mode(qos)),
                     ..Properties::default()
                 })
@@ -53,7 +53,7 @@ fn delivery_mode(qos: u8) -> u8 {
 }
 
 /// Writes the MQTT adapter's headers of a publish into `table`.
-fn own_headers(table: &mut HeaderTable, key: &Arc<str>, qos: u8, retain: bool) {
+fn own_headers(table: &mut Headers, key: &Arc<str>, qos: u8, retain: bool) {
     // In key order: each is pushed after the last (FieldTable::insert).
     table.insert(ORIGIN_HEADER, FieldValue::Str(key.clone()));
     table.insert(PUBLISH_QOS_HEADER, FieldValue::U8(qos));
