@@ -29,7 +29,10 @@ impl Session {
     }
 
     fn shared_properties(&mut self, qos: u8, retain: bool) -> Arc<Properties> {
-        let slot = usize::from(qos.min(2)) * 2 + usize::from(retain);
+        // The codec lets no QoS above 2 through; were one to come, it must not be written
+        // into the properties QoS 2 publishes share.
+        let qos = qos.min(2);
+        let slot = usize::from(qos) * 2 + usize::from(retain);
         let shared = &mut self.inflow.publisher().properties.0[slot];
         shared
             .get_or_insert_with(|| {
