@@ -11,12 +11,14 @@ impl Broker {
             None => dead.envelope.routing_key.clone(),
         };
         let mut message = dead.envelope.message.clone();
-        let original_expiration = message.properties_mut().expiration.take();
+        // The dead letter's own properties: copied here once if the original shares them.
+        let props = message.properties_mut();
+        let original_expiration = props.expiration.take();
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or(Duration::ZERO)
             .as_secs();
-        let headers = &mut message.properties_mut().headers;
+        let headers = &mut props.headers;
         let mut deaths = match headers.remove("x-death") {
             Some(FieldValue::Array(items)) => items,
             _ => Vec::new(),
