@@ -356,6 +356,13 @@ impl Codec {
             if let Some(id) = plain_puback_in(buf, version) {
                 return Ok(Some(Inbound::PubAck(id)));
             }
+            // A packet not whole yet stays whole in the buffer until the rest is read. The
+            // crate would take its fixed header and reserve the rest at once: a new buffer and
+            // a copy while the packets before it still share this one (every read that ends
+            // mid-PUBLISH), then the packet decoded by its general path.
+            if self.missing(buf) > 0 {
+                return Ok(None);
+            }
         }
         loop {
             let before = buf.len();
@@ -376,6 +383,23 @@ impl Codec {
                 MqttPacket::V3(p) => from_v3(p),
                 MqttPacket::V5(p) => from_v5(p),
             }));
+        }
+    }
+
+    /// How many bytes the packet at the head of `buf` still lacks, when its fixed header is
+    /// whole and gives a length the crate takes (a longer one is the crate's to refuse); 0
+    /// otherwise. The reader makes room for them before it reads.
+    pub fn missing(&self, buf: &[u8]) -> usize {
+        if self.mid_frame || self.version().is_none() {
+            return 0;
+        }
+        match fixed_header(buf) {
+            Some((header, remaining))
+                if self.remaining_in == 0 || remaining <= self.remaining_in as usize =>
+            {
+                (header + remaining).saturating_sub(buf.len())
+            }
+            _ => 0,
         }
     }
 

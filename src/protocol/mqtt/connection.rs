@@ -184,7 +184,10 @@ impl<R: AsyncRead + Unpin> Wire<R> {
                 // Quiet again after a burst: give the large buffer back.
                 input.buf = BytesMut::new();
             }
-            input.buf.reserve(input.next);
+            // Room for the rest of a packet begun, however large (the codec left it whole).
+            input
+                .buf
+                .reserve(input.next.max(self.codec.missing(&input.buf)));
             let offered = input.buf.capacity() - input.buf.len();
             match ready!(poll_read_buf(
                 Pin::new(&mut self.reader),

@@ -665,6 +665,36 @@ fn publishes_decode_as_the_codec_alone_decodes_them_in_any_chunks() {
 }
 
 #[test]
+fn a_packet_not_whole_yet_is_left_whole_and_what_it_lacks_is_told() {
+    for v5 in [false, true] {
+        let mut codec = Codec::new(4096);
+        let mut hello = BytesMut::from(&connect(if v5 { 5 } else { 4 })[..]);
+        assert!(matches!(codec.decode(&mut hello), Ok(Some(_))));
+        let mut body = string(b"a/b");
+        if v5 {
+            body.push(0);
+        }
+        body.extend(std::iter::repeat_n(b'p', 200));
+        let whole = packet(0x30, body);
+        // A Remaining Length of 205 or 206 takes two bytes.
+        let header = 3;
+        for cut in 1..whole.len() {
+            let mut buf = BytesMut::from(&whole[..cut]);
+            assert!(matches!(codec.decode(&mut buf), Ok(None)), "cut at {cut}");
+            assert_eq!(&buf[..], &whole[..cut], "nothing taken, cut at {cut}");
+            let lacks = if cut < header { 0 } else { whole.len() - cut };
+            assert_eq!(codec.missing(&buf), lacks, "cut at {cut}");
+            buf.extend_from_slice(&whole[cut..]);
+            let Ok(Some(Inbound::Publish(p))) = codec.decode(&mut buf) else {
+                panic!("the publish, once whole (cut at {cut})");
+            };
+            assert_eq!((&*p.topic, p.payload.len()), ("a/b", 200));
+            assert!(buf.is_empty());
+        }
+    }
+}
+
+#[test]
 fn a_queued_packet_stays_small() {
     // Every packet a session queues is one of these: 208 bytes with the properties inline.
     assert!(
