@@ -124,17 +124,25 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     /// Encodes queued packets while fewer than [`BATCH`] bytes wait, and starts the write
     /// clock for what waits if it is not running.
     pub fn fill(&mut self, queue: &mut VecDeque<Outbound>, qos0_out: Option<&Pressure>) {
-        if self.buf.is_empty() && queue.len() > 1 {
-            // A batch starts in an empty buffer (an emptied one is given back): sized for it
-            // once, rather than grown by doubling, every byte copied again at each step.
+        if !queue.is_empty() && self.buf.len() < BATCH {
+            // Room for what this call encodes, made once rather than grown by doubling with
+            // every byte copied again at each step.
             let mut want = 0;
             for p in queue.iter() {
                 want += p.size_hint();
-                if want >= BATCH {
+                if self.buf.len() + want >= BATCH {
                     break;
                 }
             }
-            self.buf.reserve(want);
+            if !self.buf.try_reclaim(want) {
+                // Whatever the socket has not taken yet moves to a buffer sized for it and
+                // the batch: growing this one in place copied the bytes already written as
+                // well (about 50 instructions a delivered QoS 0 message in 1→1 under
+                // callgrind, where the subscriber's socket took its batches part by part).
+                let mut grown = BytesMut::with_capacity(self.buf.len() + want);
+                grown.extend_from_slice(&self.buf);
+                self.buf = grown;
+            }
         }
         while self.buf.len() < BATCH
             && let Some(p) = queue.pop_front()
