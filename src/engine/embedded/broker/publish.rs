@@ -19,8 +19,12 @@ pub(in crate::engine::embedded) struct LastRoute {
 
 impl LastRoute {
     fn serves(&self, exchange: &str, key: &Arc<str>) -> bool {
+        *self.exchange.name == *canonical_exchange(exchange) && self.serves_key(key)
+    }
+
+    /// [`Self::serves`] for a publish to the exchange this route is of.
+    fn serves_key(&self, key: &Arc<str>) -> bool {
         (Arc::ptr_eq(&self.key, key) || *self.key == **key)
-            && *self.exchange.name == *canonical_exchange(exchange)
             && self.exchange.changes() == self.changes
     }
 }
@@ -137,8 +141,9 @@ impl Broker {
                 continue;
             }
             together.push((key, message));
+            // The route is of the run's exchange: only the key and the changes are told.
             while let Some(next) = rest.next_if(|(key, message)| {
-                route.serves(exchange, key) && self.check_message(message).is_ok()
+                route.serves_key(key) && self.check_message(message).is_ok()
             }) {
                 together.push(next);
             }
