@@ -71,11 +71,28 @@ impl<V> ByTag<V> {
     }
 
     pub fn remove(&mut self, tag: u64) -> Option<V> {
+        let value = self.remove_keeping_room(tag)?;
+        self.give_room_back();
+        Some(value)
+    }
+
+    /// [`remove`](Self::remove), keeping the ring's room when it empties: for a run of acks
+    /// whose settling delivers again at once (the credit they free), which would otherwise
+    /// grow the ring from nothing after every run. [`give_room_back`](Self::give_room_back)
+    /// once the run is settled.
+    pub fn remove_keeping_room(&mut self, tag: u64) -> Option<V> {
         let i = self.find(tag).ok()?;
         let value = self.slots[i].1.take()?;
         self.live -= 1;
-        self.tidy();
+        self.drop_gaps();
         Some(value)
+    }
+
+    /// Gives the ring's buffer back when it holds nothing: an idle connection keeps none.
+    pub fn give_room_back(&mut self) {
+        if self.slots.is_empty() && self.slots.capacity() > 0 {
+            self.slots = VecDeque::new();
+        }
     }
 
     /// Takes the records up to and including `upto` (every record for `u64::MAX`) that `pick`
@@ -116,19 +133,22 @@ impl<V> ByTag<V> {
             .filter_map(|(_, v)| v)
     }
 
-    /// Drops the gaps at both ends, sweeps the rest when they outnumber the records, and gives
-    /// the ring back once it is empty: an idle connection keeps no buffer, as the map it
-    /// replaces kept no node.
+    /// Drops the gaps, and gives the ring back once it is empty: an idle connection keeps no
+    /// buffer, as the map it replaces kept no node.
     fn tidy(&mut self) {
+        self.drop_gaps();
+        self.give_room_back();
+    }
+
+    /// Drops the gaps at both ends, and sweeps the rest when they outnumber the records.
+    fn drop_gaps(&mut self) {
         while matches!(self.slots.front(), Some((_, None))) {
             self.slots.pop_front();
         }
         while matches!(self.slots.back(), Some((_, None))) {
             self.slots.pop_back();
         }
-        if self.slots.is_empty() {
-            self.slots = VecDeque::new();
-        } else if self.slots.len() > 2 * self.live + 16 {
+        if self.slots.len() > 2 * self.live + 16 {
             self.slots.retain(|(_, v)| v.is_some());
         }
     }
@@ -183,7 +203,12 @@ mod tests {
                             (0, _) | (_, None) => 1 + rng.below(next),
                             (_, Some(first)) => *first,
                         };
-                        assert_eq!(ours.remove(tag), map.remove(&tag), "remove {tag}");
+                        let removed = if rng.below(2) == 0 {
+                            ours.remove(tag)
+                        } else {
+                            ours.remove_keeping_room(tag)
+                        };
+                        assert_eq!(removed, map.remove(&tag), "remove {tag}");
                     }
                     16 => {
                         if let Some(v) = ours.get_mut(next) {
@@ -240,6 +265,33 @@ mod tests {
         assert!(most <= 2 * 101 + 16, "{most} slots");
         assert_eq!(ours.slots.len(), 1);
         assert_eq!(ours.remove(1), Some(()));
+        assert_eq!(ours.slots.capacity(), 0);
+    }
+
+    /// A run of acks keeps the ring's room for what their settling delivers, and the room goes
+    /// once the run is settled with nothing left in flight.
+    #[test]
+    fn a_run_of_acks_keeps_the_room_until_it_is_given_back() {
+        let mut ours = ByTag::default();
+        for tag in 1..=100 {
+            ours.insert(tag, ());
+        }
+        let room = ours.slots.capacity();
+        for tag in 1..=100 {
+            assert_eq!(ours.remove_keeping_room(tag), Some(()));
+        }
+        assert_eq!((ours.len(), ours.slots.capacity()), (0, room));
+        // Delivered again on the freed credit: no growth.
+        for tag in 101..=200 {
+            ours.insert(tag, ());
+        }
+        assert_eq!(ours.slots.capacity(), room);
+        ours.give_room_back();
+        assert_eq!(ours.slots.capacity(), room, "records are held");
+        for tag in 101..=200 {
+            assert_eq!(ours.remove_keeping_room(tag), Some(()));
+        }
+        ours.give_room_back();
         assert_eq!(ours.slots.capacity(), 0);
     }
 }
