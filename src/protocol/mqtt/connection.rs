@@ -189,6 +189,10 @@ impl<R: AsyncRead + Unpin> Wire<R> {
                 .buf
                 .reserve(input.next.max(self.codec.missing(&input.buf)));
             let offered = input.buf.capacity() - input.buf.len();
+            // A read that ends a packet the last one cut says nothing of how much the client
+            // sends at once: shrinking on that tail made a client that writes 8.3 KB at a time
+            // read in two (8 KiB, then the tail) every other time.
+            let tail = !input.buf.is_empty();
             match ready!(poll_read_buf(
                 Pin::new(&mut self.reader),
                 cx,
@@ -196,7 +200,9 @@ impl<R: AsyncRead + Unpin> Wire<R> {
             )) {
                 Ok(0) => return Poll::Ready(Ok(None)),
                 Ok(n) if n >= offered => input.next = (input.next * 2).min(MAX_READ),
-                Ok(n) if n < input.next / 4 => input.next = (input.next / 2).max(MIN_READ),
+                Ok(n) if n < input.next / 4 && !tail => {
+                    input.next = (input.next / 2).max(MIN_READ);
+                }
                 Ok(_) => {}
                 Err(e) => return Poll::Ready(Err(e.into())),
             }
