@@ -540,6 +540,9 @@ where
             // nothing else ready.
             let may_write = live.writer.is_busy()
                 && !(may_read && live.wire.has_ready() && live.writer.give_way());
+            // A connection with nothing to deliver writes only its answers: no turn given
+            // away before them (`Writer::set_lone`).
+            live.writer.set_lone(live.session.consumers.is_empty());
             let paused = live.session.delivery_paused();
             // The select only says what happened, and the event is turned into the step that
             // handles it in a block of its own that awaits nothing: a handler awaiting inside the
