@@ -440,8 +440,9 @@ impl ChannelShared {
         let mut unknown = None;
         let taken: Taken = {
             let mut map = self.unacked.lock();
-            // Sized at once: collected from a filter, it grew one record at a time (a
-            // reallocation at every doubling, about 40 instructions a QoS 1 message).
+            // Sized at once: collected from a filter, it grew one record at a time, a
+            // reallocation at every doubling (with the groups' entries in `group`, about 90
+            // instructions a QoS 1 message under callgrind).
             let mut taken = Taken::with_capacity(tags.len());
             taken.extend(tags.iter().filter_map(|&tag| {
                 let found = map.remove_keeping_room(tag);
