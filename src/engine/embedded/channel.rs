@@ -409,7 +409,7 @@ impl ChannelShared {
             let upto = if tag == 0 { u64::MAX } else { tag };
             map.take_upto(upto, |u| u.seen)
         } else {
-            // Its room is given back once it is settled (see `ack_each`).
+            // Its room is given back once it is settled (`settle_taken`).
             map.remove_keeping_room(tag).into_iter().collect()
         };
         if taken.is_empty() {
@@ -430,7 +430,6 @@ impl ChannelShared {
     ) -> Result<(), EngineError> {
         let taken = self.take_unacked(tag, multiple)?;
         self.settle_taken(taken, requeue);
-        self.unacked.lock().give_room_back();
         Ok(())
     }
 
@@ -454,8 +453,6 @@ impl ChannelShared {
             taken
         };
         self.settle_taken(taken, None);
-        // Settling handed the freed credit on, and what it delivered is in the ring by now.
-        self.unacked.lock().give_room_back();
         match unknown {
             Some(tag) => Err(EngineError::PreconditionFailed(format!(
                 "unknown delivery tag {tag}"
@@ -464,7 +461,9 @@ impl ChannelShared {
         }
     }
 
-    /// Settles, requeues or dead-letters (as [`settle`](Self::settle)) what was taken.
+    /// Settles, requeues or dead-letters (as [`settle`](Self::settle)) what was taken, then
+    /// gives the ring's room back if nothing is left in it: what was taken was taken keeping
+    /// it, for what the settling delivers on the credit it frees.
     fn settle_taken(&self, mut taken: Taken, requeue: Option<bool>) {
         if requeue.is_none() {
             crate::metrics::acked(taken.len() as u64);
@@ -491,6 +490,7 @@ impl ChannelShared {
             }
         }
         self.broker.apply(fx);
+        self.unacked.lock().give_room_back();
     }
 
     /// basic.get on `queue`.
