@@ -30,7 +30,7 @@ async fn bindings(gw: &TestGateway, queue: &str) -> Vec<Value> {
 
 #[tokio::test]
 async fn durable_topology_survives_a_restart() {
-    let dir = tempfile::tempdir().unwrap().keep();
+    let dir = common::scratch::dir("data-");
     let (ex, q, transient_q, transient_ex) =
         (unique("dx"), unique("dq"), unique("tq"), unique("tx"));
     let ex_spec = json!({"type": "topic", "durable": true, "arguments": {"alternate-exchange": "amq.fanout"}});
@@ -161,7 +161,7 @@ async fn retained_for(wire: &mut RawWire, filter: &str) -> Option<(u8, Vec<u8>)>
 
 #[tokio::test]
 async fn retained_messages_survive_a_restart() {
-    let dir = tempfile::tempdir().unwrap().keep();
+    let dir = common::scratch::dir("data-");
     let (kept, deleted) = (
         format!("kept/{}", unique("a")),
         format!("kept/{}", unique("b")),
@@ -219,7 +219,7 @@ fn bodies(messages: &[Value]) -> Vec<&str> {
 
 #[tokio::test]
 async fn persistent_messages_survive_a_restart() {
-    let dir = tempfile::tempdir().unwrap().keep();
+    let dir = common::scratch::dir("data-");
     let (q, ttl_q, transient_q) = (unique("pq"), unique("ttlq"), unique("tq"));
     let persistent = json!({"delivery_mode": 2});
     let full = json!({
@@ -317,7 +317,7 @@ async fn persistent_messages_survive_a_restart() {
 /// drop is moved or dropped on disk too.
 #[tokio::test]
 async fn dead_lettering_and_length_limits_work_across_restarts() {
-    let dir = tempfile::tempdir().unwrap().keep();
+    let dir = common::scratch::dir("data-");
     let (ttl_q, dead_q, capped_q) = (unique("ttl"), unique("dead"), unique("capped"));
     let persistent = json!({"delivery_mode": 2});
     {
@@ -446,7 +446,7 @@ async fn a_consumer_drains_a_paged_out_queue_in_order() {
 /// process): a gateway started at once on the same directory opens it and finds what was stored.
 #[tokio::test]
 async fn the_data_directory_is_free_once_shutdown_returns() {
-    let dir = tempfile::tempdir().unwrap().keep();
+    let dir = common::scratch::dir("data-");
     let q = unique("held");
     let gw = on(&dir).await;
     let declare = gw

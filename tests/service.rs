@@ -20,7 +20,7 @@ fn test_config() -> Config {
     c.auth.hs256_secret = Some("service-test-secret-0123456789".into());
     c.shutdown_timeout = Duration::from_secs(2);
     // One gateway per data directory (the store's lock).
-    c.engine.data_dir = tempfile::tempdir().unwrap().keep();
+    c.engine.data_dir = common::scratch::dir("data-");
     c
 }
 

@@ -16,6 +16,7 @@ pub mod mqtt_wire;
 pub mod proxy;
 pub mod rabbit;
 pub mod rabbit_node;
+pub mod scratch;
 pub mod sse;
 pub mod tls;
 pub mod under;
@@ -113,11 +114,7 @@ pub fn test_config() -> Config {
     c.amqp.tls_listen = "127.0.0.1:0".parse().unwrap();
     c.auth.hs256_secret = Some(SECRET.into());
     // A data directory of its own: the store's lock allows one gateway per directory.
-    c.engine.data_dir = tempfile::Builder::new()
-        .prefix("amqp-gateway-test-")
-        .tempdir()
-        .expect("a temporary data directory")
-        .keep();
+    c.engine.data_dir = scratch::dir("data-");
     c.shutdown_timeout = Duration::from_secs(2);
     c
 }

@@ -33,11 +33,7 @@ impl RabbitNode {
         );
         let (port, dist) = (free_port(), free_port());
         let name = format!("{}@localhost", super::unique("gw-node"));
-        let dir = tempfile::Builder::new()
-            .prefix("amqp-gateway-rabbit-")
-            .tempdir()
-            .expect("a node directory")
-            .keep();
+        let dir = super::scratch::dir("rabbit-");
         for sub in ["etc", "data", "log"] {
             std::fs::create_dir_all(dir.join(sub)).expect("node directories");
         }

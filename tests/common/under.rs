@@ -77,7 +77,7 @@ pub struct Place {
 impl Place {
     pub async fn new() -> Place {
         Place {
-            dir: tempfile::tempdir().expect("a data directory").keep(),
+            dir: super::scratch::dir("data-"),
             vhost: match upstream() {
                 true => Some(Vhost::create().await),
                 false => None,
