@@ -20,7 +20,7 @@ gateway_flags "$work"
 pid=$!
 trap 'kill -TERM $pid 2>/dev/null || true; rm -rf "$work"' EXIT
 gateway_started "$work" 300
-echo "at start: $(grep VmRSS /proc/$pid/status)"
+echo "at start: $(grep -E "VmRSS|RssAnon" /proc/$pid/status | tr -s " \t\n" " ")"
 ulimit -n 20000
 target/release/bench --target "gateway=$(listener "$work" mqtt)@$(dev_token "$work")" \
   --pid "gateway=$pid" --scenarios idle --idle-connections "$n" --runs 1 >"$work/bench" 2>&1 &

@@ -119,13 +119,26 @@ fn parse_target(s: &str) -> Result<Target, String> {
 
 /// Resident memory of a process, in KiB (Linux).
 fn rss_kib(pid: u32) -> Result<u64, String> {
+    status_kib(pid, "VmRSS")
+}
+
+/// The anonymous part of a process's resident memory, in KiB (Linux): its heap and stacks,
+/// without the pages of its executable and libraries. What a connection costs: the first
+/// connections of a run page in the code they run (about 0.4–1 MiB of the gateway's
+/// executable, read once and shared), which `VmRSS` charged to them (docs/bench.md,
+/// 2026-12-07 (morning)).
+fn anon_kib(pid: u32) -> Result<u64, String> {
+    status_kib(pid, "RssAnon")
+}
+
+fn status_kib(pid: u32, field: &str) -> Result<u64, String> {
     let status =
         std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .ok_or_else(|| format!("no VmRSS for {pid}"))
+        .ok_or_else(|| format!("no {field} for {pid}"))
 }
 
 /// CPU time a process has used, user and system, in seconds (Linux: `/proc` counts in
@@ -148,10 +161,10 @@ fn cpu_seconds(pid: u32) -> Result<f64, String> {
 }
 
 /// `n` clients connected, each with one QoS 1 subscription, as idle devices would be: the
-/// broker's resident memory grown per connection, in KiB.
+/// broker's anonymous resident memory grown per connection, in KiB.
 async fn idle(t: &Target, args: &Args) -> Result<f64, String> {
     let pid = t.pid.ok_or("needs --pid NAME=PID")?;
-    let before = rss_kib(pid)?;
+    let before = anon_kib(pid)?;
     let seen = Arc::new(Seen::default());
     let mut clients = Vec::new();
     for i in 0..args.idle_connections {
@@ -159,7 +172,7 @@ async fn idle(t: &Target, args: &Args) -> Result<f64, String> {
         clients.push(subscriber(t, &topic, QoS::AtLeastOnce, seen.clone(), false, None).await?);
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = rss_kib(pid)?;
+    let after = anon_kib(pid)?;
     for c in clients {
         let _ = c.disconnect().await;
     }
@@ -815,7 +828,7 @@ async fn mqtt_table(args: &Args, targets: &[Target]) {
 fn label(s: &str, args: &Args) -> String {
     if s == "idle" {
         return format!(
-            "idle MQTT × {}, memory per connection (1 subscription each)",
+            "idle MQTT × {}, anonymous memory per connection (1 subscription each)",
             args.idle_connections
         );
     }

@@ -386,20 +386,20 @@ fn lost(offered: u64, delivered: u64) -> f64 {
     }
 }
 
-/// `n` idle WebSocket subscribers (one subscription each): the broker's resident memory grown
-/// per connection, in KiB.
+/// `n` idle WebSocket subscribers (one subscription each): the broker's anonymous resident
+/// memory grown per connection, in KiB (`crate::anon_kib`).
 pub async fn idle(t: &WsTarget, n: usize) -> Result<f64, String> {
     let pid = t
         .publisher
         .pid
         .ok_or("needs --pid for its publisher target")?;
-    let before = crate::rss_kib(pid)?;
+    let before = crate::anon_kib(pid)?;
     let seen = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let topic = format!("bench/wsidle/{}/{}", std::process::id(), crate::next_id());
     let readers = subscribers(t, n, &topic, &seen, &stop).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = crate::rss_kib(pid)?;
+    let after = crate::anon_kib(pid)?;
     stop.store(true, Ordering::Relaxed);
     for r in readers {
         let _ = r.await;
@@ -489,7 +489,7 @@ pub async fn report(args: &Args, targets: &[Target]) -> Result<(), String> {
             "WebSocket publisher 1→1 (MQTT subscriber over TCP), deliveries/s".to_owned()
         } else {
             format!(
-                "memory per idle WebSocket subscriber ({})",
+                "anonymous memory per idle WebSocket subscriber ({})",
                 args.idle_connections
             )
         };
