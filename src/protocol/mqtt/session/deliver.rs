@@ -40,14 +40,21 @@ impl LastQos {
 impl Session {
     // ---------- deliveries ----------
 
-    pub(super) fn next_packet_id(&mut self) -> u16 {
-        loop {
+    /// The packet id for the next QoS 1/2 PUBLISH: the one after the last handed out, past
+    /// those still in flight. `None` (counted) only with all 65,535 in flight: the engine's
+    /// deliveries stop at the client's window, but a SUBSCRIBE sends every matching retained
+    /// message, and those past that many are not sent. Unbounded, this looked for a free id
+    /// forever, holding its worker thread.
+    pub(super) fn next_packet_id(&mut self) -> Option<u16> {
+        for _ in 0..u16::MAX {
             let id = self.outflow.next_packet_id;
-            self.outflow.next_packet_id = self.outflow.next_packet_id.checked_add(1).unwrap_or(1);
+            self.outflow.next_packet_id = id.checked_add(1).unwrap_or(1);
             if !self.outflow.inflight.contains_key(&id) {
-                return id;
+                return Some(id);
             }
         }
+        metrics::refusal(PROTOCOL, "no_packet_id");
+        None
     }
 
     /// Remembers an outbound QoS 1/2 delivery under `packet_id` until its acknowledgement.
@@ -270,8 +277,13 @@ impl Session {
         props: Option<Box<PublishProps>>,
         settle: bool,
     ) -> Outcome {
-        let packet_id = (qos >= 1).then(|| self.next_packet_id());
-        let sent = self.emit(topic, qos, retain, packet_id, d.body().clone(), props);
+        let packet_id = if qos >= 1 {
+            self.next_packet_id()
+        } else {
+            None
+        };
+        let sent = (qos == 0 || packet_id.is_some())
+            && self.emit(topic, qos, retain, packet_id, d.body().clone(), props);
         match packet_id {
             Some(id) if sent => self.track(id, qos, Some(d.delivery_tag)),
             _ if settle => {
@@ -374,15 +386,20 @@ impl Session {
             let qos = publish_qos_of(&m.message).min(granted);
             let mut props = self.props_of(&m.message.properties, m.expires_in);
             self.identify(&mut props, id.map(NonZeroU32::get).into_iter().collect());
-            let packet_id = (qos >= 1).then(|| self.next_packet_id());
-            let sent = self.emit(
-                topic.into(),
-                qos,
-                true,
-                packet_id,
-                m.message.body.clone(),
-                props,
-            );
+            let packet_id = if qos >= 1 {
+                self.next_packet_id()
+            } else {
+                None
+            };
+            let sent = (qos == 0 || packet_id.is_some())
+                && self.emit(
+                    topic.into(),
+                    qos,
+                    true,
+                    packet_id,
+                    m.message.body.clone(),
+                    props,
+                );
             if let (Some(packet_id), true) = (packet_id, sent) {
                 self.track(packet_id, qos, None);
             }
