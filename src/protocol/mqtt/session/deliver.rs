@@ -45,7 +45,7 @@ impl Session {
     /// deliveries stop at the client's window, but a SUBSCRIBE sends every matching retained
     /// message, and those past that many are not sent. Unbounded, this looked for a free id
     /// forever, holding its worker thread.
-    pub(super) fn next_packet_id(&mut self) -> Option<u16> {
+    fn next_packet_id(&mut self) -> Option<u16> {
         for _ in 0..u16::MAX {
             let id = self.outflow.next_packet_id;
             self.outflow.next_packet_id = id.checked_add(1).unwrap_or(1);
@@ -58,7 +58,7 @@ impl Session {
     }
 
     /// Remembers an outbound QoS 1/2 delivery under `packet_id` until its acknowledgement.
-    pub(super) fn track(&mut self, packet_id: u16, qos: u8, tag: Option<u64>) {
+    fn track(&mut self, packet_id: u16, qos: u8, tag: Option<u64>) {
         let state = if qos == 2 {
             Inflight::Sent(tag)
         } else {
@@ -277,25 +277,19 @@ impl Session {
         props: Option<Box<PublishProps>>,
         settle: bool,
     ) -> Outcome {
-        let packet_id = if qos >= 1 {
-            self.next_packet_id()
-        } else {
-            None
-        };
-        let sent = (qos == 0 || packet_id.is_some())
-            && self.emit(topic, qos, retain, packet_id, d.body().clone(), props);
-        match packet_id {
-            Some(id) if sent => self.track(id, qos, Some(d.delivery_tag)),
-            _ if settle => {
-                let _ = self.channel().ack(d.delivery_tag, false).await;
-            }
-            _ => {}
+        let tag = Some(d.delivery_tag);
+        let sent = self.emit(topic, qos, retain, d.body().clone(), props, tag);
+        // A QoS 1/2 copy sent is settled at its acknowledgement.
+        if settle && !(sent && qos >= 1) {
+            let _ = self.channel().ack(d.delivery_tag, false).await;
         }
         Outcome::Continue
     }
 
     /// Queues a PUBLISH for the writer; false when it was dropped (and counted). Every outbound
     /// PUBLISH goes through here:
+    /// - a QoS 1/2 one takes the next packet id, and is tracked under it with the engine's
+    ///   `tag` until the client acknowledges it (one that is not sent leaves its id unused);
     /// - the writer counts each QoS 0 one it takes off `qos0_queued`, so a slow client's QoS 0
     ///   backlog is bounded by `limits.outbound_buffer_messages` (QoS 1/2 by credit);
     /// - outbound topic aliases are set up here, and only for packets that go out, so the
@@ -307,10 +301,17 @@ impl Session {
         topic: TopicName,
         qos: u8,
         retain: bool,
-        packet_id: Option<u16>,
         payload: bytes::Bytes,
         mut props: Option<Box<PublishProps>>,
+        tag: Option<u64>,
     ) -> bool {
+        let packet_id = match qos {
+            0 => None,
+            _ => match self.next_packet_id() {
+                Some(id) => Some(id),
+                None => return false,
+            },
+        };
         if qos == 0 && self.qos0_overflows(payload.len() as u64) {
             return false;
         }
@@ -362,6 +363,9 @@ impl Session {
             props,
         });
         metrics::messages_out(PROTOCOL, 1);
+        if let Some(id) = packet_id {
+            self.track(id, qos, tag);
+        }
         true
     }
 
@@ -386,23 +390,8 @@ impl Session {
             let qos = publish_qos_of(&m.message).min(granted);
             let mut props = self.props_of(&m.message.properties, m.expires_in);
             self.identify(&mut props, id.map(NonZeroU32::get).into_iter().collect());
-            let packet_id = if qos >= 1 {
-                self.next_packet_id()
-            } else {
-                None
-            };
-            let sent = (qos == 0 || packet_id.is_some())
-                && self.emit(
-                    topic.into(),
-                    qos,
-                    true,
-                    packet_id,
-                    m.message.body.clone(),
-                    props,
-                );
-            if let (Some(packet_id), true) = (packet_id, sent) {
-                self.track(packet_id, qos, None);
-            }
+            // No queue holds a retained message: nothing to settle, no tag.
+            self.emit(topic.into(), qos, true, m.message.body.clone(), props, None);
         }
     }
 }
