@@ -28,7 +28,7 @@ use super::codec::{
     encode_shared_publish,
 };
 use super::properties;
-use super::topic::{self, TopicName, filter_to_binding, key_to_topic, session_queue, topic_to_key};
+use super::topic::{self, TopicName, filter_to_binding, session_queue, topic_to_key};
 use crate::auth::Principal;
 use crate::context::{Connection, Context};
 use crate::engine::retained::RetainedStore;
@@ -53,6 +53,11 @@ pub const AUTH_METHOD: &str = "amqp-gateway.jwt";
 pub const ORIGIN_HEADER: &str = "x-mqtt-origin";
 /// Set when the message was published with RETAIN, for retain-as-published.
 pub const RETAIN_HEADER: &str = "x-mqtt-retain";
+/// On a retained message queued for a new subscription (`Session::send_retained`): that
+/// subscription's filter, and the routing key the message was retained under (the queue's own
+/// name is the copy's routing key).
+pub const RETAINED_FOR_HEADER: &str = "x-mqtt-retained-for";
+pub const RETAINED_KEY_HEADER: &str = "x-mqtt-retained-key";
 
 /// MQTT 5 reason codes used here (3.1.1 answers are derived from them in the codec).
 pub mod reason {
@@ -480,11 +485,11 @@ impl Session {
                     packet_id,
                     codes: codes.clone(),
                 });
-                // Binding made, SUBACK sent: now the retained messages, then queued deliveries.
+                // Binding made, SUBACK sent: now the retained messages.
                 for ((filter, send), code) in wanted.iter().zip(codes) {
                     // Shared subscriptions get no retained messages ([MQTT-4.8.2-5]).
                     if code <= 2 && *send && !filter.starts_with("$share/") {
-                        self.send_retained(filter, code);
+                        self.send_retained(filter, code).await;
                     }
                 }
                 Outcome::Continue

@@ -287,9 +287,12 @@ fn pair_queue(prefix: &str, a: &str, b: &str, suffix: &str) -> String {
     format!("{prefix}{hex}{suffix}")
 }
 
+/// How every session queue's name starts.
+pub const SESSION_QUEUE_PREFIX: &str = "mqtt-subscription-";
+
 /// The session's queue for `kind` (`qos0` or `qos1`): `mqtt-subscription-{sub}.{client}{kind}`.
 pub fn session_queue(subject: &str, client_id: &str, kind: &str) -> String {
-    pair_queue("mqtt-subscription-", subject, client_id, kind)
+    pair_queue(SESSION_QUEUE_PREFIX, subject, client_id, kind)
 }
 
 /// A shared subscription's queue: `mqtt-shared-{group}.{filter}`.

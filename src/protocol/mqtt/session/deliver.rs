@@ -41,10 +41,10 @@ impl Session {
     // ---------- deliveries ----------
 
     /// The packet id for the next QoS 1/2 PUBLISH: the one after the last handed out, past
-    /// those still in flight. `None` (counted) only with all 65,535 in flight: the engine's
-    /// deliveries stop at the client's window, but a SUBSCRIBE sends every matching retained
-    /// message, and those past that many are not sent. Unbounded, this looked for a free id
-    /// forever, holding its worker thread.
+    /// those still in flight. `None` (counted, the copy not sent) only with all 65,535 in
+    /// flight: the engine's deliveries stop at the client's window, but an outbound QoS 2
+    /// message leaves the engine's window at PUBREC and holds its id until PUBCOMP. Unbounded,
+    /// this looked for a free id forever, holding its worker thread.
     fn next_packet_id(&mut self) -> Option<u16> {
         for _ in 0..u16::MAX {
             let id = self.outflow.next_packet_id;
@@ -133,6 +133,14 @@ impl Session {
             "1" => 1,
             shared => return self.deliver_shared(shared, d).await,
         };
+        // A retained message queued for a new subscription: its routing key is the queue's
+        // name, which only the default exchange routes by.
+        if level == 1
+            && d.routing_key().starts_with(topic::SESSION_QUEUE_PREFIX)
+            && d.properties().headers.get(RETAINED_FOR_HEADER).is_some()
+        {
+            return self.deliver_retained(d).await;
+        }
         // Filters are matched against the routing key as the topic name it maps to; the name
         // itself is made only for a copy that is encoded (a fanned-out message's other copies
         // share the first one's bytes).
@@ -372,26 +380,98 @@ impl Session {
     /// Sends the retained messages matching a new subscription, RETAIN=1, at most `granted` and
     /// at most the QoS each was published with, each with the properties it was published with
     /// (expiry counted down) and the subscription's identifier.
-    pub(super) fn send_retained(&mut self, filter: &str, granted: u8) {
+    ///
+    /// A QoS 0 copy goes out at once, under the QoS 0 bound. A QoS 1/2 copy is queued on the
+    /// session's QoS 1 queue, like any other delivery: it waits for the client's Receive
+    /// Maximum there ([MQTT-4.9.0-2]), is redelivered like the others if the client goes
+    /// before acknowledging it, and stays with a persistent session. Sent at once, a large
+    /// match went past the window, past every packet id at 65,535, and was lost with the
+    /// connection.
+    pub(super) async fn send_retained(&mut self, filter: &str, granted: u8) {
         let mapping = self.ctx.config.mqtt.topic_mapping;
         let Ok(pattern) = filter_to_binding(filter, mapping) else {
             return;
         };
         let id = self.subs.get(filter).and_then(|o| o.id);
-        let store = self.retained();
-        for m in store.matching(&pattern) {
-            let Some(topic) = key_to_topic(&m.routing_key, mapping) else {
+        let queue = self.queue_name(1);
+        let mut queued = Vec::new();
+        for m in self.retained().matching(&pattern) {
+            let Some(topic) = retained_topic(filter, &m.routing_key, mapping) else {
                 continue;
             };
-            // [MQTT-4.7.2-1]: `$` topics do not match filters that start with a wildcard.
-            if topic.starts_with('$') && topic::wildcard_first(filter) {
+            let qos = publish_qos_of(&m.message).min(granted);
+            if qos == 0 {
+                let mut props = self.props_of(&m.message.properties, m.expires_in);
+                self.identify(&mut props, id.map(NonZeroU32::get).into_iter().collect());
+                // No queue holds it: nothing to settle, no tag.
+                self.emit(topic.into(), 0, true, m.message.body.clone(), props, None);
                 continue;
             }
-            let qos = publish_qos_of(&m.message).min(granted);
-            let mut props = self.props_of(&m.message.properties, m.expires_in);
-            self.identify(&mut props, id.map(NonZeroU32::get).into_iter().collect());
-            // No queue holds a retained message: nothing to settle, no tag.
-            self.emit(topic.into(), qos, true, m.message.body.clone(), props, None);
+            let copy = queued_retained(m, filter);
+            let options = PublishOptions { mandatory: true };
+            queued.push(self.channel().publish("", &queue, copy, options));
+        }
+        // Their places in the queue are fixed: the confirms only tell which were refused.
+        for confirm in queued {
+            if !matches!(confirm.await, Ok(o) if o.routed) {
+                metrics::refusal(PROTOCOL, "retained_not_queued");
+            }
         }
     }
+
+    /// A retained message [`Self::send_retained`] queued: sent under the topic it was retained
+    /// under, with RETAIN, at most its subscription's granted QoS and with its identifier, if
+    /// that subscription still stands and matches the topic. The headers say which: one that
+    /// does not (the subscription went, or a publisher with access to the default exchange
+    /// wrote them) is acked and counted, so nothing reaches the client that none of its
+    /// subscriptions asked for.
+    async fn deliver_retained(&mut self, d: Delivery) -> Outcome {
+        let mapping = self.ctx.config.mqtt.topic_mapping;
+        let headers = &d.properties().headers;
+        let text = |name| headers.get(name).and_then(FieldValue::as_str);
+        let found = text(RETAINED_FOR_HEADER)
+            .zip(text(RETAINED_KEY_HEADER))
+            .and_then(|(filter, key)| {
+                let opts = *self.subs.get(filter)?;
+                Some((opts, retained_topic(filter, key, mapping)?))
+            });
+        let Some((opts, topic)) = found else {
+            metrics::refusal(PROTOCOL, "unsubscribed");
+            let _ = self.channel().ack(d.delivery_tag, false).await;
+            return Outcome::Continue;
+        };
+        let qos = publish_qos_of(d.message()).min(opts.granted);
+        let mut props = self.props_of(d.properties(), d.expires_in);
+        self.identify(
+            &mut props,
+            opts.id.map(NonZeroU32::get).into_iter().collect(),
+        );
+        self.send_copy(&d, topic.into(), qos, true, props, true)
+            .await
+    }
+}
+
+/// The topic name of a retained message's routing key, if `filter` matches it: `$` topics do
+/// not match filters that start with a wildcard ([MQTT-4.7.2-1]).
+fn retained_topic(filter: &str, key: &str, mapping: crate::config::TopicMapping) -> Option<String> {
+    let topic = topic::key_to_topic(key, mapping)?;
+    let hidden = topic.starts_with('$') && topic::wildcard_first(filter);
+    (!hidden && topic::key_matches(filter, key, mapping)).then_some(topic)
+}
+
+/// A retained message as its copy for `filter`'s session queue: headers saying what it is
+/// ([`RETAINED_FOR_HEADER`], [`RETAINED_KEY_HEADER`]), and its time left as the copy's own
+/// expiration, so the queue expires it when the retained message would have, and the client
+/// is told the interval counted down. At most 2^32 − 1 ms (49 days), the most RabbitMQ takes.
+fn queued_retained(m: crate::engine::retained::RetainedMessage, filter: &str) -> Message {
+    let mut message = m.message;
+    let p = message.properties_mut();
+    p.headers
+        .insert(RETAINED_FOR_HEADER, FieldValue::Str(filter.into()));
+    p.headers
+        .insert(RETAINED_KEY_HEADER, FieldValue::Str(m.routing_key.into()));
+    p.expiration = m
+        .expires_in
+        .map(|left| millis(left).min(u64::from(u32::MAX)).to_string());
+    message
 }

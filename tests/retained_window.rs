@@ -1,0 +1,228 @@
+//! Retained messages sent for a new subscription keep to the client's window: a QoS 1 copy
+//! goes out only while fewer than the client's Receive Maximum (or the gateway's
+//! `mqtt.max_inflight`, the lower) are unacknowledged, like every other delivery
+//! ([MQTT-4.9.0-2]), and one not yet acknowledged stays with a persistent session. Raw bytes,
+//! over TCP and over WebSocket, MQTT 3.1.1 and 5, on the embedded engine.
+
+mod common;
+
+use common::mqtt_bytes::{packet, remaining_length, string, subscribe_packet};
+use common::mqtt_wire::{RawWire, Transport, over_both_transports};
+use common::{TestGateway, admin, start_gateway, unique};
+
+/// The gateway's cap on unacknowledged deliveries in these tests.
+const MAX_INFLIGHT: u16 = 5;
+
+async fn gateway() -> TestGateway {
+    start_gateway(|c| c.mqtt.max_inflight = MAX_INFLIGHT).await
+}
+
+/// Retains `count` QoS 1 messages under `{prefix}.rNN` (payload `NN`), straight into the store.
+async fn retain(gw: &TestGateway, prefix: &str, count: usize) {
+    let store = gw.gateway.engine().retained();
+    for i in 0..count {
+        // Persistent and no publish-QoS header: published at QoS 1.
+        let m = amqp_gateway::engine::Message::new(format!("{i:02}")).persistent();
+        store.set(&format!("{prefix}.r{i:02}"), m).await.unwrap();
+    }
+}
+
+/// A CONNECT of MQTT `level` with the admin token as password; `clean` as asked, and for MQTT
+/// 5 a Receive Maximum when given (and a Session Expiry Interval for a session that is kept).
+fn connect_packet(level: u8, client: &str, clean: bool, receive_max: Option<u16>) -> Vec<u8> {
+    let mut body = string(b"MQTT");
+    body.push(level);
+    body.push(0xC0 | if clean { 0x02 } else { 0 });
+    body.extend_from_slice(&60u16.to_be_bytes());
+    if level == 5 {
+        let mut props = Vec::new();
+        if let Some(max) = receive_max {
+            props.push(0x21);
+            props.extend_from_slice(&max.to_be_bytes());
+        }
+        if !clean {
+            props.push(0x11);
+            props.extend_from_slice(&3600u32.to_be_bytes());
+        }
+        body.extend(remaining_length(props.len()));
+        body.extend(props);
+    }
+    body.extend(string(client.as_bytes()));
+    body.extend(string(b"u"));
+    body.extend(string(admin().as_bytes()));
+    packet(0x10, body)
+}
+
+async fn connected(
+    gw: &TestGateway,
+    t: Transport,
+    level: u8,
+    client: &str,
+    clean: bool,
+    receive_max: Option<u16>,
+) -> RawWire {
+    let mut wire = RawWire::open(gw, t).await;
+    wire.send_raw(&connect_packet(level, client, clean, receive_max))
+        .await;
+    let (first, body) = wire.packet().await.expect("CONNACK");
+    assert_eq!((first, body[1]), (0x20, 0), "connected");
+    wire
+}
+
+/// A retained QoS 1 PUBLISH as it arrived: topic, packet id, payload, and for MQTT 5 its
+/// properties.
+struct Retained {
+    topic: String,
+    packet_id: u16,
+    payload: Vec<u8>,
+    props: Vec<u8>,
+}
+
+/// The next packet, which must be a QoS 1 PUBLISH with RETAIN (DUP either way).
+async fn next_retained(wire: &mut RawWire, v5: bool) -> Retained {
+    let (first, body) = wire.packet().await.expect("a retained PUBLISH");
+    assert_eq!(
+        first & !0x08,
+        0x33,
+        "a QoS 1 PUBLISH with RETAIN: {first:#x}"
+    );
+    let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+    let topic = String::from_utf8(body[2..2 + topic_len].to_vec()).unwrap();
+    let at = 2 + topic_len;
+    let packet_id = u16::from_be_bytes([body[at], body[at + 1]]);
+    let mut at = at + 2;
+    let mut props = Vec::new();
+    if v5 {
+        // Short in these tests: a one-byte length.
+        let len = usize::from(body[at]);
+        assert!(len < 0x80);
+        props = body[at + 1..at + 1 + len].to_vec();
+        at += 1 + len;
+    }
+    Retained {
+        topic,
+        packet_id,
+        payload: body[at..].to_vec(),
+        props,
+    }
+}
+
+fn puback(packet_id: u16) -> Vec<u8> {
+    packet(0x40, packet_id.to_be_bytes().to_vec())
+}
+
+/// PINGREQ, and the next packet must be its PINGRESP: nothing else was sent before it.
+async fn nothing_more(wire: &mut RawWire, why: &str) {
+    wire.send_raw(&[0xC0, 0]).await;
+    let (first, _) = wire.packet().await.expect("PINGRESP");
+    assert_eq!(first, 0xD0, "{why}");
+}
+
+async fn subscribed(wire: &mut RawWire, filter: &str, v5: bool) {
+    wire.send_raw(&subscribe_packet(1, filter, 1, v5, v5.then_some(7)))
+        .await;
+    let (first, body) = wire.packet().await.expect("SUBACK");
+    assert_eq!((first, *body.last().unwrap()), (0x90, 1), "granted QoS 1");
+}
+
+/// 20 retained messages, a window of `window`: that many arrive, then nothing until one is
+/// acknowledged, then one for each acknowledgement, all 20 in key order, each once.
+async fn retained_messages_wait_for_the_window(t: Transport, level: u8) {
+    const COUNT: usize = 20;
+    let gw = gateway().await;
+    let prefix = unique("win");
+    retain(&gw, &prefix, COUNT).await;
+    let v5 = level == 5;
+    // MQTT 5 asks for fewer than the gateway's cap; 3.1.1 has the cap.
+    let (receive_max, window) = if v5 { (Some(3), 3) } else { (None, 5) };
+    let mut wire = connected(&gw, t, level, &unique("hoarder"), true, receive_max).await;
+    subscribed(&mut wire, &format!("{prefix}/#"), v5).await;
+    let mut unacked = std::collections::VecDeque::new();
+    for _ in 0..window {
+        unacked.push_back(next_retained(&mut wire, v5).await);
+    }
+    nothing_more(&mut wire, "no retained PUBLISH past the window").await;
+    let mut received = Vec::new();
+    while let Some(oldest) = unacked.pop_front() {
+        wire.send_raw(&puback(oldest.packet_id)).await;
+        received.push(oldest);
+        if received.len() + unacked.len() < COUNT {
+            unacked.push_back(next_retained(&mut wire, v5).await);
+            nothing_more(&mut wire, "one PUBLISH for each PUBACK").await;
+        }
+    }
+    nothing_more(&mut wire, "nothing past the 20").await;
+    let topics: Vec<String> = received.iter().map(|r| r.topic.clone()).collect();
+    let expected: Vec<String> = (0..COUNT).map(|i| format!("{prefix}/r{i:02}")).collect();
+    assert_eq!(
+        topics, expected,
+        "every retained message once, in key order"
+    );
+    for (i, r) in received.iter().enumerate() {
+        assert_eq!(r.payload, format!("{i:02}").into_bytes());
+        if v5 {
+            // Subscription Identifier 7: the subscription's, on every copy.
+            assert!(r.props.windows(2).any(|p| p == [0x0B, 7]), "{:?}", r.props);
+        }
+    }
+    let metrics = gw.metrics_text().await;
+    assert!(!metrics.contains("reason=\"no_packet_id\""), "{metrics}");
+    assert!(
+        !metrics.contains("reason=\"retained_not_queued\""),
+        "{metrics}"
+    );
+}
+
+async fn retained_messages_wait_for_the_window_v311(t: Transport) {
+    retained_messages_wait_for_the_window(t, 4).await;
+}
+
+async fn retained_messages_wait_for_the_window_v5(t: Transport) {
+    retained_messages_wait_for_the_window(t, 5).await;
+}
+
+/// A persistent session that went with retained messages still to receive gets all of them
+/// when it comes back: those sent and not acknowledged again, then the rest.
+async fn retained_messages_stay_with_a_persistent_session(t: Transport, level: u8) {
+    const COUNT: usize = 12;
+    let gw = gateway().await;
+    let prefix = unique("kept");
+    retain(&gw, &prefix, COUNT).await;
+    let v5 = level == 5;
+    let client = unique("away");
+    let mut wire = connected(&gw, t, level, &client, false, None).await;
+    subscribed(&mut wire, &format!("{prefix}/#"), v5).await;
+    let mut first = Vec::new();
+    for _ in 0..MAX_INFLIGHT {
+        first.push(next_retained(&mut wire, v5).await.topic);
+    }
+    nothing_more(&mut wire, "no retained PUBLISH past the window").await;
+    drop(wire);
+    let mut wire = connected(&gw, t, level, &client, false, None).await;
+    let mut topics = std::collections::BTreeSet::new();
+    for _ in 0..COUNT {
+        let r = next_retained(&mut wire, v5).await;
+        wire.send_raw(&puback(r.packet_id)).await;
+        assert!(topics.insert(r.topic.clone()), "{} twice", r.topic);
+    }
+    nothing_more(&mut wire, "nothing past the 12").await;
+    let expected: std::collections::BTreeSet<String> =
+        (0..COUNT).map(|i| format!("{prefix}/r{i:02}")).collect();
+    assert_eq!(topics, expected);
+    assert!(first.iter().all(|t| topics.contains(t)));
+}
+
+async fn retained_messages_stay_with_a_persistent_session_v311(t: Transport) {
+    retained_messages_stay_with_a_persistent_session(t, 4).await;
+}
+
+async fn retained_messages_stay_with_a_persistent_session_v5(t: Transport) {
+    retained_messages_stay_with_a_persistent_session(t, 5).await;
+}
+
+over_both_transports!(
+    retained_messages_wait_for_the_window_v311,
+    retained_messages_wait_for_the_window_v5,
+    retained_messages_stay_with_a_persistent_session_v311,
+    retained_messages_stay_with_a_persistent_session_v5,
+);
