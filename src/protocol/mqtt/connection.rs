@@ -579,7 +579,7 @@ where
                                 }
                             }
                         }
-                        Some((key, event)) = live.session.consumers.next(), if !live.session.consumers.is_empty() && paused.is_none() => {
+                        Some((key, event)) = live.session.consumers.next(), if !live.session.consumers.is_empty() && paused.is_none() && !live.session.window_held() => {
                             Event::Delivery(key, event)
                         }
                         // The pacing waits are boxed, made only while they are wanted: inline they

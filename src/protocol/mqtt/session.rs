@@ -201,11 +201,19 @@ struct Outflow {
 /// every session. foldhash, not SipHash: it is written, read and cleared once per QoS 1
 /// message, and the gateway picks the ids.
 #[derive(Default)]
-struct InflightMap(Sparse<HashMap<u16, Inflight, foldhash::fast::RandomState>>);
+struct InflightMap(Sparse<Inflights>);
+
+#[derive(Default)]
+struct Inflights {
+    ids: HashMap<u16, Inflight, foldhash::fast::RandomState>,
+    /// How many are [`Inflight::Released`]: QoS 2 deliveries the engine's credit no longer
+    /// counts (settled at PUBREC) and the client's Receive Maximum still does, until PUBCOMP.
+    released: u16,
+}
 
 impl InflightMap {
     fn get(&self, id: &u16) -> Option<&Inflight> {
-        self.0.as_ref()?.get(id)
+        self.0.as_ref()?.ids.get(id)
     }
 
     fn contains_key(&self, id: &u16) -> bool {
@@ -213,19 +221,35 @@ impl InflightMap {
     }
 
     fn insert(&mut self, id: u16, state: Inflight) {
-        self.0.get_or_insert_default().insert(id, state);
+        let m = self.0.get_or_insert_default();
+        let was = m.ids.insert(id, state);
+        if matches!(state, Inflight::Released) {
+            m.released += 1;
+        }
+        if matches!(was, Some(Inflight::Released)) {
+            m.released -= 1;
+        }
     }
 
     fn remove(&mut self, id: &u16) -> Option<Inflight> {
-        self.0.as_mut()?.remove(id)
+        let m = self.0.as_mut()?;
+        let was = m.ids.remove(id);
+        if matches!(was, Some(Inflight::Released)) {
+            m.released -= 1;
+        }
+        was
     }
 
     fn len(&self) -> usize {
-        self.0.as_ref().map_or(0, |m| m.len())
+        self.0.as_ref().map_or(0, |m| m.ids.len())
+    }
+
+    fn released(&self) -> u16 {
+        self.0.as_ref().map_or(0, |m| m.released)
     }
 
     fn iter(&self) -> impl Iterator<Item = (&u16, &Inflight)> {
-        self.0.iter().flat_map(|m| m.iter())
+        self.0.iter().flat_map(|m| m.ids.iter())
     }
 }
 

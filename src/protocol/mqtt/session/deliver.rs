@@ -42,9 +42,9 @@ impl Session {
 
     /// The packet id for the next QoS 1/2 PUBLISH: the one after the last handed out, past
     /// those still in flight. `None` (counted, the copy not sent) only with all 65,535 in
-    /// flight: the engine's deliveries stop at the client's window, but an outbound QoS 2
-    /// message leaves the engine's window at PUBREC and holds its id until PUBCOMP. Unbounded,
-    /// this looked for a free id forever, holding its worker thread.
+    /// flight, which the window (at most 65,535, [`Self::window_held`]) should never let
+    /// happen: bounded all the same, since this once looked for a free id forever (retained
+    /// messages were sent past the window), holding its worker thread.
     fn next_packet_id(&mut self) -> Option<u16> {
         for _ in 0..u16::MAX {
             let id = self.outflow.next_packet_id;
@@ -93,7 +93,10 @@ impl Session {
         let (mut last, mut qos) = (LastVerdict::default(), LastQos::default());
         let mut outcome = self.deliver(key, event, &mut last, &mut qos).await;
         for _ in 1..DRAIN_BATCH {
-            if !matches!(outcome, Outcome::Continue) || self.outflow.qos0_out.paces() {
+            if !matches!(outcome, Outcome::Continue)
+                || self.outflow.qos0_out.paces()
+                || self.window_held()
+            {
                 break;
             }
             let waiting = tokio::task::unconstrained(self.consumers.next()).now_or_never();
@@ -112,6 +115,16 @@ impl Session {
     pub fn delivery_paused(&self) -> Option<Pressure> {
         let gauge = &self.outflow.qos0_out;
         gauge.paces().then(|| gauge.clone())
+    }
+
+    /// Whether the client's window is full with QoS 2 deliveries awaiting PUBCOMP among them.
+    /// The engine's credit stops deliveries at the window, but counts a QoS 2 one only until
+    /// PUBREC, where it is settled; the client's Receive Maximum counts it until PUBCOMP
+    /// ([MQTT-4.9.0-2]). So while this holds the session takes no deliveries (QoS 0 ones
+    /// wait too, in the engine's queue), and a client that keeps its PUBCOMPs gets no more.
+    pub fn window_held(&self) -> bool {
+        let inflight = &self.outflow.inflight;
+        inflight.len() >= usize::from(self.outflow.inflight_max) && inflight.released() > 0
     }
 
     /// A delivery from the queue of `level`, or the end of its consumer.

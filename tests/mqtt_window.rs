@@ -1,8 +1,10 @@
-//! Retained messages sent for a new subscription keep to the client's window: a QoS 1 copy
-//! goes out only while fewer than the client's Receive Maximum (or the gateway's
-//! `mqtt.max_inflight`, the lower) are unacknowledged, like every other delivery
-//! ([MQTT-4.9.0-2]), and one not yet acknowledged stays with a persistent session. Raw bytes,
-//! over TCP and over WebSocket, MQTT 3.1.1 and 5, on the embedded engine.
+//! The client's window (Receive Maximum, or the gateway's `mqtt.max_inflight`, the lower) holds
+//! for every QoS 1/2 delivery ([MQTT-4.9.0-2]):
+//! - retained messages sent for a new subscription wait for it like any other delivery, and one
+//!   not yet acknowledged stays with a persistent session;
+//! - a QoS 2 delivery counts until PUBCOMP, not only until PUBREC.
+//!
+//! Raw bytes, over TCP and over WebSocket, MQTT 3.1.1 and 5, on the embedded engine.
 
 mod common;
 
@@ -220,7 +222,105 @@ async fn retained_messages_stay_with_a_persistent_session_v5(t: Transport) {
     retained_messages_stay_with_a_persistent_session(t, 5).await;
 }
 
+/// Publishes `count` QoS 2 messages to `topic` on a connection of its own, each through
+/// PUBREC, PUBREL and PUBCOMP; payloads `m0`, `m1`, ….
+async fn publish_qos2(gw: &TestGateway, t: Transport, level: u8, topic: &str, count: u16) {
+    let v5 = level == 5;
+    let mut publisher = connected(gw, t, level, &unique("pub2"), true, None).await;
+    for id in 1..=count {
+        let mut body = string(topic.as_bytes());
+        body.extend_from_slice(&id.to_be_bytes());
+        if v5 {
+            body.push(0);
+        }
+        body.extend_from_slice(format!("m{}", id - 1).as_bytes());
+        publisher.send_raw(&packet(0x34, body)).await;
+        let (first, _) = publisher.packet().await.expect("PUBREC");
+        assert_eq!(first, 0x50, "PUBREC");
+        publisher
+            .send_raw(&packet(0x62, id.to_be_bytes().to_vec()))
+            .await;
+        let (first, _) = publisher.packet().await.expect("PUBCOMP");
+        assert_eq!(first, 0x70, "PUBCOMP");
+    }
+}
+
+/// The next packet, which must be a QoS 2 PUBLISH: (packet id, payload).
+async fn next_qos2(wire: &mut RawWire, v5: bool) -> (u16, Vec<u8>) {
+    let (first, body) = wire.packet().await.expect("a QoS 2 PUBLISH");
+    assert_eq!(first & !0x08, 0x34, "a QoS 2 PUBLISH: {first:#x}");
+    let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+    let at = 2 + topic_len;
+    let id = u16::from_be_bytes([body[at], body[at + 1]]);
+    let at = at + 2 + usize::from(v5) * (1 + usize::from(*body.get(at + 2).unwrap_or(&0)));
+    (id, body[at..].to_vec())
+}
+
+/// PUBREC for `id`; the gateway's PUBREL must follow.
+async fn received(wire: &mut RawWire, id: u16) {
+    wire.send_raw(&packet(0x50, id.to_be_bytes().to_vec()))
+        .await;
+    let (first, body) = wire.packet().await.expect("PUBREL");
+    assert_eq!((first, &body[..2]), (0x62, &id.to_be_bytes()[..]), "PUBREL");
+}
+
+/// A subscriber with a window of `window` that answers PUBREC and holds its PUBCOMPs gets
+/// `window` QoS 2 messages and no more, though the engine has them settled; each PUBCOMP lets
+/// one more through. Every message arrives once, in order.
+async fn qos2_counts_against_the_window_until_pubcomp(t: Transport, level: u8) {
+    const COUNT: u16 = 8;
+    let gw = gateway().await;
+    let v5 = level == 5;
+    let (receive_max, window) = if v5 { (Some(3), 3) } else { (None, 5) };
+    let topic = unique("exactly");
+    let mut sub = connected(&gw, t, level, &unique("keeper"), true, receive_max).await;
+    sub.send_raw(&subscribe_packet(1, &topic, 2, v5, None))
+        .await;
+    let (first, body) = sub.packet().await.expect("SUBACK");
+    assert_eq!((first, *body.last().unwrap()), (0x90, 2), "granted QoS 2");
+    publish_qos2(&gw, t, level, &topic, COUNT).await;
+    let mut held = std::collections::VecDeque::new();
+    let mut payloads = Vec::new();
+    for _ in 0..window {
+        let (id, payload) = next_qos2(&mut sub, v5).await;
+        held.push_back(id);
+        payloads.push(payload);
+    }
+    // The engine's credit is free once these are settled; the window is not.
+    for id in &held {
+        received(&mut sub, *id).await;
+    }
+    nothing_more(
+        &mut sub,
+        "no QoS 2 PUBLISH while the window waits for PUBCOMPs",
+    )
+    .await;
+    while let Some(id) = held.pop_front() {
+        sub.send_raw(&packet(0x70, id.to_be_bytes().to_vec())).await;
+        if payloads.len() < usize::from(COUNT) {
+            let (id, payload) = next_qos2(&mut sub, v5).await;
+            received(&mut sub, id).await;
+            held.push_back(id);
+            payloads.push(payload);
+            nothing_more(&mut sub, "one PUBLISH for each PUBCOMP").await;
+        }
+    }
+    nothing_more(&mut sub, "nothing past the last").await;
+    let expected: Vec<Vec<u8>> = (0..COUNT).map(|i| format!("m{i}").into_bytes()).collect();
+    assert_eq!(payloads, expected, "every message once, in order");
+}
+
+async fn qos2_counts_against_the_window_until_pubcomp_v311(t: Transport) {
+    qos2_counts_against_the_window_until_pubcomp(t, 4).await;
+}
+
+async fn qos2_counts_against_the_window_until_pubcomp_v5(t: Transport) {
+    qos2_counts_against_the_window_until_pubcomp(t, 5).await;
+}
+
 over_both_transports!(
+    qos2_counts_against_the_window_until_pubcomp_v311,
+    qos2_counts_against_the_window_until_pubcomp_v5,
     retained_messages_wait_for_the_window_v311,
     retained_messages_wait_for_the_window_v5,
     retained_messages_stay_with_a_persistent_session_v311,
