@@ -4,19 +4,47 @@
 //!   not yet acknowledged stays with a persistent session;
 //! - a QoS 2 delivery counts until PUBCOMP, not only until PUBREC.
 //!
-//! Raw bytes, over TCP and over WebSocket, MQTT 3.1.1 and 5, on the embedded engine.
+//! Raw bytes, over TCP and over WebSocket, MQTT 3.1.1 and 5; the retained cases on both
+//! engines (upstream: RabbitMQ on 127.0.0.1:5672), QoS 2 on the embedded one (upstream grants
+//! QoS 1 at most).
 
 mod common;
 
+use amqp_gateway::config::EngineKindConfig;
 use common::mqtt_bytes::{packet, remaining_length, string, subscribe_packet};
 use common::mqtt_wire::{RawWire, Transport, over_both_transports};
+use common::rabbit::Vhost;
 use common::{TestGateway, admin, start_gateway, unique};
 
 /// The gateway's cap on unacknowledged deliveries in these tests.
 const MAX_INFLIGHT: u16 = 5;
 
+/// The engine under the gateway; upstream in a vhost of its own, deleted at the test's end.
+#[derive(Clone, Copy)]
+enum On {
+    Embedded,
+    Upstream,
+}
+
+async fn gateway_on(on: On) -> (TestGateway, Option<Vhost>) {
+    let vhost = match on {
+        On::Embedded => None,
+        On::Upstream => Some(Vhost::create().await),
+    };
+    let gw = start_gateway(|c| {
+        c.mqtt.max_inflight = MAX_INFLIGHT;
+        if let Some(vhost) = &vhost {
+            c.engine.kind = EngineKindConfig::Upstream;
+            c.engine.upstream.url = Some(vhost.amqp_url());
+            c.engine.upstream.management_url = Some(vhost.management_url());
+        }
+    })
+    .await;
+    (gw, vhost)
+}
+
 async fn gateway() -> TestGateway {
-    start_gateway(|c| c.mqtt.max_inflight = MAX_INFLIGHT).await
+    gateway_on(On::Embedded).await.0
 }
 
 /// Retains `count` QoS 1 messages under `{prefix}.rNN` (payload `NN`), straight into the store.
@@ -129,9 +157,9 @@ async fn subscribed(wire: &mut RawWire, filter: &str, v5: bool) {
 
 /// 20 retained messages, a window of `window`: that many arrive, then nothing until one is
 /// acknowledged, then one for each acknowledgement, all 20 in key order, each once.
-async fn retained_messages_wait_for_the_window(t: Transport, level: u8) {
+async fn retained_messages_wait_for_the_window(t: Transport, level: u8, on: On) {
     const COUNT: usize = 20;
-    let gw = gateway().await;
+    let (gw, _vhost) = gateway_on(on).await;
     let prefix = unique("win");
     retain(&gw, &prefix, COUNT).await;
     let v5 = level == 5;
@@ -176,18 +204,26 @@ async fn retained_messages_wait_for_the_window(t: Transport, level: u8) {
 }
 
 async fn retained_messages_wait_for_the_window_v311(t: Transport) {
-    retained_messages_wait_for_the_window(t, 4).await;
+    retained_messages_wait_for_the_window(t, 4, On::Embedded).await;
+}
+
+async fn upstream_retained_messages_wait_for_the_window_v311(t: Transport) {
+    retained_messages_wait_for_the_window(t, 4, On::Upstream).await;
 }
 
 async fn retained_messages_wait_for_the_window_v5(t: Transport) {
-    retained_messages_wait_for_the_window(t, 5).await;
+    retained_messages_wait_for_the_window(t, 5, On::Embedded).await;
+}
+
+async fn upstream_retained_messages_wait_for_the_window_v5(t: Transport) {
+    retained_messages_wait_for_the_window(t, 5, On::Upstream).await;
 }
 
 /// A persistent session that went with retained messages still to receive gets all of them
 /// when it comes back: those sent and not acknowledged again, then the rest.
-async fn retained_messages_stay_with_a_persistent_session(t: Transport, level: u8) {
+async fn retained_messages_stay_with_a_persistent_session(t: Transport, level: u8, on: On) {
     const COUNT: usize = 12;
-    let gw = gateway().await;
+    let (gw, _vhost) = gateway_on(on).await;
     let prefix = unique("kept");
     retain(&gw, &prefix, COUNT).await;
     let v5 = level == 5;
@@ -215,11 +251,19 @@ async fn retained_messages_stay_with_a_persistent_session(t: Transport, level: u
 }
 
 async fn retained_messages_stay_with_a_persistent_session_v311(t: Transport) {
-    retained_messages_stay_with_a_persistent_session(t, 4).await;
+    retained_messages_stay_with_a_persistent_session(t, 4, On::Embedded).await;
+}
+
+async fn upstream_retained_messages_stay_with_a_persistent_session_v311(t: Transport) {
+    retained_messages_stay_with_a_persistent_session(t, 4, On::Upstream).await;
 }
 
 async fn retained_messages_stay_with_a_persistent_session_v5(t: Transport) {
-    retained_messages_stay_with_a_persistent_session(t, 5).await;
+    retained_messages_stay_with_a_persistent_session(t, 5, On::Embedded).await;
+}
+
+async fn upstream_retained_messages_stay_with_a_persistent_session_v5(t: Transport) {
+    retained_messages_stay_with_a_persistent_session(t, 5, On::Upstream).await;
 }
 
 /// Publishes `count` QoS 2 messages to `topic` on a connection of its own, each through
@@ -325,4 +369,8 @@ over_both_transports!(
     retained_messages_wait_for_the_window_v5,
     retained_messages_stay_with_a_persistent_session_v311,
     retained_messages_stay_with_a_persistent_session_v5,
+    upstream_retained_messages_wait_for_the_window_v311,
+    upstream_retained_messages_wait_for_the_window_v5,
+    upstream_retained_messages_stay_with_a_persistent_session_v311,
+    upstream_retained_messages_stay_with_a_persistent_session_v5,
 );
