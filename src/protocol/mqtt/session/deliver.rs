@@ -298,8 +298,7 @@ impl Session {
         props: Option<Box<PublishProps>>,
         settle: bool,
     ) -> Outcome {
-        let tag = Some(d.delivery_tag);
-        let sent = self.emit(topic, qos, retain, d.body().clone(), props, tag);
+        let sent = self.emit(topic, qos, retain, d.body().clone(), props, Some(d));
         // A QoS 1/2 copy sent is settled at its acknowledgement.
         if settle && !(sent && qos >= 1) {
             let _ = self.channel().ack(d.delivery_tag, false).await;
@@ -309,8 +308,10 @@ impl Session {
 
     /// Queues a PUBLISH for the writer; false when it was dropped (and counted). Every outbound
     /// PUBLISH goes through here:
-    /// - a QoS 1/2 one takes the next packet id, and is tracked under it with the engine's
-    ///   `tag` until the client acknowledges it (one that is not sent leaves its id unused);
+    /// - a QoS 1/2 one takes the next packet id, and is tracked under it with the tag of the
+    ///   engine's delivery `from` until the client acknowledges it (one that is not sent leaves
+    ///   its id unused); one the engine delivered before (the client went without
+    ///   acknowledging it) goes with DUP=1 ([MQTT-3.3.1-1]);
     /// - the writer counts each QoS 0 one it takes off `qos0_queued`, so a slow client's QoS 0
     ///   backlog is bounded by `limits.outbound_buffer_messages` (QoS 1/2 by credit);
     /// - outbound topic aliases are set up here, and only for packets that go out, so the
@@ -324,7 +325,7 @@ impl Session {
         retain: bool,
         payload: bytes::Bytes,
         mut props: Option<Box<PublishProps>>,
-        tag: Option<u64>,
+        from: Option<&Delivery>,
     ) -> bool {
         let packet_id = match qos {
             0 => None,
@@ -378,14 +379,14 @@ impl Session {
             topic: wire_topic,
             qos,
             retain,
-            dup: false,
+            dup: packet_id.is_some() && from.is_some_and(|d| d.redelivered),
             packet_id,
             payload,
             props,
         });
         metrics::messages_out(PROTOCOL, 1);
         if let Some(id) = packet_id {
-            self.track(id, qos, tag);
+            self.track(id, qos, from.map(|d| d.delivery_tag));
         }
         true
     }
