@@ -2,6 +2,7 @@
 //! for every QoS 1/2 delivery ([MQTT-4.9.0-2]):
 //! - retained messages sent for a new subscription wait for it like any other delivery, and one
 //!   not yet acknowledged stays with a persistent session;
+//! - retained QoS 0 messages past the QoS 0 buffer wait for it to drain, not dropped;
 //! - a QoS 2 delivery counts until PUBCOMP, not only until PUBREC.
 //!
 //! Raw bytes, over TCP and over WebSocket, MQTT 3.1.1 and 5; the retained cases on both
@@ -27,11 +28,20 @@ enum On {
 }
 
 async fn gateway_on(on: On) -> (TestGateway, Option<Vhost>) {
+    gateway_with(on, |_| {}).await
+}
+
+/// [`gateway_on`], with `tweak` applied to the configuration too.
+async fn gateway_with(
+    on: On,
+    tweak: impl FnOnce(&mut amqp_gateway::config::Config),
+) -> (TestGateway, Option<Vhost>) {
     let vhost = match on {
         On::Embedded => None,
         On::Upstream => Some(Vhost::create().await),
     };
     let gw = start_gateway(|c| {
+        tweak(c);
         c.mqtt.max_inflight = MAX_INFLIGHT;
         if let Some(vhost) = &vhost {
             c.engine.kind = EngineKindConfig::Upstream;
@@ -271,6 +281,59 @@ async fn upstream_retained_messages_stay_with_a_persistent_session_v5(t: Transpo
     retained_messages_stay_with_a_persistent_session(t, 5, On::Upstream).await;
 }
 
+/// More retained QoS 0 messages than the QoS 0 buffer holds (10 here), for a subscription of
+/// `sub_qos`: every one arrives once, with RETAIN, and none is counted dropped. (Those past the
+/// buffer were dropped as for a slow consumer; a QoS 0 subscription now gets a queue for them.)
+async fn retained_qos0_past_the_buffer(t: Transport, level: u8, on: On, sub_qos: u8) {
+    const COUNT: usize = 60;
+    let (gw, _vhost) = gateway_with(on, |c| c.limits.outbound_buffer_messages = 10).await;
+    let prefix = unique("many");
+    let store = gw.gateway.engine().retained();
+    for i in 0..COUNT {
+        // Not persistent, no publish-QoS header: published at QoS 0.
+        let m = amqp_gateway::engine::Message::new(format!("{i:02}"));
+        store.set(&format!("{prefix}.r{i:02}"), m).await.unwrap();
+    }
+    let v5 = level == 5;
+    let mut wire = connected(&gw, t, level, &unique("board"), true, None).await;
+    let filter = format!("{prefix}/#");
+    wire.send_raw(&subscribe_packet(1, &filter, sub_qos, v5, None))
+        .await;
+    let (first, body) = wire.packet().await.expect("SUBACK");
+    assert_eq!((first, *body.last().unwrap()), (0x90, sub_qos), "granted");
+    let mut topics = std::collections::BTreeSet::new();
+    for _ in 0..COUNT {
+        let (first, body) = wire.packet().await.expect("a retained PUBLISH");
+        assert_eq!(first, 0x31, "a QoS 0 PUBLISH with RETAIN: {first:#x}");
+        let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+        let topic = String::from_utf8(body[2..2 + topic_len].to_vec()).unwrap();
+        assert!(topics.insert(topic.clone()), "{topic} twice");
+    }
+    nothing_more(&mut wire, "nothing past the 60").await;
+    let expected: std::collections::BTreeSet<String> =
+        (0..COUNT).map(|i| format!("{prefix}/r{i:02}")).collect();
+    assert_eq!(topics, expected);
+    let metrics = gw.metrics_text().await;
+    let dropped = r#"gateway_deliveries_dropped_total{protocol="mqtt",reason="slow_consumer"} 0"#;
+    assert!(metrics.contains(dropped), "{metrics}");
+}
+
+async fn retained_qos0_past_the_buffer_v311(t: Transport) {
+    retained_qos0_past_the_buffer(t, 4, On::Embedded, 0).await;
+}
+
+async fn retained_qos0_past_the_buffer_v5(t: Transport) {
+    retained_qos0_past_the_buffer(t, 5, On::Embedded, 0).await;
+}
+
+async fn retained_qos0_past_the_buffer_for_qos1_v311(t: Transport) {
+    retained_qos0_past_the_buffer(t, 4, On::Embedded, 1).await;
+}
+
+async fn upstream_retained_qos0_past_the_buffer_v5(t: Transport) {
+    retained_qos0_past_the_buffer(t, 5, On::Upstream, 0).await;
+}
+
 /// Publishes `count` QoS 2 messages to `topic` on a connection of its own, each through
 /// PUBREC, PUBREL and PUBCOMP; payloads `m0`, `m1`, ….
 async fn publish_qos2(gw: &TestGateway, t: Transport, level: u8, topic: &str, count: u16) {
@@ -368,6 +431,10 @@ async fn qos2_counts_against_the_window_until_pubcomp_v5(t: Transport) {
 }
 
 over_both_transports!(
+    retained_qos0_past_the_buffer_v311,
+    retained_qos0_past_the_buffer_v5,
+    retained_qos0_past_the_buffer_for_qos1_v311,
+    upstream_retained_qos0_past_the_buffer_v5,
     qos2_counts_against_the_window_until_pubcomp_v311,
     qos2_counts_against_the_window_until_pubcomp_v5,
     retained_messages_wait_for_the_window_v311,

@@ -395,12 +395,14 @@ impl Session {
     /// at most the QoS each was published with, each with the properties it was published with
     /// (expiry counted down) and the subscription's identifier.
     ///
-    /// A QoS 0 copy goes out at once, under the QoS 0 bound. A QoS 1/2 copy is queued on the
-    /// session's QoS 1 queue, like any other delivery: it waits for the client's Receive
-    /// Maximum there ([MQTT-4.9.0-2]), is redelivered like the others if the client goes
-    /// before acknowledging it, and stays with a persistent session. Sent at once, a large
-    /// match went past the window, past every packet id at 65,535, and was lost with the
-    /// connection.
+    /// A QoS 0 copy goes out at once while the QoS 0 buffer has room. Every other copy (QoS 1/2,
+    /// or QoS 0 past that room) is queued on the session's QoS 1 queue, made for it if the
+    /// session had none, like any other delivery: a QoS 1/2 one waits for the client's Receive
+    /// Maximum there ([MQTT-4.9.0-2]), is redelivered if the client goes before acknowledging
+    /// it, and stays with a persistent session; a QoS 0 one goes out as the buffer drains.
+    /// Sent at once, a large match went past the window (and past every packet id at 65,535),
+    /// and QoS 0 copies past `limits.outbound_buffer_messages` were dropped, where Mosquitto
+    /// sends every one.
     pub(super) async fn send_retained(&mut self, filter: &str, granted: u8) {
         let mapping = self.ctx.config.mqtt.topic_mapping;
         let Ok(pattern) = filter_to_binding(filter, mapping) else {
@@ -409,17 +411,26 @@ impl Session {
         let id = self.subs.get(filter).and_then(|o| o.id);
         let queue = self.queue_name(1);
         let mut queued = Vec::new();
+        let mut queue_open = granted > 0;
         for m in self.retained().matching(&pattern) {
             let Some(topic) = retained_topic(filter, &m.routing_key, mapping) else {
                 continue;
             };
             let qos = publish_qos_of(&m.message).min(granted);
-            if qos == 0 {
+            if qos == 0 && !self.outflow.qos0_out.is_full(m.message.body.len() as u64) {
                 let mut props = self.props_of(&m.message.properties, m.expires_in);
                 self.identify(&mut props, id.map(NonZeroU32::get).into_iter().collect());
                 // No queue holds it: nothing to settle, no tag.
                 self.emit(topic.into(), 0, true, m.message.body.clone(), props, None);
                 continue;
+            }
+            if !queue_open {
+                if let Err(e) = self.open_queue(1).await {
+                    tracing::warn!(client = %self.client.id, error = %e, "no queue for retained messages");
+                    metrics::refusal(PROTOCOL, "retained_not_queued");
+                    return;
+                }
+                queue_open = true;
             }
             let copy = queued_retained(m, filter);
             let options = PublishOptions { mandatory: true };
