@@ -3,6 +3,7 @@
 //! subscribe.
 
 use super::*;
+use crate::engine::names::DEFAULT_EXCHANGE;
 
 /// Deliveries handled per turn of the connection's task, at most.
 const DRAIN_BATCH: usize = 512;
@@ -411,7 +412,9 @@ impl Session {
         let id = self.subs.get(filter).and_then(|o| o.id);
         let queue = self.queue_name(1);
         let mut queued = Vec::new();
-        let mut queue_open = granted > 0;
+        // Whether the QoS 1 queue is there: a subscription of QoS 1/2 made it; `None` until a
+        // QoS 0 session's first queued copy tries to make it.
+        let mut queue_open = (granted > 0).then_some(true);
         for m in self.retained().matching(&pattern) {
             let Some(topic) = retained_topic(filter, &m.routing_key, mapping) else {
                 continue;
@@ -424,17 +427,26 @@ impl Session {
                 self.emit(topic.into(), 0, true, m.message.body.clone(), props, None);
                 continue;
             }
-            if !queue_open {
-                if let Err(e) = self.open_queue(1).await {
-                    tracing::warn!(client = %self.client.id, error = %e, "no queue for retained messages");
-                    metrics::refusal(PROTOCOL, "retained_not_queued");
-                    return;
+            let open = match queue_open {
+                Some(open) => open,
+                None => {
+                    let made = self.open_queue(1).await;
+                    if let Err(e) = &made {
+                        tracing::warn!(client = %self.client.id, error = %e, "no queue for retained messages");
+                    }
+                    *queue_open.insert(made.is_ok())
                 }
-                queue_open = true;
+            };
+            if !open {
+                metrics::refusal(PROTOCOL, "retained_not_queued");
+                continue;
             }
             let copy = queued_retained(m, filter);
             let options = PublishOptions { mandatory: true };
-            queued.push(self.channel().publish("", &queue, copy, options));
+            queued.push(
+                self.channel()
+                    .publish(DEFAULT_EXCHANGE, &queue, copy, options),
+            );
         }
         // Their places in the queue are fixed: the confirms only tell which were refused.
         for confirm in queued {
