@@ -149,3 +149,77 @@ pub fn subscribe_packet(
     body.push(options);
     packet(0x82, body)
 }
+
+/// A CONNECT without clean session; MQTT 5 asks for Session Expiry Interval `expiry`.
+pub fn connect_persistent(level: u8, client: &str, password: &str, expiry: u32) -> Vec<u8> {
+    let mut body = string(b"MQTT");
+    body.push(level);
+    body.push(0xC0); // username and password, no clean session
+    body.extend_from_slice(&60u16.to_be_bytes());
+    if level == 5 {
+        body.extend_from_slice(&[5, 0x11]);
+        body.extend_from_slice(&expiry.to_be_bytes());
+    }
+    body.extend(string(client.as_bytes()));
+    body.extend(string(b"u"));
+    body.extend(string(password.as_bytes()));
+    packet(0x10, body)
+}
+
+/// An accepted CONNACK: (Session Present, the rest of the packet — v5 properties).
+pub async fn connack(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> (bool, Vec<u8>) {
+    let (first, body) = read_packet(s).await;
+    assert_eq!(first, 0x20, "CONNACK");
+    assert_eq!(body[1], 0, "accepted");
+    (body[0] & 1 == 1, body[2..].to_vec())
+}
+
+pub fn publish_qos(
+    topic: &str,
+    qos: u8,
+    packet_id: u16,
+    dup: bool,
+    payload: &[u8],
+    v5: bool,
+) -> Vec<u8> {
+    let mut body = string(topic.as_bytes());
+    body.extend_from_slice(&packet_id.to_be_bytes());
+    if v5 {
+        body.push(0);
+    }
+    body.extend_from_slice(payload);
+    packet(0x30 | (qos << 1) | if dup { 0x08 } else { 0 }, body)
+}
+
+/// A PUBLISH the gateway sent: (QoS, topic, packet id, v5 properties).
+pub fn parse_publish(first: u8, body: &[u8], v5: bool) -> (u8, String, u16, Vec<u8>) {
+    assert_eq!(first & 0xF0, 0x30, "PUBLISH, got {first:#x}");
+    let qos = (first >> 1) & 3;
+    let len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+    let topic = String::from_utf8(body[2..2 + len].to_vec()).unwrap();
+    let mut at = 2 + len;
+    let mut id = 0;
+    if qos > 0 {
+        id = u16::from_be_bytes([body[at], body[at + 1]]);
+        at += 2;
+    }
+    let props = if v5 {
+        let n = usize::from(body[at]); // short properties in these tests: one length byte
+        body[at + 1..at + 1 + n].to_vec()
+    } else {
+        Vec::new()
+    };
+    (qos, topic, id, props)
+}
+
+/// Everything the gateway sends until it closes the connection.
+pub async fn until_closed(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> Vec<u8> {
+    let mut got = Vec::new();
+    match tokio::time::timeout(super::WAIT, s.read_to_end(&mut got)).await {
+        Ok(_) => got,
+        Err(_) => panic!(
+            "connection not closed within {:?}; got {got:?}",
+            super::WAIT
+        ),
+    }
+}

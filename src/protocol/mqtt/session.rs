@@ -13,11 +13,13 @@ use tokio_stream::StreamMap;
 mod connect;
 mod deliver;
 mod ending;
+mod inflight;
 mod publish;
 mod resume;
 mod stored;
 mod subscribe;
 mod subscriptions;
+use inflight::{Inflight, InflightMap};
 use subscriptions::{LastVerdict, Verdict};
 
 pub use publish::Ack;
@@ -196,63 +198,6 @@ struct Outflow {
     qos0_out: Pressure,
 }
 
-/// Outbound QoS 1/2 deliveries by packet id, made at the first: a subscriber that was never
-/// sent one (an idle device) holds a pointer, where the empty map inline was 40 bytes of
-/// every session. foldhash, not SipHash: it is written, read and cleared once per QoS 1
-/// message, and the gateway picks the ids.
-#[derive(Default)]
-struct InflightMap(Sparse<Inflights>);
-
-#[derive(Default)]
-struct Inflights {
-    ids: HashMap<u16, Inflight, foldhash::fast::RandomState>,
-    /// How many are [`Inflight::Released`]: QoS 2 deliveries the engine's credit no longer
-    /// counts (settled at PUBREC) and the client's Receive Maximum still does, until PUBCOMP.
-    released: u16,
-}
-
-impl InflightMap {
-    fn get(&self, id: &u16) -> Option<&Inflight> {
-        self.0.as_ref()?.ids.get(id)
-    }
-
-    fn contains_key(&self, id: &u16) -> bool {
-        self.get(id).is_some()
-    }
-
-    fn insert(&mut self, id: u16, state: Inflight) {
-        let m = self.0.get_or_insert_default();
-        let was = m.ids.insert(id, state);
-        if matches!(state, Inflight::Released) {
-            m.released += 1;
-        }
-        if matches!(was, Some(Inflight::Released)) {
-            m.released -= 1;
-        }
-    }
-
-    fn remove(&mut self, id: &u16) -> Option<Inflight> {
-        let m = self.0.as_mut()?;
-        let was = m.ids.remove(id);
-        if matches!(was, Some(Inflight::Released)) {
-            m.released -= 1;
-        }
-        was
-    }
-
-    fn len(&self) -> usize {
-        self.0.as_ref().map_or(0, |m| m.ids.len())
-    }
-
-    fn released(&self) -> u16 {
-        self.0.as_ref().map_or(0, |m| m.released)
-    }
-
-    fn iter(&self) -> impl Iterator<Item = (&u16, &Inflight)> {
-        self.0.iter().flat_map(|m| m.ids.iter())
-    }
-}
-
 /// A subscription's options (MQTT 5; defaults for 3.1.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct SubOpts {
@@ -262,18 +207,6 @@ struct SubOpts {
     /// Never 0 (a protocol error), so the option is 4 bytes: the options are 8, and a
     /// subscription (its filter beside them) 24, where 32 took every session 8 bytes more.
     id: Option<NonZeroU32>,
-}
-
-/// An outbound delivery awaiting its acknowledgement. The engine tag is `None` for retained
-/// messages, which no queue holds.
-#[derive(Debug, Clone, Copy)]
-enum Inflight {
-    /// QoS 1: settled by PUBACK.
-    AtLeastOnce(Option<u64>),
-    /// QoS 2 sent: PUBREC settles it with the engine, then PUBREL goes out.
-    Sent(Option<u64>),
-    /// QoS 2 released: the packet id is free again at PUBCOMP.
-    Released,
 }
 
 /// The QoS a message was published with: header `x-mqtt-publish-qos`, else persistent → 1.
@@ -561,10 +494,7 @@ impl Session {
     pub fn pubacks(&mut self, ids: impl IntoIterator<Item = u16>) -> Option<Settled> {
         let tags: smallvec::SmallVec<[u64; 16]> = ids
             .into_iter()
-            .filter_map(|id| match self.outflow.inflight.remove(&id) {
-                Some(Inflight::AtLeastOnce(Some(tag))) => Some(tag),
-                _ => None,
-            })
+            .filter_map(|id| self.outflow.inflight.take_acked(id).flatten())
             .collect();
         match tags.as_slice() {
             [] => None,

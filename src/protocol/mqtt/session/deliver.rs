@@ -58,14 +58,33 @@ impl Session {
         None
     }
 
-    /// Remembers an outbound QoS 1/2 delivery under `packet_id` until its acknowledgement.
-    fn track(&mut self, packet_id: u16, qos: u8, tag: Option<u64>) {
-        let state = if qos == 2 {
-            Inflight::Sent(tag)
-        } else {
-            Inflight::AtLeastOnce(tag)
-        };
-        self.outflow.inflight.insert(packet_id, state);
+    /// The packet id a redelivered QoS 2 copy went with before the session's last connection
+    /// ended, if the client may hold it under that id ([`inflight`]).
+    fn resent_id(&mut self, qos: u8, from: Option<&Delivery>) -> Option<u16> {
+        let d = from.filter(|d| qos == 2 && d.redelivered)?;
+        if !self.outflow.inflight.reserving() {
+            return None;
+        }
+        self.outflow
+            .inflight
+            .take_reserved(inflight::fingerprint(d))
+    }
+
+    /// Remembers an outbound QoS 1/2 delivery under `packet_id` until its acknowledgement; a
+    /// QoS 2 one with its message's fingerprint, should the connection end before PUBREC.
+    fn track(&mut self, packet_id: u16, qos: u8, from: Option<&Delivery>) {
+        let tag = from.map(|d| d.delivery_tag);
+        match from {
+            Some(d) if qos == 2 => {
+                let print = inflight::fingerprint(d);
+                self.outflow.inflight.sent(packet_id, tag, print);
+            }
+            _ if qos == 2 => self.outflow.inflight.insert(packet_id, Inflight::Sent(tag)),
+            _ => self
+                .outflow
+                .inflight
+                .insert(packet_id, Inflight::AtLeastOnce(tag)),
+        }
     }
 
     /// The outbound topic alias for `topic` (MQTT 5, within the client's Topic Alias Maximum):
@@ -147,6 +166,11 @@ impl Session {
             "1" => 1,
             shared => return self.deliver_shared(shared, d).await,
         };
+        // The session queue gives back what the last connection left unacknowledged first:
+        // a message that was not delivered before means no id kept for one is asked for.
+        if level == 1 && !d.redelivered && self.outflow.inflight.reserving() {
+            self.outflow.inflight.free_reserved();
+        }
         // A retained message queued for a new subscription: its routing key is the queue's
         // name, which only the default exchange routes by.
         if level == 1
@@ -330,7 +354,7 @@ impl Session {
     ) -> bool {
         let packet_id = match qos {
             0 => None,
-            _ => match self.next_packet_id() {
+            _ => match self.resent_id(qos, from).or_else(|| self.next_packet_id()) {
                 Some(id) => Some(id),
                 None => return false,
             },
@@ -387,7 +411,7 @@ impl Session {
         });
         metrics::messages_out(PROTOCOL, 1);
         if let Some(id) = packet_id {
-            self.track(id, qos, from.map(|d| d.delivery_tag));
+            self.track(id, qos, from);
         }
         true
     }

@@ -47,6 +47,9 @@ impl Session {
                 for id in stored.released {
                     self.outflow.inflight.insert(id, Inflight::Released);
                 }
+                for (id, print) in stored.sent {
+                    self.outflow.inflight.reserve(id, print);
+                }
                 for sub in stored.subscriptions {
                     self.resume_subscription(sub).await;
                 }

@@ -29,6 +29,11 @@ pub(super) struct Stored {
     /// Outbound QoS 2: PUBREL sent, PUBCOMP awaited. Sent again after CONNACK
     /// ([MQTT-4.4.0-1]).
     pub released: Vec<u16>,
+    /// Outbound QoS 2: PUBLISH sent, PUBREC not received, in the order sent, each with its
+    /// message's fingerprint (`inflight::fingerprint`): a redelivery of that message goes
+    /// under the same packet id ([MQTT-4.4.0-1]). Absent from states written before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sent: Vec<(u16, u64)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -117,6 +122,7 @@ impl Session {
                 .flat_map(|q| q.iter().copied())
                 .collect(),
             released: self.released_ids(),
+            sent: self.outflow.inflight.unreceived(),
         };
         let body = match serde_json::to_vec(&stored) {
             Ok(body) => body,
