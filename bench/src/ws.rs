@@ -101,6 +101,11 @@ async fn open(t: &WsTarget) -> Result<Socket, String> {
     Ok(ws)
 }
 
+/// How long a subscriber's connection and subscription may take. A broker that stops
+/// answering (rumqttd 0.20's router died mid-report on 2026-12-07, its sockets left open) then
+/// gives its row an error, where the report used to wait for it forever.
+const HANDSHAKE: Duration = Duration::from_secs(30);
+
 /// One subscriber: connected, subscribed to `topic` (MQTT form; `/ws` binds its AMQP form on
 /// `amq.topic`), counting deliveries into `seen` until `stop`.
 async fn subscriber(
@@ -109,40 +114,7 @@ async fn subscriber(
     seen: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
-    let mut ws = open(t).await?;
-    match t.kind {
-        Kind::Json => {
-            let key = topic.replace('/', ".");
-            let sub = serde_json::json!({"op": "subscribe", "id": 1, "exchange": "amq.topic", "binding_key": key});
-            ws.send(Message::text(sub.to_string()))
-                .await
-                .map_err(|e| e.to_string())?;
-            loop {
-                match ws.next().await {
-                    Some(Ok(Message::Text(t))) if t.contains(r#""op":"subscribed""#) => break,
-                    Some(Ok(Message::Text(t))) if t.contains(r#""op":"error""#) => {
-                        return Err(t.to_string());
-                    }
-                    Some(Ok(_)) => {}
-                    other => return Err(format!("closed while subscribing: {other:?}")),
-                }
-            }
-        }
-        Kind::Mqtt => {
-            ws.send(Message::binary(subscribe(topic)))
-                .await
-                .map_err(|e| e.to_string())?;
-            // Until the SUBACK: what comes before it is CONNACK.
-            let mut packets = Packets::default();
-            while packets.subacks == 0 {
-                match ws.next().await {
-                    Some(Ok(Message::Binary(b))) => packets.feed(&b),
-                    Some(Ok(_)) => {}
-                    other => return Err(format!("closed while subscribing: {other:?}")),
-                }
-            }
-        }
-    }
+    let mut ws = subscribed(t, topic, HANDSHAKE).await?;
     let kind = t.kind;
     Ok(tokio::spawn(async move {
         let mut packets = Packets::default();
@@ -168,6 +140,50 @@ async fn subscriber(
         }
         let _ = ws.close(None).await;
     }))
+}
+
+/// A subscriber's socket once `topic` is subscribed, within `limit`.
+async fn subscribed(t: &WsTarget, topic: &str, limit: Duration) -> Result<Socket, String> {
+    let handshake = async {
+        let mut ws = open(t).await?;
+        match t.kind {
+            Kind::Json => {
+                let key = topic.replace('/', ".");
+                let sub = serde_json::json!({"op": "subscribe", "id": 1, "exchange": "amq.topic", "binding_key": key});
+                ws.send(Message::text(sub.to_string()))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                loop {
+                    match ws.next().await {
+                        Some(Ok(Message::Text(t))) if t.contains(r#""op":"subscribed""#) => break,
+                        Some(Ok(Message::Text(t))) if t.contains(r#""op":"error""#) => {
+                            return Err(t.to_string());
+                        }
+                        Some(Ok(_)) => {}
+                        other => return Err(format!("closed while subscribing: {other:?}")),
+                    }
+                }
+            }
+            Kind::Mqtt => {
+                ws.send(Message::binary(subscribe(topic)))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                // Until the SUBACK: what comes before it is CONNACK.
+                let mut packets = Packets::default();
+                while packets.subacks == 0 {
+                    match ws.next().await {
+                        Some(Ok(Message::Binary(b))) => packets.feed(&b),
+                        Some(Ok(_)) => {}
+                        other => return Err(format!("closed while subscribing: {other:?}")),
+                    }
+                }
+            }
+        }
+        Ok(ws)
+    };
+    tokio::time::timeout(limit, handshake)
+        .await
+        .map_err(|_| format!("{}: not subscribed within {limit:?}", t.url))?
 }
 
 /// Counts the MQTT packets in a byte stream split anywhere (rumqttc's framing).
@@ -508,6 +524,45 @@ pub async fn report(args: &Args, targets: &[Target]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A broker that takes the WebSocket and then says nothing (as rumqttd did once its router
+    /// died) gives the subscriber an error within the limit, not a wait without end.
+    #[tokio::test]
+    // The handshake callback's error type is tungstenite's, large or not.
+    #[allow(clippy::result_large_err)]
+    async fn a_broker_that_never_answers_is_an_error_in_time() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let callback = |_: &tokio_tungstenite::tungstenite::handshake::server::Request,
+                            mut res: tokio_tungstenite::tungstenite::handshake::server::Response| {
+                res.headers_mut()
+                    .insert("sec-websocket-protocol", "mqtt".parse().unwrap());
+                Ok(res)
+            };
+            let mut ws = tokio_tungstenite::accept_hdr_async(tcp, callback)
+                .await
+                .unwrap();
+            // Reads the CONNECT and SUBSCRIBE, answers neither.
+            while let Some(Ok(_)) = ws.next().await {}
+        });
+        let publisher = crate::parse_target(&format!("silent=127.0.0.1:{port}")).unwrap();
+        let t = WsTarget {
+            name: "silent".into(),
+            kind: Kind::Mqtt,
+            url: format!("ws://127.0.0.1:{port}/mqtt"),
+            publisher,
+        };
+        let limit = Duration::from_millis(300);
+        let outcome = tokio::time::timeout(Duration::from_secs(10), subscribed(&t, "t", limit))
+            .await
+            .expect("bounded by its limit");
+        let Err(error) = outcome else {
+            panic!("subscribed without a SUBACK");
+        };
+        assert!(error.contains("not subscribed within"), "{error}");
+    }
 
     #[test]
     fn packets_are_counted_however_the_stream_is_split() {
