@@ -168,7 +168,7 @@ impl Session {
         };
         // The session queue gives back what the last connection left unacknowledged first:
         // a message that was not delivered before means no id kept for one is asked for.
-        if level == 1 && !d.redelivered && self.outflow.inflight.reserving() {
+        if level == 1 && !d.redelivered {
             self.outflow.inflight.free_reserved();
         }
         // A retained message queued for a new subscription: its routing key is the queue's

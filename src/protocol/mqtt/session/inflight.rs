@@ -159,32 +159,20 @@ impl InflightMap {
     /// before it are freed too: their messages would have come first.
     pub(super) fn take_reserved(&mut self, print: u64) -> Option<u16> {
         let m = self.0.as_mut()?;
-        let reserved = &mut m.resend.as_mut()?.reserved;
-        let at = reserved.iter().position(|(_, p)| *p == print)?;
-        let freed: Vec<u16> = reserved.drain(..=at).map(|(id, _)| id).collect();
-        for id in &freed {
-            if let Entry::Occupied(o) = m.ids.entry(*id)
-                && matches!(o.get(), Inflight::Reserved)
-            {
-                o.remove();
-            }
-        }
-        freed.last().copied()
+        let at = m
+            .resend
+            .as_ref()?
+            .reserved
+            .iter()
+            .position(|(_, p)| *p == print)?;
+        m.unreserve(at + 1)
     }
 
     /// Frees every id still kept back: a delivery that is not a redelivery came, so no message
     /// they wait for will.
     pub(super) fn free_reserved(&mut self) {
-        let Some(m) = self.0.as_mut() else { return };
-        let Some(resend) = m.resend.as_mut() else {
-            return;
-        };
-        for (id, _) in resend.reserved.drain(..) {
-            if let Entry::Occupied(o) = m.ids.entry(id)
-                && matches!(o.get(), Inflight::Reserved)
-            {
-                o.remove();
-            }
+        if let Some(m) = self.0.as_mut() {
+            m.unreserve(usize::MAX);
         }
     }
 
@@ -213,6 +201,21 @@ impl InflightMap {
 }
 
 impl Inflights {
+    /// Frees the first `n` ids kept back (all, past their count); returns the last one freed.
+    fn unreserve(&mut self, n: usize) -> Option<u16> {
+        let reserved = &mut self.resend.as_mut()?.reserved;
+        let mut last = None;
+        for (id, _) in reserved.drain(..n.min(reserved.len())) {
+            if let Entry::Occupied(o) = self.ids.entry(id)
+                && matches!(o.get(), Inflight::Reserved)
+            {
+                o.remove();
+            }
+            last = Some(id);
+        }
+        last
+    }
+
     /// Bookkeeping for `id` leaving the state it `was` in.
     fn ended(&mut self, was: Option<Inflight>, id: u16) {
         match was {
