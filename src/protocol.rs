@@ -1,10 +1,12 @@
 //! Protocol adapters. Each depends on the engine seam, `auth`, `flow` and `json`, never on
 //! another adapter; what the browser-facing ones share (WebSocket and SSE: the outbound buffer,
-//! subscription targets) and what every connection loop keeps (`clock`: one timer, the token's
-//! expiry) live beside them here.
+//! subscription targets), what every connection loop keeps (`clock`: one timer, the token's
+//! expiry) and the message fingerprints that outlive the process (`fingerprint`) live beside
+//! them here.
 
 pub mod amqp;
 pub mod clock;
+pub mod fingerprint;
 pub mod mqtt;
 pub mod outbound;
 pub mod rest;

@@ -14,10 +14,10 @@
 
 use std::collections::VecDeque;
 use std::collections::hash_map::{Entry, HashMap};
-use std::hash::{Hash, Hasher};
 
 use super::Sparse;
 use crate::engine::Delivery;
+use crate::protocol::fingerprint::Fingerprint;
 
 type ById<V> = HashMap<u16, V, foldhash::fast::RandomState>;
 
@@ -63,16 +63,11 @@ pub(super) enum Inflight {
 }
 
 /// What identifies a delivery's message across its redeliveries: its exchange, routing key
-/// and body. Two messages alike in all three are told apart by their order. `DefaultHasher`
-/// with its fixed keys gives the same figure in every process of one build; a gateway of
-/// another build that resumes the session finds no match, and the message goes under a new id
-/// (as it did before ids were kept).
+/// and body ([`Fingerprint::of_message`], the same in every build, so a session stored by the
+/// gateway before an upgrade still matches). Two messages alike in all three are told apart
+/// by their order.
 pub(super) fn fingerprint(d: &Delivery) -> u64 {
-    let mut h = std::hash::DefaultHasher::new();
-    d.exchange().hash(&mut h);
-    d.routing_key().hash(&mut h);
-    d.body().hash(&mut h);
-    h.finish()
+    Fingerprint::of_message(d).get()
 }
 
 impl InflightMap {

@@ -11,7 +11,6 @@
 //! delivers the rest. After `sse.durable_window` unacknowledged events the stream ends so the
 //! browser reconnects and acknowledges them.
 
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +29,7 @@ use crate::engine::{
 };
 use crate::flow::Admitted;
 use crate::metrics;
+use crate::protocol::fingerprint::Fingerprint;
 use crate::protocol::outbound::{Closing, Frame, Next, Overflow, SendQueue};
 use crate::protocol::subscription::{Subscriber, Target, message_json};
 
@@ -207,17 +207,16 @@ pub fn preamble(retry: Duration, queue: &str) -> String {
     )
 }
 
-/// A message's fingerprint in a durable stream's event ids.
+/// A message's fingerprint in a durable stream's event ids: the same in every build, so a
+/// browser resumes with an id from the gateway before an upgrade.
 fn fingerprint(d: &Delivery) -> u32 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    d.exchange().hash(&mut h);
-    d.routing_key().hash(&mut h);
-    d.body().hash(&mut h);
     let p = d.properties();
-    p.message_id.hash(&mut h);
-    p.correlation_id.hash(&mut h);
-    p.timestamp.hash(&mut h);
-    h.finish() as u32
+    let stamp = p.timestamp.map(u64::to_le_bytes);
+    let f = Fingerprint::of_message(d)
+        .with_opt(p.message_id.as_deref().map(str::as_bytes))
+        .with_opt(p.correlation_id.as_deref().map(str::as_bytes))
+        .with_opt(stamp.as_ref().map(|t| t.as_slice()));
+    f.get() as u32
 }
 
 /// `{n}-{fingerprint}` as a durable stream writes it.
